@@ -1,0 +1,227 @@
+"""IR optimization passes: dead-code elimination, common-subexpression elimination, constant folding
+and algebraic simplification. `optimize` runs them to a fixed point on a copy of the function.
+
+Passes work in place on a function they own (see `optimize`) and keep every instruction's provenance.
+Simplifications preserve numpy semantics, NaN and Inf included: `x * 0` is not folded.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .adjoint import clone
+from .core import FLOAT_DTYPES, Function, Instr, TensorType, Value, primitives
+from .interpreter import impls
+
+# Fold constant expressions whose result has at most this many elements into a `literal`.
+FOLD_LIMIT = 4096
+
+
+def _param_key(v):
+    if isinstance(v, np.ndarray):
+        return ("ndarray", v.dtype.str, v.shape, v.tobytes())
+    if isinstance(v, (tuple, list)):
+        return tuple(_param_key(x) for x in v)
+    if isinstance(v, float) and v != v:
+        return ("nan",)
+    return (type(v).__name__, v)
+
+
+def _key(ins: Instr):
+    return (ins.prim.name, tuple(id(v) for v in ins.inputs),
+            tuple(sorted((k, _param_key(v)) for k, v in ins.params.items())))
+
+
+def _transfer_name(old: Value, new: Value):
+    if new.ct_of is None and new.hint is None and old.ct_of is not None and \
+            new.instr is not None and new.instr.adj_of is not None:
+        new.ct_of = old.ct_of
+
+
+def dce(fn: Function) -> Function:
+    """Remove instructions whose results no output needs."""
+    live = {id(o) for o in fn.outputs}
+    kept = []
+    for ins in reversed(fn.instrs):
+        if id(ins.out) in live:
+            kept.append(ins)
+            live.update(id(v) for v in ins.inputs)
+    kept.reverse()
+    fn.instrs = kept
+    return fn
+
+
+def cse(fn: Function) -> Function:
+    """Merge instructions with the same primitive, operands and attributes (the first one stays, so
+    a forward value recomputed by an adjoint rule keeps its forward provenance)."""
+    seen: dict = {}
+    repl: dict[int, Value] = {}
+    kept = []
+    for ins in fn.instrs:
+        if repl:
+            ins.inputs = tuple(repl.get(id(v), v) for v in ins.inputs)
+        k = _key(ins)
+        prev = seen.get(k)
+        if prev is not None:
+            repl[id(ins.out)] = prev.out
+            _transfer_name(ins.out, prev.out)
+            continue
+        seen[k] = ins
+        kept.append(ins)
+    fn.instrs = kept
+    fn.outputs = [repl.get(id(o), o) for o in fn.outputs]
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------
+# constant folding and algebraic simplification
+# ----------------------------------------------------------------------------------------------
+def _splat(v: Value):
+    """The number a value is filled with, if it is a `const` splat; else None."""
+    ins = v.instr
+    if ins is not None and ins.prim.name == "const":
+        return ins.params["value"]
+    return None
+
+
+def _const_array(v: Value):
+    ins = v.instr
+    if ins is None:
+        return None
+    if ins.prim.name == "const":
+        return impls[ins.prim](**ins.params)
+    if ins.prim.name == "literal":
+        return ins.params["value"]
+    return None
+
+
+def _new_const(ins: Instr, array: np.ndarray) -> Instr:
+    """A const (splat) or literal instruction computing `array`, with `ins`'s provenance."""
+    t = ins.out.type
+    flat = array.ravel()
+    uniform = flat.size and (np.all(flat == flat[0]) or
+                             (t.dtype in FLOAT_DTYPES and np.all(np.isnan(flat))))
+    if uniform:
+        first = flat[0].item()
+        value = float(first) if t.dtype in FLOAT_DTYPES else (
+            bool(first) if t.dtype == "bool" else int(first))
+        new = Instr(primitives["const"], (), dict(value=value, shape=t.shape, dtype=t.dtype), t,
+                    loc=ins.loc, api=ins.api, adj_of=ins.adj_of)
+    else:
+        arr = np.ascontiguousarray(array, dtype=t.np_dtype)
+        arr.setflags(write=False)
+        new = Instr(primitives["literal"], (), dict(value=arr), t, loc=ins.loc, api=ins.api,
+                    adj_of=ins.adj_of)
+    new.out.hint, new.out.ct_of = ins.out.hint, ins.out.ct_of
+    return new
+
+
+def _fold(ins: Instr):
+    if ins.prim.kind == "source" or not ins.inputs:
+        return None
+    consts = [_const_array(v) for v in ins.inputs]
+    if any(c is None for c in consts):
+        return None
+    all_splats = all(_splat(v) is not None for v in ins.inputs)
+    if not all_splats and ins.out.type.size > FOLD_LIMIT:
+        return None
+    if all_splats and ins.prim.kind not in ("unary", "binary", "compare", "select", "convert",
+                                            "layout", "reduce") and ins.out.type.size > FOLD_LIMIT:
+        return None
+    with np.errstate(all="ignore"):
+        out = np.asarray(impls[ins.prim](*consts, **ins.params), dtype=ins.out.type.np_dtype)
+    return _new_const(ins, np.broadcast_to(out, ins.out.type.shape))
+
+
+def _same(v: Value, out: TensorType) -> bool:
+    return v.type == out
+
+
+def _simplify(ins: Instr):
+    """An existing value equal to `ins`'s result, a replacement instruction, or None."""
+    name = ins.prim.name
+    t = ins.out.type
+    ins_ = ins.inputs
+    if name in ("add", "sub"):
+        a, b = ins_
+        if _splat(b) == 0 and _same(a, t):
+            return a
+        if name == "add" and _splat(a) == 0 and _same(b, t):
+            return b
+    elif name in ("mul", "div"):
+        a, b = ins_
+        if _splat(b) == 1 and _same(a, t):
+            return a
+        if name == "mul" and _splat(a) == 1 and _same(b, t):
+            return b
+    elif name == "neg":
+        (a,) = ins_
+        if a.instr is not None and a.instr.prim.name == "neg":
+            return a.instr.inputs[0]
+    elif name == "integer_pow" and ins.params["y"] == 1:
+        return ins_[0]
+    elif name == "select":
+        p, a, b = ins_
+        if a is b and _same(a, t):
+            return a
+        pv = _splat(p)
+        if pv is not None and _same(a, t) and _same(b, t):
+            return a if pv else b
+    elif name in ("reshape", "broadcast_in_dim", "convert") and _same(ins_[0], t):
+        return ins_[0]
+    elif name == "reshape":
+        a = ins_[0]
+        if a.instr is not None and a.instr.prim.name == "reshape":
+            new = Instr(ins.prim, a.instr.inputs, ins.params, t, loc=ins.loc, api=ins.api,
+                        adj_of=ins.adj_of)
+            new.out.hint, new.out.ct_of = ins.out.hint, ins.out.ct_of
+            return new
+    elif name == "transpose":
+        a = ins_[0]
+        if a.instr is not None and a.instr.prim.name == "transpose":
+            inner, outer = a.instr.params["perm"], ins.params["perm"]
+            perm = tuple(inner[p] for p in outer)
+            src = a.instr.inputs[0]
+            if perm == tuple(range(len(perm))):
+                return src
+            new = Instr(ins.prim, (src,), dict(perm=perm), t, loc=ins.loc, api=ins.api,
+                        adj_of=ins.adj_of)
+            new.out.hint, new.out.ct_of = ins.out.hint, ins.out.ct_of
+            return new
+    return None
+
+
+def simplify(fn: Function) -> bool:
+    """Constant folding and algebraic simplification; returns whether anything changed."""
+    changed = False
+    repl: dict[int, Value] = {}
+    out = []
+    for ins in fn.instrs:
+        if repl:
+            ins.inputs = tuple(repl.get(id(v), v) for v in ins.inputs)
+        r = _fold(ins) or _simplify(ins)
+        if isinstance(r, Value):
+            repl[id(ins.out)] = r
+            _transfer_name(ins.out, r)
+            changed = True
+            continue
+        if isinstance(r, Instr):
+            repl[id(ins.out)] = r.out
+            ins = r
+            changed = True
+        out.append(ins)
+    fn.instrs = out
+    fn.outputs = [repl.get(id(o), o) for o in fn.outputs]
+    return changed
+
+
+def optimize(fn: Function, name: str | None = None) -> Function:
+    """A simplified copy of `fn` (DCE, CSE, constant folding, algebraic simplification)."""
+    fn = clone(fn, name)
+    for _ in range(10):
+        changed = simplify(fn)
+        n = len(fn.instrs)
+        cse(fn)
+        dce(fn)
+        if not changed and len(fn.instrs) == n:
+            break
+    return fn

@@ -1,0 +1,345 @@
+"""Elementwise primitives: sources (const, literal), unary and binary arithmetic, comparisons,
+select and dtype conversion.
+
+Operands of an elementwise instruction have the result's shape, or are rank-0 scalars (see ir.core).
+Conventions (the same in the interpreter, the adjoint rules and the code generator):
+- maximum/minimum propagate NaN like numpy; at ties each operand receives half the cotangent.
+- sign(0) = 0, so d|x|/dx at 0 is 0; relu is `select(x > 0, x, 0)`, so its derivative at 0 is 0.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..adjoint_rules import adjoint_rules
+from ..builder import emit
+from ..core import FLOAT_DTYPES, ShapeError, TensorType, Value, primitive, shape_rules
+from ..interpreter import impls
+
+# ---------------------------------------------------------------------------------------------
+# sources
+# ---------------------------------------------------------------------------------------------
+const_p = primitive("const", "source")
+literal_p = primitive("literal", "source")
+
+
+@shape_rules.register(const_p)
+def _const_shape(*, value, shape, dtype):
+    return TensorType(dtype, shape)
+
+
+@impls.register(const_p)
+def _const_impl(*, value, shape, dtype):
+    return np.full(shape, value, dtype=TensorType(dtype, shape).np_dtype)
+
+
+@shape_rules.register(literal_p)
+def _literal_shape(*, value):
+    from ..core import dtype_of_numpy
+    return TensorType(dtype_of_numpy(value.dtype), value.shape)
+
+
+@impls.register(literal_p)
+def _literal_impl(*, value):
+    return value
+
+
+def full(value, shape, dtype) -> Value:
+    if dtype in FLOAT_DTYPES:
+        value = float(value)
+    elif dtype == "bool":
+        value = bool(value)
+    else:
+        value = int(value)
+    return emit(const_p, value=value, shape=tuple(shape), dtype=dtype)
+
+
+def literal(array: np.ndarray) -> Value:
+    array = np.ascontiguousarray(array)
+    array.setflags(write=False)
+    if array.ndim == 0:
+        return full(array.item(), (), _dtype_name(array.dtype))
+    return emit(literal_p, value=array)
+
+
+def _dtype_name(dt):
+    from ..core import dtype_of_numpy
+    return dtype_of_numpy(dt)
+
+
+def scalar(value, like: Value) -> Value:
+    return full(value, (), like.dtype)
+
+
+def as_value(x, like: Value) -> Value:
+    return x if isinstance(x, Value) else scalar(x, like)
+
+
+# ---------------------------------------------------------------------------------------------
+# unary
+# ---------------------------------------------------------------------------------------------
+def _float_unary_shape(x):
+    if x.dtype not in FLOAT_DTYPES:
+        raise ShapeError(f"expects a float operand, got {x}")
+    return x
+
+
+def _unary(name, np_fn, float_only=True):
+    p = primitive(name, "unary")
+    shape_rules[p] = _float_unary_shape if float_only else (lambda x: x)
+    impls[p] = lambda x: np_fn(x)
+    return p
+
+
+def _sign(x):
+    return np.sign(x)
+
+
+def _logistic(x):
+    # numerically stable in both tails
+    with np.errstate(over="ignore"):
+        e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype)
+
+
+neg_p = _unary("neg", np.negative, float_only=False)
+exp_p = _unary("exp", np.exp)
+log_p = _unary("log", np.log)
+tanh_p = _unary("tanh", np.tanh)
+sqrt_p = _unary("sqrt", np.sqrt)
+abs_p = _unary("abs", np.abs, float_only=False)
+sin_p = _unary("sin", np.sin)
+cos_p = _unary("cos", np.cos)
+sign_p = _unary("sign", _sign, float_only=False)
+logistic_p = _unary("logistic", _logistic)
+not_p = primitive("not", "unary")
+shape_rules[not_p] = lambda x: x
+impls[not_p] = np.logical_not
+
+
+def _unary_fn(p):
+    def f(x: Value) -> Value:
+        return emit(p, x)
+    f.__name__ = p.name
+    return f
+
+
+neg, exp, log, tanh, sqrt, abs_, sin, cos, sign, logistic, logical_not = map(
+    _unary_fn, (neg_p, exp_p, log_p, tanh_p, sqrt_p, abs_p, sin_p, cos_p, sign_p, logistic_p, not_p))
+
+integer_pow_p = primitive("integer_pow", "unary")
+shape_rules[integer_pow_p] = lambda x, *, y: _float_unary_shape(x)
+
+
+@impls.register(integer_pow_p)
+def _integer_pow_impl(x, *, y):
+    return np.power(x, y) if y >= 0 else 1.0 / np.power(x, -y)
+
+
+def integer_pow(x: Value, y: int) -> Value:
+    return emit(integer_pow_p, x, y=int(y))
+
+
+# ---------------------------------------------------------------------------------------------
+# binary
+# ---------------------------------------------------------------------------------------------
+def _binary_shape(a, b):
+    if a.dtype != b.dtype:
+        raise ShapeError(f"operand dtypes differ: {a} and {b}")
+    if a.shape == b.shape or not b.shape:
+        return a
+    if not a.shape:
+        return b
+    raise ShapeError(f"operand shapes differ: {a} and {b} (broadcast explicitly)")
+
+
+def _compare_shape(a, b):
+    return _binary_shape(a, b).with_dtype("bool")
+
+
+def _binary(name, np_fn, kind="binary"):
+    p = primitive(name, kind)
+    shape_rules[p] = _compare_shape if kind == "compare" else _binary_shape
+    impls[p] = np_fn
+    return p
+
+
+def _div(a, b):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.divide(a, b)
+
+
+def _pow(a, b):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.power(a, b)
+
+
+add_p = _binary("add", np.add)
+sub_p = _binary("sub", np.subtract)
+mul_p = _binary("mul", np.multiply)
+div_p = _binary("div", _div)
+pow_p = _binary("pow", _pow)
+max_p = _binary("max", np.maximum)
+min_p = _binary("min", np.minimum)
+and_p = _binary("and", np.logical_and)
+or_p = _binary("or", np.logical_or)
+gt_p = _binary("gt", np.greater, "compare")
+ge_p = _binary("ge", np.greater_equal, "compare")
+lt_p = _binary("lt", np.less, "compare")
+le_p = _binary("le", np.less_equal, "compare")
+eq_p = _binary("eq", np.equal, "compare")
+ne_p = _binary("ne", np.not_equal, "compare")
+
+
+def _binary_fn(p):
+    def f(a, b) -> Value:
+        if not isinstance(a, Value):
+            a = scalar(a, b)
+        if not isinstance(b, Value):
+            b = scalar(b, a)
+        return emit(p, a, b)
+    f.__name__ = p.name
+    return f
+
+
+add, sub, mul, div, pow_, maximum, minimum, logical_and, logical_or = map(
+    _binary_fn, (add_p, sub_p, mul_p, div_p, pow_p, max_p, min_p, and_p, or_p))
+gt, ge, lt, le, eq, ne = map(_binary_fn, (gt_p, ge_p, lt_p, le_p, eq_p, ne_p))
+
+select_p = primitive("select", "select")
+
+
+@shape_rules.register(select_p)
+def _select_shape(pred, a, b):
+    if pred.dtype != "bool":
+        raise ShapeError(f"select predicate must be bool, got {pred}")
+    out = _binary_shape(a, b)
+    if pred.shape and out.shape and pred.shape != out.shape:
+        raise ShapeError(f"select predicate {pred} does not match operands {out}")
+    return out.with_shape(pred.shape or out.shape)
+
+
+impls[select_p] = lambda p, a, b: np.where(p, a, b)
+
+
+def select(pred: Value, a, b) -> Value:
+    """`a` where `pred`, else `b` (numpy's `where`)."""
+    like = a if isinstance(a, Value) else b
+    return emit(select_p, pred, as_value(a, like), as_value(b, like))
+
+
+convert_p = primitive("convert", "convert")
+shape_rules[convert_p] = lambda x, *, dtype: x.with_dtype(dtype)
+impls[convert_p] = lambda x, *, dtype: x.astype(TensorType(dtype, ()).np_dtype)
+
+
+def convert(x: Value, dtype: str) -> Value:
+    return x if x.dtype == dtype else emit(convert_p, x, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# adjoint rules
+# ---------------------------------------------------------------------------------------------
+def _sum_to(ct: Value | None, x: Value) -> Value | None:
+    """The cotangent of an operand that was a rank-0 scalar is the sum of the result's cotangent."""
+    if ct is None or ct.shape == x.shape:
+        return ct
+    from .reduce import reduce_sum
+    return reduce_sum(ct, tuple(range(ct.ndim)))
+
+
+adjoint_rules[neg_p] = lambda ct, x: (neg(ct),)
+adjoint_rules[exp_p] = lambda ct, x: (mul(ct, exp(x)),)
+adjoint_rules[log_p] = lambda ct, x: (div(ct, x),)
+adjoint_rules[sqrt_p] = lambda ct, x: (div(mul(ct, 0.5), sqrt(x)),)
+adjoint_rules[abs_p] = lambda ct, x: (mul(ct, sign(x)),)
+adjoint_rules[sin_p] = lambda ct, x: (mul(ct, cos(x)),)
+adjoint_rules[cos_p] = lambda ct, x: (neg(mul(ct, sin(x))),)
+adjoint_rules[sign_p] = lambda ct, x: (None,)
+adjoint_rules[not_p] = lambda ct, x: (None,)
+
+
+@adjoint_rules.register(tanh_p)
+def _tanh_adjoint(ct, x):
+    y = tanh(x)
+    return (mul(ct, sub(1.0, mul(y, y))),)
+
+
+@adjoint_rules.register(logistic_p)
+def _logistic_adjoint(ct, x):
+    y = logistic(x)
+    return (mul(ct, mul(y, sub(1.0, y))),)
+
+
+@adjoint_rules.register(integer_pow_p)
+def _integer_pow_adjoint(ct, x, *, y):
+    if y == 0:
+        return (None,)
+    if y == 1:
+        return (ct,)
+    dx = mul(x, float(y)) if y == 2 else mul(integer_pow(x, y - 1), float(y))
+    return (mul(ct, dx),)
+
+
+adjoint_rules[add_p] = lambda ct, a, b: (_sum_to(ct, a), _sum_to(ct, b))
+adjoint_rules[sub_p] = lambda ct, a, b: (_sum_to(ct, a), _sum_to(neg(ct), b))
+adjoint_rules[mul_p] = lambda ct, a, b: (_sum_to(mul(ct, b), a), _sum_to(mul(ct, a), b))
+
+
+@adjoint_rules.register(div_p)
+def _div_adjoint(ct, a, b):
+    ct_a = div(ct, b)
+    return _sum_to(ct_a, a), _sum_to(neg(mul(ct_a, div(a, b))), b)
+
+
+@adjoint_rules.register(pow_p)
+def _pow_adjoint(ct, a, b):
+    out = pow_(a, b)
+    ct_a = mul(ct, mul(b, pow_(a, sub(b, 1.0))))
+    # d a^b / db = a^b log a; 0 where a == 0 (the limit from the right), as in JAX.
+    safe_log = select(eq(a, 0.0), 0.0, log(select(eq(a, 0.0), 1.0, a)))
+    ct_b = mul(ct, mul(out, safe_log))
+    return _sum_to(ct_a, a), _sum_to(ct_b, b)
+
+
+def _minmax_adjoint(cmp):
+    def rule(ct, a, b):
+        # a share of 1 where a wins, 1/2 at ties, 0 where b wins
+        share = add(convert(cmp(a, b), a.dtype), mul(convert(eq(a, b), a.dtype), 0.5))
+        ct_a = mul(ct, share)
+        return _sum_to(ct_a, a), _sum_to(sub(ct, ct_a), b)
+    return rule
+
+
+adjoint_rules[max_p] = _minmax_adjoint(gt)
+adjoint_rules[min_p] = _minmax_adjoint(lt)
+for _p in (gt_p, ge_p, lt_p, le_p, eq_p, ne_p, and_p, or_p):
+    adjoint_rules[_p] = lambda ct, a, b: (None, None)
+
+
+@adjoint_rules.register(select_p)
+def _select_adjoint(ct, pred, a, b):
+    zero = 0.0
+    ct_a = select(pred, ct, zero) if a.dtype in FLOAT_DTYPES else None
+    ct_b = select(pred, zero, ct) if b.dtype in FLOAT_DTYPES else None
+    return None, _sum_to(ct_a, a), _sum_to(ct_b, b)
+
+
+@adjoint_rules.register(convert_p)
+def _convert_adjoint(ct, x, *, dtype):
+    return (convert(ct, x.dtype) if x.dtype in FLOAT_DTYPES else None,)
+
+
+adjoint_rules[const_p] = lambda ct, **params: ()
+adjoint_rules[literal_p] = lambda ct, **params: ()
+
+# ---------------------------------------------------------------------------------------------
+# stop_gradient: the identity whose adjoint is zero (log_softmax's max shift, user code)
+# ---------------------------------------------------------------------------------------------
+stop_gradient_p = primitive("stop_gradient", "unary")
+shape_rules[stop_gradient_p] = lambda x: x
+impls[stop_gradient_p] = lambda x: x
+adjoint_rules[stop_gradient_p] = lambda ct, x: (None,)
+
+
+def stop_gradient(x: Value) -> Value:
+    return emit(stop_gradient_p, x)

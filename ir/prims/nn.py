@@ -1,0 +1,306 @@
+"""Neural-network primitives with their own loop nests: 2-d convolution and pooling (NCHW / OIHW).
+
+1-d convolution and pooling are these with H = 1 (the tracejit.nn layer reshapes).
+
+    conv2d(x[N,C,H,W], w[O,C,KH,KW]) -> [N,O,OH,OW],  OH = (H + 2*ph - KH) // sh + 1
+    conv2d_input_grad(ct[N,O,OH,OW], w) -> [N,C,H,W]       {in_hw}
+    conv2d_weight_grad(ct[N,O,OH,OW], x[N,C,H,W]) -> [O,C,KH,KW]   {kernel}
+    max_pool2d(x) -> [N,C,OH,OW]; padding is -inf
+    max_pool2d_argmax(x) -> i32[N,C,OH,OW]: flat index (h*W + w) of the first maximum (row-major
+        scan of the window) in the unpadded input plane; this is what the backward pass saves.
+    max_pool2d_grad(ct, idx) -> [N,C,H,W]   scatter-add of ct to idx       {in_hw}
+    max_pool2d_gather(g, idx) -> [N,C,OH,OW]  g at idx (the adjoint of max_pool2d_grad)
+    avg_pool2d(x) -> [N,C,OH,OW]: zero padding counted in the divisor (PyTorch's count_include_pad)
+    avg_pool2d_grad(ct) -> [N,C,H,W]        {in_hw}
+
+The convolution's two backward passes and their adjoints close under differentiation:
+<g, conv2d_input_grad(ct, w)> = <conv2d(g, w), ct> = <w, conv2d_weight_grad(ct, g)>.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ..adjoint_rules import adjoint_rules
+from ..builder import emit
+from ..core import FLOAT_DTYPES, ShapeError, TensorType, Value, primitive, shape_rules
+from ..interpreter import impls
+
+conv2d_p = primitive("conv2d", "nn")
+conv2d_input_grad_p = primitive("conv2d_input_grad", "nn")
+conv2d_weight_grad_p = primitive("conv2d_weight_grad", "nn")
+max_pool2d_p = primitive("max_pool2d", "nn")
+max_pool2d_argmax_p = primitive("max_pool2d_argmax", "nn")
+max_pool2d_grad_p = primitive("max_pool2d_grad", "nn")
+max_pool2d_gather_p = primitive("max_pool2d_gather", "nn")
+avg_pool2d_p = primitive("avg_pool2d", "nn")
+avg_pool2d_grad_p = primitive("avg_pool2d_grad", "nn")
+
+
+def out_size(n: int, k: int, s: int, p: int) -> int:
+    return (n + 2 * p - k) // s + 1
+
+
+def _check_window(what, x_hw, kernel, stride, padding):
+    for n, k, s, p in zip(x_hw, kernel, stride, padding):
+        if k < 1 or s < 1 or p < 0:
+            raise ShapeError(f"{what}: kernel {kernel}, stride {stride} and padding {padding} must "
+                             f"be positive (padding non-negative)")
+        if n + 2 * p < k:
+            raise ShapeError(f"{what}: input spatial size {tuple(x_hw)} with padding {padding} is "
+                             f"smaller than the kernel {tuple(kernel)}")
+    return tuple(out_size(n, k, s, p) for n, k, s, p in zip(x_hw, kernel, stride, padding))
+
+
+def _float4(what, *ts):
+    for t in ts:
+        if t.ndim != 4 or t.dtype not in FLOAT_DTYPES:
+            raise ShapeError(f"{what} expects 4-d float tensors (NCHW / OIHW), got {t}")
+    if len({t.dtype for t in ts}) > 1:
+        raise ShapeError(f"{what}: operand dtypes differ: {', '.join(map(str, ts))}")
+
+
+# --------------------------------------------------------------------------- shape rules
+@shape_rules.register(conv2d_p)
+def _conv2d_shape(x, w, *, stride, padding):
+    _float4("conv2d", x, w)
+    if x.shape[1] != w.shape[1]:
+        raise ShapeError(f"conv2d: input {x} has {x.shape[1]} channels but weight {w} expects "
+                         f"{w.shape[1]}")
+    oh, ow = _check_window("conv2d", x.shape[2:], w.shape[2:], stride, padding)
+    return x.with_shape((x.shape[0], w.shape[0], oh, ow))
+
+
+@shape_rules.register(conv2d_input_grad_p)
+def _conv2d_input_grad_shape(ct, w, *, in_hw, stride, padding):
+    _float4("conv2d_input_grad", ct, w)
+    if _check_window("conv2d_input_grad", in_hw, w.shape[2:], stride, padding) != ct.shape[2:] \
+            or ct.shape[1] != w.shape[0]:
+        raise ShapeError(f"conv2d_input_grad: cotangent {ct} does not fit weight {w} and input "
+                         f"size {in_hw}")
+    return ct.with_shape((ct.shape[0], w.shape[1]) + tuple(in_hw))
+
+
+@shape_rules.register(conv2d_weight_grad_p)
+def _conv2d_weight_grad_shape(ct, x, *, kernel, stride, padding):
+    _float4("conv2d_weight_grad", ct, x)
+    if _check_window("conv2d_weight_grad", x.shape[2:], kernel, stride, padding) != ct.shape[2:] \
+            or ct.shape[0] != x.shape[0]:
+        raise ShapeError(f"conv2d_weight_grad: cotangent {ct} does not fit input {x}")
+    return ct.with_shape((ct.shape[1], x.shape[1]) + tuple(kernel))
+
+
+def _pool_shape(what, x, kernel, stride, padding, dtype=None):
+    _float4(what, x)
+    if any(2 * p > k for p, k in zip(padding, kernel)):
+        raise ShapeError(f"{what}: padding {padding} must be at most half the kernel {kernel}")
+    oh, ow = _check_window(what, x.shape[2:], kernel, stride, padding)
+    return TensorType(dtype or x.dtype, (x.shape[0], x.shape[1], oh, ow))
+
+
+shape_rules[max_pool2d_p] = lambda x, *, kernel, stride, padding: _pool_shape(
+    "max_pool2d", x, kernel, stride, padding)
+shape_rules[max_pool2d_argmax_p] = lambda x, *, kernel, stride, padding: _pool_shape(
+    "max_pool2d_argmax", x, kernel, stride, padding, "i32")
+shape_rules[avg_pool2d_p] = lambda x, *, kernel, stride, padding: _pool_shape(
+    "avg_pool2d", x, kernel, stride, padding)
+
+
+@shape_rules.register(max_pool2d_grad_p)
+def _max_pool2d_grad_shape(ct, idx, *, in_hw):
+    if idx.dtype != "i32" or idx.shape != ct.shape or ct.ndim != 4:
+        raise ShapeError(f"max_pool2d_grad: indices {idx} must be i32 of the cotangent's shape {ct}")
+    return ct.with_shape(ct.shape[:2] + tuple(in_hw))
+
+
+@shape_rules.register(max_pool2d_gather_p)
+def _max_pool2d_gather_shape(g, idx):
+    if idx.dtype != "i32" or idx.ndim != 4 or idx.shape[:2] != g.shape[:2]:
+        raise ShapeError(f"max_pool2d_gather: indices {idx} do not fit {g}")
+    return g.with_shape(idx.shape)
+
+
+@shape_rules.register(avg_pool2d_grad_p)
+def _avg_pool2d_grad_shape(ct, *, in_hw, kernel, stride, padding):
+    _float4("avg_pool2d_grad", ct)
+    if _check_window("avg_pool2d_grad", in_hw, kernel, stride, padding) != ct.shape[2:]:
+        raise ShapeError(f"avg_pool2d_grad: cotangent {ct} does not fit input size {in_hw}")
+    return ct.with_shape(ct.shape[:2] + tuple(in_hw))
+
+
+# --------------------------------------------------------------------------- numpy reference
+def _windows(x, kernel, stride, padding, fill=0.0):
+    """[N,C,OH,OW,KH,KW] view of the padded input's windows."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
+    oh, ow = out_size(x.shape[2], kh, sh, ph), out_size(x.shape[3], kw, sw, pw)
+    win = sliding_window_view(xp, (kh, kw), axis=(2, 3))
+    return win[:, :, ::sh, ::sw][:, :, :oh, :ow]
+
+
+def _scatter_windows(ct_per_tap, in_shape, kernel, stride, padding, dtype):
+    """Adjoint of `_windows`: add ct_per_tap(i, j) [N,C,OH,OW] into the input at tap (i, j)."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    n, c, h, w = in_shape
+    out = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=dtype)
+    for i in range(kh):
+        for j in range(kw):
+            t = ct_per_tap(i, j)
+            oh, ow = t.shape[2:]
+            out[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += t
+    return out[:, :, ph:ph + h, pw:pw + w]
+
+
+@impls.register(conv2d_p)
+def _conv2d_impl(x, w, *, stride, padding):
+    win = _windows(x, w.shape[2:], stride, padding)
+    return np.einsum("nchwij,ocij->nohw", win, w, optimize=True)
+
+
+@impls.register(conv2d_input_grad_p)
+def _conv2d_input_grad_impl(ct, w, *, in_hw, stride, padding):
+    shape = (ct.shape[0], w.shape[1]) + tuple(in_hw)
+    return _scatter_windows(lambda i, j: np.einsum("nohw,oc->nchw", ct, w[:, :, i, j]),
+                            shape, w.shape[2:], stride, padding, ct.dtype)
+
+
+@impls.register(conv2d_weight_grad_p)
+def _conv2d_weight_grad_impl(ct, x, *, kernel, stride, padding):
+    win = _windows(x, kernel, stride, padding)
+    return np.einsum("nohw,nchwij->ocij", ct, win, optimize=True)
+
+
+@impls.register(max_pool2d_p)
+def _max_pool2d_impl(x, *, kernel, stride, padding):
+    return _windows(x, kernel, stride, padding, fill=-np.inf).max(axis=(4, 5))
+
+
+@impls.register(max_pool2d_argmax_p)
+def _max_pool2d_argmax_impl(x, *, kernel, stride, padding):
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    win = _windows(x, kernel, stride, padding, fill=-np.inf)
+    n, c, oh, ow = win.shape[:4]
+    tap = win.reshape(n, c, oh, ow, kh * kw).argmax(axis=4)  # first maximum; NaN wins like numpy
+    i, j = tap // kw, tap % kw
+    rows = np.arange(oh)[:, None] * sh + i - ph
+    cols = np.arange(ow)[None, :] * sw + j - pw
+    return (rows * x.shape[3] + cols).astype(np.int32)
+
+
+@impls.register(max_pool2d_grad_p)
+def _max_pool2d_grad_impl(ct, idx, *, in_hw):
+    n, c = ct.shape[:2]
+    out = np.zeros((n, c, in_hw[0] * in_hw[1]), dtype=ct.dtype)
+    flat_idx = idx.reshape(n, c, -1)
+    for a in range(n):
+        for b in range(c):
+            np.add.at(out[a, b], flat_idx[a, b], ct[a, b].ravel())
+    return out.reshape((n, c) + tuple(in_hw))
+
+
+@impls.register(max_pool2d_gather_p)
+def _max_pool2d_gather_impl(g, idx):
+    n, c = g.shape[:2]
+    flat = g.reshape(n, c, -1)
+    return np.take_along_axis(flat, idx.reshape(n, c, -1).astype(np.int64), axis=2).reshape(idx.shape)
+
+
+@impls.register(avg_pool2d_p)
+def _avg_pool2d_impl(x, *, kernel, stride, padding):
+    win = _windows(x, kernel, stride, padding)
+    return win.sum(axis=(4, 5)) / (kernel[0] * kernel[1])
+
+
+@impls.register(avg_pool2d_grad_p)
+def _avg_pool2d_grad_impl(ct, *, in_hw, kernel, stride, padding):
+    scaled = ct / (kernel[0] * kernel[1])
+    return _scatter_windows(lambda i, j: scaled, ct.shape[:2] + tuple(in_hw), kernel, stride,
+                            padding, ct.dtype)
+
+
+# --------------------------------------------------------------------------- emitters
+def _pair(v):
+    return (int(v), int(v)) if np.isscalar(v) else tuple(int(a) for a in v)
+
+
+def conv2d(x: Value, w: Value, stride=1, padding=0) -> Value:
+    return emit(conv2d_p, x, w, stride=_pair(stride), padding=_pair(padding))
+
+
+def conv2d_input_grad(ct, w, in_hw, stride, padding) -> Value:
+    return emit(conv2d_input_grad_p, ct, w, in_hw=tuple(in_hw), stride=_pair(stride),
+                padding=_pair(padding))
+
+
+def conv2d_weight_grad(ct, x, kernel, stride, padding) -> Value:
+    return emit(conv2d_weight_grad_p, ct, x, kernel=tuple(kernel), stride=_pair(stride),
+                padding=_pair(padding))
+
+
+def _pool_params(kernel, stride, padding):
+    kernel = _pair(kernel)
+    return dict(kernel=kernel, stride=_pair(stride) if stride is not None else kernel,
+                padding=_pair(padding))
+
+
+def max_pool2d(x: Value, kernel, stride=None, padding=0) -> Value:
+    return emit(max_pool2d_p, x, **_pool_params(kernel, stride, padding))
+
+
+def max_pool2d_argmax(x: Value, kernel, stride, padding) -> Value:
+    return emit(max_pool2d_argmax_p, x, **_pool_params(kernel, stride, padding))
+
+
+def max_pool2d_grad(ct: Value, idx: Value, in_hw) -> Value:
+    return emit(max_pool2d_grad_p, ct, idx, in_hw=tuple(in_hw))
+
+
+def max_pool2d_gather(g: Value, idx: Value) -> Value:
+    return emit(max_pool2d_gather_p, g, idx)
+
+
+def avg_pool2d(x: Value, kernel, stride=None, padding=0) -> Value:
+    return emit(avg_pool2d_p, x, **_pool_params(kernel, stride, padding))
+
+
+def avg_pool2d_grad(ct: Value, in_hw, kernel, stride, padding) -> Value:
+    return emit(avg_pool2d_grad_p, ct, in_hw=tuple(in_hw), **_pool_params(kernel, stride, padding))
+
+
+# --------------------------------------------------------------------------- adjoint rules
+@adjoint_rules.register(conv2d_p)
+def _conv2d_adjoint(ct, x, w, *, stride, padding):
+    return (conv2d_input_grad(ct, w, x.shape[2:], stride, padding),
+            conv2d_weight_grad(ct, x, w.shape[2:], stride, padding))
+
+
+@adjoint_rules.register(conv2d_input_grad_p)
+def _conv2d_input_grad_adjoint(g, ct, w, *, in_hw, stride, padding):
+    return (conv2d(g, w, stride, padding), conv2d_weight_grad(ct, g, w.shape[2:], stride, padding))
+
+
+@adjoint_rules.register(conv2d_weight_grad_p)
+def _conv2d_weight_grad_adjoint(g, ct, x, *, kernel, stride, padding):
+    return (conv2d(x, g, stride, padding), conv2d_input_grad(ct, g, x.shape[2:], stride, padding))
+
+
+@adjoint_rules.register(max_pool2d_p)
+def _max_pool2d_adjoint(ct, x, *, kernel, stride, padding):
+    idx = max_pool2d_argmax(x, kernel, stride, padding)
+    return (max_pool2d_grad(ct, idx, x.shape[2:]),)
+
+
+adjoint_rules[max_pool2d_argmax_p] = lambda ct, x, **params: (None,)
+adjoint_rules[max_pool2d_grad_p] = lambda g, ct, idx, *, in_hw: (max_pool2d_gather(g, idx), None)
+adjoint_rules[max_pool2d_gather_p] = lambda ct, g, idx: (
+    max_pool2d_grad(ct, idx, g.shape[2:]), None)
+
+
+@adjoint_rules.register(avg_pool2d_p)
+def _avg_pool2d_adjoint(ct, x, *, kernel, stride, padding):
+    return (avg_pool2d_grad(ct, x.shape[2:], kernel, stride, padding),)
+
+
+@adjoint_rules.register(avg_pool2d_grad_p)
+def _avg_pool2d_grad_adjoint(g, ct, *, in_hw, kernel, stride, padding):
+    return (avg_pool2d(g, kernel, stride, padding),)

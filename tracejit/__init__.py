@@ -1,0 +1,22 @@
+"""tracejit: a JIT compiler for gradients of numpy-style Python functions.
+
+    @tracejit.jit_grad
+    def loss(w, x, t):
+        return tracejit.nn.mse_loss(tracejit.tanh(x @ w), t)
+
+    g = loss(w, x, t)            # gradient w.r.t. w, computed by compiled code
+    print(loss.ir(w, x, t))      # what was computed
+"""
+from . import nn  # noqa: F401
+from .api import jit, jit_grad, jit_value_and_grad  # noqa: F401
+from .config import config  # noqa: F401
+from .errors import IRError, MissingRuleError, ShapeError, TracerError  # noqa: F401
+from .ops import (  # noqa: F401
+    abs, add, clip, concatenate, cos, divide, dot, equal, exp, expand_dims, greater, greater_equal,
+    less, less_equal, log, logical_and, logical_not, logical_or, logsumexp, matmul, max, maximum,
+    mean, min, minimum, mm, multiply, mv, negative, norm, not_equal, outer, power, reshape, sign,
+    sin, sqrt, square, squeeze, stack, std, stop_gradient, subtract, sum, swapaxes, tanh, transpose,
+    var, where)
+from .tracer import Tracer  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,302 @@
+"""The user-facing transformations: jit, jit_grad, jit_value_and_grad.
+
+A decorated function traces its Python function once per input signature (pytree structure, static
+values, array shapes and dtypes) into IR, transforms it (adjoint), optimizes it, and runs it. Called
+with tracer arguments inside another trace, it inlines itself into that trace instead, so
+`jit_grad(lambda x: jit_grad(f)(x).sum())` is a second derivative.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+
+import numpy as np
+
+from ir.adjoint import grad_function
+from ir.builder import Builder, building, inline
+from ir.core import FLOAT_DTYPES, TensorType
+from ir.passes import optimize
+from ir.verify import verify
+
+from . import pytree
+from .config import config
+from .tracer import Tracer, to_value, wrap
+
+log = logging.getLogger("tracejit")
+
+STAGES = ("forward", "grad", "optimized", "llvm", "asm")
+
+
+class _Signature:
+    """How one call's arguments split into traced leaves and static structure."""
+
+    def __init__(self, fun_name, arg_names, args, kwargs):
+        leaves, defs = [], []
+        for i, a in enumerate(args):
+            name = arg_names[i] if i < len(arg_names) else f"args[{i}]"
+            lv, d = pytree.flatten(a, name, name.replace("[", ".").replace("]", ""))
+            leaves.extend(lv)
+            defs.append(d)
+        for k in sorted(kwargs):
+            lv, d = pytree.flatten(kwargs[k], k, k)
+            leaves.extend(lv)
+            defs.append(("kw", k, d))
+        self.leaves = leaves
+        self.treedef = tuple(defs)
+        self.n_args = len(args)
+        self.kw_names = sorted(kwargs)
+        self.types = []
+        for path, _, x in leaves:
+            if isinstance(x, Tracer):
+                self.types.append(x.value.type)
+                continue
+            if x.dtype not in (np.float32, np.float64):
+                raise TypeError(
+                    f"{fun_name}: argument {path}: expected a float32 or float64 array, got a "
+                    f"{x.dtype} array of shape {list(x.shape)} (pass integer data such as class "
+                    f"labels as one-hot float arrays, or close over it as a constant)")
+            self.types.append(TensorType("f64" if x.dtype == np.float64 else "f32", x.shape))
+        self.key = (self.treedef, tuple(self.types))
+
+    def leaf_ranges(self):
+        """Index range of each positional argument's leaves in `self.leaves`."""
+        ranges, start = [], 0
+        for d in self.treedef[:self.n_args]:
+            n = pytree.count(d)
+            ranges.append(range(start, start + n))
+            start += n
+        return ranges
+
+    def rebuild(self, leaf_values):
+        """(args, kwargs) with the array leaves replaced by `leaf_values`."""
+        args, kwargs, pos = [], {}, 0
+        for d in self.treedef:
+            sub = d[2] if d[0] == "kw" else d
+            n = pytree.count(sub)
+            val = pytree.unflatten(sub, leaf_values[pos:pos + n])
+            pos += n
+            if d[0] == "kw":
+                kwargs[d[1]] = val
+            else:
+                args.append(val)
+        return args, kwargs
+
+
+class _Compiled:
+    """Everything compiled for one signature."""
+
+    def __init__(self, forward, transformed, out_treedef, n_value_outputs):
+        self.forward = forward          # ir.Function as traced
+        self.transformed = transformed  # with the adjoint (grad kinds) or the forward again (jit)
+        self.optimized = optimize(transformed)
+        self.out_treedef = out_treedef
+        self.n_value_outputs = n_value_outputs
+        self._native = None
+        self._lock = threading.Lock()
+
+    def executable(self):
+        """The runner of the optimized function: native code, or the interpreter if configured."""
+        if config.backend == "interpreter":
+            from ir.interpreter import interpret
+            return lambda arrays: interpret(self.optimized, arrays)
+        if self._native is None:
+            with self._lock:
+                if self._native is None:
+                    from codegen import compile_function
+                    self._native = compile_function(self.optimized)
+        return self._native
+
+
+class Jitted:
+    def __init__(self, fun, kind: str, argnums=0, has_aux=False):
+        if not callable(fun):
+            raise TypeError(f"{kind} expects a function, got {type(fun).__name__}")
+        functools.update_wrapper(self, fun)
+        self.fun = fun
+        self.kind = kind  # "jit", "grad" or "value_and_grad"
+        self.has_aux = has_aux
+        if isinstance(argnums, int):
+            self.argnums, self.single = (argnums,), True
+        else:
+            self.argnums, self.single = tuple(argnums), False
+            if not self.argnums or not all(isinstance(a, int) for a in self.argnums):
+                raise TypeError(f"argnums must be an int or a non-empty tuple of ints, got {argnums!r}")
+        self.name = getattr(fun, "__name__", "fun").replace("<lambda>", "lambda")
+        try:
+            params = inspect.signature(fun).parameters.values()
+            self.arg_names = [p.name for p in params
+                              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            self.arg_names = []
+        self._cache: dict = {}
+        self._lock = threading.Lock()
+
+    # --------------------------------------------------------------------------------- tracing
+    def _check_argnums(self, n_args):
+        for a in self.argnums:
+            if not -n_args <= a < n_args:
+                raise ValueError(f"{self.name}: argnums {a} is out of range for {n_args} positional "
+                                 f"arguments")
+
+    def _wrt(self, sig: _Signature):
+        ranges = sig.leaf_ranges()
+        wrt = []
+        for a in self.argnums:
+            r = ranges[a % sig.n_args]
+            d = sig.treedef[a % sig.n_args]
+            if pytree.count(d) == 0 or _has_static(d):
+                name = self.arg_names[a] if a < len(self.arg_names) else f"args[{a}]"
+                raise TypeError(f"{self.name}: argument {name} is differentiated (argnums={a}) but "
+                                f"holds no arrays or also holds static values "
+                                f"({pytree.describe(d)}); pass float arrays there")
+            wrt.extend(r)
+        return wrt
+
+    def _trace(self, sig: _Signature, builder: Builder):
+        """Trace the Python function into `builder`; returns (outputs, out_treedef, n_value)."""
+        tracers = []
+        for (path, hint, _), t in zip(sig.leaves, sig.types):
+            tracers.append(Tracer(builder.add_param(t, hint), builder))
+        args, kwargs = sig.rebuild(tracers)
+        out = self.fun(*args, **kwargs)
+        if self.kind == "jit":
+            leaves, treedef = pytree.flatten(out, "output", "out")
+            return [to_value(v) for _, _, v in leaves], treedef, len(leaves)
+        if self.has_aux:
+            if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                raise TypeError(f"{self.name}: with has_aux=True the function must return "
+                                f"(loss, aux), got {type(out).__name__}")
+            loss, aux = out
+        else:
+            loss, aux = out, None
+        loss_v = to_value(loss)
+        if loss_v.shape != () or loss_v.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{self.name}: {self.kind_name} needs a function returning a scalar; "
+                            f"it returned {loss_v.type} (reduce it, e.g. with .sum() or .mean())")
+        aux_leaves, aux_def = pytree.flatten(aux, "aux", "aux")
+        return [loss_v] + [to_value(v) for _, _, v in aux_leaves], aux_def, 1 + len(aux_leaves)
+
+    @property
+    def kind_name(self):
+        return {"jit": "jit", "grad": "jit_grad", "value_and_grad": "jit_value_and_grad"}[self.kind]
+
+    def _compile(self, sig: _Signature) -> _Compiled:
+        b = Builder(self.name)
+        with building(b):
+            outs, out_def, n_value = self._trace(sig, b)
+        if b.captured:
+            raise TypeError(f"{self.name}: the function uses a traced value from a trace that has "
+                            f"ended (a leaked tracer); pass it as an argument instead")
+        fwd = verify(b.finish(outs))
+        if self.kind == "jit":
+            return _Compiled(fwd, fwd, out_def, n_value)
+        grad = verify(grad_function(fwd, self._wrt(sig), name=f"{self.name}.grad"))
+        return _Compiled(fwd, grad, out_def, n_value)
+
+    def _lookup(self, sig: _Signature) -> _Compiled:
+        entry = self._cache.get(sig.key)
+        if entry is None:
+            with self._lock:
+                entry = self._cache.get(sig.key)
+                if entry is None:
+                    if self._cache:
+                        log.info("%s: tracing a new signature %s", self.name,
+                                 ", ".join(f"{p}: {t}" for (p, _, _), t in zip(sig.leaves, sig.types)))
+                    entry = self._compile(sig)
+                    self._cache[sig.key] = entry
+        return entry
+
+    # --------------------------------------------------------------------------------- calling
+    def __call__(self, *args, **kwargs):
+        self._check_argnums(len(args)) if self.kind != "jit" else None
+        sig = _Signature(self.name, self.arg_names, args, kwargs)
+        if any(isinstance(x, Tracer) for _, _, x in sig.leaves):
+            return self._inline(sig, args, kwargs)
+        entry = self._lookup(sig)
+        arrays = [np.ascontiguousarray(x) for _, _, x in sig.leaves]
+        results = entry.executable()(arrays)
+        return self._assemble(sig, entry.out_treedef, entry.n_value_outputs, list(results))
+
+    def _assemble(self, sig, out_def, n_value, results):
+        values, grads = results[:n_value], results[n_value:]
+        if self.kind == "jit":
+            return pytree.unflatten(out_def, values)
+        loss = values[0]
+        aux = pytree.unflatten(out_def, values[1:]) if self.has_aux else None
+        ranges = sig.leaf_ranges()
+        per_arg, pos = [], 0
+        for a in self.argnums:
+            d = sig.treedef[a % sig.n_args]
+            n = len(ranges[a % sig.n_args])
+            per_arg.append(pytree.unflatten(d, grads[pos:pos + n]))
+            pos += n
+        g = per_arg[0] if self.single else tuple(per_arg)
+        if self.kind == "grad":
+            return (g, aux) if self.has_aux else g
+        return ((loss, aux), g) if self.has_aux else (loss, g)
+
+    def _inline(self, sig, args, kwargs):
+        """Called on tracers inside another trace: inline this function into that trace."""
+        if self.kind == "jit":
+            return self.fun(*args, **kwargs)
+        sub = Builder(self.name)
+        with building(sub):
+            outs, out_def, n_value = self._trace(sig, sub)
+        fwd = sub.finish(outs)
+        captured = list(sub.captured.values())
+        grad = grad_function(fwd, self._wrt(sig))
+        inputs = [to_value(x) for _, _, x in sig.leaves] + [to_value(t) for t, _ in captured]
+        results = [wrap(v) for v in inline(grad, inputs)]
+        return self._assemble(sig, out_def, n_value, results)
+
+    # --------------------------------------------------------------------------------- dumps
+    def ir(self, *args, stage: str = "grad", **kwargs) -> str:
+        """The IR dump of this function for these arguments at `stage`: "forward" (as traced),
+        "grad" (after the adjoint transformation), "optimized" (after the IR passes), "llvm" or
+        "asm" (generated code)."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        sig = _Signature(self.name, self.arg_names, args, kwargs)
+        entry = self._lookup(sig)
+        if stage == "forward":
+            return str(entry.forward)
+        if stage == "grad":
+            return str(entry.transformed)
+        if stage == "optimized":
+            return str(entry.optimized)
+        from codegen import compile_function
+        native = compile_function(entry.optimized)
+        return native.llvm_ir if stage == "llvm" else native.asm
+
+
+def _has_static(d) -> bool:
+    if d == pytree.ARRAY:
+        return False
+    if d[0] == "dict":
+        return any(_has_static(c) for c in d[2])
+    if d[0] in ("list", "tuple"):
+        return any(_has_static(c) for c in d[1])
+    return True
+
+
+def jit(fun=None):
+    """Compile `fun` (its forward computation) for each input signature."""
+    if fun is None:
+        return jit
+    return Jitted(fun, "jit")
+
+
+def jit_grad(fun=None, *, argnums=0, has_aux=False):
+    """The gradient of scalar-valued `fun` w.r.t. argument(s) `argnums`, compiled."""
+    if fun is None:
+        return lambda f: Jitted(f, "grad", argnums, has_aux)
+    return Jitted(fun, "grad", argnums, has_aux)
+
+
+def jit_value_and_grad(fun=None, *, argnums=0, has_aux=False):
+    """Like jit_grad, returning (value, grads); with has_aux, ((value, aux), grads)."""
+    if fun is None:
+        return lambda f: Jitted(f, "value_and_grad", argnums, has_aux)
+    return Jitted(fun, "value_and_grad", argnums, has_aux)

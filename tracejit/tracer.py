@@ -1,0 +1,205 @@
+"""Tracer values: stand-ins for arrays while a function is traced. Each wraps an IR Value of the
+builder that is tracing; every operation on it records an instruction (see tracejit.ops)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ir import builder as irb
+from ir.core import Value
+
+from .errors import concretization_error
+
+
+class Tracer:
+    __slots__ = ("value", "builder")
+    __array_priority__ = 1000  # numpy defers binary operators to us
+
+    def __init__(self, value: Value, builder):
+        self.value = value
+        self.builder = builder
+
+    # ----------------------------------------------------------------------------- metadata
+    @property
+    def shape(self):
+        return self.value.shape
+
+    @property
+    def ndim(self):
+        return self.value.ndim
+
+    @property
+    def size(self):
+        return self.value.type.size
+
+    @property
+    def dtype(self):
+        return self.value.type.np_dtype
+
+    def __len__(self):
+        if not self.shape:
+            raise TypeError("len() of a 0-d traced value")
+        return self.shape[0]
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self):
+        return f"Tracer<{self.value.type}>"
+
+    # ----------------------------------------------------------------------------- concretization
+    def __bool__(self):
+        raise concretization_error("bool() (an `if`, `while`, `and`/`or` or `not`)", self)
+
+    def __float__(self):
+        raise concretization_error("float()", self)
+
+    def __int__(self):
+        raise concretization_error("int()", self)
+
+    def __index__(self):
+        raise concretization_error("using as an index", self)
+
+    def __complex__(self):
+        raise concretization_error("complex()", self)
+
+    def item(self):
+        raise concretization_error(".item()", self)
+
+    def tolist(self):
+        raise concretization_error(".tolist()", self)
+
+    def __array__(self, dtype=None, copy=None):
+        raise concretization_error("np.asarray()/np.array()", self)
+
+    __hash__ = object.__hash__
+
+    # ----------------------------------------------------------------------------- numpy protocols
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        from . import ops
+        fn = ops.UFUNCS.get(ufunc.__name__)
+        if method != "__call__" or fn is None or kwargs.get("out") is not None:
+            return NotImplemented
+        kwargs.pop("out", None)
+        return fn(*inputs, **kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        from . import ops
+        fn = ops.ARRAY_FUNCTIONS.get(func.__name__)
+        if fn is None:
+            return NotImplemented
+        return fn(*args, **kwargs)
+
+    # ----------------------------------------------------------------------------- operators
+    def __add__(self, o): return _ops().add(self, o)
+    def __radd__(self, o): return _ops().add(o, self)
+    def __sub__(self, o): return _ops().subtract(self, o)
+    def __rsub__(self, o): return _ops().subtract(o, self)
+    def __mul__(self, o): return _ops().multiply(self, o)
+    def __rmul__(self, o): return _ops().multiply(o, self)
+    def __truediv__(self, o): return _ops().divide(self, o)
+    def __rtruediv__(self, o): return _ops().divide(o, self)
+    def __pow__(self, o): return _ops().power(self, o)
+    def __rpow__(self, o): return _ops().power(o, self)
+    def __matmul__(self, o): return _ops().matmul(self, o)
+    def __rmatmul__(self, o): return _ops().matmul(o, self)
+    def __neg__(self): return _ops().negative(self)
+    def __pos__(self): return self
+    def __abs__(self): return _ops().abs(self)
+    def __gt__(self, o): return _ops().greater(self, o)
+    def __ge__(self, o): return _ops().greater_equal(self, o)
+    def __lt__(self, o): return _ops().less(self, o)
+    def __le__(self, o): return _ops().less_equal(self, o)
+    def __eq__(self, o): return _ops().equal(self, o)  # noqa: E704
+    def __ne__(self, o): return _ops().not_equal(self, o)
+    def __and__(self, o): return _ops().logical_and(self, o)
+    def __or__(self, o): return _ops().logical_or(self, o)
+    def __invert__(self): return _ops().logical_not(self)
+    def __getitem__(self, idx): return _ops().getitem(self, idx)
+
+    # ----------------------------------------------------------------------------- methods
+    @property
+    def T(self): return _ops().transpose(self)
+    def sum(self, axis=None, keepdims=False): return _ops().sum(self, axis, keepdims=keepdims)
+    def mean(self, axis=None, keepdims=False): return _ops().mean(self, axis, keepdims=keepdims)
+    def max(self, axis=None, keepdims=False): return _ops().max(self, axis, keepdims=keepdims)
+    def min(self, axis=None, keepdims=False): return _ops().min(self, axis, keepdims=keepdims)
+    def var(self, axis=None, keepdims=False): return _ops().var(self, axis, keepdims=keepdims)
+    def std(self, axis=None, keepdims=False): return _ops().std(self, axis, keepdims=keepdims)
+
+    def reshape(self, *shape):
+        return _ops().reshape(self, shape[0] if len(shape) == 1 else shape)
+
+    def transpose(self, *axes):
+        return _ops().transpose(self, (axes[0] if len(axes) == 1 else axes) or None)
+
+    def flatten(self): return _ops().reshape(self, (-1,))
+    ravel = flatten
+    def squeeze(self, axis=None): return _ops().squeeze(self, axis)
+    def pow(self, y): return _ops().power(self, y)
+    def exp(self): return _ops().exp(self)
+    def log(self): return _ops().log(self)
+    def tanh(self): return _ops().tanh(self)
+    def sqrt(self): return _ops().sqrt(self)
+    def abs(self): return _ops().abs(self)
+    def sin(self): return _ops().sin(self)
+    def cos(self): return _ops().cos(self)
+    def relu(self): return _nn().relu(self)
+    def sigmoid(self): return _nn().sigmoid(self)
+    def norm(self, ord=None, axis=None, keepdims=False):
+        return _ops().norm(self, ord, axis, keepdims)
+    def dot(self, o): return _ops().dot(self, o)
+    def mv(self, v): return _ops().mv(self, v)
+    def mm(self, o): return _ops().mm(self, o)
+    def clip(self, lo=None, hi=None): return _ops().clip(self, lo, hi)
+    def astype(self, dtype): return _ops().astype(self, dtype)
+
+
+def _ops():
+    from . import ops
+    return ops
+
+
+def _nn():
+    from . import nn
+    return nn
+
+
+def to_value(x, like: Value | None = None) -> Value:
+    """The IR value for `x` in the current builder: a tracer's value (captured as a parameter when
+    it belongs to an enclosing trace), or a constant for numbers and arrays. Constants take `like`'s
+    float dtype (they are weakly typed, like Python scalars)."""
+    b = irb.current()
+    if isinstance(x, Tracer):
+        if x.builder is b:
+            return x.value
+        return capture(b, x)
+    from ir import lax
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"cannot use a {type(x).__name__} ({arr.dtype}) as an array operand")
+    if like is not None and like.dtype in ("f32", "f64") and arr.dtype.kind in "fiub":
+        arr = arr.astype(like.type.np_dtype)
+    elif arr.dtype.kind in "iu":
+        arr = arr.astype(np.float64 if arr.dtype.itemsize > 4 else np.float32)
+    elif arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    if arr.ndim == 0:
+        return lax.full(arr.item(), (), "bool" if arr.dtype == np.bool_ else
+                        ("f64" if arr.dtype == np.float64 else "f32"))
+    return lax.literal(arr)
+
+
+def capture(b, t: Tracer) -> Value:
+    """Closure conversion: a tracer of an enclosing trace becomes a parameter of builder `b`."""
+    key = id(t.value)
+    hit = b.captured.get(key)
+    if hit is None:
+        p = b.add_param(t.value.type, f"captured{len(b.captured)}")
+        b.captured[key] = (t, p)
+        return p
+    return hit[1]
+
+
+def wrap(v: Value) -> Tracer:
+    return Tracer(v, irb.current())
