@@ -1,0 +1,48 @@
+"""Loop-nest kernels for the primitives that need their own loop nests (matmul, convolution,
+pooling and their backward passes). Elementwise ops, reductions and layout ops are lowered by the
+fusion code in codegen/fused.py instead.
+
+Contract of a kernel (one per primitive, registered with `@register("prim_name")`):
+
+    lower(module: llvmlite.ir.Module, name: str, ins: ir.core.Instr) -> None
+
+defines in `module` the function
+
+    void name(ptr out, ptr in0, ..., ptr in{k-1}, ptr scratch, i64 tid, i64 nthreads)
+
+that computes `ins.out` from `ins.inputs`. All buffers are dense, row-major (C order), of the IR
+types (f32 -> float, f64 -> double, i32 -> i32); `out` never aliases an input; inputs are read-only.
+Thread `tid` of `nthreads` (0 <= tid < nthreads) writes a disjoint part of `out`; the parts of all
+threads together cover `out` entirely and overwrite it (out is not zeroed beforehand). `scratch`
+points to `scratch_bytes(ins, nthreads)` bytes (64-byte aligned, uninitialised, shared by the
+threads of one call: give each thread its own region).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ir.core import Registry, primitives
+
+
+@dataclass
+class Kernel:
+    lower: Callable
+    scratch_bytes: Callable = staticmethod(lambda ins, nthreads: 0)
+
+
+kernels = Registry("kernel lowering")
+
+
+def register(prim_name: str, scratch_bytes: Callable | None = None):
+    def deco(fn):
+        kernels[primitives[prim_name]] = Kernel(fn, scratch_bytes or (lambda ins, nthreads: 0))
+        return fn
+    return deco
+
+
+def _load_all():
+    import importlib
+    import pkgutil
+    for m in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{m.name}")

@@ -1,0 +1,181 @@
+"""Small helpers for emitting LLVM loop nests with llvmlite, in the manner of Numba's cgutils.
+
+Blocks and values are named after the loop they implement (`conv2d.oh.body`, `conv2d.oh.i`) so the
+LLVM dump reads like the loop nest. Fast-math flags are on for float arithmetic: the generated code
+may reassociate sums (that is what lets reductions vectorize), but it keeps NaN and Inf semantics
+(no `nnan`/`ninf`), so NaN and Inf propagate as in numpy.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import llvmlite.ir as ir
+
+I1 = ir.IntType(1)
+I8 = ir.IntType(8)
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+F32 = ir.FloatType()
+F64 = ir.DoubleType()
+PTR = ir.PointerType()
+VOID = ir.VoidType()
+
+# reassoc + contract let LLVM vectorize reductions and form FMAs; nsz/arcp/afn are harmless for us.
+FAST = ("reassoc", "contract", "nsz", "arcp", "afn")
+
+_LLVM_TYPES = {"f32": F32, "f64": F64, "i32": I32, "bool": I8}
+
+
+def llvm_type(dtype: str) -> ir.Type:
+    """Element type of a buffer of IR dtype `dtype` (bool is stored as one byte)."""
+    return _LLVM_TYPES[dtype]
+
+
+def i64(v: int) -> ir.Constant:
+    return ir.Constant(I64, int(v))
+
+
+def i32(v: int) -> ir.Constant:
+    return ir.Constant(I32, int(v))
+
+
+def const(ty: ir.Type, v) -> ir.Constant:
+    return ir.Constant(ty, v)
+
+
+def vec(ty: ir.Type, n: int) -> ir.VectorType:
+    return ir.VectorType(ty, n)
+
+
+@contextlib.contextmanager
+def for_range(b: ir.IRBuilder, start, stop, step=1, name: str = "loop"):
+    """`for i in range(start, stop, step)` (i64; positive step). Yields the induction variable.
+
+    Emits blocks `{name}.cond`, `{name}.body`, `{name}.end`; the builder is left at `.end`."""
+    start = i64(start) if isinstance(start, int) else start
+    stop = i64(stop) if isinstance(stop, int) else stop
+    step = i64(step) if isinstance(step, int) else step
+    pre = b.block
+    fn = pre.function
+    cond = fn.append_basic_block(f"{name}.cond")
+    body = fn.append_basic_block(f"{name}.body")
+    end = fn.append_basic_block(f"{name}.end")
+    b.branch(cond)
+    b.position_at_end(cond)
+    iv = b.phi(I64, name=f"{name}.i")
+    iv.add_incoming(start, pre)
+    b.cbranch(b.icmp_signed("<", iv, stop, name=f"{name}.more"), body, end)
+    b.position_at_end(body)
+    yield iv
+    nxt = b.add(iv, step, name=f"{name}.next")
+    iv.add_incoming(nxt, b.block)
+    b.branch(cond)
+    b.position_at_end(end)
+
+
+@contextlib.contextmanager
+def loop_nest(b: ir.IRBuilder, extents, name: str = "nest", dim_names=None):
+    """Nested `for_range` loops over `extents` (outermost first). Yields the list of indices."""
+    dim_names = dim_names or [f"d{i}" for i in range(len(extents))]
+    with contextlib.ExitStack() as stack:
+        idx = []
+        for n, dn in zip(extents, dim_names):
+            idx.append(stack.enter_context(for_range(b, 0, n, 1, f"{name}.{dn}")))
+        yield idx
+
+
+@contextlib.contextmanager
+def if_then(b: ir.IRBuilder, pred, name: str = "if"):
+    """`if pred:`; the builder is left after the conditional."""
+    fn = b.block.function
+    then = fn.append_basic_block(f"{name}.then")
+    end = fn.append_basic_block(f"{name}.end")
+    b.cbranch(pred, then, end)
+    b.position_at_end(then)
+    yield
+    b.branch(end)
+    b.position_at_end(end)
+
+
+def gep(b: ir.IRBuilder, ptr, idx, ty: ir.Type, name: str = ""):
+    return b.gep(ptr, [idx], source_etype=ty, inbounds=True, name=name)
+
+
+def load(b: ir.IRBuilder, ptr, idx, ty: ir.Type, name: str = ""):
+    return b.load(gep(b, ptr, idx, ty), typ=ty, name=name)
+
+
+def store(b: ir.IRBuilder, value, ptr, idx, ty: ir.Type):
+    b.store(value, gep(b, ptr, idx, ty))
+
+
+def vload(b: ir.IRBuilder, ptr, idx, vty: ir.VectorType, name: str = ""):
+    """Unaligned vector load of `vty` at element `idx` of `ptr` (elements of vty.element)."""
+    p = gep(b, ptr, idx, vty.element)
+    return b.load(p, typ=vty, align=_elem_align(vty), name=name)
+
+
+def vstore(b: ir.IRBuilder, value, ptr, idx):
+    vty = value.type
+    p = gep(b, ptr, idx, vty.element)
+    b.store(value, p, align=_elem_align(vty))
+
+
+def _elem_align(vty: ir.VectorType) -> int:
+    """Vector accesses are only element-aligned: buffers come from numpy."""
+    return {F64: 8, I64: 8, I8: 1}.get(vty.element, 4)
+
+
+def splat(b: ir.IRBuilder, scalar, n: int):
+    """A vector of `n` copies of `scalar`."""
+    vty = ir.VectorType(scalar.type, n)
+    if isinstance(scalar, ir.Constant):
+        return ir.Constant(vty, [scalar.constant] * n)
+    undef = ir.Constant(vty, ir.Undefined)
+    v = b.insert_element(undef, scalar, i32(0))
+    return b.shuffle_vector(v, undef, ir.Constant(ir.VectorType(I32, n), [0] * n))
+
+
+def intrinsic(module: ir.Module, name: str, ret: ir.Type, args) -> ir.Function:
+    """Declare (once) an LLVM intrinsic by its full mangled name, e.g. "llvm.fma.v16f32"."""
+    fn = module.globals.get(name)
+    if fn is None:
+        fn = ir.Function(module, ir.FunctionType(ret, list(args)), name)
+    return fn
+
+
+def type_suffix(ty: ir.Type) -> str:
+    """Intrinsic name suffix of a scalar or vector float type: f32, f64, v16f32, ..."""
+    if isinstance(ty, ir.VectorType):
+        return f"v{ty.count}{type_suffix(ty.element)}"
+    return {F32: "f32", F64: "f64"}[ty] if ty in (F32, F64) else str(ty)
+
+
+def fma(b: ir.IRBuilder, a, x, c):
+    """a * x + c with one rounding (vector or scalar float)."""
+    ty = a.type
+    f = intrinsic(b.module, f"llvm.fma.{type_suffix(ty)}", ty, [ty, ty, ty])
+    return b.call(f, [a, x, c])
+
+
+def masked_load(b: ir.IRBuilder, ptr, idx, vty: ir.VectorType, mask, passthru=None):
+    p = gep(b, ptr, idx, vty.element)
+    mty = ir.VectorType(I1, vty.count)
+    f = intrinsic(b.module, f"llvm.masked.load.{type_suffix(vty)}.p0", vty, [PTR, I32, mty, vty])
+    if passthru is None:
+        passthru = ir.Constant(vty, [0.0] * vty.count if vty.element in (F32, F64) else [0] * vty.count)
+    return b.call(f, [p, i32(_elem_align(vty)), mask, passthru])
+
+
+def masked_store(b: ir.IRBuilder, value, ptr, idx, mask):
+    vty = value.type
+    p = gep(b, ptr, idx, vty.element)
+    mty = ir.VectorType(I1, vty.count)
+    f = intrinsic(b.module, f"llvm.masked.store.{type_suffix(vty)}.p0", VOID, [vty, PTR, I32, mty])
+    b.call(f, [value, p, i32(_elem_align(vty)), mask])
+
+
+def tail_mask(b: ir.IRBuilder, remaining, n: int):
+    """<n x i1> with lanes [0, remaining) set (remaining is an i64 value, may exceed n)."""
+    lanes = ir.Constant(ir.VectorType(I64, n), list(range(n)))
+    return b.icmp_signed("<", lanes, splat(b, remaining, n))
