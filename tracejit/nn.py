@@ -18,8 +18,7 @@ from .ops import as_value, op, result_dtype
 from .tracer import Tracer, wrap
 
 
-def _shape(x):
-    return tuple(x.shape) if isinstance(x, Tracer) else np.shape(x)
+_shape = ops.shape_of
 
 
 def _tuple(v, n, what):

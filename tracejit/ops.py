@@ -331,24 +331,29 @@ def matmul(a, b):
     return wrap(lax.reshape(c, out_shape))
 
 
+def shape_of(x) -> tuple:
+    """Shape of a tracer, array or number (np.shape would dispatch to __array_function__)."""
+    return tuple(x.shape) if isinstance(x, Tracer) else np.shape(x)
+
+
 @op("dot")
 def dot(a, b):
-    if getattr(a, "ndim", np.ndim(a)) == 0 or getattr(b, "ndim", np.ndim(b)) == 0:
+    if not shape_of(a) or not shape_of(b):
         return multiply(a, b)
     return matmul(a, b)
 
 
 @op("mv")
 def mv(m, v):
-    if getattr(m, "ndim", None) != 2 or getattr(v, "ndim", np.ndim(v)) != 1:
-        raise ShapeError(f"mv expects a matrix and a vector, got shapes {list(np.shape(m) if not isinstance(m, Tracer) else m.shape)} and {list(v.shape if isinstance(v, Tracer) else np.shape(v))}")
+    if len(shape_of(m)) != 2 or len(shape_of(v)) != 1:
+        raise ShapeError(f"mv expects a matrix and a vector, got shapes {list(shape_of(m))} and "
+                         f"{list(shape_of(v))}")
     return matmul(m, v)
 
 
 @op("mm")
 def mm(a, b):
-    sa = a.shape if isinstance(a, Tracer) else np.shape(a)
-    sb = b.shape if isinstance(b, Tracer) else np.shape(b)
+    sa, sb = shape_of(a), shape_of(b)
     if len(sa) != 2 or len(sb) != 2:
         raise ShapeError(f"mm expects two matrices, got shapes {list(sa)} and {list(sb)}")
     return matmul(a, b)
