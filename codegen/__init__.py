@@ -1,6 +1,8 @@
-"""IR -> LLVM -> native code (the next stage of the pipeline)."""
+"""IR -> LLVM -> native code: the schedule (fusion groups, buffer plan), fused loop lowering,
+loop-nest kernels, and the runtime that compiles a module and calls it."""
 
 
 def compile_function(fn):
-    raise NotImplementedError("native code generation is not implemented yet; set "
-                              "tracejit.config.backend = 'interpreter'")
+    """Compile an (optimized) ir.Function to a NativeFunction (see codegen/runtime.py)."""
+    from .runtime import compile_function as _compile
+    return _compile(fn)

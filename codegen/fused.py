@@ -1,0 +1,441 @@
+"""Lowering of fused loop groups: elementwise, layout and reduction instructions evaluated per element
+inside one loop nest over the group's root value (see codegen/schedule.py).
+
+The kernel has the same contract as the loop-nest kernels (codegen/kernels/__init__.py):
+`void name(ptr out, ptr leaf0, ..., ptr scratch, i64 tid, i64 nthreads)`; thread `tid` computes a
+contiguous range of the outermost dimension. The element expression is scalar code; LLVM's loop
+vectorizer turns the innermost loop into vector code (fast-math flags allow reassociation; NaN and
+Inf keep numpy semantics).
+"""
+from __future__ import annotations
+
+import math
+
+import llvmlite.ir as ir
+
+from ir.core import Instr, IRError, Value
+
+from . import loops as L
+from .loops import F32, F64, FAST, I1, I8, I32, I64, PTR, VOID, for_range, i64
+
+_FCMP = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "eq": "==", "ne": "!="}
+
+
+def scalar_type(dtype: str) -> ir.Type:
+    """LLVM type of an element value in registers (bool is i1; stored as i8)."""
+    return {"f32": F32, "f64": F64, "i32": I32, "bool": I1}[dtype]
+
+
+def strides_of(shape):
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= n
+    return list(reversed(out))
+
+
+class _Element:
+    """Emits the value of one IR value at an index (a list of i64 LLVM values), recursively
+    through the non-materialized producers of a fused group."""
+
+    def __init__(self, b: ir.IRBuilder, leaf_ptrs: dict, members: set):
+        self.b = b
+        self.leaf_ptrs = leaf_ptrs    # id(Value) -> LLVM pointer
+        self.members = members        # ids of instructions evaluated inside
+        self.memo = {}
+
+    # --------------------------------------------------------------------------- addressing
+    def linear(self, idx, shape):
+        b = self.b
+        if not shape:
+            return i64(0)
+        acc = None
+        for i, s in zip(idx, strides_of(shape)):
+            if s == 0:
+                continue
+            term = i if s == 1 else b.mul(i, i64(s))
+            acc = term if acc is None else b.add(acc, term)
+        return acc if acc is not None else i64(0)
+
+    def load_leaf(self, v: Value, idx):
+        b = self.b
+        ptr = self.leaf_ptrs[id(v)]
+        off = self.linear(idx, v.shape)
+        if v.dtype == "bool":
+            raw = L.load(b, ptr, off, I8)
+            return b.icmp_unsigned("!=", raw, ir.Constant(I8, 0))
+        return L.load(b, ptr, off, scalar_type(v.dtype))
+
+    # --------------------------------------------------------------------------- values
+    def value(self, v: Value, idx):
+        key = (id(v), tuple(id(i) for i in idx))
+        hit = self.memo.get(key)
+        if hit is not None:
+            return hit
+        if id(v) in self.leaf_ptrs:
+            out = self.load_leaf(v, idx)
+        else:
+            ins = v.instr
+            if ins is None or id(ins) not in self.members:
+                raise IRError(f"codegen: value {v!r} is neither a buffer nor fused")
+            out = self.instr(ins, idx)
+        self.memo[key] = out
+        return out
+
+    def instr(self, ins: Instr, idx):
+        b = self.b
+        name = ins.prim.name
+        params = ins.params
+        t = ins.out.type
+        if name == "const":
+            return ir.Constant(scalar_type(t.dtype), params["value"])
+        if name == "broadcast_in_dim":
+            x = ins.inputs[0]
+            sub = [i64(0) if x.shape[k] == 1 else idx[d] for k, d in enumerate(params["dims"])]
+            return self.value(x, sub)
+        if name == "reshape":
+            return self.value(ins.inputs[0], self.reshape_index(idx, t.shape, ins.inputs[0].shape))
+        if name == "transpose":
+            perm = params["perm"]
+            sub = [None] * len(perm)
+            for i, p in enumerate(perm):
+                sub[p] = idx[i]
+            return self.value(ins.inputs[0], sub)
+        if name == "slice":
+            sub = []
+            for i, s, k in zip(idx, params["start"], params["strides"]):
+                j = b.mul(i, i64(k)) if k != 1 else i
+                sub.append(b.add(j, i64(s)) if s else j)
+            return self.value(ins.inputs[0], sub)
+        if name == "pad":
+            return self.pad(ins, idx)
+        if name == "concatenate":
+            return self.concatenate(ins, idx)
+        args = [self.value(x, idx if x.shape else []) for x in ins.inputs]
+        return emit_scalar_op(b, ins, args)
+
+    def reshape_index(self, idx, out_shape, in_shape):
+        b = self.b
+        squeezed_out = [(i, n) for i, n in zip(idx, out_shape) if n != 1]
+        in_non1 = [n for n in in_shape if n != 1]
+        if [n for _, n in squeezed_out] == in_non1:
+            it = iter(i for i, _ in squeezed_out)
+            return [i64(0) if n == 1 else next(it) for n in in_shape]
+        lin = self.linear(idx, out_shape)
+        sub = []
+        for s, n in zip(strides_of(in_shape), in_shape):
+            q = b.udiv(lin, i64(s)) if s != 1 else lin
+            sub.append(b.urem(q, i64(n)) if n != 1 else i64(0))
+        return sub
+
+    def pad(self, ins, idx):
+        b = self.b
+        x = ins.inputs[0]
+        p = ins.params
+        valid = None
+        sub = []
+        for i, n, lo, step in zip(idx, x.shape, p["lo"], [k + 1 for k in p["interior"]]):
+            j = b.sub(i, i64(lo)) if lo else i
+            conds = [b.icmp_signed(">=", j, i64(0)), b.icmp_signed("<", j, i64((n - 1) * step + 1))]
+            src = j
+            if step != 1:
+                conds.append(b.icmp_signed("==", b.srem(j, i64(step)), i64(0)))
+                src = b.sdiv(j, i64(step))
+            ok = conds[0]
+            for c in conds[1:]:
+                ok = b.and_(ok, c)
+            valid = ok if valid is None else b.and_(valid, ok)
+            clamped = b.select(ok, src, i64(0))
+            sub.append(clamped)
+        inner = self.value(x, sub)
+        zero = ir.Constant(inner.type, 0)
+        return b.select(valid, inner, zero) if valid is not None else inner
+
+    def concatenate(self, ins, idx):
+        b = self.b
+        axis = ins.params["axis"]
+        offset = 0
+        result = None
+        pieces = []
+        for x in ins.inputs:
+            n = x.shape[axis]
+            j = b.sub(idx[axis], i64(offset)) if offset else idx[axis]
+            inside = b.and_(b.icmp_signed(">=", j, i64(0)), b.icmp_signed("<", j, i64(n)))
+            sub = list(idx)
+            sub[axis] = b.select(inside, j, i64(0))
+            pieces.append((inside, self.value(x, sub)))
+            offset += n
+        result = pieces[-1][1]
+        for inside, val in reversed(pieces[:-1]):
+            result = b.select(inside, val, result)
+        return result
+
+
+# ------------------------------------------------------------------------------------------------
+# scalar semantics of the elementwise primitives
+# ------------------------------------------------------------------------------------------------
+def _intrinsic1(b, name, x):
+    f = L.intrinsic(b.module, f"llvm.{name}.{L.type_suffix(x.type)}", x.type, [x.type])
+    return b.call(f, [x])
+
+
+def math_unary(b: ir.IRBuilder, name: str, x):
+    """exp/log/tanh/sin/cos/logistic/sqrt of a float value, vectorizable when codegen.mathfns
+    provides branch-free versions (falls back to LLVM's intrinsics)."""
+    try:
+        from .mathfns import emit_unary
+    except ImportError:  # pragma: no cover - mathfns is part of the package
+        emit_unary = None
+    if emit_unary is not None:
+        return emit_unary(b, name, x)
+    if name == "logistic":
+        one = ir.Constant(x.type, 1.0)
+        e = _intrinsic1(b, "exp", b.fneg(x))
+        return b.fdiv(one, b.fadd(one, e))
+    return _intrinsic1(b, name, x)
+
+
+def nan_max(b, a, c, op=">"):
+    """numpy's maximum (op ">") / minimum (op "<"): NaN in either operand gives NaN."""
+    take_a = b.or_(b.fcmp_ordered(op, a, c), b.fcmp_unordered("uno", a, a))
+    return b.select(take_a, a, c)
+
+
+def emit_scalar_op(b: ir.IRBuilder, ins: Instr, args):
+    name = ins.prim.name
+    t = ins.out.type
+    fl = FAST
+    if name == "add":
+        return b.fadd(*args, flags=fl)
+    if name == "sub":
+        return b.fsub(*args, flags=fl)
+    if name == "mul":
+        return b.fmul(*args, flags=fl)
+    if name == "div":
+        return b.fdiv(*args, flags=fl)
+    if name == "neg":
+        return b.fneg(args[0], flags=fl)
+    if name in ("exp", "log", "tanh", "sin", "cos", "logistic", "sqrt"):
+        return math_unary(b, name, args[0])
+    if name == "abs":
+        return _intrinsic1(b, "fabs", args[0])
+    if name == "sign":
+        x = args[0]
+        one = ir.Constant(x.type, 1.0)
+        pos = b.select(b.fcmp_ordered(">", x, ir.Constant(x.type, 0.0)), one, x)
+        return b.select(b.fcmp_ordered("<", x, ir.Constant(x.type, 0.0)), b.fneg(one), pos)
+    if name == "stop_gradient":
+        return args[0]
+    if name == "integer_pow":
+        return _integer_pow(b, args[0], ins.params["y"])
+    if name == "pow":
+        ty = args[0].type
+        f = L.intrinsic(b.module, f"llvm.pow.{L.type_suffix(ty)}", ty, [ty, ty])
+        return b.call(f, args)
+    if name == "max":
+        return nan_max(b, *args, ">")
+    if name == "min":
+        return nan_max(b, *args, "<")
+    if name in _FCMP:
+        if ins.inputs[0].dtype == "bool":
+            return b.icmp_unsigned(_FCMP[name], *args)
+        if name == "ne":
+            return b.fcmp_unordered("!=", *args)
+        return b.fcmp_ordered(_FCMP[name], *args)
+    if name == "and":
+        return b.and_(*args)
+    if name == "or":
+        return b.or_(*args)
+    if name == "not":
+        return b.xor(args[0], ir.Constant(I1, 1))
+    if name == "select":
+        return b.select(*args)
+    if name == "convert":
+        return _convert(b, args[0], ins.inputs[0].dtype, t.dtype)
+    raise IRError(f"no fused lowering rule for '{name}'")
+
+
+def _integer_pow(b, x, y: int):
+    if y == 0:
+        return ir.Constant(x.type, 1.0)
+    n, result, base = abs(y), None, x
+    while n:
+        if n & 1:
+            result = base if result is None else b.fmul(result, base, flags=FAST)
+        n >>= 1
+        if n:
+            base = b.fmul(base, base, flags=FAST)
+    return b.fdiv(ir.Constant(x.type, 1.0), result) if y < 0 else result
+
+
+def _convert(b, x, src: str, dst: str):
+    dty = scalar_type(dst)
+    if src == dst:
+        return x
+    if src == "bool":
+        return b.uitofp(x, dty) if dst in ("f32", "f64") else b.zext(x, dty)
+    if dst == "bool":
+        return b.fcmp_unordered("!=", x, ir.Constant(x.type, 0.0)) if src in ("f32", "f64") \
+            else b.icmp_unsigned("!=", x, ir.Constant(x.type, 0))
+    if src in ("f32", "f64") and dst in ("f32", "f64"):
+        return b.fpext(x, dty) if dst == "f64" else b.fptrunc(x, dty)
+    if src == "i32":
+        return b.sitofp(x, dty)
+    return b.fptosi(x, dty)
+
+
+# ------------------------------------------------------------------------------------------------
+# the kernel function of a fused group
+# ------------------------------------------------------------------------------------------------
+def _store_value(b, val, ptr, off, dtype):
+    if dtype == "bool":
+        val = b.zext(val, I8)
+        L.store(b, val, ptr, off, I8)
+    else:
+        L.store(b, val, ptr, off, scalar_type(dtype))
+
+
+def _thread_range(b, n, tid, nthreads, name):
+    """[lo, hi) of `range(n)` for thread `tid` (contiguous chunks)."""
+    chunk = b.sdiv(b.add(i64(n), b.sub(nthreads, i64(1))), nthreads, name=f"{name}.chunk")
+    lo = b.mul(tid, chunk, name=f"{name}.lo")
+    hi_raw = b.add(lo, chunk)
+    hi = b.select(b.icmp_signed("<", hi_raw, i64(n)), hi_raw, i64(n), name=f"{name}.hi")
+    lo = b.select(b.icmp_signed("<", lo, i64(n)), lo, i64(n))
+    return lo, hi
+
+
+def lower_group(module: ir.Module, fname: str, group) -> ir.Function:
+    """Define `fname` computing the group's root value (see module docstring)."""
+    root = group.root
+    leaves = group.leaves
+    fnty = ir.FunctionType(VOID, [PTR] * (1 + len(leaves)) + [PTR, I64, I64])
+    fn = ir.Function(module, fnty, fname)
+    fn.linkage = "internal"
+    for a in fn.args[:1 + len(leaves)]:
+        a.add_attribute("noalias")
+    out_ptr = fn.args[0]
+    out_ptr.name = "out"
+    for k, a in enumerate(fn.args[1:1 + len(leaves)]):
+        a.name = f"in{k}"
+    tid, nthreads = fn.args[-2], fn.args[-1]
+    tid.name, nthreads.name = "tid", "nthreads"
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    members = {id(m) for m in group.members}
+    leaf_ptrs = {id(v): a for v, a in zip(leaves, fn.args[1:1 + len(leaves)])}
+    base = root.prim.name
+    if root.prim.kind == "reduce":
+        _lower_reduce(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base)
+    else:
+        _lower_map(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base)
+    b.ret_void()
+    return fn
+
+
+def _lower_map(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base):
+    shape = root.out.shape
+    dtype = root.out.dtype
+    if not shape:
+        with L.if_then(b, b.icmp_signed("==", tid, i64(0)), f"{base}.t0"):
+            el = _Element(b, leaf_ptrs, members)
+            _store_value(b, el.value(root.out, []), out_ptr, i64(0), dtype)
+        return
+    lo, hi = _thread_range(b, shape[0], tid, nthreads, f"{base}.d0")
+    with for_range(b, lo, hi, 1, f"{base}.d0") as i0:
+        idx = [i0]
+        _nest(b, shape, 1, idx, base, lambda: _store_value(
+            b, _Element(b, leaf_ptrs, members).value(root.out, idx),
+            out_ptr, _Element(b, {}, set()).linear(idx, shape), dtype))
+
+
+def _nest(b, shape, d, idx, base, body):
+    if d == len(shape):
+        body()
+        return
+    with for_range(b, 0, shape[d], 1, f"{base}.d{d}") as i:
+        idx.append(i)
+        _nest(b, shape, d + 1, idx, base, body)
+        idx.pop()
+
+
+def _lower_reduce(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base):
+    """Loop over the input in row-major order, combining into the output; the innermost reduced
+    dimension accumulates in a register."""
+    x = root.inputs[0]
+    axes = set(root.params["axes"])
+    xs = x.shape
+    dtype = root.out.dtype
+    ty = scalar_type(dtype)
+    is_max = root.prim.name == "reduce_max"
+    ident = ir.Constant(ty, -math.inf if is_max else 0.0)
+    out_shape = root.out.shape
+    addr = _Element(b, {}, set())
+
+    def combine(acc, v):
+        return nan_max(b, acc, v, ">") if is_max else b.fadd(acc, v, flags=FAST)
+
+    def out_off(idx):
+        return addr.linear([i for k, i in enumerate(idx) if k not in axes], out_shape)
+
+    # Threads split the outermost input dimension when it is kept (each owns its output rows);
+    # otherwise thread 0 does the whole reduction.
+    split = 0 not in axes
+    if split:
+        lo, hi = _thread_range(b, xs[0], tid, nthreads, f"{base}.d0")
+    else:
+        lo, hi = i64(0), b.select(b.icmp_signed("==", tid, i64(0)), i64(xs[0]), i64(0))
+    # initialise this thread's part of the output
+    if out_shape:
+        n_out_inner = math.prod(out_shape[1:]) if split else math.prod(out_shape)
+        start = b.mul(lo, i64(n_out_inner)) if split else i64(0)
+        stop = b.mul(hi, i64(n_out_inner)) if split else b.select(
+            b.icmp_signed("==", tid, i64(0)), i64(math.prod(out_shape)), i64(0))
+        with for_range(b, start, stop, 1, f"{base}.init") as j:
+            L.store(b, ident, out_ptr, j, ty)
+    else:
+        with L.if_then(b, b.icmp_signed("==", tid, i64(0)), f"{base}.init"):
+            L.store(b, ident, out_ptr, i64(0), ty)
+
+    last = len(xs) - 1
+    with b.goto_entry_block():
+        acc_slot = b.alloca(ty, name=f"{base}.acc")
+
+    with for_range(b, lo, hi, 1, f"{base}.d0") as i0:
+        idx = [i0]
+
+        def inner():
+            el = _Element(b, leaf_ptrs, members)
+            val = el.value(x, idx)
+            if last in axes and last > 0:
+                b.store(combine(b.load(acc_slot), val), acc_slot)
+            else:
+                off = out_off(idx)
+                cur = L.load(b, out_ptr, off, ty)
+                L.store(b, combine(cur, val), out_ptr, off, ty)
+
+        def nest(d):
+            if d == last:
+                if last in axes and last > 0:
+                    b.store(ident, acc_slot)
+                    with for_range(b, 0, xs[d], 1, f"{base}.d{d}") as i:
+                        idx.append(i)
+                        inner()
+                        idx.pop()
+                    off = out_off(idx + [i64(0)])
+                    cur = L.load(b, out_ptr, off, ty)
+                    L.store(b, combine(cur, b.load(acc_slot)), out_ptr, off, ty)
+                else:
+                    with for_range(b, 0, xs[d], 1, f"{base}.d{d}") as i:
+                        idx.append(i)
+                        inner()
+                        idx.pop()
+                return
+            with for_range(b, 0, xs[d], 1, f"{base}.d{d}") as i:
+                idx.append(i)
+                nest(d + 1)
+                idx.pop()
+
+        if last == 0:
+            inner()
+        else:
+            nest(1)

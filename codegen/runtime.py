@@ -1,0 +1,178 @@
+"""compile_function: optimized IR -> one LLVM module -> native code, and the call wrapper.
+
+The module holds one function per kernel (fused loops and loop-nest kernels) and an entry
+
+    void entry(ptr inputs, ptr outputs, ptr arena)
+
+where `inputs` / `outputs` are arrays of buffer pointers (parameters, outputs) and `arena` is the
+planned intermediate memory. Literal arrays become LLVM constants. The wrapper allocates outputs
+with numpy, reuses one arena per thread, and copies the outputs the plan says are copies.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+
+import llvmlite.ir as ir
+import numpy as np
+
+from ir.core import Function, IRError, Namer, instr_text
+
+from . import fused, schedule
+from .kernels import _load_all, kernels
+from .loops import I64, PTR, VOID, i64, llvm_type
+from .target import JITModule, cfunc
+
+_load_all()
+
+
+class NativeFunction:
+    """Native code for one IR function. Call with a list of numpy arrays matching the parameters
+    (dtype, shape, C-contiguous); returns the list of outputs."""
+
+    def __init__(self, fn: Function, nthreads: int = 1):
+        t0 = time.perf_counter()
+        self.fn = fn
+        self.plan = schedule.plan(fn, lambda ins: kernels[ins.prim].scratch_bytes(ins, nthreads))
+        self.nthreads = nthreads
+        module = self._build_module()
+        self.llvm_ir_unoptimized = str(module)
+        t1 = time.perf_counter()
+        self._jit = JITModule(self.llvm_ir_unoptimized, ["entry"])
+        self.compile_seconds = {"lower": t1 - t0, "llvm": time.perf_counter() - t1}
+        self._entry = cfunc(self._jit.addresses["entry"], [ctypes.c_void_p] * 3)
+        self._local = threading.local()
+        self._out_types = [o.type for o in fn.outputs]
+        self._n_in = len(fn.params)
+        self._copies = self._resolve_copies()
+
+    # ------------------------------------------------------------------------------------- build
+    def _build_module(self) -> ir.Module:
+        plan = self.plan
+        fn = plan.fn
+        module = ir.Module(name=fn.name)
+        namer = Namer()
+        for v in list(fn.params) + [i.out for i in fn.instrs]:
+            namer.define(v)
+        kernel_fns = []
+        for g in plan.groups:
+            fname = g.name
+            try:
+                if g.kind == "nn":
+                    kernels[g.root.prim].lower(module, fname, g.root)
+                    kernel_fns.append(module.globals[fname])
+                else:
+                    kernel_fns.append(fused.lower_group(module, fname, g))
+            except Exception as e:
+                loc = f" ({g.root.loc})" if g.root.loc else ""
+                raise IRError(f"lowering `{instr_text(g.root, namer, with_comment=False)}`{loc}: "
+                              f"{type(e).__name__}: {e}") from e
+
+        entry = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, PTR]), "entry")
+        ins_arg, outs_arg, arena_arg = entry.args
+        ins_arg.name, outs_arg.name, arena_arg.name = "inputs", "outputs", "arena"
+        b = ir.IRBuilder(entry.append_basic_block("entry"))
+        ptr_cache = {}
+
+        def pointer(v):
+            loc = plan.locations[id(v)]
+            while loc.kind == "alias":
+                v = loc.of
+                loc = plan.locations[id(v)]
+            key = id(v)
+            if key in ptr_cache:
+                return ptr_cache[key]
+            name = namer.names.get(id(v), "v").replace(".", "_")
+            if loc.kind == "in":
+                p = b.load(b.gep(ins_arg, [i64(loc.index)], source_etype=PTR), typ=PTR,
+                           name=f"in.{name}")
+            elif loc.kind == "out":
+                p = b.load(b.gep(outs_arg, [i64(loc.index)], source_etype=PTR), typ=PTR,
+                           name=f"out.{name}")
+            elif loc.kind == "arena":
+                p = b.gep(arena_arg, [i64(loc.index)], source_etype=ir.IntType(8),
+                          name=f"buf.{name}")
+            elif loc.kind == "global":
+                p = _literal_global(module, v, f"lit.{name}")
+            else:  # pragma: no cover
+                raise IRError(f"unknown location {loc}")
+            ptr_cache[key] = p
+            return p
+
+        for g, kfn in zip(plan.groups, kernel_fns):
+            args = [pointer(g.root.out)] + [pointer(v) for v in g.leaves]
+            scratch = b.gep(arena_arg, [i64(g.scratch)], source_etype=ir.IntType(8)) \
+                if g.scratch_bytes else ir.Constant(PTR, None)
+            b.call(kfn, args + [scratch, i64(0), i64(1)])
+        b.ret_void()
+        return module
+
+    def _resolve_copies(self):
+        """For outputs that are copies: where to copy from ("in", k) / ("out", k) / ("const", arr)."""
+        plan = self.plan
+        res = []
+        for k, v in plan.out_copies:
+            loc = plan.locations.get(id(v))
+            while loc is not None and loc.kind == "alias":
+                v = loc.of
+                loc = plan.locations.get(id(v))
+            if loc is None or loc.kind == "global":
+                res.append((k, "const", np.array(v.instr.params["value"])))
+            else:
+                res.append((k, loc.kind, loc.index))
+        return res
+
+    # ------------------------------------------------------------------------------------- call
+    def _arena(self):
+        arena = getattr(self._local, "arena", None)
+        if arena is None:
+            raw = np.empty(self.plan.arena_bytes + 64, dtype=np.uint8)
+            off = (-raw.ctypes.data) % 64
+            arena = self._local.arena = (raw, raw.ctypes.data + off)
+        return arena[1]
+
+    def __call__(self, arrays):
+        outs = [np.empty(t.shape, dtype=t.np_dtype) for t in self._out_types]
+        in_ptrs = (ctypes.c_void_p * max(self._n_in, 1))(*[a.ctypes.data for a in arrays])
+        out_ptrs = (ctypes.c_void_p * max(len(outs), 1))(*[o.ctypes.data for o in outs])
+        self._entry(in_ptrs, out_ptrs, self._arena())
+        for k, kind, src in self._copies:
+            if kind == "in":
+                outs[k][...] = arrays[src]
+            elif kind == "out":
+                outs[k][...] = outs[src]
+            else:
+                outs[k][...] = src
+        return outs
+
+    @property
+    def llvm_ir(self) -> str:
+        return self._jit.optimized_ir
+
+    @property
+    def asm(self) -> str:
+        return self._jit.asm
+
+
+def _literal_global(module: ir.Module, v, name: str):
+    arr = v.instr.params["value"]
+    ety = llvm_type(v.dtype)
+    flat = arr.ravel()
+    if v.dtype == "bool":
+        vals = [int(x) for x in flat.tolist()]
+    elif v.dtype == "i32":
+        vals = [int(x) for x in flat.tolist()]
+    else:
+        vals = [float(x) for x in flat.tolist()]
+    aty = ir.ArrayType(ety, len(vals))
+    g = ir.GlobalVariable(module, aty, name=module.get_unique_name(name))
+    g.global_constant = True
+    g.linkage = "private"
+    g.initializer = ir.Constant(aty, vals)
+    g.align = 64
+    return g
+
+
+def compile_function(fn: Function) -> NativeFunction:
+    return NativeFunction(fn)

@@ -1,0 +1,255 @@
+"""The schedule: which values get a buffer, which instructions fuse into one loop nest, and where
+every buffer lives. Pure Python (no LLVM), so dumps can show it without compiling.
+
+Algorithm (XLA-style loop fusion):
+- A value is *materialized* (gets a buffer) when it is a function output, a parameter, a literal,
+  the input or result of a loop-nest kernel (matmul, convolution, pooling), the result of a
+  reduction, or an elementwise result used more than once or read through an expanding broadcast
+  (so it would be recomputed). Splat constants and pure index remaps (broadcast, reshape,
+  transpose, slice, pad, concatenate) of materialized or cheap values are never materialized: the
+  consumer's loop computes their elements on the fly.
+- Every materialized value computed by an elementwise, layout or reduction instruction is the root
+  of one fused group: one loop nest over its shape that evaluates the whole tree of
+  non-materialized producers per element, with no intermediate buffers.
+- A reshape of a materialized value shares its buffer (no copy).
+- Intermediate buffers live in one arena; offsets are assigned by liveness (buffers whose lifetimes
+  do not overlap share memory).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ir.core import Function, Instr, Value
+
+ALIGN = 64
+FUSABLE_KINDS = ("unary", "binary", "compare", "select", "convert", "layout", "reduce", "source")
+INDEX_ONLY = ("broadcast_in_dim", "reshape", "transpose", "slice", "pad", "concatenate")
+
+
+@dataclass
+class Group:
+    """One kernel: a loop-nest primitive (`kind="nn"`) or a fused loop (`kind="loop"`)."""
+    index: int
+    kind: str
+    root: Instr
+    members: list = field(default_factory=list)   # instructions evaluated inside (loop groups)
+    leaves: list = field(default_factory=list)    # materialized values read (in argument order)
+    scratch: int = 0                              # arena offset of the kernel's scratch, if any
+    scratch_bytes: int = 0
+
+    @property
+    def name(self):
+        return f"k{self.index}.{self.root.prim.name}"
+
+
+@dataclass
+class Location:
+    """Where a materialized value lives: "in" (parameter k), "out" (output k), "arena" (byte
+    offset), "global" (an LLVM constant), or "alias" of another value (a reshape)."""
+    kind: str
+    index: int = 0
+    of: Value | None = None
+
+
+@dataclass
+class Plan:
+    fn: Function
+    materialized: set
+    groups: list
+    locations: dict          # id(value) -> Location
+    arena_bytes: int
+    out_copies: list         # (output index, source) the caller fills by copying: ("in", k) etc.
+    saved_for_backward: list  # (value, bytes): forward values an adjoint instruction reads
+
+
+def _is_nn(ins: Instr) -> bool:
+    return ins.prim.kind == "nn"
+
+
+def _expands(consumer: Instr) -> bool:
+    return consumer.prim.name == "broadcast_in_dim" and \
+        consumer.out.type.size > consumer.inputs[0].type.size
+
+
+def materialized_values(fn: Function) -> set:
+    """Ids of the values that get a buffer (see the module docstring)."""
+    consumers: dict[int, list[Instr]] = {}
+    for ins in fn.instrs:
+        for v in ins.inputs:
+            consumers.setdefault(id(v), []).append(ins)
+    outputs = {id(o) for o in fn.outputs}
+    mat = {id(p) for p in fn.params}
+    cheap: set[int] = set()
+    for ins in fn.instrs:
+        v = ins.out
+        name = ins.prim.name
+        if _is_nn(ins):
+            mat.add(id(v))
+            mat.update(id(x) for x in ins.inputs)
+            continue
+        if name == "literal" or ins.prim.kind == "reduce" or id(v) in outputs:
+            mat.add(id(v))
+            continue
+        if name == "const":
+            cheap.add(id(v))
+            continue
+        if name in INDEX_ONLY and all(id(x) in mat or id(x) in cheap for x in ins.inputs):
+            cheap.add(id(v))
+            continue
+        cs = consumers.get(id(v), [])
+        if len(cs) > 1 or any(_expands(c) for c in cs):
+            mat.add(id(v))
+    # nn inputs discovered late (a value produced before its nn consumer) are already in `mat`;
+    # materializing a value makes layout ops of it cheap, which the pass above already saw in order.
+    return mat
+
+
+def plan(fn: Function, scratch_bytes=None) -> Plan:
+    """Group `fn`'s instructions into kernels and place every buffer.
+
+    `scratch_bytes(instr) -> int` gives the scratch a loop-nest kernel needs."""
+    mat = materialized_values(fn)
+    producer = {id(i.out): i for i in fn.instrs}
+    locations: dict[int, Location] = {}
+    for k, p in enumerate(fn.params):
+        locations[id(p)] = Location("in", k)
+    out_copies = []
+    for k, o in enumerate(fn.outputs):
+        if id(o) in locations:  # a parameter, or the same value twice
+            out_copies.append((k, o))
+            continue
+        ins = producer[id(o)]
+        if ins.prim.name == "literal":
+            out_copies.append((k, o))
+            continue
+        locations[id(o)] = Location("out", k)
+
+    groups: list[Group] = []
+    for ins in fn.instrs:
+        v = ins.out
+        if id(v) not in mat:
+            continue
+        name = ins.prim.name
+        if name == "literal":
+            locations.setdefault(id(v), Location("global"))
+            continue
+        if name == "reshape" and id(ins.inputs[0]) in mat and id(v) not in locations:
+            locations[id(v)] = Location("alias", of=ins.inputs[0])
+            continue
+        if _is_nn(ins):
+            g = Group(len(groups), "nn", ins, [ins], list(ins.inputs))
+            if scratch_bytes is not None:
+                g.scratch_bytes = int(scratch_bytes(ins))
+        else:
+            members, leaves = _fused_tree(ins, mat, producer)
+            g = Group(len(groups), "loop", ins, members, leaves)
+        groups.append(g)
+
+    arena = _place_arena(fn, groups, mat, locations, producer)
+    saved = _saved_for_backward(fn, mat)
+    return Plan(fn, mat, groups, locations, arena, out_copies, saved)
+
+
+def _fused_tree(root: Instr, mat: set, producer: dict):
+    """Instructions evaluated inside `root`'s loop (post-order) and the buffers they read."""
+    members, leaves, seen, seen_leaf = [], [], set(), set()
+
+    def visit(ins: Instr):
+        if id(ins) in seen:
+            return
+        seen.add(id(ins))
+        for x in ins.inputs:
+            if id(x) in mat:
+                if id(x) not in seen_leaf:
+                    seen_leaf.add(id(x))
+                    leaves.append(x)
+            else:
+                visit(producer[id(x)])
+        members.append(ins)
+
+    visit(root)
+    return members, leaves
+
+
+def _base(v: Value, locations) -> Value:
+    while locations.get(id(v)) is not None and locations[id(v)].kind == "alias":
+        v = locations[id(v)].of
+    return v
+
+
+def _place_arena(fn, groups, mat, locations, producer) -> int:
+    """Assign arena offsets to intermediate buffers and kernel scratch by liveness."""
+    last_use: dict[int, int] = {}
+    for g in groups:
+        for leaf in g.leaves:
+            last_use[id(_base(leaf, locations))] = g.index
+    for o in fn.outputs:
+        last_use[id(_base(o, locations))] = len(groups)
+    blocks: list[tuple[int, int, int, int]] = []  # (offset, size, first, last)
+
+    def allocate(size, first, last) -> int:
+        size = (max(size, 1) + ALIGN - 1) // ALIGN * ALIGN
+        busy = sorted((o, s) for o, s, f, l in blocks if not (l < first or f > last))
+        offset = 0
+        for o, s in busy:
+            if offset + size <= o:
+                break
+            offset = max(offset, o + s)
+        blocks.append((offset, size, first, last))
+        return offset
+
+    for g in groups:
+        v = g.root.out
+        if id(v) not in locations:
+            locations[id(v)] = Location("arena", allocate(v.type.nbytes, g.index,
+                                                          last_use.get(id(v), g.index)))
+        if g.scratch_bytes:
+            g.scratch = allocate(g.scratch_bytes, g.index, g.index)
+    return max((o + s for o, s, _, _ in blocks), default=0)
+
+
+def _saved_for_backward(fn: Function, mat: set):
+    """Forward values (materialized) that adjoint instructions read: the memory the backward pass
+    keeps alive."""
+    saved, seen = [], set()
+    for ins in fn.instrs:
+        if ins.adj_of is None:
+            continue
+        for v in ins.inputs:
+            p = v.instr
+            if id(v) in mat and id(v) not in seen and (p is None or p.adj_of is None):
+                seen.add(id(v))
+                saved.append((v, v.type.nbytes))
+    return saved
+
+
+def annotate(p: Plan):
+    """A `print_function` hook that prints each kernel's header before its root instruction."""
+    by_root = {id(g.root): g for g in p.groups}
+    members = {}
+    for g in p.groups:
+        for m in g.members:
+            members.setdefault(id(m), g)
+
+    def note(ins: Instr):
+        g = by_root.get(id(ins))
+        if g is None:
+            return None
+        if g.kind == "nn":
+            return f"// kernel {g.name}: loop nest {g.root.prim.name} -> {g.root.out.type}"
+        ops = [m.prim.name for m in g.members if m.prim.name != "const"]
+        return (f"// kernel {g.name}: fused loop over {g.root.out.type}: "
+                f"{' + '.join(ops)} ({len(g.leaves)} input buffers)")
+    return note
+
+
+def summary(p: Plan) -> str:
+    lines = [f"// {len(p.groups)} kernels "
+             f"({sum(g.kind == 'loop' for g in p.groups)} fused loops, "
+             f"{sum(g.kind == 'nn' for g in p.groups)} loop nests); "
+             f"arena {p.arena_bytes} bytes"]
+    if p.saved_for_backward:
+        total = sum(b for _, b in p.saved_for_backward)
+        lines.append(f"// saved for the backward pass: {total} bytes in "
+                     f"{len(p.saved_for_backward)} buffers")
+    return "\n".join(lines)
