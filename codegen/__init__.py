@@ -6,3 +6,20 @@ def compile_function(fn):
     """Compile an (optimized) ir.Function to a NativeFunction (see codegen/runtime.py)."""
     from .runtime import compile_function as _compile
     return _compile(fn)
+
+
+def describe(fn) -> str:
+    """The IR of `fn` annotated with its kernels (fusion groups), the arena size and what the
+    backward pass keeps alive, without compiling it."""
+    from ir.core import print_function
+    from . import schedule
+    from .kernels import _load_all, kernels
+    _load_all()
+
+    def scratch(ins):
+        try:
+            return kernels[ins.prim].scratch_bytes(ins, 1)
+        except Exception:  # a kernel not written yet must not break the dump
+            return 0
+    p = schedule.plan(fn, scratch)
+    return "\n".join([print_function(fn, annotate=schedule.annotate(p)), schedule.summary(p)])

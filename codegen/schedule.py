@@ -232,24 +232,32 @@ def annotate(p: Plan):
             members.setdefault(id(m), g)
 
     def note(ins: Instr):
+        g = members.get(id(ins))
+        tag = f"[k{g.index}]" if g is not None else "[  ]"
         g = by_root.get(id(ins))
         if g is None:
-            return None
+            return None, tag
         if g.kind == "nn":
-            return f"// kernel {g.name}: loop nest {g.root.prim.name} -> {g.root.out.type}"
+            return f"// kernel k{g.index}: loop nest {g.root.prim.name} -> {g.root.out.type}", tag
         ops = [m.prim.name for m in g.members if m.prim.name != "const"]
-        return (f"// kernel {g.name}: fused loop over {g.root.out.type}: "
-                f"{' + '.join(ops)} ({len(g.leaves)} input buffers)")
+        return (f"// kernel k{g.index}: one fused loop over {g.root.out.type} computing "
+                f"{', '.join(ops)} from {len(g.leaves)} buffers"), tag
     return note
 
 
 def summary(p: Plan) -> str:
+    """Trailing comment lines of the optimized dump: kernel counts, arena, saved activations."""
+    from ir.core import Namer
+    namer = Namer()
+    for v in list(p.fn.params) + [i.out for i in p.fn.instrs]:
+        namer.define(v)
     lines = [f"// {len(p.groups)} kernels "
              f"({sum(g.kind == 'loop' for g in p.groups)} fused loops, "
              f"{sum(g.kind == 'nn' for g in p.groups)} loop nests); "
-             f"arena {p.arena_bytes} bytes"]
+             f"intermediate arena {p.arena_bytes} bytes"]
     if p.saved_for_backward:
         total = sum(b for _, b in p.saved_for_backward)
-        lines.append(f"// saved for the backward pass: {total} bytes in "
-                     f"{len(p.saved_for_backward)} buffers")
+        lines.append(f"// saved for the backward pass: {total} bytes")
+        for v, nbytes in p.saved_for_backward:
+            lines.append(f"//   {namer.ref(v)}: {v.type}  {nbytes} bytes")
     return "\n".join(lines)

@@ -312,7 +312,8 @@ def instr_text(ins: Instr, namer: Namer, with_comment: bool = True) -> str:
 def provenance_comment(ins: Instr, namer: Namer | None = None) -> str:
     parts = []
     if ins.adj_of is not None:
-        ref = namer.ref(ins.adj_of.out) if namer is not None else ins.adj_of.prim.name
+        known = namer is not None and id(ins.adj_of.out) in namer.names
+        ref = namer.ref(ins.adj_of.out) if known else ins.adj_of.prim.name
         parts.append(f"adj of {ref}")
     if ins.api and ins.api != ins.prim.name:
         parts.append(ins.api)
@@ -324,7 +325,8 @@ def provenance_comment(ins: Instr, namer: Namer | None = None) -> str:
 def print_function(fn: Function, annotate: Callable[[Instr], str | None] | None = None) -> str:
     """Deterministic textual form of `fn` (see the grammar in this module's docstring).
 
-    `annotate(instr)` may return a line printed before that instruction (used for fusion groups)."""
+    `annotate(instr)` may return a line printed before that instruction, or a pair (that line or
+    None, a tag printed in front of the instruction); codegen uses it to show fusion groups."""
     namer = Namer()
     params = []
     for p in fn.params:
@@ -336,11 +338,15 @@ def print_function(fn: Function, annotate: Callable[[Instr], str | None] | None 
         namer.define(ins.out)
         if _is_inline_const(ins.out):
             continue
+        text = instr_text(ins, namer)
         if annotate is not None:
             note = annotate(ins)
-            if note:
-                lines.append("  " + note)
-        lines.append("  " + instr_text(ins, namer))
+            header, tag = note if isinstance(note, tuple) else (note, None)
+            if header:
+                lines.append("  " + header)
+            if tag:
+                text = f"{tag} {text}"
+        lines.append("  " + text)
     lines.append("  return " + ", ".join(namer.ref(o) for o in fn.outputs))
     lines.append("}")
     return "\n".join(lines)

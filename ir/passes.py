@@ -37,6 +37,17 @@ def _transfer_name(old: Value, new: Value):
         new.ct_of = old.ct_of
 
 
+def _remap_adj_of(fn: Function, imap: dict):
+    """Point adjoint provenance at the instruction that replaced a removed forward instruction."""
+    if not imap:
+        return
+    for ins in fn.instrs:
+        seen = 0
+        while ins.adj_of is not None and id(ins.adj_of) in imap and seen < 100:
+            ins.adj_of = imap[id(ins.adj_of)]
+            seen += 1
+
+
 def dce(fn: Function) -> Function:
     """Remove instructions whose results no output needs."""
     live = {id(o) for o in fn.outputs}
@@ -55,6 +66,7 @@ def cse(fn: Function) -> Function:
     a forward value recomputed by an adjoint rule keeps its forward provenance)."""
     seen: dict = {}
     repl: dict[int, Value] = {}
+    imap: dict = {}
     kept = []
     for ins in fn.instrs:
         if repl:
@@ -63,12 +75,14 @@ def cse(fn: Function) -> Function:
         prev = seen.get(k)
         if prev is not None:
             repl[id(ins.out)] = prev.out
+            imap[id(ins)] = prev
             _transfer_name(ins.out, prev.out)
             continue
         seen[k] = ins
         kept.append(ins)
     fn.instrs = kept
     fn.outputs = [repl.get(id(o), o) for o in fn.outputs]
+    _remap_adj_of(fn, imap)
     return fn
 
 
@@ -136,11 +150,24 @@ def _same(v: Value, out: TensorType) -> bool:
     return v.type == out
 
 
+def _scalar_const(ins: Instr, value: float) -> Value:
+    """A rank-0 constant operand for a rewritten instruction (printed inline; never scheduled)."""
+    t = ins.out.type
+    c = Instr(primitives["const"], (), dict(value=value, shape=(), dtype=t.dtype),
+              TensorType(t.dtype, ()), loc=ins.loc, api=ins.api, adj_of=ins.adj_of)
+    return c.out
+
+
 def _simplify(ins: Instr):
     """An existing value equal to `ins`'s result, a replacement instruction, or None."""
     name = ins.prim.name
     t = ins.out.type
     ins_ = ins.inputs
+    if name == "add" and ins_[0] is ins_[1] and _same(ins_[0], t):
+        new = Instr(primitives["mul"], (ins_[0], _scalar_const(ins, 2.0)), {}, t, loc=ins.loc,
+                    api=ins.api, adj_of=ins.adj_of)
+        new.out.hint, new.out.ct_of = ins.out.hint, ins.out.ct_of
+        return new
     if name in ("add", "sub"):
         a, b = ins_
         if _splat(b) == 0 and _same(a, t):
@@ -195,22 +222,32 @@ def simplify(fn: Function) -> bool:
     changed = False
     repl: dict[int, Value] = {}
     out = []
+    imap: dict = {}
+    defined = {id(i) for i in fn.instrs}
     for ins in fn.instrs:
         if repl:
             ins.inputs = tuple(repl.get(id(v), v) for v in ins.inputs)
         r = _fold(ins) or _simplify(ins)
         if isinstance(r, Value):
             repl[id(ins.out)] = r
+            if r.instr is not None:
+                imap[id(ins)] = r.instr
             _transfer_name(ins.out, r)
             changed = True
             continue
         if isinstance(r, Instr):
             repl[id(ins.out)] = r.out
+            imap[id(ins)] = r
+            # constants a rewrite created (see _scalar_const) are defined right before their use
+            out.extend(x.instr for x in r.inputs if x.instr is not None and id(x.instr) not in
+                       defined and x.instr.prim.name == "const")
             ins = r
             changed = True
+        defined.add(id(ins))
         out.append(ins)
     fn.instrs = out
     fn.outputs = [repl.get(id(o), o) for o in fn.outputs]
+    _remap_adj_of(fn, imap)
     return changed
 
 

@@ -96,17 +96,22 @@ class _Compiled:
         self._native = None
         self._lock = threading.Lock()
 
-    def executable(self):
-        """The runner of the optimized function: native code, or the interpreter if configured."""
-        if config.backend == "interpreter":
-            from ir.interpreter import interpret
-            return lambda arrays: interpret(self.optimized, arrays)
+    def native(self):
+        """Native code of the optimized function, compiled on first use (once, even when two
+        threads ask at the same time)."""
         if self._native is None:
             with self._lock:
                 if self._native is None:
                     from codegen import compile_function
                     self._native = compile_function(self.optimized)
         return self._native
+
+    def executable(self):
+        """The runner of the optimized function: native code, or the interpreter if configured."""
+        if config.backend == "interpreter":
+            from ir.interpreter import interpret
+            return lambda arrays: interpret(self.optimized, arrays)
+        return self.native()
 
 
 class Jitted:
@@ -265,9 +270,9 @@ class Jitted:
         if stage == "grad":
             return str(entry.transformed)
         if stage == "optimized":
-            return str(entry.optimized)
-        from codegen import compile_function
-        native = compile_function(entry.optimized)
+            from codegen import describe
+            return describe(entry.optimized)
+        native = entry.native()
         return native.llvm_ir if stage == "llvm" else native.asm
 
 

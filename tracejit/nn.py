@@ -211,5 +211,4 @@ def mse_loss(input, target, reduction="mean"):
     if _shape(input) != _shape(target):
         raise ShapeError(f"mse_loss: input of shape {list(_shape(input))} and target of shape "
                          f"{list(_shape(target))} differ")
-    d = ops.subtract(input, target)
-    return _reduce(ops.multiply(d, d), reduction, "mse_loss")
+    return _reduce(ops.power(ops.subtract(input, target), 2), reduction, "mse_loss")
