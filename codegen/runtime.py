@@ -2,11 +2,15 @@
 
 The module holds one function per kernel (fused loops and loop-nest kernels) and an entry
 
-    void entry(ptr inputs, ptr outputs, ptr arena)
+    void entry(PyObject *inputs, PyObject *outputs, ptr arena)
 
-where `inputs` / `outputs` are arrays of buffer pointers (parameters, outputs) and `arena` is the
-planned intermediate memory. Literal arrays become LLVM constants. The wrapper allocates outputs
-with numpy, reuses one arena per thread, and copies the outputs the plan says are copies.
+where `inputs` / `outputs` are Python tuples of C-contiguous numpy arrays (parameters, outputs) whose
+types the caller has checked, and `arena` is the planned intermediate memory. The entry reads the
+arrays' data pointers straight from the objects (tuple items at offset 24, ndarray data at offset
+16; checked at import), so a call costs one ctypes call with no per-array conversions. ctypes
+releases the GIL for the call; the caller holds references to every array meanwhile. Literal arrays
+become LLVM constants. The wrapper allocates outputs with numpy, reuses one arena per thread, and
+copies the outputs the plan says are copies.
 """
 from __future__ import annotations
 
@@ -26,6 +30,23 @@ from .target import JITModule, cfunc
 
 _load_all()
 
+# Object layout the entry relies on (CPython tuples, numpy arrays); checked once here.
+TUPLE_ITEMS_OFFSET = 24
+NDARRAY_DATA_OFFSET = 16
+
+
+def _check_object_layout():
+    a = np.zeros(1, np.float32)
+    t = (a,)
+    ok = ctypes.c_void_p.from_address(id(t) + TUPLE_ITEMS_OFFSET).value == id(a) and \
+        ctypes.c_void_p.from_address(id(a) + NDARRAY_DATA_OFFSET).value == a.ctypes.data
+    if not ok:  # pragma: no cover - other Python implementations
+        raise ImportError("tracejit's native calls need CPython's tuple and numpy's ndarray "
+                          "object layout, which this interpreter does not have")
+
+
+_check_object_layout()
+
 
 class NativeFunction:
     """Native code for one IR function. Call with a list of numpy arrays matching the parameters
@@ -41,7 +62,8 @@ class NativeFunction:
         t1 = time.perf_counter()
         self._jit = JITModule(self.llvm_ir_unoptimized, ["entry"])
         self.compile_seconds = {"lower": t1 - t0, "llvm": time.perf_counter() - t1}
-        self._entry = cfunc(self._jit.addresses["entry"], [ctypes.c_void_p] * 3)
+        self._entry = cfunc(self._jit.addresses["entry"],
+                            [ctypes.py_object, ctypes.py_object, ctypes.c_void_p])
         self._local = threading.local()
         self._out_types = [o.type for o in fn.outputs]
         self._n_in = len(fn.params)
@@ -84,12 +106,12 @@ class NativeFunction:
             if key in ptr_cache:
                 return ptr_cache[key]
             name = namer.names.get(id(v), "v").replace(".", "_")
-            if loc.kind == "in":
-                p = b.load(b.gep(ins_arg, [i64(loc.index)], source_etype=PTR), typ=PTR,
-                           name=f"in.{name}")
-            elif loc.kind == "out":
-                p = b.load(b.gep(outs_arg, [i64(loc.index)], source_etype=PTR), typ=PTR,
-                           name=f"out.{name}")
+            if loc.kind in ("in", "out"):
+                tup = ins_arg if loc.kind == "in" else outs_arg
+                item = b.load(b.gep(tup, [i64(TUPLE_ITEMS_OFFSET + 8 * loc.index)],
+                                    source_etype=ir.IntType(8)), typ=PTR)
+                p = b.load(b.gep(item, [i64(NDARRAY_DATA_OFFSET)], source_etype=ir.IntType(8)),
+                           typ=PTR, name=f"{loc.kind}.{name}")
             elif loc.kind == "arena":
                 p = b.gep(arena_arg, [i64(loc.index)], source_etype=ir.IntType(8),
                           name=f"buf.{name}")
@@ -133,10 +155,10 @@ class NativeFunction:
         return arena[1]
 
     def __call__(self, arrays):
-        outs = [np.empty(t.shape, dtype=t.np_dtype) for t in self._out_types]
-        in_ptrs = (ctypes.c_void_p * max(self._n_in, 1))(*[a.ctypes.data for a in arrays])
-        out_ptrs = (ctypes.c_void_p * max(len(outs), 1))(*[o.ctypes.data for o in outs])
-        self._entry(in_ptrs, out_ptrs, self._arena())
+        """Run on `arrays` (a sequence of C-contiguous arrays of the parameter types)."""
+        outs = tuple(np.empty(t.shape, dtype=t.np_dtype) for t in self._out_types)
+        arrays = tuple(arrays)
+        self._entry(arrays, outs, self._arena())
         for k, kind, src in self._copies:
             if kind == "in":
                 outs[k][...] = arrays[src]

@@ -136,6 +136,7 @@ class Jitted:
         except (TypeError, ValueError):
             self.arg_names = []
         self._cache: dict = {}
+        self._fast: dict = {}   # (shape, dtype) per positional array -> runner (native backend)
         self._lock = threading.Lock()
 
     # --------------------------------------------------------------------------------- tracing
@@ -215,32 +216,62 @@ class Jitted:
 
     # --------------------------------------------------------------------------------- calling
     def __call__(self, *args, **kwargs):
-        self._check_argnums(len(args)) if self.kind != "jit" else None
+        if not kwargs and config.backend != "interpreter":
+            # fast path: positional plain arrays seen before with these shapes and dtypes
+            try:
+                key = tuple([(a.shape, a.dtype) for a in args if type(a) is np.ndarray])
+            except AttributeError:  # pragma: no cover
+                key = None
+            if key is not None and len(key) == len(args):
+                run = self._fast.get(key)
+                if run is not None:
+                    return run(args)
+        if self.kind != "jit":
+            self._check_argnums(len(args))
         sig = _Signature(self.name, self.arg_names, args, kwargs)
         if any(isinstance(x, Tracer) for _, _, x in sig.leaves):
             return self._inline(sig, args, kwargs)
         entry = self._lookup(sig)
-        arrays = [np.ascontiguousarray(x) for _, _, x in sig.leaves]
-        results = entry.executable()(arrays)
-        return self._assemble(sig, entry.out_treedef, entry.n_value_outputs, list(results))
+        arrays = tuple(np.ascontiguousarray(x) for _, _, x in sig.leaves)
+        assemble = self._assembler(sig, entry.out_treedef, entry.n_value_outputs)
+        result = assemble(entry.executable()(arrays))
+        if not kwargs and config.backend != "interpreter" and len(sig.leaves) == len(args) \
+                and all(type(a) is np.ndarray for a in args):
+            native = entry.native()
+            contiguous = np.ascontiguousarray
+            self._fast[tuple((a.shape, a.dtype) for a in args)] = \
+                lambda a: assemble(native(tuple([contiguous(x) for x in a])))
+        return result
 
-    def _assemble(self, sig, out_def, n_value, results):
-        values, grads = results[:n_value], results[n_value:]
+    def _assembler(self, sig, out_def, n_value):
+        """A function turning the flat outputs of the compiled function into what the call
+        returns: the value, aux and gradients in the structure of the arguments."""
         if self.kind == "jit":
-            return pytree.unflatten(out_def, values)
-        loss = values[0]
-        aux = pytree.unflatten(out_def, values[1:]) if self.has_aux else None
+            return lambda results: pytree.unflatten(out_def, results[:n_value])
         ranges = sig.leaf_ranges()
-        per_arg, pos = [], 0
+        grad_defs = []
         for a in self.argnums:
             d = sig.treedef[a % sig.n_args]
-            n = len(ranges[a % sig.n_args])
-            per_arg.append(pytree.unflatten(d, grads[pos:pos + n]))
-            pos += n
-        g = per_arg[0] if self.single else tuple(per_arg)
-        if self.kind == "grad":
-            return (g, aux) if self.has_aux else g
-        return ((loss, aux), g) if self.has_aux else (loss, g)
+            grad_defs.append((d, len(ranges[a % sig.n_args])))
+        has_aux, single, kind = self.has_aux, self.single, self.kind
+
+        if single and not has_aux and grad_defs[0][0] == pytree.ARRAY:
+            if kind == "grad":
+                return lambda results: results[n_value]
+            return lambda results: (results[0], results[n_value])
+
+        def assemble(results):
+            loss = results[0]
+            aux = pytree.unflatten(out_def, results[1:n_value]) if has_aux else None
+            per_arg, pos = [], n_value
+            for d, n in grad_defs:
+                per_arg.append(pytree.unflatten(d, results[pos:pos + n]))
+                pos += n
+            g = per_arg[0] if single else tuple(per_arg)
+            if kind == "grad":
+                return (g, aux) if has_aux else g
+            return ((loss, aux), g) if has_aux else (loss, g)
+        return assemble
 
     def _inline(self, sig, args, kwargs):
         """Called on tracers inside another trace: inline this function into that trace."""
@@ -254,7 +285,7 @@ class Jitted:
         grad = grad_function(fwd, self._wrt(sig))
         inputs = [to_value(x) for _, _, x in sig.leaves] + [to_value(t) for t, _ in captured]
         results = [wrap(v) for v in inline(grad, inputs)]
-        return self._assemble(sig, out_def, n_value, results)
+        return self._assembler(sig, out_def, n_value)(results)
 
     # --------------------------------------------------------------------------------- dumps
     def ir(self, *args, stage: str = "grad", **kwargs) -> str:
