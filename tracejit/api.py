@@ -232,13 +232,13 @@ class Jitted:
         if any(isinstance(x, Tracer) for _, _, x in sig.leaves):
             return self._inline(sig, args, kwargs)
         entry = self._lookup(sig)
-        arrays = tuple(np.ascontiguousarray(x) for _, _, x in sig.leaves)
+        arrays = tuple(_c_contiguous(x) for _, _, x in sig.leaves)
         assemble = self._assembler(sig, entry.out_treedef, entry.n_value_outputs)
         result = assemble(entry.executable()(arrays))
         if not kwargs and config.backend != "interpreter" and len(sig.leaves) == len(args) \
                 and all(type(a) is np.ndarray for a in args):
             native = entry.native()
-            contiguous = np.ascontiguousarray
+            contiguous = _c_contiguous
             self._fast[tuple((a.shape, a.dtype) for a in args)] = \
                 lambda a: assemble(native(tuple([contiguous(x) for x in a])))
         return result
@@ -305,6 +305,11 @@ class Jitted:
             return describe(entry.optimized)
         native = entry.native()
         return native.llvm_ir if stage == "llvm" else native.asm
+
+
+def _c_contiguous(x):
+    # not np.ascontiguousarray: it turns 0-d arrays into 1-d ones
+    return np.asarray(x, order="C")
 
 
 def _has_static(d) -> bool:
