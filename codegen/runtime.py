@@ -23,7 +23,7 @@ import numpy as np
 
 from ir.core import Function, IRError, Namer, instr_text
 
-from . import fused, schedule
+from . import fused, parallel, schedule
 from .kernels import _load_all, kernels
 from .loops import I64, PTR, VOID, i64, llvm_type
 from .target import JITModule, cfunc
@@ -52,18 +52,20 @@ class NativeFunction:
     """Native code for one IR function. Call with a list of numpy arrays matching the parameters
     (dtype, shape, C-contiguous); returns the list of outputs."""
 
-    def __init__(self, fn: Function, nthreads: int = 1):
+    def __init__(self, fn: Function, max_threads: int | None = None):
         t0 = time.perf_counter()
         self.fn = fn
-        self.plan = schedule.plan(fn, lambda ins: kernels[ins.prim].scratch_bytes(ins, nthreads))
-        self.nthreads = nthreads
+        self.max_threads = max_threads or parallel.default_threads()
+        self.plan = schedule.plan(
+            fn, lambda ins: kernels[ins.prim].scratch_bytes(ins, self.max_threads))
         module = self._build_module()
         self.llvm_ir_unoptimized = str(module)
         t1 = time.perf_counter()
         self._jit = JITModule(self.llvm_ir_unoptimized, ["entry"])
         self.compile_seconds = {"lower": t1 - t0, "llvm": time.perf_counter() - t1}
         self._entry = cfunc(self._jit.addresses["entry"],
-                            [ctypes.py_object, ctypes.py_object, ctypes.c_void_p])
+                            [ctypes.py_object, ctypes.py_object, ctypes.c_void_p, ctypes.c_int64])
+        self.threads = self.max_threads  # threads a call may use (at most max_threads)
         self._local = threading.local()
         self._out_types = [o.type for o in fn.outputs]
         self._n_in = len(fn.params)
@@ -91,9 +93,10 @@ class NativeFunction:
                 raise IRError(f"lowering `{instr_text(g.root, namer, with_comment=False)}`{loc}: "
                               f"{type(e).__name__}: {e}") from e
 
-        entry = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, PTR]), "entry")
-        ins_arg, outs_arg, arena_arg = entry.args
+        entry = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, PTR, I64]), "entry")
+        ins_arg, outs_arg, arena_arg, nthreads_arg = entry.args
         ins_arg.name, outs_arg.name, arena_arg.name = "inputs", "outputs", "arena"
+        nthreads_arg.name = "nthreads"
         b = ir.IRBuilder(entry.append_basic_block("entry"))
         ptr_cache = {}
 
@@ -126,7 +129,8 @@ class NativeFunction:
             args = [pointer(g.root.out)] + [pointer(v) for v in g.leaves]
             scratch = b.gep(arena_arg, [i64(g.scratch)], source_etype=ir.IntType(8)) \
                 if g.scratch_bytes else ir.Constant(PTR, None)
-            b.call(kfn, args + [scratch, i64(0), i64(1)])
+            parallel.emit_call(module, b, kfn, args + [scratch], nthreads_arg,
+                               self.max_threads > 1 and g.work >= parallel.PARALLEL_MIN_WORK)
         b.ret_void()
         return module
 
@@ -158,7 +162,7 @@ class NativeFunction:
         """Run on `arrays` (a sequence of C-contiguous arrays of the parameter types)."""
         outs = tuple(np.empty(t.shape, dtype=t.np_dtype) for t in self._out_types)
         arrays = tuple(arrays)
-        self._entry(arrays, outs, self._arena())
+        self._entry(arrays, outs, self._arena(), self.threads)
         for k, kind, src in self._copies:
             if kind == "in":
                 outs[k][...] = arrays[src]
@@ -196,5 +200,5 @@ def _literal_global(module: ir.Module, v, name: str):
     return g
 
 
-def compile_function(fn: Function) -> NativeFunction:
-    return NativeFunction(fn)
+def compile_function(fn: Function, max_threads: int | None = None) -> NativeFunction:
+    return NativeFunction(fn, max_threads)

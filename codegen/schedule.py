@@ -41,6 +41,25 @@ class Group:
     def name(self):
         return f"k{self.index}.{self.root.prim.name}"
 
+    @property
+    def work(self) -> int:
+        """Rough cost in flops (loop nests) or element-operations (fused loops), for deciding
+        whether a kernel is worth running on several threads."""
+        ins = self.root
+        if self.kind == "nn":
+            name = ins.prim.name
+            if name == "matmul":
+                a, b_ = ins.inputs
+                k = a.shape[0] if ins.params.get("trans_a") else a.shape[1]
+                return 2 * ins.out.type.size * k
+            if name.startswith("conv2d"):
+                big = max(ins.inputs + (ins.out,), key=lambda v: v.type.size)
+                small = min(ins.inputs + (ins.out,), key=lambda v: v.type.size)
+                return 2 * big.type.size * small.type.size // max(small.shape[0], 1)
+            return sum(v.type.size for v in ins.inputs) + ins.out.type.size
+        size = max([ins.out.type.size] + [x.type.size for x in ins.inputs])
+        return size * max(1, len(self.members))
+
 
 @dataclass
 class Location:
