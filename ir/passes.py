@@ -251,11 +251,48 @@ def simplify(fn: Function) -> bool:
     return changed
 
 
+def relu_mask_from_output(fn: Function) -> bool:
+    """Where `r = select(gt(v, 0), v, 0)` (relu) exists, other uses of the mask `gt(v, 0)` (the
+    adjoint's) read `gt(r, 0)` instead: the same mask (r > 0 exactly where v > 0, NaN included),
+    but computed from the relu output, which the next layer keeps anyway, so the pre-activation
+    `v` has one use and can stay in registers inside the producing kernel."""
+    relu_of: dict[int, Instr] = {}   # id(mask) -> relu select
+    for ins in fn.instrs:
+        if ins.prim.name != "select":
+            continue
+        p, a, b = ins.inputs
+        m = p.instr
+        if m is not None and m.prim.name == "gt" and m.inputs[0] is a and _splat(m.inputs[1]) == 0 \
+                and _splat(b) == 0 and a.shape == ins.out.shape:
+            relu_of.setdefault(id(p), ins)
+    if not relu_of:
+        return False
+    out, changed, new_mask = [], False, {}
+    for ins in fn.instrs:
+        for k, x in enumerate(ins.inputs):
+            relu = relu_of.get(id(x))
+            if relu is None or ins is relu:
+                continue
+            mask = new_mask.get(id(x))
+            if mask is None:
+                m = x.instr
+                mask = Instr(m.prim, (relu.out, m.inputs[1]), m.params, m.out.type, loc=m.loc,
+                             api=m.api, adj_of=ins.adj_of)
+                out.append(mask)
+                new_mask[id(x)] = mask
+            ins.inputs = ins.inputs[:k] + (mask.out,) + ins.inputs[k + 1:]
+            changed = True
+        out.append(ins)
+    fn.instrs = out
+    return changed
+
+
 def optimize(fn: Function, name: str | None = None) -> Function:
     """A simplified copy of `fn` (DCE, CSE, constant folding, algebraic simplification)."""
     fn = clone(fn, name)
     for _ in range(10):
         changed = simplify(fn)
+        changed = relu_mask_from_output(fn) or changed
         n = len(fn.instrs)
         cse(fn)
         dce(fn)
