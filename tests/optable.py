@@ -1,0 +1,541 @@
+"""The per-op table, as data: every public op of tracejit and tracejit.nn (functions, operators,
+method forms, indexing) with an independent numpy reference and the inputs to check it on.
+
+`CASES` is a flat list of `OpCase`; `helpers.check_op(case, backend, dtype)` and the finer
+`helpers.check_*` functions run one case on one backend. The references below are written directly in
+numpy (direct loops over kernel taps for convolution and pooling) and never call tracejit or the IR
+interpreter, so they are an oracle for both.
+
+Inputs keep finite differences away from kinks: `Arg.avoid` keeps values away from points such as
+0 for relu/abs, and `Arg.distinct` draws all such inputs of a case from one grid with spacing at
+least 4/n, so maxima, pooling windows and maximum/minimum never tie.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+import tracejit as tj
+from tracejit import nn
+
+
+# ------------------------------------------------------------------------------------------------
+# table entries
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Arg:
+    """One array argument: its shape and how its values are drawn."""
+    shape: tuple
+    lo: float = -2.0
+    hi: float = 2.0
+    distinct: bool = False   # drawn from a grid shared by all distinct args of the case
+    avoid: tuple = ()        # keep every value at least 0.1 away from these points
+
+    @property
+    def size(self):
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def pos(shape):
+    return Arg(shape, lo=0.5, hi=2.0)
+
+
+def nonzero(shape):
+    return Arg(shape, avoid=(0.0,))
+
+
+def distinct(shape, lo=-2.0, hi=2.0):
+    return Arg(shape, lo=lo, hi=hi, distinct=True)
+
+
+@dataclass(frozen=True, eq=False)
+class OpCase:
+    op: str                  # the public op it covers: "tanh", "nn.conv2d", "operator.+", "method.sum"
+    id: str                  # the pytest id (unique)
+    fn: Callable             # tracejit code: fn(*arrays)
+    ref: Callable            # independent numpy reference: ref(*float64 arrays)
+    inputs: tuple            # one Arg per array argument
+    grad: bool = True        # False for bool-valued ops (and stop_gradient, tested apart)
+    second_order: bool = True
+
+    def make_inputs(self, rng: np.random.Generator) -> list[np.ndarray]:
+        n_distinct = sum(a.size for a in self.inputs if a.distinct)
+        grid = iter(rng.permutation(n_distinct) + 0.5) if n_distinct else None
+        out = []
+        for a in self.inputs:
+            if a.distinct:
+                steps = np.array([next(grid) for _ in range(a.size)])
+                x = a.lo + (a.hi - a.lo) * steps / n_distinct
+            else:
+                x = rng.uniform(a.lo, a.hi, size=a.size)
+                for p in a.avoid:
+                    near = np.abs(x - p) < 0.1
+                    x[near] = p + np.where(x[near] >= p, 0.1, -0.1) + 0.2 * (x[near] - p)
+            out.append(x.reshape(a.shape).astype(np.float64))
+        return out
+
+
+def case_id(case: OpCase) -> str:
+    return case.id
+
+
+def _sid(shape) -> str:
+    return "x".join(map(str, shape)) if shape else "scalar"
+
+
+# ------------------------------------------------------------------------------------------------
+# numpy references (float64)
+# ------------------------------------------------------------------------------------------------
+def _tuple(v, n):
+    return (v,) * n if np.isscalar(v) else tuple(v)
+
+
+def ref_conv(x, w, b=None, stride=1, padding=0):
+    """PyTorch conv1d/conv2d (cross-correlation), any number of spatial dims, unbatched allowed:
+    out[n, o, p] = sum over c and taps k of xpad[n, c, p * stride + k] * w[o, c, k]."""
+    nsp = w.ndim - 2
+    unbatched = x.ndim == nsp + 1
+    x = x[None] if unbatched else x
+    s, p = _tuple(stride, nsp), _tuple(padding, nsp)
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(q, q) for q in p])
+    k = w.shape[2:]
+    outsp = [(n - kk) // ss + 1 for n, kk, ss in zip(xp.shape[2:], k, s)]
+    out = np.zeros((x.shape[0], w.shape[0], *outsp))
+    for tap in itertools.product(*map(range, k)):
+        window = xp[(slice(None), slice(None)) + tuple(
+            slice(t, t + ss * (o - 1) + 1, ss) for t, ss, o in zip(tap, s, outsp))]
+        # window [N, C, *out], w[:, :, tap] [O, C]
+        out += np.moveaxis(np.tensordot(window, w[(slice(None), slice(None)) + tap],
+                                        axes=([1], [1])), -1, 1)
+    if b is not None:
+        out += b.reshape((1, -1) + (1,) * nsp)
+    return out[0] if unbatched else out
+
+
+def ref_pool(x, kernel, stride=None, padding=0, nsp=2, mode="max"):
+    """PyTorch max/avg pooling over the last `nsp` dims; avg counts the zero padding."""
+    unbatched = x.ndim == nsp + 1
+    x = x[None] if unbatched else x
+    k = _tuple(kernel, nsp)
+    s = k if stride is None else _tuple(stride, nsp)
+    p = _tuple(padding, nsp)
+    fill = -np.inf if mode == "max" else 0.0
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(q, q) for q in p], constant_values=fill)
+    outsp = [(n - kk) // ss + 1 for n, kk, ss in zip(xp.shape[2:], k, s)]
+    taps = []
+    for tap in itertools.product(*map(range, k)):
+        taps.append(xp[(slice(None), slice(None)) + tuple(
+            slice(t, t + ss * (o - 1) + 1, ss) for t, ss, o in zip(tap, s, outsp))])
+    out = np.max(taps, axis=0) if mode == "max" else np.sum(taps, axis=0) / np.prod(k)
+    return out[0] if unbatched else out
+
+
+def ref_log_softmax(x, axis=-1):
+    m = np.max(x, axis=axis, keepdims=True)
+    return x - m - np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+
+
+def ref_softmax(x, axis=-1):
+    return np.exp(ref_log_softmax(x, axis))
+
+
+def _reduce(loss, reduction):
+    return {"mean": np.mean, "sum": np.sum, "none": lambda v: v}[reduction](loss)
+
+
+def ref_cross_entropy(logits, target, reduction="mean"):
+    if np.asarray(target).dtype.kind in "iu":
+        target = np.eye(logits.shape[-1])[target]
+    return _reduce(-np.sum(target * ref_log_softmax(logits), axis=-1), reduction)
+
+
+def ref_mse(x, t, reduction="mean"):
+    return _reduce((x - t) ** 2, reduction)
+
+
+def ref_linear(x, w, b=None):
+    y = np.einsum("...i,oi->...o", x, w)
+    return y if b is None else y + b
+
+
+def ref_relu(x):
+    return np.where(x > 0, x, 0.0)
+
+
+def ref_sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def ref_logsumexp(x, axis=None, keepdims=False):
+    m = np.max(x, axis=axis, keepdims=True)
+    out = np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m
+    return out if keepdims else np.squeeze(out, axis=axis)
+
+
+def ref_norm(x, ord=None, axis=None, keepdims=False):
+    if ord in (None, 2):
+        return np.sqrt(np.sum(x * x, axis=axis, keepdims=keepdims))
+    if ord == 1:
+        return np.sum(np.abs(x), axis=axis, keepdims=keepdims)
+    return np.max(np.abs(x), axis=axis, keepdims=keepdims)
+
+
+# ------------------------------------------------------------------------------------------------
+# the table
+# ------------------------------------------------------------------------------------------------
+CASES: list[OpCase] = []
+
+
+def add(op, id, fn, ref, *inputs, **flags):
+    CASES.append(OpCase(op, id, fn, ref, tuple(inputs), **flags))
+
+
+UNARY_SHAPES = ((2, 3), (1,), ())
+
+
+def unary(op, fn, ref, arg=Arg, shapes=UNARY_SHAPES):
+    for s in shapes:
+        add(op, f"{op}-{_sid(s)}", fn, ref, arg(s))
+
+
+# elementwise functions --------------------------------------------------------------------------
+unary("tanh", tj.tanh, np.tanh)
+unary("exp", tj.exp, np.exp)
+unary("log", tj.log, np.log, pos)
+unary("sqrt", tj.sqrt, np.sqrt, pos)
+unary("abs", tj.abs, np.abs, nonzero)
+unary("sin", tj.sin, np.sin)
+unary("cos", tj.cos, np.cos)
+unary("negative", tj.negative, np.negative)
+unary("square", tj.square, np.square)
+unary("sign", tj.sign, np.sign, nonzero)
+unary("nn.relu", nn.relu, ref_relu, nonzero)
+unary("nn.sigmoid", nn.sigmoid, ref_sigmoid)
+unary("nn.tanh", nn.tanh, np.tanh, shapes=((4,),))
+add("clip", "clip-2x3", lambda x: tj.clip(x, -0.5, 0.7), lambda x: np.clip(x, -0.5, 0.7),
+    Arg((4, 5), avoid=(-0.5, 0.7)))
+add("clip", "clip-lo-only", lambda x: tj.clip(x, 0.2), lambda x: np.maximum(x, 0.2),
+    Arg((6,), avoid=(0.2,)))
+add("stop_gradient", "stop_gradient-2x3", tj.stop_gradient, lambda x: x, Arg((2, 3)), grad=False)
+
+# binary functions, with numpy broadcasting ------------------------------------------------------
+BINARY_SHAPES = (((2, 3), (2, 3)), ((2, 3), (3,)), ((4, 1), (1, 3)), ((), (2, 3)), ((1,), (1,)),
+                 ((2, 1, 3), (4, 1)))
+
+
+def binary(op, fn, ref, arg_a=Arg, arg_b=Arg, shapes=BINARY_SHAPES):
+    for sa, sb in shapes:
+        add(op, f"{op}-{_sid(sa)}+{_sid(sb)}", fn, ref, arg_a(sa), arg_b(sb))
+
+
+binary("add", tj.add, np.add)
+binary("subtract", tj.subtract, np.subtract)
+binary("multiply", tj.multiply, np.multiply)
+binary("divide", tj.divide, np.divide, arg_b=pos)
+binary("power", tj.power, np.power, arg_a=pos, shapes=BINARY_SHAPES[:3])
+binary("maximum", tj.maximum, np.maximum, distinct, distinct)
+binary("minimum", tj.minimum, np.minimum, distinct, distinct)
+
+# operators ---------------------------------------------------------------------------------------
+binary("operator.+", lambda a, b: a + b, np.add, shapes=BINARY_SHAPES[:2])
+binary("operator.-", lambda a, b: a - b, np.subtract, shapes=BINARY_SHAPES[:3])
+binary("operator.*", lambda a, b: a * b, np.multiply, shapes=BINARY_SHAPES[1:4])
+binary("operator./", lambda a, b: a / b, np.divide, arg_b=pos, shapes=BINARY_SHAPES[:2])
+binary("operator.**", lambda a, b: a ** b, np.power, arg_a=pos, shapes=BINARY_SHAPES[:2])
+add("operator.+", "radd-python-scalar", lambda x: 2.5 + x, lambda x: 2.5 + x, Arg((3,)))
+add("operator.-", "rsub-python-scalar", lambda x: 1 - x, lambda x: 1 - x, Arg((3,)))
+add("operator.*", "mul-python-scalar", lambda x: x * 3, lambda x: x * 3, Arg((2, 2)))
+add("operator./", "rdiv-python-scalar", lambda x: 2.0 / x, lambda x: 2.0 / x, pos((3,)))
+add("operator./", "div-python-scalar", lambda x: x / 4, lambda x: x / 4, Arg((3,)))
+add("operator.**", "pow-int-3", lambda x: x ** 3, lambda x: x ** 3, Arg((2, 3)))
+add("operator.**", "pow-int-neg2", lambda x: x ** -2, lambda x: x ** -2.0, pos((4,)))
+add("operator.**", "pow-int-0", lambda x: x ** 0, lambda x: x ** 0, Arg((3,)))
+add("operator.**", "pow-float-2.5", lambda x: x ** 2.5, lambda x: x ** 2.5, pos((2, 3)))
+add("operator.**", "rpow-python-base", lambda x: 2.0 ** x, lambda x: 2.0 ** x, Arg((3,)))
+add("operator.-x", "neg-2x3", lambda x: -x, np.negative, Arg((2, 3)))
+add("operator.-x", "neg-scalar", lambda x: -x, np.negative, Arg(()))
+add("operator.+", "numpy-array-operand", lambda x: np.array([1.0, -2.0, 0.5]) + x,
+    lambda x: np.array([1.0, -2.0, 0.5]) + x, Arg((2, 3)))
+add("operator.*", "numpy-left-operand", lambda x: np.full((2, 3), 0.5) * x,
+    lambda x: 0.5 * x, Arg((2, 3)))
+
+# comparisons and logic: forward only (bool results); their gradient use is `where` ---------------
+COMPARISONS = [
+    ("greater", tj.greater, np.greater), ("greater_equal", tj.greater_equal, np.greater_equal),
+    ("less", tj.less, np.less), ("less_equal", tj.less_equal, np.less_equal),
+    ("operator.>", lambda a, b: a > b, np.greater), ("operator.>=", lambda a, b: a >= b, np.greater_equal),
+    ("operator.<", lambda a, b: a < b, np.less), ("operator.<=", lambda a, b: a <= b, np.less_equal),
+]
+for _name, _fn, _ref in COMPARISONS:
+    add(_name, f"{_name}-2x3+3", _fn, _ref, Arg((2, 3)), Arg((3,)), grad=False)
+# equality needs equal elements: compare x with relu(x) (equal where x > 0)
+for _name, _fn, _ref in [("equal", tj.equal, np.equal), ("not_equal", tj.not_equal, np.not_equal),
+                         ("operator.==", lambda a, b: a == b, np.equal),
+                         ("operator.!=", lambda a, b: a != b, np.not_equal)]:
+    add(_name, f"{_name}-x-relu(x)", lambda x, f=_fn: f(x, nn.relu(x)),
+        lambda x, r=_ref: r(x, ref_relu(x)), nonzero((3, 4)), grad=False)
+for _name, _fn, _ref in [("logical_and", tj.logical_and, np.logical_and),
+                         ("logical_or", tj.logical_or, np.logical_or),
+                         ("operator.&", lambda a, b: a & b, np.logical_and),
+                         ("operator.|", lambda a, b: a | b, np.logical_or)]:
+    add(_name, f"{_name}-masks", lambda a, b, f=_fn: f(a > 0, b < 0.5),
+        lambda a, b, r=_ref: r(a > 0, b < 0.5), nonzero((2, 5)), Arg((5,), avoid=(0.5,)),
+        grad=False)
+add("logical_not", "logical_not-mask", lambda x: tj.logical_not(x > 0), lambda x: ~(x > 0),
+    nonzero((2, 3)), grad=False)
+add("operator.~", "invert-mask", lambda x: ~(x > 0), lambda x: ~(x > 0), nonzero((2, 3)),
+    grad=False)
+
+# where ------------------------------------------------------------------------------------------
+add("where", "where-a>b", lambda a, b: tj.where(a > b, a, b), lambda a, b: np.where(a > b, a, b),
+    distinct((3, 4)), distinct((3, 4)))
+add("where", "where-broadcast-cond", lambda a, b: tj.where(a > 0, b, a * b),
+    lambda a, b: np.where(a > 0, b, a * b), nonzero((4,)), Arg((3, 4)))
+add("where", "where-const-cond-scalar-branch",
+    lambda a, b: tj.where(np.array([True, False, True]), a, b),
+    lambda a, b: np.where(np.array([True, False, True]), a, b), Arg((2, 3)), Arg(()))
+add("where", "where-python-scalar", lambda x: tj.where(x > 0, x, 0.5 * x),
+    lambda x: np.where(x > 0, x, 0.5 * x), nonzero((5,)))
+
+# reductions -------------------------------------------------------------------------------------
+for _axis, _keep in [(None, False), (0, False), (1, False), (-1, True), ((0, 2), False),
+                     ((0, 2), True)]:
+    _kid = f"axis{_axis}{'-keepdims' if _keep else ''}".replace(" ", "")
+    add("sum", f"sum-{_kid}", lambda x, a=_axis, k=_keep: tj.sum(x, a, keepdims=k),
+        lambda x, a=_axis, k=_keep: np.sum(x, axis=a, keepdims=k), Arg((2, 3, 4)))
+    add("mean", f"mean-{_kid}", lambda x, a=_axis, k=_keep: tj.mean(x, a, keepdims=k),
+        lambda x, a=_axis, k=_keep: np.mean(x, axis=a, keepdims=k), Arg((2, 3, 4)))
+    add("max", f"max-{_kid}", lambda x, a=_axis, k=_keep: tj.max(x, a, keepdims=k),
+        lambda x, a=_axis, k=_keep: np.max(x, axis=a, keepdims=k), distinct((2, 3, 4)))
+for _axis in (None, 1):
+    add("min", f"min-axis{_axis}", lambda x, a=_axis: tj.min(x, a),
+        lambda x, a=_axis: np.min(x, axis=a), distinct((3, 4)))
+    add("var", f"var-axis{_axis}", lambda x, a=_axis: tj.var(x, a),
+        lambda x, a=_axis: np.var(x, axis=a), Arg((3, 4)))
+    add("std", f"std-axis{_axis}", lambda x, a=_axis: tj.std(x, a),
+        lambda x, a=_axis: np.std(x, axis=a), Arg((3, 4)))
+    add("logsumexp", f"logsumexp-axis{_axis}", lambda x, a=_axis: tj.logsumexp(x, a),
+        lambda x, a=_axis: ref_logsumexp(x, a), Arg((3, 4)))
+add("logsumexp", "logsumexp-keepdims", lambda x: tj.logsumexp(x, 0, keepdims=True),
+    lambda x: ref_logsumexp(x, 0, keepdims=True), Arg((3, 4)))
+for _shape in ((1,), ()):
+    add("sum", f"sum-{_sid(_shape)}", tj.sum, np.sum, Arg(_shape))
+    add("max", f"max-{_sid(_shape)}", tj.max, np.max, Arg(_shape))
+add("mean", "mean-1x1", tj.mean, np.mean, Arg((1, 1)))
+add("norm", "norm-vector", tj.norm, ref_norm, Arg((5,)))
+add("norm", "norm-frobenius", tj.norm, ref_norm, Arg((3, 4)))
+add("norm", "norm-axis1-keepdims", lambda x: tj.norm(x, axis=1, keepdims=True),
+    lambda x: ref_norm(x, axis=1, keepdims=True), Arg((3, 4)))
+add("norm", "norm-ord1", lambda x: tj.norm(x, 1), lambda x: ref_norm(x, 1), nonzero((5,)))
+add("norm", "norm-ordinf", lambda x: tj.norm(x, np.inf), lambda x: ref_norm(x, np.inf),
+    distinct((5,), lo=0.5))
+add("norm", "norm-1-element", tj.norm, ref_norm, nonzero((1,)))
+
+# linear algebra ---------------------------------------------------------------------------------
+MATMUL_SHAPES = (((3, 4), (4, 2)), ((4,), (4,)), ((3, 4), (4,)), ((4,), (4, 2)),
+                 ((2, 3, 4), (4, 5)), ((1, 1), (1, 1)))
+for _sa, _sb in MATMUL_SHAPES:
+    add("matmul", f"matmul-{_sid(_sa)}@{_sid(_sb)}", tj.matmul, np.matmul, Arg(_sa), Arg(_sb))
+for _sa, _sb in MATMUL_SHAPES[:3]:
+    add("operator.@", f"@-{_sid(_sa)}@{_sid(_sb)}", lambda a, b: a @ b, np.matmul, Arg(_sa),
+        Arg(_sb))
+add("operator.@", "@-numpy-left", lambda b: np.ones((2, 3)) @ b, lambda b: np.ones((2, 3)) @ b,
+    Arg((3, 2)))
+for _sa, _sb in (((4,), (4,)), ((3, 4), (4,)), ((3, 4), (4, 2)), ((), (3,))):
+    add("dot", f"dot-{_sid(_sa)}.{_sid(_sb)}", tj.dot, np.dot, Arg(_sa), Arg(_sb))
+add("mv", "mv-3x4.4", tj.mv, np.matmul, Arg((3, 4)), Arg((4,)))
+add("mm", "mm-3x4.4x2", tj.mm, np.matmul, Arg((3, 4)), Arg((4, 2)))
+add("outer", "outer-3.4", tj.outer, np.outer, Arg((3,)), Arg((4,)))
+
+# layout -----------------------------------------------------------------------------------------
+add("reshape", "reshape-2x6-to-3x4", lambda x: tj.reshape(x, (3, 4)),
+    lambda x: x.reshape(3, 4), Arg((2, 6)))
+add("reshape", "reshape-minus1", lambda x: tj.reshape(x, (-1, 2)),
+    lambda x: x.reshape(-1, 2), Arg((2, 3, 2)))
+add("reshape", "reshape-scalar-to-1x1", lambda x: tj.reshape(x, (1, 1)),
+    lambda x: x.reshape(1, 1), Arg(()))
+add("transpose", "transpose-default", tj.transpose, np.transpose, Arg((2, 3, 4)))
+add("transpose", "transpose-axes", lambda x: tj.transpose(x, (1, 2, 0)),
+    lambda x: np.transpose(x, (1, 2, 0)), Arg((2, 3, 4)))
+add("swapaxes", "swapaxes-0-2", lambda x: tj.swapaxes(x, 0, 2), lambda x: np.swapaxes(x, 0, 2),
+    Arg((2, 3, 4)))
+add("squeeze", "squeeze-all", tj.squeeze, np.squeeze, Arg((1, 3, 1)))
+add("squeeze", "squeeze-axis", lambda x: tj.squeeze(x, 0), lambda x: np.squeeze(x, 0),
+    Arg((1, 3, 1)))
+add("expand_dims", "expand_dims-1", lambda x: tj.expand_dims(x, 1),
+    lambda x: np.expand_dims(x, 1), Arg((2, 3)))
+add("expand_dims", "expand_dims-minus1", lambda x: tj.expand_dims(x, -1),
+    lambda x: np.expand_dims(x, -1), Arg((2, 3)))
+add("concatenate", "concatenate-axis0", lambda a, b: tj.concatenate([a, b]),
+    lambda a, b: np.concatenate([a, b]), Arg((2, 3)), Arg((1, 3)))
+add("concatenate", "concatenate-axis1-three", lambda a, b, c: tj.concatenate((a, b, c), axis=1),
+    lambda a, b, c: np.concatenate((a, b, c), axis=1), Arg((2, 1)), Arg((2, 3)), Arg((2, 2)))
+add("concatenate", "concatenate-axis-minus1-reused", lambda a: tj.concatenate([a, a * a], -1),
+    lambda a: np.concatenate([a, a * a], -1), Arg((2, 3)))
+add("stack", "stack-axis0", lambda a, b: tj.stack([a, b]), lambda a, b: np.stack([a, b]),
+    Arg((3,)), Arg((3,)))
+add("stack", "stack-axis1", lambda a, b: tj.stack([a, b], axis=1),
+    lambda a, b: np.stack([a, b], axis=1), Arg((2, 3)), Arg((2, 3)))
+add("nn.flatten", "flatten-default", nn.flatten, lambda x: x.reshape(x.shape[0], -1),
+    Arg((2, 3, 2, 2)))
+add("nn.flatten", "flatten-start0", lambda x: nn.flatten(x, 0), lambda x: x.reshape(-1),
+    Arg((2, 3)))
+
+# indexing and slicing ---------------------------------------------------------------------------
+INDEXES = [
+    ("int", lambda x: x[1]), ("negative-int", lambda x: x[-1]),
+    ("column", lambda x: x[:, 0]), ("slice", lambda x: x[1:3]),
+    ("step", lambda x: x[::2]), ("2d-slices", lambda x: x[0:3:2, 1:]),
+    ("ellipsis", lambda x: x[..., 2]), ("newaxis", lambda x: x[None, :, 1]),
+    ("int-int", lambda x: x[2, 1]), ("empty-tail", lambda x: x[1:, 3:]),
+]
+for _name, _ix in INDEXES:
+    add("getitem", f"getitem-{_name}", _ix, _ix, Arg((4, 4)))
+add("getitem", "getitem-3d-mixed", lambda x: x[1, ::2, 1:3], lambda x: x[1, ::2, 1:3],
+    Arg((2, 5, 4)))
+add("getitem", "getitem-reused", lambda x: x[0] * x[1] + x[:, 0],
+    lambda x: x[0] * x[1] + x[:, 0], Arg((3, 3)))
+
+# method forms -----------------------------------------------------------------------------------
+METHODS = [
+    ("method.T", "T-2d", lambda x: x.T, lambda x: x.T, Arg((2, 3))),
+    ("method.T", "T-3d", lambda x: x.T, lambda x: x.T, Arg((2, 3, 4))),
+    ("method.sum", "sum-axis0", lambda x: x.sum(0), lambda x: x.sum(0), Arg((3, 4))),
+    ("method.mean", "mean-keepdims", lambda x: x.mean(1, keepdims=True),
+     lambda x: x.mean(1, keepdims=True), Arg((3, 4))),
+    ("method.max", "max-all", lambda x: x.max(), lambda x: x.max(), distinct((3, 4))),
+    ("method.min", "min-axis1", lambda x: x.min(1), lambda x: x.min(1), distinct((3, 4))),
+    ("method.reshape", "reshape-args", lambda x: x.reshape(4, 3), lambda x: x.reshape(4, 3),
+     Arg((3, 4))),
+    ("method.reshape", "reshape-tuple", lambda x: x.reshape((2, -1)),
+     lambda x: x.reshape((2, -1)), Arg((3, 4))),
+    ("method.transpose", "transpose-none", lambda x: x.transpose(), lambda x: x.transpose(),
+     Arg((3, 4))),
+    ("method.transpose", "transpose-axes", lambda x: x.transpose(2, 0, 1),
+     lambda x: x.transpose(2, 0, 1), Arg((2, 3, 4))),
+    ("method.pow", "pow-2", lambda x: x.pow(2), lambda x: x ** 2, Arg((3,))),
+    ("method.pow", "pow-0.5", lambda x: x.pow(0.5), np.sqrt, pos((3,))),
+    ("method.exp", "exp", lambda x: x.exp(), np.exp, Arg((3,))),
+    ("method.log", "log", lambda x: x.log(), np.log, pos((3,))),
+    ("method.tanh", "tanh", lambda x: x.tanh(), np.tanh, Arg((3,))),
+    ("method.sqrt", "sqrt", lambda x: x.sqrt(), np.sqrt, pos((3,))),
+    ("method.abs", "abs", lambda x: x.abs(), np.abs, nonzero((3,))),
+    ("method.sin", "sin", lambda x: x.sin(), np.sin, Arg((3,))),
+    ("method.cos", "cos", lambda x: x.cos(), np.cos, Arg((3,))),
+    ("method.relu", "relu", lambda x: x.relu(), ref_relu, nonzero((3,))),
+    ("method.sigmoid", "sigmoid", lambda x: x.sigmoid(), ref_sigmoid, Arg((3,))),
+    ("method.norm", "norm", lambda x: x.norm(), ref_norm, Arg((4,))),
+    ("method.norm", "norm-axis0", lambda x: x.norm(axis=0), lambda x: ref_norm(x, axis=0),
+     Arg((3, 2))),
+    ("method.dot", "dot", lambda a, b: a.dot(b), np.dot, Arg((4,)), Arg((4,))),
+    ("method.mv", "mv", lambda m, v: m.mv(v), np.matmul, Arg((3, 4)), Arg((4,))),
+    ("method.mm", "mm", lambda a, b: a.mm(b), np.matmul, Arg((3, 4)), Arg((4, 2))),
+    ("method.var", "var", lambda x: x.var(0), lambda x: x.var(0), Arg((3, 4))),
+    ("method.std", "std", lambda x: x.std(), lambda x: x.std(), Arg((3, 4))),
+    ("method.clip", "clip", lambda x: x.clip(-1.0, 1.0), lambda x: np.clip(x, -1.0, 1.0),
+     Arg((5,), avoid=(-1.0, 1.0))),
+    ("method.flatten", "flatten", lambda x: x.flatten(), lambda x: x.flatten(), Arg((2, 3))),
+    ("method.squeeze", "squeeze", lambda x: x.squeeze(), lambda x: x.squeeze(), Arg((2, 1))),
+]
+for _op, _id, _fn, _ref, *_args in METHODS:
+    add(_op, f"method-{_id}", _fn, _ref, *_args)
+
+# nn: dense layers -------------------------------------------------------------------------------
+add("nn.linear", "linear-bias", nn.linear, ref_linear, Arg((4, 5)), Arg((3, 5)), Arg((3,)))
+add("nn.linear", "linear-no-bias", nn.linear, ref_linear, Arg((4, 5)), Arg((3, 5)))
+add("nn.linear", "linear-3d-input", nn.linear, ref_linear, Arg((2, 4, 5)), Arg((3, 5)),
+    Arg((3,)))
+add("nn.linear", "linear-1-element", nn.linear, ref_linear, Arg((1, 1)), Arg((1, 1)), Arg((1,)))
+add("nn.linear", "linear-vector-input", nn.linear, ref_linear, Arg((5,)), Arg((2, 5)))
+
+
+# nn: convolution --------------------------------------------------------------------------------
+def conv(op, id, tj_fn, x, w, bias=False, **kw):
+    if bias:
+        add(op, id, lambda x, w, b: tj_fn(x, w, b, **kw), lambda x, w, b: ref_conv(x, w, b, **kw),
+            Arg(x), Arg(w), Arg((w[0],)))
+    else:
+        add(op, id, lambda x, w: tj_fn(x, w, **kw), lambda x, w: ref_conv(x, w, **kw),
+            Arg(x), Arg(w))
+
+
+conv("nn.conv1d", "conv1d-plain", nn.conv1d, (2, 3, 9), (4, 3, 3))
+conv("nn.conv1d", "conv1d-stride2", nn.conv1d, (2, 3, 9), (4, 3, 3), stride=2)
+conv("nn.conv1d", "conv1d-pad1", nn.conv1d, (2, 3, 9), (4, 3, 3), padding=1)
+conv("nn.conv1d", "conv1d-stride3-pad2-bias", nn.conv1d, (2, 2, 10), (3, 2, 4), bias=True,
+     stride=3, padding=2)
+conv("nn.conv1d", "conv1d-unbatched", nn.conv1d, (3, 7), (2, 3, 2))
+conv("nn.conv1d", "conv1d-1-element", nn.conv1d, (1, 1, 1), (1, 1, 1))
+conv("nn.conv2d", "conv2d-plain", nn.conv2d, (2, 3, 6, 6), (4, 3, 3, 3))
+conv("nn.conv2d", "conv2d-stride2-pad1", nn.conv2d, (2, 3, 7, 7), (4, 3, 3, 3), stride=2,
+     padding=1)
+conv("nn.conv2d", "conv2d-stride21-pad01-bias", nn.conv2d, (1, 2, 6, 5), (3, 2, 2, 3), bias=True,
+     stride=(2, 1), padding=(0, 1))
+conv("nn.conv2d", "conv2d-unbatched-bias", nn.conv2d, (2, 5, 5), (3, 2, 3, 3), bias=True)
+conv("nn.conv2d", "conv2d-1x1-kernel", nn.conv2d, (2, 3, 4, 4), (5, 3, 1, 1))
+conv("nn.conv2d", "conv2d-kernel-covers-input", nn.conv2d, (2, 2, 3, 3), (3, 2, 3, 3))
+conv("nn.conv2d", "conv2d-1-element", nn.conv2d, (1, 1, 1, 1), (1, 1, 1, 1))
+conv("nn.conv2d", "conv2d-pad-exceeds-stride", nn.conv2d, (1, 1, 4, 4), (2, 1, 2, 2), stride=3,
+     padding=2)
+
+
+# nn: pooling ------------------------------------------------------------------------------------
+def pool(op, id, tj_fn, nsp, mode, shape, *args, **kw):
+    arg = distinct(shape) if mode == "max" else Arg(shape)
+    add(op, id, lambda x: tj_fn(x, *args, **kw),
+        lambda x: ref_pool(x, *args, nsp=nsp, mode=mode, **kw), arg)
+
+
+pool("nn.max_pool2d", "max_pool2d-k2", nn.max_pool2d, 2, "max", (2, 3, 4, 4), 2)
+pool("nn.max_pool2d", "max_pool2d-k3-s2-p1", nn.max_pool2d, 2, "max", (2, 2, 7, 7), 3, 2, 1)
+pool("nn.max_pool2d", "max_pool2d-overlapping-k3-s1", nn.max_pool2d, 2, "max", (1, 2, 5, 5), 3, 1)
+pool("nn.max_pool2d", "max_pool2d-k23-s12", nn.max_pool2d, 2, "max", (1, 2, 5, 7), (2, 3), (1, 2))
+pool("nn.max_pool2d", "max_pool2d-unbatched-remainder", nn.max_pool2d, 2, "max", (2, 5, 5), 2)
+pool("nn.max_pool2d", "max_pool2d-1-element", nn.max_pool2d, 2, "max", (1, 1, 1, 1), 1)
+pool("nn.max_pool1d", "max_pool1d-k2", nn.max_pool1d, 1, "max", (2, 3, 8), 2)
+pool("nn.max_pool1d", "max_pool1d-k3-s2-p1", nn.max_pool1d, 1, "max", (2, 2, 9), 3, 2, 1)
+pool("nn.max_pool1d", "max_pool1d-unbatched", nn.max_pool1d, 1, "max", (3, 6), 3)
+pool("nn.avg_pool2d", "avg_pool2d-k2", nn.avg_pool2d, 2, "avg", (2, 3, 4, 4), 2)
+pool("nn.avg_pool2d", "avg_pool2d-k3-s2-p1", nn.avg_pool2d, 2, "avg", (2, 2, 7, 7), 3, 2, 1)
+pool("nn.avg_pool2d", "avg_pool2d-k32-s12-p10", nn.avg_pool2d, 2, "avg", (1, 2, 6, 5), (3, 2),
+     (1, 2), (1, 0))
+pool("nn.avg_pool2d", "avg_pool2d-unbatched", nn.avg_pool2d, 2, "avg", (2, 4, 4), 2)
+pool("nn.avg_pool2d", "avg_pool2d-1-element", nn.avg_pool2d, 2, "avg", (1, 1, 1, 1), 1)
+pool("nn.avg_pool1d", "avg_pool1d-k2", nn.avg_pool1d, 1, "avg", (2, 3, 8), 2)
+pool("nn.avg_pool1d", "avg_pool1d-k3-s2-p1", nn.avg_pool1d, 1, "avg", (2, 2, 9), 3, 2, 1)
+
+# nn: softmax and losses -------------------------------------------------------------------------
+for _op, _fn, _ref in (("nn.log_softmax", nn.log_softmax, ref_log_softmax),
+                       ("nn.softmax", nn.softmax, ref_softmax)):
+    _name = _op[3:]
+    add(_op, f"{_name}-last", _fn, _ref, Arg((3, 5)))
+    add(_op, f"{_name}-dim0", lambda x, f=_fn: f(x, dim=0), lambda x, r=_ref: r(x, 0), Arg((3, 5)))
+    add(_op, f"{_name}-1d", _fn, _ref, Arg((4,)))
+    add(_op, f"{_name}-1x1", _fn, _ref, Arg((1, 1)))
+    add(_op, f"{_name}-large-logits", lambda x, f=_fn: f(x * 100.0),
+        lambda x, r=_ref: r(x * 100.0), Arg((2, 3)))
+
+LABELS = np.array([2, 0, 3])
+ONE_HOT_SOFT = np.array([[0.1, 0.2, 0.6, 0.1], [0.7, 0.1, 0.1, 0.1], [0.0, 0.0, 0.5, 0.5]])
+add("nn.cross_entropy", "cross_entropy-labels", lambda x: nn.cross_entropy(x, LABELS),
+    lambda x: ref_cross_entropy(x, LABELS), Arg((3, 4)))
+add("nn.cross_entropy", "cross_entropy-labels-sum",
+    lambda x: nn.cross_entropy(x, LABELS, reduction="sum"),
+    lambda x: ref_cross_entropy(x, LABELS, "sum"), Arg((3, 4)))
+add("nn.cross_entropy", "cross_entropy-probs-none",
+    lambda x: nn.cross_entropy(x, ONE_HOT_SOFT, reduction="none"),
+    lambda x: ref_cross_entropy(x, ONE_HOT_SOFT, "none"), Arg((3, 4)))
+add("nn.cross_entropy", "cross_entropy-traced-target", nn.cross_entropy, ref_cross_entropy,
+    Arg((3, 4)), pos((3, 4)))
+add("nn.cross_entropy", "cross_entropy-unbatched", lambda x: nn.cross_entropy(x, np.array(1)),
+    lambda x: ref_cross_entropy(x, np.array(1)), Arg((5,)))
+for _red in ("mean", "sum", "none"):
+    add("nn.mse_loss", f"mse_loss-{_red}", lambda x, t, r=_red: nn.mse_loss(x, t, reduction=r),
+        lambda x, t, r=_red: ref_mse(x, t, r), Arg((3, 4)), Arg((3, 4)))
+add("nn.mse_loss", "mse_loss-1-element", nn.mse_loss, ref_mse, Arg((1,)), Arg((1,)))
+
+GRAD_CASES = [c for c in CASES if c.grad]
+SECOND_ORDER_CASES = [c for c in GRAD_CASES if c.second_order]

@@ -1,0 +1,90 @@
+"""The per-op table (tests/optable.py) on the reference interpreter: forward against numpy,
+gradients against float64 central differences, the inner-product test and second derivatives."""
+import numpy as np
+import pytest
+
+import tracejit
+import helpers
+import optable
+from optable import CASES, GRAD_CASES, SECOND_ORDER_CASES, case_id
+
+BACKEND = "interpreter"
+pytestmark = pytest.mark.usefixtures("interpreter_backend")
+
+
+@pytest.mark.parametrize("dtype", ["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward(case, dtype):
+    helpers.check_forward(case, BACKEND, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["f64", "f32"])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=case_id)
+def test_grad(case, dtype):
+    helpers.check_grad(case, BACKEND, dtype)
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=case_id)
+def test_inner_product(case):
+    helpers.check_inner_product(case, BACKEND)
+
+
+@pytest.mark.parametrize("case", SECOND_ORDER_CASES, ids=case_id)
+def test_second_order(case):
+    helpers.check_second_order(case, BACKEND)
+
+
+# ------------------------------------------------------------------------------------------------
+# the table itself
+# ------------------------------------------------------------------------------------------------
+OPERATORS = {"operator." + o for o in
+             "+ - * / ** @ -x > >= < <= == != & | ~".split()}
+METHODS = {"method." + m for m in
+           "T sum mean max min reshape transpose pow exp log tanh sqrt abs sin cos relu sigmoid "
+           "norm dot mv mm var std clip flatten squeeze".split()}
+
+
+def public_ops():
+    """Every op function at tracejit's top level and in tracejit.nn, by the table's names."""
+    top = {name for name, obj in vars(tracejit).items()
+           if callable(obj) and getattr(obj, "__module__", None) == "tracejit.ops"}
+    nn = {f"nn.{name}" for name, obj in vars(tracejit.nn).items()
+          if callable(obj) and getattr(obj, "__module__", None) in ("tracejit.nn", "tracejit.ops")
+          and not name.startswith("_") and name not in ("op", "as_value", "result_dtype", "wrap")}
+    return top | nn
+
+
+def test_table_covers_every_public_op():
+    covered = {c.op for c in CASES}
+    required = public_ops() | OPERATORS | METHODS | {"getitem"}
+    issue_names = set("tanh exp log sqrt abs sin cos maximum minimum where sum mean max matmul dot "
+                      "reshape transpose concatenate norm".split()) | {
+        f"nn.{n}" for n in "relu sigmoid linear conv1d conv2d max_pool1d max_pool2d avg_pool1d "
+                           "avg_pool2d log_softmax softmax cross_entropy mse_loss".split()}
+    assert issue_names <= required
+    assert not required - covered, f"ops without a table entry: {sorted(required - covered)}"
+
+
+def test_table_ids_are_unique():
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if any(a.distinct for a in c.inputs)],
+                         ids=case_id)
+def test_distinct_inputs_have_no_ties(case):
+    values = np.concatenate([x.ravel() for x, a in zip(helpers.case_inputs(case), case.inputs)
+                             if a.distinct])
+    gaps = np.diff(np.sort(values))
+    assert gaps.min(initial=np.inf) > 1e-3
+
+
+def test_stop_gradient_blocks_the_gradient():
+    # d/dx sum(x * stop_gradient(x)) = stop_gradient(x): the second factor is a constant
+    x = np.array([0.5, -1.0, 2.0])
+    g = tracejit.jit_grad(lambda x: (x * tracejit.stop_gradient(x)).sum())(x)
+    np.testing.assert_array_equal(g, x)
+    # ... at every order: the inner gradient is stop_gradient(x)**2, whose gradient is zero
+    inner = tracejit.jit_grad(lambda y: (y * tracejit.stop_gradient(y) ** 2).sum())
+    np.testing.assert_array_equal(inner(x), x ** 2)
+    np.testing.assert_array_equal(tracejit.jit_grad(lambda x: inner(x).sum())(x), 0 * x)
