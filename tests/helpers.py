@@ -71,24 +71,23 @@ def assert_close(actual, expected, tol, what=""):
 # pytrees of numpy arrays (the corpus passes dicts and lists of parameters)
 # ------------------------------------------------------------------------------------------------
 def tree_leaves(tree) -> list:
+    """The array (or tracer) leaves of a nest of dicts, lists and tuples; static values such as
+    ints are not leaves."""
     if isinstance(tree, dict):
         return [leaf for k in tree for leaf in tree_leaves(tree[k])]
     if isinstance(tree, (list, tuple)):
         return [leaf for t in tree for leaf in tree_leaves(t)]
-    return [tree]
+    return [tree] if isinstance(tree, (np.ndarray, tracejit.Tracer)) else []
 
 
 def tree_map(fn, tree, *rest):
+    """`fn` applied to the array leaves (static values are kept)."""
     if isinstance(tree, dict):
         return {k: tree_map(fn, tree[k], *[r[k] for r in rest]) for k in tree}
     if isinstance(tree, (list, tuple)):
         out = [tree_map(fn, t, *[r[i] for r in rest]) for i, t in enumerate(tree)]
         return out if isinstance(tree, list) else tuple(out)
-    return fn(tree, *rest)
-
-
-def tree_vdot(a, b) -> float:
-    return float(sum(np.vdot(x, y) for x, y in zip(tree_leaves(a), tree_leaves(b))))
+    return fn(tree, *rest) if isinstance(tree, np.ndarray) else tree
 
 
 def tree_astype(tree, dtype):
