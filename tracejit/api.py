@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from ir.adjoint import grad_function
-from ir.builder import Builder, building, inline
+from ir.builder import Builder, building, current, inline
 from ir.core import FLOAT_DTYPES, TensorType
 from ir.passes import optimize
 from ir.verify import verify
@@ -229,7 +229,9 @@ class Jitted:
         if self.kind != "jit":
             self._check_argnums(len(args))
         sig = _Signature(self.name, self.arg_names, args, kwargs)
-        if any(isinstance(x, Tracer) for _, _, x in sig.leaves):
+        # inside another trace, inline even without tracer arguments: the function may close
+        # over a tracer of that trace
+        if current() is not None or any(isinstance(x, Tracer) for _, _, x in sig.leaves):
             return self._inline(sig, args, kwargs)
         entry = self._lookup(sig)
         arrays = tuple(_c_contiguous(x) for _, _, x in sig.leaves)
