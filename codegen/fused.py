@@ -38,10 +38,11 @@ class _Element:
     """Emits the value of one IR value at an index (a list of i64 LLVM values), recursively
     through the non-materialized producers of a fused group."""
 
-    def __init__(self, b: ir.IRBuilder, leaf_ptrs: dict, members: set):
+    def __init__(self, b: ir.IRBuilder, leaf_ptrs: dict, members: set, flat: bool = False):
         self.b = b
         self.leaf_ptrs = leaf_ptrs    # id(Value) -> LLVM pointer
         self.members = members        # ids of instructions evaluated inside
+        self.flat = flat              # one linear index for every non-scalar value (see is_flat)
         self.memo = {}
 
     # --------------------------------------------------------------------------- addressing
@@ -60,7 +61,7 @@ class _Element:
     def load_leaf(self, v: Value, idx):
         b = self.b
         ptr = self.leaf_ptrs[id(v)]
-        off = self.linear(idx, v.shape)
+        off = (idx[0] if v.shape else i64(0)) if self.flat else self.linear(idx, v.shape)
         if v.dtype == "bool":
             raw = L.load(b, ptr, off, I8)
             return b.icmp_unsigned("!=", raw, ir.Constant(I8, 0))
@@ -327,18 +328,32 @@ def lower_group(module: ir.Module, fname: str, group) -> ir.Function:
     if root.prim.kind == "reduce":
         _lower_reduce(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base)
     else:
-        _lower_map(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base)
+        _lower_map(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base, is_flat(group))
     b.ret_void()
     return fn
 
 
-def _lower_map(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base):
+def is_flat(group) -> bool:
+    """Can the group run as one loop over the flattened root (pure elementwise: no layout op, every
+    buffer of the root's shape or a scalar)?"""
+    shape = group.root.out.shape
+    return all(m.prim.elementwise or m.prim.name == "const" for m in group.members) and \
+        all(v.shape in (shape, ()) for v in group.leaves)
+
+
+def _lower_map(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base, flat=False):
     shape = root.out.shape
     dtype = root.out.dtype
     if not shape:
         with L.if_then(b, b.icmp_signed("==", tid, i64(0)), f"{base}.t0"):
             el = _Element(b, leaf_ptrs, members)
             _store_value(b, el.value(root.out, []), out_ptr, i64(0), dtype)
+        return
+    if flat:
+        lo, hi = _thread_range(b, math.prod(shape), tid, nthreads, f"{base}.i")
+        with for_range(b, lo, hi, 1, f"{base}.i") as i:
+            val = _Element(b, leaf_ptrs, members, flat=True).value(root.out, [i])
+            _store_value(b, val, out_ptr, i, dtype)
         return
     lo, hi = _thread_range(b, shape[0], tid, nthreads, f"{base}.d0")
     with for_range(b, lo, hi, 1, f"{base}.d0") as i0:

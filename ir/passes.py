@@ -158,7 +158,13 @@ def _scalar_const(ins: Instr, value: float) -> Value:
     return c.out
 
 
-def _simplify(ins: Instr):
+def _is_t2(v: Value) -> bool:
+    """Is `v` a 2-d transpose (perm (1, 0))?"""
+    return v.instr is not None and v.instr.prim.name == "transpose" and \
+        v.instr.params["perm"] == (1, 0)
+
+
+def _simplify(ins: Instr, uses: dict):
     """An existing value equal to `ins`'s result, a replacement instruction, or None."""
     name = ins.prim.name
     t = ins.out.type
@@ -202,6 +208,28 @@ def _simplify(ins: Instr):
                         adj_of=ins.adj_of)
             new.out.hint, new.out.ct_of = ins.out.hint, ins.out.ct_of
             return new
+    elif name == "matmul":
+        # a 2-d transpose feeding a matmul becomes its trans flag: no copy of the operand
+        a, b = ins_
+        flags = dict(ins.params)
+        changed = False
+        if _is_t2(a):
+            a, flags["trans_a"], changed = a.instr.inputs[0], not flags.get("trans_a"), True
+        if _is_t2(b):
+            b, flags["trans_b"], changed = b.instr.inputs[0], not flags.get("trans_b"), True
+        if changed:
+            new = Instr(ins.prim, (a, b), flags, t, loc=ins.loc, api=ins.api, adj_of=ins.adj_of)
+            new.out.hint, new.out.ct_of = ins.out.hint, ins.out.ct_of
+            return new
+    elif name == "transpose" and _is_t2(ins.out) and ins_[0].instr is not None and \
+            ins_[0].instr.prim.name == "matmul" and uses.get(id(ins_[0]), 0) == 1:
+        # (op(A) op(B))^T = op(B)^T op(A)^T: one matmul with swapped operands, no transpose
+        mm = ins_[0].instr
+        a, b = mm.inputs
+        flags = dict(trans_a=not mm.params.get("trans_b"), trans_b=not mm.params.get("trans_a"))
+        new = Instr(mm.prim, (b, a), flags, t, loc=ins.loc, api=ins.api, adj_of=ins.adj_of)
+        new.out.hint, new.out.ct_of = ins.out.hint, ins.out.ct_of
+        return new
     elif name == "transpose":
         a = ins_[0]
         if a.instr is not None and a.instr.prim.name == "transpose":
@@ -224,10 +252,16 @@ def simplify(fn: Function) -> bool:
     out = []
     imap: dict = {}
     defined = {id(i) for i in fn.instrs}
+    uses: dict[int, int] = {}
+    for i in fn.instrs:
+        for v in i.inputs:
+            uses[id(v)] = uses.get(id(v), 0) + 1
+    for o in fn.outputs:
+        uses[id(o)] = uses.get(id(o), 0) + 1
     for ins in fn.instrs:
         if repl:
             ins.inputs = tuple(repl.get(id(v), v) for v in ins.inputs)
-        r = _fold(ins) or _simplify(ins)
+        r = _fold(ins) or _simplify(ins, uses)
         if isinstance(r, Value):
             repl[id(ins.out)] = r
             if r.instr is not None:
