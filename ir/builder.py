@@ -65,7 +65,10 @@ class Builder:
             out_type = shape_rules[prim](*in_types, **params)
         except ShapeError as e:
             where = f" (at {loc})" if loc else ""
-            raise ShapeError(f"{self.api or prim.name}: {e}{where}") from None
+            name, msg = self.api or prim.name, str(e)
+            if not msg.startswith(f"{name}:"):
+                msg = f"{name}: {msg}"
+            raise ShapeError(f"{msg}{where}") from None
         ins = Instr(prim, inputs, params, out_type, loc=loc, api=self.api or prim.name,
                     adj_of=self.adj_of)
         self.instrs.append(ins)

@@ -32,12 +32,23 @@ def op(name: str):
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            if irb.current() is None:
-                return _eager(fn, name, args, kwargs)
-            with api_scope(name):
-                return fn(*args, **kwargs)
+            try:
+                if irb.current() is None:
+                    return _eager(fn, name, args, kwargs)
+                with api_scope(name):
+                    return fn(*args, **kwargs)
+            except ShapeError as e:
+                raise _located(e) from None
         return wrapper
     return deco
+
+
+def _located(e: ShapeError) -> ShapeError:
+    """`e` with the user's file:line appended, unless an inner op or the builder added it."""
+    loc = irb.user_location()
+    if " (at " in str(e) or loc is None:
+        return e
+    return ShapeError(f"{e} (at {loc})")
 
 
 def _eager(fn, name, args, kwargs):
