@@ -12,7 +12,7 @@ from typing import Sequence
 
 from .adjoint_rules import adjoint_rules
 from .builder import Builder, adjoint_scope, building
-from .core import FLOAT_DTYPES, Function, IRError
+from .core import FLOAT_DTYPES, Function, IRError, MissingRuleError
 from . import lax
 
 
@@ -75,7 +75,13 @@ def grad_function(fn: Function, wrt: Sequence[int], name: str | None = None) -> 
             if c.ct_of is None and c.instr is not None and c.instr.adj_of is not None:
                 c.ct_of = ins.out
             with adjoint_scope(b, ins):
-                cts = adjoint_rules[ins.prim](c, *ins.inputs, **ins.params)
+                try:
+                    rule = adjoint_rules[ins.prim]
+                except MissingRuleError as e:
+                    where = f" at {ins.loc}" if ins.loc else ""
+                    raise MissingRuleError(f"{e}: cannot differentiate `{ins.api or ins.prim.name}`"
+                                           f"{where}") from None
+                cts = rule(c, *ins.inputs, **ins.params)
                 if len(cts) != len(ins.inputs):
                     raise IRError(f"adjoint rule of '{ins.prim.name}' returned {len(cts)} "
                                   f"cotangents for {len(ins.inputs)} inputs")
