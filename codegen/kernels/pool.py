@@ -1,0 +1,570 @@
+"""Kernels of the pooling primitives (NCHW): max/avg pooling, the argmax the backward pass saves,
+and the backward passes (see ir/prims/nn.py for their meaning and the numpy reference).
+
+Every kernel partitions the N*C planes among the threads; a thread owns whole planes of `out`.
+
+The window kernels (max_pool2d, max_pool2d_argmax, avg_pool2d, avg_pool2d_grad) compute one vector
+of V outputs at a time and read its inputs with wide masked loads whose lanes they shuffle apart:
+
+- "row" layout (the general case): the vector is V consecutive outputs (r, c0 .. c0+V-1) of one
+  output row. For tap row i the input columns [c0*sw - pw, c0*sw - pw + L) of input row
+  r*sh + i - ph are one masked load (L = V*sw plus the taps reaching past the stride, rounded up
+  to whole registers); tap (i, j) is lanes j, j+sw, j+2*sw, ... of it. The load mask drops columns
+  outside the row (left/right padding, the tail) and rows outside the plane, which then read as
+  the padding value - so padding costs no scalar edge loops. 2x2/2 pooling of a row is two wide
+  loads, four shuffles and three max.
+- "block" layout (output rows shorter than half a vector, no padding, e.g. LeNet's 8x8 -> 4x4):
+  the vector is R whole output rows (lane rr*OW + c) and one masked load reads the R*sh input rows
+  they cover (all tap rows at once); tap (i, j) is lanes (rr*sh + i)*W + c*sw + j of it.
+
+The gradient kernels zero their planes and then add into them: avg_pool2d_grad with the same wide
+vectors read-modify-written (the shuffles run backwards, spreading ct lanes over the taps),
+max_pool2d_grad with a scalar scatter-add (the indices need not be disjoint).
+
+NaN convention (numpy's): a NaN in a window makes its max NaN and the first NaN of the window (in
+row-major tap order) its argmax; otherwise the argmax is the first maximum (strictly greater
+replaces). Padding taps never win: a window whose real elements are all -inf points at its first
+real element (the numpy reference points at the padding there, an index outside the plane).
+Indices outside the plane given to max_pool2d_grad / max_pool2d_gather are ignored / read as 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import llvmlite.ir as ir
+
+from ..loops import (F64, I1, I32, I64, PTR, VOID, for_range, gep, i32, i64, if_then, intrinsic,
+                     llvm_type, load, masked_store, splat, store, tail_mask, type_suffix, vec,
+                     vstore)
+from ..target import vector_width
+from . import register
+
+
+# --------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class _Geom:
+    """The window geometry of one pooling instruction: planes of H x W inputs, OH x OW outputs."""
+    planes: int
+    H: int
+    W: int
+    OH: int
+    OW: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+
+
+def _geom(in_shape, out_shape, params) -> _Geom:
+    (kh, kw), (sh, sw), (ph, pw) = params["kernel"], params["stride"], params["padding"]
+    n, c, h, w = in_shape
+    return _Geom(n * c, h, w, out_shape[2], out_shape[3], kh, kw, sh, sw, ph, pw)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Which outputs one vector holds and which lanes of which wide load feed tap (i, j)."""
+    V: int          # lanes of an output vector
+    L: int          # lanes of a wide load
+    R: int          # output rows per vector: 1 = "row" layout, > 1 = "block" layout
+
+    def lanes(self, g: _Geom, i: int, j: int):
+        """Lane of the wide load holding tap (i, j) of each output lane. "row": the load is of tap
+        row i; "block": one load serves all tap rows. Lanes past R*OW repeat a valid lane."""
+        if self.R == 1:
+            return [l * g.sw + j for l in range(self.V)]
+        q = [(rr * g.sh + i) * g.W + c * g.sw + j for rr in range(self.R) for c in range(g.OW)]
+        return q + [q[-1]] * (self.V - len(q))
+
+    def used(self, g: _Geom) -> int:
+        """Output lanes that hold outputs (the rest of a block vector is idle)."""
+        return self.V if self.R == 1 else self.R * g.OW
+
+    def cover(self, g: _Geom, rows):
+        """For each lane of a wide load serving tap rows `rows`: the output lanes reading it."""
+        cov = [[] for _ in range(self.L)]
+        for i in rows:
+            for j in range(g.kw):
+                for l, q in enumerate(self.lanes(g, i, j)[:self.used(g)]):
+                    cov[q].append(l)
+        return cov
+
+
+def _layout(g: _Geom, V: int) -> _Layout:
+    if g.ph == 0 and g.pw == 0 and 2 * g.OW <= V:
+        # as many whole rows as fit, as long as their inputs fit in four registers
+        for R in range(min(V // g.OW, g.OH), 1, -1):
+            L = _round_up(((R - 1) * g.sh + g.kh - 1) * g.W + (g.OW - 1) * g.sw + g.kw, V)
+            if L <= 4 * V:
+                return _Layout(V, L, R)
+    return _Layout(V, _round_up(V * g.sw + max(0, g.kw - g.sw), V), 1)
+
+
+# --------------------------------------------------------------------------- LLVM helpers
+def _define(module: ir.Module, name: str, n_inputs: int):
+    """The contract's `void name(out, in0.., scratch, tid, nthreads)`; returns (builder, args)."""
+    fnty = ir.FunctionType(VOID, [PTR] * (n_inputs + 2) + [I64, I64])
+    fn = ir.Function(module, fnty, name)
+    names = ["out"] + [f"in{k}" for k in range(n_inputs)] + ["scratch", "tid", "nthreads"]
+    for arg, nm in zip(fn.args, names):
+        arg.name = nm
+    # out never aliases an input and inputs are only read: no pointer aliases a written one
+    for arg in fn.args[:n_inputs + 1]:
+        arg.add_attribute("noalias")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    return b, fn.args
+
+
+def _plane_range(b: ir.IRBuilder, tid, nthreads, planes: int):
+    """Thread tid's planes [tid*P/n, (tid+1)*P/n): disjoint, and together all P planes."""
+    P = i64(planes)
+    start = b.sdiv(b.mul(tid, P), nthreads, name="plane.start")
+    stop = b.sdiv(b.mul(b.add(tid, i64(1)), P), nthreads, name="plane.stop")
+    return start, stop
+
+
+def _zero(b: ir.IRBuilder, ptr, n: int, ty: ir.Type, V: int, name: str):
+    """ptr[0:n] = 0: full vector stores and one masked tail."""
+    zero = ir.Constant(vec(ty, V), [0.0] * V)
+    full = n - n % V
+    if full:
+        with for_range(b, 0, full, V, name=f"{name}.zero") as k:
+            vstore(b, zero, ptr, k)
+    if n % V:
+        masked_store(b, zero, ptr, i64(full), tail_mask(b, i64(n % V), V))
+
+
+def _align(ty: ir.Type) -> ir.Constant:
+    return i32(8 if ty == F64 else 4)
+
+
+def _wide_load(b: ir.IRBuilder, ptr, offset, vty: ir.VectorType, mask, passthru):
+    """Masked load of vty at element `offset` of ptr. The address may lie outside the buffer
+    (padding): the GEP is not `inbounds`, and masked-off lanes are never accessed."""
+    p = b.gep(ptr, [offset], source_etype=vty.element, inbounds=False)
+    mty = ir.VectorType(I1, vty.count)
+    f = intrinsic(b.module, f"llvm.masked.load.{type_suffix(vty)}.p0", vty, [PTR, I32, mty, vty])
+    return b.call(f, [p, _align(vty.element), mask, passthru])
+
+
+def _wide_store(b: ir.IRBuilder, value, ptr, offset, mask):
+    p = b.gep(ptr, [offset], source_etype=value.type.element, inbounds=False)
+    vty = value.type
+    mty = ir.VectorType(I1, vty.count)
+    f = intrinsic(b.module, f"llvm.masked.store.{type_suffix(vty)}.p0", VOID, [vty, PTR, I32, mty])
+    b.call(f, [value, p, _align(vty.element), mask])
+
+
+def _ivec(values):
+    return ir.Constant(ir.VectorType(I32, len(values)), [int(v) for v in values])
+
+
+def _bvec(bits):
+    return ir.Constant(ir.VectorType(I1, len(bits)), [1 if x else 0 for x in bits])
+
+
+def _in_range(b: ir.IRBuilder, v, lo: int, hi: int, name: str = ""):
+    """lo <= v < hi (signed), for a scalar or a vector of i32."""
+    if isinstance(v.type, ir.VectorType):
+        n = v.type.count
+        lo_c, hi_c = _ivec([lo] * n), _ivec([hi] * n)
+    else:
+        lo_c, hi_c = ir.Constant(v.type, lo), ir.Constant(v.type, hi)
+    return b.and_(b.icmp_signed(">=", v, lo_c), b.icmp_signed("<", v, hi_c), name=name)
+
+
+# --------------------------------------------------------------------------- window loop
+class _Window:
+    """The loop nest `plane / column chunk / row (group)` over a pooling's outputs, and the wide
+    loads (or read-modify-writes) of its inputs, shared by the window kernels."""
+
+    def __init__(self, b: ir.IRBuilder, g: _Geom, dtype: str, prim: str):
+        self.b, self.g, self.prim = b, g, prim
+        self.T = llvm_type(dtype)
+        V = vector_width(64 if dtype == "f64" else 32)
+        self.lay = _layout(g, V)
+        self.V, self.L = V, self.lay.L
+        self.vty, self.wide_ty = vec(self.T, V), vec(self.T, self.L)
+
+    def loop(self, plane_start, plane_stop, body, begin_plane=None, end_plane=None):
+        """Calls body(p, c0, base, r, h0, out_mask, loads) per output vector of the planes, where
+        `loads` lists (tap rows, element offset in the plane, load mask) of the wide accesses,
+        c0/base the chunk's first output/input column and r/h0 its first output/input row;
+        begin_plane(p) / end_plane(p) before / after the vectors of plane p."""
+        b = self.b
+        with for_range(b, plane_start, plane_stop, name=f"{self.prim}.plane") as p:
+            if begin_plane is not None:
+                begin_plane(p)
+            self._plane(body, p)
+            if end_plane is not None:
+                end_plane(p)
+
+    def _plane(self, body, p):
+        b, g, lay = self.b, self.g, self.lay
+        if lay.R > 1:
+            with for_range(b, 0, g.OH, lay.R, name=f"{self.prim}.oh") as r:
+                self._block(body, p, r)
+            return
+        with for_range(b, 0, g.OW, self.V, name=f"{self.prim}.ow") as c0:
+            base = b.sub(b.mul(c0, i64(g.sw)), i64(g.pw), name="col.base")
+            cols = b.add(splat(b, b.trunc(base, I32), self.L), _ivec(range(self.L)))
+            col_ok = _in_range(b, cols, 0, g.W, name="col.ok")
+            out_mask = tail_mask(b, b.sub(i64(g.OW), c0), self.V)
+            with for_range(b, 0, g.OH, name=f"{self.prim}.oh") as r:
+                h0 = b.sub(b.mul(r, i64(g.sh)), i64(g.ph), name="row.base")
+                loads = []
+                for i in range(g.kh):
+                    h = b.add(h0, i64(i), name=f"row{i}")
+                    mask = col_ok
+                    if g.ph:   # rows of the top/bottom padding read nothing
+                        ok = _in_range(b, h, 0, g.H, name=f"row{i}.ok")
+                        mask = b.select(ok, col_ok, _bvec([0] * self.L))
+                        h = b.select(ok, h, i64(0))
+                    loads.append(([i], b.add(b.mul(h, i64(g.W)), base), mask))
+                body(p, c0, base, r, h0, out_mask, loads)
+
+    def _block(self, body, p, r):
+        b, g, lay = self.b, self.g, self.lay
+        used = lay.R * g.OW
+        span = lambda rows: ((rows - 1) * g.sh + g.kh - 1) * g.W + (g.OW - 1) * g.sw + g.kw
+        if g.OH % lay.R == 0:
+            out_mask = _bvec([q < used for q in range(self.V)])
+            mask = _bvec([q < span(lay.R) for q in range(self.L)])
+        else:   # the last group has fewer rows
+            rows = b.sub(i64(g.OH), r)
+            rows = b.select(b.icmp_signed("<", rows, i64(lay.R)), rows, i64(lay.R))
+            out_mask = tail_mask(b, b.mul(rows, i64(g.OW)), self.V)
+            n = b.add(b.mul(b.sub(rows, i64(1)), i64(g.sh * g.W)),
+                      i64((g.kh - 1) * g.W + (g.OW - 1) * g.sw + g.kw))
+            mask = tail_mask(b, n, self.L)
+        h0 = b.mul(r, i64(g.sh), name="row.base")
+        loads = [(list(range(g.kh)), b.mul(h0, i64(g.W)), mask)]
+        body(p, i64(0), i64(0), r, h0, out_mask, loads)
+
+    def taps(self, i, j):
+        return _ivec(self.lay.lanes(self.g, i, j))
+
+    def out_offset(self, r, c0):
+        return self.b.add(self.b.mul(r, i64(self.g.OW)), c0)
+
+    def store(self, value, ptr, r, c0, out_mask):
+        masked_store(self.b, value, ptr, self.out_offset(r, c0), out_mask)
+
+
+def _plane_ptr(b, ptr, p, size: int, ty, name: str):
+    return gep(b, ptr, b.mul(p, i64(size)), ty, name=name)
+
+
+# --------------------------------------------------------------------------- forward kernels
+def _lower_pool(module, name, ins, mode: str):
+    """max_pool2d ("max"), max_pool2d_argmax ("argmax"), both at once ("max+argmax": out is the
+    max, in0 the argmax output, in1 x) or avg_pool2d ("avg")."""
+    x_t = ins.inputs[0].type
+    g = _geom(x_t.shape, ins.out.type.shape, ins.params)
+    n_in = 2 if mode == "max+argmax" else 1
+    b, args = _define(module, name, n_in)
+    out = args[0]
+    idx_out = args[1] if mode == "max+argmax" else (out if mode == "argmax" else None)
+    x = args[n_in]
+    tid, nthreads = args[-2], args[-1]
+    w = _Window(b, g, x_t.dtype, ins.prim.name)
+    T, V = w.T, w.V
+    want_max, want_idx = mode in ("max", "max+argmax"), mode in ("argmax", "max+argmax")
+    fill = 0.0 if mode == "avg" else float("-inf")
+    fill_vec = ir.Constant(w.wide_ty, [fill] * w.L)
+    undef = ir.Constant(w.wide_ty, ir.Undefined)
+    start, stop = _plane_range(b, tid, nthreads, g.planes)
+
+    def body(p, c0, base, r, h0, out_mask, loads):
+        x_p = _plane_ptr(b, x, p, g.H * g.W, T, "x.plane")
+        acc = best = bidx = None
+        if want_idx:
+            best = ir.Constant(w.vty, [float("-inf")] * V)
+            bidx = _first_real_tap(b, w, base, h0, loads)
+        for rows, off, mask in loads:
+            wide = _wide_load(b, x_p, off, w.wide_ty, mask, fill_vec)
+            off32 = b.trunc(off, I32)
+            for i in rows:
+                for j in range(g.kw):
+                    v = b.shuffle_vector(wide, undef, w.taps(i, j), name=f"tap{i}{j}")
+                    if want_idx:
+                        # first NaN or first strict maximum; NaN stays once found
+                        upd = b.and_(b.fcmp_unordered(">", v, best), b.fcmp_ordered("ord", best, best))
+                        best = b.select(upd, v, best)
+                        tap_idx = b.add(splat(b, off32, V), w.taps(i, j))
+                        bidx = b.select(upd, tap_idx, bidx)
+                    elif acc is None:
+                        acc = v
+                    elif mode == "avg":
+                        acc = b.fadd(acc, v)
+                    else:
+                        upd = b.and_(b.fcmp_unordered(">", v, acc), b.fcmp_ordered("ord", acc, acc))
+                        acc = b.select(upd, v, acc)
+        if mode == "avg":
+            acc = b.fdiv(acc, ir.Constant(w.vty, [float(g.kh * g.kw)] * V))
+        if want_idx:
+            w.store(bidx, _plane_ptr(b, idx_out, p, g.OH * g.OW, I32, "idx.plane"), r, c0, out_mask)
+        if want_max or mode == "avg":
+            w.store(best if acc is None else acc, _plane_ptr(b, out, p, g.OH * g.OW, T, "out.plane"),
+                    r, c0, out_mask)
+
+    w.loop(start, stop, body)
+    b.ret_void()
+
+
+def _first_real_tap(b, w: _Window, base, h0, loads):
+    """Index of each window's first non-padding element: where the argmax starts, so that padding
+    (-inf) never wins, not even against real -inf."""
+    g, V = w.g, w.V
+    if w.lay.R > 1:   # no padding: tap (0, 0)
+        return b.add(splat(b, b.trunc(loads[0][1], I32), V), w.taps(0, 0))
+    h = b.select(b.icmp_signed("<", h0, i64(0)), i64(0), h0)
+    cols = b.add(splat(b, b.trunc(base, I32), V), _ivec([l * g.sw for l in range(V)]))
+    zero = _ivec([0] * V)
+    cols = b.select(b.icmp_signed("<", cols, zero), zero, cols)
+    return b.add(splat(b, b.trunc(b.mul(h, i64(g.W)), I32), V), cols)
+
+
+@register("max_pool2d")
+def _max_pool2d_lower(module, name, ins):
+    _lower_pool(module, name, ins, "max")
+
+
+@register("max_pool2d_argmax")
+def _max_pool2d_argmax_lower(module, name, ins):
+    _lower_pool(module, name, ins, "argmax")
+
+
+@register("avg_pool2d")
+def _avg_pool2d_lower(module, name, ins):
+    _lower_pool(module, name, ins, "avg")
+
+
+def lower_max_pool2d_with_argmax(module, name, ins):
+    """A fused kernel for the fusion scheduler: max_pool2d `ins` and the argmax of the same x and
+    window in one pass, `void name(ptr out, ptr idx_out, ptr x, ptr scratch, i64 tid, i64 n)`.
+    Not registered: the contract is one primitive per kernel."""
+    _lower_pool(module, name, ins, "max+argmax")
+
+
+# --------------------------------------------------------------------------- backward kernels
+def _spread(b, w: _Window, v, cover, depth: int, other):
+    """The wide vector with, at each lane, output lane cover[q][depth] of v (else a lane of
+    `other`, a vector of v's type)."""
+    return b.shuffle_vector(v, other, _ivec([c[depth] if len(c) > depth else w.V for c in cover]))
+
+
+@register("avg_pool2d_grad")
+def _avg_pool2d_grad_lower(module, name, ins):
+    """Each output's ct/(kh*kw) spread over its window: one shuffle per wide access when the
+    windows do not overlap (stored directly), else a read-modify-write of the sum."""
+    ct_t = ins.inputs[0].type
+    g = _geom(ins.out.type.shape, ct_t.shape, ins.params)
+    b, (out, ct, _scratch, tid, nthreads) = _define(module, name, 1)
+    w = _Window(b, g, ct_t.dtype, ins.prim.name)
+    T, V, L = w.T, w.V, w.L
+    zero_v, zero_w = ir.Constant(w.vty, [0.0] * V), ir.Constant(w.wide_ty, [0.0] * L)
+    start, stop = _plane_range(b, tid, nthreads, g.planes)
+    tiles = g.ph == g.pw == 0 and (g.kh, g.kw) == (g.sh, g.sw) and (g.H, g.W) == (g.OH * g.sh,
+                                                                                 g.OW * g.sw)
+
+    overlap = g.kh > g.sh or g.kw > g.sw
+
+    def zero_plane(p):   # unless the windows tile the plane exactly
+        if not tiles:
+            _zero(b, _plane_ptr(b, out, p, g.H * g.W, T, "out.plane"), g.H * g.W, T, V, ins.prim.name)
+
+    def body(p, c0, base, r, h0, out_mask, loads):
+        out_p = _plane_ptr(b, out, p, g.H * g.W, T, "out.plane")
+        ct_p = _plane_ptr(b, ct, p, g.OH * g.OW, T, "ct.plane")
+        ctv = _wide_load(b, ct_p, w.out_offset(r, c0), w.vty, out_mask, zero_v)
+        ctv = b.fdiv(ctv, ir.Constant(w.vty, [float(g.kh * g.kw)] * V), name="ct.scaled")
+        for rows, off, mask in loads:
+            cover = w.lay.cover(g, rows)
+            depth = max(len(c) for c in cover)
+            add = _spread(b, w, ctv, cover, 0, zero_v)
+            for d in range(1, depth):
+                add = b.fadd(add, _spread(b, w, ctv, cover, d, zero_v))
+            if overlap:   # add to what other windows wrote
+                add = b.fadd(_wide_load(b, out_p, off, w.wide_ty, mask, zero_w), add)
+            _wide_store(b, add, out_p, off, mask)
+
+    w.loop(start, stop, body, zero_plane)
+    b.ret_void()
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    shape: tuple            # (H, W) of the input planes
+    geom: _Geom | None      # blocks as windows with stride == kernel, or None
+
+
+def _indexed_kernel(module, name, ins):
+    """Set-up of max_pool2d_grad / _gather (ins: data, idx[N,C,OH,OW]): the function, its plane
+    range, and the disjoint blocks (H//OH x W//OW, one per output) that max-pool windows are when
+    the stride equals the kernel, where these kernels look for each index first. No blocks when
+    they are degenerate (stride-1 pooling) or too large to unroll."""
+    b, args = _define(module, name, 2)
+    n, c, OH, OW = ins.inputs[1].type.shape
+    H, W = ins.inputs[0].type.shape[2:] if ins.prim.name == "max_pool2d_gather" else \
+        ins.out.type.shape[2:]
+    bh, bw = H // OH, W // OW
+    ok = 1 <= bh <= 5 and 1 <= bw <= 5 and bh * bw >= 2
+    geom = _Geom(n * c, H, W, OH, OW, bh, bw, bh, bw, 0, 0) if ok else None
+    return b, args, _plane_range(b, args[-2], args[-1], n * c), _Blocks((H, W), geom)
+
+
+def _outside_block(b, w: _Window, idxv, loads, out_mask):
+    """Lanes (of out_mask) whose index is not in the output's block."""
+    g = w.g
+    d = b.sub(idxv, b.add(splat(b, b.trunc(loads[0][1], I32), w.V), w.taps(0, 0)))
+    inside = None
+    for dh in range(g.kh):
+        dd = b.sub(d, _ivec([dh * g.W] * w.V)) if dh else d
+        t = b.icmp_unsigned("<", dd, _ivec([g.kw] * w.V))
+        inside = t if inside is None else b.or_(inside, t)
+    return b.and_(out_mask, b.not_(inside), name="outside")
+
+
+def _any(b, mask):
+    n = mask.type.count
+    f = intrinsic(b.module, f"llvm.vector.reduce.or.v{n}i1", I1, [mask.type])
+    return b.call(f, [mask])
+
+
+def _scatter_add(b, g_hw: int, ohw_shape, out_p, ct_p, idx_p, T, block: _Geom | None):
+    """out_p[idx] += ct for the outputs of a plane whose index is not in their block (all when
+    block is None); indices outside the plane are skipped."""
+    OH, OW = ohw_shape
+    with for_range(b, 0, OH, name="max_pool2d_grad.scatter.oh") as r:
+        with for_range(b, 0, OW, name="max_pool2d_grad.scatter.ow") as c:
+            o = b.add(b.mul(r, i64(OW)), c)
+            k = b.sext(load(b, idx_p, o, I32, name="k"), I64)
+            ok = b.icmp_unsigned("<", k, i64(g_hw))
+            if block is not None:
+                d = b.sub(k, b.add(b.mul(r, i64(block.kh * block.W)), b.mul(c, i64(block.kw))))
+                for dh in range(block.kh):
+                    inside = b.icmp_unsigned("<", b.sub(d, i64(dh * block.W)), i64(block.kw))
+                    ok = b.and_(ok, b.not_(inside))
+            with if_then(b, ok, name="max_pool2d_grad.add"):
+                dst = gep(b, out_p, k, T)
+                b.store(b.fadd(b.load(dst, typ=T), load(b, ct_p, o, T)), dst)
+
+
+@register("max_pool2d_grad")
+def _max_pool2d_grad_lower(module, name, ins):
+    """Scatter-add of ct to idx. When the plane splits into disjoint blocks, one per output (the
+    windows of stride == kernel pooling), it is dense: each block lane gets ct where idx points at
+    it, else 0 - vector compares and selects. Indices outside their block (overlapping windows)
+    are added by a scalar pass afterwards, only in planes that have any."""
+    ct_t = ins.inputs[0].type
+    b, (out, ct, idx, _, _, _), (start, stop), block = _indexed_kernel(module, name, ins)
+    (H, W), (OH, OW), T = block.shape, ct_t.shape[2:], llvm_type(ct_t.dtype)
+    block = block.geom
+    ptrs = lambda p: (_plane_ptr(b, out, p, H * W, T, "out.plane"),
+                      _plane_ptr(b, ct, p, OH * OW, T, "ct.plane"),
+                      _plane_ptr(b, idx, p, OH * OW, I32, "idx.plane"))
+    if block is None:
+        V = vector_width(64 if ct_t.dtype == "f64" else 32)
+        with for_range(b, start, stop, name="max_pool2d_grad.plane") as p:
+            out_p, ct_p, idx_p = ptrs(p)
+            _zero(b, out_p, H * W, T, V, "max_pool2d_grad")
+            _scatter_add(b, H * W, (OH, OW), out_p, ct_p, idx_p, T, None)
+        b.ret_void()
+        return
+
+    w = _Window(b, block, ct_t.dtype, ins.prim.name)
+    V, L = w.V, w.L
+    any_outside = b.alloca(I1, name="any_outside")
+    zero_v = ir.Constant(w.vty, [0.0] * V)
+    none_v = ir.Constant(vec(I32, V), [-1] * V)
+
+    def begin_plane(p):
+        b.store(ir.Constant(I1, 0), any_outside)
+        if (H, W) != (OH * block.kh, OW * block.kw):   # rows/columns beyond the last block
+            _zero(b, ptrs(p)[0], H * W, T, V, "max_pool2d_grad")
+
+    def body(p, c0, base, r, h0, out_mask, loads):
+        out_p, ct_p, idx_p = ptrs(p)
+        ctv = _wide_load(b, ct_p, w.out_offset(r, c0), w.vty, out_mask, zero_v)
+        idxv = _wide_load(b, idx_p, w.out_offset(r, c0), vec(I32, V), out_mask, none_v)
+        outside = _any(b, _outside_block(b, w, idxv, loads, out_mask))
+        b.store(b.or_(b.load(any_outside), outside), any_outside)
+        for rows, off, mask in loads:
+            cover = w.lay.cover(block, rows)
+            at = b.add(splat(b, b.trunc(off, I32), L), _ivec(range(L)), name="at")
+            hit = b.icmp_signed("==", _spread(b, w, idxv, cover, 0, none_v), at)
+            val = b.select(hit, _spread(b, w, ctv, cover, 0, zero_v), ir.Constant(w.wide_ty, [0.0] * L))
+            _wide_store(b, val, out_p, off, mask)
+
+    def end_plane(p):
+        with if_then(b, b.load(any_outside), name="max_pool2d_grad.outside"):
+            _scatter_add(b, H * W, (OH, OW), *ptrs(p), T, block)
+
+    w.loop(start, stop, body, begin_plane, end_plane)
+    b.ret_void()
+
+
+@register("max_pool2d_gather")
+def _max_pool2d_gather_lower(module, name, ins):
+    """g at idx per plane. With disjoint blocks (see max_pool2d_grad) a vector of outputs selects
+    among its blocks' taps (wide loads and shuffles, as max_pool2d reads x); a vector with an
+    index outside its block is gathered with scalar loads instead."""
+    g_t = ins.inputs[0].type
+    b, (out, g, idx, _, _, _), (start, stop), block = _indexed_kernel(module, name, ins)
+    (H, W), (OH, OW), T = block.shape, ins.out.type.shape[2:], llvm_type(g_t.dtype)
+    block = block.geom
+
+    def scalar_gather(g_p, k):
+        ok = b.icmp_unsigned("<", k, i64(H * W))
+        v = load(b, g_p, b.select(ok, k, i64(0)), T)
+        return b.select(ok, v, ir.Constant(T, 0.0))
+
+    if block is None:
+        with for_range(b, start, stop, name="max_pool2d_gather.plane") as p:
+            g_p = _plane_ptr(b, g, p, H * W, T, "g.plane")
+            out_p = _plane_ptr(b, out, p, OH * OW, T, "out.plane")
+            idx_p = _plane_ptr(b, idx, p, OH * OW, I32, "idx.plane")
+            with for_range(b, 0, OH * OW, name="max_pool2d_gather.o") as o:
+                k = b.sext(load(b, idx_p, o, I32, name="k"), I64)
+                store(b, scalar_gather(g_p, k), out_p, o, T)
+        b.ret_void()
+        return
+
+    w = _Window(b, block, g_t.dtype, ins.prim.name)
+    V = w.V
+    slot = b.alloca(w.vty, name="gathered")
+    zero_w = ir.Constant(w.wide_ty, [0.0] * w.L)
+    undef = ir.Constant(w.wide_ty, ir.Undefined)
+
+    def body(p, c0, base, r, h0, out_mask, loads):
+        g_p = _plane_ptr(b, g, p, H * W, T, "g.plane")
+        idx_p = _plane_ptr(b, idx, p, OH * OW, I32, "idx.plane")
+        idxv = _wide_load(b, idx_p, w.out_offset(r, c0), vec(I32, V), out_mask,
+                          ir.Constant(vec(I32, V), [-1] * V))
+        val = ir.Constant(w.vty, [0.0] * V)
+        for rows, off, mask in loads:
+            wide = _wide_load(b, g_p, off, w.wide_ty, mask, zero_w)
+            for i in rows:
+                for j in range(block.kw):
+                    at = b.add(splat(b, b.trunc(off, I32), V), w.taps(i, j))
+                    tap = b.shuffle_vector(wide, undef, w.taps(i, j))
+                    val = b.select(b.icmp_signed("==", idxv, at), tap, val)
+        b.store(val, slot)
+        with if_then(b, _any(b, _outside_block(b, w, idxv, loads, out_mask)),
+                     name="max_pool2d_gather.outside"):
+            v = ir.Constant(w.vty, ir.Undefined)
+            for l in range(V):
+                k = b.sext(b.extract_element(idxv, i32(l)), I64)
+                v = b.insert_element(v, scalar_gather(g_p, k), i32(l))
+            b.store(v, slot)
+        w.store(b.load(slot), _plane_ptr(b, out, p, OH * OW, T, "out.plane"), r, c0, out_mask)
+
+    w.loop(start, stop, body)
+    b.ret_void()
