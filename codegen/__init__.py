@@ -16,10 +16,18 @@ def describe(fn) -> str:
     from .kernels import _load_all, kernels
     _load_all()
 
-    def scratch(ins):
+    def kernel(ins):
         try:
-            return kernels[ins.prim].scratch_bytes(ins, 1)
+            return kernels[ins.prim]
         except Exception:  # a kernel not written yet must not break the dump
-            return 0
-    p = schedule.plan(fn, scratch)
+            return None
+
+    def scratch(ins):
+        k = kernel(ins)
+        return k.scratch_bytes(ins, 1) if k is not None else 0
+
+    def epilogue(ins):
+        k = kernel(ins)
+        return k is not None and k.epilogue
+    p = schedule.plan(fn, scratch, epilogue)
     return "\n".join([print_function(fn, annotate=schedule.annotate(p)), schedule.summary(p)])

@@ -454,3 +454,75 @@ def _lower_reduce(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base):
             inner()
         else:
             nest(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# epilogues: a fused loop applied in place by a loop-nest kernel to each block it finishes
+# ------------------------------------------------------------------------------------------------
+class Epilogue:
+    """The fused loop `group` (whose input `value` is a loop-nest kernel's result) as an epilogue
+    of that kernel. The kernel function gets `n_args` extra pointer arguments (the other buffers
+    the loop reads), placed right after its inputs, and calls
+
+        epilogue.call(b, out, extra_args, start, count)
+
+    after it has written the elements [start, start + count) of its output (flat indices; start
+    and count are i64 values, whole multiples of the output's last dimension). The call rewrites
+    those elements in place from the kernel's result to the epilogue's result."""
+
+    def __init__(self, group, value: Value, name: str):
+        self.group = group
+        self.value = value
+        self.name = name
+        self.leaves = [v for v in group.leaves if v is not value]
+        self.n_args = len(self.leaves)
+        self._fn = None
+
+    def describe(self) -> str:
+        return ", ".join(m.prim.name for m in self.group.members if m.prim.name != "const")
+
+    def function(self, module: ir.Module) -> ir.Function:
+        if self._fn is not None:
+            return self._fn
+        fn = ir.Function(module, ir.FunctionType(VOID, [PTR] * (1 + self.n_args) + [I64, I64]),
+                         self.name)
+        fn.linkage = "internal"
+        fn.attributes.add("alwaysinline")
+        out = fn.args[0]
+        out.name = "out"
+        for k, a in enumerate(fn.args[1:1 + self.n_args]):
+            a.name = f"epi{k}"
+            a.add_attribute("noalias")
+        start, count = fn.args[-2], fn.args[-1]
+        start.name, count.name = "start", "count"
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        root = self.group.root
+        shape = root.out.shape
+        members = {id(m) for m in self.group.members}
+        leaf_ptrs = {id(v): a for v, a in zip(self.leaves, fn.args[1:1 + self.n_args])}
+        leaf_ptrs[id(self.value)] = out
+        base = f"{self.name}"
+        if is_flat(self.group):
+            with for_range(b, start, b.add(start, count), 1, f"{base}.i") as i:
+                val = _Element(b, leaf_ptrs, members, flat=True).value(root.out, [i])
+                _store_value(b, val, out, i, root.out.dtype)
+        else:
+            inner = shape[-1]
+            r0 = b.sdiv(start, i64(inner), name=f"{base}.row0")
+            r1 = b.sdiv(b.add(start, count), i64(inner), name=f"{base}.row1")
+            with for_range(b, r0, r1, 1, f"{base}.row") as r:
+                prefix, rest = [], r
+                for n in reversed(shape[:-1]):
+                    prefix.append(b.srem(rest, i64(n)))
+                    rest = b.sdiv(rest, i64(n))
+                prefix.reverse()
+                row_off = b.mul(r, i64(inner))
+                with for_range(b, 0, inner, 1, f"{base}.col") as j:
+                    val = _Element(b, leaf_ptrs, members).value(root.out, prefix + [j])
+                    _store_value(b, val, out, b.add(row_off, j), root.out.dtype)
+        b.ret_void()
+        self._fn = fn
+        return fn
+
+    def call(self, b: ir.IRBuilder, out, extra_args, start, count):
+        b.call(self.function(b.module), [out] + list(extra_args) + [start, count])

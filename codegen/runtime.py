@@ -15,6 +15,7 @@ copies the outputs the plan says are copies.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
 
@@ -57,7 +58,8 @@ class NativeFunction:
         self.fn = fn
         self.max_threads = max_threads or parallel.default_threads()
         self.plan = schedule.plan(
-            fn, lambda ins: kernels[ins.prim].scratch_bytes(ins, self.max_threads))
+            fn, lambda ins: kernels[ins.prim].scratch_bytes(ins, self.max_threads),
+            lambda ins: kernels[ins.prim].epilogue and not os.environ.get("TRACEJIT_NO_EPILOGUES"))
         module = self._build_module()
         self.llvm_ir_unoptimized = str(module)
         t1 = time.perf_counter()
@@ -83,7 +85,11 @@ class NativeFunction:
         for g in plan.groups:
             fname = g.name
             try:
-                if g.kind == "nn":
+                if g.kind == "nn" and g.epilogue is not None:
+                    epi = fused.Epilogue(g.epilogue, g.root.out, f"{fname}.epilogue")
+                    kernels[g.root.prim].lower(module, fname, g.root, epilogue=epi)
+                    kernel_fns.append(module.globals[fname])
+                elif g.kind == "nn":
                     kernels[g.root.prim].lower(module, fname, g.root)
                     kernel_fns.append(module.globals[fname])
                 else:
@@ -126,7 +132,7 @@ class NativeFunction:
             return p
 
         for g, kfn in zip(plan.groups, kernel_fns):
-            args = [pointer(g.root.out)] + [pointer(v) for v in g.leaves]
+            args = [pointer(g.result)] + [pointer(v) for v in g.leaves + g.extra_leaves]
             scratch = b.gep(arena_arg, [i64(g.scratch)], source_etype=ir.IntType(8)) \
                 if g.scratch_bytes else ir.Constant(PTR, None)
             parallel.emit_call(module, b, kfn, args + [scratch], nthreads_arg,

@@ -36,6 +36,21 @@ class Group:
     leaves: list = field(default_factory=list)    # materialized values read (in argument order)
     scratch: int = 0                              # arena offset of the kernel's scratch, if any
     scratch_bytes: int = 0
+    # A loop-nest kernel may absorb the fused loop that consumes its result (bias, relu, ...):
+    # it writes its result into the epilogue's buffer and transforms each finished block in place.
+    epilogue: "Group | None" = None
+
+    @property
+    def result(self) -> Value:
+        """The value this kernel leaves in memory."""
+        return self.epilogue.root.out if self.epilogue is not None else self.root.out
+
+    @property
+    def extra_leaves(self) -> list:
+        """Buffers the epilogue reads besides the kernel's own result."""
+        if self.epilogue is None:
+            return []
+        return [v for v in self.epilogue.leaves if v is not self.root.out]
 
     @property
     def name(self):
@@ -123,10 +138,11 @@ def materialized_values(fn: Function) -> set:
     return mat
 
 
-def plan(fn: Function, scratch_bytes=None) -> Plan:
+def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None) -> Plan:
     """Group `fn`'s instructions into kernels and place every buffer.
 
-    `scratch_bytes(instr) -> int` gives the scratch a loop-nest kernel needs."""
+    `scratch_bytes(instr) -> int` gives the scratch a loop-nest kernel needs;
+    `fuses_epilogue(instr) -> bool` says whether its kernel can absorb an elementwise epilogue."""
     mat = materialized_values(fn)
     producer = {id(i.out): i for i in fn.instrs}
     locations: dict[int, Location] = {}
@@ -164,9 +180,57 @@ def plan(fn: Function, scratch_bytes=None) -> Plan:
             g = Group(len(groups), "loop", ins, members, leaves)
         groups.append(g)
 
+    if fuses_epilogue is not None:
+        groups = _fuse_epilogues(fn, groups, locations, fuses_epilogue)
     arena = _place_arena(fn, groups, mat, locations, producer)
     saved = _saved_for_backward(fn, mat)
     return Plan(fn, mat, groups, locations, arena, out_copies, saved)
+
+
+def _fuse_epilogues(fn: Function, groups: list, locations: dict, fuses_epilogue) -> list:
+    """Move each fused loop that is the only reader of a loop-nest kernel's result, reads it
+    elementwise at its own index, and has the same shape and dtype, into that kernel as an
+    epilogue. Its other buffers must exist before the kernel runs."""
+    readers: dict[int, list] = {}
+    for g in groups:
+        for v in g.leaves:
+            readers.setdefault(id(v), []).append(g)
+    outputs = {id(o) for o in fn.outputs}
+    made_by: dict[int, Group] = {id(g.root.out): g for g in groups}
+    order = {id(g): k for k, g in enumerate(groups)}
+    absorbed = set()
+    for g in groups:
+        if g.kind != "loop" or g.root.prim.kind == "reduce":
+            continue
+        for v in g.leaves:
+            k = made_by.get(id(v))
+            if k is None or k.kind != "nn" or k.epilogue is not None or id(v) in outputs \
+                    or not fuses_epilogue(k.root) or readers.get(id(v)) != [g] \
+                    or v.type != g.root.out.type or not _elementwise_path(g, v):
+                continue
+            others_ready = all(
+                (made_by.get(id(x)) is None or order[id(made_by[id(x)])] < order[id(k)])
+                for x in g.leaves if x is not v)
+            if not others_ready:
+                continue
+            k.epilogue = g
+            absorbed.add(id(g))
+            break
+    kept = [g for g in groups if id(g) not in absorbed]
+    for i, g in enumerate(kept):
+        g.index = i
+    return kept
+
+
+def _elementwise_path(g: Group, v: Value) -> bool:
+    """Does every instruction of `g` that depends on `v` compute elementwise (same index)?"""
+    depends = {id(v)}
+    for m in g.members:
+        if any(id(x) in depends for x in m.inputs):
+            if not m.prim.elementwise:
+                return False
+            depends.add(id(m.out))
+    return True
 
 
 def _fused_tree(root: Instr, mat: set, producer: dict):
@@ -200,7 +264,7 @@ def _place_arena(fn, groups, mat, locations, producer) -> int:
     """Assign arena offsets to intermediate buffers and kernel scratch by liveness."""
     last_use: dict[int, int] = {}
     for g in groups:
-        for leaf in g.leaves:
+        for leaf in g.leaves + g.extra_leaves:
             last_use[id(_base(leaf, locations))] = g.index
     for o in fn.outputs:
         last_use[id(_base(o, locations))] = len(groups)
@@ -218,7 +282,7 @@ def _place_arena(fn, groups, mat, locations, producer) -> int:
         return offset
 
     for g in groups:
-        v = g.root.out
+        v = g.result
         if id(v) not in locations:
             locations[id(v)] = Location("arena", allocate(v.type.nbytes, g.index,
                                                           last_use.get(id(v), g.index)))
@@ -247,7 +311,7 @@ def annotate(p: Plan):
     by_root = {id(g.root): g for g in p.groups}
     members = {}
     for g in p.groups:
-        for m in g.members:
+        for m in g.members + (g.epilogue.members if g.epilogue is not None else []):
             members.setdefault(id(m), g)
 
     def note(ins: Instr):
@@ -257,7 +321,11 @@ def annotate(p: Plan):
         if g is None:
             return None, tag
         if g.kind == "nn":
-            return f"// kernel k{g.index}: loop nest {g.root.prim.name} -> {g.root.out.type}", tag
+            head = f"// kernel k{g.index}: loop nest {g.root.prim.name} -> {g.root.out.type}"
+            if g.epilogue is not None:
+                ops = [m.prim.name for m in g.epilogue.members if m.prim.name != "const"]
+                head += f", epilogue {', '.join(ops)} applied in place to each finished block"
+            return head, tag
         ops = [m.prim.name for m in g.members if m.prim.name != "const"]
         return (f"// kernel k{g.index}: one fused loop over {g.root.out.type} computing "
                 f"{', '.join(ops)} from {len(g.leaves)} buffers"), tag

@@ -16,6 +16,12 @@ Thread `tid` of `nthreads` (0 <= tid < nthreads) writes a disjoint part of `out`
 threads together cover `out` entirely and overwrite it (out is not zeroed beforehand). `scratch`
 points to `scratch_bytes(ins, nthreads)` bytes (64-byte aligned, uninitialised, shared by the
 threads of one call: give each thread its own region).
+
+Epilogues: a kernel registered with `epilogue=True` is called as
+`lower(module, name, ins, epilogue=e)` where `e` is None or a `codegen.fused.Epilogue`. With one,
+the function takes `e.n_args` more pointers right after its inputs, and after writing each block of
+its output it calls `e.call(builder, out, extra_args, start, count)` for that block's flat range
+(whole multiples of the last dimension); the epilogue rewrites the block in place.
 """
 from __future__ import annotations
 
@@ -29,14 +35,16 @@ from ir.core import Registry, primitives
 class Kernel:
     lower: Callable
     scratch_bytes: Callable = staticmethod(lambda ins, nthreads: 0)
+    epilogue: bool = False
 
 
 kernels = Registry("kernel lowering")
 
 
-def register(prim_name: str, scratch_bytes: Callable | None = None):
+def register(prim_name: str, scratch_bytes: Callable | None = None, epilogue: bool = False):
     def deco(fn):
-        kernels[primitives[prim_name]] = Kernel(fn, scratch_bytes or (lambda ins, nthreads: 0))
+        kernels[primitives[prim_name]] = Kernel(fn, scratch_bytes or (lambda ins, nthreads: 0),
+                                                epilogue)
         return fn
     return deco
 
