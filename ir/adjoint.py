@@ -67,7 +67,12 @@ def grad_function(fn: Function, wrt: Sequence[int], name: str | None = None) -> 
 
     with building(b):
         if id(loss) in active:
-            ct[id(loss)] = lax.full(1.0, (), loss.dtype)
+            # the seed belongs to the loss's instruction (not to whichever line triggered tracing)
+            if loss.instr is not None:
+                with adjoint_scope(b, loss.instr):
+                    ct[id(loss)] = lax.full(1.0, (), loss.dtype)
+            else:
+                ct[id(loss)] = lax.full(1.0, (), loss.dtype)
         for ins in reversed(base.instrs):
             c = ct.pop(id(ins.out), None)
             if c is None:
