@@ -255,6 +255,15 @@ def check_op(case, backend, dtype):
             check_second_order(case, backend)
 
 
+def check_kink(kink, backend, dtype):
+    """The gradient at a kink (optable.KINKS) is the documented one, exactly."""
+    x = np.array(kink.x, dtype=NP_DTYPES[dtype])
+    with use_backend(backend):
+        g = tracejit.jit_grad(kink.fn)(x)
+    assert g.dtype == x.dtype
+    np.testing.assert_array_equal(g, np.array(kink.grad, dtype=x.dtype), err_msg=kink.id)
+
+
 # ------------------------------------------------------------------------------------------------
 # the corpus (see corpus.Program)
 # ------------------------------------------------------------------------------------------------

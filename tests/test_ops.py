@@ -1,7 +1,10 @@
 """The per-op table (tests/optable.py) on the reference interpreter: forward against numpy,
 gradients against float64 central differences, the inner-product test and second derivatives."""
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 import tracejit
 import helpers
@@ -32,6 +35,12 @@ def test_inner_product(case):
 @pytest.mark.parametrize("case", SECOND_ORDER_CASES, ids=case_id)
 def test_second_order(case):
     helpers.check_second_order(case, BACKEND)
+
+
+@pytest.mark.parametrize("dtype", ["f64", "f32"])
+@pytest.mark.parametrize("kink", optable.KINKS, ids=lambda k: k.id)
+def test_gradient_conventions_at_kinks(kink, dtype):
+    helpers.check_kink(kink, BACKEND, dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,3 +97,50 @@ def test_stop_gradient_blocks_the_gradient():
     inner = tracejit.jit_grad(lambda y: (y * tracejit.stop_gradient(y) ** 2).sum())
     np.testing.assert_array_equal(inner(x), x ** 2)
     np.testing.assert_array_equal(tracejit.jit_grad(lambda x: inner(x).sum())(x), 0 * x)
+
+
+# ------------------------------------------------------------------------------------------------
+# generated shapes and indices (hypothesis, derandomized so every run checks the same examples)
+# ------------------------------------------------------------------------------------------------
+GENERATED = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def unbroadcast(g, shape):
+    """Sum `g` over the dimensions that broadcasting added or stretched to reach g.shape."""
+    g = g.sum(axis=tuple(range(g.ndim - len(shape))))
+    return g.sum(axis=tuple(i for i, n in enumerate(shape) if n == 1), keepdims=True)
+
+
+@GENERATED
+@given(shapes=hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=3, max_side=3),
+       op=st.sampled_from(["add", "subtract", "multiply", "maximum"]))
+def test_generated_broadcasting(shapes, op):
+    (sa, sb), out = shapes
+    rng = helpers.rng_for(op, sa, sb)
+    a = np.asarray(rng.permutation(int(np.prod(sa))).reshape(sa), dtype=np.float64)
+    b = np.asarray(rng.permutation(int(np.prod(sb))).reshape(sb) + 0.5)  # never equals a: no ties
+    ct = rng.normal(size=out)
+    f = getattr(tracejit, op)
+    ga, gb = tracejit.jit_grad(lambda a, b: (f(a, b) * ct).sum(), argnums=(0, 1))(a, b)
+    np.testing.assert_array_equal(tracejit.jit(f)(a, b), getattr(np, op)(a, b))
+    da, db = {"add": (1.0, 1.0), "subtract": (1.0, -1.0), "multiply": (b, a),
+              "maximum": (a > b, b > a)}[op]
+    np.testing.assert_allclose(ga, unbroadcast(ct * da, sa), rtol=1e-12)
+    np.testing.assert_allclose(gb, unbroadcast(ct * db, sb), rtol=1e-12)
+
+
+@GENERATED
+@given(data=st.data(), shape=hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=4))
+def test_generated_basic_indexing(data, shape):
+    index = data.draw(hnp.basic_indices(shape, allow_newaxis=True, allow_ellipsis=True).filter(
+        lambda ix: all(not isinstance(i, slice) or (i.step or 1) > 0
+                       for i in (ix if isinstance(ix, tuple) else (ix,)))))
+    x = np.arange(np.prod(shape), dtype=np.float64).reshape(shape)
+    expected = x[index]
+    ct = helpers.rng_for(shape, repr(index)).normal(size=np.shape(expected))
+    np.testing.assert_array_equal(tracejit.jit(lambda x: x[index])(x), expected)
+    g = tracejit.jit_grad(lambda x: (x[index] * ct).sum())(x)
+    want = np.zeros_like(x)
+    want[index] = ct
+    np.testing.assert_array_equal(g, want)
