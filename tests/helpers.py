@@ -24,6 +24,7 @@ import zlib
 
 import numpy as np
 
+import corpus
 import tracejit
 
 NP_DTYPES = {"f64": np.float64, "f32": np.float32}
@@ -274,7 +275,6 @@ def program_args(prog, dtype="f64"):
 @functools.lru_cache(maxsize=None)
 def program_functions(prog):
     """forward, value_and_grad and hvp (gradient of <grad, r> with r drawn per program)."""
-    import corpus
     fun = corpus.traceable(prog)
     vg = tracejit.jit_value_and_grad(fun, argnums=prog.argnums)
     rng = rng_for(prog.name, "r")
@@ -295,7 +295,6 @@ def tree_vdot_traced(a, b):
 
 
 def _ref_loss(prog):
-    import corpus
     return lambda *args: prog.loss(corpus.NP, *args)
 
 

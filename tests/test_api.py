@@ -2,6 +2,8 @@
 value_and_grad, jit, static arguments, the compile cache, nested jit_grad, eager evaluation on numpy
 arrays, the numpy protocols and output dtypes."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -379,8 +381,6 @@ assert not loaded, loaded
 
 
 def test_the_interpreter_path_needs_no_llvm():
-    import subprocess
-    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", NO_LLVM_PROGRAM], env=env, cwd=root,

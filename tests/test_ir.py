@@ -425,3 +425,17 @@ def test_optimize_keeps_provenance():
     assert any(i.adj_of is not None for i in opt.instrs)
     assert all(i.adj_of is None or i.adj_of in opt.instrs or i.adj_of in grad.instrs
                for i in opt.instrs)
+
+
+def test_grad_stage_has_no_dead_or_inactive_code():
+    def f(x, y):
+        tracejit.exp(x)                       # dead: nothing uses it
+        return (x * tracejit.sin(y)).sum()    # sin(y) needs no cotangent: y is not differentiated
+
+    g = tracejit.jit_grad(f)
+    args = (np.ones(2), np.ones(2))
+    assert "exp %x" in g.ir(*args, stage="forward")
+    grad = g.ir(*args, stage="grad")
+    assert "exp" not in grad and "%y.adj" not in grad and "cos" not in grad
+    assert [line.split(" = ")[1].split()[0] for line in grad.splitlines() if "adj of" in line] == \
+        ["broadcast_in_dim", "mul"]
