@@ -229,7 +229,8 @@ def check_inner_product(case, backend):
     lhs = float(np.vdot(fns["ct"], jt))
     rhs = sum(float(np.vdot(g, t)) for g, t in zip(grads, ts))
     scale = 1.0 + float(np.sum(np.abs(fns["ct"] * jt)))
-    assert abs(lhs - rhs) <= 1e-6 * scale, f"{case.id}: <ct, J t> = {lhs!r} but <J^T ct, t> = {rhs!r}"
+    assert abs(lhs - rhs) <= 1e-6 * scale, \
+        f"{case.id}: <ct, J t> = {lhs!r} but <J^T ct, t> = {rhs!r}"
 
 
 def check_second_order(case, backend):

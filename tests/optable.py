@@ -2,9 +2,9 @@
 method forms, indexing) with an independent numpy reference and the inputs to check it on.
 
 `CASES` is a flat list of `OpCase`; `helpers.check_op(case, backend, dtype)` and the finer
-`helpers.check_*` functions run one case on one backend. The references below are written directly in
-numpy (direct loops over kernel taps for convolution and pooling) and never call tracejit or the IR
-interpreter, so they are an oracle for both.
+`helpers.check_*` functions run one case on one backend. The references below are written directly
+in numpy (direct loops over kernel taps for convolution and pooling) and never call tracejit or the
+IR interpreter, so they are an oracle for both.
 
 Inputs keep finite differences away from kinks: `Arg.avoid` keeps values away from points such as
 0 for relu/abs, and `Arg.distinct` draws all such inputs of a case from one grid with spacing at
@@ -53,7 +53,7 @@ def distinct(shape, lo=-2.0, hi=2.0):
 
 @dataclass(frozen=True, eq=False)
 class OpCase:
-    op: str                  # the public op it covers: "tanh", "nn.conv2d", "operator.+", "method.sum"
+    op: str                  # public op covered: "tanh", "nn.conv2d", "operator.+", "method.sum"
     id: str                  # the pytest id (unique)
     fn: Callable             # tracejit code: fn(*arrays)
     ref: Callable            # independent numpy reference: ref(*float64 arrays)
@@ -266,8 +266,10 @@ add("operator.*", "numpy-left-operand", lambda x: np.full((2, 3), 0.5) * x,
 COMPARISONS = [
     ("greater", tj.greater, np.greater), ("greater_equal", tj.greater_equal, np.greater_equal),
     ("less", tj.less, np.less), ("less_equal", tj.less_equal, np.less_equal),
-    ("operator.>", lambda a, b: a > b, np.greater), ("operator.>=", lambda a, b: a >= b, np.greater_equal),
-    ("operator.<", lambda a, b: a < b, np.less), ("operator.<=", lambda a, b: a <= b, np.less_equal),
+    ("operator.>", lambda a, b: a > b, np.greater),
+    ("operator.>=", lambda a, b: a >= b, np.greater_equal),
+    ("operator.<", lambda a, b: a < b, np.less),
+    ("operator.<=", lambda a, b: a <= b, np.less_equal),
 ]
 for _name, _fn, _ref in COMPARISONS:
     add(_name, f"{_name}-2x3+3", _fn, _ref, Arg((2, 3)), Arg((3,)), grad=False)
