@@ -105,36 +105,45 @@ def _expands(consumer: Instr) -> bool:
         consumer.out.type.size > consumer.inputs[0].type.size
 
 
+# Cheap to evaluate anywhere: computed again in every loop that needs them instead of stored.
+DUPLICABLE = INDEX_ONLY + ("const", "stop_gradient")
+
+
 def materialized_values(fn: Function) -> set:
-    """Ids of the values that get a buffer (see the module docstring)."""
+    """Ids of the values that get a buffer (see the module docstring).
+
+    Forced: parameters, outputs, literals, reductions and the inputs and results of loop-nest
+    kernels. Then, walking backwards, every other value joins the loop of its consumers when
+    they all belong to one loop and none reads it through an expanding broadcast; otherwise it
+    gets a buffer of its own. Duplicable values (constants, index remaps) never get one for
+    having several readers: each reader's loop recomputes them."""
     consumers: dict[int, list[Instr]] = {}
     for ins in fn.instrs:
         for v in ins.inputs:
             consumers.setdefault(id(v), []).append(ins)
-    outputs = {id(o) for o in fn.outputs}
-    mat = {id(p) for p in fn.params}
-    cheap: set[int] = set()
+    mat = {id(p) for p in fn.params} | {id(o) for o in fn.outputs}
     for ins in fn.instrs:
-        v = ins.out
-        name = ins.prim.name
         if _is_nn(ins):
-            mat.add(id(v))
+            mat.add(id(ins.out))
             mat.update(id(x) for x in ins.inputs)
-            continue
-        if name == "literal" or ins.prim.kind == "reduce" or id(v) in outputs:
-            mat.add(id(v))
-            continue
-        if name == "const":
-            cheap.add(id(v))
-            continue
-        if name in INDEX_ONLY and all(id(x) in mat or id(x) in cheap for x in ins.inputs):
-            cheap.add(id(v))
+        elif ins.prim.name == "literal" or ins.prim.kind == "reduce":
+            mat.add(id(ins.out))
+    groups: dict[int, frozenset] = {}   # id(value) -> roots of the loops that evaluate it
+    expanded: dict[int, bool] = {}      # read through an expanding broadcast on the way
+    for ins in reversed(fn.instrs):
+        v = ins.out
+        if id(v) in mat:
+            groups[id(v)] = frozenset([id(v)])
+            expanded[id(v)] = False
             continue
         cs = consumers.get(id(v), [])
-        if len(cs) > 1 or any(_expands(c) for c in cs):
+        gs = frozenset().union(*[groups.get(id(c.out), frozenset()) for c in cs])
+        exp = any(_expands(c) or expanded.get(id(c.out), False) for c in cs)
+        if ins.prim.name in DUPLICABLE or len(gs) <= 1 and not exp:
+            groups[id(v)], expanded[id(v)] = gs, exp
+        else:
             mat.add(id(v))
-    # nn inputs discovered late (a value produced before its nn consumer) are already in `mat`;
-    # materializing a value makes layout ops of it cheap, which the pass above already saw in order.
+            groups[id(v)], expanded[id(v)] = frozenset([id(v)]), False
     return mat
 
 
@@ -292,15 +301,16 @@ def _place_arena(fn, groups, mat, locations, producer) -> int:
 
 
 def _saved_for_backward(fn: Function, mat: set):
-    """Forward values (materialized) that adjoint instructions read: the memory the backward pass
-    keeps alive."""
+    """Intermediate forward values (materialized) that adjoint instructions read: the memory the
+    backward pass keeps alive (parameters are the caller's arrays and not counted)."""
     saved, seen = [], set()
     for ins in fn.instrs:
         if ins.adj_of is None:
             continue
         for v in ins.inputs:
             p = v.instr
-            if id(v) in mat and id(v) not in seen and (p is None or p.adj_of is None):
+            if id(v) in mat and id(v) not in seen and p is not None and p.adj_of is None \
+                    and p.prim.name not in ("literal", "const"):
                 seen.add(id(v))
                 saved.append((v, v.type.nbytes))
     return saved
@@ -328,7 +338,7 @@ def annotate(p: Plan):
             return head, tag
         ops = [m.prim.name for m in g.members if m.prim.name != "const"]
         return (f"// kernel k{g.index}: one fused loop over {g.root.out.type} computing "
-                f"{', '.join(ops)} from {len(g.leaves)} buffers"), tag
+                f"{', '.join(ops)} reading {len(g.leaves)} buffer{'s' if len(g.leaves) != 1 else ''}"), tag
     return note
 
 
