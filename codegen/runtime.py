@@ -26,6 +26,7 @@ from ir.core import Function, IRError, Namer, instr_text
 
 from . import fused, parallel, schedule
 from .kernels import _load_all, kernels
+from .kernels.pool import lower_max_pool2d_with_argmax
 from .loops import I64, PTR, VOID, i64, llvm_type
 from .target import JITModule, cfunc
 
@@ -89,6 +90,9 @@ class NativeFunction:
                     epi = fused.Epilogue(g.epilogue, g.root.out, f"{fname}.epilogue")
                     kernels[g.root.prim].lower(module, fname, g.root, epilogue=epi)
                     kernel_fns.append(module.globals[fname])
+                elif g.kind == "nn" and g.companion is not None:
+                    lower_max_pool2d_with_argmax(module, fname, g.root)
+                    kernel_fns.append(module.globals[fname])
                 elif g.kind == "nn":
                     kernels[g.root.prim].lower(module, fname, g.root)
                     kernel_fns.append(module.globals[fname])
@@ -132,7 +136,8 @@ class NativeFunction:
             return p
 
         for g, kfn in zip(plan.groups, kernel_fns):
-            args = [pointer(g.result)] + [pointer(v) for v in g.leaves + g.extra_leaves]
+            args = [pointer(g.result)] + ([pointer(g.companion.out)] if g.companion else []) + \
+                [pointer(v) for v in g.leaves + g.extra_leaves]
             scratch = b.gep(arena_arg, [i64(g.scratch)], source_etype=ir.IntType(8)) \
                 if g.scratch_bytes else ir.Constant(PTR, None)
             parallel.emit_call(module, b, kfn, args + [scratch], nthreads_arg,

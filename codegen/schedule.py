@@ -39,6 +39,8 @@ class Group:
     # A loop-nest kernel may absorb the fused loop that consumes its result (bias, relu, ...):
     # it writes its result into the epilogue's buffer and transforms each finished block in place.
     epilogue: "Group | None" = None
+    # max_pool2d computes its argmax (same input and window) in the same pass
+    companion: "Instr | None" = None
 
     @property
     def result(self) -> Value:
@@ -189,11 +191,36 @@ def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None) -> Plan:
             g = Group(len(groups), "loop", ins, members, leaves)
         groups.append(g)
 
+    groups = _pair_pool_argmax(groups)
     if fuses_epilogue is not None:
         groups = _fuse_epilogues(fn, groups, locations, fuses_epilogue)
     arena = _place_arena(fn, groups, mat, locations, producer)
-    saved = _saved_for_backward(fn, mat)
+    saved = _saved_for_backward(fn, groups, locations)
     return Plan(fn, mat, groups, locations, arena, out_copies, saved)
+
+
+def _pair_pool_argmax(groups: list) -> list:
+    """A max_pool2d_argmax of the same input and window as a max_pool2d runs inside that kernel:
+    one pass over the input, and the backward pass keeps the indices instead of the input."""
+    pools = {}
+    for g in groups:
+        if g.root.prim.name == "max_pool2d":
+            pools.setdefault((id(g.root.inputs[0]), _params_key(g.root)), g)
+    kept = []
+    for g in groups:
+        if g.root.prim.name == "max_pool2d_argmax":
+            pool = pools.get((id(g.root.inputs[0]), _params_key(g.root)))
+            if pool is not None and pool.companion is None:
+                pool.companion = g.root
+                continue
+        kept.append(g)
+    for i, g in enumerate(kept):
+        g.index = i
+    return kept
+
+
+def _params_key(ins: Instr):
+    return tuple(sorted(ins.params.items()))
 
 
 def _fuse_epilogues(fn: Function, groups: list, locations: dict, fuses_epilogue) -> list:
@@ -291,28 +318,31 @@ def _place_arena(fn, groups, mat, locations, producer) -> int:
         return offset
 
     for g in groups:
-        v = g.result
-        if id(v) not in locations:
-            locations[id(v)] = Location("arena", allocate(v.type.nbytes, g.index,
-                                                          last_use.get(id(v), g.index)))
+        for v in [g.result] + ([g.companion.out] if g.companion is not None else []):
+            if id(v) not in locations:
+                locations[id(v)] = Location("arena", allocate(v.type.nbytes, g.index,
+                                                              last_use.get(id(v), g.index)))
         if g.scratch_bytes:
             g.scratch = allocate(g.scratch_bytes, g.index, g.index)
     return max((o + s for o, s, _, _ in blocks), default=0)
 
 
-def _saved_for_backward(fn: Function, mat: set):
-    """Intermediate forward values (materialized) that adjoint instructions read: the memory the
-    backward pass keeps alive (parameters are the caller's arrays and not counted)."""
+def _saved_for_backward(fn: Function, groups: list, locations: dict):
+    """Intermediate values made before the backward pass starts (the first kernel computing an
+    adjoint instruction) and read after it: the memory the backward pass keeps alive. Parameters
+    (the caller's arrays) and constants are not counted."""
+    start = next((g.index for g in groups if g.root.adj_of is not None), len(groups))
+    made_at = {}
+    for g in groups:
+        for v in [g.result] + ([g.companion.out] if g.companion is not None else []):
+            made_at[id(v)] = g.index
     saved, seen = [], set()
-    for ins in fn.instrs:
-        if ins.adj_of is None:
-            continue
-        for v in ins.inputs:
-            p = v.instr
-            if id(v) in mat and id(v) not in seen and p is not None and p.adj_of is None \
-                    and p.prim.name not in ("literal", "const"):
-                seen.add(id(v))
-                saved.append((v, v.type.nbytes))
+    for g in groups[start:]:
+        for v in g.leaves + g.extra_leaves:
+            base = _base(v, locations)
+            if made_at.get(id(base), start) < start and id(base) not in seen:
+                seen.add(id(base))
+                saved.append((base, base.type.nbytes))
     return saved
 
 
@@ -321,7 +351,8 @@ def annotate(p: Plan):
     by_root = {id(g.root): g for g in p.groups}
     members = {}
     for g in p.groups:
-        for m in g.members + (g.epilogue.members if g.epilogue is not None else []):
+        for m in g.members + (g.epilogue.members if g.epilogue is not None else []) + \
+                ([g.companion] if g.companion is not None else []):
             members.setdefault(id(m), g)
 
     def note(ins: Instr):
@@ -332,6 +363,8 @@ def annotate(p: Plan):
             return None, tag
         if g.kind == "nn":
             head = f"// kernel k{g.index}: loop nest {g.root.prim.name} -> {g.root.out.type}"
+            if g.companion is not None:
+                head += f" and its argmax -> {g.companion.out.type}"
             if g.epilogue is not None:
                 ops = [m.prim.name for m in g.epilogue.members if m.prim.name != "const"]
                 head += f", epilogue {', '.join(ops)} applied in place to each finished block"

@@ -321,12 +321,75 @@ def relu_mask_from_output(fn: Function) -> bool:
     return changed
 
 
+def _relu_of(v: Value):
+    """If `v = select(gt(u, 0), u, 0)` (relu), return u; else None."""
+    ins = v.instr
+    if ins is None or ins.prim.name != "select":
+        return None
+    p, a, b = ins.inputs
+    m = p.instr
+    if m is not None and m.prim.name == "gt" and m.inputs[0] is a and _splat(m.inputs[1]) == 0 \
+            and _splat(b) == 0:
+        return a
+    return None
+
+
+def mask_after_max_pool(fn: Function) -> bool:
+    """select(r > 0, max_pool2d_grad(ct, idx), 0) with r = relu(u) and idx = argmax of r's windows
+    becomes max_pool2d_grad(select(max_pool2d(r) > 0, ct, 0), idx): the same values (the scatter
+    only writes at window maxima, where r equals the pooled value and r >= 0), but the backward
+    pass then needs the small pooled output and indices instead of the full activation r."""
+    by_key = {}
+    for ins in fn.instrs:
+        if ins.prim.name == "max_pool2d":
+            by_key[(id(ins.inputs[0]), _key(ins)[2])] = ins.out
+    out, changed = [], False
+    repl: dict[int, Value] = {}
+    for ins in fn.instrs:
+        if repl:
+            ins.inputs = tuple(repl.get(id(v), v) for v in ins.inputs)
+        rewrite = None
+        if ins.prim.name == "select" and _splat(ins.inputs[2]) == 0:
+            p, g, _ = ins.inputs
+            m = p.instr
+            gi = g.instr
+            if m is not None and m.prim.name == "gt" and _splat(m.inputs[1]) == 0 and \
+                    gi is not None and gi.prim.name == "max_pool2d_grad" and \
+                    _relu_of(m.inputs[0]) is not None:
+                r = m.inputs[0]
+                ct, idx = gi.inputs
+                am = idx.instr
+                if am is not None and am.prim.name == "max_pool2d_argmax" and am.inputs[0] is r:
+                    pooled = by_key.get((id(r), _key(am)[2]))
+                    if pooled is not None and pooled.shape == ct.shape:
+                        rewrite = (pooled, ct, idx, gi, m)
+        if rewrite is None:
+            out.append(ins)
+            continue
+        pooled, ct, idx, gi, m = rewrite
+        zero = _scalar_const(ins, 0.0)
+        mask = Instr(m.prim, (pooled, zero), {}, m.out.type.with_shape(pooled.shape), loc=m.loc,
+                     api=m.api, adj_of=ins.adj_of)
+        masked = Instr(ins.prim, (mask.out, ct, zero), {}, ct.type, loc=ins.loc, api=ins.api,
+                       adj_of=ins.adj_of)
+        scatter = Instr(gi.prim, (masked.out, idx), gi.params, ins.out.type, loc=gi.loc,
+                        api=gi.api, adj_of=gi.adj_of)
+        scatter.out.hint, scatter.out.ct_of = ins.out.hint, ins.out.ct_of
+        out.extend([zero.instr, mask, masked, scatter])
+        repl[id(ins.out)] = scatter.out
+        changed = True
+    fn.instrs = out
+    fn.outputs = [repl.get(id(o), o) for o in fn.outputs]
+    return changed
+
+
 def optimize(fn: Function, name: str | None = None) -> Function:
     """A simplified copy of `fn` (DCE, CSE, constant folding, algebraic simplification)."""
     fn = clone(fn, name)
     for _ in range(10):
         changed = simplify(fn)
         changed = relu_mask_from_output(fn) or changed
+        changed = mask_after_max_pool(fn) or changed
         n = len(fn.instrs)
         cse(fn)
         dce(fn)
