@@ -1,0 +1,606 @@
+"""tracejit vs PyTorch eager vs jax.jit(jax.grad(...)) on CPU gradients (issue 4).
+
+    python benchmarks/run.py                 # everything, about 2-4 minutes
+    python benchmarks/run.py --quick         # smoke run, well under a minute
+    python benchmarks/run.py --systems tracejit,torch --workloads mlp,lenet --json out.json
+
+Each system runs in a process of its own (benchmarks/worker.py), one after the other, so imports,
+thread pools and allocators do not interfere. Per workload: a warm-up (which includes compiling),
+then calls timed one by one (or in batches for calls under 0.2 ms) until about `--seconds`
+(default 2, `--quick` 0.2) have passed; the median is reported. Compile time is the first LeNet-5
+gradient call in a fresh process (median of 3 processes; 1 with --quick); memory is measured in one
+more fresh process (see worker.mode_memory). Peers that are not installed are reported as such.
+
+Columns: median time per gradient call; GFLOP/s from the analytic flop count of workloads.flops
+(forward + backward matmul/convolution flops); peer/tracejit = a peer's median / tracejit's median
+(> 1: tracejit is faster; on tracejit's row, against the fastest peer); % peak = GFLOP/s over the
+all-thread FP32 FMA peak measured by benchmarks/peak.py at the start of the run; check = the
+gradients agree with PyTorch's (max |a - b| / max |b| per parameter, below CHECK_TOL).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for p in (HERE, ROOT):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import numpy as np  # noqa: E402
+
+import peak as peak_mod  # noqa: E402
+from systems import IMPORT_NAMES, SYSTEMS  # noqa: E402
+from workloads import ALL, DESCRIPTIONS, WORKLOADS, flops  # noqa: E402
+
+PEERS = ("torch", "jax")
+CHECK_TOL = 1e-3  # float32: summation order differs between systems
+MMAP_THRESHOLD = 131072  # fixed glibc mmap threshold for the memory process (see worker.py)
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------- workers
+class WorkerRun:
+    """Runs worker.py for one system and mode; survives crashes and hangs of the worker: the
+    workload it was in is reported as an error and the worker restarts with the remaining ones."""
+
+    def __init__(self, args, tmp):
+        self.args = args
+        self.tmp = tmp
+        self.launch = 0
+
+    def run(self, system, mode, workloads, extra_env=None):
+        results, meta = {}, {}
+        todo = list(workloads)
+        while True:
+            self.launch += 1
+            logf = os.path.join(self.tmp, f"{system}.{mode}.{self.launch}.jsonl")
+            errf = os.path.join(self.tmp, f"{system}.{mode}.{self.launch}.stderr")
+            cmd = [sys.executable, os.path.join(HERE, "worker.py"), mode, "--system", system,
+                   "--out", self.tmp, "--log", logf, "--threads", str(self.args.threads),
+                   "--seconds", str(self.args.seconds), "--warmup", str(self.args.warmup),
+                   "--min-samples", str(self.args.min_samples), "--workloads", ",".join(todo)]
+            if self.args.backend:
+                cmd += ["--backend", self.args.backend]
+            env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
+            if system == "tracejit" and not (extra_env or {}).get("TRACEJIT_CACHE_DIR"):
+                # a cold, private compile cache: no entries from earlier runs, none left behind
+                env["TRACEJIT_CACHE_DIR"] = self.fresh_cache_dir()
+            with open(errf, "w") as err:
+                proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=env,
+                                        cwd=ROOT)
+                failure = self._wait(proc, logf)
+            recs = _read_jsonl(logf)
+            current = None
+            for r in recs:
+                if r["kind"] == "not installed":
+                    return {"not installed": r.get("error", "")}, meta
+                if r["kind"] == "import":
+                    meta = r
+                elif r["kind"] == "start":
+                    current = r["workload"]
+                elif r["kind"] == "result":
+                    results[r["workload"]] = r
+                    current = None
+            if self.args.verbose or (failure and not current):
+                sys.stderr.write(_tail(errf, 40))
+            if failure is None:
+                return results, meta
+            why = f"{failure}{_crash_summary(errf)}"
+            if current is None:  # died outside a workload (e.g. at import)
+                for w in todo:
+                    results.setdefault(w, {"error": why})
+                return results, meta
+            results[current] = {"error": why}
+            log(f"  {system} {current}: {results[current]['error']}")
+            todo = [w for w in todo if w not in results]
+            if not todo:
+                return results, meta
+
+    def fresh_cache_dir(self):
+        self.launch += 1
+        d = os.path.join(self.tmp, f"tracejit-cache.{self.launch}")
+        os.makedirs(d, mode=0o700)
+        return d
+
+    def _wait(self, proc, logf):
+        """None if the worker ended normally, else why it did not."""
+        last_start, last_len = time.time(), 0
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+                if rc == 0:
+                    return None
+                if rc < 0:
+                    try:
+                        return f"worker killed by {signal.Signals(-rc).name}"
+                    except ValueError:
+                        return f"worker killed by signal {-rc}"
+                return f"worker exited with {rc}"
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                size = os.path.getsize(logf)
+            except OSError:
+                size = 0
+            if size != last_len:
+                last_len, last_start = size, time.time()
+            if time.time() - last_start > self.args.timeout:
+                proc.kill()
+                proc.wait()
+                return f"timed out after {self.args.timeout:.0f} s"
+
+
+def _read_jsonl(path):
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def _crash_summary(path):
+    """': <what>' from a dead worker's output: faulthandler's fatal error and innermost frame, or
+    the last line (a Python exception)."""
+    text = _tail(path, 200)
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    if not lines:
+        return ""
+    fatal = next((x for x in lines if x.startswith("Fatal Python error")), None)
+    if fatal:
+        i = next((k for k, x in enumerate(lines) if "most recent call first" in x), None)
+        frame = lines[i + 1] if i is not None and i + 1 < len(lines) else ""
+        return f": {fatal}" + (f" at {frame}" if frame.startswith("File") else "")
+    return f": {lines[-1][:300]}"
+
+
+def _tail(path, n):
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return ""
+    return "\n".join(lines[-n:]) + "\n" if lines else ""
+
+
+# --------------------------------------------------------------------------------------- checking
+def check_grads(tmp, system, workload, ref="torch"):
+    """(ok, max relative error) of `system`'s gradients against `ref`'s, or None if either is
+    missing."""
+    a_path = os.path.join(tmp, f"{system}.{workload}.npz")
+    b_path = os.path.join(tmp, f"{ref}.{workload}.npz")
+    if not (os.path.exists(a_path) and os.path.exists(b_path)):
+        return None
+    a, b = np.load(a_path), np.load(b_path)
+    if set(a.files) != set(b.files):
+        return False, float("inf"), f"parameters differ: {sorted(a.files)} vs {sorted(b.files)}"
+    worst, where = 0.0, ""
+    for k in b.files:
+        x, y = a[k].astype(np.float64), b[k].astype(np.float64)
+        if x.shape != y.shape:
+            return False, float("inf"), f"{k}: shape {x.shape} vs {y.shape}"
+        err = np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30) if y.size else 0.0
+        if not np.isfinite(err):
+            err = float("inf")
+        if err >= worst:
+            worst, where = err, k
+    return worst < CHECK_TOL, worst, where
+
+
+# ---------------------------------------------------------------------------------------- report
+def machine_info(threads):
+    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "nproc": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+            "platform": platform.platform()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        from codegen.target import host_info
+        h = host_info()
+        info["llvm_cpu"] = h["cpu"]
+        info["avx512"] = h["avx512"]
+    except Exception as e:  # noqa: BLE001
+        info["llvm_cpu"] = f"? ({e})"
+    try:
+        info["git"] = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
+                                     capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+def cpu_snapshot():
+    """(wall, busy CPU seconds of the whole machine, CPU seconds of this process and its children)
+    to tell how busy other processes kept the machine during the run."""
+    import resource
+    busy = None
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal ...
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    own = sum(getattr(resource.getrusage(who), k) for who in
+              (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for k in ("ru_utime", "ru_stime"))
+    return time.time(), busy, own
+
+
+def others_cores(before, after):
+    """Average number of cores used by other processes between two snapshots (None if unknown)."""
+    if before[1] is None or after[1] is None or after[0] <= before[0]:
+        return None
+    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0]))
+
+
+def wait_idle(max_seconds, threshold=0.25):
+    """Wait (at most `max_seconds`) until other processes use under `threshold` cores over one
+    second; returns how many they used in the last second."""
+    t0 = time.time()
+    said = False
+    while True:
+        a = cpu_snapshot()
+        time.sleep(1.0)
+        used = others_cores(a, cpu_snapshot())
+        if used is None or used < threshold or time.time() - t0 >= max_seconds:
+            if said:
+                log(f"  ... waited {time.time() - t0:.0f} s; other processes now use "
+                    f"{used:.2f} cores")
+            return used
+        if not said:
+            log(f"  waiting up to {max_seconds:.0f} s for an idle machine (other processes use "
+                f"{used:.2f} cores) ...")
+            said = True
+
+
+def _fmt_time(workload, sec):
+    if workload == "tiny":
+        return f"{sec * 1e6:.2f} us"
+    if workload == "compile":
+        return f"{sec:.3f} s"
+    return f"{sec * 1e3:.3f} ms"
+
+
+def reference_system(results):
+    """The system whose gradients the others are checked against: PyTorch, else jax."""
+    for s in ("torch", "jax"):
+        if isinstance(results.get(s), dict):
+            return s
+    return None
+
+
+def build_rows(results, peak_all, tmp, systems, workloads):
+    rows = []
+    ref = reference_system(results)
+    for w in workloads:
+        if w == "memory":
+            continue
+        times = {s: results[s][w]["median"] for s in systems
+                 if isinstance(results.get(s), dict) and "median" in results[s].get(w, {})}
+        peer_times = {s: t for s, t in times.items() if s in PEERS}
+        tj = times.get("tracejit")
+        fastest_peer = min(peer_times, key=peer_times.get) if peer_times else None
+        fl = flops(w) if w in WORKLOADS else 0
+        for s in systems:
+            r = results.get(s)
+            row = {"workload": w, "system": s}
+            if r == "not installed" or r is None:
+                continue
+            rec = r.get(w)
+            if rec is None:
+                continue
+            if "error" in rec:
+                row["error"] = rec["error"]
+                rows.append(row)
+                continue
+            t = rec["median"]
+            row["median_s"] = t
+            if fl:
+                row["gflops"] = fl / t / 1e9
+                if peak_all:
+                    row["peak_fraction"] = row["gflops"] / peak_all
+            if tj:
+                if s == "tracejit" and fastest_peer:
+                    row["speedup"] = peer_times[fastest_peer] / tj
+                    row["speedup_vs"] = fastest_peer
+                elif s != "tracejit":
+                    row["speedup"] = t / tj
+            if w in WORKLOADS and ref and s != ref:
+                c = check_grads(tmp, s, w, ref)
+                if c is not None:
+                    row["check"] = {"ok": bool(c[0]), "max_rel_err": c[1], "where": c[2],
+                                    "reference": ref}
+            elif w in WORKLOADS and s == ref:
+                row["check_reference"] = True
+            for k in ("samples", "batch", "second_call", "import", "compile_lower",
+                      "compile_llvm", "runs"):
+                if k in rec:
+                    row[k] = rec[k]
+            rows.append(row)
+    return rows
+
+
+def print_table(rows, label, ref):
+    head = ("workload", "system", "median", "GFLOP/s", "peer/tracejit", "% peak", "check")
+    lines = []
+    for r in rows:
+        sys_name = label.get(r["system"], r["system"])
+        if "error" in r:
+            lines.append((r["workload"], sys_name, "error: " + r["error"], "", "", "", ""))
+            continue
+        sp = ""
+        if "speedup" in r:
+            sp = f"{r['speedup']:.2f}x"
+            if r["system"] == "tracejit":
+                sp += f" (vs {r['speedup_vs']})"
+        chk = ""
+        if "check" in r:
+            c = r["check"]
+            chk = f"{'✓' if c['ok'] else '✗'} {c['max_rel_err']:.0e}"
+            if not c["ok"]:
+                chk += f" ({c['where']})"
+        elif r.get("check_reference"):
+            chk = "(ref)"
+        lines.append((r["workload"], sys_name, _fmt_time(r["workload"], r["median_s"]),
+                      f"{r['gflops']:.1f}" if "gflops" in r else "-", sp or "-",
+                      f"{100 * r['peak_fraction']:.1f}%" if "peak_fraction" in r else "-", chk))
+    widths = [max(len(head[i]), *(len(str(line[i])) for line in lines if not
+                                  str(line[2]).startswith("error"))) if lines else len(head[i])
+              for i in range(len(head))]
+    fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
+    out = [fmt.format(*head), "  ".join("-" * w for w in widths)]
+    prev = None
+    for line in lines:
+        wl = line[0] if line[0] != prev else ""
+        prev = line[0]
+        if str(line[2]).startswith("error"):
+            out.append(f"{wl:<{widths[0]}}  {line[1]:<{widths[1]}}  {line[2]}")
+        else:
+            out.append(fmt.format(wl, *line[1:]).rstrip())
+    print("\n".join(out))
+    print("GFLOP/s: matmul/conv flops of forward + backward (first layer 2x its forward flops, "
+          "later layers 3x;\nbenchmarks/workloads.py); peer/tracejit: peer median / tracejit "
+          "median (> 1: tracejit faster;\non tracejit's row vs the fastest peer); % peak: of the "
+          "all-thread FMA peak; check: gradients vs\n"
+          f"{ {'torch': 'PyTorch', 'jax': 'jax'}.get(ref, 'no reference')}'s (ref), max |a - b| / "
+          f"max |b| over parameters (✓ below {CHECK_TOL:g}).")
+
+
+def print_memory(results, systems, label):
+    recs = [(s, results[s]["memory"]) for s in systems
+            if isinstance(results.get(s), dict) and "memory" in results[s]]
+    if not recs:
+        return
+    print(f"\nLeNet-5 gradient memory (fresh process; RSS in MB; MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}):")
+    head = ("system", "per call", "retained", "first call", "numpy per call", "arena")
+    print(f"{head[0]:<22}{head[1]:>10}{head[2]:>10}{head[3]:>12}{head[4]:>16}{head[5]:>8}")
+    for s, r in recs:
+        name = label.get(s, s)
+        if "error" in r:
+            print(f"{name:<22}error: {r['error']}")
+            continue
+
+        def f(k):
+            v = r.get(k)
+            return "-" if v is None else f"{v:.1f}"
+        print(f"{name:<22}{f('per_call_mb'):>10}{f('retained_mb'):>10}{f('first_call_mb'):>12}"
+              f"{f('numpy_per_call_mb'):>16}{f('arena_mb'):>8}")
+    print("  per call: peak RSS over 10 steady-state calls above the RSS before them (saved "
+          "activations,\n  temporaries, gradient outputs); retained: RSS kept after the warm-up "
+          "calls (code, caches,\n  workspaces); first call: peak RSS of the first call incl. "
+          "tracing/compiling; numpy per call:\n  tracemalloc peak of numpy allocations in one call; "
+          "arena: tracejit's planned buffer for\n  intermediates, reused between calls (part of "
+          "retained).")
+
+
+# ------------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        description="Benchmark tracejit's gradients against PyTorch eager and jax.jit(jax.grad).",
+        epilog=f"workloads: {', '.join(ALL)}, memory")
+    ap.add_argument("--systems", default=",".join(SYSTEMS),
+                    help="comma-separated, from tracejit,torch,jax (default: all)")
+    ap.add_argument("--workloads", default=",".join(ALL + ("memory",)),
+                    help="comma-separated, from mlp,lenet,convblock,tiny,compile,memory "
+                         "(default: all)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for every system (default: all CPUs available)")
+    ap.add_argument("--quick", action="store_true",
+                    help="short timings (0.2 s per workload, 1 compile-time process)")
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="timed seconds per workload and system (default 2, 0.2 with --quick)")
+    ap.add_argument("--compile-runs", type=int, default=None,
+                    help="fresh processes for the compile time (default 3, 1 with --quick)")
+    ap.add_argument("--backend", default=None,
+                    help="tracejit backend: llvm or interpreter (default: $TRACEJIT_BACKEND, "
+                         "else llvm)")
+    ap.add_argument("--timeout", type=float, default=600,
+                    help="seconds one workload may take before its worker is killed")
+    ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                    help="before each system, wait up to this long for other processes to leave "
+                         "the CPUs idle (default: do not wait)")
+    ap.add_argument("--no-peak", action="store_true", help="skip the FMA peak measurement")
+    ap.add_argument("--json", default=None, help="save all results to this file")
+    ap.add_argument("--keep", default=None, help="keep worker logs and gradients in this directory")
+    ap.add_argument("--verbose", "-v", action="store_true", help="show the workers' output")
+    args = ap.parse_args(argv)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    for s in args.systems:
+        if s not in SYSTEMS:
+            ap.error(f"unknown system {s!r} (one of {', '.join(SYSTEMS)})")
+    for w in args.workloads:
+        if w not in ALL + ("memory",):
+            ap.error(f"unknown workload {w!r} (one of {', '.join(ALL)}, memory)")
+    if args.threads is None:
+        try:
+            args.threads = len(os.sched_getaffinity(0))
+        except AttributeError:
+            args.threads = os.cpu_count() or 1
+    if args.seconds is None:
+        args.seconds = 0.2 if args.quick else 2.0
+    args.warmup = 0.05 if args.quick else 0.3
+    args.min_samples = 5 if args.quick else 11
+    if args.compile_runs is None:
+        args.compile_runs = 1 if args.quick else 3
+    if args.backend is None:
+        args.backend = os.environ.get("TRACEJIT_BACKEND") or "llvm"
+    return args
+
+
+def _importable(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    info = machine_info(args.threads)
+    info["load_before"] = os.getloadavg()
+    snap0 = cpu_snapshot()
+    print(f"tracejit benchmarks  {info['date']}  git {info.get('git', '?')}")
+    print(f"machine: {info.get('cpu_model', '?')} (LLVM cpu {info.get('llvm_cpu')}), nproc "
+          f"{info['nproc']}, {args.threads} threads per system, Python {info['python']}")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in info['load_before'])}")
+
+    peak = None
+    if not args.no_peak:
+        try:
+            peak = peak_mod.measure(args.threads, repeats=20 if args.quick else 60)
+            print(f"FP32 FMA peak ({peak['accumulators']} x <{peak['lanes']} x float> accumulators): "
+                  f"{peak['single']:.1f} GFLOP/s on 1 thread, {peak['all']:.1f} GFLOP/s on "
+                  f"{peak['threads']} threads")
+        except Exception as e:  # noqa: BLE001
+            print(f"FP32 FMA peak: error: {type(e).__name__}: {e}")
+    peak_all = peak["all"] if peak else None
+    sys.stdout.flush()
+
+    tmp = args.keep or tempfile.mkdtemp(prefix="tracejit-bench-")
+    os.makedirs(tmp, exist_ok=True)
+    runner = WorkerRun(args, tmp)
+    timed = [w for w in args.workloads if w in WORKLOADS]
+    results, metas = {}, {}
+    label = {"tracejit": "tracejit" if args.backend == "llvm" else f"tracejit[{args.backend}]"}
+    try:
+        for s in args.systems:
+            if s != "tracejit" and not _importable(IMPORT_NAMES[s]):
+                print(f"{s}: not installed (see benchmarks/README.md)")
+                results[s] = "not installed"
+                continue
+            res = {}
+            if args.wait_idle:
+                wait_idle(args.wait_idle)
+            t0 = time.time()
+            if timed:
+                log(f"{label.get(s, s)}: timing {', '.join(timed)} ...")
+                r, metas[s] = runner.run(s, "time", timed)
+                if "not installed" in r:
+                    print(f"{s}: not installed ({r['not installed']})")
+                    results[s] = "not installed"
+                    continue
+                res.update(r)
+            if "compile" in args.workloads:
+                log(f"{label.get(s, s)}: compile time ({args.compile_runs} fresh processes) ...")
+                runs = []
+                env = {}
+                for _ in range(args.compile_runs):
+                    if s == "tracejit":  # cold: an empty compile cache each time
+                        env = {"TRACEJIT_CACHE_DIR": runner.fresh_cache_dir()}
+                    r, _meta = runner.run(s, "first", ["compile"], env)
+                    rec = r.get("compile", {"error": r.get("not installed", "no result")})
+                    runs.append(rec)
+                    if "error" in rec:
+                        break
+                ok = [x for x in runs if "error" not in x]
+                if ok and len(ok) == len(runs):
+                    ok.sort(key=lambda x: x["median"])
+                    med = dict(ok[len(ok) // 2])
+                    med["runs"] = [x["median"] for x in runs]
+                    if s == "tracejit":  # once more with the cache the last run filled
+                        r, _meta = runner.run(s, "first", ["compile"], env)
+                        if "median" in r.get("compile", {}):
+                            med["warm_cache"] = r["compile"]["median"]
+                    res["compile"] = med
+                else:
+                    res["compile"] = runs[-1]
+            if "memory" in args.workloads:
+                log(f"{label.get(s, s)}: LeNet-5 memory ...")
+                r, _meta = runner.run(s, "memory", ["memory"],
+                                      {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})
+                res["memory"] = r.get("memory", {"error": "no result"})
+            results[s] = res
+            log(f"{label.get(s, s)}: done in {time.time() - t0:.0f} s")
+
+        info["other_processes_cores"] = others_cores(snap0, cpu_snapshot())
+        order = [w for w in ALL if w in args.workloads]
+        rows = build_rows(results, peak_all, tmp, args.systems, order)
+        print()
+        print_table(rows, label, reference_system(results))
+        print_memory(results, args.systems, label)
+        _print_notes(results, metas, args, info)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": info, "peak": peak, "args": {k: v for k, v in vars(args).items()},
+                           "versions": {s: m.get("versions", {}) for s, m in metas.items()},
+                           "rows": rows, "results": results}, f, indent=1, default=str)
+            print(f"\nsaved {args.json}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _print_notes(results, metas, args, info):
+    notes = []
+    tj = results.get("tracejit")
+    if isinstance(tj, dict) and "compile" in tj and "error" not in tj["compile"]:
+        c = tj["compile"]
+        parts = [f"{k[8:]} {v:.3f} s" for k, v in c.items() if k.startswith("compile_")]
+        note = (f"tracejit LeNet-5 first call, cold compile cache: {c['median']:.3f} s (runs: "
+                f"{', '.join(f'{x:.3f}' for x in c.get('runs', []))})")
+        if parts:
+            note += f"; native code: {', '.join(parts)}"
+        if "warm_cache" in c:
+            note += f"; with a warm compile cache: {c['warm_cache']:.3f} s"
+        notes.append(note + f"; second call {c['second_call'] * 1e3:.1f} ms")
+    vers = []
+    for s, m in metas.items():
+        v = m.get("versions", {})
+        if v:
+            vers.append(f"{s}: " + ", ".join(f"{k} {x}" for k, x in v.items()))
+    if vers:
+        notes.append("versions: " + "; ".join(vers))
+    busy = info.get("other_processes_cores")
+    if busy is not None:
+        notes.append(f"other processes used {busy:.2f} of {info['nproc']} cores on average during "
+                     f"the run" + ("  (busy machine: timings are noisy, re-run on an idle one)"
+                                   if busy > 0.1 else ""))
+    if notes:
+        print()
+        for n in notes:
+            print(n)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The workloads written for each system: tracejit, PyTorch eager and jax.jit(jax.grad(...)).
+
+`build(system, workload)` returns a `Bench` whose `step()` runs one gradient call to completion (all
+gradients w.r.t. all parameters, synchronously) and whose `grads(result)` turns a step's result into
+{parameter name: numpy array}. Inputs are converted to each system's arrays once, outside `step`.
+The three definitions of each workload compute the same math (see workloads.py for the data).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+from workloads import make  # noqa: E402
+
+SYSTEMS = ("tracejit", "torch", "jax")
+IMPORT_NAMES = {"tracejit": "tracejit", "torch": "torch", "jax": "jax"}
+
+
+@dataclass
+class Bench:
+    step: Callable[[], object]
+    grads: Callable[[object], dict]
+    fn: object = None  # the system's compiled/jitted function, for introspection
+
+
+def import_system(system: str, threads: int):
+    """Import the system and configure its thread count (before any computation)."""
+    if system == "tracejit":
+        os.environ["TRACEJIT_NUM_THREADS"] = str(threads)
+        import tracejit
+        return tracejit
+    if system == "torch":
+        import torch
+        torch.set_num_threads(threads)
+        return torch
+    if system == "jax":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        if threads == 1:
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                       " --xla_cpu_multi_thread_eigen=false"
+                                       " intra_op_parallelism_threads=1").strip()
+        import jax
+        return jax
+    raise ValueError(f"unknown system {system!r} (one of {', '.join(SYSTEMS)})")
+
+
+def build(system: str, workload: str) -> Bench:
+    params, inputs = make(workload)
+    return {"tracejit": _tracejit, "torch": _torch, "jax": _jax}[system](workload, params, inputs)
+
+
+# --------------------------------------------------------------------------------------- tracejit
+def _tracejit(workload, params, inputs):
+    import tracejit
+    from tracejit import nn
+
+    if workload == "mlp":
+        def loss(p, x, t):
+            h = tracejit.tanh(nn.linear(x, p["fc1_w"], p["fc1_b"]))
+            return nn.mse_loss(nn.linear(h, p["fc2_w"], p["fc2_b"]), t)
+        args = (params, inputs["x"], inputs["t"])
+    elif workload == "lenet":
+        def loss(p, x, onehot):
+            h = nn.max_pool2d(nn.relu(nn.conv2d(x, p["conv1_w"], p["conv1_b"])), 2)
+            h = nn.max_pool2d(nn.relu(nn.conv2d(h, p["conv2_w"], p["conv2_b"])), 2)
+            h = nn.flatten(h)
+            h = nn.relu(nn.linear(h, p["fc1_w"], p["fc1_b"]))
+            h = nn.relu(nn.linear(h, p["fc2_w"], p["fc2_b"]))
+            return nn.cross_entropy(nn.linear(h, p["fc3_w"], p["fc3_b"]), onehot)
+        args = (params, inputs["x"], inputs["onehot"])
+    elif workload == "convblock":
+        def loss(p, x):
+            y = nn.avg_pool2d(nn.relu(nn.conv2d(x, p["conv_w"], p["conv_b"], padding=1)), 2)
+            return (y * y).sum()
+        args = (params, inputs["x"])
+    elif workload == "tiny":
+        def loss(v):
+            return tracejit.norm(v)
+        g = tracejit.jit_grad(loss)
+        v = params["v"]
+        return Bench(lambda: g(v), lambda r: {"v": np.asarray(r)}, g)
+    else:
+        raise ValueError(workload)
+    g = tracejit.jit_grad(loss)
+    return Bench(lambda: g(*args), lambda r: {k: np.asarray(a) for k, a in r.items()}, g)
+
+
+# ------------------------------------------------------------------------------------------ torch
+def _torch(workload, params, inputs):
+    import torch
+    import torch.nn.functional as F
+
+    P = {k: torch.from_numpy(v.copy()).requires_grad_() for k, v in params.items()}
+    names = list(P)
+    plist = [P[k] for k in names]
+    X = {k: torch.from_numpy(v.copy()) for k, v in inputs.items()}
+
+    if workload == "mlp":
+        def loss():
+            h = torch.tanh(F.linear(X["x"], P["fc1_w"], P["fc1_b"]))
+            return F.mse_loss(F.linear(h, P["fc2_w"], P["fc2_b"]), X["t"])
+    elif workload == "lenet":
+        def loss():
+            h = F.max_pool2d(F.relu(F.conv2d(X["x"], P["conv1_w"], P["conv1_b"])), 2)
+            h = F.max_pool2d(F.relu(F.conv2d(h, P["conv2_w"], P["conv2_b"])), 2)
+            h = h.flatten(1)
+            h = F.relu(F.linear(h, P["fc1_w"], P["fc1_b"]))
+            h = F.relu(F.linear(h, P["fc2_w"], P["fc2_b"]))
+            return F.cross_entropy(F.linear(h, P["fc3_w"], P["fc3_b"]), X["labels"])
+    elif workload == "convblock":
+        def loss():
+            y = F.avg_pool2d(F.relu(F.conv2d(X["x"], P["conv_w"], P["conv_b"], padding=1)), 2)
+            return (y * y).sum()
+    elif workload == "tiny":
+        def loss():
+            return torch.linalg.vector_norm(P["v"])
+    else:
+        raise ValueError(workload)
+
+    def step():
+        return torch.autograd.grad(loss(), plist)
+
+    return Bench(step, lambda r: {k: g.detach().numpy().copy() for k, g in zip(names, r)})
+
+
+# -------------------------------------------------------------------------------------------- jax
+def _jax(workload, params, inputs):
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    def conv(x, w, b, pad=0):
+        y = lax.conv_general_dilated(x, w, (1, 1), [(pad, pad), (pad, pad)],
+                                     dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        return y + b[None, :, None, None]
+
+    def max_pool2(x):
+        return lax.reduce_window(x, -jnp.inf, lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+
+    def avg_pool2(x):
+        return lax.reduce_window(x, 0.0, lax.add, (1, 1, 2, 2), (1, 1, 2, 2), "VALID") / 4.0
+
+    def linear(x, w, b):
+        return x @ w.T + b
+
+    relu = jax.nn.relu
+    if workload == "mlp":
+        def loss(p, x, t):
+            h = jnp.tanh(linear(x, p["fc1_w"], p["fc1_b"]))
+            return jnp.mean((linear(h, p["fc2_w"], p["fc2_b"]) - t) ** 2)
+        keys = ("x", "t")
+    elif workload == "lenet":
+        def loss(p, x, onehot):
+            h = max_pool2(relu(conv(x, p["conv1_w"], p["conv1_b"])))
+            h = max_pool2(relu(conv(h, p["conv2_w"], p["conv2_b"])))
+            h = h.reshape(h.shape[0], -1)
+            h = relu(linear(h, p["fc1_w"], p["fc1_b"]))
+            h = relu(linear(h, p["fc2_w"], p["fc2_b"]))
+            logp = jax.nn.log_softmax(linear(h, p["fc3_w"], p["fc3_b"]), axis=-1)
+            return -jnp.mean(jnp.sum(onehot * logp, axis=-1))
+        keys = ("x", "onehot")
+    elif workload == "convblock":
+        def loss(p, x):
+            y = avg_pool2(relu(conv(x, p["conv_w"], p["conv_b"], 1)))
+            return jnp.sum(y * y)
+        keys = ("x",)
+    elif workload == "tiny":
+        g = jax.jit(jax.grad(jnp.linalg.norm))
+        v = jnp.asarray(params["v"])
+        return Bench(lambda: jax.block_until_ready(g(v)), lambda r: {"v": np.asarray(r)}, g)
+    else:
+        raise ValueError(workload)
+    g = jax.jit(jax.grad(loss))
+    P = {k: jnp.asarray(v) for k, v in params.items()}
+    args = [jnp.asarray(inputs[k]) for k in keys]
+    return Bench(lambda: jax.block_until_ready(g(P, *args)),
+                 lambda r: {k: np.asarray(a) for k, a in r.items()}, g)

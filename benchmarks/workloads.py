@@ -1,0 +1,105 @@
+"""The workloads of issue 4: data, parameters and flop counts (numpy only, shared by all systems).
+
+Every system gets the same float32 arrays, made here from fixed seeds, so each computes the same
+math on the same numbers. Parameters are initialised like PyTorch's default `nn.Linear` /
+`nn.Conv2d` initialisation: weights and biases uniform in [-1/sqrt(fan_in), 1/sqrt(fan_in)]
+(fan_in = in_features, or in_channels * kh * kw). Layouts follow PyTorch: linear weights [out, in],
+convolution weights [out, in, kh, kw], activations NCHW. Inputs are standard normal.
+
+Flop counts (`flops`, forward + backward, per gradient call) count only the matmuls and
+convolutions, analytically: a layer whose forward costs F (2*M*K*N for a matmul,
+2*N*Cout*Hout*Wout*Cin*kh*kw for a convolution) costs F for the weight gradient and F for the input
+gradient. The first layer's input is data, not a parameter, so its input gradient is not needed:
+the first layer counts 2F, every later layer 3F. (The common "3x forward" rule would count 3F for
+the first layer too; we count only the work the gradient requires.) Elementwise ops, pooling,
+biases and losses are not counted.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+WORKLOADS = ("mlp", "lenet", "convblock", "tiny")
+ALL = WORKLOADS + ("compile",)
+
+DESCRIPTIONS = {
+    "mlp": "MLP x[64,784] -> linear 256 -> tanh -> linear 10 -> mean squared error",
+    "lenet": "LeNet-5 x[64,1,28,28] conv5x5(6)-relu-maxpool2-conv5x5(16)-relu-maxpool2-"
+             "linear120-relu-linear84-relu-linear10, cross-entropy (mean)",
+    "convblock": "x[16,64,32,32] -> conv3x3 pad1 (64) -> relu -> avgpool2 -> sum of squares",
+    "tiny": "gradient of the norm of a 3-vector (call overhead)",
+    "compile": "first call of the LeNet-5 gradient in a fresh process",
+}
+
+SEED = 0
+
+
+def _uniform(rng, bound, shape):
+    return rng.uniform(-bound, bound, shape).astype(np.float32)
+
+
+def _linear(rng, params, name, fan_in, fan_out):
+    bound = 1.0 / np.sqrt(fan_in)
+    params[f"{name}_w"] = _uniform(rng, bound, (fan_out, fan_in))
+    params[f"{name}_b"] = _uniform(rng, bound, (fan_out,))
+
+
+def _conv(rng, params, name, cin, cout, k):
+    bound = 1.0 / np.sqrt(cin * k * k)
+    params[f"{name}_w"] = _uniform(rng, bound, (cout, cin, k, k))
+    params[f"{name}_b"] = _uniform(rng, bound, (cout,))
+
+
+def make(name: str):
+    """(params, inputs): dicts of float32 arrays (inputs may hold int64 `labels` for peers that
+    take class indices; `onehot` holds the same labels one-hot)."""
+    rng = np.random.default_rng([SEED, WORKLOADS.index(name)])
+    params, inputs = {}, {}
+    if name == "mlp":
+        _linear(rng, params, "fc1", 784, 256)
+        _linear(rng, params, "fc2", 256, 10)
+        inputs["x"] = rng.standard_normal((64, 784)).astype(np.float32)
+        inputs["t"] = rng.standard_normal((64, 10)).astype(np.float32)
+    elif name == "lenet":
+        _conv(rng, params, "conv1", 1, 6, 5)
+        _conv(rng, params, "conv2", 6, 16, 5)
+        _linear(rng, params, "fc1", 16 * 4 * 4, 120)
+        _linear(rng, params, "fc2", 120, 84)
+        _linear(rng, params, "fc3", 84, 10)
+        inputs["x"] = rng.standard_normal((64, 1, 28, 28)).astype(np.float32)
+        labels = rng.integers(0, 10, 64)
+        inputs["labels"] = labels.astype(np.int64)
+        inputs["onehot"] = np.eye(10, dtype=np.float32)[labels]
+    elif name == "convblock":
+        _conv(rng, params, "conv", 64, 64, 3)
+        inputs["x"] = rng.standard_normal((16, 64, 32, 32)).astype(np.float32)
+    elif name == "tiny":
+        params["v"] = np.array([1.0, -2.0, 3.0], np.float32)
+    else:
+        raise ValueError(f"unknown workload {name!r} (one of {', '.join(WORKLOADS)})")
+    return params, inputs
+
+
+def _conv_flops(n, cin, cout, hout, wout, k):
+    return 2 * n * cout * hout * wout * cin * k * k
+
+
+def _mm_flops(m, k, n):
+    return 2 * m * k * n
+
+
+def layer_flops(name: str):
+    """Forward flops of the matmuls/convolutions, in order (the first layer's input is data)."""
+    if name == "mlp":
+        return [_mm_flops(64, 784, 256), _mm_flops(64, 256, 10)]
+    if name == "lenet":
+        return [_conv_flops(64, 1, 6, 24, 24, 5), _conv_flops(64, 6, 16, 8, 8, 5),
+                _mm_flops(64, 256, 120), _mm_flops(64, 120, 84), _mm_flops(64, 84, 10)]
+    if name == "convblock":
+        return [_conv_flops(16, 64, 64, 32, 32, 3)]
+    return []
+
+
+def flops(name: str) -> int:
+    """Forward + backward flops of one gradient call (see the module docstring); 0 if not counted."""
+    fs = layer_flops(name)
+    return sum((2 if i == 0 else 3) * f for i, f in enumerate(fs))
