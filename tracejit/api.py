@@ -26,7 +26,7 @@ from .tracer import Tracer, to_value, wrap
 
 log = logging.getLogger("tracejit")
 
-STAGES = ("forward", "grad", "optimized", "llvm", "asm")
+STAGES = ("forward", "grad", "optimized", "llvm", "llvm-opt", "asm")
 
 
 class _Signature:
@@ -292,8 +292,9 @@ class Jitted:
     # --------------------------------------------------------------------------------- dumps
     def ir(self, *args, stage: str = "grad", **kwargs) -> str:
         """The IR dump of this function for these arguments at `stage`: "forward" (as traced),
-        "grad" (after the adjoint transformation), "optimized" (after the IR passes), "llvm" or
-        "asm" (generated code)."""
+        "grad" (after the adjoint transformation), "optimized" (after the IR passes, with the
+        kernels), "llvm" (as lowered: blocks named after the loop nests), "llvm-opt" (after
+        LLVM's optimizations) or "asm" (the native assembly)."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
         sig = _Signature(self.name, self.arg_names, args, kwargs)
@@ -306,7 +307,9 @@ class Jitted:
             from codegen import describe
             return describe(entry.optimized)
         native = entry.native()
-        return native.llvm_ir if stage == "llvm" else native.asm
+        if stage == "llvm":
+            return native.llvm_ir_unoptimized
+        return native.llvm_ir if stage == "llvm-opt" else native.asm
 
 
 def _c_contiguous(x):
