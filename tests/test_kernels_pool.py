@@ -13,6 +13,7 @@ import llvmlite.ir as llir
 import numpy as np
 import pytest
 
+import tracejit
 from codegen.kernels import _load_all, kernels
 from codegen.kernels.pool import lower_max_pool2d_with_argmax
 from codegen.target import JITModule
@@ -20,6 +21,7 @@ from ir import lax
 from ir.builder import Builder, building
 from ir.core import TensorType
 from ir.interpreter import impls
+from tracejit import nn
 
 _load_all()
 
@@ -246,6 +248,36 @@ def test_fused_max_and_argmax():
     params = ins.params
     _check(out, impls[ins.prim](x, **params), "f32")
     _check(idx, impls[_trace("max_pool2d_argmax", shape, "f32", 2, 2, 0).prim](x, **params), "f32")
+
+
+def _pool_program(x, w):
+    a = nn.max_pool2d(x * x, 2)                                # grad: max_pool2d_grad, then * 2x
+    b = nn.avg_pool2d(x * w, 3, stride=2, padding=1) * 2.0      # * 2.0: avg_pool2d's epilogue
+    c = nn.max_pool2d(tracejit.exp(x), 3, stride=1, padding=1)  # stride 1: the plain scatter
+    return (a * w[:, :, :5, :5]).sum() + (b * b).sum() + tracejit.tanh(c).sum()
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_kernels_in_compiled_gradients(dtype):
+    """Through the runtime: the kernels with elementwise epilogues fused in, against the
+    interpreter."""
+    rng = np.random.default_rng(4)
+    args = [rng.standard_normal((2, 3, 10, 10)).astype(dtype.replace("f", "float"))
+            for _ in range(2)]
+    old = tracejit.config.backend
+    try:
+        results = []
+        for backend in ("llvm", "interpreter"):
+            tracejit.config.backend = backend
+            grad = tracejit.jit_grad(_pool_program, argnums=(0, 1))
+            results.append(grad(*args))
+            if backend == "llvm":
+                dump = grad.ir(*args, stage="optimized")
+    finally:
+        tracejit.config.backend = old
+    assert any("pool" in line and "epilogue" in line for line in dump.splitlines())
+    for native, ref in zip(*results):
+        _check(np.asarray(native), np.asarray(ref), dtype)
 
 
 def test_2x2_pooling_is_vectorized():

@@ -107,26 +107,39 @@ def _layout(g: _Geom, V: int) -> _Layout:
 
 
 # --------------------------------------------------------------------------- LLVM helpers
-def _define(module: ir.Module, name: str, n_inputs: int):
-    """The contract's `void name(out, in0.., scratch, tid, nthreads)`; returns (builder, args)."""
-    fnty = ir.FunctionType(VOID, [PTR] * (n_inputs + 2) + [I64, I64])
-    fn = ir.Function(module, fnty, name)
-    names = ["out"] + [f"in{k}" for k in range(n_inputs)] + ["scratch", "tid", "nthreads"]
-    for arg, nm in zip(fn.args, names):
-        arg.name = nm
-    # out never aliases an input and inputs are only read: no pointer aliases a written one
-    for arg in fn.args[:n_inputs + 1]:
-        arg.add_attribute("noalias")
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-    return b, fn.args
+class _Function:
+    """The contract's `void name(out, in0.., [epi0..], scratch, tid, nthreads)`, being built.
 
+    With an epilogue (codegen.fused.Epilogue), its extra pointers follow the inputs and
+    `plane_done` applies it to each finished plane of out."""
 
-def _plane_range(b: ir.IRBuilder, tid, nthreads, planes: int):
-    """Thread tid's planes [tid*P/n, (tid+1)*P/n): disjoint, and together all P planes."""
-    P = i64(planes)
-    start = b.sdiv(b.mul(tid, P), nthreads, name="plane.start")
-    stop = b.sdiv(b.mul(b.add(tid, i64(1)), P), nthreads, name="plane.stop")
-    return start, stop
+    def __init__(self, module: ir.Module, name: str, n_inputs: int, epilogue=None):
+        n_epi = epilogue.n_args if epilogue is not None else 0
+        fnty = ir.FunctionType(VOID, [PTR] * (1 + n_inputs + n_epi + 1) + [I64, I64])
+        fn = ir.Function(module, fnty, name)
+        names = (["out"] + [f"in{k}" for k in range(n_inputs)] + [f"epi{k}" for k in range(n_epi)]
+                 + ["scratch", "tid", "nthreads"])
+        for arg, nm in zip(fn.args, names):
+            arg.name = nm
+        # out never aliases an input and inputs are only read: no pointer aliases a written one
+        for arg in fn.args[:1 + n_inputs + n_epi]:
+            arg.add_attribute("noalias")
+        self.b = ir.IRBuilder(fn.append_basic_block("entry"))
+        self.out, self.inputs = fn.args[0], list(fn.args[1:1 + n_inputs])
+        self.epilogue, self.epi_args = epilogue, list(fn.args[1 + n_inputs:1 + n_inputs + n_epi])
+        self.tid, self.nthreads = fn.args[-2], fn.args[-1]
+
+    def planes(self, planes: int):
+        """Thread tid's planes [tid*P/n, (tid+1)*P/n): disjoint, and together all P planes."""
+        b, P = self.b, i64(planes)
+        start = b.sdiv(b.mul(self.tid, P), self.nthreads, name="plane.start")
+        stop = b.sdiv(b.mul(b.add(self.tid, i64(1)), P), self.nthreads, name="plane.stop")
+        return start, stop
+
+    def plane_done(self, p, size: int):
+        """Plane p of out (size elements) is final: run the epilogue over it."""
+        if self.epilogue is not None:
+            self.epilogue.call(self.b, self.out, self.epi_args, self.b.mul(p, i64(size)), i64(size))
 
 
 def _zero(b: ir.IRBuilder, ptr, n: int, ty: ir.Type, V: int, name: str):
@@ -262,24 +275,20 @@ def _plane_ptr(b, ptr, p, size: int, ty, name: str):
 
 
 # --------------------------------------------------------------------------- forward kernels
-def _lower_pool(module, name, ins, mode: str):
+def _lower_pool(module, name, ins, mode: str, epilogue=None):
     """max_pool2d ("max"), max_pool2d_argmax ("argmax"), both at once ("max+argmax": out is the
     max, in0 the argmax output, in1 x) or avg_pool2d ("avg")."""
     x_t = ins.inputs[0].type
     g = _geom(x_t.shape, ins.out.type.shape, ins.params)
-    n_in = 2 if mode == "max+argmax" else 1
-    b, args = _define(module, name, n_in)
-    out = args[0]
-    idx_out = args[1] if mode == "max+argmax" else (out if mode == "argmax" else None)
-    x = args[n_in]
-    tid, nthreads = args[-2], args[-1]
+    f = _Function(module, name, 2 if mode == "max+argmax" else 1, epilogue)
+    b, out, x = f.b, f.out, f.inputs[-1]
+    idx_out = f.inputs[0] if mode == "max+argmax" else (out if mode == "argmax" else None)
     w = _Window(b, g, x_t.dtype, ins.prim.name)
     T, V = w.T, w.V
     want_max, want_idx = mode in ("max", "max+argmax"), mode in ("argmax", "max+argmax")
     fill = 0.0 if mode == "avg" else float("-inf")
     fill_vec = ir.Constant(w.wide_ty, [fill] * w.L)
     undef = ir.Constant(w.wide_ty, ir.Undefined)
-    start, stop = _plane_range(b, tid, nthreads, g.planes)
 
     def body(p, c0, base, r, h0, out_mask, loads):
         x_p = _plane_ptr(b, x, p, g.H * g.W, T, "x.plane")
@@ -314,7 +323,7 @@ def _lower_pool(module, name, ins, mode: str):
             w.store(best if acc is None else acc, _plane_ptr(b, out, p, g.OH * g.OW, T, "out.plane"),
                     r, c0, out_mask)
 
-    w.loop(start, stop, body)
+    w.loop(*f.planes(g.planes), body, end_plane=lambda p: f.plane_done(p, g.OH * g.OW))
     b.ret_void()
 
 
@@ -331,26 +340,29 @@ def _first_real_tap(b, w: _Window, base, h0, loads):
     return b.add(splat(b, b.trunc(b.mul(h, i64(g.W)), I32), V), cols)
 
 
+# No epilogue for max_pool2d yet: codegen/runtime.py lowers a max_pool2d that has both an
+# epilogue and an argmax companion without the companion (lower_max_pool2d_with_argmax does take
+# an epilogue).
 @register("max_pool2d")
-def _max_pool2d_lower(module, name, ins):
-    _lower_pool(module, name, ins, "max")
+def _max_pool2d_lower(module, name, ins, epilogue=None):
+    _lower_pool(module, name, ins, "max", epilogue)
 
 
-@register("max_pool2d_argmax")
-def _max_pool2d_argmax_lower(module, name, ins):
-    _lower_pool(module, name, ins, "argmax")
+@register("max_pool2d_argmax", epilogue=True)
+def _max_pool2d_argmax_lower(module, name, ins, epilogue=None):
+    _lower_pool(module, name, ins, "argmax", epilogue)
 
 
-@register("avg_pool2d")
-def _avg_pool2d_lower(module, name, ins):
-    _lower_pool(module, name, ins, "avg")
+@register("avg_pool2d", epilogue=True)
+def _avg_pool2d_lower(module, name, ins, epilogue=None):
+    _lower_pool(module, name, ins, "avg", epilogue)
 
 
-def lower_max_pool2d_with_argmax(module, name, ins):
-    """A fused kernel for the fusion scheduler: max_pool2d `ins` and the argmax of the same x and
-    window in one pass, `void name(ptr out, ptr idx_out, ptr x, ptr scratch, i64 tid, i64 n)`.
-    Not registered: the contract is one primitive per kernel."""
-    _lower_pool(module, name, ins, "max+argmax")
+def lower_max_pool2d_with_argmax(module, name, ins, epilogue=None):
+    """A fused kernel for the scheduler: max_pool2d `ins` and the argmax of the same x and window
+    in one pass, `void name(ptr out, ptr idx_out, ptr x, [epilogue ptrs], ptr scratch, i64 tid,
+    i64 nthreads)`; an epilogue applies to `out`. Not registered: a kernel is one primitive."""
+    _lower_pool(module, name, ins, "max+argmax", epilogue)
 
 
 # --------------------------------------------------------------------------- backward kernels
@@ -360,17 +372,17 @@ def _spread(b, w: _Window, v, cover, depth: int, other):
     return b.shuffle_vector(v, other, _ivec([c[depth] if len(c) > depth else w.V for c in cover]))
 
 
-@register("avg_pool2d_grad")
-def _avg_pool2d_grad_lower(module, name, ins):
+@register("avg_pool2d_grad", epilogue=True)
+def _avg_pool2d_grad_lower(module, name, ins, epilogue=None):
     """Each output's ct/(kh*kw) spread over its window: one shuffle per wide access when the
     windows do not overlap (stored directly), else a read-modify-write of the sum."""
     ct_t = ins.inputs[0].type
     g = _geom(ins.out.type.shape, ct_t.shape, ins.params)
-    b, (out, ct, _scratch, tid, nthreads) = _define(module, name, 1)
+    f = _Function(module, name, 1, epilogue)
+    b, out, (ct,) = f.b, f.out, f.inputs
     w = _Window(b, g, ct_t.dtype, ins.prim.name)
     T, V, L = w.T, w.V, w.L
     zero_v, zero_w = ir.Constant(w.vty, [0.0] * V), ir.Constant(w.wide_ty, [0.0] * L)
-    start, stop = _plane_range(b, tid, nthreads, g.planes)
     tiles = g.ph == g.pw == 0 and (g.kh, g.kw) == (g.sh, g.sw) and (g.H, g.W) == (g.OH * g.sh,
                                                                                  g.OW * g.sw)
 
@@ -395,29 +407,24 @@ def _avg_pool2d_grad_lower(module, name, ins):
                 add = b.fadd(_wide_load(b, out_p, off, w.wide_ty, mask, zero_w), add)
             _wide_store(b, add, out_p, off, mask)
 
-    w.loop(start, stop, body, zero_plane)
+    w.loop(*f.planes(g.planes), body, zero_plane, lambda p: f.plane_done(p, g.H * g.W))
     b.ret_void()
 
 
-@dataclass(frozen=True)
-class _Blocks:
-    shape: tuple            # (H, W) of the input planes
-    geom: _Geom | None      # blocks as windows with stride == kernel, or None
-
-
-def _indexed_kernel(module, name, ins):
-    """Set-up of max_pool2d_grad / _gather (ins: data, idx[N,C,OH,OW]): the function, its plane
-    range, and the disjoint blocks (H//OH x W//OW, one per output) that max-pool windows are when
-    the stride equals the kernel, where these kernels look for each index first. No blocks when
+def _blocks(ins) -> _Geom | None:
+    """For max_pool2d_grad / _gather (inputs: data, idx[N,C,OH,OW]): the disjoint blocks
+    (H//OH x W//OW, one per output, as windows with stride == kernel) that max-pool windows are
+    when the stride equals the kernel, where these kernels look for each index first. None when
     they are degenerate (stride-1 pooling) or too large to unroll."""
-    b, args = _define(module, name, 2)
     n, c, OH, OW = ins.inputs[1].type.shape
     H, W = ins.inputs[0].type.shape[2:] if ins.prim.name == "max_pool2d_gather" else \
         ins.out.type.shape[2:]
+    if OH == 0 or OW == 0:
+        return None
     bh, bw = H // OH, W // OW
-    ok = 1 <= bh <= 5 and 1 <= bw <= 5 and bh * bw >= 2
-    geom = _Geom(n * c, H, W, OH, OW, bh, bw, bh, bw, 0, 0) if ok else None
-    return b, args, _plane_range(b, args[-2], args[-1], n * c), _Blocks((H, W), geom)
+    if 1 <= bh <= 5 and 1 <= bw <= 5 and bh * bw >= 2:
+        return _Geom(n * c, H, W, OH, OW, bh, bw, bh, bw, 0, 0)
+    return None
 
 
 def _outside_block(b, w: _Window, idxv, loads, out_mask):
@@ -457,25 +464,27 @@ def _scatter_add(b, g_hw: int, ohw_shape, out_p, ct_p, idx_p, T, block: _Geom | 
                 b.store(b.fadd(b.load(dst, typ=T), load(b, ct_p, o, T)), dst)
 
 
-@register("max_pool2d_grad")
-def _max_pool2d_grad_lower(module, name, ins):
+@register("max_pool2d_grad", epilogue=True)
+def _max_pool2d_grad_lower(module, name, ins, epilogue=None):
     """Scatter-add of ct to idx. When the plane splits into disjoint blocks, one per output (the
     windows of stride == kernel pooling), it is dense: each block lane gets ct where idx points at
     it, else 0 - vector compares and selects. Indices outside their block (overlapping windows)
     are added by a scalar pass afterwards, only in planes that have any."""
     ct_t = ins.inputs[0].type
-    b, (out, ct, idx, _, _, _), (start, stop), block = _indexed_kernel(module, name, ins)
-    (H, W), (OH, OW), T = block.shape, ct_t.shape[2:], llvm_type(ct_t.dtype)
-    block = block.geom
+    f = _Function(module, name, 2, epilogue)
+    b, out, (ct, idx) = f.b, f.out, f.inputs
+    (n, c, OH, OW), (H, W), T = ct_t.shape, ins.out.type.shape[2:], llvm_type(ct_t.dtype)
+    block = _blocks(ins)
     ptrs = lambda p: (_plane_ptr(b, out, p, H * W, T, "out.plane"),
                       _plane_ptr(b, ct, p, OH * OW, T, "ct.plane"),
                       _plane_ptr(b, idx, p, OH * OW, I32, "idx.plane"))
     if block is None:
         V = vector_width(64 if ct_t.dtype == "f64" else 32)
-        with for_range(b, start, stop, name="max_pool2d_grad.plane") as p:
+        with for_range(b, *f.planes(n * c), name="max_pool2d_grad.plane") as p:
             out_p, ct_p, idx_p = ptrs(p)
             _zero(b, out_p, H * W, T, V, "max_pool2d_grad")
             _scatter_add(b, H * W, (OH, OW), out_p, ct_p, idx_p, T, None)
+            f.plane_done(p, H * W)
         b.ret_void()
         return
 
@@ -506,20 +515,22 @@ def _max_pool2d_grad_lower(module, name, ins):
     def end_plane(p):
         with if_then(b, b.load(any_outside), name="max_pool2d_grad.outside"):
             _scatter_add(b, H * W, (OH, OW), *ptrs(p), T, block)
+        f.plane_done(p, H * W)
 
-    w.loop(start, stop, body, begin_plane, end_plane)
+    w.loop(*f.planes(n * c), body, begin_plane, end_plane)
     b.ret_void()
 
 
-@register("max_pool2d_gather")
-def _max_pool2d_gather_lower(module, name, ins):
+@register("max_pool2d_gather", epilogue=True)
+def _max_pool2d_gather_lower(module, name, ins, epilogue=None):
     """g at idx per plane. With disjoint blocks (see max_pool2d_grad) a vector of outputs selects
     among its blocks' taps (wide loads and shuffles, as max_pool2d reads x); a vector with an
     index outside its block is gathered with scalar loads instead."""
     g_t = ins.inputs[0].type
-    b, (out, g, idx, _, _, _), (start, stop), block = _indexed_kernel(module, name, ins)
-    (H, W), (OH, OW), T = block.shape, ins.out.type.shape[2:], llvm_type(g_t.dtype)
-    block = block.geom
+    f = _Function(module, name, 2, epilogue)
+    b, out, (g, idx) = f.b, f.out, f.inputs
+    (n, c, H, W), (OH, OW), T = g_t.shape, ins.out.type.shape[2:], llvm_type(g_t.dtype)
+    block = _blocks(ins)
 
     def scalar_gather(g_p, k):
         ok = b.icmp_unsigned("<", k, i64(H * W))
@@ -527,13 +538,14 @@ def _max_pool2d_gather_lower(module, name, ins):
         return b.select(ok, v, ir.Constant(T, 0.0))
 
     if block is None:
-        with for_range(b, start, stop, name="max_pool2d_gather.plane") as p:
+        with for_range(b, *f.planes(n * c), name="max_pool2d_gather.plane") as p:
             g_p = _plane_ptr(b, g, p, H * W, T, "g.plane")
             out_p = _plane_ptr(b, out, p, OH * OW, T, "out.plane")
             idx_p = _plane_ptr(b, idx, p, OH * OW, I32, "idx.plane")
             with for_range(b, 0, OH * OW, name="max_pool2d_gather.o") as o:
                 k = b.sext(load(b, idx_p, o, I32, name="k"), I64)
                 store(b, scalar_gather(g_p, k), out_p, o, T)
+            f.plane_done(p, OH * OW)
         b.ret_void()
         return
 
@@ -566,5 +578,5 @@ def _max_pool2d_gather_lower(module, name, ins):
             b.store(v, slot)
         w.store(b.load(slot), _plane_ptr(b, out, p, OH * OW, T, "out.plane"), r, c0, out_mask)
 
-    w.loop(start, stop, body)
+    w.loop(*f.planes(n * c), body, end_plane=lambda p: f.plane_done(p, OH * OW))
     b.ret_void()
