@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import numbers
 import threading
 
 import numpy as np
@@ -30,21 +31,49 @@ STAGES = ("forward", "grad", "optimized", "llvm", "llvm-opt", "asm")
 
 
 class _Signature:
-    """How one call's arguments split into traced leaves and static structure."""
+    """How one call's arguments split into traced leaves and static structure.
+
+    What a call may pass (checked here, before anything is traced or run):
+    - float32 and float64 numpy arrays are traced; their shapes and dtypes are part of the compile
+      key, so a new shape or dtype traces again. Any layout works: non-contiguous, Fortran-ordered,
+      read-only, misaligned and byte-swapped arrays are copied to what the native code reads (see
+      `_c_contiguous`); the caller's arrays are never written to. Arrays of other dtypes (int,
+      bool, complex, float16, object, strings, ...) raise TypeError naming the argument path
+      (`params['conv1']`), the expected and the actual type. Array-likes of other libraries
+      (`__array__`) are converted with np.asarray; masked arrays raise TypeError.
+    - dicts, lists and tuples are containers; their structure (dict keys in order, lengths) is part
+      of the key, so a dict with other keys is a new signature and traces again.
+    - anything else hashable (None, strings, Python and numpy scalars) is a static value: the
+      function sees it as it is and its value is part of the key.
+    - A list (or tuple) of Python numbers is therefore a container of static numbers, not an array:
+      unlike JAX, which traces Python scalars (a list of floats is a pytree of traced scalars
+      there), tracejit never traces Python numbers, so `shape=(3, 1)` and `kernel=[2, 2]` stay
+      usable as static arguments. Because such a list is almost always an array by mistake when
+      it takes the place of one, a call raises TypeError when a list or tuple of numbers is
+      passed where an earlier call of the same function traced an array (`Jitted.__call__`), or
+      in a differentiated argument (argnums); pass np.asarray(x) to trace it.
+    """
 
     def __init__(self, fun_name, arg_names, args, kwargs):
-        leaves, defs = [], []
-        for i, a in enumerate(args):
-            name = arg_names[i] if i < len(arg_names) else f"args[{i}]"
-            lv, d = pytree.flatten(a, name, name.replace("[", ".").replace("]", ""))
-            leaves.extend(lv)
-            defs.append(d)
-        for k in sorted(kwargs):
-            lv, d = pytree.flatten(kwargs[k], k, k)
-            leaves.extend(lv)
-            defs.append(("kw", k, d))
+        leaves, defs, numeric = [], [], []
+        try:
+            for i, a in enumerate(args):
+                name = arg_names[i] if i < len(arg_names) else f"args[{i}]"
+                lv, d = pytree.flatten(a, name, name.replace("[", ".").replace("]", ""), numeric)
+                leaves.extend(lv)
+                defs.append(d)
+            for k in sorted(kwargs):
+                lv, d = pytree.flatten(kwargs[k], k, k, numeric)
+                leaves.extend(lv)
+                defs.append(("kw", k, d))
+        except RecursionError:
+            raise TypeError(f"{fun_name}: an argument nests containers too deeply (does a list or "
+                            f"dict contain itself?)") from None
+        except TypeError as e:  # an unhashable or masked leaf
+            raise TypeError(f"{fun_name}: {e}") from None
         self.leaves = leaves
         self.treedef = tuple(defs)
+        self.numeric = numeric  # [(path, description)] of lists/tuples of Python numbers
         self.n_args = len(args)
         self.kw_names = sorted(kwargs)
         self.types = []
@@ -52,13 +81,23 @@ class _Signature:
             if isinstance(x, Tracer):
                 self.types.append(x.value.type)
                 continue
-            if x.dtype not in (np.float32, np.float64):
-                raise TypeError(
-                    f"{fun_name}: argument {path}: expected a float32 or float64 array, got a "
-                    f"{x.dtype} array of shape {list(x.shape)} (pass integer data such as class "
-                    f"labels as one-hot float arrays, or close over it as a constant)")
-            self.types.append(TensorType("f64" if x.dtype == np.float64 else "f32", x.shape))
+            dt = x.dtype
+            if dt.kind != "f" or dt.itemsize not in (4, 8):
+                raise TypeError(f"{fun_name}: argument {path}: expected a float32 or float64 "
+                                f"array, got an array of dtype {dt} and shape {list(x.shape)}"
+                                f"{_DTYPE_HINTS.get(dt.kind, '')}")
+            self.types.append(TensorType("f64" if dt.itemsize == 8 else "f32", x.shape))
         self.key = (self.treedef, tuple(self.types))
+
+    def array_paths(self, arg_names) -> dict:
+        """{path: i} of the array leaves of this signature, i indexing `self.types`."""
+        paths = []
+        for i, d in enumerate(self.treedef):
+            if d[0] == "kw":
+                paths += pytree.array_paths(d[2], d[1])
+            else:
+                paths += pytree.array_paths(d, arg_names[i] if i < len(arg_names) else f"args[{i}]")
+        return {p: i for i, p in enumerate(paths)}
 
     def leaf_ranges(self):
         """Index range of each positional argument's leaves in `self.leaves`."""
@@ -177,6 +216,12 @@ class Jitted:
             loss, aux = out
         else:
             loss, aux = out, None
+        if not isinstance(loss, (Tracer, np.ndarray, numbers.Real)):
+            hint = " (to return more than the loss, pass has_aux=True and return (loss, aux))" \
+                if isinstance(loss, (tuple, list, dict)) and not self.has_aux else ""
+            what = "None" if loss is None else f"a {type(loss).__name__}"
+            raise TypeError(f"{self.name}: {self.kind_name} needs a function returning a scalar; "
+                            f"it returned {what}{hint}")
         loss_v = to_value(loss)
         if loss_v.shape != () or loss_v.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{self.name}: {self.kind_name} needs a function returning a scalar; "
@@ -229,21 +274,59 @@ class Jitted:
         if self.kind != "jit":
             self._check_argnums(len(args))
         sig = _Signature(self.name, self.arg_names, args, kwargs)
+        if sig.numeric:
+            self._check_numeric_sequences(sig)
         # inside another trace, inline even without tracer arguments: the function may close
         # over a tracer of that trace
         if current() is not None or any(isinstance(x, Tracer) for _, _, x in sig.leaves):
             return self._inline(sig, args, kwargs)
-        entry = self._lookup(sig)
+        try:
+            entry = self._lookup(sig)
+        except Exception as e:
+            if self.kind != "jit":
+                try:  # a differentiated argument without arrays is the better explanation
+                    self._wrt(sig)
+                except TypeError as why:
+                    raise why from e
+            raise
         arrays = tuple(_c_contiguous(x) for _, _, x in sig.leaves)
         assemble = self._assembler(sig, entry.out_treedef, entry.n_value_outputs)
         result = assemble(entry.executable()(arrays))
+        # The fast path's key pins every parameter's shape and dtype (byte order included, so
+        # only native byte order gets one); its runner copies what the native code cannot read.
         if not kwargs and config.backend != "interpreter" and len(sig.leaves) == len(args) \
-                and all(type(a) is np.ndarray for a in args):
+                and all(type(a) is np.ndarray and a.dtype.isnative for a in args):
             native = entry.native()
             contiguous = _c_contiguous
-            self._fast[tuple((a.shape, a.dtype) for a in args)] = \
-                lambda a: assemble(native(tuple([contiguous(x) for x in a])))
+            self._fast[tuple((a.shape, a.dtype) for a in args)] = lambda a: assemble(native(
+                tuple([x if x.flags.carray else contiguous(x) for x in a])))
         return result
+
+    def _check_numeric_sequences(self, sig: _Signature):
+        """A list or tuple of Python numbers is static (see `_Signature`); refuse it where an
+        array is expected: in a differentiated argument, or where an earlier call traced one."""
+        traced = {}  # path -> type, over every signature traced so far
+        for key in list(self._cache):
+            old = _Signature.__new__(_Signature)
+            old.treedef, old.types = key
+            for path, i in old.array_paths(self.arg_names).items():
+                traced[path] = old.types[i]
+        n = sig.n_args
+        argnums = () if self.kind == "jit" else [a for a in self.argnums if -n <= a < n]
+        for path, what in sig.numeric:
+            for a in argnums:
+                if _is_under(path, self._arg_name(a % n)):
+                    raise TypeError(f"{self.name}: argument {path} is differentiated (argnums={a}) "
+                                    f"but is {what}, which tracejit treats as a static value; "
+                                    f"pass np.asarray({path}) to trace it")
+            before = next((t for p, t in traced.items() if _is_under(p, path)), None)
+            if before is not None:
+                raise TypeError(f"{self.name}: argument {path}: expected an array (an earlier call "
+                                f"traced {before} here), got {what}, which tracejit treats as a "
+                                f"static value; pass np.asarray({path}) to trace it")
+
+    def _arg_name(self, i):
+        return self.arg_names[i] if i < len(self.arg_names) else f"args[{i}]"
 
     def _assembler(self, sig, out_def, n_value):
         """A function turning the flat outputs of the compiled function into what the call
@@ -312,9 +395,32 @@ class Jitted:
         return native.llvm_ir if stage == "llvm-opt" else native.asm
 
 
+_DTYPE_HINTS = {
+    "i": " (pass integer data such as class labels as one-hot float arrays, or close over it as a "
+         "constant)",
+    "u": " (pass integer data such as class labels as one-hot float arrays, or close over it as a "
+         "constant)",
+    "b": " (pass masks as float arrays, x.astype(np.float32), or close over them as constants)",
+    "c": " (complex numbers are not supported)",
+    "f": " (tracejit computes in float32 and float64: convert with x.astype(np.float32))",
+    "O": " (an array of Python objects cannot be traced)",
+}
+
+
 def _c_contiguous(x):
-    # not np.ascontiguousarray: it turns 0-d arrays into 1-d ones
-    return np.asarray(x, order="C")
+    """`x` as an array the native code reads: C-contiguous, aligned to its element size (the native
+    code uses element-aligned vector loads) and in native byte order. `x` itself when it already is
+    (writeable or not: native code never writes its inputs), otherwise a copy. Not
+    np.ascontiguousarray: it turns 0-d arrays into 1-d ones. The fast path of `Jitted.__call__`
+    inlines the common case (`x.flags.carray`: C-contiguous, aligned and writeable)."""
+    if x.flags.c_contiguous and x.flags.aligned and x.dtype.isnative:
+        return x
+    return np.array(x, dtype=x.dtype.newbyteorder("="), order="C")
+
+
+def _is_under(path: str, root: str) -> bool:
+    """Whether pytree path `path` is `root` or inside it (`params['w'][0]` is under `params`)."""
+    return path == root or (path.startswith(root) and path[len(root)] == "[")
 
 
 def _has_static(d) -> bool:

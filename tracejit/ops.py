@@ -293,7 +293,10 @@ def std(x, axis=None, keepdims=False):
 
 @op("logsumexp")
 def logsumexp(x, axis=None, keepdims=False):
+    # The shift by the maximum only guards exp against overflow. An infinite maximum (an inf, or
+    # only -inf) would make it inf - inf = NaN; shifting by 0 there gives log(sum(exp(x))) = +-inf.
     m = stop_gradient(max(x, axis, keepdims=True))
+    m = where(less(abs(m), np.inf), m, 0.0)
     s = log(sum(exp(subtract(x, m)), axis, keepdims=True))
     out = add(s, m)
     return out if keepdims else reshape(out, [n for i, n in enumerate(out.shape)

@@ -58,6 +58,10 @@ def _float4(what, *ts):
             raise ShapeError(f"{what} expects 4-d float tensors (NCHW / OIHW), got {t}")
     if len({t.dtype for t in ts}) > 1:
         raise ShapeError(f"{what}: operand dtypes differ: {', '.join(map(str, ts))}")
+    for t in ts:
+        if t.size == 0:  # the loop nests assume at least one element everywhere
+            raise ShapeError(f"{what}: zero-size operand {t} (an empty batch, channel, kernel or "
+                             f"spatial dimension) is not supported; skip the call instead")
 
 
 # --------------------------------------------------------------------------- shape rules
