@@ -17,9 +17,19 @@ of V outputs at a time and read its inputs with wide masked loads whose lanes th
   the vector is R whole output rows (lane rr*OW + c) and one masked load reads the R*sh input rows
   they cover (all tap rows at once); tap (i, j) is lanes (rr*sh + i)*W + c*sw + j of it.
 
-The gradient kernels zero their planes and then add into them: avg_pool2d_grad with the same wide
-vectors read-modify-written (the shuffles run backwards, spreading ct lanes over the taps),
-max_pool2d_grad with a scalar scatter-add (the indices need not be disjoint).
+avg_pool2d_grad runs the same loops backwards: shuffles spread ct lanes over their taps' lanes of
+the wide vector, which is stored (disjoint windows) or added to the plane (overlapping windows).
+
+max_pool2d_grad / max_pool2d_gather know only the indices, not the window. They try the disjoint
+blocks of H//OH x W//OW inputs per output - the windows of stride == kernel pooling - as windows:
+the block lane an index points at gets ct (grad) or is selected (gather), all in vectors with the
+loops above. Indices outside their block (overlapping windows, or any index at all) are handled
+by scalar code: a scatter-add after the plane's dense pass, only in planes that have such
+indices (grad), or a scalar gather of the vectors that have them (gather). Without usable blocks
+(stride 1) grad zeroes the plane and scatter-adds, gather loads each element.
+
+Each kernel can take an elementwise epilogue (kernels/__init__.py), run on each plane of out as
+soon as the plane is final, while it is in L1.
 
 NaN convention (numpy's): a NaN in a window makes its max NaN and the first NaN of the window (in
 row-major tap order) its argmax; otherwise the argmax is the first maximum (strictly greater
