@@ -2,10 +2,11 @@
 loop-nest kernels, and the runtime that compiles a module and calls it."""
 
 
-def compile_function(fn):
-    """Compile an (optimized) ir.Function to a NativeFunction (see codegen/runtime.py)."""
+def compile_function(fn, cache=None):
+    """Compile an (optimized) ir.Function to a NativeFunction (see codegen/runtime.py), through
+    the persistent compile cache `cache` (see codegen/cache.py; None: the default one)."""
     from .runtime import compile_function as _compile
-    return _compile(fn)
+    return _compile(fn, cache=cache)
 
 
 def describe(fn) -> str:

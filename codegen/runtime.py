@@ -18,12 +18,14 @@ import ctypes
 import os
 import threading
 import time
+import weakref
 
 import llvmlite.ir as ir
 import numpy as np
 
 from ir.core import Function, IRError, Namer, instr_text
 
+from . import cache as _cache
 from . import fused, parallel, schedule
 from .kernels import _load_all, kernels
 from .kernels.pool import lower_max_pool2d_with_argmax
@@ -54,18 +56,21 @@ class NativeFunction:
     """Native code for one IR function. Call with a list of numpy arrays matching the parameters
     (dtype, shape, C-contiguous); returns the list of outputs."""
 
-    def __init__(self, fn: Function, max_threads: int | None = None):
+    def __init__(self, fn: Function, max_threads: int | None = None, cache=None):
+        """`cache`: the persistent compile cache (see codegen/cache.py): a `DiskCache`, a
+        directory, False for none, or None for the default (unless TRACEJIT_CACHE=0).
+        `compile_seconds` splits the time spent: "plan", "lower" (IR -> LLVM IR), "llvm"
+        (optimize and emit object code), "cache" (key, load or store)."""
         t0 = time.perf_counter()
         self.fn = fn
         self.max_threads = max_threads or parallel.default_threads()
         self.plan = schedule.plan(
             fn, lambda ins: kernels[ins.prim].scratch_bytes(ins, self.max_threads),
             lambda ins: kernels[ins.prim].epilogue and not os.environ.get("TRACEJIT_NO_EPILOGUES"))
-        module = self._build_module()
-        self.llvm_ir_unoptimized = str(module)
         t1 = time.perf_counter()
-        self._jit = JITModule(self.llvm_ir_unoptimized, ["entry"])
-        self.compile_seconds = {"lower": t1 - t0, "llvm": time.perf_counter() - t1}
+        self._source = None
+        self._jit, self.cache_hit, self.compile_seconds = self._load_or_compile(cache)
+        self.compile_seconds["plan"] = t1 - t0
         self._entry = cfunc(self._jit.addresses["entry"],
                             [ctypes.py_object, ctypes.py_object, ctypes.c_void_p, ctypes.c_int64])
         self.threads = self.max_threads  # threads a call may use (at most max_threads)
@@ -73,6 +78,41 @@ class NativeFunction:
         self._out_types = [o.type for o in fn.outputs]
         self._n_in = len(fn.params)
         self._copies = self._resolve_copies()
+
+    def _load_or_compile(self, cache):
+        """(JITModule, cache hit?, seconds): linked from the persistent cache's object code if it
+        has this function, else lowered, compiled and stored."""
+        disk = _cache.resolve(cache)
+        seconds = {"lower": 0.0, "llvm": 0.0, "cache": 0.0}
+        t0 = time.perf_counter()
+        key = disk.key(self.fn, self.max_threads) if disk is not None else None
+        obj = disk.load(key) if disk is not None else None
+        if obj is not None:
+            me = weakref.ref(self)  # no reference cycle through the JIT module
+            try:
+                jit = JITModule.from_object(obj, ["entry"],
+                                            source=lambda: me().llvm_ir_unoptimized)
+            except Exception as e:  # the object file passed its checksum but does not link
+                disk.discard(key, f"{type(e).__name__}: {e}")
+            else:
+                seconds["cache"] = time.perf_counter() - t0
+                return jit, True, seconds
+        t1 = time.perf_counter()
+        source = self.llvm_ir_unoptimized
+        t2 = time.perf_counter()
+        jit = JITModule(source, ["entry"])
+        t3 = time.perf_counter()
+        if disk is not None:
+            disk.store(key, jit.object_code)
+        seconds.update(lower=t2 - t1, llvm=t3 - t2, cache=(t1 - t0) + (time.perf_counter() - t3))
+        return jit, False, seconds
+
+    @property
+    def llvm_ir_unoptimized(self) -> str:
+        """The LLVM IR the lowering produced (lowered now if the code came from the cache)."""
+        if self._source is None:
+            self._source = str(self._build_module())
+        return self._source
 
     # ------------------------------------------------------------------------------------- build
     def _build_module(self) -> ir.Module:
@@ -211,5 +251,5 @@ def _literal_global(module: ir.Module, v, name: str):
     return g
 
 
-def compile_function(fn: Function, max_threads: int | None = None) -> NativeFunction:
-    return NativeFunction(fn, max_threads)
+def compile_function(fn: Function, max_threads: int | None = None, cache=None) -> NativeFunction:
+    return NativeFunction(fn, max_threads, cache)

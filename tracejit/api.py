@@ -12,6 +12,7 @@ import inspect
 import logging
 import numbers
 import threading
+import time
 
 import numpy as np
 
@@ -124,12 +125,17 @@ class _Signature:
 
 
 class _Compiled:
-    """Everything compiled for one signature."""
+    """Everything compiled for one signature. `seconds` splits the time it took: "trace",
+    "passes" (verification, adjoint, optimization), and once native code exists "plan", "lower",
+    "llvm" and "cache" (see NativeFunction.compile_seconds)."""
 
-    def __init__(self, forward, transformed, out_treedef, n_value_outputs):
+    def __init__(self, forward, transformed, out_treedef, n_value_outputs, seconds=None):
         self.forward = forward          # ir.Function as traced
         self.transformed = transformed  # with the adjoint (grad kinds) or the forward again (jit)
+        t0 = time.perf_counter()
         self.optimized = optimize(transformed)
+        self.seconds = {"trace": 0.0, "passes": 0.0, **(seconds or {})}
+        self.seconds["passes"] += time.perf_counter() - t0
         self.out_treedef = out_treedef
         self.n_value_outputs = n_value_outputs
         self._native = None
@@ -137,12 +143,13 @@ class _Compiled:
 
     def native(self):
         """Native code of the optimized function, compiled on first use (once, even when two
-        threads ask at the same time)."""
+        threads ask at the same time), through the persistent compile cache if enabled."""
         if self._native is None:
             with self._lock:
                 if self._native is None:
                     from codegen import compile_function
-                    self._native = compile_function(self.optimized)
+                    self._native = compile_function(self.optimized, cache=_disk_cache())
+                    self.seconds.update(self._native.compile_seconds)
         return self._native
 
     def executable(self):
@@ -177,6 +184,7 @@ class Jitted:
         self._cache: dict = {}
         self._fast: dict = {}   # (shape, dtype) per positional array -> runner (native backend)
         self._lock = threading.Lock()
+        self._warned_retracing = False
 
     # --------------------------------------------------------------------------------- tracing
     def _check_argnums(self, n_args):
@@ -234,17 +242,22 @@ class Jitted:
         return {"jit": "jit", "grad": "jit_grad", "value_and_grad": "jit_value_and_grad"}[self.kind]
 
     def _compile(self, sig: _Signature) -> _Compiled:
+        t0 = time.perf_counter()
         b = Builder(self.name)
         with building(b):
             outs, out_def, n_value = self._trace(sig, b)
         if b.captured:
             raise TypeError(f"{self.name}: the function uses a traced value from a trace that has "
                             f"ended (a leaked tracer); pass it as an argument instead")
-        fwd = verify(b.finish(outs))
+        fwd = b.finish(outs)
+        t1 = time.perf_counter()
+        fwd = verify(fwd)
         if self.kind == "jit":
-            return _Compiled(fwd, fwd, out_def, n_value)
+            return _Compiled(fwd, fwd, out_def, n_value,
+                             {"trace": t1 - t0, "passes": time.perf_counter() - t1})
         grad = verify(grad_function(fwd, self._wrt(sig), name=f"{self.name}.grad"))
-        return _Compiled(fwd, grad, out_def, n_value)
+        return _Compiled(fwd, grad, out_def, n_value,
+                         {"trace": t1 - t0, "passes": time.perf_counter() - t1})
 
     def _lookup(self, sig: _Signature) -> _Compiled:
         entry = self._cache.get(sig.key)
@@ -252,12 +265,53 @@ class Jitted:
             with self._lock:
                 entry = self._cache.get(sig.key)
                 if entry is None:
-                    if self._cache:
-                        log.info("%s: tracing a new signature %s", self.name,
-                                 ", ".join(f"{p}: {t}" for (p, _, _), t in zip(sig.leaves, sig.types)))
+                    why = self._explain_retrace(sig.key) if self._cache else None
+                    if why is not None:
+                        log.info("%s: retracing because %s", self.name, why)
                     entry = self._compile(sig)
                     self._cache[sig.key] = entry
+                    n = len(self._cache)
+                    if n > config.retrace_warning and not self._warned_retracing:
+                        self._warned_retracing = True
+                        log.warning(
+                            "%s has been traced for %d different signatures (the latest because "
+                            "%s); every new signature traces and compiles again. Keep shapes, "
+                            "dtypes, containers and static arguments fixed (pad batches to one "
+                            "size; pass changing numbers as arrays).", self.name, n, why)
         return entry
+
+    def _explain_retrace(self, key) -> str:
+        """Which arguments of a new signature `key` differ from the closest signature already
+        traced, and how ("argument x changed from f32[64,784] to f32[32,784]")."""
+        try:
+            new = _describe_key(key, self.arg_names)
+            best = None
+            for old_key in list(self._cache)[-32:]:
+                changes = _key_changes(_describe_key(old_key, self.arg_names), new)
+                if best is None or len(changes) <= len(best):
+                    best = changes
+            if best:
+                more = f" (and {len(best) - 4} more changes)" if len(best) > 4 else ""
+                return ", and ".join(best[:4]) + more
+        except Exception:  # an explanation must never break a call
+            log.debug("%s: could not explain the retrace", self.name, exc_info=True)
+        return f"its arguments have a new signature {key!r}"
+
+    def compile_stats(self) -> dict:
+        """Compile-related time of every signature traced so far, summed: "trace", "passes" (IR
+        verification, adjoint, optimization), "plan", "lower", "llvm" and "cache" (native code:
+        see NativeFunction.compile_seconds); "total"; "signatures"; "cache_hits" (signatures
+        whose native code was loaded from the persistent cache)."""
+        entries = list(self._cache.values())
+        stats = {k: 0.0 for k in ("trace", "passes", "plan", "lower", "llvm", "cache")}
+        for e in entries:
+            for k, v in e.seconds.items():
+                stats[k] = stats.get(k, 0.0) + v
+        stats["total"] = sum(stats.values())
+        stats["signatures"] = len(entries)
+        stats["cache_hits"] = sum(1 for e in entries
+                                  if e._native is not None and getattr(e._native, "cache_hit", False))
+        return stats
 
     # --------------------------------------------------------------------------------- calling
     def __call__(self, *args, **kwargs):
@@ -393,6 +447,86 @@ class Jitted:
         if stage == "llvm":
             return native.llvm_ir_unoptimized
         return native.llvm_ir if stage == "llvm-opt" else native.asm
+
+
+def _disk_cache():
+    """The persistent compile cache as configured (tracejit.config.cache / cache_dir), or False."""
+    if not config.cache:
+        return False
+    from codegen.cache import DiskCache
+
+    from . import __version__
+    return DiskCache(config.cache_dir, version=f"tracejit {__version__}")
+
+
+def _describe_key(key, arg_names) -> dict:
+    """{path: (parent path or None, description, dict keys or None)} for every node of a
+    signature key (treedef, leaf types): arrays as their type, containers by their kind and size,
+    static values by their repr. Arguments passed by keyword are also listed under
+    ("keyword", name)."""
+    treedef, types = key
+    types = iter(types)
+    out = {}
+
+    def go(d, path, parent):
+        if d == pytree.ARRAY:
+            out[path] = (parent, str(next(types)), None)
+        elif d[0] == "dict":
+            out[path] = (parent, f"a dict with keys {list(d[1])}", d[1])
+            for k, c in zip(d[1], d[2]):
+                go(c, f"{path}[{k!r}]", path)
+        elif d[0] in ("list", "tuple"):
+            out[path] = (parent, f"a {d[0]} of {len(d[1])}", None)
+            for i, c in enumerate(d[1]):
+                go(c, f"{path}[{i}]", path)
+        else:
+            out[path] = (parent, f"{d[1]} {d[2]!r}", None)
+
+    for i, d in enumerate(treedef):
+        if d[0] == "kw":
+            go(d[2], d[1], None)
+            out["keyword", d[1]] = (None, "", None)
+        else:
+            go(d, arg_names[i] if i < len(arg_names) else f"args[{i}]", None)
+    return out
+
+
+def _key_changes(old: dict, new: dict) -> list[str]:
+    """The differences between two `_describe_key` results, one phrase each."""
+    changes = []
+    for path, (parent, text, keys) in new.items():
+        if isinstance(path, tuple):  # ("keyword", name)
+            if path not in old and path[1] in old:
+                changes.append(f"argument {path[1]} was passed by keyword, before by position")
+            continue
+        if path not in old:
+            if parent is None:
+                changes.append(f"argument {path} is new ({text})")
+            continue
+        old_text, old_keys = old[path][1], old[path][2]
+        if old_text == text:
+            continue
+        if keys is not None and old_keys is not None:
+            added = [k for k in keys if k not in old_keys]
+            removed = [k for k in old_keys if k not in keys]
+            parts = ([f"added {', '.join(map(repr, added))}"] if added else []) + \
+                    ([f"removed {', '.join(map(repr, removed))}"] if removed else [])
+            changes.append(f"argument {path} changed its keys ({'; '.join(parts) or 'reordered'})")
+        else:
+            changes.append(f"argument {path} changed from {_short(old_text)} to {_short(text)}")
+    for path, (parent, text, _) in old.items():
+        if isinstance(path, tuple):
+            if path not in new and path[1] in new:
+                changes.append(f"argument {path[1]} was passed by position, before by keyword")
+        elif path not in new and parent is None:
+            changes.append(f"argument {path} ({text}) is no longer passed")
+    return changes
+
+
+def _short(text: str) -> str:
+    """A static value's description without its type name when the repr says enough."""
+    kind, _, rest = text.partition(" ")
+    return rest if kind in ("int", "float", "str", "bool", "NoneType") else text
 
 
 _DTYPE_HINTS = {
