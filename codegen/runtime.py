@@ -126,15 +126,14 @@ class NativeFunction:
         for g in plan.groups:
             fname = g.name
             try:
-                if g.kind == "nn" and g.epilogue is not None:
-                    epi = fused.Epilogue(g.epilogue, g.root.out, f"{fname}.epilogue")
-                    kernels[g.root.prim].lower(module, fname, g.root, epilogue=epi)
-                    kernel_fns.append(module.globals[fname])
-                elif g.kind == "nn" and g.companion is not None:
-                    lower_max_pool2d_with_argmax(module, fname, g.root)
-                    kernel_fns.append(module.globals[fname])
-                elif g.kind == "nn":
-                    kernels[g.root.prim].lower(module, fname, g.root)
+                if g.kind == "nn":
+                    epi = fused.Epilogue(g.epilogue, g.root.out, f"{fname}.epilogue") \
+                        if g.epilogue is not None else None
+                    extra = {} if epi is None else {"epilogue": epi}
+                    if g.companion is not None:
+                        lower_max_pool2d_with_argmax(module, fname, g.root, **extra)
+                    else:
+                        kernels[g.root.prim].lower(module, fname, g.root, **extra)
                     kernel_fns.append(module.globals[fname])
                 else:
                     kernel_fns.append(fused.lower_group(module, fname, g))
