@@ -183,8 +183,15 @@ def _max_pool2d_impl(x, *, kernel, stride, padding):
 def _max_pool2d_argmax_impl(x, *, kernel, stride, padding):
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     win = _windows(x, kernel, stride, padding, fill=-np.inf)
+    valid = _windows(np.ones_like(x, dtype=bool), kernel, stride, padding, fill=False)
     n, c, oh, ow = win.shape[:4]
-    tap = win.reshape(n, c, oh, ow, kh * kw).argmax(axis=4)  # first maximum; NaN wins like numpy
+    win = win.reshape(n, c, oh, ow, kh * kw)
+    valid = valid.reshape(n, c, oh, ow, kh * kw)
+    # the first real element equal to the window's maximum (the first NaN if there is one), so a
+    # window of -inf values never points into the padding
+    m = win.max(axis=4, keepdims=True)
+    hit = valid & ((win == m) | (np.isnan(m) & np.isnan(win)))
+    tap = hit.argmax(axis=4)
     i, j = tap // kw, tap % kw
     rows = np.arange(oh)[:, None] * sh + i - ph
     cols = np.arange(ow)[None, :] * sw + j - pw
