@@ -2,7 +2,7 @@
 
 `GOMP_parallel(fn, data, nthreads, 0)` runs `fn(data)` on a team of threads (the caller included)
 and joins them; a fork/join costs about 1.5 us here, so only kernels with enough work go parallel
-(see `PARALLEL_MIN_WORK`). Without libgomp every kernel runs on the calling thread.
+(see `PARALLEL_MIN_NS`). Without libgomp every kernel runs on the calling thread.
 """
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import llvmlite.ir as ir
 
 from .loops import I32, I64, PTR, VOID, i32, i64
 
-# A kernel goes parallel when its estimated work (flops, or elements times operations) reaches
-# this; below it the fork/join costs more than it saves.
-PARALLEL_MIN_WORK = 1 << 16
+# A kernel goes parallel when its estimated single-thread time (schedule.Group.cost_ns) reaches
+# this: a fork/join costs ~1.5 us on an idle machine and far more when the other core is busy, so
+# only kernels that run for tens of microseconds are worth splitting.
+PARALLEL_MIN_NS = 30_000
 
 
 @functools.lru_cache(maxsize=None)

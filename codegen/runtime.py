@@ -69,6 +69,7 @@ class NativeFunction:
             lambda ins: kernels[ins.prim].epilogue and not os.environ.get("TRACEJIT_NO_EPILOGUES"))
         t1 = time.perf_counter()
         self._source = None
+        self._source_lock = threading.Lock()  # lowering twice would reuse a plan's epilogues
         self._jit, self.cache_hit, self.compile_seconds = self._load_or_compile(cache)
         self.compile_seconds["plan"] = t1 - t0
         self._entry = cfunc(self._jit.addresses["entry"],
@@ -110,8 +111,9 @@ class NativeFunction:
     @property
     def llvm_ir_unoptimized(self) -> str:
         """The LLVM IR the lowering produced (lowered now if the code came from the cache)."""
-        if self._source is None:
-            self._source = str(self._build_module())
+        with self._source_lock:
+            if self._source is None:
+                self._source = str(self._build_module())
         return self._source
 
     # ------------------------------------------------------------------------------------- build
@@ -180,7 +182,7 @@ class NativeFunction:
             scratch = b.gep(arena_arg, [i64(g.scratch)], source_etype=ir.IntType(8)) \
                 if g.scratch_bytes else ir.Constant(PTR, None)
             parallel.emit_call(module, b, kfn, args + [scratch], nthreads_arg,
-                               self.max_threads > 1 and g.work >= parallel.PARALLEL_MIN_WORK)
+                               self.max_threads > 1 and g.cost_ns >= parallel.PARALLEL_MIN_NS)
         b.ret_void()
         return module
 

@@ -1,7 +1,7 @@
 """Run-time options.
 
-- `backend`: "llvm" (native code, the default once codegen exists) or "interpreter" (the numpy
-  reference, for debugging); the environment variable TRACEJIT_BACKEND sets the initial value.
+- `backend`: "llvm" (native code, the default) or "interpreter" (the numpy reference interpreter:
+  the test oracle, for debugging); the environment variable TRACEJIT_BACKEND sets the initial value.
 - `cache`: keep compiled code in the persistent compile cache on disk (codegen/cache.py), so
   another process skips LLVM; TRACEJIT_CACHE=0 sets it False initially.
 - `cache_dir`: the cache's directory; None means TRACEJIT_CACHE_DIR, else
@@ -14,7 +14,10 @@ import os
 
 class _Config:
     def __init__(self):
-        self.backend = os.environ.get("TRACEJIT_BACKEND", "interpreter")
+        self.backend = os.environ.get("TRACEJIT_BACKEND", "llvm")
+        if self.backend not in ("llvm", "interpreter"):
+            raise ValueError(f"TRACEJIT_BACKEND must be 'llvm' or 'interpreter', got "
+                             f"{self.backend!r}")
         self.cache = os.environ.get("TRACEJIT_CACHE", "1").strip().lower() not in (
             "0", "false", "no", "off")
         self.cache_dir = None
