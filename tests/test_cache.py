@@ -69,6 +69,7 @@ SCRIPT = PROGRAM + textwrap.dedent("""
 
 def run_process(cache_dir, **env):
     environ = dict(os.environ, TRACEJIT_CACHE_DIR=str(cache_dir), PYTHONPATH=str(ROOT))
+    environ.pop("TRACEJIT_CACHE", None)
     environ.update(env)
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=environ, capture_output=True,
                           text=True, timeout=300)
@@ -158,6 +159,7 @@ def test_a_warm_cache_skips_llvm_and_dumps_still_work(cache_dir):
     assert set(stats) >= {"trace", "passes", "plan", "lower", "llvm", "cache", "total"}
     # the LLVM IR and assembly of code loaded from the cache are compiled on demand
     assert "define" in jitted.ir(*arguments(), stage="llvm")
+    assert "define" in jitted.ir(*arguments(), stage="llvm-opt")
     assert "entry" in jitted.ir(*arguments(), stage="asm")
 
 

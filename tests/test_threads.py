@@ -178,3 +178,16 @@ def test_new_signatures_from_many_threads_trace_once_each(count_compiles):
         np.testing.assert_allclose(r, np.sin(x) + x * np.cos(x), rtol=1e-12)
     assert f.calls == len(shapes)
     assert count_compiles["n"] == len(shapes)
+
+
+def test_dumps_of_cached_code_from_many_threads_agree(monkeypatch):
+    """Code linked from the persistent cache lowers its LLVM IR on demand, once."""
+    monkeypatch.setattr(tracejit.config, "cache", True)
+    params = mlp_params(np.random.default_rng(5))
+    x, t = mlp_batch(0)
+    tracejit.jit_value_and_grad(mlp_loss)(params, x, t)  # compiled and stored
+    g = tracejit.jit_value_and_grad(mlp_loss)
+    g(params, x, t)
+    assert g.compile_stats()["cache_hits"] == 1
+    dumps = run_together(4, lambda i: g.ir(params, x, t, stage="llvm"))
+    assert all(d == dumps[0] for d in dumps) and "define" in dumps[0]
