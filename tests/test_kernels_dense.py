@@ -1,9 +1,12 @@
-"""Native kernels of the dense primitives (matmul, conv2d and its two backward passes), each compiled
-alone in an LLVM module and called through ctypes exactly as the kernel contract says
+"""Native kernels of the dense primitives (matmul, conv2d and its two backward passes), compiled in
+LLVM modules of many kernels (as the runtime does: kernels of equal register blocking share their
+loop functions) and called through ctypes exactly as the kernel contract says
 (codegen/kernels/__init__.py), against the numpy reference implementations of the IR interpreter.
 
-The output buffer is pre-filled with NaN, so an element no thread writes fails the comparison; with
-several threads the tids are called one after the other in both orders, and once on real threads.
+The output buffer is pre-filled with NaN and the scratch with NaN bytes, so an element no thread
+writes, or a read of uninitialised scratch, fails the comparison; with several threads the tids are
+called one after the other in both orders, and once on real threads. Epilogues (elementwise loops
+fused into a kernel) are checked through the runtime, which decides them.
 """
 from __future__ import annotations
 
@@ -15,12 +18,14 @@ import llvmlite.ir as llir
 import numpy as np
 import pytest
 
+import tracejit
 from codegen.kernels import _load_all, kernels
 from codegen.target import JITModule, cfunc
 from ir import lax
 from ir.builder import Builder, building
 from ir.core import TensorType
 from ir.interpreter import impls
+from tracejit import nn
 
 _load_all()
 
@@ -36,36 +41,41 @@ def make_instr(prim: str, in_shapes, dtype: str, **params):
         return getattr(lax, prim)(*xs, **params).instr
 
 
-class Kernel:
-    """One kernel compiled alone; call(...) runs it like the runtime would."""
+class Kernels:
+    """Several kernels compiled together in one LLVM module, as the runtime does (kernels of equal
+    register blocking share their loop functions there); `call(i, ...)` runs kernel i like the
+    runtime would."""
 
-    def __init__(self, ins, name="kernel"):
-        self.ins = ins
-        self.spec = kernels[ins.prim]
+    def __init__(self, instrs):
+        self.instrs = list(instrs)
         mod = llir.Module()
-        self.spec.lower(mod, name, ins)
-        self.jit = JITModule(str(mod), [name])
-        n = len(ins.inputs)
-        self.fn = cfunc(self.jit.addresses[name],
-                        [ctypes.c_void_p] * (n + 2) + [ctypes.c_int64] * 2)
+        names = [f"kernel{i}" for i in range(len(self.instrs))]
+        for name, ins in zip(names, self.instrs):
+            kernels[ins.prim].lower(mod, name, ins)
+        self.jit = JITModule(str(mod), names)
+        self.fns = [cfunc(self.jit.addresses[name],
+                          [ctypes.c_void_p] * (len(ins.inputs) + 2) + [ctypes.c_int64] * 2)
+                    for name, ins in zip(names, self.instrs)]
 
-    def buffers(self, arrays, nthreads):
-        out = np.full(self.ins.out.shape, np.nan, dtype=self.ins.out.type.np_dtype)
-        nbytes = self.spec.scratch_bytes(self.ins, nthreads)
+    def buffers(self, i, arrays, nthreads):
+        ins = self.instrs[i]
+        out = np.full(ins.out.shape, np.nan, dtype=ins.out.type.np_dtype)
+        nbytes = kernels[ins.prim].scratch_bytes(ins, nthreads)
         raw = np.full(nbytes + 64, 0xFF, dtype=np.uint8)  # garbage (NaN bytes) in scratch
         scratch = raw.ctypes.data + (-raw.ctypes.data) % 64
         args = [out.ctypes.data] + [a.ctypes.data for a in arrays] + [scratch]
         return out, raw, args
 
-    def call(self, arrays, nthreads=1, order=None):
-        out, _keep, args = self.buffers(arrays, nthreads)
+    def call(self, i, arrays, nthreads=1, order=None):
+        out, _keep, args = self.buffers(i, arrays, nthreads)
         for tid in order if order is not None else range(nthreads):
-            self.fn(*args, tid, nthreads)
+            self.fns[i](*args, tid, nthreads)
         return out
 
-    def call_threads(self, arrays, nthreads=2):
-        out, _keep, args = self.buffers(arrays, nthreads)
-        ths = [threading.Thread(target=self.fn, args=(*args, t, nthreads)) for t in range(nthreads)]
+    def call_threads(self, i, arrays, nthreads=2):
+        out, _keep, args = self.buffers(i, arrays, nthreads)
+        ths = [threading.Thread(target=self.fns[i], args=(*args, t, nthreads))
+               for t in range(nthreads)]
         for th in ths:
             th.start()
         for th in ths:
@@ -73,24 +83,38 @@ class Kernel:
         return out
 
 
-def check(prim, in_shapes, dtype, thread_counts=(1, 2, 3), seed=0, **params):
-    ins = make_instr(prim, in_shapes, dtype, **params)
-    rng = np.random.default_rng(seed)
-    arrays = [rng.standard_normal(s).astype(NP[dtype]) for s in in_shapes]
+def reference(ins, arrays):
+    """The float64 numpy reference and the bound on the rounding error of the result."""
     ref = impls[ins.prim](*[a.astype(np.float64) for a in arrays], **ins.params)
     mag = impls[ins.prim](*[np.abs(a).astype(np.float64) for a in arrays], **ins.params)
-    tol = RTOL[dtype] * mag + 1e-30
-    k = Kernel(ins)
-    for nt in thread_counts:
-        orders = [range(nt)] if nt == 1 else [range(nt), range(nt - 1, -1, -1)]
-        for order in orders:
-            got = k.call(arrays, nt, order)
-            bad = ~(np.abs(got - ref) <= tol)
-            assert not bad.any(), (
-                f"{prim} {in_shapes} {dtype} {params} nthreads={nt} order={list(order)}: "
-                f"{bad.sum()} of {bad.size} elements wrong, first at {np.argwhere(bad)[0]}: "
-                f"got {got[tuple(np.argwhere(bad)[0])]}, want {ref[tuple(np.argwhere(bad)[0])]}")
-    return k, arrays, ref, tol
+    return ref, RTOL[ins.out.dtype] * mag + 1e-30
+
+
+def check_all(specs, dtype, thread_counts=(1, 2, 3), seed=0):
+    """Compile the kernels of `specs` [(prim, in_shapes, params)] in one module and check each
+    against numpy for every thread count (tids called in both orders)."""
+    instrs = [make_instr(prim, shapes, dtype, **params) for prim, shapes, params in specs]
+    ks = Kernels(instrs)
+    rng = np.random.default_rng(seed)
+    for i, ins in enumerate(instrs):
+        arrays = [rng.standard_normal(v.shape).astype(NP[dtype]) for v in ins.inputs]
+        ref, tol = reference(ins, arrays)
+        for nt in thread_counts:
+            orders = [range(nt)] if nt == 1 else [range(nt), range(nt - 1, -1, -1)]
+            for order in orders:
+                got = ks.call(i, arrays, nt, order)
+                bad = ~(np.abs(got - ref) <= tol)
+                if bad.any():
+                    at = tuple(np.argwhere(bad)[0])
+                    raise AssertionError(
+                        f"{ins.prim.name} {[v.shape for v in ins.inputs]} {dtype} {ins.params} "
+                        f"nthreads={nt} order={list(order)}: {bad.sum()} of {bad.size} elements "
+                        f"wrong, first at {at}: got {got[at]}, want {ref[at]}")
+    return ks
+
+
+def check(prim, in_shapes, dtype, thread_counts=(1, 2, 3), seed=0, **params):
+    return check_all([(prim, in_shapes, params)], dtype, thread_counts, seed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,15 +130,16 @@ MATMUL_SHAPES = [  # (M, N, K)
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
 @pytest.mark.parametrize("trans", [(False, False), (True, False), (False, True), (True, True)],
                          ids=["nn", "tn", "nt", "tt"])
-@pytest.mark.parametrize("mnk", MATMUL_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matmul(mnk, trans, dtype):
-    m, n, k = mnk
+def test_matmul(trans, dtype):
+    """All shapes of one transpose combination in one module (they share loop functions)."""
     ta, tb = trans
-    if m * n * k > 10 ** 6 and dtype == "f64" and (ta or tb) != (False, True):
-        pytest.skip("large f64 shapes: one transpose combination is enough")
-    a_shape = (k, m) if ta else (m, k)
-    b_shape = (n, k) if tb else (k, n)
-    check("matmul", [a_shape, b_shape], dtype, trans_a=ta, trans_b=tb)
+    specs = []
+    for m, n, k in MATMUL_SHAPES:
+        if m * n * k > 10 ** 6 and dtype == "f64" and (ta, tb) != (False, True):
+            continue   # large f64 shapes: one transpose combination is enough
+        specs.append(("matmul", [(k, m) if ta else (m, k), (n, k) if tb else (k, n)],
+                      dict(trans_a=ta, trans_b=tb)))
+    check_all(specs, dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,61 +164,90 @@ CONV_CASES = [  # x [N,C,H,W], w [O,C,KH,KW], stride, padding
 ]
 
 
-def _conv_ids(case):
-    x, w, s, p = case
-    return f"x{'x'.join(map(str, x))}-w{'x'.join(map(str, w))}-s{s[0]}{s[1]}-p{p[0]}{p[1]}"
-
-
 def _out_hw(x, w, s, p):
     return tuple((n + 2 * pp - k) // ss + 1 for n, k, ss, pp in zip(x[2:], w[2:], s, p))
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f64"])
-@pytest.mark.parametrize("case", CONV_CASES, ids=_conv_ids)
-def test_conv2d(case, dtype):
-    x, w, s, p = case
-    check("conv2d", [x, w], dtype, stride=s, padding=p)
-
-
-@pytest.mark.parametrize("dtype", ["f32", "f64"])
-@pytest.mark.parametrize("case", CONV_CASES, ids=_conv_ids)
-def test_conv2d_input_grad(case, dtype):
+def _conv_specs(prim, case):
     x, w, s, p = case
     ct = (x[0], w[0]) + _out_hw(x, w, s, p)
-    check("conv2d_input_grad", [ct, w], dtype, in_hw=x[2:], stride=s, padding=p)
+    return {"conv2d": ("conv2d", [x, w], dict(stride=s, padding=p)),
+            "conv2d_input_grad": ("conv2d_input_grad", [ct, w],
+                                  dict(in_hw=x[2:], stride=s, padding=p)),
+            "conv2d_weight_grad": ("conv2d_weight_grad", [ct, x],
+                                   dict(kernel=w[2:], stride=s, padding=p))}[prim]
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
-@pytest.mark.parametrize("case", CONV_CASES, ids=_conv_ids)
-def test_conv2d_weight_grad(case, dtype):
-    x, w, s, p = case
-    ct = (x[0], w[0]) + _out_hw(x, w, s, p)
-    check("conv2d_weight_grad", [ct, x], dtype, kernel=w[2:], stride=s, padding=p)
+@pytest.mark.parametrize("prim", ["conv2d", "conv2d_input_grad", "conv2d_weight_grad"])
+def test_conv(prim, dtype):
+    """Every case of CONV_CASES, compiled together (cases of equal blocking share functions)."""
+    check_all([_conv_specs(prim, case) for case in CONV_CASES], dtype)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_all_dense_kernels_in_one_module(dtype):
+    """The forward pass and both gradients of every conv case plus matmuls, in one module: shared
+    loop functions must not mix up the compile-time constants of different kernels."""
+    specs = [_conv_specs(prim, case) for case in CONV_CASES
+             for prim in ("conv2d", "conv2d_input_grad", "conv2d_weight_grad")]
+    specs += [("matmul", [(m, k), (n, k)], dict(trans_b=True)) for m, n, k in MATMUL_SHAPES[:8]]
+    check_all(specs, dtype, thread_counts=(2,))
 
 
 def test_conv_block_shape_and_real_threads():
     """The benchmark's conv block (smaller batch), each pass run on two real threads."""
-    x, w, s, p = (2, 64, 32, 32), (64, 64, 3, 3), (1, 1), (1, 1)
-    ct = (2, 64, 32, 32)
-    for prim, shapes, params in [
-            ("conv2d", [x, w], dict(stride=s, padding=p)),
-            ("conv2d_input_grad", [ct, w], dict(in_hw=x[2:], stride=s, padding=p)),
-            ("conv2d_weight_grad", [ct, x], dict(kernel=w[2:], stride=s, padding=p))]:
-        k, arrays, ref, tol = check(prim, shapes, "f32", thread_counts=(2,), **params)
-        got = k.call_threads(arrays, 2)
-        assert (np.abs(got - ref) <= tol).all(), prim
-
-
-def test_matmul_real_threads():
-    k, arrays, ref, tol = check("matmul", [(64, 784), (256, 784)], "f32", thread_counts=(2,),
-                                trans_b=True)
-    assert (np.abs(k.call_threads(arrays, 2) - ref) <= tol).all()
+    case = ((2, 64, 32, 32), (64, 64, 3, 3), (1, 1), (1, 1))
+    specs = [_conv_specs(prim, case)
+             for prim in ("conv2d", "conv2d_input_grad", "conv2d_weight_grad")]
+    specs.append(("matmul", [(64, 784), (256, 784)], dict(trans_b=True)))
+    ks = check_all(specs, "f32", thread_counts=(2,))
+    rng = np.random.default_rng(1)
+    for i, ins in enumerate(ks.instrs):
+        arrays = [rng.standard_normal(v.shape).astype(np.float32) for v in ins.inputs]
+        ref, tol = reference(ins, arrays)
+        assert (np.abs(ks.call_threads(i, arrays, 2) - ref) <= tol).all(), ins.prim.name
 
 
 def test_more_threads_than_work():
     check("matmul", [(2, 3), (3, 1)], "f32", thread_counts=(5,))
     check("conv2d", [(1, 1, 3, 3), (1, 1, 2, 2)], "f64", thread_counts=(4,), stride=(1, 1),
           padding=(0, 0))
+
+
+# ------------------------------------------------------------------------------------------------
+# epilogues (through the runtime: the fusion code decides them)
+# ------------------------------------------------------------------------------------------------
+def _epilogue_program(x, w1, b1, w2, b2, wl, bl):
+    h = nn.relu(nn.conv2d(x, w1, b1, padding=1))             # conv + bias + relu epilogue
+    h = nn.relu(nn.conv2d(h, w2, b2, stride=2, padding=1))   # input grad with the relu mask
+    z = nn.relu(nn.linear(nn.flatten(h), wl, bl))            # matmul + bias + relu epilogue
+    return (z * z).sum()
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_epilogues_in_compiled_gradient(dtype):
+    rng = np.random.default_rng(5)
+    shapes = [(3, 2, 9, 11), (5, 2, 3, 3), (5,), (4, 5, 3, 3), (4,), (7, 4 * 5 * 6), (7,)]
+    args = [rng.standard_normal(sh).astype(NP[dtype]) for sh in shapes]
+    old = tracejit.config.backend
+    try:
+        results = []
+        for backend in ("llvm", "interpreter"):
+            tracejit.config.backend = backend
+            grad = tracejit.jit_grad(_epilogue_program, argnums=tuple(range(len(args))))
+            results.append(grad(*args))
+            if backend == "llvm":
+                dump = grad.ir(*args, stage="optimized")
+    finally:
+        tracejit.config.backend = old
+    kernel_lines = [ln for ln in dump.splitlines() if "epilogue" in ln]
+    for prim in ("conv2d ", "conv2d_input_grad ", "matmul "):
+        assert any(prim in ln for ln in kernel_lines), (prim, dump)
+    for native, ref in zip(*results):
+        native, ref = np.asarray(native), np.asarray(ref)
+        assert np.allclose(native, ref, rtol=RTOL[dtype] * 10, atol=RTOL[dtype] * 10 *
+                           np.abs(ref).max()), (native, ref)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,5 +266,5 @@ _VFMA = re.compile(r"vfmadd\w*\s+[^\n]*%[yz]mm")
      dict(kernel=(3, 3), stride=1, padding=1)),
 ])
 def test_asm_has_vector_fma(prim, shapes, params):
-    asm = Kernel(make_instr(prim, shapes, "f32", **params)).jit.asm
+    asm = Kernels([make_instr(prim, shapes, "f32", **params)]).jit.asm
     assert len(_VFMA.findall(asm)) >= 16, f"{prim}: no vector FMAs in\n{asm[:3000]}"

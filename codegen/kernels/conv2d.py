@@ -6,28 +6,32 @@ inner loops have no border cases; it costs O(input) per image against O(input * 
 The copy also removes the strides from the inner loops:
 
 - a horizontal stride sx is undone by splitting each padded row into sx phase rows (column
-  q = q' * sx + phase is stored at [phase][q']), so the input pixels of sixteen consecutive output
+  Q = q' * sx + phase is stored at [phase][q']), so the input pixels of sixteen consecutive output
   pixels are sixteen consecutive floats for every tap;
 - the input gradient is a stride-1 convolution of the cotangent, dilated by the stride (zeros between
   the pixels) and padded by KH-1-ph / KW-1-pw, with the weights flipped and transposed; dilation and
   padding are both done by the copy, the flip and transpose by the weight strides.
 
 conv2d and conv2d_input_grad share one register-blocked core (`_Core`): an item is one image and a
-block of R output channels; a tile is R channels x PR output rows x PV vectors of output columns in
-R*PR*PV vector accumulators (vectors run along the output row, which is contiguous in NCHW). The
-input-channel loop stays a loop; the KH*KW taps are unrolled inside it. Each tap costs PR*PV vector
-loads (shared between rows for stride 1), R broadcast weights and R*PR*PV FMAs.
+block of R output channels (and a chunk of rows when there are few items); a tile is R channels x
+PR output rows x PV vectors of output columns in R*PR*PV vector accumulators (vectors run along the
+output row, which is contiguous in NCHW). The input-channel loop and the kernel-row loop (which
+skips rows that only see padding) stay loops; the KW taps of a kernel row are unrolled. Each tap
+costs PR*PV vector loads, R broadcast weights and R*PR*PV FMAs.
 
-conv2d_weight_grad is a reduction over the images and output pixels: an item is one input channel,
-a block of R output channels and a group of taps, with R*taps vector accumulators fed by the
-cotangent rows and the shifted rows of the padded input, reduced horizontally at the end.
+conv2d_weight_grad is a reduction over the images and output pixels (`_WGrad`).
 
 Border tiles clamp their channel and row indices to the last valid one (they recompute and store the
 same values into the same elements) instead of having code variants; the weight gradient, which
-accumulates, adds zero for the clamped duplicates.
+accumulates, adds zero for the clamped duplicates. Output columns are masked.
+
+Compile time: as in matmul.py, the loops are shape-generic functions shared by all kernels of an
+LLVM module with the same register block (`shared_function`); the kernel of an instruction passes
+its shapes, strides and padding as constants.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import llvmlite.ir as ir
@@ -35,26 +39,29 @@ import llvmlite.ir as ir
 from ..loops import I8, I64, PTR, fma, gep, i64, if_then, intrinsic, load, masked_load, \
     masked_store, splat, store, vload, vstore
 from . import register
-from .matmul import carry_loop, clamp_hi, dtype_info, hsum, kernel_function, static_mask, \
-    thread_range, zero_vector
+from .matmul import call_shared, carry_loop, ceil_div, dtype_info, epilogue_rows, hsum, \
+    kernel_function, lane_mask, opaque, shared_function, smax, smin, thread_range, zero_vector
 
-FORCE = {}  # overrides of the blocking decisions, for experiments
+FORCE = {}  # overrides of the blocking decisions, for experiments (benchmarks/kernels_dense.py)
 
 _ALIGN = 16  # elements; scratch regions start 64-byte aligned for f32 and f64
 
 
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _round_up(a: int, b: int) -> int:
-    return _ceil(a, b) * b
+    return ceil_div(a, b) * b
 
 
 def _pitch(q: int) -> int:
-    """Padded row length: rows of a vector or more start 64-byte aligned (FORCE "align")."""
-    align = FORCE.get("align", 1)
-    return _round_up(q, align) if q >= 16 else q
+    """Padded row length: rows of a vector or more are rounded to 64 bytes (f32) so that the
+    loads of the first tap of each kernel row are aligned."""
+    return _round_up(q, 16) if q >= 16 else q
+
+
+def _memset0(b, ptr, nbytes):
+    memset = intrinsic(b.module, "llvm.memset.p0.i64", ir.VoidType(),
+                       [PTR, I8, I64, ir.IntType(1)])
+    nbytes = i64(nbytes) if isinstance(nbytes, int) else nbytes
+    b.call(memset, [ptr, ir.Constant(I8, 0), nbytes, ir.Constant(ir.IntType(1), 0)])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,10 +90,11 @@ class _Prep:
     def chan_pitch(self) -> int:
         return self.rows * self.row_pitch
 
-    def _span(self, n_src: int, d: int, off: int, limit: int):
+    @staticmethod
+    def _span(n_src: int, d: int, off: int, limit: int):
         """Source indices s in [lo, hi) with 0 <= s*d + off < limit."""
-        lo = max(0, _ceil(-off, d))
-        hi = min(n_src, _ceil(limit - off, d))
+        lo = max(0, ceil_div(-off, d))
+        hi = min(n_src, ceil_div(limit - off, d))
         return lo, max(lo, hi)
 
     def data_rows(self):
@@ -94,58 +102,79 @@ class _Prep:
         lo, hi = self._span(self.src_h, self.dr, self.offr, self.rows)
         return lo * self.dr + self.offr, (hi - 1) * self.dr + self.offr
 
-    def emit(self, b, ety, vl, src, dst, nchan):
-        """Fill dst[0:nchan] from src[0:nchan] (pointers at the first channel; nchan an i64)."""
-        es = _esize(ety)
-        memset = intrinsic(b.module, "llvm.memset.p0.i64", ir.VoidType(),
-                           [PTR, I8, I64, ir.IntType(1)])
-        b.call(memset, [dst, ir.Constant(I8, 0), b.mul(nchan, i64(self.chan_pitch * es)),
-                        ir.Constant(ir.IntType(1), 0)])
+    def params(self) -> dict:
         r_lo, r_hi = self._span(self.src_h, self.dr, self.offr, self.rows)
         c_lo, c_hi = self._span(self.src_w, self.dq, self.offq, self.sx * self.q)
-        if r_lo >= r_hi or c_lo >= c_hi:
-            return
-        with carry_loop(b, 0, nchan, [], "prep.c", unroll=False) as lc:
-            s_c = gep(b, src, b.mul(lc.iv, i64(self.src_h * self.src_w)), ety)
-            d_c = gep(b, dst, b.mul(lc.iv, i64(self.chan_pitch)), ety)
-            with carry_loop(b, r_lo, r_hi, [], "prep.row", unroll=False) as lr:
-                s_r = gep(b, s_c, b.mul(lr.iv, i64(self.src_w)), ety)
-                r = b.add(b.mul(lr.iv, i64(self.dr)), i64(self.offr))
-                d_r = gep(b, d_c, b.mul(r, i64(self.row_pitch)), ety)
-                if self.sx == 1 and self.dq == 1:
-                    # a contiguous run: explicit vector copies (smaller code than LLVM's
-                    # vectorized loop with its epilogue and run-time checks)
-                    d_r = gep(b, d_r, i64(self.offq + c_lo), ety)
-                    s_r = gep(b, s_r, i64(c_lo), ety)
-                    run = c_hi - c_lo
-                    vty = ir.VectorType(ety, vl)
-                    if run >= vl:
-                        with carry_loop(b, 0, run - run % vl, [], "prep.col", step=vl,
-                                        unroll=False) as lq:
-                            vstore(b, vload(b, s_r, lq.iv, vty), d_r, lq.iv)
-                    if run % vl:
-                        mask = static_mask(vl, run % vl)
-                        at = i64(run - run % vl)
-                        masked_store(b, masked_load(b, s_r, at, vty, mask), d_r, at, mask)
-                else:
-                    with carry_loop(b, c_lo, c_hi, [], "prep.col", unroll=False) as lq:
-                        col = b.add(b.mul(lq.iv, i64(self.dq)), i64(self.offq))
-                        at = b.add(b.mul(b.urem(col, i64(self.sx)), i64(self.q)),
-                                   b.udiv(col, i64(self.sx)))
-                        store(b, load(b, s_r, lq.iv, ety), d_r, at, ety)
+        return dict(src_h=self.src_h, src_w=self.src_w, cp=self.chan_pitch, rp=self.row_pitch,
+                    q=self.q, dr=self.dr, dq=self.dq, offr=self.offr, offq=self.offq,
+                    r_lo=r_lo, r_hi=r_hi, c_lo=c_lo, c_hi=c_hi)
+
+    @property
+    def contiguous(self) -> bool:
+        """Source rows land as contiguous runs (no phases, no dilation)."""
+        return self.sx == 1 and self.dq == 1
 
 
-def _esize(ety) -> int:
-    return 8 if ety == ir.DoubleType() else 4
+_PREP_PARAMS = ("nchan", "src_h", "src_w", "cp", "rp", "q", "dr", "dq", "offr", "offq", "r_lo",
+                "r_hi", "c_lo", "c_hi")
+
+
+@dataclass(frozen=True)
+class _PadKey:
+    dtype: str
+    sx: int
+    contiguous: bool
+
+
+def _pad(b, key: _PadKey, src, dst, nchan, s):
+    """The padded copy of channels [0, nchan) of src into dst, with the copy's run-time shapes
+    taken from `s` (a Shared with the _PREP_PARAMS but nchan)."""
+    fn = shared_function(b.module, "conv.pad", key, 2, _PREP_PARAMS, _pad_body)
+    call_shared(b, fn, [dst, src],
+                dict({k: getattr(s, k) for k in _PREP_PARAMS if k != "nchan"}, nchan=nchan))
+
+
+def _pad_body(s, key: _PadKey):
+    ety, vl, es = dtype_info(key.dtype)
+    vty = ir.VectorType(ety, vl)
+    b = s.b
+    dst, src = s.ptrs
+    _memset0(b, dst, b.mul(b.mul(s.nchan, s.cp), i64(es)))
+    with carry_loop(b, 0, s.nchan, [], "pad.c") as lc:
+        s_c = gep(b, src, b.mul(lc.iv, b.mul(s.src_h, s.src_w)), ety)
+        d_c = gep(b, dst, b.mul(lc.iv, s.cp), ety)
+        with carry_loop(b, s.r_lo, s.r_hi, [], "pad.row") as lr:
+            s_r = gep(b, s_c, b.mul(lr.iv, s.src_w), ety)
+            d_r = gep(b, d_c, b.mul(b.add(b.mul(lr.iv, s.dr), s.offr), s.rp), ety)
+            if key.contiguous:   # a run of c_hi - c_lo elements: vector copies, the last masked
+                d_r = gep(b, d_r, b.add(s.offq, s.c_lo), ety)
+                s_r = gep(b, s_r, s.c_lo, ety)
+                run = b.sub(s.c_hi, s.c_lo)
+                with carry_loop(b, 0, run, [], "pad.col", step=vl) as lq:
+                    mask = lane_mask(b, b.sub(run, lq.iv), vl)
+                    masked_store(b, masked_load(b, s_r, lq.iv, vty, mask), d_r, lq.iv, mask)
+            else:
+                with carry_loop(b, s.c_lo, s.c_hi, [], "pad.col") as lq:
+                    col = b.add(b.mul(lq.iv, s.dq), s.offq)
+                    at = b.add(b.mul(b.urem(col, i64(key.sx)), s.q), b.udiv(col, i64(key.sx)))
+                    store(b, load(b, s_r, lq.iv, ety), d_r, at, ety)
 
 
 # ------------------------------------------------------------------------------------------------
 # the direct-convolution core (conv2d, conv2d_input_grad)
 # ------------------------------------------------------------------------------------------------
+# register blocks (R, PR, PV) tried, in order of preference on ties; few of them, so that kernels of
+# different shapes share functions
+_BLOCKS = ((4, 2, 2), (4, 3, 2), (2, 4, 2), (8, 1, 2), (1, 8, 2), (4, 4, 1), (4, 6, 1), (8, 2, 1),
+           (2, 8, 1), (1, 16, 1))
+
+
 @dataclass(frozen=True)
 class _Core:
     """out[n, o, y, x] = sum_{c, i, j} W(o, c, i, j) * P_n[c][y*sy + i][phase j%sx][x + j//sx]
-    with W(o, c, i, j) = w[w_off + o*ws_o + c*ws_c + i*ws_i + j*ws_j]."""
+    with W(o, c, i, j) = w[o*ws_o + c*ws_c + i*ws_i + j]; `flip` (the input gradient): W is a
+    flipped, transposed copy of the OIHW weights w (shape `flip`) made in scratch."""
+    dtype: str
     n: int
     ci: int
     co: int
@@ -155,11 +184,10 @@ class _Core:
     kw: int
     sy: int
     sx: int
-    w_off: int
     ws_o: int
     ws_c: int
     ws_i: int
-    ws_j: int
+    flip: tuple | None
     prep: _Prep
     src_image: int   # elements of one source image
     vl: int
@@ -167,166 +195,206 @@ class _Core:
     pr: int = 0
     pv: int = 0
     yc: int = 1      # row chunks per item (parallelism for small batches)
-    kh_loop: bool = False  # kernel rows as a loop (big kernels: keeps the body small)
 
-    def blocked(self) -> "_Core":
-        vl = self.vl
-        nvec = _ceil(self.ox, vl)
-        if nvec <= 4:
-            pvs = [nvec]
-        else:
-            pvs = [min((4, 3, 2), key=lambda pv: (_ceil(nvec, pv) * pv, -pv))]
+    def blocked(self, epilogue) -> "_Core":
+        nvec = ceil_div(self.ox, self.vl)
         best = None
-        taps = self.kh * self.kw
-        for pv in pvs:
-            for r in range(1, min(self.co, 16) + 1):
-                for pr in range(1, min(self.oy, 8) + 1):
-                    acc = r * pr * pv
-                    if acc + r + pv > 31:   # accumulators, broadcast weights, one input row
-                        continue
-                    # per tap: acc FMAs, r broadcasts and pr*pv unaligned vector loads (most
-                    # split a cache line: two L1 accesses); two FMAs and two loads per cycle
-                    cycles = max(acc, r + 2 * pr * pv) * max(1.0, 10.0 / acc)
-                    work = _ceil(self.co, r) * _ceil(self.oy, pr) * _ceil(nvec, pv)
-                    # ties: fewer weight pointers (general registers)
-                    cost = (cycles * work * taps, r)
-                    if best is None or cost < best[0]:
-                        best = (cost, r, pr, pv)
+        for r, pr, pv in _BLOCKS:
+            if pv > nvec:
+                continue
+            acc = r * pr * pv
+            # per tap: acc FMAs, r broadcasts and pr*pv unaligned vector loads (most split a
+            # cache line: two L1 accesses); two FMAs and two loads per cycle
+            cycles = max(acc, r + 2 * pr * pv) * max(1.0, 10.0 / acc)
+            work = ceil_div(self.co, r) * ceil_div(self.oy, pr) * ceil_div(nvec, pv)
+            if best is None or cycles * work < best[0]:
+                best = (cycles * work, r, pr, pv)
         _, r, pr, pv = best
-        if "core" in FORCE:
-            r, pr, pv = FORCE["core"]
-        items = self.n * _ceil(self.co, r)
+        r, pr, pv = FORCE.get("core", (r, pr, pv))
+        items = self.n * ceil_div(self.co, r)
         yc = 1
-        if items < 8:
-            yc = max(1, min(_ceil(8, items), _ceil(self.oy, pr)))
-        kh_loop = FORCE.get("kh_loop", self.kh > 1 and r * pr * pv * self.kh * self.kw > 64)
-        return _replace(self, r=r, pr=pr, pv=pv, yc=yc, kh_loop=kh_loop)
+        if items < 8 and epilogue is None:  # an epilogue needs whole planes per item
+            yc = max(1, min(ceil_div(8, items), ceil_div(self.oy, pr)))
+        return dataclasses.replace(self, r=r, pr=pr, pv=pv, yc=yc)
 
     @property
-    def scratch_elems(self) -> int:
-        """Per thread: the padded copy of one image plus slack for the over-reading last vector."""
+    def region_elems(self) -> int:
+        """Per thread: a state slot, the padded copy of one image, slack for the over-reading
+        last vectors."""
         slack = self.pv * self.vl + self.kw + self.vl
-        return _round_up(self.ci * self.prep.chan_pitch + slack, _ALIGN)
+        return _ALIGN + _round_up(self.ci * self.prep.chan_pitch + slack, _ALIGN)
 
-    def emit(self, b, kf, ety, src_arg, w_arg):
-        vl, r_, pr_, pv_ = self.vl, self.r, self.pr, self.pv
-        vty = ir.VectorType(ety, vl)
-        ob_count = _ceil(self.co, r_)
-        rows_per_chunk = pr_ * _ceil(_ceil(self.oy, pr_), self.yc)
-        yc = _ceil(self.oy, rows_per_chunk)
-        total = self.n * ob_count * yc
-        nvec = _ceil(self.ox, vl)
-        single = nvec == pv_
-        xblocks = 1 if single else _ceil(nvec, pv_)
-        masks = [None] * pv_
-        if single and self.ox % vl:
-            masks[-1] = static_mask(vl, self.ox % vl)
-        pbuf = gep(b, kf.scratch, b.mul(kf.tid, i64(self.scratch_elems)), ety, name="conv.padded")
-        t0, t1 = thread_range(b, total, kf.tid, kf.nthreads)
-        plane = self.oy * self.ox
-        with carry_loop(b, t0, t1, [i64(-1)], "conv.item", unroll=False) as item:
-            t = item.iv
-            n = b.udiv(t, i64(ob_count * yc), name="conv.n")
-            rest = b.urem(t, i64(ob_count * yc))
-            o0 = b.mul(b.udiv(rest, i64(yc)), i64(r_), name="conv.o0")
-            y_begin = b.mul(b.urem(rest, i64(yc)), i64(rows_per_chunk), name="conv.y0")
-            y_end = clamp_hi(b, b.add(y_begin, i64(rows_per_chunk)), self.oy)
-            with if_then(b, b.icmp_signed("!=", n, item.vals[0]), name="conv.prep"):
-                self.prep.emit(b, ety, vl, gep(b, src_arg, b.mul(n, i64(self.src_image)), ety), pbuf,
-                               i64(self.ci))
-            item.next = [n]
-            chans = [clamp_hi(b, b.add(o0, i64(r)), self.co - 1) for r in range(r_)]
-            wrow = [gep(b, w_arg, b.add(b.mul(o, i64(self.ws_o)), i64(self.w_off)), ety)
-                    for o in chans]
-            out_n = gep(b, kf.out, b.mul(n, i64(self.co * plane)), ety)
-            with carry_loop(b, y_begin, y_end, [], "conv.y", step=pr_, unroll=False) as ly:
-                ys = [clamp_hi(b, b.add(ly.iv, i64(p)), self.oy - 1) for p in range(pr_)]
-                xloop = None
-                if xblocks > 1:
-                    xloop = carry_loop(b, 0, xblocks, [], "conv.x", unroll=False)
-                    lx = xloop.__enter__()
-                    x0 = clamp_hi(b, b.mul(lx.iv, i64(pv_ * vl)), self.ox - pv_ * vl)
-                else:
-                    x0 = i64(0)
-                # Opaque row offsets: otherwise GVN merges the loads that rows share (row y+1, tap
-                # i == row y, tap i+1) and the merged vectors stay live across all taps, which
-                # spills most accumulators. Reloading from L1 is cheaper.
-                xrow = [opaque(b, b.add(b.mul(y, i64(self.sy * self.prep.row_pitch)), x0))
-                        for y in ys]
-                if self.kh_loop:   # skip kernel rows that see only padding rows of P
-                    first, last = self.prep.data_rows()
-                    i_lo = _smax(b, b.sub(i64(first), b.mul(ys[-1], i64(self.sy))), 0)
-                    i_hi = _smin(b, b.sub(i64(last + 1), b.mul(ys[0], i64(self.sy))), self.kh)
+    @property
+    def flip_elems(self) -> int:
+        return _round_up(self.ci * self.co * self.kh * self.kw, _ALIGN) if self.flip else 0
+
+    @property
+    def rows_per_chunk(self) -> int:
+        return self.pr * ceil_div(ceil_div(self.oy, self.pr), self.yc)
+
+    @property
+    def items(self) -> int:
+        return self.n * ceil_div(self.co, self.r) * ceil_div(self.oy, self.rows_per_chunk)
+
+    def lower(self, module, name, epilogue):
+        kf = kernel_function(module, name, 2, epilogue)
+        b = kf.b
+        ety = dtype_info(self.dtype)[0]
+        region = gep(b, kf.scratch, b.mul(kf.tid, i64(self.region_elems + self.flip_elems)), ety,
+                     name="conv.region")
+        store(b, i64(-1), region, i64(0), I64)   # no image in the padded copy yet
+        w = kf.ins[1]
+        if self.flip:
+            w = gep(b, region, i64(self.region_elems), ety, name="conv.flipped")
+            call_shared(b, _flip_function(module, self.dtype), [w, kf.ins[1]],
+                        dict(zip(("o", "c", "kh", "kw"), self.flip)))
+        first, last = self.prep.data_rows()
+        yc = ceil_div(self.oy, self.rows_per_chunk)
+        shape = dict(self.prep.params(), ci=self.ci, co=self.co, oy=self.oy, ox=self.ox, kh=self.kh,
+                     sy=self.sy, ws_o=self.ws_o, ws_c=self.ws_c, ws_i=self.ws_i,
+                     src_image=self.src_image, yc=yc, rows_per_chunk=self.rows_per_chunk,
+                     ob_count=ceil_div(self.co, self.r), first=first, last=last)
+        fn = self._function(module)
+        ptrs = [kf.out, kf.ins[0], w, region]
+        t0, t1 = thread_range(b, self.items, kf.tid, kf.nthreads)
+        if epilogue is None:
+            call_shared(b, fn, ptrs, dict(shape, t0=t0, t1=t1))
+        else:   # item by item (R whole planes), then the epilogue on them while they are in cache
+            plane = self.oy * self.ox
+            with carry_loop(b, t0, t1, [], "conv.epilogue") as lt:
+                call_shared(b, fn, ptrs, dict(shape, t0=lt.iv, t1=b.add(lt.iv, i64(1))))
+                ob_count = ceil_div(self.co, self.r)
+                n = b.udiv(lt.iv, i64(ob_count))
+                o0 = b.mul(b.urem(lt.iv, i64(ob_count)), i64(self.r))
+                nchan = b.sub(smin(b, b.add(o0, i64(self.r)), self.co), o0)
+                start = b.mul(b.add(b.mul(n, i64(self.co)), o0), i64(plane))
+                epilogue_rows(b, kf, epilogue, start, b.mul(nchan, i64(plane)))
+        b.ret_void()
+
+    def _function(self, module):
+        key = _CoreKey(self.dtype, self.r, self.pr, self.pv, self.kw, self.sx,
+                       self.prep.contiguous)
+        return shared_function(module, "conv", key, 4, _CORE_PARAMS, _core_body)
+
+
+@dataclass(frozen=True)
+class _CoreKey:
+    """What the shared function of the convolution core depends on at compile time."""
+    dtype: str
+    r: int
+    pr: int
+    pv: int
+    kw: int
+    sx: int
+    contiguous: bool   # of the padded copy
+
+
+def _core_body(s, k: _CoreKey):
+    """Items [t0, t1) with the run-time shapes of `s`; ptrs: out, src, w, thread region."""
+    b = s.b
+    out, src, w, region = s.ptrs
+    ety, vl, _ = dtype_info(k.dtype)
+    r_, pr_, pv_ = k.r, k.pr, k.pv
+    pbuf = gep(b, region, i64(_ALIGN), ety, name="conv.padded")
+    per_n = b.mul(s.ob_count, s.yc)
+    plane = b.mul(s.oy, s.ox)
+    co1, oy1 = b.sub(s.co, i64(1)), b.sub(s.oy, i64(1))
+    row_step = b.mul(s.sy, s.rp)
+    with carry_loop(b, s.t0, s.t1, [load(b, region, i64(0), I64)], "conv.item") as item:
+        t = item.iv
+        n = b.udiv(t, per_n, name="conv.n")
+        rest = b.urem(t, per_n)
+        o0 = b.mul(b.udiv(rest, s.yc), i64(r_), name="conv.o0")
+        y_begin = b.mul(b.urem(rest, s.yc), s.rows_per_chunk, name="conv.y0")
+        y_end = smin(b, b.add(y_begin, s.rows_per_chunk), s.oy)
+        with if_then(b, b.icmp_signed("!=", n, item.vals[0]), name="conv.pad"):
+            _pad(b, _PadKey(k.dtype, k.sx, k.contiguous), gep(b, src, b.mul(n, s.src_image), ety),
+                 pbuf, s.ci, s)
+        item.next = [n]
+        chans = [smin(b, b.add(o0, i64(r)), co1) for r in range(r_)]
+        wrow = [gep(b, w, b.mul(o, s.ws_o), ety) for o in chans]
+        out_n = gep(b, out, b.mul(n, b.mul(s.co, plane)), ety)
+        with carry_loop(b, y_begin, y_end, [], "conv.y", step=pr_) as ly:
+            ys = [smin(b, b.add(ly.iv, i64(p)), oy1) for p in range(pr_)]
+            # kernel rows that see some data row of P (the others only padding)
+            i_lo = smax(b, b.sub(s.first, b.mul(ys[-1], s.sy)), 0)
+            i_hi = smin(b, b.sub(b.add(s.last, i64(1)), b.mul(ys[0], s.sy)), s.kh)
+            with carry_loop(b, 0, s.ox, [], "conv.x", step=pv_ * vl) as lx:
+                x0 = lx.iv
+                xrow = [opaque(b, b.add(b.mul(y, row_step), x0)) for y in ys]
                 zero = zero_vector(ety, vl)
-                with carry_loop(b, 0, self.ci, [zero] * (r_ * pr_ * pv_), "conv.c",
-                                unroll=False) as lc:
-                    # opaque: keeps the ~100 addresses of the body out of loop strength
-                    # reduction, which is slow on them (x86 addressing modes do the work anyway)
-                    pc = gep(b, pbuf, opaque(b, b.mul(lc.iv, i64(self.prep.chan_pitch))), ety)
-                    wc = opaque(b, b.mul(lc.iv, i64(self.ws_c)))
-                    if self.kh_loop:
-                        with carry_loop(b, i_lo, i_hi, lc.vals, "conv.kh", unroll=False) as li:
-                            pi = gep(b, pc, opaque(b, b.mul(li.iv, i64(self.prep.row_pitch))), ety)
-                            wi = b.add(wc, b.mul(li.iv, i64(self.ws_i)))
-                            li.next = self._taps(b, ety, li.vals, pi, wi, xrow, wrow, [0])
-                        lc.next = li.out
-                    else:
-                        lc.next = self._taps(b, ety, lc.vals, pc, wc, xrow, wrow,
-                                             range(self.kh))
+                with carry_loop(b, 0, s.ci, [zero] * (r_ * pr_ * pv_), "conv.c") as lc:
+                    pc = gep(b, pbuf, opaque(b, b.mul(lc.iv, s.cp)), ety)
+                    wc = opaque(b, b.mul(lc.iv, s.ws_c))
+                    with carry_loop(b, i_lo, i_hi, lc.vals, "conv.kh") as li:
+                        pi = gep(b, pc, opaque(b, b.mul(li.iv, s.rp)), ety)
+                        wi = b.add(wc, b.mul(li.iv, s.ws_i))
+                        li.next = _core_taps(b, k, li.vals, pi, wi, xrow, wrow, s.q)
+                    lc.next = li.out
+                masks = [lane_mask(b, b.sub(b.sub(s.ox, x0), i64(v * vl)), vl)
+                         for v in range(pv_)]
                 for r in range(r_):
-                    o_plane = b.mul(chans[r], i64(plane))
+                    o_plane = b.mul(chans[r], plane)
                     for p in range(pr_):
-                        base = b.add(b.add(o_plane, b.mul(ys[p], i64(self.ox))), x0)
+                        row = gep(b, out_n, b.add(b.add(o_plane, b.mul(ys[p], s.ox)), x0), ety)
                         for v in range(pv_):
-                            val = lc.out[(r * pr_ + p) * pv_ + v]
-                            idx = b.add(base, i64(v * vl))
-                            if masks[v] is not None:
-                                masked_store(b, val, out_n, idx, masks[v])
-                            else:
-                                vstore(b, val, out_n, idx)
-                if xloop is not None:
-                    xloop.__exit__(None, None, None)
-
-    def _taps(self, b, ety, acc, pc, wc, xrow, wrow, kernel_rows):
-        """FMAs of the taps of `kernel_rows` (all columns) into the R*PR*PV accumulators; pc / wc
-        locate the input channel (and kernel row, in the kh loop) in P and in the weights."""
-        vl, r_, pr_, pv_ = self.vl, self.r, self.pr, self.pv
-        vty = ir.VectorType(ety, vl)
-        acc = list(acc)
-        for i in kernel_rows:
-            for j in range(self.kw):
-                off = i * self.prep.row_pitch + (j % self.sx) * self.prep.q + j // self.sx
-                xv = [[vload(b, pc, b.add(xrow[p], i64(off + v * vl)), vty) for v in range(pv_)]
-                      for p in range(pr_)]
-                woff = b.add(wc, i64(i * self.ws_i + j * self.ws_j))
-                for r in range(r_):
-                    wv = splat(b, load(b, wrow[r], woff, ety), vl)
-                    for p in range(pr_):
-                        for v in range(pv_):
-                            k = (r * pr_ + p) * pv_ + v
-                            acc[k] = fma(b, wv, xv[p][v], acc[k])
-        return acc
+                            masked_store(b, lc.out[(r * pr_ + p) * pv_ + v], row, i64(v * vl),
+                                         masks[v])
+    store(b, item.out[0], region, i64(0), I64)
 
 
-def _smax(b, v, k: int):
-    return b.select(b.icmp_signed(">", v, i64(k)), v, i64(k))
+def _core_taps(b, k: _CoreKey, acc, pi, wi, xrow, wrow, q):
+    """FMAs of the KW taps of one kernel row into the R*PR*PV accumulators; pi / wi locate the
+    input channel and kernel row in P and in the weights."""
+    ety, vl, _ = dtype_info(k.dtype)
+    vty = ir.VectorType(ety, vl)
+    r_, pr_, pv_ = k.r, k.pr, k.pv
+    acc = list(acc)
+    rows = [gep(b, pi, xrow[p], ety) for p in range(pr_)]
+    bases = [[gep(b, row, b.mul(q, i64(ph)), ety) if ph else row for row in rows]
+             for ph in range(k.sx)]
+    wbase = [gep(b, wr, wi, ety) for wr in wrow]
+    for j in range(k.kw):
+        base = bases[j % k.sx]
+        xv = [[vload(b, base[p], i64(j // k.sx + v * vl), vty) for v in range(pv_)]
+              for p in range(pr_)]
+        for r in range(r_):
+            wv = splat(b, load(b, wbase[r], i64(j), ety), vl)
+            for p in range(pr_):
+                for v in range(pv_):
+                    i = (r * pr_ + p) * pv_ + v
+                    acc[i] = fma(b, wv, xv[p][v], acc[i])
+    return acc
 
 
-def _smin(b, v, k: int):
-    return b.select(b.icmp_signed("<", v, i64(k)), v, i64(k))
+_CORE_PARAMS = ("t0", "t1", "ci", "co", "oy", "ox", "kh", "sy", "ws_o", "ws_c", "ws_i",
+                "src_image", "yc", "rows_per_chunk", "ob_count", "first", "last") + \
+    tuple(k for k in _PREP_PARAMS if k != "nchan")
 
 
-def opaque(b: ir.IRBuilder, v):
-    """`v`, hidden from LLVM's value analysis (an empty inline asm)."""
-    return b.asm(ir.FunctionType(I64, [I64]), "", "=r,0", [v], False, name="opaque")
+@dataclass(frozen=True)
+class _DtypeKey:
+    dtype: str
 
 
-def _replace(obj, **kw):
-    import dataclasses
-    return dataclasses.replace(obj, **kw)
+def _flip_function(module, dtype: str) -> ir.Function:
+    """dst[c, o, i, j] = src[o, c, kh-1-i, kw-1-j] for src [o, c, kh, kw]."""
+    def body(s, key):
+        ety = dtype_info(key.dtype)[0]
+        b = s.b
+        dst, src = s.ptrs
+        taps = b.mul(s.kh, s.kw)
+        last = b.sub(taps, i64(1))
+        with carry_loop(b, 0, s.o, [], "flip.o") as lo:
+            with carry_loop(b, 0, s.c, [], "flip.c") as lc:
+                d = gep(b, dst, b.mul(b.add(b.mul(lc.iv, s.o), lo.iv), taps), ety)
+                src_oc = gep(b, src, b.mul(b.add(b.mul(lo.iv, s.c), lc.iv), taps), ety)
+                with carry_loop(b, 0, taps, [], "flip.tap") as lt:
+                    store(b, load(b, src_oc, b.sub(last, lt.iv), ety), d, lt.iv, ety)
+    return shared_function(module, "conv.flip", _DtypeKey(dtype), 2, ("o", "c", "kh", "kw"), body)
 
 
-def _conv_core(ins) -> _Core:
+def _conv_core(ins, epilogue=None) -> _Core:
     x, w = ins.inputs
     (sh, sw), (ph, pw) = ins.params["stride"], ins.params["padding"]
     n, c, h, wd = x.shape
@@ -334,14 +402,14 @@ def _conv_core(ins) -> _Core:
     oy, ox = ins.out.shape[2:]
     _, vl, _ = dtype_info(ins.out.dtype)
     rows = (oy - 1) * sh + kh
-    q = _pitch(_ceil((ox - 1) * sw + kw, sw))
+    q = _pitch(ceil_div((ox - 1) * sw + kw, sw))
     prep = _Prep(h, wd, rows, q, sw, 1, 1, ph, pw)
-    core = _Core(n, c, o, oy, ox, kh, kw, sh, sw, 0, c * kh * kw, kh * kw, kw, 1, prep,
-                 c * h * wd, vl)
-    return core.blocked()
+    core = _Core(ins.out.dtype, n, c, o, oy, ox, kh, kw, sh, sw, c * kh * kw, kh * kw, kw, None,
+                 prep, c * h * wd, vl)
+    return core.blocked(epilogue)
 
 
-def _input_grad_core(ins) -> _Core:
+def _input_grad_core(ins, epilogue=None) -> _Core:
     ct, w = ins.inputs
     (sh, sw), (ph, pw) = ins.params["stride"], ins.params["padding"]
     n, o, oh, ow = ct.shape
@@ -349,23 +417,23 @@ def _input_grad_core(ins) -> _Core:
     h, wd = ins.params["in_hw"]
     _, vl, _ = dtype_info(ins.out.dtype)
     prep = _Prep(oh, ow, h - 1 + kh, _pitch(wd - 1 + kw), 1, sh, sw, kh - 1 - ph, kw - 1 - pw)
-    # out channel (of the core) = c, in channel = o, tap (i, j) reads w[o, c, kh-1-i, kw-1-j]
-    core = _Core(n, o, c, h, wd, kh, kw, 1, 1, (kh - 1) * kw + kw - 1, kh * kw, c * kh * kw, -kw,
-                 -1, prep, o * oh * ow, vl)
-    return core.blocked()
+    # out channel (of the core) = c, in channel = o, tap (i, j) is w[o, c, kh-1-i, kw-1-j]
+    core = _Core(ins.out.dtype, n, o, c, h, wd, kh, kw, 1, 1, o * kh * kw, kh * kw, kw,
+                 (o, c, kh, kw), prep, o * oh * ow, vl)
+    return core.blocked(epilogue)
 
 
 def _register_core(prim: str, make):
-    """Register the lowering of a primitive computed by the shared core; `make(ins) -> _Core`."""
+    """Register the lowering of a primitive computed by the shared core; `make(ins) -> _Core`.
+    (The scratch size does not depend on the epilogue: only `yc` does, not the region.)"""
     def scratch_bytes(ins, nthreads):
-        return nthreads * make(ins).scratch_elems * dtype_info(ins.out.dtype)[2]
+        core = make(ins)
+        return nthreads * (core.region_elems + core.flip_elems) * dtype_info(ins.out.dtype)[2]
 
-    def lower(module: ir.Module, name: str, ins) -> None:
-        kf = kernel_function(module, name, 2)
-        make(ins).emit(kf.b, kf, dtype_info(ins.out.dtype)[0], kf.ins[0], kf.ins[1])
-        kf.b.ret_void()
+    def lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
+        make(ins, epilogue).lower(module, name, epilogue)
 
-    register(prim, scratch_bytes=scratch_bytes)(lower)
+    register(prim, scratch_bytes=scratch_bytes, epilogue=True)(lower)
 
 
 _register_core("conv2d", _conv_core)
@@ -385,6 +453,7 @@ class _WGrad:
     numbered by blocks of CB input channels, then output channel block: the padded copies of a
     channel block (of the chunk's images) are made when the item loop reaches it, so a thread
     copies only its own channels, and a block of cotangent rows is reused from L1 by CB channels."""
+    dtype: str
     n: int
     c: int
     o: int
@@ -402,21 +471,21 @@ class _WGrad:
     cb: int   # input channels per channel block
 
     @property
-    def cblocks(self) -> int:
-        return _ceil(self.c, self.cb)
-
-    @property
     def groups(self) -> int:
-        return _ceil(self.kh, self.gr)
+        return ceil_div(self.kh, self.gr)
 
     @property
     def per_cb(self) -> int:
         """Items per channel block."""
-        return _ceil(self.o, self.r) * self.cb * self.groups
+        return ceil_div(self.o, self.r) * self.cb * self.groups
+
+    @property
+    def items(self) -> int:
+        return ceil_div(self.c, self.cb) * self.per_cb
 
     @property
     def slack(self) -> int:
-        """Over-read past the last channel: rows of clamped-out taps, the last vector."""
+        """Over-read past the last copy: rows of clamped-out kernel rows, the last vector."""
         return self.gr * self.prep.row_pitch + 2 * self.vl + self.kw
 
     @property
@@ -424,7 +493,7 @@ class _WGrad:
         return _round_up(self.r * self.gr * self.kw * self.vl, _ALIGN)
 
     @property
-    def scratch_elems(self) -> int:
+    def region_elems(self) -> int:
         return self.spill_elems + _round_up(self.cb * self.ng * self.prep.chan_pitch + self.slack,
                                             _ALIGN)
 
@@ -436,180 +505,187 @@ def _wgrad_plan(ins) -> _WGrad:
     n, o, oy, ox = ct.shape
     _, c, h, wd = x.shape
     _, vl, es = dtype_info(ins.out.dtype)
-    prep = _Prep(h, wd, (oy - 1) * sh + kh, _pitch(_ceil((ox - 1) * sw + kw, sw)), sw, 1, 1, ph,
-                 pw)
-    best = None
-    for r in range(1, min(o, 24) + 1):
-        for gr in range(1, kh + 1):
-            acc = r * gr * kw
-            if acc + min(r, gr * kw) > 29 and (r, gr) != (1, 1):
-                continue
-            loads = r + gr * kw
-            cycles = max(acc, loads) * max(1.0, 12.0 / acc)
-            work = _ceil(o, r) * _ceil(kh, gr)
-            cost = (cycles * work, -acc)
-            if best is None or cost < best[0]:
-                best = (cost, r, gr)
-    _, r, gr = best
-    if "wgrad" in FORCE:
-        r, gr = FORCE["wgrad"]
+    prep = _Prep(h, wd, (oy - 1) * sh + kh, _pitch(ceil_div((ox - 1) * sw + kw, sw)), sw, 1, 1,
+                 ph, pw)
+    # Few choices, so that kernels of different shapes share functions: one kernel row per item
+    # (GR = 1; a whole 3-wide kernel for a single output channel), as many output channels R as
+    # the registers hold (R*KW accumulators + min(R, KW) operands + 1), fewer only for small O.
+    gr = kh if o == 1 and kw <= 3 else 1
+    r = next((r for r in (8, 4, 2) if r * gr * kw + min(r, gr * kw) <= 29), 1)
+    while r > 1 and r // 2 >= o:
+        r //= 2
+    r, gr = FORCE.get("wgrad", (r, gr))
     # a chunk's cotangents stay in L2 while all input channels go by
     ng = max(1, min(n, (512 * 1024) // ((prep.chan_pitch + o * oy * ox) * es)))
-    ng = FORCE.get("ng", ng)
-    cb = _ceil(c, _ceil(c, FORCE.get("cb", 8)))
-    return _WGrad(n, c, o, oy, ox, kh, kw, sh, sw, prep, vl, r, gr, ng, cb)
+    cb = ceil_div(c, ceil_div(c, 8))
+    return _WGrad(ins.out.dtype, n, c, o, oy, ox, kh, kw, sh, sw, prep, vl, r, gr, ng, cb)
 
 
 def _wgrad_scratch(ins, nthreads):
-    return nthreads * _wgrad_plan(ins).scratch_elems * dtype_info(ins.out.dtype)[2]
+    return nthreads * _wgrad_plan(ins).region_elems * dtype_info(ins.out.dtype)[2]
+
+
+_WGRAD_PARAMS = ("t0", "t1", "n", "c", "o", "oy", "ox", "sy", "kh", "ng", "cb", "groups",
+                 "per_cb", "slack") + tuple(k for k in _PREP_PARAMS if k != "nchan")
 
 
 @register("conv2d_weight_grad", scratch_bytes=_wgrad_scratch)
 def _conv2d_weight_grad_lower(module: ir.Module, name: str, ins) -> None:
     p = _wgrad_plan(ins)
-    ety, vl, _ = dtype_info(ins.out.dtype)
     kf = kernel_function(module, name, 2)
     b = kf.b
-    ct_arg, x_arg = kf.ins
-    vty = ir.VectorType(ety, vl)
-    t0, t1 = thread_range(b, p.cblocks * p.per_cb, kf.tid, kf.nthreads)
-    # the accumulators go through `spill` on their way to out (a small reduction loop instead of
-    # unrolled horizontal sums), then come the padded copies of the chunk's images, for the
-    # channels of one channel block
-    spill = gep(b, kf.scratch, b.mul(kf.tid, i64(p.scratch_elems)), ety, name="wgrad.acc")
-    pbuf = gep(b, spill, i64(p.spill_elems), ety, name="wgrad.padded")
-    pitch = p.prep.chan_pitch
-    _memset0(b, gep(b, pbuf, i64(p.cb * p.ng * pitch), ety), p.slack * _esize(ety))
-    with carry_loop(b, t0, t1, [], "wgrad.zero", unroll=False) as lz:
-        _wgrad_item_reduce(b, p, kf, ety, lz.iv, spill, zero=True)
-    with carry_loop(b, 0, _ceil(p.n, p.ng), [], "wgrad.chunk", unroll=False) as lch:
-        n0 = b.mul(lch.iv, i64(p.ng), name="wgrad.n0")
-        nimg = b.sub(clamp_hi(b, b.add(n0, i64(p.ng)), p.n), n0, name="wgrad.nimg")
-        with carry_loop(b, t0, t1, [i64(-1)], "wgrad.item", unroll=False) as item:
-            cblock, o0, c_in, _, g = _wgrad_decode(b, p, item.iv)
-            with if_then(b, b.icmp_signed("!=", cblock, item.vals[0]), name="wgrad.prep"):
-                with carry_loop(b, 0, p.cb * p.ng, [], "wgrad.prep.cn", unroll=False) as lpn:
-                    # (channel, image) pairs of the block; the channels past C copy the last one
-                    c = clamp_hi(b, b.add(b.mul(cblock, i64(p.cb)), b.udiv(lpn.iv, i64(p.ng))),
-                                 p.c - 1)
-                    nn = b.urem(lpn.iv, i64(p.ng))
-                    with if_then(b, b.icmp_signed("<", nn, nimg), name="wgrad.prep.img"):
-                        src = gep(b, x_arg, b.mul(b.add(b.mul(b.add(n0, nn), i64(p.c)), c),
-                                                  i64(p.prep.src_h * p.prep.src_w)), ety)
-                        p.prep.emit(b, ety, vl, src, gep(b, pbuf, b.mul(lpn.iv, i64(pitch)), ety),
-                                    i64(1))
-            item.next = [cblock]
-            p_c = gep(b, pbuf, b.add(b.mul(c_in, i64(p.ng * pitch)),
-                                     b.mul(g, i64(p.gr * p.prep.row_pitch))), ety)
-            chans = [clamp_hi(b, b.add(o0, i64(r)), p.o - 1) for r in range(p.r)]
-            acc = _wgrad_tile(b, p, ety, vty, ct_arg, p_c, i64(pitch), n0, nimg, chans)
-            for k, v in enumerate(acc):
-                vstore(b, v, spill, i64(k * vl))
-            _wgrad_item_reduce(b, p, kf, ety, item.iv, spill, zero=False)
+    ety = dtype_info(p.dtype)[0]
+    region = gep(b, kf.scratch, b.mul(kf.tid, i64(p.region_elems)), ety, name="wgrad.region")
+    t0, t1 = thread_range(b, p.items, kf.tid, kf.nthreads)
+    key = _WGradKey(p.dtype, p.r, p.gr, p.kw, p.sx)
+    fn = shared_function(module, "conv_wgrad", key, 4, _WGRAD_PARAMS, _wgrad_body)
+    call_shared(b, fn, [kf.out, kf.ins[0], kf.ins[1], region],
+                dict(p.prep.params(), t0=t0, t1=t1, n=p.n, c=p.c, o=p.o, oy=p.oy, ox=p.ox,
+                     sy=p.sy, kh=p.kh, ng=p.ng, cb=p.cb, groups=p.groups, per_cb=p.per_cb,
+                     slack=p.slack))
     b.ret_void()
 
 
-def _memset0(b, ptr, nbytes: int):
-    memset = intrinsic(b.module, "llvm.memset.p0.i64", ir.VoidType(),
-                       [PTR, I8, I64, ir.IntType(1)])
-    b.call(memset, [ptr, ir.Constant(I8, 0), i64(nbytes), ir.Constant(ir.IntType(1), 0)])
+@dataclass(frozen=True)
+class _WGradKey:
+    """What the shared function of the weight gradient depends on at compile time."""
+    dtype: str
+    r: int
+    gr: int
+    kw: int
+    sx: int
+
+    @property
+    def spill_elems(self) -> int:
+        return _round_up(self.r * self.gr * self.kw * dtype_info(self.dtype)[1], _ALIGN)
 
 
-def _wgrad_decode(b, p: _WGrad, t):
+def _wgrad_body(s, p: _WGradKey):
+    """Items [t0, t1) with the run-time shapes of `s`; ptrs: out, ct, x, thread region."""
+    b = s.b
+    out, ct, x, region = s.ptrs
+    ety, vl, es = dtype_info(p.dtype)
+    # the accumulators go through `spill` on their way to out (a small reduction loop instead of
+    # unrolled horizontal sums), then come the padded copies of the chunk's images, for the
+    # channels of one channel block
+    spill = region
+    pbuf = gep(b, region, i64(p.spill_elems), ety, name="wgrad.padded")
+    copies = b.mul(b.mul(s.cb, s.ng), s.cp)
+    _memset0(b, gep(b, pbuf, copies, ety), b.mul(s.slack, i64(es)))
+    with carry_loop(b, s.t0, s.t1, [], "wgrad.zero") as lz:
+        _wgrad_item_reduce(b, s, p, out, lz.iv, spill, zero=True)
+    with carry_loop(b, 0, s.n, [], "wgrad.chunk", step=s.ng) as lch:
+        n0 = lch.iv
+        nimg = b.sub(smin(b, b.add(n0, s.ng), s.n), n0, name="wgrad.nimg")
+        with carry_loop(b, s.t0, s.t1, [i64(-1)], "wgrad.item") as item:
+            cblock, o0, c_in, _, g = _wgrad_decode(b, s, p, item.iv)
+            with if_then(b, b.icmp_signed("!=", cblock, item.vals[0]), name="wgrad.pad"):
+                pairs = b.mul(s.cb, s.ng)
+                with carry_loop(b, 0, pairs, [], "wgrad.pad.cn") as lpn:
+                    # (channel, image) pairs of the block; the channels past C copy the last one
+                    c = smin(b, b.add(b.mul(cblock, s.cb), b.udiv(lpn.iv, s.ng)),
+                             b.sub(s.c, i64(1)))
+                    nn = b.urem(lpn.iv, s.ng)
+                    with if_then(b, b.icmp_signed("<", nn, nimg), name="wgrad.pad.img"):
+                        img = b.add(b.mul(b.add(n0, nn), s.c), c)
+                        src = gep(b, x, b.mul(img, b.mul(s.src_h, s.src_w)), ety)
+                        _pad(b, _PadKey(p.dtype, p.sx, p.sx == 1), src,
+                             gep(b, pbuf, b.mul(lpn.iv, s.cp), ety), i64(1), s)
+            item.next = [cblock]
+            p_c = gep(b, pbuf, b.add(b.mul(c_in, b.mul(s.ng, s.cp)),
+                                     b.mul(g, b.mul(i64(p.gr), s.rp))), ety)
+            chans = [smin(b, b.add(o0, i64(r)), b.sub(s.o, i64(1))) for r in range(p.r)]
+            acc = _wgrad_tile(b, s, p, ct, p_c, n0, nimg, chans)
+            for k, v in enumerate(acc):
+                vstore(b, v, spill, i64(k * vl))
+            _wgrad_item_reduce(b, s, p, out, item.iv, spill, zero=False)
+
+
+def _wgrad_decode(b, s, p: _WGradKey, t):
     """Item t -> (channel block, first output channel, channel in the block, input channel
-    (clamped), kernel row group); items run channel block, output block, channel, row group."""
-    cblock = b.udiv(t, i64(p.per_cb), name="wgrad.cblock")
-    rest = b.urem(t, i64(p.per_cb))
-    per_ob = p.cb * p.groups
-    o0 = b.mul(b.udiv(rest, i64(per_ob)), i64(p.r), name="wgrad.o0")
-    rest = b.urem(rest, i64(per_ob))
-    c_in = b.udiv(rest, i64(p.groups), name="wgrad.c_in")
-    c = b.add(b.mul(cblock, i64(p.cb)), c_in, name="wgrad.c")
-    return cblock, o0, c_in, c, b.urem(rest, i64(p.groups), name="wgrad.g")
+    (unclamped), kernel row group); items run channel block, output block, channel, row group."""
+    cblock = b.udiv(t, s.per_cb, name="wgrad.cblock")
+    rest = b.urem(t, s.per_cb)
+    per_ob = b.mul(s.cb, s.groups)
+    o0 = b.mul(b.udiv(rest, per_ob), i64(p.r), name="wgrad.o0")
+    rest = b.urem(rest, per_ob)
+    c_in = b.udiv(rest, s.groups, name="wgrad.c_in")
+    c = b.add(b.mul(cblock, s.cb), c_in, name="wgrad.c")
+    return cblock, o0, c_in, c, b.urem(rest, s.groups, name="wgrad.g")
 
 
-def _wgrad_item_reduce(b, p: _WGrad, kf, ety, t, spill, zero: bool):
+def _wgrad_item_reduce(b, s, p: _WGradKey, out, t, spill, zero: bool):
     """out[o, c, i, j] of item t: set to 0 (zero=True) or += the horizontal sum of its
     accumulator in `spill`. Taps of clamped channels or kernel rows add nothing."""
-    _, o0, _, c_raw, g = _wgrad_decode(b, p, t)
-    c_ok = b.icmp_signed("<", c_raw, i64(p.c))
-    c = clamp_hi(b, c_raw, p.c - 1)
+    ety, vl, _ = dtype_info(p.dtype)
+    _, o0, _, c_raw, g = _wgrad_decode(b, s, p, t)
+    c_ok = b.icmp_signed("<", c_raw, s.c)
+    c = smin(b, c_raw, b.sub(s.c, i64(1)))
     ntap = p.gr * p.kw
-    vty = ir.VectorType(ety, p.vl)
+    vty = ir.VectorType(ety, vl)
     i0 = b.mul(g, i64(p.gr))
-    rows_ok = [b.icmp_signed("<", b.add(i0, i64(di)), i64(p.kh)) for di in range(p.gr)]
-    rows = [clamp_hi(b, b.add(i0, i64(di)), p.kh - 1) for di in range(p.gr)]
-    with carry_loop(b, 0, p.r, [], "wgrad.reduce", unroll=False) as lr:
-        o = b.add(o0, lr.iv)
-        o_ok = b.and_(c_ok, b.icmp_signed("<", o, i64(p.o)))
-        base = b.mul(b.add(b.mul(clamp_hi(b, o, p.o - 1), i64(p.c)), c), i64(p.kh))
-        for di in range(p.gr):
-            valid = b.and_(o_ok, rows_ok[di])
-            row = b.mul(b.add(base, rows[di]), i64(p.kw))
-            for j in range(p.kw):
-                at = b.add(row, i64(j))
-                if zero:
-                    old = load(b, kf.out, at, ety)
-                    store(b, b.select(valid, ir.Constant(ety, 0.0), old), kf.out, at, ety)
-                else:
-                    k = b.add(b.mul(lr.iv, i64(ntap)), i64(di * p.kw + j))
-                    v = vload(b, spill, b.mul(k, i64(p.vl)), vty)
-                    s = b.select(valid, hsum(b, v), ir.Constant(ety, 0.0))
-                    store(b, b.fadd(load(b, kf.out, at, ety), s), kf.out, at, ety)
+    with carry_loop(b, 0, p.r * ntap, [], "wgrad.reduce") as lk:
+        o = b.add(o0, b.udiv(lk.iv, i64(ntap)))
+        tap = b.urem(lk.iv, i64(ntap))
+        i = b.add(i0, b.udiv(tap, i64(p.kw)))
+        j = b.urem(tap, i64(p.kw))
+        valid = b.and_(b.and_(c_ok, b.icmp_signed("<", o, s.o)), b.icmp_signed("<", i, s.kh))
+        o = smin(b, o, b.sub(s.o, i64(1)))
+        i = smin(b, i, b.sub(s.kh, i64(1)))
+        at = b.add(b.mul(b.add(b.mul(b.add(b.mul(o, s.c), c), s.kh), i), i64(p.kw)), j)
+        # the clamped duplicates do not touch out at all: a clamped channel's element belongs to
+        # another item, perhaps of another thread
+        with if_then(b, valid, name="wgrad.valid"):
+            if zero:
+                new = ir.Constant(ety, 0.0)
+            else:
+                v = vload(b, spill, b.mul(lk.iv, i64(vl)), vty)
+                new = b.fadd(load(b, out, at, ety), hsum(b, v))
+            store(b, new, out, at, ety)
 
 
-def _wgrad_tile(b, p: _WGrad, ety, vty, ct_arg, p_c, img_pitch, n0, nimg, chans):
+def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans):
     """The R x GR x KW vector accumulators of one item over the images of the chunk."""
-    vl = p.vl
-    plane = p.oy * p.ox
+    ety, vl, _ = dtype_info(p.dtype)
+    vty = ir.VectorType(ety, vl)
+    plane = b.mul(s.oy, s.ox)
     ntap = p.gr * p.kw
     zero = zero_vector(ety, vl)
-    ct_rows = [b.mul(o, i64(plane)) for o in chans]
-    with carry_loop(b, 0, nimg, [zero] * (p.r * ntap), "wgrad.n", unroll=False) as ln:
-        ct_n = gep(b, ct_arg, b.mul(b.add(n0, ln.iv), i64(p.o * plane)), ety)
-        p_n = gep(b, p_c, b.mul(ln.iv, img_pitch), ety)
-        with carry_loop(b, 0, p.oy, ln.vals, "wgrad.y", unroll=False) as ly:
+    ct_rows = [b.mul(o, plane) for o in chans]
+    row_step = b.mul(s.sy, s.rp)
+    with carry_loop(b, 0, nimg, [zero] * (p.r * ntap), "wgrad.n") as ln:
+        ct_n = gep(b, ct, b.mul(b.add(n0, ln.iv), b.mul(s.o, plane)), ety)
+        p_n = gep(b, p_c, b.mul(ln.iv, s.cp), ety)
+        with carry_loop(b, 0, s.oy, ln.vals, "wgrad.y") as ly:
             # opaque offsets keep the many addresses out of loop strength reduction (compile time)
-            ct_y = [opaque(b, b.add(row, b.mul(ly.iv, i64(p.ox)))) for row in ct_rows]
-            x_y = opaque(b, b.mul(ly.iv, i64(p.sy * p.prep.row_pitch)))
+            ct_y = [gep(b, ct_n, opaque(b, b.add(row, b.mul(ly.iv, s.ox))), ety) for row in ct_rows]
+            x_y = gep(b, p_n, opaque(b, b.mul(ly.iv, row_step)), ety)
+            phases = [b.mul(s.q, i64(ph)) for ph in range(p.sx)]
+            with carry_loop(b, 0, s.ox, ly.vals, "wgrad.x", step=vl) as lx:
+                x0 = lx.iv
+                mask = lane_mask(b, b.sub(s.ox, x0), vl)
 
-            def step(acc, x0, mask):
-                def ld(ptr, at):
-                    return masked_load(b, ptr, at, vty, mask) if mask is not None \
-                        else vload(b, ptr, at, vty)
                 def x_at(t):
                     i, j = divmod(t, p.kw)
-                    off = i * p.prep.row_pitch + (j % p.sx) * p.prep.q + j // p.sx
-                    return ld(p_n, b.add(b.add(x_y, x0), i64(off)))
+                    at = b.add(b.add(b.mul(i64(i), s.rp), phases[j % p.sx]), x0)
+                    return masked_load(b, x_y, b.add(at, i64(j // p.sx)), vty, mask)
 
-                acc = list(acc)
+                acc = list(lx.vals)
                 # keep the smaller operand set in registers, stream the other (register pressure:
                 # accumulators + min(R, taps) + 1)
                 if ntap <= p.r:
                     xv = [x_at(t) for t in range(ntap)]
                     for r in range(p.r):
-                        cv = ld(ct_n, b.add(ct_y[r], x0))
+                        cv = masked_load(b, ct_y[r], x0, vty, mask)
                         for t in range(ntap):
                             acc[r * ntap + t] = fma(b, cv, xv[t], acc[r * ntap + t])
                 else:
-                    cv = [ld(ct_n, b.add(row, x0)) for row in ct_y]
+                    cv = [masked_load(b, row, x0, vty, mask) for row in ct_y]
                     for t in range(ntap):
                         xv = x_at(t)
                         for r in range(p.r):
                             acc[r * ntap + t] = fma(b, cv[r], xv, acc[r * ntap + t])
-                return acc
-
-            acc = list(ly.vals)
-            full = p.ox // vl
-            if full <= 2:
-                for v in range(full):
-                    acc = step(acc, i64(v * vl), None)
-            else:
-                with carry_loop(b, 0, full * vl, acc, "wgrad.x", step=vl, unroll=False) as lx:
-                    lx.next = step(lx.vals, lx.iv, None)
-                acc = list(lx.out)
-            if p.ox % vl:
-                acc = step(acc, i64(full * vl), static_mask(vl, p.ox % vl))
-            ly.next = acc
+                lx.next = acc
+            ly.next = lx.out
         ln.next = ly.out
     return ln.out

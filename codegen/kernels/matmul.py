@@ -14,21 +14,30 @@ region ([K, N] row-major) and uses the outer-product form.
 
 Edge tiles clamp their row (and dot-form column) indices to the last one: the extra lanes recompute
 and store the same value into the same element, which costs a little work on the border and no
-code variants. Columns of the outer-product form are masked.
+code variants. Columns of the outer-product form and the K tail of the dot form are masked.
 
-Threads: the tiles are numbered column block major; thread tid takes a contiguous range of them.
+Compile time: the loops live in shape-generic functions (`shared_function`), one per form,
+transpose, dtype and register block, defined once per LLVM module and shared by every matmul of the
+module; the kernel of an instruction is a small wrapper that partitions the work between threads
+and passes its shape as constants (a LeNet-5 gradient has nine matmuls and three such functions).
+
+Threads split the rows of C (whole MR-row tiles), or its columns when there are fewer row tiles
+than column tiles; a thread walks its columns tile by tile and, within a column tile, its rows, so
+the B panel of the column tile is reused from L1. With an epilogue, threads split rows only and
+the epilogue runs on each panel of rows once all its columns are written.
 
 This module also holds the small emitting helpers shared with the convolution kernels.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from ..loops import (FAST, I64, PTR, VOID, for_range, fma, gep, i32, i64, llvm_type, load,
-                     masked_load, masked_store, splat, store, vload, vstore)
+from ..loops import (FAST, I64, PTR, VOID, fma, gep, i32, i64, llvm_type, load, masked_load,
+                     masked_store, splat, store, vload)
 from ..target import vector_width
 from . import register
 
@@ -38,42 +47,108 @@ from . import register
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class KernelFunction:
+    """An emitted kernel function: builder, buffer arguments and the thread arguments."""
     b: ir.IRBuilder
     out: ir.Argument
     ins: list
+    epi: list       # the epilogue's extra pointers (kernel wrappers only)
     scratch: ir.Argument
     tid: ir.Argument
     nthreads: ir.Argument
 
 
-def kernel_function(module: ir.Module, name: str, n_inputs: int) -> KernelFunction:
-    """Define `void name(ptr out, ptr in0.., ptr scratch, i64 tid, i64 nthreads)` (the kernel
-    contract); the builder is left in the entry block. Buffers never alias, hence `noalias`."""
-    fnty = ir.FunctionType(VOID, [PTR] * (n_inputs + 2) + [I64, I64])
-    fn = ir.Function(module, fnty, name)
+def kernel_function(module: ir.Module, name: str, n_inputs: int, epilogue=None) -> KernelFunction:
+    """Define the contract's `void name(ptr out, ptr in0.., [ptr epi0..], ptr scratch, i64 tid,
+    i64 nthreads)`; the builder is left in the entry block. Buffers never alias: `noalias`."""
+    n_epi = epilogue.n_args if epilogue is not None else 0
+    n_ptr = 1 + n_inputs + n_epi + 1
+    fn = ir.Function(module, ir.FunctionType(VOID, [PTR] * n_ptr + [I64, I64]), name)
     fn.attributes.add("nounwind")
-    names = ["out"] + [f"in{k}" for k in range(n_inputs)] + ["scratch", "tid", "nthreads"]
+    names = (["out"] + [f"in{k}" for k in range(n_inputs)] + [f"epi{k}" for k in range(n_epi)]
+             + ["scratch", "tid", "nthreads"])
     for arg, an in zip(fn.args, names):
         arg.name = an
-    for arg in fn.args[:n_inputs + 2]:
+    for arg in fn.args[:n_ptr]:
         arg.add_attribute("noalias")
+    a = fn.args
     b = ir.IRBuilder(fn.append_basic_block(f"{name}.entry"))
-    args = fn.args
-    return KernelFunction(b, args[0], list(args[1:n_inputs + 1]), args[n_inputs + 1],
-                          args[n_inputs + 2], args[n_inputs + 3])
+    return KernelFunction(b, a[0], list(a[1:1 + n_inputs]), list(a[1 + n_inputs:n_ptr - 1]),
+                          a[n_ptr - 1], a[n_ptr], a[n_ptr + 1])
 
 
-def thread_range(b: ir.IRBuilder, total: int, tid, nthreads):
+class Shared:
+    """Arguments of a shared function inside its body: `ptrs` (list) and the named i64 `params`
+    (attributes)."""
+
+    def __init__(self, b, ptrs, params: dict):
+        self.b, self.ptrs = b, ptrs
+        self.__dict__.update(params)
+
+
+def shared_function(module: ir.Module, kind: str, static, n_ptrs: int, params,
+                    body) -> ir.Function:
+    """The function `kind(ptr x n_ptrs, i64 params...)` for the compile-time constants `static`
+    (a frozen dataclass), defined once per module by `body(Shared, static)`: loops over run-time
+    shapes that every kernel of the module with equal `static` calls. The body sees no other
+    constant, so kernels share a function exactly when their static parts are equal.
+    `noinline`: inlined into each caller it would be compiled once per caller again."""
+    key = f"tracejit.{kind}." + ".".join(
+        f"{f.name}{int(v) if isinstance(v, bool) else v}"
+        for f, v in ((f, getattr(static, f.name)) for f in dataclasses.fields(static)))
+    fn = module.globals.get(key)
+    if fn is not None:
+        return fn
+    fn = ir.Function(module, ir.FunctionType(VOID, [PTR] * n_ptrs + [I64] * len(params)), key)
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")
+    fn.attributes.add("nounwind")
+    for arg in fn.args[:n_ptrs]:
+        arg.add_attribute("noalias")
+    for arg, pn in zip(fn.args[n_ptrs:], params):
+        arg.name = pn
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    body(Shared(b, list(fn.args[:n_ptrs]), dict(zip(params, fn.args[n_ptrs:]))), static)
+    b.ret_void()
+    return fn
+
+
+def call_shared(b: ir.IRBuilder, fn: ir.Function, ptrs, params: dict):
+    """Call a shared function; `params` maps its parameter names to ints or i64 values."""
+    names = [a.name for a in fn.args[len(ptrs):]]
+    vals = [i64(params[n]) if isinstance(params[n], int) else params[n] for n in names]
+    b.call(fn, list(ptrs) + vals)
+
+
+def thread_range(b: ir.IRBuilder, total, tid, nthreads):
     """[t0, t1): thread tid's contiguous share of `total` work items (the shares tile the range)."""
-    t = i64(total)
-    t0 = b.sdiv(b.mul(tid, t), nthreads, name="work.begin")
-    t1 = b.sdiv(b.mul(b.add(tid, i64(1)), t), nthreads, name="work.end")
+    t = i64(total) if isinstance(total, int) else total
+    t0 = b.udiv(b.mul(tid, t), nthreads, name="work.begin")
+    t1 = b.udiv(b.mul(b.add(tid, i64(1)), t), nthreads, name="work.end")
     return t0, t1
 
 
-def clamp_hi(b: ir.IRBuilder, v, hi: int, name: str = ""):
-    """min(v, hi) for i64 values."""
-    return b.select(b.icmp_signed("<", v, i64(hi)), v, i64(hi), name=name)
+def smin(b: ir.IRBuilder, v, hi, name: str = ""):
+    """min(v, hi) for i64 values (hi an int or a value)."""
+    hi = i64(hi) if isinstance(hi, int) else hi
+    return b.select(b.icmp_signed("<", v, hi), v, hi, name=name)
+
+
+def smax(b: ir.IRBuilder, v, lo, name: str = ""):
+    lo = i64(lo) if isinstance(lo, int) else lo
+    return b.select(b.icmp_signed(">", v, lo), v, lo, name=name)
+
+
+def _loop_metadata(module: ir.Module):
+    """A loop ID (self-referential metadata node) that turns off LLVM's unroller and vectorizer."""
+    cached = getattr(module, "_tracejit_no_unroll", None)
+    if cached is None:
+        opts = [module.add_metadata([ir.MetaDataString(module, "llvm.loop.vectorize.width"),
+                                     i32(1)]),
+                module.add_metadata([ir.MetaDataString(module, "llvm.loop.unroll.disable")])]
+        cached = module.add_metadata(opts)
+        cached.operands = (cached,) + tuple(cached.operands)
+        module._tracejit_no_unroll = cached
+    return cached
 
 
 class Carry:
@@ -84,31 +159,11 @@ class Carry:
         self.iv, self.vals, self.next, self.out = iv, vals, None, None
 
 
-def _loop_metadata(module: ir.Module, unroll):
-    """A loop ID (self-referential metadata node) that turns off LLVM's loop vectorizer and
-    sets unrolling: False disables it, an int n asks for n copies."""
-    key = f"_tracejit_loop_md_{unroll}"
-    cached = getattr(module, key, None)
-    if cached is not None:
-        return cached
-    opts = [module.add_metadata([ir.MetaDataString(module, "llvm.loop.vectorize.width"), i32(1)])]
-    if unroll is False:
-        opts.append(module.add_metadata([ir.MetaDataString(module, "llvm.loop.unroll.disable")]))
-    else:
-        opts.append(module.add_metadata([ir.MetaDataString(module, "llvm.loop.unroll.count"),
-                                         i32(unroll)]))
-    loop_id = module.add_metadata(opts)
-    loop_id.operands = (loop_id,) + tuple(loop_id.operands)
-    setattr(module, key, loop_id)
-    return loop_id
-
-
 @contextlib.contextmanager
-def carry_loop(b: ir.IRBuilder, start, stop, inits, name: str, step: int = 1, unroll=None):
-    """`for iv in range(start, stop, step)` carrying `inits` (vector accumulators) through phis.
-
-    `unroll`: None leaves the decision to LLVM; False or an unroll count pins it (loops over tiles
-    are not worth LLVM's runtime unrolling: it multiplies code size and compile time)."""
+def carry_loop(b: ir.IRBuilder, start, stop, inits, name: str, step=1):
+    """`for iv in range(start, stop, step)` carrying `inits` (e.g. vector accumulators) through
+    phis. LLVM neither unrolls nor vectorizes it: the bodies are explicit vector code already, and
+    unrolled copies cost compile time and registers."""
     start = i64(start) if isinstance(start, int) else start
     stop = i64(stop) if isinstance(stop, int) else stop
     pre = b.block
@@ -130,14 +185,21 @@ def carry_loop(b: ir.IRBuilder, start, stop, inits, name: str, step: int = 1, un
     state = Carry(iv, phis)
     yield state
     latch = b.block
-    iv.add_incoming(b.add(iv, i64(step), name=f"{name}.next"), latch)
+    step = i64(step) if isinstance(step, int) else step
+    iv.add_incoming(b.add(iv, step, name=f"{name}.next"), latch)
     for p, v in zip(phis, state.next or []):
         p.add_incoming(v, latch)
-    br = b.branch(cond)
-    if unroll is not None:
-        br.set_metadata("llvm.loop", _loop_metadata(b.module, unroll))
+    b.branch(cond).set_metadata("llvm.loop", _loop_metadata(b.module))
     b.position_at_end(end)
     state.out = phis
+
+
+def opaque(b: ir.IRBuilder, v):
+    """`v`, hidden from LLVM's value analysis (an empty inline asm). Used on the offsets of the
+    many loads of a loop body: it keeps them out of loop strength reduction (slow on them; x86
+    addressing modes do that work anyway) and stops GVN from merging loads of different taps into
+    long-lived registers."""
+    return b.asm(ir.FunctionType(I64, [I64]), "", "=r,0", [v], False, name="opaque")
 
 
 def hsum(b: ir.IRBuilder, v):
@@ -156,12 +218,8 @@ def lane_mask(b: ir.IRBuilder, remaining, vl: int):
     """<vl x i1> with lanes [0, remaining) set; `remaining` is an i64 value of small magnitude
     (compared in 32-bit lanes: a <16 x i64> compare would take two registers)."""
     lanes = ir.Constant(ir.VectorType(ir.IntType(32), vl), list(range(vl)))
-    return b.icmp_signed("<", lanes, splat(b, b.trunc(remaining, ir.IntType(32)), vl))
-
-
-def static_mask(vl: int, valid: int):
-    """<vl x i1> constant with lanes [0, valid) set."""
-    return ir.Constant(ir.VectorType(ir.IntType(1), vl), [k < valid for k in range(vl)])
+    rem = b.trunc(smax(b, smin(b, remaining, vl), 0), ir.IntType(32))
+    return b.icmp_signed("<", lanes, splat(b, rem, vl))
 
 
 def zero_vector(ety, vl: int):
@@ -174,39 +232,61 @@ def dtype_info(dtype: str):
     return llvm_type(dtype), vector_width(bits), bits // 8
 
 
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def epilogue_rows(b, kf, epilogue, start, count):
+    """Run the instruction's epilogue over out[start, start + count) (i64 values)."""
+    if epilogue is not None:
+        epilogue.call(b, kf.out, kf.epi, start, count)
+
+
 # ------------------------------------------------------------------------------------------------
 # matmul
 # ------------------------------------------------------------------------------------------------
+FORCE = {}   # overrides of the blocking decisions, for experiments (benchmarks/kernels_dense.py)
+
+
 @dataclass(frozen=True)
 class _Plan:
+    dtype: str
     m: int
     n: int
     k: int
     trans_a: bool
-    form: str   # "outer" | "dot"
+    form: str     # "outer" | "dot"
     packed: bool  # outer form on B^T packed into scratch
     mr: int
-    nr: int     # outer: vectors of columns per tile; dot: columns per tile
+    nr: int       # outer: vectors of columns per tile; dot: columns per tile
     vl: int
     esize: int
 
+    @property
+    def tile_cols(self) -> int:
+        return self.nr * self.vl if self.form == "outer" else self.nr
+
 
 def _plan(ins) -> _Plan:
-    a, bb = ins.inputs
+    a, _ = ins.inputs
     ta, tb = bool(ins.params.get("trans_a")), bool(ins.params.get("trans_b"))
     m, n = ins.out.shape
     k = a.shape[0] if ta else a.shape[1]
-    _, vl, es = dtype_info(ins.out.dtype)
+    dt = ins.out.dtype
+    _, vl, es = dtype_info(dt)
     if tb and not ta and k >= 2 * vl:
-        nr = min(n, min((4, 5, 6), key=lambda r: (-(-n // r) * r, -r)))
-        return _Plan(m, n, k, ta, "dot", False, min(m, 4), nr, vl, es)
-    nv = max(1, min(4, -(-n // vl)))
-    mr = max(1, min(m, 24 // nv, 12))
-    return _Plan(m, n, k, ta, "outer", tb, mr, nv, vl, es)
+        # a fixed 4 x 4 block (16 accumulators, 8 loads per 16 FMAs) so that matmuls of different
+        # shapes share one function
+        mr, nr = FORCE.get("dot", (4, 4))
+        return _Plan(dt, m, n, k, ta, "dot", False, mr, nr, vl, es)
+    nv = 4 if n > 2 * vl else max(1, ceil_div(n, vl))
+    mr = 6 if nv == 4 else min(12, 24 // nv)
+    mr, nv = FORCE.get("outer", (mr, nv))
+    return _Plan(dt, m, n, k, ta, "outer", tb, mr, nv, vl, es)
 
 
 def _pack_elems(p: _Plan) -> int:
-    return -(-(p.k * p.n) // 16) * 16  # keep each thread's region 64-byte aligned
+    return ceil_div(p.k * p.n, 16) * 16  # keep each thread's region 64-byte aligned
 
 
 def _matmul_scratch(ins, nthreads: int) -> int:
@@ -214,116 +294,152 @@ def _matmul_scratch(ins, nthreads: int) -> int:
     return nthreads * _pack_elems(p) * p.esize if p.packed else 0
 
 
-@register("matmul", scratch_bytes=_matmul_scratch)
-def _matmul_lower(module: ir.Module, name: str, ins) -> None:
+@register("matmul", scratch_bytes=_matmul_scratch, epilogue=True)
+def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
     p = _plan(ins)
-    ety = llvm_type(ins.out.dtype)
-    kf = kernel_function(module, name, 2)
+    ety = llvm_type(p.dtype)
+    kf = kernel_function(module, name, 2, epilogue)
     b = kf.b
     if p.m == 0 or p.n == 0:
         b.ret_void()
         return
-    if p.form == "dot":
-        _emit_dot(b, kf, p, ety)
-    else:
-        bmat = kf.ins[1]
-        if p.packed:
-            bmat = _emit_pack_bt(b, kf, p, ety)
-        _emit_outer(b, kf, p, ety, bmat)
+    a_mat, b_mat = kf.ins
+    if p.packed:   # B^T into this thread's scratch region, [K, N]
+        b_mat = gep(b, kf.scratch, b.mul(kf.tid, i64(_pack_elems(p))), ety, name="matmul.packed")
+        call_shared(b, _pack_function(module, p.dtype), [b_mat, kf.ins[1]], dict(n=p.n, k=p.k))
+    fn = _tiles_function(module, p)
+    shape = dict(m=p.m, n=p.n, k=p.k)
+    mb, nb = ceil_div(p.m, p.mr), ceil_div(p.n, p.tile_cols)
+    if epilogue is None and nb > mb:   # threads split the columns
+        t0, t1 = thread_range(b, nb, kf.tid, kf.nthreads)
+        call_shared(b, fn, [kf.out, a_mat, b_mat],
+                    dict(shape, r0=0, r1=p.m, c0=b.mul(t0, i64(p.tile_cols)),
+                         c1=smin(b, b.mul(t1, i64(p.tile_cols)), p.n)))
+    else:                              # threads split the rows
+        t0, t1 = thread_range(b, mb, kf.tid, kf.nthreads)
+        r0, r1 = b.mul(t0, i64(p.mr)), smin(b, b.mul(t1, i64(p.mr)), p.m)
+        if epilogue is None:
+            call_shared(b, fn, [kf.out, a_mat, b_mat], dict(shape, r0=r0, r1=r1, c0=0, c1=p.n))
+        else:   # panels of rows: computed, then the epilogue while they are in cache
+            panel = p.mr * max(1, 32 // p.mr)
+            with carry_loop(b, r0, r1, [], "matmul.panel", step=panel) as lp:
+                end = smin(b, b.add(lp.iv, i64(panel)), r1)
+                call_shared(b, fn, [kf.out, a_mat, b_mat],
+                            dict(shape, r0=lp.iv, r1=end, c0=0, c1=p.n))
+                epilogue_rows(b, kf, epilogue, b.mul(lp.iv, i64(p.n)),
+                              b.mul(b.sub(end, lp.iv), i64(p.n)))
     b.ret_void()
 
 
-@contextlib.contextmanager
-def _tiles(b, kf, p: _Plan, mb: int, nb: int, cols: int):
-    """Loop over this thread's tiles (numbered column block major: consecutive tiles share their
-    B panel); yields the first column and the (clamped) rows of the tile."""
-    t0, t1 = thread_range(b, mb * nb, kf.tid, kf.nthreads)
-    with carry_loop(b, t0, t1, [], "matmul.tile", unroll=False) as tile:
-        i0 = b.mul(b.urem(tile.iv, i64(mb)), i64(p.mr), name="matmul.i0")
-        j0 = b.mul(b.udiv(tile.iv, i64(mb)), i64(cols), name="matmul.j0")
-        yield j0, [clamp_hi(b, b.add(i0, i64(r)), p.m - 1, name=f"matmul.row{r}")
-                   for r in range(p.mr)]
+_TILE_PARAMS = ("m", "n", "k", "r0", "r1", "c0", "c1")
 
 
-def _emit_pack_bt(b, kf, p: _Plan, ety):
-    """Copy B^T (B is [N, K]) into this thread's scratch region as a [K, N] matrix."""
-    dst = gep(b, kf.scratch, b.mul(kf.tid, i64(_pack_elems(p))), ety, name="matmul.packed")
-    with for_range(b, 0, p.n, name="matmul.pack.j") as j:
-        src_row = b.mul(j, i64(p.k))
-        with for_range(b, 0, p.k, name="matmul.pack.k") as kk:
-            v = load(b, kf.ins[1], b.add(src_row, kk), ety)
-            store(b, v, dst, b.add(b.mul(kk, i64(p.n)), j), ety)
-    return dst
+@dataclass(frozen=True)
+class _TileKey:
+    """What the shared tile function of a matmul depends on at compile time."""
+    form: str
+    ta: bool
+    dtype: str
+    mr: int
+    nr: int
 
 
-def _emit_outer(b, kf, p: _Plan, ety, bmat):
-    vl, mr, nv = p.vl, p.mr, p.nr
+def _tiles_function(module: ir.Module, p: _Plan) -> ir.Function:
+    """The shared function computing C[r0:r1, c0:c1] (r0, c0 at tile boundaries) for C [m, n]."""
+    key = _TileKey(p.form, p.trans_a, p.dtype, p.mr, p.nr)
+    body = _emit_dot if p.form == "dot" else _emit_outer
+    return shared_function(module, "matmul", key, 3, _TILE_PARAMS, body)
+
+
+@dataclass(frozen=True)
+class _DtypeKey:
+    dtype: str
+
+
+def _pack_function(module: ir.Module, dtype: str) -> ir.Function:
+    """dst[k, j] = src[j, k] for src [n, k]."""
+    def body(s, key):
+        ety = llvm_type(key.dtype)
+        b = s.b
+        dst, src = s.ptrs
+        with carry_loop(b, 0, s.n, [], "matmul.pack.j") as lj:
+            row = b.mul(lj.iv, s.k)
+            with carry_loop(b, 0, s.k, [], "matmul.pack.k") as lk:
+                v = load(b, src, b.add(row, lk.iv), ety)
+                store(b, v, dst, b.add(b.mul(lk.iv, s.n), lj.iv), ety)
+    return shared_function(module, "matmul.pack_bt", _DtypeKey(dtype), 2, ("n", "k"), body)
+
+
+def _emit_outer(s: Shared, p: _TileKey):
+    b = s.b
+    out, a_mat, b_mat = s.ptrs
+    ety, vl, _ = dtype_info(p.dtype)
+    mr, nv = p.mr, p.nr
     vty = ir.VectorType(ety, vl)
-    cols = nv * vl
-    mb, nb = -(-p.m // mr), -(-p.n // cols)
-    full_cols = p.n % cols == 0
-    with _tiles(b, kf, p, mb, nb, cols) as (j0, rows):
-        masks = None
-        if nb == 1 and not full_cols:
-            masks = [static_mask(vl, p.n - v * vl) for v in range(nv)]
-        elif not full_cols:
-            left = b.sub(i64(p.n), j0)
-            masks = [lane_mask(b, b.sub(left, i64(v * vl)), vl) for v in range(nv)]
-        if p.trans_a:   # op(A)[i, k] = A[k, i]
-            arow = [gep(b, kf.ins[0], r, ety) for r in rows]
-            astep = p.m
-        else:
-            arow = [gep(b, kf.ins[0], b.mul(r, i64(p.k)), ety) for r in rows]
-            astep = 1
-        zero = zero_vector(ety, vl)
-        with carry_loop(b, 0, p.k, [zero] * (mr * nv), "matmul.k") as lp:
-            kk = lp.iv
-            brow = b.add(b.mul(kk, i64(p.n)), j0)
-            bv = []
-            for v in range(nv):
-                idx = b.add(brow, i64(v * vl))
-                bv.append(masked_load(b, bmat, idx, vty, masks[v]) if masks
-                          else vload(b, bmat, idx, vty))
-            aoff = b.mul(kk, i64(astep)) if astep != 1 else kk
-            nxt = []
+    m1 = b.sub(s.m, i64(1))
+    with carry_loop(b, s.c0, s.c1, [], "matmul.j", step=nv * vl) as lj:
+        j0 = lj.iv
+        left = b.sub(s.n, j0)
+        masks = [lane_mask(b, b.sub(left, i64(v * vl)), vl) for v in range(nv)]
+        with carry_loop(b, s.r0, s.r1, [], "matmul.i", step=mr) as li:
+            rows = [smin(b, b.add(li.iv, i64(r)), m1, name=f"matmul.row{r}") for r in range(mr)]
+            if p.ta:   # op(A)[i, k] = A[k, i]
+                arow = [gep(b, a_mat, r, ety) for r in rows]
+                astep = s.m
+            else:
+                arow = [gep(b, a_mat, b.mul(r, s.k), ety) for r in rows]
+                astep = None
+            zero = zero_vector(ety, vl)
+            with carry_loop(b, 0, s.k, [zero] * (mr * nv), "matmul.k") as lp:
+                brow = gep(b, b_mat, b.add(b.mul(lp.iv, s.n), j0), ety)
+                bv = [masked_load(b, brow, i64(v * vl), vty, masks[v]) for v in range(nv)]
+                aoff = b.mul(lp.iv, astep) if astep is not None else lp.iv
+                nxt = []
+                for r in range(mr):
+                    av = splat(b, load(b, arow[r], aoff, ety), vl)
+                    nxt.extend(fma(b, av, bv[v], lp.vals[r * nv + v]) for v in range(nv))
+                lp.next = nxt
             for r in range(mr):
-                av = splat(b, load(b, arow[r], aoff, ety), vl)
+                crow = gep(b, out, b.add(b.mul(rows[r], s.n), j0), ety)
                 for v in range(nv):
-                    nxt.append(fma(b, av, bv[v], lp.vals[r * nv + v]))
-            lp.next = nxt
-        for r in range(mr):
-            crow = b.add(b.mul(rows[r], i64(p.n)), j0)
-            for v in range(nv):
-                idx = b.add(crow, i64(v * vl))
-                acc = lp.out[r * nv + v]
-                if masks:
-                    masked_store(b, acc, kf.out, idx, masks[v])
-                else:
-                    vstore(b, acc, kf.out, idx)
+                    masked_store(b, lp.out[r * nv + v], crow, i64(v * vl), masks[v])
 
 
-def _emit_dot(b, kf, p: _Plan, ety):
-    vl, mr, nr = p.vl, p.mr, p.nr
+def _emit_dot(s: Shared, p: _TileKey):
+    b = s.b
+    out, a_mat, b_mat = s.ptrs
+    ety, vl, _ = dtype_info(p.dtype)
+    mr, nr = p.mr, p.nr
     vty = ir.VectorType(ety, vl)
-    mb, nb = -(-p.m // mr), -(-p.n // nr)
-    kfull = p.k - p.k % vl
-    with _tiles(b, kf, p, mb, nb, nr) as (j0, rows):
-        cols = [clamp_hi(b, b.add(j0, i64(c)), p.n - 1, name=f"matmul.col{c}") for c in range(nr)]
-        arow = [gep(b, kf.ins[0], b.mul(r, i64(p.k)), ety) for r in rows]
-        brow = [gep(b, kf.ins[1], b.mul(c, i64(p.k)), ety) for c in cols]
-        zero = zero_vector(ety, vl)
-        with carry_loop(b, 0, kfull, [zero] * (mr * nr), "matmul.k", step=vl) as lp:
-            av = [vload(b, pa, lp.iv, vty) for pa in arow]
-            bv = [vload(b, pb, lp.iv, vty) for pb in brow]
-            lp.next = [fma(b, av[r], bv[c], lp.vals[r * nr + c])
-                       for r in range(mr) for c in range(nr)]
-        acc = lp.out
-        if kfull < p.k:
-            mask = static_mask(vl, p.k - kfull)
-            av = [masked_load(b, pa, i64(kfull), vty, mask) for pa in arow]
-            bv = [masked_load(b, pb, i64(kfull), vty, mask) for pb in brow]
-            acc = [fma(b, av[r], bv[c], acc[r * nr + c]) for r in range(mr) for c in range(nr)]
-        for r in range(mr):
-            crow = b.mul(rows[r], i64(p.n))
-            for c in range(nr):
-                store(b, hsum(b, acc[r * nr + c]), kf.out, b.add(crow, cols[c]), ety)
+    m1, n1 = b.sub(s.m, i64(1)), b.sub(s.n, i64(1))
+    kfull = b.sub(s.k, b.urem(s.k, i64(vl)), name="matmul.kfull")
+    spill = b.alloca(vty, size=i64(mr * nr), name="matmul.acc")
+    spill.align = 64
+    with carry_loop(b, s.c0, s.c1, [], "matmul.j", step=nr) as lj:
+        cols = [smin(b, b.add(lj.iv, i64(c)), n1, name=f"matmul.col{c}") for c in range(nr)]
+        brow = [gep(b, b_mat, b.mul(c, s.k), ety) for c in cols]
+        with carry_loop(b, s.r0, s.r1, [], "matmul.i", step=mr) as li:
+            rows = [smin(b, b.add(li.iv, i64(r)), m1, name=f"matmul.row{r}") for r in range(mr)]
+            arow = [gep(b, a_mat, b.mul(r, s.k), ety) for r in rows]
+            zero = zero_vector(ety, vl)
+
+            def step(acc, k0, mask):
+                def ld(ptr):
+                    return vload(b, ptr, k0, vty) if mask is None \
+                        else masked_load(b, ptr, k0, vty, mask)
+                av, bv = [ld(pa) for pa in arow], [ld(pb) for pb in brow]
+                return [fma(b, av[r], bv[c], acc[r * nr + c]) for r in range(mr) for c in range(nr)]
+
+            with carry_loop(b, 0, kfull, [zero] * (mr * nr), "matmul.k", step=vl) as lp:
+                lp.next = step(lp.vals, lp.iv, None)
+            # the K tail (a masked step; all-zero lanes when K is a multiple of VL)
+            accs = step(lp.out, kfull, lane_mask(b, b.sub(s.k, kfull), vl))
+            # the horizontal sums in a loop over the accumulators (through the stack): a tenth of
+            # the code of unrolled sums
+            for k, acc in enumerate(accs):
+                b.store(acc, b.gep(spill, [i64(k)], source_etype=vty), align=64)
+            with carry_loop(b, 0, mr * nr, [], "matmul.sum") as ls:
+                row = smin(b, b.add(li.iv, b.udiv(ls.iv, i64(nr))), m1)
+                col = smin(b, b.add(lj.iv, b.urem(ls.iv, i64(nr))), n1)
+                acc = b.load(b.gep(spill, [ls.iv], source_etype=vty), typ=vty, align=64)
+                store(b, hsum(b, acc), out, b.add(b.mul(row, s.n), col), ety)
