@@ -20,6 +20,7 @@ import pytest
 
 import tracejit
 from codegen.kernels import _load_all, kernels
+from codegen.loops import for_range
 from codegen.target import JITModule, cfunc
 from ir import lax
 from ir.builder import Builder, building
@@ -216,8 +217,56 @@ def test_more_threads_than_work():
 
 
 # ------------------------------------------------------------------------------------------------
-# epilogues (through the runtime: the fusion code decides them)
+# epilogues
 # ------------------------------------------------------------------------------------------------
+class AffineEpilogue:
+    """A stand-in for codegen.fused.Epilogue (the same interface): out = out * scale + k[0] over
+    the block, with one extra buffer k. Not idempotent, so a block done twice or not at all
+    shows."""
+    n_args = 1
+
+    def call(self, b, out, extra_args, start, count):
+        ety = self.ety
+        k = b.load(b.gep(extra_args[0], [llir.Constant(llir.IntType(64), 0)], source_etype=ety),
+                   typ=ety)
+        with for_range(b, start, b.add(start, count), 1, "epi") as i:
+            p = b.gep(out, [i], source_etype=ety)
+            b.store(b.fadd(b.fmul(b.load(p, typ=ety), llir.Constant(ety, 3.0)), k), p)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_epilogue_applied_once_to_every_element(dtype):
+    specs = [("matmul", [(m, k), (n, k)], dict(trans_b=True)) for m, n, k in MATMUL_SHAPES[:9]]
+    specs += [("matmul", [(k, m), (k, n)], dict(trans_a=True)) for m, n, k in MATMUL_SHAPES[:9]]
+    specs += [_conv_specs(prim, case) for case in CONV_CASES[:8]
+              for prim in ("conv2d", "conv2d_input_grad")]
+    instrs = [make_instr(prim, shapes, dtype, **params) for prim, shapes, params in specs]
+    epi = AffineEpilogue()
+    epi.ety = llir.FloatType() if dtype == "f32" else llir.DoubleType()
+    mod = llir.Module()
+    names = [f"kernel{i}" for i in range(len(instrs))]
+    for name, ins in zip(names, instrs):
+        kernels[ins.prim].lower(mod, name, ins, epilogue=epi)
+    jit = JITModule(str(mod), names)
+    rng = np.random.default_rng(6)
+    shift = np.array([0.5], dtype=NP[dtype])
+    for name, ins in zip(names, instrs):
+        fn = cfunc(jit.addresses[name], [ctypes.c_void_p] * (len(ins.inputs) + 3)
+                   + [ctypes.c_int64] * 2)
+        arrays = [rng.standard_normal(v.shape).astype(NP[dtype]) for v in ins.inputs]
+        ref, tol = reference(ins, arrays)
+        for nt in (1, 2, 3):
+            out = np.full(ins.out.shape, np.nan, dtype=NP[dtype])
+            raw = np.full(kernels[ins.prim].scratch_bytes(ins, nt) + 64, 0xFF, dtype=np.uint8)
+            args = ([out.ctypes.data] + [a.ctypes.data for a in arrays] + [shift.ctypes.data,
+                    raw.ctypes.data + (-raw.ctypes.data) % 64])
+            for tid in range(nt):
+                fn(*args, tid, nt)
+            assert (np.abs(out - (3 * ref + 0.5)) <= 3 * tol + 1e-6).all(), \
+                (ins.prim.name, [v.shape for v in ins.inputs], ins.params, nt)
+
+
+# epilogues through the runtime: the fusion planner decides them
 def _epilogue_program(x, w1, b1, w2, b2, wl, bl):
     h = nn.relu(nn.conv2d(x, w1, b1, padding=1))             # conv + bias + relu epilogue
     h = nn.relu(nn.conv2d(h, w2, b2, stride=2, padding=1))   # input grad with the relu mask
@@ -241,9 +290,10 @@ def test_epilogues_in_compiled_gradient(dtype):
                 dump = grad.ir(*args, stage="optimized")
     finally:
         tracejit.config.backend = old
-    kernel_lines = [ln for ln in dump.splitlines() if "epilogue" in ln]
-    for prim in ("conv2d ", "conv2d_input_grad ", "matmul "):
-        assert any(prim in ln for ln in kernel_lines), (prim, dump)
+    # which kernels get epilogues is the fusion planner's decision; at least one dense kernel must
+    dense = [ln for ln in dump.splitlines() if "epilogue" in ln and
+             any(f"loop nest {prim} " in ln for prim in ("conv2d", "conv2d_input_grad", "matmul"))]
+    assert dense, dump
     for native, ref in zip(*results):
         native, ref = np.asarray(native), np.asarray(ref)
         assert np.allclose(native, ref, rtol=RTOL[dtype] * 10, atol=RTOL[dtype] * 10 *

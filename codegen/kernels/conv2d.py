@@ -163,10 +163,10 @@ def _pad_body(s, key: _PadKey):
 # ------------------------------------------------------------------------------------------------
 # the direct-convolution core (conv2d, conv2d_input_grad)
 # ------------------------------------------------------------------------------------------------
-# register blocks (R, PR, PV) tried, in order of preference on ties; few of them, so that kernels of
-# different shapes share functions
-_BLOCKS = ((4, 2, 2), (4, 3, 2), (2, 4, 2), (8, 1, 2), (1, 8, 2), (4, 4, 1), (4, 6, 1), (8, 2, 1),
-           (2, 8, 1), (1, 16, 1))
+# Register blocks (R, PR, PV) tried, in order of preference: few of them, so that kernels of
+# different shapes share functions. PV = 1 throughout: a tile of PV vectors per row is the same work
+# as PV row blocks of one vector, so wider tiles would only multiply the variants.
+_BLOCKS = ((4, 4, 1), (8, 2, 1), (2, 8, 1), (1, 16, 1), (4, 6, 1))
 
 
 @dataclass(frozen=True)
@@ -198,18 +198,16 @@ class _Core:
 
     def blocked(self, epilogue) -> "_Core":
         nvec = ceil_div(self.ox, self.vl)
-        best = None
+        costs = []
         for r, pr, pv in _BLOCKS:
-            if pv > nvec:
-                continue
             acc = r * pr * pv
             # per tap: acc FMAs, r broadcasts and pr*pv unaligned vector loads (most split a
             # cache line: two L1 accesses); two FMAs and two loads per cycle
             cycles = max(acc, r + 2 * pr * pv) * max(1.0, 10.0 / acc)
             work = ceil_div(self.co, r) * ceil_div(self.oy, pr) * ceil_div(nvec, pv)
-            if best is None or cycles * work < best[0]:
-                best = (cycles * work, r, pr, pv)
-        _, r, pr, pv = best
+            costs.append(cycles * work)
+        # the first block within 30% of the best: sharing a function saves compile time
+        r, pr, pv = next(blk for blk, c in zip(_BLOCKS, costs) if c <= 1.3 * min(costs))
         r, pr, pv = FORCE.get("core", (r, pr, pv))
         items = self.n * ceil_div(self.co, r)
         yc = 1
@@ -447,12 +445,14 @@ _register_core("conv2d_input_grad", _input_grad_core)
 class _WGrad:
     """dw[o, c, i, j] = sum_{n, y, x} ct[n, o, y, x] * P_n[c][y*sy + i][phase j%sx][x + j//sx].
 
-    Images are processed in chunks of `ng` whose cotangents fit in L2; within a chunk an item is
-    (input channel c, block of R output channels, group of GR kernel rows) with R*GR*KW vector
-    accumulators, reduced horizontally and added to out at the end of the chunk. Items are
-    numbered by blocks of CB input channels, then output channel block: the padded copies of a
-    channel block (of the chunk's images) are made when the item loop reaches it, so a thread
-    copies only its own channels, and a block of cotangent rows is reused from L1 by CB channels."""
+    An item is (input channel c, block of R output channels, group of GR kernel rows) with
+    R*GR*KW vector accumulators. Items are numbered by blocks of CB input channels, then output
+    channel block, channel, row group. A thread takes the channel blocks of its items one by one;
+    for each, the images go by in chunks of `ng` whose cotangents fit in L2: the padded copies of
+    the block's channels of the chunk's images are made (a thread copies only its channels), then
+    every item of the block adds the chunk to its vector accumulators, kept in scratch between
+    chunks (a block of cotangent rows is reused from L1 by the CB channels). After the last chunk
+    the accumulators are summed horizontally into out, once per item."""
     dtype: str
     n: int
     c: int
@@ -489,13 +489,14 @@ class _WGrad:
         return self.gr * self.prep.row_pitch + 2 * self.vl + self.kw
 
     @property
-    def spill_elems(self) -> int:
-        return _round_up(self.r * self.gr * self.kw * self.vl, _ALIGN)
+    def partial_elems(self) -> int:
+        """The vector accumulators of the items of one channel block."""
+        return _round_up(self.per_cb * self.r * self.gr * self.kw * self.vl, _ALIGN)
 
     @property
     def region_elems(self) -> int:
-        return self.spill_elems + _round_up(self.cb * self.ng * self.prep.chan_pitch + self.slack,
-                                            _ALIGN)
+        return self.partial_elems + _round_up(self.cb * self.ng * self.prep.chan_pitch
+                                              + self.slack, _ALIGN)
 
 
 def _wgrad_plan(ins) -> _WGrad:
@@ -517,6 +518,7 @@ def _wgrad_plan(ins) -> _WGrad:
     r, gr = FORCE.get("wgrad", (r, gr))
     # a chunk's cotangents stay in L2 while all input channels go by
     ng = max(1, min(n, (512 * 1024) // ((prep.chan_pitch + o * oy * ox) * es)))
+    ng = FORCE.get("ng", ng)
     cb = ceil_div(c, ceil_div(c, 8))
     return _WGrad(ins.out.dtype, n, c, o, oy, ox, kh, kw, sh, sw, prep, vl, r, gr, ng, cb)
 
@@ -526,7 +528,7 @@ def _wgrad_scratch(ins, nthreads):
 
 
 _WGRAD_PARAMS = ("t0", "t1", "n", "c", "o", "oy", "ox", "sy", "kh", "ng", "cb", "groups",
-                 "per_cb", "slack") + tuple(k for k in _PREP_PARAMS if k != "nchan")
+                 "per_cb", "slack", "partial") + tuple(k for k in _PREP_PARAMS if k != "nchan")
 
 
 @register("conv2d_weight_grad", scratch_bytes=_wgrad_scratch)
@@ -542,7 +544,7 @@ def _conv2d_weight_grad_lower(module: ir.Module, name: str, ins) -> None:
     call_shared(b, fn, [kf.out, kf.ins[0], kf.ins[1], region],
                 dict(p.prep.params(), t0=t0, t1=t1, n=p.n, c=p.c, o=p.o, oy=p.oy, ox=p.ox,
                      sy=p.sy, kh=p.kh, ng=p.ng, cb=p.cb, groups=p.groups, per_cb=p.per_cb,
-                     slack=p.slack))
+                     slack=p.slack, partial=p.partial_elems))
     b.ret_void()
 
 
@@ -556,49 +558,55 @@ class _WGradKey:
     sx: int
 
     @property
-    def spill_elems(self) -> int:
-        return _round_up(self.r * self.gr * self.kw * dtype_info(self.dtype)[1], _ALIGN)
+    def nacc(self) -> int:
+        return self.r * self.gr * self.kw
 
 
 def _wgrad_body(s, p: _WGradKey):
-    """Items [t0, t1) with the run-time shapes of `s`; ptrs: out, ct, x, thread region."""
+    """Items [t0, t1) with the run-time shapes of `s`; ptrs: out, ct, x, thread region (the
+    items' vector accumulators, then the padded copies of a chunk's images for the channels of
+    one channel block)."""
     b = s.b
     out, ct, x, region = s.ptrs
     ety, vl, es = dtype_info(p.dtype)
-    # the accumulators go through `spill` on their way to out (a small reduction loop instead of
-    # unrolled horizontal sums), then come the padded copies of the chunk's images, for the
-    # channels of one channel block
-    spill = region
-    pbuf = gep(b, region, i64(p.spill_elems), ety, name="wgrad.padded")
+    partials = region
+    pbuf = gep(b, region, s.partial, ety, name="wgrad.padded")
     copies = b.mul(b.mul(s.cb, s.ng), s.cp)
     _memset0(b, gep(b, pbuf, copies, ety), b.mul(s.slack, i64(es)))
-    with carry_loop(b, s.t0, s.t1, [], "wgrad.zero") as lz:
-        _wgrad_item_reduce(b, s, p, out, lz.iv, spill, zero=True)
-    with carry_loop(b, 0, s.n, [], "wgrad.chunk", step=s.ng) as lch:
-        n0 = lch.iv
-        nimg = b.sub(smin(b, b.add(n0, s.ng), s.n), n0, name="wgrad.nimg")
-        with carry_loop(b, s.t0, s.t1, [i64(-1)], "wgrad.item") as item:
-            cblock, o0, c_in, _, g = _wgrad_decode(b, s, p, item.iv)
-            with if_then(b, b.icmp_signed("!=", cblock, item.vals[0]), name="wgrad.pad"):
-                pairs = b.mul(s.cb, s.ng)
-                with carry_loop(b, 0, pairs, [], "wgrad.pad.cn") as lpn:
-                    # (channel, image) pairs of the block; the channels past C copy the last one
-                    c = smin(b, b.add(b.mul(cblock, s.cb), b.udiv(lpn.iv, s.ng)),
-                             b.sub(s.c, i64(1)))
-                    nn = b.urem(lpn.iv, s.ng)
-                    with if_then(b, b.icmp_signed("<", nn, nimg), name="wgrad.pad.img"):
-                        img = b.add(b.mul(b.add(n0, nn), s.c), c)
-                        src = gep(b, x, b.mul(img, b.mul(s.src_h, s.src_w)), ety)
-                        _pad(b, _PadKey(p.dtype, p.sx, p.sx == 1), src,
-                             gep(b, pbuf, b.mul(lpn.iv, s.cp), ety), i64(1), s)
-            item.next = [cblock]
-            p_c = gep(b, pbuf, b.add(b.mul(c_in, b.mul(s.ng, s.cp)),
-                                     b.mul(g, b.mul(i64(p.gr), s.rp))), ety)
-            chans = [smin(b, b.add(o0, i64(r)), b.sub(s.o, i64(1))) for r in range(p.r)]
-            acc = _wgrad_tile(b, s, p, ct, p_c, n0, nimg, chans)
-            for k, v in enumerate(acc):
-                vstore(b, v, spill, i64(k * vl))
-            _wgrad_item_reduce(b, s, p, out, item.iv, spill, zero=False)
+    acc_elems = i64(p.nacc * vl)
+    cb_first = b.udiv(s.t0, s.per_cb)
+    cb_end = b.udiv(b.add(s.t1, b.sub(s.per_cb, i64(1))), s.per_cb)
+    with carry_loop(b, cb_first, cb_end, [], "wgrad.cblock") as lcb:
+        cblock = lcb.iv
+        it0 = smax(b, s.t0, b.mul(cblock, s.per_cb), name="wgrad.it0")
+        it1 = smin(b, s.t1, b.mul(b.add(cblock, i64(1)), s.per_cb), name="wgrad.it1")
+        _memset0(b, partials, b.mul(b.mul(b.sub(it1, it0), acc_elems), i64(es)))
+        with carry_loop(b, 0, s.n, [], "wgrad.chunk", step=s.ng) as lch:
+            n0 = lch.iv
+            nimg = b.sub(smin(b, b.add(n0, s.ng), s.n), n0, name="wgrad.nimg")
+            pairs = b.mul(s.cb, s.ng)
+            with carry_loop(b, 0, pairs, [], "wgrad.pad") as lpn:
+                # (channel, image) pairs of the block; the channels past C copy the last one
+                c = smin(b, b.add(b.mul(cblock, s.cb), b.udiv(lpn.iv, s.ng)), b.sub(s.c, i64(1)))
+                nn = b.urem(lpn.iv, s.ng)
+                with if_then(b, b.icmp_signed("<", nn, nimg), name="wgrad.pad.img"):
+                    img = b.add(b.mul(b.add(n0, nn), s.c), c)
+                    src = gep(b, x, b.mul(img, b.mul(s.src_h, s.src_w)), ety)
+                    _pad(b, _PadKey(p.dtype, p.sx, p.sx == 1), src,
+                         gep(b, pbuf, b.mul(lpn.iv, s.cp), ety), i64(1), s)
+            with carry_loop(b, it0, it1, [], "wgrad.item") as item:
+                _, o0, c_in, _, g = _wgrad_decode(b, s, p, item.iv)
+                p_c = gep(b, pbuf, b.add(b.mul(c_in, b.mul(s.ng, s.cp)),
+                                         b.mul(g, b.mul(i64(p.gr), s.rp))), ety)
+                chans = [smin(b, b.add(o0, i64(r)), b.sub(s.o, i64(1))) for r in range(p.r)]
+                mine = gep(b, partials, b.mul(b.sub(item.iv, it0), acc_elems), ety)
+                acc = [vload(b, mine, i64(k * vl), ir.VectorType(ety, vl)) for k in range(p.nacc)]
+                acc = _wgrad_tile(b, s, p, ct, p_c, n0, nimg, chans, acc)
+                for k, v in enumerate(acc):
+                    vstore(b, v, mine, i64(k * vl))
+        with carry_loop(b, it0, it1, [], "wgrad.out") as lo:
+            _wgrad_item_out(b, s, p, out, lo.iv,
+                            gep(b, partials, b.mul(b.sub(lo.iv, it0), acc_elems), ety))
 
 
 def _wgrad_decode(b, s, p: _WGradKey, t):
@@ -614,46 +622,36 @@ def _wgrad_decode(b, s, p: _WGradKey, t):
     return cblock, o0, c_in, c, b.urem(rest, s.groups, name="wgrad.g")
 
 
-def _wgrad_item_reduce(b, s, p: _WGradKey, out, t, spill, zero: bool):
-    """out[o, c, i, j] of item t: set to 0 (zero=True) or += the horizontal sum of its
-    accumulator in `spill`. Taps of clamped channels or kernel rows add nothing."""
+def _wgrad_item_out(b, s, p: _WGradKey, out, t, acc_ptr):
+    """out[o, c, i, j] of item t: the horizontal sums of its accumulators at acc_ptr. Clamped
+    channels and kernel rows do not touch out (a clamped channel's element belongs to another
+    item, perhaps of another thread)."""
     ety, vl, _ = dtype_info(p.dtype)
-    _, o0, _, c_raw, g = _wgrad_decode(b, s, p, t)
-    c_ok = b.icmp_signed("<", c_raw, s.c)
-    c = smin(b, c_raw, b.sub(s.c, i64(1)))
+    _, o0, _, c, g = _wgrad_decode(b, s, p, t)
+    c_ok = b.icmp_signed("<", c, s.c)
     ntap = p.gr * p.kw
     vty = ir.VectorType(ety, vl)
     i0 = b.mul(g, i64(p.gr))
-    with carry_loop(b, 0, p.r * ntap, [], "wgrad.reduce") as lk:
+    with carry_loop(b, 0, p.nacc, [], "wgrad.sum") as lk:
         o = b.add(o0, b.udiv(lk.iv, i64(ntap)))
         tap = b.urem(lk.iv, i64(ntap))
         i = b.add(i0, b.udiv(tap, i64(p.kw)))
         j = b.urem(tap, i64(p.kw))
         valid = b.and_(b.and_(c_ok, b.icmp_signed("<", o, s.o)), b.icmp_signed("<", i, s.kh))
-        o = smin(b, o, b.sub(s.o, i64(1)))
-        i = smin(b, i, b.sub(s.kh, i64(1)))
-        at = b.add(b.mul(b.add(b.mul(b.add(b.mul(o, s.c), c), s.kh), i), i64(p.kw)), j)
-        # the clamped duplicates do not touch out at all: a clamped channel's element belongs to
-        # another item, perhaps of another thread
         with if_then(b, valid, name="wgrad.valid"):
-            if zero:
-                new = ir.Constant(ety, 0.0)
-            else:
-                v = vload(b, spill, b.mul(lk.iv, i64(vl)), vty)
-                new = b.fadd(load(b, out, at, ety), hsum(b, v))
-            store(b, new, out, at, ety)
+            at = b.add(b.mul(b.add(b.mul(b.add(b.mul(o, s.c), c), s.kh), i), i64(p.kw)), j)
+            store(b, hsum(b, vload(b, acc_ptr, b.mul(lk.iv, i64(vl)), vty)), out, at, ety)
 
 
-def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans):
-    """The R x GR x KW vector accumulators of one item over the images of the chunk."""
+def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans, acc):
+    """The R x GR x KW vector accumulators `acc` of one item plus the images of the chunk."""
     ety, vl, _ = dtype_info(p.dtype)
     vty = ir.VectorType(ety, vl)
     plane = b.mul(s.oy, s.ox)
     ntap = p.gr * p.kw
-    zero = zero_vector(ety, vl)
     ct_rows = [b.mul(o, plane) for o in chans]
     row_step = b.mul(s.sy, s.rp)
-    with carry_loop(b, 0, nimg, [zero] * (p.r * ntap), "wgrad.n") as ln:
+    with carry_loop(b, 0, nimg, acc, "wgrad.n") as ln:
         ct_n = gep(b, ct, b.mul(b.add(n0, ln.iv), b.mul(s.o, plane)), ety)
         p_n = gep(b, p_c, b.mul(ln.iv, s.cp), ety)
         with carry_loop(b, 0, s.oy, ln.vals, "wgrad.y") as ly:

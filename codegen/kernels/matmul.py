@@ -308,7 +308,8 @@ def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
         b_mat = gep(b, kf.scratch, b.mul(kf.tid, i64(_pack_elems(p))), ety, name="matmul.packed")
         call_shared(b, _pack_function(module, p.dtype), [b_mat, kf.ins[1]], dict(n=p.n, k=p.k))
     fn = _tiles_function(module, p)
-    shape = dict(m=p.m, n=p.n, k=p.k)
+    # strides of op(A) (the dot form reads A [m, k] only)
+    shape = dict(m=p.m, n=p.n, k=p.k, sa_i=1 if p.trans_a else p.k, sa_k=p.m if p.trans_a else 1)
     mb, nb = ceil_div(p.m, p.mr), ceil_div(p.n, p.tile_cols)
     if epilogue is None and nb > mb:   # threads split the columns
         t0, t1 = thread_range(b, nb, kf.tid, kf.nthreads)
@@ -331,14 +332,13 @@ def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
     b.ret_void()
 
 
-_TILE_PARAMS = ("m", "n", "k", "r0", "r1", "c0", "c1")
+_TILE_PARAMS = ("m", "n", "k", "r0", "r1", "c0", "c1", "sa_i", "sa_k")
 
 
 @dataclass(frozen=True)
 class _TileKey:
     """What the shared tile function of a matmul depends on at compile time."""
     form: str
-    ta: bool
     dtype: str
     mr: int
     nr: int
@@ -346,7 +346,7 @@ class _TileKey:
 
 def _tiles_function(module: ir.Module, p: _Plan) -> ir.Function:
     """The shared function computing C[r0:r1, c0:c1] (r0, c0 at tile boundaries) for C [m, n]."""
-    key = _TileKey(p.form, p.trans_a, p.dtype, p.mr, p.nr)
+    key = _TileKey(p.form, p.dtype, p.mr, p.nr)
     body = _emit_dot if p.form == "dot" else _emit_outer
     return shared_function(module, "matmul", key, 3, _TILE_PARAMS, body)
 
@@ -383,17 +383,13 @@ def _emit_outer(s: Shared, p: _TileKey):
         masks = [lane_mask(b, b.sub(left, i64(v * vl)), vl) for v in range(nv)]
         with carry_loop(b, s.r0, s.r1, [], "matmul.i", step=mr) as li:
             rows = [smin(b, b.add(li.iv, i64(r)), m1, name=f"matmul.row{r}") for r in range(mr)]
-            if p.ta:   # op(A)[i, k] = A[k, i]
-                arow = [gep(b, a_mat, r, ety) for r in rows]
-                astep = s.m
-            else:
-                arow = [gep(b, a_mat, b.mul(r, s.k), ety) for r in rows]
-                astep = None
+            # op(A)[i, k] = A[i*sa_i + k*sa_k] for both transposes: one function serves both
+            arow = [gep(b, a_mat, b.mul(r, s.sa_i), ety) for r in rows]
             zero = zero_vector(ety, vl)
             with carry_loop(b, 0, s.k, [zero] * (mr * nv), "matmul.k") as lp:
                 brow = gep(b, b_mat, b.add(b.mul(lp.iv, s.n), j0), ety)
                 bv = [masked_load(b, brow, i64(v * vl), vty, masks[v]) for v in range(nv)]
-                aoff = b.mul(lp.iv, astep) if astep is not None else lp.iv
+                aoff = b.mul(lp.iv, s.sa_k)
                 nxt = []
                 for r in range(mr):
                     av = splat(b, load(b, arow[r], aoff, ety), vl)
