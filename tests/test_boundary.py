@@ -229,6 +229,17 @@ def test_bad_dtypes_on_the_fast_path(dtype):
         f(X, _bad_array(dtype))
 
 
+def test_a_leaked_tracer_as_an_argument():
+    leaked = []
+    jit_grad(lambda x: (leaked.append(x), x.sum())[1])(X)
+    for f in (jit_grad(loss), jit(lambda x: x * 2)):
+        with pytest.raises(TypeError, match=r"argument x is a traced value from a trace that has "
+                                            r"ended \(a leaked tracer\)"):
+            f(leaked[0])
+        with pytest.raises(TypeError, match="leaked tracer"):  # inside another trace too
+            jit_grad(lambda y: tracejit.sum(f(leaked[0])) * y.sum())(X)
+
+
 def test_unhashable_and_self_referencing_arguments():
     with pytest.raises(TypeError, match=r"argument opts\['s'\]: a set is neither"):
         jit(lambda x, opts: x * 2)(X, {"s": {1, 2}})
@@ -403,8 +414,9 @@ def test_nan_and_minus_inf_through_softmax():
     x[1, 2], x[3, 0], x[2, 1] = np.nan, -np.inf, -np.inf
     with np.errstate(all="ignore"):
         expected = np.exp(x) / np.exp(x).sum(-1, keepdims=True)
+        expected_log = np.log(expected)
     _assert_same_specials(jit(nn.softmax)(x), expected, "softmax")
-    _assert_same_specials(jit(nn.log_softmax)(x), np.log(expected), "log_softmax")
+    _assert_same_specials(jit(nn.log_softmax)(x), expected_log, "log_softmax")
 
 
 @pytest.mark.xfail(strict=True, reason="codegen/mathfns.py: sin/cos range reduction breaks down "
@@ -414,6 +426,34 @@ def test_sin_cos_of_large_arguments(dtype):
     x = np.array([1e7, -3e7, 1e16, -1e30, 3e38] + ([1e300] if dtype == np.float64 else []), dtype)
     for fn, ref in ((tracejit.sin, np.sin), (tracejit.cos, np.cos)):
         np.testing.assert_allclose(jit(fn)(x), ref(x.astype(np.float64)), rtol=1e-5, atol=1e-6)
+
+
+def test_conv2d_input_gradient_with_an_inf_weight():
+    """Only real (output, tap) pairs contribute: no 0 * Inf from the padding or the stride gaps."""
+    x = np.ones((1, 1, 2, 4))
+    w = np.array([[[[1.0, np.inf, 2.0]]]])
+    # x[0, 0, 0, 0] meets the taps 1.0 and 2.0 only; row 1 of x meets no output (stride 2)
+    gx = jit_grad(lambda x: nn.conv2d(x, w, stride=2, padding=2).sum())(x)
+    np.testing.assert_array_equal(gx[0, 0], [[3.0, np.inf, 3.0, np.inf], [0.0, 0.0, 0.0, 0.0]])
+
+
+@pytest.mark.xfail(strict=True, reason="codegen/loops.py FAST flags: `reassoc`+`nsz` let LLVM "
+                   "factor sum_i x[i,j] * y[j] into (sum_i x[i,j]) * y[j], dropping 0 * Inf = NaN")
+def test_sum_of_products_with_zero_times_inf():
+    x = np.zeros((5, 7))
+    x[4, 6] = 1.0
+    y = np.zeros(7)
+    y[6] = -np.inf
+    with np.errstate(invalid="ignore"):
+        expected = np.sum(x * y)   # NaN: 0 * -inf in column 6
+    _assert_same_specials(jit(lambda x, y: tracejit.sum(x * y))(x, y), expected, "sum(x * y)")
+
+
+@pytest.mark.xfail(strict=True, reason="codegen/loops.py FAST flags: `arcp` turns x / c into "
+                   "x * (1 / c), and 1 / c overflows for a subnormal c")
+def test_division_by_a_subnormal_constant():
+    a = np.full(8, 1e-300)
+    np.testing.assert_allclose(jit(lambda a: a / 1e-310)(a), a / 1e-310, rtol=1e-15)
 
 
 def test_logsumexp_of_infinities():
@@ -484,3 +524,11 @@ def test_zero_size_dimensions_raise_at_trace_time(name, fn, shapes):
     for transform in (jit, jit_grad):
         with pytest.raises(tracejit.ShapeError, match=r"empty axis|zero-size operand"):
             transform(lambda *a: fn(*a).sum())(*args)
+
+
+def test_a_list_of_traced_values_as_an_operand():
+    """numpy would stack it; tracejit says how (np.asarray on the tracers blamed control flow)."""
+    for fn in (lambda x: tracejit.tanh([x, x]), lambda x: x * [x, 1.0],
+               lambda x: tracejit.sum([[x], [x]])):
+        with pytest.raises(TypeError, match="list of traced values.*tracejit.stack"):
+            jit_grad(lambda x: tracejit.sum(fn(x)))(X)

@@ -333,6 +333,7 @@ class Jitted:
         # inside another trace, inline even without tracer arguments: the function may close
         # over a tracer of that trace
         if current() is not None or any(isinstance(x, Tracer) for _, _, x in sig.leaves):
+            _check_tracers_alive(self.name, sig)
             return self._inline(sig, args, kwargs)
         try:
             entry = self._lookup(sig)
@@ -550,6 +551,18 @@ def _c_contiguous(x):
     if x.flags.c_contiguous and x.flags.aligned and x.dtype.isnative:
         return x
     return np.array(x, dtype=x.dtype.newbyteorder("="), order="C")
+
+
+def _check_tracers_alive(fun_name, sig: _Signature):
+    """Tracer arguments must belong to a trace that is still running (this one or an outer one)."""
+    active, b = set(), current()
+    while b is not None:
+        active.add(id(b))
+        b = b.outer
+    for path, _, x in sig.leaves:
+        if isinstance(x, Tracer) and id(x.builder) not in active:
+            raise TypeError(f"{fun_name}: argument {path} is a traced value from a trace that has "
+                            f"ended (a leaked tracer); pass an array instead")
 
 
 def _is_under(path: str, root: str) -> bool:

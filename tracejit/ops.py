@@ -74,9 +74,27 @@ def _float_dtype(dt) -> str:
     return "f64" if dt == np.float64 else "f32"
 
 
+def _check_no_nested_tracers(x):
+    """A list or tuple of traced values is not an array operand (numpy would stack it; np.asarray
+    would fail on the tracers with a misleading message)."""
+    if isinstance(x, (list, tuple)) and builtins.any(isinstance(v, Tracer) for v in _flat(x)):
+        raise TypeError(f"cannot use a {type(x).__name__} of traced values as an array operand; "
+                        f"combine them with tracejit.stack or tracejit.concatenate")
+
+
+def _flat(x):
+    for v in x:
+        if isinstance(v, (list, tuple)):
+            yield from _flat(v)
+        else:
+            yield v
+
+
 def result_dtype(*xs) -> str:
     tracers = [x for x in xs if isinstance(x, Tracer)]
     strong = [x.value.dtype for x in tracers if x.value.dtype in ("f32", "f64")]
+    for x in xs:
+        _check_no_nested_tracers(x)
     if not tracers:
         strong = [_float_dtype(np.asarray(x).dtype) for x in xs
                   if not _is_weak(x) and np.asarray(x).dtype.kind == "f"]
@@ -90,6 +108,7 @@ def as_value(x, dtype: str) -> Value:
     if isinstance(x, Tracer):
         v = to_value(x)
     else:
+        _check_no_nested_tracers(x)
         arr = np.asarray(x)
         if arr.dtype.kind not in "fiub":
             raise TypeError(f"cannot use a {type(x).__name__} of dtype {arr.dtype} in an array "
