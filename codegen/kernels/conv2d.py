@@ -164,9 +164,9 @@ def _pad_body(s, key: _PadKey):
 # the direct-convolution core (conv2d, conv2d_input_grad)
 # ------------------------------------------------------------------------------------------------
 # Register blocks (R, PR, PV) tried, in order of preference: few of them, so that kernels of
-# different shapes share functions. PV = 1 throughout: a tile of PV vectors per row is the same work
-# as PV row blocks of one vector, so wider tiles would only multiply the variants.
-_BLOCKS = ((4, 4, 1), (8, 2, 1), (2, 8, 1), (1, 16, 1), (4, 6, 1))
+# different shapes share functions. A tile of PV vectors per row is the same work as PV row blocks
+# of one vector, so PV = 1 but for images of one row (conv1d).
+_BLOCKS = ((4, 4, 1), (8, 2, 1), (2, 8, 1), (1, 16, 1), (4, 6, 1), (8, 1, 2))
 
 
 @dataclass(frozen=True)
