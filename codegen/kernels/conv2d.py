@@ -51,12 +51,6 @@ def _round_up(a: int, b: int) -> int:
     return ceil_div(a, b) * b
 
 
-def _pitch(q: int) -> int:
-    """Padded row length: rows of a vector or more are rounded to 64 bytes (f32) so that the
-    loads of the first tap of each kernel row are aligned."""
-    return _round_up(q, 16) if q >= 16 else q
-
-
 def _memset0(b, ptr, nbytes):
     memset = intrinsic(b.module, "llvm.memset.p0.i64", ir.VoidType(),
                        [PTR, I8, I64, ir.IntType(1)])
@@ -106,7 +100,7 @@ class _Prep:
         r_lo, r_hi = self._span(self.src_h, self.dr, self.offr, self.rows)
         c_lo, c_hi = self._span(self.src_w, self.dq, self.offq, self.sx * self.q)
         return dict(src_h=self.src_h, src_w=self.src_w, cp=self.chan_pitch, rp=self.row_pitch,
-                    q=self.q, dr=self.dr, dq=self.dq, offr=self.offr, offq=self.offq,
+                    q=self.q, sx=self.sx, dr=self.dr, dq=self.dq, offr=self.offr, offq=self.offq,
                     r_lo=r_lo, r_hi=r_hi, c_lo=c_lo, c_hi=c_hi)
 
     @property
@@ -115,14 +109,13 @@ class _Prep:
         return self.sx == 1 and self.dq == 1
 
 
-_PREP_PARAMS = ("nchan", "src_h", "src_w", "cp", "rp", "q", "dr", "dq", "offr", "offq", "r_lo",
-                "r_hi", "c_lo", "c_hi")
+_PREP_PARAMS = ("nchan", "src_h", "src_w", "cp", "rp", "q", "sx", "dr", "dq", "offr", "offq",
+                "r_lo", "r_hi", "c_lo", "c_hi")
 
 
 @dataclass(frozen=True)
 class _PadKey:
     dtype: str
-    sx: int
     contiguous: bool
 
 
@@ -156,7 +149,7 @@ def _pad_body(s, key: _PadKey):
             else:
                 with carry_loop(b, s.c_lo, s.c_hi, [], "pad.col") as lq:
                     col = b.add(b.mul(lq.iv, s.dq), s.offq)
-                    at = b.add(b.mul(b.urem(col, i64(key.sx)), s.q), b.udiv(col, i64(key.sx)))
+                    at = b.add(b.mul(b.urem(col, s.sx), s.q), b.udiv(col, s.sx))
                     store(b, load(b, s_r, lq.iv, ety), d_r, at, ety)
 
 
@@ -306,7 +299,7 @@ def _core_body(s, k: _CoreKey):
         y_begin = b.mul(b.urem(rest, s.yc), s.rows_per_chunk, name="conv.y0")
         y_end = smin(b, b.add(y_begin, s.rows_per_chunk), s.oy)
         with if_then(b, b.icmp_signed("!=", n, item.vals[0]), name="conv.pad"):
-            _pad(b, _PadKey(k.dtype, k.sx, k.contiguous), gep(b, src, b.mul(n, s.src_image), ety),
+            _pad(b, _PadKey(k.dtype, k.contiguous), gep(b, src, b.mul(n, s.src_image), ety),
                  pbuf, s.ci, s)
         item.next = [n]
         chans = [smin(b, b.add(o0, i64(r)), co1) for r in range(r_)]
@@ -400,7 +393,7 @@ def _conv_core(ins, epilogue=None) -> _Core:
     oy, ox = ins.out.shape[2:]
     _, vl, _ = dtype_info(ins.out.dtype)
     rows = (oy - 1) * sh + kh
-    q = _pitch(ceil_div((ox - 1) * sw + kw, sw))
+    q = ceil_div((ox - 1) * sw + kw, sw)
     prep = _Prep(h, wd, rows, q, sw, 1, 1, ph, pw)
     core = _Core(ins.out.dtype, n, c, o, oy, ox, kh, kw, sh, sw, c * kh * kw, kh * kw, kw, None,
                  prep, c * h * wd, vl)
@@ -414,7 +407,7 @@ def _input_grad_core(ins, epilogue=None) -> _Core:
     _, c, kh, kw = w.shape
     h, wd = ins.params["in_hw"]
     _, vl, _ = dtype_info(ins.out.dtype)
-    prep = _Prep(oh, ow, h - 1 + kh, _pitch(wd - 1 + kw), 1, sh, sw, kh - 1 - ph, kw - 1 - pw)
+    prep = _Prep(oh, ow, h - 1 + kh, wd - 1 + kw, 1, sh, sw, kh - 1 - ph, kw - 1 - pw)
     # out channel (of the core) = c, in channel = o, tap (i, j) is w[o, c, kh-1-i, kw-1-j]
     core = _Core(ins.out.dtype, n, o, c, h, wd, kh, kw, 1, 1, o * kh * kw, kh * kw, kw,
                  (o, c, kh, kw), prep, o * oh * ow, vl)
@@ -506,7 +499,7 @@ def _wgrad_plan(ins) -> _WGrad:
     n, o, oy, ox = ct.shape
     _, c, h, wd = x.shape
     _, vl, es = dtype_info(ins.out.dtype)
-    prep = _Prep(h, wd, (oy - 1) * sh + kh, _pitch(ceil_div((ox - 1) * sw + kw, sw)), sw, 1, 1,
+    prep = _Prep(h, wd, (oy - 1) * sh + kh, ceil_div((ox - 1) * sw + kw, sw), sw, 1, 1,
                  ph, pw)
     # Few choices, so that kernels of different shapes share functions: one kernel row per item
     # (GR = 1; a whole 3-wide kernel for a single output channel), as many output channels R as
@@ -592,7 +585,7 @@ def _wgrad_body(s, p: _WGradKey):
                 with if_then(b, b.icmp_signed("<", nn, nimg), name="wgrad.pad.img"):
                     img = b.add(b.mul(b.add(n0, nn), s.c), c)
                     src = gep(b, x, b.mul(img, b.mul(s.src_h, s.src_w)), ety)
-                    _pad(b, _PadKey(p.dtype, p.sx, p.sx == 1), src,
+                    _pad(b, _PadKey(p.dtype, p.sx == 1), src,
                          gep(b, pbuf, b.mul(lpn.iv, s.cp), ety), i64(1), s)
             with carry_loop(b, it0, it1, [], "wgrad.item") as item:
                 _, o0, c_in, _, g = _wgrad_decode(b, s, p, item.iv)
