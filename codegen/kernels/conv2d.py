@@ -9,25 +9,31 @@ The copy also removes the strides from the inner loops:
   Q = q' * sx + phase is stored at [phase][q']), so the input pixels of sixteen consecutive output
   pixels are sixteen consecutive floats for every tap;
 - the input gradient is a stride-1 convolution of the cotangent, dilated by the stride (zeros between
-  the pixels) and padded by KH-1-ph / KW-1-pw, with the weights flipped and transposed; dilation and
-  padding are both done by the copy, the flip and transpose by the weight strides.
+  the pixels) and padded by KH-1-ph / KW-1-pw, with the weights flipped and transposed: the copy
+  dilates and pads, and a flipped, transposed copy of the weights (also in scratch) lets it share
+  the forward core.
 
 conv2d and conv2d_input_grad share one register-blocked core (`_Core`): an item is one image and a
 block of R output channels (and a chunk of rows when there are few items); a tile is R channels x
 PR output rows x PV vectors of output columns in R*PR*PV vector accumulators (vectors run along the
 output row, which is contiguous in NCHW). The input-channel loop and the kernel-row loop (which
 skips rows that only see padding) stay loops; the KW taps of a kernel row are unrolled. Each tap
-costs PR*PV vector loads, R broadcast weights and R*PR*PV FMAs.
+costs PR*PV vector loads, R broadcast weights and R*PR*PV FMAs. With an epilogue, it runs on each
+item's R output planes right after they are computed.
 
-conv2d_weight_grad is a reduction over the images and output pixels (`_WGrad`).
+conv2d_weight_grad is a reduction over the images and output pixels (`_WGrad`): vector
+accumulators per (input channel, R output channels, kernel row), summed horizontally at the end.
 
 Border tiles clamp their channel and row indices to the last valid one (they recompute and store the
-same values into the same elements) instead of having code variants; the weight gradient, which
-accumulates, adds zero for the clamped duplicates. Output columns are masked.
+same values into the same elements) instead of having code variants; the weight gradient writes only
+the valid ones. Output columns are masked.
 
 Compile time: as in matmul.py, the loops are shape-generic functions shared by all kernels of an
-LLVM module with the same register block (`shared_function`); the kernel of an instruction passes
-its shapes, strides and padding as constants.
+LLVM module with equal compile-time keys (`shared_function`: dtype, register block, kernel width,
+stride phases); the kernel of an instruction passes its shapes, strides and padding as constants.
+Inf or NaN weights: the input gradient multiplies them by the zeros of the padding and dilation
+(0 * Inf = NaN) where the reference skips those (output, tap) pairs.
+"""
 """
 from __future__ import annotations
 

@@ -16,10 +16,11 @@ Edge tiles clamp their row (and dot-form column) indices to the last one: the ex
 and store the same value into the same element, which costs a little work on the border and no
 code variants. Columns of the outer-product form and the K tail of the dot form are masked.
 
-Compile time: the loops live in shape-generic functions (`shared_function`), one per form,
-transpose, dtype and register block, defined once per LLVM module and shared by every matmul of the
-module; the kernel of an instruction is a small wrapper that partitions the work between threads
-and passes its shape as constants (a LeNet-5 gradient has nine matmuls and three such functions).
+Compile time: the loops live in shape-generic functions (`shared_function`), one per form, dtype
+and register block, defined once per LLVM module and shared by every matmul of the module (the
+transpose of A is a pair of run-time strides); the kernel of an instruction is a small wrapper that
+partitions the work between threads and passes its shape as constants (a LeNet-5 gradient has nine
+matmuls and two such functions).
 
 Threads split the rows of C (whole MR-row tiles), or its columns when there are fewer row tiles
 than column tiles; a thread walks its columns tile by tile and, within a column tile, its rows, so
