@@ -34,7 +34,6 @@ stride phases); the kernel of an instruction passes its shapes, strides and padd
 Inf or NaN weights: the input gradient multiplies them by the zeros of the padding and dilation
 (0 * Inf = NaN) where the reference skips those (output, tap) pairs.
 """
-"""
 from __future__ import annotations
 
 import dataclasses
