@@ -36,8 +36,8 @@ SEED = int(os.environ.get("TRACEJIT_FUZZ_SEED", "5"))
 # ------------------------------------------------------------------------------------------------
 def test_hostile_arguments_never_crash(tmp_path):
     progress = tmp_path / "progress.txt"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]),
-               TRACEJIT_BACKEND="llvm")
+    path = os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path, TRACEJIT_BACKEND="llvm")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(SEED), str(N_CASES),
                            str(progress)], capture_output=True, text=True, env=env, timeout=600)
@@ -60,7 +60,8 @@ def test_hostile_arguments_never_crash(tmp_path):
 # the worker
 # ------------------------------------------------------------------------------------------------
 # Differences from the interpreter that are reported and pinned by an xfail test elsewhere; the
-# fuzz test counts them instead of failing: (description, hit(target name, float inputs)).
+# fuzz test counts them instead of failing: (description, hit(target name, float inputs)). Remove
+# an entry when its xfail test starts passing.
 KNOWN_ISSUES = [
     ("fast-math reassociation drops 0 * Inf = NaN in sums of products (tests/test_boundary.py::"
      "test_sum_of_products_with_zero_times_inf)",
@@ -285,10 +286,11 @@ def _worker(seed, n_cases, progress_path):
 
     def describe(obj, depth=0):
         if isinstance(obj, np.ndarray):
-            flags = "".join(f for f, on in (("C", obj.flags.c_contiguous), ("F", obj.flags.f_contiguous),
-                                             ("A", obj.flags.aligned), ("W", obj.flags.writeable))
-                            if on)
-            return f"{type(obj).__name__}({obj.dtype.str}{list(obj.shape)} strides={obj.strides} {flags})"
+            fl = obj.flags
+            flags = "".join(f for f, on in (("C", fl.c_contiguous), ("F", fl.f_contiguous),
+                                             ("A", fl.aligned), ("W", fl.writeable)) if on)
+            return (f"{type(obj).__name__}({obj.dtype.str}{list(obj.shape)} "
+                    f"strides={obj.strides} {flags})")
         if depth > 3:
             return "..."
         if isinstance(obj, dict):

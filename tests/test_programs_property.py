@@ -327,8 +327,8 @@ def programs(draw):
                 continue
             sa = prog.shapes[a]
             k = sa[-1]
-            rights = [i for i, s in enumerate(prog.shapes)
-                      if (len(s) == 2 and s[0] == k) or (len(s) == 1 and s[0] == k and len(sa) == 2)]
+            rights = [i for i, s in enumerate(prog.shapes) if s and s[0] == k
+                      and (len(s) == 2 or (len(s) == 1 and len(sa) == 2))]
             rights_t = [i for i, s in enumerate(prog.shapes) if len(s) == 2 and s[1] == k]
             if len(sa) == 2 and rights_t and draw(st.booleans()):
                 add(Step("matmul_t", (a, draw(st.sampled_from(rights_t)))))  # a @ b.T, a @ a.T
@@ -368,7 +368,8 @@ def programs(draw):
                 shape = draw(st.sampled_from([(size,), (d, size // d), (size // d, 1, d), (-1,)]))
                 add(Step("reshape", (x,), (("shape", shape),)))
             elif name == "transpose":
-                add(Step("transpose", (x,), (("axes", tuple(draw(st.permutations(range(len(s)))))),)))
+                axes = tuple(draw(st.permutations(range(len(s)))))
+                add(Step("transpose", (x,), (("axes", axes),)))
             elif name == "slice":
                 ax = draw(st.integers(0, len(s) - 1))
                 start = draw(st.integers(0, s[ax] - 1))
