@@ -16,7 +16,7 @@ import llvmlite.ir as ir
 from ir.core import Instr, IRError, Value
 
 from . import loops as L
-from .loops import F32, F64, FAST, I1, I8, I32, I64, PTR, VOID, for_range, i64
+from .loops import F32, F64, FAST, I1, I8, I32, I64, PTR, REDUCE, VOID, for_range, i64
 
 _FCMP = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "eq": "==", "ne": "!="}
 
@@ -387,7 +387,7 @@ def _lower_reduce(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base):
     addr = _Element(b, {}, set())
 
     def combine(acc, v):
-        return nan_max(b, acc, v, ">") if is_max else b.fadd(acc, v, flags=FAST)
+        return nan_max(b, acc, v, ">") if is_max else b.fadd(acc, v, flags=REDUCE)
 
     def out_off(idx):
         return addr.linear([i for k, i in enumerate(idx) if k not in axes], out_shape)

@@ -1,9 +1,8 @@
 """Small helpers for emitting LLVM loop nests with llvmlite, in the manner of Numba's cgutils.
 
 Blocks and values are named after the loop they implement (`conv2d.oh.body`, `conv2d.oh.i`) so the
-LLVM dump reads like the loop nest. Fast-math flags are on for float arithmetic: the generated code
-may reassociate sums (that is what lets reductions vectorize), but it keeps NaN and Inf semantics
-(no `nnan`/`ninf`), so NaN and Inf propagate as in numpy.
+LLVM dump reads like the loop nest. Float flags (FAST, REDUCE below) allow FMA contraction and the
+reassociation of reductions only, so NaN and Inf propagate as in numpy.
 """
 from __future__ import annotations
 
@@ -20,8 +19,12 @@ F64 = ir.DoubleType()
 PTR = ir.PointerType()
 VOID = ir.VoidType()
 
-# reassoc + contract let LLVM vectorize reductions and form FMAs; nsz/arcp/afn are harmless for us.
-FAST = ("reassoc", "contract", "nsz", "arcp", "afn")
+# Float flags. Elementwise arithmetic may contract a*b+c into an FMA (one rounding instead of two)
+# and nothing else: `arcp` would turn x / c into x * (1 / c), which overflows for subnormal c, and
+# `reassoc` with `nsz` lets LLVM factor sum_i x[i] * y into (sum_i x[i]) * y, dropping a 0 * Inf.
+# Accumulations into a reduction may also reassociate (REDUCE): that is what lets them vectorize.
+FAST = ("contract",)
+REDUCE = ("reassoc", "contract")
 
 _LLVM_TYPES = {"f32": F32, "f64": F64, "i32": I32, "bool": I8}
 

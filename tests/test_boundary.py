@@ -437,9 +437,9 @@ def test_conv2d_input_gradient_with_an_inf_weight():
     np.testing.assert_array_equal(gx[0, 0], [[3.0, np.inf, 3.0, np.inf], [0.0, 0.0, 0.0, 0.0]])
 
 
-@pytest.mark.xfail(strict=True, reason="codegen/loops.py FAST flags: `reassoc`+`nsz` let LLVM "
-                   "factor sum_i x[i,j] * y[j] into (sum_i x[i,j]) * y[j], dropping 0 * Inf = NaN")
 def test_sum_of_products_with_zero_times_inf():
+    """Reductions may reassociate, but LLVM must not factor sum_i x[i,j] * y[j] into
+    (sum_i x[i,j]) * y[j], which would drop 0 * Inf = NaN (codegen/loops.py REDUCE has no nsz)."""
     x = np.zeros((5, 7))
     x[4, 6] = 1.0
     y = np.zeros(7)
@@ -449,9 +449,8 @@ def test_sum_of_products_with_zero_times_inf():
     _assert_same_specials(jit(lambda x, y: tracejit.sum(x * y))(x, y), expected, "sum(x * y)")
 
 
-@pytest.mark.xfail(strict=True, reason="codegen/loops.py FAST flags: `arcp` turns x / c into "
-                   "x * (1 / c), and 1 / c overflows for a subnormal c")
 def test_division_by_a_subnormal_constant():
+    """No `arcp`: x / c must not become x * (1 / c), which overflows for a subnormal c."""
     a = np.full(8, 1e-300)
     np.testing.assert_allclose(jit(lambda a: a / 1e-310)(a), a / 1e-310, rtol=1e-15)
 
