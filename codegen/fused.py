@@ -16,7 +16,8 @@ import llvmlite.ir as ir
 from ir.core import Instr, IRError, Value
 
 from . import loops as L
-from .loops import F32, F64, FAST, I1, I8, I32, I64, PTR, REDUCE, VOID, for_range, i64
+from .loops import (F32, F64, FAST, I1, I8, I32, I64, PTR, REDUCE, SHORT_LOOP, VOID, for_range,
+                    i64)
 
 _FCMP = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "eq": "==", "ne": "!="}
 
@@ -95,6 +96,8 @@ class _Element:
             sub = [i64(0) if x.shape[k] == 1 else idx[d] for k, d in enumerate(params["dims"])]
             return self.value(x, sub)
         if name == "reshape":
+            if self.flat:  # a reshape keeps the row-major linear index
+                return self.value(ins.inputs[0], idx)
             return self.value(ins.inputs[0], self.reshape_index(idx, t.shape, ins.inputs[0].shape))
         if name == "transpose":
             perm = params["perm"]
@@ -334,11 +337,13 @@ def lower_group(module: ir.Module, fname: str, group) -> ir.Function:
 
 
 def is_flat(group) -> bool:
-    """Can the group run as one loop over the flattened root (pure elementwise: no layout op, every
-    buffer of the root's shape or a scalar)?"""
-    shape = group.root.out.shape
-    return all(m.prim.elementwise or m.prim.name == "const" for m in group.members) and \
-        all(v.shape in (shape, ()) for v in group.leaves)
+    """Can the group run as one loop over the flattened root? Yes when it is elementwise up to
+    reshapes (which keep the row-major linear index) and every buffer it reads has the root's
+    number of elements or is a scalar."""
+    size = group.root.out.type.size
+    return all(m.prim.elementwise or m.prim.name in ("const", "reshape") for m in group.members) \
+        and all(v.type.size == size or not v.shape for v in group.leaves) \
+        and all(m.out.type.size == size or not m.out.shape for m in group.members)
 
 
 def _lower_map(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base, flat=False):
@@ -350,8 +355,9 @@ def _lower_map(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base, flat=F
             _store_value(b, el.value(root.out, []), out_ptr, i64(0), dtype)
         return
     if flat:
-        lo, hi = _thread_range(b, math.prod(shape), tid, nthreads, f"{base}.i")
-        with for_range(b, lo, hi, 1, f"{base}.i") as i:
+        total = math.prod(shape)
+        lo, hi = _thread_range(b, total, tid, nthreads, f"{base}.i")
+        with for_range(b, lo, hi, 1, f"{base}.i", scalar=total < 4 * SHORT_LOOP) as i:
             val = _Element(b, leaf_ptrs, members, flat=True).value(root.out, [i])
             _store_value(b, val, out_ptr, i, dtype)
         return
@@ -367,7 +373,7 @@ def _nest(b, shape, d, idx, base, body):
     if d == len(shape):
         body()
         return
-    with for_range(b, 0, shape[d], 1, f"{base}.d{d}") as i:
+    with for_range(b, 0, shape[d], 1, f"{base}.d{d}", scalar=shape[d] < SHORT_LOOP) as i:
         idx.append(i)
         _nest(b, shape, d + 1, idx, base, body)
         idx.pop()
@@ -432,7 +438,8 @@ def _lower_reduce(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base):
             if d == last:
                 if last in axes and last > 0:
                     b.store(ident, acc_slot)
-                    with for_range(b, 0, xs[d], 1, f"{base}.d{d}") as i:
+                    with for_range(b, 0, xs[d], 1, f"{base}.d{d}",
+                                   scalar=xs[d] < SHORT_LOOP) as i:
                         idx.append(i)
                         inner()
                         idx.pop()
@@ -440,7 +447,8 @@ def _lower_reduce(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base):
                     cur = L.load(b, out_ptr, off, ty)
                     L.store(b, combine(cur, b.load(acc_slot)), out_ptr, off, ty)
                 else:
-                    with for_range(b, 0, xs[d], 1, f"{base}.d{d}") as i:
+                    with for_range(b, 0, xs[d], 1, f"{base}.d{d}",
+                                   scalar=xs[d] < SHORT_LOOP) as i:
                         idx.append(i)
                         inner()
                         idx.pop()
@@ -517,7 +525,7 @@ class Epilogue:
                     rest = b.sdiv(rest, i64(n))
                 prefix.reverse()
                 row_off = b.mul(r, i64(inner))
-                with for_range(b, 0, inner, 1, f"{base}.col") as j:
+                with for_range(b, 0, inner, 1, f"{base}.col", scalar=inner < SHORT_LOOP) as j:
                     val = _Element(b, leaf_ptrs, members).value(root.out, prefix + [j])
                     _store_value(b, val, out, b.add(row_off, j), root.out.dtype)
         b.ret_void()

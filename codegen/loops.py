@@ -50,11 +50,30 @@ def vec(ty: ir.Type, n: int) -> ir.VectorType:
     return ir.VectorType(ty, n)
 
 
+# Loops shorter than this stay scalar: a vector body would never run, and vectorizing and
+# unrolling them only costs compile time.
+SHORT_LOOP = 16
+
+
+def scalar_loop_id(module: ir.Module):
+    """A loop ID (self-referential metadata) that turns off LLVM's vectorizer and unroller."""
+    cached = getattr(module, "_tracejit_scalar_loop", None)
+    if cached is None:
+        opts = [module.add_metadata([ir.MetaDataString(module, "llvm.loop.vectorize.width"),
+                                     i32(1)]),
+                module.add_metadata([ir.MetaDataString(module, "llvm.loop.unroll.disable")])]
+        cached = module.add_metadata(opts)
+        cached.operands = (cached,) + tuple(cached.operands)
+        module._tracejit_scalar_loop = cached
+    return cached
+
+
 @contextlib.contextmanager
-def for_range(b: ir.IRBuilder, start, stop, step=1, name: str = "loop"):
+def for_range(b: ir.IRBuilder, start, stop, step=1, name: str = "loop", scalar: bool = False):
     """`for i in range(start, stop, step)` (i64; positive step). Yields the induction variable.
 
-    Emits blocks `{name}.cond`, `{name}.body`, `{name}.end`; the builder is left at `.end`."""
+    Emits blocks `{name}.cond`, `{name}.body`, `{name}.end`; the builder is left at `.end`.
+    `scalar=True` tells LLVM not to vectorize or unroll the loop (see SHORT_LOOP)."""
     start = i64(start) if isinstance(start, int) else start
     stop = i64(stop) if isinstance(stop, int) else stop
     step = i64(step) if isinstance(step, int) else step
@@ -72,7 +91,9 @@ def for_range(b: ir.IRBuilder, start, stop, step=1, name: str = "loop"):
     yield iv
     nxt = b.add(iv, step, name=f"{name}.next")
     iv.add_incoming(nxt, b.block)
-    b.branch(cond)
+    latch = b.branch(cond)
+    if scalar:
+        latch.set_metadata("llvm.loop", scalar_loop_id(b.module))
     b.position_at_end(end)
 
 
