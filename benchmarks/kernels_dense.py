@@ -194,7 +194,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--peak", action="store_true", help="also measure the FMA peak")
+    ap.add_argument("--force", default="{}",
+                    help="blocking overrides, a Python dict: matmul's 'dot': (MR, NR) and 'outer': "
+                         "(MR, NV); conv2d's 'core': (R, PR, PV), 'wgrad': (R, GR), 'ng': images")
     args = ap.parse_args(argv)
+    import ast
+    from codegen.kernels import conv2d, matmul
+    for key, value in ast.literal_eval(args.force).items():
+        (matmul.FORCE if key in ("dot", "outer") else conv2d.FORCE)[key] = value
     seconds, repeats = (0.01, 5) if args.quick else (0.02, 20)
     llvm_seconds(lenet_instrs()[:1])   # initialise LLVM
     if args.peak:

@@ -47,7 +47,7 @@ from . import register
 from .matmul import call_shared, carry_loop, ceil_div, dtype_info, epilogue_rows, hsum, \
     kernel_function, lane_mask, opaque, shared_function, smax, smin, thread_range, zero_vector
 
-FORCE = {}  # overrides of the blocking decisions, for experiments (benchmarks/kernels_dense.py)
+FORCE = {}  # blocking overrides for tuning runs (benchmarks/kernels_dense.py --force)
 
 _ALIGN = 16  # elements; scratch regions start 64-byte aligned for f32 and f64
 

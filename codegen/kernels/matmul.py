@@ -286,7 +286,7 @@ def epilogue_rows(b, kf, epilogue, start, count):
 # ------------------------------------------------------------------------------------------------
 # matmul
 # ------------------------------------------------------------------------------------------------
-FORCE = {}   # overrides of the blocking decisions, for experiments (benchmarks/kernels_dense.py)
+FORCE = {}   # blocking overrides for tuning runs (benchmarks/kernels_dense.py --force)
 
 
 @dataclass(frozen=True)
