@@ -286,19 +286,14 @@ def simplify(fn: Function) -> bool:
 
 
 def relu_mask_from_output(fn: Function) -> bool:
-    """Where `r = select(gt(v, 0), v, 0)` (relu) exists, other uses of the mask `gt(v, 0)` (the
-    adjoint's) read `gt(r, 0)` instead: the same mask (r > 0 exactly where v > 0, NaN included),
-    but computed from the relu output, which the next layer keeps anyway, so the pre-activation
-    `v` has one use and can stay in registers inside the producing kernel."""
+    """Where `r = select(le(v, 0), 0, v)` (relu) exists, other uses of the mask `le(v, 0)` (the
+    adjoint's) read `le(r, 0)` instead: the same mask (r <= 0 exactly where v <= 0, NaN
+    included), but computed from the relu output, which the next layer keeps anyway, so the
+    pre-activation `v` has one use and can stay in registers inside the producing kernel."""
     relu_of: dict[int, Instr] = {}   # id(mask) -> relu select
     for ins in fn.instrs:
-        if ins.prim.name != "select":
-            continue
-        p, a, b = ins.inputs
-        m = p.instr
-        if m is not None and m.prim.name == "gt" and m.inputs[0] is a and _splat(m.inputs[1]) == 0 \
-                and _splat(b) == 0 and a.shape == ins.out.shape:
-            relu_of.setdefault(id(p), ins)
+        if _relu_of(ins.out) is not None and ins.inputs[2].shape == ins.out.shape:
+            relu_of.setdefault(id(ins.inputs[0]), ins)
     if not relu_of:
         return False
     out, changed, new_mask = [], False, {}
@@ -322,23 +317,23 @@ def relu_mask_from_output(fn: Function) -> bool:
 
 
 def _relu_of(v: Value):
-    """If `v = select(gt(u, 0), u, 0)` (relu), return u; else None."""
+    """If `v = select(le(u, 0), 0, u)` (relu), return u; else None."""
     ins = v.instr
     if ins is None or ins.prim.name != "select":
         return None
     p, a, b = ins.inputs
     m = p.instr
-    if m is not None and m.prim.name == "gt" and m.inputs[0] is a and _splat(m.inputs[1]) == 0 \
-            and _splat(b) == 0:
-        return a
+    if m is not None and m.prim.name == "le" and m.inputs[0] is b and _splat(m.inputs[1]) == 0 \
+            and _splat(a) == 0:
+        return b
     return None
 
 
 def mask_after_max_pool(fn: Function) -> bool:
-    """select(r > 0, max_pool2d_grad(ct, idx), 0) with r = relu(u) and idx = argmax of r's windows
-    becomes max_pool2d_grad(select(max_pool2d(r) > 0, ct, 0), idx): the same values (the scatter
-    only writes at window maxima, where r equals the pooled value and r >= 0), but the backward
-    pass then needs the small pooled output and indices instead of the full activation r."""
+    """select(r <= 0, 0, max_pool2d_grad(ct, idx)) with r = relu(u) and idx = argmax of r's
+    windows becomes max_pool2d_grad(select(max_pool2d(r) <= 0, 0, ct), idx): the same values (the
+    scatter only writes at window maxima, where r equals the pooled value), but the backward pass
+    then needs the small pooled output and indices instead of the full activation r."""
     by_key = {}
     for ins in fn.instrs:
         if ins.prim.name == "max_pool2d":
@@ -349,11 +344,11 @@ def mask_after_max_pool(fn: Function) -> bool:
         if repl:
             ins.inputs = tuple(repl.get(id(v), v) for v in ins.inputs)
         rewrite = None
-        if ins.prim.name == "select" and _splat(ins.inputs[2]) == 0:
-            p, g, _ = ins.inputs
+        if ins.prim.name == "select" and _splat(ins.inputs[1]) == 0:
+            p, _, g = ins.inputs
             m = p.instr
             gi = g.instr
-            if m is not None and m.prim.name == "gt" and _splat(m.inputs[1]) == 0 and \
+            if m is not None and m.prim.name == "le" and _splat(m.inputs[1]) == 0 and \
                     gi is not None and gi.prim.name == "max_pool2d_grad" and \
                     _relu_of(m.inputs[0]) is not None:
                 r = m.inputs[0]
@@ -370,7 +365,7 @@ def mask_after_max_pool(fn: Function) -> bool:
         zero = _scalar_const(ins, 0.0)
         mask = Instr(m.prim, (pooled, zero), {}, m.out.type.with_shape(pooled.shape), loc=m.loc,
                      api=m.api, adj_of=ins.adj_of)
-        masked = Instr(ins.prim, (mask.out, ct, zero), {}, ct.type, loc=ins.loc, api=ins.api,
+        masked = Instr(ins.prim, (mask.out, zero, ct), {}, ct.type, loc=ins.loc, api=ins.api,
                        adj_of=ins.adj_of)
         scatter = Instr(gi.prim, (masked.out, idx), gi.params, ins.out.type, loc=gi.loc,
                         api=gi.api, adj_of=gi.adj_of)

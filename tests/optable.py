@@ -162,7 +162,7 @@ def ref_linear(x, w, b=None):
 
 
 def ref_relu(x):
-    return np.where(x > 0, x, 0.0)
+    return np.where(x <= 0, 0.0, x)   # NaN stays NaN, like numpy's maximum(x, 0)
 
 
 def ref_sigmoid(x):

@@ -360,8 +360,8 @@ ELEMENTWISE = [
     ("minimum-nan", lambda x: tracejit.minimum(x, np.nan), lambda x: np.minimum(x, np.nan)),
     ("clip", lambda x: tracejit.clip(x, -1.0, 1.0), lambda x: np.clip(x, -1.0, 1.0)),
     ("where", lambda x: tracejit.where(x > 0, x, -x), lambda x: np.where(x > 0, x, -x)),
-    # relu is select(x > 0, x, 0) (ir/prims/elementwise.py), as np.where: relu(NaN) = 0
-    ("relu", nn.relu, lambda x: np.where(x > 0, x, 0.0)),
+    # relu is select(x <= 0, 0, x) (tracejit/nn.py): relu(NaN) = NaN, like np.maximum(x, 0)
+    ("relu", nn.relu, lambda x: np.maximum(x, 0.0)),
 ]
 
 
@@ -546,3 +546,11 @@ def test_a_list_of_traced_values_as_an_operand():
                lambda x: tracejit.sum([[x], [x]])):
         with pytest.raises(TypeError, match="list of traced values.*tracejit.stack"):
             jit_grad(lambda x: tracejit.sum(fn(x)))(X)
+
+
+def test_relu_propagates_nan():
+    """relu(NaN) = NaN like numpy's maximum(x, 0) and PyTorch; the gradient passes through."""
+    x = np.array([np.nan, -1.0, 0.0, 2.0])
+    np.testing.assert_array_equal(jit(nn.relu)(x), [np.nan, 0.0, 0.0, 2.0])
+    g = jit_grad(lambda x: (nn.relu(x) * np.array([1.0, 2.0, 3.0, 4.0])).sum())(x)
+    np.testing.assert_array_equal(g, [1.0, 0.0, 0.0, 4.0])

@@ -2,7 +2,8 @@
 `padding`, optional `bias`, pooling stride defaulting to the kernel size, average pooling counting
 zero padding (count_include_pad=True), and `reduction` in the losses.
 
-relu(0) has derivative 0; max pooling sends the cotangent to the first maximum of each window.
+relu(0) has derivative 0 and relu(NaN) is NaN; max pooling sends the cotangent to the first maximum
+of each window.
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def _tuple(v, n, what):
 
 @op("relu")
 def relu(x):
+    # 0 where x <= 0, else x: NaN propagates (NaN <= 0 is false), like numpy's maximum
     v = as_value(x, result_dtype(x))
-    return wrap(lax.select(lax.gt(v, 0.0), v, 0.0))
+    return wrap(lax.select(lax.le(v, 0.0), 0.0, v))
 
 
 @op("sigmoid")
