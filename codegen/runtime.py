@@ -26,7 +26,7 @@ import numpy as np
 from ir.core import Function, IRError, Namer, instr_text
 
 from . import cache as _cache
-from . import fused, parallel, schedule
+from . import fused, parallel, schedule, target
 from .kernels import _load_all, kernels
 from .kernels.pool import lower_max_pool2d_with_argmax
 from .loops import I64, PTR, VOID, i64, llvm_type
@@ -91,15 +91,14 @@ class NativeFunction:
         if obj is not None:
             me = weakref.ref(self)  # no reference cycle through the JIT module
             try:
-                jit = JITModule.from_object(obj, ["entry"],
-                                            source=lambda: me().llvm_ir_unoptimized)
+                jit = JITModule.from_object(obj, ["entry"], source=lambda: me().llvm_sources)
             except Exception as e:  # the object file passed its checksum but does not link
                 disk.discard(key, f"{type(e).__name__}: {e}")
             else:
                 seconds["cache"] = time.perf_counter() - t0
                 return jit, True, seconds
         t1 = time.perf_counter()
-        source = self.llvm_ir_unoptimized
+        source = self.llvm_sources
         t2 = time.perf_counter()
         jit = JITModule(source, ["entry"])
         t3 = time.perf_counter()
@@ -109,36 +108,54 @@ class NativeFunction:
         return jit, False, seconds
 
     @property
-    def llvm_ir_unoptimized(self) -> str:
-        """The LLVM IR the lowering produced (lowered now if the code came from the cache)."""
+    def llvm_sources(self) -> list:
+        """The LLVM IR of each module the lowering produced (lowered now if the code came from
+        the cache)."""
         with self._source_lock:
             if self._source is None:
-                self._source = str(self._build_module())
+                self._source = [str(m) for m in self._build_modules()]
         return self._source
 
+    @property
+    def llvm_ir_unoptimized(self) -> str:
+        """The LLVM IR as lowered, all modules (the entry's first)."""
+        return "\n\n".join(self.llvm_sources)
+
     # ------------------------------------------------------------------------------------- build
-    def _build_module(self) -> ir.Module:
+    def _build_modules(self) -> list:
+        """The LLVM modules of this function: the entry (and some kernels) in the first, the
+        other kernels spread over the rest so that separate processes can compile them at once
+        (see target.compile_processes)."""
         plan = self.plan
         fn = plan.fn
-        module = ir.Module(name=fn.name)
+        n_modules = target.modules_for(sum(_compile_weight(g) for g in plan.groups))
+        modules = [ir.Module(name=fn.name if k == 0 else f"{fn.name}.part{k}")
+                   for k in range(n_modules)]
+        home = _balance(plan.groups, n_modules)
+        module = modules[0]
         namer = Namer()
         for v in list(fn.params) + [i.out for i in fn.instrs]:
             namer.define(v)
         kernel_fns = []
         for g in plan.groups:
             fname = g.name
+            kernel_module = modules[home[g.index]]
             try:
                 if g.kind == "nn":
                     epi = fused.Epilogue(g.epilogue, g.root.out, f"{fname}.epilogue") \
                         if g.epilogue is not None else None
                     extra = {} if epi is None else {"epilogue": epi}
                     if g.companion is not None:
-                        lower_max_pool2d_with_argmax(module, fname, g.root, **extra)
+                        lower_max_pool2d_with_argmax(kernel_module, fname, g.root, **extra)
                     else:
-                        kernels[g.root.prim].lower(module, fname, g.root, **extra)
-                    kernel_fns.append(module.globals[fname])
+                        kernels[g.root.prim].lower(kernel_module, fname, g.root, **extra)
+                    kfn = kernel_module.globals[fname]
                 else:
-                    kernel_fns.append(fused.lower_group(module, fname, g))
+                    kfn = fused.lower_group(kernel_module, fname, g)
+                if kernel_module is not module:   # called across modules: a declaration here
+                    kfn.linkage = ""
+                    kfn = ir.Function(module, kfn.function_type, fname)
+                kernel_fns.append(kfn)
             except Exception as e:
                 loc = f" ({g.root.loc})" if g.root.loc else ""
                 raise IRError(f"lowering `{instr_text(g.root, namer, with_comment=False)}`{loc}: "
@@ -184,7 +201,7 @@ class NativeFunction:
             parallel.emit_call(module, b, kfn, args + [scratch], nthreads_arg,
                                self.max_threads > 1 and g.cost_ns >= parallel.PARALLEL_MIN_NS)
         b.ret_void()
-        return module
+        return [m for k, m in enumerate(modules) if k == 0 or m.globals]
 
     def _resolve_copies(self):
         """For outputs that are copies: where to copy from ("in", k) / ("out", k) / ("const", arr)."""
@@ -231,6 +248,28 @@ class NativeFunction:
     @property
     def asm(self) -> str:
         return self._jit.asm
+
+
+def _compile_weight(g) -> int:
+    """Rough LLVM cost of a kernel, to balance modules: loop nests are big, fused loops small."""
+    return 8 if g.kind == "nn" else 1 + len(g.members) // 4
+
+
+def _balance(groups, n_modules: int) -> dict:
+    """Kernel index -> module index: greedy by weight, kernels of one primitive together (they
+    share functions within a module); the entry's module starts with a small handicap."""
+    load = [1] + [0] * (n_modules - 1)
+    home, by_prim = {}, {}
+    for g in sorted(groups, key=lambda g: -_compile_weight(g)):
+        prim = g.root.prim.name if g.kind == "nn" else None
+        k = by_prim.get(prim) if prim is not None else None
+        if k is None or load[k] > min(load) + 16:
+            k = load.index(min(load))
+        if prim is not None:
+            by_prim.setdefault(prim, k)
+        home[g.index] = k
+        load[k] += _compile_weight(g)
+    return home
 
 
 def _literal_global(module: ir.Module, v, name: str):

@@ -6,6 +6,9 @@ one thread at a time.
 from __future__ import annotations
 
 import ctypes
+import os
+import struct
+import sys
 import functools
 import itertools
 import threading
@@ -82,6 +85,120 @@ def optimized_module(llvm_ir: str, speed_level: int = 3):
         return mod
 
 
+# ------------------------------------------------------------------------------------------------
+# compiling several modules at once
+# ------------------------------------------------------------------------------------------------
+# llvmlite serializes every LLVM call behind one lock, so a process compiles one module at a time.
+# A big function is therefore lowered into several modules, and forked children compile all but
+# the first while this process compiles the first; the object files are linked together.
+# TRACEJIT_COMPILE_PROCESSES=1 turns this off.
+SPLIT_WEIGHT = 48   # compile weight (runtime._compile_weight) above which a function is split
+
+
+def compile_processes() -> int:
+    env = os.environ.get("TRACEJIT_COMPILE_PROCESSES")
+    if env:
+        return max(1, int(env))
+    if not hasattr(os, "fork") or sys.platform != "linux":
+        return 1
+    try:
+        return min(2, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover
+        return 1
+
+
+def modules_for(weight: int) -> int:
+    """How many modules to lower a function of this compile weight into."""
+    return compile_processes() if weight >= SPLIT_WEIGHT else 1
+
+
+def _compile_object(llvm_ir: str, speed_level: int) -> bytes:
+    mod = optimized_module(llvm_ir, speed_level)
+    with LLVM_LOCK:
+        return target_machine().emit_object(mod)
+
+
+def _compile_in_child(llvm_ir: str, speed_level: int):
+    """Fork a process that compiles `llvm_ir` and writes the object file to a pipe; returns
+    (pid, read end) or None if forking failed."""
+    r, w = os.pipe()
+    try:
+        with LLVM_LOCK:   # no other thread of ours is inside LLVM while we fork
+            pid = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        return None
+    if pid == 0:  # the child: compile, write, and leave without running any Python cleanup
+        code = 1
+        try:
+            os.close(r)
+            obj = _compile_object(llvm_ir, speed_level)
+            view = memoryview(struct.pack("<Q", len(obj)) + obj)
+            while view:
+                view = view[os.write(w, view):]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    return pid, r
+
+
+def _collect(child) -> bytes | None:
+    pid, r = child
+    chunks = []
+    with os.fdopen(r, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    _, status = os.waitpid(pid, 0)
+    data = b"".join(chunks)
+    if status != 0 or len(data) < 8:
+        return None
+    (n,) = struct.unpack("<Q", data[:8])
+    return data[8:] if len(data) == 8 + n else None
+
+
+def compile_objects(sources, speed_level: int = 3) -> list:
+    """Object files of `sources` (LLVM IR texts): the first compiled here, the others in forked
+    processes at the same time (compiled here after all if a child fails)."""
+    _init()
+    children = [_compile_in_child(src, speed_level) for src in sources[1:]] \
+        if len(sources) > 1 and compile_processes() > 1 else [None] * (len(sources) - 1)
+    objects = [_compile_object(sources[0], speed_level)]
+    for src, child in zip(sources[1:], children):
+        obj = _collect(child) if child is not None else None
+        objects.append(obj if obj is not None else _compile_object(src, speed_level))
+    return objects
+
+
+# Several object files in one cache entry: magic, count, lengths, then the files.
+_MULTI_MAGIC = b"TJMULTI1"
+
+
+def pack_objects(objects) -> bytes:
+    if len(objects) == 1:
+        return objects[0]
+    head = _MULTI_MAGIC + struct.pack(f"<I{len(objects)}Q", len(objects), *map(len, objects))
+    return head + b"".join(objects)
+
+
+def unpack_objects(data: bytes) -> list:
+    if not data.startswith(_MULTI_MAGIC):
+        return [data]
+    (n,) = struct.unpack_from("<I", data, 8)
+    lengths = struct.unpack_from(f"<{n}Q", data, 12)
+    pos, out = 12 + 8 * n, []
+    for length in lengths:
+        out.append(data[pos:pos + length])
+        pos += length
+    if pos != len(data):
+        raise ValueError("object container of the wrong length")
+    return out
+
+
 class JITModule:
     """Native code of one LLVM module, linked into an ORC JIT. Keep it alive while its functions
     are used.
@@ -91,13 +208,15 @@ class JITModule:
     `source()` (the LLVM IR text) only when `optimized_ir` or `asm` is asked for. `object_code` is
     the linked object file."""
 
-    def __init__(self, llvm_ir: str, exports, speed_level: int = 3):
-        self._source, self._speed_level = (lambda: llvm_ir), speed_level
-        self._mod = optimized_module(llvm_ir, speed_level)
-        with LLVM_LOCK:
-            # emit_object runs the code generator's IR passes on the module: `optimized_ir`
-            # recompiles from the source rather than printing this module afterwards
-            self.object_code = target_machine().emit_object(self._mod)
+    def __init__(self, llvm_ir, exports, speed_level: int = 3):
+        """`llvm_ir`: one module's text, or a list of them (linked together; see
+        compile_objects)."""
+        sources = [llvm_ir] if isinstance(llvm_ir, str) else list(llvm_ir)
+        self._source, self._speed_level = (lambda: sources), speed_level
+        # emit_object runs the code generator's IR passes on the module: `optimized_ir`
+        # recompiles from the source rather than printing a module afterwards
+        self.object_code = pack_objects(compile_objects(sources, speed_level))
+        self._mod = None
         self._optimized_ir = self._asm = None
         self._link(exports)
 
@@ -114,7 +233,9 @@ class JITModule:
     def _link(self, exports):
         with LLVM_LOCK:
             self._lljit = llvm.create_lljit_compiler(target_machine())
-            builder = llvm.JITLibraryBuilder().add_object_img(self.object_code)
+            builder = llvm.JITLibraryBuilder()
+            for obj in unpack_objects(self.object_code):
+                builder.add_object_img(obj)
             for name in exports:
                 builder.export_symbol(name)
             self._tracker = builder.link(self._lljit, f"tracejit{next(_names)}")
@@ -123,15 +244,17 @@ class JITModule:
     def _recompile(self):
         if self._source is None:
             raise RuntimeError("this JIT module was linked from object code without its source")
-        return optimized_module(self._source(), self._speed_level)
+        src = self._source()
+        return [optimized_module(t, self._speed_level)
+                for t in ([src] if isinstance(src, str) else src)]
 
     @property
     def optimized_ir(self) -> str:
-        """The module after LLVM's optimizer (compiled again on first use)."""
+        """The modules after LLVM's optimizer (compiled again on first use)."""
         if self._optimized_ir is None:
-            mod = self._recompile()
+            mods = self._recompile()
             with LLVM_LOCK:
-                self._optimized_ir = str(mod)
+                self._optimized_ir = "\n\n".join(str(m) for m in mods)
         return self._optimized_ir
 
     @property
@@ -140,7 +263,7 @@ class JITModule:
             if self._mod is None:
                 self._mod = self._recompile()
             with LLVM_LOCK:
-                self._asm = target_machine().emit_assembly(self._mod)
+                self._asm = "\n".join(target_machine().emit_assembly(m) for m in self._mod)
         return self._asm
 
 

@@ -1,0 +1,90 @@
+"""A big function is lowered into two LLVM modules that two processes compile at once (codegen/
+target.py): the result must equal the single-module build, survive the persistent cache, and fall
+back to compiling here when a child fails."""
+import numpy as np
+import pytest
+
+import tracejit
+from codegen import runtime, target
+from tracejit import nn
+
+RNG = np.random.default_rng(7)
+ARGS = (RNG.standard_normal((3, 2, 9, 9)).astype(np.float32),
+        (RNG.standard_normal((4, 2, 3, 3)) / 4).astype(np.float32),
+        (RNG.standard_normal((5, 64)) / 8).astype(np.float32))
+
+
+def _loss(x, w, v):
+    h = nn.max_pool2d(nn.relu(nn.conv2d(x, w, padding=1)), 2)
+    h = nn.relu(h.reshape(3, 64) @ v.T)
+    return nn.log_softmax(h).sum() + (h * h).mean()
+
+
+def _native(processes, monkeypatch):
+    monkeypatch.setattr(target, "SPLIT_WEIGHT", 0)   # split even this small function
+    monkeypatch.setenv("TRACEJIT_COMPILE_PROCESSES", str(processes))
+    g = tracejit.jit_grad(_loss, argnums=(1, 2))
+    with _no_cache():
+        result = g(*ARGS)
+    native = next(iter(g._cache.values())).native()
+    return result, native
+
+
+class _no_cache:
+    def __enter__(self):
+        self.old, tracejit.config.cache = tracejit.config.cache, False
+
+    def __exit__(self, *exc):
+        tracejit.config.cache = self.old
+
+
+def _reference():
+    with _no_cache():
+        old, tracejit.config.backend = tracejit.config.backend, "interpreter"
+        try:
+            return tracejit.jit_grad(_loss, argnums=(1, 2))(*ARGS)
+        finally:
+            tracejit.config.backend = old
+
+
+def test_two_modules_compiled_by_two_processes(monkeypatch):
+    result, native = _native(2, monkeypatch)
+    assert len(native.llvm_sources) == 2
+    assert len(target.unpack_objects(native._jit.object_code)) == 2
+    for got, want in zip(result, _reference()):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+
+
+def test_a_failing_child_is_replaced_by_a_compile_here(monkeypatch):
+    monkeypatch.setattr(target, "_compile_in_child", lambda src, level: None)
+    result, native = _native(2, monkeypatch)
+    assert len(native.llvm_sources) == 2
+    for got, want in zip(result, _reference()):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+
+
+def test_object_container_round_trip():
+    objs = [b"first object", b"", b"third" * 1000]
+    assert target.unpack_objects(target.pack_objects(objs)) == objs
+    assert target.unpack_objects(target.pack_objects([b"only"])) == [b"only"]
+    with pytest.raises(ValueError):
+        target.unpack_objects(target.pack_objects(objs)[:-3])
+
+
+def test_cached_split_code_links_in_a_new_function(monkeypatch, tmp_path):
+    monkeypatch.setattr(target, "SPLIT_WEIGHT", 0)
+    monkeypatch.setenv("TRACEJIT_COMPILE_PROCESSES", "2")
+    compiled = []
+    for _ in range(2):   # the second build finds the two-object entry in the cache
+        g = tracejit.jit_grad(_loss, argnums=(1, 2))
+        old = tracejit.config.cache_dir
+        tracejit.config.cache_dir = str(tmp_path)
+        try:
+            result = g(*ARGS)
+        finally:
+            tracejit.config.cache_dir = old
+        compiled.append((result, next(iter(g._cache.values())).native()))
+    (r1, n1), (r2, n2) = compiled
+    assert not n1.cache_hit and n2.cache_hit
+    for a, b in zip(r1, r2):
+        np.testing.assert_array_equal(a, b)
