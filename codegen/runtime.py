@@ -15,6 +15,7 @@ copies the outputs the plan says are copies.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 import time
@@ -59,8 +60,10 @@ class NativeFunction:
     def __init__(self, fn: Function, max_threads: int | None = None, cache=None):
         """`cache`: the persistent compile cache (see codegen/cache.py): a `DiskCache`, a
         directory, False for none, or None for the default (unless TRACEJIT_CACHE=0).
-        `compile_seconds` splits the time spent: "plan", "lower" (IR -> LLVM IR), "llvm"
-        (optimize and emit object code), "cache" (key, load or store)."""
+        `compile_seconds` splits the time spent: "plan", "lower" (IR -> LLVM IR of the module
+        this process compiles), "llvm" (the rest until the object code is ready: optimization,
+        code generation, waiting for the modules compiled by other processes), "cache" (key,
+        load or store)."""
         t0 = time.perf_counter()
         self.fn = fn
         self.max_threads = max_threads or parallel.default_threads()
@@ -68,6 +71,7 @@ class NativeFunction:
             fn, lambda ins: kernels[ins.prim].scratch_bytes(ins, self.max_threads),
             lambda ins: kernels[ins.prim].epilogue and not os.environ.get("TRACEJIT_NO_EPILOGUES"))
         t1 = time.perf_counter()
+        self.n_modules = target.modules_for(sum(_compile_weight(g) for g in self.plan.groups))
         self._source = None
         self._source_lock = threading.Lock()  # lowering twice would reuse a plan's epilogues
         self._jit, self.cache_hit, self.compile_seconds = self._load_or_compile(cache)
@@ -98,13 +102,18 @@ class NativeFunction:
                 seconds["cache"] = time.perf_counter() - t0
                 return jit, True, seconds
         t1 = time.perf_counter()
-        source = self.llvm_sources
+        # each module is lowered by the process that compiles it
+        me = weakref.ref(self)
+        lowering = {}
+        source = [functools.partial(_lower_part, me, k, lowering) for k in range(self.n_modules)]
         t2 = time.perf_counter()
-        jit = JITModule(source, ["entry"])
+        jit = JITModule(source, ["entry"], source=lambda: me().llvm_sources)
         t3 = time.perf_counter()
         if disk is not None:
             disk.store(key, jit.object_code)
-        seconds.update(lower=t2 - t1, llvm=t3 - t2, cache=(t1 - t0) + (time.perf_counter() - t3))
+        # this process's lowering (other modules are lowered and compiled in parallel)
+        low = lowering.get(0, 0.0)
+        seconds.update(lower=low, llvm=t3 - t2 - low, cache=(t1 - t0) + (time.perf_counter() - t3))
         return jit, False, seconds
 
     @property
@@ -122,24 +131,27 @@ class NativeFunction:
         return "\n\n".join(self.llvm_sources)
 
     # ------------------------------------------------------------------------------------- build
-    def _build_modules(self) -> list:
+    def _build_modules(self, part: int | None = None) -> list:
         """The LLVM modules of this function: the entry (and some kernels) in the first, the
-        other kernels spread over the rest so that separate processes can compile them at once
-        (see target.compile_processes)."""
+        other kernels spread over the rest so that separate processes can lower and compile them
+        at once (see target.compile_objects). `part`: build only that module."""
         plan = self.plan
         fn = plan.fn
-        n_modules = target.modules_for(sum(_compile_weight(g) for g in plan.groups))
-        modules = [ir.Module(name=fn.name if k == 0 else f"{fn.name}.part{k}")
-                   for k in range(n_modules)]
-        home = _balance(plan.groups, n_modules)
-        module = modules[0]
+        parts = range(self.n_modules) if part is None else [part]
+        modules = {k: ir.Module(name=fn.name if k == 0 else f"{fn.name}.part{k}") for k in parts}
+        home = _balance(plan.groups, self.n_modules)
+        module = modules.get(0)
         namer = Namer()
         for v in list(fn.params) + [i.out for i in fn.instrs]:
             namer.define(v)
         kernel_fns = []
         for g in plan.groups:
             fname = g.name
-            kernel_module = modules[home[g.index]]
+            kernel_module = modules.get(home[g.index])
+            if kernel_module is None:   # lowered by another process: declared for the entry
+                if module is not None:
+                    kernel_fns.append(ir.Function(module, _kernel_type(g), fname))
+                continue
             try:
                 if g.kind == "nn":
                     epi = fused.Epilogue(g.epilogue, g.root.out, f"{fname}.epilogue") \
@@ -152,15 +164,18 @@ class NativeFunction:
                     kfn = kernel_module.globals[fname]
                 else:
                     kfn = fused.lower_group(kernel_module, fname, g)
-                if kernel_module is not module:   # called across modules: a declaration here
+                if kernel_module is not module:   # called across modules: a declaration there
                     kfn.linkage = ""
-                    kfn = ir.Function(module, kfn.function_type, fname)
+                    if module is not None:
+                        kfn = ir.Function(module, kfn.function_type, fname)
                 kernel_fns.append(kfn)
             except Exception as e:
                 loc = f" ({g.root.loc})" if g.root.loc else ""
                 raise IRError(f"lowering `{instr_text(g.root, namer, with_comment=False)}`{loc}: "
                               f"{type(e).__name__}: {e}") from e
 
+        if module is None:
+            return [modules[k] for k in parts]
         entry = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, PTR, I64]), "entry")
         ins_arg, outs_arg, arena_arg, nthreads_arg = entry.args
         ins_arg.name, outs_arg.name, arena_arg.name = "inputs", "outputs", "arena"
@@ -201,7 +216,7 @@ class NativeFunction:
             parallel.emit_call(module, b, kfn, args + [scratch], nthreads_arg,
                                self.max_threads > 1 and g.cost_ns >= parallel.PARALLEL_MIN_NS)
         b.ret_void()
-        return [m for k, m in enumerate(modules) if k == 0 or m.globals]
+        return [modules[k] for k in parts]
 
     def _resolve_copies(self):
         """For outputs that are copies: where to copy from ("in", k) / ("out", k) / ("const", arr)."""
@@ -248,6 +263,19 @@ class NativeFunction:
     @property
     def asm(self) -> str:
         return self._jit.asm
+
+
+def _lower_part(native_ref, part: int, seconds: dict) -> str:
+    t0 = time.perf_counter()
+    text = str(native_ref()._build_modules(part)[0])
+    seconds[part] = time.perf_counter() - t0
+    return text
+
+
+def _kernel_type(g) -> ir.FunctionType:
+    """The contract's type of kernel `g`: result, companion, buffers, scratch, tid, nthreads."""
+    n_ptrs = 1 + (g.companion is not None) + len(g.leaves) + len(g.extra_leaves) + 1
+    return ir.FunctionType(VOID, [PTR] * n_ptrs + [I64, I64])
 
 
 def _compile_weight(g) -> int:

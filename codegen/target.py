@@ -112,8 +112,9 @@ def modules_for(weight: int) -> int:
     return compile_processes() if weight >= SPLIT_WEIGHT else 1
 
 
-def _compile_object(llvm_ir: str, speed_level: int) -> bytes:
-    mod = optimized_module(llvm_ir, speed_level)
+def _compile_object(llvm_ir, speed_level: int) -> bytes:
+    """Object file of `llvm_ir`: LLVM IR text, or a function returning it (lowered here)."""
+    mod = optimized_module(llvm_ir() if callable(llvm_ir) else llvm_ir, speed_level)
     with LLVM_LOCK:
         return target_machine().emit_object(mod)
 
@@ -162,8 +163,9 @@ def _collect(child) -> bytes | None:
 
 
 def compile_objects(sources, speed_level: int = 3) -> list:
-    """Object files of `sources` (LLVM IR texts): the first compiled here, the others in forked
-    processes at the same time (compiled here after all if a child fails)."""
+    """Object files of `sources` (LLVM IR texts, or functions returning them, called by the
+    process that compiles them): the first compiled here, the others in forked processes at the
+    same time (compiled here after all if a child fails)."""
     _init()
     children = [_compile_in_child(src, speed_level) for src in sources[1:]] \
         if len(sources) > 1 and compile_processes() > 1 else [None] * (len(sources) - 1)
@@ -208,11 +210,12 @@ class JITModule:
     `source()` (the LLVM IR text) only when `optimized_ir` or `asm` is asked for. `object_code` is
     the linked object file."""
 
-    def __init__(self, llvm_ir, exports, speed_level: int = 3):
-        """`llvm_ir`: one module's text, or a list of them (linked together; see
-        compile_objects)."""
+    def __init__(self, llvm_ir, exports, speed_level: int = 3, source=None):
+        """`llvm_ir`: one module's text, or a list of texts or functions returning them (linked
+        together; see compile_objects). `source()` gives the texts again for the dumps (by
+        default `llvm_ir`)."""
         sources = [llvm_ir] if isinstance(llvm_ir, str) else list(llvm_ir)
-        self._source, self._speed_level = (lambda: sources), speed_level
+        self._source, self._speed_level = source or (lambda: sources), speed_level
         # emit_object runs the code generator's IR passes on the module: `optimized_ir`
         # recompiles from the source rather than printing a module afterwards
         self.object_code = pack_objects(compile_objects(sources, speed_level))
