@@ -398,20 +398,19 @@ def _lower_reduce(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base):
     def out_off(idx):
         return addr.linear([i for k, i in enumerate(idx) if k not in axes], out_shape)
 
-    # Threads split the outermost input dimension when it is kept (each owns its output rows);
-    # otherwise thread 0 does the whole reduction.
-    split = 0 not in axes
-    if split:
-        lo, hi = _thread_range(b, xs[0], tid, nthreads, f"{base}.d0")
+    # Threads split the first kept dimension (output dimension 0): each owns a block of output
+    # rows. Without a kept dimension thread 0 does the whole reduction.
+    kept = [d for d in range(len(xs)) if d not in axes]
+    sd = kept[0] if kept else 0
+    if kept:
+        lo, hi = _thread_range(b, xs[sd], tid, nthreads, f"{base}.d{sd}")
     else:
         lo, hi = i64(0), b.select(b.icmp_signed("==", tid, i64(0)), i64(xs[0]), i64(0))
     # initialise this thread's part of the output
     if out_shape:
-        n_out_inner = math.prod(out_shape[1:]) if split else math.prod(out_shape)
-        start = b.mul(lo, i64(n_out_inner)) if split else i64(0)
-        stop = b.mul(hi, i64(n_out_inner)) if split else b.select(
-            b.icmp_signed("==", tid, i64(0)), i64(math.prod(out_shape)), i64(0))
-        with for_range(b, start, stop, 1, f"{base}.init") as j:
+        n_out_inner = math.prod(out_shape[1:])
+        with for_range(b, b.mul(lo, i64(n_out_inner)), b.mul(hi, i64(n_out_inner)), 1,
+                       f"{base}.init") as j:
             L.store(b, ident, out_ptr, j, ty)
     else:
         with L.if_then(b, b.icmp_signed("==", tid, i64(0)), f"{base}.init"):
@@ -420,48 +419,41 @@ def _lower_reduce(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base):
     last = len(xs) - 1
     with b.goto_entry_block():
         acc_slot = b.alloca(ty, name=f"{base}.acc")
+    idx = []
 
-    with for_range(b, lo, hi, 1, f"{base}.d0") as i0:
-        idx = [i0]
+    def extent(d):
+        return (lo, hi) if d == sd else (0, xs[d])
 
-        def inner():
-            el = _Element(b, leaf_ptrs, members)
-            val = el.value(x, idx)
-            if last in axes and last > 0:
-                b.store(combine(b.load(acc_slot), val), acc_slot)
-            else:
-                off = out_off(idx)
-                cur = L.load(b, out_ptr, off, ty)
-                L.store(b, combine(cur, val), out_ptr, off, ty)
-
-        def nest(d):
-            if d == last:
-                if last in axes and last > 0:
-                    b.store(ident, acc_slot)
-                    with for_range(b, 0, xs[d], 1, f"{base}.d{d}",
-                                   scalar=xs[d] < SHORT_LOOP) as i:
-                        idx.append(i)
-                        inner()
-                        idx.pop()
-                    off = out_off(idx + [i64(0)])
-                    cur = L.load(b, out_ptr, off, ty)
-                    L.store(b, combine(cur, b.load(acc_slot)), out_ptr, off, ty)
-                else:
-                    with for_range(b, 0, xs[d], 1, f"{base}.d{d}",
-                                   scalar=xs[d] < SHORT_LOOP) as i:
-                        idx.append(i)
-                        inner()
-                        idx.pop()
-                return
-            with for_range(b, 0, xs[d], 1, f"{base}.d{d}") as i:
-                idx.append(i)
-                nest(d + 1)
-                idx.pop()
-
-        if last == 0:
-            inner()
+    def inner():
+        val = _Element(b, leaf_ptrs, members).value(x, idx)
+        if last in axes and last > 0:
+            b.store(combine(b.load(acc_slot), val), acc_slot)
         else:
-            nest(1)
+            off = out_off(idx)
+            L.store(b, combine(L.load(b, out_ptr, off, ty), val), out_ptr, off, ty)
+
+    def nest(d):
+        start, stop = extent(d)
+        short = d != sd and xs[d] < SHORT_LOOP
+        if d == last and last in axes and last > 0:
+            # the innermost reduced dimension accumulates in a register
+            b.store(ident, acc_slot)
+            with for_range(b, start, stop, 1, f"{base}.d{d}", scalar=short) as i:
+                idx.append(i)
+                inner()
+                idx.pop()
+            off = out_off(idx + [i64(0)])
+            L.store(b, combine(L.load(b, out_ptr, off, ty), b.load(acc_slot)), out_ptr, off, ty)
+            return
+        with for_range(b, start, stop, 1, f"{base}.d{d}", scalar=short and d == last) as i:
+            idx.append(i)
+            if d == last:
+                inner()
+            else:
+                nest(d + 1)
+            idx.pop()
+
+    nest(0)
 
 
 # ------------------------------------------------------------------------------------------------
