@@ -41,6 +41,7 @@ for p in (HERE, ROOT):
 import numpy as np  # noqa: E402
 
 import peak as peak_mod  # noqa: E402
+from machine import NOISY_CORES, wait_idle  # noqa: E402
 from systems import IMPORT_NAMES, SYSTEMS  # noqa: E402
 from workloads import ALL, DESCRIPTIONS, WORKLOADS, flops  # noqa: E402
 
@@ -67,13 +68,16 @@ class WorkerRun:
         results, meta = {}, {}
         todo = list(workloads)
         while True:
+            if self.args.wait_idle:
+                wait_idle(self.args.wait_idle)
             self.launch += 1
             logf = os.path.join(self.tmp, f"{system}.{mode}.{self.launch}.jsonl")
             errf = os.path.join(self.tmp, f"{system}.{mode}.{self.launch}.stderr")
             cmd = [sys.executable, os.path.join(HERE, "worker.py"), mode, "--system", system,
                    "--out", self.tmp, "--log", logf, "--threads", str(self.args.threads),
                    "--seconds", str(self.args.seconds), "--warmup", str(self.args.warmup),
-                   "--min-samples", str(self.args.min_samples), "--workloads", ",".join(todo)]
+                   "--min-samples", str(self.args.min_samples), "--workloads", ",".join(todo),
+                   "--wait-idle", str(self.args.wait_idle)]
             if self.args.backend:
                 cmd += ["--backend", self.args.backend]
             env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
@@ -229,50 +233,6 @@ def machine_info(threads):
     return info
 
 
-def cpu_snapshot():
-    """(wall, busy CPU seconds of the whole machine, CPU seconds of this process and its children)
-    to tell how busy other processes kept the machine during the run."""
-    import resource
-    busy = None
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        # user nice system idle iowait irq softirq steal ...
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        pass
-    own = sum(getattr(resource.getrusage(who), k) for who in
-              (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for k in ("ru_utime", "ru_stime"))
-    return time.time(), busy, own
-
-
-def others_cores(before, after):
-    """Average number of cores used by other processes between two snapshots (None if unknown)."""
-    if before[1] is None or after[1] is None or after[0] <= before[0]:
-        return None
-    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0]))
-
-
-def wait_idle(max_seconds, threshold=0.25):
-    """Wait (at most `max_seconds`) until other processes use under `threshold` cores over one
-    second; returns how many they used in the last second."""
-    t0 = time.time()
-    said = False
-    while True:
-        a = cpu_snapshot()
-        time.sleep(1.0)
-        used = others_cores(a, cpu_snapshot())
-        if used is None or used < threshold or time.time() - t0 >= max_seconds:
-            if said:
-                log(f"  ... waited {time.time() - t0:.0f} s; other processes now use "
-                    f"{used:.2f} cores")
-            return used
-        if not said:
-            log(f"  waiting up to {max_seconds:.0f} s for an idle machine (other processes use "
-                f"{used:.2f} cores) ...")
-            said = True
-
-
 def _fmt_time(workload, sec):
     if workload == "tiny":
         return f"{sec * 1e6:.2f} us"
@@ -333,7 +293,7 @@ def build_rows(results, peak_all, tmp, systems, workloads):
             elif w in WORKLOADS and s == ref:
                 row["check_reference"] = True
             for k in ("samples", "batch", "second_call", "import", "compile_lower",
-                      "compile_llvm", "runs"):
+                      "compile_llvm", "runs", "others_cores"):
                 if k in rec:
                     row[k] = rec[k]
             rows.append(row)
@@ -361,7 +321,8 @@ def print_table(rows, label, ref):
                 chk += f" ({c['where']})"
         elif r.get("check_reference"):
             chk = "(ref)"
-        lines.append((r["workload"], sys_name, _fmt_time(r["workload"], r["median_s"]),
+        noisy = "*" if (r.get("others_cores") or 0) > NOISY_CORES else ""
+        lines.append((r["workload"], sys_name, _fmt_time(r["workload"], r["median_s"]) + noisy,
                       f"{r['gflops']:.1f}" if "gflops" in r else "-", sp or "-",
                       f"{100 * r['peak_fraction']:.1f}%" if "peak_fraction" in r else "-", chk))
     widths = [max(len(head[i]), *(len(str(line[i])) for line in lines if not
@@ -378,6 +339,9 @@ def print_table(rows, label, ref):
         else:
             out.append(fmt.format(wl, *line[1:]).rstrip())
     print("\n".join(out))
+    if any((r.get("others_cores") or 0) > NOISY_CORES for r in rows):
+        print(f"* other processes used more than {NOISY_CORES} cores while this was measured: "
+              f"noisy (slower than on an idle machine)")
     print("GFLOP/s: matmul/conv flops of forward + backward (first layer 2x its forward flops, "
           "later layers 3x;\nbenchmarks/workloads.py); peer/tracejit: peer median / tracejit "
           "median (> 1: tracejit faster;\non tracejit's row vs the fastest peer); % peak: of the "
@@ -438,7 +402,8 @@ def parse_args(argv=None):
                     help="seconds one workload may take before its worker is killed")
     ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                     help="before each system, wait up to this long for other processes to leave "
-                         "the CPUs idle (default: do not wait)")
+                         "the CPUs idle (also before each workload and the peak; default: do "
+                         "not wait)")
     ap.add_argument("--no-peak", action="store_true", help="skip the FMA peak measurement")
     ap.add_argument("--json", default=None, help="save all results to this file")
     ap.add_argument("--keep", default=None, help="keep worker logs and gradients in this directory")
@@ -468,6 +433,30 @@ def parse_args(argv=None):
     return args
 
 
+def measure_peak(args, previous=None):
+    """The FMA peak (peak.measure); with `previous`, the better of both figures: the peak is an upper
+    bound that other processes can only hide, so the best measurement is the best estimate."""
+    if args.no_peak:
+        return None
+    if args.wait_idle:
+        wait_idle(args.wait_idle)
+    try:
+        p = peak_mod.measure(args.threads, repeats=20 if args.quick else 60)
+    except Exception as e:  # noqa: BLE001
+        print(f"FP32 FMA peak: error: {type(e).__name__}: {e}")
+        return previous
+    if previous is None:
+        print(f"FP32 FMA peak ({p['accumulators']} x <{p['lanes']} x float> accumulators): "
+              f"{p['single']:.1f} GFLOP/s on 1 thread, {p['all']:.1f} GFLOP/s on "
+              f"{p['threads']} threads")
+        return p
+    best = dict(previous)
+    for k in ("single", "all"):
+        best[k] = max(previous[k], p[k])
+        best[f"{k}_runs"] = [previous[k], p[k]]
+    return best
+
+
 def _importable(name):
     try:
         return importlib.util.find_spec(name) is not None
@@ -479,21 +468,12 @@ def main(argv=None):
     args = parse_args(argv)
     info = machine_info(args.threads)
     info["load_before"] = os.getloadavg()
-    snap0 = cpu_snapshot()
     print(f"tracejit benchmarks  {info['date']}  git {info.get('git', '?')}")
     print(f"machine: {info.get('cpu_model', '?')} (LLVM cpu {info.get('llvm_cpu')}), nproc "
           f"{info['nproc']}, {args.threads} threads per system, Python {info['python']}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in info['load_before'])}")
 
-    peak = None
-    if not args.no_peak:
-        try:
-            peak = peak_mod.measure(args.threads, repeats=20 if args.quick else 60)
-            print(f"FP32 FMA peak ({peak['accumulators']} x <{peak['lanes']} x float> accumulators): "
-                  f"{peak['single']:.1f} GFLOP/s on 1 thread, {peak['all']:.1f} GFLOP/s on "
-                  f"{peak['threads']} threads")
-        except Exception as e:  # noqa: BLE001
-            print(f"FP32 FMA peak: error: {type(e).__name__}: {e}")
+    peak = measure_peak(args)
     peak_all = peak["all"] if peak else None
     sys.stdout.flush()
 
@@ -510,8 +490,6 @@ def main(argv=None):
                 results[s] = "not installed"
                 continue
             res = {}
-            if args.wait_idle:
-                wait_idle(args.wait_idle)
             t0 = time.time()
             if timed:
                 log(f"{label.get(s, s)}: timing {', '.join(timed)} ...")
@@ -553,7 +531,12 @@ def main(argv=None):
             results[s] = res
             log(f"{label.get(s, s)}: done in {time.time() - t0:.0f} s")
 
-        info["other_processes_cores"] = others_cores(snap0, cpu_snapshot())
+        if peak:  # again at the end: the better of the two
+            peak = measure_peak(args, peak)
+            peak_all = peak["all"]
+            print(f"FP32 FMA peak, best of the measurements at the start and the end: "
+                  f"{peak['single']:.1f} GFLOP/s on 1 thread, {peak['all']:.1f} GFLOP/s on "
+                  f"{peak['threads']} threads")
         order = [w for w in ALL if w in args.workloads]
         rows = build_rows(results, peak_all, tmp, args.systems, order)
         print()
@@ -591,11 +574,18 @@ def _print_notes(results, metas, args, info):
             vers.append(f"{s}: " + ", ".join(f"{k} {x}" for k, x in v.items()))
     if vers:
         notes.append("versions: " + "; ".join(vers))
-    busy = info.get("other_processes_cores")
-    if busy is not None:
-        notes.append(f"other processes used {busy:.2f} of {info['nproc']} cores on average during "
-                     f"the run" + ("  (busy machine: timings are noisy, re-run on an idle one)"
-                                   if busy > 0.1 else ""))
+    busy = {}
+    for s, res in results.items():
+        if isinstance(res, dict):
+            vals = [r["others_cores"] for r in res.values()
+                    if isinstance(r, dict) and r.get("others_cores") is not None]
+            if vals:
+                busy[s] = max(vals)
+    info["other_processes_cores"] = busy
+    if busy:
+        notes.append("cores used by other processes while each system was measured (worst "
+                     "workload): " + ", ".join(f"{s} {c:.2f}" for s, c in busy.items())
+                     + f" of {info['nproc']}")
     if notes:
         print()
         for n in notes:
