@@ -1,33 +1,21 @@
 """The corpus of whole programs (tests/corpus.py) on the reference interpreter: forward values
 against the same program run on numpy references, gradients against float64 finite differences
 (float32 too), and second derivatives against finite differences of the gradient."""
-import numpy as np
 import pytest
 
 import corpus
 import helpers
 import tracejit
-from corpus import PROGRAMS, program_id
+from shared_checks import (  # noqa: F401  (run here with this module's backend)
+    test_program_forward, test_program_grad, test_program_second_order)
 
 BACKEND = "interpreter"
 pytestmark = pytest.mark.usefixtures("interpreter_backend")
 
 
-@pytest.mark.parametrize("dtype", ["f64", "f32"])
-@pytest.mark.parametrize("prog", PROGRAMS, ids=program_id)
-def test_forward(prog, dtype):
-    helpers.check_program_forward(prog, BACKEND, dtype)
-
-
-@pytest.mark.parametrize("dtype", ["f64", "f32"])
-@pytest.mark.parametrize("prog", PROGRAMS, ids=program_id)
-def test_grad(prog, dtype):
-    helpers.check_program_grad(prog, BACKEND, dtype)
-
-
-@pytest.mark.parametrize("prog", [p for p in PROGRAMS if p.second_order], ids=program_id)
-def test_second_order(prog):
-    helpers.check_program_second_order(prog, BACKEND)
+@pytest.fixture
+def backend():
+    return BACKEND
 
 
 def test_static_loop_length_retraces_once_per_value():

@@ -6,25 +6,15 @@ import pytest
 
 import helpers
 from corpus import PROGRAMS, program_id
+from shared_checks import (  # noqa: F401  (run here with this module's backend)
+    test_program_forward, test_program_grad, test_program_second_order)
 
 BACKEND = "llvm"
 
 
-@pytest.mark.parametrize("dtype", ["f64", "f32"])
-@pytest.mark.parametrize("prog", PROGRAMS, ids=program_id)
-def test_forward(prog, dtype):
-    helpers.check_program_forward(prog, BACKEND, dtype)
-
-
-@pytest.mark.parametrize("dtype", ["f64", "f32"])
-@pytest.mark.parametrize("prog", PROGRAMS, ids=program_id)
-def test_grad(prog, dtype):
-    helpers.check_program_grad(prog, BACKEND, dtype)
-
-
-@pytest.mark.parametrize("prog", [p for p in PROGRAMS if p.second_order], ids=program_id)
-def test_second_order(prog):
-    helpers.check_program_second_order(prog, BACKEND)
+@pytest.fixture
+def backend():
+    return BACKEND
 
 
 @pytest.mark.parametrize("dtype", ["f64", "f32"])

@@ -9,32 +9,17 @@ from hypothesis import HealthCheck, given, settings
 import tracejit
 import helpers
 import optable
-from optable import CASES, GRAD_CASES, SECOND_ORDER_CASES, case_id
+from optable import CASES, case_id
+from shared_checks import (  # noqa: F401  (run here with this module's backend)
+    test_forward, test_grad, test_inner_product, test_second_order)
 
 BACKEND = "interpreter"
 pytestmark = pytest.mark.usefixtures("interpreter_backend")
 
 
-@pytest.mark.parametrize("dtype", ["f64", "f32"])
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_forward(case, dtype):
-    helpers.check_forward(case, BACKEND, dtype)
-
-
-@pytest.mark.parametrize("dtype", ["f64", "f32"])
-@pytest.mark.parametrize("case", GRAD_CASES, ids=case_id)
-def test_grad(case, dtype):
-    helpers.check_grad(case, BACKEND, dtype)
-
-
-@pytest.mark.parametrize("case", GRAD_CASES, ids=case_id)
-def test_inner_product(case):
-    helpers.check_inner_product(case, BACKEND)
-
-
-@pytest.mark.parametrize("case", SECOND_ORDER_CASES, ids=case_id)
-def test_second_order(case):
-    helpers.check_second_order(case, BACKEND)
+@pytest.fixture
+def backend():
+    return BACKEND
 
 
 @pytest.mark.parametrize("dtype", ["f64", "f32"])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tracejit
-from codegen import runtime, target
+from codegen import target
 from tracejit import nn
 
 RNG = np.random.default_rng(7)

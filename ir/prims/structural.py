@@ -8,7 +8,7 @@ import numpy as np
 
 from ..adjoint_rules import adjoint_rules
 from ..builder import emit
-from ..core import ShapeError, TensorType, Value, primitive, shape_rules
+from ..core import ShapeError, Value, primitive, shape_rules
 from ..interpreter import impls
 
 broadcast_in_dim_p = primitive("broadcast_in_dim", "layout")
