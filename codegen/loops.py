@@ -68,12 +68,20 @@ def scalar_loop_id(module: ir.Module):
     return cached
 
 
-@contextlib.contextmanager
-def for_range(b: ir.IRBuilder, start, stop, step=1, name: str = "loop", scalar: bool = False):
-    """`for i in range(start, stop, step)` (i64; positive step). Yields the induction variable.
+class Carry:
+    """State of a `carry_loop`: induction variable, loop-carried values; set `next` in the body,
+    read `out` (the values after the last iteration) after the loop."""
 
-    Emits blocks `{name}.cond`, `{name}.body`, `{name}.end`; the builder is left at `.end`.
-    `scalar=True` tells LLVM not to vectorize or unroll the loop (see SHORT_LOOP)."""
+    def __init__(self, iv, vals):
+        self.iv, self.vals, self.next, self.out = iv, vals, None, None
+
+
+@contextlib.contextmanager
+def carry_loop(b: ir.IRBuilder, start, stop, inits, name: str, step=1, scalar: bool = True):
+    """`for iv in range(start, stop, step)` (i64; positive step) carrying `inits` (e.g. vector
+    accumulators) through phis. Emits blocks `{name}.cond`, `{name}.body`, `{name}.end`; the
+    builder is left at `.end`. With `scalar` (the default here) LLVM neither unrolls nor
+    vectorizes it: explicit vector bodies need neither, and unrolled copies cost compile time."""
     start = i64(start) if isinstance(start, int) else start
     stop = i64(stop) if isinstance(stop, int) else stop
     step = i64(step) if isinstance(step, int) else step
@@ -86,15 +94,32 @@ def for_range(b: ir.IRBuilder, start, stop, step=1, name: str = "loop", scalar: 
     b.position_at_end(cond)
     iv = b.phi(I64, name=f"{name}.i")
     iv.add_incoming(start, pre)
+    phis = []
+    for k, v in enumerate(inits):
+        p = b.phi(v.type, name=f"{name}.acc{k}")
+        p.add_incoming(v, pre)
+        phis.append(p)
     b.cbranch(b.icmp_signed("<", iv, stop, name=f"{name}.more"), body, end)
     b.position_at_end(body)
-    yield iv
-    nxt = b.add(iv, step, name=f"{name}.next")
-    iv.add_incoming(nxt, b.block)
-    latch = b.branch(cond)
+    state = Carry(iv, phis)
+    yield state
+    latch = b.block
+    iv.add_incoming(b.add(iv, step, name=f"{name}.next"), latch)
+    for p, v in zip(phis, state.next or []):
+        p.add_incoming(v, latch)
+    branch = b.branch(cond)
     if scalar:
-        latch.set_metadata("llvm.loop", scalar_loop_id(b.module))
+        branch.set_metadata("llvm.loop", scalar_loop_id(b.module))
     b.position_at_end(end)
+    state.out = phis
+
+
+@contextlib.contextmanager
+def for_range(b: ir.IRBuilder, start, stop, step=1, name: str = "loop", scalar: bool = False):
+    """`for i in range(start, stop, step)`: a `carry_loop` without carried values, left to LLVM's
+    vectorizer unless `scalar` (see SHORT_LOOP). Yields the induction variable."""
+    with carry_loop(b, start, stop, [], name, step, scalar) as state:
+        yield state.iv
 
 
 @contextlib.contextmanager

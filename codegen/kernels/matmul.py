@@ -31,14 +31,13 @@ This module also holds the small emitting helpers shared with the convolution ke
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from ..loops import (FAST, I64, PTR, VOID, fma, gep, i32, i64, llvm_type, load, masked_load,
-                     masked_store, splat, store, vload)
+from ..loops import (FAST, I64, PTR, VOID, carry_loop, fma, gep, i32, i64, llvm_type, load,
+                     masked_load, masked_store, splat, store, vload)
 from ..target import vector_width
 from . import register
 
@@ -137,62 +136,6 @@ def smin(b: ir.IRBuilder, v, hi, name: str = ""):
 def smax(b: ir.IRBuilder, v, lo, name: str = ""):
     lo = i64(lo) if isinstance(lo, int) else lo
     return b.select(b.icmp_signed(">", v, lo), v, lo, name=name)
-
-
-def _loop_metadata(module: ir.Module):
-    """A loop ID (self-referential metadata node) that turns off LLVM's unroller and vectorizer."""
-    cached = getattr(module, "_tracejit_no_unroll", None)
-    if cached is None:
-        opts = [module.add_metadata([ir.MetaDataString(module, "llvm.loop.vectorize.width"),
-                                     i32(1)]),
-                module.add_metadata([ir.MetaDataString(module, "llvm.loop.unroll.disable")])]
-        cached = module.add_metadata(opts)
-        cached.operands = (cached,) + tuple(cached.operands)
-        module._tracejit_no_unroll = cached
-    return cached
-
-
-class Carry:
-    """State of a `carry_loop`: induction variable, loop-carried values; set `next` in the body,
-    read `out` (the values after the last iteration) after the loop."""
-
-    def __init__(self, iv, vals):
-        self.iv, self.vals, self.next, self.out = iv, vals, None, None
-
-
-@contextlib.contextmanager
-def carry_loop(b: ir.IRBuilder, start, stop, inits, name: str, step=1):
-    """`for iv in range(start, stop, step)` carrying `inits` (e.g. vector accumulators) through
-    phis. LLVM neither unrolls nor vectorizes it: the bodies are explicit vector code already, and
-    unrolled copies cost compile time and registers."""
-    start = i64(start) if isinstance(start, int) else start
-    stop = i64(stop) if isinstance(stop, int) else stop
-    pre = b.block
-    fn = pre.function
-    cond = fn.append_basic_block(f"{name}.cond")
-    body = fn.append_basic_block(f"{name}.body")
-    end = fn.append_basic_block(f"{name}.end")
-    b.branch(cond)
-    b.position_at_end(cond)
-    iv = b.phi(I64, name=f"{name}.i")
-    iv.add_incoming(start, pre)
-    phis = []
-    for k, v in enumerate(inits):
-        p = b.phi(v.type, name=f"{name}.acc{k}")
-        p.add_incoming(v, pre)
-        phis.append(p)
-    b.cbranch(b.icmp_signed("<", iv, stop, name=f"{name}.more"), body, end)
-    b.position_at_end(body)
-    state = Carry(iv, phis)
-    yield state
-    latch = b.block
-    step = i64(step) if isinstance(step, int) else step
-    iv.add_incoming(b.add(iv, step, name=f"{name}.next"), latch)
-    for p, v in zip(phis, state.next or []):
-        p.add_incoming(v, latch)
-    b.branch(cond).set_metadata("llvm.loop", _loop_metadata(b.module))
-    b.position_at_end(end)
-    state.out = phis
 
 
 def opaque(b: ir.IRBuilder, v):
