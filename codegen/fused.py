@@ -329,7 +329,7 @@ def lower_group(module: ir.Module, fname: str, group) -> ir.Function:
     leaf_ptrs = {id(v): a for v, a in zip(leaves, fn.args[1:1 + len(leaves)])}
     base = root.prim.name
     if root.prim.kind == "reduce":
-        _lower_reduce(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base)
+        _lower_reduce(b, group, leaf_ptrs, members, out_ptr, tid, nthreads, base)
     else:
         _lower_map(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base, is_flat(group))
     b.ret_void()
@@ -379,9 +379,23 @@ def _nest(b, shape, d, idx, base, body):
         idx.pop()
 
 
-def _lower_reduce(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base):
+def _collapsed(shape, axes):
+    """Adjacent dimensions that are both reduced or both kept merged into one: (shape, axes) of
+    the same reduction over fewer, longer loops (NCHW -> sum over N, HW becomes [N, C, H*W])."""
+    dims = []
+    for d, n in enumerate(shape):
+        if dims and dims[-1][1] == (d in axes):
+            dims[-1][0] *= n
+        else:
+            dims.append([n, d in axes])
+    return tuple(n for n, _ in dims), {k for k, (_, r) in enumerate(dims) if r}
+
+
+def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, tid, nthreads, base):
     """Loop over the input in row-major order, combining into the output; the innermost reduced
-    dimension accumulates in a register."""
+    dimension accumulates in a register. When the input is elementwise over buffers of its own
+    size, runs of reduced or kept dimensions are merged into single loops."""
+    root = group.root
     x = root.inputs[0]
     axes = set(root.params["axes"])
     xs = x.shape
@@ -391,6 +405,14 @@ def _lower_reduce(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base):
     ident = ir.Constant(ty, -math.inf if is_max else 0.0)
     out_shape = root.out.shape
     addr = _Element(b, {}, set())
+    size = x.type.size
+    flat = all(m is root or m.prim.elementwise or m.prim.name in ("const", "reshape")
+               for m in group.members) \
+        and all(v.type.size == size or not v.shape for v in group.leaves) \
+        and all(m is root or m.out.type.size == size or not m.out.shape for m in group.members)
+    if flat:
+        xs, axes = _collapsed(xs, axes)
+        out_shape = tuple(n for d, n in enumerate(xs) if d not in axes)
 
     def combine(acc, v):
         return nan_max(b, acc, v, ">") if is_max else b.fadd(acc, v, flags=REDUCE)
@@ -425,7 +447,10 @@ def _lower_reduce(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base):
         return (lo, hi) if d == sd else (0, xs[d])
 
     def inner():
-        val = _Element(b, leaf_ptrs, members).value(x, idx)
+        if flat:   # one linear index into buffers of x's size
+            val = _Element(b, leaf_ptrs, members, flat=True).value(x, [addr.linear(idx, xs)])
+        else:
+            val = _Element(b, leaf_ptrs, members).value(x, idx)
         if last in axes and last > 0:
             b.store(combine(b.load(acc_slot), val), acc_slot)
         else:
