@@ -210,6 +210,39 @@ def test_conv_block_shape_and_real_threads():
         assert (np.abs(ks.call_threads(i, arrays, 2) - ref) <= tol).all(), ins.prim.name
 
 
+@pytest.mark.parametrize("flat", [True, False])
+def test_conv_flat_mode_forced(flat):
+    """The flat mode of the core and of the weight gradient (rows of several output rows in one
+    vector; codegen/kernels/conv2d.py) forced on, or off, for every unit-stride case."""
+    from codegen.kernels import conv2d
+    cases = [c for c in CONV_CASES if c[2] == (1, 1) and _out_hw(*c)[0] > 1]
+    cases.append(((3, 2, 9, 7), (5, 2, 3, 4), (1, 1), (0, 0)))
+    try:
+        conv2d.FORCE.update(flat=flat, wflat=flat)
+        check_all([_conv_specs(prim, case) for case in cases
+                   for prim in ("conv2d", "conv2d_input_grad", "conv2d_weight_grad")], "f32",
+                  thread_counts=(1, 2))
+    finally:
+        conv2d.FORCE.clear()
+
+
+def test_conv_weight_gradient_flat_mode_with_an_inf_pixel():
+    """The flat weight gradient sums over the columns between the output rows too (with zero
+    cotangents there): they must not turn an Inf input pixel into 0 * Inf = NaN."""
+    ins = make_instr("conv2d_weight_grad", [(2, 3, 8, 8), (2, 2, 12, 12)], "f32", kernel=(5, 5),
+                     stride=(1, 1), padding=(0, 0))
+    rng = np.random.default_rng(3)
+    ct = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    x = rng.standard_normal((2, 2, 12, 12)).astype(np.float32)
+    x[1, 0, 4, 11] = np.inf
+    x[0, 1, 7, 0] = -np.inf
+    ref = impls[ins.prim](ct.astype(np.float64), x.astype(np.float64), **ins.params)
+    got = Kernels([ins]).call(0, [ct, x], 1)
+    assert (np.isnan(got) == np.isnan(ref)).all() and (np.isinf(got) == np.isinf(ref)).all()
+    fin = np.isfinite(ref)
+    assert np.allclose(got[fin], ref[fin], rtol=1e-4, atol=1e-4)
+
+
 def test_more_threads_than_work():
     check("matmul", [(2, 3), (3, 1)], "f32", thread_counts=(5,))
     check("conv2d", [(1, 1, 3, 3), (1, 1, 2, 2)], "f64", thread_counts=(4,), stride=(1, 1),

@@ -24,6 +24,19 @@ item's R output planes right after they are computed.
 conv2d_weight_grad is a reduction over the images and output pixels (`_WGrad`): vector
 accumulators per (input channel, R output channels, kernel row), summed horizontally at the end.
 
+Short rows (LeNet-5's 8, 12 and 24 columns would fill half or three quarters of the vectors) go
+in a flat mode when the strides are 1 and it saves vectors: out'[x'] with x' = y*rp + x is one long
+row over the padded copy's row pitch rp (the columns x >= ox between the rows are computed and
+dropped), so vectors run across output rows. The core writes out' of an item's R channels to a
+per-thread buffer and copies the valid columns to out (then the epilogue); the kernel-row loop skips
+per block of vectors the kernel rows that see only padding rows for all of the block's output rows.
+The weight gradient copies each chunk's cotangents into rows of pitch rp (zeros between them) and
+sums over x' in the same way; a per-vector lane-mask table keeps the x reads of the columns between
+rows out of the sums (0 * Inf). The input gradient without column padding (pw = 0) stores its
+padded copy with row pitch W instead of W + KW - 1: the KW - 1 columns of right padding of a row
+are the KW - 1 columns of left padding of the next one (all zeros), so out' is out with no columns
+between the rows (whole vectors), and a zero row after the last absorbs the wrap of the last row.
+
 Border tiles clamp their channel and row indices to the last valid one (they recompute and store the
 same values into the same elements) instead of having code variants; the weight gradient writes only
 the valid ones. Output columns are masked.
@@ -49,6 +62,7 @@ from .matmul import call_shared, carry_loop, ceil_div, dtype_info, epilogue_rows
 
 FORCE = {}  # blocking overrides for tuning runs (benchmarks/kernels_dense.py --force)
 
+WGRAD_CHUNK_BYTES = 64 * 1024  # target size of a chunk of images of the weight gradient
 _ALIGN = 16  # elements; scratch regions start 64-byte aligned for f32 and f64
 
 
@@ -80,6 +94,7 @@ class _Prep:
     dq: int
     offr: int
     offq: int
+    extra: int = 0   # zero rows after the last (the input gradient's rows that wrap around)
 
     @property
     def row_pitch(self) -> int:
@@ -87,7 +102,7 @@ class _Prep:
 
     @property
     def chan_pitch(self) -> int:
-        return self.rows * self.row_pitch
+        return (self.rows + self.extra) * self.row_pitch
 
     @staticmethod
     def _span(n_src: int, d: int, off: int, limit: int):
@@ -164,7 +179,9 @@ def _pad_body(s, key: _PadKey):
 # Register blocks (R, PR, PV) tried, in order of preference: few of them, so that kernels of
 # different shapes share functions. A tile of PV vectors per row is the same work as PV row blocks
 # of one vector, so PV = 1 but for images of one row (conv1d).
-_BLOCKS = ((4, 4, 1), (8, 2, 1), (2, 8, 1), (1, 16, 1), (4, 6, 1), (8, 1, 2))
+_BLOCKS = ((4, 4, 1), (8, 2, 1), (2, 8, 1), (1, 16, 1), (4, 6, 1), (8, 1, 2), (6, 2, 1))
+# Blocks of the flat mode (one long row: PR = 1).
+_FLAT_BLOCKS = ((8, 1, 2), (8, 1, 3), (6, 1, 3), (4, 1, 4), (6, 1, 2))
 
 
 @dataclass(frozen=True)
@@ -193,25 +210,42 @@ class _Core:
     pr: int = 0
     pv: int = 0
     yc: int = 1      # row chunks per item (parallelism for small batches)
+    flat: bool = False   # short rows: the output as one row of pitch rp (see `flat_len`)
 
-    def blocked(self, epilogue) -> "_Core":
-        nvec = ceil_div(self.ox, self.vl)
+    @property
+    def flat_len(self) -> int:
+        """Flat mode: out'[x'] = sum W * P[i*rp + x' + j] for x' = y*rp + x is out[y, x] (when
+        x < ox; the other columns are computed and dropped): whole vectors for rows shorter than
+        a vector. Needs unit strides. The core writes out' to a per-thread buffer, then the
+        valid columns are copied to out."""
+        return (self.oy - 1) * self.prep.row_pitch + self.ox
+
+    def _best(self, blocks, oy, nvec):
         costs = []
-        for r, pr, pv in _BLOCKS:
+        for r, pr, pv in blocks:
             acc = r * pr * pv
             # per tap: acc FMAs, r broadcasts and pr*pv unaligned vector loads (most split a
             # cache line: two L1 accesses); two FMAs and two loads per cycle
             cycles = max(acc, r + 2 * pr * pv) * max(1.0, 10.0 / acc)
-            work = ceil_div(self.co, r) * ceil_div(self.oy, pr) * ceil_div(nvec, pv)
+            work = ceil_div(self.co, r) * ceil_div(oy, pr) * ceil_div(nvec, pv)
             costs.append(cycles * work)
-        # the first block within 30% of the best: sharing a function saves compile time
-        r, pr, pv = next(blk for blk, c in zip(_BLOCKS, costs) if c <= 1.3 * min(costs))
-        r, pr, pv = FORCE.get("core", (r, pr, pv))
+        # the first block within 10% of the best: sharing a function saves compile time
+        return next((blk, c) for blk, c in zip(blocks, costs) if c <= 1.1 * min(costs))
+
+    def blocked(self, epilogue) -> "_Core":
+        blk, cost = self._best(_BLOCKS, self.oy, ceil_div(self.ox, self.vl))
+        flat = False
+        if self.sy == 1 and self.sx == 1 and self.oy > 1:
+            fblk, fcost = self._best(_FLAT_BLOCKS, 1, ceil_div(self.flat_len, self.vl))
+            flat = fcost < 0.85 * cost
+            blk = fblk if flat else blk
+        flat = FORCE.get("flat", flat)
+        r, pr, pv = FORCE.get("core", blk)
         items = self.n * ceil_div(self.co, r)
         yc = 1
-        if items < 8 and epilogue is None:  # an epilogue needs whole planes per item
+        if items < 8 and epilogue is None and not flat:  # an epilogue needs whole planes
             yc = max(1, min(ceil_div(8, items), ceil_div(self.oy, pr)))
-        return dataclasses.replace(self, r=r, pr=pr, pv=pv, yc=yc)
+        return dataclasses.replace(self, r=r, pr=pr, pv=pv, yc=yc, flat=flat)
 
     @property
     def region_elems(self) -> int:
@@ -225,18 +259,33 @@ class _Core:
         return _round_up(self.ci * self.co * self.kh * self.kw, _ALIGN) if self.flip else 0
 
     @property
+    def tmp_elems(self) -> int:
+        """Flat mode: the R rows out' of one item."""
+        if not self.flat:
+            return 0
+        return _round_up(self.r * self.flat_len + self.pv * self.vl, _ALIGN)
+
+    @property
+    def thread_elems(self) -> int:
+        return self.region_elems + self.flip_elems + self.tmp_elems
+
+    @property
     def rows_per_chunk(self) -> int:
+        if self.flat:
+            return 1
         return self.pr * ceil_div(ceil_div(self.oy, self.pr), self.yc)
 
     @property
     def items(self) -> int:
+        if self.flat:
+            return self.n * ceil_div(self.co, self.r)
         return self.n * ceil_div(self.co, self.r) * ceil_div(self.oy, self.rows_per_chunk)
 
     def lower(self, module, name, epilogue):
         kf = kernel_function(module, name, 2, epilogue)
         b = kf.b
         ety = dtype_info(self.dtype)[0]
-        region = gep(b, kf.scratch, b.mul(kf.tid, i64(self.region_elems + self.flip_elems)), ety,
+        region = gep(b, kf.scratch, b.mul(kf.tid, i64(self.thread_elems)), ety,
                      name="conv.region")
         store(b, i64(-1), region, i64(0), I64)   # no image in the padded copy yet
         w = kf.ins[1]
@@ -246,14 +295,18 @@ class _Core:
                         dict(zip(("o", "c", "kh", "kw"), self.flip)))
         first, last = self.prep.data_rows()
         yc = ceil_div(self.oy, self.rows_per_chunk)
+        plane = self.oy * self.ox
         shape = dict(self.prep.params(), ci=self.ci, co=self.co, oy=self.oy, ox=self.ox, kh=self.kh,
                      sy=self.sy, ws_o=self.ws_o, ws_c=self.ws_c, ws_i=self.ws_i,
                      src_image=self.src_image, yc=yc, rows_per_chunk=self.rows_per_chunk,
-                     ob_count=ceil_div(self.co, self.r), first=first, last=last)
+                     ob_count=ceil_div(self.co, self.r), first=first, last=last,
+                     on=self.co * plane, oc=plane, orow=self.ox, orel=0, fpitch=1 << 40)
         fn = self._function(module)
         ptrs = [kf.out, kf.ins[0], w, region]
         t0, t1 = thread_range(b, self.items, kf.tid, kf.nthreads)
-        if epilogue is None:
+        if self.flat:
+            self._lower_flat(b, kf, fn, ptrs, shape, t0, t1, epilogue)
+        elif epilogue is None:
             call_shared(b, fn, ptrs, dict(shape, t0=t0, t1=t1))
         else:   # item by item (R whole planes), then the epilogue on them while they are in cache
             plane = self.oy * self.ox
@@ -266,6 +319,34 @@ class _Core:
                 start = b.mul(b.add(b.mul(n, i64(self.co)), o0), i64(plane))
                 epilogue_rows(b, kf, epilogue, start, b.mul(nchan, i64(plane)))
         b.ret_void()
+
+    def _lower_flat(self, b, kf, fn, ptrs, shape, t0, t1, epilogue):
+        """Item by item: the core writes out' of the item's R channels into the thread's buffer
+        (one row of flat_len, all kernel rows), then the valid columns go to out."""
+        ety, vl, _ = dtype_info(self.dtype)
+        vty = ir.VectorType(ety, vl)
+        tmp = gep(b, ptrs[3], i64(self.region_elems + self.flip_elems), ety, name="conv.flat")
+        fl, rp, plane = self.flat_len, self.prep.row_pitch, self.oy * self.ox
+        shape = dict(shape, oy=1, ox=fl, on=0, oc=fl, orow=0, orel=1, yc=1, rows_per_chunk=1,
+                     fpitch=rp)
+        ob_count = ceil_div(self.co, self.r)
+        with carry_loop(b, t0, t1, [], "conv.flat.item") as lt:
+            call_shared(b, fn, [tmp] + ptrs[1:], dict(shape, t0=lt.iv, t1=b.add(lt.iv, i64(1))))
+            n = b.udiv(lt.iv, i64(ob_count))
+            o0 = b.mul(b.urem(lt.iv, i64(ob_count)), i64(self.r))
+            nchan = b.sub(smin(b, b.add(o0, i64(self.r)), self.co), o0)
+            start = b.mul(b.add(b.mul(n, i64(self.co)), o0), i64(plane))
+            dst = gep(b, kf.out, start, ety)
+            with carry_loop(b, 0, b.mul(nchan, i64(self.oy)), [], "conv.flat.row") as lr:
+                o = b.udiv(lr.iv, i64(self.oy))
+                y = b.urem(lr.iv, i64(self.oy))
+                src_row = gep(b, tmp, b.add(b.mul(o, i64(fl)), b.mul(y, i64(rp))), ety)
+                dst_row = gep(b, dst, b.mul(lr.iv, i64(self.ox)), ety)
+                with carry_loop(b, 0, self.ox, [], "conv.flat.col", step=vl) as lq:
+                    mask = lane_mask(b, b.sub(i64(self.ox), lq.iv), vl)
+                    masked_store(b, masked_load(b, src_row, lq.iv, vty, mask), dst_row, lq.iv,
+                                 mask)
+            epilogue_rows(b, kf, epilogue, start, b.mul(nchan, i64(plane)))
 
     def _function(self, module):
         key = _CoreKey(self.dtype, self.r, self.pr, self.pv, self.kw, self.sx,
@@ -293,7 +374,6 @@ def _core_body(s, k: _CoreKey):
     r_, pr_, pv_ = k.r, k.pr, k.pv
     pbuf = gep(b, region, i64(_ALIGN), ety, name="conv.padded")
     per_n = b.mul(s.ob_count, s.yc)
-    plane = b.mul(s.oy, s.ox)
     co1, oy1 = b.sub(s.co, i64(1)), b.sub(s.oy, i64(1))
     row_step = b.mul(s.sy, s.rp)
     with carry_loop(b, s.t0, s.t1, [load(b, region, i64(0), I64)], "conv.item") as item:
@@ -309,14 +389,18 @@ def _core_body(s, k: _CoreKey):
         item.next = [n]
         chans = [smin(b, b.add(o0, i64(r)), co1) for r in range(r_)]
         wrow = [gep(b, w, b.mul(o, s.ws_o), ety) for o in chans]
-        out_n = gep(b, out, b.mul(n, b.mul(s.co, plane)), ety)
+        out_n = gep(b, out, b.mul(n, s.on), ety)
+        o_rel = b.mul(o0, s.orel)
         with carry_loop(b, y_begin, y_end, [], "conv.y", step=pr_) as ly:
             ys = [smin(b, b.add(ly.iv, i64(p)), oy1) for p in range(pr_)]
-            # kernel rows that see some data row of P (the others only padding)
-            i_lo = smax(b, b.sub(s.first, b.mul(ys[-1], s.sy)), 0)
-            i_hi = smin(b, b.sub(b.add(s.last, i64(1)), b.mul(ys[0], s.sy)), s.kh)
             with carry_loop(b, 0, s.ox, [], "conv.x", step=pv_ * vl) as lx:
                 x0 = lx.iv
+                # kernel rows that see some data row of P (the others only padding); in the flat
+                # mode the block's vectors span the output rows x0 / fpitch ... (its end) / fpitch
+                y_lo = b.add(ys[0], b.udiv(x0, s.fpitch))
+                y_hi = b.add(ys[-1], b.udiv(b.add(x0, i64(pv_ * vl - 1)), s.fpitch))
+                i_lo = smax(b, b.sub(s.first, b.mul(y_hi, s.sy)), 0)
+                i_hi = smin(b, b.sub(b.add(s.last, i64(1)), b.mul(y_lo, s.sy)), s.kh)
                 xrow = [opaque(b, b.add(b.mul(y, row_step), x0)) for y in ys]
                 zero = zero_vector(ety, vl)
                 with carry_loop(b, 0, s.ci, [zero] * (r_ * pr_ * pv_), "conv.c") as lc:
@@ -330,9 +414,9 @@ def _core_body(s, k: _CoreKey):
                 masks = [lane_mask(b, b.sub(b.sub(s.ox, x0), i64(v * vl)), vl)
                          for v in range(pv_)]
                 for r in range(r_):
-                    o_plane = b.mul(chans[r], plane)
+                    o_plane = b.mul(b.sub(chans[r], o_rel), s.oc)
                     for p in range(pr_):
-                        row = gep(b, out_n, b.add(b.add(o_plane, b.mul(ys[p], s.ox)), x0), ety)
+                        row = gep(b, out_n, b.add(b.add(o_plane, b.mul(ys[p], s.orow)), x0), ety)
                         for v in range(pv_):
                             masked_store(b, lc.out[(r * pr_ + p) * pv_ + v], row, i64(v * vl),
                                          masks[v])
@@ -364,7 +448,8 @@ def _core_taps(b, k: _CoreKey, acc, pi, wi, xrow, wrow, q):
 
 
 _CORE_PARAMS = ("t0", "t1", "ci", "co", "oy", "ox", "kh", "sy", "ws_o", "ws_c", "ws_i",
-                "src_image", "yc", "rows_per_chunk", "ob_count", "first", "last") + \
+                "src_image", "yc", "rows_per_chunk", "ob_count", "first", "last", "on", "oc", "orow",
+                "orel", "fpitch") + \
     tuple(k for k in _PREP_PARAMS if k != "nchan")
 
 
@@ -412,7 +497,14 @@ def _input_grad_core(ins, epilogue=None) -> _Core:
     _, c, kh, kw = w.shape
     h, wd = ins.params["in_hw"]
     _, vl, _ = dtype_info(ins.out.dtype)
-    prep = _Prep(oh, ow, h - 1 + kh, wd - 1 + kw, 1, sh, sw, kh - 1 - ph, kw - 1 - pw)
+    if pw == 0:
+        # Rows of pitch W instead of W + KW - 1: the KW - 1 columns of right padding overlap the
+        # KW - 1 columns of left padding of the next row (all zeros either way), so that rows
+        # of output pixels are contiguous in the flat mode (out' is out: whole vectors). The
+        # last row's reads run into one more (zero) row.
+        prep = _Prep(oh, ow, h - 1 + kh, wd, 1, sh, sw, kh - 1 - ph, kw - 1, extra=1)
+    else:
+        prep = _Prep(oh, ow, h - 1 + kh, wd - 1 + kw, 1, sh, sw, kh - 1 - ph, kw - 1 - pw)
     # out channel (of the core) = c, in channel = o, tap (i, j) is w[o, c, kh-1-i, kw-1-j]
     core = _Core(ins.out.dtype, n, o, c, h, wd, kh, kw, 1, 1, o * kh * kw, kh * kw, kw,
                  (o, c, kh, kw), prep, o * oh * ow, vl)
@@ -424,7 +516,7 @@ def _register_core(prim: str, make):
     (The scratch size does not depend on the epilogue: only `yc` does, not the region.)"""
     def scratch_bytes(ins, nthreads):
         core = make(ins)
-        return nthreads * (core.region_elems + core.flip_elems) * dtype_info(ins.out.dtype)[2]
+        return nthreads * core.thread_elems * dtype_info(ins.out.dtype)[2]
 
     def lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
         make(ins, epilogue).lower(module, name, epilogue)
@@ -467,6 +559,24 @@ class _WGrad:
     gr: int   # kernel rows per item
     ng: int   # images per chunk
     cb: int   # input channels per channel block
+    flat: bool = False   # see `flat_len`
+
+    @property
+    def flat_len(self) -> int:
+        """Flat mode (short rows, unit strides): the cotangents of a chunk are copied into rows of
+        the padded copy's pitch rp, zeros between them, and the sum runs over x' = y*rp + x in
+        [0, flat_len) as one row: whole vectors where rows are shorter than a vector."""
+        return (self.oy - 1) * self.prep.row_pitch + self.ox
+
+    @property
+    def ct_main(self) -> int:
+        """Flat mode: the chunk's cotangents; then a table of lane masks (one vl-bit integer
+        per vector of x', bits set at the real pixels x < ox)."""
+        return _round_up(self.ng * self.o * self.flat_len, _ALIGN) if self.flat else 0
+
+    @property
+    def ct_elems(self) -> int:
+        return self.ct_main + _round_up(self.flat_len + self.vl, _ALIGN) if self.flat else 0
 
     @property
     def groups(self) -> int:
@@ -494,7 +604,7 @@ class _WGrad:
     @property
     def region_elems(self) -> int:
         return self.partial_elems + _round_up(self.cb * self.ng * self.prep.chan_pitch
-                                              + self.slack, _ALIGN)
+                                              + self.slack, _ALIGN) + self.ct_elems
 
 
 def _wgrad_plan(ins) -> _WGrad:
@@ -510,15 +620,22 @@ def _wgrad_plan(ins) -> _WGrad:
     # (GR = 1; a whole 3-wide kernel for a single output channel), as many output channels R as
     # the registers hold (R*KW accumulators + min(R, KW) operands + 1), fewer only for small O.
     gr = kh if o == 1 and kw <= 3 else 1
-    r = next((r for r in (8, 4, 2) if r * gr * kw + min(r, gr * kw) <= 29), 1)
-    while r > 1 and r // 2 >= o:
-        r //= 2
+    # Per vector of pixels an item of R channels does R*GR*KW FMAs (two a cycle) plus loop and
+    # load overhead (about two cycles); items of clamped channels are wasted work.
+    ntap = gr * kw
+    fits = [r for r in (8, 4, 3, 2, 1) if r * ntap + min(r, ntap) <= 29] or [1]
+    r = min(fits, key=lambda r: ceil_div(o, r) * (r * ntap / 2 + 2))
     r, gr = FORCE.get("wgrad", (r, gr))
+    flat_len = (oy - 1) * prep.row_pitch + ox
+    flat = sh == 1 and sw == 1 and oy > 1 and \
+        ceil_div(flat_len, vl) <= 0.85 * oy * ceil_div(ox, vl)
+    flat = FORCE.get("wflat", flat)
     # a chunk's cotangents stay in L2 while all input channels go by
-    ng = max(1, min(n, (512 * 1024) // ((prep.chan_pitch + o * oy * ox) * es)))
+    ct_image = o * (flat_len if flat else oy * ox)
+    ng = max(1, min(n, WGRAD_CHUNK_BYTES // ((prep.chan_pitch + ct_image) * es)))
     ng = FORCE.get("ng", ng)
     cb = ceil_div(c, ceil_div(c, 8))
-    return _WGrad(ins.out.dtype, n, c, o, oy, ox, kh, kw, sh, sw, prep, vl, r, gr, ng, cb)
+    return _WGrad(ins.out.dtype, n, c, o, oy, ox, kh, kw, sh, sw, prep, vl, r, gr, ng, cb, flat)
 
 
 def _wgrad_scratch(ins, nthreads):
@@ -526,7 +643,7 @@ def _wgrad_scratch(ins, nthreads):
 
 
 _WGRAD_PARAMS = ("t0", "t1", "n", "c", "o", "oy", "ox", "sy", "kh", "ng", "cb", "groups",
-                 "per_cb", "slack", "partial") + tuple(k for k in _PREP_PARAMS if k != "nchan")
+                 "per_cb", "slack", "partial", "ct_oy", "ct_ox", "ct_elems", "ct_main") + tuple(k for k in _PREP_PARAMS if k != "nchan")
 
 
 @register("conv2d_weight_grad", scratch_bytes=_wgrad_scratch)
@@ -537,12 +654,14 @@ def _conv2d_weight_grad_lower(module: ir.Module, name: str, ins) -> None:
     ety = dtype_info(p.dtype)[0]
     region = gep(b, kf.scratch, b.mul(kf.tid, i64(p.region_elems)), ety, name="wgrad.region")
     t0, t1 = thread_range(b, p.items, kf.tid, kf.nthreads)
-    key = _WGradKey(p.dtype, p.r, p.gr, p.kw, p.sx)
+    key = _WGradKey(p.dtype, p.r, p.gr, p.kw, p.sx, p.flat)
     fn = shared_function(module, "conv_wgrad", key, 4, _WGRAD_PARAMS, _wgrad_body)
     call_shared(b, fn, [kf.out, kf.ins[0], kf.ins[1], region],
                 dict(p.prep.params(), t0=t0, t1=t1, n=p.n, c=p.c, o=p.o, oy=p.oy, ox=p.ox,
                      sy=p.sy, kh=p.kh, ng=p.ng, cb=p.cb, groups=p.groups, per_cb=p.per_cb,
-                     slack=p.slack, partial=p.partial_elems))
+                     slack=p.slack, partial=p.partial_elems, ct_oy=p.oy,
+                     ct_ox=p.ox, ct_elems=p.ct_elems, ct_main=p.ct_main)
+                | (dict(oy=1, ox=p.flat_len) if p.flat else {}))
     b.ret_void()
 
 
@@ -554,6 +673,7 @@ class _WGradKey:
     gr: int
     kw: int
     sx: int
+    flat: bool
 
     @property
     def nacc(self) -> int:
@@ -571,6 +691,20 @@ def _wgrad_body(s, p: _WGradKey):
     pbuf = gep(b, region, s.partial, ety, name="wgrad.padded")
     copies = b.mul(b.mul(s.cb, s.ng), s.cp)
     _memset0(b, gep(b, pbuf, copies, ety), b.mul(s.slack, i64(es)))
+    vty = ir.VectorType(ety, vl)
+    ctbuf = table = None
+    if p.flat:
+        # the chunk's cotangents in rows of pitch rp (the columns between stay zero), and the
+        # table of the real pixels: their mask keeps 0 * Inf out of the sums
+        ctbuf = gep(b, pbuf, b.add(copies, s.slack), ety, name="wgrad.ct")
+        _memset0(b, ctbuf, b.mul(s.ct_elems, i64(es)))
+        table = gep(b, ctbuf, s.ct_main, ety, name="wgrad.table")
+        mty = ir.IntType(vl)
+        with carry_loop(b, 0, s.ox, [], "wgrad.table") as lt:   # (zeroed above)
+            real = b.zext(b.icmp_signed("<", b.urem(lt.iv, s.rp), s.ct_ox), mty)
+            at = b.udiv(lt.iv, i64(vl))
+            bit = b.shl(real, b.trunc(b.urem(lt.iv, i64(vl)), mty))
+            store(b, b.or_(load(b, table, at, mty), bit), table, at, mty)
     acc_elems = i64(p.nacc * vl)
     cb_first = b.udiv(s.t0, s.per_cb)
     cb_end = b.udiv(b.add(s.t1, b.sub(s.per_cb, i64(1))), s.per_cb)
@@ -592,6 +726,18 @@ def _wgrad_body(s, p: _WGradKey):
                     src = gep(b, x, b.mul(img, b.mul(s.src_h, s.src_w)), ety)
                     _pad(b, _PadKey(p.dtype, p.sx == 1), src,
                          gep(b, pbuf, b.mul(lpn.iv, s.cp), ety), i64(1), s)
+            if p.flat:
+                ct_plane = b.mul(s.ct_oy, s.ct_ox)
+                ct_src = gep(b, ct, b.mul(n0, b.mul(s.o, ct_plane)), ety)
+                with carry_loop(b, 0, b.mul(b.mul(nimg, s.o), s.ct_oy), [], "wgrad.ct.row") as lr:
+                    src_row = gep(b, ct_src, b.mul(lr.iv, s.ct_ox), ety)
+                    dst_row = gep(b, ctbuf, b.add(b.mul(b.udiv(lr.iv, s.ct_oy), s.ox),
+                                                  b.mul(b.urem(lr.iv, s.ct_oy), s.rp)), ety)
+                    with carry_loop(b, 0, s.ct_ox, [], "wgrad.ct.col", step=vl) as lq:
+                        mask = lane_mask(b, b.sub(s.ct_ox, lq.iv), vl)
+                        masked_store(b, masked_load(b, src_row, lq.iv, vty, mask), dst_row,
+                                     lq.iv, mask)
+            ct_chunk, n0_ct = (ctbuf, i64(0)) if p.flat else (ct, n0)
             with carry_loop(b, it0, it1, [], "wgrad.item") as item:
                 _, o0, c_in, _, g = _wgrad_decode(b, s, p, item.iv)
                 p_c = gep(b, pbuf, b.add(b.mul(c_in, b.mul(s.ng, s.cp)),
@@ -599,7 +745,7 @@ def _wgrad_body(s, p: _WGradKey):
                 chans = [smin(b, b.add(o0, i64(r)), b.sub(s.o, i64(1))) for r in range(p.r)]
                 mine = gep(b, partials, b.mul(b.sub(item.iv, it0), acc_elems), ety)
                 acc = [vload(b, mine, i64(k * vl), ir.VectorType(ety, vl)) for k in range(p.nacc)]
-                acc = _wgrad_tile(b, s, p, ct, p_c, n0, nimg, chans, acc)
+                acc = _wgrad_tile(b, s, p, ct_chunk, p_c, n0_ct, nimg, chans, acc, table)
                 for k, v in enumerate(acc):
                     vstore(b, v, mine, i64(k * vl))
         with carry_loop(b, it0, it1, [], "wgrad.out") as lo:
@@ -641,8 +787,9 @@ def _wgrad_item_out(b, s, p: _WGradKey, out, t, acc_ptr):
             store(b, hsum(b, vload(b, acc_ptr, b.mul(lk.iv, i64(vl)), vty)), out, at, ety)
 
 
-def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans, acc):
-    """The R x GR x KW vector accumulators `acc` of one item plus the images of the chunk."""
+def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans, acc, table=None):
+    """The R x GR x KW vector accumulators `acc` of one item plus the images of the chunk
+    (flat mode: `table` marks the real pixels)."""
     ety, vl, _ = dtype_info(p.dtype)
     vty = ir.VectorType(ety, vl)
     plane = b.mul(s.oy, s.ox)
@@ -659,12 +806,17 @@ def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans, acc):
             phases = [b.mul(s.q, i64(ph)) for ph in range(p.sx)]
             with carry_loop(b, 0, s.ox, ly.vals, "wgrad.x", step=vl) as lx:
                 x0 = lx.iv
-                mask = lane_mask(b, b.sub(s.ox, x0), vl)
+                if table is None:
+                    mask = lane_mask(b, b.sub(s.ox, x0), vl)
+                else:   # the real pixels only: no 0 * Inf from the pixels between the rows
+                    bits = load(b, table, b.udiv(x0, i64(vl)), ir.IntType(vl))
+                    mask = b.bitcast(bits, ir.VectorType(ir.IntType(1), vl))
+                xmask = mask
 
                 def x_at(t):
                     i, j = divmod(t, p.kw)
                     at = b.add(b.add(b.mul(i64(i), s.rp), phases[j % p.sx]), x0)
-                    return masked_load(b, x_y, b.add(at, i64(j // p.sx)), vty, mask)
+                    return masked_load(b, x_y, b.add(at, i64(j // p.sx)), vty, xmask)
 
                 acc = list(lx.vals)
                 # keep the smaller operand set in registers, stream the other (register pressure:
