@@ -12,7 +12,8 @@ NOISY_CORES = 0.1  # a measurement during which other processes used more CPU is
 
 def cpu_snapshot(children: bool = True):
     """(wall, busy CPU seconds of the whole machine, CPU seconds of this process [and of its ended
-    children]): two snapshots tell how much CPU other processes used in between."""
+    children]): two snapshots tell how much CPU other processes used in between. Children count
+    as this process's own once waited for (tracejit compiles in forked processes)."""
     busy = None
     try:
         with open("/proc/stat") as f:

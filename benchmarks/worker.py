@@ -120,10 +120,10 @@ def mode_time(args, out: Out):
             res = None
             for _attempt in range(3 if args.wait_idle else 1):
                 if args.wait_idle:
-                    wait_idle(args.wait_idle, children=False)
-                snap = cpu_snapshot(children=False)
+                    wait_idle(args.wait_idle)
+                snap = cpu_snapshot()
                 r = time_calls(bench.step, args.seconds, args.warmup, args.min_samples)
-                r["others_cores"] = others_cores(snap, cpu_snapshot(children=False))
+                r["others_cores"] = others_cores(snap, cpu_snapshot())
                 if res is None or (r["others_cores"] or 0) < (res["others_cores"] or 0):
                     res = r
                 if (res["others_cores"] or 0) <= NOISY_CORES:
@@ -143,11 +143,11 @@ def mode_first(args, out: Out):
     out.write(kind="start", workload="compile", time=time.time())
     try:
         bench = systems.build(args.system, "lenet")
-        snap = cpu_snapshot(children=False)
+        snap = cpu_snapshot()
         t0 = time.perf_counter()
         bench.step()
         t_first = time.perf_counter() - t0
-        busy = others_cores(snap, cpu_snapshot(children=False))
+        busy = others_cores(snap, cpu_snapshot())
         t0 = time.perf_counter()
         bench.step()
         t_second = time.perf_counter() - t0
