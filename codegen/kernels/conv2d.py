@@ -37,6 +37,12 @@ padded copy with row pitch W instead of W + KW - 1: the KW - 1 columns of right 
 are the KW - 1 columns of left padding of the next one (all zeros), so out' is out with no columns
 between the rows (whole vectors), and a zero row after the last absorbs the wrap of the last row.
 
+Rows at most half a vector long with O a multiple of the vector length (LeNet-5's second conv)
+use a channel mode instead (`_chan_body`): vectors over vl output channels, PR whole output rows of
+pixels in PR*OX accumulators, each tap one vector of weights (transposed to [c][i][j][o] in scratch)
+and one broadcast input pixel per accumulator; a 16x16 shuffle transpose turns the accumulators
+into rows of the output planes. No lane is wasted.
+
 Border tiles clamp their channel and row indices to the last valid one (they recompute and store the
 same values into the same elements) instead of having code variants; the weight gradient writes only
 the valid ones. Output columns are masked.
@@ -211,6 +217,7 @@ class _Core:
     pv: int = 0
     yc: int = 1      # row chunks per item (parallelism for small batches)
     flat: bool = False   # short rows: the output as one row of pitch rp (see `flat_len`)
+    chan: bool = False   # short rows, O a multiple of vl: vectors over output channels (`_chan_body`)
 
     @property
     def flat_len(self) -> int:
@@ -237,10 +244,15 @@ class _Core:
         flat = False
         if self.sy == 1 and self.sx == 1 and self.oy > 1:
             fblk, fcost = self._best(_FLAT_BLOCKS, 1, ceil_div(self.flat_len, self.vl))
-            flat = fcost < 0.85 * cost
+            flat = fcost < 0.9 * cost
             blk = fblk if flat else blk
         flat = FORCE.get("flat", flat)
         r, pr, pv = FORCE.get("core", blk)
+        chan = FORCE.get("chan", self.co % self.vl == 0 and 2 * self.ox <= self.vl and
+                         self.sy == 1 and self.sx == 1 and not self.flip)
+        if chan:
+            return dataclasses.replace(self, r=self.vl, pr=max(1, self.vl // self.ox), pv=1,
+                                       chan=True)
         items = self.n * ceil_div(self.co, r)
         yc = 1
         if items < 8 and epilogue is None and not flat:  # an epilogue needs whole planes
@@ -266,8 +278,13 @@ class _Core:
         return _round_up(self.r * self.flat_len + self.pv * self.vl, _ALIGN)
 
     @property
+    def wt_elems(self) -> int:
+        """Channel mode: the weights as [c][i][j][o]."""
+        return _round_up(self.ci * self.co * self.kh * self.kw, _ALIGN) if self.chan else 0
+
+    @property
     def thread_elems(self) -> int:
-        return self.region_elems + self.flip_elems + self.tmp_elems
+        return self.region_elems + self.flip_elems + self.tmp_elems + self.wt_elems
 
     @property
     def rows_per_chunk(self) -> int:
@@ -277,6 +294,8 @@ class _Core:
 
     @property
     def items(self) -> int:
+        if self.chan:
+            return self.n * (self.co // self.vl)
         if self.flat:
             return self.n * ceil_div(self.co, self.r)
         return self.n * ceil_div(self.co, self.r) * ceil_div(self.oy, self.rows_per_chunk)
@@ -301,9 +320,13 @@ class _Core:
                      src_image=self.src_image, yc=yc, rows_per_chunk=self.rows_per_chunk,
                      ob_count=ceil_div(self.co, self.r), first=first, last=last,
                      on=self.co * plane, oc=plane, orow=self.ox, orel=0, fpitch=1 << 40)
-        fn = self._function(module)
         ptrs = [kf.out, kf.ins[0], w, region]
         t0, t1 = thread_range(b, self.items, kf.tid, kf.nthreads)
+        if self.chan:
+            self._lower_chan(b, kf, module, region, shape, t0, t1, epilogue)
+            b.ret_void()
+            return
+        fn = self._function(module)
         if self.flat:
             self._lower_flat(b, kf, fn, ptrs, shape, t0, t1, epilogue)
         elif epilogue is None:
@@ -319,6 +342,26 @@ class _Core:
                 start = b.mul(b.add(b.mul(n, i64(self.co)), o0), i64(plane))
                 epilogue_rows(b, kf, epilogue, start, b.mul(nchan, i64(plane)))
         b.ret_void()
+
+    def _lower_chan(self, b, kf, module, region, shape, t0, t1, epilogue):
+        """Item by item (an image and vl output channels, whole planes), then the epilogue."""
+        ety, vl, _ = dtype_info(self.dtype)
+        wt = gep(b, region, i64(self.region_elems + self.flip_elems + self.tmp_elems), ety,
+                 name="conv.wt")
+        call_shared(b, _wt_function(module, self.dtype), [wt, kf.ins[1]],
+                    dict(co=self.co, ci=self.ci, kh=self.kh, kw=self.kw, ws_o=self.ws_o,
+                         ws_c=self.ws_c, ws_i=self.ws_i))
+        key = _ChanKey(self.dtype, self.ox, self.pr, self.prep.contiguous)
+        fn = shared_function(module, "conv_chan", key, 4, _CHAN_PARAMS, _chan_body)
+        plane = self.oy * self.ox
+        shape = dict(shape, kw=self.kw)
+        if epilogue is None:
+            call_shared(b, fn, [kf.out, kf.ins[0], wt, region], dict(shape, t0=t0, t1=t1))
+            return
+        with carry_loop(b, t0, t1, [], "conv.chan.item") as lt:
+            call_shared(b, fn, [kf.out, kf.ins[0], wt, region],
+                        dict(shape, t0=lt.iv, t1=b.add(lt.iv, i64(1))))
+            epilogue_rows(b, kf, epilogue, b.mul(lt.iv, i64(vl * plane)), i64(vl * plane))
 
     def _lower_flat(self, b, kf, fn, ptrs, shape, t0, t1, epilogue):
         """Item by item: the core writes out' of the item's R channels into the thread's buffer
@@ -454,6 +497,115 @@ _CORE_PARAMS = ("t0", "t1", "ci", "co", "oy", "ox", "kh", "sy", "ws_o", "ws_c", 
 
 
 @dataclass(frozen=True)
+class _ChanKey:
+    """Compile-time constants of the channel mode: PR rows of OX pixels are the accumulators."""
+    dtype: str
+    ox: int
+    pr: int
+    contiguous: bool   # of the padded copy
+
+
+_CHAN_PARAMS = ("t0", "t1", "ci", "co", "oy", "kh", "kw", "src_image", "ob_count") + \
+    tuple(k for k in _PREP_PARAMS if k != "nchan")
+
+
+def _transpose(b, vs):
+    """The transpose of a square matrix of len(vs) == vl vectors (swaps of off-diagonal blocks
+    of halving size: two-source shuffles)."""
+    n = len(vs)
+    vs = list(vs)
+    blk = n // 2
+    while blk >= 1:
+        lo = [l for l in range(n) if not l & blk]
+        for a in range(n):
+            if a & blk:
+                continue
+            c = a + blk
+            m_a, m_c = [0] * n, [0] * n
+            for l in lo:
+                m_a[l], m_a[l + blk] = l, n + l
+                m_c[l], m_c[l + blk] = l + blk, n + l + blk
+            va, vc = vs[a], vs[c]
+            vs[a] = b.shuffle_vector(va, vc, ir.Constant(ir.VectorType(ir.IntType(32), n), m_a))
+            vs[c] = b.shuffle_vector(va, vc, ir.Constant(ir.VectorType(ir.IntType(32), n), m_c))
+        blk //= 2
+    return vs
+
+
+def _chan_body(s, k: _ChanKey):
+    """Channel mode, items [t0, t1) (image, block of vl output channels): for PR output rows of
+    OX pixels at a time, PR*OX vector accumulators over the vl channels; each tap is one vector
+    of weights (wt[c][i][j][o]) and a broadcast input pixel per accumulator. The accumulators
+    are transposed (vl pixels per channel: rows of the output plane, contiguous) and stored."""
+    b = s.b
+    out, src, wt, region = s.ptrs
+    ety, vl, _ = dtype_info(k.dtype)
+    vty = ir.VectorType(ety, vl)
+    npx = k.pr * k.ox
+    pbuf = gep(b, region, i64(_ALIGN), ety, name="conv.padded")
+    plane = b.mul(s.oy, i64(k.ox))
+    oy1 = b.sub(s.oy, i64(1))
+    taps_c = b.mul(b.mul(s.kh, s.kw), s.co)
+    with carry_loop(b, s.t0, s.t1, [load(b, region, i64(0), I64)], "conv.chan.item") as item:
+        n = b.udiv(item.iv, s.ob_count, name="conv.n")
+        o0 = b.mul(b.urem(item.iv, s.ob_count), i64(vl), name="conv.o0")
+        with if_then(b, b.icmp_signed("!=", n, item.vals[0]), name="conv.pad"):
+            _pad(b, _PadKey(k.dtype, k.contiguous), gep(b, src, b.mul(n, s.src_image), ety),
+                 pbuf, s.ci, s)
+        item.next = [n]
+        out_o = gep(b, out, b.mul(b.add(b.mul(n, s.co), o0), plane), ety)
+        wt_o = gep(b, wt, o0, ety)
+        with carry_loop(b, 0, s.oy, [], "conv.chan.y", step=k.pr) as ly:
+            rows = [opaque(b, b.mul(smin(b, b.add(ly.iv, i64(p)), oy1), s.rp))
+                    for p in range(k.pr)]
+            with carry_loop(b, 0, s.ci, [zero_vector(ety, vl)] * npx, "conv.chan.c") as lc:
+                pc = gep(b, pbuf, opaque(b, b.mul(lc.iv, s.cp)), ety)
+                wc = gep(b, wt_o, opaque(b, b.mul(lc.iv, taps_c)), ety)
+                with carry_loop(b, 0, s.kh, lc.vals, "conv.chan.kh") as li:
+                    pi = gep(b, pc, opaque(b, b.mul(li.iv, s.rp)), ety)
+                    wi = gep(b, wc, opaque(b, b.mul(li.iv, b.mul(s.kw, s.co))), ety)
+                    with carry_loop(b, 0, s.kw, li.vals, "conv.chan.kw") as lj:
+                        # (a run-time loop: unrolled, the KW taps would make the function KW times
+                        # as big, for a few percent)
+                        prow = [gep(b, pi, b.add(r, lj.iv), ety) for r in rows]
+                        wv = vload(b, wi, b.mul(lj.iv, s.co), vty)
+                        acc = list(lj.vals)
+                        for p in range(k.pr):
+                            for x in range(k.ox):
+                                px = splat(b, load(b, prow[p], i64(x), ety), vl)
+                                acc[p * k.ox + x] = fma(b, px, wv, acc[p * k.ox + x])
+                        lj.next = acc
+                    li.next = lj.out
+                lc.next = li.out
+            cols = _transpose(b, list(lc.out) + [zero_vector(ety, vl)] * (vl - npx))
+            count = b.mul(b.sub(smin(b, b.add(ly.iv, i64(k.pr)), s.oy), ly.iv), i64(k.ox))
+            mask = lane_mask(b, count, vl)
+            at = b.mul(ly.iv, i64(k.ox))
+            for o in range(vl):
+                masked_store(b, cols[o], gep(b, out_o, b.mul(i64(o), plane), ety), at, mask)
+    store(b, item.out[0], region, i64(0), I64)
+
+
+def _wt_function(module, dtype: str) -> ir.Function:
+    """dst[c, i, j, o] = W(o, c, i, j) = src[o*ws_o + c*ws_c + i*ws_i + j]."""
+    def body(s, key):
+        ety = dtype_info(key.dtype)[0]
+        b = s.b
+        dst, src = s.ptrs
+        taps = b.mul(s.kh, s.kw)
+        with carry_loop(b, 0, s.co, [], "wt.o") as lo:
+            with carry_loop(b, 0, s.ci, [], "wt.c") as lc:
+                with carry_loop(b, 0, taps, [], "wt.tap") as lt:
+                    i, j = b.udiv(lt.iv, s.kw), b.urem(lt.iv, s.kw)
+                    at = b.add(b.add(b.mul(lo.iv, s.ws_o), b.mul(lc.iv, s.ws_c)),
+                               b.add(b.mul(i, s.ws_i), j))
+                    d = b.add(b.mul(b.add(b.mul(lc.iv, taps), lt.iv), s.co), lo.iv)
+                    store(b, load(b, src, at, ety), dst, d, ety)
+    return shared_function(module, "conv.wt", _DtypeKey(dtype), 2,
+                           ("co", "ci", "kh", "kw", "ws_o", "ws_c", "ws_i"), body)
+
+
+@dataclass(frozen=True)
 class _DtypeKey:
     dtype: str
 
@@ -569,14 +721,18 @@ class _WGrad:
         return (self.oy - 1) * self.prep.row_pitch + self.ox
 
     @property
+    def row_len(self) -> int:
+        return self.flat_len if self.flat else self.ox
+
+    @property
     def ct_main(self) -> int:
-        """Flat mode: the chunk's cotangents; then a table of lane masks (one vl-bit integer
-        per vector of x', bits set at the real pixels x < ox)."""
+        """Flat mode: the chunk's cotangents; then (both modes) a table of lane masks, one
+        vl-bit integer per vector of a row, bits set at the real pixels."""
         return _round_up(self.ng * self.o * self.flat_len, _ALIGN) if self.flat else 0
 
     @property
     def ct_elems(self) -> int:
-        return self.ct_main + _round_up(self.flat_len + self.vl, _ALIGN) if self.flat else 0
+        return self.ct_main + _round_up(self.row_len + self.vl, _ALIGN)
 
     @property
     def groups(self) -> int:
@@ -620,11 +776,10 @@ def _wgrad_plan(ins) -> _WGrad:
     # (GR = 1; a whole 3-wide kernel for a single output channel), as many output channels R as
     # the registers hold (R*KW accumulators + min(R, KW) operands + 1), fewer only for small O.
     gr = kh if o == 1 and kw <= 3 else 1
-    # Per vector of pixels an item of R channels does R*GR*KW FMAs (two a cycle) plus loop and
-    # load overhead (about two cycles); items of clamped channels are wasted work.
-    ntap = gr * kw
-    fits = [r for r in (8, 4, 3, 2, 1) if r * ntap + min(r, ntap) <= 29] or [1]
-    r = min(fits, key=lambda r: ceil_div(o, r) * (r * ntap / 2 + 2))
+    # (Few choices: kernels of different shapes share functions, which saves compile time.)
+    r = next((r for r in (8, 4, 2) if r * gr * kw + min(r, gr * kw) <= 29), 1)
+    while r > 1 and r // 2 >= o:
+        r //= 2
     r, gr = FORCE.get("wgrad", (r, gr))
     flat_len = (oy - 1) * prep.row_pitch + ox
     flat = sh == 1 and sw == 1 and oy > 1 and \
@@ -643,7 +798,7 @@ def _wgrad_scratch(ins, nthreads):
 
 
 _WGRAD_PARAMS = ("t0", "t1", "n", "c", "o", "oy", "ox", "sy", "kh", "ng", "cb", "groups",
-                 "per_cb", "slack", "partial", "ct_oy", "ct_ox", "ct_elems", "ct_main") + tuple(k for k in _PREP_PARAMS if k != "nchan")
+                 "per_cb", "slack", "partial", "ct_oy", "ct_ox", "ct_elems", "ct_main", "flat", "tpitch") + tuple(k for k in _PREP_PARAMS if k != "nchan")
 
 
 @register("conv2d_weight_grad", scratch_bytes=_wgrad_scratch)
@@ -654,13 +809,14 @@ def _conv2d_weight_grad_lower(module: ir.Module, name: str, ins) -> None:
     ety = dtype_info(p.dtype)[0]
     region = gep(b, kf.scratch, b.mul(kf.tid, i64(p.region_elems)), ety, name="wgrad.region")
     t0, t1 = thread_range(b, p.items, kf.tid, kf.nthreads)
-    key = _WGradKey(p.dtype, p.r, p.gr, p.kw, p.sx, p.flat)
+    key = _WGradKey(p.dtype, p.r, p.gr, p.kw, p.sx)
     fn = shared_function(module, "conv_wgrad", key, 4, _WGRAD_PARAMS, _wgrad_body)
     call_shared(b, fn, [kf.out, kf.ins[0], kf.ins[1], region],
                 dict(p.prep.params(), t0=t0, t1=t1, n=p.n, c=p.c, o=p.o, oy=p.oy, ox=p.ox,
                      sy=p.sy, kh=p.kh, ng=p.ng, cb=p.cb, groups=p.groups, per_cb=p.per_cb,
                      slack=p.slack, partial=p.partial_elems, ct_oy=p.oy,
-                     ct_ox=p.ox, ct_elems=p.ct_elems, ct_main=p.ct_main)
+                     ct_ox=p.ox, ct_elems=p.ct_elems, ct_main=p.ct_main, flat=int(p.flat),
+                     tpitch=p.prep.row_pitch if p.flat else p.ox)
                 | (dict(oy=1, ox=p.flat_len) if p.flat else {}))
     b.ret_void()
 
@@ -673,7 +829,6 @@ class _WGradKey:
     gr: int
     kw: int
     sx: int
-    flat: bool
 
     @property
     def nacc(self) -> int:
@@ -692,19 +847,19 @@ def _wgrad_body(s, p: _WGradKey):
     copies = b.mul(b.mul(s.cb, s.ng), s.cp)
     _memset0(b, gep(b, pbuf, copies, ety), b.mul(s.slack, i64(es)))
     vty = ir.VectorType(ety, vl)
-    ctbuf = table = None
-    if p.flat:
-        # the chunk's cotangents in rows of pitch rp (the columns between stay zero), and the
-        # table of the real pixels: their mask keeps 0 * Inf out of the sums
-        ctbuf = gep(b, pbuf, b.add(copies, s.slack), ety, name="wgrad.ct")
-        _memset0(b, ctbuf, b.mul(s.ct_elems, i64(es)))
-        table = gep(b, ctbuf, s.ct_main, ety, name="wgrad.table")
-        mty = ir.IntType(vl)
-        with carry_loop(b, 0, s.ox, [], "wgrad.table") as lt:   # (zeroed above)
-            real = b.zext(b.icmp_signed("<", b.urem(lt.iv, s.rp), s.ct_ox), mty)
-            at = b.udiv(lt.iv, i64(vl))
-            bit = b.shl(real, b.trunc(b.urem(lt.iv, i64(vl)), mty))
-            store(b, b.or_(load(b, table, at, mty), bit), table, at, mty)
+    # flat mode: the chunk's cotangents in rows of pitch rp (the columns between stay zero);
+    # both modes: the table of the real pixels of a row (flat: their mask keeps 0 * Inf out of
+    # the sums)
+    flat = b.icmp_signed("!=", s.flat, i64(0))
+    ctbuf = gep(b, pbuf, b.add(copies, s.slack), ety, name="wgrad.ct")
+    _memset0(b, ctbuf, b.mul(s.ct_elems, i64(es)))
+    table = gep(b, ctbuf, s.ct_main, ety, name="wgrad.table")
+    mty = ir.IntType(vl)
+    with carry_loop(b, 0, s.ox, [], "wgrad.table") as lt:   # (zeroed above)
+        real = b.zext(b.icmp_signed("<", b.urem(lt.iv, s.tpitch), s.ct_ox), mty)
+        at = b.udiv(lt.iv, i64(vl))
+        bit = b.shl(real, b.trunc(b.urem(lt.iv, i64(vl)), mty))
+        store(b, b.or_(load(b, table, at, mty), bit), table, at, mty)
     acc_elems = i64(p.nacc * vl)
     cb_first = b.udiv(s.t0, s.per_cb)
     cb_end = b.udiv(b.add(s.t1, b.sub(s.per_cb, i64(1))), s.per_cb)
@@ -726,7 +881,7 @@ def _wgrad_body(s, p: _WGradKey):
                     src = gep(b, x, b.mul(img, b.mul(s.src_h, s.src_w)), ety)
                     _pad(b, _PadKey(p.dtype, p.sx == 1), src,
                          gep(b, pbuf, b.mul(lpn.iv, s.cp), ety), i64(1), s)
-            if p.flat:
+            with if_then(b, flat, name="wgrad.ct.copy"):
                 ct_plane = b.mul(s.ct_oy, s.ct_ox)
                 ct_src = gep(b, ct, b.mul(n0, b.mul(s.o, ct_plane)), ety)
                 with carry_loop(b, 0, b.mul(b.mul(nimg, s.o), s.ct_oy), [], "wgrad.ct.row") as lr:
@@ -737,7 +892,8 @@ def _wgrad_body(s, p: _WGradKey):
                         mask = lane_mask(b, b.sub(s.ct_ox, lq.iv), vl)
                         masked_store(b, masked_load(b, src_row, lq.iv, vty, mask), dst_row,
                                      lq.iv, mask)
-            ct_chunk, n0_ct = (ctbuf, i64(0)) if p.flat else (ct, n0)
+            ct_chunk = b.select(flat, ctbuf, ct)
+            n0_ct = b.select(flat, i64(0), n0)
             with carry_loop(b, it0, it1, [], "wgrad.item") as item:
                 _, o0, c_in, _, g = _wgrad_decode(b, s, p, item.iv)
                 p_c = gep(b, pbuf, b.add(b.mul(c_in, b.mul(s.ng, s.cp)),
@@ -787,9 +943,9 @@ def _wgrad_item_out(b, s, p: _WGradKey, out, t, acc_ptr):
             store(b, hsum(b, vload(b, acc_ptr, b.mul(lk.iv, i64(vl)), vty)), out, at, ety)
 
 
-def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans, acc, table=None):
+def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans, acc, table):
     """The R x GR x KW vector accumulators `acc` of one item plus the images of the chunk
-    (flat mode: `table` marks the real pixels)."""
+    (`table`: the lane masks of the real pixels of a row)."""
     ety, vl, _ = dtype_info(p.dtype)
     vty = ir.VectorType(ety, vl)
     plane = b.mul(s.oy, s.ox)
@@ -806,11 +962,9 @@ def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans, acc, table=None):
             phases = [b.mul(s.q, i64(ph)) for ph in range(p.sx)]
             with carry_loop(b, 0, s.ox, ly.vals, "wgrad.x", step=vl) as lx:
                 x0 = lx.iv
-                if table is None:
-                    mask = lane_mask(b, b.sub(s.ox, x0), vl)
-                else:   # the real pixels only: no 0 * Inf from the pixels between the rows
-                    bits = load(b, table, b.udiv(x0, i64(vl)), ir.IntType(vl))
-                    mask = b.bitcast(bits, ir.VectorType(ir.IntType(1), vl))
+                # the real pixels only (flat: no 0 * Inf from the pixels between the rows)
+                bits = load(b, table, b.udiv(x0, i64(vl)), ir.IntType(vl))
+                mask = b.bitcast(bits, ir.VectorType(ir.IntType(1), vl))
                 xmask = mask
 
                 def x_at(t):
