@@ -310,8 +310,10 @@ class _Core:
         w = kf.ins[1]
         if self.flip:
             w = gep(b, region, i64(self.region_elems), ety, name="conv.flipped")
-            call_shared(b, _flip_function(module, self.dtype), [w, kf.ins[1]],
-                        dict(zip(("o", "c", "kh", "kw"), self.flip)))
+            o, c, kh, kw = self.flip   # dst[c, o, i, j] = src[o, c, kh-1-i, kw-1-j]
+            taps = kh * kw
+            _weights_copy(b, self.dtype, w, kf.ins[1], o, c, taps, (taps, o * taps, 1),
+                          (c * taps, taps, taps - 1, -1))
         first, last = self.prep.data_rows()
         yc = ceil_div(self.oy, self.rows_per_chunk)
         plane = self.oy * self.ox
@@ -348,9 +350,9 @@ class _Core:
         ety, vl, _ = dtype_info(self.dtype)
         wt = gep(b, region, i64(self.region_elems + self.flip_elems + self.tmp_elems), ety,
                  name="conv.wt")
-        call_shared(b, _wt_function(module, self.dtype), [wt, kf.ins[1]],
-                    dict(co=self.co, ci=self.ci, kh=self.kh, kw=self.kw, ws_o=self.ws_o,
-                         ws_c=self.ws_c, ws_i=self.ws_i))
+        taps = self.kh * self.kw   # (taps contiguous: ws_i == kw without `flip`)
+        _weights_copy(b, self.dtype, wt, kf.ins[1], self.co, self.ci, taps,
+                      (1, taps * self.co, self.co), (self.ws_o, self.ws_c, 0, 1))
         key = _ChanKey(self.dtype, self.ox, self.pr, self.prep.contiguous)
         fn = shared_function(module, "conv_chan", key, 4, _CHAN_PARAMS, _chan_body)
         plane = self.oy * self.ox
@@ -586,45 +588,30 @@ def _chan_body(s, k: _ChanKey):
     store(b, item.out[0], region, i64(0), I64)
 
 
-def _wt_function(module, dtype: str) -> ir.Function:
-    """dst[c, i, j, o] = W(o, c, i, j) = src[o*ws_o + c*ws_c + i*ws_i + j]."""
-    def body(s, key):
-        ety = dtype_info(key.dtype)[0]
-        b = s.b
-        dst, src = s.ptrs
-        taps = b.mul(s.kh, s.kw)
-        with carry_loop(b, 0, s.co, [], "wt.o") as lo:
-            with carry_loop(b, 0, s.ci, [], "wt.c") as lc:
-                with carry_loop(b, 0, taps, [], "wt.tap") as lt:
-                    i, j = b.udiv(lt.iv, s.kw), b.urem(lt.iv, s.kw)
-                    at = b.add(b.add(b.mul(lo.iv, s.ws_o), b.mul(lc.iv, s.ws_c)),
-                               b.add(b.mul(i, s.ws_i), j))
-                    d = b.add(b.mul(b.add(b.mul(lc.iv, taps), lt.iv), s.co), lo.iv)
-                    store(b, load(b, src, at, ety), dst, d, ety)
-    return shared_function(module, "conv.wt", _DtypeKey(dtype), 2,
-                           ("co", "ci", "kh", "kw", "ws_o", "ws_c", "ws_i"), body)
-
-
 @dataclass(frozen=True)
 class _DtypeKey:
     dtype: str
 
 
-def _flip_function(module, dtype: str) -> ir.Function:
-    """dst[c, o, i, j] = src[o, c, kh-1-i, kw-1-j] for src [o, c, kh, kw]."""
+def _weights_copy(b, dtype: str, dst, src, o: int, c: int, taps: int, d, s_):
+    """dst[o*d[0] + c*d[1] + t*d[2]] = src[o*s_[0] + c*s_[1] + s_[2] + t*s_[3]] for all output
+    channels, input channels and taps t (the flipped, transposed weights of the input gradient;
+    the [c][i][j][o] weights of the channel mode)."""
     def body(s, key):
         ety = dtype_info(key.dtype)[0]
         b = s.b
         dst, src = s.ptrs
-        taps = b.mul(s.kh, s.kw)
-        last = b.sub(taps, i64(1))
-        with carry_loop(b, 0, s.o, [], "flip.o") as lo:
-            with carry_loop(b, 0, s.c, [], "flip.c") as lc:
-                d = gep(b, dst, b.mul(b.add(b.mul(lc.iv, s.o), lo.iv), taps), ety)
-                src_oc = gep(b, src, b.mul(b.add(b.mul(lo.iv, s.c), lc.iv), taps), ety)
-                with carry_loop(b, 0, taps, [], "flip.tap") as lt:
-                    store(b, load(b, src_oc, b.sub(last, lt.iv), ety), d, lt.iv, ety)
-    return shared_function(module, "conv.flip", _DtypeKey(dtype), 2, ("o", "c", "kh", "kw"), body)
+        with carry_loop(b, 0, s.o, [], "wcopy.o") as lo:
+            with carry_loop(b, 0, s.c, [], "wcopy.c") as lc:
+                d_oc = gep(b, dst, b.add(b.mul(lo.iv, s.d_o), b.mul(lc.iv, s.d_c)), ety)
+                s_oc = gep(b, src, b.add(b.add(b.mul(lo.iv, s.s_o), b.mul(lc.iv, s.s_c)), s.s_0),
+                           ety)
+                with carry_loop(b, 0, s.taps, [], "wcopy.tap") as lt:
+                    store(b, load(b, s_oc, b.mul(lt.iv, s.s_t), ety), d_oc,
+                          b.mul(lt.iv, s.d_t), ety)
+    names = ("o", "c", "taps", "d_o", "d_c", "d_t", "s_o", "s_c", "s_0", "s_t")
+    fn = shared_function(b.module, "conv.wcopy", _DtypeKey(dtype), 2, names, body)
+    call_shared(b, fn, [dst, src], dict(zip(names, (o, c, taps) + tuple(d) + tuple(s_))))
 
 
 def _conv_core(ins, epilogue=None) -> _Core:
