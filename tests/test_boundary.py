@@ -554,3 +554,12 @@ def test_relu_propagates_nan():
     np.testing.assert_array_equal(jit(nn.relu)(x), [np.nan, 0.0, 0.0, 2.0])
     g = jit_grad(lambda x: (nn.relu(x) * np.array([1.0, 2.0, 3.0, 4.0])).sum())(x)
     np.testing.assert_array_equal(g, [1.0, 0.0, 0.0, 4.0])
+
+
+def test_norm_gradient_at_zero_is_zero():
+    """A subgradient (PyTorch's choice), not 0/0 = NaN; second derivatives stay finite too."""
+    z = np.zeros(3)
+    np.testing.assert_array_equal(jit_grad(lambda x: x.norm())(z), [0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(jit(lambda x: x.norm())(z), 0.0)
+    hvp = jit_grad(lambda x: jit_grad(lambda y: y.norm())(x).sum())(z)
+    assert np.isfinite(hvp).all()

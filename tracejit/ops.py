@@ -324,12 +324,17 @@ def logsumexp(x, axis=None, keepdims=False):
 
 @op("norm")
 def norm(x, ord=None, axis=None, keepdims=False):
-    """Vector norms (ord None/2, 1, inf) and the Frobenius norm of a whole array."""
+    """Vector norms (ord None/2, 1, inf) and the Frobenius norm of a whole array. The gradient of
+    the 2-norm at zero is zero."""
     if ord in (None, 2, "fro"):
         if ord == 2 and axis is None and getattr(x, "ndim", 1) > 1:
             raise NotImplementedError("norm: the spectral norm (ord=2 of a matrix) is not supported; "
                                       "use ord=None for the Frobenius norm")
-        return sqrt(sum(power(x, 2), axis, keepdims))
+        # the gradient at the zero vector is 0 (a subgradient, as in PyTorch), not 0/0 = NaN:
+        # sqrt never sees the zero, so neither does its derivative
+        squares = sum(power(x, 2), axis, keepdims)
+        zero = equal(squares, 0.0)
+        return where(zero, 0.0, sqrt(where(zero, 1.0, squares)))
     if ord == 1:
         return sum(abs(x), axis, keepdims)
     if ord in (np.inf, float("inf")):
