@@ -108,6 +108,14 @@ def _const_array(v: Value):
     return None
 
 
+def _replacement(ins: Instr, prim, inputs, params, out_type=None) -> Instr:
+    """A new instruction standing in for `ins`: its provenance and printed name carry over."""
+    new = Instr(prim, tuple(inputs), params, out_type or ins.out.type, loc=ins.loc, api=ins.api,
+                adj_of=ins.adj_of)
+    new.out.hint, new.out.ct_of = ins.out.hint, ins.out.ct_of
+    return new
+
+
 def _new_const(ins: Instr, array: np.ndarray) -> Instr:
     """A const (splat) or literal instruction computing `array`, with `ins`'s provenance."""
     t = ins.out.type
@@ -118,15 +126,11 @@ def _new_const(ins: Instr, array: np.ndarray) -> Instr:
         first = flat[0].item()
         value = float(first) if t.dtype in FLOAT_DTYPES else (
             bool(first) if t.dtype == "bool" else int(first))
-        new = Instr(primitives["const"], (), dict(value=value, shape=t.shape, dtype=t.dtype), t,
-                    loc=ins.loc, api=ins.api, adj_of=ins.adj_of)
-    else:
-        arr = np.ascontiguousarray(array, dtype=t.np_dtype)
-        arr.setflags(write=False)
-        new = Instr(primitives["literal"], (), dict(value=arr), t, loc=ins.loc, api=ins.api,
-                    adj_of=ins.adj_of)
-    new.out.hint, new.out.ct_of = ins.out.hint, ins.out.ct_of
-    return new
+        return _replacement(ins, primitives["const"], (),
+                            dict(value=value, shape=t.shape, dtype=t.dtype))
+    arr = np.ascontiguousarray(array, dtype=t.np_dtype)
+    arr.setflags(write=False)
+    return _replacement(ins, primitives["literal"], (), dict(value=arr))
 
 
 def _fold(ins: Instr):
@@ -170,10 +174,7 @@ def _simplify(ins: Instr, uses: dict):
     t = ins.out.type
     ins_ = ins.inputs
     if name == "add" and ins_[0] is ins_[1] and _same(ins_[0], t):
-        new = Instr(primitives["mul"], (ins_[0], _scalar_const(ins, 2.0)), {}, t, loc=ins.loc,
-                    api=ins.api, adj_of=ins.adj_of)
-        new.out.hint, new.out.ct_of = ins.out.hint, ins.out.ct_of
-        return new
+        return _replacement(ins, primitives["mul"], (ins_[0], _scalar_const(ins, 2.0)), {})
     if name in ("add", "sub"):
         a, b = ins_
         if _splat(b) == 0 and _same(a, t):
@@ -204,10 +205,7 @@ def _simplify(ins: Instr, uses: dict):
     elif name == "reshape":
         a = ins_[0]
         if a.instr is not None and a.instr.prim.name == "reshape":
-            new = Instr(ins.prim, a.instr.inputs, ins.params, t, loc=ins.loc, api=ins.api,
-                        adj_of=ins.adj_of)
-            new.out.hint, new.out.ct_of = ins.out.hint, ins.out.ct_of
-            return new
+            return _replacement(ins, ins.prim, a.instr.inputs, ins.params)
     elif name == "matmul":
         # a 2-d transpose feeding a matmul becomes its trans flag: no copy of the operand
         a, b = ins_
@@ -218,18 +216,14 @@ def _simplify(ins: Instr, uses: dict):
         if _is_t2(b):
             b, flags["trans_b"], changed = b.instr.inputs[0], not flags.get("trans_b"), True
         if changed:
-            new = Instr(ins.prim, (a, b), flags, t, loc=ins.loc, api=ins.api, adj_of=ins.adj_of)
-            new.out.hint, new.out.ct_of = ins.out.hint, ins.out.ct_of
-            return new
+            return _replacement(ins, ins.prim, (a, b), flags)
     elif name == "transpose" and _is_t2(ins.out) and ins_[0].instr is not None and \
             ins_[0].instr.prim.name == "matmul" and uses.get(id(ins_[0]), 0) == 1:
         # (op(A) op(B))^T = op(B)^T op(A)^T: one matmul with swapped operands, no transpose
         mm = ins_[0].instr
         a, b = mm.inputs
         flags = dict(trans_a=not mm.params.get("trans_b"), trans_b=not mm.params.get("trans_a"))
-        new = Instr(mm.prim, (b, a), flags, t, loc=ins.loc, api=ins.api, adj_of=ins.adj_of)
-        new.out.hint, new.out.ct_of = ins.out.hint, ins.out.ct_of
-        return new
+        return _replacement(ins, mm.prim, (b, a), flags)
     elif name == "transpose":
         a = ins_[0]
         if a.instr is not None and a.instr.prim.name == "transpose":
@@ -238,10 +232,7 @@ def _simplify(ins: Instr, uses: dict):
             src = a.instr.inputs[0]
             if perm == tuple(range(len(perm))):
                 return src
-            new = Instr(ins.prim, (src,), dict(perm=perm), t, loc=ins.loc, api=ins.api,
-                        adj_of=ins.adj_of)
-            new.out.hint, new.out.ct_of = ins.out.hint, ins.out.ct_of
-            return new
+            return _replacement(ins, ins.prim, (src,), dict(perm=perm))
     return None
 
 
