@@ -33,6 +33,11 @@ def gomp_available() -> bool:
     return False
 
 
+# Run-time cap on the threads of every call (tracejit.set_num_threads); None: no cap beyond what
+# each function was compiled for.
+thread_limit: int | None = None
+
+
 def default_threads() -> int:
     env = os.environ.get("TRACEJIT_NUM_THREADS")
     if env:

@@ -246,7 +246,9 @@ class NativeFunction:
         """Run on `arrays` (a sequence of C-contiguous arrays of the parameter types)."""
         outs = tuple(np.empty(t.shape, dtype=t.np_dtype) for t in self._out_types)
         arrays = tuple(arrays)
-        self._entry(arrays, outs, self._arena(), self.threads)
+        limit = parallel.thread_limit
+        self._entry(arrays, outs, self._arena(),
+                    self.threads if limit is None else min(self.threads, limit))
         for k, kind, src in self._copies:
             if kind == "in":
                 outs[k][...] = arrays[src]

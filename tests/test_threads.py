@@ -191,3 +191,22 @@ def test_dumps_of_cached_code_from_many_threads_agree(monkeypatch):
     assert g.compile_stats()["cache_hits"] == 1
     dumps = run_together(4, lambda i: g.ir(params, x, t, stage="llvm"))
     assert all(d == dumps[0] for d in dumps) and "define" in dumps[0]
+
+
+def test_set_num_threads_caps_every_call():
+    """tracejit.set_num_threads(1) makes calls use one thread (same results), None lifts it."""
+    from codegen import parallel
+    x = np.random.default_rng(3).standard_normal((64, 256)).astype(np.float32)
+    w = np.random.default_rng(4).standard_normal((512, 256)).astype(np.float32)
+    g = tracejit.jit_grad(lambda w, x: tracejit.tanh(x @ w.T).sum())
+    both = g(w, x)
+    try:
+        tracejit.set_num_threads(1)
+        assert parallel.thread_limit == 1 and tracejit.get_num_threads() == 1
+        one = g(w, x)
+    finally:
+        tracejit.set_num_threads(None)
+    assert parallel.thread_limit is None
+    np.testing.assert_allclose(one, both, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="positive int"):
+        tracejit.set_num_threads(0)

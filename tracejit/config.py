@@ -29,3 +29,19 @@ class _Config:
 
 
 config = _Config()
+
+
+def set_num_threads(n: int | None) -> None:
+    """Use at most `n` threads per call from now on (None: as many as each function was compiled
+    for, which is TRACEJIT_NUM_THREADS or the CPUs this process may run on)."""
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"set_num_threads expects a positive int or None, got {n!r}")
+    from codegen import parallel
+    parallel.thread_limit = n
+
+
+def get_num_threads() -> int:
+    """The threads a call may use now (the cap set by set_num_threads, else the default)."""
+    from codegen import parallel
+    default = parallel.default_threads()
+    return default if parallel.thread_limit is None else min(default, parallel.thread_limit)
