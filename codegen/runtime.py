@@ -81,7 +81,6 @@ class NativeFunction:
         self.threads = self.max_threads  # threads a call may use (at most max_threads)
         self._local = threading.local()
         self._out_types = [o.type for o in fn.outputs]
-        self._n_in = len(fn.params)
         self._copies = self._resolve_copies()
 
     def _load_or_compile(self, cache):
@@ -184,10 +183,8 @@ class NativeFunction:
         ptr_cache = {}
 
         def pointer(v):
+            v = schedule.base_value(v, plan.locations)
             loc = plan.locations[id(v)]
-            while loc.kind == "alias":
-                v = loc.of
-                loc = plan.locations[id(v)]
             key = id(v)
             if key in ptr_cache:
                 return ptr_cache[key]
@@ -223,10 +220,8 @@ class NativeFunction:
         plan = self.plan
         res = []
         for k, v in plan.out_copies:
+            v = schedule.base_value(v, plan.locations)
             loc = plan.locations.get(id(v))
-            while loc is not None and loc.kind == "alias":
-                v = loc.of
-                loc = plan.locations.get(id(v))
             if loc is None or loc.kind == "global":
                 res.append((k, "const", np.array(v.instr.params["value"])))
             else:
@@ -310,12 +305,8 @@ def _literal_global(module: ir.Module, v, name: str):
     arr = v.instr.params["value"]
     ety = llvm_type(v.dtype)
     flat = arr.ravel()
-    if v.dtype == "bool":
-        vals = [int(x) for x in flat.tolist()]
-    elif v.dtype == "i32":
-        vals = [int(x) for x in flat.tolist()]
-    else:
-        vals = [float(x) for x in flat.tolist()]
+    convert = float if v.dtype in ("f32", "f64") else int
+    vals = [convert(x) for x in flat.tolist()]
     aty = ir.ArrayType(ety, len(vals))
     g = ir.GlobalVariable(module, aty, name=module.get_unique_name(name))
     g.global_constant = True

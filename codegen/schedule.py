@@ -303,7 +303,8 @@ def _fused_tree(root: Instr, mat: set, producer: dict):
     return members, leaves
 
 
-def _base(v: Value, locations) -> Value:
+def base_value(v: Value, locations) -> Value:
+    """The value whose buffer `v` uses (following reshape aliases)."""
     while locations.get(id(v)) is not None and locations[id(v)].kind == "alias":
         v = locations[id(v)].of
     return v
@@ -314,9 +315,9 @@ def _place_arena(fn, groups, mat, locations, producer) -> int:
     last_use: dict[int, int] = {}
     for g in groups:
         for leaf in g.leaves + g.extra_leaves:
-            last_use[id(_base(leaf, locations))] = g.index
+            last_use[id(base_value(leaf, locations))] = g.index
     for o in fn.outputs:
-        last_use[id(_base(o, locations))] = len(groups)
+        last_use[id(base_value(o, locations))] = len(groups)
     blocks: list[tuple[int, int, int, int]] = []  # (offset, size, first, last)
 
     def allocate(size, first, last) -> int:
@@ -352,7 +353,7 @@ def _saved_for_backward(fn: Function, groups: list, locations: dict):
     saved, seen = [], set()
     for g in groups[start:]:
         for v in g.leaves + g.extra_leaves:
-            base = _base(v, locations)
+            base = base_value(v, locations)
             if made_at.get(id(base), start) < start and id(base) not in seen:
                 seen.add(id(base))
                 saved.append((base, base.type.nbytes))
