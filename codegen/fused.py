@@ -503,9 +503,6 @@ class Epilogue:
         self.n_args = len(self.leaves)
         self._fn = None
 
-    def describe(self) -> str:
-        return ", ".join(m.prim.name for m in self.group.members if m.prim.name != "const")
-
     def function(self, module: ir.Module) -> ir.Function:
         if self._fn is not None:
             return self._fn

@@ -31,7 +31,7 @@ Semantics that the code generator relies on:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -350,9 +350,3 @@ def print_function(fn: Function, annotate: Callable[[Instr], str | None] | None 
     lines.append("  return " + ", ".join(namer.ref(o) for o in fn.outputs))
     lines.append("}")
     return "\n".join(lines)
-
-
-def iter_uses(fn: Function) -> Iterable[tuple[Instr, Value]]:
-    for ins in fn.instrs:
-        for v in ins.inputs:
-            yield ins, v
