@@ -53,6 +53,12 @@ def host_info() -> dict:
             "triple": llvm.get_process_triple()}
 
 
+def vector_registers() -> int:
+    """Vector registers of the host: 32 zmm with AVX-512, else 16 ymm (AVX2). Register blocks
+    are sized from it: a block with more accumulators than registers spills on every step."""
+    return 32 if host_info()["avx512"] else 16
+
+
 def vector_width(dtype_bits: int) -> int:
     """Elements in one vector register for the host (512-bit with AVX-512, else 256-bit)."""
     bits = 512 if host_info()["avx512"] else 256

@@ -352,4 +352,5 @@ _VFMA = re.compile(r"vfmadd\w*\s+[^\n]*%[yz]mm")
 ])
 def test_asm_has_vector_fma(prim, shapes, params):
     asm = Kernels([make_instr(prim, shapes, "f32", **params)]).jit.asm
-    assert len(_VFMA.findall(asm)) >= 16, f"{prim}: no vector FMAs in\n{asm[:3000]}"
+    # a register block of FMAs (12 accumulators with AVX2's 16 registers, 24 with AVX-512's 32)
+    assert len(_VFMA.findall(asm)) >= 12, f"{prim}: no vector FMAs in\n{asm[:3000]}"

@@ -38,7 +38,7 @@ import llvmlite.ir as ir
 
 from ..loops import (FAST, I64, PTR, VOID, carry_loop, fma, gep, i32, i64, llvm_type, load,
                      masked_load, masked_store, splat, store, vload)
-from ..target import vector_width
+from ..target import vector_registers, vector_width
 from . import register
 
 
@@ -263,10 +263,16 @@ def _plan(ins) -> _Plan:
         # accumulators, 10 loads per 24 FMAs). The rows of A stream from L2 (B's stay in L1);
         # six uses per vector of A keep that stream small enough that unaligned A (a numpy array
         # 16 bytes off a cache line) costs 5%, against 20% with 4 x 4.
-        mr, nr = FORCE.get("dot", (4, 6))
-        return _Plan(dt, m, n, k, ta, "dot", False, mr, nr, vl, es)
-    nv = 4 if n > 2 * vl else max(1, ceil_div(n, vl))
-    mr = 6 if nv == 4 else min(12, 24 // nv)
+        # With 16 registers (AVX2) 3 x 4: 12 accumulators, 3 rows of A and one of B. The NR
+        # sums of a row are transposed into one vector, so NR is at most the vector's lanes.
+        mr, nr = FORCE.get("dot", (4, 6) if vector_registers() >= 32 else (3, 4))
+        return _Plan(dt, m, n, k, ta, "dot", False, mr, min(nr, vl), vl, es)
+    # 24 accumulators (MR x NV vectors) with 32 registers, 12 with 16 (AVX2), leaving room for
+    # the NV vectors of B and the broadcast of A
+    acc = 24 if vector_registers() >= 32 else 12
+    nv_max = acc // 6
+    nv = nv_max if n > (nv_max // 2) * vl else max(1, ceil_div(n, vl))
+    mr = 6 if nv == nv_max else min(12, acc // nv)
     mr, nv = FORCE.get("outer", (mr, nv))
     return _Plan(dt, m, n, k, ta, "outer", tb, mr, nv, vl, es)
 
