@@ -305,9 +305,20 @@ def var(x, axis=None, keepdims=False):
     return mean(multiply(d, d), axis, keepdims)
 
 
+def _sqrt_zero_subgradient(x):
+    """sqrt(x) for x >= 0 whose gradient at x == 0 is 0 (a subgradient, as PyTorch's std and
+    norm), not 0 * inf = NaN: neither sqrt nor its derivative ever sees the zero, so second
+    derivatives stay finite too. For the roots of sums of squares (norm, std), which are |.|-like
+    at zero and identically zero over a reduction of size 1."""
+    zero = equal(x, 0.0)
+    return where(zero, 0.0, sqrt(where(zero, 1.0, x)))
+
+
 @op("std")
 def std(x, axis=None, keepdims=False):
-    return sqrt(var(x, axis, keepdims))
+    """The population standard deviation (numpy's ddof=0); its gradient where it is 0 (constant
+    values, a reduction of size 1, a 0-d array) is 0."""
+    return _sqrt_zero_subgradient(var(x, axis, keepdims))
 
 
 @op("logsumexp")
@@ -330,11 +341,7 @@ def norm(x, ord=None, axis=None, keepdims=False):
         if ord == 2 and axis is None and getattr(x, "ndim", 1) > 1:
             raise NotImplementedError("norm: the spectral norm (ord=2 of a matrix) is not supported; "
                                       "use ord=None for the Frobenius norm")
-        # the gradient at the zero vector is 0 (a subgradient, as in PyTorch), not 0/0 = NaN:
-        # sqrt never sees the zero, so neither does its derivative
-        squares = sum(power(x, 2), axis, keepdims)
-        zero = equal(squares, 0.0)
-        return where(zero, 0.0, sqrt(where(zero, 1.0, squares)))
+        return _sqrt_zero_subgradient(sum(power(x, 2), axis, keepdims))
     if ord == 1:
         return sum(abs(x), axis, keepdims)
     if ord in (np.inf, float("inf")):

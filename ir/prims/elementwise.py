@@ -293,11 +293,18 @@ def _div_adjoint(ct, a, b):
 
 @adjoint_rules.register(pow_p)
 def _pow_adjoint(ct, a, b):
-    out = pow_(a, b)
-    ct_a = mul(ct, mul(b, pow_(a, sub(b, 1.0))))
-    # d a^b / db = a^b log a; 0 where a == 0 (the limit from the right), as in JAX.
-    safe_log = select(eq(a, 0.0), 0.0, log(select(eq(a, 0.0), 1.0, a)))
-    ct_b = mul(ct, mul(out, safe_log))
+    # d a^b / da = b a^(b-1), which is 0 * 0^-1 = NaN at a == 0, b == 0 although a^0 is constant:
+    # 0 there (PyTorch's pow_backward_self). The exponent b-1 is replaced by 0 where b == 0
+    # instead of selecting the result, so no inf is ever formed and the adjoint of this rule
+    # (the second derivative) meets no 0 * inf either.
+    b_is_0 = eq(b, 0.0)
+    ct_a = mul(ct, mul(b, pow_(a, sub(select(b_is_0, 1.0, b), 1.0))))
+    # d a^b / db = a^b log a: 0 where a == 0 and b >= 0 (the limit from the right), -inf where
+    # a == 0 and b < 0 (inf * log 0, as PyTorch's pow_backward_exponent). log never sees the
+    # zero it is not used at, for the same second-derivative reason.
+    zero_limit = logical_and(eq(a, 0.0), ge(b, 0.0))
+    safe_log = select(zero_limit, 0.0, log(select(zero_limit, 1.0, a)))
+    ct_b = mul(ct, mul(pow_(a, b), safe_log))
     return _sum_to(ct_a, a), _sum_to(ct_b, b)
 
 
