@@ -94,6 +94,12 @@ def _sign(x):
     return np.sign(x)
 
 
+def _log(x):
+    # log(0) = -inf and log(-1) = NaN silently, as in the native code
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(x)
+
+
 def _logistic(x):
     # numerically stable in both tails
     with np.errstate(over="ignore"):
@@ -103,7 +109,7 @@ def _logistic(x):
 
 neg_p = _unary("neg", np.negative, float_only=False)
 exp_p = _unary("exp", np.exp)
-log_p = _unary("log", np.log)
+log_p = _unary("log", _log)
 tanh_p = _unary("tanh", np.tanh)
 sqrt_p = _unary("sqrt", np.sqrt)
 abs_p = _unary("abs", np.abs, float_only=False)
