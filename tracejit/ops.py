@@ -258,7 +258,10 @@ def logical_not(a):
 
 @op("where")
 def where(cond, a, b):
-    """`a` where `cond` is true, else `b` (numpy's three-argument where)."""
+    """`a` where `cond` is true, else `b` (numpy's three-argument where). The gradient flows only
+    to the chosen operand, but both are differentiated everywhere: a branch that is singular where
+    it is not chosen (`where(x > 0, log(x), 0)` at x == 0) gives NaN there, as in PyTorch and
+    JAX. Make the untaken branch safe: `where(x > 0, log(where(x > 0, x, 1.0)), 0.0)`."""
     p, va, vb = broadcast_values(_bool_value(cond), *promote(a, b))
     return wrap(lax.select(p, va, vb))
 

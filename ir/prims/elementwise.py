@@ -5,6 +5,15 @@ Operands of an elementwise instruction have the result's shape, or are rank-0 sc
 Conventions (the same in the interpreter, the adjoint rules and the code generator):
 - maximum/minimum propagate NaN like numpy; at ties each operand receives half the cotangent.
 - sign(0) = 0, so d|x|/dx at 0 is 0; relu is `select(x > 0, x, 0)`, so its derivative at 0 is 0.
+- A partial derivative that a naive formula makes 0 * inf where the function is constant in that
+  argument is 0: d a^b / da at b == 0 (also a == 0), as PyTorch's pow_backward_self.
+- A zero cotangent times an infinite partial derivative stays NaN, as in PyTorch and JAX: the
+  gradient of `select(x > 0, log(x), 0)` at x == 0 is 0 * (1/0) = NaN, because log's adjoint
+  runs on every element. Rules do not turn ct == 0 into a zero result: that would make
+  d/dx sqrt(x)**2 at 0 equal 0 instead of 1, a wrong finite number where NaN at least shows
+  that the chain rule broke. Keep the untaken branch away from the singularity instead
+  ("double where": `select(x > 0, log(select(x > 0, x, 1)), 0)`), as tracejit's own std and
+  norm do for their square roots.
 """
 from __future__ import annotations
 
