@@ -145,13 +145,12 @@ def test_cross_entropy_class_axis_is_dim_1(logits, target, reduction):
 
 
 def test_cross_entropy_3d_by_hand():
-    """[N=1, C=2, d1=2] logits: position 0 has logits (0, log 3) and label 1, position 1 has
-    logits (log 3, 0) and label 1: losses log(4/3) and log 4 (the last axis as class axis would
-    pair the logits of different classes)."""
-    l3 = np.log(3.0)
-    x = np.array([[[0.0, l3], [l3, 0.0]]])
+    """[N=1, C=2, d1=2] logits x[0, c, d]: position 0 has class logits (0, 0), position 1 has
+    (log 3, 0); with label 1 at both the losses are log 2 and log 4 (the last axis as class
+    axis would give log(4/3) and log 2)."""
+    x = np.array([[[0.0, np.log(3.0)], [0.0, 0.0]]])
     got = jit(lambda v: nn.cross_entropy(v, np.array([[1, 1]]), reduction="none"))(x)
-    np.testing.assert_allclose(got, [[np.log(4 / 3), np.log(4.0)]], rtol=1e-14)
+    np.testing.assert_allclose(got, [[np.log(2.0), np.log(4.0)]], rtol=1e-14)
 
 
 def test_out_of_range_class_index_names_the_user_line():
@@ -210,11 +209,11 @@ def test_bool_reduction_in_a_float64_loss_keeps_float64_and_its_zero_gradient():
     w = np.array([1.0, -1.0, 2.0, 1e-9])
 
     def loss(w):
-        return (w * w).sum() + (w > 0).sum() * 1e-17
+        return (w * w).sum() + (w > 0).sum() * 0.1
 
+    assert jit(lambda w: (w > 0).sum() * 0.1)(w) == 3 * 0.1    # float32 would round 0.1
     value = jit(loss)(w)
-    assert value.dtype == np.float64
-    assert value == (w * w).sum() + 3e-17    # float32 would round both terms
+    assert value.dtype == np.float64 and value == (w * w).sum() + 3 * 0.1
     np.testing.assert_array_equal(jit_grad(loss)(w), 2 * w)
 
 
