@@ -94,14 +94,18 @@ def _tuple(v, n):
 
 
 def ref_conv(x, w, b=None, stride=1, padding=0):
-    """PyTorch conv1d/conv2d (cross-correlation), any number of spatial dims, unbatched allowed:
-    out[n, o, p] = sum over c and taps k of xpad[n, c, p * stride + k] * w[o, c, k]."""
+    """PyTorch conv1d/conv2d (cross-correlation), any number of spatial dims, unbatched allowed,
+    padding ints, "valid" or "same": out[n, o, p] = sum over c and taps k of xpad[n, c, p * stride + k] * w[o, c, k]."""
     nsp = w.ndim - 2
     unbatched = x.ndim == nsp + 1
     x = x[None] if unbatched else x
-    s, p = _tuple(stride, nsp), _tuple(padding, nsp)
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(q, q) for q in p])
     k = w.shape[2:]
+    s = _tuple(stride, nsp)
+    if padding == "same":    # PyTorch: k - 1 in total, the odd element on the right/bottom
+        pads = [((kk - 1) // 2, kk - 1 - (kk - 1) // 2) for kk in k]
+    else:
+        pads = [(q, q) for q in _tuple(0 if padding == "valid" else padding, nsp)]
+    xp = np.pad(x, [(0, 0), (0, 0)] + pads)
     outsp = [(n - kk) // ss + 1 for n, kk, ss in zip(xp.shape[2:], k, s)]
     out = np.zeros((x.shape[0], w.shape[0], *outsp))
     for tap in itertools.product(*map(range, k)):
@@ -147,9 +151,13 @@ def _reduce(loss, reduction):
 
 
 def ref_cross_entropy(logits, target, reduction="mean"):
+    """PyTorch's: the class axis of [N, C, d1, ...] logits is 1 (0 for [C])."""
+    axis = 1 if logits.ndim > 1 else 0
+    logp = ref_log_softmax(logits, axis)
     if np.asarray(target).dtype.kind in "iu":
-        target = np.eye(logits.shape[-1])[target]
-    return _reduce(-np.sum(target * ref_log_softmax(logits), axis=-1), reduction)
+        picked = np.take_along_axis(logp, np.expand_dims(target, axis), axis)
+        return _reduce(-np.squeeze(picked, axis), reduction)
+    return _reduce(-np.sum(target * logp, axis=axis), reduction)
 
 
 def ref_mse(x, t, reduction="mean"):
@@ -327,6 +335,8 @@ for _shape in ((1,), ()):
     add("sum", f"sum-{_sid(_shape)}", tj.sum, np.sum, Arg(_shape))
     add("max", f"max-{_sid(_shape)}", tj.max, np.max, Arg(_shape))
 add("mean", "mean-1x1", tj.mean, np.mean, Arg((1, 1)))
+add("std", "std-size-1-axis", lambda x: tj.std(x, 0), lambda x: np.std(x, axis=0), Arg((1, 4)))
+add("std", "std-0d", tj.std, np.std, Arg(()))
 add("norm", "norm-vector", tj.norm, ref_norm, Arg((5,)))
 add("norm", "norm-frobenius", tj.norm, ref_norm, Arg((3, 4)))
 add("norm", "norm-axis1-keepdims", lambda x: tj.norm(x, axis=1, keepdims=True),
@@ -471,7 +481,15 @@ conv("nn.conv1d", "conv1d-stride3-pad2-bias", nn.conv1d, (2, 2, 10), (3, 2, 4), 
      stride=3, padding=2)
 conv("nn.conv1d", "conv1d-unbatched", nn.conv1d, (3, 7), (2, 3, 2))
 conv("nn.conv1d", "conv1d-1-element", nn.conv1d, (1, 1, 1), (1, 1, 1))
+conv("nn.conv1d", "conv1d-same-even-kernel", nn.conv1d, (2, 3, 7), (2, 3, 4), bias=True,
+     padding="same")
+conv("nn.conv1d", "conv1d-valid-stride2", nn.conv1d, (1, 2, 8), (2, 2, 3), stride=2,
+     padding="valid")
 conv("nn.conv2d", "conv2d-plain", nn.conv2d, (2, 3, 6, 6), (4, 3, 3, 3))
+conv("nn.conv2d", "conv2d-same-odd-kernel", nn.conv2d, (2, 2, 5, 4), (3, 2, 3, 3), padding="same")
+conv("nn.conv2d", "conv2d-same-even-kernel", nn.conv2d, (1, 2, 5, 5), (3, 2, 2, 4), bias=True,
+     padding="same")
+conv("nn.conv2d", "conv2d-valid", nn.conv2d, (1, 2, 5, 5), (2, 2, 3, 2), padding="valid")
 conv("nn.conv2d", "conv2d-stride2-pad1", nn.conv2d, (2, 3, 7, 7), (4, 3, 3, 3), stride=2,
      padding=1)
 conv("nn.conv2d", "conv2d-stride21-pad01-bias", nn.conv2d, (1, 2, 6, 5), (3, 2, 2, 3), bias=True,
@@ -534,6 +552,12 @@ add("nn.cross_entropy", "cross_entropy-traced-target", nn.cross_entropy, ref_cro
     Arg((3, 4)), pos((3, 4)))
 add("nn.cross_entropy", "cross_entropy-unbatched", lambda x: nn.cross_entropy(x, np.array(1)),
     lambda x: ref_cross_entropy(x, np.array(1)), Arg((5,)))
+LABELS_ND = np.array([[0, 3, 1], [2, 2, 0]])
+add("nn.cross_entropy", "cross_entropy-nd-labels", lambda x: nn.cross_entropy(x, LABELS_ND),
+    lambda x: ref_cross_entropy(x, LABELS_ND), Arg((2, 4, 3)))
+add("nn.cross_entropy", "cross_entropy-nd-probs-none",
+    lambda x, t: nn.cross_entropy(x, t, reduction="none"),
+    lambda x, t: ref_cross_entropy(x, t, "none"), Arg((2, 3, 2, 2)), pos((2, 3, 2, 2)))
 for _red in ("mean", "sum", "none"):
     add("nn.mse_loss", f"mse_loss-{_red}", lambda x, t, r=_red: nn.mse_loss(x, t, reduction=r),
         lambda x, t, r=_red: ref_mse(x, t, r), Arg((3, 4)), Arg((3, 4)))

@@ -3,9 +3,14 @@ through the reference interpreter).
 
 Type rules: traced values and numpy arrays have strong dtypes (float32 with float64 gives float64);
 Python numbers are weak and take the other operand's dtype. Inside a trace, numpy constants are weak
-too, so a captured float64 table does not turn a float32 model into float64. Bool operands of
-arithmetic become 0/1 of the other operand's dtype. Broadcasting follows numpy and becomes explicit
-`broadcast_in_dim` instructions.
+too, so a captured float64 table does not turn a float32 model into float64. The rules hold for
+every operand of an op, also those given in a list (`stack([x, 0.1])` is float64 for float64 `x`).
+Bool operands of arithmetic become 0/1 of the other operand's dtype. A traced bool value that is
+the only operand (a reduction of a mask, `(w > 0).sum()`, `mean`, `reshape`, ...) becomes 0/1 of
+the float dtype it was computed from: float64 if any float value its comparisons read was float64,
+else float32 (also for bool constants, and outside a trace, where numpy bool arrays have no such
+origin). Counts are exact up to 2**24 in float32 and 2**53 in float64. Broadcasting follows numpy
+and becomes explicit `broadcast_in_dim` instructions.
 """
 from __future__ import annotations
 
@@ -91,6 +96,7 @@ def _flat(x):
 
 
 def result_dtype(*xs) -> str:
+    """The float dtype an op computes in for operands `xs` (the rules of the module docstring)."""
     tracers = [x for x in xs if isinstance(x, Tracer)]
     strong = [x.value.dtype for x in tracers if x.value.dtype in ("f32", "f64")]
     for x in xs:
@@ -98,9 +104,34 @@ def result_dtype(*xs) -> str:
     if not tracers:
         strong = [_float_dtype(np.asarray(x).dtype) for x in xs
                   if not _is_weak(x) and np.asarray(x).dtype.kind == "f"]
+    elif not strong:
+        strong = [_bool_origin_dtype(x.value) for x in tracers if x.value.dtype == "bool"]
     if not strong:
         return "f32"
     return "f64" if "f64" in strong else "f32"
+
+
+def _bool_origin_dtype(v: Value) -> str:
+    """The float dtype a traced bool value was computed from: "f64" if any float value read by
+    the instructions that produced it (comparisons, logical ops, layout ops on bools) is f64."""
+    seen, todo, found = set(), [v], set()
+    while todo:
+        u = todo.pop()
+        if id(u) in seen or u.instr is None:
+            continue
+        seen.add(id(u))
+        for w in u.instr.inputs:
+            if w.dtype == "bool":
+                todo.append(w)
+            else:
+                found.add(w.dtype)
+    return "f64" if "f64" in found else "f32"
+
+
+def promote(*xs) -> list[Value]:
+    """The operands `xs` (tracers, arrays, numbers) as Values of their common float dtype."""
+    dt = result_dtype(*xs)
+    return [as_value(x, dt) for x in xs]
 
 
 def as_value(x, dtype: str) -> Value:
@@ -136,9 +167,8 @@ def broadcast_values(*vals):
         if shape else list(vals)
 
 
-def _binary(lax_fn, a, b, dtype=None):
-    dt = dtype or result_dtype(a, b)
-    va, vb = broadcast_values(as_value(a, dt), as_value(b, dt))
+def _binary(lax_fn, a, b):
+    va, vb = broadcast_values(*promote(a, b))
     if va.shape != vb.shape and va.shape and vb.shape:  # pragma: no cover - guarded above
         raise ShapeError(f"shapes {va.shape} and {vb.shape} differ")
     return wrap(lax_fn(va, vb))
@@ -228,9 +258,11 @@ def logical_not(a):
 
 @op("where")
 def where(cond, a, b):
-    """`a` where `cond` is true, else `b` (numpy's three-argument where)."""
-    dt = result_dtype(a, b)
-    p, va, vb = broadcast_values(_bool_value(cond), as_value(a, dt), as_value(b, dt))
+    """`a` where `cond` is true, else `b` (numpy's three-argument where). The gradient flows only
+    to the chosen operand, but both are differentiated everywhere: a branch that is singular where
+    it is not chosen (`where(x > 0, log(x), 0)` at x == 0) gives NaN there, as in PyTorch and
+    JAX. Make the untaken branch safe: `where(x > 0, log(where(x > 0, x, 1.0)), 0.0)`."""
+    p, va, vb = broadcast_values(_bool_value(cond), *promote(a, b))
     return wrap(lax.select(p, va, vb))
 
 
@@ -305,9 +337,20 @@ def var(x, axis=None, keepdims=False):
     return mean(multiply(d, d), axis, keepdims)
 
 
+def _sqrt_zero_subgradient(x):
+    """sqrt(x) for x >= 0 whose gradient at x == 0 is 0 (a subgradient, as PyTorch's std and
+    norm), not 0 * inf = NaN: neither sqrt nor its derivative ever sees the zero, so second
+    derivatives stay finite too. For the roots of sums of squares (norm, std), which are |.|-like
+    at zero and identically zero over a reduction of size 1."""
+    zero = equal(x, 0.0)
+    return where(zero, 0.0, sqrt(where(zero, 1.0, x)))
+
+
 @op("std")
 def std(x, axis=None, keepdims=False):
-    return sqrt(var(x, axis, keepdims))
+    """The population standard deviation (numpy's ddof=0); its gradient where it is 0 (constant
+    values, a reduction of size 1, a 0-d array) is 0."""
+    return _sqrt_zero_subgradient(var(x, axis, keepdims))
 
 
 @op("logsumexp")
@@ -330,11 +373,7 @@ def norm(x, ord=None, axis=None, keepdims=False):
         if ord == 2 and axis is None and getattr(x, "ndim", 1) > 1:
             raise NotImplementedError("norm: the spectral norm (ord=2 of a matrix) is not supported; "
                                       "use ord=None for the Frobenius norm")
-        # the gradient at the zero vector is 0 (a subgradient, as in PyTorch), not 0/0 = NaN:
-        # sqrt never sees the zero, so neither does its derivative
-        squares = sum(power(x, 2), axis, keepdims)
-        zero = equal(squares, 0.0)
-        return where(zero, 0.0, sqrt(where(zero, 1.0, squares)))
+        return _sqrt_zero_subgradient(sum(power(x, 2), axis, keepdims))
     if ord == 1:
         return sum(abs(x), axis, keepdims)
     if ord in (np.inf, float("inf")):
@@ -347,8 +386,7 @@ def norm(x, ord=None, axis=None, keepdims=False):
 # ------------------------------------------------------------------------------------------------
 @op("matmul")
 def matmul(a, b):
-    dt = result_dtype(a, b)
-    va, vb = as_value(a, dt), as_value(b, dt)
+    va, vb = promote(a, b)
     if va.ndim == 0 or vb.ndim == 0:
         raise ShapeError(f"matmul: operands must not be scalars, got {va.type} @ {vb.type}")
     if va.ndim == 1 and vb.ndim == 1:
@@ -460,9 +498,7 @@ def expand_dims(x, axis):
 
 @op("concatenate")
 def concatenate(xs, axis=0):
-    xs = list(xs)
-    dt = result_dtype(*xs)
-    vals = [as_value(x, dt) for x in xs]
+    vals = promote(*xs)
     nd = vals[0].ndim
     if nd == 0:
         raise ShapeError("concatenate: zero-dimensional values cannot be concatenated")
@@ -471,7 +507,8 @@ def concatenate(xs, axis=0):
 
 @op("stack")
 def stack(xs, axis=0):
-    return concatenate([expand_dims(x, axis) for x in xs], axis)
+    # promote first: a Python number alone would become float32 before meeting the arrays
+    return concatenate([expand_dims(wrap(v), axis) for v in promote(*xs)], axis)
 
 
 @op("getitem")

@@ -5,6 +5,15 @@ Operands of an elementwise instruction have the result's shape, or are rank-0 sc
 Conventions (the same in the interpreter, the adjoint rules and the code generator):
 - maximum/minimum propagate NaN like numpy; at ties each operand receives half the cotangent.
 - sign(0) = 0, so d|x|/dx at 0 is 0; relu is `select(x > 0, x, 0)`, so its derivative at 0 is 0.
+- A partial derivative that a naive formula makes 0 * inf where the function is constant in that
+  argument is 0: d a^b / da at b == 0 (also a == 0), as PyTorch's pow_backward_self.
+- A zero cotangent times an infinite partial derivative stays NaN, as in PyTorch and JAX: the
+  gradient of `select(x > 0, log(x), 0)` at x == 0 is 0 * (1/0) = NaN, because log's adjoint
+  runs on every element. Rules do not turn ct == 0 into a zero result: that would make
+  d/dx sqrt(x)**2 at 0 equal 0 instead of 1, a wrong finite number where NaN at least shows
+  that the chain rule broke. Keep the untaken branch away from the singularity instead
+  ("double where": `select(x > 0, log(select(x > 0, x, 1)), 0)`), as tracejit's own std and
+  norm do for their square roots.
 """
 from __future__ import annotations
 
@@ -94,6 +103,12 @@ def _sign(x):
     return np.sign(x)
 
 
+def _log(x):
+    # log(0) = -inf and log(-1) = NaN silently, as in the native code
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(x)
+
+
 def _logistic(x):
     # numerically stable in both tails
     with np.errstate(over="ignore"):
@@ -103,7 +118,7 @@ def _logistic(x):
 
 neg_p = _unary("neg", np.negative, float_only=False)
 exp_p = _unary("exp", np.exp)
-log_p = _unary("log", np.log)
+log_p = _unary("log", _log)
 tanh_p = _unary("tanh", np.tanh)
 sqrt_p = _unary("sqrt", np.sqrt)
 abs_p = _unary("abs", np.abs, float_only=False)
@@ -293,11 +308,18 @@ def _div_adjoint(ct, a, b):
 
 @adjoint_rules.register(pow_p)
 def _pow_adjoint(ct, a, b):
-    out = pow_(a, b)
-    ct_a = mul(ct, mul(b, pow_(a, sub(b, 1.0))))
-    # d a^b / db = a^b log a; 0 where a == 0 (the limit from the right), as in JAX.
-    safe_log = select(eq(a, 0.0), 0.0, log(select(eq(a, 0.0), 1.0, a)))
-    ct_b = mul(ct, mul(out, safe_log))
+    # d a^b / da = b a^(b-1), which is 0 * 0^-1 = NaN at a == 0, b == 0 although a^0 is constant:
+    # 0 there (PyTorch's pow_backward_self). The exponent b-1 is replaced by 0 where b == 0
+    # instead of selecting the result, so no inf is ever formed and the adjoint of this rule
+    # (the second derivative) meets no 0 * inf either.
+    b_is_0 = eq(b, 0.0)
+    ct_a = mul(ct, mul(b, pow_(a, sub(select(b_is_0, 1.0, b), 1.0))))
+    # d a^b / db = a^b log a: 0 where a == 0 and b >= 0 (the limit from the right), -inf where
+    # a == 0 and b < 0 (inf * log 0, as PyTorch's pow_backward_exponent). log never sees the
+    # zero it is not used at, for the same second-derivative reason.
+    zero_limit = logical_and(eq(a, 0.0), ge(b, 0.0))
+    safe_log = select(zero_limit, 0.0, log(select(zero_limit, 1.0, a)))
+    ct_b = mul(ct, mul(pow_(a, b), safe_log))
     return _sum_to(ct_a, a), _sum_to(ct_b, b)
 
 
