@@ -123,7 +123,8 @@ def test_bad_arguments_are_type_errors():
         tracejit.check_grads(lambda x: x.sum(), x)
     with pytest.raises(ValueError, match="argnums 2 is out of range for 1 arguments"):
         tracejit.check_grads(lambda x: x.sum(), (x,), argnums=2)
-    with pytest.raises(TypeError, match="argument n: expected a float32 or float64 array, got int64"):
+    with pytest.raises(TypeError, match="argument n: expected a float32 or float64 array, got "
+                                        "int64"):
         tracejit.check_grads(lambda x, n: (x * n).sum(), (x, np.arange(3)), argnums=1)
     with pytest.raises(ValueError, match="order must be 1 or 2"):
         tracejit.check_grads(lambda x: x.sum(), (x,), order=3)
