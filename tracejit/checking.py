@@ -31,7 +31,8 @@ def check_grads(fun, args, *, argnums=0, order=1, eps=None, rtol=None, atol=None
     - order 1: `jit_grad(fun)` against central differences of `fun` (compiled with `jit`) at every
       element of each differentiated array, or at `max_coords` randomly chosen elements of a larger
       one, plus the inner-product test: <gradient, t> against the central difference of `fun`
-      along a random direction t of all differentiated arguments, which covers every element.
+      along a random direction t of all differentiated arguments, which covers every element
+      (`max_coords=0` leaves only this test, for large arguments).
     - order 2 (checks order 1 first): the Hessian-vector product H v, computed as the compiled
       gradient of <gradient, v> for a random direction v, against central differences of the
       compiled gradient along v, at every element.
