@@ -451,6 +451,8 @@ METHODS = [
      Arg((5,), avoid=(-1.0, 1.0))),
     ("method.flatten", "flatten", lambda x: x.flatten(), lambda x: x.flatten(), Arg((2, 3))),
     ("method.squeeze", "squeeze", lambda x: x.squeeze(), lambda x: x.squeeze(), Arg((2, 1))),
+    ("method.astype", "astype-round-trip", lambda x: (x.astype(np.float64) * 2.0).astype(x.dtype),
+     lambda x: 2.0 * x, Arg((2, 3))),
 ]
 for _op, _id, _fn, _ref, *_args in METHODS:
     add(_op, f"method-{_id}", _fn, _ref, *_args)

@@ -1,7 +1,9 @@
 """The per-op table (tests/optable.py) compiled to native code: forward against numpy, gradients
 against float64 central differences, the inner-product test and second derivatives, in both dtypes;
 plus every case compiled and compared with the reference interpreter, and odd-size cases (not a
-multiple of the vector width, 1-element dimensions, batch 1)."""
+multiple of the vector width, 1-element dimensions, batch 1). The kink conventions, stop_gradient
+at every order and the generated broadcasting and indexing tests of tests/test_ops.py run here
+natively too, as do astype and mixed precision."""
 import numpy as np
 import pytest
 
@@ -11,6 +13,9 @@ from optable import GRAD_CASES, case_id
 from tracejit import nn
 from shared_checks import (  # noqa: F401  (run here with this module's backend)
     test_forward, test_grad, test_inner_product, test_second_order)
+from test_ops import (  # noqa: F401  (run here with this module's backend)
+    test_generated_basic_indexing, test_generated_broadcasting, test_gradient_conventions_at_kinks,
+    test_stop_gradient_blocks_the_gradient)
 
 BACKEND = "llvm"
 
@@ -99,3 +104,37 @@ def test_odd_sizes(name, fun, shapes, dtype):
         fd = helpers.numeric_grad(lambda *a: float(fun(*a)), args, (0, 1), max_coords=12,
                                   rng=helpers.rng_for("odd-fd", name))
         helpers.assert_grads_match_fd(grads, fd, dtype, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# dtypes: astype and mixed precision
+# ------------------------------------------------------------------------------------------------
+def test_mixed_precision_promotes_and_grads_keep_their_dtype():
+    rng = helpers.rng_for("mixed")
+    x32, y = rng.standard_normal(40).astype(np.float32), rng.standard_normal(40)
+    out = tracejit.jit(lambda a, b: a * b)(x32, y)
+    assert out.dtype == np.float64
+    np.testing.assert_array_equal(out, x32.astype(np.float64) * y)
+    g32, g64 = tracejit.jit_grad(lambda a, b: (tracejit.tanh(a) * b).sum(), argnums=(0, 1))(x32, y)
+    assert g32.dtype == np.float32 and g64.dtype == np.float64
+    t = np.tanh(x32.astype(np.float64))
+    # float32 rounding of tanh, amplified by the cancellation in 1 - tanh**2
+    np.testing.assert_allclose(g32, (1 - t * t) * y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g64, t, rtol=1e-6)  # float32 tanh, then widened
+
+
+def test_astype_both_ways():
+    x = helpers.rng_for("astype").standard_normal(37)
+    f = tracejit.jit_value_and_grad(lambda x: (x.astype(np.float32) ** 2).sum() * 3)
+    value, g = f(x)
+    x32 = x.astype(np.float32)
+    assert value.dtype == np.float32 and g.dtype == np.float64
+    np.testing.assert_allclose(value, 3 * np.sum(x32.astype(np.float64) ** 2), rtol=1e-6)
+    np.testing.assert_allclose(g, 6 * x32, rtol=1e-6)
+    value, g = f(x32)  # float32 -> float32 is the identity
+    assert value.dtype == np.float32 and g.dtype == np.float32
+    widen = tracejit.jit_value_and_grad(lambda x: (x.astype(np.float64) * 3).sum())
+    value, g = widen(x32)
+    assert value.dtype == np.float64 and g.dtype == np.float32
+    np.testing.assert_allclose(value, 3 * x32.astype(np.float64).sum(), rtol=1e-13)
+    np.testing.assert_array_equal(g, np.full(37, 3, np.float32))

@@ -1,5 +1,8 @@
 """The per-op table (tests/optable.py) on the reference interpreter: forward against numpy,
-gradients against float64 central differences, the inner-product test and second derivatives."""
+gradients against float64 central differences, the inner-product test and second derivatives.
+
+The tests that take the `backend` fixture (kinks, stop_gradient, generated broadcasting and
+indexing) are also imported by tests/test_native_ops.py, whose fixture makes them native."""
 import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
 import numpy as np
@@ -24,8 +27,8 @@ def backend():
 
 @pytest.mark.parametrize("dtype", ["f64", "f32"])
 @pytest.mark.parametrize("kink", optable.KINKS, ids=lambda k: k.id)
-def test_gradient_conventions_at_kinks(kink, dtype):
-    helpers.check_kink(kink, BACKEND, dtype)
+def test_gradient_conventions_at_kinks(kink, dtype, backend):
+    helpers.check_kink(kink, backend, dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -35,7 +38,7 @@ OPERATORS = {"operator." + o for o in
              "+ - * / ** @ -x > >= < <= == != & | ~".split()}
 METHODS = {"method." + m for m in
            "T sum mean max min reshape transpose pow exp log tanh sqrt abs sin cos relu sigmoid "
-           "norm dot mv mm var std clip flatten squeeze".split()}
+           "norm dot mv mm var std clip flatten squeeze astype".split()}
 
 
 def public_ops():
@@ -73,15 +76,29 @@ def test_distinct_inputs_have_no_ties(case):
     assert gaps.min(initial=np.inf) > 1e-3
 
 
-def test_stop_gradient_blocks_the_gradient():
-    # d/dx sum(x * stop_gradient(x)) = stop_gradient(x): the second factor is a constant
-    x = np.array([0.5, -1.0, 2.0])
-    g = tracejit.jit_grad(lambda x: (x * tracejit.stop_gradient(x)).sum())(x)
+@pytest.mark.parametrize("dtype", ["f64", "f32"])
+def test_stop_gradient_blocks_the_gradient(dtype, backend):
+    x = np.array([0.5, -1.0, 2.0], dtype=helpers.NP_DTYPES[dtype])
+    sg = tracejit.stop_gradient
+    with helpers.use_backend(backend):
+        # d/dx sum(x * stop_gradient(x)) = stop_gradient(x): the second factor is a constant
+        g = tracejit.jit_grad(lambda x: (x * sg(x)).sum())(x)
+        # ... at every order: the inner gradient is stop_gradient(x)**2, whose gradient is zero
+        inner = tracejit.jit_grad(lambda y: (y * sg(y) ** 2).sum())
+        first, second = inner(x), tracejit.jit_grad(lambda x: inner(x).sum())(x)
+        # and at the third: the second derivative of sum(x**3 * stop_gradient(x)) is 6 x sg(x),
+        # whose own gradient is 6 sg(x) (sg(x) stays a constant however often it is differentiated)
+        first_of_cube = tracejit.jit_grad(lambda y: (y ** 3 * sg(y)).sum())
+        d2 = tracejit.jit_grad(lambda x: first_of_cube(x).sum())
+        third = tracejit.jit_grad(lambda x: d2(x).sum())(x)
+        second_of_cube = d2(x)
+    for got in (g, first, second, third, second_of_cube):
+        assert got.dtype == x.dtype
     np.testing.assert_array_equal(g, x)
-    # ... at every order: the inner gradient is stop_gradient(x)**2, whose gradient is zero
-    inner = tracejit.jit_grad(lambda y: (y * tracejit.stop_gradient(y) ** 2).sum())
-    np.testing.assert_array_equal(inner(x), x ** 2)
-    np.testing.assert_array_equal(tracejit.jit_grad(lambda x: inner(x).sum())(x), 0 * x)
+    np.testing.assert_array_equal(first, x ** 2)
+    np.testing.assert_array_equal(second, 0 * x)
+    np.testing.assert_allclose(second_of_cube, 6 * x * x, rtol=1e-6)
+    np.testing.assert_allclose(third, 6 * x, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,15 +117,16 @@ def unbroadcast(g, shape):
 @GENERATED
 @given(shapes=hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=3, max_side=3),
        op=st.sampled_from(["add", "subtract", "multiply", "maximum"]))
-def test_generated_broadcasting(shapes, op):
+def test_generated_broadcasting(shapes, op, backend):
     (sa, sb), out = shapes
     rng = helpers.rng_for(op, sa, sb)
     a = np.asarray(rng.permutation(int(np.prod(sa))).reshape(sa), dtype=np.float64)
     b = np.asarray(rng.permutation(int(np.prod(sb))).reshape(sb) + 0.5)  # never equals a: no ties
     ct = rng.normal(size=out)
     f = getattr(tracejit, op)
-    ga, gb = tracejit.jit_grad(lambda a, b: (f(a, b) * ct).sum(), argnums=(0, 1))(a, b)
-    np.testing.assert_array_equal(tracejit.jit(f)(a, b), getattr(np, op)(a, b))
+    with helpers.use_backend(backend):
+        ga, gb = tracejit.jit_grad(lambda a, b: (f(a, b) * ct).sum(), argnums=(0, 1))(a, b)
+        np.testing.assert_array_equal(tracejit.jit(f)(a, b), getattr(np, op)(a, b))
     da, db = {"add": (1.0, 1.0), "subtract": (1.0, -1.0), "multiply": (b, a),
               "maximum": (a > b, b > a)}[op]
     np.testing.assert_allclose(ga, unbroadcast(ct * da, sa), rtol=1e-12)
@@ -117,15 +135,16 @@ def test_generated_broadcasting(shapes, op):
 
 @GENERATED
 @given(data=st.data(), shape=hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=4))
-def test_generated_basic_indexing(data, shape):
+def test_generated_basic_indexing(data, shape, backend):
     index = data.draw(hnp.basic_indices(shape, allow_newaxis=True, allow_ellipsis=True).filter(
         lambda ix: all(not isinstance(i, slice) or (i.step or 1) > 0
                        for i in (ix if isinstance(ix, tuple) else (ix,)))))
     x = np.arange(np.prod(shape), dtype=np.float64).reshape(shape)
     expected = x[index]
     ct = helpers.rng_for(shape, repr(index)).normal(size=np.shape(expected))
-    np.testing.assert_array_equal(tracejit.jit(lambda x: x[index])(x), expected)
-    g = tracejit.jit_grad(lambda x: (x[index] * ct).sum())(x)
+    with helpers.use_backend(backend):
+        np.testing.assert_array_equal(tracejit.jit(lambda x: x[index])(x), expected)
+        g = tracejit.jit_grad(lambda x: (x[index] * ct).sum())(x)
     want = np.zeros_like(x)
     want[index] = ct
     np.testing.assert_array_equal(g, want)

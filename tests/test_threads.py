@@ -210,3 +210,38 @@ def test_set_num_threads_caps_every_call():
     np.testing.assert_allclose(one, both, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="positive int"):
         tracejit.set_num_threads(0)
+
+
+def test_threads_calling_a_function_that_runs_thread_teams(monkeypatch):
+    """Eight Python threads each entering OpenMP parallel regions (GOMP_parallel) of one
+    function: every result matches the closed-form gradient of its own inputs."""
+    from codegen import parallel
+    if parallel.default_threads() < 2:
+        monkeypatch.setenv("TRACEJIT_NUM_THREADS", "2")
+    assert parallel.gomp_available()
+
+    def loss(x, y):  # 120,000 elements: above the parallel threshold
+        return tracejit.tanh(x * y).sum() + (x.sum(axis=0) ** 2).sum()
+
+    def reference(x, y):
+        t = np.tanh(x * y)
+        return t.sum() + (x.sum(axis=0) ** 2).sum(), y * (1 - t * t) + 2 * x.sum(axis=0)
+
+    g = tracejit.jit_value_and_grad(loss)
+    rng = np.random.default_rng(6)
+    inputs = [(rng.standard_normal((300, 400)), rng.standard_normal((300, 400)))
+              for _ in range(N_THREADS)]
+    g(*inputs[0])
+    assert "GOMP_parallel" in g.ir(*inputs[0], stage="llvm")
+    [entry] = g._cache.values()
+    assert entry.native().threads > 1
+
+    def work(i):
+        return [((i + k) % N_THREADS, g(*inputs[(i + k) % N_THREADS])) for k in range(12)]
+
+    for results in run_together(N_THREADS, work):
+        for j, (value, grad) in results:
+            want_value, want_grad = reference(*inputs[j])
+            np.testing.assert_allclose(value, want_value, rtol=1e-11)
+            np.testing.assert_allclose(grad, want_grad, rtol=1e-11, atol=1e-12,
+                                       err_msg=f"inputs {j}")

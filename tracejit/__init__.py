@@ -9,6 +9,7 @@
 """
 from . import nn  # noqa: F401
 from .api import jit, jit_grad, jit_value_and_grad  # noqa: F401
+from .checking import check_grads  # noqa: F401
 from .config import config, get_num_threads, set_num_threads  # noqa: F401
 from .errors import IRError, MissingRuleError, ShapeError, TracerError  # noqa: F401
 from .ops import (  # noqa: F401
