@@ -185,3 +185,14 @@ def test_optimized_relu_spellings_compute_what_they_did(name, inputs):
     actual = interpret(optimize(grad), args)
     for e, a in zip(expected, actual):
         np.testing.assert_array_equal(a, e)
+
+
+def test_mask_used_before_the_relu_keeps_reading_the_pre_activation():
+    """A use of u <= 0 that comes before relu(u) cannot read the relu output (not yet defined)."""
+    def f(w, b, fc_w, fc_b, x):
+        u = nn.conv2d(x, w, b)
+        first = tj.where(u <= 0, 2.0 * u, u).sum()
+        return first + _model(nn.relu)(w, b, fc_w, fc_b, x)
+    fwd, grad = _trace(f, ARGS)
+    opt = verify(optimize(grad))
+    np.testing.assert_array_equal(interpret(opt, ARGS)[0], interpret(grad, ARGS)[0])
