@@ -3,6 +3,11 @@ and algebraic simplification. `optimize` runs them to a fixed point on a copy of
 
 Passes work in place on a function they own (see `optimize`) and keep every instruction's provenance.
 Simplifications preserve numpy semantics, NaN and Inf included: `x * 0` is not folded.
+
+The algebraic rewrites are one table keyed by primitive (`rewrites`); every instruction a pass
+builds gets its type from its primitive's shape rule. Two of the rewrites give one canonical form
+to equivalent spellings (a comparison's constant on the right, a select's predicate not negated),
+so the patterns that follow (relu, the masks of its adjoint) are each stated once.
 """
 from __future__ import annotations
 
