@@ -3,14 +3,25 @@ and algebraic simplification. `optimize` runs them to a fixed point on a copy of
 
 Passes work in place on a function they own (see `optimize`) and keep every instruction's provenance.
 Simplifications preserve numpy semantics, NaN and Inf included: `x * 0` is not folded.
+
+The algebraic rewrites are one table keyed by primitive (`rewrites`); every instruction a pass
+builds gets its type from its primitive's shape rule. Two of the rewrites give one canonical form
+to equivalent spellings (a comparison's constant on the right, a select's predicate not negated),
+so the patterns that follow (relu, the masks of its adjoint) are each stated once.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .adjoint import clone
-from .core import FLOAT_DTYPES, Function, Instr, TensorType, Value, primitives
+from .core import FLOAT_DTYPES, Function, Instr, IRError, Value, shape_rules
 from .interpreter import impls
+from .prims.elementwise import (
+    add_p, const_p, convert_p, div_p, eq_p, ge_p, gt_p, integer_pow_p, le_p, literal_p, lt_p,
+    max_p, mul_p, ne_p, neg_p, not_p, select_p, sub_p)
+from .prims.linalg import matmul_p
+from .prims.nn import max_pool2d_argmax_p, max_pool2d_grad_p, max_pool2d_p
+from .prims.structural import broadcast_in_dim_p, reshape_p, transpose_p
 
 # Fold constant expressions whose result has at most this many elements into a `literal`.
 FOLD_LIMIT = 4096
@@ -27,7 +38,7 @@ def _param_key(v):
 
 
 def _key(ins: Instr):
-    return (ins.prim.name, tuple(id(v) for v in ins.inputs),
+    return (ins.prim, tuple(id(v) for v in ins.inputs),
             tuple(sorted((k, _param_key(v)) for k, v in ins.params.items())))
 
 
@@ -87,12 +98,43 @@ def cse(fn: Function) -> Function:
 
 
 # ----------------------------------------------------------------------------------------------
-# constant folding and algebraic simplification
+# building replacement instructions
+# ----------------------------------------------------------------------------------------------
+_LIKE = object()
+
+
+def _new_instr(prim, inputs, params, like: Instr, adj_of=_LIKE) -> Instr:
+    """A new instruction whose type comes from `prim`'s shape rule, with `like`'s location and API
+    name and the adjoint provenance `adj_of` (by default `like`'s)."""
+    out_type = shape_rules[prim](*[v.type for v in inputs], **params)
+    return Instr(prim, tuple(inputs), params, out_type, loc=like.loc, api=like.api,
+                 adj_of=like.adj_of if adj_of is _LIKE else adj_of)
+
+
+def _replacement(ins: Instr, prim, inputs, params, like: Instr | None = None) -> Instr:
+    """A new instruction standing in for `ins`: its printed name carries over, and the provenance
+    of `like` (by default `ins`'s). A rewrite that would change the result's type is a bug in the
+    rewrite: IRError."""
+    new = _new_instr(prim, inputs, params, like or ins)
+    if new.out.type != ins.out.type:
+        raise IRError(f"rewriting {ins.prim.name} -> {ins.out.type} as {prim.name} would give "
+                      f"{new.out.type} (at {ins.loc})")
+    new.out.hint, new.out.ct_of = ins.out.hint, ins.out.ct_of
+    return new
+
+
+def _scalar_const(ins: Instr, value: float) -> Value:
+    """A rank-0 constant operand for a rewritten instruction (printed inline; never scheduled)."""
+    return _new_instr(const_p, (), dict(value=value, shape=(), dtype=ins.out.dtype), ins).out
+
+
+# ----------------------------------------------------------------------------------------------
+# constant folding
 # ----------------------------------------------------------------------------------------------
 def _splat(v: Value):
     """The number a value is filled with, if it is a `const` splat; else None."""
     ins = v.instr
-    if ins is not None and ins.prim.name == "const":
+    if ins is not None and ins.prim is const_p:
         return ins.params["value"]
     return None
 
@@ -101,19 +143,11 @@ def _const_array(v: Value):
     ins = v.instr
     if ins is None:
         return None
-    if ins.prim.name == "const":
+    if ins.prim is const_p:
         return impls[ins.prim](**ins.params)
-    if ins.prim.name == "literal":
+    if ins.prim is literal_p:
         return ins.params["value"]
     return None
-
-
-def _replacement(ins: Instr, prim, inputs, params, out_type=None) -> Instr:
-    """A new instruction standing in for `ins`: its provenance and printed name carry over."""
-    new = Instr(prim, tuple(inputs), params, out_type or ins.out.type, loc=ins.loc, api=ins.api,
-                adj_of=ins.adj_of)
-    new.out.hint, new.out.ct_of = ins.out.hint, ins.out.ct_of
-    return new
 
 
 def _new_const(ins: Instr, array: np.ndarray) -> Instr:
@@ -126,11 +160,10 @@ def _new_const(ins: Instr, array: np.ndarray) -> Instr:
         first = flat[0].item()
         value = float(first) if t.dtype in FLOAT_DTYPES else (
             bool(first) if t.dtype == "bool" else int(first))
-        return _replacement(ins, primitives["const"], (),
-                            dict(value=value, shape=t.shape, dtype=t.dtype))
+        return _replacement(ins, const_p, (), dict(value=value, shape=t.shape, dtype=t.dtype))
     arr = np.ascontiguousarray(array, dtype=t.np_dtype)
     arr.setflags(write=False)
-    return _replacement(ins, primitives["literal"], (), dict(value=arr))
+    return _replacement(ins, literal_p, (), dict(value=arr))
 
 
 def _fold(ins: Instr):
@@ -150,90 +183,155 @@ def _fold(ins: Instr):
     return _new_const(ins, np.broadcast_to(out, ins.out.type.shape))
 
 
-def _same(v: Value, out: TensorType) -> bool:
-    return v.type == out
+# ----------------------------------------------------------------------------------------------
+# algebraic simplification: one table of rewrites keyed by primitive
+# ----------------------------------------------------------------------------------------------
+class _Rewrites(dict):
+    """Rewrite rules keyed by primitive, tried in order of registration (tinygrad's
+    PatternMatcher). A rule `rule(ins, uses)` returns an existing value equal to `ins`'s result, a
+    replacement instruction, or None when it does not apply; a primitive without rules is left
+    alone."""
+
+    def register(self, *prims):
+        def deco(rule):
+            for p in prims:
+                self.setdefault(p, []).append(rule)
+            return rule
+        return deco
+
+    def apply(self, ins: Instr, uses: dict):
+        for rule in self.get(ins.prim, ()):
+            r = rule(ins, uses)
+            if r is not None:
+                return r
+        return None
 
 
-def _scalar_const(ins: Instr, value: float) -> Value:
-    """A rank-0 constant operand for a rewritten instruction (printed inline; never scheduled)."""
-    t = ins.out.type
-    c = Instr(primitives["const"], (), dict(value=value, shape=(), dtype=t.dtype),
-              TensorType(t.dtype, ()), loc=ins.loc, api=ins.api, adj_of=ins.adj_of)
-    return c.out
+rewrites = _Rewrites()
+
+# Comparisons with their operands swapped: cmp(a, b) == MIRRORED[cmp](b, a) everywhere, NaN
+# included (every comparison with NaN is false but `ne`).
+MIRRORED = {lt_p: gt_p, gt_p: lt_p, le_p: ge_p, ge_p: le_p, eq_p: eq_p, ne_p: ne_p}
+
+
+def _defined_by(v: Value, prim) -> Instr | None:
+    """`v`'s defining instruction if it is a `prim` instruction; else None."""
+    ins = v.instr
+    return ins if ins is not None and ins.prim is prim else None
 
 
 def _is_t2(v: Value) -> bool:
     """Is `v` a 2-d transpose (perm (1, 0))?"""
-    return v.instr is not None and v.instr.prim.name == "transpose" and \
-        v.instr.params["perm"] == (1, 0)
+    t = _defined_by(v, transpose_p)
+    return t is not None and t.params["perm"] == (1, 0)
 
 
-def _simplify(ins: Instr, uses: dict):
-    """An existing value equal to `ins`'s result, a replacement instruction, or None."""
-    name = ins.prim.name
-    t = ins.out.type
-    ins_ = ins.inputs
-    if name == "add" and ins_[0] is ins_[1] and _same(ins_[0], t):
-        return _replacement(ins, primitives["mul"], (ins_[0], _scalar_const(ins, 2.0)), {})
-    if name in ("add", "sub"):
-        a, b = ins_
-        if _splat(b) == 0 and _same(a, t):
-            return a
-        if name == "add" and _splat(a) == 0 and _same(b, t):
-            return b
-    elif name in ("mul", "div"):
-        a, b = ins_
-        if _splat(b) == 1 and _same(a, t):
-            return a
-        if name == "mul" and _splat(a) == 1 and _same(b, t):
-            return b
-    elif name == "neg":
-        (a,) = ins_
-        if a.instr is not None and a.instr.prim.name == "neg":
-            return a.instr.inputs[0]
-    elif name == "integer_pow" and ins.params["y"] == 1:
-        return ins_[0]
-    elif name == "select":
-        p, a, b = ins_
-        if a is b and _same(a, t):
-            return a
-        pv = _splat(p)
-        if pv is not None and _same(a, t) and _same(b, t):
-            return a if pv else b
-    elif name in ("reshape", "broadcast_in_dim", "convert") and _same(ins_[0], t):
-        return ins_[0]
-    elif name == "reshape":
-        a = ins_[0]
-        if a.instr is not None and a.instr.prim.name == "reshape":
-            return _replacement(ins, ins.prim, a.instr.inputs, ins.params)
-    elif name == "matmul":
-        # a 2-d transpose feeding a matmul becomes its trans flag: no copy of the operand
-        a, b = ins_
-        flags = dict(ins.params)
-        changed = False
-        if _is_t2(a):
-            a, flags["trans_a"], changed = a.instr.inputs[0], not flags.get("trans_a"), True
-        if _is_t2(b):
-            b, flags["trans_b"], changed = b.instr.inputs[0], not flags.get("trans_b"), True
-        if changed:
-            return _replacement(ins, ins.prim, (a, b), flags)
-    elif name == "transpose" and _is_t2(ins.out) and ins_[0].instr is not None and \
-            ins_[0].instr.prim.name == "matmul" and uses.get(id(ins_[0]), 0) == 1:
-        # (op(A) op(B))^T = op(B)^T op(A)^T: one matmul with swapped operands, no transpose
-        mm = ins_[0].instr
+@rewrites.register(*MIRRORED)
+def _constant_on_the_right(ins, uses):
+    # one canonical form per comparison with a constant, so the patterns below (and CSE) see
+    # `0 >= x` as `x <= 0`
+    a, b = ins.inputs
+    if _splat(a) is not None and _splat(b) is None:
+        return _replacement(ins, MIRRORED[ins.prim], (b, a), ins.params)
+
+
+@rewrites.register(add_p)
+def _add_self(ins, uses):
+    a, b = ins.inputs
+    if a is b and a.type == ins.out.type:
+        return _replacement(ins, mul_p, (a, _scalar_const(ins, 2.0)), {})
+
+
+# x + 0 = x - 0 = x * 1 = x / 1 = x; the commutative ones also with the constant first
+_IDENTITY = {add_p: (0, True), sub_p: (0, False), mul_p: (1, True), div_p: (1, False)}
+
+
+@rewrites.register(*_IDENTITY)
+def _identity_operand(ins, uses):
+    unit, commutative = _IDENTITY[ins.prim]
+    a, b = ins.inputs
+    if _splat(b) == unit and a.type == ins.out.type:
+        return a
+    if commutative and _splat(a) == unit and b.type == ins.out.type:
+        return b
+
+
+@rewrites.register(neg_p)
+def _neg_neg(ins, uses):
+    inner = _defined_by(ins.inputs[0], neg_p)
+    return inner.inputs[0] if inner is not None else None
+
+
+@rewrites.register(integer_pow_p)
+def _pow_one(ins, uses):
+    return ins.inputs[0] if ins.params["y"] == 1 else None
+
+
+@rewrites.register(select_p)
+def _select_known(ins, uses):
+    p, a, b = ins.inputs
+    if a is b and a.type == ins.out.type:
+        return a
+    pv = _splat(p)
+    if pv is not None and a.type == ins.out.type and b.type == ins.out.type:
+        return a if pv else b
+
+
+@rewrites.register(select_p)
+def _select_not(ins, uses):
+    # select(not p, a, b) = select(p, b, a): one canonical form for the patterns below
+    p, a, b = ins.inputs
+    n = _defined_by(p, not_p)
+    if n is not None:
+        return _replacement(ins, select_p, (n.inputs[0], b, a), {})
+
+
+@rewrites.register(reshape_p, broadcast_in_dim_p, convert_p)
+def _same_type(ins, uses):
+    x = ins.inputs[0]
+    return x if x.type == ins.out.type else None
+
+
+@rewrites.register(reshape_p)
+def _reshape_reshape(ins, uses):
+    inner = _defined_by(ins.inputs[0], reshape_p)
+    if inner is not None:
+        return _replacement(ins, reshape_p, inner.inputs, ins.params)
+
+
+@rewrites.register(matmul_p)
+def _transpose_into_matmul(ins, uses):
+    # a 2-d transpose feeding a matmul becomes its trans flag: no copy of the operand
+    a, b = ins.inputs
+    flags = dict(ins.params)
+    changed = False
+    if _is_t2(a):
+        a, flags["trans_a"], changed = a.instr.inputs[0], not flags.get("trans_a"), True
+    if _is_t2(b):
+        b, flags["trans_b"], changed = b.instr.inputs[0], not flags.get("trans_b"), True
+    if changed:
+        return _replacement(ins, matmul_p, (a, b), flags)
+
+
+@rewrites.register(transpose_p)
+def _transpose_of_matmul(ins, uses):
+    # (op(A) op(B))^T = op(B)^T op(A)^T: one matmul with swapped operands, no transpose
+    mm = _defined_by(ins.inputs[0], matmul_p)
+    if _is_t2(ins.out) and mm is not None and uses.get(id(ins.inputs[0]), 0) == 1:
         a, b = mm.inputs
         flags = dict(trans_a=not mm.params.get("trans_b"), trans_b=not mm.params.get("trans_a"))
-        return _replacement(ins, mm.prim, (b, a), flags)
-    elif name == "transpose":
-        a = ins_[0]
-        if a.instr is not None and a.instr.prim.name == "transpose":
-            inner, outer = a.instr.params["perm"], ins.params["perm"]
-            perm = tuple(inner[p] for p in outer)
-            src = a.instr.inputs[0]
-            if perm == tuple(range(len(perm))):
-                return src
-            return _replacement(ins, ins.prim, (src,), dict(perm=perm))
-    return None
+        return _replacement(ins, matmul_p, (b, a), flags)
+
+
+@rewrites.register(transpose_p)
+def _transpose_transpose(ins, uses):
+    inner = _defined_by(ins.inputs[0], transpose_p)
+    if inner is not None:
+        perm = tuple(inner.params["perm"][p] for p in ins.params["perm"])
+        src = inner.inputs[0]
+        if perm == tuple(range(len(perm))):
+            return src
+        return _replacement(ins, transpose_p, (src,), dict(perm=perm))
 
 
 def simplify(fn: Function) -> bool:
@@ -252,7 +350,7 @@ def simplify(fn: Function) -> bool:
     for ins in fn.instrs:
         if repl:
             ins.inputs = tuple(repl.get(id(v), v) for v in ins.inputs)
-        r = _fold(ins) or _simplify(ins, uses)
+        r = _fold(ins) or rewrites.apply(ins, uses)
         if isinstance(r, Value):
             repl[id(ins.out)] = r
             if r.instr is not None:
@@ -265,7 +363,7 @@ def simplify(fn: Function) -> bool:
             imap[id(ins)] = r
             # constants a rewrite created (see _scalar_const) are defined right before their use
             out.extend(x.instr for x in r.inputs if x.instr is not None and id(x.instr) not in
-                       defined and x.instr.prim.name == "const")
+                       defined and x.instr.prim is const_p)
             ins = r
             changed = True
         defined.add(id(ins))
@@ -276,58 +374,98 @@ def simplify(fn: Function) -> bool:
     return changed
 
 
+# ----------------------------------------------------------------------------------------------
+# relu patterns
+# ----------------------------------------------------------------------------------------------
+def _compared_with_zero(v: Value):
+    """(cmp, u) if `v = cmp(u, 0)` (the constant on the right, as `simplify` leaves it); else
+    None."""
+    ins = v.instr
+    if ins is not None and ins.prim in MIRRORED and _splat(ins.inputs[1]) == 0:
+        return ins.prim, ins.inputs[0]
+    return None
+
+
+def _relu_of(v: Value):
+    """If `v` is relu(u) in one of its spellings, (u, the comparisons `cmp` with
+    cmp(v, 0) == cmp(u, 0) everywhere); else None.
+
+    Every spelling is u where u > 0 and a zero where u <= 0, so `gt` reads the same on v as on u;
+    `le` does too when NaN stays NaN (u on the select's false branch, or maximum), not when NaN
+    becomes 0. The spellings, in the canonical forms `simplify` leaves (constant on the right of
+    a comparison, predicate not negated):
+        select(u <= 0, 0, u), select(u < 0, 0, u)      NaN stays NaN
+        select(u > 0, u, 0), select(u >= 0, u, 0)      NaN becomes 0
+        max(u, 0), max(0, u)                           NaN stays NaN
+    """
+    ins = v.instr
+    if ins is None:
+        return None
+    if ins.prim is max_p:
+        a, b = ins.inputs
+        u = a if _splat(b) == 0 else b if _splat(a) == 0 else None
+        return None if u is None else (u, (le_p, gt_p))
+    if ins.prim is not select_p:
+        return None
+    p, a, b = ins.inputs
+    cmp = _compared_with_zero(p)
+    if cmp is None:
+        return None
+    cmp, u = cmp
+    if cmp in (le_p, lt_p) and _splat(a) == 0 and b is u:
+        return u, (le_p, gt_p)
+    if cmp in (gt_p, ge_p) and a is u and _splat(b) == 0:
+        return u, (gt_p,)
+    return None
+
+
 def relu_mask_from_output(fn: Function) -> bool:
-    """Where `r = select(le(v, 0), 0, v)` (relu) exists, other uses of the mask `le(v, 0)` (the
-    adjoint's) read `le(r, 0)` instead: the same mask (r <= 0 exactly where v <= 0, NaN
-    included), but computed from the relu output, which the next layer keeps anyway, so the
-    pre-activation `v` has one use and can stay in registers inside the producing kernel."""
-    relu_of: dict[int, Instr] = {}   # id(mask) -> relu select
+    """Where `r = relu(v)` exists (any spelling `_relu_of` knows), the masks `cmp(v, 0)` that read
+    the same on r (the adjoint's) are computed as `cmp(r, 0)` instead, from the relu output, which
+    the next layer keeps anyway, so the pre-activation `v` has one use and can stay in registers
+    inside the producing kernel."""
+    relus: dict[int, tuple] = {}   # id(v) -> (r, the comparisons that read the same on r)
     for ins in fn.instrs:
-        if _relu_of(ins.out) is not None and ins.inputs[2].shape == ins.out.shape:
-            relu_of.setdefault(id(ins.inputs[0]), ins)
-    if not relu_of:
+        m = _relu_of(ins.out)
+        if m is not None and m[0].shape == ins.out.shape:
+            relus.setdefault(id(m[0]), (ins.out, m[1]))
+    if not relus:
         return False
     out, changed, new_mask = [], False, {}
+    defined: set[int] = set()
     for ins in fn.instrs:
         for k, x in enumerate(ins.inputs):
-            relu = relu_of.get(id(x))
-            if relu is None or ins is relu:
+            cmp = _compared_with_zero(x)
+            found = relus.get(id(cmp[1])) if cmp is not None else None
+            if found is None:
+                continue
+            r, same = found
+            # the relu itself keeps its mask; uses before r is defined cannot read it
+            if cmp[0] not in same or ins is r.instr or id(r) not in defined:
                 continue
             mask = new_mask.get(id(x))
             if mask is None:
                 m = x.instr
-                mask = Instr(m.prim, (relu.out, m.inputs[1]), m.params, m.out.type, loc=m.loc,
-                             api=m.api, adj_of=ins.adj_of)
+                mask = _new_instr(m.prim, (r, m.inputs[1]), m.params, m, adj_of=ins.adj_of)
                 out.append(mask)
                 new_mask[id(x)] = mask
             ins.inputs = ins.inputs[:k] + (mask.out,) + ins.inputs[k + 1:]
             changed = True
         out.append(ins)
+        defined.add(id(ins.out))
     fn.instrs = out
     return changed
 
 
-def _relu_of(v: Value):
-    """If `v = select(le(u, 0), 0, u)` (relu), return u; else None."""
-    ins = v.instr
-    if ins is None or ins.prim.name != "select":
-        return None
-    p, a, b = ins.inputs
-    m = p.instr
-    if m is not None and m.prim.name == "le" and m.inputs[0] is b and _splat(m.inputs[1]) == 0 \
-            and _splat(a) == 0:
-        return b
-    return None
-
-
 def mask_after_max_pool(fn: Function) -> bool:
-    """select(r <= 0, 0, max_pool2d_grad(ct, idx)) with r = relu(u) and idx = argmax of r's
-    windows becomes max_pool2d_grad(select(max_pool2d(r) <= 0, 0, ct), idx): the same values (the
-    scatter only writes at window maxima, where r equals the pooled value), but the backward pass
-    then needs the small pooled output and indices instead of the full activation r."""
+    """select(cmp(r, 0), 0, g) with g = max_pool2d_grad(ct, idx), r = relu(u) and idx = argmax of
+    r's windows becomes max_pool2d_grad(select(cmp(max_pool2d(r), 0), 0, ct), idx) (and likewise
+    with the select's branches swapped): the same values (the scatter only writes at window
+    maxima, where r equals the pooled value), but the backward pass then needs the small pooled
+    output and indices instead of the full activation r."""
     by_key = {}
     for ins in fn.instrs:
-        if ins.prim.name == "max_pool2d":
+        if ins.prim is max_pool2d_p:
             by_key[(id(ins.inputs[0]), _key(ins)[2])] = ins.out
     out, changed = [], False
     repl: dict[int, Value] = {}
@@ -335,32 +473,28 @@ def mask_after_max_pool(fn: Function) -> bool:
         if repl:
             ins.inputs = tuple(repl.get(id(v), v) for v in ins.inputs)
         rewrite = None
-        if ins.prim.name == "select" and _splat(ins.inputs[1]) == 0:
-            p, _, g = ins.inputs
-            m = p.instr
-            gi = g.instr
-            if m is not None and m.prim.name == "le" and _splat(m.inputs[1]) == 0 and \
-                    gi is not None and gi.prim.name == "max_pool2d_grad" and \
-                    _relu_of(m.inputs[0]) is not None:
-                r = m.inputs[0]
+        if ins.prim is select_p:
+            p, a, b = ins.inputs
+            g_at = 2 if _splat(a) == 0 else 1 if _splat(b) == 0 else None
+            cmp = _compared_with_zero(p)
+            gi = None if g_at is None else _defined_by(ins.inputs[g_at], max_pool2d_grad_p)
+            if cmp is not None and gi is not None and _relu_of(cmp[1]) is not None:
+                r = cmp[1]
                 ct, idx = gi.inputs
-                am = idx.instr
-                if am is not None and am.prim.name == "max_pool2d_argmax" and am.inputs[0] is r:
+                am = _defined_by(idx, max_pool2d_argmax_p)
+                if am is not None and am.inputs[0] is r:
                     pooled = by_key.get((id(r), _key(am)[2]))
                     if pooled is not None and pooled.shape == ct.shape:
-                        rewrite = (pooled, ct, idx, gi, m)
+                        rewrite = (pooled, ct, idx, gi, p.instr, g_at)
         if rewrite is None:
             out.append(ins)
             continue
-        pooled, ct, idx, gi, m = rewrite
+        pooled, ct, idx, gi, m, g_at = rewrite
         zero = _scalar_const(ins, 0.0)
-        mask = Instr(m.prim, (pooled, zero), {}, m.out.type.with_shape(pooled.shape), loc=m.loc,
-                     api=m.api, adj_of=ins.adj_of)
-        masked = Instr(ins.prim, (mask.out, zero, ct), {}, ct.type, loc=ins.loc, api=ins.api,
-                       adj_of=ins.adj_of)
-        scatter = Instr(gi.prim, (masked.out, idx), gi.params, ins.out.type, loc=gi.loc,
-                        api=gi.api, adj_of=gi.adj_of)
-        scatter.out.hint, scatter.out.ct_of = ins.out.hint, ins.out.ct_of
+        mask = _new_instr(m.prim, (pooled, zero), {}, m, adj_of=ins.adj_of)
+        branches = (zero, ct) if g_at == 2 else (ct, zero)
+        masked = _new_instr(select_p, (mask.out, *branches), {}, ins)
+        scatter = _replacement(ins, max_pool2d_grad_p, (masked.out, idx), gi.params, like=gi)
         out.extend([zero.instr, mask, masked, scatter])
         repl[id(ins.out)] = scatter.out
         changed = True

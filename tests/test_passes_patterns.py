@@ -1,0 +1,198 @@
+"""The IR passes' rewrite patterns do not depend on how the front end spells an op.
+
+relu can be written as a select with its comparison and its branches in either order; every spelling
+with the same values and derivative gives the same optimized IR as `nn.relu`, and the two rewrites
+that read relu (the adjoint's mask computed from the relu output, the mask moved after the max-pool
+scatter) fire for each. A golden "optimized" dump of conv -> relu -> max-pool -> linear shows them.
+
+Regenerate the golden file after an intended change of the printed dump with
+    TRACEJIT_UPDATE_GOLDEN=1 python -m pytest tests/test_passes_patterns.py -k golden
+and review the diff.
+"""
+import os
+import re
+
+import numpy as np
+import pytest
+
+import tracejit as tj
+from ir.adjoint import grad_function
+from ir.builder import Builder, building
+from ir.core import TensorType, print_function
+from ir.interpreter import interpret
+from ir.passes import optimize
+from ir.verify import verify
+from tracejit import nn
+from tracejit.tracer import Tracer, to_value
+
+
+# ------------------------------------------------------------------------------------------------
+# the golden function: keep it first in this file, its line numbers are in the dump
+# ------------------------------------------------------------------------------------------------
+def conv_relu_pool_linear(w, b, fc_w, fc_b, x):
+    h = nn.max_pool2d(nn.relu(nn.conv2d(x, w, b)), 2)
+    y = nn.linear(nn.flatten(h), fc_w, fc_b)
+    return (y * y).sum()
+
+
+GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
+RNG = np.random.default_rng(0)
+# x[2,3,8,8] -> conv 3x3 (4) -> [2,4,6,6] -> max-pool 2 -> [2,4,3,3] -> linear 36 -> 5
+SHAPES = dict(w=(4, 3, 3, 3), b=(4,), fc_w=(5, 36), fc_b=(5,), x=(2, 3, 8, 8))
+ARGS = tuple(RNG.standard_normal(s).astype(np.float32) for s in SHAPES.values())
+
+
+def test_golden_optimized_dump_conv_relu_pool_linear():
+    # one thread: the dump's plan (and arena size) must not depend on the machine
+    old = tj.get_num_threads()
+    tj.set_num_threads(1)
+    try:
+        text = tj.jit_grad(conv_relu_pool_linear, argnums=(0, 1, 2, 3)).ir(
+            *ARGS, stage="optimized") + "\n"
+    finally:
+        tj.set_num_threads(old)
+    path = os.path.join(GOLDEN_DIR, "conv_relu_pool_linear.optimized.txt")
+    if os.environ.get("TRACEJIT_UPDATE_GOLDEN"):
+        with open(path, "w") as f:
+            f.write(text)
+    with open(path) as f:
+        assert text == f.read(), f"the optimized dump of conv_relu_pool_linear differs from {path}"
+
+
+# ------------------------------------------------------------------------------------------------
+# relu spellings
+# ------------------------------------------------------------------------------------------------
+# 0 where u <= 0, u elsewhere, NaN where u is NaN; derivative 0 at 0 (nn.relu)
+RELU_NAN_PROPAGATING = {
+    "nn.relu": nn.relu,
+    "where(u <= 0, 0, u)": lambda u: tj.where(u <= 0, 0.0, u),
+    "where(0 >= u, 0, u)": lambda u: tj.where(tj.greater_equal(0.0, u), 0.0, u),
+    "where(not(u <= 0), u, 0)": lambda u: tj.where(tj.logical_not(u <= 0), u, 0.0),
+    "where(not(0 >= u), u, 0)": lambda u: tj.where(tj.logical_not(tj.greater_equal(0.0, u)),
+                                                   u, 0.0),
+}
+# 0 where u <= 0 or u is NaN, u elsewhere; derivative 0 at 0 (relu before NaN propagated)
+RELU_NAN_TO_ZERO = {
+    "where(u > 0, u, 0)": lambda u: tj.where(u > 0, u, 0.0),
+    "where(0 < u, u, 0)": lambda u: tj.where(tj.less(0.0, u), u, 0.0),
+    "where(not(u > 0), 0, u)": lambda u: tj.where(tj.logical_not(u > 0), 0.0, u),
+    "where(not(0 < u), 0, u)": lambda u: tj.where(tj.logical_not(tj.less(0.0, u)), 0.0, u),
+}
+# NaN-propagating too, but the derivative at 0 is 1/2 (maximum's ties split the cotangent)
+RELU_MAXIMUM = {
+    "maximum(u, 0)": lambda u: tj.maximum(u, 0.0),
+    "maximum(0, u)": lambda u: tj.maximum(0.0, u),
+}
+ALL_SPELLINGS = {**RELU_NAN_PROPAGATING, **RELU_NAN_TO_ZERO, **RELU_MAXIMUM}
+
+
+def _model(relu):
+    def f(w, b, fc_w, fc_b, x):
+        h = nn.max_pool2d(relu(nn.conv2d(x, w, b)), 2)
+        y = nn.linear(nn.flatten(h), fc_w, fc_b)
+        return (y * y).sum()
+    return f
+
+
+def _trace(fun, args):
+    """(forward, grad w.r.t. all but the last parameter) ir.Functions of fun(*args)."""
+    b = Builder("f")
+    with building(b):
+        params = [Tracer(b.add_param(TensorType("f32", a.shape), name), b)
+                  for a, name in zip(args, SHAPES)]
+        fwd = verify(b.finish([to_value(fun(*params))]))
+    return fwd, verify(grad_function(fwd, range(len(args) - 1)))
+
+
+def _text(fn) -> str:
+    """The printed function without its provenance comments (the spellings differ in those)."""
+    return "\n".join(re.sub(r"\s+#.*$", "", line) for line in print_function(fn).splitlines())
+
+
+def _optimized(relu, stage):
+    fwd, grad = _trace(_model(relu), ARGS)
+    return verify(optimize(fwd if stage == "forward" else grad))
+
+
+def _users(fn, v):
+    return [ins for ins in fn.instrs if any(x is v for x in ins.inputs)]
+
+
+@pytest.mark.parametrize("stage", ["forward", "grad"])
+@pytest.mark.parametrize("name", list(RELU_NAN_PROPAGATING)[1:])
+def test_nan_propagating_relu_spellings_optimize_like_nn_relu(name, stage):
+    expected = _text(_optimized(nn.relu, stage))
+    assert _text(_optimized(RELU_NAN_PROPAGATING[name], stage)) == expected
+
+
+@pytest.mark.parametrize("stage", ["forward", "grad"])
+@pytest.mark.parametrize("name", list(RELU_NAN_TO_ZERO)[1:])
+def test_nan_to_zero_relu_spellings_optimize_alike(name, stage):
+    expected = _text(_optimized(RELU_NAN_TO_ZERO["where(u > 0, u, 0)"], stage))
+    assert _text(_optimized(RELU_NAN_TO_ZERO[name], stage)) == expected
+
+
+def _relu_instrs(fn):
+    """(pre-activation u, relu output r) of the one conv -> bias -> relu in `fn`."""
+    conv = next(ins for ins in fn.instrs if ins.prim.name == "conv2d")
+    (bias_add,) = [ins for ins in _users(fn, conv.out) if ins.prim.name == "add"]
+    u = bias_add.out
+    pool = next(ins for ins in fn.instrs if ins.prim.name == "max_pool2d")
+    return u, pool.inputs[0]
+
+
+@pytest.mark.parametrize("name", [*RELU_NAN_PROPAGATING, *RELU_NAN_TO_ZERO])
+def test_relu_rewrites_fire(name):
+    fn = _optimized(ALL_SPELLINGS[name], "grad")
+    u, r = _relu_instrs(fn)
+    # the adjoint's mask reads the relu output: the pre-activation is read by the relu alone
+    relu = r.instr
+    assert all(ins is relu or ins.out is relu.inputs[0] for ins in _users(fn, u)), \
+        print_function(fn)
+    # the mask is applied to the pooled cotangent before the scatter, computed from the pooled
+    # values: the full-size relu output is read by the pooling kernel alone
+    (scatter,) = [ins for ins in fn.instrs if ins.prim.name == "max_pool2d_grad"]
+    masked = scatter.inputs[0].instr
+    assert masked.prim.name == "select", print_function(fn)
+    pooled = next(ins.out for ins in fn.instrs if ins.prim.name == "max_pool2d")
+    assert masked.inputs[0].instr.inputs[0] is pooled, print_function(fn)
+    assert {ins.prim.name for ins in _users(fn, r)} == {"max_pool2d", "max_pool2d_argmax"}, \
+        print_function(fn)
+
+
+@pytest.mark.parametrize("name", list(RELU_MAXIMUM))
+def test_maximum_relu_mask_reads_the_output(name):
+    """maximum's adjoint also needs u == 0 (ties get half the cotangent), which the output cannot
+    tell, so u stays live; the masks that the output can tell read it."""
+    fn = _optimized(ALL_SPELLINGS[name], "grad")
+    u, r = _relu_instrs(fn)
+    masks = {ins.prim.name for ins in _users(fn, u) if ins.out is not r}
+    assert masks <= {"eq", "lt"}, print_function(fn)
+
+
+@pytest.mark.parametrize("inputs", ["kink", "nan"])
+@pytest.mark.parametrize("name", list(ALL_SPELLINGS))
+def test_optimized_relu_spellings_compute_what_they_did(name, inputs):
+    """The rewrites keep the values, at relu's kink and at NaN included."""
+    args = [a.copy() for a in ARGS]
+    args[1][:] = 0.0
+    if inputs == "kink":
+        args[4][0, :, :3, :] = 0.0      # pre-activations exactly 0 in the first output row
+    else:
+        args[4][1, 2, 4, 4] = np.nan    # NaN pre-activations (the loss is NaN)
+    fwd, grad = _trace(_model(ALL_SPELLINGS[name]), args)
+    expected = interpret(grad, args)
+    actual = interpret(optimize(grad), args)
+    for e, a in zip(expected, actual):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_mask_used_before_the_relu_keeps_reading_the_pre_activation():
+    """A use of u <= 0 that comes before relu(u) cannot read the relu output (not yet defined)."""
+    def f(w, b, fc_w, fc_b, x):
+        u = nn.conv2d(x, w, b)
+        first = tj.where(u <= 0, 2.0 * u, u).sum()
+        return first + _model(nn.relu)(w, b, fc_w, fc_b, x)
+    fwd, grad = _trace(f, ARGS)
+    opt = verify(optimize(grad))
+    np.testing.assert_array_equal(interpret(opt, ARGS)[0], interpret(grad, ARGS)[0])
