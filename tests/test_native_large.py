@@ -12,8 +12,7 @@ import pytest
 
 import helpers
 import tracejit as tj
-from codegen import parallel, schedule, target
-from tracejit import IRError
+from codegen import parallel, schedule
 from optable import (ref_conv, ref_cross_entropy, ref_log_softmax, ref_logsumexp, ref_norm,
                      ref_pool, ref_sigmoid, ref_softmax)
 from tracejit import nn
@@ -99,10 +98,6 @@ def norms(ns, x):
 
 CONV_KERNELS = {"conv2d", "conv2d_input_grad", "conv2d_weight_grad"}
 POOL_KERNELS = {"max_pool2d", "avg_pool2d", "avg_pool2d_grad"}
-MATMUL_BROKEN = pytest.mark.xfail(
-    not target.host_info()["avx512"], raises=IRError, strict=True,
-    reason="float64 matmul with trans_b does not lower without AVX-512: its dot form keeps 6 "
-           "column sums per row and transpose_sums folds them into one 4-lane vector")
 
 
 def program(name, loss, shapes, kernels=None, marks=()):
@@ -115,7 +110,7 @@ PROGRAMS = [
     program("elementwise-unary", elementwise_unary, [(240, 300)]),
     program("elementwise-binary-broadcast", elementwise_binary, [(200, 300), (300,), (200, 1)]),
     program("reductions-each-axis", reductions, [(40, 50, 60)]),
-    program("matmul", matmul, [(128, 256), (256, 96)], {"matmul"}, MATMUL_BROKEN),
+    program("matmul", matmul, [(128, 256), (256, 96)], {"matmul"}),
     program("conv2d", conv2d, [(4, 8, 32, 32), (16, 8, 3, 3), (16,)], CONV_KERNELS),
     program("conv1d", conv1d, [(8, 16, 512), (32, 16, 5)], CONV_KERNELS),
     program("pool2d", pool2d, [(4, 16, 64, 64)], POOL_KERNELS),
@@ -124,7 +119,7 @@ PROGRAMS = [
     program("softmax-cross_entropy-logsumexp", softmax_losses, [(512, 100)]),
     program("norms", norms, [(240, 300)]),
 ]
-# float32 matmul lowers on every CPU (see MATMUL_BROKEN)
+# float32 matmul too
 FLOAT32_PROGRAMS = [p for p in PROGRAMS if p.id in ("elementwise-unary", "conv2d")] + [
     program("matmul", matmul, [(128, 256), (256, 96)], {"matmul"})]
 
