@@ -26,136 +26,19 @@ Threads split the rows of C (whole MR-row tiles), or its columns when there are 
 than column tiles; a thread walks its columns tile by tile and, within a column tile, its rows, so
 the B panel of the column tile is reused from L1. With an epilogue, threads split rows only and
 the epilogue runs on each panel of rows once all its columns are written.
-
-This module also holds the small emitting helpers shared with the convolution kernels.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import llvmlite.ir as ir
 
-from ..loops import (FAST, I64, PTR, VOID, carry_loop, fma, gep, i32, i64, llvm_type, load,
-                     masked_load, masked_store, splat, store, vload)
-from ..target import vector_registers, vector_width
+from ..loops import FAST, carry_loop, fma, gep, i64, llvm_type, load, masked_load, masked_store, \
+    splat, store, vload
+from ..target import vector_registers
 from . import register
-
-
-# ------------------------------------------------------------------------------------------------
-# helpers shared by the dense kernels (matmul, conv2d)
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class KernelFunction:
-    """An emitted kernel function: builder, buffer arguments and the thread arguments."""
-    b: ir.IRBuilder
-    out: ir.Argument
-    ins: list
-    epi: list       # the epilogue's extra pointers (kernel wrappers only)
-    scratch: ir.Argument
-    tid: ir.Argument
-    nthreads: ir.Argument
-
-
-def kernel_function(module: ir.Module, name: str, n_inputs: int, epilogue=None) -> KernelFunction:
-    """Define the contract's `void name(ptr out, ptr in0.., [ptr epi0..], ptr scratch, i64 tid,
-    i64 nthreads)`; the builder is left in the entry block. Buffers never alias: `noalias`."""
-    n_epi = epilogue.n_args if epilogue is not None else 0
-    n_ptr = 1 + n_inputs + n_epi + 1
-    fn = ir.Function(module, ir.FunctionType(VOID, [PTR] * n_ptr + [I64, I64]), name)
-    fn.attributes.add("nounwind")
-    names = (["out"] + [f"in{k}" for k in range(n_inputs)] + [f"epi{k}" for k in range(n_epi)]
-             + ["scratch", "tid", "nthreads"])
-    for arg, an in zip(fn.args, names):
-        arg.name = an
-    for arg in fn.args[:n_ptr]:
-        arg.add_attribute("noalias")
-    a = fn.args
-    b = ir.IRBuilder(fn.append_basic_block(f"{name}.entry"))
-    return KernelFunction(b, a[0], list(a[1:1 + n_inputs]), list(a[1 + n_inputs:n_ptr - 1]),
-                          a[n_ptr - 1], a[n_ptr], a[n_ptr + 1])
-
-
-class Shared:
-    """Arguments of a shared function inside its body: `ptrs` (list) and the named i64 `params`
-    (attributes)."""
-
-    def __init__(self, b, ptrs, params: dict):
-        self.b, self.ptrs = b, ptrs
-        self.__dict__.update(params)
-
-
-def shared_function(module: ir.Module, kind: str, static, n_ptrs: int, params,
-                    body) -> ir.Function:
-    """The function `kind(ptr x n_ptrs, i64 params...)` for the compile-time constants `static`
-    (a frozen dataclass), defined once per module by `body(Shared, static)`: loops over run-time
-    shapes that every kernel of the module with equal `static` calls. The body sees no other
-    constant, so kernels share a function exactly when their static parts are equal.
-    `noinline`: inlined into each caller it would be compiled once per caller again."""
-    key = f"tracejit.{kind}." + ".".join(
-        f"{f.name}{int(v) if isinstance(v, bool) else v}"
-        for f, v in ((f, getattr(static, f.name)) for f in dataclasses.fields(static)))
-    fn = module.globals.get(key)
-    if fn is not None:
-        return fn
-    fn = ir.Function(module, ir.FunctionType(VOID, [PTR] * n_ptrs + [I64] * len(params)), key)
-    fn.linkage = "internal"
-    fn.attributes.add("noinline")
-    fn.attributes.add("nounwind")
-    for arg in fn.args[:n_ptrs]:
-        arg.add_attribute("noalias")
-    for arg, pn in zip(fn.args[n_ptrs:], params):
-        arg.name = pn
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-    body(Shared(b, list(fn.args[:n_ptrs]), dict(zip(params, fn.args[n_ptrs:]))), static)
-    b.ret_void()
-    return fn
-
-
-def call_shared(b: ir.IRBuilder, fn: ir.Function, ptrs, params: dict):
-    """Call a shared function; `params` maps its parameter names to ints or i64 values."""
-    names = [a.name for a in fn.args[len(ptrs):]]
-    vals = [i64(params[n]) if isinstance(params[n], int) else params[n] for n in names]
-    b.call(fn, list(ptrs) + vals)
-
-
-def thread_range(b: ir.IRBuilder, total, tid, nthreads):
-    """[t0, t1): thread tid's contiguous share of `total` work items (the shares tile the range)."""
-    t = i64(total) if isinstance(total, int) else total
-    t0 = b.udiv(b.mul(tid, t), nthreads, name="work.begin")
-    t1 = b.udiv(b.mul(b.add(tid, i64(1)), t), nthreads, name="work.end")
-    return t0, t1
-
-
-def smin(b: ir.IRBuilder, v, hi, name: str = ""):
-    """min(v, hi) for i64 values (hi an int or a value)."""
-    hi = i64(hi) if isinstance(hi, int) else hi
-    return b.select(b.icmp_signed("<", v, hi), v, hi, name=name)
-
-
-def smax(b: ir.IRBuilder, v, lo, name: str = ""):
-    lo = i64(lo) if isinstance(lo, int) else lo
-    return b.select(b.icmp_signed(">", v, lo), v, lo, name=name)
-
-
-def opaque(b: ir.IRBuilder, v):
-    """`v`, hidden from LLVM's value analysis (an empty inline asm). Used on the offsets of the
-    many loads of a loop body: it keeps them out of loop strength reduction (slow on them; x86
-    addressing modes do that work anyway) and stops GVN from merging loads of different taps into
-    long-lived registers."""
-    return b.asm(ir.FunctionType(I64, [I64]), "", "=r,0", [v], False, name="opaque")
-
-
-def hsum(b: ir.IRBuilder, v):
-    """Sum of the lanes of vector `v` (a halving shuffle tree)."""
-    n = v.type.count
-    while n > 1:
-        n //= 2
-        lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n))))
-        hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n),
-                                                list(range(n, 2 * n))))
-        v = b.fadd(lo, hi, flags=FAST)
-    return b.extract_element(v, i32(0))
+from .toolkit import DtypeKey, I64Arg, Params, Shared, SharedFunction, ceil_div, dtype_info, \
+    kernel_function, lane_mask, params, shared_function, smin, thread_range, zero_vector
 
 
 def transpose_sums(b: ir.IRBuilder, vecs):
@@ -196,34 +79,6 @@ def transpose_sums(b: ir.IRBuilder, vecs):
     for k, acc in enumerate(order):
         lanes[acc] = k * seg_len
     return b.shuffle_vector(v, v, ir.Constant(idx_ty, lanes))
-
-
-def lane_mask(b: ir.IRBuilder, remaining, vl: int):
-    """<vl x i1> with lanes [0, remaining) set; `remaining` is an i64 value of small magnitude
-    (compared in 32-bit lanes: a <16 x i64> compare would take two registers)."""
-    lanes = ir.Constant(ir.VectorType(ir.IntType(32), vl), list(range(vl)))
-    rem = b.trunc(smax(b, smin(b, remaining, vl), 0), ir.IntType(32))
-    return b.icmp_signed("<", lanes, splat(b, rem, vl))
-
-
-def zero_vector(ety, vl: int):
-    return ir.Constant(ir.VectorType(ety, vl), [0.0] * vl)
-
-
-def dtype_info(dtype: str):
-    """(LLVM element type, vector lanes, element bytes) for a float dtype."""
-    bits = {"f32": 32, "f64": 64}[dtype]
-    return llvm_type(dtype), vector_width(bits), bits // 8
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def epilogue_rows(b, kf, epilogue, start, count):
-    """Run the instruction's epilogue over out[start, start + count) (i64 values)."""
-    if epilogue is not None:
-        epilogue.call(b, kf.out, kf.epi, start, count)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,33 +153,51 @@ def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
     a_mat, b_mat = kf.ins
     if p.packed:   # B^T into this thread's scratch region, [K, N]
         b_mat = gep(b, kf.scratch, b.mul(kf.tid, i64(_pack_elems(p))), ety, name="matmul.packed")
-        call_shared(b, _pack_function(module, p.dtype), [b_mat, kf.ins[1]], dict(n=p.n, k=p.k))
+        _pack_function(module, p.dtype).call(b, [b_mat, kf.ins[1]], _PackParams(n=p.n, k=p.k))
     fn = _tiles_function(module, p)
     # strides of op(A) (the dot form reads A [m, k] only)
-    shape = dict(m=p.m, n=p.n, k=p.k, sa_i=1 if p.trans_a else p.k, sa_k=p.m if p.trans_a else 1)
+    shape = _TileParams(m=p.m, n=p.n, k=p.k, sa_i=1 if p.trans_a else p.k,
+                        sa_k=p.m if p.trans_a else 1)
     mb, nb = ceil_div(p.m, p.mr), ceil_div(p.n, p.tile_cols)
     if epilogue is None and nb > mb:   # threads split the columns
         t0, t1 = thread_range(b, nb, kf.tid, kf.nthreads)
-        call_shared(b, fn, [kf.out, a_mat, b_mat],
-                    dict(shape, r0=0, r1=p.m, c0=b.mul(t0, i64(p.tile_cols)),
-                         c1=smin(b, b.mul(t1, i64(p.tile_cols)), p.n)))
+        fn.call(b, [kf.out, a_mat, b_mat],
+                replace(shape, r0=0, r1=p.m, c0=b.mul(t0, i64(p.tile_cols)),
+                        c1=smin(b, b.mul(t1, i64(p.tile_cols)), p.n)))
     else:                              # threads split the rows
         t0, t1 = thread_range(b, mb, kf.tid, kf.nthreads)
         r0, r1 = b.mul(t0, i64(p.mr)), smin(b, b.mul(t1, i64(p.mr)), p.m)
         if epilogue is None:
-            call_shared(b, fn, [kf.out, a_mat, b_mat], dict(shape, r0=r0, r1=r1, c0=0, c1=p.n))
+            fn.call(b, [kf.out, a_mat, b_mat], replace(shape, r0=r0, r1=r1, c0=0, c1=p.n))
         else:   # panels of rows: computed, then the epilogue while they are in cache
             panel = p.mr * max(1, 32 // p.mr)
             with carry_loop(b, r0, r1, [], "matmul.panel", step=panel) as lp:
                 end = smin(b, b.add(lp.iv, i64(panel)), r1)
-                call_shared(b, fn, [kf.out, a_mat, b_mat],
-                            dict(shape, r0=lp.iv, r1=end, c0=0, c1=p.n))
-                epilogue_rows(b, kf, epilogue, b.mul(lp.iv, i64(p.n)),
-                              b.mul(b.sub(end, lp.iv), i64(p.n)))
+                fn.call(b, [kf.out, a_mat, b_mat], replace(shape, r0=lp.iv, r1=end, c0=0, c1=p.n))
+                kf.epilogue_rows(b.mul(lp.iv, i64(p.n)), b.mul(b.sub(end, lp.iv), i64(p.n)))
     b.ret_void()
 
 
-_TILE_PARAMS = ("m", "n", "k", "r0", "r1", "c0", "c1", "sa_i", "sa_k")
+@params
+class _TileParams(Params):
+    """C [m, n] = op(A) [m, k] @ B; the tiles of rows [r0, r1) and columns [c0, c1) (at tile
+    boundaries); op(A)[i, k] = A[i*sa_i + k*sa_k]."""
+    m: I64Arg
+    n: I64Arg
+    k: I64Arg
+    r0: I64Arg = None
+    r1: I64Arg = None
+    c0: I64Arg = None
+    c1: I64Arg = None
+    sa_i: I64Arg
+    sa_k: I64Arg
+
+
+@params
+class _PackParams(Params):
+    """B [n, k] to be packed as B^T [k, n]."""
+    n: I64Arg
+    k: I64Arg
 
 
 @dataclass(frozen=True)
@@ -336,19 +209,14 @@ class _TileKey:
     nr: int
 
 
-def _tiles_function(module: ir.Module, p: _Plan) -> ir.Function:
+def _tiles_function(module: ir.Module, p: _Plan) -> SharedFunction:
     """The shared function computing C[r0:r1, c0:c1] (r0, c0 at tile boundaries) for C [m, n]."""
     key = _TileKey(p.form, p.dtype, p.mr, p.nr)
     body = _emit_dot if p.form == "dot" else _emit_outer
-    return shared_function(module, "matmul", key, 3, _TILE_PARAMS, body)
+    return shared_function(module, "matmul", key, 3, _TileParams, body)
 
 
-@dataclass(frozen=True)
-class _DtypeKey:
-    dtype: str
-
-
-def _pack_function(module: ir.Module, dtype: str) -> ir.Function:
+def _pack_function(module: ir.Module, dtype: str) -> SharedFunction:
     """dst[k, j] = src[j, k] for src [n, k]."""
     def body(s, key):
         ety = llvm_type(key.dtype)
@@ -359,7 +227,7 @@ def _pack_function(module: ir.Module, dtype: str) -> ir.Function:
             with carry_loop(b, 0, s.k, [], "matmul.pack.k") as lk:
                 v = load(b, src, b.add(row, lk.iv), ety)
                 store(b, v, dst, b.add(b.mul(lk.iv, s.n), lj.iv), ety)
-    return shared_function(module, "matmul.pack_bt", _DtypeKey(dtype), 2, ("n", "k"), body)
+    return shared_function(module, "matmul.pack_bt", DtypeKey(dtype), 2, _PackParams, body)
 
 
 def _emit_outer(s: Shared, p: _TileKey):

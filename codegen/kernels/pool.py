@@ -1,7 +1,8 @@
 """Kernels of the pooling primitives (NCHW): max/avg pooling, the argmax the backward pass saves,
 and the backward passes (see ir/prims/nn.py for their meaning and the numpy reference).
 
-Every kernel partitions the N*C planes among the threads; a thread owns whole planes of `out`.
+Every kernel partitions the N*C planes among the threads (toolkit.thread_range); a thread owns
+whole planes of `out`.
 
 The window kernels (max_pool2d, max_pool2d_argmax, avg_pool2d, avg_pool2d_grad) compute one vector
 of V outputs at a time and read its inputs with wide masked loads whose lanes they shuffle apart:
@@ -43,11 +44,12 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from ..loops import (F64, I1, I32, I64, PTR, VOID, for_range, gep, i32, i64, if_then, intrinsic,
-                     llvm_type, load, masked_store, splat, store, tail_mask, type_suffix, vec,
-                     vstore)
+from ..loops import I1, I32, I64, for_range, gep, i32, i64, if_then, intrinsic, llvm_type, load, \
+    masked_store, splat, store, vec
 from ..target import vector_width
 from . import register
+from .toolkit import kernel_function, lane_mask, round_up, thread_range, wide_load, wide_store, \
+    zero_fill
 
 
 # --------------------------------------------------------------------------- geometry
@@ -71,10 +73,6 @@ def _geom(in_shape, out_shape, params) -> _Geom:
     (kh, kw), (sh, sw), (ph, pw) = params["kernel"], params["stride"], params["padding"]
     n, c, h, w = in_shape
     return _Geom(n * c, h, w, out_shape[2], out_shape[3], kh, kw, sh, sw, ph, pw)
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 @dataclass(frozen=True)
@@ -110,78 +108,17 @@ def _layout(g: _Geom, V: int) -> _Layout:
     if g.ph == 0 and g.pw == 0 and 2 * g.OW <= V:
         # as many whole rows as fit, as long as their inputs fit in four registers
         for R in range(min(V // g.OW, g.OH), 1, -1):
-            L = _round_up(((R - 1) * g.sh + g.kh - 1) * g.W + (g.OW - 1) * g.sw + g.kw, V)
+            L = round_up(((R - 1) * g.sh + g.kh - 1) * g.W + (g.OW - 1) * g.sw + g.kw, V)
             if L <= 4 * V:
                 return _Layout(V, L, R)
-    return _Layout(V, _round_up(V * g.sw + max(0, g.kw - g.sw), V), 1)
+    return _Layout(V, round_up(V * g.sw + max(0, g.kw - g.sw), V), 1)
 
 
 # --------------------------------------------------------------------------- LLVM helpers
-class _Function:
-    """The contract's `void name(out, in0.., [epi0..], scratch, tid, nthreads)`, being built.
-
-    With an epilogue (codegen.fused.Epilogue), its extra pointers follow the inputs and
-    `plane_done` applies it to each finished plane of out."""
-
-    def __init__(self, module: ir.Module, name: str, n_inputs: int, epilogue=None):
-        n_epi = epilogue.n_args if epilogue is not None else 0
-        fnty = ir.FunctionType(VOID, [PTR] * (1 + n_inputs + n_epi + 1) + [I64, I64])
-        fn = ir.Function(module, fnty, name)
-        names = (["out"] + [f"in{k}" for k in range(n_inputs)] + [f"epi{k}" for k in range(n_epi)]
-                 + ["scratch", "tid", "nthreads"])
-        for arg, nm in zip(fn.args, names):
-            arg.name = nm
-        # out never aliases an input and inputs are only read: no pointer aliases a written one
-        for arg in fn.args[:1 + n_inputs + n_epi]:
-            arg.add_attribute("noalias")
-        self.b = ir.IRBuilder(fn.append_basic_block("entry"))
-        self.out, self.inputs = fn.args[0], list(fn.args[1:1 + n_inputs])
-        self.epilogue, self.epi_args = epilogue, list(fn.args[1 + n_inputs:1 + n_inputs + n_epi])
-        self.tid, self.nthreads = fn.args[-2], fn.args[-1]
-
-    def planes(self, planes: int):
-        """Thread tid's planes [tid*P/n, (tid+1)*P/n): disjoint, and together all P planes."""
-        b, P = self.b, i64(planes)
-        start = b.sdiv(b.mul(self.tid, P), self.nthreads, name="plane.start")
-        stop = b.sdiv(b.mul(b.add(self.tid, i64(1)), P), self.nthreads, name="plane.stop")
-        return start, stop
-
-    def plane_done(self, p, size: int):
-        """Plane p of out (size elements) is final: run the epilogue over it."""
-        if self.epilogue is not None:
-            self.epilogue.call(self.b, self.out, self.epi_args, self.b.mul(p, i64(size)), i64(size))
-
-
-def _zero(b: ir.IRBuilder, ptr, n: int, ty: ir.Type, V: int, name: str):
-    """ptr[0:n] = 0: full vector stores and one masked tail."""
-    zero = ir.Constant(vec(ty, V), [0.0] * V)
-    full = n - n % V
-    if full:
-        with for_range(b, 0, full, V, name=f"{name}.zero") as k:
-            vstore(b, zero, ptr, k)
-    if n % V:
-        masked_store(b, zero, ptr, i64(full), tail_mask(b, i64(n % V), V))
-
-
-def _align(ty: ir.Type) -> ir.Constant:
-    return i32(8 if ty == F64 else 4)
-
-
-def _wide_load(b: ir.IRBuilder, ptr, offset, vty: ir.VectorType, mask, passthru):
-    """Masked load of vty at element `offset` of ptr. The address may lie outside the buffer
-    (padding): the GEP is not `inbounds`, and masked-off lanes are never accessed."""
-    p = b.gep(ptr, [offset], source_etype=vty.element, inbounds=False)
-    mty = ir.VectorType(I1, vty.count)
-    f = intrinsic(b.module, f"llvm.masked.load.{type_suffix(vty)}.p0", vty, [PTR, I32, mty, vty])
-    return b.call(f, [p, _align(vty.element), mask, passthru])
-
-
-def _wide_store(b: ir.IRBuilder, value, ptr, offset, mask):
-    p = b.gep(ptr, [offset], source_etype=value.type.element, inbounds=False)
-    vty = value.type
-    mty = ir.VectorType(I1, vty.count)
-    f = intrinsic(b.module, f"llvm.masked.store.{type_suffix(vty)}.p0", VOID, [vty, PTR, I32, mty])
-    b.call(f, [value, p, _align(vty.element), mask])
+def _plane_done(f, p, size: int):
+    """Plane p of out (size elements) is final: run the epilogue (if any) over it."""
+    if f.epilogue is not None:
+        f.epilogue_rows(f.b.mul(p, i64(size)), i64(size))
 
 
 def _ivec(values):
@@ -238,7 +175,7 @@ class _Window:
             base = b.sub(b.mul(c0, i64(g.sw)), i64(g.pw), name="col.base")
             cols = b.add(splat(b, b.trunc(base, I32), self.L), _ivec(range(self.L)))
             col_ok = _in_range(b, cols, 0, g.W, name="col.ok")
-            out_mask = tail_mask(b, b.sub(i64(g.OW), c0), self.V)
+            out_mask = lane_mask(b, b.sub(i64(g.OW), c0), self.V)
             with for_range(b, 0, g.OH, name=f"{self.prim}.oh") as r:
                 h0 = b.sub(b.mul(r, i64(g.sh)), i64(g.ph), name="row.base")
                 loads = []
@@ -262,10 +199,10 @@ class _Window:
         else:   # the last group has fewer rows
             rows = b.sub(i64(g.OH), r)
             rows = b.select(b.icmp_signed("<", rows, i64(lay.R)), rows, i64(lay.R))
-            out_mask = tail_mask(b, b.mul(rows, i64(g.OW)), self.V)
+            out_mask = lane_mask(b, b.mul(rows, i64(g.OW)), self.V)
             n = b.add(b.mul(b.sub(rows, i64(1)), i64(g.sh * g.W)),
                       i64((g.kh - 1) * g.W + (g.OW - 1) * g.sw + g.kw))
-            mask = tail_mask(b, n, self.L)
+            mask = lane_mask(b, n, self.L)
         h0 = b.mul(r, i64(g.sh), name="row.base")
         loads = [(list(range(g.kh)), b.mul(h0, i64(g.W)), mask)]
         body(p, i64(0), i64(0), r, h0, out_mask, loads)
@@ -290,9 +227,9 @@ def _lower_pool(module, name, ins, mode: str, epilogue=None):
     max, in0 the argmax output, in1 x) or avg_pool2d ("avg")."""
     x_t = ins.inputs[0].type
     g = _geom(x_t.shape, ins.out.type.shape, ins.params)
-    f = _Function(module, name, 2 if mode == "max+argmax" else 1, epilogue)
-    b, out, x = f.b, f.out, f.inputs[-1]
-    idx_out = f.inputs[0] if mode == "max+argmax" else (out if mode == "argmax" else None)
+    f = kernel_function(module, name, 2 if mode == "max+argmax" else 1, epilogue)
+    b, out, x = f.b, f.out, f.ins[-1]
+    idx_out = f.ins[0] if mode == "max+argmax" else (out if mode == "argmax" else None)
     w = _Window(b, g, x_t.dtype, ins.prim.name)
     T, V = w.T, w.V
     want_max, want_idx = mode in ("max", "max+argmax"), mode in ("argmax", "max+argmax")
@@ -307,7 +244,7 @@ def _lower_pool(module, name, ins, mode: str, epilogue=None):
             best = ir.Constant(w.vty, [float("-inf")] * V)
             bidx = _first_real_tap(b, w, base, h0, loads)
         for rows, off, mask in loads:
-            wide = _wide_load(b, x_p, off, w.wide_ty, mask, fill_vec)
+            wide = wide_load(b, x_p, off, w.wide_ty, mask, fill_vec)
             off32 = b.trunc(off, I32)
             for i in rows:
                 for j in range(g.kw):
@@ -333,7 +270,8 @@ def _lower_pool(module, name, ins, mode: str, epilogue=None):
             w.store(best if acc is None else acc, _plane_ptr(b, out, p, g.OH * g.OW, T, "out.plane"),
                     r, c0, out_mask)
 
-    w.loop(*f.planes(g.planes), body, end_plane=lambda p: f.plane_done(p, g.OH * g.OW))
+    planes = thread_range(b, g.planes, f.tid, f.nthreads)
+    w.loop(*planes, body, end_plane=lambda p: _plane_done(f, p, g.OH * g.OW))
     b.ret_void()
 
 
@@ -350,9 +288,9 @@ def _first_real_tap(b, w: _Window, base, h0, loads):
     return b.add(splat(b, b.trunc(b.mul(h, i64(g.W)), I32), V), cols)
 
 
-# No epilogue for max_pool2d yet: codegen/runtime.py lowers a max_pool2d that has both an
-# epilogue and an argmax companion without the companion (lower_max_pool2d_with_argmax does take
-# an epilogue).
+# Registered without `epilogue=True`, so the scheduler never fuses an epilogue into a max_pool2d,
+# alone or paired with its argmax (the lowering and lower_max_pool2d_with_argmax would take one,
+# and codegen/runtime.py passes one to the paired kernel).
 @register("max_pool2d")
 def _max_pool2d_lower(module, name, ins, epilogue=None):
     _lower_pool(module, name, ins, "max", epilogue)
@@ -388,8 +326,8 @@ def _avg_pool2d_grad_lower(module, name, ins, epilogue=None):
     windows do not overlap (stored directly), else a read-modify-write of the sum."""
     ct_t = ins.inputs[0].type
     g = _geom(ins.out.type.shape, ct_t.shape, ins.params)
-    f = _Function(module, name, 1, epilogue)
-    b, out, (ct,) = f.b, f.out, f.inputs
+    f = kernel_function(module, name, 1, epilogue)
+    b, out, (ct,) = f.b, f.out, f.ins
     w = _Window(b, g, ct_t.dtype, ins.prim.name)
     T, V, L = w.T, w.V, w.L
     zero_v, zero_w = ir.Constant(w.vty, [0.0] * V), ir.Constant(w.wide_ty, [0.0] * L)
@@ -400,12 +338,13 @@ def _avg_pool2d_grad_lower(module, name, ins, epilogue=None):
 
     def zero_plane(p):   # unless the windows tile the plane exactly
         if not tiles:
-            _zero(b, _plane_ptr(b, out, p, g.H * g.W, T, "out.plane"), g.H * g.W, T, V, ins.prim.name)
+            zero_fill(b, _plane_ptr(b, out, p, g.H * g.W, T, "out.plane"), g.H * g.W, T, V,
+                      ins.prim.name)
 
     def body(p, c0, base, r, h0, out_mask, loads):
         out_p = _plane_ptr(b, out, p, g.H * g.W, T, "out.plane")
         ct_p = _plane_ptr(b, ct, p, g.OH * g.OW, T, "ct.plane")
-        ctv = _wide_load(b, ct_p, w.out_offset(r, c0), w.vty, out_mask, zero_v)
+        ctv = wide_load(b, ct_p, w.out_offset(r, c0), w.vty, out_mask, zero_v)
         ctv = b.fdiv(ctv, ir.Constant(w.vty, [float(g.kh * g.kw)] * V), name="ct.scaled")
         for rows, off, mask in loads:
             cover = w.lay.cover(g, rows)
@@ -414,10 +353,11 @@ def _avg_pool2d_grad_lower(module, name, ins, epilogue=None):
             for d in range(1, depth):
                 add = b.fadd(add, _spread(b, w, ctv, cover, d, zero_v))
             if overlap:   # add to what other windows wrote
-                add = b.fadd(_wide_load(b, out_p, off, w.wide_ty, mask, zero_w), add)
-            _wide_store(b, add, out_p, off, mask)
+                add = b.fadd(wide_load(b, out_p, off, w.wide_ty, mask, zero_w), add)
+            wide_store(b, add, out_p, off, mask)
 
-    w.loop(*f.planes(g.planes), body, zero_plane, lambda p: f.plane_done(p, g.H * g.W))
+    planes = thread_range(b, g.planes, f.tid, f.nthreads)
+    w.loop(*planes, body, zero_plane, lambda p: _plane_done(f, p, g.H * g.W))
     b.ret_void()
 
 
@@ -481,8 +421,8 @@ def _max_pool2d_grad_lower(module, name, ins, epilogue=None):
     it, else 0 - vector compares and selects. Indices outside their block (overlapping windows)
     are added by a scalar pass afterwards, only in planes that have any."""
     ct_t = ins.inputs[0].type
-    f = _Function(module, name, 2, epilogue)
-    b, out, (ct, idx) = f.b, f.out, f.inputs
+    f = kernel_function(module, name, 2, epilogue)
+    b, out, (ct, idx) = f.b, f.out, f.ins
     (n, c, OH, OW), (H, W), T = ct_t.shape, ins.out.type.shape[2:], llvm_type(ct_t.dtype)
     block = _blocks(ins)
     ptrs = lambda p: (_plane_ptr(b, out, p, H * W, T, "out.plane"),
@@ -490,11 +430,12 @@ def _max_pool2d_grad_lower(module, name, ins, epilogue=None):
                       _plane_ptr(b, idx, p, OH * OW, I32, "idx.plane"))
     if block is None:
         V = vector_width(64 if ct_t.dtype == "f64" else 32)
-        with for_range(b, *f.planes(n * c), name="max_pool2d_grad.plane") as p:
+        planes = thread_range(b, n * c, f.tid, f.nthreads)
+        with for_range(b, *planes, name="max_pool2d_grad.plane") as p:
             out_p, ct_p, idx_p = ptrs(p)
-            _zero(b, out_p, H * W, T, V, "max_pool2d_grad")
+            zero_fill(b, out_p, H * W, T, V, "max_pool2d_grad")
             _scatter_add(b, H * W, (OH, OW), out_p, ct_p, idx_p, T, None)
-            f.plane_done(p, H * W)
+            _plane_done(f, p, H * W)
         b.ret_void()
         return
 
@@ -507,12 +448,12 @@ def _max_pool2d_grad_lower(module, name, ins, epilogue=None):
     def begin_plane(p):
         b.store(ir.Constant(I1, 0), any_outside)
         if (H, W) != (OH * block.kh, OW * block.kw):   # rows/columns beyond the last block
-            _zero(b, ptrs(p)[0], H * W, T, V, "max_pool2d_grad")
+            zero_fill(b, ptrs(p)[0], H * W, T, V, "max_pool2d_grad")
 
     def body(p, c0, base, r, h0, out_mask, loads):
         out_p, ct_p, idx_p = ptrs(p)
-        ctv = _wide_load(b, ct_p, w.out_offset(r, c0), w.vty, out_mask, zero_v)
-        idxv = _wide_load(b, idx_p, w.out_offset(r, c0), vec(I32, V), out_mask, none_v)
+        ctv = wide_load(b, ct_p, w.out_offset(r, c0), w.vty, out_mask, zero_v)
+        idxv = wide_load(b, idx_p, w.out_offset(r, c0), vec(I32, V), out_mask, none_v)
         outside = _any(b, _outside_block(b, w, idxv, loads, out_mask))
         b.store(b.or_(b.load(any_outside), outside), any_outside)
         for rows, off, mask in loads:
@@ -520,14 +461,15 @@ def _max_pool2d_grad_lower(module, name, ins, epilogue=None):
             at = b.add(splat(b, b.trunc(off, I32), L), _ivec(range(L)), name="at")
             hit = b.icmp_signed("==", _spread(b, w, idxv, cover, 0, none_v), at)
             val = b.select(hit, _spread(b, w, ctv, cover, 0, zero_v), ir.Constant(w.wide_ty, [0.0] * L))
-            _wide_store(b, val, out_p, off, mask)
+            wide_store(b, val, out_p, off, mask)
 
     def end_plane(p):
         with if_then(b, b.load(any_outside), name="max_pool2d_grad.outside"):
             _scatter_add(b, H * W, (OH, OW), *ptrs(p), T, block)
-        f.plane_done(p, H * W)
+        _plane_done(f, p, H * W)
 
-    w.loop(*f.planes(n * c), body, begin_plane, end_plane)
+    planes = thread_range(b, n * c, f.tid, f.nthreads)
+    w.loop(*planes, body, begin_plane, end_plane)
     b.ret_void()
 
 
@@ -537,8 +479,8 @@ def _max_pool2d_gather_lower(module, name, ins, epilogue=None):
     among its blocks' taps (wide loads and shuffles, as max_pool2d reads x); a vector with an
     index outside its block is gathered with scalar loads instead."""
     g_t = ins.inputs[0].type
-    f = _Function(module, name, 2, epilogue)
-    b, out, (g, idx) = f.b, f.out, f.inputs
+    f = kernel_function(module, name, 2, epilogue)
+    b, out, (g, idx) = f.b, f.out, f.ins
     (n, c, H, W), (OH, OW), T = g_t.shape, ins.out.type.shape[2:], llvm_type(g_t.dtype)
     block = _blocks(ins)
 
@@ -548,14 +490,15 @@ def _max_pool2d_gather_lower(module, name, ins, epilogue=None):
         return b.select(ok, v, ir.Constant(T, 0.0))
 
     if block is None:
-        with for_range(b, *f.planes(n * c), name="max_pool2d_gather.plane") as p:
+        planes = thread_range(b, n * c, f.tid, f.nthreads)
+        with for_range(b, *planes, name="max_pool2d_gather.plane") as p:
             g_p = _plane_ptr(b, g, p, H * W, T, "g.plane")
             out_p = _plane_ptr(b, out, p, OH * OW, T, "out.plane")
             idx_p = _plane_ptr(b, idx, p, OH * OW, I32, "idx.plane")
             with for_range(b, 0, OH * OW, name="max_pool2d_gather.o") as o:
                 k = b.sext(load(b, idx_p, o, I32, name="k"), I64)
                 store(b, scalar_gather(g_p, k), out_p, o, T)
-            f.plane_done(p, OH * OW)
+            _plane_done(f, p, OH * OW)
         b.ret_void()
         return
 
@@ -568,11 +511,11 @@ def _max_pool2d_gather_lower(module, name, ins, epilogue=None):
     def body(p, c0, base, r, h0, out_mask, loads):
         g_p = _plane_ptr(b, g, p, H * W, T, "g.plane")
         idx_p = _plane_ptr(b, idx, p, OH * OW, I32, "idx.plane")
-        idxv = _wide_load(b, idx_p, w.out_offset(r, c0), vec(I32, V), out_mask,
+        idxv = wide_load(b, idx_p, w.out_offset(r, c0), vec(I32, V), out_mask,
                           ir.Constant(vec(I32, V), [-1] * V))
         val = ir.Constant(w.vty, [0.0] * V)
         for rows, off, mask in loads:
-            wide = _wide_load(b, g_p, off, w.wide_ty, mask, zero_w)
+            wide = wide_load(b, g_p, off, w.wide_ty, mask, zero_w)
             for i in rows:
                 for j in range(block.kw):
                     at = b.add(splat(b, b.trunc(off, I32), V), w.taps(i, j))
@@ -588,5 +531,6 @@ def _max_pool2d_gather_lower(module, name, ins, epilogue=None):
             b.store(v, slot)
         w.store(b.load(slot), _plane_ptr(b, out, p, OH * OW, T, "out.plane"), r, c0, out_mask)
 
-    w.loop(*f.planes(n * c), body, end_plane=lambda p: f.plane_done(p, OH * OW))
+    planes = thread_range(b, n * c, f.tid, f.nthreads)
+    w.loop(*planes, body, end_plane=lambda p: _plane_done(f, p, OH * OW))
     b.ret_void()

@@ -1,0 +1,224 @@
+"""The plan of the direct convolution (`Core`: conv2d, and conv2d_input_grad as a convolution of
+the dilated cotangent with the flipped weights): which register block and which of the three
+algorithms (direct.py: row tiles or the flat mode; channel.py: vectors over output channels), the
+scratch layout, and the lowering of the kernel function around the algorithm's shared function.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import llvmlite.ir as ir
+
+from ...loops import I64, gep, i64, store
+from .. import register
+from ..toolkit import ceil_div, dtype_info, kernel_function, round_up, thread_range
+from .channel import lower_channel
+from .direct import lower_direct
+from .layout import ALIGN, FORCE, Prep, weights_copy
+
+# Register blocks (R, PR, PV) tried, in order of preference: few of them, so that kernels of
+# different shapes share functions. A tile of PV vectors per row is the same work as PV row blocks
+# of one vector, so PV = 1 but for images of one row (conv1d).
+_BLOCKS = ((4, 4, 1), (8, 2, 1), (2, 8, 1), (1, 16, 1), (4, 6, 1), (8, 1, 2), (6, 2, 1))
+# Blocks of the flat mode (one long row: PR = 1).
+_FLAT_BLOCKS = ((8, 1, 2), (8, 1, 3), (6, 1, 3), (4, 1, 4), (6, 1, 2))
+
+# Cost model of a block (`Core._best`). Per tap a block of acc = R*PR*PV accumulators issues acc
+# FMAs and R + 2*PR*PV L1 accesses (R broadcasts, PR*PV unaligned vector loads, most of which
+# split a cache line); the core does two FMAs and two loads per cycle, so a tap costs
+# max(acc, R + 2*PR*PV) half-cycles. An FMA's result is ready four or five cycles later, so two FMA
+# pipes need about ten independent accumulators: with fewer, the chains stall in proportion.
+_FMAS_IN_FLIGHT = 10.0
+# Blocks whose cost is within this factor of the best count as equal: the first of them (in
+# order of preference) is taken, since sharing a function saves compile time.
+_SHARE_SLACK = 1.1
+# The flat mode must save more than this fraction of the block cost: it adds a copy of the
+# valid columns and a per-thread buffer.
+_FLAT_GAIN = 0.9
+# Fewer items (image x channel block) than this split the rows into chunks too, so that the
+# threads of a small batch have work (not with an epilogue or the flat mode: whole planes).
+_MIN_ITEMS = 8
+
+
+@dataclass(frozen=True)
+class Core:
+    """out[n, o, y, x] = sum_{c, i, j} W(o, c, i, j) * P_n[c][y*sy + i][phase j%sx][x + j//sx]
+    with W(o, c, i, j) = w[o*ws_o + c*ws_c + i*ws_i + j]; `flip` (the input gradient): W is a
+    flipped, transposed copy of the OIHW weights w (shape `flip`) made in scratch."""
+    dtype: str
+    n: int
+    ci: int
+    co: int
+    oy: int
+    ox: int
+    kh: int
+    kw: int
+    sy: int
+    sx: int
+    ws_o: int
+    ws_c: int
+    ws_i: int
+    flip: tuple | None
+    prep: Prep
+    src_image: int   # elements of one source image
+    vl: int
+    r: int = 0       # register block, chosen by `blocked`
+    pr: int = 0
+    pv: int = 0
+    yc: int = 1      # row chunks per item (parallelism for small batches)
+    flat: bool = False   # short rows: the output as one row of pitch rp (see `flat_len`)
+    chan: bool = False   # short rows, O a multiple of vl: vectors over output channels (channel.py)
+
+    @property
+    def flat_len(self) -> int:
+        """Flat mode: out'[x'] = sum W * P[i*rp + x' + j] for x' = y*rp + x is out[y, x] (when
+        x < ox; the other columns are computed and dropped): whole vectors for rows shorter than
+        a vector. Needs unit strides. The core writes out' to a per-thread buffer, then the
+        valid columns are copied to out."""
+        return (self.oy - 1) * self.prep.row_pitch + self.ox
+
+    def _best(self, blocks, oy, nvec):
+        costs = []
+        for r, pr, pv in blocks:
+            acc = r * pr * pv
+            # half-cycles per tap (see the cost model above)
+            cycles = max(acc, r + 2 * pr * pv) * max(1.0, _FMAS_IN_FLIGHT / acc)
+            work = ceil_div(self.co, r) * ceil_div(oy, pr) * ceil_div(nvec, pv)
+            costs.append(cycles * work)
+        return next((blk, c) for blk, c in zip(blocks, costs) if c <= _SHARE_SLACK * min(costs))
+
+    def blocked(self, epilogue) -> "Core":
+        blk, cost = self._best(_BLOCKS, self.oy, ceil_div(self.ox, self.vl))
+        flat = False
+        if self.sy == 1 and self.sx == 1 and self.oy > 1:
+            fblk, fcost = self._best(_FLAT_BLOCKS, 1, ceil_div(self.flat_len, self.vl))
+            flat = fcost < _FLAT_GAIN * cost
+            blk = fblk if flat else blk
+        flat = FORCE.get("flat", flat)
+        r, pr, pv = FORCE.get("core", blk)
+        chan = FORCE.get("chan", self.co % self.vl == 0 and 2 * self.ox <= self.vl and
+                         self.sy == 1 and self.sx == 1 and not self.flip)
+        if chan:
+            return dataclasses.replace(self, r=self.vl, pr=max(1, self.vl // self.ox), pv=1,
+                                       chan=True)
+        items = self.n * ceil_div(self.co, r)
+        yc = 1
+        if items < _MIN_ITEMS and epilogue is None and not flat:  # an epilogue: whole planes
+            yc = max(1, min(ceil_div(_MIN_ITEMS, items), ceil_div(self.oy, pr)))
+        return dataclasses.replace(self, r=r, pr=pr, pv=pv, yc=yc, flat=flat)
+
+    @property
+    def region_elems(self) -> int:
+        """Per thread: a state slot, the padded copy of one image, slack for the over-reading
+        last vectors."""
+        slack = self.pv * self.vl + self.kw + self.vl
+        return ALIGN + round_up(self.ci * self.prep.chan_pitch + slack, ALIGN)
+
+    @property
+    def flip_elems(self) -> int:
+        return round_up(self.ci * self.co * self.kh * self.kw, ALIGN) if self.flip else 0
+
+    @property
+    def tmp_elems(self) -> int:
+        """Flat mode: the R rows out' of one item."""
+        if not self.flat:
+            return 0
+        return round_up(self.r * self.flat_len + self.pv * self.vl, ALIGN)
+
+    @property
+    def wt_elems(self) -> int:
+        """Channel mode: the weights as [c][i][j][o]."""
+        return round_up(self.ci * self.co * self.kh * self.kw, ALIGN) if self.chan else 0
+
+    @property
+    def thread_elems(self) -> int:
+        return self.region_elems + self.flip_elems + self.tmp_elems + self.wt_elems
+
+    @property
+    def rows_per_chunk(self) -> int:
+        if self.flat:
+            return 1
+        return self.pr * ceil_div(ceil_div(self.oy, self.pr), self.yc)
+
+    @property
+    def items(self) -> int:
+        if self.chan:
+            return self.n * (self.co // self.vl)
+        if self.flat:
+            return self.n * ceil_div(self.co, self.r)
+        return self.n * ceil_div(self.co, self.r) * ceil_div(self.oy, self.rows_per_chunk)
+
+    def lower(self, module, name, epilogue):
+        kf = kernel_function(module, name, 2, epilogue)
+        b = kf.b
+        ety = dtype_info(self.dtype)[0]
+        region = gep(b, kf.scratch, b.mul(kf.tid, i64(self.thread_elems)), ety,
+                     name="conv.region")
+        store(b, i64(-1), region, i64(0), I64)   # no image in the padded copy yet
+        w = kf.ins[1]
+        if self.flip:
+            w = gep(b, region, i64(self.region_elems), ety, name="conv.flipped")
+            o, c, kh, kw = self.flip   # dst[c, o, i, j] = src[o, c, kh-1-i, kw-1-j]
+            taps = kh * kw
+            weights_copy(b, self.dtype, w, kf.ins[1], o, c, taps, (taps, o * taps, 1),
+                         (c * taps, taps, taps - 1, -1))
+        t0, t1 = thread_range(b, self.items, kf.tid, kf.nthreads)
+        if self.chan:
+            lower_channel(self, kf, region, t0, t1)
+        else:
+            lower_direct(self, kf, [kf.out, kf.ins[0], w, region], t0, t1)
+        b.ret_void()
+
+
+def _conv_core(ins, epilogue=None) -> Core:
+    x, w = ins.inputs
+    (sh, sw), (ph, pw) = ins.params["stride"], ins.params["padding"]
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    oy, ox = ins.out.shape[2:]
+    _, vl, _ = dtype_info(ins.out.dtype)
+    rows = (oy - 1) * sh + kh
+    q = ceil_div((ox - 1) * sw + kw, sw)
+    prep = Prep(h, wd, rows, q, sw, 1, 1, ph, pw)
+    core = Core(ins.out.dtype, n, c, o, oy, ox, kh, kw, sh, sw, c * kh * kw, kh * kw, kw, None,
+                 prep, c * h * wd, vl)
+    return core.blocked(epilogue)
+
+
+def _input_grad_core(ins, epilogue=None) -> Core:
+    ct, w = ins.inputs
+    (sh, sw), (ph, pw) = ins.params["stride"], ins.params["padding"]
+    n, o, oh, ow = ct.shape
+    _, c, kh, kw = w.shape
+    h, wd = ins.params["in_hw"]
+    _, vl, _ = dtype_info(ins.out.dtype)
+    if pw == 0:
+        # Rows of pitch W instead of W + KW - 1: the KW - 1 columns of right padding overlap the
+        # KW - 1 columns of left padding of the next row (all zeros either way), so that rows
+        # of output pixels are contiguous in the flat mode (out' is out: whole vectors). The
+        # last row's reads run into one more (zero) row.
+        prep = Prep(oh, ow, h - 1 + kh, wd, 1, sh, sw, kh - 1 - ph, kw - 1, extra=1)
+    else:
+        prep = Prep(oh, ow, h - 1 + kh, wd - 1 + kw, 1, sh, sw, kh - 1 - ph, kw - 1 - pw)
+    # out channel (of the core) = c, in channel = o, tap (i, j) is w[o, c, kh-1-i, kw-1-j]
+    core = Core(ins.out.dtype, n, o, c, h, wd, kh, kw, 1, 1, o * kh * kw, kh * kw, kw,
+                 (o, c, kh, kw), prep, o * oh * ow, vl)
+    return core.blocked(epilogue)
+
+
+def _register_core(prim: str, make):
+    """Register the lowering of a primitive computed by the shared core; `make(ins) -> Core`.
+    (The scratch size does not depend on the epilogue: only `yc` does, not the region.)"""
+    def scratch_bytes(ins, nthreads):
+        core = make(ins)
+        return nthreads * core.thread_elems * dtype_info(ins.out.dtype)[2]
+
+    def lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
+        make(ins, epilogue).lower(module, name, epilogue)
+
+    register(prim, scratch_bytes=scratch_bytes, epilogue=True)(lower)
+
+
+_register_core("conv2d", _conv_core)
+_register_core("conv2d_input_grad", _input_grad_core)

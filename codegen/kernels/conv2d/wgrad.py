@@ -1,0 +1,364 @@
+"""conv2d_weight_grad: a reduction over the images and output pixels, with vector accumulators
+per (input channel, R output channels, kernel row), summed horizontally at the end (`_WGrad`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import llvmlite.ir as ir
+
+from ...loops import carry_loop, fma, gep, i64, if_then, load, masked_load, masked_store, store, \
+    vload, vstore
+from .. import register
+from ..toolkit import I64Arg, Params, ceil_div, dtype_info, hsum, kernel_function, lane_mask, \
+    memset0, opaque, params, round_up, shared_function, smax, smin, thread_range
+from .layout import ALIGN, FORCE, PadKey, Prep, PrepParams, pad
+
+WGRAD_CHUNK_BYTES = 64 * 1024  # target size of a chunk of images of the weight gradient
+# Vector registers the R*GR*KW accumulators and min(R, GR*KW) streamed operands may take: 29 of
+# the 32 of AVX-512, the rest for the lane mask and the loads' temporaries.
+_WGRAD_REGISTERS = 29
+# The flat mode when it needs at most this fraction of the vectors of the row mode: it also
+# copies the cotangents (into rows of the padded pitch) and masks the columns between rows.
+_WFLAT_GAIN = 0.85
+# Input channels per channel block at most (the blocks are balanced): the block's padded copies
+# of a chunk of images, and a row of cotangents reused by all of them from L1.
+_MAX_CB = 8
+
+
+@dataclass(frozen=True)
+class _WGrad:
+    """dw[o, c, i, j] = sum_{n, y, x} ct[n, o, y, x] * P_n[c][y*sy + i][phase j%sx][x + j//sx].
+
+    An item is (input channel c, block of R output channels, group of GR kernel rows) with
+    R*GR*KW vector accumulators. Items are numbered by blocks of CB input channels, then output
+    channel block, channel, row group. A thread takes the channel blocks of its items one by one;
+    for each, the images go by in chunks of `ng` whose cotangents fit in L2: the padded copies of
+    the block's channels of the chunk's images are made (a thread copies only its channels), then
+    every item of the block adds the chunk to its vector accumulators, kept in scratch between
+    chunks (a block of cotangent rows is reused from L1 by the CB channels). After the last chunk
+    the accumulators are summed horizontally into out, once per item."""
+    dtype: str
+    n: int
+    c: int
+    o: int
+    oy: int
+    ox: int
+    kh: int
+    kw: int
+    sy: int
+    sx: int
+    prep: Prep
+    vl: int
+    r: int
+    gr: int   # kernel rows per item
+    ng: int   # images per chunk
+    cb: int   # input channels per channel block
+    flat: bool = False   # see `flat_len`
+
+    @property
+    def flat_len(self) -> int:
+        """Flat mode (short rows, unit strides): the cotangents of a chunk are copied into rows of
+        the padded copy's pitch rp, zeros between them, and the sum runs over x' = y*rp + x in
+        [0, flat_len) as one row: whole vectors where rows are shorter than a vector."""
+        return (self.oy - 1) * self.prep.row_pitch + self.ox
+
+    @property
+    def row_len(self) -> int:
+        return self.flat_len if self.flat else self.ox
+
+    @property
+    def ct_main(self) -> int:
+        """Flat mode: the chunk's cotangents; then (both modes) a table of lane masks, one
+        vl-bit integer per vector of a row, bits set at the real pixels."""
+        return round_up(self.ng * self.o * self.flat_len, ALIGN) if self.flat else 0
+
+    @property
+    def ct_elems(self) -> int:
+        return self.ct_main + round_up(self.row_len + self.vl, ALIGN)
+
+    @property
+    def groups(self) -> int:
+        return ceil_div(self.kh, self.gr)
+
+    @property
+    def per_cb(self) -> int:
+        """Items per channel block."""
+        return ceil_div(self.o, self.r) * self.cb * self.groups
+
+    @property
+    def items(self) -> int:
+        return ceil_div(self.c, self.cb) * self.per_cb
+
+    @property
+    def slack(self) -> int:
+        """Over-read past the last copy: rows of clamped-out kernel rows, the last vector."""
+        return self.gr * self.prep.row_pitch + 2 * self.vl + self.kw
+
+    @property
+    def partial_elems(self) -> int:
+        """The vector accumulators of the items of one channel block."""
+        return round_up(self.per_cb * self.r * self.gr * self.kw * self.vl, ALIGN)
+
+    @property
+    def region_elems(self) -> int:
+        return self.partial_elems + round_up(self.cb * self.ng * self.prep.chan_pitch
+                                              + self.slack, ALIGN) + self.ct_elems
+
+
+def _wgrad_plan(ins) -> _WGrad:
+    ct, x = ins.inputs
+    (sh, sw), (ph, pw) = ins.params["stride"], ins.params["padding"]
+    kh, kw = ins.params["kernel"]
+    n, o, oy, ox = ct.shape
+    _, c, h, wd = x.shape
+    _, vl, es = dtype_info(ins.out.dtype)
+    prep = Prep(h, wd, (oy - 1) * sh + kh, ceil_div((ox - 1) * sw + kw, sw), sw, 1, 1,
+                 ph, pw)
+    # Few choices, so that kernels of different shapes share functions (compile time): one kernel
+    # row per item (GR = 1; a whole 3-wide kernel for a single output channel), as many output
+    # channels R as the registers hold (R*GR*KW accumulators + min(R, GR*KW) operands), fewer
+    # only for small O.
+    gr = kh if o == 1 and kw <= 3 else 1
+    r = next((r for r in (8, 4, 2) if r * gr * kw + min(r, gr * kw) <= _WGRAD_REGISTERS), 1)
+    while r > 1 and r // 2 >= o:
+        r //= 2
+    r, gr = FORCE.get("wgrad", (r, gr))
+    flat_len = (oy - 1) * prep.row_pitch + ox
+    flat = sh == 1 and sw == 1 and oy > 1 and \
+        ceil_div(flat_len, vl) <= _WFLAT_GAIN * oy * ceil_div(ox, vl)
+    flat = FORCE.get("wflat", flat)
+    # a chunk's cotangents stay in L2 while all input channels go by
+    ct_image = o * (flat_len if flat else oy * ox)
+    ng = max(1, min(n, WGRAD_CHUNK_BYTES // ((prep.chan_pitch + ct_image) * es)))
+    ng = FORCE.get("ng", ng)
+    cb = ceil_div(c, ceil_div(c, _MAX_CB))
+    return _WGrad(ins.out.dtype, n, c, o, oy, ox, kh, kw, sh, sw, prep, vl, r, gr, ng, cb, flat)
+
+
+def _wgrad_scratch(ins, nthreads):
+    return nthreads * _wgrad_plan(ins).region_elems * dtype_info(ins.out.dtype)[2]
+
+
+@params
+class WGradParams(Params):
+    """The run-time arguments of the weight gradient's shared function: items [t0, t1); n images,
+    c input and o output channels; oy x ox the pixels summed over (flat mode: 1 x flat_len);
+    sy row stride; kh kernel rows; ng images per chunk; cb channels per block; groups of kernel
+    rows; per_cb items per channel block; the region's layout (slack, partial, ct_elems,
+    ct_main: see `_WGrad`); ct_oy x ct_ox the cotangent planes; flat (0 or 1); tpitch the row
+    pitch of the summed pixels (for the table of real pixels); the padded copy's shapes."""
+    t0: I64Arg
+    t1: I64Arg
+    n: I64Arg
+    c: I64Arg
+    o: I64Arg
+    oy: I64Arg
+    ox: I64Arg
+    sy: I64Arg
+    kh: I64Arg
+    ng: I64Arg
+    cb: I64Arg
+    groups: I64Arg
+    per_cb: I64Arg
+    slack: I64Arg
+    partial: I64Arg
+    ct_oy: I64Arg
+    ct_ox: I64Arg
+    ct_elems: I64Arg
+    ct_main: I64Arg
+    flat: I64Arg
+    tpitch: I64Arg
+    prep: PrepParams
+
+
+@register("conv2d_weight_grad", scratch_bytes=_wgrad_scratch)
+def _conv2d_weight_grad_lower(module: ir.Module, name: str, ins) -> None:
+    p = _wgrad_plan(ins)
+    kf = kernel_function(module, name, 2)
+    b = kf.b
+    ety = dtype_info(p.dtype)[0]
+    region = gep(b, kf.scratch, b.mul(kf.tid, i64(p.region_elems)), ety, name="wgrad.region")
+    t0, t1 = thread_range(b, p.items, kf.tid, kf.nthreads)
+    key = _WGradKey(p.dtype, p.r, p.gr, p.kw, p.sx)
+    fn = shared_function(module, "conv_wgrad", key, 4, WGradParams, _wgrad_body)
+    fn.call(b, [kf.out, kf.ins[0], kf.ins[1], region],
+            WGradParams(t0=t0, t1=t1, n=p.n, c=p.c, o=p.o, oy=1 if p.flat else p.oy,
+                        ox=p.flat_len if p.flat else p.ox, sy=p.sy, kh=p.kh, ng=p.ng, cb=p.cb,
+                        groups=p.groups, per_cb=p.per_cb, slack=p.slack,
+                        partial=p.partial_elems, ct_oy=p.oy, ct_ox=p.ox, ct_elems=p.ct_elems,
+                        ct_main=p.ct_main, flat=int(p.flat),
+                        tpitch=p.prep.row_pitch if p.flat else p.ox, prep=p.prep.params()))
+    b.ret_void()
+
+
+@dataclass(frozen=True)
+class _WGradKey:
+    """What the shared function of the weight gradient depends on at compile time."""
+    dtype: str
+    r: int
+    gr: int
+    kw: int
+    sx: int
+
+    @property
+    def nacc(self) -> int:
+        return self.r * self.gr * self.kw
+
+
+def _wgrad_body(s, p: _WGradKey):
+    """Items [t0, t1) with the run-time shapes of `s`; ptrs: out, ct, x, thread region (the
+    items' vector accumulators, then the padded copies of a chunk's images for the channels of
+    one channel block)."""
+    b = s.b
+    out, ct, x, region = s.ptrs
+    ety, vl, es = dtype_info(p.dtype)
+    partials = region
+    pbuf = gep(b, region, s.partial, ety, name="wgrad.padded")
+    copies = b.mul(b.mul(s.cb, s.ng), s.cp)
+    memset0(b, gep(b, pbuf, copies, ety), b.mul(s.slack, i64(es)))
+    vty = ir.VectorType(ety, vl)
+    # flat mode: the chunk's cotangents in rows of pitch rp (the columns between stay zero);
+    # both modes: the table of the real pixels of a row (flat: their mask keeps 0 * Inf out of
+    # the sums)
+    flat = b.icmp_signed("!=", s.flat, i64(0))
+    ctbuf = gep(b, pbuf, b.add(copies, s.slack), ety, name="wgrad.ct")
+    memset0(b, ctbuf, b.mul(s.ct_elems, i64(es)))
+    table = gep(b, ctbuf, s.ct_main, ety, name="wgrad.table")
+    mty = ir.IntType(vl)
+    with carry_loop(b, 0, s.ox, [], "wgrad.table") as lt:   # (zeroed above)
+        real = b.zext(b.icmp_signed("<", b.urem(lt.iv, s.tpitch), s.ct_ox), mty)
+        at = b.udiv(lt.iv, i64(vl))
+        bit = b.shl(real, b.trunc(b.urem(lt.iv, i64(vl)), mty))
+        store(b, b.or_(load(b, table, at, mty), bit), table, at, mty)
+    acc_elems = i64(p.nacc * vl)
+    cb_first = b.udiv(s.t0, s.per_cb)
+    cb_end = b.udiv(b.add(s.t1, b.sub(s.per_cb, i64(1))), s.per_cb)
+    with carry_loop(b, cb_first, cb_end, [], "wgrad.cblock") as lcb:
+        cblock = lcb.iv
+        it0 = smax(b, s.t0, b.mul(cblock, s.per_cb), name="wgrad.it0")
+        it1 = smin(b, s.t1, b.mul(b.add(cblock, i64(1)), s.per_cb), name="wgrad.it1")
+        memset0(b, partials, b.mul(b.mul(b.sub(it1, it0), acc_elems), i64(es)))
+        with carry_loop(b, 0, s.n, [], "wgrad.chunk", step=s.ng) as lch:
+            n0 = lch.iv
+            nimg = b.sub(smin(b, b.add(n0, s.ng), s.n), n0, name="wgrad.nimg")
+            pairs = b.mul(s.cb, s.ng)
+            with carry_loop(b, 0, pairs, [], "wgrad.pad") as lpn:
+                # (channel, image) pairs of the block; the channels past C copy the last one
+                c = smin(b, b.add(b.mul(cblock, s.cb), b.udiv(lpn.iv, s.ng)), b.sub(s.c, i64(1)))
+                nn = b.urem(lpn.iv, s.ng)
+                with if_then(b, b.icmp_signed("<", nn, nimg), name="wgrad.pad.img"):
+                    img = b.add(b.mul(b.add(n0, nn), s.c), c)
+                    src = gep(b, x, b.mul(img, b.mul(s.src_h, s.src_w)), ety)
+                    pad(b, PadKey(p.dtype, p.sx == 1), src,
+                        gep(b, pbuf, b.mul(lpn.iv, s.cp), ety), i64(1), s.prep)
+            with if_then(b, flat, name="wgrad.ct.copy"):
+                ct_plane = b.mul(s.ct_oy, s.ct_ox)
+                ct_src = gep(b, ct, b.mul(n0, b.mul(s.o, ct_plane)), ety)
+                with carry_loop(b, 0, b.mul(b.mul(nimg, s.o), s.ct_oy), [], "wgrad.ct.row") as lr:
+                    src_row = gep(b, ct_src, b.mul(lr.iv, s.ct_ox), ety)
+                    dst_row = gep(b, ctbuf, b.add(b.mul(b.udiv(lr.iv, s.ct_oy), s.ox),
+                                                  b.mul(b.urem(lr.iv, s.ct_oy), s.rp)), ety)
+                    with carry_loop(b, 0, s.ct_ox, [], "wgrad.ct.col", step=vl) as lq:
+                        mask = lane_mask(b, b.sub(s.ct_ox, lq.iv), vl)
+                        masked_store(b, masked_load(b, src_row, lq.iv, vty, mask), dst_row,
+                                     lq.iv, mask)
+            ct_chunk = b.select(flat, ctbuf, ct)
+            n0_ct = b.select(flat, i64(0), n0)
+            with carry_loop(b, it0, it1, [], "wgrad.item") as item:
+                _, o0, c_in, _, g = _wgrad_decode(b, s, p, item.iv)
+                p_c = gep(b, pbuf, b.add(b.mul(c_in, b.mul(s.ng, s.cp)),
+                                         b.mul(g, b.mul(i64(p.gr), s.rp))), ety)
+                chans = [smin(b, b.add(o0, i64(r)), b.sub(s.o, i64(1))) for r in range(p.r)]
+                mine = gep(b, partials, b.mul(b.sub(item.iv, it0), acc_elems), ety)
+                acc = [vload(b, mine, i64(k * vl), ir.VectorType(ety, vl)) for k in range(p.nacc)]
+                acc = _wgrad_tile(b, s, p, ct_chunk, p_c, n0_ct, nimg, chans, acc, table)
+                for k, v in enumerate(acc):
+                    vstore(b, v, mine, i64(k * vl))
+        with carry_loop(b, it0, it1, [], "wgrad.out") as lo:
+            _wgrad_item_out(b, s, p, out, lo.iv,
+                            gep(b, partials, b.mul(b.sub(lo.iv, it0), acc_elems), ety))
+
+
+def _wgrad_decode(b, s, p: _WGradKey, t):
+    """Item t -> (channel block, first output channel, channel in the block, input channel
+    (unclamped), kernel row group); items run channel block, output block, channel, row group."""
+    cblock = b.udiv(t, s.per_cb, name="wgrad.cblock")
+    rest = b.urem(t, s.per_cb)
+    per_ob = b.mul(s.cb, s.groups)
+    o0 = b.mul(b.udiv(rest, per_ob), i64(p.r), name="wgrad.o0")
+    rest = b.urem(rest, per_ob)
+    c_in = b.udiv(rest, s.groups, name="wgrad.c_in")
+    c = b.add(b.mul(cblock, s.cb), c_in, name="wgrad.c")
+    return cblock, o0, c_in, c, b.urem(rest, s.groups, name="wgrad.g")
+
+
+def _wgrad_item_out(b, s, p: _WGradKey, out, t, acc_ptr):
+    """out[o, c, i, j] of item t: the horizontal sums of its accumulators at acc_ptr. Clamped
+    channels and kernel rows do not touch out (a clamped channel's element belongs to another
+    item, perhaps of another thread)."""
+    ety, vl, _ = dtype_info(p.dtype)
+    _, o0, _, c, g = _wgrad_decode(b, s, p, t)
+    c_ok = b.icmp_signed("<", c, s.c)
+    ntap = p.gr * p.kw
+    vty = ir.VectorType(ety, vl)
+    i0 = b.mul(g, i64(p.gr))
+    with carry_loop(b, 0, p.nacc, [], "wgrad.sum") as lk:
+        o = b.add(o0, b.udiv(lk.iv, i64(ntap)))
+        tap = b.urem(lk.iv, i64(ntap))
+        i = b.add(i0, b.udiv(tap, i64(p.kw)))
+        j = b.urem(tap, i64(p.kw))
+        valid = b.and_(b.and_(c_ok, b.icmp_signed("<", o, s.o)), b.icmp_signed("<", i, s.kh))
+        with if_then(b, valid, name="wgrad.valid"):
+            at = b.add(b.mul(b.add(b.mul(b.add(b.mul(o, s.c), c), s.kh), i), i64(p.kw)), j)
+            store(b, hsum(b, vload(b, acc_ptr, b.mul(lk.iv, i64(vl)), vty)), out, at, ety)
+
+
+def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans, acc, table):
+    """The R x GR x KW vector accumulators `acc` of one item plus the images of the chunk
+    (`table`: the lane masks of the real pixels of a row)."""
+    ety, vl, _ = dtype_info(p.dtype)
+    vty = ir.VectorType(ety, vl)
+    plane = b.mul(s.oy, s.ox)
+    ntap = p.gr * p.kw
+    ct_rows = [b.mul(o, plane) for o in chans]
+    row_step = b.mul(s.sy, s.rp)
+    with carry_loop(b, 0, nimg, acc, "wgrad.n") as ln:
+        ct_n = gep(b, ct, b.mul(b.add(n0, ln.iv), b.mul(s.o, plane)), ety)
+        p_n = gep(b, p_c, b.mul(ln.iv, s.cp), ety)
+        with carry_loop(b, 0, s.oy, ln.vals, "wgrad.y") as ly:
+            # opaque offsets keep the many addresses out of loop strength reduction (compile time)
+            ct_y = [gep(b, ct_n, opaque(b, b.add(row, b.mul(ly.iv, s.ox))), ety) for row in ct_rows]
+            x_y = gep(b, p_n, opaque(b, b.mul(ly.iv, row_step)), ety)
+            phases = [b.mul(s.q, i64(ph)) for ph in range(p.sx)]
+            with carry_loop(b, 0, s.ox, ly.vals, "wgrad.x", step=vl) as lx:
+                x0 = lx.iv
+                # the real pixels only (flat: no 0 * Inf from the pixels between the rows)
+                bits = load(b, table, b.udiv(x0, i64(vl)), ir.IntType(vl))
+                mask = b.bitcast(bits, ir.VectorType(ir.IntType(1), vl))
+                xmask = mask
+
+                def x_at(t):
+                    i, j = divmod(t, p.kw)
+                    at = b.add(b.add(b.mul(i64(i), s.rp), phases[j % p.sx]), x0)
+                    return masked_load(b, x_y, b.add(at, i64(j // p.sx)), vty, xmask)
+
+                acc = list(lx.vals)
+                # keep the smaller operand set in registers, stream the other (register pressure:
+                # accumulators + min(R, taps) + 1)
+                if ntap <= p.r:
+                    xv = [x_at(t) for t in range(ntap)]
+                    for r in range(p.r):
+                        cv = masked_load(b, ct_y[r], x0, vty, mask)
+                        for t in range(ntap):
+                            acc[r * ntap + t] = fma(b, cv, xv[t], acc[r * ntap + t])
+                else:
+                    cv = [masked_load(b, row, x0, vty, mask) for row in ct_y]
+                    for t in range(ntap):
+                        xv = x_at(t)
+                        for r in range(p.r):
+                            acc[r * ntap + t] = fma(b, cv[r], xv, acc[r * ntap + t])
+                lx.next = acc
+            ly.next = lx.out
+        ln.next = ly.out
+    return ln.out
