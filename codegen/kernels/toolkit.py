@@ -301,7 +301,40 @@ def _align(ty: ir.Type) -> ir.Constant:
 
 def wide_load(b: ir.IRBuilder, ptr, offset, vty: ir.VectorType, mask, passthru):
     """Masked load of vty at element `offset` of ptr. The address may lie outside the buffer
-    (padding): the GEP is not `inbounds`, and masked-off lanes are never accessed."""
+    (padding): the GEP is not `inbounds`, and masked-off lanes are never accessed.
+
+    A vector wider than one register is loaded one register at a time. As one masked load of
+    two or more registers, LLVM 22's x86 back end without AVX-512 (vmaskmovps) may fold the
+    lanes of a later register into an unmasked memory operand (`vperm2f128 $33, 32(...)`), which
+    reads the masked-off lanes: max pooling then saw elements outside its windows."""
+    lanes = _register_lanes(vty)
+    if vty.count <= lanes or vty.count % lanes:
+        return _masked_load(b, ptr, offset, vty, mask, passthru)
+    out = passthru
+    for k in range(0, vty.count, lanes):
+        part = _masked_load(b, ptr, b.add(offset, ir.Constant(offset.type, k)),
+                            ir.VectorType(vty.element, lanes), _lanes(b, mask, k, lanes),
+                            _lanes(b, passthru, k, lanes))
+        # widen the part to the whole vector, then take its lanes k .. k+lanes into `out`
+        wide = b.shuffle_vector(part, part, ir.Constant(ir.VectorType(I32, vty.count),
+                                                        [i % lanes for i in range(vty.count)]))
+        take = [vty.count + i if k <= i < k + lanes else i for i in range(vty.count)]
+        out = b.shuffle_vector(out, wide, ir.Constant(ir.VectorType(I32, vty.count), take))
+    return out
+
+
+def _register_lanes(vty: ir.VectorType) -> int:
+    """Lanes of `vty`'s element type in one vector register of the host."""
+    el = vty.element
+    return vector_width(el.width if isinstance(el, ir.IntType) else 64 if el == F64 else 32)
+
+
+def _lanes(b: ir.IRBuilder, v, start: int, n: int):
+    """Lanes start .. start+n of vector v."""
+    return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), list(range(start, start + n))))
+
+
+def _masked_load(b: ir.IRBuilder, ptr, offset, vty: ir.VectorType, mask, passthru):
     p = b.gep(ptr, [offset], source_etype=vty.element, inbounds=False)
     mty = ir.VectorType(I1, vty.count)
     f = intrinsic(b.module, f"llvm.masked.load.{type_suffix(vty)}.p0", vty, [PTR, I32, mty, vty])
@@ -309,7 +342,18 @@ def wide_load(b: ir.IRBuilder, ptr, offset, vty: ir.VectorType, mask, passthru):
 
 
 def wide_store(b: ir.IRBuilder, value, ptr, offset, mask):
-    """Masked store of `value` at element `offset` of ptr (see `wide_load`)."""
+    """Masked store of `value` at element `offset` of ptr (see `wide_load`), one register at a
+    time like `wide_load`."""
+    lanes = _register_lanes(value.type)
+    if value.type.count > lanes and value.type.count % lanes == 0:
+        for k in range(0, value.type.count, lanes):
+            _masked_store(b, _lanes(b, value, k, lanes), ptr,
+                          b.add(offset, ir.Constant(offset.type, k)), _lanes(b, mask, k, lanes))
+        return
+    _masked_store(b, value, ptr, offset, mask)
+
+
+def _masked_store(b: ir.IRBuilder, value, ptr, offset, mask):
     p = b.gep(ptr, [offset], source_etype=value.type.element, inbounds=False)
     vty = value.type
     mty = ir.VectorType(I1, vty.count)
