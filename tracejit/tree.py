@@ -86,7 +86,8 @@ def unflatten(structure: Structure, leaves) -> object:
 def map(f, tree, *rest):
     """The tree of `f(x, *ys)` for every array leaf `x` of `tree` and the leaves `ys` at the same
     place in the trees `rest`, which must have the same structure as `tree` (ValueError naming the
-    first place where they differ). Static values of `tree` are kept as they are."""
+    first place where they differ). Static values of `tree` are kept as they are; a numpy scalar
+    returned by `f` becomes a 0-d array (numpy returns scalars from arithmetic on 0-d arrays)."""
     return map_named(f, [tree, *rest], ["tree"] + [f"rest[{i}]" for i in range(len(rest))],
                      "tree.map")
 
@@ -95,7 +96,13 @@ def map_named(f, trees, names, who: str):
     """`map(f, *trees)`, with a structure mismatch reported by the trees' `names` (the first
     tree's static values are kept) under the function name `who`."""
     _, leaf_lists, struct = flatten_same(trees, names, who)
-    return unflatten(struct, [f(*xs) for xs in zip(*leaf_lists)])
+    return unflatten(struct, [_as_leaf(f(*xs)) for xs in zip(*leaf_lists)])
+
+
+def _as_leaf(x):
+    # numpy arithmetic on 0-d arrays returns numpy scalars, which pytrees treat as static values:
+    # keep them arrays, so that `map(lambda p: 2 * p, tree)` has the structure of `tree`.
+    return np.asarray(x) if isinstance(x, np.generic) else x
 
 
 def flatten_same(trees, names, who: str):
