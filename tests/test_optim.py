@@ -93,7 +93,8 @@ def torch_lr_at(case):
     kw = sched["kwargs"]
     if sched["name"] == "MultiStepLR":
         return lambda t: lr * kw["gamma"] ** sum(t >= m for m in kw["milestones"])
-    return lambda t: kw["eta_min"] + (lr - kw["eta_min"]) * (1 + math.cos(math.pi * t / kw["T_max"])) / 2
+    lo, period = kw["eta_min"], kw["T_max"]
+    return lambda t: lo + (lr - lo) * (1 + math.cos(math.pi * t / period)) / 2
 
 
 def make_optimizer(case):

@@ -21,7 +21,8 @@ def example_tree():
               "layers": [np.ones((2, 3)), np.array(2.5)]}
     opt = tracejit.optim.adam()
     return {"params": params, "opt": opt.init(params), "epoch": 3,
-            "ints": [np.arange(6, dtype=np.int32).reshape(2, 3), np.int64(-3) * np.ones((), np.int64)], "lr": 0.001, "name": "mlp",
+            "ints": [np.arange(6, dtype=np.int32).reshape(2, 3), np.full((), -3, np.int64)],
+            "lr": 0.001, "name": "mlp",
             "done": False, "note": None, 7: (np.int64(5), np.float32(0.5), np.array([True, False])),
             "empty": {"a": [], "b": ()}, "big": np.arange(4, dtype=">f8").reshape(2, 2).T,
             "c": np.array([1 + 2j], np.complex64), "u": np.array(7, np.uint8)}

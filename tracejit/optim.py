@@ -12,7 +12,9 @@ the updates done, exact up to 2**53) and one buffer tree per torch state entry (
 `"exp_avg"`, `"exp_avg_sq"`, `"square_avg"`), zeros of the parameters' shapes and dtypes.
 `update` is written in tracejit ops, so it runs eagerly on numpy arrays and also traces into a
 compiled function (`tracejit.jit(opt.update)`, or inside a compiled training step) where it fuses
-with the rest; both give the same numbers. It returns new trees and leaves its arguments unchanged.
+with the rest. Eager updates and traced ones run by the reference interpreter give identical bits;
+native code may contract `a * b + c` into one FMA and so differ in the last bits. `update` returns
+new trees and leaves its arguments unchanged.
 
 Arithmetic follows torch's single-tensor CPU implementation: elementwise work in the parameters'
 dtype, scalars derived from the step count (bias corrections, step sizes, the learning rate) in

@@ -66,7 +66,7 @@ def leaves(tree) -> list:
 
 
 def structure(tree) -> Structure:
-    """The structure of `tree` (see `Structure`); `unflatten(structure(t), leaves(t))` rebuilds t."""
+    """The structure of `tree` (see `Structure`): `unflatten(structure(t), leaves(t))` is t."""
     _, vals, treedef = _flatten(tree, "tree")
     return Structure(treedef, len(vals))
 
