@@ -21,3 +21,20 @@ from .ops import (  # noqa: F401
 from .tracer import Tracer  # noqa: F401
 
 __version__ = "0.1.0"
+
+# Training helpers load on first use, so `import tracejit` does not pay for them.
+_LAZY = {"tree": ("tree", None), "optim": ("optim", None), "save": ("io", "save"),
+         "load": ("io", "load")}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tracejit' has no attribute {name!r}")
+    import importlib
+    module, attr = _LAZY[name]
+    mod = importlib.import_module(f".{module}", __name__)
+    return mod if attr is None else getattr(mod, attr)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
