@@ -16,6 +16,7 @@ import llvmlite.ir as ir
 from ir.core import Instr, IRError, Value
 
 from . import loops as L
+from . import schedule
 from .loops import (F32, F64, FAST, I1, I8, I32, I64, PTR, REDUCE, SHORT_LOOP, VOID, for_range,
                     i64)
 
@@ -316,7 +317,7 @@ def lower_group(module: ir.Module, fname: str, group) -> ir.Function:
     fnty = ir.FunctionType(VOID, [PTR] * (1 + len(leaves)) + [PTR, I64, I64])
     fn = ir.Function(module, fnty, fname)
     fn.linkage = "internal"
-    for a in fn.args[:1 + len(leaves)]:
+    for a in fn.args[:2 + len(leaves)]:   # out, leaves and scratch
         a.add_attribute("noalias")
     out_ptr = fn.args[0]
     out_ptr.name = "out"
@@ -329,7 +330,7 @@ def lower_group(module: ir.Module, fname: str, group) -> ir.Function:
     leaf_ptrs = {id(v): a for v, a in zip(leaves, fn.args[1:1 + len(leaves)])}
     base = root.prim.name
     if root.prim.kind == "reduce":
-        _lower_reduce(b, group, leaf_ptrs, members, out_ptr, tid, nthreads, base)
+        _lower_reduce(b, group, leaf_ptrs, members, out_ptr, fn.args[-3], tid, nthreads, base)
     else:
         _lower_map(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base, is_flat(group))
     b.ret_void()
@@ -379,106 +380,137 @@ def _nest(b, shape, d, idx, base, body):
         idx.pop()
 
 
-def _collapsed(shape, axes):
-    """Adjacent dimensions that are both reduced or both kept merged into one: (shape, axes) of
-    the same reduction over fewer, longer loops (NCHW -> sum over N, HW becomes [N, C, H*W])."""
-    dims = []
-    for d, n in enumerate(shape):
-        if dims and dims[-1][1] == (d in axes):
-            dims[-1][0] *= n
-        else:
-            dims.append([n, d in axes])
-    return tuple(n for n, _ in dims), {k for k, (_, r) in enumerate(dims) if r}
+# Elements a reduction adds into one float32 register accumulator before handing the block's sum
+# to a float64 one. The block keeps the rounding error of a float32 sum at (REDUCE_BLOCK - 1) u32
+# sum|x| at most (less when the loop is vectorized: each lane adds REDUCE_BLOCK / lanes terms)
+# whatever the length of the reduction; the float64 outer sum adds (n / REDUCE_BLOCK) u64 sum|x|.
+# Long enough for the vector loop to amortize one horizontal add per block.
+REDUCE_BLOCK = 1024
 
 
-def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, tid, nthreads, base):
-    """Loop over the input in row-major order, combining into the output; the innermost reduced
-    dimension accumulates in a register. When the input is elementwise over buffers of its own
-    size, runs of reduced or kept dimensions are merged into single loops."""
+def _convert_float(b, v, ty):
+    if v.type == ty:
+        return v
+    return b.fpext(v, ty) if ty == F64 else b.fptrunc(v, ty)
+
+
+def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads, base):
+    """Loop over the input in row-major order (see schedule.reduce_loops), combining into the
+    output. The innermost reduced loop accumulates in registers. A sum does that in blocks of
+    REDUCE_BLOCK elements whose sums are added in float64; a float32 sum whose output elements are
+    revisited across outer reduced loops keeps the running sums in float64 in `scratch`
+    (schedule.reduce_scratch_bytes) and rounds them to float32 once at the end."""
     root = group.root
     x = root.inputs[0]
-    axes = set(root.params["axes"])
-    xs = x.shape
     dtype = root.out.dtype
     ty = scalar_type(dtype)
     is_max = root.prim.name == "reduce_max"
     ident = ir.Constant(ty, -math.inf if is_max else 0.0)
-    out_shape = root.out.shape
     addr = _Element(b, {}, set())
-    size = x.type.size
-    flat = all(m is root or m.prim.elementwise or m.prim.name in ("const", "reshape")
-               for m in group.members) \
-        and all(v.type.size == size or not v.shape for v in group.leaves) \
-        and all(m is root or m.out.type.size == size or not m.out.shape for m in group.members)
-    if flat:
-        xs, axes = _collapsed(xs, axes)
-        out_shape = tuple(n for d, n in enumerate(xs) if d not in axes)
+    xs, axes, flat = schedule.reduce_loops(group)
+    out_shape = tuple(n for d, n in enumerate(xs) if d not in axes)
+    # register accumulation type, and where (and in which type) the running results live
+    wide = ty if is_max else F64
+    in_scratch = schedule.reduce_scratch_bytes(group) > 0
+    acc_ptr, acc_ty = (scratch, F64) if in_scratch else (out_ptr, ty)
 
     def combine(acc, v):
+        v = _convert_float(b, v, acc.type)
         return nan_max(b, acc, v, ">") if is_max else b.fadd(acc, v, flags=REDUCE)
 
     def out_off(idx):
         return addr.linear([i for k, i in enumerate(idx) if k not in axes], out_shape)
 
+    def accumulate(off, v):
+        L.store(b, combine(L.load(b, acc_ptr, off, acc_ty), v), acc_ptr, off, acc_ty)
+
     # Threads split the first kept dimension (output dimension 0): each owns a block of output
-    # rows. Without a kept dimension thread 0 does the whole reduction.
+    # rows, so every output element is computed by one thread in a fixed order. Without a kept
+    # dimension thread 0 does the whole reduction.
     kept = [d for d in range(len(xs)) if d not in axes]
     sd = kept[0] if kept else 0
     if kept:
         lo, hi = _thread_range(b, xs[sd], tid, nthreads, f"{base}.d{sd}")
     else:
         lo, hi = i64(0), b.select(b.icmp_signed("==", tid, i64(0)), i64(xs[0]), i64(0))
-    # initialise this thread's part of the output
-    if out_shape:
-        n_out_inner = math.prod(out_shape[1:])
-        with for_range(b, b.mul(lo, i64(n_out_inner)), b.mul(hi, i64(n_out_inner)), 1,
-                       f"{base}.init") as j:
-            L.store(b, ident, out_ptr, j, ty)
-    else:
-        with L.if_then(b, b.icmp_signed("==", tid, i64(0)), f"{base}.init"):
-            L.store(b, ident, out_ptr, i64(0), ty)
 
+    def over_own_outputs(name, body):
+        """Run body(j) for the flat output indices this thread owns."""
+        if out_shape:
+            n_out_inner = math.prod(out_shape[1:])
+            with for_range(b, b.mul(lo, i64(n_out_inner)), b.mul(hi, i64(n_out_inner)), 1,
+                           f"{base}.{name}") as j:
+                body(j)
+        else:
+            with L.if_then(b, b.icmp_signed("==", tid, i64(0)), f"{base}.{name}"):
+                body(i64(0))
+
+    over_own_outputs("init", lambda j: L.store(b, ir.Constant(acc_ty, ident.constant), acc_ptr,
+                                               j, acc_ty))
     last = len(xs) - 1
     with b.goto_entry_block():
         acc_slot = b.alloca(ty, name=f"{base}.acc")
+        wide_slot = b.alloca(wide, name=f"{base}.wacc")
     idx = []
 
     def extent(d):
-        return (lo, hi) if d == sd else (0, xs[d])
+        return (lo, hi) if d == sd else (i64(0), i64(xs[d]))
 
-    def inner():
+    def element():
         if flat:   # one linear index into buffers of x's size
-            val = _Element(b, leaf_ptrs, members, flat=True).value(x, [addr.linear(idx, xs)])
-        else:
-            val = _Element(b, leaf_ptrs, members).value(x, idx)
-        if last in axes and last > 0:
-            b.store(combine(b.load(acc_slot), val), acc_slot)
-        else:
-            off = out_off(idx)
-            L.store(b, combine(L.load(b, out_ptr, off, ty), val), out_ptr, off, ty)
+            return _Element(b, leaf_ptrs, members, flat=True).value(x, [addr.linear(idx, xs)])
+        return _Element(b, leaf_ptrs, members).value(x, idx)
 
-    def nest(d):
+    def accumulate_loop(start, stop, d, short):
+        """acc_slot = the reduction of the elements of dimension d in [start, stop)."""
+        b.store(ident, acc_slot)
+        with for_range(b, start, stop, 1, f"{base}.d{d}", scalar=short) as i:
+            idx.append(i)
+            b.store(combine(b.load(acc_slot), element()), acc_slot)
+            idx.pop()
+
+    def register_reduction(d):
+        """The innermost reduced dimension d, accumulated in registers, added to the output."""
         start, stop = extent(d)
         short = d != sd and xs[d] < SHORT_LOOP
-        if d == last and last in axes and last > 0:
-            # the innermost reduced dimension accumulates in a register
-            b.store(ident, acc_slot)
-            with for_range(b, start, stop, 1, f"{base}.d{d}", scalar=short) as i:
-                idx.append(i)
-                inner()
-                idx.pop()
-            off = out_off(idx + [i64(0)])
-            L.store(b, combine(L.load(b, out_ptr, off, ty), b.load(acc_slot)), out_ptr, off, ty)
+        if is_max or (d != sd and xs[d] <= REDUCE_BLOCK):
+            accumulate_loop(start, stop, d, short)
+            total = b.load(acc_slot)
+        else:
+            b.store(ir.Constant(wide, 0.0), wide_slot)
+            with for_range(b, start, stop, REDUCE_BLOCK, f"{base}.d{d}.block",
+                           scalar=True) as blk:
+                end = b.add(blk, i64(REDUCE_BLOCK))
+                end = b.select(b.icmp_signed("<", end, stop), end, stop)
+                accumulate_loop(blk, end, d, short)
+                b.store(b.fadd(b.load(wide_slot), _convert_float(b, b.load(acc_slot), wide)),
+                        wide_slot)
+            total = b.load(wide_slot)
+        off = out_off(idx + [i64(0)])
+        if kept or d != sd:
+            accumulate(off, total)
+        else:   # the whole reduction is this one loop: only thread 0 ran it
+            with L.if_then(b, b.icmp_signed("==", tid, i64(0)), f"{base}.t0"):
+                accumulate(off, total)
+
+    def nest(d):
+        if d == last and d in axes:
+            register_reduction(d)
             return
+        start, stop = extent(d)
+        short = d != sd and xs[d] < SHORT_LOOP
         with for_range(b, start, stop, 1, f"{base}.d{d}", scalar=short and d == last) as i:
             idx.append(i)
             if d == last:
-                inner()
+                accumulate(out_off(idx), element())
             else:
                 nest(d + 1)
             idx.pop()
 
     nest(0)
+    if in_scratch:
+        over_own_outputs("round", lambda j: L.store(
+            b, b.fptrunc(L.load(b, scratch, j, F64), ty), out_ptr, j, ty))
 
 
 # ------------------------------------------------------------------------------------------------

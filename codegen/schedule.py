@@ -202,6 +202,8 @@ def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None) -> Plan:
         else:
             members, leaves = _fused_tree(ins, mat, producer)
             g = Group(len(groups), "loop", ins, members, leaves)
+            if ins.prim.kind == "reduce":
+                g.scratch_bytes = reduce_scratch_bytes(g)
         groups.append(g)
 
     groups = _pair_pool_argmax(groups)
@@ -301,6 +303,50 @@ def _fused_tree(root: Instr, mat: set, producer: dict):
 
     visit(root)
     return members, leaves
+
+
+def reduce_loops(group: Group):
+    """The loops of a reduction group: (extents, reduced loop indices, flat). When the input is
+    elementwise over buffers of its own size (`flat`), adjacent dimensions that are both reduced or
+    both kept are merged into one loop over a single linear index (NCHW -> sum over N, HW becomes
+    [N, C, H*W])."""
+    root = group.root
+    x = root.inputs[0]
+    size = x.type.size
+    flat = all(m is root or m.prim.elementwise or m.prim.name in ("const", "reshape")
+               for m in group.members) \
+        and all(v.type.size == size or not v.shape for v in group.leaves) \
+        and all(m is root or m.out.type.size == size or not m.out.shape for m in group.members)
+    axes = set(root.params["axes"])
+    if not flat:
+        return tuple(x.shape), axes, False
+    dims = []
+    for d, n in enumerate(x.shape):
+        if dims and dims[-1][1] == (d in axes):
+            dims[-1][0] *= n
+        else:
+            dims.append([n, d in axes])
+    return tuple(n for n, _ in dims), {k for k, (_, r) in enumerate(dims) if r}, True
+
+
+def reduce_revisits_output(group: Group) -> bool:
+    """Does the reduction loop nest add into an output element across iterations of a reduced
+    loop other than the innermost one (which accumulates in registers)? Then the running sums
+    live in memory between those additions."""
+    shape, axes, _ = reduce_loops(group)
+    last = len(shape) - 1
+    return any(d != last for d in axes)
+
+
+def reduce_scratch_bytes(group: Group) -> int:
+    """Scratch of a reduction kernel: a float32 sum whose output elements are revisited keeps
+    its running sums in float64 there (one per output element), so the rounding error does not
+    grow with the length of the outer reduced loops."""
+    root = group.root
+    if root.prim.name != "reduce_sum" or root.out.dtype != "f32" \
+            or not reduce_revisits_output(group):
+        return 0
+    return 8 * max(root.out.type.size, 1)
 
 
 def base_value(v: Value, locations) -> Value:

@@ -1,0 +1,128 @@
+"""Accuracy of float32 reductions in the native code generator on large inputs.
+
+A float32 sum that runs one accumulator (or a few vector lanes) over millions of elements loses
+about log2(n / lanes) bits; numpy's pairwise summation and PyTorch's cascade sum do not. The
+native reductions accumulate blocks of `BLOCK` elements in float32 vector registers and add the
+block sums in float64 (a float32 sum whose output element is revisited across an outer reduced
+loop, as in `x.sum(axis=0)`, accumulates in float64 throughout). References are float64 numpy.
+
+Error bound (Higham, "Accuracy and Stability of Numerical Algorithms", sec. 4.2): recursive
+summation of m terms in precision u commits an error of at most (m - 1) u sum|x_i| (to first
+order). One block sum is a recursive sum of at most BLOCK float32 terms (fewer per vector lane,
+and the lanes are then combined in a tree, which only shortens the chains), so its error is at
+most (BLOCK - 1) u32 sum_block|x|. The n / BLOCK block sums, exact in float64, are summed
+recursively in float64: at most (n / BLOCK) u64 sum|x|. Rounding the float64 total to float32
+adds u32 |sum|. So for a float32 result s of n float32 terms x_i,
+
+    |s - sum x_i| <= ((BLOCK - 1) u32 + (n / BLOCK) u64 + u32) sum|x_i|,
+
+u32 = 2**-24, u64 = 2**-53. That is ~6e-5 sum|x| for BLOCK = 1024: a worst case that any
+summation order passes for random data, so the tests also assert the error actually reached on
+the user-facing case (uniform [0, 1) data, mean of x**2): below 1e-6 relative, which a float32
+accumulation over 2**24 elements in 64 lanes misses by two orders of magnitude.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tracejit
+from helpers import rng_for, use_backend
+
+from codegen.fused import REDUCE_BLOCK as BLOCK
+
+U32, U64 = 2.0 ** -24, 2.0 ** -53
+N = 2 ** 24
+
+
+def bound(n: int) -> float:
+    """The relative (to sum|x|) error bound of the module docstring for n terms."""
+    return (BLOCK - 1) * U32 + (n / BLOCK) * U64 + U32
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = rng_for("reduction-accuracy")
+    return rng.random(N, dtype=np.float32)
+
+
+def rel_err(actual, expected):
+    expected = np.asarray(expected, np.float64)
+    return float(np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected)))
+
+
+def native(fun, *args):
+    with use_backend("llvm"):
+        return np.asarray(tracejit.jit(fun)(*args))
+
+
+def test_sum_and_mean_of_squares_within_bound(data):
+    x64 = data.astype(np.float64)
+    s = native(lambda x: x.sum(), data)
+    assert abs(float(s) - x64.sum()) <= bound(N) * np.abs(x64).sum()
+    assert rel_err(s, x64.sum()) < 1e-6
+    # the terms x*x are rounded to float32 before the sum: compare with the sum of those terms
+    sq = (data * data).astype(np.float64)
+    m = native(lambda x: (x * x).mean(), data)
+    assert abs(float(m) * N - sq.sum()) <= bound(N) * sq.sum() + U32 * sq.sum()  # + the division
+    assert rel_err(m, (x64 * x64).mean()) < 1e-6
+
+
+def test_norm_var_std(data):
+    x64 = data.astype(np.float64)
+    assert rel_err(native(lambda x: tracejit.norm(x), data), np.linalg.norm(x64)) < 1e-6
+    assert rel_err(native(lambda x: tracejit.var(x), data), x64.var()) < 1e-6
+    assert rel_err(native(lambda x: tracejit.std(x), data), x64.std()) < 1e-6
+
+
+@pytest.mark.parametrize("shape,axis", [((4, N // 4), 1), ((N // 4, 4), 0)], ids=["rows", "cols"])
+def test_long_axis_of_2d(data, shape, axis):
+    a = data.reshape(shape)
+    a64 = a.astype(np.float64)
+    s = native(lambda a: a.sum(axis=axis), a)
+    n = shape[axis]
+    assert np.all(np.abs(s - a64.sum(axis)) <= bound(n) * np.abs(a64).sum(axis))
+    assert rel_err(s, a64.sum(axis)) < 1e-6
+    assert rel_err(native(lambda a: a.mean(axis=axis), a), a64.mean(axis)) < 1e-6
+
+
+def test_bias_gradient_over_big_batch(data):
+    """The gradient of a bias added across a large batch is a reduction over the batch (and, for
+    NCHW activations, over the spatial dimensions)."""
+    x = data.reshape(N // 16, 16)
+    b = np.linspace(-0.5, 0.5, 16, dtype=np.float32)
+    with use_backend("llvm"):
+        g = np.asarray(tracejit.jit_grad(lambda b, x: (0.5 * (x + b) ** 2).sum())(b, x))
+    ref = (x.astype(np.float64) + b.astype(np.float64)).sum(axis=0)
+    assert rel_err(g, ref) < 1e-6
+    xc = data.reshape(64, 4, 256, 256)
+    bc = np.linspace(-0.5, 0.5, 4, dtype=np.float32)
+    with use_backend("llvm"):
+        gc = np.asarray(tracejit.jit_grad(
+            lambda b, x: (0.5 * (x + b[:, None, None]) ** 2).sum())(bc, xc))
+    refc = (xc.astype(np.float64) + bc.astype(np.float64)[:, None, None]).sum(axis=(0, 2, 3))
+    assert rel_err(gc, refc) < 1e-6
+
+
+@pytest.mark.parametrize("case", ["sum", "mean_sq", "var", "rows", "cols", "nchw"])
+def test_native_at_least_as_accurate_as_interpreter(case):
+    """On a size the interpreter handles quickly (still many blocks long), the native result is
+    as accurate as the interpreter's (numpy: pairwise along a contiguous axis, row by row across
+    an outer one) up to one float32 rounding, both measured against the interpreter on the
+    float64 input."""
+    rng = rng_for("reduction-accuracy-small", case)
+    n = 2 ** 16 + 37   # not a multiple of the block or the vector width
+    x = rng.random(n, dtype=np.float32)
+    fun, arg = {
+        "sum": (lambda x: x.sum(), x),
+        "mean_sq": (lambda x: (x * x).mean(), x),
+        "var": (lambda x: tracejit.var(x), x),
+        "rows": (lambda a: a.sum(axis=1), x[:4 * 8192].reshape(4, 8192)),
+        "cols": (lambda a: a.mean(axis=0), x[:8192 * 3].reshape(8192, 3)),
+        "nchw": (lambda a: a.sum(axis=(0, 2, 3)), x[:8 * 3 * 33 * 33].reshape(8, 3, 33, 33)),
+    }[case]
+    with use_backend("interpreter"):
+        reference = np.asarray(tracejit.jit(fun)(arg.astype(np.float64)))
+        interpreted = np.asarray(tracejit.jit(fun)(arg))
+    assert interpreted.dtype == np.float32
+    assert rel_err(native(fun, arg), reference) <= rel_err(interpreted, reference) + U32
