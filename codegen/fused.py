@@ -380,14 +380,6 @@ def _nest(b, shape, d, idx, base, body):
         idx.pop()
 
 
-# Elements a reduction adds into one float32 register accumulator before handing the block's sum
-# to a float64 one. The block keeps the rounding error of a float32 sum at (REDUCE_BLOCK - 1) u32
-# sum|x| at most (less when the loop is vectorized: each lane adds REDUCE_BLOCK / lanes terms)
-# whatever the length of the reduction; the float64 outer sum adds (n / REDUCE_BLOCK) u64 sum|x|.
-# Long enough for the vector loop to amortize one horizontal add per block.
-REDUCE_BLOCK = 1024
-
-
 def _convert_float(b, v, ty):
     if v.type == ty:
         return v
@@ -396,10 +388,10 @@ def _convert_float(b, v, ty):
 
 def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads, base):
     """Loop over the input in row-major order (see schedule.reduce_loops), combining into the
-    output. The innermost reduced loop accumulates in registers. A sum does that in blocks of
-    REDUCE_BLOCK elements whose sums are added in float64; a float32 sum whose output elements are
-    revisited across outer reduced loops keeps the running sums in float64 in `scratch`
-    (schedule.reduce_scratch_bytes) and rounds them to float32 once at the end."""
+    output. The innermost reduced loop accumulates in registers; a sum does that in blocks of
+    REDUCE_BLOCK elements whose sums are added in float64. A float32 sum that adds into its
+    outputs more often than that across outer reduced loops flushes them into float64 sums in
+    `scratch` (schedule.reduce_flush) and rounds those once at the end."""
     root = group.root
     x = root.inputs[0]
     dtype = root.out.dtype
@@ -409,10 +401,8 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
     addr = _Element(b, {}, set())
     xs, axes, flat = schedule.reduce_loops(group)
     out_shape = tuple(n for d, n in enumerate(xs) if d not in axes)
-    # register accumulation type, and where (and in which type) the running results live
-    wide = ty if is_max else F64
-    in_scratch = schedule.reduce_scratch_bytes(group) > 0
-    acc_ptr, acc_ty = (scratch, F64) if in_scratch else (out_ptr, ty)
+    wide = ty if is_max else F64      # type of a register reduction's total
+    flush_at = schedule.reduce_flush(group)
 
     def combine(acc, v):
         v = _convert_float(b, v, acc.type)
@@ -422,7 +412,7 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
         return addr.linear([i for k, i in enumerate(idx) if k not in axes], out_shape)
 
     def accumulate(off, v):
-        L.store(b, combine(L.load(b, acc_ptr, off, acc_ty), v), acc_ptr, off, acc_ty)
+        L.store(b, combine(L.load(b, out_ptr, off, ty), v), out_ptr, off, ty)
 
     # Threads split the first kept dimension (output dimension 0): each owns a block of output
     # rows, so every output element is computed by one thread in a fixed order. Without a kept
@@ -434,19 +424,25 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
     else:
         lo, hi = i64(0), b.select(b.icmp_signed("==", tid, i64(0)), i64(xs[0]), i64(0))
 
+    def over_outputs(name, first, stop, body):
+        with for_range(b, first, stop, 1, f"{base}.{name}") as j:
+            body(j)
+
     def over_own_outputs(name, body):
         """Run body(j) for the flat output indices this thread owns."""
         if out_shape:
             n_out_inner = math.prod(out_shape[1:])
-            with for_range(b, b.mul(lo, i64(n_out_inner)), b.mul(hi, i64(n_out_inner)), 1,
-                           f"{base}.{name}") as j:
-                body(j)
+            over_outputs(name, b.mul(lo, i64(n_out_inner)), b.mul(hi, i64(n_out_inner)), body)
         else:
             with L.if_then(b, b.icmp_signed("==", tid, i64(0)), f"{base}.{name}"):
                 body(i64(0))
 
-    over_own_outputs("init", lambda j: L.store(b, ir.Constant(acc_ty, ident.constant), acc_ptr,
-                                               j, acc_ty))
+    def init(j):
+        L.store(b, ident, out_ptr, j, ty)
+        if flush_at is not None:
+            L.store(b, ir.Constant(F64, 0.0), scratch, j, F64)
+
+    over_own_outputs("init", init)
     last = len(xs) - 1
     with b.goto_entry_block():
         acc_slot = b.alloca(ty, name=f"{base}.acc")
@@ -461,6 +457,10 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
             return _Element(b, leaf_ptrs, members, flat=True).value(x, [addr.linear(idx, xs)])
         return _Element(b, leaf_ptrs, members).value(x, idx)
 
+    def block_end(start, stop, step):
+        end = b.add(start, i64(step))
+        return b.select(b.icmp_signed("<", end, stop), end, stop)
+
     def accumulate_loop(start, stop, d, short):
         """acc_slot = the reduction of the elements of dimension d in [start, stop)."""
         b.store(ident, acc_slot)
@@ -473,16 +473,14 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
         """The innermost reduced dimension d, accumulated in registers, added to the output."""
         start, stop = extent(d)
         short = d != sd and xs[d] < SHORT_LOOP
-        if is_max or (d != sd and xs[d] <= REDUCE_BLOCK):
+        if is_max or (d != sd and xs[d] <= schedule.REDUCE_BLOCK):
             accumulate_loop(start, stop, d, short)
             total = b.load(acc_slot)
         else:
             b.store(ir.Constant(wide, 0.0), wide_slot)
-            with for_range(b, start, stop, REDUCE_BLOCK, f"{base}.d{d}.block",
+            with for_range(b, start, stop, schedule.REDUCE_BLOCK, f"{base}.d{d}.block",
                            scalar=True) as blk:
-                end = b.add(blk, i64(REDUCE_BLOCK))
-                end = b.select(b.icmp_signed("<", end, stop), end, stop)
-                accumulate_loop(blk, end, d, short)
+                accumulate_loop(blk, block_end(blk, stop, schedule.REDUCE_BLOCK), d, short)
                 b.store(b.fadd(b.load(wide_slot), _convert_float(b, b.load(acc_slot), wide)),
                         wide_slot)
             total = b.load(wide_slot)
@@ -493,11 +491,23 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
             with L.if_then(b, b.icmp_signed("==", tid, i64(0)), f"{base}.t0"):
                 accumulate(off, total)
 
-    def nest(d):
-        if d == last and d in axes:
-            register_reduction(d)
-            return
-        start, stop = extent(d)
+    def flush(d):
+        """Add the float32 running sums that loop d's body adds to into scratch; zero them."""
+        inner_kept = [k for k in kept if k > d]
+        if sd in inner_kept:   # this thread's output rows
+            n = math.prod(xs[k] for k in inner_kept[1:])
+            first, stop = b.mul(lo, i64(n)), b.mul(hi, i64(n))
+        else:                  # the outputs at the current indices of the kept loops outside d
+            first = out_off(idx + [i64(0)] * (len(xs) - len(idx)))
+            stop = b.add(first, i64(math.prod(xs[k] for k in inner_kept)))
+
+        def move(j):
+            s = b.fadd(L.load(b, scratch, j, F64), b.fpext(L.load(b, out_ptr, j, ty), F64))
+            L.store(b, s, scratch, j, F64)
+            L.store(b, ident, out_ptr, j, ty)
+        over_outputs(f"d{d}.flush", first, stop, move)
+
+    def loop(d, start, stop):
         short = d != sd and xs[d] < SHORT_LOOP
         with for_range(b, start, stop, 1, f"{base}.d{d}", scalar=short and d == last) as i:
             idx.append(i)
@@ -507,8 +517,21 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
                 nest(d + 1)
             idx.pop()
 
+    def nest(d):
+        if d == last and d in axes:
+            register_reduction(d)
+            return
+        start, stop = extent(d)
+        if flush_at is not None and d == flush_at[0]:
+            step = flush_at[1]
+            with for_range(b, start, stop, step, f"{base}.d{d}.block", scalar=True) as blk:
+                loop(d, blk, block_end(blk, stop, step))
+                flush(d)
+            return
+        loop(d, start, stop)
+
     nest(0)
-    if in_scratch:
+    if flush_at is not None:
         over_own_outputs("round", lambda j: L.store(
             b, b.fptrunc(L.load(b, scratch, j, F64), ty), out_ptr, j, ty))
 

@@ -17,6 +17,7 @@ Algorithm (XLA-style loop fusion):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ir.core import Function, Instr, Value
@@ -329,24 +330,43 @@ def reduce_loops(group: Group):
     return tuple(n for n, _ in dims), {k for k, (_, r) in enumerate(dims) if r}, True
 
 
-def reduce_revisits_output(group: Group) -> bool:
-    """Does the reduction loop nest add into an output element across iterations of a reduced
-    loop other than the innermost one (which accumulates in registers)? Then the running sums
-    live in memory between those additions."""
+# The longest run of float32 additions into one running sum of a reduction: the innermost reduced
+# loop adds blocks of this many elements in float32 registers and the block sums in float64; a
+# float32 output that is added to across outer reduced loops is flushed into float64 sums in
+# scratch at least this often. A float32 sum then errs by at most about REDUCE_BLOCK u32 sum|x|
+# (less when vectorized: each lane adds REDUCE_BLOCK / lanes terms) whatever its length, plus
+# (n / REDUCE_BLOCK) u64 sum|x| from the float64 sums. Long enough to amortize one horizontal add
+# (or one flush pass over the outputs) per block.
+REDUCE_BLOCK = 1024
+
+
+def reduce_flush(group: Group):
+    """For a float32 sum that adds into each output element more than REDUCE_BLOCK times across
+    iterations of reduced loops other than the innermost one (which accumulates in registers):
+    `(d, k)`, meaning every k iterations of loop d (see reduce_loops) the float32 running sums
+    in the output are added into float64 sums in scratch and reset. Otherwise None."""
+    root = group.root
+    if root.prim.name != "reduce_sum" or root.out.dtype != "f32":
+        return None
     shape, axes, _ = reduce_loops(group)
-    last = len(shape) - 1
-    return any(d != last for d in axes)
+    outer = sorted((d for d in axes if d != len(shape) - 1), reverse=True)
+    if math.prod(shape[d] for d in outer) <= REDUCE_BLOCK:
+        return None
+    # the outermost loop whose body adds at most REDUCE_BLOCK times into an output element
+    inner, chosen = 1, None
+    for d in outer:
+        if inner <= REDUCE_BLOCK:
+            chosen = (d, REDUCE_BLOCK // inner)
+        inner *= shape[d]
+    return chosen
 
 
 def reduce_scratch_bytes(group: Group) -> int:
-    """Scratch of a reduction kernel: a float32 sum whose output elements are revisited keeps
-    its running sums in float64 there (one per output element), so the rounding error does not
-    grow with the length of the outer reduced loops."""
-    root = group.root
-    if root.prim.name != "reduce_sum" or root.out.dtype != "f32" \
-            or not reduce_revisits_output(group):
+    """Scratch of a reduction kernel: the float64 running sums of reduce_flush, one per output
+    element."""
+    if reduce_flush(group) is None:
         return 0
-    return 8 * max(root.out.type.size, 1)
+    return 8 * max(group.root.out.type.size, 1)
 
 
 def base_value(v: Value, locations) -> Value:

@@ -29,7 +29,7 @@ import pytest
 import tracejit
 from helpers import rng_for, use_backend
 
-from codegen.fused import REDUCE_BLOCK as BLOCK
+from codegen.schedule import REDUCE_BLOCK as BLOCK
 
 U32, U64 = 2.0 ** -24, 2.0 ** -53
 N = 2 ** 24
