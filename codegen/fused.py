@@ -401,7 +401,8 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
     addr = _Element(b, {}, set())
     xs, axes, flat = schedule.reduce_loops(group)
     out_shape = tuple(n for d, n in enumerate(xs) if d not in axes)
-    wide = ty if is_max else F64      # type of a register reduction's total
+    blocked = not is_max and dtype in ("f32", "f64")   # sums in float64 blocks (see below)
+    wide = F64 if blocked else ty      # type of a register reduction's total
     flush_at = schedule.reduce_flush(group)
 
     def combine(acc, v):
@@ -473,7 +474,7 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
         """The innermost reduced dimension d, accumulated in registers, added to the output."""
         start, stop = extent(d)
         short = d != sd and xs[d] < SHORT_LOOP
-        if is_max or (d != sd and xs[d] <= schedule.REDUCE_BLOCK):
+        if not blocked or (d != sd and xs[d] <= schedule.REDUCE_BLOCK):
             accumulate_loop(start, stop, d, short)
             total = b.load(acc_slot)
         else:
