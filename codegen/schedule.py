@@ -335,9 +335,10 @@ def reduce_loops(group: Group):
 # float32 output that is added to across outer reduced loops is flushed into float64 sums in
 # scratch at least this often. A float32 sum then errs by at most about REDUCE_BLOCK u32 sum|x|
 # (less when vectorized: each lane adds REDUCE_BLOCK / lanes terms) whatever its length, plus
-# (n / REDUCE_BLOCK) u64 sum|x| from the float64 sums. Long enough to amortize one horizontal add
-# (or one flush pass over the outputs) per block.
-REDUCE_BLOCK = 1024
+# (n / REDUCE_BLOCK) u64 sum|x| from the float64 sums. 2048 is 512 elements per vector register of
+# an unrolled AVX2 loop: long enough that the end of a block (a horizontal add and a mispredicted
+# loop exit, or a flush pass over the outputs) costs ~1% (1024 cost 5% on an in-cache 2**16 sum).
+REDUCE_BLOCK = 2048
 
 
 def reduce_flush(group: Group):
