@@ -4,9 +4,9 @@ inside one loop nest over the group's root value (see codegen/schedule.py).
 The kernel has the same contract as the loop-nest kernels (codegen/kernels/__init__.py):
 `void name(ptr out, ptr leaf0, ..., ptr scratch, i64 tid, i64 nthreads)`; thread `tid` computes a
 contiguous range of the outermost dimension (a reduction: of its first kept dimension; `scratch`
-holds the float64 running sums of schedule.reduce_flush). The element expression is scalar code; LLVM's loop
-vectorizer turns the innermost loop into vector code (fast-math flags allow reassociation; NaN and
-Inf keep numpy semantics).
+holds the float64 running sums of schedule.reduce_flush). The element expression is scalar code;
+LLVM's loop vectorizer turns the innermost loop into vector code (fast-math flags allow
+reassociation; NaN and Inf keep numpy semantics).
 """
 from __future__ import annotations
 
