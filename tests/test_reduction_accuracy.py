@@ -50,7 +50,8 @@ def data():
 
 def rel_err(actual, expected):
     expected = np.asarray(expected, np.float64)
-    return float(np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected)))
+    err = np.abs(np.asarray(actual, np.float64) - expected)
+    return float(np.max(err) / np.max(np.abs(expected)))
 
 
 def native(fun, *args):
