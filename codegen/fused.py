@@ -3,9 +3,10 @@ inside one loop nest over the group's root value (see codegen/schedule.py).
 
 The kernel has the same contract as the loop-nest kernels (codegen/kernels/__init__.py):
 `void name(ptr out, ptr leaf0, ..., ptr scratch, i64 tid, i64 nthreads)`; thread `tid` computes a
-contiguous range of the outermost dimension. The element expression is scalar code; LLVM's loop
-vectorizer turns the innermost loop into vector code (fast-math flags allow reassociation; NaN and
-Inf keep numpy semantics).
+contiguous range of the outermost dimension (a reduction: of its first kept dimension; `scratch`
+holds the float64 running sums of schedule.reduce_flush). The element expression is scalar code;
+LLVM's loop vectorizer turns the innermost loop into vector code (fast-math flags allow
+reassociation; NaN and Inf keep numpy semantics).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import llvmlite.ir as ir
 from ir.core import Instr, IRError, Value
 
 from . import loops as L
+from . import schedule
 from .loops import (F32, F64, FAST, I1, I8, I32, I64, PTR, REDUCE, SHORT_LOOP, VOID, for_range,
                     i64)
 
@@ -316,7 +318,7 @@ def lower_group(module: ir.Module, fname: str, group) -> ir.Function:
     fnty = ir.FunctionType(VOID, [PTR] * (1 + len(leaves)) + [PTR, I64, I64])
     fn = ir.Function(module, fnty, fname)
     fn.linkage = "internal"
-    for a in fn.args[:1 + len(leaves)]:
+    for a in fn.args[:2 + len(leaves)]:   # out, leaves and scratch
         a.add_attribute("noalias")
     out_ptr = fn.args[0]
     out_ptr.name = "out"
@@ -329,7 +331,7 @@ def lower_group(module: ir.Module, fname: str, group) -> ir.Function:
     leaf_ptrs = {id(v): a for v, a in zip(leaves, fn.args[1:1 + len(leaves)])}
     base = root.prim.name
     if root.prim.kind == "reduce":
-        _lower_reduce(b, group, leaf_ptrs, members, out_ptr, tid, nthreads, base)
+        _lower_reduce(b, group, leaf_ptrs, members, out_ptr, fn.args[-3], tid, nthreads, base)
     else:
         _lower_map(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base, is_flat(group))
     b.ret_void()
@@ -379,106 +381,161 @@ def _nest(b, shape, d, idx, base, body):
         idx.pop()
 
 
-def _collapsed(shape, axes):
-    """Adjacent dimensions that are both reduced or both kept merged into one: (shape, axes) of
-    the same reduction over fewer, longer loops (NCHW -> sum over N, HW becomes [N, C, H*W])."""
-    dims = []
-    for d, n in enumerate(shape):
-        if dims and dims[-1][1] == (d in axes):
-            dims[-1][0] *= n
-        else:
-            dims.append([n, d in axes])
-    return tuple(n for n, _ in dims), {k for k, (_, r) in enumerate(dims) if r}
+def _convert_float(b, v, ty):
+    if v.type == ty:
+        return v
+    return b.fpext(v, ty) if ty == F64 else b.fptrunc(v, ty)
 
 
-def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, tid, nthreads, base):
-    """Loop over the input in row-major order, combining into the output; the innermost reduced
-    dimension accumulates in a register. When the input is elementwise over buffers of its own
-    size, runs of reduced or kept dimensions are merged into single loops."""
+def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads, base):
+    """Loop over the input in row-major order (see schedule.reduce_loops), combining into the
+    output. The innermost reduced loop accumulates in registers; a sum does that in blocks of
+    REDUCE_BLOCK elements whose sums are added in float64. A float32 sum that adds into its
+    outputs more often than that across outer reduced loops flushes them into float64 sums in
+    `scratch` (schedule.reduce_flush) and rounds those once at the end."""
     root = group.root
     x = root.inputs[0]
-    axes = set(root.params["axes"])
-    xs = x.shape
     dtype = root.out.dtype
     ty = scalar_type(dtype)
     is_max = root.prim.name == "reduce_max"
     ident = ir.Constant(ty, -math.inf if is_max else 0.0)
-    out_shape = root.out.shape
     addr = _Element(b, {}, set())
-    size = x.type.size
-    flat = all(m is root or m.prim.elementwise or m.prim.name in ("const", "reshape")
-               for m in group.members) \
-        and all(v.type.size == size or not v.shape for v in group.leaves) \
-        and all(m is root or m.out.type.size == size or not m.out.shape for m in group.members)
-    if flat:
-        xs, axes = _collapsed(xs, axes)
-        out_shape = tuple(n for d, n in enumerate(xs) if d not in axes)
+    xs, axes, flat = schedule.reduce_loops(group)
+    out_shape = tuple(n for d, n in enumerate(xs) if d not in axes)
+    blocked = not is_max and dtype in ("f32", "f64")   # sums in float64 blocks (see below)
+    wide = F64 if blocked else ty      # type of a register reduction's total
+    flush_at = schedule.reduce_flush(group)
 
     def combine(acc, v):
+        v = _convert_float(b, v, acc.type)
         return nan_max(b, acc, v, ">") if is_max else b.fadd(acc, v, flags=REDUCE)
 
     def out_off(idx):
         return addr.linear([i for k, i in enumerate(idx) if k not in axes], out_shape)
 
+    def accumulate(off, v):
+        L.store(b, combine(L.load(b, out_ptr, off, ty), v), out_ptr, off, ty)
+
     # Threads split the first kept dimension (output dimension 0): each owns a block of output
-    # rows. Without a kept dimension thread 0 does the whole reduction.
+    # rows, so every output element is computed by one thread in a fixed order. Without a kept
+    # dimension thread 0 does the whole reduction.
     kept = [d for d in range(len(xs)) if d not in axes]
     sd = kept[0] if kept else 0
     if kept:
         lo, hi = _thread_range(b, xs[sd], tid, nthreads, f"{base}.d{sd}")
     else:
         lo, hi = i64(0), b.select(b.icmp_signed("==", tid, i64(0)), i64(xs[0]), i64(0))
-    # initialise this thread's part of the output
-    if out_shape:
-        n_out_inner = math.prod(out_shape[1:])
-        with for_range(b, b.mul(lo, i64(n_out_inner)), b.mul(hi, i64(n_out_inner)), 1,
-                       f"{base}.init") as j:
-            L.store(b, ident, out_ptr, j, ty)
-    else:
-        with L.if_then(b, b.icmp_signed("==", tid, i64(0)), f"{base}.init"):
-            L.store(b, ident, out_ptr, i64(0), ty)
 
+    def over_outputs(name, first, stop, body):
+        with for_range(b, first, stop, 1, f"{base}.{name}") as j:
+            body(j)
+
+    def over_own_outputs(name, body):
+        """Run body(j) for the flat output indices this thread owns."""
+        if out_shape:
+            n_out_inner = math.prod(out_shape[1:])
+            over_outputs(name, b.mul(lo, i64(n_out_inner)), b.mul(hi, i64(n_out_inner)), body)
+        else:
+            with L.if_then(b, b.icmp_signed("==", tid, i64(0)), f"{base}.{name}"):
+                body(i64(0))
+
+    def init(j):
+        L.store(b, ident, out_ptr, j, ty)
+        if flush_at is not None:
+            L.store(b, ir.Constant(F64, 0.0), scratch, j, F64)
+
+    over_own_outputs("init", init)
     last = len(xs) - 1
     with b.goto_entry_block():
         acc_slot = b.alloca(ty, name=f"{base}.acc")
+        wide_slot = b.alloca(wide, name=f"{base}.wacc")
     idx = []
 
     def extent(d):
-        return (lo, hi) if d == sd else (0, xs[d])
+        return (lo, hi) if d == sd else (i64(0), i64(xs[d]))
 
-    def inner():
+    def element():
         if flat:   # one linear index into buffers of x's size
-            val = _Element(b, leaf_ptrs, members, flat=True).value(x, [addr.linear(idx, xs)])
-        else:
-            val = _Element(b, leaf_ptrs, members).value(x, idx)
-        if last in axes and last > 0:
-            b.store(combine(b.load(acc_slot), val), acc_slot)
-        else:
-            off = out_off(idx)
-            L.store(b, combine(L.load(b, out_ptr, off, ty), val), out_ptr, off, ty)
+            return _Element(b, leaf_ptrs, members, flat=True).value(x, [addr.linear(idx, xs)])
+        return _Element(b, leaf_ptrs, members).value(x, idx)
 
-    def nest(d):
+    def block_end(start, stop, step):
+        end = b.add(start, i64(step))
+        return b.select(b.icmp_signed("<", end, stop), end, stop)
+
+    def accumulate_loop(start, stop, d, short):
+        """acc_slot = the reduction of the elements of dimension d in [start, stop)."""
+        b.store(ident, acc_slot)
+        with for_range(b, start, stop, 1, f"{base}.d{d}", scalar=short) as i:
+            idx.append(i)
+            b.store(combine(b.load(acc_slot), element()), acc_slot)
+            idx.pop()
+
+    def register_reduction(d):
+        """The innermost reduced dimension d, accumulated in registers, added to the output."""
         start, stop = extent(d)
         short = d != sd and xs[d] < SHORT_LOOP
-        if d == last and last in axes and last > 0:
-            # the innermost reduced dimension accumulates in a register
-            b.store(ident, acc_slot)
-            with for_range(b, start, stop, 1, f"{base}.d{d}", scalar=short) as i:
-                idx.append(i)
-                inner()
-                idx.pop()
-            off = out_off(idx + [i64(0)])
-            L.store(b, combine(L.load(b, out_ptr, off, ty), b.load(acc_slot)), out_ptr, off, ty)
-            return
+        if not blocked or (d != sd and xs[d] <= schedule.REDUCE_BLOCK):
+            accumulate_loop(start, stop, d, short)
+            total = b.load(acc_slot)
+        else:
+            b.store(ir.Constant(wide, 0.0), wide_slot)
+            with for_range(b, start, stop, schedule.REDUCE_BLOCK, f"{base}.d{d}.block",
+                           scalar=True) as blk:
+                accumulate_loop(blk, block_end(blk, stop, schedule.REDUCE_BLOCK), d, short)
+                b.store(b.fadd(b.load(wide_slot), _convert_float(b, b.load(acc_slot), wide)),
+                        wide_slot)
+            total = b.load(wide_slot)
+        off = out_off(idx + [i64(0)])
+        if kept or d != sd:
+            accumulate(off, total)
+        else:   # the whole reduction is this one loop: only thread 0 ran it
+            with L.if_then(b, b.icmp_signed("==", tid, i64(0)), f"{base}.t0"):
+                accumulate(off, total)
+
+    def flush(d):
+        """Add the float32 running sums that loop d's body adds to into scratch; zero them."""
+        inner_kept = [k for k in kept if k > d]
+        if sd in inner_kept:   # this thread's output rows
+            n = math.prod(xs[k] for k in inner_kept[1:])
+            first, stop = b.mul(lo, i64(n)), b.mul(hi, i64(n))
+        else:                  # the outputs at the current indices of the kept loops outside d
+            first = out_off(idx + [i64(0)] * (len(xs) - len(idx)))
+            stop = b.add(first, i64(math.prod(xs[k] for k in inner_kept)))
+
+        def move(j):
+            s = b.fadd(L.load(b, scratch, j, F64), b.fpext(L.load(b, out_ptr, j, ty), F64))
+            L.store(b, s, scratch, j, F64)
+            L.store(b, ident, out_ptr, j, ty)
+        over_outputs(f"d{d}.flush", first, stop, move)
+
+    def loop(d, start, stop):
+        short = d != sd and xs[d] < SHORT_LOOP
         with for_range(b, start, stop, 1, f"{base}.d{d}", scalar=short and d == last) as i:
             idx.append(i)
             if d == last:
-                inner()
+                accumulate(out_off(idx), element())
             else:
                 nest(d + 1)
             idx.pop()
 
+    def nest(d):
+        if d == last and d in axes:
+            register_reduction(d)
+            return
+        start, stop = extent(d)
+        if flush_at is not None and d == flush_at[0]:
+            step = flush_at[1]
+            with for_range(b, start, stop, step, f"{base}.d{d}.block", scalar=True) as blk:
+                loop(d, blk, block_end(blk, stop, step))
+                flush(d)
+            return
+        loop(d, start, stop)
+
     nest(0)
+    if flush_at is not None:
+        over_own_outputs("round", lambda j: L.store(
+            b, b.fptrunc(L.load(b, scratch, j, F64), ty), out_ptr, j, ty))
 
 
 # ------------------------------------------------------------------------------------------------

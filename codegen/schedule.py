@@ -17,6 +17,7 @@ Algorithm (XLA-style loop fusion):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ir.core import Function, Instr, Value
@@ -202,6 +203,8 @@ def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None) -> Plan:
         else:
             members, leaves = _fused_tree(ins, mat, producer)
             g = Group(len(groups), "loop", ins, members, leaves)
+            if ins.prim.kind == "reduce":
+                g.scratch_bytes = reduce_scratch_bytes(g)
         groups.append(g)
 
     groups = _pair_pool_argmax(groups)
@@ -301,6 +304,70 @@ def _fused_tree(root: Instr, mat: set, producer: dict):
 
     visit(root)
     return members, leaves
+
+
+def reduce_loops(group: Group):
+    """The loops of a reduction group: (extents, reduced loop indices, flat). When the input is
+    elementwise over buffers of its own size (`flat`), adjacent dimensions that are both reduced or
+    both kept are merged into one loop over a single linear index (NCHW -> sum over N, HW becomes
+    [N, C, H*W])."""
+    root = group.root
+    x = root.inputs[0]
+    size = x.type.size
+    flat = all(m is root or m.prim.elementwise or m.prim.name in ("const", "reshape")
+               for m in group.members) \
+        and all(v.type.size == size or not v.shape for v in group.leaves) \
+        and all(m is root or m.out.type.size == size or not m.out.shape for m in group.members)
+    axes = set(root.params["axes"])
+    if not flat:
+        return tuple(x.shape), axes, False
+    dims = []
+    for d, n in enumerate(x.shape):
+        if dims and dims[-1][1] == (d in axes):
+            dims[-1][0] *= n
+        else:
+            dims.append([n, d in axes])
+    return tuple(n for n, _ in dims), {k for k, (_, r) in enumerate(dims) if r}, True
+
+
+# The longest run of float32 additions into one running sum of a reduction: the innermost reduced
+# loop adds blocks of this many elements in float32 registers and the block sums in float64; a
+# float32 output that is added to across outer reduced loops is flushed into float64 sums in
+# scratch at least this often. A float32 sum then errs by at most about REDUCE_BLOCK u32 sum|x|
+# (less when vectorized: each lane adds REDUCE_BLOCK / lanes terms) whatever its length, plus
+# (n / REDUCE_BLOCK) u64 sum|x| from the float64 sums. 2048 is 512 elements per vector register of
+# an unrolled AVX2 loop: long enough that the end of a block (a horizontal add and a mispredicted
+# loop exit, or a flush pass over the outputs) costs ~1% (1024 cost 5% on an in-cache 2**16 sum).
+REDUCE_BLOCK = 2048
+
+
+def reduce_flush(group: Group):
+    """For a float32 sum that adds into each output element more than REDUCE_BLOCK times across
+    iterations of reduced loops other than the innermost one (which accumulates in registers):
+    `(d, k)`, meaning every k iterations of loop d (see reduce_loops) the float32 running sums
+    in the output are added into float64 sums in scratch and reset. Otherwise None."""
+    root = group.root
+    if root.prim.name != "reduce_sum" or root.out.dtype != "f32":
+        return None
+    shape, axes, _ = reduce_loops(group)
+    outer = sorted((d for d in axes if d != len(shape) - 1), reverse=True)
+    if math.prod(shape[d] for d in outer) <= REDUCE_BLOCK:
+        return None
+    # the outermost loop whose body adds at most REDUCE_BLOCK times into an output element
+    inner, chosen = 1, None
+    for d in outer:
+        if inner <= REDUCE_BLOCK:
+            chosen = (d, REDUCE_BLOCK // inner)
+        inner *= shape[d]
+    return chosen
+
+
+def reduce_scratch_bytes(group: Group) -> int:
+    """Scratch of a reduction kernel: the float64 running sums of reduce_flush, one per output
+    element."""
+    if reduce_flush(group) is None:
+        return 0
+    return 8 * max(group.root.out.type.size, 1)
 
 
 def base_value(v: Value, locations) -> Value:
