@@ -13,6 +13,7 @@ least 4/n, so maxima, pooling windows and maximum/minimum never tie.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -590,6 +591,15 @@ def ref_gelu_tanh(x):
     return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
+def ref_erf(x):
+    return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+def ref_gelu(x):
+    return x * np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2.0)),
+                            otypes=[np.float64])(x)
+
+
 def ref_bce_logits(x, t, weight=None, reduction="mean", pos_weight=None):
     """PyTorch's definition, -w (p t log s(x) + (1 - t) log(1 - s(x))), for moderate logits."""
     s = 1.0 / (1.0 + np.exp(-x))
@@ -655,6 +665,11 @@ add("nn.softplus", "softplus-beta2-threshold1", lambda x: nn.softplus(x, beta=2.
 unary("nn.silu", nn.silu, ref_silu)
 add("nn.gelu", "gelu-tanh-2x3", lambda x: nn.gelu(x, approximate="tanh"), ref_gelu_tanh,
     Arg((2, 3), lo=-4.0, hi=4.0))
+add("nn.erf", "erf-small", nn.erf, ref_erf, Arg((2, 3), lo=-1.0, hi=1.0))
+add("nn.erf", "erf-wide", lambda x: nn.erf(x * 2.0), lambda x: ref_erf(x * 2.0), Arg((3, 4)))
+add("nn.erf", "erf-scalar", nn.erf, ref_erf, Arg(()))
+add("nn.gelu", "gelu-2x3", nn.gelu, ref_gelu, Arg((2, 3), lo=-4.0, hi=4.0))
+add("nn.gelu", "gelu-none-1", lambda x: nn.gelu(x, approximate="none"), ref_gelu, Arg((1,)))
 add("nn.gelu", "gelu-tanh-scalar", lambda x: nn.gelu(x, approximate="tanh"), ref_gelu_tanh,
     Arg(()))
 

@@ -78,26 +78,29 @@ tanh = ops.tanh
 # ------------------------------------------------------------------------------------------------
 def _log1p(u):
     """log(1 + u) for u >= 0 to full relative precision, also where 1 + u rounds to 1 (Goldberg:
-    log(w) * u / (w - 1) with w = 1 + u cancels the rounding of w). The correction factor
-    u / (w - 1) is 1 in exact arithmetic, so it carries no gradient: d/du = factor / w."""
+    log(w) * u / (w - 1) with w = 1 + u cancels the rounding of w). The gradient is 1 / w, which
+    the rounding of w does not spoil: the correction log(w) * (u / (w - 1) - 1) is added as a
+    constant (it is 0 in exact arithmetic)."""
     w = ops.add(u, 1.0)
     d = ops.subtract(w, 1.0)
     exact = ops.equal(d, 0.0)           # u below half an ulp of 1: log(1 + u) = u to within u**2
-    factor = ops.stop_gradient(ops.divide(u, ops.where(exact, 1.0, d)))
-    return ops.where(exact, u, ops.multiply(ops.log(w), factor))
+    log_w = ops.log(w)
+    factor = ops.divide(u, ops.where(exact, 1.0, d))
+    correction = ops.stop_gradient(ops.multiply(log_w, ops.subtract(factor, 1.0)))
+    return ops.where(exact, u, ops.add(log_w, correction))
 
 
 def _expm1(x):
     """exp(x) - 1 for x <= 0 to full relative precision (Kahan: (u - 1) * x / log(u) with
-    u = exp(x) cancels the rounding of u). The factor x / log(u) is 1 in exact arithmetic and
-    carries no gradient: d/dx = u * factor."""
+    u = exp(x) cancels the rounding of u). The gradient is u; the correction
+    (u - 1) * (x / log(u) - 1), 0 in exact arithmetic, is added as a constant."""
     u = ops.exp(x)
     d = ops.subtract(u, 1.0)
     exact = ops.equal(d, 0.0)           # |x| below half an ulp of 1: exp(x) - 1 = x
     no_log = ops.logical_or(exact, ops.equal(u, 0.0))
-    factor = ops.stop_gradient(ops.where(no_log, 1.0,
-                                         ops.divide(x, ops.log(ops.where(no_log, 0.5, u)))))
-    return ops.where(exact, x, ops.multiply(d, factor))
+    factor = ops.where(no_log, 1.0, ops.divide(x, ops.log(ops.where(no_log, 0.5, u))))
+    correction = ops.stop_gradient(ops.multiply(d, ops.subtract(factor, 1.0)))
+    return ops.where(exact, x, ops.add(d, correction))
 
 
 def _float(x):
@@ -167,8 +170,75 @@ def silu(x):
     return ops.multiply(x, sigmoid(x))
 
 
+# erf as a composite. |x| <= 1: erf(x) = x * P(x**2), P of degree 12. |x| > 1: erfc(|x|) =
+# exp(-x**2) * S(s) / (1 + 2 |x|), S a Chebyshev series of degree 20 in s, a linear map of
+# t = (|x| - 3) / (|x| + 3) from [-1/2, 1] to [-1, 1] (the mapping of Shepherd and Laframboise,
+# 1981). Both are Chebyshev interpolants of the exact functions computed with mpmath at 50 digits
+# (P converted to monomials, well conditioned on [0, 1]; S summed by Clenshaw's recurrence). In
+# float64 the relative error of erf is at most 3e-16 for |x| <= 1 and 1 ulp above; that of
+# erfc(y) for y > 1 is about y**2 * 1.1e-16, the rounding of y * y inside exp, as in libms
+# without a split of y * y (1e-15 up to y = 3). Differentiated like any composite: the derivative
+# agrees with 2 / sqrt(pi) * exp(-x**2) to ~1e-14 relative.
+_ERF_P = (1.1283791670955126, -0.3761263890318375, 0.11283791670954882, -0.026866170645077334,
+          0.005223977624823223, -0.0008548326981129666, 0.00012055331122299266,
+          -1.4925595519506043e-05, 1.6461004480962034e-06, -1.6350354461959655e-07,
+          1.4660051998394848e-08, -1.1373902296430911e-09, 5.958930743134941e-11)
+_ERFC_K = 3.0
+_ERFC_S = (1.214373361609205, -0.08560693623397121, -0.005999640519915682, 0.007801951554945334,
+           -0.002715651717391105, 0.0006115494911330234, -9.340626641960768e-05,
+           7.818816898966098e-06, 2.7197258578141963e-07, -1.6637239214622205e-07,
+           1.3133701262289988e-08, 2.0754203597909473e-09, -4.4148718962068737e-10,
+           -1.7967351765140848e-11, 1.1481428873007284e-11, -2.807460684069243e-14,
+           -3.012251024442509e-13, 7.106503405462323e-15, 8.542035882836416e-15,
+           -2.329298464180819e-16, -2.6466825044432234e-16)
+# erfc(30) underflows in float64: larger |x| are evaluated at 30 (erfc = 0, derivative 0), which
+# also keeps t finite at |x| = inf
+_ERFC_CAP = 30.0
+
+
+def _erf_parts(x):
+    """(small, erf(x) where small, erfc(|x|) where not), small = |x| <= 1; each part is finite
+    (and its gradient too) where it is not used."""
+    small = ops.less_equal(ops.where(ops.less(x, 0.0), ops.negative(x), x), 1.0)
+    xs = ops.where(small, x, 0.0)
+    t = ops.multiply(xs, xs)
+    p = _ERF_P[-1]
+    for c in reversed(_ERF_P[:-1]):
+        p = ops.add(ops.multiply(p, t), c)
+    erf_small = ops.multiply(xs, p)
+
+    y = ops.where(small, 1.0, ops.where(ops.less(x, 0.0), ops.negative(x), x))
+    y = ops.where(ops.greater(y, _ERFC_CAP), _ERFC_CAP, y)
+    t = ops.divide(ops.subtract(y, _ERFC_K), ops.add(y, _ERFC_K))
+    lo = (1.0 - _ERFC_K) / (1.0 + _ERFC_K)
+    s = ops.subtract(ops.multiply(t, 2.0 / (1.0 - lo)), (1.0 + lo) / (1.0 - lo))
+    b1, b2 = 0.0, 0.0            # Clenshaw: b_k = 2 s b_(k+1) - b_(k+2) + c_k
+    for c in reversed(_ERFC_S[1:]):
+        b1, b2 = ops.add(ops.subtract(ops.multiply(ops.multiply(s, 2.0), b1), b2), c), b1
+    series = ops.add(ops.subtract(ops.multiply(s, b1), b2), _ERFC_S[0])
+    erfc_large = ops.divide(ops.multiply(ops.exp(ops.negative(ops.multiply(y, y))), series),
+                            ops.add(ops.multiply(y, 2.0), 1.0))
+    return small, erf_small, erfc_large
+
+
+@op("erf")
+def erf(x):
+    """The error function 2 / sqrt(pi) * integral from 0 to x of exp(-t**2) dt, to within 1 ulp
+    in float64 (a composite of polynomials and exp; see _erf_parts)."""
+    x = _float(x)
+    small, erf_small, erfc_large = _erf_parts(x)
+    one_minus = ops.subtract(1.0, erfc_large)
+    return ops.where(small, erf_small,
+                     ops.where(ops.less(x, 0.0), ops.negative(one_minus), one_minus))
+
+
 def _normal_cdf(x):
-    raise NotImplementedError("gelu(approximate='none') needs erf")
+    """Phi(x) = erfc(-x / sqrt(2)) / 2, from erfc itself in the tails, so that Phi(-10) keeps
+    its relative precision (1 + erf(x / sqrt(2)) would cancel to 0)."""
+    small, erf_small, erfc_large = _erf_parts(ops.multiply(x, float(np.sqrt(0.5))))
+    half_tail = ops.multiply(erfc_large, 0.5)
+    return ops.where(small, ops.add(ops.multiply(erf_small, 0.5), 0.5),
+                     ops.where(ops.less(x, 0.0), half_tail, ops.subtract(1.0, half_tail)))
 
 
 GELU_APPROXIMATIONS = ("none", "tanh")
