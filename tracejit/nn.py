@@ -4,6 +4,10 @@ zero padding (count_include_pad=True), and `reduction` in the losses.
 
 relu(0) has derivative 0 and relu(NaN) is NaN; max pooling sends the cotangent to the first maximum
 of each window.
+
+The activations, losses and normalisation layers below relu are composites of tracejit ops with
+torch.nn.functional's signatures and numbers. batch_norm in training mode returns the updated
+running statistics instead of mutating them (see its docstring).
 """
 from __future__ import annotations
 
@@ -643,7 +647,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     they come back as values, as Flax returns its mutated batch_stats, so a training step must
     return them and pass them in at the next step: the result is a 3-tuple, so using it as the
     output by mistake fails loudly. The updated statistics carry no gradient (stop_gradient),
-    as PyTorch updates them outside autograd."""
+    as PyTorch updates them outside autograd. (Returned from a jitted function, the result comes
+    back as a plain 3-tuple, like every tuple output.)"""
     out = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return BatchNormResult(*out) if isinstance(out, tuple) else out
 
