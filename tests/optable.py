@@ -13,6 +13,7 @@ least 4/n, so maxima, pooling windows and maximum/minimum never tie.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -564,6 +565,178 @@ for _red in ("mean", "sum", "none"):
     add("nn.mse_loss", f"mse_loss-{_red}", lambda x, t, r=_red: nn.mse_loss(x, t, reduction=r),
         lambda x, t, r=_red: ref_mse(x, t, r), Arg((3, 4)), Arg((3, 4)))
 add("nn.mse_loss", "mse_loss-1-element", nn.mse_loss, ref_mse, Arg((1,)), Arg((1,)))
+
+# nn: training activations, losses and normalisation -------------------------------------------
+def ref_leaky_relu(x, slope=0.01):
+    return np.where(x > 0, x, slope * x)
+
+
+def ref_elu(x, alpha=1.0):
+    return np.where(x > 0, x, alpha * np.expm1(x))
+
+
+def ref_log_sigmoid(x):
+    return np.minimum(x, 0.0) - np.log1p(np.exp(-np.abs(x)))
+
+
+def ref_softplus(x, beta=1.0, threshold=20.0):
+    return np.where(beta * x > threshold, x, np.log1p(np.exp(beta * x)) / beta)
+
+
+def ref_silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def ref_gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def ref_erf(x):
+    return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+def ref_gelu(x):
+    return x * np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2.0)),
+                            otypes=[np.float64])(x)
+
+
+def ref_bce_logits(x, t, weight=None, reduction="mean", pos_weight=None):
+    """PyTorch's definition, -w (p t log s(x) + (1 - t) log(1 - s(x))), for moderate logits."""
+    s = 1.0 / (1.0 + np.exp(-x))
+    p = 1.0 if pos_weight is None else pos_weight
+    loss = -(p * t * np.log(s) + (1.0 - t) * np.log(1.0 - s))
+    return _reduce(loss if weight is None else weight * loss, reduction)
+
+
+def ref_nll(logp, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """PyTorch's nll_loss / cross_entropy after log_softmax, as torch writes it: the nll part at
+    the target class plus label_smoothing / C times the weighted sum over classes; "mean" divides
+    by the summed weight of the target classes (indices) or the number of positions (probs)."""
+    axis = 1 if logp.ndim > 1 else 0
+    n_classes = logp.shape[axis]
+    lp = np.moveaxis(logp, axis, -1)
+    w = np.ones(n_classes) if weight is None else weight
+    s = label_smoothing
+    if np.asarray(target).dtype.kind in "iu":
+        t = np.asarray(target)
+        valid = t != ignore_index
+        safe = np.where(valid, t, 0)
+        nll = -np.take_along_axis(lp, safe[..., None], -1)[..., 0] * w[safe] * valid
+        smooth = -(lp * w).sum(-1) * valid
+        loss = (1 - s) * nll + s / n_classes * smooth
+        if reduction == "mean":
+            return loss.sum() / (w[safe] * valid).sum()
+        return _reduce(loss, reduction)
+    t = np.moveaxis(target, axis, -1) * (1 - s) + s / n_classes
+    return _reduce(-(lp * t * w).sum(-1), reduction)
+
+
+def ref_layer_norm(x, k, w=None, b=None, eps=1e-5):
+    axes = tuple(range(x.ndim - k, x.ndim))
+    mu = x.mean(axis=axes, keepdims=True)
+    y = (x - mu) / np.sqrt(((x - mu) ** 2).mean(axis=axes, keepdims=True) + eps)
+    return y * (1.0 if w is None else w) + (0.0 if b is None else b)
+
+
+def ref_batch_norm(x, mean=None, var=None, w=None, b=None, eps=1e-5):
+    """Batch statistics when mean and var are None (training), else the given ones (eval)."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    if mean is None:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+    y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    if w is not None:
+        y = y * w.reshape(shape)
+    return y if b is None else y + b.reshape(shape)
+
+
+unary("nn.leaky_relu", nn.leaky_relu, ref_leaky_relu, nonzero)
+add("nn.leaky_relu", "leaky_relu-slope0.2", lambda x: nn.leaky_relu(x, 0.2),
+    lambda x: ref_leaky_relu(x, 0.2), nonzero((3, 4)))
+unary("nn.elu", nn.elu, ref_elu, nonzero)
+add("nn.elu", "elu-alpha1.5", lambda x: nn.elu(x, alpha=1.5), lambda x: ref_elu(x, 1.5),
+    nonzero((3, 4)))
+unary("nn.log_sigmoid", nn.log_sigmoid, ref_log_sigmoid, nonzero)
+add("nn.log_sigmoid", "log_sigmoid-wide", lambda x: nn.log_sigmoid(x * 20.0),
+    lambda x: ref_log_sigmoid(x * 20.0), nonzero((3, 4)))
+unary("nn.softplus", nn.softplus, ref_softplus)
+add("nn.softplus", "softplus-beta2-threshold1", lambda x: nn.softplus(x, beta=2.0, threshold=1.0),
+    lambda x: ref_softplus(x, 2.0, 1.0), Arg((4, 5), avoid=(0.5,)))
+unary("nn.silu", nn.silu, ref_silu)
+add("nn.gelu", "gelu-tanh-2x3", lambda x: nn.gelu(x, approximate="tanh"), ref_gelu_tanh,
+    Arg((2, 3), lo=-4.0, hi=4.0))
+add("nn.erf", "erf-small", nn.erf, ref_erf, Arg((2, 3), lo=-1.0, hi=1.0))
+add("nn.erf", "erf-wide", lambda x: nn.erf(x * 2.0), lambda x: ref_erf(x * 2.0), Arg((3, 4)))
+add("nn.erf", "erf-scalar", nn.erf, ref_erf, Arg(()))
+add("nn.gelu", "gelu-2x3", nn.gelu, ref_gelu, Arg((2, 3), lo=-4.0, hi=4.0))
+add("nn.gelu", "gelu-none-1", lambda x: nn.gelu(x, approximate="none"), ref_gelu, Arg((1,)))
+add("nn.gelu", "gelu-tanh-scalar", lambda x: nn.gelu(x, approximate="tanh"), ref_gelu_tanh,
+    Arg(()))
+
+BCE_WEIGHT = np.array([[0.5, 2.0, 1.0, 0.0], [1.5, 1.0, 0.25, 3.0], [1.0, 1.0, 2.0, 0.5]])
+BCE_POS_WEIGHT = np.array([1.0, 3.0, 0.5, 2.0])
+for _red in ("mean", "sum", "none"):
+    add("nn.binary_cross_entropy_with_logits", f"bce_with_logits-{_red}",
+        lambda x, t, r=_red: nn.binary_cross_entropy_with_logits(x, t, reduction=r),
+        lambda x, t, r=_red: ref_bce_logits(x, t, reduction=r), Arg((3, 4)), Arg((3, 4), 0, 1))
+add("nn.binary_cross_entropy_with_logits", "bce_with_logits-weight-pos_weight",
+    lambda x, t: nn.binary_cross_entropy_with_logits(x, t, BCE_WEIGHT, pos_weight=BCE_POS_WEIGHT),
+    lambda x, t: ref_bce_logits(x, t, BCE_WEIGHT, pos_weight=BCE_POS_WEIGHT),
+    Arg((3, 4)), Arg((3, 4), 0, 1))
+add("nn.binary_cross_entropy_with_logits", "bce_with_logits-traced-weights-sum",
+    lambda x, t, w, p: nn.binary_cross_entropy_with_logits(x, t, w, "sum", p),
+    lambda x, t, w, p: ref_bce_logits(x, t, w, "sum", p),
+    Arg((2, 3)), Arg((2, 3), 0, 1), pos((2, 3)), pos((3,)))
+add("nn.binary_cross_entropy_with_logits", "bce_with_logits-scalar",
+    nn.binary_cross_entropy_with_logits, ref_bce_logits, Arg(()), Arg((), 0, 1))
+
+CLASS_WEIGHT = np.array([0.5, 2.0, 1.0, 1.5])
+LABELS_IGNORED = np.array([2, -100, 3, 0])
+LABELS_ND_IGNORED = np.array([[0, 7, 1], [2, 2, 7]])
+for _red in ("mean", "sum", "none"):
+    add("nn.cross_entropy", f"cross_entropy-weight-ignore-smoothing-{_red}",
+        lambda x, r=_red: nn.cross_entropy(x, LABELS_IGNORED, CLASS_WEIGHT, reduction=r,
+                                           label_smoothing=0.2),
+        lambda x, r=_red: ref_nll(ref_log_softmax(x, 1), LABELS_IGNORED, CLASS_WEIGHT,
+                                  reduction=r, label_smoothing=0.2), Arg((4, 4)))
+    add("nn.nll_loss", f"nll_loss-labels-{_red}",
+        lambda x, r=_red: nn.nll_loss(x, LABELS, reduction=r),
+        lambda x, r=_red: ref_nll(x, LABELS, reduction=r), Arg((3, 4)))
+add("nn.cross_entropy", "cross_entropy-traced-weight-probs-smoothing",
+    lambda x, t, w: nn.cross_entropy(x, t, w, label_smoothing=0.1),
+    lambda x, t, w: ref_nll(ref_log_softmax(x, 1), t, w, label_smoothing=0.1),
+    Arg((3, 4)), pos((3, 4)), pos((4,)))
+add("nn.cross_entropy", "cross_entropy-nd-labels-ignore-7-weight",
+    lambda x: nn.cross_entropy(x, LABELS_ND_IGNORED, CLASS_WEIGHT, ignore_index=7),
+    lambda x: ref_nll(ref_log_softmax(x, 1), LABELS_ND_IGNORED, CLASS_WEIGHT, ignore_index=7),
+    Arg((2, 4, 3)))
+add("nn.nll_loss", "nll_loss-weight-ignore",
+    lambda x: nn.nll_loss(x, LABELS_IGNORED, CLASS_WEIGHT),
+    lambda x: ref_nll(x, LABELS_IGNORED, CLASS_WEIGHT), Arg((4, 4)))
+add("nn.nll_loss", "nll_loss-traced-weight-nd-labels-sum",
+    lambda x, w: nn.nll_loss(x, LABELS_ND, w, reduction="sum"),
+    lambda x, w: ref_nll(x, LABELS_ND, w, reduction="sum"), Arg((2, 4, 3)), pos((4,)))
+add("nn.nll_loss", "nll_loss-probs", nn.nll_loss, ref_nll, Arg((3, 4)), pos((3, 4)))
+add("nn.nll_loss", "nll_loss-unbatched", lambda x: nn.nll_loss(x, np.array(1)),
+    lambda x: ref_nll(x, np.array(1)), Arg((5,)))
+
+add("nn.layer_norm", "layer_norm-last-affine", lambda x, w, b: nn.layer_norm(x, 5, w, b),
+    lambda x, w, b: ref_layer_norm(x, 1, w, b), Arg((3, 5)), Arg((5,)), Arg((5,)))
+add("nn.layer_norm", "layer_norm-two-axes", lambda x: nn.layer_norm(x, (3, 4)),
+    lambda x: ref_layer_norm(x, 2), Arg((2, 3, 4)))
+add("nn.layer_norm", "layer_norm-eps0.1-weight", lambda x, w: nn.layer_norm(x, [4], w, eps=0.1),
+    lambda x, w: ref_layer_norm(x, 1, w, eps=0.1), Arg((2, 3, 4)), Arg((4,)))
+for _shape in ((6, 3), (4, 3, 5), (2, 3, 3, 2)):
+    add("nn.batch_norm", f"batch_norm-train-{_sid(_shape)}",
+        lambda x, w, b: nn.batch_norm(x, None, None, w, b, training=True),
+        lambda x, w, b: ref_batch_norm(x, w=w, b=b), Arg(_shape), Arg((3,)), Arg((3,)))
+    add("nn.batch_norm", f"batch_norm-eval-{_sid(_shape)}",
+        lambda x, m, v, w, b: nn.batch_norm(x, m, v, w, b),
+        lambda x, m, v, w, b: ref_batch_norm(x, m, v, w, b),
+        Arg(_shape), Arg((3,)), pos((3,)), Arg((3,)), Arg((3,)))
+add("nn.batch_norm", "batch_norm-train-with-running-stats-output",
+    lambda x: nn.batch_norm(x, np.zeros(3), np.ones(3), training=True, eps=1e-3).output,
+    lambda x: ref_batch_norm(x, eps=1e-3), Arg((4, 3, 2)))
 
 GRAD_CASES = [c for c in CASES if c.grad]
 SECOND_ORDER_CASES = [c for c in GRAD_CASES if c.second_order]

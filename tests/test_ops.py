@@ -47,7 +47,8 @@ def public_ops():
            if callable(obj) and getattr(obj, "__module__", None) == "tracejit.ops"}
     nn = {f"nn.{name}" for name, obj in vars(tracejit.nn).items()
           if callable(obj) and getattr(obj, "__module__", None) in ("tracejit.nn", "tracejit.ops")
-          and not name.startswith("_") and name not in ("op", "as_value", "result_dtype", "wrap")}
+          and not name.startswith("_") and name not in ("op", "as_value", "result_dtype", "wrap")
+          and not isinstance(obj, type)}  # result types such as BatchNormResult are not ops
     return top | nn
 
 

@@ -4,11 +4,16 @@ zero padding (count_include_pad=True), and `reduction` in the losses.
 
 relu(0) has derivative 0 and relu(NaN) is NaN; max pooling sends the cotangent to the first maximum
 of each window.
+
+The activations, losses and normalisation layers below relu are composites of tracejit ops with
+torch.nn.functional's signatures and numbers. batch_norm in training mode returns the updated
+running statistics instead of mutating them (see its docstring).
 """
 from __future__ import annotations
 
 import builtins
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
@@ -67,6 +72,195 @@ def sigmoid(x):
 
 
 tanh = ops.tanh
+
+
+# ------------------------------------------------------------------------------------------------
+# activations as composites. Two habits keep their values and gradients exact where the naive
+# formula fails: a branch of `where` gets an input clamped to where it is chosen (an untaken
+# exp(x) that overflows would turn the zero cotangent into 0 * inf = NaN), and log(1 + u), exp(x) - 1
+# go through _log1p and _expm1, which keep full relative precision for tiny u and x.
+# ------------------------------------------------------------------------------------------------
+def _log1p(u):
+    """log(1 + u) for u >= 0 to full relative precision, also where 1 + u rounds to 1 (Goldberg:
+    log(w) * u / (w - 1) with w = 1 + u cancels the rounding of w). The gradient is 1 / w, which
+    the rounding of w does not spoil: the correction log(w) * (u / (w - 1) - 1) is added as a
+    constant (it is 0 in exact arithmetic)."""
+    w = ops.add(u, 1.0)
+    d = ops.subtract(w, 1.0)
+    exact = ops.equal(d, 0.0)           # u below half an ulp of 1: log(1 + u) = u to within u**2
+    log_w = ops.log(w)
+    factor = ops.divide(u, ops.where(exact, 1.0, d))
+    correction = ops.stop_gradient(ops.multiply(log_w, ops.subtract(factor, 1.0)))
+    return ops.where(exact, u, ops.add(log_w, correction))
+
+
+def _expm1(x):
+    """exp(x) - 1 for x <= 0 to full relative precision (Kahan: (u - 1) * x / log(u) with
+    u = exp(x) cancels the rounding of u). The gradient is u; the correction
+    (u - 1) * (x / log(u) - 1), 0 in exact arithmetic, is added as a constant."""
+    u = ops.exp(x)
+    d = ops.subtract(u, 1.0)
+    exact = ops.equal(d, 0.0)           # |x| below half an ulp of 1: exp(x) - 1 = x
+    no_log = ops.logical_or(exact, ops.equal(u, 0.0))
+    factor = ops.where(no_log, 1.0, ops.divide(x, ops.log(ops.where(no_log, 0.5, u))))
+    correction = ops.stop_gradient(ops.multiply(d, ops.subtract(factor, 1.0)))
+    return ops.where(exact, x, ops.add(d, correction))
+
+
+def _float(x):
+    """x as a traced float value (numpy arrays and Python numbers included)."""
+    return wrap(as_value(x, result_dtype(x)))
+
+
+def _constant_as(v, like):
+    """A numpy (not traced) operand as the float dtype of `like`. Inside a trace numpy constants
+    are weak, but arithmetic among constants alone (pos_weight - 1) makes a strong float64 value
+    that would turn a float32 loss into float64; so constants are cast first."""
+    if v is None or isinstance(v, Tracer):
+        return v
+    return np.asarray(v, dtype=np.float32 if result_dtype(like) == "f32" else np.float64)
+
+
+def _number(v, what, param):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise _error(TypeError, f"{what}: {param} must be a number, got {v!r}")
+    return float(v)
+
+
+@op("leaky_relu")
+def leaky_relu(x, negative_slope=0.01):
+    """x where x > 0, else negative_slope * x (derivative negative_slope at 0, as PyTorch)."""
+    slope = _number(negative_slope, "leaky_relu", "negative_slope")
+    x = _float(x)
+    return ops.where(ops.greater(x, 0.0), x, ops.multiply(x, slope))
+
+
+@op("elu")
+def elu(x, alpha=1.0):
+    """x where x > 0, else alpha * (exp(x) - 1) (derivative alpha at 0, as PyTorch)."""
+    alpha = _number(alpha, "elu", "alpha")
+    x = _float(x)
+    positive = ops.greater(x, 0.0)
+    return ops.where(positive, x, ops.multiply(_expm1(ops.where(positive, 0.0, x)), alpha))
+
+
+@op("log_sigmoid")
+def log_sigmoid(x):
+    """log(sigmoid(x)) = min(x, 0) - log(1 + exp(-|x|)), finite and exact for every finite x
+    (-100 at x = -100; -3.7e-44 at x = 100 in float64)."""
+    x = _float(x)
+    negative = ops.less(x, 0.0)
+    # exp(-|x|) never overflows; `where` (not abs, min) keeps the gradient smooth at 0
+    e = ops.exp(ops.where(negative, x, ops.negative(x)))
+    return ops.subtract(ops.where(negative, x, 0.0), _log1p(e))
+
+
+@op("softplus")
+def softplus(x, beta=1.0, threshold=20.0):
+    """log(1 + exp(beta * x)) / beta, and x itself where beta * x > threshold (PyTorch's linear
+    branch)."""
+    beta = _number(beta, "softplus", "beta")
+    threshold = _number(threshold, "softplus", "threshold")
+    x = _float(x)
+    z = ops.multiply(x, beta)
+    soft = ops.divide(ops.negative(log_sigmoid(ops.negative(z))), beta)
+    return ops.where(ops.greater(z, threshold), x, soft)
+
+
+@op("silu")
+def silu(x):
+    """x * sigmoid(x) (swish)."""
+    x = _float(x)
+    return ops.multiply(x, sigmoid(x))
+
+
+# erf as a composite. |x| <= 1: erf(x) = x * P(x**2), P of degree 12. |x| > 1: erfc(|x|) =
+# exp(-x**2) * S(s) / (1 + 2 |x|), S a Chebyshev series of degree 20 in s, a linear map of
+# t = (|x| - 3) / (|x| + 3) from [-1/2, 1] to [-1, 1] (the mapping of Shepherd and Laframboise,
+# 1981). Both are Chebyshev interpolants of the exact functions computed with mpmath at 50 digits
+# (P converted to monomials, well conditioned on [0, 1]; S summed by Clenshaw's recurrence). In
+# float64 the relative error of erf is at most 3e-16 for |x| <= 1 and 1 ulp above; that of
+# erfc(y) for y > 1 is about y**2 * 1.1e-16, the rounding of y * y inside exp, as in libms
+# without a split of y * y (1e-15 up to y = 3). Differentiated like any composite: the derivative
+# agrees with 2 / sqrt(pi) * exp(-x**2) to ~1e-14 relative.
+_ERF_P = (1.1283791670955126, -0.3761263890318375, 0.11283791670954882, -0.026866170645077334,
+          0.005223977624823223, -0.0008548326981129666, 0.00012055331122299266,
+          -1.4925595519506043e-05, 1.6461004480962034e-06, -1.6350354461959655e-07,
+          1.4660051998394848e-08, -1.1373902296430911e-09, 5.958930743134941e-11)
+_ERFC_K = 3.0
+_ERFC_S = (1.214373361609205, -0.08560693623397121, -0.005999640519915682, 0.007801951554945334,
+           -0.002715651717391105, 0.0006115494911330234, -9.340626641960768e-05,
+           7.818816898966098e-06, 2.7197258578141963e-07, -1.6637239214622205e-07,
+           1.3133701262289988e-08, 2.0754203597909473e-09, -4.4148718962068737e-10,
+           -1.7967351765140848e-11, 1.1481428873007284e-11, -2.807460684069243e-14,
+           -3.012251024442509e-13, 7.106503405462323e-15, 8.542035882836416e-15,
+           -2.329298464180819e-16, -2.6466825044432234e-16)
+# erfc(30) underflows in float64: larger |x| are evaluated at 30 (erfc = 0, derivative 0), which
+# also keeps t finite at |x| = inf
+_ERFC_CAP = 30.0
+
+
+def _erf_parts(x):
+    """(small, erf(x) where small, erfc(|x|) where not), small = |x| <= 1; each part is finite
+    (and its gradient too) where it is not used."""
+    small = ops.less_equal(ops.where(ops.less(x, 0.0), ops.negative(x), x), 1.0)
+    xs = ops.where(small, x, 0.0)
+    t = ops.multiply(xs, xs)
+    p = _ERF_P[-1]
+    for c in reversed(_ERF_P[:-1]):
+        p = ops.add(ops.multiply(p, t), c)
+    erf_small = ops.multiply(xs, p)
+
+    y = ops.where(small, 1.0, ops.where(ops.less(x, 0.0), ops.negative(x), x))
+    y = ops.where(ops.greater(y, _ERFC_CAP), _ERFC_CAP, y)
+    t = ops.divide(ops.subtract(y, _ERFC_K), ops.add(y, _ERFC_K))
+    lo = (1.0 - _ERFC_K) / (1.0 + _ERFC_K)
+    s = ops.subtract(ops.multiply(t, 2.0 / (1.0 - lo)), (1.0 + lo) / (1.0 - lo))
+    b1, b2 = 0.0, 0.0            # Clenshaw: b_k = 2 s b_(k+1) - b_(k+2) + c_k
+    for c in reversed(_ERFC_S[1:]):
+        b1, b2 = ops.add(ops.subtract(ops.multiply(ops.multiply(s, 2.0), b1), b2), c), b1
+    series = ops.add(ops.subtract(ops.multiply(s, b1), b2), _ERFC_S[0])
+    erfc_large = ops.divide(ops.multiply(ops.exp(ops.negative(ops.multiply(y, y))), series),
+                            ops.add(ops.multiply(y, 2.0), 1.0))
+    return small, erf_small, erfc_large
+
+
+@op("erf")
+def erf(x):
+    """The error function 2 / sqrt(pi) * integral from 0 to x of exp(-t**2) dt, to within 1 ulp
+    in float64 (a composite of polynomials and exp; see _erf_parts)."""
+    x = _float(x)
+    small, erf_small, erfc_large = _erf_parts(x)
+    one_minus = ops.subtract(1.0, erfc_large)
+    return ops.where(small, erf_small,
+                     ops.where(ops.less(x, 0.0), ops.negative(one_minus), one_minus))
+
+
+def _normal_cdf(x):
+    """Phi(x) = erfc(-x / sqrt(2)) / 2, from erfc itself in the tails, so that Phi(-10) keeps
+    its relative precision (1 + erf(x / sqrt(2)) would cancel to 0)."""
+    small, erf_small, erfc_large = _erf_parts(ops.multiply(x, float(np.sqrt(0.5))))
+    half_tail = ops.multiply(erfc_large, 0.5)
+    return ops.where(small, ops.add(ops.multiply(erf_small, 0.5), 0.5),
+                     ops.where(ops.less(x, 0.0), half_tail, ops.subtract(1.0, half_tail)))
+
+
+GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+@op("gelu")
+def gelu(x, approximate="none"):
+    """x * Phi(x) with Phi the standard normal CDF ("none", exact), or PyTorch's tanh
+    approximation 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x**3))) ("tanh")."""
+    if not isinstance(approximate, str) or approximate not in GELU_APPROXIMATIONS:
+        raise _error(ValueError, f"gelu: approximate must be 'none' or 'tanh', got "
+                                 f"{approximate!r}")
+    x = _float(x)
+    if approximate == "tanh":
+        inner = ops.multiply(ops.add(x, ops.multiply(ops.power(x, 3), 0.044715)),
+                             float(np.sqrt(2.0 / np.pi)))
+        return ops.multiply(ops.multiply(x, 0.5), ops.add(ops.tanh(inner), 1.0))
+    return ops.multiply(x, _normal_cdf(x))
 
 
 @op("linear")
@@ -246,42 +440,105 @@ def _reduce(loss, reduction, what):
     return loss
 
 
-@op("cross_entropy")
-def cross_entropy(input, target, reduction="mean"):
-    """PyTorch's cross_entropy. input: logits [N, C, d1, ...] (the class axis is 1, as in
-    PyTorch, also for N-d input) or [C]. target: class indices [N, d1, ...] ([] for [C] logits;
-    an int numpy array, not traced) or class probabilities of input's shape (e.g. one-hot, traced
-    or not). The loss at each position is -sum over classes of target * log_softmax(input);
-    "mean" averages it over the N * d1 * ... positions."""
-    _check_reduction(reduction, "cross_entropy")
+def _class_coefficients(what, input, target, weight, ignore_index, label_smoothing):
+    """(class axis, coef, count) for the losses of log-probabilities `logp` over classes:
+    loss at each position = -sum over classes of coef * logp, and "mean" divides the sum of those
+    losses by `count` (PyTorch's normalisation).
+
+    Class indices (an int numpy array, not traced): coef = w[c] * ((1 - s) * onehot + s / C) at
+    positions whose index is not `ignore_index` (0 at ignored ones), count = sum of w[target] over
+    the positions not ignored (nan from "mean" when every position is ignored, as in PyTorch).
+    Class probabilities t (input's shape, traced or not): coef = w[c] * ((1 - s) * t + s / C),
+    count = the number of positions; ignore_index does not apply (PyTorch ignores it too)."""
     shape = tuple(_shape(input))
     tshape = tuple(_shape(target))
     if not shape:
-        raise ShapeError("cross_entropy: logits must have a class axis ([C] or [N, C, ...]), got "
-                         "a 0-d value")
+        raise ShapeError(f"{what}: logits must have a class axis ([C] or [N, C, ...]), got a 0-d "
+                         f"value")
     axis = 1 if len(shape) > 1 else 0
     n_classes = shape[axis]
+    positions = shape[:axis] + shape[axis + 1:]
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) or \
+            not 0.0 <= label_smoothing <= 1.0:
+        raise _error(ValueError, f"{what}: label_smoothing must be a number in [0, 1], got "
+                                 f"{label_smoothing!r}")
+    if not _is_int(ignore_index):
+        raise _error(ValueError, f"{what}: ignore_index must be an int, got {ignore_index!r}")
+    weight = _constant_as(weight, input)
+    w = None
+    if weight is not None:
+        if tuple(_shape(weight)) != (n_classes,):
+            raise ShapeError(f"{what}: weight of shape {list(_shape(weight))} must have shape "
+                             f"[{n_classes}] (one per class; the class axis of logits of shape "
+                             f"{list(shape)} is {axis})")
+        # one weight per class, along the class axis of the loss coefficients
+        w = ops.reshape(weight, tuple(n_classes if i == axis else 1 for i in range(len(shape))))
+    smooth = float(label_smoothing)
     if not isinstance(target, Tracer) and np.asarray(target).dtype.kind in "iu":
         idx = np.asarray(target)
-        positions = shape[:axis] + shape[axis + 1:]
         if tshape != positions:
-            raise ShapeError(f"cross_entropy: class indices of shape {list(tshape)} do not fit "
-                             f"logits of shape {list(shape)} (expected indices of shape "
+            raise ShapeError(f"{what}: class indices of shape {list(tshape)} do not fit logits "
+                             f"of shape {list(shape)} (expected indices of shape "
                              f"{list(positions)}; the class axis of logits is {axis})")
-        bad = idx[(idx < 0) | (idx >= n_classes)]
+        kept = idx != ignore_index
+        bad = idx[kept & ((idx < 0) | (idx >= n_classes))]
         if bad.size:
-            raise _error(IndexError, f"cross_entropy: class index {bad.flat[0]} is out of range "
+            raise _error(IndexError, f"{what}: class index {bad.flat[0]} is out of range "
                                      f"[0, {n_classes}) for logits of shape {list(shape)} (class "
                                      f"axis {axis})")
-        target = np.moveaxis(np.eye(n_classes)[idx], -1, axis)
-        tshape = target.shape
+        dtype = np.float32 if result_dtype(input) == "f32" else np.float64
+        onehot = np.moveaxis(np.eye(n_classes, dtype=dtype)[np.where(kept, idx, 0)], -1, axis)
+        kept = np.expand_dims(kept, axis).astype(dtype)
+        picked = onehot * kept
+        coef = (1.0 - smooth) * picked + (smooth / n_classes) * kept if smooth else picked
+        if w is None:
+            return axis, coef, float(picked.sum())
+        return axis, ops.multiply(w, coef), ops.sum(ops.multiply(w, picked))
     if tshape != shape:
-        raise ShapeError(f"cross_entropy: target of shape {list(tshape)} does not fit logits of "
-                         f"shape {list(shape)} (give class indices [N, d1, ...] as an int array "
-                         f"or probabilities [N, C, d1, ...])")
-    logp = log_softmax(input, dim=axis)
-    per_position = ops.negative(ops.sum(ops.multiply(target, logp), axis))
-    return _reduce(per_position, reduction, "cross_entropy")
+        raise ShapeError(f"{what}: target of shape {list(tshape)} does not fit logits of shape "
+                         f"{list(shape)} (give class indices [N, d1, ...] as an int array or "
+                         f"probabilities [N, C, d1, ...])")
+    target = _constant_as(target, input)
+    coef = ops.add(ops.multiply(target, 1.0 - smooth), smooth / n_classes) if smooth else target
+    count = float(np.prod(positions, dtype=np.int64))
+    return axis, (coef if w is None else ops.multiply(w, coef)), count
+
+
+def _weighted_nll(what, logp, axis, coef, count, reduction):
+    per_position = ops.negative(ops.sum(ops.multiply(coef, logp), axis))
+    if reduction == "mean":
+        return ops.divide(ops.sum(per_position), count)
+    return _reduce(per_position, reduction, what)
+
+
+@op("cross_entropy")
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0):
+    """PyTorch's cross_entropy. input: logits [N, C, d1, ...] (the class axis is 1, as in
+    PyTorch, also for N-d input) or [C]. target: class indices [N, d1, ...] ([] for [C] logits;
+    an int numpy array, not traced) or class probabilities of input's shape (e.g. one-hot, traced
+    or not). weight: [C], a factor per class. label_smoothing s mixes the target with the uniform
+    distribution: (1 - s) * target + s / C. Positions whose index is `ignore_index` add nothing.
+    The loss at each position is -sum over classes of weight * target * log_softmax(input);
+    "mean" divides their sum by the summed weight of the target classes of the positions not
+    ignored (class indices) or by the number of positions (probabilities), as PyTorch does."""
+    _check_reduction(reduction, "cross_entropy")
+    axis, coef, count = _class_coefficients("cross_entropy", input, target, weight, ignore_index,
+                                            label_smoothing)
+    return _weighted_nll("cross_entropy", log_softmax(input, dim=axis), axis, coef, count,
+                         reduction)
+
+
+@op("nll_loss")
+def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean"):
+    """PyTorch's nll_loss: cross_entropy of log-probabilities `input` ([N, C, d1, ...] or [C],
+    e.g. from log_softmax(x, dim=1)) without the log_softmax: the loss at each position is
+    -weight[t] * input[n, t, ...] for a class index t (an int numpy array, not traced; positions
+    whose index is `ignore_index` add nothing), or -sum over classes of weight * target * input
+    for class probabilities of input's shape. "mean" is normalised as in cross_entropy."""
+    _check_reduction(reduction, "nll_loss")
+    axis, coef, count = _class_coefficients("nll_loss", input, target, weight, ignore_index, 0.0)
+    return _weighted_nll("nll_loss", input, axis, coef, count, reduction)
 
 
 @op("mse_loss")
@@ -291,3 +548,164 @@ def mse_loss(input, target, reduction="mean"):
                          f"{list(_shape(target))} differ")
     _check_reduction(reduction, "mse_loss")
     return _reduce(ops.power(ops.subtract(input, target), 2), reduction, "mse_loss")
+
+
+@op("binary_cross_entropy_with_logits")
+def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean",
+                                     pos_weight=None):
+    """PyTorch's: -weight * (pos_weight * target * log_sigmoid(input)
+    + (1 - target) * log_sigmoid(-input)) per element, computed as
+    (1 - target) * input - (1 + (pos_weight - 1) * target) * log_sigmoid(input), which stays
+    exact for logits of any size. target: input's shape, traced or not; weight: broadcasts to
+    input's shape; pos_weight: broadcasts along the last (class) axis, e.g. [C] for [N, C]."""
+    what = "binary_cross_entropy_with_logits"
+    _check_reduction(reduction, what)
+    shape = tuple(_shape(input))
+    if tuple(_shape(target)) != shape:
+        raise ShapeError(f"{what}: target of shape {list(_shape(target))} and input of shape "
+                         f"{list(shape)} differ")
+    for name, w in (("weight", weight), ("pos_weight", pos_weight)):
+        if w is not None:
+            try:
+                fits = ops.broadcast_shapes(tuple(_shape(w)), shape) == shape
+            except ShapeError:
+                fits = False
+            if not fits:
+                raise ShapeError(f"{what}: {name} of shape {list(_shape(w))} does not broadcast "
+                                 f"to input's shape {list(shape)}")
+    x = _float(input)
+    target, weight, pos_weight = (_constant_as(v, x) for v in (target, weight, pos_weight))
+    log_p = log_sigmoid(x)
+    if pos_weight is None:
+        loss = ops.subtract(ops.multiply(ops.subtract(1.0, target), x), log_p)
+    else:
+        log_weight = ops.add(ops.multiply(ops.subtract(pos_weight, 1.0), target), 1.0)
+        loss = ops.subtract(ops.multiply(ops.subtract(1.0, target), x),
+                            ops.multiply(log_weight, log_p))
+    if weight is not None:
+        loss = ops.multiply(loss, weight)
+    return _reduce(loss, reduction, what)
+
+
+# ------------------------------------------------------------------------------------------------
+# normalisation
+# ------------------------------------------------------------------------------------------------
+@op("layer_norm")
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """PyTorch's layer_norm: (x - mean) / sqrt(var + eps) * weight + bias, with the mean and the
+    biased variance taken over the last len(normalized_shape) axes, which must equal
+    normalized_shape (an int or a tuple); weight and bias have shape normalized_shape."""
+    shape = tuple(_shape(input))
+    norm = (normalized_shape,) if _is_int(normalized_shape) else \
+        tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list)) else None
+    if norm is None or not norm or not all(_is_int(n) for n in norm) or \
+            shape[len(shape) - len(norm):] != norm or len(norm) > len(shape):
+        raise ShapeError(f"layer_norm: normalized_shape {normalized_shape!r} must be an int or a "
+                         f"non-empty tuple of ints equal to the last axes of input's shape "
+                         f"{list(shape)}")
+    eps = _number(eps, "layer_norm", "eps")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(_shape(p)) != norm:
+            raise ShapeError(f"layer_norm: {name} of shape {list(_shape(p))} must have "
+                             f"normalized_shape {list(norm)}")
+    axes = tuple(range(len(shape) - len(norm), len(shape)))
+    x = _float(input)
+    weight, bias = _constant_as(weight, x), _constant_as(bias, x)
+    centred = ops.subtract(x, ops.mean(x, axes, keepdims=True))
+    var = ops.mean(ops.multiply(centred, centred), axes, keepdims=True)
+    y = ops.divide(centred, ops.sqrt(ops.add(var, eps)))
+    if weight is not None:
+        y = ops.multiply(y, weight)
+    if bias is not None:
+        y = ops.add(y, bias)
+    return y
+
+
+class BatchNormResult(NamedTuple):
+    """What batch_norm returns in training mode when running statistics are given: the output
+    and the UPDATED running statistics to carry into the next step (PyTorch updates them in place;
+    tracejit returns them, as Flax returns the mutated batch_stats)."""
+    output: object
+    running_mean: object
+    running_var: object
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """PyTorch's batch_norm over the channel axis 1 of input [N, C], [N, C, L] or [N, C, H, W]:
+    (x - mean) / sqrt(var + eps) * weight + bias per channel, weight and bias of shape [C].
+
+    training=False: mean and var are running_mean and running_var ([C], required); returns the
+    output.
+    training=True: mean and the biased var are the batch statistics over every axis but 1
+    (N * L or N * H * W values per channel, at least 2). Without running statistics (both None)
+    it returns the output. With them it returns BatchNormResult(output, running_mean,
+    running_var) holding the UPDATED statistics, PyTorch's
+        running_mean' = (1 - momentum) * running_mean + momentum * mean
+        running_var'  = (1 - momentum) * running_var + momentum * var * n / (n - 1)
+    (the unbiased variance, n values per channel). PyTorch updates the arrays in place; here
+    they come back as values, as Flax returns its mutated batch_stats, so a training step must
+    return them and pass them in at the next step: the result is a 3-tuple, so using it as the
+    output by mistake fails loudly. The updated statistics carry no gradient (stop_gradient),
+    as PyTorch updates them outside autograd. (Returned from a jitted function, the result comes
+    back as a plain 3-tuple, like every tuple output.)"""
+    out = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return BatchNormResult(*out) if isinstance(out, tuple) else out
+
+
+@op("batch_norm")
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    what = "batch_norm"
+    shape = tuple(_shape(input))
+    if len(shape) not in (2, 3, 4):
+        raise ShapeError(f"{what}: input must be [N, C], [N, C, L] or [N, C, H, W], got shape "
+                         f"{list(shape)}")
+    if not isinstance(training, bool):
+        raise _error(TypeError, f"{what}: training must be True or False, got {training!r}")
+    if (running_mean is None) != (running_var is None):
+        raise _error(ValueError, f"{what}: give both running_mean and running_var or neither")
+    if not training and running_mean is None:
+        raise _error(ValueError, f"{what}: training=False normalises with running_mean and "
+                                 f"running_var, got None")
+    momentum = _number(momentum, what, "momentum")
+    eps = _number(eps, what, "eps")
+    c = shape[1]
+    for name, p in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if p is not None and tuple(_shape(p)) != (c,):
+            raise ShapeError(f"{what}: {name} of shape {list(_shape(p))} must have shape [{c}] "
+                             f"(one per channel of input of shape {list(shape)})")
+    per_channel = (1, c) + (1,) * (len(shape) - 2)
+    running_mean, running_var, weight, bias = (_constant_as(v, input) for v in (
+        running_mean, running_var, weight, bias))
+
+    def channel(v):
+        return ops.reshape(v, per_channel)
+
+    axes = (0,) + tuple(range(2, len(shape)))
+    x = _float(input)
+    if training:
+        n = int(np.prod([shape[a] for a in axes], dtype=np.int64))
+        if n < 2:
+            raise _error(ValueError, f"{what}: training needs more than 1 value per channel, "
+                                     f"got input of shape {list(shape)}")
+        mean = ops.mean(x, axes, keepdims=True)
+        centred = ops.subtract(x, mean)
+        var = ops.mean(ops.multiply(centred, centred), axes, keepdims=True)
+    else:
+        mean, var = channel(running_mean), channel(running_var)
+        centred = ops.subtract(x, mean)
+    y = ops.divide(centred, ops.sqrt(ops.add(var, eps)))
+    if weight is not None:
+        y = ops.multiply(y, channel(weight))
+    if bias is not None:
+        y = ops.add(y, channel(bias))
+    if not training or running_mean is None:
+        return y
+    batch_mean = ops.stop_gradient(ops.reshape(mean, (c,)))
+    batch_var = ops.stop_gradient(ops.reshape(var, (c,)))
+    new_mean = ops.add(ops.multiply(running_mean, 1.0 - momentum),
+                       ops.multiply(batch_mean, momentum))
+    new_var = ops.add(ops.multiply(running_var, 1.0 - momentum),
+                      ops.multiply(batch_var, momentum * n / (n - 1)))
+    return y, new_mean, new_var
