@@ -18,6 +18,7 @@ from .ops import (  # noqa: F401
     mean, min, minimum, mm, multiply, mv, negative, norm, not_equal, outer, power, reshape, sign,
     sin, sqrt, square, squeeze, stack, std, stop_gradient, subtract, sum, swapaxes, tanh, transpose,
     var, where)
+from .nn import erf  # noqa: F401  (tracejit.erf: a composite that lives beside gelu)
 from .tracer import Tracer  # noqa: F401
 
 __version__ = "0.1.0"
