@@ -263,7 +263,9 @@ def _plan(ins) -> _Plan:
         # accumulators, 10 loads per 24 FMAs). The rows of A stream from L2 (B's stay in L1);
         # six uses per vector of A keep that stream small enough that unaligned A (a numpy array
         # 16 bytes off a cache line) costs 5%, against 20% with 4 x 4.
-        mr, nr = FORCE.get("dot", (4, 6))
+        # (at most one column per lane: transpose_sums puts a row's sums in one vector, so 4 x 4
+        # for f64 on AVX2)
+        mr, nr = FORCE.get("dot", (4, min(6, vl)))
         return _Plan(dt, m, n, k, ta, "dot", False, mr, nr, vl, es)
     nv = 4 if n > 2 * vl else max(1, ceil_div(n, vl))
     mr = 6 if nv == 4 else min(12, 24 // nv)
