@@ -24,6 +24,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -34,6 +35,7 @@ SEED = int(os.environ.get("TRACEJIT_FUZZ_SEED", "5"))
 # ------------------------------------------------------------------------------------------------
 # the test: run the worker in a subprocess
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_hostile_arguments_never_crash(tmp_path):
     progress = tmp_path / "progress.txt"
     path = os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")])
