@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import threading
 import time
 import weakref
@@ -69,7 +68,7 @@ class NativeFunction:
         self.max_threads = max_threads or parallel.default_threads()
         self.plan = schedule.plan(
             fn, lambda ins: kernels[ins.prim].scratch_bytes(ins, self.max_threads),
-            lambda ins: kernels[ins.prim].epilogue and not os.environ.get("TRACEJIT_NO_EPILOGUES"))
+            lambda ins: kernels[ins.prim].epilogue)
         t1 = time.perf_counter()
         self.n_modules = target.modules_for(sum(_compile_weight(g) for g in self.plan.groups))
         self._source = None

@@ -18,6 +18,7 @@ Algorithm (XLA-style loop fusion):
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from ir.core import Function, Instr, Value
@@ -167,7 +168,8 @@ def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None) -> Plan:
     """Group `fn`'s instructions into kernels and place every buffer.
 
     `scratch_bytes(instr) -> int` gives the scratch a loop-nest kernel needs;
-    `fuses_epilogue(instr) -> bool` says whether its kernel can absorb an elementwise epilogue."""
+    `fuses_epilogue(instr) -> bool` says whether its kernel can absorb an elementwise epilogue;
+    TRACEJIT_NO_EPILOGUES turns epilogue fusion off (here, so the dumps describe the code)."""
     mat = materialized_values(fn)
     producer = {id(i.out): i for i in fn.instrs}
     locations: dict[int, Location] = {}
@@ -208,7 +210,7 @@ def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None) -> Plan:
         groups.append(g)
 
     groups = _pair_pool_argmax(groups)
-    if fuses_epilogue is not None:
+    if fuses_epilogue is not None and not os.environ.get("TRACEJIT_NO_EPILOGUES"):
         groups = _fuse_epilogues(fn, groups, locations, fuses_epilogue)
     arena = _place_arena(fn, groups, mat, locations, producer)
     saved = _saved_for_backward(fn, groups, locations)

@@ -1,6 +1,15 @@
 """Shared fixtures. The no-LLVM test modules run on the reference interpreter:
 
     pytestmark = pytest.mark.usefixtures("interpreter_backend")
+
+The persistent compile cache of a test run is project-local and kept between runs
+(`.pytest_cache/tracejit-compile` under the rootdir, git-ignored), so the op table, the corpus and
+the derandomized property tests compile only what changed since the last run. An entry can only
+be reused for the same code: its key covers the IR (literal contents included), a hash of every
+source file of codegen/, the LLVM/llvmlite versions, the host and the code-changing TRACEJIT_*
+settings, and it is checksummed on load (a corrupt entry is removed and compiled again). Tests of
+the cache itself use private temporary directories. TRACEJIT_TEST_COLD_CACHE=1 runs with an empty
+temporary cache instead (a cold-compile run).
 """
 import os
 
@@ -10,12 +19,15 @@ import helpers
 
 
 @pytest.fixture(scope="session", autouse=True)
-def private_compile_cache(tmp_path_factory):
-    """The persistent compile cache in a temporary directory, never the user's real one
-    (subprocesses inherit TRACEJIT_CACHE_DIR)."""
+def private_compile_cache(request, tmp_path_factory):
+    """TRACEJIT_CACHE_DIR for the run (subprocesses inherit it), never the user's real cache."""
+    if os.environ.get("TRACEJIT_TEST_COLD_CACHE", "").strip() not in ("", "0"):
+        directory = tmp_path_factory.mktemp("compile-cache") / "tracejit"
+    else:
+        directory = request.config.rootpath / ".pytest_cache" / "tracejit-compile"
     old = os.environ.get("TRACEJIT_CACHE_DIR")
-    os.environ["TRACEJIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("compile-cache") / "tracejit")
-    yield
+    os.environ["TRACEJIT_CACHE_DIR"] = str(directory)
+    yield directory
     if old is None:
         os.environ.pop("TRACEJIT_CACHE_DIR", None)
     else:

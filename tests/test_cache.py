@@ -2,8 +2,8 @@
 instead of running LLVM and gets the same results; corrupt entries are detected, logged and
 compiled again; the key follows the IR; the option turns it off; the directory is private.
 
-Every test uses its own temporary cache directory (tests/conftest.py also points the whole suite's
-TRACEJIT_CACHE_DIR at a temporary one)."""
+Every test uses its own temporary cache directory (tests/conftest.py points the rest of the
+suite's TRACEJIT_CACHE_DIR at a project-local one kept between runs, never the user's)."""
 from __future__ import annotations
 
 import json
@@ -415,3 +415,12 @@ def test_a_codegen_source_change_changes_the_key(monkeypatch):
         assert diskcache.key_of(fn, 1) != key
     finally:
         diskcache._host_and_compiler.cache_clear()
+
+
+def test_the_suite_cache_is_project_local_and_not_the_users(private_compile_cache, pytestconfig):
+    """The tests' shared cache lives under the rootdir's .pytest_cache (git-ignored, kept between
+    runs) unless TRACEJIT_TEST_COLD_CACHE asks for an empty temporary one."""
+    assert diskcache.default_directory() == private_compile_cache
+    assert not str(private_compile_cache).startswith(str(Path.home() / ".cache"))
+    if os.environ.get("TRACEJIT_TEST_COLD_CACHE", "").strip() in ("", "0"):
+        assert private_compile_cache == pytestconfig.rootpath / ".pytest_cache" / "tracejit-compile"

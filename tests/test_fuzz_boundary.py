@@ -24,6 +24,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -34,6 +35,7 @@ SEED = int(os.environ.get("TRACEJIT_FUZZ_SEED", "5"))
 # ------------------------------------------------------------------------------------------------
 # the test: run the worker in a subprocess
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_hostile_arguments_never_crash(tmp_path):
     progress = tmp_path / "progress.txt"
     path = os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")])
@@ -56,16 +58,63 @@ def test_hostile_arguments_never_crash(tmp_path):
     assert not summary["failures"], "\n\n".join(summary["failures"][:10])
 
 
+def test_the_known_conv_issue_excuses_only_nan_from_an_infinity():
+    """The exemption stands for its xfail alone: NaN over a finite reference in the gradient of
+    the operand facing an infinite weight or input; any other difference still fails."""
+    x, w = np.ones((1, 1, 2, 3)), np.ones((1, 1, 1, 2))
+    expected = (np.full(x.shape, 2.0), np.full(w.shape, 6.0))
+    nan_gx = (np.where(np.arange(6).reshape(x.shape) == 1, np.nan, 2.0), expected[1])
+    w_inf = np.where(np.arange(2).reshape(w.shape) == 0, np.inf, 1.0)
+    x_inf = np.where(np.arange(6).reshape(x.shape) == 0, np.inf, 1.0)
+    x_nan = np.where(np.arange(6).reshape(x.shape) == 0, np.nan, 1.0)
+
+    def excused(name, inputs, got):
+        fixed = _conv_grad_nan_from_inf(name, inputs, got, expected)
+        return fixed is not None and all(np.array_equal(f, e) for f, e in zip(fixed, expected))
+    assert excused("conv2d-grad", [x, w_inf], nan_gx)
+    assert not excused("conv2d-grad", [x, w], nan_gx)          # no infinity anywhere
+    assert not excused("conv2d-grad", [x_nan, w], nan_gx)      # a NaN input is not the issue
+    assert not excused("conv2d-grad", [x_inf, w], nan_gx)      # gx faces w, which is finite
+    assert not excused("max-grad", [x, w_inf], nan_gx)         # another function
+    wrong = (np.where(np.arange(6).reshape(x.shape) == 1, np.nan, 2.5), expected[1])
+    assert not excused("conv2d-grad", [x, w_inf], wrong)       # finite values differ too
+    inf_for_finite = (np.where(np.arange(6).reshape(x.shape) == 1, np.inf, 2.0), expected[1])
+    assert not excused("conv2d-grad", [x, w_inf], inf_for_finite)   # Inf, not NaN
+
+
 # ------------------------------------------------------------------------------------------------
 # the worker
 # ------------------------------------------------------------------------------------------------
-# Differences from the interpreter that are reported and pinned by an xfail test elsewhere; the
-# fuzz test counts them instead of failing: (description, hit(target name, float inputs)). Remove
-# an entry when its xfail test starts passing.
+# Differences from the interpreter that are reported and pinned by a strict xfail test elsewhere;
+# the fuzz test counts them instead of failing. An entry is (description, excuse): `excuse(name,
+# inputs, got)` returns `got` with exactly the elements the known issue may spoil replaced by the
+# interpreter's values (`expected`), or None when the case is not the known issue's; the case is
+# excused only if that corrected result then matches. Remove an entry when its xfail test starts
+# passing.
+def _conv_grad_nan_from_inf(name, inputs, got, expected):
+    """test_boundary.py::test_conv2d_input_gradient_with_an_inf_weight: the conv2d gradient
+    kernels multiply the taps that fall on padding or stride gaps by zero, so an infinite weight
+    gives NaN in the input's gradient (and an infinite input in the weight's) where the
+    interpreter, skipping those taps, is finite. Excuses only NaN over a finite reference, only in
+    the gradient of the operand facing an infinity."""
+    if name != "conv2d-grad" or len(inputs) != 2 or not isinstance(got, tuple) or len(got) != 2:
+        return None
+    x, w = inputs
+    fixed = list(got)
+    for k, other in ((0, w), (1, x)):   # gx spoiled by an infinite w, gw by an infinite x
+        g, e = got[k], np.asarray(expected[k])
+        if other.dtype.kind != "f" or not np.isinf(other).any() or \
+                not isinstance(g, np.ndarray) or g.shape != e.shape:
+            continue
+        spoiled = np.isnan(g) & np.isfinite(e)
+        fixed[k] = np.where(spoiled, e, g).astype(g.dtype)
+    return tuple(fixed) if any(f is not g for f, g in zip(fixed, got)) else None
+
+
 KNOWN_ISSUES = [
-    ("convolution kernels multiply padding and stride gaps by the weights, so an infinite or NaN "
-     "weight or input gives NaN where the reference skips those taps (codegen/kernels/conv2d.py)",
-     lambda name, inputs: "conv" in name and not all(np.isfinite(a).all() for a in inputs)),
+    ("conv2d gradient kernels multiply padding and stride-gap taps by the weights or inputs: an "
+     "infinite one gives NaN where the reference is finite (codegen/kernels/conv2d.py)",
+     _conv_grad_nan_from_inf),
 ]
 
 
@@ -326,6 +375,15 @@ def _worker(seed, n_cases, progress_path):
         scale = max(1.0, float(np.max(np.abs(e[fin]), initial=0.0)))
         np.testing.assert_allclose(g[fin], e[fin], rtol=tol, atol=tol * scale, err_msg=path)
 
+    def _excused(corrected, expected, tol):
+        if corrected is None:
+            return False
+        try:
+            same(corrected, expected, tol)
+            return True
+        except AssertionError:
+            return False
+
     by_error, failures, ok, known = {}, [], 0, {}
     with open(progress_path, "w") as progress:
         for case in range(n_cases):
@@ -378,7 +436,9 @@ def _worker(seed, n_cases, progress_path):
                 same(got, expected, tol)
                 ok += 1
             except AssertionError as e:
-                issue = next((d for d, hit in KNOWN_ISSUES if hit(name, inputs)), None)
+                issue = next((d for d, excuse in KNOWN_ISSUES
+                              if _excused(excuse(name, inputs, got, expected), expected, tol)),
+                             None)
                 if issue is not None:
                     known[issue] = known.get(issue, 0) + 1
                 else:

@@ -16,8 +16,9 @@ CALLS = 100_000
 WARMUP = 2_000
 MAX_GROWTH_MB = 20.0
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/statm"),
-                                reason="reads the resident set from /proc/self/statm")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not os.path.exists("/proc/self/statm"),
+                                 reason="reads the resident set from /proc/self/statm")]
 
 
 def rss_mb() -> float:

@@ -1,6 +1,8 @@
 """A big function is lowered into two LLVM modules that two processes compile at once (codegen/
 target.py): the result must equal the single-module build, survive the persistent cache, and fall
 back to compiling here when a child fails."""
+import os
+
 import numpy as np
 import pytest
 
@@ -48,9 +50,21 @@ def _reference():
 
 
 def test_two_modules_compiled_by_two_processes(monkeypatch):
+    children = []   # (pid, whether its object file arrived)
+    real_collect = target._collect
+
+    def collect(child):
+        obj = real_collect(child)
+        children.append((child[0], obj is not None and len(obj) > 0))
+        return obj
+    monkeypatch.setattr(target, "_collect", collect)
+    compiles_here = target.llvm_compiles
     result, native = _native(2, monkeypatch)
     assert len(native.llvm_sources) == 2
     assert len(target.unpack_objects(native._jit.object_code)) == 2
+    # one module compiled by this process, the other by a forked child whose object was used
+    assert target.llvm_compiles - compiles_here == 1
+    assert len(children) == 1 and children[0][0] != os.getpid() and children[0][1], children
     for got, want in zip(result, _reference()):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
 

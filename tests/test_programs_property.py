@@ -13,8 +13,12 @@ minimum/where/max/min/max-pooling step, how far its operands are from the kink o
 example closer than KINK_MARGIN (or with huge or non-finite values) is rejected, so finite
 differences and second derivatives are defined at every example checked.
 
-CI runs TRACEJIT_HYPOTHESIS_EXAMPLES (default 25) derandomized examples; set it higher for a longer,
-randomized search. The test prints how many programs it tried.
+Random draws leave some ops out, so a sweep also checks, for every op of the set, a program that
+starts with it (then a few random steps), and fails if no such program passed the checks.
+
+CI runs TRACEJIT_HYPOTHESIS_EXAMPLES (default 15) derandomized random programs plus the sweep (one
+program per op, N // 25 when set higher); set it higher for a longer, randomized search. The test
+prints how many programs it tried.
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ import optable
 import tracejit as tj
 from tracejit import nn
 
-N_EXAMPLES = int(os.environ.get("TRACEJIT_HYPOTHESIS_EXAMPLES", "25"))
+N_EXAMPLES = int(os.environ.get("TRACEJIT_HYPOTHESIS_EXAMPLES", "15"))
+N_SWEEP_EXAMPLES = max(1, N_EXAMPLES // 25)   # programs per op in the sweep over the op set
 KINK_MARGIN = 1e-3
 MAX_ABS = 1e4          # reject programs whose values grow beyond this
 FD_COORDS = 6          # finite differences at this many elements per input
@@ -254,8 +259,18 @@ def _broadcastable(a, b):
         return False
 
 
+NN_OPS = ("conv2d", "conv2d_bias", "max_pool2d", "avg_pool2d")
+LAYOUT_OPS = ("reshape", "transpose", "slice", "concatenate")
+KIND_OF = {**{n: "unary" for n in UNARY}, **{n: "binary" for n in BINARY},
+           **{n: "reduce" for n in REDUCE}, "matmul": "matmul", "matmul_t": "matmul",
+           **{n: "nn" for n in NN_OPS}, **{n: "layout" for n in LAYOUT_OPS}}
+assert set(KIND_OF) == set(OPS)
+
+
 @st.composite
-def programs(draw):
+def programs(draw, must=None):
+    """A random program; with `must` (an op name) its first step after the inputs is that op, on
+    a 2-d input (and an image batch for the nn ops), followed by up to 3 random steps."""
     prog = Program(seed=draw(st.integers(0, 2 ** 31 - 1)))
 
     def add(step, shape=None):
@@ -267,9 +282,11 @@ def programs(draw):
         return add(Step("input", (), (("shape", tuple(shape)),)), shape)
 
     dims = st.integers(1, 4)
-    for _ in range(draw(st.integers(1, 3))):
+    if must is not None:  # an operand every op of the set accepts
+        new_input(draw(st.lists(dims, min_size=2, max_size=2)))
+    for _ in range(draw(st.integers(0 if must else 1, 3))):
         new_input(draw(st.lists(dims, min_size=0, max_size=3)))
-    if draw(st.booleans()):  # an image batch for convolutions and pooling
+    if KIND_OF.get(must) == "nn" or draw(st.booleans()):  # an image batch: convolutions, pooling
         new_input((draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(3, 7)),
                    draw(st.integers(3, 7))))
 
@@ -291,12 +308,14 @@ def programs(draw):
         return tuple(sorted(draw(st.lists(st.integers(0, ndim - 1), min_size=2, max_size=2,
                                           unique=True))))
 
-    for _ in range(draw(st.integers(2, 9))):
-        kind = draw(st.sampled_from(["unary", "binary", "binary", "reduce", "matmul", "nn",
-                                     "layout"]))
+    steps = draw(st.integers(1, 4)) if must else draw(st.integers(2, 9))
+    for n_step in range(steps):
+        forced = must if n_step == 0 else None
+        kind = KIND_OF[forced] if forced else draw(st.sampled_from(
+            ["unary", "binary", "binary", "reduce", "matmul", "nn", "layout"]))
         if kind == "unary":
-            x = pick()
-            name = draw(st.sampled_from(sorted(UNARY)))
+            x = pick(lambda s: len(s) >= 1) if forced else pick()
+            name = forced or draw(st.sampled_from(sorted(UNARY)))
             params = ()
             if name == "scale":
                 params = (("c", draw(st.sampled_from([-1.5, 0.5, 2.0]))),)
@@ -313,16 +332,16 @@ def programs(draw):
             else:
                 b = draw(st.sampled_from(partners))  # may be `a` itself (x * x)
             pair = (a, b) if draw(st.booleans()) else (b, a)
-            add(Step(draw(st.sampled_from(sorted(BINARY))), pair))
+            add(Step(forced or draw(st.sampled_from(sorted(BINARY))), pair))
         elif kind == "reduce":
             x = pick(lambda s: len(s) >= 1)
             if x is None:
                 continue
-            name = draw(st.sampled_from(sorted(REDUCE)))
+            name = forced or draw(st.sampled_from(sorted(REDUCE)))
             axis = axis_param(len(prog.shapes[x]))
             add(Step(name, (x,), (("axis", axis), ("keepdims", draw(st.booleans())))))
         elif kind == "matmul":
-            a = pick(lambda s: len(s) in (1, 2))
+            a = pick(lambda s: len(s) == 2) if forced else pick(lambda s: len(s) in (1, 2))
             if a is None:
                 continue
             sa = prog.shapes[a]
@@ -330,7 +349,9 @@ def programs(draw):
             rights = [i for i, s in enumerate(prog.shapes) if s and s[0] == k
                       and (len(s) == 2 or (len(s) == 1 and len(sa) == 2))]
             rights_t = [i for i, s in enumerate(prog.shapes) if len(s) == 2 and s[1] == k]
-            if len(sa) == 2 and rights_t and draw(st.booleans()):
+            # (a 2-d `a` is in rights_t itself: a @ a.T)
+            if forced == "matmul_t" or (len(sa) == 2 and rights_t and forced is None
+                                        and draw(st.booleans())):
                 add(Step("matmul_t", (a, draw(st.sampled_from(rights_t)))))  # a @ b.T, a @ a.T
             elif rights and draw(st.booleans()):
                 add(Step("matmul", (a, draw(st.sampled_from(rights)))))
@@ -342,7 +363,7 @@ def programs(draw):
             if x is None:
                 continue
             n, c, h, w = prog.shapes[x]
-            name = draw(st.sampled_from(["conv2d", "conv2d_bias", "max_pool2d", "avg_pool2d"]))
+            name = forced or draw(st.sampled_from(NN_OPS))
             pad = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
             kh = draw(st.integers(1, min(3, h + 2 * pad[0])))
             kw = draw(st.integers(1, min(3, w + 2 * pad[1])))
@@ -358,9 +379,9 @@ def programs(draw):
                 add(Step(name, (x,), (("kernel", (kh, kw)), ("stride", stride),
                                       ("padding", pad))))
         else:  # layout
-            x = pick()
+            x = pick(lambda s: len(s) >= 1) if forced else pick()
             s = prog.shapes[x]
-            name = draw(st.sampled_from(["reshape", "transpose", "slice", "concatenate"]))
+            name = forced or draw(st.sampled_from(LAYOUT_OPS))
             if name == "reshape" or not s:
                 size = int(np.prod(s, dtype=np.int64))
                 divisors = [d for d in range(1, size + 1) if size % d == 0]
@@ -424,12 +445,14 @@ STATS = {"tried": 0, "checked": 0, "rejected": {}, "ops": collections.Counter(),
 _derandomize = "TRACEJIT_HYPOTHESIS_EXAMPLES" not in os.environ
 
 
-@settings(max_examples=N_EXAMPLES, deadline=None, derandomize=_derandomize,
-          database=None if _derandomize else settings.default.database,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                 HealthCheck.data_too_large])
-@given(programs())
-def check_random_program(prog):
+def _settings(max_examples):
+    return settings(max_examples=max_examples, deadline=None, derandomize=_derandomize,
+                    database=None if _derandomize else settings.default.database,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                           HealthCheck.data_too_large])
+
+
+def check_program(prog):
     STATS["tried"] += 1
     note(str(prog))
     xs = draw_inputs(prog)
@@ -485,6 +508,9 @@ def check_random_program(prog):
         helpers.assert_close(h, (p - m) / (2 * eps), HVP_TOL, f"H r {i} against FD of the gradient")
 
 
+check_random_program = _settings(N_EXAMPLES)(given(programs())(check_program))
+
+
 def test_random_programs(capsys):
     check_random_program()
     rejected = ", ".join(f"{n} {why}" for why, n in sorted(STATS["rejected"].items())) or "none"
@@ -493,3 +519,12 @@ def test_random_programs(capsys):
               f"(rejected: {rejected}); {STATS['steps']} steps, {len(STATS['ops'])} of {len(OPS)} "
               f"ops used")
     assert STATS["checked"] > 0
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_each_op_in_a_checked_program(op):
+    """Every op of the set in at least one program that passes every check (random draws alone
+    leave some ops out): a program starting with `op`, then a few random steps."""
+    before = STATS["ops"][op]
+    _settings(N_SWEEP_EXAMPLES)(given(programs(must=op))(check_program))()
+    assert STATS["ops"][op] > before, f"no program with {op} was checked"
