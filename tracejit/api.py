@@ -13,7 +13,6 @@ import logging
 import numbers
 import threading
 import time
-import warnings
 
 import numpy as np
 
@@ -25,7 +24,7 @@ from ir.verify import verify
 
 from . import captures, pytree
 from .config import config
-from .errors import ZeroGradientWarning
+from .errors import ZeroGradientWarning, warn
 from .tracer import Tracer, to_value, wrap
 
 log = logging.getLogger("tracejit")
@@ -317,10 +316,8 @@ class Jitted:
         dead = [paths[i] for i in wrt if id(fwd.params[i]) not in needed]
         if dead:
             its = "its gradient is" if len(dead) == 1 else "their gradients are"
-            warnings.warn(f"{self.name}: the output does not depend (differentiably) on "
-                          f"{', '.join(dead)}, so {its} zero everywhere; check the function and "
-                          f"argnums",
-                          ZeroGradientWarning, stacklevel=5)
+            warn(f"{self.name}: the output does not depend (differentiably) on {', '.join(dead)}, "
+                 f"so {its} zero everywhere; check the function and argnums", ZeroGradientWarning)
 
     def _lookup(self, sig: _Signature, instance=None) -> _Compiled:
         entry = self._cache.get(sig.key)

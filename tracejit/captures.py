@@ -24,11 +24,10 @@ import contextlib
 import logging
 import threading
 import types
-import warnings
 
 import numpy as np
 
-from .errors import CaptureWarning
+from .errors import CaptureWarning, warn
 
 SMALL_BYTES = 4096
 
@@ -185,11 +184,11 @@ def discover(rec: _Recording, fun_name: str) -> Guards:
         if a.nbytes <= SMALL_BYTES:
             g.small.append((a, a.tobytes()))
         else:
-            warnings.warn(
+            warn(
                 f"{fun_name}: the captured array {label} ({a.dtype}{list(a.shape)}, "
                 f"{a.nbytes} bytes) is frozen into the compiled code as a constant; changing it "
                 f"in place will not be seen (rebinding it retraces). Pass it as an argument to use "
-                f"its current value on every call", CaptureWarning, stacklevel=5)
+                f"its current value on every call", CaptureWarning)
 
     def visit(v, label, names, depth, slot=None, cell=None) -> bool:
         """Guard the arrays `v` holds (it sits in `slot` or `cell`); whether any were found."""

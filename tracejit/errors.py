@@ -25,6 +25,20 @@ class TracejitWarning(UserWarning):
     """Base class of tracejit's warnings."""
 
 
+def warn(message: str, category: type[TracejitWarning]) -> None:
+    """warnings.warn attributed to the user's innermost frame outside tracejit (so the default
+    filter shows it once per line of the user's code that caused it)."""
+    import sys
+    import warnings
+
+    from ir.builder import _OWN_DIRS
+    level, f = 1, sys._getframe(1)
+    while f is not None and (f.f_code.co_filename.startswith(_OWN_DIRS)
+                             or f.f_code.co_filename.startswith("<frozen")):
+        level, f = level + 1, f.f_back
+    warnings.warn(message, category, stacklevel=level + 1)
+
+
 class CaptureWarning(TracejitWarning):
     """A captured array is frozen into compiled code and too large to be checked on every call."""
 
