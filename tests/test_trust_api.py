@@ -237,3 +237,48 @@ def test_num_threads_is_one_without_openmp():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "1"
+
+
+_helper_table = np.array([1.0, 2.0])
+
+
+def _helper(w):
+    return w * _helper_table
+
+
+def test_arrays_a_helper_function_reads_are_guarded():
+    """One level of plain helper functions: the helper's globals are captures of the caller."""
+    global _helper_table
+    f = tracejit.jit_grad(lambda w: _helper(w).sum())
+    with use_backend("interpreter"):
+        np.testing.assert_allclose(f(np.ones(2)), [1.0, 2.0])
+        _helper_table = np.array([7.0, 8.0])
+        np.testing.assert_allclose(f(np.ones(2)), [7.0, 8.0])
+
+
+def test_a_method_inlined_into_another_methods_trace_does_not_retrace_every_call(caplog):
+    class Inner:
+        def __init__(self):
+            self.k = np.array([2.0, 3.0])
+
+        @tracejit.jit
+        def apply(self, w):
+            return w * self.k
+
+    class Outer:
+        def __init__(self):
+            self.inner = Inner()
+            self.k = np.array([1.0, 1.0])
+
+        @tracejit.jit_grad
+        def loss(self, w):
+            return (self.inner.apply(w) * self.k).sum()
+
+    m = Outer()
+    with use_backend("interpreter"), caplog.at_level(logging.INFO, logger="tracejit"):
+        for _ in range(3):
+            np.testing.assert_allclose(m.loss(np.ones(2)), [2.0, 3.0])
+        assert retrace_messages(caplog) == []
+        m.inner.k = np.array([5.0, 5.0])
+        np.testing.assert_allclose(m.loss(np.ones(2)), [5.0, 5.0])
+    assert any("self.k" in msg or "inner" in msg for msg in retrace_messages(caplog))

@@ -212,8 +212,9 @@ def discover(rec: _Recording, fun_name: str) -> Guards:
                     add_array(x, f"{label}[{i}]")
                     found = True
         elif isinstance(v, (types.FunctionType, types.MethodType, Jitted)):
+            # a helper holding captured arrays: rebinding the helper itself retraces too
             if depth > 0:
-                scan(getattr(v, "fun", v), getattr(v, "__self__", None), depth - 1)
+                found = scan(getattr(v, "fun", v), getattr(v, "__self__", None), depth - 1)
         elif not isinstance(v, type):
             attrs = getattr(v, "__dict__", None)
             if isinstance(attrs, dict):
@@ -227,12 +228,15 @@ def discover(rec: _Recording, fun_name: str) -> Guards:
             bind(v, label, slot, cell)
         return found
 
-    def scan(f, instance, depth, own=False):
+    def scan(f, instance, depth, own=False) -> bool:
+        """Guard what function `f` (bound to `instance`, if not None) captured; whether it
+        captured any array. `own`: `instance` is the `self` of the traced method."""
         f = getattr(f, "__func__", f)  # bound methods
         code = getattr(f, "__code__", None)
         if code is None or id(f) in seen_funcs:
-            return
+            return False
         seen_funcs.add(id(f))
+        n_guards = len(guarded)
         names = _code_names(code, set())
         glob = getattr(f, "__globals__", {})
         sources = [(f"global {n}", glob[n], (glob, n), None) for n in sorted(names) if n in glob]
@@ -249,7 +253,9 @@ def discover(rec: _Recording, fun_name: str) -> Guards:
         if instance is not None:
             if visit(instance, "self", names, 0) and own:
                 g.instance = instance
+        return len(guarded) > n_guards
 
-    for fun, instance in rec.functions:
-        scan(fun, instance, 1, own=True)
+    # the first function recorded is the one traced; the others were inlined into its trace
+    for i, (fun, instance) in enumerate(rec.functions):
+        scan(fun, instance, 1, own=i == 0)
     return g
