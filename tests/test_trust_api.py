@@ -189,6 +189,8 @@ def test_instance_attribute_arrays_of_a_method_are_guarded():
     (lambda x: np.einsum("i,i->", x, x), r"einsum.*matmul"),
     (lambda x: np.zeros_like(x).sum(), r"zeros_like.*x \* 0"),
     (lambda x: np.cumsum(x).sum(), r"cumsum"),
+    (lambda x: np.add.reduce(x), r"np\.add\.reduce.*tracejit\.sum"),
+    (lambda x: np.arctan(x).sum(), r"np\.arctan.*closest names.*tracejit\.tanh"),
 ])
 def test_an_unsupported_numpy_function_names_itself_the_line_and_a_fix(call, hint):
     f = tracejit.jit_grad(call)

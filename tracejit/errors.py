@@ -88,9 +88,13 @@ def unsupported_error(what: str, name: str, known) -> UnsupportedError:
     loc = user_location(3)
     where = f" at {loc}" if loc else ""
     hint = _HINTS.get(name)
-    if hint is None:
-        close = difflib.get_close_matches(name, sorted(set(known)), n=2, cutoff=0.6)
-        hint = " or ".join(f"tracejit.{c}" for c in close) if close else None
-    fix = f"; use {hint} instead" if hint else \
-        "; see tracejit's public functions for what is supported"
+    if hint is not None:
+        fix = f"; use {hint} instead"
+    elif name in known:
+        fix = f"; use tracejit.{name} instead"
+    else:  # only a similar name: offer it without claiming it computes the same thing
+        close = difflib.get_close_matches(name, sorted(set(known)), n=3, cutoff=0.6)
+        fix = "; the closest names tracejit supports are " + ", ".join(
+            f"tracejit.{c}" for c in close) if close else \
+            "; see tracejit's public functions for what is supported"
     return UnsupportedError(f"{what} is not supported on traced values{where}{fix}")

@@ -80,10 +80,13 @@ class Tracer:
         from . import ops
         fn = ops.UFUNCS.get(ufunc.__name__)
         if fn is None or method != "__call__":
-            spelled = f"np.{ufunc.__name__}" + ("" if method == "__call__" else f".{method}")
-            hint_name = {"reduce": "sum" if ufunc.__name__ == "add" else ufunc.__name__}.get(
-                method, ufunc.__name__)
-            raise unsupported_error(spelled, hint_name, _supported_names())
+            if method == "__call__":
+                raise unsupported_error(f"np.{ufunc.__name__}", ufunc.__name__,
+                                        _supported_names())
+            # np.add.reduce is np.sum, np.add.accumulate np.cumsum, ...: hint as those
+            equivalent = _UFUNC_METHODS.get((ufunc.__name__, method), "")
+            raise unsupported_error(f"np.{ufunc.__name__}.{method}", equivalent,
+                                    _supported_names() if equivalent else ())
         if kwargs.get("out") is not None:
             raise UnsupportedError(f"np.{ufunc.__name__}(..., out=...) writes in place, which "
                                    f"traced values do not support{_at()}; use the returned value")
@@ -167,6 +170,12 @@ class Tracer:
     def mm(self, o): return _ops().mm(self, o)
     def clip(self, lo=None, hi=None): return _ops().clip(self, lo, hi)
     def astype(self, dtype): return _ops().astype(self, dtype)
+
+
+_UFUNC_METHODS = {("add", "reduce"): "sum", ("maximum", "reduce"): "max",
+                  ("minimum", "reduce"): "min", ("multiply", "reduce"): "prod",
+                  ("add", "accumulate"): "cumsum", ("add", "outer"): "outer",
+                  ("multiply", "outer"): "outer"}
 
 
 def _at() -> str:
