@@ -699,7 +699,10 @@ def jit(fun=None):
 
 
 def jit_grad(fun=None, *, argnums=0, has_aux=False):
-    """The gradient of scalar-valued `fun` w.r.t. argument(s) `argnums`, compiled."""
+    """The gradient of scalar-valued `fun` w.r.t. argument(s) `argnums`, compiled.
+
+    On a method, argnums counts from the argument after `self` (see Jitted). A differentiated
+    argument the output cannot depend on gets zeros and a ZeroGradientWarning at trace time."""
     if fun is None:
         return lambda f: Jitted(f, "grad", argnums, has_aux)
     return Jitted(fun, "grad", argnums, has_aux)

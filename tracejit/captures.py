@@ -15,8 +15,14 @@ arrays it may have used came from (`discover`), and every call first checks (`Gu
 
 A failed check retraces (the caller logs why at INFO). Discovery looks at the traced function
 itself, every jitted function it inlines (they register themselves while the trace runs), and one
-level further: plain functions named by those (their own globals and cells). Arrays reached only
-through deeper helper chains are not guarded; what the guards cover is documented in the README.
+level further: plain functions named by those (their own globals and cells). Elements of dicts
+and lists are guarded when the trace used them as operands. Not guarded (frozen at the first
+trace, like any constant): arrays reached only through deeper helper chains, class attributes,
+and objects whose attributes cannot be read; data that changes between calls belongs in the
+arguments.
+
+Cost: nothing for a function without captured arrays; per captured array, one identity test and,
+up to SMALL_BYTES, one `tobytes()` comparison per call (~0.1-0.2 us for a small array).
 """
 from __future__ import annotations
 
