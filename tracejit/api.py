@@ -330,7 +330,8 @@ class Jitted:
                     why = entry.guards.why(instance)
                     self._stale += 1
                     # the fast path may hold the stale code under this key
-                    for k in [k for k, v in self._fast.items() if v[0] is entry.guards]:
+                    for k in [k for k, run in self._fast.items()
+                              if getattr(run, "guards", None) is entry.guards]:
                         del self._fast[k]
                     entry = None
                 if entry is None:
@@ -387,13 +388,17 @@ class Jitted:
     # --------------------------------------------------------------------------------- calling
     def __call__(self, *args, **kwargs):
         if not kwargs and config.backend != "interpreter":
-            # fast path: positional plain arrays seen before with these shapes and dtypes, and
-            # captured arrays as they were at that trace (guards: see captures.Guards.ok)
+            # fast path: positional plain arrays seen before with these shapes and dtypes; the
+            # runner of a function with captured arrays checks them first (captures.Guards.ok)
+            # and raises _StaleCapture to send the call down the slow path, which retraces
             key = tuple([(a.shape, a.dtype) for a in args if type(a) is np.ndarray])
             if len(key) == len(args):
-                hit = self._fast.get(key)
-                if hit is not None and (hit[0] is None or hit[0].ok(None)):
-                    return hit[1](args)
+                run = self._fast.get(key)
+                if run is not None:
+                    try:
+                        return run(args)
+                    except _StaleCapture:
+                        pass
         if self.kind != "jit":
             self._check_argnums(len(args))
         sig = _Signature(self.name, self.arg_names, args, kwargs)
@@ -422,8 +427,21 @@ class Jitted:
                 and all(type(a) is np.ndarray and a.dtype.isnative for a in args):
             native = entry.native()
             contiguous = _c_contiguous
-            self._fast[tuple((a.shape, a.dtype) for a in args)] = (entry.guards, lambda a: assemble(
-                native(tuple([x if x.flags.carray else contiguous(x) for x in a]))))
+            guards = entry.guards
+            if guards is None:
+                def run(a):
+                    return assemble(native(tuple([x if x.flags.carray else contiguous(x)
+                                                  for x in a])))
+            else:
+                ok = guards.ok
+
+                def run(a):
+                    if not ok(None):
+                        raise _StaleCapture
+                    return assemble(native(tuple([x if x.flags.carray else contiguous(x)
+                                                  for x in a])))
+                run.guards = guards
+            self._fast[tuple((a.shape, a.dtype) for a in args)] = run
         return result
 
     def _check_numeric_sequences(self, sig: _Signature):
@@ -520,6 +538,10 @@ class Jitted:
         if stage == "llvm":
             return native.llvm_ir_unoptimized
         return native.llvm_ir if stage == "llvm-opt" else native.asm
+
+
+class _StaleCapture(Exception):
+    """Raised by a fast-path runner whose captured arrays changed (see Jitted.__call__)."""
 
 
 class _BoundJitted:
