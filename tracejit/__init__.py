@@ -11,7 +11,9 @@ from . import nn  # noqa: F401
 from .api import jit, jit_grad, jit_value_and_grad  # noqa: F401
 from .checking import check_grads  # noqa: F401
 from .config import config, get_num_threads, set_num_threads  # noqa: F401
-from .errors import IRError, MissingRuleError, ShapeError, TracerError  # noqa: F401
+from .errors import (  # noqa: F401
+    CaptureWarning, IRError, MissingRuleError, ShapeError, TracejitWarning, TracerError,
+    UnsupportedError, ZeroGradientWarning)
 from .ops import (  # noqa: F401
     abs, add, clip, concatenate, cos, divide, dot, equal, exp, expand_dims, greater, greater_equal,
     less, less_equal, log, logical_and, logical_not, logical_or, logsumexp, matmul, max, maximum,

@@ -22,8 +22,9 @@ from ir.core import FLOAT_DTYPES, TensorType
 from ir.passes import optimize
 from ir.verify import verify
 
-from . import pytree
+from . import captures, pytree
 from .config import config
+from .errors import ZeroGradientWarning, warn
 from .tracer import Tracer, to_value, wrap
 
 log = logging.getLogger("tracejit")
@@ -140,6 +141,7 @@ class _Compiled:
         self.n_value_outputs = n_value_outputs
         self._native = None
         self._lock = threading.Lock()
+        self.guards = None  # captures.Guards of the trace, None when it captured no arrays
 
     def native(self):
         """Native code of the optimized function, compiled on first use (once, even when two
@@ -161,7 +163,22 @@ class _Compiled:
 
 
 class Jitted:
-    def __init__(self, fun, kind: str, argnums=0, has_aux=False):
+    """A compiled transformation of `fun` (see jit, jit_grad, jit_value_and_grad).
+
+    Methods: decorating a method (`def loss(self, w, x)` in a class) works through the descriptor
+    protocol: `m.loss` is bound to `m`, and `self` is a static argument: its hash and == are part
+    of the compile key (so it must be hashable; a class defining __eq__ without __hash__ is not),
+    and arrays read from its attributes are captured constants, guarded like other captures.
+    argnums counts from the first argument after `self`, as for a bound method: argnums=0 is `w`.
+
+    Captured arrays (numpy arrays the function reads from globals, closure cells or attributes
+    rather than from its arguments) are constants of the compiled code; every call checks that
+    they were neither rebound nor, up to captures.SMALL_BYTES bytes, changed in place, and traces
+    again if they were (see tracejit/captures.py). Larger captured arrays warn at trace time
+    (CaptureWarning): pass data that changes between calls as arguments.
+    """
+
+    def __init__(self, fun, kind: str, argnums=0, has_aux=False, method=False):
         if not callable(fun):
             raise TypeError(f"{kind} expects a function, got {type(fun).__name__}")
         functools.update_wrapper(self, fun)
@@ -185,13 +202,32 @@ class Jitted:
         self._fast: dict = {}   # (shape, dtype) per positional array -> runner (native backend)
         self._lock = threading.Lock()
         self._warned_retracing = False
+        self._stale = 0  # retraces because a captured array changed
+        # A method's twin: `fun` takes `self` first, passed as a static argument (see __get__);
+        # argnums (as the user wrote them) count from the argument after it.
+        self._method = method
+        self._method_twin = None
+        if method:
+            self.argnums = tuple(a + 1 if a >= 0 else a for a in self.argnums)
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        twin = self._method_twin
+        if twin is None:
+            user_argnums = self.argnums[0] if self.single else self.argnums
+            twin = self._method_twin = Jitted(self.fun, self.kind, user_argnums, self.has_aux,
+                                              method=True)
+        return _BoundJitted(twin, instance)
 
     # --------------------------------------------------------------------------------- tracing
     def _check_argnums(self, n_args):
+        shift = 1 if self._method else 0
         for a in self.argnums:
-            if not -n_args <= a < n_args:
-                raise ValueError(f"{self.name}: argnums {a} is out of range for {n_args} positional "
-                                 f"arguments")
+            if not -n_args <= a < n_args or (shift and a % n_args == 0):
+                raise ValueError(f"{self.name}: argnums {a - shift if a >= 0 else a} is out of "
+                                 f"range for {n_args - shift} positional arguments"
+                                 f"{' after self' if shift else ''}")
 
     def _wrt(self, sig: _Signature):
         ranges = sig.leaf_ranges()
@@ -201,6 +237,7 @@ class Jitted:
             d = sig.treedef[a % sig.n_args]
             if pytree.count(d) == 0 or _has_static(d):
                 name = self.arg_names[a] if a < len(self.arg_names) else f"args[{a}]"
+                a = a - 1 if self._method and a > 0 else a
                 raise TypeError(f"{self.name}: argument {name} is differentiated (argnums={a}) but "
                                 f"holds no arrays or also holds static values "
                                 f"({pytree.describe(d)}); pass float arrays there")
@@ -213,6 +250,7 @@ class Jitted:
         for (path, hint, _), t in zip(sig.leaves, sig.types):
             tracers.append(Tracer(builder.add_param(t, hint), builder))
         args, kwargs = sig.rebuild(tracers)
+        captures.note_function(self.fun, args[0] if self._method else None)
         out = self.fun(*args, **kwargs)
         if self.kind == "jit":
             leaves, treedef = pytree.flatten(out, "output", "out")
@@ -244,8 +282,9 @@ class Jitted:
     def _compile(self, sig: _Signature) -> _Compiled:
         t0 = time.perf_counter()
         b = Builder(self.name)
-        with building(b):
+        with captures.recording() as rec, building(b):
             outs, out_def, n_value = self._trace(sig, b)
+            guards = captures.discover(rec, self.name)
         if b.captured:
             raise TypeError(f"{self.name}: the function uses a traced value from a trace that has "
                             f"ended (a leaked tracer); pass it as an argument instead")
@@ -253,31 +292,64 @@ class Jitted:
         t1 = time.perf_counter()
         fwd = verify(fwd)
         if self.kind == "jit":
-            return _Compiled(fwd, fwd, out_def, n_value,
-                             {"trace": t1 - t0, "passes": time.perf_counter() - t1})
-        grad = verify(grad_function(fwd, self._wrt(sig), name=f"{self.name}.grad"))
-        return _Compiled(fwd, grad, out_def, n_value,
-                         {"trace": t1 - t0, "passes": time.perf_counter() - t1})
+            entry = _Compiled(fwd, fwd, out_def, n_value,
+                              {"trace": t1 - t0, "passes": time.perf_counter() - t1})
+        else:
+            wrt = self._wrt(sig)
+            self._warn_zero_gradients(sig, fwd, wrt)
+            grad = verify(grad_function(fwd, wrt, name=f"{self.name}.grad"))
+            entry = _Compiled(fwd, grad, out_def, n_value,
+                              {"trace": t1 - t0, "passes": time.perf_counter() - t1})
+        entry.guards = guards or None
+        return entry
 
-    def _lookup(self, sig: _Signature) -> _Compiled:
+    def _warn_zero_gradients(self, sig, fwd, wrt):
+        """Warn (ZeroGradientWarning) for each differentiated array the loss cannot depend on
+        through float-valued data flow: no path in the IR from the parameter to the loss, or only
+        through comparisons and other bool values. Its gradient is then zero everywhere: correct,
+        but almost always a mistake in the function or in argnums (JAX errs or warns alike)."""
+        needed = {id(fwd.outputs[0])}
+        for ins in reversed(fwd.instrs):
+            if id(ins.out) in needed and ins.out.dtype in FLOAT_DTYPES:
+                needed.update(id(v) for v in ins.inputs)
+        paths = list(sig.array_paths(self.arg_names))
+        dead = [paths[i] for i in wrt if id(fwd.params[i]) not in needed]
+        if dead:
+            its = "its gradient is" if len(dead) == 1 else "their gradients are"
+            warn(f"{self.name}: the output does not depend (differentiably) on {', '.join(dead)}, "
+                 f"so {its} zero everywhere; check the function and argnums", ZeroGradientWarning)
+
+    def _lookup(self, sig: _Signature, instance=None) -> _Compiled:
         entry = self._cache.get(sig.key)
-        if entry is None:
+        if entry is None or (entry.guards is not None and not entry.guards.ok(instance)):
             with self._lock:
                 entry = self._cache.get(sig.key)
+                why = None
+                if entry is not None and entry.guards is not None \
+                        and not entry.guards.ok(instance):
+                    why = entry.guards.why(instance)
+                    self._stale += 1
+                    # the fast path may hold the stale code under this key
+                    for k in [k for k, run in self._fast.items()
+                              if getattr(run, "guards", None) is entry.guards]:
+                        del self._fast[k]
+                    entry = None
                 if entry is None:
-                    why = self._explain_retrace(sig.key) if self._cache else None
+                    if why is None and self._cache:
+                        why = self._explain_retrace(sig.key)
                     if why is not None:
                         log.info("%s: retracing because %s", self.name, why)
                     entry = self._compile(sig)
                     self._cache[sig.key] = entry
-                    n = len(self._cache)
+                    n = len(self._cache) + self._stale
                     if n > config.retrace_warning and not self._warned_retracing:
                         self._warned_retracing = True
                         log.warning(
                             "%s has been traced for %d different signatures (the latest because "
                             "%s); every new signature traces and compiles again. Keep shapes, "
                             "dtypes, containers and static arguments fixed (pad batches to one "
-                            "size; pass changing numbers as arrays).", self.name, n, why)
+                            "size; pass changing numbers as arrays, and data that changes between "
+                            "calls as arguments rather than captured arrays).", self.name, n, why)
         return entry
 
     def _explain_retrace(self, key) -> str:
@@ -316,15 +388,17 @@ class Jitted:
     # --------------------------------------------------------------------------------- calling
     def __call__(self, *args, **kwargs):
         if not kwargs and config.backend != "interpreter":
-            # fast path: positional plain arrays seen before with these shapes and dtypes
-            try:
-                key = tuple([(a.shape, a.dtype) for a in args if type(a) is np.ndarray])
-            except AttributeError:  # pragma: no cover
-                key = None
-            if key is not None and len(key) == len(args):
+            # fast path: positional plain arrays seen before with these shapes and dtypes; the
+            # runner of a function with captured arrays checks them first (captures.Guards.ok)
+            # and raises _StaleCapture to send the call down the slow path, which retraces
+            key = tuple([(a.shape, a.dtype) for a in args if type(a) is np.ndarray])
+            if len(key) == len(args):
                 run = self._fast.get(key)
                 if run is not None:
-                    return run(args)
+                    try:
+                        return run(args)
+                    except _StaleCapture:
+                        pass
         if self.kind != "jit":
             self._check_argnums(len(args))
         sig = _Signature(self.name, self.arg_names, args, kwargs)
@@ -336,7 +410,7 @@ class Jitted:
             _check_tracers_alive(self.name, sig)
             return self._inline(sig, args, kwargs)
         try:
-            entry = self._lookup(sig)
+            entry = self._lookup(sig, args[0] if self._method else None)
         except Exception as e:
             if self.kind != "jit":
                 try:  # a differentiated argument without arrays is the better explanation
@@ -353,8 +427,21 @@ class Jitted:
                 and all(type(a) is np.ndarray and a.dtype.isnative for a in args):
             native = entry.native()
             contiguous = _c_contiguous
-            self._fast[tuple((a.shape, a.dtype) for a in args)] = lambda a: assemble(native(
-                tuple([x if x.flags.carray else contiguous(x) for x in a])))
+            guards = entry.guards
+            if guards is None:
+                def run(a):
+                    return assemble(native(tuple([x if x.flags.carray else contiguous(x)
+                                                  for x in a])))
+            else:
+                ok = guards.ok
+
+                def run(a):
+                    if not ok(None):
+                        raise _StaleCapture
+                    return assemble(native(tuple([x if x.flags.carray else contiguous(x)
+                                                  for x in a])))
+                run.guards = guards
+            self._fast[tuple((a.shape, a.dtype) for a in args)] = run
         return result
 
     def _check_numeric_sequences(self, sig: _Signature):
@@ -416,13 +503,16 @@ class Jitted:
     def _inline(self, sig, args, kwargs):
         """Called on tracers inside another trace: inline this function into that trace."""
         if self.kind == "jit":
+            captures.note_function(self.fun, args[0] if self._method else None)
             return self.fun(*args, **kwargs)
         sub = Builder(self.name)
         with building(sub):
             outs, out_def, n_value = self._trace(sig, sub)
         fwd = sub.finish(outs)
         captured = list(sub.captured.values())
-        grad = grad_function(fwd, self._wrt(sig))
+        wrt = self._wrt(sig)
+        self._warn_zero_gradients(sig, fwd, wrt)
+        grad = grad_function(fwd, wrt)
         inputs = [to_value(x) for _, _, x in sig.leaves] + [to_value(t) for t, _ in captured]
         results = [wrap(v) for v in inline(grad, inputs)]
         return self._assembler(sig, out_def, n_value)(results)
@@ -436,7 +526,7 @@ class Jitted:
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
         sig = _Signature(self.name, self.arg_names, args, kwargs)
-        entry = self._lookup(sig)
+        entry = self._lookup(sig, args[0] if self._method else None)
         if stage == "forward":
             return str(entry.forward)
         if stage == "grad":
@@ -448,6 +538,49 @@ class Jitted:
         if stage == "llvm":
             return native.llvm_ir_unoptimized
         return native.llvm_ir if stage == "llvm-opt" else native.asm
+
+
+class _StaleCapture(Exception):
+    """Raised by a fast-path runner whose captured arrays changed (see Jitted.__call__)."""
+
+
+class _BoundJitted:
+    """A decorated method bound to an instance (`m.loss`): calls and `.ir` pass the instance as
+    the static first argument of the method's twin Jitted (see Jitted's docstring)."""
+
+    def __init__(self, twin: Jitted, instance):
+        self._twin = twin
+        self.__self__ = instance
+        self.__func__ = twin.fun
+        self.__name__ = twin.name
+        self.__doc__ = twin.fun.__doc__
+
+    def _check_instance(self):
+        try:
+            hash(self.__self__)
+        except TypeError:
+            cls = type(self.__self__).__name__
+            raise TypeError(
+                f"{self._twin.name}: a decorated method takes `self` as a static argument, whose "
+                f"hash and == are part of the compile key, but {cls} instances are not hashable "
+                f"(a class defining __eq__ without __hash__ is not); give {cls} a __hash__ (or "
+                f"drop its __eq__), or decorate a function that takes the model's arrays as an "
+                f"argument, e.g. loss(params, x) called as loss(model.params, x)") from None
+
+    def __call__(self, *args, **kwargs):
+        self._check_instance()
+        return self._twin(self.__self__, *args, **kwargs)
+
+    def ir(self, *args, **kwargs) -> str:
+        """Jitted.ir for this instance."""
+        self._check_instance()
+        return self._twin.ir(self.__self__, *args, **kwargs)
+
+    def compile_stats(self) -> dict:
+        return self._twin.compile_stats()
+
+    def __repr__(self):
+        return f"<bound {self._twin.kind_name} method {self._twin.name} of {self.__self__!r}>"
 
 
 def _disk_cache():
@@ -588,7 +721,10 @@ def jit(fun=None):
 
 
 def jit_grad(fun=None, *, argnums=0, has_aux=False):
-    """The gradient of scalar-valued `fun` w.r.t. argument(s) `argnums`, compiled."""
+    """The gradient of scalar-valued `fun` w.r.t. argument(s) `argnums`, compiled.
+
+    On a method, argnums counts from the argument after `self` (see Jitted). A differentiated
+    argument the output cannot depend on gets zeros and a ZeroGradientWarning at trace time."""
     if fun is None:
         return lambda f: Jitted(f, "grad", argnums, has_aux)
     return Jitted(fun, "grad", argnums, has_aux)

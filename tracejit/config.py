@@ -8,6 +8,13 @@
   $XDG_CACHE_HOME/tracejit, else ~/.cache/tracejit (read at each compile).
 - `retrace_warning`: log a warning when one function has been traced for more signatures than
   this (each new signature traces and compiles again).
+
+Environment variables read by code generation (at first use, so set them before the first call):
+TRACEJIT_NUM_THREADS (threads per call; default: the CPUs this process may run on),
+TRACEJIT_NO_OPENMP (run every kernel on the calling thread; get_num_threads() then reports 1),
+TRACEJIT_COMPILE_PROCESSES (processes compiling one function's kernels),
+TRACEJIT_NO_EPILOGUES (no fused epilogues, for debugging), TRACEJIT_CACHE_MAX_MB (size bound of the
+persistent compile cache).
 """
 import os
 
@@ -41,7 +48,11 @@ def set_num_threads(n: int | None) -> None:
 
 
 def get_num_threads() -> int:
-    """The threads a call may use now (the cap set by set_num_threads, else the default)."""
+    """The threads a call may use now: 1 when OpenMP is off (TRACEJIT_NO_OPENMP) or libgomp is
+    missing, since every kernel then runs on the calling thread; else the cap set by
+    set_num_threads, else the default."""
     from codegen import parallel
+    if not parallel.gomp_available():
+        return 1
     default = parallel.default_threads()
     return default if parallel.thread_limit is None else min(default, parallel.thread_limit)

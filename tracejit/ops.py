@@ -27,12 +27,17 @@ from ir.builder import Builder, api_scope, building
 from ir.core import ShapeError, Value
 from ir.interpreter import interpret
 
+from . import captures
 from .tracer import Tracer, to_value, wrap
 
 
 # ------------------------------------------------------------------------------------------------
 # op decorator: API-name scope inside a trace, eager evaluation outside
 # ------------------------------------------------------------------------------------------------
+# Errors an op raises about its operands (ShapeError is a ValueError); they get the user's line.
+_LOCATED = (TypeError, ValueError, IndexError, NotImplementedError)
+
+
 def op(name: str):
     def deco(fn):
         @functools.wraps(fn)
@@ -40,20 +45,24 @@ def op(name: str):
             try:
                 if irb.current() is None:
                     return _eager(fn, name, args, kwargs)
+                captures.note_operands(args, kwargs)
                 with api_scope(name):
                     return fn(*args, **kwargs)
-            except ShapeError as e:
-                raise _located(e) from None
+            except _LOCATED as e:
+                raise _located(e)
         return wrapper
     return deco
 
 
-def _located(e: ShapeError) -> ShapeError:
-    """`e` with the user's file:line appended, unless an inner op or the builder added it."""
+def _located(e: Exception) -> Exception:
+    """`e` itself (same type, same traceback) with the user's file:line appended to its message,
+    unless an inner op, the builder or a concretization error already named a line."""
     loc = irb.user_location()
-    if " (at " in str(e) or loc is None:
+    msg = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else None
+    if msg is None or loc is None or " (at " in msg or f" at {loc}" in msg:
         return e
-    return ShapeError(f"{e} (at {loc})")
+    e.args = (f"{msg} (at {loc})",)
+    return e
 
 
 def _eager(fn, name, args, kwargs):

@@ -7,7 +7,8 @@ import numpy as np
 from ir import builder as irb
 from ir.core import Value
 
-from .errors import concretization_error
+from . import captures
+from .errors import UnsupportedError, concretization_error, unsupported_error
 
 
 class Tracer:
@@ -78,8 +79,17 @@ class Tracer:
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         from . import ops
         fn = ops.UFUNCS.get(ufunc.__name__)
-        if method != "__call__" or fn is None or kwargs.get("out") is not None:
-            return NotImplemented
+        if fn is None or method != "__call__":
+            if method == "__call__":
+                raise unsupported_error(f"np.{ufunc.__name__}", ufunc.__name__,
+                                        _supported_names())
+            # np.add.reduce is np.sum, np.add.accumulate np.cumsum, ...: hint as those
+            equivalent = _UFUNC_METHODS.get((ufunc.__name__, method), "")
+            raise unsupported_error(f"np.{ufunc.__name__}.{method}", equivalent,
+                                    _supported_names() if equivalent else ())
+        if kwargs.get("out") is not None:
+            raise UnsupportedError(f"np.{ufunc.__name__}(..., out=...) writes in place, which "
+                                   f"traced values do not support{_at()}; use the returned value")
         kwargs.pop("out", None)
         return fn(*inputs, **kwargs)
 
@@ -87,8 +97,15 @@ class Tracer:
         from . import ops
         fn = ops.ARRAY_FUNCTIONS.get(func.__name__)
         if fn is None:
-            return NotImplemented
+            raise unsupported_error(f"np.{func.__name__}", func.__name__, _supported_names())
         return fn(*args, **kwargs)
+
+    def __setitem__(self, idx, v):
+        raise UnsupportedError(
+            f"item assignment (y[...] = v) on a traced value{_at()}: traced values cannot be "
+            f"modified in place; build the result functionally: tracejit.where(mask, v, y) with a "
+            f"numpy boolean mask (e.g. mask = np.arange(n) == 0) replaces elements, and "
+            f"tracejit.concatenate/tracejit.stack assemble an array from pieces")
 
     # ----------------------------------------------------------------------------- operators
     def __add__(self, o): return _ops().add(self, o)
@@ -155,6 +172,26 @@ class Tracer:
     def astype(self, dtype): return _ops().astype(self, dtype)
 
 
+_UFUNC_METHODS = {("add", "reduce"): "sum", ("maximum", "reduce"): "max",
+                  ("minimum", "reduce"): "min", ("multiply", "reduce"): "prod",
+                  ("add", "accumulate"): "cumsum", ("add", "outer"): "outer",
+                  ("multiply", "outer"): "outer"}
+
+
+def _at() -> str:
+    loc = irb.user_location(2)
+    return f" at {loc}" if loc else ""
+
+
+def _supported_names():
+    """Names of what tracejit implements: its public functions and the numpy functions and ufuncs
+    it accepts on traced values."""
+    import tracejit
+    from . import ops
+    return [n for n in dir(tracejit) if not n.startswith("_")] + list(ops.UFUNCS) + \
+        list(ops.ARRAY_FUNCTIONS)
+
+
 def _ops():
     from . import ops
     return ops
@@ -175,6 +212,7 @@ def to_value(x, like: Value | None = None) -> Value:
             return x.value
         return capture(b, x)
     from ir import lax
+    captures.note_constant(x)
     arr = np.asarray(x)
     if arr.dtype.kind not in "fiub":
         raise TypeError(f"cannot use a {type(x).__name__} ({arr.dtype}) as an array operand")
