@@ -7,4 +7,5 @@ from .core import (Function, Instr, IRError, MissingRuleError, Primitive, ShapeE
 from .interpreter import interpret  # noqa: F401
 from .verify import verify  # noqa: F401
 from .adjoint import grad_function  # noqa: F401
+from .jvp import jvp_function  # noqa: F401
 from .passes import optimize  # noqa: F401
