@@ -19,6 +19,7 @@ from .ops import (  # noqa: F401
     sin, sqrt, square, squeeze, stack, std, stop_gradient, subtract, sum, swapaxes, tanh, transpose,
     var, where)
 from .tracer import Tracer  # noqa: F401
+from .transforms import hessian, jacfwd, jacrev, jit_jvp  # noqa: F401
 
 __version__ = "0.1.0"
 
