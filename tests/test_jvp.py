@@ -155,7 +155,7 @@ def test_jvp_pytrees_and_static_leaves(backend):
 
 
 @pytest.mark.parametrize("tangents, message", [
-    ((np.ones((2, 3)),), "1 primals but 2 tangents"),
+    ((np.ones((2, 3)),), "2 primals but 1 tangents"),
     ((np.ones((3, 2)), np.ones(3)), r"argument x must have its primal's type f64\[2,3\], got "
                                     r"float64\[3, 2\]"),
     ((np.ones((2, 3), np.float32), np.ones(3)), r"argument x must have its primal's type f64"),
