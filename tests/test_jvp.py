@@ -101,7 +101,7 @@ def notes_example(a, b):
 
 
 def test_notes_example_forward_from_b(backend):
-    """e = (a + b)(b + 1) at a=2, b=1: forward mode from b gives de/db = 5 with c.tan = d.tan = 1."""
+    """e = (a + b)(b + 1) at a=2, b=1: forward mode from b gives de/db = 5, c.tan = d.tan = 1."""
     f = tj.jit_jvp(notes_example)
     primals = (np.array(2.0), np.array(1.0))
     tangents = (np.array(0.0), np.array(1.0))

@@ -70,7 +70,7 @@ def to_dot(fn: Function, kernels=None) -> str:
         if ins.loc:
             label += f"\n{ins.loc}"
         node_lines[id(ins)] = f"{node} [label={_quote(label)}, {STYLES[role(ins)]}];"
-        for i, v in enumerate(ins.inputs):
+        for v in ins.inputs:
             if id(v) in ids:
                 edges.append(f"  {ids[id(v)]} -> {node};")
     clustered = set()

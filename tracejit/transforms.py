@@ -135,7 +135,8 @@ class JvpJitted(_Transformed):
                 raise TypeError(f"{self.name}: tangent {e}") from None
             if _shape_only(d) != _shape_only(sig.treedef[i]):
                 raise TypeError(f"{self.name}: the tangent of argument {name} has the structure "
-                                f"{pytree.describe(d)}, its primal {pytree.describe(sig.treedef[i])}")
+                                f"{pytree.describe(d)}, its primal "
+                                f"{pytree.describe(sig.treedef[i])}")
             leaves.extend(lv)
         for (path, _, t), ty in zip(leaves, sig.types):
             if isinstance(t, Tracer):
@@ -197,7 +198,8 @@ class JacobianJitted(_Transformed):
         b = Builder(f"{self.name}.{self.stage}")
         params = [b.add_param(p.type, p.hint) for p in fwd.params]
         with building(b):
-            blocks = (_jacfwd_blocks if self.stage == "jacfwd" else _jacrev_blocks)(fwd, wrt, params)
+            blocks_of = _jacfwd_blocks if self.stage == "jacfwd" else _jacrev_blocks
+            blocks = blocks_of(fwd, wrt, params)
         return b.finish(blocks)
 
     def __call__(self, *args, **kwargs):
@@ -206,7 +208,7 @@ class JacobianJitted(_Transformed):
         results, out_def, n = self._run(sig)
         ranges = sig.leaf_ranges()
         per_arg = [(sig.treedef[a % sig.n_args], len(ranges[a % sig.n_args])) for a in self.argnums]
-        blocks, pos, out_leaves = iter(results), 0, []
+        blocks, out_leaves = iter(results), []
         for _ in range(n):
             parts = [pytree.unflatten(d, [next(blocks) for _ in range(k)]) for d, k in per_arg]
             out_leaves.append(parts[0] if self.single else tuple(parts))
