@@ -254,6 +254,33 @@ def test_jacobian_argnums_tuple_and_pytree_outputs(backend):
         np.testing.assert_allclose(j["s"][1], np.zeros(3))
 
 
+@pytest.mark.parametrize("mode", ["jacfwd", "jacrev"])
+def test_jacobian_is_one_batched_pass(mode):
+    """The transformed IR does not grow with the number of directions: jacfwd pushes all input
+    directions, jacrev pulls all output cotangents, through one batched pass."""
+    def counts(n):
+        w = np.ones((3, n))
+        jac = getattr(tj, mode)(lambda x, w: tj.tanh(x @ w) @ w.T)
+        dump = jac.ir(np.ones((n, 3)), w)
+        return dump.count(" = "), dump.count("= matmul")
+    assert counts(2) == counts(7)
+
+
+def test_jacobian_of_mixed_dtype_outputs(backend):
+    """jacrev sums <f(x), u> over the outputs: an f32 and an f64 output are summed in f64. As in
+    JAX, a forward-mode block has the output's dtype, a reverse-mode block the input's."""
+    def f(x):
+        return x * 2.0, (x.astype(np.float32) ** 2).sum()
+    x = np.arange(3.0)
+    with use_backend(backend):
+        jr = tj.jacrev(f)(x)
+        jf = tj.jacfwd(f)(x)
+    assert jf[1].dtype == np.float32 and jr[1].dtype == np.float64
+    for j in (jr, jf):
+        np.testing.assert_allclose(j[0], 2 * np.eye(3))
+        np.testing.assert_allclose(j[1], 2 * x)
+
+
 @pytest.mark.parametrize("backend_name", ["interpreter", "llvm"])
 def test_hessian_of_mlp_loss(backend_name):
     rng = rng_for("hessian")

@@ -253,32 +253,42 @@ def _jacfwd_blocks(fwd, wrt, params):
 
 
 def _jacrev_blocks(fwd, wrt, params):
-    """Row k of the Jacobian is the gradient of output element k. First version: one adjoint pass
-    per output element, all unrolled into this one function (CSE shares their forward parts);
-    a batched adjoint pass would pull all rows through one pass."""
-    blocks = []
-    for oi, o in enumerate(fwd.outputs):
-        rows = [[] for _ in wrt]
-        for k in range(o.type.size):
-            grads = inline(_element_gradient(fwd, oi, k, wrt), params)[1:]
-            for r, g in zip(rows, grads):
-                r.append(lax.reshape(g, (1,) + g.shape))
-        for r, i in zip(rows, wrt):
-            stacked = lax.concatenate(r, 0)
-            shape = fwd.params[i].shape
-            blocks.append(lax.reshape(stacked, o.shape + shape))
-    return blocks
-
-
-def _element_gradient(fwd, out_index, k, wrt):
-    """The gradient function of element k of output `out_index` of `fwd`."""
-    b = Builder(f"{fwd.name}.row{k}")
-    params = [b.add_param(p.type, p.hint) for p in fwd.params]
+    """All rows of the Jacobian in one batched reverse pass. The gradient of L(x, u) = <f(x), u>
+    is J(x)^T u, linear in the cotangent u; its tangent along u = e_k is row k. So the adjoint
+    function, built once with u as a parameter, is pushed through one batched tangent pass along
+    all basis cotangents: every adjoint instruction runs once on a [n_out] batch of cotangents,
+    and the primal part of that pass (the adjoint at u = 0) is dead code."""
+    b = Builder(f"{fwd.name}.vjp")
+    xs = [b.add_param(p.type, p.hint) for p in fwd.params]
+    us = [b.add_param(o.type, f"ct{k}") for k, o in enumerate(fwd.outputs)]
     with building(b):
-        y = inline(fwd, params)[out_index]
-        flat = lax.reshape(y, (y.type.size,))
-        elem = lax.reshape(lax.slice_(flat, (k,), (k + 1,)), ())
-    return grad_function(b.finish([elem]), wrt)
+        ys = inline(fwd, xs)
+        terms = [lax.reduce_sum(lax.mul(y, u)) for y, u in zip(ys, us)]
+        if len({t.dtype for t in terms}) > 1:  # f32 and f64 outputs: sum in f64
+            terms = [lax.convert(t, "f64") for t in terms]
+        loss = terms[0]
+        for t in terms[1:]:
+            loss = lax.add(loss, t)
+    vjp = grad_function(b.finish([loss]), wrt)
+    n_out = sum(o.type.size for o in fwd.outputs)
+    u_params = range(len(xs), len(xs) + len(us))
+    pulled = jvp_function(vjp, u_params, batch=n_out)
+    basis, offsets, offset = [], [], 0
+    for o in fwd.outputs:
+        eye = np.eye(n_out, o.type.size, k=-offset, dtype=o.type.np_dtype)
+        basis.append(lax.reshape(lax.literal(eye), (n_out,) + o.shape))
+        offsets.append(offset)
+        offset += o.type.size
+    zeros = [lax.zeros(o.shape, o.dtype) for o in fwd.outputs]
+    outs = inline(pulled, list(params) + zeros + basis)
+    rows = outs[len(vjp.outputs) + 1:]  # the tangents of the gradients, [n_out] + input shape
+    blocks = []
+    for o, off in zip(fwd.outputs, offsets):
+        for i, r in zip(wrt, rows):
+            shape = fwd.params[i].shape
+            part = lax.slice_(r, (off,) + (0,) * len(shape), (off + o.type.size,) + shape)
+            blocks.append(lax.reshape(part, o.shape + shape))
+    return blocks
 
 
 def jacfwd(fun, argnums=0):
@@ -288,9 +298,8 @@ def jacfwd(fun, argnums=0):
 
 
 def jacrev(fun, argnums=0):
-    """The Jacobian of `fun` w.r.t. argument(s) `argnums` by reverse mode (jax.jacrev), compiled
-    into one function. First version: one adjoint pass per output element, unrolled in that
-    function (fine for few outputs, such as a gradient's Hessian via `hessian`)."""
+    """The Jacobian of `fun` w.r.t. argument(s) `argnums` by reverse mode (jax.jacrev): all basis
+    cotangents pulled back through one batched adjoint pass, compiled into one function."""
     return JacobianJitted(fun, "jacrev", argnums)
 
 
