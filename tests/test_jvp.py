@@ -77,6 +77,14 @@ def test_batched_tangent_rule(case, backend):
     assert_close(got, jv, (1e-10, 1e-12), f"{case.id}: batched tangents")
 
 
+@pytest.mark.parametrize("case", [c for c in NATIVE_CASES if c.second_order and c.op in (
+    "matmul", "nn.conv2d", "nn.max_pool2d", "nn.avg_pool2d")], ids=optable.case_id)
+def test_jvp_of_grad_is_hvp_native(case):
+    """The loop-nest kernels' backward ops (conv2d_input_grad, max_pool2d_grad, ...) under
+    forward mode, natively."""
+    test_jvp_of_grad_is_hvp(case, "llvm")
+
+
 @pytest.mark.parametrize("case", optable.SECOND_ORDER_CASES, ids=optable.case_id)
 def test_jvp_of_grad_is_hvp(case, backend):
     """jit_jvp of a jit_grad is a Hessian-vector product: it runs the tangent rules of every
@@ -88,6 +96,20 @@ def test_jvp_of_grad_is_hvp(case, backend):
         expected = fns["hvp"](*xs)
     for i, (a, e) in enumerate(zip(hv, expected)):
         assert_close(a, e, (1e-9, 1e-11), f"{case.id}: H r, input {i}")
+
+
+@pytest.mark.parametrize("case", optable.SECOND_ORDER_CASES, ids=optable.case_id)
+def test_third_order(case, backend):
+    """jit_jvp of a nested jit_grad (the Hessian-vector product): the tangent rules of the
+    adjoint-of-adjoint instructions, against central differences of that product."""
+    xs = case_inputs(case)
+    fns = case_functions(case)
+    ss = _tangents(case)
+    with use_backend(backend):
+        _, got = tj.jit_jvp(fns["hvp"])(tuple(xs), tuple(ss))
+        expected = numeric_jvp(lambda *a: fns["hvp"](*a), xs, ss)
+    for i, (a, e) in enumerate(zip(got, expected)):
+        assert_close(a, e, (1e-5, 1e-6), f"{case.id}: third derivative, input {i}")
 
 
 # ------------------------------------------------------------------------------------------------
