@@ -1,7 +1,6 @@
-"""tracejit's SSA IR: types and printer (core), builders, primitives with their shape, reference and
+"""tracejit's SSA IR: types and printer (core), builders, primitives with their shape, reference,
 adjoint and tangent rules (prims), the reference interpreter, the verifier, the adjoint and tangent
-transformations and the
-optimization passes. This package never imports tracejit or codegen."""
+transformations and the optimization passes. This package never imports tracejit or codegen."""
 from . import prims  # noqa: F401  (registers every primitive)
 from .core import (Function, Instr, IRError, MissingRuleError, Primitive, ShapeError,  # noqa: F401
                    TensorType, Value, print_function, primitives)
