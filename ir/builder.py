@@ -41,6 +41,8 @@ class Builder:
         self.instrs: list[Instr] = []
         # While an adjoint rule runs: the forward instruction it differentiates.
         self.adj_of: Instr | None = None
+        # While a tangent (JVP) rule runs: the primal instruction it differentiates.
+        self.tan_of: Instr | None = None
         # While an op function of the user-facing API runs: its name, for dumps.
         self.api: str | None = None
         # Set while re-emitting existing instructions (inlining, passes): provenance to keep.
@@ -59,6 +61,8 @@ class Builder:
         loc = self.loc_override
         if loc is None and self.adj_of is not None:
             loc = self.adj_of.loc
+        if loc is None and self.tan_of is not None:
+            loc = self.tan_of.loc
         if loc is None:
             loc = user_location(2)
         try:
@@ -70,7 +74,7 @@ class Builder:
                 msg = f"{name}: {msg}"
             raise ShapeError(f"{msg}{where}") from None
         ins = Instr(prim, inputs, params, out_type, loc=loc, api=self.api or prim.name,
-                    adj_of=self.adj_of)
+                    adj_of=self.adj_of, tan_of=self.tan_of)
         self.instrs.append(ins)
         return ins.out
 
@@ -78,7 +82,8 @@ class Builder:
         """Copy `ins` with new inputs, keeping its provenance (inlining, rewriting passes)."""
         out_type = shape_rules[ins.prim](*[v.type for v in inputs], **ins.params)
         new = Instr(ins.prim, inputs, ins.params, out_type, loc=ins.loc, api=ins.api,
-                    adj_of=self.adj_of if self.adj_of is not None else ins.adj_of)
+                    adj_of=self.adj_of if self.adj_of is not None else ins.adj_of,
+                    tan_of=self.tan_of if self.tan_of is not None else ins.tan_of)
         self.instrs.append(new)
         return new.out
 
@@ -126,6 +131,16 @@ def adjoint_scope(builder: Builder, fwd: Instr):
         yield
     finally:
         builder.adj_of, builder.api = prev
+
+
+@contextlib.contextmanager
+def tangent_scope(builder: Builder, primal: Instr):
+    prev = builder.tan_of, builder.api
+    builder.tan_of, builder.api = primal, None
+    try:
+        yield
+    finally:
+        builder.tan_of, builder.api = prev
 
 
 def emit(prim, *inputs, **params) -> Value:

@@ -18,8 +18,9 @@ Textual grammar (what `print_function` emits; `#` starts a comment that carries 
                  | NAME "=" LITERAL          # ints, floats, tuples
     type       ::= DTYPE "[" [INT ("," INT)*] "]"      # f32[64,784]; f32[] is a scalar
     DTYPE      ::= "f32" | "f64" | "i32" | "bool"
-    VALUE      ::= "%" NAME                  # %0, %x, %params.w1, %3.adj (the cotangent of %3)
-    comment    ::= "#" [API] ["adj of" VALUE] FILE ":" LINE
+    VALUE      ::= "%" NAME                  # %0, %x, %params.w1, %3.adj (the cotangent of %3),
+                                             # %3.tan (the tangent of %3)
+    comment    ::= "#" ["adj of" VALUE | "tan of" VALUE] [API] FILE ":" LINE
 
 Semantics that the code generator relies on:
 - Elementwise instructions take operands of exactly the result shape, or rank-0 scalars. Every other
@@ -96,14 +97,16 @@ class TensorType:
 
 class Value:
     """An SSA value. `instr` is its defining instruction (None for parameters); `hint` a preferred
-    printed name; `ct_of` the forward value whose cotangent this is (printed as `%name.adj`)."""
-    __slots__ = ("type", "instr", "hint", "ct_of", "__weakref__")
+    printed name; `ct_of` the forward value whose cotangent this is (printed as `%name.adj`);
+    `tan_of` the primal value whose tangent this is (printed as `%name.tan`)."""
+    __slots__ = ("type", "instr", "hint", "ct_of", "tan_of", "__weakref__")
 
     def __init__(self, type: TensorType, instr: "Instr | None" = None, hint: str | None = None):
         self.type = type
         self.instr = instr
         self.hint = hint
         self.ct_of = None
+        self.tan_of = None
 
     @property
     def shape(self):
@@ -126,11 +129,12 @@ class Instr:
 
     `loc` is the user's "file:line"; `api` the user-level operation that emitted it (e.g. "relu" for
     the `gt`/`select` pair it lowers to); `adj_of` the forward instruction an adjoint instruction
-    came from."""
-    __slots__ = ("prim", "inputs", "params", "out", "loc", "api", "adj_of")
+    came from; `tan_of` the primal instruction a tangent instruction came from."""
+    __slots__ = ("prim", "inputs", "params", "out", "loc", "api", "adj_of", "tan_of")
 
     def __init__(self, prim: "Primitive", inputs, params: dict, out_type: TensorType,
-                 loc: str | None = None, api: str | None = None, adj_of: "Instr | None" = None):
+                 loc: str | None = None, api: str | None = None, adj_of: "Instr | None" = None,
+                 tan_of: "Instr | None" = None):
         self.prim = prim
         self.inputs = tuple(inputs)
         self.params = dict(params)
@@ -138,6 +142,7 @@ class Instr:
         self.loc = loc
         self.api = api
         self.adj_of = adj_of
+        self.tan_of = tan_of
 
     def __repr__(self):
         return f"<Instr {self.prim.name} -> {self.out.type}>"
@@ -269,6 +274,8 @@ class Namer:
             return self.names[id(v)]
         if v.ct_of is not None and id(v.ct_of) in self.names:
             base = self.names[id(v.ct_of)] + ".adj"
+        elif v.tan_of is not None and id(v.tan_of) in self.names:
+            base = self.names[id(v.tan_of)] + ".tan"
         elif v.hint is not None:
             base = v.hint
         else:
@@ -315,6 +322,9 @@ def provenance_comment(ins: Instr, namer: Namer | None = None) -> str:
         known = namer is not None and id(ins.adj_of.out) in namer.names
         ref = namer.ref(ins.adj_of.out) if known else ins.adj_of.prim.name
         parts.append(f"adj of {ref}")
+    if ins.tan_of is not None:
+        known = namer is not None and id(ins.tan_of.out) in namer.names
+        parts.append(f"tan of {namer.ref(ins.tan_of.out) if known else ins.tan_of.prim.name}")
     if ins.api and ins.api != ins.prim.name:
         parts.append(ins.api)
     if ins.loc:

@@ -22,6 +22,7 @@ from .ops import (  # noqa: F401
     var, where)
 from .nn import erf  # noqa: F401  (tracejit.erf: a composite that lives beside gelu)
 from .tracer import Tracer  # noqa: F401
+from .transforms import hessian, jacfwd, jacrev, jit_jvp  # noqa: F401
 
 __version__ = "0.1.0"
 

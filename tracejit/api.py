@@ -539,6 +539,14 @@ class Jitted:
             return native.llvm_ir_unoptimized
         return native.llvm_ir if stage == "llvm-opt" else native.asm
 
+    def graph(self, *args, stage: str = "grad", path=None, **kwargs) -> str:
+        """The IR at `stage` ("forward", "grad" or "optimized", drawn with its kernels) as
+        Graphviz DOT text; with `path` (.svg, .png, .pdf) also rendered there, which needs
+        `pip install 'tracejit[viz]'` and Graphviz's `dot` (see tracejit.graph)."""
+        from .graph import graph_of_entry
+        entry = self._lookup(_Signature(self.name, self.arg_names, args, kwargs))
+        return graph_of_entry(entry, stage, path)
+
 
 class _StaleCapture(Exception):
     """Raised by a fast-path runner whose captured arrays changed (see Jitted.__call__)."""

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..adjoint_rules import adjoint_rules
 from ..builder import emit
+from ..jvp_rules import jvp_rules
 from ..core import FLOAT_DTYPES, ShapeError, TensorType, Value, primitive, shape_rules
 from ..interpreter import impls
 
@@ -365,3 +366,118 @@ adjoint_rules[stop_gradient_p] = lambda ct, x: (None,)
 
 def stop_gradient(x: Value) -> Value:
     return emit(stop_gradient_p, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# tangent (JVP) rules: jvp(ts, tangents, out, *primals, **params), see ir.jvp_rules. They use the
+# same partial derivatives as the adjoint rules above (ties, pow's limits), so <u, J v> equals
+# <J^T u, v> everywhere, kinks included.
+# ---------------------------------------------------------------------------------------------
+def _unary_jvp(partial):
+    """The tangent t * partial(x, out) of a unary op."""
+    return lambda ts, tans, out, x, **params: ts.scale(tans[0], partial(x, out, **params))
+
+
+jvp_rules[neg_p] = lambda ts, tans, out, x: neg(tans[0])
+jvp_rules[exp_p] = _unary_jvp(lambda x, out: out)
+jvp_rules[log_p] = lambda ts, tans, out, x: div(tans[0], ts.lift(x))
+jvp_rules[sqrt_p] = lambda ts, tans, out, x: div(mul(tans[0], 0.5), ts.lift(out))
+jvp_rules[abs_p] = _unary_jvp(lambda x, out: sign(x))
+jvp_rules[sin_p] = _unary_jvp(lambda x, out: cos(x))
+jvp_rules[cos_p] = lambda ts, tans, out, x: neg(ts.scale(tans[0], sin(x)))
+jvp_rules[tanh_p] = _unary_jvp(lambda x, out: sub(1.0, mul(out, out)))
+jvp_rules[logistic_p] = _unary_jvp(lambda x, out: mul(out, sub(1.0, out)))
+for _p in (sign_p, not_p, stop_gradient_p):
+    jvp_rules[_p] = lambda ts, tans, out, x: None
+for _p in (gt_p, ge_p, lt_p, le_p, eq_p, ne_p, and_p, or_p):
+    jvp_rules[_p] = lambda ts, tans, out, a, b: None
+jvp_rules[const_p] = lambda ts, tans, out, **params: None
+jvp_rules[literal_p] = lambda ts, tans, out, **params: None
+
+
+@jvp_rules.register(integer_pow_p)
+def _integer_pow_jvp(ts, tans, out, x, *, y):
+    if y == 0:
+        return None
+    if y == 1:
+        return tans[0]
+    return ts.scale(tans[0], mul(x, float(y)) if y == 2 else mul(integer_pow(x, y - 1), float(y)))
+
+
+def _operand_tangents(ts, tans, out, a, b):
+    """The two operands' tangents as tangents of the result's shape (scalars broadcast)."""
+    return ts.expand(tans[0], a, out.shape), ts.expand(tans[1], b, out.shape)
+
+
+@jvp_rules.register(add_p)
+def _add_jvp(ts, tans, out, a, b):
+    return ts.add(*_operand_tangents(ts, tans, out, a, b))
+
+
+@jvp_rules.register(sub_p)
+def _sub_jvp(ts, tans, out, a, b):
+    ta, tb = _operand_tangents(ts, tans, out, a, b)
+    return ta if tb is None else (neg(tb) if ta is None else sub(ta, tb))
+
+
+@jvp_rules.register(mul_p)
+def _mul_jvp(ts, tans, out, a, b):
+    ta, tb = _operand_tangents(ts, tans, out, a, b)
+    return ts.add(ts.scale(ta, b), ts.scale(tb, a))
+
+
+@jvp_rules.register(div_p)
+def _div_jvp(ts, tans, out, a, b):
+    # d(a/b) = (da - (a/b) db) / b
+    ta, tb = _operand_tangents(ts, tans, out, a, b)
+    num = ta if tb is None else (neg(ts.scale(tb, out)) if ta is None else
+                                 sub(ta, ts.scale(tb, out)))
+    return div(num, ts.lift(b))
+
+
+@jvp_rules.register(pow_p)
+def _pow_jvp(ts, tans, out, a, b):
+    # the adjoint rule's partial derivatives, with its safe exponent and safe log (see there)
+    ta, tb = _operand_tangents(ts, tans, out, a, b)
+    da = db = None
+    if ta is not None:
+        b_is_0 = eq(b, 0.0)
+        da = ts.scale(ta, _full_like(mul(b, pow_(a, sub(select(b_is_0, 1.0, b), 1.0))), out))
+    if tb is not None:
+        zero_limit = logical_and(eq(a, 0.0), ge(b, 0.0))
+        safe_log = select(zero_limit, 0.0, log(select(zero_limit, 1.0, a)))
+        db = ts.scale(tb, _full_like(mul(out, safe_log), out))
+    return ts.add(da, db)
+
+
+def _full_like(x: Value, out: Value) -> Value:
+    """`x` broadcast to `out`'s shape when it is a scalar computed from scalar operands only."""
+    from .structural import broadcast_in_dim
+    return x if x.shape == out.shape else broadcast_in_dim(x, out.shape, ())
+
+
+def _minmax_jvp(cmp):
+    def rule(ts, tans, out, a, b):
+        # the adjoint's shares: 1 where a wins, 1/2 at ties, 0 where b wins
+        share = _full_like(add(convert(cmp(a, b), a.dtype), mul(convert(eq(a, b), a.dtype), 0.5)),
+                           out)
+        ta, tb = _operand_tangents(ts, tans, out, a, b)
+        return ts.add(ts.scale(ta, share), ts.scale(tb, sub(1.0, share)))
+    return rule
+
+
+jvp_rules[max_p] = _minmax_jvp(gt)
+jvp_rules[min_p] = _minmax_jvp(lt)
+
+
+@jvp_rules.register(select_p)
+def _select_jvp(ts, tans, out, pred, a, b):
+    ta, tb = ts.expand(tans[1], a, out.shape), ts.expand(tans[2], b, out.shape)
+    if ta is None and tb is None:
+        return None
+    return select(ts.lift(pred), 0.0 if ta is None else ta, 0.0 if tb is None else tb)
+
+
+@jvp_rules.register(convert_p)
+def _convert_jvp(ts, tans, out, x, *, dtype):
+    return convert(tans[0], dtype) if dtype in FLOAT_DTYPES else None

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..adjoint_rules import adjoint_rules
 from ..builder import emit
+from ..jvp_rules import jvp_rules
 from ..core import ShapeError, Value, primitive, shape_rules
 from ..interpreter import impls
 
@@ -47,3 +48,26 @@ def _matmul_adjoint(ct, a, b, *, trans_a=False, trans_b=False):
     else:
         ct_b = matmul(a, ct, trans_a=not trans_a)
     return ct_a, ct_b
+
+
+# --------------------------------------------------------------------------- tangent rule
+@jvp_rules.register(matmul_p)
+def _matmul_jvp(ts, tans, out, a, b, *, trans_a=False, trans_b=False):
+    """d(op(A) op(B)) = op(dA) op(B) + op(A) op(dB). Batched tangents fold their batch axis into
+    the rows of op(dA) ([B*m, k]) and into the columns of op(dB) ([k, B*n]), so each term stays
+    one matmul."""
+    from .structural import transpose
+    ta, tb = tans
+    da = db = None
+    if ta is not None:
+        if ts.k and trans_a:  # [B, k, m] -> [B, m, k], then rows
+            ta = transpose(ta, (0, 2, 1))
+        da = ts.unfold(matmul(ts.fold(ta), b, trans_a=trans_a and not ts.k, trans_b=trans_b))
+    if tb is not None:
+        if ts.k:
+            # op(dB) per batch entry is [k, n]; as one operand [k, B*n] (trans_b: [B*n, k])
+            folded = ts.fold(tb) if trans_b else ts.fold_at(tb, 1)
+            db = ts.unfold_at(matmul(a, folded, trans_a=trans_a, trans_b=trans_b), 1)
+        else:
+            db = matmul(a, tb, trans_a=trans_a, trans_b=trans_b)
+    return ts.add(da, db)

@@ -23,6 +23,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ..adjoint_rules import adjoint_rules
 from ..builder import emit
+from ..jvp_rules import jvp_rules
 from ..core import FLOAT_DTYPES, ShapeError, TensorType, Value, primitive, shape_rules
 from ..interpreter import impls
 
@@ -315,3 +316,56 @@ def _avg_pool2d_adjoint(ct, x, *, kernel, stride, padding):
 @adjoint_rules.register(avg_pool2d_grad_p)
 def _avg_pool2d_grad_adjoint(g, ct, *, in_hw, kernel, stride, padding):
     return (avg_pool2d(g, kernel, stride, padding),)
+
+
+# --------------------------------------------------------------------------- tangent rules
+# conv2d and its two backward ops are bilinear (product rule); pooling and the pooling backward
+# ops are linear in their float operand. Batched tangents fold their batch axis into the batch
+# (N), output-channel or input-channel dimension, whichever the tangent operand owns, so every
+# term stays one loop-nest instruction; max pooling reuses the saved argmax for every direction.
+@jvp_rules.register(conv2d_p)
+def _conv2d_jvp(ts, tans, out, x, w, *, stride, padding):
+    tx, tw = tans
+    dx = None if tx is None else ts.unfold(conv2d(ts.fold(tx), w, stride, padding))
+    # the weight tangent's batch joins the output channels O
+    dw = None if tw is None else ts.unfold_at(conv2d(x, ts.fold(tw), stride, padding), 1)
+    return ts.add(dx, dw)
+
+
+@jvp_rules.register(conv2d_input_grad_p)
+def _conv2d_input_grad_jvp(ts, tans, out, ct, w, *, in_hw, stride, padding):
+    tct, tw = tans
+    d1 = None if tct is None else ts.unfold(conv2d_input_grad(ts.fold(tct), w, in_hw, stride,
+                                                              padding))
+    # the weight tangent's batch joins its channel dimension C, the result's channels
+    d2 = None if tw is None else ts.unfold_at(
+        conv2d_input_grad(ct, ts.fold_at(tw, 1), in_hw, stride, padding), 1)
+    return ts.add(d1, d2)
+
+
+@jvp_rules.register(conv2d_weight_grad_p)
+def _conv2d_weight_grad_jvp(ts, tans, out, ct, x, *, kernel, stride, padding):
+    tct, tx = tans
+    # the cotangent's batch joins its channels O (the result's rows), the input's its channels C
+    d1 = None if tct is None else ts.unfold(
+        conv2d_weight_grad(ts.fold_at(tct, 1), x, kernel, stride, padding))
+    d2 = None if tx is None else ts.unfold_at(
+        conv2d_weight_grad(ct, ts.fold_at(tx, 1), kernel, stride, padding), 1)
+    return ts.add(d1, d2)
+
+
+@jvp_rules.register(max_pool2d_p)
+def _max_pool2d_jvp(ts, tans, out, x, *, kernel, stride, padding):
+    idx = max_pool2d_argmax(x, kernel, stride, padding)
+    return ts.unfold(max_pool2d_gather(ts.fold(tans[0]), ts.tile(idx)))
+
+
+jvp_rules[max_pool2d_argmax_p] = lambda ts, tans, out, x, **params: None
+jvp_rules[max_pool2d_grad_p] = lambda ts, tans, out, ct, idx, *, in_hw: ts.unfold(
+    max_pool2d_grad(ts.fold(tans[0]), ts.tile(idx), in_hw))
+jvp_rules[max_pool2d_gather_p] = lambda ts, tans, out, g, idx: ts.unfold(
+    max_pool2d_gather(ts.fold(tans[0]), ts.tile(idx)))
+jvp_rules[avg_pool2d_p] = lambda ts, tans, out, x, *, kernel, stride, padding: ts.unfold(
+    avg_pool2d(ts.fold(tans[0]), kernel, stride, padding))
+jvp_rules[avg_pool2d_grad_p] = lambda ts, tans, out, ct, *, in_hw, kernel, stride, padding: \
+    ts.unfold(avg_pool2d_grad(ts.fold(tans[0]), in_hw, kernel, stride, padding))

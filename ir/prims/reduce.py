@@ -8,6 +8,7 @@ import numpy as np
 
 from ..adjoint_rules import adjoint_rules
 from ..builder import emit
+from ..jvp_rules import jvp_rules
 from ..core import ShapeError, Value, primitive, shape_rules
 from ..interpreter import impls
 from . import elementwise as ew
@@ -74,3 +75,17 @@ def _reduce_max_adjoint(ct, x, *, axes):
     count = reduce_sum(ew.convert(mask, x.dtype), axes)
     share = st.broadcast_in_dim(ew.div(ct, count), x.shape, kept)
     return (ew.select(mask, share, 0.0),)
+
+
+# --------------------------------------------------------------------------- tangent rules
+jvp_rules[reduce_sum_p] = lambda ts, tans, out, x, *, axes: reduce_sum(tans[0], ts.axes(axes))
+
+
+@jvp_rules.register(reduce_max_p)
+def _reduce_max_jvp(ts, tans, out, x, *, axes):
+    # the mean of the tangent over the tied maxima: the adjoint's even split, transposed
+    kept = _kept(x, axes)
+    mask = ew.eq(x, st.broadcast_in_dim(out, x.shape, kept))
+    count = reduce_sum(ew.convert(mask, x.dtype), axes)
+    picked = ew.select(ts.lift(mask), tans[0], 0.0)
+    return ew.div(reduce_sum(picked, ts.axes(axes)), ts.lift(count))

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..adjoint_rules import adjoint_rules
 from ..builder import emit
+from ..jvp_rules import jvp_rules
 from ..core import ShapeError, Value, primitive, shape_rules
 from ..interpreter import impls
 
@@ -211,3 +212,33 @@ def _concat_adjoint(ct, *xs, axis):
         out.append(slice_(ct, start, limit))
         offset += x.shape[axis]
     return tuple(out)
+
+
+# --------------------------------------------------------------------------- tangent rules
+# Linear: the tangent is the same primitive applied to the tangent (its axes shifted past the
+# batch axis of batched tangents, see ir.jvp_rules).
+@jvp_rules.register(broadcast_in_dim_p)
+def _broadcast_jvp(ts, tans, out, x, *, shape, dims):
+    return broadcast_in_dim(tans[0], ts.shape(shape), tuple(range(ts.k)) + ts.axes(dims))
+
+
+jvp_rules[reshape_p] = lambda ts, tans, out, x, *, shape: reshape(tans[0], ts.shape(shape))
+jvp_rules[transpose_p] = lambda ts, tans, out, x, *, perm: transpose(
+    tans[0], tuple(range(ts.k)) + ts.axes(perm))
+
+
+@jvp_rules.register(slice_p)
+def _slice_jvp(ts, tans, out, x, *, start, limit, strides):
+    return slice_(tans[0], (0,) * ts.k + tuple(start), ts.lead + tuple(limit),
+                  (1,) * ts.k + tuple(strides))
+
+
+@jvp_rules.register(pad_p)
+def _pad_jvp(ts, tans, out, x, *, lo, hi, interior):
+    zero = (0,) * ts.k
+    return pad(tans[0], zero + tuple(lo), zero + tuple(hi), zero + tuple(interior))
+
+
+@jvp_rules.register(concatenate_p)
+def _concat_jvp(ts, tans, out, *xs, axis):
+    return concatenate([ts.materialize(t, x) for t, x in zip(tans, xs)], ts.axis(axis))
