@@ -26,6 +26,7 @@ from ir.prims.structural import (broadcast_in_dim_p, concatenate_p, pad_p, resha
 
 from . import loops as L
 from . import schedule
+from .kernels.toolkit import thread_range
 from .loops import (F32, F64, FAST, I1, I8, I32, I64, PTR, REDUCE, SHORT_LOOP, VOID, for_range,
                     i64)
 
@@ -361,16 +362,6 @@ def _store_value(b, val, ptr, off, dtype):
         L.store(b, val, ptr, off, scalar_type(dtype))
 
 
-def _thread_range(b, n, tid, nthreads, name):
-    """[lo, hi) of `range(n)` for thread `tid` (contiguous chunks)."""
-    chunk = b.sdiv(b.add(i64(n), b.sub(nthreads, i64(1))), nthreads, name=f"{name}.chunk")
-    lo = b.mul(tid, chunk, name=f"{name}.lo")
-    hi_raw = b.add(lo, chunk)
-    hi = b.select(b.icmp_signed("<", hi_raw, i64(n)), hi_raw, i64(n), name=f"{name}.hi")
-    lo = b.select(b.icmp_signed("<", lo, i64(n)), lo, i64(n))
-    return lo, hi
-
-
 def lower_group(module: ir.Module, fname: str, group) -> ir.Function:
     """Define `fname` computing the group's root value (see module docstring)."""
     root = group.root
@@ -415,12 +406,12 @@ def _lower_map(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base, flat=F
         return
     if flat:
         total = math.prod(shape)
-        lo, hi = _thread_range(b, total, tid, nthreads, f"{base}.i")
+        lo, hi = thread_range(b, total, tid, nthreads)
         with for_range(b, lo, hi, 1, f"{base}.i", scalar=total < 4 * SHORT_LOOP) as i:
             val = _Element(b, leaf_ptrs, members, flat=True).value(root.out, [i])
             _store_value(b, val, out_ptr, i, dtype)
         return
-    lo, hi = _thread_range(b, shape[0], tid, nthreads, f"{base}.d0")
+    lo, hi = thread_range(b, shape[0], tid, nthreads)
     with for_range(b, lo, hi, 1, f"{base}.d0") as i0:
         idx = [i0]
         _nest(b, shape, 1, idx, base, lambda: _store_value(
@@ -479,7 +470,7 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
     kept = [d for d in range(len(xs)) if d not in axes]
     sd = kept[0] if kept else 0
     if kept:
-        lo, hi = _thread_range(b, xs[sd], tid, nthreads, f"{base}.d{sd}")
+        lo, hi = thread_range(b, xs[sd], tid, nthreads)
     else:
         lo, hi = i64(0), b.select(b.icmp_signed("==", tid, i64(0)), i64(xs[0]), i64(0))
 
