@@ -11,24 +11,10 @@ def compile_function(fn, cache=None):
 
 def describe(fn) -> str:
     """The IR of `fn` annotated with its kernels (fusion groups), the arena size and what the
-    backward pass keeps alive, without compiling it."""
+    backward pass keeps alive, without compiling it: the plan that compiling it now would run
+    (the thread count of tracejit's settings, TRACEJIT_NO_EPILOGUES)."""
     from ir.core import print_function
-    from . import schedule
-    from .kernels import _load_all, kernels
-    _load_all()
-
-    def kernel(ins):
-        try:
-            return kernels[ins.prim]
-        except Exception:  # a kernel not written yet must not break the dump
-            return None
-
-    def scratch(ins):
-        k = kernel(ins)
-        return k.scratch_bytes(ins, 1) if k is not None else 0
-
-    def epilogue(ins):
-        k = kernel(ins)
-        return k is not None and k.epilogue
-    p = schedule.plan(fn, scratch, epilogue)
+    from . import parallel, schedule
+    from .runtime import plan_for
+    p = plan_for(fn, parallel.default_threads())
     return "\n".join([print_function(fn, annotate=schedule.annotate(p)), schedule.summary(p)])

@@ -11,17 +11,24 @@ reassociation; NaN and Inf keep numpy semantics).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import llvmlite.ir as ir
 
-from ir.core import Instr, IRError, Value
+from ir.core import Instr, IRError, Registry, Value
+from ir.prims.elementwise import (abs_p, add_p, and_p, const_p, convert_p, div_p, eq_p, ge_p, gt_p,
+                                  integer_pow_p, le_p, lt_p, max_p, min_p, mul_p, ne_p, neg_p,
+                                  not_p, or_p, pow_p, select_p, sign_p, stop_gradient_p, sub_p)
+from ir.prims.reduce import reduce_max_p, reduce_sum_p
+from ir.prims.structural import (broadcast_in_dim_p, concatenate_p, pad_p, reshape_p, slice_p,
+                                 transpose_p)
 
 from . import loops as L
 from . import schedule
+from .kernels.toolkit import thread_range
 from .loops import (F32, F64, FAST, I1, I8, I32, I64, PTR, REDUCE, SHORT_LOOP, VOID, for_range,
                     i64)
-
-_FCMP = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "eq": "==", "ne": "!="}
 
 
 def scalar_type(dtype: str) -> ir.Type:
@@ -87,38 +94,7 @@ class _Element:
         return out
 
     def instr(self, ins: Instr, idx):
-        b = self.b
-        name = ins.prim.name
-        params = ins.params
-        t = ins.out.type
-        if name == "const":
-            return ir.Constant(scalar_type(t.dtype), params["value"])
-        if name == "broadcast_in_dim":
-            x = ins.inputs[0]
-            sub = [i64(0) if x.shape[k] == 1 else idx[d] for k, d in enumerate(params["dims"])]
-            return self.value(x, sub)
-        if name == "reshape":
-            if self.flat:  # a reshape keeps the row-major linear index
-                return self.value(ins.inputs[0], idx)
-            return self.value(ins.inputs[0], self.reshape_index(idx, t.shape, ins.inputs[0].shape))
-        if name == "transpose":
-            perm = params["perm"]
-            sub = [None] * len(perm)
-            for i, p in enumerate(perm):
-                sub[p] = idx[i]
-            return self.value(ins.inputs[0], sub)
-        if name == "slice":
-            sub = []
-            for i, s, k in zip(idx, params["start"], params["strides"]):
-                j = b.mul(i, i64(k)) if k != 1 else i
-                sub.append(b.add(j, i64(s)) if s else j)
-            return self.value(ins.inputs[0], sub)
-        if name == "pad":
-            return self.pad(ins, idx)
-        if name == "concatenate":
-            return self.concatenate(ins, idx)
-        args = [self.value(x, idx if x.shape else []) for x in ins.inputs]
-        return emit_scalar_op(b, ins, args)
+        return lowerings[ins.prim].value(self, ins, idx)
 
     def reshape_index(self, idx, out_shape, in_shape):
         b = self.b
@@ -134,71 +110,159 @@ class _Element:
             sub.append(b.urem(q, i64(n)) if n != 1 else i64(0))
         return sub
 
-    def pad(self, ins, idx):
-        b = self.b
-        x = ins.inputs[0]
-        p = ins.params
-        valid = None
-        sub = []
-        for i, n, lo, step in zip(idx, x.shape, p["lo"], [k + 1 for k in p["interior"]]):
-            j = b.sub(i, i64(lo)) if lo else i
-            conds = [b.icmp_signed(">=", j, i64(0)), b.icmp_signed("<", j, i64((n - 1) * step + 1))]
-            src = j
-            if step != 1:
-                conds.append(b.icmp_signed("==", b.srem(j, i64(step)), i64(0)))
-                src = b.sdiv(j, i64(step))
-            ok = conds[0]
-            for c in conds[1:]:
-                ok = b.and_(ok, c)
-            valid = ok if valid is None else b.and_(valid, ok)
-            clamped = b.select(ok, src, i64(0))
-            sub.append(clamped)
-        inner = self.value(x, sub)
-        zero = ir.Constant(inner.type, 0)
-        return b.select(valid, inner, zero) if valid is not None else inner
-
-    def concatenate(self, ins, idx):
-        b = self.b
-        axis = ins.params["axis"]
-        offset = 0
-        result = None
-        pieces = []
-        for x in ins.inputs:
-            n = x.shape[axis]
-            j = b.sub(idx[axis], i64(offset)) if offset else idx[axis]
-            inside = b.and_(b.icmp_signed(">=", j, i64(0)), b.icmp_signed("<", j, i64(n)))
-            sub = list(idx)
-            sub[axis] = b.select(inside, j, i64(0))
-            pieces.append((inside, self.value(x, sub)))
-            offset += n
-        result = pieces[-1][1]
-        for inside, val in reversed(pieces[:-1]):
-            result = b.select(inside, val, result)
-        return result
-
 
 # ------------------------------------------------------------------------------------------------
-# scalar semantics of the elementwise primitives
+# the lowering of each primitive inside a fused loop, keyed by the primitive
 # ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Elementwise:
+    """`emit(b, ins, args) -> value`: the result at an index from its operands' values there
+    (a rank-0 operand is read once, at the empty index)."""
+    emit: Callable
+
+    def value(self, el: _Element, ins: Instr, idx):
+        return self.emit(el.b, ins, [el.value(x, idx if x.shape else []) for x in ins.inputs])
+
+
+@dataclass(frozen=True)
+class IndexMap:
+    """`emit(el, ins, idx) -> value`: a layout op, which reads its inputs at remapped indices."""
+    emit: Callable
+
+    def value(self, el: _Element, ins: Instr, idx):
+        return self.emit(el, ins, idx)
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """The root of a reduction loop (see _lower_reduce): `combine(b, acc, v)` folds one element
+    into a running value starting at `identity`; a `sum` is accumulated in float64 blocks."""
+    identity: float
+    combine: Callable
+    sum: bool
+
+    def value(self, el: _Element, ins: Instr, idx):
+        raise IRError(f"codegen: reduction '{ins.prim.name}' inside a fused loop (reductions "
+                      f"are materialized)")
+
+
+lowerings = Registry("fused lowering")
+
+
+def register_elementwise(*prims):
+    """Register the decorated `emit(b, ins, args)` as the fused lowering of `prims`."""
+    def deco(emit):
+        for p in prims:
+            lowerings[p] = Elementwise(emit)
+        return emit
+    return deco
+
+
+def register_index_map(prim):
+    """Register the decorated `emit(el, ins, idx)` as the fused lowering of layout op `prim`."""
+    def deco(emit):
+        lowerings[prim] = IndexMap(emit)
+        return emit
+    return deco
+
+
+def emit_scalar_op(b: ir.IRBuilder, ins: Instr, args):
+    """The elementwise instruction `ins` on its operands' scalar values `args`."""
+    rule = lowerings[ins.prim]
+    if not isinstance(rule, Elementwise):
+        raise IRError(f"codegen: '{ins.prim.name}' is not elementwise")
+    return rule.emit(b, ins, args)
+
+
+# --------------------------------------------------------------------------- layout ops
+@register_index_map(broadcast_in_dim_p)
+def _broadcast_in_dim(el, ins, idx):
+    x = ins.inputs[0]
+    sub = [i64(0) if x.shape[k] == 1 else idx[d] for k, d in enumerate(ins.params["dims"])]
+    return el.value(x, sub)
+
+
+@register_index_map(reshape_p)
+def _reshape(el, ins, idx):
+    if el.flat:  # a reshape keeps the row-major linear index
+        return el.value(ins.inputs[0], idx)
+    return el.value(ins.inputs[0], el.reshape_index(idx, ins.out.type.shape, ins.inputs[0].shape))
+
+
+@register_index_map(transpose_p)
+def _transpose(el, ins, idx):
+    perm = ins.params["perm"]
+    sub = [None] * len(perm)
+    for i, p in enumerate(perm):
+        sub[p] = idx[i]
+    return el.value(ins.inputs[0], sub)
+
+
+@register_index_map(slice_p)
+def _slice(el, ins, idx):
+    b = el.b
+    sub = []
+    for i, s, k in zip(idx, ins.params["start"], ins.params["strides"]):
+        j = b.mul(i, i64(k)) if k != 1 else i
+        sub.append(b.add(j, i64(s)) if s else j)
+    return el.value(ins.inputs[0], sub)
+
+
+@register_index_map(pad_p)
+def _pad(el, ins, idx):
+    b = el.b
+    x = ins.inputs[0]
+    p = ins.params
+    valid = None
+    sub = []
+    for i, n, lo, step in zip(idx, x.shape, p["lo"], [k + 1 for k in p["interior"]]):
+        j = b.sub(i, i64(lo)) if lo else i
+        conds = [b.icmp_signed(">=", j, i64(0)), b.icmp_signed("<", j, i64((n - 1) * step + 1))]
+        src = j
+        if step != 1:
+            conds.append(b.icmp_signed("==", b.srem(j, i64(step)), i64(0)))
+            src = b.sdiv(j, i64(step))
+        ok = conds[0]
+        for c in conds[1:]:
+            ok = b.and_(ok, c)
+        valid = ok if valid is None else b.and_(valid, ok)
+        clamped = b.select(ok, src, i64(0))
+        sub.append(clamped)
+    inner = el.value(x, sub)
+    zero = ir.Constant(inner.type, 0)
+    return b.select(valid, inner, zero) if valid is not None else inner
+
+
+@register_index_map(concatenate_p)
+def _concatenate(el, ins, idx):
+    b = el.b
+    axis = ins.params["axis"]
+    offset = 0
+    pieces = []
+    for x in ins.inputs:
+        n = x.shape[axis]
+        j = b.sub(idx[axis], i64(offset)) if offset else idx[axis]
+        inside = b.and_(b.icmp_signed(">=", j, i64(0)), b.icmp_signed("<", j, i64(n)))
+        sub = list(idx)
+        sub[axis] = b.select(inside, j, i64(0))
+        pieces.append((inside, el.value(x, sub)))
+        offset += n
+    result = pieces[-1][1]
+    for inside, val in reversed(pieces[:-1]):
+        result = b.select(inside, val, result)
+    return result
+
+
+# --------------------------------------------------------------------------- reductions
+lowerings[reduce_sum_p] = Reduction(0.0, lambda b, acc, v: b.fadd(acc, v, flags=REDUCE), sum=True)
+lowerings[reduce_max_p] = Reduction(-math.inf, lambda b, acc, v: nan_max(b, acc, v, ">"),
+                                    sum=False)
+
+
+# --------------------------------------------------------------------------- elementwise ops
 def _intrinsic1(b, name, x):
     f = L.intrinsic(b.module, f"llvm.{name}.{L.type_suffix(x.type)}", x.type, [x.type])
     return b.call(f, [x])
-
-
-def math_unary(b: ir.IRBuilder, name: str, x):
-    """exp/log/tanh/sin/cos/logistic/sqrt of a float value, vectorizable when codegen.mathfns
-    provides branch-free versions (falls back to LLVM's intrinsics)."""
-    try:
-        from .mathfns import emit_unary
-    except ImportError:  # pragma: no cover - mathfns is part of the package
-        emit_unary = None
-    if emit_unary is not None:
-        return emit_unary(b, name, x)
-    if name == "logistic":
-        one = ir.Constant(x.type, 1.0)
-        e = _intrinsic1(b, "exp", b.fneg(x))
-        return b.fdiv(one, b.fadd(one, e))
-    return _intrinsic1(b, name, x)
 
 
 def nan_max(b, a, c, op=">"):
@@ -207,58 +271,55 @@ def nan_max(b, a, c, op=">"):
     return b.select(take_a, a, c)
 
 
-def emit_scalar_op(b: ir.IRBuilder, ins: Instr, args):
-    name = ins.prim.name
-    t = ins.out.type
-    fl = FAST
-    if name == "add":
-        return b.fadd(*args, flags=fl)
-    if name == "sub":
-        return b.fsub(*args, flags=fl)
-    if name == "mul":
-        return b.fmul(*args, flags=fl)
-    if name == "div":
-        return b.fdiv(*args, flags=fl)
-    if name == "neg":
-        return b.fneg(args[0], flags=fl)
-    if name in ("exp", "log", "tanh", "sin", "cos", "logistic", "sqrt"):
-        return math_unary(b, name, args[0])
-    if name == "abs":
-        return _intrinsic1(b, "fabs", args[0])
-    if name == "sign":
-        x = args[0]
-        one = ir.Constant(x.type, 1.0)
-        pos = b.select(b.fcmp_ordered(">", x, ir.Constant(x.type, 0.0)), one, x)
-        return b.select(b.fcmp_ordered("<", x, ir.Constant(x.type, 0.0)), b.fneg(one), pos)
-    if name == "stop_gradient":
-        return args[0]
-    if name == "integer_pow":
-        return _integer_pow(b, args[0], ins.params["y"])
-    if name == "pow":
-        ty = args[0].type
-        f = L.intrinsic(b.module, f"llvm.pow.{L.type_suffix(ty)}", ty, [ty, ty])
-        return b.call(f, args)
-    if name == "max":
-        return nan_max(b, *args, ">")
-    if name == "min":
-        return nan_max(b, *args, "<")
-    if name in _FCMP:
+# exp, log, tanh, sin, cos, logistic and sqrt are registered beside their code in mathfns.py
+register_elementwise(const_p)(
+    lambda b, ins, args: ir.Constant(scalar_type(ins.out.dtype), ins.params["value"]))
+register_elementwise(add_p)(lambda b, ins, args: b.fadd(*args, flags=FAST))
+register_elementwise(sub_p)(lambda b, ins, args: b.fsub(*args, flags=FAST))
+register_elementwise(mul_p)(lambda b, ins, args: b.fmul(*args, flags=FAST))
+register_elementwise(div_p)(lambda b, ins, args: b.fdiv(*args, flags=FAST))
+register_elementwise(neg_p)(lambda b, ins, args: b.fneg(args[0], flags=FAST))
+register_elementwise(abs_p)(lambda b, ins, args: _intrinsic1(b, "fabs", args[0]))
+register_elementwise(stop_gradient_p)(lambda b, ins, args: args[0])
+register_elementwise(integer_pow_p)(lambda b, ins, args: _integer_pow(b, args[0], ins.params["y"]))
+register_elementwise(max_p)(lambda b, ins, args: nan_max(b, *args, ">"))
+register_elementwise(min_p)(lambda b, ins, args: nan_max(b, *args, "<"))
+register_elementwise(and_p)(lambda b, ins, args: b.and_(*args))
+register_elementwise(or_p)(lambda b, ins, args: b.or_(*args))
+register_elementwise(not_p)(lambda b, ins, args: b.xor(args[0], ir.Constant(I1, 1)))
+register_elementwise(select_p)(lambda b, ins, args: b.select(*args))
+register_elementwise(convert_p)(
+    lambda b, ins, args: _convert(b, args[0], ins.inputs[0].dtype, ins.out.dtype))
+
+
+@register_elementwise(sign_p)
+def _sign(b, ins, args):
+    x = args[0]
+    one = ir.Constant(x.type, 1.0)
+    pos = b.select(b.fcmp_ordered(">", x, ir.Constant(x.type, 0.0)), one, x)
+    return b.select(b.fcmp_ordered("<", x, ir.Constant(x.type, 0.0)), b.fneg(one), pos)
+
+
+@register_elementwise(pow_p)
+def _pow(b, ins, args):
+    ty = args[0].type
+    f = L.intrinsic(b.module, f"llvm.pow.{L.type_suffix(ty)}", ty, [ty, ty])
+    return b.call(f, args)
+
+
+def _compare(op: str, unordered: bool = False):
+    """A comparison: unsigned on bools, else ordered (false with a NaN operand) unless
+    `unordered` (true with a NaN operand: numpy's !=)."""
+    def emit(b, ins, args):
         if ins.inputs[0].dtype == "bool":
-            return b.icmp_unsigned(_FCMP[name], *args)
-        if name == "ne":
-            return b.fcmp_unordered("!=", *args)
-        return b.fcmp_ordered(_FCMP[name], *args)
-    if name == "and":
-        return b.and_(*args)
-    if name == "or":
-        return b.or_(*args)
-    if name == "not":
-        return b.xor(args[0], ir.Constant(I1, 1))
-    if name == "select":
-        return b.select(*args)
-    if name == "convert":
-        return _convert(b, args[0], ins.inputs[0].dtype, t.dtype)
-    raise IRError(f"no fused lowering rule for '{name}'")
+            return b.icmp_unsigned(op, *args)
+        return (b.fcmp_unordered if unordered else b.fcmp_ordered)(op, *args)
+    return emit
+
+
+for _p, _op in ((gt_p, ">"), (ge_p, ">="), (lt_p, "<"), (le_p, "<="), (eq_p, "==")):
+    register_elementwise(_p)(_compare(_op))
+register_elementwise(ne_p)(_compare("!=", unordered=True))
 
 
 def _integer_pow(b, x, y: int):
@@ -301,16 +362,6 @@ def _store_value(b, val, ptr, off, dtype):
         L.store(b, val, ptr, off, scalar_type(dtype))
 
 
-def _thread_range(b, n, tid, nthreads, name):
-    """[lo, hi) of `range(n)` for thread `tid` (contiguous chunks)."""
-    chunk = b.sdiv(b.add(i64(n), b.sub(nthreads, i64(1))), nthreads, name=f"{name}.chunk")
-    lo = b.mul(tid, chunk, name=f"{name}.lo")
-    hi_raw = b.add(lo, chunk)
-    hi = b.select(b.icmp_signed("<", hi_raw, i64(n)), hi_raw, i64(n), name=f"{name}.hi")
-    lo = b.select(b.icmp_signed("<", lo, i64(n)), lo, i64(n))
-    return lo, hi
-
-
 def lower_group(module: ir.Module, fname: str, group) -> ir.Function:
     """Define `fname` computing the group's root value (see module docstring)."""
     root = group.root
@@ -342,10 +393,7 @@ def is_flat(group) -> bool:
     """Can the group run as one loop over the flattened root? Yes when it is elementwise up to
     reshapes (which keep the row-major linear index) and every buffer it reads has the root's
     number of elements or is a scalar."""
-    size = group.root.out.type.size
-    return all(m.prim.elementwise or m.prim.name in ("const", "reshape") for m in group.members) \
-        and all(v.type.size == size or not v.shape for v in group.leaves) \
-        and all(m.out.type.size == size or not m.out.shape for m in group.members)
+    return schedule.linear_index(group, group.root.out.type.size, group.members)
 
 
 def _lower_map(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base, flat=False):
@@ -358,12 +406,12 @@ def _lower_map(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base, flat=F
         return
     if flat:
         total = math.prod(shape)
-        lo, hi = _thread_range(b, total, tid, nthreads, f"{base}.i")
+        lo, hi = thread_range(b, total, tid, nthreads)
         with for_range(b, lo, hi, 1, f"{base}.i", scalar=total < 4 * SHORT_LOOP) as i:
             val = _Element(b, leaf_ptrs, members, flat=True).value(root.out, [i])
             _store_value(b, val, out_ptr, i, dtype)
         return
-    lo, hi = _thread_range(b, shape[0], tid, nthreads, f"{base}.d0")
+    lo, hi = thread_range(b, shape[0], tid, nthreads)
     with for_range(b, lo, hi, 1, f"{base}.d0") as i0:
         idx = [i0]
         _nest(b, shape, 1, idx, base, lambda: _store_value(
@@ -397,18 +445,18 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
     x = root.inputs[0]
     dtype = root.out.dtype
     ty = scalar_type(dtype)
-    is_max = root.prim.name == "reduce_max"
-    ident = ir.Constant(ty, -math.inf if is_max else 0.0)
+    red = lowerings[root.prim]
+    ident = ir.Constant(ty, red.identity)
     addr = _Element(b, {}, set())
     xs, axes, flat = schedule.reduce_loops(group)
     out_shape = tuple(n for d, n in enumerate(xs) if d not in axes)
-    blocked = not is_max and dtype in ("f32", "f64")   # sums in float64 blocks (see below)
+    blocked = red.sum and dtype in ("f32", "f64")   # sums in float64 blocks (see below)
     wide = F64 if blocked else ty      # type of a register reduction's total
     flush_at = schedule.reduce_flush(group)
 
     def combine(acc, v):
         v = _convert_float(b, v, acc.type)
-        return nan_max(b, acc, v, ">") if is_max else b.fadd(acc, v, flags=REDUCE)
+        return red.combine(b, acc, v)
 
     def out_off(idx):
         return addr.linear([i for k, i in enumerate(idx) if k not in axes], out_shape)
@@ -422,7 +470,7 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
     kept = [d for d in range(len(xs)) if d not in axes]
     sd = kept[0] if kept else 0
     if kept:
-        lo, hi = _thread_range(b, xs[sd], tid, nthreads, f"{base}.d{sd}")
+        lo, hi = thread_range(b, xs[sd], tid, nthreads)
     else:
         lo, hi = i64(0), b.select(b.icmp_signed("==", tid, i64(0)), i64(xs[0]), i64(0))
 
@@ -605,3 +653,8 @@ class Epilogue:
 
     def call(self, b: ir.IRBuilder, out, extra_args, start, count):
         b.call(self.function(b.module), [out] + list(extra_args) + [start, count])
+
+
+# The transcendental functions register their lowerings beside their code (mathfns imports this
+# module's registry, so it is imported last).
+from . import mathfns  # noqa: E402,F401

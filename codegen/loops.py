@@ -42,10 +42,6 @@ def i32(v: int) -> ir.Constant:
     return ir.Constant(I32, int(v))
 
 
-def const(ty: ir.Type, v) -> ir.Constant:
-    return ir.Constant(ty, v)
-
-
 def vec(ty: ir.Type, n: int) -> ir.VectorType:
     return ir.VectorType(ty, n)
 
@@ -120,17 +116,6 @@ def for_range(b: ir.IRBuilder, start, stop, step=1, name: str = "loop", scalar: 
     vectorizer unless `scalar` (see SHORT_LOOP). Yields the induction variable."""
     with carry_loop(b, start, stop, [], name, step, scalar) as state:
         yield state.iv
-
-
-@contextlib.contextmanager
-def loop_nest(b: ir.IRBuilder, extents, name: str = "nest", dim_names=None):
-    """Nested `for_range` loops over `extents` (outermost first). Yields the list of indices."""
-    dim_names = dim_names or [f"d{i}" for i in range(len(extents))]
-    with contextlib.ExitStack() as stack:
-        idx = []
-        for n, dn in zip(extents, dim_names):
-            idx.append(stack.enter_context(for_range(b, 0, n, 1, f"{name}.{dn}")))
-        yield idx
 
 
 @contextlib.contextmanager
@@ -222,9 +207,3 @@ def masked_store(b: ir.IRBuilder, value, ptr, idx, mask):
     mty = ir.VectorType(I1, vty.count)
     f = intrinsic(b.module, f"llvm.masked.store.{type_suffix(vty)}.p0", VOID, [vty, PTR, I32, mty])
     b.call(f, [value, p, i32(_elem_align(vty)), mask])
-
-
-def tail_mask(b: ir.IRBuilder, remaining, n: int):
-    """<n x i1> with lanes [0, remaining) set (remaining is an i64 value, may exceed n)."""
-    lanes = ir.Constant(ir.VectorType(I64, n), list(range(n)))
-    return b.icmp_signed("<", lanes, splat(b, remaining, n))

@@ -9,7 +9,8 @@ fcmp + select, bitcasts and integer ops on the bit pattern, `llvm.fabs`, `llvm.r
 Each function is emitted once per module as an `internal`, `alwaysinline` function named after
 the function and the type (`tracejit.exp.f32`, `tracejit.tanh.v16f32`), so the LLVM dump stays
 readable; the always-inliner runs before the loop vectorizer, so a loop calling it vectorizes.
-`sqrt` is `llvm.sqrt` itself.
+`sqrt` is `llvm.sqrt` itself. Each function is also the fused-loop lowering of the primitive of
+its name (registered with `_function_of(prim)` beside its code).
 
 Accuracy, measured by tests/test_mathfns.py over millions of random inputs spanning each range,
 against numpy evaluated in higher precision (max error in units in the last place; the tests
@@ -47,9 +48,24 @@ from decimal import Decimal
 import llvmlite.ir as ir
 import numpy as np
 
+from ir.prims.elementwise import cos_p, exp_p, log_p, logistic_p, sin_p, sqrt_p, tanh_p
+
+from .fused import register_elementwise
 from .loops import F32, F64, I32, I64, intrinsic, type_suffix
 
-UNARY = ("exp", "log", "tanh", "sin", "cos", "logistic", "sqrt")
+# name -> (impl(e: _Emitter, x) -> value, inline: emitted in place rather than as a function)
+_IMPLS: dict = {}
+
+
+def _function_of(prim, inline: bool = False):
+    """Register the decorated `impl(e, x)` as the function named after `prim` and as `prim`'s
+    fused-loop lowering (codegen/fused.py)."""
+    def deco(impl):
+        _IMPLS[prim.name] = (impl, inline)
+        register_elementwise(prim)(lambda b, ins, args: emit_unary(b, prim.name, args[0]))
+        return impl
+    return deco
+
 
 _PI_2 = Decimal("1.570796326794896619231321691639751442098584699687552910487472296153908")
 _LN2 = Decimal("0.6931471805599453094172321214581765680755001343602552541206800094933936")
@@ -241,6 +257,7 @@ class _Emitter:
 # ------------------------------------------------------------------------------------------------
 # the functions, each `impl(e: _Emitter, x) -> value of x.type`
 # ------------------------------------------------------------------------------------------------
+@_function_of(exp_p)
 def _exp(e: _Emitter, x):
     lo, hi = e.c["exp_range"]
     n, r = e.reduce_ln2(e.clamp(x, lo, hi, name="xc"))
@@ -265,6 +282,7 @@ def _expm1_nonpositive(e: _Emitter, x):
     return e.fma(s, p, e.sub(s, e.f(1.0)), name="expm1")
 
 
+@_function_of(tanh_p)
 def _tanh(e: _Emitter, x):
     # tanh|x| = (1 - e**-2|x|) / (1 + e**-2|x|) = -u / (2 + u) with u = expm1(-2|x|) in [-1, 0]:
     # no cancellation near 0 (u ~ -2|x| to full relative accuracy), exactly 1 once u rounds to -1.
@@ -275,6 +293,7 @@ def _tanh(e: _Emitter, x):
     return e.select(e.isnan(x), x, t, name="tanh")
 
 
+@_function_of(logistic_p)
 def _logistic(e: _Emitter, x):
     # with t = e**-|x| in (0, 1]: 1/(1+t) for x >= 0 and t/(1+t) for x < 0. Neither overflows;
     # nan propagates through t (x >= 0 is false for nan, so t/(1+t) is taken).
@@ -283,6 +302,7 @@ def _logistic(e: _Emitter, x):
     return e.div(num, e.add(t, e.f(1.0)), name="logistic")
 
 
+@_function_of(log_p)
 def _log(e: _Emitter, x):
     c, b = e.c, e.b
     # subnormals: scale into the normal range first
@@ -345,16 +365,22 @@ def _sincos(e: _Emitter, x, cos: bool):
     return e.as_float(b.xor(e.as_int(v), flip), name="cos" if cos else "sin")
 
 
+@_function_of(sin_p)
 def _sin(e, x):
     return _sincos(e, x, cos=False)
 
 
+@_function_of(cos_p)
 def _cos(e, x):
     return _sincos(e, x, cos=True)
 
 
-_IMPLS = {"exp": _exp, "log": _log, "tanh": _tanh, "sin": _sin, "cos": _cos,
-          "logistic": _logistic}
+@_function_of(sqrt_p, inline=True)
+def _sqrt(e, x):
+    return e.call("sqrt", x, name="sqrt")   # correctly rounded, and vectorizes natively
+
+
+UNARY = tuple(_IMPLS)
 
 
 def _float_element(ty: ir.Type):
@@ -365,12 +391,13 @@ def _float_element(ty: ir.Type):
 def emit_unary(b: ir.IRBuilder, name: str, x: ir.Value) -> ir.Value:
     """`name(x)` for `name` in UNARY and `x` of a float, double or float/double vector type;
     returns a value of `x.type`. Emits (once per module) and calls `tracejit.{name}.{type}`."""
-    if name not in UNARY:
+    if name not in _IMPLS:
         raise NotImplementedError(f"no mathfns lowering for {name!r} (known: {', '.join(UNARY)})")
     if _float_element(x.type) is None:
         raise TypeError(f"mathfns.{name}: expected a float/double (vector) value, got {x.type}")
-    if name == "sqrt":
-        return _Emitter(b, x.type).call("sqrt", x, name="sqrt")
+    impl, inline = _IMPLS[name]
+    if inline:
+        return impl(_Emitter(b, x.type), x)
     fn = _function(b.module, name, x.type)
     return b.call(fn, [x], name=name)
 
@@ -386,5 +413,5 @@ def _function(module: ir.Module, name: str, ty: ir.Type) -> ir.Function:
     fn.attributes.add("nounwind")
     fn.args[0].name = "x"
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
-    builder.ret(_IMPLS[name](_Emitter(builder, ty), fn.args[0]))
+    builder.ret(_IMPLS[name][0](_Emitter(builder, ty), fn.args[0]))
     return fn

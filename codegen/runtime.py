@@ -52,6 +52,14 @@ def _check_object_layout():
 _check_object_layout()
 
 
+def plan_for(fn: Function, max_threads: int):
+    """The kernel and buffer plan of `fn` as compiled for `max_threads` threads (the dump of the
+    "optimized" stage shows this same plan)."""
+    return schedule.plan(fn, lambda ins: kernels[ins.prim].scratch_bytes(ins, max_threads),
+                         lambda ins: kernels[ins.prim].epilogue,
+                         lambda ins: kernels[ins.prim].cost(ins))
+
+
 class NativeFunction:
     """Native code for one IR function. Call with a list of numpy arrays matching the parameters
     (dtype, shape, C-contiguous); returns the list of outputs."""
@@ -66,9 +74,7 @@ class NativeFunction:
         t0 = time.perf_counter()
         self.fn = fn
         self.max_threads = max_threads or parallel.default_threads()
-        self.plan = schedule.plan(
-            fn, lambda ins: kernels[ins.prim].scratch_bytes(ins, self.max_threads),
-            lambda ins: kernels[ins.prim].epilogue)
+        self.plan = plan_for(fn, self.max_threads)
         t1 = time.perf_counter()
         self.n_modules = target.modules_for(sum(_compile_weight(g) for g in self.plan.groups))
         self._source = None
@@ -209,8 +215,10 @@ class NativeFunction:
                 [pointer(v) for v in g.leaves + g.extra_leaves]
             scratch = b.gep(arena_arg, [i64(g.scratch)], source_etype=ir.IntType(8)) \
                 if g.scratch_bytes else ir.Constant(PTR, None)
+            splits = g.kind == "loop" or kernels[g.root.prim].parallel
             parallel.emit_call(module, b, kfn, args + [scratch], nthreads_arg,
-                               self.max_threads > 1 and g.cost_ns >= parallel.PARALLEL_MIN_NS)
+                               self.max_threads > 1 and splits
+                               and g.cost_ns >= parallel.PARALLEL_MIN_NS)
         b.ret_void()
         return [modules[k] for k in parts]
 
@@ -275,12 +283,11 @@ def _kernel_type(g) -> ir.FunctionType:
 
 
 def _compile_weight(g) -> int:
-    """Rough LLVM cost of a kernel, to balance modules (calibrated on LeNet-5's gradient):
-    convolutions are the biggest, then matmuls and pooling; fused loops are small."""
+    """Rough LLVM cost of a kernel, to balance modules: a loop nest's is its kernel's
+    (codegen/kernels); a fused loop is small: one unit and one more per four instructions."""
     if g.kind != "nn":
         return 1 + len(g.members) // 4
-    name = g.root.prim.name
-    return 12 if name.startswith("conv2d") else 6 if name == "matmul" else 4
+    return kernels[g.root.prim].compile_weight
 
 
 def _balance(groups, n_modules: int) -> dict:
@@ -289,7 +296,7 @@ def _balance(groups, n_modules: int) -> dict:
     load = [len(groups) // 2] + [0] * (n_modules - 1)   # the entry calls every kernel
     home, by_prim = {}, {}
     for g in sorted(groups, key=lambda g: -_compile_weight(g)):
-        prim = g.root.prim.name if g.kind == "nn" else None
+        prim = g.root.prim if g.kind == "nn" else None
         k = by_prim.get(prim) if prim is not None else None
         if k is None or load[k] > min(load) + 16:
             k = load.index(min(load))

@@ -21,11 +21,14 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from ir.core import Function, Instr, Value
+from ir.core import Function, Instr, IRError, Value
+from ir.prims.elementwise import const_p, literal_p, stop_gradient_p
+from ir.prims.nn import max_pool2d_argmax_p, max_pool2d_p
+from ir.prims.reduce import reduce_sum_p
+from ir.prims.structural import (broadcast_in_dim_p, concatenate_p, pad_p, reshape_p, slice_p,
+                                 transpose_p)
 
 ALIGN = 64
-FUSABLE_KINDS = ("unary", "binary", "compare", "select", "convert", "layout", "reduce", "source")
-INDEX_ONLY = ("broadcast_in_dim", "reshape", "transpose", "slice", "pad", "concatenate")
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Group:
     epilogue: "Group | None" = None
     # max_pool2d computes its argmax (same input and window) in the same pass
     companion: "Instr | None" = None
+    kernel_ns: float | None = None   # a loop nest's estimated run time (plan's `cost_ns`)
 
     @property
     def result(self) -> Value:
@@ -64,21 +68,14 @@ class Group:
     def cost_ns(self) -> float:
         """Rough single-thread run time, for deciding whether a kernel is worth running on
         several threads: loop nests at ~50 flop/ns (vector FMAs), fused loops at ~1 element
-        operation per ns."""
+        operation per ns. A loop nest's estimate is its kernel's (see codegen/kernels), given to
+        `plan`."""
         ins = self.root
         if self.kind == "nn":
-            name = ins.prim.name
-            if name == "matmul":
-                a = ins.inputs[0]
-                k = a.shape[0] if ins.params.get("trans_a") else a.shape[1]
-                return 2 * ins.out.type.size * k / 50
-            if name.startswith("conv2d"):
-                # 2 * (forward output size) * C * KH * KW flops for all three convolutions
-                w = ins.out if name == "conv2d_weight_grad" else ins.inputs[1]
-                per_out = w.type.size // max(w.shape[0], 1)
-                outs = ins.out.type.size if name == "conv2d" else ins.inputs[0].type.size
-                return 2 * outs * per_out / 50
-            return (sum(v.type.size for v in ins.inputs) + ins.out.type.size) / 4
+            if self.kernel_ns is None:
+                raise IRError(f"schedule: no cost estimate for kernel {self.name} "
+                              f"(plan was not given `cost_ns`)")
+            return self.kernel_ns
         size = max([ins.out.type.size] + [x.type.size for x in ins.inputs])
         return size * max(1, len(self.members))
 
@@ -108,12 +105,13 @@ def _is_nn(ins: Instr) -> bool:
 
 
 def _expands(consumer: Instr) -> bool:
-    return consumer.prim.name == "broadcast_in_dim" and \
+    return consumer.prim is broadcast_in_dim_p and \
         consumer.out.type.size > consumer.inputs[0].type.size
 
 
 # Cheap to evaluate anywhere: computed again in every loop that needs them instead of stored.
-DUPLICABLE = INDEX_ONLY + ("const", "stop_gradient")
+DUPLICABLE = frozenset([broadcast_in_dim_p, reshape_p, transpose_p, slice_p, pad_p, concatenate_p,
+                        const_p, stop_gradient_p])
 # Elementwise values this small are recomputed in up to SMALL_GROUPS loops (each at most
 # SMALL_LOOP elements) rather than stored: a kernel of their own costs more (in compile time and
 # a pass over memory) than recomputing a few thousand elements. Softmax and the loss around it
@@ -138,7 +136,7 @@ def materialized_values(fn: Function) -> set:
         if _is_nn(ins):
             mat.add(id(ins.out))
             mat.update(id(x) for x in ins.inputs)
-        elif ins.prim.name == "literal" or ins.prim.kind == "reduce":
+        elif ins.prim is literal_p or ins.prim.kind == "reduce":
             mat.add(id(ins.out))
     groups: dict[int, frozenset] = {}   # id(value) -> roots of the loops that evaluate it
     expanded: dict[int, bool] = {}      # read through an expanding broadcast on the way
@@ -155,7 +153,7 @@ def materialized_values(fn: Function) -> set:
         exp = any(_expands(c) or expanded.get(id(c.out), False) for c in cs)
         small = ins.prim.elementwise and v.type.size <= SMALL_VALUE and \
             len(gs) <= SMALL_GROUPS and all(root_size[g] <= SMALL_LOOP for g in gs)
-        if ins.prim.name in DUPLICABLE or small or len(gs) <= 1 and not exp:
+        if ins.prim in DUPLICABLE or small or len(gs) <= 1 and not exp:
             groups[id(v)], expanded[id(v)] = gs, exp
         else:
             mat.add(id(v))
@@ -164,11 +162,12 @@ def materialized_values(fn: Function) -> set:
     return mat
 
 
-def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None) -> Plan:
+def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None, cost_ns=None) -> Plan:
     """Group `fn`'s instructions into kernels and place every buffer.
 
     `scratch_bytes(instr) -> int` gives the scratch a loop-nest kernel needs;
     `fuses_epilogue(instr) -> bool` says whether its kernel can absorb an elementwise epilogue;
+    `cost_ns(instr) -> float` estimates its single-thread run time (Group.cost_ns);
     TRACEJIT_NO_EPILOGUES turns epilogue fusion off (here, so the dumps describe the code)."""
     mat = materialized_values(fn)
     producer = {id(i.out): i for i in fn.instrs}
@@ -181,7 +180,7 @@ def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None) -> Plan:
             out_copies.append((k, o))
             continue
         ins = producer[id(o)]
-        if ins.prim.name == "literal":
+        if ins.prim is literal_p:
             out_copies.append((k, o))
             continue
         locations[id(o)] = Location("out", k)
@@ -191,17 +190,18 @@ def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None) -> Plan:
         v = ins.out
         if id(v) not in mat:
             continue
-        name = ins.prim.name
-        if name == "literal":
+        if ins.prim is literal_p:
             locations.setdefault(id(v), Location("global"))
             continue
-        if name == "reshape" and id(ins.inputs[0]) in mat and id(v) not in locations:
+        if ins.prim is reshape_p and id(ins.inputs[0]) in mat and id(v) not in locations:
             locations[id(v)] = Location("alias", of=ins.inputs[0])
             continue
         if _is_nn(ins):
             g = Group(len(groups), "nn", ins, [ins], list(ins.inputs))
             if scratch_bytes is not None:
                 g.scratch_bytes = int(scratch_bytes(ins))
+            if cost_ns is not None:
+                g.kernel_ns = cost_ns(ins)
         else:
             members, leaves = _fused_tree(ins, mat, producer)
             g = Group(len(groups), "loop", ins, members, leaves)
@@ -222,11 +222,11 @@ def _pair_pool_argmax(groups: list) -> list:
     one pass over the input, and the backward pass keeps the indices instead of the input."""
     pools = {}
     for g in groups:
-        if g.root.prim.name == "max_pool2d":
+        if g.root.prim is max_pool2d_p:
             pools.setdefault((id(g.root.inputs[0]), _params_key(g.root)), g)
     kept = []
     for g in groups:
-        if g.root.prim.name == "max_pool2d_argmax":
+        if g.root.prim is max_pool2d_argmax_p:
             pool = pools.get((id(g.root.inputs[0]), _params_key(g.root)))
             if pool is not None and pool.companion is None:
                 pool.companion = g.root
@@ -308,6 +308,16 @@ def _fused_tree(root: Instr, mat: set, producer: dict):
     return members, leaves
 
 
+def linear_index(group: Group, size: int, members) -> bool:
+    """Can `members` of `group` be evaluated at one linear index into buffers of `size` elements?
+    Yes when each is elementwise, a constant or a reshape (which keeps the row-major linear
+    index), and every buffer the group reads and every member's value has `size` elements or is
+    a scalar."""
+    return all(m.prim.elementwise or m.prim in (const_p, reshape_p) for m in members) \
+        and all(v.type.size == size or not v.shape for v in group.leaves) \
+        and all(m.out.type.size == size or not m.out.shape for m in members)
+
+
 def reduce_loops(group: Group):
     """The loops of a reduction group: (extents, reduced loop indices, flat). When the input is
     elementwise over buffers of its own size (`flat`), adjacent dimensions that are both reduced or
@@ -315,11 +325,7 @@ def reduce_loops(group: Group):
     [N, C, H*W])."""
     root = group.root
     x = root.inputs[0]
-    size = x.type.size
-    flat = all(m is root or m.prim.elementwise or m.prim.name in ("const", "reshape")
-               for m in group.members) \
-        and all(v.type.size == size or not v.shape for v in group.leaves) \
-        and all(m is root or m.out.type.size == size or not m.out.shape for m in group.members)
+    flat = linear_index(group, x.type.size, [m for m in group.members if m is not root])
     axes = set(root.params["axes"])
     if not flat:
         return tuple(x.shape), axes, False
@@ -349,7 +355,7 @@ def reduce_flush(group: Group):
     `(d, k)`, meaning every k iterations of loop d (see reduce_loops) the float32 running sums
     in the output are added into float64 sums in scratch and reset. Otherwise None."""
     root = group.root
-    if root.prim.name != "reduce_sum" or root.out.dtype != "f32":
+    if root.prim is not reduce_sum_p or root.out.dtype != "f32":
         return None
     shape, axes, _ = reduce_loops(group)
     outer = sorted((d for d in axes if d != len(shape) - 1), reverse=True)
@@ -449,10 +455,10 @@ def annotate(p: Plan):
             if g.companion is not None:
                 head += f" and its argmax -> {g.companion.out.type}"
             if g.epilogue is not None:
-                ops = [m.prim.name for m in g.epilogue.members if m.prim.name != "const"]
+                ops = [m.prim.name for m in g.epilogue.members if m.prim is not const_p]
                 head += f", epilogue {', '.join(ops)} applied in place to each finished block"
             return head, tag
-        ops = [m.prim.name for m in g.members if m.prim.name != "const"]
+        ops = [m.prim.name for m in g.members if m.prim is not const_p]
         return (f"// kernel k{g.index}: one fused loop over {g.root.out.type} computing "
                 f"{', '.join(ops)} reading {len(g.leaves)} buffer{'s' if len(g.leaves) != 1 else ''}"), tag
     return note

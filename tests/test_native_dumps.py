@@ -84,3 +84,18 @@ def test_bias_relu_fused_into_producer(fun, args, nn_prim):
     dump = tracejit.jit_grad(fun, argnums=(1, 2)).ir(*args, stage="optimized")
     head = next(line for line in dump.splitlines() if f"loop nest {nn_prim}" in line)
     assert "epilogue" in head and "add" in head and "select" in head, head
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_optimized_dump_shows_the_plan_that_runs(threads, monkeypatch):
+    """The "optimized" dump's kernels and arena are those of the compiled code, for the thread
+    count in force (each thread's scratch is part of the arena)."""
+    from codegen import schedule
+    monkeypatch.setenv("TRACEJIT_NUM_THREADS", threads)
+    f = tracejit.jit_grad(lambda w, x: nn.max_pool2d(nn.relu(nn.conv2d(x, w, padding=1)), 2).sum())
+    w = np.ones((4, 2, 3, 3), np.float32)
+    x = np.ones((2, 2, 8, 8), np.float32)
+    dump = f.ir(w, x, stage="optimized")
+    native = f._lookup(tracejit.api._Signature(f.name, f.arg_names, (w, x), {})).native()
+    assert native.max_threads == int(threads)
+    assert dump.endswith(schedule.summary(native.plan)), (dump, schedule.summary(native.plan))

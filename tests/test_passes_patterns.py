@@ -42,15 +42,12 @@ SHAPES = dict(w=(4, 3, 3, 3), b=(4,), fc_w=(5, 36), fc_b=(5,), x=(2, 3, 8, 8))
 ARGS = tuple(RNG.standard_normal(s).astype(np.float32) for s in SHAPES.values())
 
 
-def test_golden_optimized_dump_conv_relu_pool_linear():
-    # one thread: the dump's plan (and arena size) must not depend on the machine
-    old = tj.get_num_threads()
-    tj.set_num_threads(1)
-    try:
-        text = tj.jit_grad(conv_relu_pool_linear, argnums=(0, 1, 2, 3)).ir(
-            *ARGS, stage="optimized") + "\n"
-    finally:
-        tj.set_num_threads(old)
+def test_golden_optimized_dump_conv_relu_pool_linear(monkeypatch):
+    # one thread: the dump shows the plan compiled for the thread count in force (its arena holds
+    # each thread's scratch), which must not depend on the machine here
+    monkeypatch.setenv("TRACEJIT_NUM_THREADS", "1")
+    text = tj.jit_grad(conv_relu_pool_linear, argnums=(0, 1, 2, 3)).ir(
+        *ARGS, stage="optimized") + "\n"
     path = os.path.join(GOLDEN_DIR, "conv_relu_pool_linear.optimized.txt")
     if os.environ.get("TRACEJIT_UPDATE_GOLDEN"):
         with open(path, "w") as f:

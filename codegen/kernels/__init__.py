@@ -2,7 +2,8 @@
 pooling and their backward passes). Elementwise ops, reductions and layout ops are lowered by the
 fusion code in codegen/fused.py instead.
 
-Contract of a kernel (one per primitive, registered with `@register("prim_name")`):
+Contract of a kernel (one per primitive, registered with `@register(prim_p, ...)` stating the
+facts the scheduler needs, see `register`):
 
     lower(module: llvmlite.ir.Module, name: str, ins: ir.core.Instr) -> None
 
@@ -28,25 +29,90 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ir.core import Registry, primitives
+from ir.core import Primitive, Registry
 
 
-@dataclass
+@dataclass(frozen=True)
 class Kernel:
-    lower: Callable
-    scratch_bytes: Callable = staticmethod(lambda ins, nthreads: 0)
-    epilogue: bool = False
+    """A loop-nest kernel and what the scheduler and the runtime need to know about it."""
+    lower: Callable                  # lower(module, name, ins[, epilogue=e]) (see above)
+    scratch_bytes: Callable          # scratch_bytes(ins, nthreads) -> int
+    epilogue: bool                   # may absorb the fused loop that consumes its result
+    parallel: bool                   # splits its work by tid (else only thread 0 works)
+    cost: Callable                   # cost(ins) -> estimated single-thread run time in ns
+    compile_weight: int              # rough LLVM compile cost, to balance modules (runtime)
 
 
 kernels = Registry("kernel lowering")
 
+_FACTS = ("epilogue", "parallel", "cost", "compile_weight")
 
-def register(prim_name: str, scratch_bytes: Callable | None = None, epilogue: bool = False):
+
+def register(prim: Primitive, *, scratch_bytes: Callable | None = None, **facts):
+    """Register the decorated `lower` as `prim`'s kernel. Every fact of `_FACTS` must be stated
+    (`epilogue=`, `parallel=`, `cost=`, `compile_weight=`): the scheduler has no defaults to fall
+    back on silently. `scratch_bytes` defaults to no scratch."""
+    if not isinstance(prim, Primitive):
+        raise TypeError(f"register: expected a primitive object, got {prim!r}")
+    missing = [f for f in _FACTS if f not in facts]
+    unknown = sorted(set(facts) - set(_FACTS))
+    if missing or unknown:
+        raise TypeError(f"kernel for '{prim.name}': "
+                        + (f"missing {', '.join(missing)}" if missing else "")
+                        + ("; " if missing and unknown else "")
+                        + (f"unknown {', '.join(unknown)}" if unknown else ""))
+
     def deco(fn):
-        kernels[primitives[prim_name]] = Kernel(fn, scratch_bytes or (lambda ins, nthreads: 0),
-                                                epilogue)
+        kernels[prim] = Kernel(fn, scratch_bytes or _no_scratch, **facts)
         return fn
     return deco
+
+
+def _no_scratch(ins, nthreads):
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# cost models (single-thread nanoseconds), for deciding whether a kernel is worth running on
+# several threads: flop-bound loop nests at ~50 flop/ns (vector FMAs), memory-bound ones at
+# ~4 elements per ns
+# ------------------------------------------------------------------------------------------------
+FLOPS_PER_NS = 50
+ELEMENTS_PER_NS = 4
+
+
+def matmul_cost(ins) -> float:
+    a = ins.inputs[0]
+    k = a.shape[0] if ins.params.get("trans_a") else a.shape[1]
+    return 2 * ins.out.type.size * k / FLOPS_PER_NS
+
+
+def _conv_cost(forward_out, weight) -> float:
+    """2 * (forward output size) * C * KH * KW flops, the same for all three convolutions."""
+    per_out = weight.type.size // max(weight.shape[0], 1)
+    return 2 * forward_out.type.size * per_out / FLOPS_PER_NS
+
+
+def conv2d_cost(ins) -> float:                # (x, w) -> y
+    return _conv_cost(ins.out, ins.inputs[1])
+
+
+def conv2d_input_grad_cost(ins) -> float:     # (ct of y, w) -> ct of x
+    return _conv_cost(ins.inputs[0], ins.inputs[1])
+
+
+def conv2d_weight_grad_cost(ins) -> float:    # (ct of y, x) -> ct of w
+    return _conv_cost(ins.inputs[0], ins.out)
+
+
+def memory_cost(ins) -> float:
+    """A kernel that reads its inputs and writes its output about once (pooling)."""
+    return (sum(v.type.size for v in ins.inputs) + ins.out.type.size) / ELEMENTS_PER_NS
+
+
+# Compile weights (see runtime._balance), calibrated on LeNet-5's gradient: a convolution's
+# kernel is about three times a pooling kernel's LLVM work, a matmul's about one and a half.
+CONV_WEIGHT, MATMUL_WEIGHT, POOL_WEIGHT = 12, 6, 4
 
 
 def _load_all():

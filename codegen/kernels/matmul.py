@@ -33,10 +33,12 @@ from dataclasses import dataclass, replace
 
 import llvmlite.ir as ir
 
+from ir.prims.linalg import matmul_p
+
 from ..loops import FAST, carry_loop, fma, gep, i64, llvm_type, load, masked_load, masked_store, \
     splat, store, vload
 from ..target import vector_registers
-from . import register
+from . import MATMUL_WEIGHT, matmul_cost, register
 from .toolkit import DtypeKey, I64Arg, Params, Shared, SharedFunction, ceil_div, dtype_info, \
     kernel_function, lane_mask, params, shared_function, smin, thread_range, zero_vector
 
@@ -141,7 +143,8 @@ def _matmul_scratch(ins, nthreads: int) -> int:
     return nthreads * _pack_elems(p) * p.esize if p.packed else 0
 
 
-@register("matmul", scratch_bytes=_matmul_scratch, epilogue=True)
+@register(matmul_p, scratch_bytes=_matmul_scratch, epilogue=True, parallel=True,
+          cost=matmul_cost, compile_weight=MATMUL_WEIGHT)
 def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
     p = _plan(ins)
     ety = llvm_type(p.dtype)

@@ -44,10 +44,13 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
+from ir.prims.nn import (avg_pool2d_grad_p, avg_pool2d_p, max_pool2d_argmax_p, max_pool2d_gather_p,
+                         max_pool2d_grad_p, max_pool2d_p)
+
 from ..loops import I1, I32, I64, for_range, gep, i32, i64, if_then, intrinsic, llvm_type, load, \
     masked_store, splat, store, vec
 from ..target import vector_width
-from . import register
+from . import POOL_WEIGHT, memory_cost, register
 from .toolkit import kernel_function, lane_mask, round_up, thread_range, wide_load, wide_store, \
     zero_fill
 
@@ -291,17 +294,20 @@ def _first_real_tap(b, w: _Window, base, h0, loads):
 # Registered without `epilogue=True`, so the scheduler never fuses an epilogue into a max_pool2d,
 # alone or paired with its argmax (the lowering and lower_max_pool2d_with_argmax would take one,
 # and codegen/runtime.py passes one to the paired kernel).
-@register("max_pool2d")
+@register(max_pool2d_p, epilogue=False, parallel=True, cost=memory_cost,
+          compile_weight=POOL_WEIGHT)
 def _max_pool2d_lower(module, name, ins, epilogue=None):
     _lower_pool(module, name, ins, "max", epilogue)
 
 
-@register("max_pool2d_argmax", epilogue=True)
+@register(max_pool2d_argmax_p, epilogue=True, parallel=True, cost=memory_cost,
+          compile_weight=POOL_WEIGHT)
 def _max_pool2d_argmax_lower(module, name, ins, epilogue=None):
     _lower_pool(module, name, ins, "argmax", epilogue)
 
 
-@register("avg_pool2d", epilogue=True)
+@register(avg_pool2d_p, epilogue=True, parallel=True, cost=memory_cost,
+          compile_weight=POOL_WEIGHT)
 def _avg_pool2d_lower(module, name, ins, epilogue=None):
     _lower_pool(module, name, ins, "avg", epilogue)
 
@@ -320,7 +326,8 @@ def _spread(b, w: _Window, v, cover, depth: int, other):
     return b.shuffle_vector(v, other, _ivec([c[depth] if len(c) > depth else w.V for c in cover]))
 
 
-@register("avg_pool2d_grad", epilogue=True)
+@register(avg_pool2d_grad_p, epilogue=True, parallel=True, cost=memory_cost,
+          compile_weight=POOL_WEIGHT)
 def _avg_pool2d_grad_lower(module, name, ins, epilogue=None):
     """Each output's ct/(kh*kw) spread over its window: one shuffle per wide access when the
     windows do not overlap (stored directly), else a read-modify-write of the sum."""
@@ -367,7 +374,7 @@ def _blocks(ins) -> _Geom | None:
     when the stride equals the kernel, where these kernels look for each index first. None when
     they are degenerate (stride-1 pooling) or too large to unroll."""
     n, c, OH, OW = ins.inputs[1].type.shape
-    H, W = ins.inputs[0].type.shape[2:] if ins.prim.name == "max_pool2d_gather" else \
+    H, W = ins.inputs[0].type.shape[2:] if ins.prim is max_pool2d_gather_p else \
         ins.out.type.shape[2:]
     if OH == 0 or OW == 0:
         return None
@@ -414,7 +421,8 @@ def _scatter_add(b, g_hw: int, ohw_shape, out_p, ct_p, idx_p, T, block: _Geom | 
                 b.store(b.fadd(b.load(dst, typ=T), load(b, ct_p, o, T)), dst)
 
 
-@register("max_pool2d_grad", epilogue=True)
+@register(max_pool2d_grad_p, epilogue=True, parallel=True, cost=memory_cost,
+          compile_weight=POOL_WEIGHT)
 def _max_pool2d_grad_lower(module, name, ins, epilogue=None):
     """Scatter-add of ct to idx. When the plane splits into disjoint blocks, one per output (the
     windows of stride == kernel pooling), it is dense: each block lane gets ct where idx points at
@@ -473,7 +481,8 @@ def _max_pool2d_grad_lower(module, name, ins, epilogue=None):
     b.ret_void()
 
 
-@register("max_pool2d_gather", epilogue=True)
+@register(max_pool2d_gather_p, epilogue=True, parallel=True, cost=memory_cost,
+          compile_weight=POOL_WEIGHT)
 def _max_pool2d_gather_lower(module, name, ins, epilogue=None):
     """g at idx per plane. With disjoint blocks (see max_pool2d_grad) a vector of outputs selects
     among its blocks' taps (wide loads and shuffles, as max_pool2d reads x); a vector with an

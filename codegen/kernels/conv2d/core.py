@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
+from ir.prims.nn import conv2d_input_grad_p, conv2d_p
+
 from ...loops import I64, gep, i64, store
-from .. import register
+from .. import CONV_WEIGHT, conv2d_cost, conv2d_input_grad_cost, register
 from ..toolkit import ceil_div, dtype_info, kernel_function, round_up, thread_range
 from .channel import lower_channel
 from .direct import lower_direct
@@ -207,7 +209,7 @@ def _input_grad_core(ins, epilogue=None) -> Core:
     return core.blocked(epilogue)
 
 
-def _register_core(prim: str, make):
+def _register_core(prim, make, cost):
     """Register the lowering of a primitive computed by the shared core; `make(ins) -> Core`.
     (The scratch size does not depend on the epilogue: only `yc` does, not the region.)"""
     def scratch_bytes(ins, nthreads):
@@ -217,8 +219,9 @@ def _register_core(prim: str, make):
     def lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
         make(ins, epilogue).lower(module, name, epilogue)
 
-    register(prim, scratch_bytes=scratch_bytes, epilogue=True)(lower)
+    register(prim, scratch_bytes=scratch_bytes, epilogue=True, parallel=True, cost=cost,
+             compile_weight=CONV_WEIGHT)(lower)
 
 
-_register_core("conv2d", _conv_core)
-_register_core("conv2d_input_grad", _input_grad_core)
+_register_core(conv2d_p, _conv_core, conv2d_cost)
+_register_core(conv2d_input_grad_p, _input_grad_core, conv2d_input_grad_cost)

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
+from ir.prims.nn import conv2d_weight_grad_p
+
 from ...loops import carry_loop, fma, gep, i64, if_then, load, masked_load, masked_store, store, \
     vload, vstore
-from .. import register
+from .. import CONV_WEIGHT, conv2d_weight_grad_cost, register
 from ..toolkit import I64Arg, Params, ceil_div, dtype_info, hsum, kernel_function, lane_mask, \
     memset0, opaque, params, round_up, shared_function, smax, smin, thread_range
 from .layout import ALIGN, FORCE, PadKey, Prep, PrepParams, pad
@@ -172,7 +174,8 @@ class WGradParams(Params):
     prep: PrepParams
 
 
-@register("conv2d_weight_grad", scratch_bytes=_wgrad_scratch)
+@register(conv2d_weight_grad_p, scratch_bytes=_wgrad_scratch, epilogue=False, parallel=True,
+          cost=conv2d_weight_grad_cost, compile_weight=CONV_WEIGHT)
 def _conv2d_weight_grad_lower(module: ir.Module, name: str, ins) -> None:
     p = _wgrad_plan(ins)
     kf = kernel_function(module, name, 2)
