@@ -128,7 +128,7 @@ class Instr:
     """One instruction: `out = prim(*inputs, **params)`.
 
     `loc` is the user's "file:line"; `api` the user-level operation that emitted it (e.g. "relu" for
-    the `gt`/`select` pair it lowers to); `adj_of` the forward instruction an adjoint instruction
+    the `le`/`select` pair it lowers to); `adj_of` the forward instruction an adjoint instruction
     came from; `tan_of` the primal instruction a tangent instruction came from."""
     __slots__ = ("prim", "inputs", "params", "out", "loc", "api", "adj_of", "tan_of")
 

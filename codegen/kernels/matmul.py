@@ -173,6 +173,8 @@ def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
         if epilogue is None:
             fn.call(b, [kf.out, a_mat, b_mat], replace(shape, r0=r0, r1=r1, c0=0, c1=p.n))
         else:   # panels of rows: computed, then the epilogue while they are in cache
+            # about 32 rows a panel (whole row tiles): their C block (32 x N floats) is still in
+            # L1/L2 when the epilogue runs over it
             panel = p.mr * max(1, 32 // p.mr)
             with carry_loop(b, r0, r1, [], "matmul.panel", step=panel) as lp:
                 end = smin(b, b.add(lp.iv, i64(panel)), r1)

@@ -4,7 +4,8 @@ select and dtype conversion.
 Operands of an elementwise instruction have the result's shape, or are rank-0 scalars (see ir.core).
 Conventions (the same in the interpreter, the adjoint rules and the code generator):
 - maximum/minimum propagate NaN like numpy; at ties each operand receives half the cotangent.
-- sign(0) = 0, so d|x|/dx at 0 is 0; relu is `select(x > 0, x, 0)`, so its derivative at 0 is 0.
+- sign(0) = 0, so d|x|/dx at 0 is 0; nn.relu is `select(x <= 0, 0, x)` (NaN propagates, as with
+  numpy's maximum), so its derivative at 0 is 0.
 - A partial derivative that a naive formula makes 0 * inf where the function is constant in that
   argument is 0: d a^b / da at b == 0 (also a == 0), as PyTorch's pow_backward_self.
 - A zero cotangent times an infinite partial derivative stays NaN, as in PyTorch and JAX: the
