@@ -26,7 +26,7 @@ _FCMP = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "eq": "==", "ne": "!="}
 
 def scalar_type(dtype: str) -> ir.Type:
     """LLVM type of an element value in registers (bool is i1; stored as i8)."""
-    return {"f32": F32, "f64": F64, "i32": I32, "bool": I1}[dtype]
+    return {"f32": F32, "f64": F64, "i32": I32, "u32": I32, "bool": I1}[dtype]
 
 
 def strides_of(shape):
