@@ -89,7 +89,7 @@ def _float_dtype(dtype, what: str) -> str:
     raise TypeError(f"{what}: dtype must be float32 or float64, got {dtype!r}")
 
 
-def _uniform01(k, shape, dt: str, what: str):
+def uniform01(k, shape, dt: str, what: str):
     """Uniform [0, 1) of IR dtype `dt` as a Value."""
     return lax.random_uniform(_key_value(k, what), _shape(shape, what), dt)
 
@@ -102,11 +102,11 @@ def bits(key, shape=()):
 
 @op("random.split")
 def split(key, num=2):
-    """`num` new keys, uint32 [num, 2]: the random bits of `key` (independent of it and of each
-    other for all practical purposes)."""
+    """`num` new keys, uint32 [num, 2]: key i is the Threefry block of counter i under `key` (as
+    JAX's partitionable split), independent of each other for all practical purposes."""
     if isinstance(num, bool) or not isinstance(num, numbers.Integral) or num < 1:
         raise ValueError(f"random.split: num must be a positive int, got {num!r}")
-    return wrap(lax.random_bits(_key_value(key, "random.split"), (int(num), 2)))
+    return wrap(lax.random_blocks(_key_value(key, "random.split"), int(num)))
 
 
 @op("random.uniform")
@@ -114,7 +114,7 @@ def uniform(key, shape=(), dtype=np.float32, minval=0.0, maxval=1.0):
     """Uniform floats in [minval, maxval) (from 23 or 52 random mantissa bits; as in JAX,
     rounding may give maxval itself when the bounds are not 0 and 1)."""
     dt = _float_dtype(dtype, "random.uniform")
-    u = wrap(_uniform01(key, shape, dt, "random.uniform"))
+    u = wrap(uniform01(key, shape, dt, "random.uniform"))
     numbers_only = isinstance(minval, numbers.Real) and isinstance(maxval, numbers.Real)
     if numbers_only and float(minval) == 0.0 and float(maxval) == 1.0:
         return u
@@ -130,13 +130,13 @@ def normal(key, shape=(), dtype=np.float32):
     sqrt(2 * 23 * ln 2) ~ 5.6."""
     dt = _float_dtype(dtype, "random.normal")
     shape = _shape(shape, "random.normal")
-    u = wrap(_uniform01(key, (2,) + shape, dt, "random.normal"))
+    u = wrap(uniform01(key, (2,) + shape, dt, "random.normal"))
     u1, u2 = u[0], u[1]
     radius = ops.sqrt(ops.multiply(ops.log(ops.subtract(1.0, u1)), -2.0))
     return ops.multiply(radius, ops.cos(ops.multiply(u2, 2 * math.pi)))
 
 
-def _probability(p, what: str, param: str = "p"):
+def check_probability(p, what: str, param: str = "p"):
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) <= 1.0:
         raise ValueError(f"{what}: {param} must be a number in [0, 1], got {p!r}")
     return float(p)
@@ -149,7 +149,7 @@ def bernoulli(key, p=0.5, shape=None):
         arr_shape = ops.shape_of(p)
         shape = arr_shape if shape is None else _shape(shape, "random.bernoulli")
         dt = ops.result_dtype(p)
-        return ops.less(wrap(_uniform01(key, shape, dt, "random.bernoulli")), p)
-    p = _probability(p, "random.bernoulli")
+        return ops.less(wrap(uniform01(key, shape, dt, "random.bernoulli")), p)
+    p = check_probability(p, "random.bernoulli")
     shape = () if shape is None else shape
-    return ops.less(wrap(_uniform01(key, shape, "f32", "random.bernoulli")), p)
+    return ops.less(wrap(uniform01(key, shape, "f32", "random.bernoulli")), p)

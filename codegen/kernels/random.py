@@ -7,6 +7,8 @@ at a time (V = the 32-bit lanes of one vector register: 8 with AVX2): the counte
 consecutive indices are one <V x i32> pair and the 20 Threefry rounds are vector adds, xors and
 rotates (shift left | shift right: AVX2 has no vector rotate, LLVM matches the pair). The last
 partial vector of a thread's range is computed in full and stored through a lane mask.
+random_blocks stores both words of each block, interleaved (row i = (x0, x1) of counter i): its
+work items are blocks, two output words each.
 """
 from __future__ import annotations
 
@@ -51,6 +53,9 @@ def _values(b: ir.IRBuilder, ks, start, V: int, form: str):
     lo = b.trunc(idx, vec(I32, V))
     hi = b.trunc(b.lshr(idx, _const_vec(I64, 32, V)), vec(I32, V))
     x0, x1 = _threefry(b, ks, hi, lo, V)
+    if form == "pair":
+        order = [k // 2 + (k % 2) * V for k in range(2 * V)]
+        return b.shuffle_vector(x0, x1, ir.Constant(vec(I32, 2 * V), order), name="blocks")
     if form == "u32":
         return b.xor(x0, x1, name="bits")
     if form == "f32":
@@ -69,14 +74,16 @@ def _lower_random(module, name, ins, form: str):
     k1 = load(b, f.ins[0], i64(1), I32, name="key1")
     k2 = b.xor(b.xor(k0, k1), ir.Constant(I32, PARITY), name="key.parity")
     ks = [splat(b, k, V) for k in (k0, k1, k2)]
-    begin, end = thread_range(b, ins.out.type.size, f.tid, f.nthreads)
+    words = 2 if form == "pair" else 1     # output elements per work item (block)
+    begin, end = thread_range(b, ins.out.type.size // words, f.tid, f.nthreads)
     n = b.sub(end, begin)
     full_end = b.sub(end, b.urem(n, i64(V)), name="full.end")
     with for_range(b, begin, full_end, V, name="random", scalar=True) as i:
-        vstore(b, _values(b, ks, i, V, form), f.out, i)
+        vstore(b, _values(b, ks, i, V, form), f.out, b.mul(i, i64(words)))
     with if_then(b, b.icmp_unsigned("<", full_end, end), name="random.tail"):
         vals = _values(b, ks, full_end, V, form)
-        wide_store(b, vals, f.out, full_end, lane_mask(b, b.sub(end, full_end), V))
+        rest = b.mul(b.sub(end, full_end), i64(words))
+        wide_store(b, vals, f.out, b.mul(full_end, i64(words)), lane_mask(b, rest, words * V))
     b.ret_void()
 
 
@@ -88,3 +95,8 @@ def _random_bits_lower(module, name, ins):
 @register("random_uniform")
 def _random_uniform_lower(module, name, ins):
     _lower_random(module, name, ins, ins.params["dtype"])
+
+
+@register("random_blocks")
+def _random_blocks_lower(module, name, ins):
+    _lower_random(module, name, ins, "pair")

@@ -3,6 +3,8 @@
 
     random_bits(key: u32[2]) -> u32[shape]                 {shape}
     random_uniform(key: u32[2]) -> f32[shape] | f64[shape]  {shape, dtype}: in [0, 1)
+    random_blocks(key: u32[2]) -> u32[n, 2]                 {n}: row i is the block (x0, x1)
+        of counter i itself; tracejit.random.split's keys, as JAX's partitionable split
 
 Element i (the flat row-major index) of either result depends only on the key and i: it is made
 from the block (x0, x1) = threefry2x32(key, (hi32(i), lo32(i))), as JAX's partitionable
@@ -32,6 +34,7 @@ from ..jvp_rules import jvp_rules
 # "nn": each has its own loop nest (codegen/kernels/random.py), not a fused elementwise loop
 random_bits_p = primitive("random_bits", "nn")
 random_uniform_p = primitive("random_uniform", "nn")
+random_blocks_p = primitive("random_blocks", "nn")
 
 # Threefry-2x32 (Salmon et al. 2011, table 4 and section 3.3): the rotation distances of the 8
 # rounds of one cycle, and the key-schedule parity constant of Skein (C240).
@@ -69,6 +72,10 @@ def _blocks(key, size: int):
     i = np.arange(size, dtype=np.uint64)
     return threefry2x32(key, (i >> np.uint64(32)).astype(np.uint32),
                         (i & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+
+
+def blocks_reference(key, n: int) -> np.ndarray:
+    return np.stack(_blocks(key, n), axis=1)
 
 
 def bits_reference(key, shape) -> np.ndarray:
@@ -111,7 +118,14 @@ def _random_uniform_shape(key, *, shape, dtype):
     return TensorType(dtype, shape)
 
 
+@shape_rules.register(random_blocks_p)
+def _random_blocks_shape(key, *, n):
+    _check_key("random_blocks", key, (n,))
+    return TensorType("u32", (n, 2))
+
+
 # --------------------------------------------------------------------------- numpy reference
+impls[random_blocks_p] = lambda key, *, n: blocks_reference(key, n)
 impls[random_bits_p] = lambda key, *, shape: bits_reference(key, shape)
 impls[random_uniform_p] = lambda key, *, shape, dtype: uniform_reference(key, shape, dtype)
 
@@ -125,9 +139,12 @@ def random_uniform(key: Value, shape, dtype: str) -> Value:
     return emit(random_uniform_p, key, shape=tuple(int(d) for d in shape), dtype=dtype)
 
 
+def random_blocks(key: Value, n: int) -> Value:
+    return emit(random_blocks_p, key, n=int(n))
+
+
 # --------------------------------------------------------------------------- derivative rules
 # The key is an integer: no cotangent flows into it and no tangent out of it.
-adjoint_rules[random_bits_p] = lambda ct, key, **params: (None,)
-adjoint_rules[random_uniform_p] = lambda ct, key, **params: (None,)
-jvp_rules[random_bits_p] = lambda ts, tans, out, key, **params: None
-jvp_rules[random_uniform_p] = lambda ts, tans, out, key, **params: None
+for _p in (random_bits_p, random_uniform_p, random_blocks_p):
+    adjoint_rules[_p] = lambda ct, key, **params: (None,)
+    jvp_rules[_p] = lambda ts, tans, out, key, **params: None
