@@ -34,9 +34,8 @@ def test_threefry_known_answers(key, counter, expected):
 
 
 def test_split_of_a_key_is_the_block_of_each_counter_native():
-    """Key i of split(k) is the Threefry block of counter (0, i): the KAT key's own answer for
-    counter (0x243F6A88, 0x85A308D3) needs 64-bit counters, so check counter 0 of key (0, 0)
-    and (M, M)-style keys against the reference, in native code."""
+    """Key i of split(k) is the Threefry block of counter (0, i), in native code: for key (0, 0)
+    key 0 is Random123's known answer for counter (0, 0)."""
     f = tracejit.jit(lambda k: jr.split(k, 5))
     for key in [(0, 0), (M32, M32), KAT[2][0]]:
         got = f(np.array(key, np.uint32))
