@@ -33,7 +33,7 @@ from .loops import (F32, F64, FAST, I1, I8, I32, I64, PTR, REDUCE, SHORT_LOOP, V
 
 def scalar_type(dtype: str) -> ir.Type:
     """LLVM type of an element value in registers (bool is i1; stored as i8)."""
-    return {"f32": F32, "f64": F64, "i32": I32, "bool": I1}[dtype]
+    return {"f32": F32, "f64": F64, "i32": I32, "u32": I32, "bool": I1}[dtype]
 
 
 def strides_of(shape):

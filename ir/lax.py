@@ -14,6 +14,7 @@ from .prims.linalg import matmul  # noqa: F401
 from .prims.nn import (  # noqa: F401
     avg_pool2d, avg_pool2d_grad, conv2d, conv2d_input_grad, conv2d_weight_grad, max_pool2d,
     max_pool2d_argmax, max_pool2d_gather, max_pool2d_grad)
+from .prims.random import random_bits, random_blocks, random_uniform  # noqa: F401
 
 
 def zeros(shape, dtype):

@@ -738,6 +738,48 @@ add("nn.batch_norm", "batch_norm-train-with-running-stats-output",
     lambda x: nn.batch_norm(x, np.zeros(3), np.ones(3), training=True, eps=1e-3).output,
     lambda x: ref_batch_norm(x, eps=1e-3), Arg((4, 3, 2)))
 
+
+# nn: dropout ------------------------------------------------------------------------------------
+def ref_threefry2x32(key, counter):
+    """Threefry-2x32, 20 rounds, on Python ints, straight from Salmon et al. (SC 2011): rotations
+    13 15 26 6 17 29 16 24, a key injection (ks[s], ks[s+1] + s) after every 4 rounds, ks[2] =
+    k0 ^ k1 ^ 0x1BD11BDA."""
+    m = 0xFFFFFFFF
+    ks = (key[0], key[1], key[0] ^ key[1] ^ 0x1BD11BDA)
+    x0, x1 = (counter[0] + ks[0]) & m, (counter[1] + ks[1]) & m
+    for r in range(20):
+        rot = (13, 15, 26, 6, 17, 29, 16, 24)[r % 8]
+        x0 = (x0 + x1) & m
+        x1 = (((x1 << rot) | (x1 >> (32 - rot))) & m) ^ x0
+        if r % 4 == 3:
+            s = r // 4 + 1
+            x0, x1 = (x0 + ks[s % 3]) & m, (x1 + ks[(s + 1) % 3] + s) & m
+    return x0, x1
+
+
+def ref_uniform_f32(key, shape):
+    """float32 uniforms: element i from the block of counter (i >> 32, i & 0xFFFFFFFF), 23 top
+    bits of x0 ^ x1 as the mantissa of a float in [1, 2), minus 1."""
+    out = []
+    for i in range(int(np.prod(shape, dtype=np.int64))):
+        x0, x1 = ref_threefry2x32(key, (i >> 32, i & 0xFFFFFFFF))
+        out.append(((x0 ^ x1) >> 9) * 2.0 ** -23)
+    return np.array(out).reshape(shape)
+
+
+def ref_dropout(x, p, key):
+    keep = ref_uniform_f32(tuple(int(k) for k in key), x.shape) >= np.float32(p)
+    return np.where(keep, x / (1 - p), 0.0)
+
+
+DROPOUT_KEY = np.array([0x13198A2E, 0x03707344], dtype=np.uint32)   # a fixed key, closed over
+for _p, _shape in ((0.5, (4, 5)), (0.2, (3,)), (0.9, (2, 3, 4))):
+    add("nn.dropout", f"dropout-p{_p}-{_sid(_shape)}",
+        lambda x, p=_p: nn.dropout(x, p, key=DROPOUT_KEY),
+        lambda x, p=_p: ref_dropout(x, p, DROPOUT_KEY), Arg(_shape))
+add("nn.dropout", "dropout-eval", lambda x: nn.dropout(x, 0.5, training=False), lambda x: x,
+    Arg((2, 3)))
+
 GRAD_CASES = [c for c in CASES if c.grad]
 SECOND_ORDER_CASES = [c for c in GRAD_CASES if c.second_order]
 

@@ -27,8 +27,8 @@ from .transforms import hessian, jacfwd, jacrev, jit_jvp  # noqa: F401
 __version__ = "0.1.0"
 
 # Training helpers load on first use, so `import tracejit` does not pay for them.
-_LAZY = {"tree": ("tree", None), "optim": ("optim", None), "save": ("io", "save"),
-         "load": ("io", "load")}
+_LAZY = {"tree": ("tree", None), "optim": ("optim", None), "random": ("random", None),
+         "save": ("io", "save"), "load": ("io", "load")}
 
 
 def __getattr__(name):

@@ -39,7 +39,8 @@ class _Signature:
     - float32 and float64 numpy arrays are traced; their shapes and dtypes are part of the compile
       key, so a new shape or dtype traces again. Any layout works: non-contiguous, Fortran-ordered,
       read-only, misaligned and byte-swapped arrays are copied to what the native code reads (see
-      `_c_contiguous`); the caller's arrays are never written to. Arrays of other dtypes (int,
+      `_c_contiguous`); the caller's arrays are never written to. uint32 arrays (random keys,
+      tracejit.random) are traced too, as IR type u32. Arrays of other dtypes (int,
       bool, complex, float16, object, strings, ...) raise TypeError naming the argument path
       (`params['conv1']`), the expected and the actual type. Array-likes of other libraries
       (`__array__`) are converted with np.asarray; masked arrays raise TypeError.
@@ -84,6 +85,9 @@ class _Signature:
                 self.types.append(x.value.type)
                 continue
             dt = x.dtype
+            if dt == np.uint32:   # random keys (tracejit.random): a new key never retraces
+                self.types.append(TensorType("u32", x.shape))
+                continue
             if dt.kind != "f" or dt.itemsize not in (4, 8):
                 raise TypeError(f"{fun_name}: argument {path}: expected a float32 or float64 "
                                 f"array, got an array of dtype {dt} and shape {list(x.shape)}"

@@ -541,6 +541,33 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean"):
     return _weighted_nll("nll_loss", input, axis, coef, count, reduction)
 
 
+@op("dropout")
+def dropout(input, p=0.5, training=True, *, key=None):
+    """PyTorch's dropout: in training, each element is zeroed with probability p and the others
+    scaled by 1 / (1 - p); with training=False or p == 0 the input itself; with p == 1,
+    input * 0 (zeros; NaN where the input is infinite or NaN, as PyTorch).
+
+    The mask is `tracejit.random.uniform(key, input.shape) >= float32(p)` (float32 for float64
+    inputs too, so a key gives one mask whatever the dtype; key: a tracejit.random key, required
+    in training): the same key gives the same mask, in the native code and the interpreter
+    alike. The gradient is that mask times 1 / (1 - p) times the cotangent."""
+    from . import random as _random   # on first use: `import tracejit` does not load it
+    p = _random.check_probability(p, "dropout")
+    if not isinstance(training, (bool, np.bool_)):
+        raise _error(TypeError, f"dropout: training must be a bool, got {training!r}")
+    x = _float(input)
+    if not training or p == 0.0:
+        return x
+    if key is None:
+        raise _error(TypeError, "dropout: key is required when training (a uint32 array of "
+                                "shape [2]: tracejit.random.key(seed), or a split of one)")
+    u = wrap(_random.uniform01(key, _shape(x), "f32", "dropout"))
+    if p == 1.0:
+        return ops.multiply(x, 0.0)
+    keep = ops.greater_equal(u, np.float32(p))
+    return ops.where(keep, ops.multiply(x, 1.0 / (1.0 - p)), 0.0)
+
+
 @op("mse_loss")
 def mse_loss(input, target, reduction="mean"):
     if _shape(input) != _shape(target):

@@ -522,8 +522,10 @@ def stack(xs, axis=0):
 
 @op("getitem")
 def getitem(x, idx):
-    """Basic indexing: ints, slices with positive steps, None and Ellipsis."""
-    v = as_value(x, result_dtype(x))
+    """Basic indexing: ints, slices with positive steps, None and Ellipsis. Traced integer values
+    (random keys) keep their dtype."""
+    integer = isinstance(x, Tracer) and x.value.dtype in ("i32", "u32")
+    v = to_value(x) if integer else as_value(x, result_dtype(x))
     idx = idx if isinstance(idx, tuple) else (idx,)
     n_real = len([i for i in idx if i is not None and i is not Ellipsis])
     if builtins.sum(i is Ellipsis for i in idx) > 1:
