@@ -99,13 +99,14 @@ def test_native_interpreter_and_eager_are_bit_identical(n):
 
 def test_parallel_threads_are_used_above_the_threshold():
     """The bit-identity test above means something for threads only if the kernel splits."""
-    from codegen import parallel, schedule
+    from codegen import parallel
+    from codegen.runtime import plan_for
     from ir.builder import Builder, building
     b = Builder("probe")
     with building(b):
         p = b.add_param(prims_random.KEY_TYPE, "k")
         out = prims_random.random_uniform(p, (300_001,), "f32")
-    plan = schedule.plan(b.finish([out]), lambda ins: 0, lambda ins: False)
+    plan = plan_for(b.finish([out]), 2)
     (g,) = plan.groups
     assert g.cost_ns >= parallel.PARALLEL_MIN_NS
 
