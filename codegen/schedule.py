@@ -295,9 +295,9 @@ def _place_donated(fn: Function, groups: list, locations: dict, out_copies: list
     type). Returns (groups, [(output index, parameter index, how)], see Plan.donated).
 
     The output's kernel stores it straight into the parameter's buffer ("in place") when that is
-    the last thing to touch the parameter: its kernel is a fused loop reading the parameter only
-    elementwise at the loop's own index (element i is read before element i is written), and
-    every other kernel reading the parameter runs before it. An optimizer's update `p - lr * g`
+    the last thing to touch the parameter: every other kernel reading the parameter runs before
+    it, and it does not read the parameter, or is a fused loop reading it only elementwise at the
+    loop's own index (element i is read before element i is written). An optimizer's update `p - lr * g`
     is such a loop. A fused loop that became the epilogue of a loop-nest kernel reading the
     parameter is split off again first: the kernel writes its raw result over the output's
     buffer before the epilogue reads the parameter. Otherwise ("copy") the output gets an arena
@@ -331,8 +331,9 @@ def _place_donated(fn: Function, groups: list, locations: dict, out_copies: list
             continue
         g = made_by.get(id(o))   # None: a max-pool's argmax
         mine = reads(g, j) if g is not None else []
-        direct = g is not None and g.kind == "loop" and g.root.prim.kind != "reduce" \
-            and all(v.type.shape == o.type.shape and _elementwise_path(g, v) for v in mine) \
+        direct = g is not None \
+            and (not mine or g.kind == "loop" and g.root.prim.kind != "reduce"
+                 and all(v.type.shape == o.type.shape and _elementwise_path(g, v) for v in mine)) \
             and all(h.index < g.index for h in groups if h is not g and reads(h, j))
         if direct:
             locations[id(o)] = Location("in", j)

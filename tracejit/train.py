@@ -104,6 +104,8 @@ class TrainStep:
 
         step.__name__ = step.__qualname__ = self.name
         self._jitted = _StepJitted(step, 2)
+        # batch arguments are named as the loss function names them (`x`, not `args[2]`)
+        self._jitted.arg_names = ["params", "state"] + grad.arg_names[1:]
 
     def __repr__(self):
         return f"<jit_train_step {self.name} of {self.optimizer!r}>"
@@ -183,8 +185,8 @@ def _check_in_place(who: str, donated, batch):
     for path, _, x in batch:
         for lo, hi, p in spans:
             if _overlaps(x, lo, hi):
-                raise TypeError(f"{who}: {path} shares memory with {p}, which the step updates "
-                                f"in place; pass a copy")
+                raise TypeError(f"{who}: {path} and {p} share memory, and the step updates {p} in "
+                                f"place; pass a copy of {path}")
 
 
 def _overlaps(x: np.ndarray, lo: int, hi: int) -> bool:
