@@ -224,11 +224,15 @@ class NativeFunction:
     def _resolve_copies(self):
         """For outputs that are copies: where to copy from ("in", k) / ("out", k) / ("const", arr)."""
         plan = self.plan
+        # a value a donated output holds is in that output's array once the entry has run
+        donated = {id(plan.fn.outputs[k]): k for k, _, how in plan.donated if how != "caller"}
         res = []
         for k, v in plan.out_copies:
             v = schedule.base_value(v, plan.locations)
             loc = plan.locations.get(id(v))
-            if loc is None or loc.kind == "global":
+            if id(v) in donated:
+                res.append((k, "out", donated[id(v)]))
+            elif loc is None or loc.kind == "global":
                 res.append((k, "const", np.array(v.instr.params["value"])))
             else:
                 res.append((k, loc.kind, loc.index))
@@ -250,7 +254,7 @@ class NativeFunction:
         if self.donate:
             outs = tuple([np.empty(t.shape, dtype=t.np_dtype) if j is None else arrays[j]
                           for t, j in zip(self._out_types, self._donor)])
-            late = _run_copies(self._early, arrays, outs)
+            late = _run_copies(self._early, arrays, outs) + self._late
         else:
             outs = tuple(np.empty(t.shape, dtype=t.np_dtype) for t in self._out_types)
             late = self._copies

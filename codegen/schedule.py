@@ -348,13 +348,14 @@ def _place_donated(fn: Function, groups: list, locations: dict, out_copies: list
 def _split_donated_epilogues(fn: Function, groups: list, locations: dict, donated: dict) -> list:
     """Undo the epilogue fusion of a donated output whose loop-nest kernel reads the parameter
     the output is stored into (see `_place_donated`): the loop runs right after the kernel."""
-    outs = {id(fn.outputs[k]): fn.params[j] for k, j in donated.items()}
+    targets: dict[int, set] = {}   # id(output value) -> ids of the parameters it goes into
+    for k, j in donated.items():
+        targets.setdefault(id(fn.outputs[k]), set()).add(id(fn.params[j]))
     kept = []
     for g in groups:
         kept.append(g)
-        p = outs.get(id(g.result)) if g.epilogue is not None else None
-        if p is not None and any(base_value(v, locations) is p
-                                 for v in g.leaves + g.extra_leaves):
+        ps = targets.get(id(g.result), ()) if g.epilogue is not None else ()
+        if any(id(base_value(v, locations)) in ps for v in g.leaves + g.extra_leaves):
             kept.append(g.epilogue)
             g.epilogue = None
     for i, g in enumerate(kept):

@@ -409,3 +409,27 @@ def test_called_inside_a_trace_raises():
 
     with pytest.raises(TypeError, match="inside a trace"):
         f(params, *batch(np.float64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_update_returning_one_value_twice_and_a_constant(backend):
+    # outputs the caller fills by copying: the same value as an earlier output, a literal
+    ones = np.full((6, 6), 3.0)
+
+    def update(g, s, p):
+        v = p["a"] - 0.1 * g["a"]
+        return {"a": v, "b": v}, {"step": s["step"] * 0.0 + ones[0, 0]}
+
+    opt = _Custom(update)
+    params = _square_params()
+    want = update(tracejit.jit_grad(_sq_loss)(params, np.eye(6)), opt.init(params), params)[0]
+    state = opt.init(params)
+    step = tracejit.jit_train_step(_sq_loss, opt)
+    dump = step.ir(params, state, np.eye(6), stage="optimized")
+    assert "written in place into parameter %params.a" in dump   # the gradient's epilogue, split
+    assert "copied by the caller into parameter %params.b" in dump
+    with use_backend(backend):
+        step(params, state, np.eye(6))
+    np.testing.assert_allclose(params["a"], want["a"], rtol=1e-14)
+    np.testing.assert_allclose(params["b"], want["a"], rtol=1e-14)
+    assert float(state["step"]) == 3.0
