@@ -433,3 +433,24 @@ def test_update_returning_one_value_twice_and_a_constant(backend):
     np.testing.assert_allclose(params["a"], want["a"], rtol=1e-14)
     np.testing.assert_allclose(params["b"], want["a"], rtol=1e-14)
     assert float(state["step"]) == 3.0
+
+
+def test_compile_cache_keeps_code_with_donated_outputs_apart(tmp_path):
+    from codegen import compile_function
+    from codegen.cache import DiskCache
+    opt = optim.sgd(0.1)
+    params = mlp_params(np.float64)
+    state = opt.init(params)
+    x, t = batch(np.float64)
+    step = tracejit.jit_train_step(mlp_loss, opt)
+    sig, _ = step._signature(params, state, (x, t))
+    entry = step._jitted._lookup(sig)
+    cache = DiskCache(tmp_path)
+    compile_function(entry.optimized, cache=cache)   # the same IR, outputs in new arrays
+    native = compile_function(entry.optimized, cache=cache, donate=entry.donate)
+    assert not native.cache_hit
+    arrays = [v for _, _, v in sig.leaves]
+    before = params["w1"].copy()
+    outs = native(arrays)
+    assert outs[1] is params["w1"] and not np.array_equal(params["w1"], before)
+    assert compile_function(entry.optimized, cache=cache, donate=entry.donate).cache_hit
