@@ -297,8 +297,8 @@ def _place_donated(fn: Function, groups: list, locations: dict, out_copies: list
     The output's kernel stores it straight into the parameter's buffer ("in place") when that is
     the last thing to touch the parameter: every other kernel reading the parameter runs before
     it, and it does not read the parameter, or is a fused loop reading it only elementwise at the
-    loop's own index (element i is read before element i is written). An optimizer's update `p - lr * g`
-    is such a loop. A fused loop that became the epilogue of a loop-nest kernel reading the
+    loop's own index (element i is read before element i is written). An optimizer's update
+    `p - lr * g` is such a loop. A fused loop that became the epilogue of a loop-nest kernel reading the
     parameter is split off again first: the kernel writes its raw result over the output's
     buffer before the epilogue reads the parameter. Otherwise ("copy") the output gets an arena
     buffer and the entry copies it into the parameter's buffer after its last kernel: never a
