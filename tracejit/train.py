@@ -183,17 +183,18 @@ def _check_in_place(who: str, donated, batch):
                             f"views of one buffer); each must own its memory to be updated in "
                             f"place")
     for path, _, x in batch:
+        if x.size == 0:
+            continue
+        low, high = _byte_range(x)
         for lo, hi, p in spans:
-            if _overlaps(x, lo, hi):
+            if low < hi and lo < high:
                 raise TypeError(f"{who}: {path} and {p} share memory, and the step updates {p} in "
                                 f"place; pass a copy of {path}")
 
 
-def _overlaps(x: np.ndarray, lo: int, hi: int) -> bool:
-    """Whether the bytes `x` spans (from its lowest to its highest element) meet [lo, hi)."""
-    if x.size == 0:
-        return False
+def _byte_range(x: np.ndarray):
+    """[low, high): the bytes from the lowest to the highest element of non-empty `x`."""
     start = x.ctypes.data
     low = start + sum(s * (n - 1) for s, n in zip(x.strides, x.shape) if s < 0)
     high = start + sum(s * (n - 1) for s, n in zip(x.strides, x.shape) if s > 0) + x.itemsize
-    return low < hi and lo < high
+    return low, high
