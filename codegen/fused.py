@@ -380,6 +380,8 @@ def lower_group(module: ir.Module, fname: str, group) -> ir.Function:
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     members = {id(m) for m in group.members}
     leaf_ptrs = {id(v): a for v, a in zip(leaves, fn.args[1:1 + len(leaves)])}
+    for v in group.in_place:   # stored over by the result (schedule._place_donated): one buffer,
+        leaf_ptrs[id(v)] = out_ptr   # so one pointer, as `noalias` requires
     base = root.prim.name
     if root.prim.kind == "reduce":
         _lower_reduce(b, group, leaf_ptrs, members, out_ptr, fn.args[-3], tid, nthreads, base)

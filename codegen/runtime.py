@@ -52,29 +52,33 @@ def _check_object_layout():
 _check_object_layout()
 
 
-def plan_for(fn: Function, max_threads: int):
-    """The kernel and buffer plan of `fn` as compiled for `max_threads` threads (the dump of the
+def plan_for(fn: Function, max_threads: int, donate=None):
+    """The kernel and buffer plan of `fn` as compiled for `max_threads` threads, with outputs
+    `donate` ({output index: parameter index}) stored into parameters (the dump of the
     "optimized" stage shows this same plan)."""
     return schedule.plan(fn, lambda ins: kernels[ins.prim].scratch_bytes(ins, max_threads),
                          lambda ins: kernels[ins.prim].epilogue,
-                         lambda ins: kernels[ins.prim].cost(ins))
+                         lambda ins: kernels[ins.prim].cost(ins), donate)
 
 
 class NativeFunction:
     """Native code for one IR function. Call with a list of numpy arrays matching the parameters
     (dtype, shape, C-contiguous); returns the list of outputs."""
 
-    def __init__(self, fn: Function, max_threads: int | None = None, cache=None):
+    def __init__(self, fn: Function, max_threads: int | None = None, cache=None, donate=None):
         """`cache`: the persistent compile cache (see codegen/cache.py): a `DiskCache`, a
         directory, False for none, or None for the default (unless TRACEJIT_CACHE=0).
         `compile_seconds` splits the time spent: "plan", "lower" (IR -> LLVM IR of the module
         this process compiles), "llvm" (the rest until the object code is ready: optimization,
         code generation, waiting for the modules compiled by other processes), "cache" (key,
-        load or store)."""
+        load or store).
+        `donate`: {output index: parameter index}: that output is stored into that parameter's
+        array, which the call returns as the output (see `schedule._place_donated`)."""
         t0 = time.perf_counter()
         self.fn = fn
         self.max_threads = max_threads or parallel.default_threads()
-        self.plan = plan_for(fn, self.max_threads)
+        self.donate = dict(donate or {})
+        self.plan = plan_for(fn, self.max_threads, self.donate)
         t1 = time.perf_counter()
         self.n_modules = target.modules_for(sum(_compile_weight(g) for g in self.plan.groups))
         self._source = None
@@ -87,6 +91,8 @@ class NativeFunction:
         self._local = threading.local()
         self._out_types = [o.type for o in fn.outputs]
         self._copies = self._resolve_copies()
+        self._donor = [self.donate.get(k) for k in range(len(fn.outputs))]
+        self._early, self._late = _split_copies(self._copies, self.donate)
 
     def _load_or_compile(self, cache):
         """(JITModule, cache hit?, seconds): linked from the persistent cache's object code if it
@@ -94,7 +100,8 @@ class NativeFunction:
         disk = _cache.resolve(cache)
         seconds = {"lower": 0.0, "llvm": 0.0, "cache": 0.0}
         t0 = time.perf_counter()
-        key = disk.key(self.fn, self.max_threads) if disk is not None else None
+        key = _donated_key(disk.key(self.fn, self.max_threads), self.donate) \
+            if disk is not None else None
         obj = disk.load(key) if disk is not None else None
         if obj is not None:
             me = weakref.ref(self)  # no reference cycle through the JIT module
@@ -219,17 +226,22 @@ class NativeFunction:
             parallel.emit_call(module, b, kfn, args + [scratch], nthreads_arg,
                                self.max_threads > 1 and splits
                                and g.cost_ns >= parallel.PARALLEL_MIN_NS)
+        _emit_donated_copies(module, b, plan, pointer)
         b.ret_void()
         return [modules[k] for k in parts]
 
     def _resolve_copies(self):
         """For outputs that are copies: where to copy from ("in", k) / ("out", k) / ("const", arr)."""
         plan = self.plan
+        # a value a donated output holds is in that output's array once the entry has run
+        donated = {id(plan.fn.outputs[k]): k for k, _, how in plan.donated if how != "caller"}
         res = []
         for k, v in plan.out_copies:
             v = schedule.base_value(v, plan.locations)
             loc = plan.locations.get(id(v))
-            if loc is None or loc.kind == "global":
+            if id(v) in donated:
+                res.append((k, "out", donated[id(v)]))
+            elif loc is None or loc.kind == "global":
                 res.append((k, "const", np.array(v.instr.params["value"])))
             else:
                 res.append((k, loc.kind, loc.index))
@@ -245,19 +257,20 @@ class NativeFunction:
         return arena[1]
 
     def __call__(self, arrays):
-        """Run on `arrays` (a sequence of C-contiguous arrays of the parameter types)."""
-        outs = tuple(np.empty(t.shape, dtype=t.np_dtype) for t in self._out_types)
+        """Run on `arrays` (a sequence of C-contiguous arrays of the parameter types). A donated
+        output (see __init__) is the parameter's array itself, overwritten with the output."""
         arrays = tuple(arrays)
+        if self.donate:
+            outs = tuple([np.empty(t.shape, dtype=t.np_dtype) if j is None else arrays[j]
+                          for t, j in zip(self._out_types, self._donor)])
+            late = _run_copies(self._early, arrays, outs) + self._late
+        else:
+            outs = tuple(np.empty(t.shape, dtype=t.np_dtype) for t in self._out_types)
+            late = self._copies
         limit = parallel.thread_limit
         self._entry(arrays, outs, self._arena(),
                     self.threads if limit is None else min(self.threads, limit))
-        for k, kind, src in self._copies:
-            if kind == "in":
-                outs[k][...] = arrays[src]
-            elif kind == "out":
-                outs[k][...] = outs[src]
-            else:
-                outs[k][...] = src
+        _run_copies(late, arrays, outs)
         return outs
 
     @property
@@ -267,6 +280,62 @@ class NativeFunction:
     @property
     def asm(self) -> str:
         return self._jit.asm
+
+
+def _run_copies(copies, arrays, outs):
+    """Fill outputs by copying (see `_resolve_copies`); returns the copies to make later (those
+    whose source `_split_copies` snapshotted)."""
+    later = []
+    for k, kind, src in copies:
+        if kind == "in":
+            outs[k][...] = arrays[src]
+        elif kind == "out":
+            outs[k][...] = outs[src]
+        elif kind == "snapshot":   # a donated parameter's value before the call: kept for later
+            later.append((k, "const", arrays[src].copy()))
+        else:
+            outs[k][...] = src
+    return later
+
+
+def _split_copies(copies, donate: dict):
+    """(before the entry runs, after it) for the output copies of a function with donated
+    parameters: an output that is a parameter reads it before the entry may overwrite it (a
+    donated output's array is a parameter too, so that copy waits: it snapshots the source)."""
+    donated_out = set(donate)
+    early, late = [], []
+    for k, kind, src in copies:
+        if kind == "in" and k in donated_out:
+            if donate[k] != src:   # the same parameter: already in place
+                early.append((k, "snapshot", src))
+        elif kind == "in":
+            early.append((k, kind, src))
+        else:
+            late.append((k, kind, src))
+    return early, late
+
+
+def _donated_key(key: str, donate: dict) -> str:
+    """The compile cache key of code that stores outputs into parameters (`donate`)."""
+    if not donate:
+        return key
+    import hashlib
+    text = f"{key} donate {sorted(donate.items())}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _emit_donated_copies(module: ir.Module, b: ir.IRBuilder, plan, pointer):
+    """After the last kernel: copy each donated output the plan computed in the arena into its
+    parameter's buffer (see schedule._place_donated)."""
+    copies = [(k, j) for k, j, how in plan.donated if how == "copy"]
+    if not copies:
+        return
+    memcpy = module.globals.get("llvm.memcpy.p0.p0.i64") or ir.Function(
+        module, ir.FunctionType(VOID, [PTR, PTR, I64, ir.IntType(1)]), "llvm.memcpy.p0.p0.i64")
+    for k, j in copies:
+        o = plan.fn.outputs[k]
+        b.call(memcpy, [pointer(plan.fn.params[j]), pointer(o), i64(o.type.nbytes),
+                        ir.Constant(ir.IntType(1), 0)])
 
 
 def _lower_part(native_ref, part: int, seconds: dict) -> str:
@@ -322,5 +391,6 @@ def _literal_global(module: ir.Module, v, name: str):
     return g
 
 
-def compile_function(fn: Function, max_threads: int | None = None, cache=None) -> NativeFunction:
-    return NativeFunction(fn, max_threads, cache)
+def compile_function(fn: Function, max_threads: int | None = None, cache=None,
+                     donate=None) -> NativeFunction:
+    return NativeFunction(fn, max_threads, cache, donate)

@@ -47,6 +47,10 @@ class Group:
     # max_pool2d computes its argmax (same input and window) in the same pass
     companion: "Instr | None" = None
     kernel_ns: float | None = None   # a loop nest's estimated run time (plan's `cost_ns`)
+    # Leaves (a donated parameter, or reshapes of it) whose buffer this loop's result is stored
+    # over, element i after reading element i (see `_place_donated`): the lowering reads them
+    # through the result's pointer, so that no two `noalias` pointers name one buffer.
+    in_place: list = field(default_factory=list)
 
     @property
     def result(self) -> Value:
@@ -98,6 +102,11 @@ class Plan:
     arena_bytes: int
     out_copies: list         # (output index, source) the caller fills by copying: ("in", k) etc.
     saved_for_backward: list  # (value, bytes): forward values an adjoint instruction reads
+    # Donated parameters (see `_place_donated`): (output index, parameter index, how), how being
+    # "in place" (the output's kernel writes the parameter's buffer), "copy" (the output is
+    # computed in the arena and copied into the parameter's buffer after the last kernel) or
+    # "caller" (the output is a parameter or a literal: the caller copies it).
+    donated: list = field(default_factory=list)
 
 
 def _is_nn(ins: Instr) -> bool:
@@ -162,13 +171,16 @@ def materialized_values(fn: Function) -> set:
     return mat
 
 
-def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None, cost_ns=None) -> Plan:
+def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None, cost_ns=None,
+         donated=None) -> Plan:
     """Group `fn`'s instructions into kernels and place every buffer.
 
     `scratch_bytes(instr) -> int` gives the scratch a loop-nest kernel needs;
     `fuses_epilogue(instr) -> bool` says whether its kernel can absorb an elementwise epilogue;
     `cost_ns(instr) -> float` estimates its single-thread run time (Group.cost_ns);
-    TRACEJIT_NO_EPILOGUES turns epilogue fusion off (here, so the dumps describe the code)."""
+    TRACEJIT_NO_EPILOGUES turns epilogue fusion off (here, so the dumps describe the code).
+    `donated`: {output index: parameter index} of outputs to be stored into a parameter's buffer
+    (see `_place_donated`)."""
     mat = materialized_values(fn)
     producer = {id(i.out): i for i in fn.instrs}
     locations: dict[int, Location] = {}
@@ -212,9 +224,10 @@ def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None, cost_ns=None) ->
     groups = _pair_pool_argmax(groups)
     if fuses_epilogue is not None and not os.environ.get("TRACEJIT_NO_EPILOGUES"):
         groups = _fuse_epilogues(fn, groups, locations, fuses_epilogue)
+    groups, donations = _place_donated(fn, groups, locations, out_copies, donated or {})
     arena = _place_arena(fn, groups, mat, locations, producer)
     saved = _saved_for_backward(fn, groups, locations)
-    return Plan(fn, mat, groups, locations, arena, out_copies, saved)
+    return Plan(fn, mat, groups, locations, arena, out_copies, saved, donations)
 
 
 def _pair_pool_argmax(groups: list) -> list:
@@ -271,6 +284,81 @@ def _fuse_epilogues(fn: Function, groups: list, locations: dict, fuses_epilogue)
             absorbed.add(id(g))
             break
     kept = [g for g in groups if id(g) not in absorbed]
+    for i, g in enumerate(kept):
+        g.index = i
+    return kept
+
+
+def _place_donated(fn: Function, groups: list, locations: dict, out_copies: list,
+                   donated: dict):
+    """Place each donated output (`donated`: {output index: parameter index}, like JAX's
+    donate_argnums: the caller gives the parameter's buffer up to hold the output, of the same
+    type). Returns (groups, [(output index, parameter index, how)], see Plan.donated).
+
+    The output's kernel stores it straight into the parameter's buffer ("in place") when that is
+    the last thing to touch the parameter: every other kernel reading the parameter runs before
+    it, and it does not read the parameter, or is a fused loop reading it only elementwise at the
+    loop's own index (element i is read before element i is written). An optimizer's update
+    `p - lr * g` is such a loop. A fused loop that became the epilogue of a loop-nest kernel reading the
+    parameter is split off again first: the kernel writes its raw result over the output's
+    buffer before the epilogue reads the parameter. Otherwise ("copy") the output gets an arena
+    buffer and the entry copies it into the parameter's buffer after its last kernel: never a
+    wrong answer, one pass over the buffer more. An output that is a parameter or a literal is
+    left to the caller ("caller"); one that is the same value as an earlier output is an
+    ordinary output copy."""
+    if not donated:
+        return groups, []
+    params = fn.params
+    targets = list(donated.values())
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"donated outputs {donated}: a parameter can hold one output only")
+    for k, j in donated.items():
+        if fn.outputs[k].type != params[j].type:
+            raise ValueError(f"output {k} ({fn.outputs[k].type}) cannot be stored into parameter "
+                             f"{j} ({params[j].type})")
+    groups = _split_donated_epilogues(fn, groups, locations, donated)
+
+    def reads(g: Group, j: int) -> list:
+        return [v for v in g.leaves + g.extra_leaves if base_value(v, locations) is params[j]]
+
+    made_by = {id(g.result): g for g in groups}
+    result = []
+    for k, j in sorted(donated.items()):
+        o = fn.outputs[k]
+        loc = locations.get(id(o))
+        if loc is None or loc.kind != "out" or loc.index != k:
+            # a parameter (the same one: nothing to do), a literal, or an output copy
+            result.append((k, j, "caller"))
+            continue
+        g = made_by.get(id(o))   # None: a max-pool's argmax
+        mine = reads(g, j) if g is not None else []
+        direct = g is not None \
+            and (not mine or g.kind == "loop" and g.root.prim.kind != "reduce"
+                 and all(v.type.shape == o.type.shape and _elementwise_path(g, v) for v in mine)) \
+            and all(h.index < g.index for h in groups if h is not g and reads(h, j))
+        if direct:
+            locations[id(o)] = Location("in", j)
+            g.in_place = mine
+            result.append((k, j, "in place"))
+        else:
+            del locations[id(o)]   # _place_arena gives it a buffer live until the end
+            result.append((k, j, "copy"))
+    return groups, result
+
+
+def _split_donated_epilogues(fn: Function, groups: list, locations: dict, donated: dict) -> list:
+    """Undo the epilogue fusion of a donated output whose loop-nest kernel reads the parameter
+    the output is stored into (see `_place_donated`): the loop runs right after the kernel."""
+    targets: dict[int, set] = {}   # id(output value) -> ids of the parameters it goes into
+    for k, j in donated.items():
+        targets.setdefault(id(fn.outputs[k]), set()).add(id(fn.params[j]))
+    kept = []
+    for g in groups:
+        kept.append(g)
+        ps = targets.get(id(g.result), ()) if g.epilogue is not None else ()
+        if any(id(base_value(v, locations)) in ps for v in g.leaves + g.extra_leaves):
+            kept.append(g.epilogue)
+            g.epilogue = None
     for i, g in enumerate(kept):
         g.index = i
     return kept
@@ -479,4 +567,13 @@ def summary(p: Plan) -> str:
         lines.append(f"// saved for the backward pass: {total} bytes")
         for v, nbytes in p.saved_for_backward:
             lines.append(f"//   {namer.ref(v)}: {v.type}  {nbytes} bytes")
+    lines += _donation_summary(p, namer)
     return "\n".join(lines)
+
+
+def _donation_summary(p: Plan, namer) -> list:
+    """One comment line per donated output: where its value goes (see `_place_donated`)."""
+    how = {"in place": "written in place into", "copy": "computed in the arena, then copied into",
+           "caller": "copied by the caller into"}
+    return [f"// donated: output {k} ({namer.ref(p.fn.outputs[k])}) {how[h]} parameter "
+            f"{namer.ref(p.fn.params[j])}" for k, j, h in p.donated]

@@ -146,6 +146,9 @@ class _Compiled:
         self._native = None
         self._lock = threading.Lock()
         self.guards = None  # captures.Guards of the trace, None when it captured no arrays
+        # {output index: parameter index}: outputs the native code stores into the parameters'
+        # arrays (a training step's parameters and state, see tracejit/train.py)
+        self.donate = None
 
     def native(self):
         """Native code of the optimized function, compiled on first use (once, even when two
@@ -154,7 +157,8 @@ class _Compiled:
             with self._lock:
                 if self._native is None:
                     from codegen import compile_function
-                    self._native = compile_function(self.optimized, cache=_disk_cache())
+                    self._native = compile_function(self.optimized, cache=_disk_cache(),
+                                                    donate=self.donate)
                     self.seconds.update(self._native.compile_seconds)
         return self._native
 
@@ -537,7 +541,7 @@ class Jitted:
             return str(entry.transformed)
         if stage == "optimized":
             from codegen import describe
-            return describe(entry.optimized)
+            return describe(entry.optimized, entry.donate)
         native = entry.native()
         if stage == "llvm":
             return native.llvm_ir_unoptimized

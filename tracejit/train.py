@@ -1,0 +1,200 @@
+"""jit_train_step: a whole training step (forward, adjoint, optimizer update) as one native call
+that updates the parameters and the optimizer state in place.
+
+    opt = tracejit.optim.adam(lr=1e-3)
+    step = tracejit.jit_train_step(loss, opt)
+    params, state = init_params(), opt.init(params)
+    for x, t in batches:
+        l, params, state = step(params, state, x, t)   # the same objects, updated
+
+The step traces `loss_fn(params, *batch)`, differentiates it with respect to `params` (the
+machinery of jit_value_and_grad, inlined into the step's trace) and traces
+`optimizer.update(grads, state, params)` after it, so the update fuses with the gradient's
+kernels. The compiled function's outputs for the new parameters and the new state are *donated*
+the arrays passed in (codegen/schedule.py `_place_donated`): the kernel computing a new parameter
+usually writes it straight into the parameter's array (the update reads each element before
+writing it, after every other kernel reading the parameter has run); when that is not possible
+the value is computed aside and copied in at the end of the native call. Either way no array is
+allocated per step but the loss (and aux), and the results equal the functional update
+`optimizer.update(grads, state, params)`.
+
+Contract on the arrays of `params` and `state` (checked on every call, before anything is
+written; a violation is a TypeError naming the leaf's path, e.g. `state['exp_avg']['w1']`):
+numpy arrays that are writeable, C-contiguous, aligned and in native byte order, no two of which
+share memory, none sharing memory with a batch array; the update must return, for each of them,
+an array of its own dtype and shape. Batch arrays are read only and may have any layout.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ir.builder import current
+
+from . import pytree
+from .api import Jitted, _c_contiguous, _Signature
+from .config import config
+from .tracer import Tracer
+
+__all__ = ["jit_train_step", "TrainStep"]
+
+
+def jit_train_step(loss_fn, optimizer, *, has_aux=False) -> "TrainStep":
+    """A compiled training step `step(params, state, *batch) -> (loss, params, state)` (with
+    has_aux, `((loss, aux), params, state)`): the gradient of `loss_fn(params, *batch)` with
+    respect to `params` (a pytree of float arrays), then `optimizer.update(grads, state, params)`
+    (a tracejit.optim optimizer, or anything with that method written in tracejit ops), all in
+    one native function that writes the new parameters and state into the arrays of `params` and
+    `state` and returns those same objects (see this module's docstring for the contract)."""
+    if not callable(loss_fn):
+        raise TypeError(f"jit_train_step expects a loss function, got {type(loss_fn).__name__}")
+    if not callable(getattr(optimizer, "update", None)):
+        raise TypeError(f"jit_train_step: optimizer must have an update(grads, state, params) "
+                        f"method (see tracejit.optim), got {type(optimizer).__name__}")
+    return TrainStep(loss_fn, optimizer, has_aux)
+
+
+class _StepJitted(Jitted):
+    """The step traced as a plain `jit` function returning (loss, aux, new_params, new_state);
+    compiling a signature also decides which outputs are stored into which arguments."""
+
+    def __init__(self, fun, n_donated_args: int):
+        super().__init__(fun, "jit")
+        self.n_donated_args = n_donated_args
+
+    def _compile(self, sig: _Signature):
+        entry = super()._compile(sig)
+        _, (loss_def, aux_def, params_def, state_def) = entry.out_treedef
+        paths = list(sig.array_paths(self.arg_names))
+        for name, new_def, old_def in (("params", params_def, sig.treedef[0]),
+                                       ("state", state_def, sig.treedef[1])):
+            if new_def != old_def:
+                raise TypeError(f"{self.name}: the optimizer's update returns new {name} of "
+                                f"structure {pytree.describe(new_def)}, but {name} is "
+                                f"{pytree.describe(old_def)}; it cannot be updated in place")
+        base = 1 + pytree.count(aux_def)
+        n = pytree.count(params_def) + pytree.count(state_def)
+        fn = entry.optimized
+        for i in range(n):
+            new, old = fn.outputs[base + i].type, fn.params[i].type
+            if new != old:
+                raise TypeError(f"{self.name}: {paths[i]} is {old}, but the update returns {new} "
+                                f"for it; it cannot be updated in place (keep the update in the "
+                                f"array's dtype)")
+        entry.donate = {base + i: i for i in range(n)}
+        return entry
+
+
+class TrainStep:
+    """See jit_train_step. `step.ir(params, state, *batch, stage=...)` dumps the step's IR like
+    Jitted.ir ("forward" and "grad" are the traced step: the loss, its adjoint and the update;
+    "optimized" also says which outputs are written in place)."""
+
+    def __init__(self, loss_fn, optimizer, has_aux: bool):
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.has_aux = has_aux
+        grad = Jitted(loss_fn, "value_and_grad", 0, has_aux)
+        self.name = f"{grad.name}.step"
+
+        def step(params, state, *batch):
+            value, grads = grad(params, *batch)   # tracers: inlined into this trace
+            loss, aux = value if has_aux else (value, None)
+            new_params, new_state = optimizer.update(grads, state, params)
+            return loss, aux, new_params, new_state
+
+        step.__name__ = step.__qualname__ = self.name
+        self._jitted = _StepJitted(step, 2)
+        # batch arguments are named as the loss function names them (`x`, not `args[2]`)
+        self._jitted.arg_names = ["params", "state"] + grad.arg_names[1:]
+
+    def __repr__(self):
+        return f"<jit_train_step {self.name} of {self.optimizer!r}>"
+
+    def _signature(self, params, state, batch):
+        j = self._jitted
+        if current() is not None:
+            raise TypeError(f"{self.name}: a training step updates arrays in place and cannot be "
+                            f"called inside a trace; call the loss's gradient and the optimizer's "
+                            f"update there instead")
+        sig = _Signature(self.name, j.arg_names, (params, state) + batch, {})
+        n = len(sig.leaf_ranges()[0]) + len(sig.leaf_ranges()[1])
+        for path, _, x in sig.leaves:
+            if isinstance(x, Tracer):
+                raise TypeError(f"{self.name}: argument {path} is a traced value; a training "
+                                f"step runs on numpy arrays")
+        _check_in_place(self.name, sig.leaves[:n], sig.leaves[n:])
+        return sig, n
+
+    def __call__(self, params, state, *batch):
+        sig, n = self._signature(params, state, batch)
+        entry = self._jitted._lookup(sig)
+        donated = [x for _, _, x in sig.leaves[:n]]
+        arrays = tuple(donated + [_c_contiguous(x) for _, _, x in sig.leaves[n:]])
+        base = min(entry.donate) if entry.donate else len(entry.optimized.outputs)
+        if config.backend == "interpreter":
+            from ir.interpreter import interpret
+            outs = interpret(entry.optimized, arrays)
+            # an output may be an input array itself: read every result before writing any
+            outs = [o.copy() if any(o is a for a in donated) else o for o in outs]
+            for i, a in enumerate(donated):
+                a[...] = outs[base + i]
+        else:
+            outs = entry.native()(arrays)
+        loss = outs[0]
+        if self.has_aux:
+            aux_def = entry.out_treedef[1][1]
+            return (loss, pytree.unflatten(aux_def, outs[1:base])), params, state
+        return loss, params, state
+
+    def ir(self, params, state, *batch, stage: str = "grad") -> str:
+        """The IR of the step for these arguments at `stage` (see Jitted.ir)."""
+        self._signature(params, state, batch)
+        return self._jitted.ir(params, state, *batch, stage=stage)
+
+    def compile_stats(self) -> dict:
+        return self._jitted.compile_stats()
+
+
+def _check_in_place(who: str, donated, batch):
+    """TypeError naming the first leaf of `donated` ((path, hint, array) of params and state) that
+    cannot be updated in place, or that shares memory with another one or with a batch array."""
+    spans = []
+    for path, _, x in donated:
+        why = None
+        if not isinstance(x, np.ndarray):
+            why = f"it is a {type(x).__name__}, not a numpy array"
+        elif not x.flags.writeable:
+            why = "it is read-only"
+        elif not x.flags.c_contiguous:
+            why = "it is not C-contiguous (a Fortran-ordered array or a strided view)"
+        elif not x.flags.aligned:
+            why = f"its data is not aligned to its {x.dtype.itemsize}-byte elements"
+        elif not x.dtype.isnative:
+            why = "it is not in native byte order"
+        if why is not None:
+            raise TypeError(f"{who}: {path} cannot be updated in place: {why}; pass a writeable "
+                            f"C-contiguous array (np.ascontiguousarray(x), or x.copy())")
+        if x.nbytes:
+            spans.append((x.ctypes.data, x.ctypes.data + x.nbytes, path))
+    spans.sort()
+    for (lo1, hi1, p1), (lo2, hi2, p2) in zip(spans, spans[1:]):
+        if lo2 < hi1:
+            raise TypeError(f"{who}: {p1} and {p2} share memory (the same array passed twice, or "
+                            f"views of one buffer); each must own its memory to be updated in "
+                            f"place")
+    for path, _, x in batch:
+        if x.size == 0:
+            continue
+        low, high = _byte_range(x)
+        for lo, hi, p in spans:
+            if low < hi and lo < high:
+                raise TypeError(f"{who}: {path} and {p} share memory, and the step updates {p} in "
+                                f"place; pass a copy of {path}")
+
+
+def _byte_range(x: np.ndarray):
+    """[low, high): the bytes from the lowest to the highest element of non-empty `x`."""
+    start = x.ctypes.data
+    low = start + sum(s * (n - 1) for s, n in zip(x.strides, x.shape) if s < 0)
+    high = start + sum(s * (n - 1) for s, n in zip(x.strides, x.shape) if s > 0) + x.itemsize
+    return low, high
