@@ -196,12 +196,12 @@ def check_grads(tmp, system, workload, ref="torch"):
 
     For a training workload the saved arrays are the parameters after the first step, and what is
     compared is each parameter's change in that step (new - start): comparing the new parameters
-    themselves would pass a step that forgot the update (an SGD step moves the MLP's weights by
-    about 3e-4 of their size). The change is compared in the 2-norm, ||a - b|| / ||b||, because
-    Adam's first step, lr * g / (|g| + eps), is ill-conditioned in the few elements whose gradient
-    is as small as eps (1e-8): there float32 rounding differences of the gradient (1e-6 of its
-    largest element) change the element's step by up to ~10%, which a max-norm would report as a
-    failure."""
+    themselves would pass a step that forgot an update (the first SGD step moves LeNet-5's conv1
+    weights by about 2e-4 of their largest). The change is compared in the 2-norm,
+    ||a - b|| / ||b||, because Adam's first step, lr * g / (|g| + eps), is ill-conditioned in the
+    few elements whose gradient is as small as eps (1e-8): there float32 rounding differences of
+    the gradient (1e-6 of its largest element) change the element's step by up to ~10%, which a
+    max-norm would report as a failure."""
     a_path = os.path.join(tmp, f"{system}.{workload}.npz")
     b_path = os.path.join(tmp, f"{ref}.{workload}.npz")
     if not (os.path.exists(a_path) and os.path.exists(b_path)):
@@ -374,8 +374,8 @@ def print_table(rows, label, ref):
           "median (> 1: tracejit faster;\non tracejit's row vs the fastest peer); % peak: of the "
           "all-thread FMA peak; check: gradients vs\n"
           f"{ {'torch': 'PyTorch', 'jax': 'jax'}.get(ref, 'no reference')}'s (ref), max |a - b| / "
-          f"max |b| over parameters (✓ below {CHECK_TOL:g}); for a training step (mlp-sgd, ...) "
-          f"each\nparameter's change in the first step, ||a - b|| / ||b||.")
+          f"max |b| over parameters (✓ below {CHECK_TOL:g});\nfor a training step (mlp-sgd, "
+          f"...), each parameter's change in the first step, ||a - b|| / ||b||.")
 
 
 def step_notes(rows):
@@ -405,8 +405,8 @@ def step_notes(rows):
             line += "; tracejit targets: " + ", ".join(targets)
         lines.append(line)
     if lines:
-        print("\nTraining steps (median step time / median gradient time of the same system in this "
-              "run):")
+        print("\nTraining steps (median step time / median gradient time of the same system in "
+              "this run):")
         print("\n".join(lines))
 
 

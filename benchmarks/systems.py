@@ -7,8 +7,8 @@ The three definitions of each workload compute the same math (see workloads.py f
 
 A training workload (`mlp-sgd`, ...) is the same loss, and `step()` one whole training step that
 updates the system's parameters and optimizer state: tracejit.jit_train_step (in place); PyTorch
-`zero_grad(set_to_none=True)`, `backward()`, a torch.optim step with foreach=True; JAX one jax.jit of
-value_and_grad and the optax update, with the parameters and optimizer state donated and passed
+`zero_grad(set_to_none=True)`, `backward()`, a torch.optim step with foreach=True; JAX one jax.jit
+of value_and_grad and the optax update, with the parameters and optimizer state donated and passed
 through. Its `grads(result)` gives the *updated parameters* (copies, taken before the next step),
 which run.py compares after the first step from the same start. The parameters keep training on
 the same batch over the timed calls.
