@@ -374,8 +374,9 @@ def print_table(rows, label, ref):
           "median (> 1: tracejit faster;\non tracejit's row vs the fastest peer); % peak: of the "
           "all-thread FMA peak; check: gradients vs\n"
           f"{ {'torch': 'PyTorch', 'jax': 'jax'}.get(ref, 'no reference')}'s (ref), max |a - b| / "
-          f"max |b| over parameters (✓ below {CHECK_TOL:g});\nfor a training step (mlp-sgd, "
-          f"...), each parameter's change in the first step, ||a - b|| / ||b||.")
+          f"max |b| over parameters (✓ below {CHECK_TOL:g})"
+          + (";\nfor a training step (mlp-sgd, ...), each parameter's change in the first step, "
+             "||a - b|| / ||b||." if any(r["workload"] in TRAINING for r in rows) else "."))
 
 
 def step_notes(rows):
