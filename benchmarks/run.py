@@ -1,8 +1,9 @@
-"""tracejit vs PyTorch eager vs jax.jit(jax.grad(...)) on CPU gradients (issue 4).
+"""tracejit vs PyTorch eager vs jax.jit(jax.grad(...)) on CPU gradients and training steps.
 
     python benchmarks/run.py                 # everything, about 2-4 minutes
     python benchmarks/run.py --quick         # smoke run, well under a minute
     python benchmarks/run.py --systems tracejit,torch --workloads mlp,lenet --json out.json
+    python benchmarks/run.py --workloads mlp,mlp-sgd,mlp-adam,lenet,lenet-sgd,lenet-adam
 
 Each system runs in a process of its own (benchmarks/worker.py), one after the other, so imports,
 thread pools and allocators do not interfere. Per workload: a warm-up (which includes compiling),
@@ -15,7 +16,10 @@ Columns: median time per gradient call; GFLOP/s from the analytic flop count of 
 (forward + backward matmul/convolution flops); peer/tracejit = a peer's median / tracejit's median
 (> 1: tracejit is faster; on tracejit's row, against the fastest peer); % peak = GFLOP/s over the
 all-thread FP32 FMA peak measured by benchmarks/peak.py at the start of the run; check = the
-gradients agree with PyTorch's (max |a - b| / max |b| per parameter, below CHECK_TOL).
+gradients agree with PyTorch's (max |a - b| / max |b| per parameter, below CHECK_TOL). Training
+workloads (mlp-sgd, ...; a whole step: gradient and optimizer update) check each parameter's change
+in the first step instead (||a - b|| / ||b||, see check_grads), and a note gives each system's step
+time over its gradient's (when the gradient workload ran too) and the issue's targets.
 """
 from __future__ import annotations
 
@@ -43,10 +47,14 @@ import numpy as np  # noqa: E402
 import peak as peak_mod  # noqa: E402
 from machine import NOISY_CORES, wait_idle  # noqa: E402
 from systems import IMPORT_NAMES, SYSTEMS  # noqa: E402
-from workloads import ALL, DESCRIPTIONS, WORKLOADS, flops  # noqa: E402
+from workloads import ALL, TRAINING, WORKLOADS, flops, make, split  # noqa: E402
 
 PEERS = ("torch", "jax")
 CHECK_TOL = 1e-3  # float32: summation order differs between systems
+# the issue's targets for a training step: tracejit's speed-up over PyTorch eager per model, and the
+# most a step may cost over the gradient alone
+STEP_TARGETS = {"mlp": 3.0, "lenet": 6.0}
+STEP_OVER_GRAD_MAX = 1.10
 MMAP_THRESHOLD = 131072  # fixed glibc mmap threshold for the memory process (see worker.py)
 
 
@@ -183,8 +191,17 @@ def _tail(path, n):
 
 # --------------------------------------------------------------------------------------- checking
 def check_grads(tmp, system, workload, ref="torch"):
-    """(ok, max relative error) of `system`'s gradients against `ref`'s, or None if either is
-    missing."""
+    """(ok, relative error, worst parameter) of `system`'s gradients against `ref`'s, or None if
+    either is missing: max |a - b| / max |b| per parameter, the worst one.
+
+    For a training workload the saved arrays are the parameters after the first step, and what is
+    compared is each parameter's change in that step (new - start): comparing the new parameters
+    themselves would pass a step that forgot an update (the first SGD step moves LeNet-5's conv1
+    weights by about 2e-4 of their largest). The change is compared in the 2-norm,
+    ||a - b|| / ||b||, because Adam's first step, lr * g / (|g| + eps), is ill-conditioned in the
+    few elements whose gradient is as small as eps (1e-8): there float32 rounding differences of
+    the gradient (1e-6 of its largest element) change the element's step by up to ~10%, which a
+    max-norm would report as a failure."""
     a_path = os.path.join(tmp, f"{system}.{workload}.npz")
     b_path = os.path.join(tmp, f"{ref}.{workload}.npz")
     if not (os.path.exists(a_path) and os.path.exists(b_path)):
@@ -192,12 +209,17 @@ def check_grads(tmp, system, workload, ref="torch"):
     a, b = np.load(a_path), np.load(b_path)
     if set(a.files) != set(b.files):
         return False, float("inf"), f"parameters differ: {sorted(a.files)} vs {sorted(b.files)}"
+    start = make(workload)[0] if workload in TRAINING else None
     worst, where = 0.0, ""
     for k in b.files:
         x, y = a[k].astype(np.float64), b[k].astype(np.float64)
         if x.shape != y.shape:
             return False, float("inf"), f"{k}: shape {x.shape} vs {y.shape}"
-        err = np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30) if y.size else 0.0
+        if start is not None:
+            x, y = x - start[k], y - start[k]
+            err = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30) if y.size else 0.0
+        else:
+            err = np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30) if y.size else 0.0
         if not np.isfinite(err):
             err = float("inf")
         if err >= worst:
@@ -297,6 +319,11 @@ def build_rows(results, peak_all, tmp, systems, workloads):
                 if k in rec:
                     row[k] = rec[k]
             rows.append(row)
+    times = {(r["workload"], r["system"]): r["median_s"] for r in rows if "median_s" in r}
+    for r in rows:  # a training step over its model's gradient, same system, same run
+        grad = (split(r["workload"])[0], r["system"])
+        if r["workload"] in TRAINING and "median_s" in r and grad in times:
+            r["step_over_grad"] = r["median_s"] / times[grad]
     return rows
 
 
@@ -347,7 +374,41 @@ def print_table(rows, label, ref):
           "median (> 1: tracejit faster;\non tracejit's row vs the fastest peer); % peak: of the "
           "all-thread FMA peak; check: gradients vs\n"
           f"{ {'torch': 'PyTorch', 'jax': 'jax'}.get(ref, 'no reference')}'s (ref), max |a - b| / "
-          f"max |b| over parameters (✓ below {CHECK_TOL:g}).")
+          f"max |b| over parameters (✓ below {CHECK_TOL:g})"
+          + (";\nfor a training step (mlp-sgd, ...), each parameter's change in the first step, "
+             "||a - b|| / ||b||." if any(r["workload"] in TRAINING for r in rows) else "."))
+
+
+def step_notes(rows):
+    """Lines on the training workloads: each system's step time over its gradient's in this run, and
+    tracejit's targets (speed-up over PyTorch, step over gradient)."""
+    by = {(r["workload"], r["system"]): r for r in rows if "median_s" in r}
+    lines = []
+    for w in TRAINING:
+        model = split(w)[0]
+        parts = [f"{s} {by[w, s]['step_over_grad']:.2f}" for s in SYSTEMS
+                 if "step_over_grad" in by.get((w, s), {})]
+        tj = by.get((w, "tracejit"))
+        if not parts and tj is None:
+            continue
+        line = f"  {w:<11} step / grad: " + (", ".join(parts) if parts else
+                                               f"- (time {model} in the same run)")
+        targets = []
+        if tj is not None and "step_over_grad" in tj:
+            ratio = tj["step_over_grad"]
+            targets.append(f"step/grad {ratio:.2f} <= {STEP_OVER_GRAD_MAX:.2f} "
+                           f"{'✓' if ratio <= STEP_OVER_GRAD_MAX else '✗'}")
+        if tj is not None and (w, "torch") in by:
+            sp = by[w, "torch"]["median_s"] / tj["median_s"]
+            targets.append(f"vs torch {sp:.2f}x >= {STEP_TARGETS[model]:g}x "
+                           f"{'✓' if sp >= STEP_TARGETS[model] else '✗'}")
+        if targets:
+            line += "; tracejit targets: " + ", ".join(targets)
+        lines.append(line)
+    if lines:
+        print("\nTraining steps (median step time / median gradient time of the same system in "
+              "this run):")
+        print("\n".join(lines))
 
 
 def print_memory(results, systems, label):
@@ -385,8 +446,7 @@ def parse_args(argv=None):
     ap.add_argument("--systems", default=",".join(SYSTEMS),
                     help="comma-separated, from tracejit,torch,jax (default: all)")
     ap.add_argument("--workloads", default=",".join(ALL + ("memory",)),
-                    help="comma-separated, from mlp,lenet,convblock,tiny,compile,memory "
-                         "(default: all)")
+                    help=f"comma-separated, from {','.join(ALL)},memory (default: all)")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for every system (default: all CPUs available)")
     ap.add_argument("--quick", action="store_true",
@@ -541,6 +601,7 @@ def main(argv=None):
         rows = build_rows(results, peak_all, tmp, args.systems, order)
         print()
         print_table(rows, label, reference_system(results))
+        step_notes(rows)
         print_memory(results, args.systems, label)
         _print_notes(results, metas, args, info)
         if args.json:

@@ -4,6 +4,14 @@
 gradients w.r.t. all parameters, synchronously) and whose `grads(result)` turns a step's result into
 {parameter name: numpy array}. Inputs are converted to each system's arrays once, outside `step`.
 The three definitions of each workload compute the same math (see workloads.py for the data).
+
+A training workload (`mlp-sgd`, ...) is the same loss, and `step()` one whole training step that
+updates the system's parameters and optimizer state: tracejit.jit_train_step (in place); PyTorch
+`zero_grad(set_to_none=True)`, `backward()`, a torch.optim step with foreach=True; JAX one jax.jit
+of value_and_grad and the optax update, with the parameters and optimizer state donated and passed
+through. Its `grads(result)` gives the *updated parameters* (copies, taken before the next step),
+which run.py compares after the first step from the same start. The parameters keep training on
+the same batch over the timed calls.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from workloads import make  # noqa: E402
+from workloads import OPTIMIZERS, make, split  # noqa: E402
 
 SYSTEMS = ("tracejit", "torch", "jax")
 IMPORT_NAMES = {"tracejit": "tracejit", "torch": "torch", "jax": "jax"}
@@ -54,20 +62,26 @@ def import_system(system: str, threads: int):
 
 def build(system: str, workload: str) -> Bench:
     params, inputs = make(workload)
-    return {"tracejit": _tracejit, "torch": _torch, "jax": _jax}[system](workload, params, inputs)
+    model, optimizer = split(workload)
+    builder = {"tracejit": _tracejit, "torch": _torch, "jax": _jax}[system]
+    return builder(model, optimizer, params, inputs)
+
+
+def _copies(tree: dict) -> dict:
+    return {k: np.array(v, copy=True) for k, v in tree.items()}
 
 
 # --------------------------------------------------------------------------------------- tracejit
-def _tracejit(workload, params, inputs):
+def _tracejit(model, optimizer, params, inputs):
     import tracejit
     from tracejit import nn
 
-    if workload == "mlp":
+    if model == "mlp":
         def loss(p, x, t):
             h = tracejit.tanh(nn.linear(x, p["fc1_w"], p["fc1_b"]))
             return nn.mse_loss(nn.linear(h, p["fc2_w"], p["fc2_b"]), t)
-        args = (params, inputs["x"], inputs["t"])
-    elif workload == "lenet":
+        batch = (inputs["x"], inputs["t"])
+    elif model == "lenet":
         def loss(p, x, onehot):
             h = nn.max_pool2d(nn.relu(nn.conv2d(x, p["conv1_w"], p["conv1_b"])), 2)
             h = nn.max_pool2d(nn.relu(nn.conv2d(h, p["conv2_w"], p["conv2_b"])), 2)
@@ -75,26 +89,33 @@ def _tracejit(workload, params, inputs):
             h = nn.relu(nn.linear(h, p["fc1_w"], p["fc1_b"]))
             h = nn.relu(nn.linear(h, p["fc2_w"], p["fc2_b"]))
             return nn.cross_entropy(nn.linear(h, p["fc3_w"], p["fc3_b"]), onehot)
-        args = (params, inputs["x"], inputs["onehot"])
-    elif workload == "convblock":
+        batch = (inputs["x"], inputs["onehot"])
+    elif model == "convblock":
         def loss(p, x):
             y = nn.avg_pool2d(nn.relu(nn.conv2d(x, p["conv_w"], p["conv_b"], padding=1)), 2)
             return (y * y).sum()
-        args = (params, inputs["x"])
-    elif workload == "tiny":
+        batch = (inputs["x"],)
+    elif model == "tiny":
         def loss(v):
             return tracejit.norm(v)
         g = tracejit.jit_grad(loss)
         v = params["v"]
         return Bench(lambda: g(v), lambda r: {"v": np.asarray(r)}, g)
     else:
-        raise ValueError(workload)
+        raise ValueError(model)
+    if optimizer is not None:
+        torch_name, kwargs = OPTIMIZERS[optimizer]
+        opt = {"SGD": tracejit.optim.sgd, "Adam": tracejit.optim.adam}[torch_name](**kwargs)
+        train = tracejit.jit_train_step(loss, opt)
+        state = opt.init(params)
+        # the step writes into `params` and `state` and returns those same objects
+        return Bench(lambda: train(params, state, *batch), lambda r: _copies(r[1]), train)
     g = tracejit.jit_grad(loss)
-    return Bench(lambda: g(*args), lambda r: {k: np.asarray(a) for k, a in r.items()}, g)
+    return Bench(lambda: g(params, *batch), lambda r: {k: np.asarray(a) for k, a in r.items()}, g)
 
 
 # ------------------------------------------------------------------------------------------ torch
-def _torch(workload, params, inputs):
+def _torch(model, optimizer, params, inputs):
     import torch
     import torch.nn.functional as F
 
@@ -103,11 +124,11 @@ def _torch(workload, params, inputs):
     plist = [P[k] for k in names]
     X = {k: torch.from_numpy(v.copy()) for k, v in inputs.items()}
 
-    if workload == "mlp":
+    if model == "mlp":
         def loss():
             h = torch.tanh(F.linear(X["x"], P["fc1_w"], P["fc1_b"]))
             return F.mse_loss(F.linear(h, P["fc2_w"], P["fc2_b"]), X["t"])
-    elif workload == "lenet":
+    elif model == "lenet":
         def loss():
             h = F.max_pool2d(F.relu(F.conv2d(X["x"], P["conv1_w"], P["conv1_b"])), 2)
             h = F.max_pool2d(F.relu(F.conv2d(h, P["conv2_w"], P["conv2_b"])), 2)
@@ -115,15 +136,28 @@ def _torch(workload, params, inputs):
             h = F.relu(F.linear(h, P["fc1_w"], P["fc1_b"]))
             h = F.relu(F.linear(h, P["fc2_w"], P["fc2_b"]))
             return F.cross_entropy(F.linear(h, P["fc3_w"], P["fc3_b"]), X["labels"])
-    elif workload == "convblock":
+    elif model == "convblock":
         def loss():
             y = F.avg_pool2d(F.relu(F.conv2d(X["x"], P["conv_w"], P["conv_b"], padding=1)), 2)
             return (y * y).sum()
-    elif workload == "tiny":
+    elif model == "tiny":
         def loss():
             return torch.linalg.vector_norm(P["v"])
     else:
-        raise ValueError(workload)
+        raise ValueError(model)
+
+    if optimizer is not None:
+        torch_name, kwargs = OPTIMIZERS[optimizer]
+        opt = getattr(torch.optim, torch_name)(plist, foreach=True, **kwargs)
+
+        def train():
+            opt.zero_grad(set_to_none=True)
+            out = loss()
+            out.backward()
+            opt.step()
+            return out
+
+        return Bench(train, lambda r: {k: p.detach().numpy().copy() for k, p in P.items()}, opt)
 
     def step():
         return torch.autograd.grad(loss(), plist)
@@ -132,7 +166,7 @@ def _torch(workload, params, inputs):
 
 
 # -------------------------------------------------------------------------------------------- jax
-def _jax(workload, params, inputs):
+def _jax(model, optimizer, params, inputs):
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -152,12 +186,12 @@ def _jax(workload, params, inputs):
         return x @ w.T + b
 
     relu = jax.nn.relu
-    if workload == "mlp":
+    if model == "mlp":
         def loss(p, x, t):
             h = jnp.tanh(linear(x, p["fc1_w"], p["fc1_b"]))
             return jnp.mean((linear(h, p["fc2_w"], p["fc2_b"]) - t) ** 2)
         keys = ("x", "t")
-    elif workload == "lenet":
+    elif model == "lenet":
         def loss(p, x, onehot):
             h = max_pool2(relu(conv(x, p["conv1_w"], p["conv1_b"])))
             h = max_pool2(relu(conv(h, p["conv2_w"], p["conv2_b"])))
@@ -167,19 +201,48 @@ def _jax(workload, params, inputs):
             logp = jax.nn.log_softmax(linear(h, p["fc3_w"], p["fc3_b"]), axis=-1)
             return -jnp.mean(jnp.sum(onehot * logp, axis=-1))
         keys = ("x", "onehot")
-    elif workload == "convblock":
+    elif model == "convblock":
         def loss(p, x):
             y = avg_pool2(relu(conv(x, p["conv_w"], p["conv_b"], 1)))
             return jnp.sum(y * y)
         keys = ("x",)
-    elif workload == "tiny":
+    elif model == "tiny":
         g = jax.jit(jax.grad(jnp.linalg.norm))
         v = jnp.asarray(params["v"])
         return Bench(lambda: jax.block_until_ready(g(v)), lambda r: {"v": np.asarray(r)}, g)
     else:
-        raise ValueError(workload)
-    g = jax.jit(jax.grad(loss))
+        raise ValueError(model)
     P = {k: jnp.asarray(v) for k, v in params.items()}
     args = [jnp.asarray(inputs[k]) for k in keys]
+    if optimizer is not None:
+        return _jax_train(loss, optimizer, P, args)
+    g = jax.jit(jax.grad(loss))
     return Bench(lambda: jax.block_until_ready(g(P, *args)),
                  lambda r: {k: np.asarray(a) for k, a in r.items()}, g)
+
+
+def _jax_train(loss, optimizer, P, args):
+    """One jax.jit of value_and_grad and the optax update; the parameters and the optimizer state
+    are donated (their buffers reused for the new ones) and passed from one step to the next."""
+    import jax
+    import optax
+
+    torch_name, kwargs = OPTIMIZERS[optimizer]
+    if torch_name == "SGD":  # optax's trace starts at zeros: momentum * 0 + g = torch's first buf
+        opt = optax.sgd(kwargs["lr"], momentum=kwargs["momentum"])
+    else:  # optax.adam's defaults are torch's (b1 0.9, b2 0.999, eps 1e-8)
+        opt = optax.adam(kwargs["lr"])
+
+    def train_step(p, s, *batch):
+        value, grads = jax.value_and_grad(loss)(p, *batch)
+        updates, s = opt.update(grads, s, p)
+        return value, optax.apply_updates(p, updates), s
+
+    f = jax.jit(train_step, donate_argnums=(0, 1))
+    carry = [P, opt.init(P)]
+
+    def step():
+        value, carry[0], carry[1] = jax.block_until_ready(f(carry[0], carry[1], *args))
+        return value
+
+    return Bench(step, lambda r: {k: np.array(a) for k, a in carry[0].items()}, f)

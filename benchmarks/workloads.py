@@ -1,4 +1,4 @@
-"""The workloads of issue 4: data, parameters and flop counts (numpy only, shared by all systems).
+"""The workloads: data, parameters and flop counts (numpy only, shared by all systems).
 
 Every system gets the same float32 arrays, made here from fixed seeds, so each computes the same
 math on the same numbers. Parameters are initialised like PyTorch's default `nn.Linear` /
@@ -13,12 +13,22 @@ gradient. The first layer's input is data, not a parameter, so its input gradien
 the first layer counts 2F, every later layer 3F. (The common "3x forward" rule would count 3F for
 the first layer too; we count only the work the gradient requires.) Elementwise ops, pooling,
 biases and losses are not counted.
+
+Training workloads (`TRAINING`, e.g. `mlp-sgd`) are a whole training step of a gradient workload's
+model, on its data: the gradient, then an optimizer update of every parameter in place (`OPTIMIZERS`
+gives the hyperparameters, torch.optim's). They count the gradient's flops (the update's
+elementwise work is not counted).
 """
 from __future__ import annotations
 
 import numpy as np
 
-WORKLOADS = ("mlp", "lenet", "convblock", "tiny")
+GRADIENTS = ("mlp", "lenet", "convblock", "tiny")
+# optimizer name -> (torch.optim class name, keyword arguments; the same in every system)
+OPTIMIZERS = {"sgd": ("SGD", {"lr": 0.01, "momentum": 0.9}),
+              "adam": ("Adam", {"lr": 1e-3})}
+TRAINING = tuple(f"{m}-{o}" for m in ("mlp", "lenet") for o in OPTIMIZERS)
+WORKLOADS = GRADIENTS + TRAINING  # the timed ones
 ALL = WORKLOADS + ("compile",)
 
 DESCRIPTIONS = {
@@ -29,8 +39,18 @@ DESCRIPTIONS = {
     "tiny": "gradient of the norm of a 3-vector (call overhead)",
     "compile": "first call of the LeNet-5 gradient in a fresh process",
 }
+for _w in TRAINING:
+    _m, _o = _w.split("-")
+    DESCRIPTIONS[_w] = (f"training step of {_m}: gradient + torch.optim.{OPTIMIZERS[_o][0]}("
+                        + ", ".join(f"{k}={v}" for k, v in OPTIMIZERS[_o][1].items()) + ")")
 
 SEED = 0
+
+
+def split(name: str):
+    """(model, optimizer name or None): `mlp-sgd` -> ("mlp", "sgd"), `mlp` -> ("mlp", None)."""
+    model, _, opt = name.partition("-")
+    return model, (opt or None)
 
 
 def _uniform(rng, bound, shape):
@@ -51,8 +71,13 @@ def _conv(rng, params, name, cin, cout, k):
 
 def make(name: str):
     """(params, inputs): dicts of float32 arrays (inputs may hold int64 `labels` for peers that
-    take class indices; `onehot` holds the same labels one-hot)."""
-    rng = np.random.default_rng([SEED, WORKLOADS.index(name)])
+    take class indices; `onehot` holds the same labels one-hot). A training workload gets its
+    model's arrays."""
+    if name in TRAINING:
+        name = split(name)[0]
+    if name not in GRADIENTS:
+        raise ValueError(f"unknown workload {name!r} (one of {', '.join(WORKLOADS)})")
+    rng = np.random.default_rng([SEED, GRADIENTS.index(name)])
     params, inputs = {}, {}
     if name == "mlp":
         _linear(rng, params, "fc1", 784, 256)
@@ -72,10 +97,8 @@ def make(name: str):
     elif name == "convblock":
         _conv(rng, params, "conv", 64, 64, 3)
         inputs["x"] = rng.standard_normal((16, 64, 32, 32)).astype(np.float32)
-    elif name == "tiny":
+    else:  # tiny
         params["v"] = np.array([1.0, -2.0, 3.0], np.float32)
-    else:
-        raise ValueError(f"unknown workload {name!r} (one of {', '.join(WORKLOADS)})")
     return params, inputs
 
 
@@ -89,6 +112,7 @@ def _mm_flops(m, k, n):
 
 def layer_flops(name: str):
     """Forward flops of the matmuls/convolutions, in order (the first layer's input is data)."""
+    name = split(name)[0]
     if name == "mlp":
         return [_mm_flops(64, 784, 256), _mm_flops(64, 256, 10)]
     if name == "lenet":
