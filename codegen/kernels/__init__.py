@@ -22,6 +22,13 @@ Epilogues: a kernel registered with `epilogue=True` is called as
 the function takes `e.n_args` more pointers right after its inputs, and after writing each block of
 its output it calls `e.call(builder, out, extra_args, start, count)` for that block's flat range
 (whole multiples of the last dimension); the epilogue rewrites the block in place.
+
+Checks: a kernel registered with `checks=True` (gathers: indices read from data) is called as
+`lower(module, name, ins, status_code=k)` with a code k > 0, and the function takes one more
+pointer `status` right after its inputs: two i64 words, zero before the call. On a failed check
+it skips the access and, unless status[0] is already set, sets status[0] = k (compare-and-swap,
+so concurrent failures leave one consistent pair) and status[1] = the offending value; the runtime
+raises after the call (codegen/runtime.py, `NativeFunction._check_status`).
 """
 from __future__ import annotations
 
@@ -36,15 +43,17 @@ class Kernel:
     lower: Callable
     scratch_bytes: Callable = staticmethod(lambda ins, nthreads: 0)
     epilogue: bool = False
+    checks: bool = False
 
 
 kernels = Registry("kernel lowering")
 
 
-def register(prim_name: str, scratch_bytes: Callable | None = None, epilogue: bool = False):
+def register(prim_name: str, scratch_bytes: Callable | None = None, epilogue: bool = False,
+             checks: bool = False):
     def deco(fn):
         kernels[primitives[prim_name]] = Kernel(fn, scratch_bytes or (lambda ins, nthreads: 0),
-                                                epilogue)
+                                                epilogue, checks)
         return fn
     return deco
 
