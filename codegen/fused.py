@@ -14,7 +14,7 @@ import math
 
 import llvmlite.ir as ir
 
-from ir.core import Instr, IRError, Value
+from ir.core import INT_DTYPES, Instr, IRError, Value
 
 from . import loops as L
 from . import schedule
@@ -26,7 +26,7 @@ _FCMP = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "eq": "==", "ne": "!="}
 
 def scalar_type(dtype: str) -> ir.Type:
     """LLVM type of an element value in registers (bool is i1; stored as i8)."""
-    return {"f32": F32, "f64": F64, "i32": I32, "bool": I1}[dtype]
+    return {"f32": F32, "f64": F64, "i32": I32, "i64": I64, "bool": I1}[dtype]
 
 
 def strides_of(shape):
@@ -211,6 +211,8 @@ def emit_scalar_op(b: ir.IRBuilder, ins: Instr, args):
     name = ins.prim.name
     t = ins.out.type
     fl = FAST
+    if name != "convert" and ins.inputs and ins.inputs[-1].dtype in INT_DTYPES:
+        return _int_scalar_op(b, ins, args)
     if name == "add":
         return b.fadd(*args, flags=fl)
     if name == "sub":
@@ -261,6 +263,26 @@ def emit_scalar_op(b: ir.IRBuilder, ins: Instr, args):
     raise IRError(f"no fused lowering rule for '{name}'")
 
 
+_INT_BINARY = {"add": "add", "sub": "sub", "mul": "mul"}
+
+
+def _int_scalar_op(b, ins: Instr, args):
+    """The integer (labels, indices) elementwise ops: wrapping arithmetic as numpy's, signed
+    comparisons, max/min, select."""
+    name = ins.prim.name
+    if name in _INT_BINARY:
+        return getattr(b, _INT_BINARY[name])(*args)
+    if name == "neg":
+        return b.neg(args[0])
+    if name in _FCMP:
+        return b.icmp_signed(_FCMP[name], *args)
+    if name in ("max", "min"):
+        return b.select(b.icmp_signed(">" if name == "max" else "<", *args), *args)
+    if name in ("select", "stop_gradient"):
+        return b.select(*args) if name == "select" else args[0]
+    raise IRError(f"no fused lowering rule for '{name}' on integers")
+
+
 def _integer_pow(b, x, y: int):
     if y == 0:
         return ir.Constant(x.type, 1.0)
@@ -285,7 +307,9 @@ def _convert(b, x, src: str, dst: str):
             else b.icmp_unsigned("!=", x, ir.Constant(x.type, 0))
     if src in ("f32", "f64") and dst in ("f32", "f64"):
         return b.fpext(x, dty) if dst == "f64" else b.fptrunc(x, dty)
-    if src == "i32":
+    if src in INT_DTYPES and dst in INT_DTYPES:
+        return b.sext(x, dty) if dty.width > x.type.width else b.trunc(x, dty)
+    if src in INT_DTYPES:
         return b.sitofp(x, dty)
     return b.fptosi(x, dty)
 
