@@ -19,11 +19,11 @@ import numpy as np
 
 from ir import lax
 from ir.builder import user_location
-from ir.core import ShapeError
+from ir.core import INT_DTYPES, ShapeError
 
 from . import ops
 from .ops import as_value, op, result_dtype
-from .tracer import Tracer, wrap
+from .tracer import Tracer, to_value, wrap
 
 
 _shape = ops.shape_of
@@ -263,6 +263,29 @@ def gelu(x, approximate="none"):
     return ops.multiply(x, _normal_cdf(x))
 
 
+@op("embedding")
+def embedding(input, weight):
+    """PyTorch's embedding: rows of `weight` [V, D] picked by the integer indices `input` (any
+    shape, traced such as token ids, or a numpy constant): [*input.shape, D]. An index outside
+    [0, V) (negative ones included, as in PyTorch) raises IndexError naming `input`, checked
+    natively where it is read. The gradient w.r.t. weight is a scatter-add of the rows."""
+    w = as_value(weight, result_dtype(weight))
+    if w.ndim != 2:
+        raise ShapeError(f"embedding: weight must be 2-d [num_embeddings, dim], got shape "
+                         f"{list(w.shape)}")
+    shape = tuple(_shape(input))
+    name = ops.index_name(input, "input")
+    if not isinstance(input, Tracer):
+        arr = np.asarray(input)
+        bad = arr[(arr < 0) | (arr >= w.shape[0])] if arr.dtype.kind in "iu" else arr[:0]
+        if bad.size:
+            raise _error(IndexError, f"embedding: index {bad.flat[0]} is out of range [0, "
+                                     f"{w.shape[0]}) of the weight's {w.shape[0]} rows")
+    idx = lax.reshape(ops.int_value(input), (int(np.prod(shape, dtype=np.int64)), 1))
+    rows = lax.gather(w, idx, 0, negative="error", name=name)
+    return wrap(lax.reshape(rows, shape + (w.shape[1],)))
+
+
 @op("linear")
 def linear(input, weight, bias=None):
     """input[..., in] @ weight[out, in].T + bias[out]"""
@@ -474,6 +497,12 @@ def _class_coefficients(what, input, target, weight, ignore_index, label_smoothi
         # one weight per class, along the class axis of the loss coefficients
         w = ops.reshape(weight, tuple(n_classes if i == axis else 1 for i in range(len(shape))))
     smooth = float(label_smoothing)
+    if isinstance(target, Tracer) and target.value.dtype in INT_DTYPES:
+        if tshape != positions:
+            raise ShapeError(f"{what}: class indices of shape {list(tshape)} do not fit logits "
+                             f"of shape {list(shape)} (expected indices of shape "
+                             f"{list(positions)}; the class axis of logits is {axis})")
+        return axis, _TracedClassIndices(target, weight, int(ignore_index), smooth), None
     if not isinstance(target, Tracer) and np.asarray(target).dtype.kind in "iu":
         idx = np.asarray(target)
         if tshape != positions:
@@ -504,7 +533,54 @@ def _class_coefficients(what, input, target, weight, ignore_index, label_smoothi
     return axis, (coef if w is None else ops.multiply(w, coef)), count
 
 
+class _TracedClassIndices(NamedTuple):
+    """Traced integer class indices of a loss (computed when log-probabilities exist)."""
+    target: Tracer
+    weight: object     # [C] float (traced or constant) or None
+    ignore_index: int
+    smooth: float
+
+    def losses(self, logp, axis):
+        """(per-position loss, "mean" divisor) as for constant indices (_class_coefficients):
+        -w[t] * ((1 - s) * logp[t] + s/C * sum_c w[c]/w[t] * logp[c]) at kept positions. The
+        target's log-probability is gathered, so an index outside [0, C) that is not
+        ignore_index raises IndexError natively (no pass over the labels in Python)."""
+        n_classes = _shape(logp)[axis]
+        t = self.target
+        name = ops.index_name(t, "target")
+        kept = ops.not_equal(t, self.ignore_index)
+        safe = ops.where(kept, t, 0)       # ignored positions read class 0, then count 0
+        keptf = ops.astype(kept, logp.dtype)
+        # "error": a negative class index is out of range (PyTorch), not counted from the end
+        picked = wrap(lax.gather(to_value(logp), ops.int_value(ops.expand_dims(safe, axis)), axis,
+                                 negative="error", name=name))
+        picked = ops.squeeze(picked, axis)
+        w_t = None
+        if self.weight is not None:
+            w = ops.astype(self.weight, logp.dtype) if isinstance(self.weight, Tracer) else \
+                np.asarray(self.weight, dtype=logp.dtype)
+            flat = ops.reshape(safe, (-1,))
+            w_t = ops.reshape(wrap(lax.gather(as_value(w, result_dtype(logp)),
+                                              ops.int_value(flat), 0, negative="error",
+                                              name=name)), _shape(safe))
+        scale = keptf if w_t is None else ops.multiply(keptf, w_t)
+        loss = ops.negative(ops.multiply(scale, picked))
+        if self.smooth:
+            wl = logp if self.weight is None else ops.multiply(
+                logp, ops.reshape(self.weight, tuple(n_classes if i == axis else 1
+                                                     for i in range(len(_shape(logp))))))
+            uniform = ops.multiply(ops.sum(wl, axis), keptf)
+            loss = ops.subtract(ops.multiply(loss, 1.0 - self.smooth),
+                                ops.multiply(uniform, self.smooth / n_classes))
+        return loss, ops.sum(scale)
+
+
 def _weighted_nll(what, logp, axis, coef, count, reduction):
+    if isinstance(coef, _TracedClassIndices):
+        per_position, count = coef.losses(logp, axis)
+        if reduction == "mean":
+            return ops.divide(ops.sum(per_position), count)
+        return _reduce(per_position, reduction, what)
     per_position = ops.negative(ops.sum(ops.multiply(coef, logp), axis))
     if reduction == "mean":
         return ops.divide(ops.sum(per_position), count)
