@@ -45,8 +45,9 @@ def test_gradient_wrt_a_pytree_holding_labels_names_the_leaf():
         f({"x": np.ones(3), "labels": np.arange(3, dtype=np.int32)})
 
 
-def test_unsupported_integer_dtypes_still_raise():
-    with pytest.raises(TypeError, match="uint8"):
+def test_unsupported_integer_dtypes_raise_naming_the_traced_ones():
+    with pytest.raises(TypeError, match=r"float32, float64 or int32/int64 array, got an array of "
+                                        r"dtype uint8"):
         tj.jit(lambda x: x)(np.zeros(3, np.uint8))
 
 
