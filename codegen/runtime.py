@@ -236,6 +236,11 @@ class NativeFunction:
 
     # ------------------------------------------------------------------------------------- call
     def _arena(self):
+        """This thread's arena address."""
+        return self._arena_state()[1]
+
+    def _arena_state(self):
+        """(buffer, arena address, status words or None) of this thread."""
         arena = getattr(self._local, "arena", None)
         if arena is None:
             # checked kernels report through two i64 status words after the planned memory
@@ -266,7 +271,7 @@ class NativeFunction:
         outs = tuple(np.empty(t.shape, dtype=t.np_dtype) for t in self._out_types)
         arrays = tuple(arrays)
         limit = parallel.thread_limit
-        arena = self._arena()
+        arena = self._arena_state()
         self._entry(arrays, outs, arena[1],
                     self.threads if limit is None else min(self.threads, limit))
         status = arena[2]

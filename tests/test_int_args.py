@@ -46,8 +46,8 @@ def test_gradient_wrt_a_pytree_holding_labels_names_the_leaf():
 
 
 def test_unsupported_integer_dtypes_raise_naming_the_traced_ones():
-    with pytest.raises(TypeError, match=r"float32, float64 or int32/int64 array, got an array of "
-                                        r"dtype uint8"):
+    with pytest.raises(TypeError, match=r"float32 or float64 array \(integer data: int32 or "
+                                        r"int64\), got an array of dtype uint8"):
         tj.jit(lambda x: x)(np.zeros(3, np.uint8))
 
 

@@ -90,10 +90,10 @@ class _Signature:
                 self.types.append(TensorType(_TRACED_INTS[dt.newbyteorder("=")], x.shape))
                 continue
             if dt.kind != "f" or dt.itemsize not in (4, 8):
-                ints = "/".join(str(d) for d in _TRACED_INTS)
-                raise TypeError(f"{fun_name}: argument {path}: expected a float32, float64 or "
-                                f"{ints} array, got an array of dtype {dt} and shape "
-                                f"{list(x.shape)}{_DTYPE_HINTS.get(dt.kind, '')}")
+                ints = " or ".join(str(d) for d in _TRACED_INTS)
+                raise TypeError(f"{fun_name}: argument {path}: expected a float32 or float64 "
+                                f"array (integer data: {ints}), got an array of dtype {dt} and "
+                                f"shape {list(x.shape)}{_DTYPE_HINTS.get(dt.kind, '')}")
             self.types.append(TensorType("f64" if dt.itemsize == 8 else "f32", x.shape))
         self.key = (self.treedef, tuple(self.types))
 

@@ -646,9 +646,9 @@ def getitem(x, idx):
             continue
         n = v.shape[dim]
         if isinstance(i, Tracer):
-            raise TypeError("indexing with a traced float or bool value is not supported; index "
-                            "with integers (arrays or Python ints) and slices, or use "
-                            "tracejit.where")
+            raise TypeError(f"indexing with a traced value of type {i.value.type} is not "
+                            f"supported; index with integers (arrays or Python ints) and slices, "
+                            f"or use tracejit.where")
         if isinstance(i, (numbers.Integral, np.integer)) and not isinstance(i, bool):
             k = int(i)
             if not -n <= k < n:
