@@ -468,7 +468,9 @@ def _class_coefficients(what, input, target, weight, ignore_index, label_smoothi
     loss at each position = -sum over classes of coef * logp, and "mean" divides the sum of those
     losses by `count` (PyTorch's normalisation).
 
-    Class indices (an int numpy array, not traced): coef = w[c] * ((1 - s) * onehot + s / C) at
+    Traced class indices: coef is a _TracedClassIndices, which computes the same losses once
+    the log-probabilities exist (count is None until then).
+    Class indices (an int numpy array): coef = w[c] * ((1 - s) * onehot + s / C) at
     positions whose index is not `ignore_index` (0 at ignored ones), count = sum of w[target] over
     the positions not ignored (nan from "mean" when every position is ignored, as in PyTorch).
     Class probabilities t (input's shape, traced or not): coef = w[c] * ((1 - s) * t + s / C),
@@ -592,8 +594,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
                   label_smoothing=0.0):
     """PyTorch's cross_entropy. input: logits [N, C, d1, ...] (the class axis is 1, as in
     PyTorch, also for N-d input) or [C]. target: class indices [N, d1, ...] ([] for [C] logits;
-    an int numpy array, not traced) or class probabilities of input's shape (e.g. one-hot, traced
-    or not). weight: [C], a factor per class. label_smoothing s mixes the target with the uniform
+    int32/int64: traced, such as labels passed as an argument, or a numpy constant; an index
+    outside [0, C) that is not ignore_index raises IndexError) or class probabilities of input's
+    shape (e.g. one-hot, traced or not). weight: [C], a factor per class. label_smoothing s mixes the target with the uniform
     distribution: (1 - s) * target + s / C. Positions whose index is `ignore_index` add nothing.
     The loss at each position is -sum over classes of weight * target * log_softmax(input);
     "mean" divides their sum by the summed weight of the target classes of the positions not
@@ -609,7 +612,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean"):
     """PyTorch's nll_loss: cross_entropy of log-probabilities `input` ([N, C, d1, ...] or [C],
     e.g. from log_softmax(x, dim=1)) without the log_softmax: the loss at each position is
-    -weight[t] * input[n, t, ...] for a class index t (an int numpy array, not traced; positions
+    -weight[t] * input[n, t, ...] for a class index t (int32/int64, traced or a numpy constant; positions
     whose index is `ignore_index` add nothing), or -sum over classes of weight * target * input
     for class probabilities of input's shape. "mean" is normalised as in cross_entropy."""
     _check_reduction(reduction, "nll_loss")
