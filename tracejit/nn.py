@@ -19,7 +19,7 @@ import numpy as np
 
 from ir import lax
 from ir.builder import user_location
-from ir.core import INT_DTYPES, ShapeError
+from ir.core import DTYPES, INT_DTYPES, ShapeError
 
 from . import ops
 from .ops import as_value, op, result_dtype
@@ -468,8 +468,8 @@ def _class_coefficients(what, input, target, weight, ignore_index, label_smoothi
     loss at each position = -sum over classes of coef * logp, and "mean" divides the sum of those
     losses by `count` (PyTorch's normalisation).
 
-    Traced class indices: coef is a _TracedClassIndices, which computes the same losses once
-    the log-probabilities exist (count is None until then).
+    Traced class indices: coef is a _TracedClassIndices, which computes the same coefficients
+    once the log-probabilities exist (count is None until then).
     Class indices (an int numpy array): coef = w[c] * ((1 - s) * onehot + s / C) at
     positions whose index is not `ignore_index` (0 at ignored ones), count = sum of w[target] over
     the positions not ignored (nan from "mean" when every position is ignored, as in PyTorch).
@@ -542,47 +542,41 @@ class _TracedClassIndices(NamedTuple):
     ignore_index: int
     smooth: float
 
-    def losses(self, logp, axis):
-        """(per-position loss, "mean" divisor) as for constant indices (_class_coefficients):
-        -w[t] * ((1 - s) * logp[t] + s/C * sum_c w[c]/w[t] * logp[c]) at kept positions. The
-        target's log-probability is gathered, so an index outside [0, C) that is not
-        ignore_index raises IndexError natively (no pass over the labels in Python)."""
-        n_classes = _shape(logp)[axis]
+    def coefficients(self, logp, axis):
+        """(coef, "mean" divisor) as for constant indices (_class_coefficients), as traced
+        values: coef = w[c] * ((1 - s) * onehot + s / C) * kept, with the one-hot built by
+        comparing the labels with the class numbers, so it fuses into the loss's loops and its
+        gradient (a gather of logp[t] would add a gather and a scatter-add kernel). The labels are
+        checked natively by the one gather that remains, of the class weights w[t] (ones without
+        a weight): an index outside [0, C) that is not ignore_index raises IndexError naming the
+        labels (negative ones too, as in PyTorch), without a pass over them in Python."""
+        shape = _shape(logp)
+        n_classes = shape[axis]
+        dtype = logp.dtype
         t = self.target
-        name = ops.index_name(t, "target")
         kept = ops.not_equal(t, self.ignore_index)
-        safe = ops.where(kept, t, 0)       # ignored positions read class 0, then count 0
-        keptf = ops.astype(kept, logp.dtype)
-        # "error": a negative class index is out of range (PyTorch), not counted from the end
-        picked = wrap(lax.gather(to_value(logp), ops.int_value(ops.expand_dims(safe, axis)), axis,
-                                 negative="error", name=name))
-        picked = ops.squeeze(picked, axis)
-        w_t = None
-        if self.weight is not None:
-            w = ops.astype(self.weight, logp.dtype) if isinstance(self.weight, Tracer) else \
-                np.asarray(self.weight, dtype=logp.dtype)
-            flat = ops.reshape(safe, (-1,))
-            w_t = ops.reshape(wrap(lax.gather(as_value(w, result_dtype(logp)),
-                                              ops.int_value(flat), 0, negative="error",
-                                              name=name)), _shape(safe))
-        scale = keptf if w_t is None else ops.multiply(keptf, w_t)
-        loss = ops.negative(ops.multiply(scale, picked))
+        safe = ops.where(kept, t, 0)       # ignored positions pick class 0, then weigh 0
+        along = tuple(n_classes if i == axis else 1 for i in range(len(shape)))
+        weight = np.ones(n_classes, dtype) if self.weight is None else self.weight
+        w_t = ops.reshape(wrap(lax.gather(as_value(weight, result_dtype(logp)),
+                                          ops.int_value(ops.reshape(safe, (-1,))), 0,
+                                          negative="error", name=ops.index_name(t, "target"))),
+                          _shape(safe))
+        scale = ops.multiply(ops.astype(kept, dtype), w_t)       # w[t] at kept positions, else 0
+        classes = np.arange(n_classes, dtype=DTYPES[t.value.dtype]).reshape(along)
+        onehot = ops.astype(ops.equal(ops.expand_dims(safe, axis), classes), dtype)
+        coef = ops.multiply(onehot, ops.expand_dims(scale, axis))
         if self.smooth:
-            wl = logp if self.weight is None else ops.multiply(
-                logp, ops.reshape(self.weight, tuple(n_classes if i == axis else 1
-                                                     for i in range(len(_shape(logp))))))
-            uniform = ops.multiply(ops.sum(wl, axis), keptf)
-            loss = ops.subtract(ops.multiply(loss, 1.0 - self.smooth),
-                                ops.multiply(uniform, self.smooth / n_classes))
-        return loss, ops.sum(scale)
+            w_c = ops.reshape(weight, along)
+            kept_w = ops.multiply(ops.expand_dims(ops.astype(kept, dtype), axis), w_c)
+            coef = ops.add(ops.multiply(coef, 1.0 - self.smooth),
+                           ops.multiply(kept_w, self.smooth / n_classes))
+        return coef, ops.sum(scale)
 
 
 def _weighted_nll(what, logp, axis, coef, count, reduction):
     if isinstance(coef, _TracedClassIndices):
-        per_position, count = coef.losses(logp, axis)
-        if reduction == "mean":
-            return ops.divide(ops.sum(per_position), count)
-        return _reduce(per_position, reduction, what)
+        coef, count = coef.coefficients(logp, axis)
     per_position = ops.negative(ops.sum(ops.multiply(coef, logp), axis))
     if reduction == "mean":
         return ops.divide(ops.sum(per_position), count)
