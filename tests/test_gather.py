@@ -180,3 +180,12 @@ def test_gradient_ir_is_a_scatter_add_and_its_adjoint_a_gather():
     entry = next(iter(f._cache.values()))
     text = str(entry.optimized)
     assert "gather %x, %i" in text and "scatter_add" in text
+
+
+def test_eager_gathers_on_numpy_arrays():
+    x = np.arange(12.0).reshape(3, 4)
+    idx = np.array([[1], [0], [-1]])
+    np.testing.assert_array_equal(tj.take_along_axis(x, idx, 1), np.take_along_axis(x, idx, 1))
+    np.testing.assert_array_equal(nn.embedding(np.array([2, 0]), x), x[[2, 0]])
+    with pytest.raises(IndexError, match="index 4 is out of bounds for axis 1 with size 4"):
+        tj.take_along_axis(x, np.array([[4], [0], [0]]), 1)
