@@ -16,7 +16,7 @@ from typing import Callable
 
 import llvmlite.ir as ir
 
-from ir.core import Instr, IRError, Registry, Value
+from ir.core import INT_DTYPES, Instr, IRError, Registry, Value
 from ir.prims.elementwise import (abs_p, add_p, and_p, const_p, convert_p, div_p, eq_p, ge_p, gt_p,
                                   integer_pow_p, le_p, lt_p, max_p, min_p, mul_p, ne_p, neg_p,
                                   not_p, or_p, pow_p, select_p, sign_p, stop_gradient_p, sub_p)
@@ -33,7 +33,7 @@ from .loops import (F32, F64, FAST, I1, I8, I32, I64, PTR, REDUCE, SHORT_LOOP, V
 
 def scalar_type(dtype: str) -> ir.Type:
     """LLVM type of an element value in registers (bool is i1; stored as i8)."""
-    return {"f32": F32, "f64": F64, "i32": I32, "u32": I32, "bool": I1}[dtype]
+    return {"f32": F32, "f64": F64, "i32": I32, "i64": I64, "u32": I32, "bool": I1}[dtype]
 
 
 def strides_of(shape):
@@ -121,7 +121,7 @@ class Elementwise:
     emit: Callable
 
     def value(self, el: _Element, ins: Instr, idx):
-        return self.emit(el.b, ins, [el.value(x, idx if x.shape else []) for x in ins.inputs])
+        return emit_scalar_op(el.b, ins, [el.value(x, idx if x.shape else []) for x in ins.inputs])
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,8 @@ def register_index_map(prim):
 
 def emit_scalar_op(b: ir.IRBuilder, ins: Instr, args):
     """The elementwise instruction `ins` on its operands' scalar values `args`."""
+    if ins.prim is not convert_p and any(v.dtype in INT_DTYPES for v in ins.inputs):
+        return int_lowerings[ins.prim](b, ins, args)
     rule = lowerings[ins.prim]
     if not isinstance(rule, Elementwise):
         raise IRError(f"codegen: '{ins.prim.name}' is not elementwise")
@@ -322,6 +324,20 @@ for _p, _op in ((gt_p, ">"), (ge_p, ">="), (lt_p, "<"), (le_p, "<="), (eq_p, "==
 register_elementwise(ne_p)(_compare("!=", unordered=True))
 
 
+# Integer operands (labels, indices): wrapping arithmetic as numpy's, signed comparisons.
+int_lowerings = Registry("fused lowering of integer operands")
+int_lowerings[add_p] = lambda b, ins, args: b.add(*args)
+int_lowerings[sub_p] = lambda b, ins, args: b.sub(*args)
+int_lowerings[mul_p] = lambda b, ins, args: b.mul(*args)
+int_lowerings[neg_p] = lambda b, ins, args: b.neg(args[0])
+int_lowerings[max_p] = lambda b, ins, args: b.select(b.icmp_signed(">", *args), *args)
+int_lowerings[min_p] = lambda b, ins, args: b.select(b.icmp_signed("<", *args), *args)
+int_lowerings[select_p] = lambda b, ins, args: b.select(*args)
+int_lowerings[stop_gradient_p] = lambda b, ins, args: args[0]
+for _p, _op in ((gt_p, ">"), (ge_p, ">="), (lt_p, "<"), (le_p, "<="), (eq_p, "=="), (ne_p, "!=")):
+    int_lowerings[_p] = (lambda op: lambda b, ins, args: b.icmp_signed(op, *args))(_op)
+
+
 def _integer_pow(b, x, y: int):
     if y == 0:
         return ir.Constant(x.type, 1.0)
@@ -346,7 +362,9 @@ def _convert(b, x, src: str, dst: str):
             else b.icmp_unsigned("!=", x, ir.Constant(x.type, 0))
     if src in ("f32", "f64") and dst in ("f32", "f64"):
         return b.fpext(x, dty) if dst == "f64" else b.fptrunc(x, dty)
-    if src == "i32":
+    if src in INT_DTYPES and dst in INT_DTYPES:
+        return b.sext(x, dty) if dty.width > x.type.width else b.trunc(x, dty)
+    if src in INT_DTYPES:
         return b.sitofp(x, dty)
     return b.fptosi(x, dty)
 

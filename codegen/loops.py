@@ -26,7 +26,7 @@ VOID = ir.VoidType()
 FAST = ("contract",)
 REDUCE = ("reassoc", "contract")
 
-_LLVM_TYPES = {"f32": F32, "f64": F64, "i32": I32, "u32": I32, "bool": I8}
+_LLVM_TYPES = {"f32": F32, "f64": F64, "i32": I32, "i64": I64, "u32": I32, "bool": I8}
 
 
 def llvm_type(dtype: str) -> ir.Type:

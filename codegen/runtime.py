@@ -93,6 +93,8 @@ class NativeFunction:
         self._copies = self._resolve_copies()
         self._donor = [self.donate.get(k) for k in range(len(fn.outputs))]
         self._early, self._late = _split_copies(self._copies, self.donate)
+        # kernels that check their indices, by status code (see kernels/__init__.py, Checks)
+        self._checked = _checked_kernels(self.plan)
 
     def _load_or_compile(self, cache):
         """(JITModule, cache hit?, seconds): linked from the persistent cache's object code if it
@@ -168,6 +170,8 @@ class NativeFunction:
                     epi = fused.Epilogue(g.epilogue, g.root.out, f"{fname}.epilogue") \
                         if g.epilogue is not None else None
                     extra = {} if epi is None else {"epilogue": epi}
+                    if kernels[g.root.prim].checks:
+                        extra["status_code"] = g.index + 1
                     if g.companion is not None:
                         lower_max_pool2d_with_argmax(kernel_module, fname, g.root, **extra)
                     else:
@@ -220,6 +224,9 @@ class NativeFunction:
         for g, kfn in zip(plan.groups, kernel_fns):
             args = [pointer(g.result)] + ([pointer(g.companion.out)] if g.companion else []) + \
                 [pointer(v) for v in g.leaves + g.extra_leaves]
+            if _checks(g):
+                args.append(b.gep(arena_arg, [i64(_status_offset(plan))], source_etype=ir.IntType(8),
+                                  name="status"))
             scratch = b.gep(arena_arg, [i64(g.scratch)], source_etype=ir.IntType(8)) \
                 if g.scratch_bytes else ir.Constant(PTR, None)
             splits = g.kind == "loop" or kernels[g.root.prim].parallel
@@ -249,12 +256,35 @@ class NativeFunction:
 
     # ------------------------------------------------------------------------------------- call
     def _arena(self):
+        """This thread's arena address."""
+        return self._arena_state()[1]
+
+    def _arena_state(self):
+        """(buffer, arena address, status words or None) of this thread."""
         arena = getattr(self._local, "arena", None)
         if arena is None:
-            raw = np.empty(self.plan.arena_bytes + 64, dtype=np.uint8)
+            # checked kernels report through two i64 status words after the planned memory
+            status_at = _status_offset(self.plan)
+            raw = np.empty(status_at + 16 + 64, dtype=np.uint8)
             off = (-raw.ctypes.data) % 64
-            arena = self._local.arena = (raw, raw.ctypes.data + off)
-        return arena[1]
+            status = raw[off + status_at:off + status_at + 16].view(np.int64)
+            status[:] = 0
+            arena = self._local.arena = (raw, raw.ctypes.data + off,
+                                         status if self._checked else None)
+        return arena
+
+    def _check_status(self, status):
+        """Raise the IndexError a checked kernel reported (and clear the status for the next
+        call); the message was decided at compile time, the kernel supplies the value."""
+        code, value = int(status[0]), int(status[1])
+        status[:] = 0
+        from ir.prims.gather import IndexOutOfBounds, out_of_bounds_message
+        ins = self._checked[code]
+        axis, data = ins.params["axis"], ins.inputs[0]
+        size = ins.params.get("size", data.shape[axis] if data.ndim else 0)
+        fields = (value, axis, size, ins.params["name"])
+        raise IndexOutOfBounds(out_of_bounds_message(value, axis, size, ins.api or ins.prim.name,
+                                                     ins.params["name"], ins.loc), fields)
 
     def __call__(self, arrays):
         """Run on `arrays` (a sequence of C-contiguous arrays of the parameter types). A donated
@@ -268,8 +298,12 @@ class NativeFunction:
             outs = tuple(np.empty(t.shape, dtype=t.np_dtype) for t in self._out_types)
             late = self._copies
         limit = parallel.thread_limit
-        self._entry(arrays, outs, self._arena(),
+        arena = self._arena_state()
+        self._entry(arrays, outs, arena[1],
                     self.threads if limit is None else min(self.threads, limit))
+        status = arena[2]
+        if status is not None and status[0]:
+            self._check_status(status)
         _run_copies(late, arrays, outs)
         return outs
 
@@ -346,9 +380,25 @@ def _lower_part(native_ref, part: int, seconds: dict) -> str:
 
 
 def _kernel_type(g) -> ir.FunctionType:
-    """The contract's type of kernel `g`: result, companion, buffers, scratch, tid, nthreads."""
-    n_ptrs = 1 + (g.companion is not None) + len(g.leaves) + len(g.extra_leaves) + 1
+    """The contract's type of kernel `g`: result, companion, buffers, [status,] scratch, tid,
+    nthreads."""
+    n_ptrs = 1 + (g.companion is not None) + len(g.leaves) + len(g.extra_leaves) + 1 + _checks(g)
     return ir.FunctionType(VOID, [PTR] * n_ptrs + [I64, I64])
+
+
+def _checks(g) -> bool:
+    """Whether kernel `g` checks its inputs and takes the status pointer."""
+    return g.kind == "nn" and kernels[g.root.prim].checks
+
+
+def _checked_kernels(plan) -> dict:
+    """{status code: instruction} of the plan's checking kernels."""
+    return {g.index + 1: g.root for g in plan.groups if _checks(g)}
+
+
+def _status_offset(plan) -> int:
+    """Byte offset in the arena of the status words (after the planned memory, 64-aligned)."""
+    return -(-plan.arena_bytes // 64) * 64
 
 
 def _compile_weight(g) -> int:

@@ -17,7 +17,7 @@ Textual grammar (what `print_function` emits; `#` starts a comment that carries 
     attr       ::= NAME                      # a boolean attribute that is true
                  | NAME "=" LITERAL          # ints, floats, tuples
     type       ::= DTYPE "[" [INT ("," INT)*] "]"      # f32[64,784]; f32[] is a scalar
-    DTYPE      ::= "f32" | "f64" | "i32" | "u32" | "bool"     # u32: random keys and bits
+    DTYPE      ::= "f32" | "f64" | "i32" | "i64" | "u32" | "bool"     # u32: random keys and bits
     VALUE      ::= "%" NAME                  # %0, %x, %params.w1, %3.adj (the cotangent of %3),
                                              # %3.tan (the tangent of %3)
     comment    ::= "#" ["adj of" VALUE | "tan of" VALUE] [API] FILE ":" LINE
@@ -37,9 +37,11 @@ from typing import Any, Callable
 import numpy as np
 
 DTYPES = {"f32": np.dtype(np.float32), "f64": np.dtype(np.float64), "i32": np.dtype(np.int32),
-          "u32": np.dtype(np.uint32), "bool": np.dtype(np.bool_)}
+          "i64": np.dtype(np.int64), "u32": np.dtype(np.uint32), "bool": np.dtype(np.bool_)}
 _NP_TO_DTYPE = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = ("f32", "f64")
+# Integer values (labels, indices) carry no gradient: their cotangents are always None.
+INT_DTYPES = ("i32", "i64")
 
 
 def dtype_of_numpy(dt) -> str:

@@ -26,7 +26,13 @@ def interpret(fn: Function, args) -> list[np.ndarray]:
     for ins in fn.instrs:
         try:
             out = impls[ins.prim](*[env[id(v)] for v in ins.inputs], **ins.params)
-        except IRError:
+        except IRError as e:
+            fields = getattr(e, "fields", None)
+            if fields is not None:  # an index out of bounds: name the user's op and line
+                from .prims.gather import out_of_bounds_message
+                value, axis, size, name = fields
+                raise type(e)(out_of_bounds_message(value, axis, size, ins.api or ins.prim.name,
+                                                    name, ins.loc), fields) from None
             raise
         except Exception as e:  # name the instruction and the user's line
             namer = Namer()

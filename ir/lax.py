@@ -11,6 +11,7 @@ from .prims.structural import (  # noqa: F401
     broadcast_in_dim, broadcast_to, concatenate, pad, reshape, slice_, transpose)
 from .prims.reduce import reduce_max, reduce_sum  # noqa: F401
 from .prims.linalg import matmul  # noqa: F401
+from .prims.gather import gather, scatter_add  # noqa: F401
 from .prims.nn import (  # noqa: F401
     avg_pool2d, avg_pool2d_grad, conv2d, conv2d_input_grad, conv2d_weight_grad, max_pool2d,
     max_pool2d_argmax, max_pool2d_gather, max_pool2d_grad)

@@ -412,6 +412,31 @@ add("getitem", "getitem-3d-mixed", lambda x: x[1, ::2, 1:3], lambda x: x[1, ::2,
 add("getitem", "getitem-reused", lambda x: x[0] * x[1] + x[:, 0],
     lambda x: x[0] * x[1] + x[:, 0], Arg((3, 3)))
 
+# gathers: integer index arrays (numpy constants here; traced ones in tests/test_gather.py), with
+# repeated and negative indices, so the adjoint scatter-adds several cotangents into one element
+TAKE_IDX = np.array([[3, 0, 3], [1, 1, -1], [-4, 2, 0]])
+EMBED_IDS = np.array([[4, 0, 4], [2, 2, 1]])
+add("take_along_axis", "take_along_axis-last-repeated-negative",
+    lambda x: tj.take_along_axis(x, TAKE_IDX, 1), lambda x: np.take_along_axis(x, TAKE_IDX, 1),
+    Arg((3, 4)))
+add("take_along_axis", "take_along_axis-axis0-broadcast",
+    lambda x: tj.take_along_axis(x, TAKE_IDX[:1].T, 0),
+    lambda x: np.take_along_axis(x, TAKE_IDX[:1].T, 0), Arg((4, 2)))
+add("take_along_axis", "take_along_axis-3d-middle",
+    lambda x: tj.take_along_axis(x, TAKE_IDX[:2, :, None] % 3, 1),
+    lambda x: np.take_along_axis(x, TAKE_IDX[:2, :, None] % 3, 1), Arg((2, 3, 2)))
+add("nn.embedding", "embedding-repeated-ids", lambda w: nn.embedding(EMBED_IDS, w),
+    lambda w: w[EMBED_IDS], Arg((5, 3)))
+INT_INDEXES = [
+    ("rows", lambda x: x[np.array([2, 0, 2, -1])]),
+    ("columns-2d", lambda x: x[:, np.array([[1, 1], [3, 0]])]),
+    ("arange-labels", lambda x: x[np.arange(4), np.array([1, 3, 3, 0])]),
+    ("pairs", lambda x: x[np.array([0, 3, 0]), np.array([2, 2, 1])]),
+    ("list", lambda x: x[[1, 1, 3]]),
+]
+for _name, _ix in INT_INDEXES:
+    add("getitem", f"getitem-int-array-{_name}", _ix, _ix, Arg((4, 4)))
+
 # method forms -----------------------------------------------------------------------------------
 METHODS = [
     ("method.T", "T-2d", lambda x: x.T, lambda x: x.T, Arg((2, 3))),

@@ -204,7 +204,7 @@ def test_non_scalar_output_is_a_type_error(fn, what, transform):
 
 
 @pytest.mark.parametrize("transform", [jit_grad, jit], ids=["jit_grad", "jit"])
-@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_, np.complex128],
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.bool_, np.complex128],
                          ids=lambda d: np.dtype(d).name)
 def test_non_float_array_argument_names_the_argument(dtype, transform):
     def loss(weights, labels):
@@ -214,9 +214,9 @@ def test_non_float_array_argument_names_the_argument(dtype, transform):
 
 
 def test_non_float_leaf_in_a_pytree_names_its_path():
-    with pytest.raises(TypeError, match=r"argument params\['b'\]\[1\]: .*int64"):
+    with pytest.raises(TypeError, match=r"argument params\['b'\]\[1\]: .*uint16"):
         jit_grad(lambda params: params["a"].sum())({"a": np.ones(2),
-                                                   "b": [np.ones(2), np.arange(3)]})
+                                                   "b": [np.ones(2), np.arange(3, dtype=np.uint16)]})
 
 
 def test_differentiating_a_static_argument():
@@ -241,11 +241,11 @@ def test_leaked_tracer():
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("index, error, match", [
     (lambda x: x[x > 0], TypeError, "indexing with a traced value"),
-    (lambda x: x[[0, 1]], TypeError, "advanced indexing is not supported"),
+    (lambda x: x[np.array([True, False, True])], TypeError, "boolean mask is not supported"),
     (lambda x: x[5], IndexError, "index 5 is out of bounds for axis 0 with size 3"),
     (lambda x: x[0, 0], IndexError, "too many indices"),
     (lambda x: x[::-1], NotImplementedError, "negative steps"),
-], ids=["traced", "list", "out-of-bounds", "too-many", "negative-step"])
+], ids=["traced", "bool-mask", "out-of-bounds", "too-many", "negative-step"])
 def test_unsupported_indexing(index, error, match):
     with pytest.raises(error, match=match):
         jit_grad(lambda x: index(x).sum())(np.ones(3))

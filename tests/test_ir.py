@@ -198,7 +198,7 @@ def test_verifier_after_every_pass_and_same_results(stage, verified_passes):
 # printer
 # ------------------------------------------------------------------------------------------------
 INSTR_LINE = re.compile(
-    r"^  %[\w.]+: (f32|f64|i32|u32|bool)\[[\d,]*\] = \w+"          # value: type = prim
+    r"^  %[\w.]+: (f32|f64|i32|i64|u32|bool)\[[\d,]*\] = \w+"          # value: type = prim
     r"( (%[\w.]+|-?[\d.e+-]+|inf|-inf|true|false)(, (%[\w.]+|-?[\d.e+-]+|inf|-inf|true|false))*)?"
     r"( \{[^}]*\})?"                                          # attributes
     r"( +# .*)?$")                                           # provenance

@@ -12,7 +12,10 @@ _load_all()
 
 def test_every_fusable_primitive_has_a_fused_lowering():
     expected = {"layout": IndexMap, "reduce": Reduction}
+    # tracejit's own primitives: other test modules define rule-less ones (test_errors) on import
     for p in primitives.values():
+        if p.name.startswith("test_"):
+            continue
         if p.elementwise or p.kind in expected or p.name == "const":
             assert isinstance(lowerings[p], expected.get(p.kind, Elementwise)), p.name
 

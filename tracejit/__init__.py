@@ -18,8 +18,8 @@ from .ops import (  # noqa: F401
     abs, add, clip, concatenate, cos, divide, dot, equal, exp, expand_dims, greater, greater_equal,
     less, less_equal, log, logical_and, logical_not, logical_or, logsumexp, matmul, max, maximum,
     mean, min, minimum, mm, multiply, mv, negative, norm, not_equal, outer, power, reshape, sign,
-    sin, sqrt, square, squeeze, stack, std, stop_gradient, subtract, sum, swapaxes, tanh, transpose,
-    var, where)
+    sin, sqrt, square, squeeze, stack, std, stop_gradient, subtract, sum, swapaxes, take_along_axis,
+    tanh, transpose, var, where)
 from .nn import erf  # noqa: F401  (tracejit.erf: a composite that lives beside gelu)
 from .tracer import Tracer  # noqa: F401
 from .transforms import hessian, jacfwd, jacrev, jit_jvp  # noqa: F401

@@ -18,7 +18,7 @@ import numpy as np
 
 from ir.adjoint import grad_function
 from ir.builder import Builder, building, current, inline
-from ir.core import FLOAT_DTYPES, TensorType
+from ir.core import DTYPES, FLOAT_DTYPES, TensorType
 from ir.passes import optimize
 from ir.verify import verify
 
@@ -37,7 +37,9 @@ class _Signature:
 
     What a call may pass (checked here, before anything is traced or run):
     - float32 and float64 numpy arrays are traced; their shapes and dtypes are part of the compile
-      key, so a new shape or dtype traces again. Any layout works: non-contiguous, Fortran-ordered,
+      key, so a new shape or dtype traces again. Integer arrays of the IR's integer dtypes (int32,
+      int64: labels, indices) are traced too, so a new batch of labels runs the same code; they
+      carry no gradient (differentiating w.r.t. one raises TypeError naming it). Any layout works: non-contiguous, Fortran-ordered,
       read-only, misaligned and byte-swapped arrays are copied to what the native code reads (see
       `_c_contiguous`); the caller's arrays are never written to. uint32 arrays (random keys,
       tracejit.random) are traced too, as IR type u32. Arrays of other dtypes (int,
@@ -85,13 +87,15 @@ class _Signature:
                 self.types.append(x.value.type)
                 continue
             dt = x.dtype
-            if dt == np.uint32:   # random keys (tracejit.random): a new key never retraces
-                self.types.append(TensorType("u32", x.shape))
+            if dt.kind in "iu" and dt.newbyteorder("=") in _TRACED_INTS:
+                self.types.append(TensorType(_TRACED_INTS[dt.newbyteorder("=")], x.shape))
                 continue
             if dt.kind != "f" or dt.itemsize not in (4, 8):
+                names = [str(d) for d in _TRACED_INTS]
+                ints = ", ".join(names[:-1]) + " or " + names[-1]
                 raise TypeError(f"{fun_name}: argument {path}: expected a float32 or float64 "
-                                f"array, got an array of dtype {dt} and shape {list(x.shape)}"
-                                f"{_DTYPE_HINTS.get(dt.kind, '')}")
+                                f"array (integer data: {ints}), got an array of dtype {dt} and "
+                                f"shape {list(x.shape)}{_DTYPE_HINTS.get(dt.kind, '')}")
             self.types.append(TensorType("f64" if dt.itemsize == 8 else "f32", x.shape))
         self.key = (self.treedef, tuple(self.types))
 
@@ -249,6 +253,11 @@ class Jitted:
                 raise TypeError(f"{self.name}: argument {name} is differentiated (argnums={a}) but "
                                 f"holds no arrays or also holds static values "
                                 f"({pytree.describe(d)}); pass float arrays there")
+            for i in r:
+                if sig.types[i].dtype not in FLOAT_DTYPES:
+                    raise TypeError(f"{self.name}: cannot differentiate with respect to "
+                                    f"{sig.leaves[i][0]}, an integer array ({sig.types[i]}): "
+                                    f"integers carry no gradient; leave it out of argnums")
             wrt.extend(r)
         return wrt
 
@@ -679,11 +688,12 @@ def _short(text: str) -> str:
     return rest if kind in ("int", "float", "str", "bool", "NoneType") else text
 
 
+# numpy integer dtype -> IR dtype of the integer arrays a call may trace (every integer IR dtype)
+_TRACED_INTS = {DTYPES[d]: d for d in DTYPES if DTYPES[d].kind in "iu"}
+
 _DTYPE_HINTS = {
-    "i": " (pass integer data such as class labels as one-hot float arrays, or close over it as a "
-         "constant)",
-    "u": " (pass integer data such as class labels as one-hot float arrays, or close over it as a "
-         "constant)",
+    "i": " (convert integer data such as class labels with x.astype(np.int64))",
+    "u": " (convert integer data such as class labels with x.astype(np.int64))",
     "b": " (pass masks as float arrays, x.astype(np.float32), or close over them as constants)",
     "c": " (complex numbers are not supported)",
     "f": " (tracejit computes in float32 and float64: convert with x.astype(np.float32))",

@@ -19,11 +19,11 @@ import numpy as np
 
 from ir import lax
 from ir.builder import user_location
-from ir.core import ShapeError
+from ir.core import DTYPES, INT_DTYPES, ShapeError
 
 from . import ops
 from .ops import as_value, op, result_dtype
-from .tracer import Tracer, wrap
+from .tracer import Tracer, to_value, wrap
 
 
 _shape = ops.shape_of
@@ -263,6 +263,29 @@ def gelu(x, approximate="none"):
     return ops.multiply(x, _normal_cdf(x))
 
 
+@op("embedding")
+def embedding(input, weight):
+    """PyTorch's embedding: rows of `weight` [V, D] picked by the integer indices `input` (any
+    shape, traced such as token ids, or a numpy constant): [*input.shape, D]. An index outside
+    [0, V) (negative ones included, as in PyTorch) raises IndexError naming `input`, checked
+    natively where it is read. The gradient w.r.t. weight is a scatter-add of the rows."""
+    w = as_value(weight, result_dtype(weight))
+    if w.ndim != 2:
+        raise ShapeError(f"embedding: weight must be 2-d [num_embeddings, dim], got shape "
+                         f"{list(w.shape)}")
+    shape = tuple(_shape(input))
+    name = ops.index_name(input, "input")
+    if not isinstance(input, Tracer):
+        arr = np.asarray(input)
+        bad = arr[(arr < 0) | (arr >= w.shape[0])] if arr.dtype.kind in "iu" else arr[:0]
+        if bad.size:
+            raise _error(IndexError, f"embedding: index {bad.flat[0]} is out of range [0, "
+                                     f"{w.shape[0]}) of the weight's {w.shape[0]} rows")
+    idx = lax.reshape(ops.int_value(input), (int(np.prod(shape, dtype=np.int64)), 1))
+    rows = lax.gather(w, idx, 0, negative="error", name=name)
+    return wrap(lax.reshape(rows, shape + (w.shape[1],)))
+
+
 @op("linear")
 def linear(input, weight, bias=None):
     """input[..., in] @ weight[out, in].T + bias[out]"""
@@ -445,7 +468,9 @@ def _class_coefficients(what, input, target, weight, ignore_index, label_smoothi
     loss at each position = -sum over classes of coef * logp, and "mean" divides the sum of those
     losses by `count` (PyTorch's normalisation).
 
-    Class indices (an int numpy array, not traced): coef = w[c] * ((1 - s) * onehot + s / C) at
+    Traced class indices: coef is a _TracedClassIndices, which computes the same coefficients
+    once the log-probabilities exist (count is None until then).
+    Class indices (an int numpy array): coef = w[c] * ((1 - s) * onehot + s / C) at
     positions whose index is not `ignore_index` (0 at ignored ones), count = sum of w[target] over
     the positions not ignored (nan from "mean" when every position is ignored, as in PyTorch).
     Class probabilities t (input's shape, traced or not): coef = w[c] * ((1 - s) * t + s / C),
@@ -474,6 +499,12 @@ def _class_coefficients(what, input, target, weight, ignore_index, label_smoothi
         # one weight per class, along the class axis of the loss coefficients
         w = ops.reshape(weight, tuple(n_classes if i == axis else 1 for i in range(len(shape))))
     smooth = float(label_smoothing)
+    if isinstance(target, Tracer) and target.value.dtype in INT_DTYPES:
+        if tshape != positions:
+            raise ShapeError(f"{what}: class indices of shape {list(tshape)} do not fit logits "
+                             f"of shape {list(shape)} (expected indices of shape "
+                             f"{list(positions)}; the class axis of logits is {axis})")
+        return axis, _TracedClassIndices(target, weight, int(ignore_index), smooth), None
     if not isinstance(target, Tracer) and np.asarray(target).dtype.kind in "iu":
         idx = np.asarray(target)
         if tshape != positions:
@@ -504,7 +535,48 @@ def _class_coefficients(what, input, target, weight, ignore_index, label_smoothi
     return axis, (coef if w is None else ops.multiply(w, coef)), count
 
 
+class _TracedClassIndices(NamedTuple):
+    """Traced integer class indices of a loss (computed when log-probabilities exist)."""
+    target: Tracer
+    weight: object     # [C] float (traced or constant) or None
+    ignore_index: int
+    smooth: float
+
+    def coefficients(self, logp, axis):
+        """(coef, "mean" divisor) as for constant indices (_class_coefficients), as traced
+        values: coef = w[c] * ((1 - s) * onehot + s / C) * kept, with the one-hot built by
+        comparing the labels with the class numbers, so it fuses into the loss's loops and its
+        gradient (a gather of logp[t] would add a gather and a scatter-add kernel). The labels are
+        checked natively by the one gather that remains, of the class weights w[t] (ones without
+        a weight): an index outside [0, C) that is not ignore_index raises IndexError naming the
+        labels (negative ones too, as in PyTorch), without a pass over them in Python."""
+        shape = _shape(logp)
+        n_classes = shape[axis]
+        dtype = logp.dtype
+        t = self.target
+        kept = ops.not_equal(t, self.ignore_index)
+        safe = ops.where(kept, t, 0)       # ignored positions pick class 0, then weigh 0
+        along = tuple(n_classes if i == axis else 1 for i in range(len(shape)))
+        weight = np.ones(n_classes, dtype) if self.weight is None else self.weight
+        w_t = ops.reshape(wrap(lax.gather(as_value(weight, result_dtype(logp)),
+                                          ops.int_value(ops.reshape(safe, (-1,))), 0,
+                                          negative="error", name=ops.index_name(t, "target"))),
+                          _shape(safe))
+        scale = ops.multiply(ops.astype(kept, dtype), w_t)       # w[t] at kept positions, else 0
+        classes = np.arange(n_classes, dtype=DTYPES[t.value.dtype]).reshape(along)
+        onehot = ops.astype(ops.equal(ops.expand_dims(safe, axis), classes), dtype)
+        coef = ops.multiply(onehot, ops.expand_dims(scale, axis))
+        if self.smooth:
+            w_c = ops.reshape(weight, along)
+            kept_w = ops.multiply(ops.expand_dims(ops.astype(kept, dtype), axis), w_c)
+            coef = ops.add(ops.multiply(coef, 1.0 - self.smooth),
+                           ops.multiply(kept_w, self.smooth / n_classes))
+        return coef, ops.sum(scale)
+
+
 def _weighted_nll(what, logp, axis, coef, count, reduction):
+    if isinstance(coef, _TracedClassIndices):
+        coef, count = coef.coefficients(logp, axis)
     per_position = ops.negative(ops.sum(ops.multiply(coef, logp), axis))
     if reduction == "mean":
         return ops.divide(ops.sum(per_position), count)
@@ -516,8 +588,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
                   label_smoothing=0.0):
     """PyTorch's cross_entropy. input: logits [N, C, d1, ...] (the class axis is 1, as in
     PyTorch, also for N-d input) or [C]. target: class indices [N, d1, ...] ([] for [C] logits;
-    an int numpy array, not traced) or class probabilities of input's shape (e.g. one-hot, traced
-    or not). weight: [C], a factor per class. label_smoothing s mixes the target with the uniform
+    int32/int64: traced, such as labels passed as an argument, or a numpy constant; an index
+    outside [0, C) that is not ignore_index raises IndexError) or class probabilities of input's
+    shape (e.g. one-hot, traced or not). weight: [C], a factor per class. label_smoothing s mixes the target with the uniform
     distribution: (1 - s) * target + s / C. Positions whose index is `ignore_index` add nothing.
     The loss at each position is -sum over classes of weight * target * log_softmax(input);
     "mean" divides their sum by the summed weight of the target classes of the positions not
@@ -533,7 +606,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean"):
     """PyTorch's nll_loss: cross_entropy of log-probabilities `input` ([N, C, d1, ...] or [C],
     e.g. from log_softmax(x, dim=1)) without the log_softmax: the loss at each position is
-    -weight[t] * input[n, t, ...] for a class index t (an int numpy array, not traced; positions
+    -weight[t] * input[n, t, ...] for a class index t (int32/int64, traced or a numpy constant; positions
     whose index is `ignore_index` add nothing), or -sum over classes of weight * target * input
     for class probabilities of input's shape. "mean" is normalised as in cross_entropy."""
     _check_reduction(reduction, "nll_loss")

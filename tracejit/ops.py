@@ -24,7 +24,7 @@ import numpy as np
 from ir import builder as irb
 from ir import lax
 from ir.builder import Builder, api_scope, building
-from ir.core import ShapeError, Value
+from ir.core import DTYPES, INT_DTYPES, ShapeError, Value
 from ir.interpreter import interpret
 
 from . import captures
@@ -176,7 +176,64 @@ def broadcast_values(*vals):
         if shape else list(vals)
 
 
-def _binary(lax_fn, a, b):
+# ------------------------------------------------------------------------------------------------
+# integers (labels, indices): traced integer values stay integers in comparisons, +, -, *, maximum,
+# minimum, where and layout ops when every other operand is an integer too (Python ints and numpy
+# integer constants take the traced value's dtype, as Python floats do for floats); any other op
+# (or a float operand) computes in float, like numpy. Integers carry no gradient.
+# ------------------------------------------------------------------------------------------------
+def _is_int_tracer(x) -> bool:
+    return isinstance(x, Tracer) and x.value.dtype in INT_DTYPES
+
+
+def int_operands_dtype(*xs) -> str | None:
+    """The integer dtype an op computes in for operands `xs`, or None when it computes in float:
+    at least one operand is a traced integer and all are integers (bools are not)."""
+    traced = [x.value.dtype for x in xs if _is_int_tracer(x)]
+    if not traced:
+        return None
+    for x in xs:
+        if isinstance(x, Tracer):
+            if x.value.dtype not in INT_DTYPES:
+                return None
+        elif isinstance(x, (bool, np.bool_)) or \
+                (not isinstance(x, numbers.Integral) and np.asarray(x).dtype.kind not in "iu"):
+            return None
+    return "i64" if "i64" in traced else "i32"
+
+
+def int_value(x, dtype: str | None = None) -> Value:
+    """Integer operand `x` (a traced integer, an int numpy array or number) as a Value of integer
+    dtype `dtype` (default: its own, int64 for Python ints); a constant that does not fit raises
+    OverflowError instead of wrapping."""
+    if isinstance(x, Tracer):
+        v = to_value(x)
+        if v.dtype not in INT_DTYPES:
+            raise TypeError(f"expected an integer array, got a traced {v.type}")
+        return v if dtype is None else lax.convert(v, dtype)
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "iu" or isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"expected an integer array, got {type(x).__name__} of dtype {arr.dtype}")
+    dtype = dtype or ("i32" if arr.dtype == np.int32 else "i64")
+    info = np.iinfo(DTYPES[dtype])
+    if arr.size and (arr.min() < info.min or arr.max() > info.max):
+        raise OverflowError(f"integer constant {arr.min() if arr.min() < info.min else arr.max()} "
+                            f"does not fit {DTYPES[dtype]}")
+    captures.note_constant(x)
+    return lax.literal(arr.astype(DTYPES[dtype]))
+
+
+def _layout_value(x) -> Value:
+    """Operand of a layout op: integers (and uint32 random keys) stay integers, everything else is
+    float."""
+    keep = isinstance(x, Tracer) and x.value.dtype in INT_DTYPES + ("u32",)
+    return to_value(x) if keep else as_value(x, result_dtype(x))
+
+
+def _binary(lax_fn, a, b, ints=True):
+    dt = int_operands_dtype(a, b) if ints else None
+    if dt is not None:
+        return wrap(lax_fn(*broadcast_values(int_value(a, dt), int_value(b, dt))))
     va, vb = broadcast_values(*promote(a, b))
     if va.shape != vb.shape and va.shape and vb.shape:  # pragma: no cover - guarded above
         raise ShapeError(f"shapes {va.shape} and {vb.shape} differ")
@@ -197,7 +254,7 @@ def subtract(a, b): return _binary(lax.sub, a, b)
 @op("multiply")
 def multiply(a, b): return _binary(lax.mul, a, b)
 @op("divide")
-def divide(a, b): return _binary(lax.div, a, b)
+def divide(a, b): return _binary(lax.div, a, b, ints=False)
 @op("maximum")
 def maximum(a, b): return _binary(lax.maximum, a, b)
 @op("minimum")
@@ -209,7 +266,7 @@ def power(a, b):
     if isinstance(b, numbers.Number) and not isinstance(b, bool) and float(b).is_integer() \
             and builtins.abs(b) <= 64:
         return _unary(lambda v: lax.integer_pow(v, int(b)), a)
-    return _binary(lax.pow_, a, b)
+    return _binary(lax.pow_, a, b, ints=False)
 
 
 @op("square")
@@ -271,7 +328,9 @@ def where(cond, a, b):
     to the chosen operand, but both are differentiated everywhere: a branch that is singular where
     it is not chosen (`where(x > 0, log(x), 0)` at x == 0) gives NaN there, as in PyTorch and
     JAX. Make the untaken branch safe: `where(x > 0, log(where(x > 0, x, 1.0)), 0.0)`."""
-    p, va, vb = broadcast_values(_bool_value(cond), *promote(a, b))
+    dt = int_operands_dtype(a, b)
+    vals = [int_value(a, dt), int_value(b, dt)] if dt is not None else promote(a, b)
+    p, va, vb = broadcast_values(_bool_value(cond), *vals)
     return wrap(lax.select(p, va, vb))
 
 
@@ -287,9 +346,13 @@ def clip(x, lo=None, hi=None):
 @op("astype")
 def astype(x, dtype):
     dt = np.dtype(dtype)
+    ints = {DTYPES[d]: d for d in INT_DTYPES}
+    if dt in ints:  # float to integer truncates toward zero, as numpy
+        return wrap(lax.convert(_layout_value(x), ints[dt]))
     if dt not in (np.float32, np.float64):
-        raise TypeError(f"astype: traced values are float32 or float64, not {dt}")
-    return wrap(lax.convert(as_value(x, result_dtype(x)), _float_dtype(dt)))
+        raise TypeError(f"astype: traced values are float32, float64, int32 or int64, not {dt}")
+    v = to_value(x) if _is_int_tracer(x) else as_value(x, result_dtype(x))
+    return wrap(lax.convert(v, _float_dtype(dt)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -466,7 +529,7 @@ def _resolve_shape(shape, size):
 
 @op("reshape")
 def reshape(x, shape):
-    v = as_value(x, result_dtype(x))
+    v = _layout_value(x)
     new = _resolve_shape(shape, v.type.size)
     if math.prod(new) != v.type.size:
         raise ShapeError(f"cannot reshape a value of shape {list(v.shape)} into {list(new)}")
@@ -475,7 +538,7 @@ def reshape(x, shape):
 
 @op("transpose")
 def transpose(x, axes=None):
-    v = as_value(x, result_dtype(x))
+    v = _layout_value(x)
     perm = tuple(reversed(range(v.ndim))) if axes is None else tuple(a % v.ndim for a in axes)
     return wrap(lax.transpose(v, perm))
 
@@ -489,7 +552,7 @@ def swapaxes(x, a, b):
 
 @op("squeeze")
 def squeeze(x, axis=None):
-    v = as_value(x, result_dtype(x))
+    v = _layout_value(x)
     axes = tuple(i for i, n in enumerate(v.shape) if n == 1) if axis is None else _axes(v, axis)
     for a in axes:
         if v.shape[a] != 1:
@@ -499,7 +562,7 @@ def squeeze(x, axis=None):
 
 @op("expand_dims")
 def expand_dims(x, axis):
-    v = as_value(x, result_dtype(x))
+    v = _layout_value(x)
     shape = list(v.shape)
     shape.insert(axis % (v.ndim + 1) if axis < 0 else axis, 1)
     return wrap(lax.reshape(v, shape))
@@ -520,12 +583,41 @@ def stack(xs, axis=0):
     return concatenate([expand_dims(wrap(v), axis) for v in promote(*xs)], axis)
 
 
+def _is_index_array(i) -> bool:
+    """An advanced index: a traced integer, or an integer numpy array or list (not a 0-d one,
+    which acts as an int)."""
+    if _is_int_tracer(i):
+        return True
+    if isinstance(i, list) or (isinstance(i, np.ndarray) and i.ndim > 0):
+        arr = np.asarray(i)
+        if arr.dtype == np.bool_:
+            raise TypeError("indexing with a boolean mask is not supported (the result's shape "
+                            "would depend on the data); use tracejit.where")
+        return arr.dtype.kind in "iu" or arr.size == 0
+    return False
+
+
+def index_name(x, default: str) -> str:
+    """How an error message names index operand `x`: a traced argument by its name."""
+    v = to_value(x) if isinstance(x, Tracer) else None
+    # through layout ops: labels[:, None] is still `labels`
+    while v is not None and v.instr is not None and v.instr.prim.name in _NAME_KEEPING:
+        v = v.instr.inputs[0]
+    if v is not None and v.instr is None and v.hint:
+        return v.hint
+    return default
+
+
+_NAME_KEEPING = ("reshape", "broadcast_in_dim", "slice", "transpose", "convert")
+
+
 @op("getitem")
 def getitem(x, idx):
-    """Basic indexing: ints, slices with positive steps, None and Ellipsis. Traced integer values
-    (random keys) keep their dtype."""
-    integer = isinstance(x, Tracer) and x.value.dtype in ("i32", "u32")
-    v = to_value(x) if integer else as_value(x, result_dtype(x))
+    """Basic indexing (ints, slices with positive steps, None and Ellipsis) and numpy's advanced
+    indexing with integer arrays (traced or numpy constants) on adjacent axes: `x[idx]`,
+    `x[:, idx]`, `x[np.arange(n), labels]`. Indices are checked where they are read (an IndexError
+    naming the index, never a read out of bounds); negative ones count from the end."""
+    v = _layout_value(x)
     idx = idx if isinstance(idx, tuple) else (idx,)
     n_real = len([i for i in idx if i is not None and i is not Ellipsis])
     if builtins.sum(i is Ellipsis for i in idx) > 1:
@@ -539,16 +631,26 @@ def getitem(x, idx):
         else:
             expanded.append(i)
     expanded.extend([slice(None)] * (v.ndim - builtins.sum(i is not None for i in expanded)))
+    advanced = [k for k, i in enumerate(expanded) if _is_index_array(i)]
+    if advanced and advanced != list(range(advanced[0], advanced[-1] + 1)):
+        raise NotImplementedError("advanced indices (integer arrays) must be on adjacent axes "
+                                  "(numpy moves the axes of separated ones to the front)")
+    arrays = [expanded[k] for k in advanced]
+    for k in advanced:   # basic indexing first, keeping the axes the arrays index
+        expanded[k] = slice(None)
     start, limit, strides, out_shape = [], [], [], []
-    dim = 0
-    for i in expanded:
+    dim, first = 0, None
+    for pos, i in enumerate(expanded):
+        if advanced and pos == advanced[0]:
+            first = len(out_shape)   # the first advanced axis in the sliced value
         if i is None:
             out_shape.append(1)
             continue
         n = v.shape[dim]
         if isinstance(i, Tracer):
-            raise TypeError("indexing with a traced value is not supported; index with Python ints "
-                            "and slices, or use tracejit.where")
+            raise TypeError(f"indexing with a traced value of type {i.value.type} is not "
+                            f"supported; index with integers (arrays or Python ints) and slices, "
+                            f"or use tracejit.where")
         if isinstance(i, (numbers.Integral, np.integer)) and not isinstance(i, bool):
             k = int(i)
             if not -n <= k < n:
@@ -563,13 +665,91 @@ def getitem(x, idx):
             start.append(s), limit.append(l), strides.append(st)
             out_shape.append(len(range(s, l, st)))
         else:
-            raise TypeError(f"unsupported index {i!r} ({type(i).__name__}): use ints, slices, None "
-                            f"or '...' (advanced indexing is not supported)")
+            raise TypeError(f"unsupported index {i!r} ({type(i).__name__}): use ints, slices, None, "
+                            f"'...' or integer arrays")
         dim += 1
     sliced = lax.slice_(v, start, limit, strides)
-    return wrap(lax.reshape(sliced, out_shape))
+    out = lax.reshape(sliced, out_shape)
+    if arrays:
+        out = _take_adjacent(out, first, arrays)
+    return wrap(out)
 
 
+def _take_adjacent(v: Value, axis: int, arrays) -> Value:
+    """numpy's v[..., i0, i1, ..., ...] for integer index arrays on axes axis, axis + 1, ...:
+    the indexed axes are replaced by the broadcast shape S of the arrays. One gather per array;
+    an array that is a constant arange over its axis (x[np.arange(n), labels]) costs nothing."""
+    m = len(arrays)
+    post = v.shape[axis + m:]
+    sizes = v.shape[axis:axis + m]
+    shapes = [tuple(_shape_of_index(a)) for a in arrays]
+    S = broadcast_shapes(*shapes)
+    M = math.prod(S)
+    names = [index_name(a, "index" if m == 1 else f"index {k}") for k, a in enumerate(arrays)]
+    # the first array may be the identity on its axis: then that axis already is the result's
+    first = arrays[0]
+    if m > 1 and len(S) == 1 and not isinstance(first, Tracer) and \
+            np.array_equal(np.broadcast_to(np.asarray(first), S), np.arange(sizes[0])):
+        cur, done = v, 1
+    else:
+        i0 = _checked_constant(first, sizes[0], axis, names[0])
+        i0 = lax.broadcast_to(i0, S) if i0.shape != S else i0
+        idx = lax.reshape(i0, (1,) * axis + (M,) + (1,) * (m - 1 + len(post)))
+        cur, done = lax.gather(v, idx, axis, name=names[0]), 1
+    # cur: [pre, M, sizes[done:], post]; each further array picks along the axis after M
+    for k in range(done, m):
+        ik = _checked_constant(arrays[k], sizes[k], axis + k, names[k])
+        ik = lax.broadcast_to(ik, S) if ik.shape != S else ik
+        idx = lax.reshape(ik, (1,) * axis + (M, 1) + (1,) * (m - 1 - k + len(post)))
+        cur = lax.gather(cur, idx, axis + 1, name=names[k])
+        cur = lax.reshape(cur, cur.shape[:axis + 1] + cur.shape[axis + 2:])
+    return lax.reshape(cur, v.shape[:axis] + S + post)
+
+
+def _shape_of_index(a):
+    return a.shape if isinstance(a, Tracer) else np.asarray(a).shape
+
+
+def _checked_constant(a, size: int, axis: int, name: str) -> Value:
+    """Index array `a` as an integer Value; a numpy constant is checked right away."""
+    if not isinstance(a, Tracer):
+        arr = np.asarray(a)
+        arr = arr.astype(np.int64) if arr.size == 0 else arr
+        bad = arr[(arr < -size) | (arr >= size)]
+        if bad.size:
+            raise IndexError(f"index {bad.flat[0]} is out of bounds for axis {axis} with size "
+                             f"{size}")
+        a = arr
+    return int_value(a)
+
+
+@op("take_along_axis")
+def take_along_axis(a, indices, axis):
+    """numpy's take_along_axis: out[..., j, ...] = a[..., indices[..., j, ...], ...] along `axis`
+    (None: of the flattened `a`, with 1-d indices). `indices`: an integer array of a's rank
+    (traced, e.g. labels, or a numpy constant), broadcast against `a` on the other axes; negative
+    indices count from the end once. An index outside the axis raises IndexError naming it,
+    checked natively where it is read. The gradient w.r.t. `a` is a scatter-add."""
+    v = as_value(a, result_dtype(a))
+    if axis is None:
+        v, axis = lax.reshape(v, (v.type.size,)), 0
+    if not isinstance(axis, (numbers.Integral, np.integer)) or isinstance(axis, bool) or \
+            not -v.ndim <= axis < builtins.max(v.ndim, 1):
+        raise ValueError(f"take_along_axis: axis {axis!r} is out of range for a value of shape "
+                         f"{list(v.shape)}")
+    axis = int(axis) % v.ndim
+    name = index_name(indices, "indices")
+    shape = tuple(_shape_of_index(indices))
+    if len(shape) != v.ndim:
+        raise ShapeError(f"take_along_axis: indices of shape {list(shape)} must have the rank of "
+                         f"the array, shape {list(v.shape)}")
+    idx = _checked_constant(indices, v.shape[axis], axis, name)
+    others = broadcast_shapes(tuple(n for d, n in enumerate(v.shape) if d != axis),
+                              tuple(n for d, n in enumerate(shape) if d != axis))
+    full = others[:axis] + (v.shape[axis],) + others[axis:]
+    if full != v.shape:
+        v = lax.broadcast_to(v, full)
+    return wrap(lax.gather(v, idx, axis, name=name))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -588,5 +768,5 @@ ARRAY_FUNCTIONS = {
     "matmul": matmul, "reshape": reshape, "transpose": transpose, "concatenate": concatenate,
     "stack": stack, "where": where, "clip": clip, "var": var, "std": std, "squeeze": squeeze,
     "expand_dims": expand_dims, "norm": norm, "outer": outer, "swapaxes": swapaxes,
-    "square": square,
+    "square": square, "take_along_axis": take_along_axis,
 }

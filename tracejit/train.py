@@ -171,6 +171,8 @@ def _check_in_place(who: str, donated, batch):
             why = f"its data is not aligned to its {x.dtype.itemsize}-byte elements"
         elif not x.dtype.isnative:
             why = "it is not in native byte order"
+        elif x.dtype.kind != "f":   # an integer array would be traced, but carries no gradient
+            why = f"it is an array of {x.dtype}, and parameters and optimizer state are float arrays"
         if why is not None:
             raise TypeError(f"{who}: {path} cannot be updated in place: {why}; pass a writeable "
                             f"C-contiguous array (np.ascontiguousarray(x), or x.copy())")

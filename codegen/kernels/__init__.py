@@ -23,6 +23,13 @@ Epilogues: a kernel registered with `epilogue=True` is called as
 the function takes `e.n_args` more pointers right after its inputs, and after writing each block of
 its output it calls `e.call(builder, out, extra_args, start, count)` for that block's flat range
 (whole multiples of the last dimension); the epilogue rewrites the block in place.
+
+Checks: a kernel registered with `checks=True` (gathers: indices read from data) is called as
+`lower(module, name, ins, status_code=k)` with a code k > 0, and the function takes one more
+pointer `status` right after its inputs: two i64 words, zero before the call. On a failed check
+it skips the access and, unless status[0] is already set, sets status[0] = k (compare-and-swap,
+so concurrent failures leave one consistent pair) and status[1] = the offending value; the runtime
+raises after the call (codegen/runtime.py, `NativeFunction._check_status`).
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ class Kernel:
     parallel: bool                   # splits its work by tid (else only thread 0 works)
     cost: Callable                   # cost(ins) -> estimated single-thread run time in ns
     compile_weight: int              # rough LLVM compile cost, to balance modules (runtime)
+    checks: bool = False             # reports a bad index through the status words (runtime)
 
 
 kernels = Registry("kernel lowering")
@@ -48,10 +56,12 @@ kernels = Registry("kernel lowering")
 _FACTS = ("epilogue", "parallel", "cost", "compile_weight")
 
 
-def register(prim: Primitive, *, scratch_bytes: Callable | None = None, **facts):
+def register(prim: Primitive, *, scratch_bytes: Callable | None = None, checks: bool = False,
+             **facts):
     """Register the decorated `lower` as `prim`'s kernel. Every fact of `_FACTS` must be stated
     (`epilogue=`, `parallel=`, `cost=`, `compile_weight=`): the scheduler has no defaults to fall
-    back on silently. `scratch_bytes` defaults to no scratch."""
+    back on silently. `scratch_bytes` defaults to no scratch; `checks=True` for a kernel that
+    validates its indices and takes the status pointer (see the contract above)."""
     if not isinstance(prim, Primitive):
         raise TypeError(f"register: expected a primitive object, got {prim!r}")
     missing = [f for f in _FACTS if f not in facts]
@@ -63,7 +73,7 @@ def register(prim: Primitive, *, scratch_bytes: Callable | None = None, **facts)
                         + (f"unknown {', '.join(unknown)}" if unknown else ""))
 
     def deco(fn):
-        kernels[prim] = Kernel(fn, scratch_bytes or _no_scratch, **facts)
+        kernels[prim] = Kernel(fn, scratch_bytes or _no_scratch, **facts, checks=checks)
         return fn
     return deco
 
