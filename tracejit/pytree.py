@@ -35,7 +35,7 @@ def flatten(obj, path: str, hint: str, numeric=None):
     """(leaves, treedef): leaves are (path, ir_name_hint, value) for every array or tracer.
 
     With a list `numeric`, appends (path, description) for every outermost list or tuple of Python
-    numbers, which is a static value but likely meant as an array (see `_Signature`)."""
+    numbers, which is a static value but likely meant as an array (see `signature.Signature`)."""
     leaves = []
 
     def go(o, p, h, in_numeric):
