@@ -26,7 +26,7 @@ from . import captures, pytree
 from .config import config
 from .errors import ZeroGradientWarning, warn
 from .signature import (Signature, arg_name, c_contiguous, check_numeric_sequences,
-                        check_tracers_alive, explain_retrace, has_static)
+                        check_tracers_alive, explain_retrace)
 from .tracer import Tracer, to_value, wrap
 
 log = logging.getLogger("tracejit")
@@ -144,12 +144,12 @@ class Jitted:
         for a in self.argnums:
             r = ranges[a % sig.n_args]
             d = sig.treedef[a % sig.n_args]
-            if pytree.count(d) == 0 or has_static(d):
+            if d.num_leaves == 0 or d.has_static:
                 name = self.arg_names[a] if a < len(self.arg_names) else f"args[{a}]"
                 a = a - 1 if self._method and a > 0 else a
                 raise TypeError(f"{self.name}: argument {name} is differentiated (argnums={a}) but "
                                 f"holds no arrays or also holds static values "
-                                f"({pytree.describe(d)}); pass float arrays there")
+                                f"({d.describe()}); pass float arrays there")
             wrt.extend(r)
         return wrt
 
@@ -352,7 +352,7 @@ class Jitted:
             grad_defs.append((d, len(ranges[a % sig.n_args])))
         has_aux, single, kind = self.has_aux, self.single, self.kind
 
-        if single and not has_aux and grad_defs[0][0] == pytree.ARRAY:
+        if single and not has_aux and grad_defs[0][0] is pytree.ARRAY:
             if kind == "grad":
                 return lambda results: results[n_value]
             return lambda results: (results[0], results[n_value])

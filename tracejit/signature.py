@@ -47,24 +47,24 @@ class Signature:
         leaves, defs, numeric = [], [], []
         try:
             for i, a in enumerate(args):
-                name = arg_names[i] if i < len(arg_names) else f"args[{i}]"
+                name = arg_name(arg_names, i)
                 lv, d = pytree.flatten(a, name, name.replace("[", ".").replace("]", ""), numeric)
                 leaves.extend(lv)
                 defs.append(d)
             for k in sorted(kwargs):
                 lv, d = pytree.flatten(kwargs[k], k, k, numeric)
                 leaves.extend(lv)
-                defs.append(("kw", k, d))
+                defs.append(d)
         except RecursionError:
             raise TypeError(f"{fun_name}: an argument nests containers too deeply (does a list or "
                             f"dict contain itself?)") from None
         except TypeError as e:  # an unhashable or masked leaf
             raise TypeError(f"{fun_name}: {e}") from None
         self.leaves = leaves
-        self.treedef = tuple(defs)
+        self.treedef = tuple(defs)  # one TreeDef per argument: positional, then by keyword
         self.numeric = numeric  # [(path, description)] of lists/tuples of Python numbers
         self.n_args = len(args)
-        self.kw_names = sorted(kwargs)
+        self.kw_names = tuple(sorted(kwargs))
         self.types = []
         for path, _, x in leaves:
             if isinstance(x, Tracer):
@@ -76,71 +76,67 @@ class Signature:
                                 f"array, got an array of dtype {dt} and shape {list(x.shape)}"
                                 f"{DTYPE_HINTS.get(dt.kind, '')}")
             self.types.append(TensorType("f64" if dt.itemsize == 8 else "f32", x.shape))
-        self.key = (self.treedef, tuple(self.types))
+        self.key = (self.treedef, self.kw_names, tuple(self.types))
 
     def array_paths(self, arg_names) -> dict:
         """{path: i} of the array leaves of this signature, i indexing `self.types`."""
-        paths = []
-        for i, d in enumerate(self.treedef):
-            if d[0] == "kw":
-                paths += pytree.array_paths(d[2], d[1])
-            else:
-                paths += pytree.array_paths(d, arg_names[i] if i < len(arg_names) else f"args[{i}]")
+        paths = [p for root, d in _roots(self.treedef, self.kw_names, arg_names)
+                 for p in d.array_paths(root)]
         return {p: i for i, p in enumerate(paths)}
 
     def leaf_ranges(self):
         """Index range of each positional argument's leaves in `self.leaves`."""
         ranges, start = [], 0
         for d in self.treedef[:self.n_args]:
-            n = pytree.count(d)
+            n = d.num_leaves
             ranges.append(range(start, start + n))
             start += n
         return ranges
 
     def rebuild(self, leaf_values):
         """(args, kwargs) with the array leaves replaced by `leaf_values`."""
-        args, kwargs, pos = [], {}, 0
+        vals, pos = [], 0
         for d in self.treedef:
-            sub = d[2] if d[0] == "kw" else d
-            n = pytree.count(sub)
-            val = pytree.unflatten(sub, leaf_values[pos:pos + n])
+            n = d.num_leaves
+            vals.append(d.unflatten(leaf_values[pos:pos + n]))
             pos += n
-            if d[0] == "kw":
-                kwargs[d[1]] = val
-            else:
-                args.append(val)
-        return args, kwargs
+        return vals[:self.n_args], dict(zip(self.kw_names, vals[self.n_args:]))
+
+
+def _roots(treedef, kw_names, arg_names):
+    """(root path, TreeDef) per argument of a signature: positional ones named by `arg_names`,
+    keyword ones by their keyword."""
+    n = len(treedef) - len(kw_names)
+    return [(arg_name(arg_names, i) if i < n else kw_names[i - n], d)
+            for i, d in enumerate(treedef)]
 
 
 def describe_key(key, arg_names) -> dict:
     """{path: (parent path or None, description, dict keys or None)} for every node of a
-    signature key (treedef, leaf types): arrays as their type, containers by their kind and size,
+    signature key (treedefs, keyword names, leaf types): arrays as their type, containers by their kind and size,
     static values by their repr. Arguments passed by keyword are also listed under
     ("keyword", name)."""
-    treedef, types = key
+    treedef, kw_names, types = key
     types = iter(types)
     out = {}
 
     def go(d, path, parent):
-        if d == pytree.ARRAY:
+        if d.kind == "array":
             out[path] = (parent, str(next(types)), None)
-        elif d[0] == "dict":
-            out[path] = (parent, f"a dict with keys {list(d[1])}", d[1])
-            for k, c in zip(d[1], d[2]):
-                go(c, f"{path}[{k!r}]", path)
-        elif d[0] in ("list", "tuple"):
-            out[path] = (parent, f"a {d[0]} of {len(d[1])}", None)
-            for i, c in enumerate(d[1]):
-                go(c, f"{path}[{i}]", path)
+        elif d.kind == "static":
+            out[path] = (parent, f"{d.type_name} {d.value!r}", None)
         else:
-            out[path] = (parent, f"{d[1]} {d[2]!r}", None)
+            if d.kind == "dict":
+                out[path] = (parent, f"a dict with keys {list(d.keys)}", d.keys)
+            else:
+                out[path] = (parent, f"a {d.kind} of {len(d.children)}", None)
+            for c, p in zip(d.children, d.child_paths(path)):
+                go(c, p, path)
 
-    for i, d in enumerate(treedef):
-        if d[0] == "kw":
-            go(d[2], d[1], None)
-            out["keyword", d[1]] = (None, "", None)
-        else:
-            go(d, arg_names[i] if i < len(arg_names) else f"args[{i}]", None)
+    for root, d in _roots(treedef, kw_names, arg_names):
+        go(d, root, None)
+    for name in kw_names:
+        out["keyword", name] = (None, "", None)
     return out
 
 
@@ -222,14 +218,6 @@ def is_under(path: str, root: str) -> bool:
     return path == root or (path.startswith(root) and path[len(root)] == "[")
 
 
-def has_static(d) -> bool:
-    if d == pytree.ARRAY:
-        return False
-    if d[0] == "dict":
-        return any(has_static(c) for c in d[2])
-    if d[0] in ("list", "tuple"):
-        return any(has_static(c) for c in d[1])
-    return True
 
 
 def explain_retrace(fun_name, key, old_keys, arg_names) -> str:
@@ -257,7 +245,7 @@ def check_numeric_sequences(fun_name, sig: Signature, old_keys, arg_names, argnu
     traced = {}  # path -> type, over every signature traced so far
     for key in list(old_keys):
         old = Signature.__new__(Signature)
-        old.treedef, old.types = key
+        old.treedef, old.kw_names, old.types = key
         for path, i in old.array_paths(arg_names).items():
             traced[path] = old.types[i]
     n = sig.n_args

@@ -99,17 +99,6 @@ class _Transformed(Jitted):
 # ------------------------------------------------------------------------------------------------
 # jit_jvp
 # ------------------------------------------------------------------------------------------------
-def _shape_only(d):
-    """A treedef with its static leaves' values dropped (tangents need not repeat them)."""
-    if d == pytree.ARRAY:
-        return d
-    if d[0] == "dict":
-        return ("dict", d[1], tuple(_shape_only(c) for c in d[2]))
-    if d[0] in ("list", "tuple"):
-        return (d[0], tuple(_shape_only(c) for c in d[1]))
-    return ("static",)
-
-
 class JvpJitted(_Transformed):
     """`jvp_fun(primals, tangents) -> (primals_out, tangents_out)` (see `jit_jvp`)."""
     stage = "jvp"
@@ -134,10 +123,10 @@ class JvpJitted(_Transformed):
                 lv, d = pytree.flatten(t, name, name)
             except TypeError as e:
                 raise TypeError(f"{self.name}: tangent {e}") from None
-            if _shape_only(d) != _shape_only(sig.treedef[i]):
+            # tangents need not repeat the primals' static values
+            if d.without_static_values() != sig.treedef[i].without_static_values():
                 raise TypeError(f"{self.name}: the tangent of argument {name} has the structure "
-                                f"{pytree.describe(d)}, its primal "
-                                f"{pytree.describe(sig.treedef[i])}")
+                                f"{d.describe()}, its primal {sig.treedef[i].describe()}")
             leaves.extend(lv)
         for (path, _, t), ty in zip(leaves, sig.types):
             if isinstance(t, Tracer):
