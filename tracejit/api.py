@@ -27,7 +27,8 @@ from .config import config
 from .errors import ZeroGradientWarning, warn
 from .signature import (Signature, arg_name, c_contiguous, check_numeric_sequences,
                         check_tracers_alive, explain_retrace)
-from .tracer import Tracer, to_value, wrap
+from .tracer import Tracer
+from .values import to_value, wrap
 
 log = logging.getLogger("tracejit")
 

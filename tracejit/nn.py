@@ -23,7 +23,8 @@ from ir.core import ShapeError
 
 from . import ops
 from .ops import as_value, op, result_dtype
-from .tracer import Tracer, wrap
+from .tracer import Tracer
+from .values import wrap
 
 
 _shape = ops.shape_of

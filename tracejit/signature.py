@@ -113,8 +113,8 @@ def _roots(treedef, kw_names, arg_names):
 
 def describe_key(key, arg_names) -> dict:
     """{path: (parent path or None, description, dict keys or None)} for every node of a
-    signature key (treedefs, keyword names, leaf types): arrays as their type, containers by their kind and size,
-    static values by their repr. Arguments passed by keyword are also listed under
+    signature key (treedefs, keyword names, leaf types): arrays as their type, containers by their
+    kind and size, static values by their repr. Arguments passed by keyword are also listed under
     ("keyword", name)."""
     treedef, kw_names, types = key
     types = iter(types)

@@ -22,7 +22,8 @@ from ir.verify import verify
 from . import pytree
 from .api import Jitted, _Compiled
 from .signature import Signature, c_contiguous, check_tracers_alive
-from .tracer import Tracer, to_value, wrap
+from .tracer import Tracer
+from .values import to_value, wrap
 
 _NATIVE_STAGES = ("llvm", "llvm-opt", "asm")
 
