@@ -1,5 +1,5 @@
 """The call boundary with native code: what a call may pass, how arrays of any layout reach the
-native code, and what comes back (issue 5, "The call boundary").
+native code, and what comes back.
 
 - argument checks name the argument path, the expected and the actual type, on the first call and
   on the fast path (positional plain arrays seen before);
@@ -21,7 +21,7 @@ import helpers
 import tracejit
 from tracejit import jit, jit_grad, jit_value_and_grad, nn
 
-pytestmark = pytest.mark.usefixtures("native_backend")
+pytestmark = [pytest.mark.needs_llvm, pytest.mark.usefixtures("native_backend")]
 
 RNG = helpers.rng_for("test_boundary")
 X = RNG.normal(size=(5, 7))

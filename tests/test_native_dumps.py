@@ -10,6 +10,8 @@ import tracejit
 from codegen.target import host_info
 from tracejit import nn
 
+pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
+
 RNG = np.random.default_rng(0)
 
 
