@@ -13,44 +13,37 @@ be hashable and is a static value, including Python and numpy scalars and lists 
 from __future__ import annotations
 
 import numbers
+import operator
 
 import numpy as np
 
 from .tracer import Tracer
 
-class TreeDef:
+class TreeDef(tuple):
     """The structure of a pytree: its containers (dict keys in order, lengths), the positions of
     its array leaves, and its static values with their types.
 
-    Immutable, hashable and compared by value (a compile key holds one per argument), with the
-    hash computed once. Two treedefs are equal when the nests are: the same kinds, keys and
-    lengths, array leaves in the same places, and static values of the same type that compare
-    equal (1 and 1.0 differ, so do True and 1). `kind` is "array" (the one instance `ARRAY`),
+    Immutable, hashable and compared by value (a compile key holds one per argument). Two
+    treedefs are equal when the nests are: the same kinds, keys and lengths, array leaves in the
+    same places, and static values of the same type that compare equal (1 and 1.0 differ, so do True and 1). `kind` is "array" (the one instance `ARRAY`),
     "dict", "list", "tuple" or "static"; `children` are a container's treedefs (values of a
     dict in key order); `value` and `type_name` are a static leaf's."""
-    __slots__ = ("kind", "keys", "children", "value", "type_name", "num_leaves", "_key", "_hash")
+    # A tuple underneath: built for every argument of every call that misses the fast path and
+    # hashed and compared in the compile cache's lookup, which tuples do in C.
+    __slots__ = ()
 
-    def __init__(self, kind: str, children: tuple = (), keys: tuple | None = None, value=None):
-        # built for every argument of every call that misses the fast path: keep it lean
-        self.kind = kind
-        self.children = children
-        self.keys = keys
-        self.value = value
+    def __new__(cls, kind: str, children: tuple = (), keys: tuple | None = None, value=None):
         if kind == "static":
-            self.type_name = type_name = type(value).__name__
-            self.num_leaves = 0
-        else:
-            self.type_name = type_name = None
-            self.num_leaves = 1 if kind == "array" else sum([c.num_leaves for c in children])
-        self._key = key = (kind, keys, children, type_name, value)
-        self._hash = hash(key)
+            return tuple.__new__(cls, (kind, keys, children, type(value).__name__, value, 0))
+        n = 1 if kind == "array" else sum([c[5] for c in children])
+        return tuple.__new__(cls, (kind, keys, children, None, value, n))
 
-    def __eq__(self, other):
-        return self is other or (isinstance(other, TreeDef) and self._hash == other._hash
-                                 and self._key == other._key)
-
-    def __hash__(self):
-        return self._hash
+    kind = property(operator.itemgetter(0))
+    keys = property(operator.itemgetter(1))
+    children = property(operator.itemgetter(2))
+    type_name = property(operator.itemgetter(3))
+    value = property(operator.itemgetter(4))
+    num_leaves = property(operator.itemgetter(5))
 
     def __repr__(self):
         return f"TreeDef({self.describe()})"
