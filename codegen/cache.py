@@ -41,6 +41,8 @@ import numpy as np
 
 from ir.core import Function, Namer, instr_text
 
+from . import settings
+
 log = logging.getLogger("tracejit")
 
 FORMAT = 1
@@ -49,9 +51,7 @@ _HEADER = struct.Struct("<8sIQ32s32s")   # magic, format, payload length, sha256
 
 # TRACEJIT_* variables that do not change generated code (the thread count is keyed separately as
 # `max_threads`); every other one is part of the key.
-_ENV_NOT_KEYED = {"TRACEJIT_CACHE", "TRACEJIT_CACHE_DIR", "TRACEJIT_CACHE_MAX_MB",
-                  "TRACEJIT_BACKEND", "TRACEJIT_NUM_THREADS"}
-DEFAULT_MAX_MB = 1024
+DEFAULT_MAX_MB = settings.DEFAULT_CACHE_MAX_MB
 _STALE_TEMP_SECONDS = 3600
 _pruned: set = set()  # directories pruned by this process
 
@@ -60,18 +60,12 @@ stats = {"hits": 0, "misses": 0, "stores": 0, "corrupt": 0, "errors": 0}
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get("TRACEJIT_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return settings.cache_enabled()
 
 
 def default_directory() -> Path:
     """TRACEJIT_CACHE_DIR, else $XDG_CACHE_HOME/tracejit, else ~/.cache/tracejit (read now)."""
-    env = os.environ.get("TRACEJIT_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg and os.path.isabs(os.path.expanduser(xdg)) \
-        else Path.home() / ".cache"
-    return base / "tracejit"
+    return settings.cache_directory()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,8 +141,7 @@ def _host_and_compiler() -> str:
 
 def key_text(fn: Function, max_threads: int, version: str = "") -> str:
     """Everything the object code of `fn` depends on, as text (its SHA-256 names the entry)."""
-    env = sorted(f"{k}={v}" for k, v in os.environ.items()
-                 if k.startswith("TRACEJIT_") and k not in _ENV_NOT_KEYED)
+    env = settings.code_environment()
     return "\n".join([f"version {version}", _host_and_compiler(), f"max_threads {max_threads}",
                       f"environment {' '.join(env)}", "", ir_key_text(fn)])
 
@@ -275,11 +268,7 @@ class DiskCache:
         `max_bytes` (default TRACEJIT_CACHE_MAX_MB), down to three quarters of it; remove
         temporary files that writers left behind over an hour ago."""
         if max_bytes is None:
-            try:
-                max_bytes = int(float(os.environ.get("TRACEJIT_CACHE_MAX_MB", DEFAULT_MAX_MB))
-                                * 2**20)
-            except ValueError:
-                max_bytes = DEFAULT_MAX_MB * 2**20
+            max_bytes = settings.cache_max_bytes()
         entries, now = [], time.time()
         try:
             with os.scandir(self.directory) as it:

@@ -12,6 +12,7 @@ import os
 import llvmlite.binding as llvm
 import llvmlite.ir as ir
 
+from . import settings
 from .loops import I32, I64, PTR, VOID, i32, i64
 
 # A kernel goes parallel when its estimated single-thread time (schedule.Group.cost_ns) reaches
@@ -22,7 +23,7 @@ PARALLEL_MIN_NS = 30_000
 
 @functools.lru_cache(maxsize=None)
 def gomp_available() -> bool:
-    if os.environ.get("TRACEJIT_NO_OPENMP"):
+    if settings.no_openmp():
         return False
     for name in ("libgomp.so.1", "libgomp.so"):
         try:
@@ -39,9 +40,9 @@ thread_limit: int | None = None
 
 
 def default_threads() -> int:
-    env = os.environ.get("TRACEJIT_NUM_THREADS")
-    if env:
-        return max(1, int(env))
+    n = settings.num_threads()
+    if n is not None:
+        return n
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux

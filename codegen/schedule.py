@@ -18,7 +18,6 @@ Algorithm (XLA-style loop fusion):
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 from ir.core import Function, Instr, IRError, Value
@@ -27,6 +26,8 @@ from ir.prims.nn import max_pool2d_argmax_p, max_pool2d_p
 from ir.prims.reduce import reduce_sum_p
 from ir.prims.structural import (broadcast_in_dim_p, concatenate_p, pad_p, reshape_p, slice_p,
                                  transpose_p)
+
+from . import settings
 
 ALIGN = 64
 
@@ -222,7 +223,7 @@ def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None, cost_ns=None,
         groups.append(g)
 
     groups = _pair_pool_argmax(groups)
-    if fuses_epilogue is not None and not os.environ.get("TRACEJIT_NO_EPILOGUES"):
+    if fuses_epilogue is not None and not settings.no_epilogues():
         groups = _fuse_epilogues(fn, groups, locations, fuses_epilogue)
     groups, donations = _place_donated(fn, groups, locations, out_copies, donated or {})
     arena = _place_arena(fn, groups, mat, locations, producer)

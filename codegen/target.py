@@ -15,6 +15,8 @@ import threading
 
 import llvmlite.binding as llvm
 
+from . import settings
+
 LLVM_LOCK = threading.RLock()
 # LLVM's optimization level for generated code. 2 runs as fast as 3 on our kernels (the hot loops
 # are explicit vector code or simple loops the vectorizer handles at 2 as well) and compiles ~10%
@@ -106,9 +108,9 @@ SPLIT_WEIGHT = 48   # compile weight (runtime._compile_weight) above which a fun
 
 
 def compile_processes() -> int:
-    env = os.environ.get("TRACEJIT_COMPILE_PROCESSES")
-    if env:
-        return max(1, int(env))
+    n = settings.compile_processes()
+    if n is not None:
+        return n
     if not hasattr(os, "fork") or sys.platform != "linux":
         return 1
     try:

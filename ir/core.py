@@ -220,6 +220,31 @@ class Function:
         return [o.type for o in self.outputs]
 
 
+def clone(fn: Function, name: str | None = None) -> Function:
+    """A copy of `fn` with fresh instructions and values (provenance links remapped)."""
+    vmap, imap = {}, {}
+    params = []
+    for p in fn.params:
+        q = Value(p.type, None, p.hint)
+        vmap[id(p)] = q
+        params.append(q)
+    for p, q in zip(fn.params, params):  # a tangent parameter names the primal one it belongs to
+        if p.tan_of is not None:
+            q.tan_of = vmap.get(id(p.tan_of))
+    instrs = []
+    for ins in fn.instrs:
+        new = Instr(ins.prim, [vmap[id(v)] for v in ins.inputs], ins.params, ins.out.type,
+                    loc=ins.loc, api=ins.api, adj_of=imap.get(id(ins.adj_of), ins.adj_of),
+                    tan_of=imap.get(id(ins.tan_of), ins.tan_of))
+        new.out.hint = ins.out.hint
+        new.out.ct_of = vmap.get(id(ins.out.ct_of)) if ins.out.ct_of is not None else None
+        new.out.tan_of = vmap.get(id(ins.out.tan_of)) if ins.out.tan_of is not None else None
+        vmap[id(ins.out)] = new.out
+        imap[id(ins)] = new
+        instrs.append(new)
+    return Function(name or fn.name, params, instrs, [vmap[id(o)] for o in fn.outputs])
+
+
 # ----------------------------------------------------------------------------------------------
 # Printer
 # ----------------------------------------------------------------------------------------------

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .adjoint import clone
 from .builder import Builder, building, tangent_scope
-from .core import FLOAT_DTYPES, Function, IRError, MissingRuleError, TensorType, Value
+from .core import FLOAT_DTYPES, Function, IRError, MissingRuleError, TensorType, Value, clone
 from .jvp_rules import TangentSpace, jvp_rules
 from . import lax
 

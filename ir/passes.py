@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .adjoint import clone
-from .core import FLOAT_DTYPES, Function, Instr, IRError, Value, shape_rules
+from .core import FLOAT_DTYPES, Function, Instr, IRError, Value, clone, shape_rules
 from .interpreter import impls
 from .prims.elementwise import (
     add_p, const_p, convert_p, div_p, eq_p, ge_p, gt_p, integer_pow_p, le_p, literal_p, lt_p,

@@ -1,5 +1,5 @@
 """The call boundary with native code: what a call may pass, how arrays of any layout reach the
-native code, and what comes back (issue 5, "The call boundary").
+native code, and what comes back.
 
 - argument checks name the argument path, the expected and the actual type, on the first call and
   on the fast path (positional plain arrays seen before);
@@ -7,7 +7,7 @@ native code, and what comes back (issue 5, "The call boundary").
   negatively strided arrays give the results of their C-contiguous copies, and the caller's
   arrays are never written to;
 - lists of Python numbers are static values, refused where an array is expected (see
-  `tracejit.api._Signature`);
+  `tracejit.signature.Signature`);
 - NaN and Inf propagate as in numpy; zero-size dimensions work, or raise a ShapeError at trace time.
 
 The hostile-argument fuzz test is tests/test_fuzz_boundary.py.
@@ -21,7 +21,7 @@ import helpers
 import tracejit
 from tracejit import jit, jit_grad, jit_value_and_grad, nn
 
-pytestmark = pytest.mark.usefixtures("native_backend")
+pytestmark = [pytest.mark.needs_llvm, pytest.mark.usefixtures("native_backend")]
 
 RNG = helpers.rng_for("test_boundary")
 X = RNG.normal(size=(5, 7))
@@ -128,9 +128,9 @@ def test_a_layout_change_between_calls_keeps_the_results_right():
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_what_reaches_the_native_code(layout):
     """C-contiguous, aligned, native byte order; no copy when the array already is."""
-    from tracejit.api import _c_contiguous
+    from tracejit.signature import c_contiguous
     a = LAYOUTS[layout](X.astype(np.float32))
-    out = _c_contiguous(a)
+    out = c_contiguous(a)
     assert out.flags.c_contiguous and out.flags.aligned and out.dtype.isnative
     assert out.dtype.itemsize == 4 and out.shape == a.shape
     np.testing.assert_array_equal(out, a)
@@ -251,7 +251,7 @@ def test_unhashable_and_self_referencing_arguments():
 
 
 # ------------------------------------------------------------------------------------------------
-# lists of numbers are static values (the policy in _Signature's docstring)
+# lists of numbers are static values (the policy in Signature's docstring)
 # ------------------------------------------------------------------------------------------------
 def test_a_list_of_numbers_where_an_array_was_traced_is_an_error():
     f = jit(lambda x, scale: tracejit.tanh(x) * scale)

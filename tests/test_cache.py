@@ -25,6 +25,8 @@ import codegen.target as target  # noqa: E402
 from codegen import cache as diskcache  # noqa: E402
 from helpers import use_backend
 
+pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A small convolutional classifier: conv2d, relu, max pooling, a dense layer, cross-entropy on

@@ -20,6 +20,8 @@ import pytest
 
 import helpers
 
+pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SETTINGS = {"default": {}, "no_openmp": {"TRACEJIT_NO_OPENMP": "1"},

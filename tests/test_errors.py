@@ -13,7 +13,7 @@ from ir.builder import emit
 from ir.core import primitive, shape_rules
 from ir.interpreter import impls
 from tracejit import TracerError, jit, jit_grad, jit_value_and_grad, nn
-from tracejit.tracer import to_value, wrap
+from tracejit.values import to_value, wrap
 
 pytestmark = pytest.mark.usefixtures("interpreter_backend")
 

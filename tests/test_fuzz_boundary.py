@@ -26,6 +26,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 N_CASES = int(os.environ.get("TRACEJIT_FUZZ_CASES", "1200"))

@@ -25,8 +25,8 @@ from ir.core import TensorType, dtype_of_numpy, print_function
 from ir.interpreter import interpret
 from ir.passes import optimize
 from ir.verify import VerifyError, verify
-from tracejit import nn
-from tracejit.tracer import Tracer, to_value
+from tracejit import Tracer, nn
+from tracejit.values import to_value
 
 pytestmark = pytest.mark.usefixtures("interpreter_backend")
 

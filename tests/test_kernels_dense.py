@@ -28,6 +28,8 @@ from ir.core import TensorType
 from ir.interpreter import impls
 from tracejit import nn
 
+pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
+
 _load_all()
 
 NP = {"f32": np.float32, "f64": np.float64}

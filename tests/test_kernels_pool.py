@@ -24,6 +24,8 @@ from ir.core import TensorType
 from ir.interpreter import impls
 from tracejit import nn
 
+pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
+
 _load_all()
 
 PRIMS = ("max_pool2d", "max_pool2d_argmax", "avg_pool2d", "max_pool2d_grad", "max_pool2d_gather",

@@ -7,6 +7,8 @@ from ir.core import MissingRuleError, Primitive, primitives
 from codegen.fused import Elementwise, IndexMap, Reduction, lowerings
 from codegen.kernels import _load_all, kernels, register
 
+pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
+
 _load_all()
 
 

@@ -23,6 +23,8 @@ from codegen import loops as L  # noqa: E402
 from codegen.mathfns import UNARY, emit_unary  # noqa: E402
 from codegen.target import JITModule, cfunc, host_info  # noqa: E402
 
+pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
+
 DTYPES = {"f32": (np.float32, L.F32), "f64": (np.float64, L.F64)}
 VEC_BITS = 512 if host_info()["avx512"] else 256
 N = 1 << 20

@@ -16,7 +16,7 @@ CALLS = 100_000
 WARMUP = 2_000
 MAX_GROWTH_MB = 20.0
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.needs_llvm,
               pytest.mark.skipif(not os.path.exists("/proc/self/statm"),
                                  reason="reads the resident set from /proc/self/statm")]
 

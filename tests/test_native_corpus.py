@@ -10,6 +10,7 @@ from shared_checks import (  # noqa: F401  (run here with this module's backend)
     test_program_forward, test_program_grad, test_program_second_order)
 
 BACKEND = "llvm"
+pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import tracejit
 from codegen.target import host_info
 from tracejit import nn
 
+pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
+
 RNG = np.random.default_rng(0)
 
 
@@ -96,6 +98,6 @@ def test_optimized_dump_shows_the_plan_that_runs(threads, monkeypatch):
     w = np.ones((4, 2, 3, 3), np.float32)
     x = np.ones((2, 2, 8, 8), np.float32)
     dump = f.ir(w, x, stage="optimized")
-    native = f._lookup(tracejit.api._Signature(f.name, f.arg_names, (w, x), {})).native()
+    native = f._lookup(tracejit.signature.Signature(f.name, f.arg_names, (w, x), {})).native()
     assert native.max_threads == int(threads)
     assert dump.endswith(schedule.summary(native.plan)), (dump, schedule.summary(native.plan))

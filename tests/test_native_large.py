@@ -17,6 +17,8 @@ from optable import (ref_conv, ref_cross_entropy, ref_log_softmax, ref_logsumexp
                      ref_pool, ref_sigmoid, ref_softmax)
 from tracejit import nn
 
+pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
+
 TJ = SimpleNamespace(
     tanh=tj.tanh, exp=tj.exp, log=tj.log, sqrt=tj.sqrt, abs=tj.abs, sin=tj.sin, cos=tj.cos,
     sigmoid=nn.sigmoid, maximum=tj.maximum, minimum=tj.minimum, where=tj.where,

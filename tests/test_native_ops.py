@@ -18,6 +18,7 @@ from test_ops import (  # noqa: F401  (run here with this module's backend)
     test_stop_gradient_blocks_the_gradient)
 
 BACKEND = "llvm"
+pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import tracejit
 from codegen import target
 from tracejit import nn
 
+pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
+
 RNG = np.random.default_rng(7)
 ARGS = (RNG.standard_normal((3, 2, 9, 9)).astype(np.float32),
         (RNG.standard_normal((4, 2, 3, 3)) / 4).astype(np.float32),

@@ -22,8 +22,8 @@ from ir.core import TensorType, print_function
 from ir.interpreter import interpret
 from ir.passes import optimize
 from ir.verify import verify
-from tracejit import nn
-from tracejit.tracer import Tracer, to_value
+from tracejit import Tracer, nn
+from tracejit.values import to_value
 
 
 # ------------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ import optable
 import tracejit as tj
 from tracejit import nn
 
+pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
+
 N_EXAMPLES = int(os.environ.get("TRACEJIT_HYPOTHESIS_EXAMPLES", "15"))
 N_SWEEP_EXAMPLES = max(1, N_EXAMPLES // 25)   # programs per op in the sweep over the op set
 KINK_MARGIN = 1e-3

@@ -33,6 +33,8 @@ from helpers import rng_for, use_backend
 
 from codegen.schedule import REDUCE_BLOCK as BLOCK
 
+pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
+
 U32, U64 = 2.0 ** -24, 2.0 ** -53
 N = 2 ** 24
 

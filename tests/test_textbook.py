@@ -1,4 +1,5 @@
-"""The textbook cases of issue 2, exactly as listed, on the reference interpreter."""
+"""Textbook gradients (norm, products, a shared input, powers and logs, second order, conv1d) against
+values worked out by hand, on the reference interpreter."""
 import numpy as np
 import pytest
 

@@ -15,6 +15,8 @@ import tracejit
 from tracejit import nn
 from helpers import use_backend
 
+pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
+
 N_THREADS = 8
 
 

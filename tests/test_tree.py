@@ -100,3 +100,23 @@ def test_unflatten_checks_its_arguments():
         tree.unflatten(s, [1, 2, 3])
     with pytest.raises(TypeError, match="structure must be a tracejit.tree.Structure"):
         tree.unflatten([np.ones(1)], [1])
+
+
+def test_treedef_compares_by_structure_and_static_values_with_their_types():
+    """The compile key holds TreeDefs: equal nests are equal and hash alike; a static value of
+    another type (1 vs 1.0, True vs 1), other keys or another container kind differ."""
+    from tracejit import pytree
+    a = np.zeros(2)
+
+    def tdef(o):
+        return pytree.flatten(o, "x", "x")[1]
+
+    d1, d2 = tdef({"w": a, "n": (1, [a])}), tdef({"w": a + 1, "n": (1, [a])})
+    assert d1 == d2 and hash(d1) == hash(d2) and d1.num_leaves == 2
+    for other in ({"w": a, "n": (1.0, [a])}, {"w": a, "n": (True, [a])},
+                  {"v": a, "n": (1, [a])}, {"w": a, "n": [1, [a]]}, {"w": a, "n": (1, (a,))}):
+        assert tdef(other) != d1, other
+    assert d1.array_paths("p") == ["p['w']", "p['n'][1][0]"]
+    assert d1.describe() == "{'w': array, 'n': (1, [array])}"
+    assert d1.unflatten(["A", "B"]) == {"w": "A", "n": (1, ["B"])}
+    assert d1.has_static and not tdef([a, (a,)]).has_static

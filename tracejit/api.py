@@ -18,119 +18,21 @@ import numpy as np
 
 from ir.adjoint import grad_function
 from ir.builder import Builder, building, current, inline
-from ir.core import DTYPES, FLOAT_DTYPES, TensorType
+from ir.core import FLOAT_DTYPES
 from ir.passes import optimize
 from ir.verify import verify
 
 from . import captures, pytree
 from .config import config
 from .errors import ZeroGradientWarning, warn
-from .tracer import Tracer, to_value, wrap
+from .signature import (Signature, arg_name, c_contiguous, check_numeric_sequences,
+                        check_tracers_alive, explain_retrace)
+from .tracer import Tracer
+from .values import to_value, wrap
 
 log = logging.getLogger("tracejit")
 
 STAGES = ("forward", "grad", "optimized", "llvm", "llvm-opt", "asm")
-
-
-class _Signature:
-    """How one call's arguments split into traced leaves and static structure.
-
-    What a call may pass (checked here, before anything is traced or run):
-    - float32 and float64 numpy arrays are traced; their shapes and dtypes are part of the compile
-      key, so a new shape or dtype traces again. Integer arrays of the IR's integer dtypes (int32,
-      int64: labels, indices) are traced too, so a new batch of labels runs the same code; they
-      carry no gradient (differentiating w.r.t. one raises TypeError naming it). Any layout works: non-contiguous, Fortran-ordered,
-      read-only, misaligned and byte-swapped arrays are copied to what the native code reads (see
-      `_c_contiguous`); the caller's arrays are never written to. uint32 arrays (random keys,
-      tracejit.random) are traced too, as IR type u32. Arrays of other dtypes (int,
-      bool, complex, float16, object, strings, ...) raise TypeError naming the argument path
-      (`params['conv1']`), the expected and the actual type. Array-likes of other libraries
-      (`__array__`) are converted with np.asarray; masked arrays raise TypeError.
-    - dicts, lists and tuples are containers; their structure (dict keys in order, lengths) is part
-      of the key, so a dict with other keys is a new signature and traces again.
-    - anything else hashable (None, strings, Python and numpy scalars) is a static value: the
-      function sees it as it is and its value is part of the key.
-    - A list (or tuple) of Python numbers is therefore a container of static numbers, not an array:
-      unlike JAX, which traces Python scalars (a list of floats is a pytree of traced scalars
-      there), tracejit never traces Python numbers, so `shape=(3, 1)` and `kernel=[2, 2]` stay
-      usable as static arguments. Because such a list is almost always an array by mistake when
-      it takes the place of one, a call raises TypeError when a list or tuple of numbers is
-      passed where an earlier call of the same function traced an array (`Jitted.__call__`), or
-      in a differentiated argument (argnums); pass np.asarray(x) to trace it.
-    """
-
-    def __init__(self, fun_name, arg_names, args, kwargs):
-        leaves, defs, numeric = [], [], []
-        try:
-            for i, a in enumerate(args):
-                name = arg_names[i] if i < len(arg_names) else f"args[{i}]"
-                lv, d = pytree.flatten(a, name, name.replace("[", ".").replace("]", ""), numeric)
-                leaves.extend(lv)
-                defs.append(d)
-            for k in sorted(kwargs):
-                lv, d = pytree.flatten(kwargs[k], k, k, numeric)
-                leaves.extend(lv)
-                defs.append(("kw", k, d))
-        except RecursionError:
-            raise TypeError(f"{fun_name}: an argument nests containers too deeply (does a list or "
-                            f"dict contain itself?)") from None
-        except TypeError as e:  # an unhashable or masked leaf
-            raise TypeError(f"{fun_name}: {e}") from None
-        self.leaves = leaves
-        self.treedef = tuple(defs)
-        self.numeric = numeric  # [(path, description)] of lists/tuples of Python numbers
-        self.n_args = len(args)
-        self.kw_names = sorted(kwargs)
-        self.types = []
-        for path, _, x in leaves:
-            if isinstance(x, Tracer):
-                self.types.append(x.value.type)
-                continue
-            dt = x.dtype
-            if dt.kind in "iu" and dt.newbyteorder("=") in _TRACED_INTS:
-                self.types.append(TensorType(_TRACED_INTS[dt.newbyteorder("=")], x.shape))
-                continue
-            if dt.kind != "f" or dt.itemsize not in (4, 8):
-                names = [str(d) for d in _TRACED_INTS]
-                ints = ", ".join(names[:-1]) + " or " + names[-1]
-                raise TypeError(f"{fun_name}: argument {path}: expected a float32 or float64 "
-                                f"array (integer data: {ints}), got an array of dtype {dt} and "
-                                f"shape {list(x.shape)}{_DTYPE_HINTS.get(dt.kind, '')}")
-            self.types.append(TensorType("f64" if dt.itemsize == 8 else "f32", x.shape))
-        self.key = (self.treedef, tuple(self.types))
-
-    def array_paths(self, arg_names) -> dict:
-        """{path: i} of the array leaves of this signature, i indexing `self.types`."""
-        paths = []
-        for i, d in enumerate(self.treedef):
-            if d[0] == "kw":
-                paths += pytree.array_paths(d[2], d[1])
-            else:
-                paths += pytree.array_paths(d, arg_names[i] if i < len(arg_names) else f"args[{i}]")
-        return {p: i for i, p in enumerate(paths)}
-
-    def leaf_ranges(self):
-        """Index range of each positional argument's leaves in `self.leaves`."""
-        ranges, start = [], 0
-        for d in self.treedef[:self.n_args]:
-            n = pytree.count(d)
-            ranges.append(range(start, start + n))
-            start += n
-        return ranges
-
-    def rebuild(self, leaf_values):
-        """(args, kwargs) with the array leaves replaced by `leaf_values`."""
-        args, kwargs, pos = [], {}, 0
-        for d in self.treedef:
-            sub = d[2] if d[0] == "kw" else d
-            n = pytree.count(sub)
-            val = pytree.unflatten(sub, leaf_values[pos:pos + n])
-            pos += n
-            if d[0] == "kw":
-                kwargs[d[1]] = val
-            else:
-                args.append(val)
-        return args, kwargs
 
 
 class _Compiled:
@@ -241,18 +143,18 @@ class Jitted:
                                  f"range for {n_args - shift} positional arguments"
                                  f"{' after self' if shift else ''}")
 
-    def _wrt(self, sig: _Signature):
+    def _wrt(self, sig: Signature):
         ranges = sig.leaf_ranges()
         wrt = []
         for a in self.argnums:
             r = ranges[a % sig.n_args]
             d = sig.treedef[a % sig.n_args]
-            if pytree.count(d) == 0 or _has_static(d):
+            if d.num_leaves == 0 or d.has_static:
                 name = self.arg_names[a] if a < len(self.arg_names) else f"args[{a}]"
                 a = a - 1 if self._method and a > 0 else a
                 raise TypeError(f"{self.name}: argument {name} is differentiated (argnums={a}) but "
                                 f"holds no arrays or also holds static values "
-                                f"({pytree.describe(d)}); pass float arrays there")
+                                f"({d.describe()}); pass float arrays there")
             for i in r:
                 if sig.types[i].dtype not in FLOAT_DTYPES:
                     raise TypeError(f"{self.name}: cannot differentiate with respect to "
@@ -261,7 +163,7 @@ class Jitted:
             wrt.extend(r)
         return wrt
 
-    def _trace(self, sig: _Signature, builder: Builder):
+    def _trace(self, sig: Signature, builder: Builder):
         """Trace the Python function into `builder`; returns (outputs, out_treedef, n_value)."""
         tracers = []
         for (path, hint, _), t in zip(sig.leaves, sig.types):
@@ -296,7 +198,7 @@ class Jitted:
     def kind_name(self):
         return {"jit": "jit", "grad": "jit_grad", "value_and_grad": "jit_value_and_grad"}[self.kind]
 
-    def _compile(self, sig: _Signature) -> _Compiled:
+    def _compile(self, sig: Signature) -> _Compiled:
         t0 = time.perf_counter()
         b = Builder(self.name)
         with captures.recording() as rec, building(b):
@@ -336,7 +238,7 @@ class Jitted:
             warn(f"{self.name}: the output does not depend (differentiably) on {', '.join(dead)}, "
                  f"so {its} zero everywhere; check the function and argnums", ZeroGradientWarning)
 
-    def _lookup(self, sig: _Signature, instance=None) -> _Compiled:
+    def _lookup(self, sig: Signature, instance=None) -> _Compiled:
         entry = self._cache.get(sig.key)
         if entry is None or (entry.guards is not None and not entry.guards.ok(instance)):
             with self._lock:
@@ -353,7 +255,7 @@ class Jitted:
                     entry = None
                 if entry is None:
                     if why is None and self._cache:
-                        why = self._explain_retrace(sig.key)
+                        why = explain_retrace(self.name, sig.key, self._cache, self.arg_names)
                     if why is not None:
                         log.info("%s: retracing because %s", self.name, why)
                     entry = self._compile(sig)
@@ -368,23 +270,6 @@ class Jitted:
                             "size; pass changing numbers as arrays, and data that changes between "
                             "calls as arguments rather than captured arrays).", self.name, n, why)
         return entry
-
-    def _explain_retrace(self, key) -> str:
-        """Which arguments of a new signature `key` differ from the closest signature already
-        traced, and how ("argument x changed from f32[64,784] to f32[32,784]")."""
-        try:
-            new = _describe_key(key, self.arg_names)
-            best = None
-            for old_key in list(self._cache)[-32:]:
-                changes = _key_changes(_describe_key(old_key, self.arg_names), new)
-                if best is None or len(changes) <= len(best):
-                    best = changes
-            if best:
-                more = f" (and {len(best) - 4} more changes)" if len(best) > 4 else ""
-                return ", and ".join(best[:4]) + more
-        except Exception:  # an explanation must never break a call
-            log.debug("%s: could not explain the retrace", self.name, exc_info=True)
-        return f"its arguments have a new signature {key!r}"
 
     def compile_stats(self) -> dict:
         """Compile-related time of every signature traced so far, summed: "trace", "passes" (IR
@@ -418,13 +303,14 @@ class Jitted:
                         pass
         if self.kind != "jit":
             self._check_argnums(len(args))
-        sig = _Signature(self.name, self.arg_names, args, kwargs)
+        sig = Signature(self.name, self.arg_names, args, kwargs)
         if sig.numeric:
-            self._check_numeric_sequences(sig)
+            check_numeric_sequences(self.name, sig, self._cache, self.arg_names,
+                                    () if self.kind == "jit" else self.argnums)
         # inside another trace, inline even without tracer arguments: the function may close
         # over a tracer of that trace
         if current() is not None or any(isinstance(x, Tracer) for _, _, x in sig.leaves):
-            _check_tracers_alive(self.name, sig)
+            check_tracers_alive(self.name, sig)
             return self._inline(sig, args, kwargs)
         try:
             entry = self._lookup(sig, args[0] if self._method else None)
@@ -435,7 +321,7 @@ class Jitted:
                 except TypeError as why:
                     raise why from e
             raise
-        arrays = tuple(_c_contiguous(x) for _, _, x in sig.leaves)
+        arrays = tuple(c_contiguous(x) for _, _, x in sig.leaves)
         assemble = self._assembler(sig, entry.out_treedef, entry.n_value_outputs)
         result = assemble(entry.executable()(arrays))
         # The fast path's key pins every parameter's shape and dtype (byte order included, so
@@ -443,7 +329,7 @@ class Jitted:
         if not kwargs and config.backend != "interpreter" and len(sig.leaves) == len(args) \
                 and all(type(a) is np.ndarray and a.dtype.isnative for a in args):
             native = entry.native()
-            contiguous = _c_contiguous
+            contiguous = c_contiguous
             guards = entry.guards
             if guards is None:
                 def run(a):
@@ -461,31 +347,8 @@ class Jitted:
             self._fast[tuple((a.shape, a.dtype) for a in args)] = run
         return result
 
-    def _check_numeric_sequences(self, sig: _Signature):
-        """A list or tuple of Python numbers is static (see `_Signature`); refuse it where an
-        array is expected: in a differentiated argument, or where an earlier call traced one."""
-        traced = {}  # path -> type, over every signature traced so far
-        for key in list(self._cache):
-            old = _Signature.__new__(_Signature)
-            old.treedef, old.types = key
-            for path, i in old.array_paths(self.arg_names).items():
-                traced[path] = old.types[i]
-        n = sig.n_args
-        argnums = () if self.kind == "jit" else [a for a in self.argnums if -n <= a < n]
-        for path, what in sig.numeric:
-            for a in argnums:
-                if _is_under(path, self._arg_name(a % n)):
-                    raise TypeError(f"{self.name}: argument {path} is differentiated (argnums={a}) "
-                                    f"but is {what}, which tracejit treats as a static value; "
-                                    f"pass np.asarray({path}) to trace it")
-            before = next((t for p, t in traced.items() if _is_under(p, path)), None)
-            if before is not None:
-                raise TypeError(f"{self.name}: argument {path}: expected an array (an earlier call "
-                                f"traced {before} here), got {what}, which tracejit treats as a "
-                                f"static value; pass np.asarray({path}) to trace it")
-
     def _arg_name(self, i):
-        return self.arg_names[i] if i < len(self.arg_names) else f"args[{i}]"
+        return arg_name(self.arg_names, i)
 
     def _assembler(self, sig, out_def, n_value):
         """A function turning the flat outputs of the compiled function into what the call
@@ -499,7 +362,7 @@ class Jitted:
             grad_defs.append((d, len(ranges[a % sig.n_args])))
         has_aux, single, kind = self.has_aux, self.single, self.kind
 
-        if single and not has_aux and grad_defs[0][0] == pytree.ARRAY:
+        if single and not has_aux and grad_defs[0][0] is pytree.ARRAY:
             if kind == "grad":
                 return lambda results: results[n_value]
             return lambda results: (results[0], results[n_value])
@@ -542,7 +405,7 @@ class Jitted:
         LLVM's optimizations) or "asm" (the native assembly)."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
-        sig = _Signature(self.name, self.arg_names, args, kwargs)
+        sig = Signature(self.name, self.arg_names, args, kwargs)
         entry = self._lookup(sig, args[0] if self._method else None)
         if stage == "forward":
             return str(entry.forward)
@@ -561,7 +424,7 @@ class Jitted:
         Graphviz DOT text; with `path` (.svg, .png, .pdf) also rendered there, which needs
         `pip install 'tracejit[viz]'` and Graphviz's `dot` (see tracejit.graph)."""
         from .graph import graph_of_entry
-        entry = self._lookup(_Signature(self.name, self.arg_names, args, kwargs))
+        entry = self._lookup(Signature(self.name, self.arg_names, args, kwargs))
         return graph_of_entry(entry, stage, path)
 
 
@@ -617,126 +480,6 @@ def _disk_cache():
     from . import __version__
     return DiskCache(config.cache_dir, version=f"tracejit {__version__}")
 
-
-def _describe_key(key, arg_names) -> dict:
-    """{path: (parent path or None, description, dict keys or None)} for every node of a
-    signature key (treedef, leaf types): arrays as their type, containers by their kind and size,
-    static values by their repr. Arguments passed by keyword are also listed under
-    ("keyword", name)."""
-    treedef, types = key
-    types = iter(types)
-    out = {}
-
-    def go(d, path, parent):
-        if d == pytree.ARRAY:
-            out[path] = (parent, str(next(types)), None)
-        elif d[0] == "dict":
-            out[path] = (parent, f"a dict with keys {list(d[1])}", d[1])
-            for k, c in zip(d[1], d[2]):
-                go(c, f"{path}[{k!r}]", path)
-        elif d[0] in ("list", "tuple"):
-            out[path] = (parent, f"a {d[0]} of {len(d[1])}", None)
-            for i, c in enumerate(d[1]):
-                go(c, f"{path}[{i}]", path)
-        else:
-            out[path] = (parent, f"{d[1]} {d[2]!r}", None)
-
-    for i, d in enumerate(treedef):
-        if d[0] == "kw":
-            go(d[2], d[1], None)
-            out["keyword", d[1]] = (None, "", None)
-        else:
-            go(d, arg_names[i] if i < len(arg_names) else f"args[{i}]", None)
-    return out
-
-
-def _key_changes(old: dict, new: dict) -> list[str]:
-    """The differences between two `_describe_key` results, one phrase each."""
-    changes = []
-    for path, (parent, text, keys) in new.items():
-        if isinstance(path, tuple):  # ("keyword", name)
-            if path not in old and path[1] in old:
-                changes.append(f"argument {path[1]} was passed by keyword, before by position")
-            continue
-        if path not in old:
-            if parent is None:
-                changes.append(f"argument {path} is new ({text})")
-            continue
-        old_text, old_keys = old[path][1], old[path][2]
-        if old_text == text:
-            continue
-        if keys is not None and old_keys is not None:
-            added = [k for k in keys if k not in old_keys]
-            removed = [k for k in old_keys if k not in keys]
-            parts = ([f"added {', '.join(map(repr, added))}"] if added else []) + \
-                    ([f"removed {', '.join(map(repr, removed))}"] if removed else [])
-            changes.append(f"argument {path} changed its keys ({'; '.join(parts) or 'reordered'})")
-        else:
-            changes.append(f"argument {path} changed from {_short(old_text)} to {_short(text)}")
-    for path, (parent, text, _) in old.items():
-        if isinstance(path, tuple):
-            if path not in new and path[1] in new:
-                changes.append(f"argument {path[1]} was passed by position, before by keyword")
-        elif path not in new and parent is None:
-            changes.append(f"argument {path} ({text}) is no longer passed")
-    return changes
-
-
-def _short(text: str) -> str:
-    """A static value's description without its type name when the repr says enough."""
-    kind, _, rest = text.partition(" ")
-    return rest if kind in ("int", "float", "str", "bool", "NoneType") else text
-
-
-# numpy integer dtype -> IR dtype of the integer arrays a call may trace (every integer IR dtype)
-_TRACED_INTS = {DTYPES[d]: d for d in DTYPES if DTYPES[d].kind in "iu"}
-
-_DTYPE_HINTS = {
-    "i": " (convert integer data such as class labels with x.astype(np.int64))",
-    "u": " (convert integer data such as class labels with x.astype(np.int64))",
-    "b": " (pass masks as float arrays, x.astype(np.float32), or close over them as constants)",
-    "c": " (complex numbers are not supported)",
-    "f": " (tracejit computes in float32 and float64: convert with x.astype(np.float32))",
-    "O": " (an array of Python objects cannot be traced)",
-}
-
-
-def _c_contiguous(x):
-    """`x` as an array the native code reads: C-contiguous, aligned to its element size (the native
-    code uses element-aligned vector loads) and in native byte order. `x` itself when it already is
-    (writeable or not: native code never writes its inputs), otherwise a copy. Not
-    np.ascontiguousarray: it turns 0-d arrays into 1-d ones. The fast path of `Jitted.__call__`
-    inlines the common case (`x.flags.carray`: C-contiguous, aligned and writeable)."""
-    if x.flags.c_contiguous and x.flags.aligned and x.dtype.isnative:
-        return x
-    return np.array(x, dtype=x.dtype.newbyteorder("="), order="C")
-
-
-def _check_tracers_alive(fun_name, sig: _Signature):
-    """Tracer arguments must belong to a trace that is still running (this one or an outer one)."""
-    active, b = set(), current()
-    while b is not None:
-        active.add(id(b))
-        b = b.outer
-    for path, _, x in sig.leaves:
-        if isinstance(x, Tracer) and id(x.builder) not in active:
-            raise TypeError(f"{fun_name}: argument {path} is a traced value from a trace that has "
-                            f"ended (a leaked tracer); pass an array instead")
-
-
-def _is_under(path: str, root: str) -> bool:
-    """Whether pytree path `path` is `root` or inside it (`params['w'][0]` is under `params`)."""
-    return path == root or (path.startswith(root) and path[len(root)] == "[")
-
-
-def _has_static(d) -> bool:
-    if d == pytree.ARRAY:
-        return False
-    if d[0] == "dict":
-        return any(_has_static(c) for c in d[2])
-    if d[0] in ("list", "tuple"):
-        return any(_has_static(c) for c in d[1])
-    return True
 
 
 def jit(fun=None):

@@ -9,24 +9,21 @@
 - `retrace_warning`: log a warning when one function has been traced for more signatures than
   this (each new signature traces and compiles again).
 
-Environment variables read by code generation (at first use, so set them before the first call):
+Environment variables read by code generation (at first use, so set them before the first call;
+all of them are read in codegen/settings.py):
 TRACEJIT_NUM_THREADS (threads per call; default: the CPUs this process may run on),
 TRACEJIT_NO_OPENMP (run every kernel on the calling thread; get_num_threads() then reports 1),
 TRACEJIT_COMPILE_PROCESSES (processes compiling one function's kernels),
 TRACEJIT_NO_EPILOGUES (no fused epilogues, for debugging), TRACEJIT_CACHE_MAX_MB (size bound of the
 persistent compile cache).
 """
-import os
+from codegen import settings  # the environment variables; no llvmlite
 
 
 class _Config:
     def __init__(self):
-        self.backend = os.environ.get("TRACEJIT_BACKEND", "llvm")
-        if self.backend not in ("llvm", "interpreter"):
-            raise ValueError(f"TRACEJIT_BACKEND must be 'llvm' or 'interpreter', got "
-                             f"{self.backend!r}")
-        self.cache = os.environ.get("TRACEJIT_CACHE", "1").strip().lower() not in (
-            "0", "false", "no", "off")
+        self.backend = settings.backend()
+        self.cache = settings.cache_enabled()
         self.cache_dir = None
         self.retrace_warning = 8
 

@@ -23,7 +23,8 @@ from ir.core import DTYPES, INT_DTYPES, ShapeError
 
 from . import ops
 from .ops import as_value, op, result_dtype
-from .tracer import Tracer, to_value, wrap
+from .tracer import Tracer
+from .values import to_value, wrap
 
 
 _shape = ops.shape_of

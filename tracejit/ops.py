@@ -1,16 +1,8 @@
 """numpy-style operations on traced values (and, outside a trace, on numpy arrays, evaluated eagerly
 through the reference interpreter).
 
-Type rules: traced values and numpy arrays have strong dtypes (float32 with float64 gives float64);
-Python numbers are weak and take the other operand's dtype. Inside a trace, numpy constants are weak
-too, so a captured float64 table does not turn a float32 model into float64. The rules hold for
-every operand of an op, also those given in a list (`stack([x, 0.1])` is float64 for float64 `x`).
-Bool operands of arithmetic become 0/1 of the other operand's dtype. A traced bool value that is
-the only operand (a reduction of a mask, `(w > 0).sum()`, `mean`, `reshape`, ...) becomes 0/1 of
-the float dtype it was computed from: float64 if any float value its comparisons read was float64,
-else float32 (also for bool constants, and outside a trace, where numpy bool arrays have no such
-origin). Counts are exact up to 2**24 in float32 and 2**53 in float64. Broadcasting follows numpy
-and becomes explicit `broadcast_in_dim` instructions.
+Type rules (which float dtype an op computes in) are in tracejit/values.py. Broadcasting follows
+numpy and becomes explicit `broadcast_in_dim` instructions.
 """
 from __future__ import annotations
 
@@ -28,7 +20,9 @@ from ir.core import DTYPES, INT_DTYPES, ShapeError, Value
 from ir.interpreter import interpret
 
 from . import captures
-from .tracer import Tracer, to_value, wrap
+from .tracer import Tracer
+from .values import (as_bool_value, as_value, float_dtype, promote, result_dtype, to_value,
+                     wrap)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,91 +71,8 @@ def _eager(fn, name, args, kwargs):
 
 
 # ------------------------------------------------------------------------------------------------
-# dtype promotion and broadcasting
+# broadcasting (dtype promotion is in tracejit/values.py)
 # ------------------------------------------------------------------------------------------------
-def _is_weak(x) -> bool:
-    return isinstance(x, (numbers.Number, np.generic)) and not isinstance(x, np.ndarray)
-
-
-def _float_dtype(dt) -> str:
-    dt = np.dtype(dt)
-    return "f64" if dt == np.float64 else "f32"
-
-
-def _check_no_nested_tracers(x):
-    """A list or tuple of traced values is not an array operand (numpy would stack it; np.asarray
-    would fail on the tracers with a misleading message)."""
-    if isinstance(x, (list, tuple)) and builtins.any(isinstance(v, Tracer) for v in _flat(x)):
-        raise TypeError(f"cannot use a {type(x).__name__} of traced values as an array operand; "
-                        f"combine them with tracejit.stack or tracejit.concatenate")
-
-
-def _flat(x):
-    for v in x:
-        if isinstance(v, (list, tuple)):
-            yield from _flat(v)
-        else:
-            yield v
-
-
-def result_dtype(*xs) -> str:
-    """The float dtype an op computes in for operands `xs` (the rules of the module docstring)."""
-    tracers = [x for x in xs if isinstance(x, Tracer)]
-    strong = [x.value.dtype for x in tracers if x.value.dtype in ("f32", "f64")]
-    for x in xs:
-        _check_no_nested_tracers(x)
-    if not tracers:
-        strong = [_float_dtype(np.asarray(x).dtype) for x in xs
-                  if not _is_weak(x) and np.asarray(x).dtype.kind == "f"]
-    elif not strong:
-        strong = [_bool_origin_dtype(x.value) for x in tracers if x.value.dtype == "bool"]
-    if not strong:
-        return "f32"
-    return "f64" if "f64" in strong else "f32"
-
-
-def _bool_origin_dtype(v: Value) -> str:
-    """The float dtype a traced bool value was computed from: "f64" if any float value read by
-    the instructions that produced it (comparisons, logical ops, layout ops on bools) is f64."""
-    seen, todo, found = set(), [v], set()
-    while todo:
-        u = todo.pop()
-        if id(u) in seen or u.instr is None:
-            continue
-        seen.add(id(u))
-        for w in u.instr.inputs:
-            if w.dtype == "bool":
-                todo.append(w)
-            else:
-                found.add(w.dtype)
-    return "f64" if "f64" in found else "f32"
-
-
-def promote(*xs) -> list[Value]:
-    """The operands `xs` (tracers, arrays, numbers) as Values of their common float dtype."""
-    dt = result_dtype(*xs)
-    return [as_value(x, dt) for x in xs]
-
-
-def as_value(x, dtype: str) -> Value:
-    """`x` as a Value of float dtype `dtype` (bool masks become 0/1)."""
-    if isinstance(x, Tracer):
-        v = to_value(x)
-    else:
-        _check_no_nested_tracers(x)
-        arr = np.asarray(x)
-        if arr.dtype.kind not in "fiub":
-            raise TypeError(f"cannot use a {type(x).__name__} of dtype {arr.dtype} in an array "
-                            f"operation")
-        v = to_value(arr.astype(np.float64 if dtype == "f64" else np.float32))
-    return lax.convert(v, dtype)
-
-
-def _bool_value(x) -> Value:
-    v = to_value(x) if isinstance(x, Tracer) else to_value(np.asarray(x, dtype=bool))
-    return v if v.dtype == "bool" else lax.ne(v, 0.0)
-
-
 def broadcast_shapes(*shapes):
     try:
         return tuple(np.broadcast_shapes(*shapes))
@@ -309,17 +220,17 @@ not_equal = op("not_equal")(_compare(lax.ne))
 
 @op("logical_and")
 def logical_and(a, b):
-    return wrap(lax.logical_and(*broadcast_values(_bool_value(a), _bool_value(b))))
+    return wrap(lax.logical_and(*broadcast_values(as_bool_value(a), as_bool_value(b))))
 
 
 @op("logical_or")
 def logical_or(a, b):
-    return wrap(lax.logical_or(*broadcast_values(_bool_value(a), _bool_value(b))))
+    return wrap(lax.logical_or(*broadcast_values(as_bool_value(a), as_bool_value(b))))
 
 
 @op("logical_not")
 def logical_not(a):
-    return wrap(lax.logical_not(_bool_value(a)))
+    return wrap(lax.logical_not(as_bool_value(a)))
 
 
 @op("where")
@@ -330,7 +241,7 @@ def where(cond, a, b):
     JAX. Make the untaken branch safe: `where(x > 0, log(where(x > 0, x, 1.0)), 0.0)`."""
     dt = int_operands_dtype(a, b)
     vals = [int_value(a, dt), int_value(b, dt)] if dt is not None else promote(a, b)
-    p, va, vb = broadcast_values(_bool_value(cond), *vals)
+    p, va, vb = broadcast_values(as_bool_value(cond), *vals)
     return wrap(lax.select(p, va, vb))
 
 
@@ -352,7 +263,7 @@ def astype(x, dtype):
     if dt not in (np.float32, np.float64):
         raise TypeError(f"astype: traced values are float32, float64, int32 or int64, not {dt}")
     v = to_value(x) if _is_int_tracer(x) else as_value(x, result_dtype(x))
-    return wrap(lax.convert(v, _float_dtype(dt)))
+    return wrap(lax.convert(v, float_dtype(dt)))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from ir.core import TensorType
 
 from . import ops
 from .ops import op
-from .tracer import Tracer, to_value, wrap
+from .tracer import Tracer
+from .values import to_value, wrap
 
 _KEY = TensorType("u32", (2,))
 

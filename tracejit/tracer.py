@@ -2,12 +2,9 @@
 builder that is tracing; every operation on it records an instruction (see tracejit.ops)."""
 from __future__ import annotations
 
-import numpy as np
-
 from ir import builder as irb
 from ir.core import Value
 
-from . import captures
 from .errors import UnsupportedError, concretization_error, unsupported_error
 
 
@@ -200,44 +197,3 @@ def _ops():
 def _nn():
     from . import nn
     return nn
-
-
-def to_value(x, like: Value | None = None) -> Value:
-    """The IR value for `x` in the current builder: a tracer's value (captured as a parameter when
-    it belongs to an enclosing trace), or a constant for numbers and arrays. Constants take `like`'s
-    float dtype (they are weakly typed, like Python scalars)."""
-    b = irb.current()
-    if isinstance(x, Tracer):
-        if x.builder is b:
-            return x.value
-        return capture(b, x)
-    from ir import lax
-    captures.note_constant(x)
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "fiub":
-        raise TypeError(f"cannot use a {type(x).__name__} ({arr.dtype}) as an array operand")
-    if like is not None and like.dtype in ("f32", "f64") and arr.dtype.kind in "fiub":
-        arr = arr.astype(like.type.np_dtype)
-    elif arr.dtype.kind in "iu":
-        arr = arr.astype(np.float64 if arr.dtype.itemsize > 4 else np.float32)
-    elif arr.dtype == np.float16:
-        arr = arr.astype(np.float32)
-    if arr.ndim == 0:
-        return lax.full(arr.item(), (), "bool" if arr.dtype == np.bool_ else
-                        ("f64" if arr.dtype == np.float64 else "f32"))
-    return lax.literal(arr)
-
-
-def capture(b, t: Tracer) -> Value:
-    """Closure conversion: a tracer of an enclosing trace becomes a parameter of builder `b`."""
-    key = id(t.value)
-    hit = b.captured.get(key)
-    if hit is None:
-        p = b.add_param(t.value.type, f"captured{len(b.captured)}")
-        b.captured[key] = (t, p)
-        return p
-    return hit[1]
-
-
-def wrap(v: Value) -> Tracer:
-    return Tracer(v, irb.current())

@@ -31,7 +31,8 @@ import numpy as np
 from ir.builder import current
 
 from . import pytree
-from .api import Jitted, _c_contiguous, _Signature
+from .api import Jitted
+from .signature import Signature as _Signature, c_contiguous as _c_contiguous
 from .config import config
 from .tracer import Tracer
 
@@ -63,16 +64,16 @@ class _StepJitted(Jitted):
 
     def _compile(self, sig: _Signature):
         entry = super()._compile(sig)
-        _, (loss_def, aux_def, params_def, state_def) = entry.out_treedef
+        loss_def, aux_def, params_def, state_def = entry.out_treedef.children
         paths = list(sig.array_paths(self.arg_names))
         for name, new_def, old_def in (("params", params_def, sig.treedef[0]),
                                        ("state", state_def, sig.treedef[1])):
             if new_def != old_def:
                 raise TypeError(f"{self.name}: the optimizer's update returns new {name} of "
-                                f"structure {pytree.describe(new_def)}, but {name} is "
-                                f"{pytree.describe(old_def)}; it cannot be updated in place")
-        base = 1 + pytree.count(aux_def)
-        n = pytree.count(params_def) + pytree.count(state_def)
+                                f"structure {new_def.describe()}, but {name} is "
+                                f"{old_def.describe()}; it cannot be updated in place")
+        base = 1 + aux_def.num_leaves
+        n = params_def.num_leaves + state_def.num_leaves
         fn = entry.optimized
         for i in range(n):
             new, old = fn.outputs[base + i].type, fn.params[i].type
@@ -142,7 +143,7 @@ class TrainStep:
             outs = entry.native()(arrays)
         loss = outs[0]
         if self.has_aux:
-            aux_def = entry.out_treedef[1][1]
+            aux_def = entry.out_treedef.children[1]
             return (loss, pytree.unflatten(aux_def, outs[1:base])), params, state
         return loss, params, state
 
@@ -177,7 +178,8 @@ def _check_in_place(who: str, donated, batch):
             raise TypeError(f"{who}: {path} cannot be updated in place: {why}; pass a writeable "
                             f"C-contiguous array (np.ascontiguousarray(x), or x.copy())")
         if x.nbytes:
-            spans.append((x.ctypes.data, x.ctypes.data + x.nbytes, path))
+            start = _address(x)
+            spans.append((start, start + x.nbytes, path))
     spans.sort()
     for (lo1, hi1, p1), (lo2, hi2, p2) in zip(spans, spans[1:]):
         if lo2 < hi1:
@@ -194,9 +196,15 @@ def _check_in_place(who: str, donated, batch):
                                 f"place; pass a copy of {path}")
 
 
+def _address(x: np.ndarray) -> int:
+    """The address of x's first element. Not `x.ctypes.data`: its ctypes objects outlive the call
+    in numpy's caches (hundreds of bytes a call, against a step that allocates only the loss)."""
+    return x.__array_interface__["data"][0]
+
+
 def _byte_range(x: np.ndarray):
     """[low, high): the bytes from the lowest to the highest element of non-empty `x`."""
-    start = x.ctypes.data
+    start = _address(x)
     low = start + sum(s * (n - 1) for s, n in zip(x.strides, x.shape) if s < 0)
     high = start + sum(s * (n - 1) for s, n in zip(x.strides, x.shape) if s > 0) + x.itemsize
     return low, high

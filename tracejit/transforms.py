@@ -20,8 +20,10 @@ from ir.jvp import jvp_function
 from ir.verify import verify
 
 from . import pytree
-from .api import Jitted, _c_contiguous, _check_tracers_alive, _Compiled, _Signature
-from .tracer import Tracer, to_value, wrap
+from .api import Jitted, _Compiled
+from .signature import Signature, c_contiguous, check_tracers_alive
+from .tracer import Tracer
+from .values import to_value, wrap
 
 _NATIVE_STAGES = ("llvm", "llvm-opt", "asm")
 
@@ -35,10 +37,10 @@ class _Transformed(Jitted):
     def __init__(self, fun, argnums=0):
         super().__init__(fun, "jit", argnums)
 
-    def _transform(self, fwd: Function, sig: _Signature) -> Function:
+    def _transform(self, fwd: Function, sig: Signature) -> Function:
         raise NotImplementedError
 
-    def _compile(self, sig: _Signature) -> _Compiled:
+    def _compile(self, sig: Signature) -> _Compiled:
         t0 = time.perf_counter()
         b = Builder(self.name)
         with building(b):
@@ -52,12 +54,12 @@ class _Transformed(Jitted):
         return _Compiled(fwd, transformed, out_def, n_value,
                          {"trace": t1 - t0, "passes": time.perf_counter() - t1})
 
-    def _run(self, sig: _Signature, extra_leaves=()):
+    def _run(self, sig: Signature, extra_leaves=()):
         """(flat results, out_treedef, n_value): the transformed function run on the signature's
         array leaves followed by `extra_leaves`, natively, or inlined into the current trace."""
         if current() is not None or any(isinstance(x, Tracer) for _, _, x in sig.leaves) \
                 or any(isinstance(x, Tracer) for x in extra_leaves):
-            _check_tracers_alive(self.name, sig)
+            check_tracers_alive(self.name, sig)
             sub = Builder(self.name)
             with building(sub):
                 outs, out_def, n_value = self._trace(sig, sub)
@@ -68,12 +70,12 @@ class _Transformed(Jitted):
                 [to_value(x) for x in extra_leaves]
             return [wrap(v) for v in inline(transformed, inputs)], out_def, n_value
         entry = self._lookup(sig)
-        arrays = tuple(_c_contiguous(x) for _, _, x in sig.leaves) + \
-            tuple(_c_contiguous(x) for x in extra_leaves)
+        arrays = tuple(c_contiguous(x) for _, _, x in sig.leaves) + \
+            tuple(c_contiguous(x) for x in extra_leaves)
         return list(entry.executable()(arrays)), entry.out_treedef, entry.n_value_outputs
 
     def _entry(self, args, kwargs):
-        return self._lookup(_Signature(self.name, self.arg_names, args, kwargs))
+        return self._lookup(Signature(self.name, self.arg_names, args, kwargs))
 
     def _dump(self, entry, stage: str) -> str:
         stages = ("forward", self.stage, "optimized") + _NATIVE_STAGES
@@ -98,17 +100,6 @@ class _Transformed(Jitted):
 # ------------------------------------------------------------------------------------------------
 # jit_jvp
 # ------------------------------------------------------------------------------------------------
-def _shape_only(d):
-    """A treedef with its static leaves' values dropped (tangents need not repeat them)."""
-    if d == pytree.ARRAY:
-        return d
-    if d[0] == "dict":
-        return ("dict", d[1], tuple(_shape_only(c) for c in d[2]))
-    if d[0] in ("list", "tuple"):
-        return (d[0], tuple(_shape_only(c) for c in d[1]))
-    return ("static",)
-
-
 class JvpJitted(_Transformed):
     """`jvp_fun(primals, tangents) -> (primals_out, tangents_out)` (see `jit_jvp`)."""
     stage = "jvp"
@@ -125,7 +116,7 @@ class JvpJitted(_Transformed):
         if len(primals) != len(tangents):
             raise TypeError(f"{self.name}: {len(primals)} primals but {len(tangents)} tangents; "
                             f"pass one tangent per argument")
-        sig = _Signature(self.name, self.arg_names, tuple(primals), {})
+        sig = Signature(self.name, self.arg_names, tuple(primals), {})
         leaves = []
         for i, t in enumerate(tangents):
             name = self._arg_name(i)
@@ -133,10 +124,10 @@ class JvpJitted(_Transformed):
                 lv, d = pytree.flatten(t, name, name)
             except TypeError as e:
                 raise TypeError(f"{self.name}: tangent {e}") from None
-            if _shape_only(d) != _shape_only(sig.treedef[i]):
+            # tangents need not repeat the primals' static values
+            if d.without_static_values() != sig.treedef[i].without_static_values():
                 raise TypeError(f"{self.name}: the tangent of argument {name} has the structure "
-                                f"{pytree.describe(d)}, its primal "
-                                f"{pytree.describe(sig.treedef[i])}")
+                                f"{d.describe()}, its primal {sig.treedef[i].describe()}")
             leaves.extend(lv)
         for (path, _, t), ty in zip(leaves, sig.types):
             if isinstance(t, Tracer):
@@ -204,7 +195,7 @@ class JacobianJitted(_Transformed):
 
     def __call__(self, *args, **kwargs):
         self._check_argnums(len(args))
-        sig = _Signature(self.name, self.arg_names, args, kwargs)
+        sig = Signature(self.name, self.arg_names, args, kwargs)
         results, out_def, n = self._run(sig)
         ranges = sig.leaf_ranges()
         per_arg = [(sig.treedef[a % sig.n_args], len(ranges[a % sig.n_args])) for a in self.argnums]

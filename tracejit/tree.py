@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import pytree
-from .tracer import Tracer, wrap
+from .tracer import Tracer
+from .values import wrap
 
 __all__ = ["Structure", "map", "leaves", "structure", "unflatten", "zeros_like", "add", "scale"]
 
