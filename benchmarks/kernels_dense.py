@@ -34,11 +34,11 @@ if ROOT not in sys.path:
 import llvmlite.binding as llvm  # noqa: E402
 import llvmlite.ir as llir  # noqa: E402
 
-from codegen.kernels import _load_all, kernels  # noqa: E402
-from codegen.target import JITModule, cfunc, optimize_module, target_machine  # noqa: E402
-from ir import lax  # noqa: E402
-from ir.builder import Builder, building  # noqa: E402
-from ir.core import TensorType  # noqa: E402
+from tracejit.codegen.kernels import _load_all, kernels  # noqa: E402
+from tracejit.codegen.target import JITModule, cfunc, optimize_module, target_machine  # noqa: E402
+from tracejit.ir import lax  # noqa: E402
+from tracejit.ir.builder import Builder, building  # noqa: E402
+from tracejit.ir.core import TensorType  # noqa: E402
 
 _load_all()
 
@@ -199,7 +199,7 @@ def main(argv=None):
                          "(MR, NV); conv2d's 'core': (R, PR, PV), 'wgrad': (R, GR), 'ng': images")
     args = ap.parse_args(argv)
     import ast
-    from codegen.kernels import conv2d, matmul
+    from tracejit.codegen.kernels import conv2d, matmul
     for key, value in ast.literal_eval(args.force).items():
         (matmul.FORCE if key in ("dot", "outer") else conv2d.FORCE)[key] = value
     seconds, repeats = (0.01, 5) if args.quick else (0.02, 20)

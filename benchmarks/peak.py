@@ -95,7 +95,7 @@ def _build_ir(lanes: int, accumulators: int = ACCUMULATORS) -> str:
 
 class FMAKernel:
     def __init__(self, accumulators: int = ACCUMULATORS):
-        from codegen.target import JITModule, cfunc, vector_width
+        from tracejit.codegen.target import JITModule, cfunc, vector_width
 
         self.lanes = vector_width(32)
         self.accumulators = accumulators

@@ -241,7 +241,7 @@ def machine_info(threads):
     except OSError:
         pass
     try:
-        from codegen.target import host_info
+        from tracejit.codegen.target import host_info
         h = host_info()
         info["llvm_cpu"] = h["cpu"]
         info["avx512"] = h["avx512"]

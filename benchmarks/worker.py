@@ -230,7 +230,7 @@ def _native_entries(jitted):
 def _tracejit_compile_breakdown(jitted) -> dict:
     out = {}
     try:
-        from codegen import cache
+        from tracejit.codegen import cache
         out["cache"] = dict(cache.stats)
     except Exception:  # noqa: BLE001 - no compile cache in this version
         pass

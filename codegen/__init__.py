@@ -14,7 +14,7 @@ def describe(fn, donate=None) -> str:
     """The IR of `fn` annotated with its kernels (fusion groups), the arena size and what the
     backward pass keeps alive, without compiling it: the plan that compiling it now would run
     (the thread count of tracejit's settings, TRACEJIT_NO_EPILOGUES)."""
-    from ir.core import print_function
+    from ..ir.core import print_function
     from . import parallel, schedule
     from .runtime import plan_for
     p = plan_for(fn, parallel.default_threads(), donate)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ir.core import Function, Namer, instr_text
+from ..ir.core import Function, Namer, instr_text
 
 from . import settings
 

@@ -16,12 +16,12 @@ from typing import Callable
 
 import llvmlite.ir as ir
 
-from ir.core import INT_DTYPES, Instr, IRError, Registry, Value
-from ir.prims.elementwise import (abs_p, add_p, and_p, const_p, convert_p, div_p, eq_p, ge_p, gt_p,
+from ..ir.core import INT_DTYPES, Instr, IRError, Registry, Value
+from ..ir.prims.elementwise import (abs_p, add_p, and_p, const_p, convert_p, div_p, eq_p, ge_p, gt_p,
                                   integer_pow_p, le_p, lt_p, max_p, min_p, mul_p, ne_p, neg_p,
                                   not_p, or_p, pow_p, select_p, sign_p, stop_gradient_p, sub_p)
-from ir.prims.reduce import reduce_max_p, reduce_sum_p
-from ir.prims.structural import (broadcast_in_dim_p, concatenate_p, pad_p, reshape_p, slice_p,
+from ..ir.prims.reduce import reduce_max_p, reduce_sum_p
+from ..ir.prims.structural import (broadcast_in_dim_p, concatenate_p, pad_p, reshape_p, slice_p,
                                  transpose_p)
 
 from . import loops as L

@@ -48,7 +48,7 @@ from decimal import Decimal
 import llvmlite.ir as ir
 import numpy as np
 
-from ir.prims.elementwise import cos_p, exp_p, log_p, logistic_p, sin_p, sqrt_p, tanh_p
+from ..ir.prims.elementwise import cos_p, exp_p, log_p, logistic_p, sin_p, sqrt_p, tanh_p
 
 from .fused import register_elementwise
 from .loops import F32, F64, I32, I64, intrinsic, type_suffix

@@ -23,7 +23,7 @@ import weakref
 import llvmlite.ir as ir
 import numpy as np
 
-from ir.core import Function, IRError, Namer, instr_text
+from ..ir.core import Function, IRError, Namer, instr_text
 
 from . import cache as _cache
 from . import fused, parallel, schedule, target
@@ -278,7 +278,7 @@ class NativeFunction:
         call); the message was decided at compile time, the kernel supplies the value."""
         code, value = int(status[0]), int(status[1])
         status[:] = 0
-        from ir.prims.gather import IndexOutOfBounds, out_of_bounds_message
+        from ..ir.prims.gather import IndexOutOfBounds, out_of_bounds_message
         ins = self._checked[code]
         axis, data = ins.params["axis"], ins.inputs[0]
         size = ins.params.get("size", data.shape[axis] if data.ndim else 0)

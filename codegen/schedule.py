@@ -20,11 +20,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ir.core import Function, Instr, IRError, Value
-from ir.prims.elementwise import const_p, literal_p, stop_gradient_p
-from ir.prims.nn import max_pool2d_argmax_p, max_pool2d_p
-from ir.prims.reduce import reduce_sum_p
-from ir.prims.structural import (broadcast_in_dim_p, concatenate_p, pad_p, reshape_p, slice_p,
+from ..ir.core import Function, Instr, IRError, Value
+from ..ir.prims.elementwise import const_p, literal_p, stop_gradient_p
+from ..ir.prims.nn import max_pool2d_argmax_p, max_pool2d_p
+from ..ir.prims.reduce import reduce_sum_p
+from ..ir.prims.structural import (broadcast_in_dim_p, concatenate_p, pad_p, reshape_p, slice_p,
                                  transpose_p)
 
 from . import settings
@@ -555,7 +555,7 @@ def annotate(p: Plan):
 
 def summary(p: Plan) -> str:
     """Trailing comment lines of the optimized dump: kernel counts, arena, saved activations."""
-    from ir.core import Namer
+    from ..ir.core import Namer
     namer = Namer()
     for v in list(p.fn.params) + [i.out for i in p.fn.instrs]:
         namer.define(v)

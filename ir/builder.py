@@ -15,10 +15,12 @@ from .core import Function, Instr, IRError, ShapeError, TensorType, Value, shape
 
 _state = threading.local()
 
-# Frames inside these directories are ours; the first frame outside is the user's line.
-_OWN_DIRS = tuple(
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d) + os.sep
-    for d in ("ir", "tracejit", "codegen"))
+# Frames inside these directories are ours; the first frame outside is the user's line. Installed,
+# ir/ and codegen/ are subpackages of tracejit (one directory); in the source tree they are its
+# siblings.
+_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OWN_DIRS = ((_PARENT + os.sep,) if os.path.basename(_PARENT) == "tracejit" else
+             tuple(os.path.join(_PARENT, d) + os.sep for d in ("ir", "tracejit", "codegen")))
 
 
 def user_location(skip: int = 1) -> str | None:

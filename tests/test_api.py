@@ -377,8 +377,9 @@ g(np.ones((3, 1, 2, 2)), np.ones((1, 1, 4, 4)))
 g.ir(np.ones((3, 1, 2, 2)), np.ones((1, 1, 4, 4)), stage="grad")
 tracejit.tanh(np.ones(3))
 # codegen.settings (the environment variables, standard library only) is read by tracejit.config
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("llvmlite", "codegen")
-                and m not in ("codegen", "codegen.settings"))
+loaded = sorted(m for m in sys.modules
+                if m.split(".")[0] == "llvmlite" or m.startswith("tracejit.codegen")
+                and m not in ("tracejit.codegen", "tracejit.codegen.settings"))
 assert not loaded, loaded
 """
 

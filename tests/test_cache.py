@@ -21,8 +21,8 @@ import pytest
 import tracejit
 from tracejit import nn
 
-import codegen.target as target  # noqa: E402
-from codegen import cache as diskcache  # noqa: E402
+import tracejit.codegen.target as target  # noqa: E402
+from tracejit.codegen import cache as diskcache  # noqa: E402
 from helpers import use_backend
 
 pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
@@ -54,7 +54,8 @@ PROGRAM = textwrap.dedent("""
 
 SCRIPT = PROGRAM + textwrap.dedent("""
     import json, logging, sys
-    import codegen.cache, codegen.target
+    import tracejit.codegen.cache, tracejit.codegen.target
+    from tracejit import codegen
     records = []
     class Keep(logging.Handler):
         def emit(self, r):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import tracejit
-from ir.builder import emit
-from ir.core import primitive, shape_rules
-from ir.interpreter import impls
+from tracejit.ir.builder import emit
+from tracejit.ir.core import primitive, shape_rules
+from tracejit.ir.interpreter import impls
 from tracejit import TracerError, jit, jit_grad, jit_value_and_grad, nn
 from tracejit.values import to_value, wrap
 

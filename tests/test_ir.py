@@ -18,13 +18,13 @@ import corpus
 import helpers
 import optable
 import tracejit
-from ir import lax, passes
-from ir.adjoint import grad_function
-from ir.builder import Builder, building
-from ir.core import TensorType, dtype_of_numpy, print_function
-from ir.interpreter import interpret
-from ir.passes import optimize
-from ir.verify import VerifyError, verify
+from tracejit.ir import lax, passes
+from tracejit.ir.adjoint import grad_function
+from tracejit.ir.builder import Builder, building
+from tracejit.ir.core import TensorType, dtype_of_numpy, print_function
+from tracejit.ir.interpreter import interpret
+from tracejit.ir.passes import optimize
+from tracejit.ir.verify import VerifyError, verify
 from tracejit import Tracer, nn
 from tracejit.values import to_value
 

@@ -191,9 +191,9 @@ def test_jvp_tangent_errors(tangents, message):
 
 
 def test_missing_jvp_rule_names_primitive_and_pass():
-    from ir.core import MissingRuleError
-    from ir.jvp_rules import jvp_rules
-    from ir.prims.elementwise import tanh_p
+    from tracejit.ir.core import MissingRuleError
+    from tracejit.ir.jvp_rules import jvp_rules
+    from tracejit.ir.prims.elementwise import tanh_p
     rule = jvp_rules.pop(tanh_p)
     try:
         with pytest.raises(MissingRuleError, match="no jvp rule for 'tanh'.*forward mode"):

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 import tracejit
-from codegen.kernels import _load_all, kernels
-from codegen.loops import for_range
-from codegen.target import JITModule, cfunc
-from ir import lax
-from ir.builder import Builder, building
-from ir.core import TensorType
-from ir.interpreter import impls
+from tracejit.codegen.kernels import _load_all, kernels
+from tracejit.codegen.loops import for_range
+from tracejit.codegen.target import JITModule, cfunc
+from tracejit.ir import lax
+from tracejit.ir.builder import Builder, building
+from tracejit.ir.core import TensorType
+from tracejit.ir.interpreter import impls
 from tracejit import nn
 
 pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
@@ -218,7 +218,7 @@ def test_conv_block_shape_and_real_threads():
 def test_conv_flat_mode_forced(flat):
     """The flat mode of the core and of the weight gradient (rows of several output rows in one
     vector; codegen/kernels/conv2d.py) forced on, or off, for every unit-stride case."""
-    from codegen.kernels import conv2d
+    from tracejit.codegen.kernels import conv2d
     cases = [c for c in CONV_CASES if c[2] == (1, 1) and _out_hw(*c)[0] > 1]
     cases.append(((3, 2, 9, 7), (5, 2, 3, 4), (1, 1), (0, 0)))
     try:

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 import tracejit
-from codegen.kernels import _load_all, kernels
-from codegen.kernels.pool import lower_max_pool2d_with_argmax
-from codegen.target import JITModule, host_info
-from ir import lax
-from ir.builder import Builder, building
-from ir.core import TensorType
-from ir.interpreter import impls
+from tracejit.codegen.kernels import _load_all, kernels
+from tracejit.codegen.kernels.pool import lower_max_pool2d_with_argmax
+from tracejit.codegen.target import JITModule, host_info
+from tracejit.ir import lax
+from tracejit.ir.builder import Builder, building
+from tracejit.ir.core import TensorType
+from tracejit.ir.interpreter import impls
 from tracejit import nn
 
 pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)

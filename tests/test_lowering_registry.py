@@ -3,9 +3,9 @@ the primitive object: every primitive has its entry, and a missing entry or fact
 names the primitive."""
 import pytest
 
-from ir.core import MissingRuleError, Primitive, primitives
-from codegen.fused import Elementwise, IndexMap, Reduction, lowerings
-from codegen.kernels import _load_all, kernels, register
+from tracejit.ir.core import MissingRuleError, Primitive, primitives
+from tracejit.codegen.fused import Elementwise, IndexMap, Reduction, lowerings
+from tracejit.codegen.kernels import _load_all, kernels, register
 
 pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
 

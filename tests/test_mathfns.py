@@ -19,9 +19,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from codegen import loops as L  # noqa: E402
-from codegen.mathfns import UNARY, emit_unary  # noqa: E402
-from codegen.target import JITModule, cfunc, host_info  # noqa: E402
+from tracejit.codegen import loops as L  # noqa: E402
+from tracejit.codegen.mathfns import UNARY, emit_unary  # noqa: E402
+from tracejit.codegen.target import JITModule, cfunc, host_info  # noqa: E402
 
 pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
 

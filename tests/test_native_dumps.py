@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tracejit
-from codegen.target import host_info
+from tracejit.codegen.target import host_info
 from tracejit import nn
 
 pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
@@ -92,7 +92,7 @@ def test_bias_relu_fused_into_producer(fun, args, nn_prim):
 def test_optimized_dump_shows_the_plan_that_runs(threads, monkeypatch):
     """The "optimized" dump's kernels and arena are those of the compiled code, for the thread
     count in force (each thread's scratch is part of the arena)."""
-    from codegen import schedule
+    from tracejit.codegen import schedule
     monkeypatch.setenv("TRACEJIT_NUM_THREADS", threads)
     f = tracejit.jit_grad(lambda w, x: nn.max_pool2d(nn.relu(nn.conv2d(x, w, padding=1)), 2).sum())
     w = np.ones((4, 2, 3, 3), np.float32)

@@ -12,7 +12,7 @@ import pytest
 
 import helpers
 import tracejit as tj
-from codegen import parallel, schedule
+from tracejit.codegen import parallel, schedule
 from optable import (ref_conv, ref_cross_entropy, ref_log_softmax, ref_logsumexp, ref_norm,
                      ref_pool, ref_sigmoid, ref_softmax)
 from tracejit import nn

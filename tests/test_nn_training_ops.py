@@ -11,7 +11,7 @@ import pytest
 
 import helpers
 import tracejit
-from ir.core import ShapeError
+from tracejit.ir.core import ShapeError
 from tracejit import nn
 
 BACKENDS = ["interpreter", "llvm"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tracejit
-from codegen import target
+from tracejit.codegen import target
 from tracejit import nn
 
 pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)

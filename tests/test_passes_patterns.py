@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 import tracejit as tj
-from ir.adjoint import grad_function
-from ir.builder import Builder, building
-from ir.core import TensorType, print_function
-from ir.interpreter import interpret
-from ir.passes import optimize
-from ir.verify import verify
+from tracejit.ir.adjoint import grad_function
+from tracejit.ir.builder import Builder, building
+from tracejit.ir.core import TensorType, print_function
+from tracejit.ir.interpreter import interpret
+from tracejit.ir.passes import optimize
+from tracejit.ir.verify import verify
 from tracejit import Tracer, nn
 from tracejit.values import to_value
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tracejit
-from ir.prims import random as prims_random
+from tracejit.ir.prims import random as prims_random
 from helpers import use_backend
 from optable import ref_threefry2x32, ref_uniform_f32
 from tracejit import nn
@@ -99,9 +99,9 @@ def test_native_interpreter_and_eager_are_bit_identical(n):
 
 def test_parallel_threads_are_used_above_the_threshold():
     """The bit-identity test above means something for threads only if the kernel splits."""
-    from codegen import parallel
-    from codegen.runtime import plan_for
-    from ir.builder import Builder, building
+    from tracejit.codegen import parallel
+    from tracejit.codegen.runtime import plan_for
+    from tracejit.ir.builder import Builder, building
     b = Builder("probe")
     with building(b):
         p = b.add_param(prims_random.KEY_TYPE, "k")

@@ -31,7 +31,7 @@ import pytest
 import tracejit
 from helpers import rng_for, use_backend
 
-from codegen.schedule import REDUCE_BLOCK as BLOCK
+from tracejit.codegen.schedule import REDUCE_BLOCK as BLOCK
 
 pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
 

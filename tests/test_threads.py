@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-import codegen
+from tracejit import codegen
 import tracejit
 from tracejit import nn
 from helpers import use_backend
@@ -197,7 +197,7 @@ def test_dumps_of_cached_code_from_many_threads_agree(monkeypatch):
 
 def test_set_num_threads_caps_every_call():
     """tracejit.set_num_threads(1) makes calls use one thread (same results), None lifts it."""
-    from codegen import parallel
+    from tracejit.codegen import parallel
     x = np.random.default_rng(3).standard_normal((64, 256)).astype(np.float32)
     w = np.random.default_rng(4).standard_normal((512, 256)).astype(np.float32)
     g = tracejit.jit_grad(lambda w, x: tracejit.tanh(x @ w.T).sum())
@@ -217,7 +217,7 @@ def test_set_num_threads_caps_every_call():
 def test_threads_calling_a_function_that_runs_thread_teams(monkeypatch):
     """Eight Python threads each entering OpenMP parallel regions (GOMP_parallel) of one
     function: every result matches the closed-form gradient of its own inputs."""
-    from codegen import parallel
+    from tracejit.codegen import parallel
     if parallel.default_threads() < 2:
         monkeypatch.setenv("TRACEJIT_NUM_THREADS", "2")
     assert parallel.gomp_available()

@@ -436,8 +436,8 @@ def test_update_returning_one_value_twice_and_a_constant(backend):
 
 
 def test_compile_cache_keeps_code_with_donated_outputs_apart(tmp_path):
-    from codegen import compile_function
-    from codegen.cache import DiskCache
+    from tracejit.codegen import compile_function
+    from tracejit.codegen.cache import DiskCache
     opt = optim.sgd(0.1)
     params = mlp_params(np.float64)
     state = opt.init(params)

@@ -7,7 +7,17 @@
     g = loss(w, x, t)            # gradient w.r.t. w, computed by compiled code
     print(loss.ir(w, x, t))      # what was computed
 """
-from . import nn  # noqa: F401
+import os as _os
+
+# tracejit.ir and tracejit.codegen live in the repository's top-level ir/ and codegen/ folders
+# (pyproject.toml maps them into this package when it is installed): run from a source tree,
+# this package finds them beside it.
+_source_tree = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "ir")) and \
+        _os.path.isfile(_os.path.join(_source_tree, "ir", "core.py")):
+    __path__.append(_source_tree)
+
+from . import nn  # noqa: E402,F401
 from .api import jit, jit_grad, jit_value_and_grad  # noqa: F401
 from .checking import check_grads  # noqa: F401
 from .config import config, get_num_threads, set_num_threads  # noqa: F401

@@ -16,11 +16,11 @@ import time
 
 import numpy as np
 
-from ir.adjoint import grad_function
-from ir.builder import Builder, building, current, inline
-from ir.core import FLOAT_DTYPES
-from ir.passes import optimize
-from ir.verify import verify
+from .ir.adjoint import grad_function
+from .ir.builder import Builder, building, current, inline
+from .ir.core import FLOAT_DTYPES
+from .ir.passes import optimize
+from .ir.verify import verify
 
 from . import captures, pytree
 from .config import config
@@ -62,7 +62,7 @@ class _Compiled:
         if self._native is None:
             with self._lock:
                 if self._native is None:
-                    from codegen import compile_function
+                    from .codegen import compile_function
                     self._native = compile_function(self.optimized, cache=_disk_cache(),
                                                     donate=self.donate)
                     self.seconds.update(self._native.compile_seconds)
@@ -71,7 +71,7 @@ class _Compiled:
     def executable(self):
         """The runner of the optimized function: native code, or the interpreter if configured."""
         if config.backend == "interpreter":
-            from ir.interpreter import interpret
+            from .ir.interpreter import interpret
             return lambda arrays: interpret(self.optimized, arrays)
         return self.native()
 
@@ -412,7 +412,7 @@ class Jitted:
         if stage == "grad":
             return str(entry.transformed)
         if stage == "optimized":
-            from codegen import describe
+            from .codegen import describe
             return describe(entry.optimized, entry.donate)
         native = entry.native()
         if stage == "llvm":
@@ -475,7 +475,7 @@ def _disk_cache():
     """The persistent compile cache as configured (tracejit.config.cache / cache_dir), or False."""
     if not config.cache:
         return False
-    from codegen.cache import DiskCache
+    from .codegen.cache import DiskCache
 
     from . import __version__
     return DiskCache(config.cache_dir, version=f"tracejit {__version__}")

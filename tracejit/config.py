@@ -17,7 +17,7 @@ TRACEJIT_COMPILE_PROCESSES (processes compiling one function's kernels),
 TRACEJIT_NO_EPILOGUES (no fused epilogues, for debugging), TRACEJIT_CACHE_MAX_MB (size bound of the
 persistent compile cache).
 """
-from codegen import settings  # the environment variables; no llvmlite
+from .codegen import settings  # the environment variables; no llvmlite
 
 
 class _Config:
@@ -40,7 +40,7 @@ def set_num_threads(n: int | None) -> None:
     for, which is TRACEJIT_NUM_THREADS or the CPUs this process may run on)."""
     if n is not None and (not isinstance(n, int) or n < 1):
         raise ValueError(f"set_num_threads expects a positive int or None, got {n!r}")
-    from codegen import parallel
+    from .codegen import parallel
     parallel.thread_limit = n
 
 
@@ -48,7 +48,7 @@ def get_num_threads() -> int:
     """The threads a call may use now: 1 when OpenMP is off (TRACEJIT_NO_OPENMP) or libgomp is
     missing, since every kernel then runs on the calling thread; else the cap set by
     set_num_threads, else the default."""
-    from codegen import parallel
+    from .codegen import parallel
     if not parallel.gomp_available():
         return 1
     default = parallel.default_threads()

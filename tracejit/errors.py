@@ -1,6 +1,6 @@
 """Exceptions users see. Every message names the argument or the user's line and says what to do."""
-from ir.builder import user_location
-from ir.core import IRError, MissingRuleError, ShapeError  # noqa: F401  (re-exported)
+from .ir.builder import user_location
+from .ir.core import IRError, MissingRuleError, ShapeError  # noqa: F401  (re-exported)
 
 
 class TracerError(Exception):
@@ -31,7 +31,7 @@ def warn(message: str, category: type[TracejitWarning]) -> None:
     import sys
     import warnings
 
-    from ir.builder import _OWN_DIRS
+    from .ir.builder import _OWN_DIRS
     level, f = 1, sys._getframe(1)
     while f is not None and (f.f_code.co_filename.startswith(_OWN_DIRS)
                              or f.f_code.co_filename.startswith("<frozen")):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-from ir.core import Function, Namer, _is_inline_const
+from .ir.core import Function, Namer, _is_inline_const
 
 STYLES = {
     "param": 'shape=box, style=filled, fillcolor="#cfe2ff"',
@@ -99,8 +99,8 @@ def to_dot(fn: Function, kernels=None) -> str:
 
 def kernel_clusters(fn: Function) -> list:
     """[(label, instructions)] of the kernels the native code runs for optimized `fn`."""
-    from codegen import schedule
-    from codegen.kernels import _load_all, kernels
+    from .codegen import schedule
+    from .codegen.kernels import _load_all, kernels
     _load_all()
 
     def kernel(ins):

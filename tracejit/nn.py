@@ -17,9 +17,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ir import lax
-from ir.builder import user_location
-from ir.core import DTYPES, INT_DTYPES, ShapeError
+from .ir import lax
+from .ir.builder import user_location
+from .ir.core import DTYPES, INT_DTYPES, ShapeError
 
 from . import ops
 from .ops import as_value, op, result_dtype

@@ -13,11 +13,11 @@ import numbers
 
 import numpy as np
 
-from ir import builder as irb
-from ir import lax
-from ir.builder import Builder, api_scope, building
-from ir.core import DTYPES, INT_DTYPES, ShapeError, Value
-from ir.interpreter import interpret
+from .ir import builder as irb
+from .ir import lax
+from .ir.builder import Builder, api_scope, building
+from .ir.core import DTYPES, INT_DTYPES, ShapeError, Value
+from .ir.interpreter import interpret
 
 from . import captures
 from .tracer import Tracer

@@ -24,8 +24,8 @@ import numbers
 
 import numpy as np
 
-from ir import lax
-from ir.core import TensorType
+from .ir import lax
+from .ir.core import TensorType
 
 from . import ops
 from .ops import op

@@ -11,8 +11,8 @@ import logging
 
 import numpy as np
 
-from ir.builder import current
-from ir.core import DTYPES, TensorType
+from .ir.builder import current
+from .ir.core import DTYPES, TensorType
 
 from . import pytree
 from .tracer import Tracer

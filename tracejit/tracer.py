@@ -2,8 +2,8 @@
 builder that is tracing; every operation on it records an instruction (see tracejit.ops)."""
 from __future__ import annotations
 
-from ir import builder as irb
-from ir.core import Value
+from .ir import builder as irb
+from .ir.core import Value
 
 from .errors import UnsupportedError, concretization_error, unsupported_error
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ir.builder import current
+from .ir.builder import current
 
 from . import pytree
 from .api import Jitted
@@ -133,7 +133,7 @@ class TrainStep:
         arrays = tuple(donated + [_c_contiguous(x) for _, _, x in sig.leaves[n:]])
         base = min(entry.donate) if entry.donate else len(entry.optimized.outputs)
         if config.backend == "interpreter":
-            from ir.interpreter import interpret
+            from .ir.interpreter import interpret
             outs = interpret(entry.optimized, arrays)
             # an output may be an input array itself: read every result before writing any
             outs = [o.copy() if any(o is a for a in donated) else o for o in outs]

@@ -12,12 +12,12 @@ import time
 
 import numpy as np
 
-from ir import lax
-from ir.adjoint import grad_function
-from ir.builder import Builder, building, current, inline
-from ir.core import FLOAT_DTYPES, Function
-from ir.jvp import jvp_function
-from ir.verify import verify
+from .ir import lax
+from .ir.adjoint import grad_function
+from .ir.builder import Builder, building, current, inline
+from .ir.core import FLOAT_DTYPES, Function
+from .ir.jvp import jvp_function
+from .ir.verify import verify
 
 from . import pytree
 from .api import Jitted, _Compiled
@@ -86,7 +86,7 @@ class _Transformed(Jitted):
         if stage == self.stage:
             return str(entry.transformed)
         if stage == "optimized":
-            from codegen import describe
+            from .codegen import describe
             return describe(entry.optimized)
         native = entry.native()
         return {"llvm": native.llvm_ir_unoptimized, "llvm-opt": native.llvm_ir,

@@ -129,7 +129,7 @@ def zeros_like(tree):
 
 def _zeros_like_leaf(x):
     if isinstance(x, Tracer):
-        from ir import lax
+        from .ir import lax
         return wrap(lax.full(0, x.shape, x.value.dtype))
     # np.zeros rather than np.zeros_like: a buffer built from a Fortran-ordered or read-only
     # parameter must still be C-contiguous and writable (in-place updates need both).

@@ -18,9 +18,9 @@ import numbers
 
 import numpy as np
 
-from ir import builder as irb
-from ir import lax
-from ir.core import Value
+from .ir import builder as irb
+from .ir import lax
+from .ir.core import Value
 
 from . import captures
 from .tracer import Tracer
@@ -35,7 +35,7 @@ def to_value(x, like: Value | None = None) -> Value:
         if x.builder is b:
             return x.value
         return capture(b, x)
-    from ir import lax
+    from .ir import lax
     captures.note_constant(x)
     arr = np.asarray(x)
     if arr.dtype.kind not in "fiub":

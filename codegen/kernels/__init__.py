@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ir.core import Primitive, Registry
+from ...ir.core import Primitive, Registry
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import math
 import llvmlite.ir as ir
 
 from ..loops import I64, PTR, VOID, for_range, i64, if_then, llvm_type, load, store
-from ir.prims.gather import gather_p, scatter_add_p
+from ...ir.prims.gather import gather_p, scatter_add_p
 
 from . import POOL_WEIGHT, memory_cost, register
 from .toolkit import thread_range

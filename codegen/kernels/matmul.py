@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 import llvmlite.ir as ir
 
-from ir.prims.linalg import matmul_p
+from ...ir.prims.linalg import matmul_p
 
 from ..loops import FAST, carry_loop, fma, gep, i64, llvm_type, load, masked_load, masked_store, \
     splat, store, vload

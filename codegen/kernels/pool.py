@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from ir.prims.nn import (avg_pool2d_grad_p, avg_pool2d_p, max_pool2d_argmax_p, max_pool2d_gather_p,
+from ...ir.prims.nn import (avg_pool2d_grad_p, avg_pool2d_p, max_pool2d_argmax_p, max_pool2d_gather_p,
                          max_pool2d_grad_p, max_pool2d_p)
 
 from ..loops import I1, I32, I64, for_range, gep, i32, i64, if_then, intrinsic, llvm_type, load, \

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import llvmlite.ir as ir
 
-from ir.prims.random import (PARITY, ROTATIONS, ROUNDS, random_bits_p, random_blocks_p,
+from ...ir.prims.random import (PARITY, ROTATIONS, ROUNDS, random_bits_p, random_blocks_p,
                              random_uniform_p)
 
 from ..loops import F32, F64, I32, I64, for_range, i64, if_then, load, splat, vec, vstore

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from ir.prims.nn import conv2d_input_grad_p, conv2d_p
+from ....ir.prims.nn import conv2d_input_grad_p, conv2d_p
 
 from ...loops import I64, gep, i64, store
 from .. import CONV_WEIGHT, conv2d_cost, conv2d_input_grad_cost, register

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from ir.prims.nn import conv2d_weight_grad_p
+from ....ir.prims.nn import conv2d_weight_grad_p
 
 from ...loops import carry_loop, fma, gep, i64, if_then, load, masked_load, masked_store, store, \
     vload, vstore
