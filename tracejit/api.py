@@ -255,10 +255,11 @@ class Jitted:
                     why = entry.guards.why(instance)
                     self._stale += 1
                     # the fast path may hold the stale code under this key
+                    # (list(): another thread may be adding a runner meanwhile)
                     for runners in (self._fast, self._tree_runners):
-                        for k in [k for k, run in runners.items()
-                                  if getattr(run, "guards", None) is entry.guards]:
-                            del runners[k]
+                        for k, run in list(runners.items()):
+                            if getattr(run, "guards", None) is entry.guards:
+                                runners.pop(k, None)
                     entry = None
                 if entry is None:
                     if why is None and self._cache:
