@@ -26,7 +26,7 @@ from . import captures, pytree
 from .config import config
 from .errors import ZeroGradientWarning, warn
 from .signature import (Signature, arg_name, c_contiguous, check_numeric_sequences,
-                        check_tracers_alive, explain_retrace)
+                        check_tracers_alive, explain_retrace, fast_key)
 from .tracer import Tracer
 from .values import to_value, wrap
 
@@ -55,6 +55,7 @@ class _Compiled:
         # {output index: parameter index}: outputs the native code stores into the parameters'
         # arrays (a training step's parameters and state, see tracejit/train.py)
         self.donate = None
+        self.assemble = None  # Jitted._assembler for this signature, made by its first call
 
     def native(self):
         """Native code of the optimized function, compiled on first use (once, even when two
@@ -92,6 +93,10 @@ class Jitted:
     (CaptureWarning): pass data that changes between calls as arguments.
     """
 
+    # Whether calls with pytree arguments may take the fast path (see __call__); only the
+    # benchmark and the tests turn it off, to time and compare the full Signature path.
+    _fast_trees = True
+
     def __init__(self, fun, kind: str, argnums=0, has_aux=False, method=False):
         if not callable(fun):
             raise TypeError(f"{kind} expects a function, got {type(fun).__name__}")
@@ -114,6 +119,7 @@ class Jitted:
             self.arg_names = []
         self._cache: dict = {}
         self._fast: dict = {}   # (shape, dtype) per positional array -> runner (native backend)
+        self._tree_runners: dict = {}  # signature.fast_key of pytree arguments -> runner
         self._lock = threading.Lock()
         self._warned_retracing = False
         self._stale = 0  # retraces because a captured array changed
@@ -249,9 +255,11 @@ class Jitted:
                     why = entry.guards.why(instance)
                     self._stale += 1
                     # the fast path may hold the stale code under this key
-                    for k in [k for k, run in self._fast.items()
-                              if getattr(run, "guards", None) is entry.guards]:
-                        del self._fast[k]
+                    # (list(): another thread may be adding a runner meanwhile)
+                    for runners in (self._fast, self._tree_runners):
+                        for k, run in list(runners.items()):
+                            if getattr(run, "guards", None) is entry.guards:
+                                runners.pop(k, None)
                     entry = None
                 if entry is None:
                     if why is None and self._cache:
@@ -290,9 +298,12 @@ class Jitted:
     # --------------------------------------------------------------------------------- calling
     def __call__(self, *args, **kwargs):
         if not kwargs and config.backend != "interpreter":
-            # fast path: positional plain arrays seen before with these shapes and dtypes; the
-            # runner of a function with captured arrays checks them first (captures.Guards.ok)
-            # and raises _StaleCapture to send the call down the slow path, which retraces
+            # fast paths, for calls whose signature was compiled before: positional plain arrays
+            # keyed by their shapes and dtypes; positional pytrees of arrays keyed by their
+            # structure too (signature.fast_key). The runner of a function with captured arrays
+            # checks them first (captures.Guards.ok) and raises _StaleCapture to send the call
+            # down the slow path, which retraces. Any miss takes the slow path, which checks
+            # everything and registers a runner for the next call.
             key = tuple([(a.shape, a.dtype) for a in args if type(a) is np.ndarray])
             if len(key) == len(args):
                 run = self._fast.get(key)
@@ -301,6 +312,15 @@ class Jitted:
                         return run(args)
                     except _StaleCapture:
                         pass
+            elif self._fast_trees:
+                found = fast_key(args)
+                if found is not None:
+                    run = self._tree_runners.get(found[0])
+                    if run is not None:
+                        try:
+                            return run(found[1])
+                        except _StaleCapture:
+                            pass
         if self.kind != "jit":
             self._check_argnums(len(args))
         sig = Signature(self.name, self.arg_names, args, kwargs)
@@ -322,30 +342,58 @@ class Jitted:
                     raise why from e
             raise
         arrays = tuple(c_contiguous(x) for _, _, x in sig.leaves)
-        assemble = self._assembler(sig, entry.out_treedef, entry.n_value_outputs)
+        assemble = entry.assemble
+        if assemble is None:
+            assemble = entry.assemble = self._assembler(sig, entry.out_treedef,
+                                                        entry.n_value_outputs)
         result = assemble(entry.executable()(arrays))
-        # The fast path's key pins every parameter's shape and dtype (byte order included, so
-        # only native byte order gets one); its runner copies what the native code cannot read.
-        if not kwargs and config.backend != "interpreter" and len(sig.leaves) == len(args) \
-                and all(type(a) is np.ndarray and a.dtype.isnative for a in args):
-            native = entry.native()
-            contiguous = c_contiguous
-            guards = entry.guards
-            if guards is None:
-                def run(a):
-                    return assemble(native(tuple([x if x.flags.carray else contiguous(x)
-                                                  for x in a])))
-            else:
-                ok = guards.ok
-
-                def run(a):
-                    if not ok(None):
-                        raise _StaleCapture
-                    return assemble(native(tuple([x if x.flags.carray else contiguous(x)
-                                                  for x in a])))
-                run.guards = guards
-            self._fast[tuple((a.shape, a.dtype) for a in args)] = run
+        if not kwargs and config.backend != "interpreter":
+            self._add_runner(args, sig, entry)
         return result
+
+    def _add_runner(self, args, sig, entry):
+        """Register a fast-path runner for calls like this one (positional arguments only, every
+        leaf a numpy array in native byte order): called after the slow path checked the call.
+        Its key pins every leaf's shape and dtype (byte order included, so only native byte order
+        gets one) and, for pytrees, the structure; the runner copies what the native code cannot
+        read (see c_contiguous). Inputs are never written: copies are the runner's own."""
+        if len(sig.leaves) == len(args) and all(type(a) is np.ndarray and a.dtype.isnative
+                                                for a in args):
+            key, runners, copy = tuple((a.shape, a.dtype) for a in args), self._fast, None
+        elif self._fast_trees:
+            found = fast_key(args)
+            # equal counts: fast_key refuses array-likes, so these are the Signature's leaves
+            if found is None or len(found[1]) != len(sig.leaves) \
+                    or not all(x.dtype.isnative for x in found[1]):
+                return
+            # the key pins which leaves need a copy (flags.carray): the runner copies those
+            key, runners = found[0], self._tree_runners
+            copy = [i for i, x in enumerate(found[1]) if not x.flags.carray]
+        else:
+            return
+        native, assemble, guards = entry.native(), entry.assemble, entry.guards
+        ok = guards.ok if guards is not None else None
+        contiguous = c_contiguous
+        if copy is None:  # plain arrays (a tuple): check each one's layout
+            def run(a):
+                if ok is not None and not ok(None):
+                    raise _StaleCapture
+                return assemble(native(tuple([x if x.flags.carray else contiguous(x)
+                                              for x in a])))
+        elif copy:  # pytree leaves (a fresh list, ours to change)
+            def run(leaves):
+                if ok is not None and not ok(None):
+                    raise _StaleCapture
+                for i in copy:
+                    leaves[i] = contiguous(leaves[i])
+                return assemble(native(leaves))
+        else:
+            def run(leaves):
+                if ok is not None and not ok(None):
+                    raise _StaleCapture
+                return assemble(native(leaves))
+        run.guards = guards
+        runners[key] = run
 
     def _arg_name(self, i):
         return arg_name(self.arg_names, i)
@@ -354,27 +402,29 @@ class Jitted:
         """A function turning the flat outputs of the compiled function into what the call
         returns: the value, aux and gradients in the structure of the arguments."""
         if self.kind == "jit":
-            return lambda results: pytree.unflatten(out_def, results[:n_value])
-        ranges = sig.leaf_ranges()
-        grad_defs = []
-        for a in self.argnums:
-            d = sig.treedef[a % sig.n_args]
-            grad_defs.append((d, len(ranges[a % sig.n_args])))
+            build_out = out_def.builder()
+            return lambda results: build_out(iter(results[:n_value]))
+        grad_defs = [sig.treedef[a % sig.n_args] for a in self.argnums]
         has_aux, single, kind = self.has_aux, self.single, self.kind
 
-        if single and not has_aux and grad_defs[0][0] is pytree.ARRAY:
+        if single and not has_aux and grad_defs[0] is pytree.ARRAY:
             if kind == "grad":
                 return lambda results: results[n_value]
             return lambda results: (results[0], results[n_value])
 
+        # the gradients follow the value outputs, one per leaf of each differentiated argument
+        # in argnums order; prebuilt unflatteners (TreeDef.builder) consume them in turn
+        build_aux = out_def.builder() if has_aux else None
+        build_grads = [d.builder() for d in grad_defs]
+
         def assemble(results):
-            loss = results[0]
-            aux = pytree.unflatten(out_def, results[1:n_value]) if has_aux else None
-            per_arg, pos = [], n_value
-            for d, n in grad_defs:
-                per_arg.append(pytree.unflatten(d, results[pos:pos + n]))
-                pos += n
-            g = per_arg[0] if single else tuple(per_arg)
+            it = iter(results)
+            loss = next(it)
+            aux = build_aux(it) if has_aux else None
+            if single:
+                g = build_grads[0](it)
+            else:
+                g = tuple([b(it) for b in build_grads])
             if kind == "grad":
                 return (g, aux) if has_aux else g
             return ((loss, aux), g) if has_aux else (loss, g)

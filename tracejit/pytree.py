@@ -91,6 +91,34 @@ class TreeDef(tuple):
             return tuple([c._build(it) for c in self.children])
         return self.value
 
+    def builder(self):
+        """A function taking an iterator of leaves (consuming exactly `num_leaves` of them) and
+        returning the pytree of this structure: `unflatten` precompiled into closures, for the
+        call path, which rebuilds the same structure on every call."""
+        kind = self.kind
+        if kind == "array":
+            return next
+        if kind == "static":
+            value = self.value
+            return lambda it: value
+        children = self.children
+        if all(c is ARRAY for c in children):
+            # zip pulls from `keys` first, so it stops without consuming a leaf too many
+            if kind == "dict":
+                keys = self.keys
+                return lambda it: dict(zip(keys, it))
+            n = range(len(children))
+            if kind == "list":
+                return lambda it: [next(it) for _ in n]
+            return lambda it: tuple([next(it) for _ in n])
+        builders = [c.builder() for c in children]
+        if kind == "dict":
+            pairs = list(zip(self.keys, builders))
+            return lambda it: {k: b(it) for k, b in pairs}
+        if kind == "list":
+            return lambda it: [b(it) for b in builders]
+        return lambda it: tuple([b(it) for b in builders])
+
     def describe(self) -> str:
         """Short human form for error and log messages: `{'w': array, 'n': 3}`."""
         if self.kind == "array":

@@ -210,6 +210,53 @@ def c_contiguous(x):
     return np.array(x, dtype=x.dtype.newbyteorder("="), order="C")
 
 
+def fast_key(args):
+    """(key, leaves) of a call's positional arguments when they are a pytree of only numpy arrays
+    in dicts, lists and tuples (exact types, no subclasses), else None: the cheap lookup key of
+    `Jitted.__call__`'s pytree fast path, built without a `Signature`.
+
+    The key is flat: a container adds its type and its dict keys (in order) or length, an array
+    adds (shape, dtype, flags.carray), in the leaf order of `pytree.flatten`, so equal keys mean
+    equal structure, shapes and dtypes (byte order included) and the same arrays needing a copy
+    for the native code. Anything else (tracers, static values, array-likes, masked arrays,
+    kwargs) returns None and takes the full Signature path, which checks and explains it."""
+    key, leaves = [], []
+    try:
+        if _fast_walk(args, key, leaves):
+            return tuple(key), leaves
+    except RecursionError:  # a list containing itself: the Signature path says so
+        pass
+    return None
+
+
+def _fast_walk(items, key, leaves) -> bool:
+    # Written for speed: one list comprehension per container of arrays, recursion only for
+    # nested containers. Leaves are appended in the order pytree.flatten visits them.
+    ndarray = np.ndarray
+    for a in items:
+        t = type(a)
+        if t is ndarray:
+            key.append((a.shape, a.dtype, a.flags.carray))
+            leaves.append(a)
+            continue
+        if t is dict:
+            key.append(dict)
+            key.append(tuple(a))
+            a = a.values()
+        elif t is list or t is tuple:
+            key.append(t)
+            key.append(len(a))
+        else:
+            return False
+        sub = [(x.shape, x.dtype, x.flags.carray) for x in a if type(x) is ndarray]
+        if len(sub) == len(a):
+            key.extend(sub)
+            leaves.extend(a)
+        elif not _fast_walk(a, key, leaves):
+            return False
+    return True
+
+
 def check_tracers_alive(fun_name, sig: Signature):
     """Tracer arguments must belong to a trace that is still running (this one or an outer one)."""
     active, b = set(), current()
