@@ -180,6 +180,8 @@ class DataParallel:
     the last step: "total", "compute" (the slowest worker's gradient), "reduce", "update").
     """
 
+    start_timeout = 120.0  # seconds for the workers to start (a full cluster never frees CPUs)
+
     def __init__(self, loss_fn, optimizer, num_workers: int = 2, *, has_aux: bool = False,
                  address=None, threads_per_worker=None, max_retries: int = 3):
         if not callable(loss_fn):
@@ -227,7 +229,14 @@ class DataParallel:
             for i in range(num_workers):
                 self._start_worker(i)
             # wait here, so that a worker that cannot start fails the constructor, not a step
-            ray.get([w.ready.remote() for w in self.workers])
+            try:
+                ray.get([w.ready.remote() for w in self.workers], timeout=self.start_timeout)
+            except ray.exceptions.GetTimeoutError:
+                free = ray.available_resources().get("CPU", 0)
+                raise RuntimeError(
+                    f"DataParallel: {num_workers} workers did not start within "
+                    f"{self.start_timeout:g} s; each reserves 1 CPU of the Ray cluster and "
+                    f"{free:g} are free now (another DataParallel still open?)") from None
         except BaseException:
             self.close()
             raise
