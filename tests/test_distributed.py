@@ -8,6 +8,8 @@ Labels are one-hot float arrays: traced integer arrays are not accepted by jit_g
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -37,7 +39,7 @@ def mlp_loss_aux(p, x, t):
 def sleepy_loss(p, x, t):
     # the loss is traced on each worker's first step: sleeping here makes that step slow enough
     # to kill a worker in the middle of it
-    time.sleep(2.0)
+    time.sleep(1.5)
     return mlp_loss(p, x, t)
 
 
@@ -64,16 +66,17 @@ OPTIMIZERS = {"sgd_momentum": lambda: optim.sgd(0.1, momentum=0.9),
               "adam": lambda: optim.adam(lr=0.05)}
 
 
-def reference(opt, n_steps, loss=mlp_loss, data=None):
-    """Losses, params and state of n_steps single-process train steps on the whole batches."""
-    step = tracejit.jit_train_step(loss, opt)
+def reference(opt, n_steps, loss=mlp_loss, data=None, has_aux=False):
+    """Losses (with has_aux, (loss, aux) pairs), params and state of n_steps single-process train
+    steps on the whole batches."""
+    step = tracejit.jit_train_step(loss, opt, has_aux=has_aux)
     p = params()
     s = opt.init(p)
-    losses = []
+    values = []
     for x, t in data or batches(n_steps):
-        loss_value, p, s = step(p, s, x, t)
-        losses.append(float(loss_value))
-    return losses, p, s
+        value, p, s = step(p, s, x, t)
+        values.append((float(value[0]), value[1]) if has_aux else float(value))
+    return values, p, s
 
 
 def assert_trees_close(a, b):
@@ -113,17 +116,16 @@ def adam_dp(local_ray):
 def run(dp, n_steps, data=None):
     p = params()
     s = dp.optimizer.init(p)
-    losses = []
+    values = []
     for x, t in data or batches(n_steps):
-        loss_value, p2, s2 = dp.step(p, s, x, t)
+        value, p2, s2 = dp.step(p, s, x, t)
         assert p2 is p and s2 is s   # updated in place, like jit_train_step
-        losses.append(float(loss_value))
-    return losses, p, s
+        values.append((float(value[0]), value[1]) if dp.has_aux else float(value))
+    return values, p, s
 
 
-@pytest.mark.parametrize("num_workers", [1, 2])
-def test_sgd_momentum_steps_equal_single_process(num_workers):
-    with DataParallel(mlp_loss, OPTIMIZERS["sgd_momentum"](), num_workers) as dp:
+def test_sgd_momentum_steps_equal_single_process_one_worker():
+    with DataParallel(mlp_loss, OPTIMIZERS["sgd_momentum"](), 1) as dp:
         got = run(dp, 10)
         assert dp.steps == 10
     want = reference(OPTIMIZERS["sgd_momentum"](), 10)
@@ -131,6 +133,23 @@ def test_sgd_momentum_steps_equal_single_process(num_workers):
     assert_trees_close(got[1], want[1])
     assert_trees_close(got[2], want[2])
     assert got[0][-1] < got[0][0]
+
+
+def test_sgd_momentum_steps_with_aux_equal_single_process_two_workers():
+    """The aux of each shard, stacked on a leading worker axis."""
+    with DataParallel(mlp_loss_aux, OPTIMIZERS["sgd_momentum"](), 2, has_aux=True) as dp:
+        got = run(dp, 10)
+        assert dp.steps == 10
+    want = reference(OPTIMIZERS["sgd_momentum"](), 10, loss=mlp_loss_aux, has_aux=True)
+    np.testing.assert_allclose([v[0] for v in got[0]], [v[0] for v in want[0]], rtol=TOL)
+    assert_trees_close(got[1], want[1])
+    assert_trees_close(got[2], want[2])
+    for (_, aux), (_, want_aux) in zip(got[0], want[0]):
+        assert aux["logits"].shape == (2, 4, N_CLASSES)
+        np.testing.assert_allclose(aux["logits"].reshape(8, N_CLASSES), want_aux["logits"],
+                                   rtol=TOL, atol=TOL)
+        assert aux["sq"].shape == (2,)
+        np.testing.assert_allclose(aux["sq"].mean(), want_aux["sq"], rtol=TOL)
 
 
 def test_adam_steps_equal_single_process_one_worker():
@@ -142,27 +161,11 @@ def test_adam_steps_equal_single_process_one_worker():
     assert_trees_close(got[2], want[2])
 
 
-def test_has_aux_stacks_each_shards_aux():
-    x, t = batches(1)[0]
-    with DataParallel(mlp_loss_aux, OPTIMIZERS["adam"](), 2, has_aux=True) as dp:
-        p = params()
-        (loss_value, aux), _, _ = dp.step(p, dp.optimizer.init(p), x, t)
-    want_p = params()
-    want_step = tracejit.jit_train_step(mlp_loss_aux, OPTIMIZERS["adam"](), has_aux=True)
-    (want_loss, want_aux), _, _ = want_step(want_p, OPTIMIZERS["adam"]().init(want_p), x, t)
-    np.testing.assert_allclose(loss_value, want_loss, rtol=TOL)
-    assert_trees_close(p, want_p)
-    assert aux["logits"].shape == (2, 4, N_CLASSES)
-    np.testing.assert_allclose(aux["logits"].reshape(8, N_CLASSES), want_aux["logits"], rtol=TOL)
-    assert aux["sq"].shape == (2,)
-    np.testing.assert_allclose(aux["sq"].mean(), want_aux["sq"], rtol=TOL)
-
-
 def test_worker_killed_during_a_step_is_replaced():
     x, t = batches(1)[0]
     with DataParallel(sleepy_loss, OPTIMIZERS["sgd_momentum"](), 2) as dp:
         victim = dp.workers[0]
-        killer = threading.Timer(1.0, ray.kill, args=(victim,))
+        killer = threading.Timer(0.5, ray.kill, args=(victim,))
         killer.start()
         p = params()
         loss_value, p, s = dp.step(p, dp.optimizer.init(p), x, t)
@@ -177,10 +180,11 @@ def test_worker_killed_during_a_step_is_replaced():
 def test_checkpoint_close_restore_continues_the_trajectory(tmp_path):
     data = batches(6)
     path = tmp_path / "run.npz"
-    with DataParallel(mlp_loss, OPTIMIZERS["adam"](), 2) as dp:
+    with DataParallel(mlp_loss, OPTIMIZERS["adam"](), 1) as dp:
         run(dp, 3, data=data[:3])
         dp.checkpoint(path)
-    # the whole run is gone (its workers killed, its driver objects dropped)
+    # the whole run is gone (its workers killed, its driver objects dropped); it continues on
+    # another number of workers, which changes the result by rounding only
     del dp
     dp = DataParallel.restore(path, mlp_loss, OPTIMIZERS["adam"](), 2)
     with dp:
@@ -276,3 +280,25 @@ def test_params_of_another_structure_are_refused(adam_dp):
     with pytest.raises(ValueError, match=r"params\['w1'\] is float64\[3, 10\], expected "
                                          r"float64\[6, 10\]"):
         adam_dp.step(p, adam_dp.optimizer.init(p), *batches(1)[0])
+
+def test_parameters_are_sent_only_when_they_changed(adam_dp):
+    x, t = batches(1)[0]
+    results = []
+    versions = []
+    for _ in range(2):
+        p = params()   # equal values in new arrays: the workers hold them after the first call
+        loss_value, p, s = adam_dp.step(p, adam_dp.optimizer.init(p), x, t)
+        results.append((float(loss_value), p))
+        versions.append(adam_dp._version)
+    assert versions[1] == versions[0]
+    assert results[0][0] == results[1][0]
+    assert_trees_close(results[0][1], results[1][1])
+    # the updated parameters are new values: sent once more
+    adam_dp.step(p, s, x, t)
+    assert adam_dp._version == versions[0] + 1
+
+
+def test_import_tracejit_does_not_import_ray():
+    code = ("import sys, tracejit; assert 'ray' not in sys.modules; "
+            "assert tracejit.distributed.DataParallel; assert 'ray' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -294,6 +294,9 @@ class DataParallel:
         t_start = time.perf_counter()
         leaves = self._check_params(params, state)
         shards = self._split(batch)
+        # one pass over the parameters decides whether the workers have them already: after an
+        # optimizer step they differ, but evaluating or re-running from the same values does not
+        # send them again (comparing costs far less than sending to every worker)
         if self._flat is None or not all(np.array_equal(a, b) for a, b in
                                          zip(self._layout.views(self._flat), leaves)):
             self._flat = self._layout.pack(leaves)
@@ -325,7 +328,6 @@ class DataParallel:
         # they were)
         for dst, src in zip(tree.leaves((params, state)), tree.leaves((new_params, new_state))):
             np.copyto(dst, src)
-        self._flat = None  # the parameters changed: the next step sends them
         self.params, self.state = params, state
         self.steps += 1
         t_end = time.perf_counter()
