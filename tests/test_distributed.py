@@ -302,3 +302,20 @@ def test_import_tracejit_does_not_import_ray():
     code = ("import sys, tracejit; assert 'ray' not in sys.modules; "
             "assert tracejit.distributed.DataParallel; assert 'ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_packed_layout_keeps_each_dtype_and_sums_per_dtype():
+    from tracejit.distributed import _Layout
+    tree_a = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([0.1, 0.2]),
+              "s": np.float32(3.0) * np.ones((), np.float32)}
+    tree_b = tracejit.tree.map(lambda x: x * 2 + 1, tree_a)
+    layout = _Layout(tracejit.tree.structure(tree_a), tracejit.tree.leaves(tree_a))
+    assert [d for d, _, _ in layout.segments] == [np.float32, np.float64]
+    assert all(o % 64 == 0 for o in layout.offsets)
+    acc = layout.pack(tracejit.tree.leaves(tree_a))
+    layout.add_into(acc, layout.pack(tracejit.tree.leaves(tree_b)))
+    layout.scale(acc, 0.5)
+    got = layout.unflatten(acc)
+    for k in tree_a:
+        assert got[k].dtype == tree_a[k].dtype and got[k].shape == tree_a[k].shape
+        np.testing.assert_array_equal(got[k], (tree_a[k] + tree_b[k]) * tree_a[k].dtype.type(0.5))
