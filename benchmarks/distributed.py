@@ -3,7 +3,8 @@
     python benchmarks/distributed.py                  # about 1-2 minutes on 2 cores
     python benchmarks/distributed.py --steps 40 --json out.json
 
-Measures, on a local Ray with one CPU per worker and TRACEJIT_NUM_THREADS=1 in each worker:
+Measures, on a local Ray with one CPU per worker and TRACEJIT_NUM_THREADS=1 in each worker and
+in the driver:
 - a LeNet-5 step (SGD with momentum, float32, batch 256, one-hot labels; the model of
   benchmarks/workloads.py) on 1 and 2 workers, split into compute (the slowest worker's gradient
   call, timed inside the worker), all-reduce (moving the parameters to the workers and the
@@ -29,6 +30,9 @@ import time
 
 import numpy as np
 
+# The driver runs single-threaded too: the 1-process baseline is one thread, and the driver's
+# optimizer update must not spin OpenMP threads on the cores the workers compute on.
+os.environ["TRACEJIT_NUM_THREADS"] = "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -69,17 +73,13 @@ def single_process(steps: int) -> float:
     opt = optimizer()
     state = opt.init(params)
     step = tracejit.jit_train_step(lenet_loss, opt)
-    tracejit.set_num_threads(1)
-    try:
-        for _ in range(2):
-            step(params, state, x, onehot)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step(params, state, x, onehot)
-            times.append(time.perf_counter() - t0)
-    finally:
-        tracejit.set_num_threads(None)
+    for _ in range(2):
+        step(params, state, x, onehot)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step(params, state, x, onehot)
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
@@ -116,8 +116,6 @@ def allreduce(num_workers: int, sizes_mb, repeats: int) -> dict:
     """Median seconds of one DataParallel-shaped round trip per buffer size in MB."""
     echo = ray.remote(_Echo)
     actors = [echo.options(num_cpus=1).remote() for _ in range(num_workers)]
-    layout = _Layout(tracejit.tree.structure({"g": np.zeros(1, np.float32)}),
-                     [np.zeros(1, np.float32)])
     out = {}
     try:
         for mb in sizes_mb:
