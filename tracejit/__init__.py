@@ -39,7 +39,7 @@ __version__ = "0.1.0"
 # Training helpers load on first use, so `import tracejit` does not pay for them.
 _LAZY = {"tree": ("tree", None), "optim": ("optim", None), "random": ("random", None),
          "save": ("io", "save"), "load": ("io", "load"),
-         "jit_train_step": ("train", "jit_train_step")}
+         "jit_train_step": ("train", "jit_train_step"), "distributed": ("distributed", None)}
 
 
 def __getattr__(name):

@@ -1,0 +1,321 @@
+"""tracejit.distributed.DataParallel on a local Ray (one per module, 2 CPUs): its steps equal the
+single-process jit_train_step on the whole batch, it survives workers killed before and during a
+step, it fails cleanly (naming the worker, writing nothing) when a worker keeps dying or the loss
+raises, and a checkpointed run restored in a new Ray session continues the same trajectory.
+
+Ray is in the test extra: without it these tests fail at import, they are never skipped.
+Labels are one-hot float arrays: traced integer arrays are not accepted by jit_grad in this tree."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+
+import tracejit
+from helpers import rng_for
+from tracejit import nn, optim
+from tracejit.distributed import DataParallel, WorkerError
+
+TOL = 1e-10
+N_CLASSES = 4
+
+
+def mlp_loss(p, x, t):
+    h = tracejit.tanh(x @ p["w1"] + p["b1"])
+    return nn.cross_entropy(h @ p["w2"] + p["b2"], t)
+
+
+def mlp_loss_aux(p, x, t):
+    logits = tracejit.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+    return nn.cross_entropy(logits, t), {"logits": logits, "sq": tracejit.mean(logits * logits)}
+
+
+def sleepy_loss(p, x, t):
+    # the loss is traced on each worker's first step: sleeping here makes that step slow enough
+    # to kill a worker in the middle of it
+    time.sleep(1.5)
+    return mlp_loss(p, x, t)
+
+
+def raising_loss(p, x, t):
+    raise ValueError("labels out of range in this shard")
+
+
+def params(seed=0):
+    rng = rng_for("dp-params", seed)
+    return {"w1": rng.normal(size=(6, 10)) * 0.5, "b1": np.zeros(10),
+            "w2": rng.normal(size=(10, N_CLASSES)) * 0.5, "b2": np.zeros(N_CLASSES)}
+
+
+def batches(n_steps, rows=8):
+    rng = rng_for("dp-batches", rows)
+    out = []
+    for _ in range(n_steps):
+        labels = rng.integers(0, N_CLASSES, size=rows)
+        out.append((rng.normal(size=(rows, 6)), np.eye(N_CLASSES)[labels]))
+    return out
+
+
+OPTIMIZERS = {"sgd_momentum": lambda: optim.sgd(0.1, momentum=0.9),
+              "adam": lambda: optim.adam(lr=0.05)}
+
+
+def reference(opt, n_steps, loss=mlp_loss, data=None, has_aux=False):
+    """Losses (with has_aux, (loss, aux) pairs), params and state of n_steps single-process train
+    steps on the whole batches."""
+    step = tracejit.jit_train_step(loss, opt, has_aux=has_aux)
+    p = params()
+    s = opt.init(p)
+    values = []
+    for x, t in data or batches(n_steps):
+        value, p, s = step(p, s, x, t)
+        values.append((float(value[0]), value[1]) if has_aux else float(value))
+    return values, p, s
+
+
+def assert_trees_close(a, b):
+    for x, y in zip(tracejit.tree.leaves(a), tracejit.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=TOL, atol=TOL)
+    assert tracejit.tree.structure(a) == tracejit.tree.structure(b)
+
+
+def init_ray():
+    # Ray pickles the losses below by reference to this module, so the workers must be able to
+    # import it, as a cluster's hosts must import the module of a user's loss
+    path = os.pathsep.join(p for p in [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]
+                           if p)
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    init_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def adam_dp(local_ray):
+    """One 2-worker Adam run shared by the tests that do not need their own loss; its first
+    step fixes the parameters' structure. Its workers hold both CPUs of the local Ray until the
+    module ends, so the tests using it come after every test starting its own run."""
+    dp = DataParallel(mlp_loss, optim.adam(lr=0.05), 2)
+    p = params()
+    dp.step(p, dp.optimizer.init(p), *batches(1)[0])
+    yield dp
+    dp.close()
+
+
+def run(dp, n_steps, data=None):
+    p = params()
+    s = dp.optimizer.init(p)
+    values = []
+    for x, t in data or batches(n_steps):
+        value, p2, s2 = dp.step(p, s, x, t)
+        assert p2 is p and s2 is s   # updated in place, like jit_train_step
+        values.append((float(value[0]), value[1]) if dp.has_aux else float(value))
+    return values, p, s
+
+
+def test_sgd_momentum_steps_equal_single_process_one_worker():
+    with DataParallel(mlp_loss, OPTIMIZERS["sgd_momentum"](), 1) as dp:
+        got = run(dp, 10)
+        assert dp.steps == 10
+    want = reference(OPTIMIZERS["sgd_momentum"](), 10)
+    np.testing.assert_allclose(got[0], want[0], rtol=TOL)
+    assert_trees_close(got[1], want[1])
+    assert_trees_close(got[2], want[2])
+    assert got[0][-1] < got[0][0]
+
+
+def test_sgd_momentum_steps_with_aux_equal_single_process_two_workers():
+    """The aux of each shard, stacked on a leading worker axis."""
+    with DataParallel(mlp_loss_aux, OPTIMIZERS["sgd_momentum"](), 2, has_aux=True) as dp:
+        got = run(dp, 10)
+        assert dp.steps == 10
+    want = reference(OPTIMIZERS["sgd_momentum"](), 10, loss=mlp_loss_aux, has_aux=True)
+    np.testing.assert_allclose([v[0] for v in got[0]], [v[0] for v in want[0]], rtol=TOL)
+    assert_trees_close(got[1], want[1])
+    assert_trees_close(got[2], want[2])
+    for (_, aux), (_, want_aux) in zip(got[0], want[0]):
+        assert aux["logits"].shape == (2, 4, N_CLASSES)
+        np.testing.assert_allclose(aux["logits"].reshape(8, N_CLASSES), want_aux["logits"],
+                                   rtol=TOL, atol=TOL)
+        assert aux["sq"].shape == (2,)
+        np.testing.assert_allclose(aux["sq"].mean(), want_aux["sq"], rtol=TOL)
+
+
+def test_adam_steps_equal_single_process_one_worker():
+    with DataParallel(mlp_loss, OPTIMIZERS["adam"](), 1) as dp:
+        got = run(dp, 10)
+    want = reference(OPTIMIZERS["adam"](), 10)
+    np.testing.assert_allclose(got[0], want[0], rtol=TOL)
+    assert_trees_close(got[1], want[1])
+    assert_trees_close(got[2], want[2])
+
+
+def test_worker_killed_during_a_step_is_replaced():
+    x, t = batches(1)[0]
+    with DataParallel(sleepy_loss, OPTIMIZERS["sgd_momentum"](), 2) as dp:
+        victim = dp.workers[0]
+        killer = threading.Timer(0.5, ray.kill, args=(victim,))
+        killer.start()
+        p = params()
+        loss_value, p, s = dp.step(p, dp.optimizer.init(p), x, t)
+        killer.join()
+        assert dp.workers[0] is not victim
+    want_loss, want_p, want_s = reference(OPTIMIZERS["sgd_momentum"](), 1, data=[(x, t)])
+    np.testing.assert_allclose(float(loss_value), want_loss[0], rtol=TOL)
+    assert_trees_close(p, want_p)
+    assert_trees_close(s, want_s)
+
+
+def test_checkpoint_close_restore_continues_the_trajectory(tmp_path):
+    data = batches(6)
+    path = tmp_path / "run.npz"
+    with DataParallel(mlp_loss, OPTIMIZERS["adam"](), 1) as dp:
+        run(dp, 3, data=data[:3])
+        dp.checkpoint(path)
+    # the whole run is gone (its workers killed, its driver objects dropped); it continues on
+    # another number of workers, which changes the result by rounding only
+    del dp
+    dp = DataParallel.restore(path, mlp_loss, OPTIMIZERS["adam"](), 2)
+    with dp:
+        assert dp.steps == 3
+        losses = [float(dp.step(dp.params, dp.state, x, t)[0]) for x, t in data[3:]]
+        assert dp.steps == 6
+    want_losses, want_p, want_s = reference(OPTIMIZERS["adam"](), 6, data=data)
+    np.testing.assert_allclose(losses, want_losses[3:], rtol=TOL)
+    assert_trees_close(dp.params, want_p)
+    assert_trees_close(dp.state, want_s)
+
+
+def test_loss_raising_in_a_worker_reaches_the_driver_naming_the_worker():
+    p = params()
+    before = p["w1"].copy()
+    with DataParallel(raising_loss, OPTIMIZERS["adam"](), 2) as dp:
+        with pytest.raises(WorkerError, match=r"loss_fn raised on worker [01] of 2") as e:
+            dp.step(p, dp.optimizer.init(p), *batches(1)[0])
+    message = str(e.value)
+    assert "ValueError: labels out of range in this shard" in message
+    assert "raising_loss" in message   # the worker's traceback names the user's function
+    assert isinstance(e.value.cause, ValueError)
+    np.testing.assert_array_equal(p["w1"], before)
+
+
+
+def test_adam_steps_equal_single_process_two_workers(adam_dp):
+    got = run(adam_dp, 10)
+    want = reference(OPTIMIZERS["adam"](), 10)
+    np.testing.assert_allclose(got[0], want[0], rtol=TOL)
+    assert_trees_close(got[1], want[1])
+    assert_trees_close(got[2], want[2])
+
+
+def test_worker_killed_before_a_step_is_replaced(adam_dp):
+    data = batches(4)
+    p = params()
+    s = adam_dp.optimizer.init(p)
+    adam_dp.step(p, s, *data[0])
+    dead = adam_dp.workers[1]
+    ray.kill(dead)
+    for x, t in data[1:]:
+        adam_dp.step(p, s, x, t)
+    assert adam_dp.workers[1] is not dead
+    _, want_p, want_s = reference(OPTIMIZERS["adam"](), 4, data=data)
+    assert_trees_close(p, want_p)
+    assert_trees_close(s, want_s)
+
+
+def test_worker_that_keeps_dying_fails_the_step_and_writes_nothing(adam_dp, monkeypatch):
+    start = adam_dp._start_worker
+
+    def start_and_kill(i):
+        start(i)
+        ray.kill(adam_dp.workers[i])
+
+    p = params()
+    s = adam_dp.optimizer.init(p)
+    adam_dp.step(p, s, *batches(1)[0])
+    p_before = {k: v.copy() for k, v in p.items()}
+    s_before = tracejit.tree.map(np.copy, s)
+    monkeypatch.setattr(adam_dp, "_start_worker", start_and_kill)
+    ray.kill(adam_dp.workers[1])
+    with pytest.raises(WorkerError, match=r"worker 1 of 2 died 4 times .*ActorDiedError") as e:
+        adam_dp.step(p, s, *batches(2)[1])
+    assert e.value.worker == 1
+    assert isinstance(e.value.cause, ray.exceptions.RayActorError)
+    assert_trees_close(p, p_before)
+    assert_trees_close(s, s_before)
+    np.testing.assert_array_equal(p["w1"], p_before["w1"])
+    # with the restart working again, the run goes on from the untouched values
+    monkeypatch.undo()
+    adam_dp.step(p, s, *batches(2)[1])
+    assert not np.array_equal(p["w1"], p_before["w1"])
+
+
+def test_uneven_batch_is_a_value_error_naming_the_sizes(adam_dp):
+    p = params()
+    x, t = batches(1, rows=7)[0]
+    with pytest.raises(ValueError, match=r"batch\[0\] of shape \[7, 6\] has 7 rows on axis 0, "
+                                         r"which does not split into 2 equal shards"):
+        adam_dp.step(p, adam_dp.optimizer.init(p), x, t)
+
+
+def test_params_of_another_structure_are_refused(adam_dp):
+    p = params()
+    s = adam_dp.optimizer.init(p)
+    del p["b2"]
+    with pytest.raises(ValueError, match=r"params do not match .*keys \['w1', 'b1', 'w2', 'b2'\]"):
+        adam_dp.step(p, s, *batches(1)[0])
+    p = params()
+    p["w1"] = p["w1"][:3].copy()
+    with pytest.raises(ValueError, match=r"params\['w1'\] is float64\[3, 10\], expected "
+                                         r"float64\[6, 10\]"):
+        adam_dp.step(p, adam_dp.optimizer.init(p), *batches(1)[0])
+
+def test_parameters_are_sent_only_when_they_changed(adam_dp):
+    x, t = batches(1)[0]
+    results = []
+    versions = []
+    for _ in range(2):
+        p = params()   # equal values in new arrays: the workers hold them after the first call
+        loss_value, p, s = adam_dp.step(p, adam_dp.optimizer.init(p), x, t)
+        results.append((float(loss_value), p))
+        versions.append(adam_dp._version)
+    assert versions[1] == versions[0]
+    assert results[0][0] == results[1][0]
+    assert_trees_close(results[0][1], results[1][1])
+    # the updated parameters are new values: sent once more
+    adam_dp.step(p, s, x, t)
+    assert adam_dp._version == versions[0] + 1
+
+
+def test_import_tracejit_does_not_import_ray():
+    code = ("import sys, tracejit; assert 'ray' not in sys.modules; "
+            "assert tracejit.distributed.DataParallel; assert 'ray' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_packed_layout_keeps_each_dtype_and_sums_per_dtype():
+    from tracejit.distributed import _Layout
+    tree_a = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([0.1, 0.2]),
+              "s": np.float32(3.0) * np.ones((), np.float32)}
+    tree_b = tracejit.tree.map(lambda x: x * 2 + 1, tree_a)
+    layout = _Layout(tracejit.tree.structure(tree_a), tracejit.tree.leaves(tree_a))
+    assert [d for d, _, _ in layout.segments] == [np.float32, np.float64]
+    assert all(o % 64 == 0 for o in layout.offsets)
+    acc = layout.pack(tracejit.tree.leaves(tree_a))
+    layout.add_into(acc, layout.pack(tracejit.tree.leaves(tree_b)))
+    layout.scale(acc, 0.5)
+    got = layout.unflatten(acc)
+    for k in tree_a:
+        assert got[k].dtype == tree_a[k].dtype and got[k].shape == tree_a[k].shape
+        np.testing.assert_array_equal(got[k], (tree_a[k] + tree_b[k]) * tree_a[k].dtype.type(0.5))
