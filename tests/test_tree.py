@@ -120,3 +120,15 @@ def test_treedef_compares_by_structure_and_static_values_with_their_types():
     assert d1.describe() == "{'w': array, 'n': (1, [array])}"
     assert d1.unflatten(["A", "B"]) == {"w": "A", "n": (1, ["B"])}
     assert d1.has_static and not tdef([a, (a,)]).has_static
+
+
+def test_structures_survive_pickle_and_copy():
+    """Ray sends structures to its workers by pickle; copy.deepcopy goes the same way."""
+    import copy
+    import pickle
+    tree = {"w": np.ones((2, 3)), "b": [np.zeros(3), 2, "static"], "t": (np.ones(1),)}
+    s = tracejit.tree.structure(tree)
+    for again in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s)):
+        assert again == s
+        back = tracejit.tree.unflatten(again, tracejit.tree.leaves(tree))
+        assert back["b"][1:] == [2, "static"] and back["w"].shape == (2, 3)

@@ -38,6 +38,10 @@ class TreeDef(tuple):
         n = 1 if kind == "array" else sum([c[5] for c in children])
         return tuple.__new__(cls, (kind, keys, children, None, value, n))
 
+    def __getnewargs__(self):
+        # pickle (Ray sends structures to its workers) and copy rebuild through __new__
+        return (self.kind, self.children, self.keys, self.value)
+
     kind = property(operator.itemgetter(0))
     keys = property(operator.itemgetter(1))
     children = property(operator.itemgetter(2))
