@@ -276,7 +276,7 @@ def _fmt_number(x) -> str:
 
 def _is_inline_const(v: Value) -> bool:
     ins = v.instr
-    return ins is not None and ins.prim.name == "const" and not ins.out.type.shape
+    return ins is not None and ins.prim is primitives["const"] and not ins.out.type.shape
 
 
 class Namer:

@@ -15,6 +15,7 @@ import numpy as np
 
 from .ir import builder as irb
 from .ir import lax
+from .ir.prims import elementwise, structural
 from .ir.builder import Builder, api_scope, building
 from .ir.core import DTYPES, INT_DTYPES, ShapeError, Value
 from .ir.interpreter import interpret
@@ -512,14 +513,15 @@ def index_name(x, default: str) -> str:
     """How an error message names index operand `x`: a traced argument by its name."""
     v = to_value(x) if isinstance(x, Tracer) else None
     # through layout ops: labels[:, None] is still `labels`
-    while v is not None and v.instr is not None and v.instr.prim.name in _NAME_KEEPING:
+    while v is not None and v.instr is not None and v.instr.prim in _NAME_KEEPING:
         v = v.instr.inputs[0]
     if v is not None and v.instr is None and v.hint:
         return v.hint
     return default
 
 
-_NAME_KEEPING = ("reshape", "broadcast_in_dim", "slice", "transpose", "convert")
+_NAME_KEEPING = (structural.reshape_p, structural.broadcast_in_dim_p, structural.slice_p,
+                 structural.transpose_p, elementwise.convert_p)
 
 
 @op("getitem")
