@@ -12,7 +12,7 @@ from typing import Sequence
 
 from .adjoint_rules import adjoint_rules
 from .builder import Builder, adjoint_scope, building
-from .core import FLOAT_DTYPES, Function, IRError, MissingRuleError, clone
+from .core import FLOAT_DTYPES, Function, IRError, clone, differentiation_rule
 from . import lax
 
 
@@ -59,12 +59,7 @@ def grad_function(fn: Function, wrt: Sequence[int], name: str | None = None) -> 
             if c.ct_of is None and c.instr is not None and c.instr.adj_of is not None:
                 c.ct_of = ins.out
             with adjoint_scope(b, ins):
-                try:
-                    rule = adjoint_rules[ins.prim]
-                except MissingRuleError as e:
-                    where = f" at {ins.loc}" if ins.loc else ""
-                    raise MissingRuleError(f"{e}: cannot differentiate `{ins.api or ins.prim.name}`"
-                                           f"{where}") from None
+                rule = differentiation_rule(adjoint_rules, ins)
                 cts = rule(c, *ins.inputs, **ins.params)
                 if len(cts) != len(ins.inputs):
                     raise IRError(f"adjoint rule of '{ins.prim.name}' returned {len(cts)} "

@@ -126,23 +126,27 @@ def api_scope(name: str):
 
 
 @contextlib.contextmanager
+def _provenance_scope(builder: Builder, attr: str, instr: Instr):
+    """Instructions emitted inside carry `instr` as their `attr` ("adj_of" / "tan_of") and no API
+    name of their own."""
+    prev = getattr(builder, attr), builder.api
+    setattr(builder, attr, instr)
+    builder.api = None
+    try:
+        yield
+    finally:
+        setattr(builder, attr, prev[0])
+        builder.api = prev[1]
+
+
 def adjoint_scope(builder: Builder, fwd: Instr):
-    prev = builder.adj_of, builder.api
-    builder.adj_of, builder.api = fwd, None
-    try:
-        yield
-    finally:
-        builder.adj_of, builder.api = prev
+    """Instructions emitted inside are the adjoint of forward instruction `fwd`."""
+    return _provenance_scope(builder, "adj_of", fwd)
 
 
-@contextlib.contextmanager
 def tangent_scope(builder: Builder, primal: Instr):
-    prev = builder.tan_of, builder.api
-    builder.tan_of, builder.api = primal, None
-    try:
-        yield
-    finally:
-        builder.tan_of, builder.api = prev
+    """Instructions emitted inside are the tangent of primal instruction `primal`."""
+    return _provenance_scope(builder, "tan_of", primal)
 
 
 def emit(prim, *inputs, **params) -> Value:

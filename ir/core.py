@@ -191,6 +191,17 @@ primitives: dict[str, Primitive] = {}
 shape_rules = Registry("shape")
 
 
+def differentiation_rule(rules: Registry, ins: "Instr", mode: str = ""):
+    """The rule of `ins`'s primitive in `rules` (adjoint or tangent); a missing one raises
+    MissingRuleError naming the operation, the mode and the user's line."""
+    try:
+        return rules[ins.prim]
+    except MissingRuleError as e:
+        where = f" at {ins.loc}" if ins.loc else ""
+        raise MissingRuleError(f"{e}: cannot differentiate `{ins.api or ins.prim.name}`{mode}"
+                               f"{where}") from None
+
+
 def primitive(name: str, kind: str = "other") -> Primitive:
     if name in primitives:
         raise ValueError(f"primitive {name!r} defined twice")

@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from .builder import Builder, building, tangent_scope
-from .core import FLOAT_DTYPES, Function, IRError, MissingRuleError, TensorType, Value, clone
+from .core import (FLOAT_DTYPES, Function, IRError, TensorType, Value, clone,
+                   differentiation_rule)
 from .jvp_rules import TangentSpace, jvp_rules
 from . import lax
 
@@ -72,10 +73,5 @@ def jvp_function(fn: Function, wrt: Sequence[int], batch: int | None = None,
 
 
 def _apply_rule(ts: TangentSpace, ins, tans):
-    try:
-        rule = jvp_rules[ins.prim]
-    except MissingRuleError as e:
-        where = f" at {ins.loc}" if ins.loc else ""
-        raise MissingRuleError(f"{e}: cannot differentiate `{ins.api or ins.prim.name}` in forward "
-                               f"mode{where}") from None
+    rule = differentiation_rule(jvp_rules, ins, " in forward mode")
     return rule(ts, tuple(tans), ins.out, *ins.inputs, **ins.params)
