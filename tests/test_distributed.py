@@ -4,7 +4,7 @@ step, it fails cleanly (naming the worker, writing nothing) when a worker keeps 
 raises, and a checkpointed run restored in a new Ray session continues the same trajectory.
 
 Ray is in the test extra: without it these tests fail at import, they are never skipped.
-Labels are one-hot float arrays: traced integer arrays are not accepted by jit_grad in this tree."""
+Most tests use one-hot float labels; one passes traced int64 class labels."""
 from __future__ import annotations
 
 import os
@@ -156,6 +156,18 @@ def test_adam_steps_equal_single_process_one_worker():
     with DataParallel(mlp_loss, OPTIMIZERS["adam"](), 1) as dp:
         got = run(dp, 10)
     want = reference(OPTIMIZERS["adam"](), 10)
+    np.testing.assert_allclose(got[0], want[0], rtol=TOL)
+    assert_trees_close(got[1], want[1])
+    assert_trees_close(got[2], want[2])
+
+
+def test_integer_labels_two_workers_equal_single_process():
+    """Traced int64 class labels are split like any batch argument."""
+    rng = rng_for("dp-int-labels")
+    data = [(rng.normal(size=(8, 6)), rng.integers(0, N_CLASSES, size=8)) for _ in range(10)]
+    with DataParallel(mlp_loss, OPTIMIZERS["sgd_momentum"](), 2) as dp:
+        got = run(dp, 10, data)
+    want = reference(OPTIMIZERS["sgd_momentum"](), 10, data=data)
     np.testing.assert_allclose(got[0], want[0], rtol=TOL)
     assert_trees_close(got[1], want[1])
     assert_trees_close(got[2], want[2])
