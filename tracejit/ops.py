@@ -246,12 +246,26 @@ def where(cond, a, b):
 
 
 @op("clip")
-def clip(x, lo=None, hi=None):
+def clip(a, a_min=None, a_max=None, *, min=None, max=None):
+    """numpy's clip: `a` limited to [a_min, a_max] (either bound None: no limit); numpy 2's
+    keywords `min=`/`max=` are the same bounds. At a bound the gradient is split in half, as for
+    maximum/minimum."""
+    lo = _one_of("clip", "a_min", a_min, "min", min)
+    hi = _one_of("clip", "a_max", a_max, "max", max)
     if lo is not None:
-        x = maximum(x, lo)
+        a = maximum(a, lo)
     if hi is not None:
-        x = minimum(x, hi)
-    return x
+        a = minimum(a, hi)
+    return a
+
+
+def _one_of(what, name, value, alias, alias_value):
+    """The value of a parameter that has two spellings (numpy's and PyTorch's), given at most once."""
+    if alias_value is None:
+        return value
+    if value is not None:
+        raise TypeError(f"{what}: got both {name}= and {alias}= (two spellings of one parameter)")
+    return alias_value
 
 
 @op("astype")
@@ -281,6 +295,17 @@ def _axes(x: Value, axis):
     return tuple(sorted(set(out)))
 
 
+def _torch_axis(what, axis, keepdims, dim, keepdim):
+    """(axis, keepdims) from numpy's spelling or PyTorch's (`dim=`, `keepdim=`), not both."""
+    axis = _one_of(what, "axis", axis, "dim", dim)
+    if keepdim is not None:
+        if keepdims:
+            raise TypeError(f"{what}: got both keepdims= and keepdim= (two spellings of one "
+                            f"parameter)")
+        keepdims = keepdim
+    return axis, bool(keepdims)
+
+
 def _keep(x: Value, y: Value, axes, keepdims):
     if not keepdims:
         return y
@@ -288,14 +313,16 @@ def _keep(x: Value, y: Value, axes, keepdims):
 
 
 @op("sum")
-def sum(x, axis=None, keepdims=False):
+def sum(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+    axis, keepdims = _torch_axis("sum", axis, keepdims, dim, keepdim)
     v = as_value(x, result_dtype(x))
     axes = _axes(v, axis)
     return wrap(_keep(v, lax.reduce_sum(v, axes), axes, keepdims))
 
 
 @op("mean")
-def mean(x, axis=None, keepdims=False):
+def mean(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+    axis, keepdims = _torch_axis("mean", axis, keepdims, dim, keepdim)
     v = as_value(x, result_dtype(x))
     axes = _axes(v, axis)
     count = math.prod(v.shape[a] for a in axes)
@@ -303,21 +330,32 @@ def mean(x, axis=None, keepdims=False):
 
 
 @op("max")
-def max(x, axis=None, keepdims=False):
+def max(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+    axis, keepdims = _torch_axis("max", axis, keepdims, dim, keepdim)
     v = as_value(x, result_dtype(x))
     axes = _axes(v, axis)
     return wrap(_keep(v, lax.reduce_max(v, axes), axes, keepdims))
 
 
 @op("min")
-def min(x, axis=None, keepdims=False):
+def min(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+    axis, keepdims = _torch_axis("min", axis, keepdims, dim, keepdim)
     return negative(max(negative(x), axis, keepdims))
 
 
 @op("var")
-def var(x, axis=None, keepdims=False):
+def var(x, axis=None, keepdims=False, ddof=0, *, dim=None, keepdim=None, correction=None):
+    """numpy's var: the mean squared deviation, divided by N - ddof instead of N (ddof=1: the
+    unbiased estimate; PyTorch's `correction=` is ddof, its default of 1 does not apply here).
+    N - ddof <= 0 gives inf or NaN, as numpy."""
+    axis, keepdims = _torch_axis("var", axis, keepdims, dim, keepdim)
+    ddof = _one_of("var", "ddof", ddof or None, "correction", correction) or 0
     d = subtract(x, mean(x, axis, keepdims=True))
-    return mean(multiply(d, d), axis, keepdims)
+    if not ddof:
+        return mean(multiply(d, d), axis, keepdims)
+    count = math.prod(shape_of(x)[a] for a in _axes(_layout_value(x), axis))
+    # numpy divides by max(N - ddof, 0): inf or NaN past the sample size, no error
+    return divide(sum(multiply(d, d), axis, keepdims), float(builtins.max(count - ddof, 0)))
 
 
 def _sqrt_zero_subgradient(x):
@@ -330,14 +368,16 @@ def _sqrt_zero_subgradient(x):
 
 
 @op("std")
-def std(x, axis=None, keepdims=False):
-    """The population standard deviation (numpy's ddof=0); its gradient where it is 0 (constant
-    values, a reduction of size 1, a 0-d array) is 0."""
-    return _sqrt_zero_subgradient(var(x, axis, keepdims))
+def std(x, axis=None, keepdims=False, ddof=0, *, dim=None, keepdim=None, correction=None):
+    """numpy's std: the square root of var (same `ddof`; PyTorch's `correction=`); its gradient
+    where it is 0 (constant values, a reduction of size 1, a 0-d array) is 0."""
+    return _sqrt_zero_subgradient(var(x, axis, keepdims, ddof, dim=dim, keepdim=keepdim,
+                                      correction=correction))
 
 
 @op("logsumexp")
-def logsumexp(x, axis=None, keepdims=False):
+def logsumexp(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+    axis, keepdims = _torch_axis("logsumexp", axis, keepdims, dim, keepdim)
     # The shift by the maximum only guards exp against overflow. An infinite maximum (an inf, or
     # only -inf) would make it inf - inf = NaN; shifting by 0 there gives log(sum(exp(x))) = +-inf.
     m = stop_gradient(max(x, axis, keepdims=True))
@@ -349,9 +389,10 @@ def logsumexp(x, axis=None, keepdims=False):
 
 
 @op("norm")
-def norm(x, ord=None, axis=None, keepdims=False):
+def norm(x, ord=None, axis=None, keepdims=False, *, dim=None, keepdim=None):
     """Vector norms (ord None/2, 1, inf) and the Frobenius norm of a whole array. The gradient of
-    the 2-norm at zero is zero."""
+    the 2-norm at zero is zero. PyTorch's `dim=`/`keepdim=` spell axis and keepdims."""
+    axis, keepdims = _torch_axis("norm", axis, keepdims, dim, keepdim)
     if ord in (None, 2, "fro"):
         if ord == 2 and axis is None and getattr(x, "ndim", 1) > 1:
             raise NotImplementedError("norm: the spectral norm (ord=2 of a matrix) is not supported; "
@@ -462,13 +503,29 @@ def swapaxes(x, a, b):
 
 
 @op("squeeze")
-def squeeze(x, axis=None):
+def squeeze(x, axis=None, *, dim=None):
+    axis = _one_of("squeeze", "axis", axis, "dim", dim)
     v = _layout_value(x)
     axes = tuple(i for i, n in enumerate(v.shape) if n == 1) if axis is None else _axes(v, axis)
     for a in axes:
         if v.shape[a] != 1:
             raise ShapeError(f"squeeze: axis {a} of shape {list(v.shape)} is not 1")
     return wrap(lax.reshape(v, [n for i, n in enumerate(v.shape) if i not in axes]))
+
+
+@op("flatten")
+def flatten_dims(x, start_dim=0, end_dim=-1):
+    """PyTorch's flatten: dimensions start_dim..end_dim (inclusive, negative from the end) merged
+    into one; a 0-d value becomes 1-d."""
+    v = _layout_value(x)
+    if v.ndim == 0:
+        return wrap(lax.reshape(v, (1,)))
+    start, end = (_axes(v, d)[0] for d in (start_dim, end_dim))
+    if start > end:
+        raise ValueError(f"flatten: start_dim {start_dim} comes after end_dim {end_dim} for shape "
+                         f"{list(v.shape)}")
+    return wrap(lax.reshape(v, v.shape[:start] + (math.prod(v.shape[start:end + 1]),)
+                            + v.shape[end + 1:]))
 
 
 @op("expand_dims")

@@ -1,0 +1,68 @@
+"""The everyday spellings the per-op table cannot express: integer-valued methods (x.size(),
+x.numel()), errors for spellings given twice or out of range, and numpy's meaning winning where
+numpy and PyTorch give one name two meanings."""
+import numpy as np
+import pytest
+
+import tracejit as tj
+
+
+def test_size_is_numpys_count_and_pytorchs_call():
+    seen = {}
+
+    def f(x):
+        seen.update(size=x.size, called=x.size(), dim=x.size(-2), numel=x.numel(), ndim=x.dim())
+        return x.sum()
+
+    tj.jit(f)(np.zeros((2, 3, 4)))
+    assert seen == {"size": 24, "called": (2, 3, 4), "dim": 3, "numel": 24, "ndim": 3}
+    assert type(seen["size"] + 1) is int
+
+
+def test_size_of_a_missing_dimension_names_it():
+    with pytest.raises(IndexError, match="dimension 3 is out of range for shape"):
+        tj.jit(lambda x: x * x.size(3))(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x: tj.sum(x, 0, dim=1), "sum: got both axis= and dim="),
+    (lambda x: x.mean(keepdims=True, keepdim=True), "mean: got both keepdims= and keepdim="),
+    (lambda x: tj.clip(x, a_min=0.0, min=1.0), "clip: got both a_min= and min="),
+    (lambda x: tj.std(x, ddof=1, correction=1), "var: got both ddof= and correction="),
+])
+def test_a_parameter_spelled_twice_is_an_error(call, message):
+    with pytest.raises(TypeError, match=message):
+        tj.jit(call)(np.ones((2, 3)))
+
+
+def test_numpy_meaning_wins_where_the_names_clash():
+    x = np.arange(24.0).reshape(2, 3, 4)
+    # x.transpose(2, 0, 1) is numpy's permutation, x.max(1) the values only, x.std() ddof=0
+    t, m, s = tj.jit(lambda x: (x.transpose(2, 0, 1), x.max(1), x.std()))(x)
+    np.testing.assert_array_equal(t, x.transpose(2, 0, 1))
+    np.testing.assert_array_equal(m, x.max(1))
+    np.testing.assert_allclose(s, x.std(), rtol=1e-15)
+
+
+def test_var_past_the_sample_size_is_inf_as_numpy():
+    x = np.array([1.0, 2.0])
+    with pytest.warns(RuntimeWarning, match="Degrees of freedom"):
+        want = np.var(x, ddof=3)
+    assert want == np.inf and tj.jit(lambda x: tj.var(x, ddof=3))(x) == np.inf
+
+
+def test_t_and_mT_reject_wrong_ranks():
+    with pytest.raises(ValueError, match="t\\(\\) expects at most 2 dimensions"):
+        tj.jit(lambda x: x.t())(np.ones((2, 2, 2)))
+    with pytest.raises(ValueError, match="mT needs at least 2 dimensions"):
+        tj.jit(lambda x: x.mT)(np.ones(3))
+
+
+def test_view_as_a_dtype_is_refused():
+    with pytest.raises(TypeError, match="view: only shapes"):
+        tj.jit(lambda x: x.view(np.float32))(np.ones(3))
+
+
+def test_flatten_range_must_be_ordered():
+    with pytest.raises(ValueError, match="start_dim 2 comes after end_dim 1"):
+        tj.jit(lambda x: x.flatten(2, 1))(np.ones((2, 3, 4)))
