@@ -880,6 +880,93 @@ for _op, _id, _fn, _ref, *_args in EVERYDAY:
     add(_op, f"everyday-{_id}", _fn, _ref, *_args)
 # END everyday spellings
 
+# rearranging and assembling arrays (numpy's names; np.<name>(tracer) dispatches to them) ---------
+def _weighted(parts):
+    """Pieces of a split combined so that each piece's gradient differs."""
+    return sum((k + 1.0) * (p * p).sum() for k, p in enumerate(parts))
+
+
+REARRANGE = [
+    ("getitem", "negative-steps", lambda x: x[::-1, 3:0:-2, ::-3],
+     lambda x: x[::-1, 3:0:-2, ::-3], Arg((3, 4, 5))),
+    ("getitem", "negative-step-int-newaxis", lambda x: x[None, -2::-1, 1],
+     lambda x: x[None, -2::-1, 1], Arg((4, 3))),
+    ("flip", "flip-axes", lambda x: tj.flip(x, (0, 2)), lambda x: np.flip(x, (0, 2)),
+     Arg((2, 3, 4))),
+    ("flip", "flip-all-np", lambda x: np.flip(x), lambda x: x[::-1, ::-1], Arg((3, 2))),
+    ("flipud", "flipud", tj.flipud, lambda x: x[::-1], Arg((3, 2))),
+    ("fliplr", "fliplr", lambda x: np.fliplr(x), lambda x: x[:, ::-1], Arg((3, 2, 2))),
+    ("pad", "pad-constant-value", lambda x: tj.pad(x, ((1, 2), (0, 1)), constant_values=1.5),
+     lambda x: np.pad(x, ((1, 2), (0, 1)), constant_values=1.5), Arg((3, 4))),
+    ("pad", "pad-constant-int", lambda x: np.pad(x, 2), lambda x: np.pad(x, 2), Arg((2, 3))),
+    ("pad", "pad-edge", lambda x: tj.pad(x, ((1, 2), (3, 1)), mode="edge"),
+     lambda x: np.pad(x, ((1, 2), (3, 1)), mode="edge"), Arg((3, 4))),
+    ("pad", "pad-reflect", lambda x: tj.pad(x, ((2, 1), (1, 3)), mode="reflect"),
+     lambda x: np.pad(x, ((2, 1), (1, 3)), mode="reflect"), Arg((3, 4))),
+    ("pad", "pad-symmetric-3d", lambda x: tj.pad(x, (0, 2), mode="symmetric"),
+     lambda x: np.pad(x, (0, 2), mode="symmetric"), Arg((2, 2, 3))),
+    ("pad", "pad-wrap", lambda x: tj.pad(x, ((3, 1),), mode="wrap"),
+     lambda x: np.pad(x, ((3, 1),), mode="wrap"), Arg((4,))),
+    ("split", "split-sections", lambda x: _weighted(tj.split(x, 2, axis=1)),
+     lambda x: _weighted(np.split(x, 2, axis=1)), Arg((3, 4))),
+    ("split", "split-indices", lambda x: _weighted(np.split(x, [1, -1, 9])),
+     lambda x: _weighted(np.split(x, [1, -1, 9])), Arg((5, 2))),
+    ("array_split", "array_split-uneven", lambda x: _weighted(tj.array_split(x, 3, axis=-1)),
+     lambda x: _weighted(np.array_split(x, 3, axis=-1)), Arg((2, 7))),
+    ("tile", "tile-3d-reps", lambda x: tj.tile(x, (2, 1, 3)), lambda x: np.tile(x, (2, 1, 3)),
+     Arg((2, 3))),
+    ("tile", "tile-int", lambda x: np.tile(x, 2), lambda x: np.tile(x, 2), Arg((2, 3))),
+    ("repeat", "repeat-axis", lambda x: tj.repeat(x, 2, axis=1), lambda x: np.repeat(x, 2, 1),
+     Arg((2, 3))),
+    ("repeat", "repeat-flat", lambda x: np.repeat(x, 3), lambda x: np.repeat(x, 3), Arg((2, 2))),
+    ("repeat", "repeat-counts", lambda x: tj.repeat(x, [1, 0, 3], axis=0),
+     lambda x: np.repeat(x, [1, 0, 3], axis=0), Arg((3, 2))),
+    ("roll", "roll-flat", lambda x: tj.roll(x, 2), lambda x: np.roll(x, 2), Arg((3, 4))),
+    ("roll", "roll-axes", lambda x: np.roll(x, (-1, 7), axis=(0, 1)),
+     lambda x: np.roll(x, (-1, 7), axis=(0, 1)), Arg((3, 4))),
+    ("diff", "diff-last", tj.diff, np.diff, Arg((3, 5))),
+    ("diff", "diff-second-axis0", lambda x: np.diff(x, 2, axis=0),
+     lambda x: np.diff(x, 2, axis=0), Arg((4, 3))),
+    ("tril", "tril-k-minus1", lambda x: tj.tril(x, -1), lambda x: np.tril(x, -1), Arg((4, 3))),
+    ("triu", "triu-batched-k1", lambda x: np.triu(x, 1), lambda x: np.triu(x, 1),
+     Arg((2, 3, 4))),
+    ("diagonal", "diagonal-axes-offset", lambda x: tj.diagonal(x, 1, 2, 0),
+     lambda x: np.diagonal(x, 1, 2, 0), Arg((3, 2, 4))),
+    ("diag", "diag-of-matrix", lambda x: tj.diag(x, -1), lambda x: np.diag(x, -1), Arg((4, 3))),
+    ("diag", "diag-from-vector", lambda x: tj.diag(x, 2), lambda x: np.diag(x, 2), Arg((3,))),
+    ("diag", "diag-from-vector-below", lambda x: np.diag(x, -1), lambda x: np.diag(x, -1),
+     Arg((3,))),
+    ("trace", "trace", tj.trace, np.trace, Arg((3, 4))),
+    ("trace", "trace-offset-axes", lambda x: np.trace(x, -1, 1, 2),
+     lambda x: np.trace(x, -1, 1, 2), Arg((2, 3, 3))),
+    ("eye", "eye-matmul", lambda x: x @ tj.eye(4, 3, 1), lambda x: x @ np.eye(4, 3, 1),
+     Arg((2, 4))),
+    ("zeros_like", "zeros_like", lambda x: tj.zeros_like(x) + x, lambda x: x, Arg((2, 3))),
+    ("ones_like", "ones_like", lambda x: np.ones_like(x) * x, lambda x: x, Arg((2, 3))),
+    ("full_like", "full_like", lambda x: tj.full_like(x, 2.5) * x, lambda x: 2.5 * x,
+     Arg((2, 3))),
+    ("moveaxis", "moveaxis-two", lambda x: tj.moveaxis(x, [0, 1], [-1, 0]),
+     lambda x: np.moveaxis(x, [0, 1], [-1, 0]), Arg((2, 3, 4))),
+    ("ravel", "ravel", np.ravel, np.ravel, Arg((2, 3))),
+    ("atleast_1d", "atleast_1d-scalar", tj.atleast_1d, np.atleast_1d, Arg(())),
+    ("atleast_2d", "atleast_2d-vector", np.atleast_2d, np.atleast_2d, Arg((3,))),
+    ("atleast_3d", "atleast_3d-matrix", tj.atleast_3d, np.atleast_3d, Arg((2, 3))),
+    ("atleast_3d", "atleast_3d-vector", np.atleast_3d, np.atleast_3d, Arg((3,))),
+    ("vstack", "vstack-vectors", lambda a, b: tj.vstack([a, b]), lambda a, b: np.vstack([a, b]),
+     Arg((3,)), Arg((3,))),
+    ("hstack", "hstack-matrices", lambda a, b: np.hstack([a, b]),
+     lambda a, b: np.hstack([a, b]), Arg((2, 3)), Arg((2, 1))),
+    ("hstack", "hstack-vectors", lambda a, b: tj.hstack((a, b)), lambda a, b: np.hstack((a, b)),
+     Arg((2,)), Arg((3,))),
+    ("dstack", "dstack", lambda a, b: tj.dstack([a, b]), lambda a, b: np.dstack([a, b]),
+     Arg((2, 3)), Arg((2, 3))),
+    ("column_stack", "column_stack", lambda a, b: np.column_stack([a, b]),
+     lambda a, b: np.column_stack([a, b]), Arg((3,)), Arg((3, 2))),
+]
+for _op, _id, _fn, _ref, *_args in REARRANGE:
+    add(_op, f"rearrange-{_id}", _fn, _ref, *_args)
+# END rearranging
+
 GRAD_CASES = [c for c in CASES if c.grad]
 SECOND_ORDER_CASES = [c for c in GRAD_CASES if c.second_order]
 

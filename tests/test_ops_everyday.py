@@ -46,7 +46,7 @@ def test_numpy_meaning_wins_where_the_names_clash():
 
 def test_var_past_the_sample_size_is_inf_as_numpy():
     x = np.array([1.0, 2.0])
-    with pytest.warns(RuntimeWarning, match="Degrees of freedom"):
+    with pytest.warns(RuntimeWarning, match="Degrees of freedom"), np.errstate(divide="ignore"):
         want = np.var(x, ddof=3)
     assert want == np.inf and tj.jit(lambda x: tj.var(x, ddof=3))(x) == np.inf
 
@@ -66,3 +66,53 @@ def test_view_as_a_dtype_is_refused():
 def test_flatten_range_must_be_ordered():
     with pytest.raises(ValueError, match="start_dim 2 comes after end_dim 1"):
         tj.jit(lambda x: x.flatten(2, 1))(np.ones((2, 3, 4)))
+
+
+# ------------------------------------------------------------------------------------------------
+# rearranging arrays: what the table cannot hold (lists of results, errors, every slice step)
+# ------------------------------------------------------------------------------------------------
+STEPS = [slice(None, None, -1), slice(-1, 0, -2), slice(3, None, -3), slice(1, 3, -1),
+         slice(10, -10, -4), slice(None, 1, -1)]
+
+
+@pytest.mark.parametrize("index", STEPS, ids=repr)
+def test_negative_steps_read_and_scatter_like_numpy(index):
+    x = np.arange(6.0 * 5).reshape(6, 5)
+    ct = np.arange(np.size(x[index, ::-2])).reshape(x[index, ::-2].shape) + 1.0
+    with np.errstate(all="ignore"):
+        got = tj.jit(lambda x: x[index, ::-2])(x)
+        g = tj.jit_grad(lambda x: (x[index, ::-2] * ct).sum())(x)
+    np.testing.assert_array_equal(got, x[index, ::-2])
+    want = np.zeros_like(x)
+    want[index, ::-2] = ct
+    np.testing.assert_array_equal(g, want)
+
+
+def test_split_returns_numpys_pieces():
+    x = np.arange(14.0).reshape(2, 7)
+    for got, want in zip(tj.jit(lambda x: tj.array_split(x, 3, 1))(x), np.array_split(x, 3, 1)):
+        np.testing.assert_array_equal(got, want)
+    pieces = tj.jit(lambda x: np.split(x, [2, 5], axis=1))(x)
+    assert [p.shape for p in pieces] == [(2, 2), (2, 3), (2, 2)]
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda x: tj.split(x, 3), ValueError, "does not split into 3 equal sections"),
+    (lambda x: tj.pad(x, 4, mode="reflect"), NotImplementedError, "pads axis 0 of length 4 by at "
+                                                                  "most 3"),
+    (lambda x: tj.pad(x, 1, mode="mean"), NotImplementedError, "mode 'mean' is not supported"),
+    (lambda x: tj.pad(x, -1), ValueError, "pad_width must be non-negative"),
+    (lambda x: tj.repeat(x, [1, 2]), ValueError, "one per element of an axis of length 4"),
+    (lambda x: tj.fliplr(x), ValueError, "at least 2-d"),
+    (lambda x: tj.moveaxis(x, 0, 3), ValueError, "axis 3 is out of bounds"),
+])
+def test_rearranging_rejects_what_numpy_would_not_answer_the_same(call, error, message):
+    with pytest.raises(error, match=message):
+        tj.jit(call)(np.ones(4))
+
+
+def test_eager_rearranging_on_numpy_arrays():
+    m = np.arange(12.0).reshape(3, 4)
+    np.testing.assert_array_equal(tj.pad(m, 1, mode="edge"), np.pad(m, 1, mode="edge"))
+    np.testing.assert_array_equal(tj.roll(m, 5), np.roll(m, 5))
+    np.testing.assert_array_equal(tj.diag(m), np.diag(m))
