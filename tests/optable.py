@@ -967,6 +967,33 @@ for _op, _id, _fn, _ref, *_args in REARRANGE:
     add(_op, f"rearrange-{_id}", _fn, _ref, *_args)
 # END rearranging
 
+# products and scans ------------------------------------------------------------------------------
+SCANS = [
+    ("prod", "prod-all", tj.prod, np.prod, Arg((3, 4), lo=0.5, hi=1.5)),
+    ("prod", "prod-axis-odd", lambda x: tj.prod(x, 1), lambda x: np.prod(x, 1), Arg((2, 7))),
+    ("prod", "prod-axes-keepdims", lambda x: np.prod(x, axis=(0, 2), keepdims=True),
+     lambda x: np.prod(x, axis=(0, 2), keepdims=True), Arg((3, 2, 3))),
+    ("prod", "prod-dim-1-element", lambda x: tj.prod(x, dim=0), lambda x: np.prod(x, 0),
+     Arg((1, 3))),
+    ("method.prod", "prod-method-dim", lambda x: x.prod(dim=-1), lambda x: x.prod(-1),
+     Arg((3, 5))),
+    ("cumsum", "cumsum-flat", tj.cumsum, np.cumsum, Arg((3, 4))),
+    ("cumsum", "cumsum-axis-odd", lambda x: np.cumsum(x, axis=1), lambda x: np.cumsum(x, 1),
+     Arg((2, 11, 2))),
+    ("cumsum", "cumsum-1-element", lambda x: tj.cumsum(x, 0), lambda x: np.cumsum(x, 0),
+     Arg((1,))),
+    ("method.cumsum", "cumsum-method-dim", lambda x: x.cumsum(dim=0), lambda x: x.cumsum(0),
+     Arg((5, 2))),
+    ("cumprod", "cumprod-flat", tj.cumprod, np.cumprod, Arg((2, 3), lo=0.5, hi=1.5)),
+    ("cumprod", "cumprod-axis", lambda x: np.cumprod(x, axis=-1), lambda x: np.cumprod(x, -1),
+     Arg((3, 6))),
+    ("method.cumprod", "cumprod-method", lambda x: x.cumprod(0), lambda x: x.cumprod(0),
+     Arg((5, 2))),
+]
+for _op, _id, _fn, _ref, *_args in SCANS:
+    add(_op, f"scan-{_id}", _fn, _ref, *_args)
+# END products and scans
+
 GRAD_CASES = [c for c in CASES if c.grad]
 SECOND_ORDER_CASES = [c for c in GRAD_CASES if c.second_order]
 

@@ -116,3 +116,24 @@ def test_eager_rearranging_on_numpy_arrays():
     np.testing.assert_array_equal(tj.pad(m, 1, mode="edge"), np.pad(m, 1, mode="edge"))
     np.testing.assert_array_equal(tj.roll(m, 5), np.roll(m, 5))
     np.testing.assert_array_equal(tj.diag(m), np.diag(m))
+
+
+# ------------------------------------------------------------------------------------------------
+# products: exact gradients where elements are zero (no division by the product)
+# ------------------------------------------------------------------------------------------------
+def test_prod_gradient_at_zeros_is_the_product_of_the_others():
+    x = np.array([[2.0, 0.0, 3.0, 5.0, 0.5], [0.0, 0.0, 4.0, 1.0, 2.0]])
+    g = tj.jit_grad(lambda x: tj.prod(x, 1).sum())(x)
+    want = np.array([[np.prod(np.delete(r, i)) for i in range(5)] for r in x])
+    np.testing.assert_array_equal(g, want)
+
+
+def test_cumprod_gradient_at_a_zero():
+    x = np.array([2.0, 0.0, 3.0, 0.5])
+    g = tj.jit_grad(lambda x: tj.cumprod(x).sum())(x)
+    # d/dx1 of x0 + x0 x1 + x0 x1 x2 + x0 x1 x2 x3 at x1 = 0: x0 + x0 x2 + x0 x2 x3
+    np.testing.assert_array_equal(g, [1.0, 2.0 + 6.0 + 3.0, 0.0, 0.0])
+
+
+def test_prod_of_an_empty_axis_is_one():
+    np.testing.assert_array_equal(tj.jit(lambda x: tj.prod(x, 1))(np.ones((2, 0))), [1.0, 1.0])

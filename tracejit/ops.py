@@ -406,6 +406,69 @@ def norm(x, ord=None, axis=None, keepdims=False, *, dim=None, keepdim=None):
     raise NotImplementedError(f"norm: ord={ord!r} is not supported (use None, 1 or inf)")
 
 
+# products and running sums and products: trees of multiplies and log-step scans over slices, so
+# gradients are exact products (no division: zeros are fine) and second derivatives come for free
+# ------------------------------------------------------------------------------------------------
+def _ones_like_part(v: Value, axis: int, n: int) -> Value:
+    return lax.full(1, v.shape[:axis] + (n,) + v.shape[axis + 1:], v.dtype)
+
+
+@op("prod")
+def prod(a, axis=None, keepdims=False, *, dim=None, keepdim=None):
+    """numpy's prod: a balanced tree of multiplies over the reduced axes (log2(n) levels of
+    elementwise products of even and odd slices)."""
+    axis, keepdims = _torch_axis("prod", axis, keepdims, dim, keepdim)
+    v = as_value(a, result_dtype(a))
+    axes = _axes(v, axis)
+    rest = [d for d in range(v.ndim) if d not in axes]
+    k = math.prod(v.shape[d] for d in axes)
+    y = lax.reshape(lax.transpose(v, rest + list(axes)) if axes else v,
+                    tuple(v.shape[d] for d in rest) + (k,))
+    last = y.ndim - 1
+    if k == 0:
+        y = _ones_like_part(y, last, 1)
+    while y.shape[last] > 1:
+        n = y.shape[last]
+        if n % 2:   # an odd length gets a 1 to pair with
+            y, n = lax.concatenate([y, _ones_like_part(y, last, 1)], last), n + 1
+        even = lax.slice_(y, [0] * y.ndim, y.shape, [1] * last + [2])
+        odd = lax.slice_(y, [0] * last + [1], y.shape, [1] * last + [2])
+        y = lax.mul(even, odd)
+    y = lax.reshape(y, tuple(v.shape[d] for d in rest))
+    return wrap(_keep(v, y, axes, keepdims))
+
+
+def _scan(what, a, axis, combine, identity):
+    """Inclusive scan along `axis` (None: of the flattened array) by log-step doubling
+    (Hillis-Steele): after the step with shift d, element i combines elements i - 2d + 1 .. i."""
+    v = as_value(a, result_dtype(a))
+    if axis is None:
+        v, axis = lax.reshape(v, (v.type.size,)), 0
+    axis = _axis_arg(v, axis, what)
+    n = v.shape[axis]
+    d = 1
+    while d < n:
+        shifted = lax.concatenate([lax.full(identity, v.shape[:axis] + (d,) + v.shape[axis + 1:],
+                                            v.dtype), _slice_axis(v, axis, 0, n - d)], axis)
+        v = combine(v, shifted)
+        d *= 2
+    return wrap(v)
+
+
+@op("cumsum")
+def cumsum(a, axis=None, *, dim=None):
+    """numpy's cumsum (PyTorch's `dim=` spells axis): ceil(log2 n) vectorized adds of shifted
+    copies, whose adjoint is the reversed running sum."""
+    return _scan("cumsum", a, _one_of("cumsum", "axis", axis, "dim", dim), lax.add, 0)
+
+
+@op("cumprod")
+def cumprod(a, axis=None, *, dim=None):
+    """numpy's cumprod (PyTorch's `dim=` spells axis), by the same log-step scan with multiplies:
+    its gradient is exact where elements are zero."""
+    return _scan("cumprod", a, _one_of("cumprod", "axis", axis, "dim", dim), lax.mul, 1)
+
+
 # ------------------------------------------------------------------------------------------------
 # linear algebra
 # ------------------------------------------------------------------------------------------------
@@ -1138,5 +1201,5 @@ ARRAY_FUNCTIONS = {
     "zeros_like": zeros_like, "ones_like": ones_like, "full_like": full_like,
     "moveaxis": moveaxis, "ravel": ravel, "atleast_1d": atleast_1d, "atleast_2d": atleast_2d,
     "atleast_3d": atleast_3d, "vstack": vstack, "hstack": hstack, "dstack": dstack,
-    "column_stack": column_stack,
+    "column_stack": column_stack, "prod": prod, "cumsum": cumsum, "cumprod": cumprod,
 }

@@ -159,6 +159,12 @@ class Tracer:
     def logsumexp(self, axis=None, keepdims=False, **torch_kw):
         return _ops().logsumexp(self, axis, keepdims, **torch_kw)
 
+    def prod(self, axis=None, keepdims=False, **torch_kw):
+        return _ops().prod(self, axis, keepdims, **torch_kw)
+
+    def cumsum(self, axis=None, **torch_kw): return _ops().cumsum(self, axis, **torch_kw)
+    def cumprod(self, axis=None, **torch_kw): return _ops().cumprod(self, axis, **torch_kw)
+
     def reshape(self, *shape):
         return _ops().reshape(self, shape[0] if len(shape) == 1 else shape)
 
