@@ -994,6 +994,29 @@ for _op, _id, _fn, _ref, *_args in SCANS:
     add(_op, f"scan-{_id}", _fn, _ref, *_args)
 # END products and scans
 
+# elementwise composites with numpy's accuracy (their ulp errors: tests/test_ops_everyday.py) ------
+unary("log1p", tj.log1p, np.log1p, lambda s: Arg(s, lo=-0.9, hi=3.0))
+add("log1p", "log1p-tiny", lambda x: tj.log1p(x * 1e-9), lambda x: np.log1p(x * 1e-9),
+    Arg((5,)))
+unary("expm1", tj.expm1, np.expm1)
+add("expm1", "expm1-tiny", lambda x: np.expm1(x * 1e-9), lambda x: np.expm1(x * 1e-9), Arg((5,)))
+unary("log2", tj.log2, np.log2, pos, shapes=((2, 3),))
+unary("log10", np.log10, np.log10, pos, shapes=((2, 3),))
+unary("exp2", tj.exp2, np.exp2, shapes=((2, 3), ()))
+unary("reciprocal", tj.reciprocal, np.reciprocal, pos, shapes=((2, 3),))
+unary("tan", tj.tan, np.tan, lambda s: Arg(s, lo=-1.3, hi=1.3), shapes=((2, 3),))
+unary("deg2rad", tj.deg2rad, np.deg2rad, shapes=((4,),))
+unary("rad2deg", np.rad2deg, np.rad2deg, shapes=((4,),))
+unary("fabs", tj.fabs, np.fabs, nonzero, shapes=((4,),))
+unary("sinh", tj.sinh, np.sinh, lambda s: Arg(s, lo=-4.0, hi=4.0))
+unary("cosh", np.cosh, np.cosh, lambda s: Arg(s, lo=-4.0, hi=4.0), shapes=((2, 3), ()))
+binary("hypot", tj.hypot, np.hypot, nonzero, nonzero, shapes=BINARY_SHAPES[:4])
+binary("fmax", tj.fmax, np.fmax, distinct, distinct, shapes=BINARY_SHAPES[:3])
+binary("fmin", np.fmin, np.fmin, distinct, distinct, shapes=BINARY_SHAPES[:3])
+binary("logaddexp", tj.logaddexp, np.logaddexp, distinct, distinct, shapes=BINARY_SHAPES[:4])
+binary("logaddexp2", np.logaddexp2, np.logaddexp2, distinct, distinct, shapes=BINARY_SHAPES[:3])
+# END elementwise composites
+
 GRAD_CASES = [c for c in CASES if c.grad]
 SECOND_ORDER_CASES = [c for c in GRAD_CASES if c.second_order]
 

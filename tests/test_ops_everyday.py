@@ -4,6 +4,7 @@ numpy and PyTorch give one name two meanings."""
 import numpy as np
 import pytest
 
+import helpers
 import tracejit as tj
 
 
@@ -137,3 +138,67 @@ def test_cumprod_gradient_at_a_zero():
 
 def test_prod_of_an_empty_axis_is_one():
     np.testing.assert_array_equal(tj.jit(lambda x: tj.prod(x, 1))(np.ones((2, 0))), [1.0, 1.0])
+
+
+# ------------------------------------------------------------------------------------------------
+# elementwise composites: numpy's values over the whole float64 range, within a few ulps
+# ------------------------------------------------------------------------------------------------
+def _ulps(got, want):
+    same = (got == want) | (np.isnan(got) & np.isnan(want))
+    with np.errstate(all="ignore"):
+        err = np.abs(got - want) / np.spacing(np.abs(want))
+    return float(np.max(np.where(same, 0.0, err)))
+
+
+_RNG = np.random.default_rng(11)
+WIDE = np.concatenate([_RNG.normal(size=300) * 10.0 ** _RNG.uniform(-20, 2.5, 300),
+                       [0.0, -0.0, 1e-300, -1e-310, 709.0, 710.2, -710.2, 750.0, -750.0,
+                        np.inf, -np.inf, np.nan, -1.0, -0.9999999]])
+# measured on both backends: the most any element is off, in units in the last place
+UNARY_ULPS = {"log1p": 2, "expm1": 2, "log2": 2, "log10": 3, "exp2": 1, "reciprocal": 0,
+              "tan": 2, "deg2rad": 0, "rad2deg": 0, "fabs": 0, "sinh": 2, "cosh": 2}
+PAIRS = (_RNG.normal(size=300) * 10.0 ** _RNG.uniform(-200, 200, 300),
+         _RNG.normal(size=300) * 10.0 ** _RNG.uniform(-200, 200, 300))
+PAIRS[0][:6], PAIRS[1][:6] = [0, np.inf, 3, -np.inf, np.nan, 1e-300], [0, np.inf, 3, 1, 2, 1e-300]
+BINARY_ULPS = {"hypot": 2, "fmax": 0, "fmin": 0, "logaddexp": 1, "logaddexp2": 2}
+
+
+@pytest.mark.parametrize("backend", ["interpreter", "llvm"])
+@pytest.mark.parametrize("name", sorted(UNARY_ULPS))
+def test_unary_composites_match_numpy_to_the_ulp(name, backend):
+    x = np.abs(WIDE) if name in ("log2", "log10") else WIDE
+    with np.errstate(all="ignore"):
+        want = getattr(np, name)(x)
+    with helpers.use_backend(backend), np.errstate(all="ignore"):   # numpy warns at inf too
+        got = tj.jit(getattr(tj, name))(x)
+    assert _ulps(got, want) <= UNARY_ULPS[name]
+
+
+@pytest.mark.parametrize("backend", ["interpreter", "llvm"])
+@pytest.mark.parametrize("name", sorted(BINARY_ULPS))
+def test_binary_composites_match_numpy_to_the_ulp(name, backend):
+    for a, b in (PAIRS, (PAIRS[0] * 1e-200, PAIRS[1]), (PAIRS[1], PAIRS[1])):
+        with np.errstate(all="ignore"):
+            want = getattr(np, name)(a, b)
+        with helpers.use_backend(backend), np.errstate(all="ignore"):
+            got = tj.jit(getattr(tj, name))(a, b)
+        assert _ulps(got, want) <= BINARY_ULPS[name]
+
+
+def test_logaddexp_of_equal_operands_splits_the_gradient():
+    ga, gb = tj.jit_grad(lambda a, b: tj.logaddexp(a, b).sum(), argnums=(0, 1))(
+        np.array([1.0, -3.0]), np.array([1.0, -3.0]))
+    np.testing.assert_array_equal(ga, [0.5, 0.5])
+    np.testing.assert_array_equal(gb, [0.5, 0.5])
+
+
+def test_hypot_gradient_at_the_origin_is_zero():
+    g = tj.jit_grad(lambda a: tj.hypot(a, a * 2.0).sum())(np.array([0.0, 3.0]))
+    np.testing.assert_allclose(g, [0.0, np.sqrt(5.0)], rtol=1e-15)
+
+
+def test_numpy_ufuncs_dispatch_to_the_composites():
+    x = np.array([0.5, 2.0])
+    got = tj.jit(lambda x: (np.log1p(x), np.sinh(x), np.hypot(x, 1.0), np.radians(x)))(x)
+    for g, w in zip(got, (np.log1p(x), np.sinh(x), np.hypot(x, 1.0), np.radians(x))):
+        np.testing.assert_allclose(g, w, rtol=1e-15)

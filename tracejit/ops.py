@@ -205,6 +205,128 @@ def sign(x): return _unary(lax.sign, x)
 def stop_gradient(x): return _unary(lax.stop_gradient, x)
 
 
+# composites with numpy's accuracy: each states the rounding it avoids --------------------------
+def _finite_or_zero(x):
+    """`x` where finite, else 0: for corrections that are 0 in exact arithmetic and NaN or inf
+    only where their formula breaks down (at infinities, where the plain result is already
+    right)."""
+    return where(less(abs(x), np.inf), x, 0.0)
+
+
+@op("log1p")
+def log1p(x):
+    """log(1 + x) to full relative precision, also where 1 + x rounds to 1 (Goldberg:
+    log(w) * x / (w - 1) with w = 1 + x cancels the rounding of w). The gradient is 1 / w; the
+    correction log(w) * (x / (w - 1) - 1), 0 in exact arithmetic, is added as a constant."""
+    w = add(x, 1.0)
+    d = subtract(w, 1.0)
+    exact = equal(d, 0.0)           # |x| below half an ulp of 1: log(1 + x) = x to within x**2
+    log_w = log(w)
+    factor = divide(x, where(exact, 1.0, d))
+    correction = stop_gradient(_finite_or_zero(multiply(log_w, subtract(factor, 1.0))))
+    return where(exact, x, add(log_w, correction))
+
+
+@op("expm1")
+def expm1(x):
+    """exp(x) - 1 to full relative precision (Kahan: (u - 1) * x / log(u) with u = exp(x)
+    cancels the rounding of u). The gradient is u; the correction (u - 1) * (x / log(u) - 1), 0 in
+    exact arithmetic, is added as a constant."""
+    u = exp(x)
+    d = subtract(u, 1.0)
+    exact = equal(d, 0.0)           # |x| below half an ulp of 1: exp(x) - 1 = x
+    no_log = logical_or(exact, equal(u, 0.0))
+    factor = where(no_log, 1.0, divide(x, log(where(no_log, 0.5, u))))
+    correction = stop_gradient(_finite_or_zero(multiply(d, subtract(factor, 1.0))))
+    return where(exact, x, add(d, correction))
+
+
+_LN2 = math.log(2.0)
+
+
+@op("log2")
+def log2(x): return multiply(log(x), 1.0 / _LN2)
+@op("log10")
+def log10(x): return multiply(log(x), 1.0 / math.log(10.0))
+@op("exp2")
+def exp2(x): return power(2.0, x)
+@op("reciprocal")
+def reciprocal(x): return divide(1.0, x)
+@op("tan")
+def tan(x): return divide(sin(x), cos(x))
+@op("deg2rad")
+def deg2rad(x): return multiply(x, math.pi / 180.0)
+@op("rad2deg")
+def rad2deg(x): return multiply(x, 180.0 / math.pi)
+@op("fabs")
+def fabs(x): return abs(x)
+
+
+def _hyperbolic(x, odd: bool):
+    """sinh (odd) or cosh: (expm1(x) -+ expm1(-x)) / 2 (no cancellation near 0 for sinh), and
+    for large |x| (700 in float64, 80 in float32), where exp(x) would overflow before the result
+    does, e * e / 2 with e = exp(|x| / 2)."""
+    limit = 700.0 if result_dtype(x) == "f64" else 80.0
+    big = greater(abs(x), limit)
+    small = where(big, 0.0, x)      # each branch sees only inputs where it is chosen
+    near = multiply(subtract(expm1(small), expm1(negative(small))) if odd else
+                    add(add(expm1(small), expm1(negative(small))), 2.0), 0.5)
+    e = exp(multiply(abs(where(big, x, limit)), 0.5))
+    far = multiply(multiply(e, 0.5), e)
+    return where(big, multiply(sign(x), far) if odd else far, near)
+
+
+@op("sinh")
+def sinh(x): return _hyperbolic(x, odd=True)
+@op("cosh")
+def cosh(x): return _hyperbolic(x, odd=False)
+
+
+@op("hypot")
+def hypot(a, b):
+    """sqrt(a**2 + b**2) without overflow or underflow (the larger magnitude factored out); its
+    gradient at (0, 0) is 0."""
+    a, b = abs(a), abs(b)
+    hi, lo = maximum(a, b), minimum(a, b)
+    zero = equal(hi, 0.0)
+    r = divide(lo, where(zero, 1.0, hi))
+    out = multiply(hi, sqrt(add(multiply(r, r), 1.0)))
+    return where(zero, 0.0, where(equal(hi, np.inf), np.inf, out))
+
+
+@op("fmax")
+def fmax(a, b):
+    """numpy's fmax: the maximum, ignoring a NaN operand (maximum propagates it)."""
+    return where(not_equal(b, b), a, where(not_equal(a, a), b, maximum(a, b)))
+
+
+@op("fmin")
+def fmin(a, b):
+    return where(not_equal(b, b), a, where(not_equal(a, a), b, minimum(a, b)))
+
+
+def _log_add(a, b, tie, log_add_small):
+    # numpy's: equal operands (infinities included) give x + log(2) (tie); otherwise the larger
+    # plus the log of 1 + the smaller's share, which cannot overflow. Equal operands send half the
+    # gradient to each.
+    same = equal(a, b)
+    gap = abs(subtract(a, where(same, add(a, 1.0), b)))
+    return where(same, add(add(multiply(a, 0.5), multiply(b, 0.5)), tie),
+                 add(maximum(a, b), log_add_small(negative(gap))))
+
+
+@op("logaddexp")
+def logaddexp(a, b):
+    """log(exp(a) + exp(b)) without overflow, as numpy computes it."""
+    return _log_add(a, b, _LN2, lambda t: log1p(exp(t)))
+
+
+@op("logaddexp2")
+def logaddexp2(a, b):
+    """log2(2**a + 2**b) without overflow, as numpy computes it."""
+    return _log_add(a, b, 1.0, lambda t: multiply(log1p(exp2(t)), 1.0 / _LN2))
+
+
 def _compare(lax_fn):
     def f(a, b):
         return _binary(lax_fn, a, b)
@@ -1188,6 +1310,10 @@ UFUNCS = {
     "greater": greater, "greater_equal": greater_equal, "less": less, "less_equal": less_equal,
     "equal": equal, "not_equal": not_equal, "matmul": matmul, "square": square, "sign": sign,
     "logical_and": logical_and, "logical_or": logical_or, "logical_not": logical_not,
+    "log1p": log1p, "expm1": expm1, "log2": log2, "log10": log10, "exp2": exp2,
+    "reciprocal": reciprocal, "tan": tan, "deg2rad": deg2rad, "radians": deg2rad,
+    "rad2deg": rad2deg, "degrees": rad2deg, "fabs": fabs, "sinh": sinh, "cosh": cosh,
+    "hypot": hypot, "fmax": fmax, "fmin": fmin, "logaddexp": logaddexp, "logaddexp2": logaddexp2,
 }
 ARRAY_FUNCTIONS = {
     "sum": sum, "mean": mean, "max": max, "amax": max, "min": min, "amin": min, "dot": dot,
