@@ -805,6 +805,218 @@ for _p, _shape in ((0.5, (4, 5)), (0.2, (3,)), (0.9, (2, 3, 4))):
 add("nn.dropout", "dropout-eval", lambda x: nn.dropout(x, 0.5, training=False), lambda x: x,
     Arg((2, 3)))
 
+# ------------------------------------------------------------------------------------------------
+# everyday spellings: PyTorch's keywords and tensor methods beside numpy's, numpy's newer keywords
+# ------------------------------------------------------------------------------------------------
+EVERYDAY = [
+    ("sum", "sum-dim-keepdim", lambda x: tj.sum(x, dim=1, keepdim=True),
+     lambda x: x.sum(1, keepdims=True), Arg((2, 3, 4))),
+    ("mean", "mean-dim-tuple", lambda x: tj.mean(x, dim=(0, 2)), lambda x: x.mean((0, 2)),
+     Arg((2, 3, 4))),
+    ("max", "max-dim", lambda x: tj.max(x, dim=-1), lambda x: x.max(-1), distinct((3, 4))),
+    ("min", "min-dim-keepdim", lambda x: tj.min(x, dim=0, keepdim=True),
+     lambda x: x.min(0, keepdims=True), distinct((3, 4))),
+    ("var", "var-ddof1", lambda x: tj.var(x, 1, ddof=1), lambda x: np.var(x, 1, ddof=1),
+     Arg((3, 4))),
+    ("var", "var-correction-dim", lambda x: tj.var(x, dim=0, correction=2),
+     lambda x: np.var(x, 0, ddof=2), Arg((4, 3))),
+    ("std", "std-ddof1-all", lambda x: tj.std(x, ddof=1), lambda x: np.std(x, ddof=1),
+     Arg((3, 4))),
+    ("logsumexp", "logsumexp-dim", lambda x: tj.logsumexp(x, dim=1),
+     lambda x: ref_logsumexp(x, 1), Arg((3, 4))),
+    ("norm", "norm-dim-keepdim", lambda x: tj.norm(x, dim=0, keepdim=True),
+     lambda x: ref_norm(x, axis=0, keepdims=True), Arg((3, 4))),
+    ("clip", "clip-numpy-keywords", lambda x: tj.clip(x, a_min=-0.5, a_max=0.7),
+     lambda x: np.clip(x, -0.5, 0.7), Arg((4, 5), avoid=(-0.5, 0.7))),
+    ("clip", "clip-numpy2-min-max", lambda x: tj.clip(x, min=0.3), lambda x: np.maximum(x, 0.3),
+     Arg((6,), avoid=(0.3,))),
+    ("clip", "clip-np-dispatch-keywords", lambda x: np.clip(x, a_min=-1.0, a_max=0.5),
+     lambda x: np.clip(x, -1.0, 0.5), Arg((6,), avoid=(-1.0, 0.5))),
+    ("method.sum", "sum-dim", lambda x: x.sum(dim=0), lambda x: x.sum(0), Arg((3, 4))),
+    ("method.mean", "mean-dim-keepdim", lambda x: x.mean(dim=-1, keepdim=True),
+     lambda x: x.mean(-1, keepdims=True), Arg((3, 4))),
+    ("method.max", "method-max-dim", lambda x: x.max(dim=1), lambda x: x.max(1), distinct((3, 4))),
+    ("method.min", "min-dim", lambda x: x.min(dim=0), lambda x: x.min(0), distinct((3, 4))),
+    ("method.std", "std-dim-correction", lambda x: x.std(dim=1, correction=1),
+     lambda x: x.std(1, ddof=1), Arg((3, 4))),
+    ("method.var", "var-ddof", lambda x: x.var(ddof=1), lambda x: x.var(ddof=1), Arg((3, 4))),
+    ("method.logsumexp", "method-logsumexp-dim", lambda x: x.logsumexp(dim=0),
+     lambda x: ref_logsumexp(x, 0), Arg((3, 4))),
+    ("method.norm", "norm-dim", lambda x: x.norm(dim=1), lambda x: ref_norm(x, axis=1),
+     Arg((3, 4))),
+    ("method.view", "view-args", lambda x: x.view(4, -1), lambda x: x.reshape(4, -1),
+     Arg((2, 3, 2))),
+    ("method.view", "view-tuple", lambda x: x.view((3, 4)), lambda x: x.reshape(3, 4),
+     Arg((2, 6))),
+    ("method.permute", "permute-args", lambda x: x.permute(2, 0, 1),
+     lambda x: x.transpose(2, 0, 1), Arg((2, 3, 4))),
+    ("method.permute", "permute-tuple-negative", lambda x: x.permute((-1, 0, 1)),
+     lambda x: x.transpose(2, 0, 1), Arg((2, 3, 4))),
+    ("method.unsqueeze", "unsqueeze-0", lambda x: x.unsqueeze(0), lambda x: x[None],
+     Arg((2, 3))),
+    ("method.unsqueeze", "unsqueeze-minus1", lambda x: x.unsqueeze(-1), lambda x: x[..., None],
+     Arg((2, 3))),
+    ("method.squeeze", "squeeze-dim", lambda x: x.squeeze(dim=1), lambda x: x.squeeze(1),
+     Arg((2, 1, 3))),
+    ("method.flatten", "flatten-start1", lambda x: x.flatten(1),
+     lambda x: x.reshape(2, -1), Arg((2, 3, 4))),
+    ("method.flatten", "flatten-start-end", lambda x: x.flatten(1, 2),
+     lambda x: x.reshape(2, 12, 5), Arg((2, 3, 4, 5))),
+    ("method.flatten", "flatten-0d", lambda x: x.flatten(), lambda x: x.reshape(1), Arg(())),
+    ("method.ravel", "ravel", lambda x: x.ravel(), np.ravel, Arg((2, 3))),
+    ("method.mT", "mT-3d", lambda x: x.mT, lambda x: np.swapaxes(x, -1, -2), Arg((2, 3, 4))),
+    ("method.swapaxes", "swapaxes", lambda x: x.swapaxes(0, -1),
+     lambda x: np.swapaxes(x, 0, -1), Arg((2, 3, 4))),
+    ("method.t", "t-2d", lambda x: x.t(), lambda x: x.T, Arg((3, 4))),
+    ("method.t", "t-1d", lambda x: x.t(), lambda x: x, Arg((3,))),
+    ("method.clamp", "clamp-min-max", lambda x: x.clamp(-0.5, 1.0),
+     lambda x: np.clip(x, -0.5, 1.0), Arg((5,), avoid=(-0.5, 1.0))),
+    ("method.clamp", "clamp-max-only", lambda x: x.clamp(max=0.2),
+     lambda x: np.minimum(x, 0.2), Arg((5,), avoid=(0.2,))),
+    ("method.clip", "clip-min-keyword", lambda x: x.clip(min=0.1), lambda x: np.maximum(x, 0.1),
+     Arg((5,), avoid=(0.1,))),
+]
+for _op, _id, _fn, _ref, *_args in EVERYDAY:
+    add(_op, f"everyday-{_id}", _fn, _ref, *_args)
+# END everyday spellings
+
+# rearranging and assembling arrays (numpy's names; np.<name>(tracer) dispatches to them) ---------
+def _weighted(parts):
+    """Pieces of a split combined so that each piece's gradient differs."""
+    return sum((k + 1.0) * (p * p).sum() for k, p in enumerate(parts))
+
+
+REARRANGE = [
+    ("getitem", "negative-steps", lambda x: x[::-1, 3:0:-2, ::-3],
+     lambda x: x[::-1, 3:0:-2, ::-3], Arg((3, 4, 5))),
+    ("getitem", "negative-step-int-newaxis", lambda x: x[None, -2::-1, 1],
+     lambda x: x[None, -2::-1, 1], Arg((4, 3))),
+    ("flip", "flip-axes", lambda x: tj.flip(x, (0, 2)), lambda x: np.flip(x, (0, 2)),
+     Arg((2, 3, 4))),
+    ("flip", "flip-all-np", lambda x: np.flip(x), lambda x: x[::-1, ::-1], Arg((3, 2))),
+    ("flipud", "flipud", tj.flipud, lambda x: x[::-1], Arg((3, 2))),
+    ("fliplr", "fliplr", lambda x: np.fliplr(x), lambda x: x[:, ::-1], Arg((3, 2, 2))),
+    ("pad", "pad-constant-value", lambda x: tj.pad(x, ((1, 2), (0, 1)), constant_values=1.5),
+     lambda x: np.pad(x, ((1, 2), (0, 1)), constant_values=1.5), Arg((3, 4))),
+    ("pad", "pad-constant-int", lambda x: np.pad(x, 2), lambda x: np.pad(x, 2), Arg((2, 3))),
+    ("pad", "pad-edge", lambda x: tj.pad(x, ((1, 2), (3, 1)), mode="edge"),
+     lambda x: np.pad(x, ((1, 2), (3, 1)), mode="edge"), Arg((3, 4))),
+    ("pad", "pad-reflect", lambda x: tj.pad(x, ((2, 1), (1, 3)), mode="reflect"),
+     lambda x: np.pad(x, ((2, 1), (1, 3)), mode="reflect"), Arg((3, 4))),
+    ("pad", "pad-symmetric-3d", lambda x: tj.pad(x, (0, 2), mode="symmetric"),
+     lambda x: np.pad(x, (0, 2), mode="symmetric"), Arg((2, 2, 3))),
+    ("pad", "pad-wrap", lambda x: tj.pad(x, ((3, 1),), mode="wrap"),
+     lambda x: np.pad(x, ((3, 1),), mode="wrap"), Arg((4,))),
+    ("split", "split-sections", lambda x: _weighted(tj.split(x, 2, axis=1)),
+     lambda x: _weighted(np.split(x, 2, axis=1)), Arg((3, 4))),
+    ("split", "split-indices", lambda x: _weighted(np.split(x, [1, -1, 9])),
+     lambda x: _weighted(np.split(x, [1, -1, 9])), Arg((5, 2))),
+    ("array_split", "array_split-uneven", lambda x: _weighted(tj.array_split(x, 3, axis=-1)),
+     lambda x: _weighted(np.array_split(x, 3, axis=-1)), Arg((2, 7))),
+    ("tile", "tile-3d-reps", lambda x: tj.tile(x, (2, 1, 3)), lambda x: np.tile(x, (2, 1, 3)),
+     Arg((2, 3))),
+    ("tile", "tile-int", lambda x: np.tile(x, 2), lambda x: np.tile(x, 2), Arg((2, 3))),
+    ("repeat", "repeat-axis", lambda x: tj.repeat(x, 2, axis=1), lambda x: np.repeat(x, 2, 1),
+     Arg((2, 3))),
+    ("repeat", "repeat-flat", lambda x: np.repeat(x, 3), lambda x: np.repeat(x, 3), Arg((2, 2))),
+    ("repeat", "repeat-counts", lambda x: tj.repeat(x, [1, 0, 3], axis=0),
+     lambda x: np.repeat(x, [1, 0, 3], axis=0), Arg((3, 2))),
+    ("roll", "roll-flat", lambda x: tj.roll(x, 2), lambda x: np.roll(x, 2), Arg((3, 4))),
+    ("roll", "roll-axes", lambda x: np.roll(x, (-1, 7), axis=(0, 1)),
+     lambda x: np.roll(x, (-1, 7), axis=(0, 1)), Arg((3, 4))),
+    ("diff", "diff-last", tj.diff, np.diff, Arg((3, 5))),
+    ("diff", "diff-second-axis0", lambda x: np.diff(x, 2, axis=0),
+     lambda x: np.diff(x, 2, axis=0), Arg((4, 3))),
+    ("tril", "tril-k-minus1", lambda x: tj.tril(x, -1), lambda x: np.tril(x, -1), Arg((4, 3))),
+    ("triu", "triu-batched-k1", lambda x: np.triu(x, 1), lambda x: np.triu(x, 1),
+     Arg((2, 3, 4))),
+    ("diagonal", "diagonal-axes-offset", lambda x: tj.diagonal(x, 1, 2, 0),
+     lambda x: np.diagonal(x, 1, 2, 0), Arg((3, 2, 4))),
+    ("diag", "diag-of-matrix", lambda x: tj.diag(x, -1), lambda x: np.diag(x, -1), Arg((4, 3))),
+    ("diag", "diag-from-vector", lambda x: tj.diag(x, 2), lambda x: np.diag(x, 2), Arg((3,))),
+    ("diag", "diag-from-vector-below", lambda x: np.diag(x, -1), lambda x: np.diag(x, -1),
+     Arg((3,))),
+    ("trace", "trace", tj.trace, np.trace, Arg((3, 4))),
+    ("trace", "trace-offset-axes", lambda x: np.trace(x, -1, 1, 2),
+     lambda x: np.trace(x, -1, 1, 2), Arg((2, 3, 3))),
+    ("eye", "eye-matmul", lambda x: x @ tj.eye(4, 3, 1), lambda x: x @ np.eye(4, 3, 1),
+     Arg((2, 4))),
+    ("zeros_like", "zeros_like", lambda x: tj.zeros_like(x) + x, lambda x: x, Arg((2, 3))),
+    ("ones_like", "ones_like", lambda x: np.ones_like(x) * x, lambda x: x, Arg((2, 3))),
+    ("full_like", "full_like", lambda x: tj.full_like(x, 2.5) * x, lambda x: 2.5 * x,
+     Arg((2, 3))),
+    ("moveaxis", "moveaxis-two", lambda x: tj.moveaxis(x, [0, 1], [-1, 0]),
+     lambda x: np.moveaxis(x, [0, 1], [-1, 0]), Arg((2, 3, 4))),
+    ("ravel", "ravel", np.ravel, np.ravel, Arg((2, 3))),
+    ("atleast_1d", "atleast_1d-scalar", tj.atleast_1d, np.atleast_1d, Arg(())),
+    ("atleast_2d", "atleast_2d-vector", np.atleast_2d, np.atleast_2d, Arg((3,))),
+    ("atleast_3d", "atleast_3d-matrix", tj.atleast_3d, np.atleast_3d, Arg((2, 3))),
+    ("atleast_3d", "atleast_3d-vector", np.atleast_3d, np.atleast_3d, Arg((3,))),
+    ("vstack", "vstack-vectors", lambda a, b: tj.vstack([a, b]), lambda a, b: np.vstack([a, b]),
+     Arg((3,)), Arg((3,))),
+    ("hstack", "hstack-matrices", lambda a, b: np.hstack([a, b]),
+     lambda a, b: np.hstack([a, b]), Arg((2, 3)), Arg((2, 1))),
+    ("hstack", "hstack-vectors", lambda a, b: tj.hstack((a, b)), lambda a, b: np.hstack((a, b)),
+     Arg((2,)), Arg((3,))),
+    ("dstack", "dstack", lambda a, b: tj.dstack([a, b]), lambda a, b: np.dstack([a, b]),
+     Arg((2, 3)), Arg((2, 3))),
+    ("column_stack", "column_stack", lambda a, b: np.column_stack([a, b]),
+     lambda a, b: np.column_stack([a, b]), Arg((3,)), Arg((3, 2))),
+]
+for _op, _id, _fn, _ref, *_args in REARRANGE:
+    add(_op, f"rearrange-{_id}", _fn, _ref, *_args)
+# END rearranging
+
+# products and scans ------------------------------------------------------------------------------
+SCANS = [
+    ("prod", "prod-all", tj.prod, np.prod, Arg((3, 4), lo=0.5, hi=1.5)),
+    ("prod", "prod-axis-odd", lambda x: tj.prod(x, 1), lambda x: np.prod(x, 1), Arg((2, 7))),
+    ("prod", "prod-axes-keepdims", lambda x: np.prod(x, axis=(0, 2), keepdims=True),
+     lambda x: np.prod(x, axis=(0, 2), keepdims=True), Arg((3, 2, 3))),
+    ("prod", "prod-dim-1-element", lambda x: tj.prod(x, dim=0), lambda x: np.prod(x, 0),
+     Arg((1, 3))),
+    ("method.prod", "prod-method-dim", lambda x: x.prod(dim=-1), lambda x: x.prod(-1),
+     Arg((3, 5))),
+    ("cumsum", "cumsum-flat", tj.cumsum, np.cumsum, Arg((3, 4))),
+    ("cumsum", "cumsum-axis-odd", lambda x: np.cumsum(x, axis=1), lambda x: np.cumsum(x, 1),
+     Arg((2, 11, 2))),
+    ("cumsum", "cumsum-1-element", lambda x: tj.cumsum(x, 0), lambda x: np.cumsum(x, 0),
+     Arg((1,))),
+    ("method.cumsum", "cumsum-method-dim", lambda x: x.cumsum(dim=0), lambda x: x.cumsum(0),
+     Arg((5, 2))),
+    ("cumprod", "cumprod-flat", tj.cumprod, np.cumprod, Arg((2, 3), lo=0.5, hi=1.5)),
+    ("cumprod", "cumprod-axis", lambda x: np.cumprod(x, axis=-1), lambda x: np.cumprod(x, -1),
+     Arg((3, 6))),
+    ("method.cumprod", "cumprod-method", lambda x: x.cumprod(0), lambda x: x.cumprod(0),
+     Arg((5, 2))),
+]
+for _op, _id, _fn, _ref, *_args in SCANS:
+    add(_op, f"scan-{_id}", _fn, _ref, *_args)
+# END products and scans
+
+# elementwise composites with numpy's accuracy (their ulp errors: tests/test_ops_everyday.py) ------
+unary("log1p", tj.log1p, np.log1p, lambda s: Arg(s, lo=-0.9, hi=3.0))
+add("log1p", "log1p-tiny", lambda x: tj.log1p(x * 1e-9), lambda x: np.log1p(x * 1e-9),
+    Arg((5,)))
+unary("expm1", tj.expm1, np.expm1)
+add("expm1", "expm1-tiny", lambda x: np.expm1(x * 1e-9), lambda x: np.expm1(x * 1e-9), Arg((5,)))
+unary("log2", tj.log2, np.log2, pos, shapes=((2, 3),))
+unary("log10", np.log10, np.log10, pos, shapes=((2, 3),))
+unary("exp2", tj.exp2, np.exp2, shapes=((2, 3), ()))
+unary("reciprocal", tj.reciprocal, np.reciprocal, pos, shapes=((2, 3),))
+unary("tan", tj.tan, np.tan, lambda s: Arg(s, lo=-1.3, hi=1.3), shapes=((2, 3),))
+unary("deg2rad", tj.deg2rad, np.deg2rad, shapes=((4,),))
+unary("rad2deg", np.rad2deg, np.rad2deg, shapes=((4,),))
+unary("fabs", tj.fabs, np.fabs, nonzero, shapes=((4,),))
+unary("sinh", tj.sinh, np.sinh, lambda s: Arg(s, lo=-4.0, hi=4.0))
+unary("cosh", np.cosh, np.cosh, lambda s: Arg(s, lo=-4.0, hi=4.0), shapes=((2, 3), ()))
+binary("hypot", tj.hypot, np.hypot, nonzero, nonzero, shapes=BINARY_SHAPES[:4])
+binary("fmax", tj.fmax, np.fmax, distinct, distinct, shapes=BINARY_SHAPES[:3])
+binary("fmin", np.fmin, np.fmin, distinct, distinct, shapes=BINARY_SHAPES[:3])
+binary("logaddexp", tj.logaddexp, np.logaddexp, distinct, distinct, shapes=BINARY_SHAPES[:4])
+binary("logaddexp2", np.logaddexp2, np.logaddexp2, distinct, distinct, shapes=BINARY_SHAPES[:3])
+# END elementwise composites
+
 GRAD_CASES = [c for c in CASES if c.grad]
 SECOND_ORDER_CASES = [c for c in GRAD_CASES if c.second_order]
 

@@ -244,8 +244,7 @@ def test_leaked_tracer():
     (lambda x: x[np.array([True, False, True])], TypeError, "boolean mask is not supported"),
     (lambda x: x[5], IndexError, "index 5 is out of bounds for axis 0 with size 3"),
     (lambda x: x[0, 0], IndexError, "too many indices"),
-    (lambda x: x[::-1], NotImplementedError, "negative steps"),
-], ids=["traced", "bool-mask", "out-of-bounds", "too-many", "negative-step"])
+], ids=["traced", "bool-mask", "out-of-bounds", "too-many"])
 def test_unsupported_indexing(index, error, match):
     with pytest.raises(error, match=match):
         jit_grad(lambda x: index(x).sum())(np.ones(3))

@@ -25,11 +25,15 @@ from .errors import (  # noqa: F401
     CaptureWarning, IRError, MissingRuleError, ShapeError, TracejitWarning, TracerError,
     UnsupportedError, ZeroGradientWarning)
 from .ops import (  # noqa: F401
-    abs, add, clip, concatenate, cos, divide, dot, equal, exp, expand_dims, greater, greater_equal,
-    less, less_equal, log, logical_and, logical_not, logical_or, logsumexp, matmul, max, maximum,
-    mean, min, minimum, mm, multiply, mv, negative, norm, not_equal, outer, power, reshape, sign,
-    sin, sqrt, square, squeeze, stack, std, stop_gradient, subtract, sum, swapaxes, take_along_axis,
-    tanh, transpose, var, where)
+    abs, add, array_split, atleast_1d, atleast_2d, atleast_3d, clip, column_stack, concatenate,
+    cos, cosh, cumprod, cumsum, deg2rad, diag, diagonal, diff, divide, dot, dstack, equal, exp,
+    exp2, expand_dims, expm1, eye, fabs, flip, fliplr, flipud, fmax, fmin, full_like, greater,
+    greater_equal, hstack, hypot, less, less_equal, log, log10, log1p, log2, logaddexp,
+    logaddexp2, logical_and, logical_not, logical_or, logsumexp, matmul, max, maximum, mean,
+    min, minimum, mm, moveaxis, multiply, mv, negative, norm, not_equal, ones_like, outer, pad,
+    power, prod, rad2deg, ravel, reciprocal, repeat, reshape, roll, sign, sin, sinh, split,
+    sqrt, square, squeeze, stack, std, stop_gradient, subtract, sum, swapaxes, take_along_axis,
+    tan, tanh, tile, trace, transpose, tril, triu, var, vstack, where, zeros_like)
 from .nn import erf  # noqa: F401  (tracejit.erf: a composite that lives beside gelu)
 from .tracer import Tracer  # noqa: F401
 from .transforms import hessian, jacfwd, jacrev, jit_jvp  # noqa: F401

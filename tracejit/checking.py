@@ -155,8 +155,11 @@ class _GradCheck:
         """<gradient, t> against the central difference of fun along t: every element counts."""
         eps = self.eps
         ts = [rng.standard_normal(x.shape) for x in self.xs]
-        directional = (self.value([x + eps * t for x, t in zip(self.fd_xs, ts)])
-                       - self.value([x - eps * t for x, t in zip(self.fd_xs, ts)])) / (2 * eps)
+        # np.asarray: a 0-d array plus a 0-d array is a numpy scalar, which jit reads as a weak
+        # (float32) constant, and the differences would be taken in float32
+        directional = (self.value([np.asarray(x + eps * t) for x, t in zip(self.fd_xs, ts)])
+                       - self.value([np.asarray(x - eps * t) for x, t in zip(self.fd_xs, ts)])
+                       ) / (2 * eps)
         products = [g.astype(np.float64) * t for g, t in zip(self.grads, ts)]
         inner = sum(float(np.sum(q)) for q in products)
         scale = max(1.0, sum(float(np.sum(np.abs(q))) for q in products))
@@ -181,9 +184,9 @@ class _GradCheck:
         hv = [leaf for g in jit_grad(grad_dot_v, argnums=self.nums)(*self.args)
               for leaf in _leaves(g)]
         plus = self.flat_grads(self.with_leaves(
-            self.fd_args, [x + eps * v for x, v in zip(self.fd_xs, vs)]))
+            self.fd_args, [np.asarray(x + eps * v) for x, v in zip(self.fd_xs, vs)]))
         minus = self.flat_grads(self.with_leaves(
-            self.fd_args, [x - eps * v for x, v in zip(self.fd_xs, vs)]))
+            self.fd_args, [np.asarray(x - eps * v) for x, v in zip(self.fd_xs, vs)]))
         for p, h, gp, gm in zip(self.paths, hv, plus, minus):
             fd = ((gp.astype(np.float64) - gm.astype(np.float64)) / (2 * eps)).reshape(-1)
             self.compare(np.asarray(h, np.float64).reshape(-1), fd, np.arange(fd.size),

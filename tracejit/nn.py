@@ -81,31 +81,8 @@ tanh = ops.tanh
 # exp(x) that overflows would turn the zero cotangent into 0 * inf = NaN), and log(1 + u), exp(x) - 1
 # go through _log1p and _expm1, which keep full relative precision for tiny u and x.
 # ------------------------------------------------------------------------------------------------
-def _log1p(u):
-    """log(1 + u) for u >= 0 to full relative precision, also where 1 + u rounds to 1 (Goldberg:
-    log(w) * u / (w - 1) with w = 1 + u cancels the rounding of w). The gradient is 1 / w, which
-    the rounding of w does not spoil: the correction log(w) * (u / (w - 1) - 1) is added as a
-    constant (it is 0 in exact arithmetic)."""
-    w = ops.add(u, 1.0)
-    d = ops.subtract(w, 1.0)
-    exact = ops.equal(d, 0.0)           # u below half an ulp of 1: log(1 + u) = u to within u**2
-    log_w = ops.log(w)
-    factor = ops.divide(u, ops.where(exact, 1.0, d))
-    correction = ops.stop_gradient(ops.multiply(log_w, ops.subtract(factor, 1.0)))
-    return ops.where(exact, u, ops.add(log_w, correction))
-
-
-def _expm1(x):
-    """exp(x) - 1 for x <= 0 to full relative precision (Kahan: (u - 1) * x / log(u) with
-    u = exp(x) cancels the rounding of u). The gradient is u; the correction
-    (u - 1) * (x / log(u) - 1), 0 in exact arithmetic, is added as a constant."""
-    u = ops.exp(x)
-    d = ops.subtract(u, 1.0)
-    exact = ops.equal(d, 0.0)           # |x| below half an ulp of 1: exp(x) - 1 = x
-    no_log = ops.logical_or(exact, ops.equal(u, 0.0))
-    factor = ops.where(no_log, 1.0, ops.divide(x, ops.log(ops.where(no_log, 0.5, u))))
-    correction = ops.stop_gradient(ops.multiply(d, ops.subtract(factor, 1.0)))
-    return ops.where(exact, x, ops.add(d, correction))
+_log1p = ops.log1p   # full relative precision for tiny u, gradient 1 / (1 + u)
+_expm1 = ops.expm1   # full relative precision for tiny x, gradient exp(x)
 
 
 def _float(x):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import itertools
 import math
 import numbers
 
@@ -205,6 +206,128 @@ def sign(x): return _unary(lax.sign, x)
 def stop_gradient(x): return _unary(lax.stop_gradient, x)
 
 
+# composites with numpy's accuracy: each states the rounding it avoids --------------------------
+def _finite_or_zero(x):
+    """`x` where finite, else 0: for corrections that are 0 in exact arithmetic and NaN or inf
+    only where their formula breaks down (at infinities, where the plain result is already
+    right)."""
+    return where(less(abs(x), np.inf), x, 0.0)
+
+
+@op("log1p")
+def log1p(x):
+    """log(1 + x) to full relative precision, also where 1 + x rounds to 1 (Goldberg:
+    log(w) * x / (w - 1) with w = 1 + x cancels the rounding of w). The gradient is 1 / w; the
+    correction log(w) * (x / (w - 1) - 1), 0 in exact arithmetic, is added as a constant."""
+    w = add(x, 1.0)
+    d = subtract(w, 1.0)
+    exact = equal(d, 0.0)           # |x| below half an ulp of 1: log(1 + x) = x to within x**2
+    log_w = log(w)
+    factor = divide(x, where(exact, 1.0, d))
+    correction = stop_gradient(_finite_or_zero(multiply(log_w, subtract(factor, 1.0))))
+    return where(exact, x, add(log_w, correction))
+
+
+@op("expm1")
+def expm1(x):
+    """exp(x) - 1 to full relative precision (Kahan: (u - 1) * x / log(u) with u = exp(x)
+    cancels the rounding of u). The gradient is u; the correction (u - 1) * (x / log(u) - 1), 0 in
+    exact arithmetic, is added as a constant."""
+    u = exp(x)
+    d = subtract(u, 1.0)
+    exact = equal(d, 0.0)           # |x| below half an ulp of 1: exp(x) - 1 = x
+    no_log = logical_or(exact, equal(u, 0.0))
+    factor = where(no_log, 1.0, divide(x, log(where(no_log, 0.5, u))))
+    correction = stop_gradient(_finite_or_zero(multiply(d, subtract(factor, 1.0))))
+    return where(exact, x, add(d, correction))
+
+
+_LN2 = math.log(2.0)
+
+
+@op("log2")
+def log2(x): return multiply(log(x), 1.0 / _LN2)
+@op("log10")
+def log10(x): return multiply(log(x), 1.0 / math.log(10.0))
+@op("exp2")
+def exp2(x): return power(2.0, x)
+@op("reciprocal")
+def reciprocal(x): return divide(1.0, x)
+@op("tan")
+def tan(x): return divide(sin(x), cos(x))
+@op("deg2rad")
+def deg2rad(x): return multiply(x, math.pi / 180.0)
+@op("rad2deg")
+def rad2deg(x): return multiply(x, 180.0 / math.pi)
+@op("fabs")
+def fabs(x): return abs(x)
+
+
+def _hyperbolic(x, odd: bool):
+    """sinh (odd) or cosh: (expm1(x) -+ expm1(-x)) / 2 (no cancellation near 0 for sinh), and
+    for large |x| (700 in float64, 80 in float32), where exp(x) would overflow before the result
+    does, e * e / 2 with e = exp(|x| / 2)."""
+    limit = 700.0 if result_dtype(x) == "f64" else 80.0
+    big = greater(abs(x), limit)
+    small = where(big, 0.0, x)      # each branch sees only inputs where it is chosen
+    near = multiply(subtract(expm1(small), expm1(negative(small))) if odd else
+                    add(add(expm1(small), expm1(negative(small))), 2.0), 0.5)
+    e = exp(multiply(abs(where(big, x, limit)), 0.5))
+    far = multiply(multiply(e, 0.5), e)
+    return where(big, multiply(sign(x), far) if odd else far, near)
+
+
+@op("sinh")
+def sinh(x): return _hyperbolic(x, odd=True)
+@op("cosh")
+def cosh(x): return _hyperbolic(x, odd=False)
+
+
+@op("hypot")
+def hypot(a, b):
+    """sqrt(a**2 + b**2) without overflow or underflow (the larger magnitude factored out); its
+    gradient at (0, 0) is 0."""
+    a, b = abs(a), abs(b)
+    hi, lo = maximum(a, b), minimum(a, b)
+    zero = equal(hi, 0.0)
+    r = divide(lo, where(zero, 1.0, hi))
+    out = multiply(hi, sqrt(add(multiply(r, r), 1.0)))
+    return where(zero, 0.0, where(equal(hi, np.inf), np.inf, out))
+
+
+@op("fmax")
+def fmax(a, b):
+    """numpy's fmax: the maximum, ignoring a NaN operand (maximum propagates it)."""
+    return where(not_equal(b, b), a, where(not_equal(a, a), b, maximum(a, b)))
+
+
+@op("fmin")
+def fmin(a, b):
+    return where(not_equal(b, b), a, where(not_equal(a, a), b, minimum(a, b)))
+
+
+def _log_add(a, b, tie, log_add_small):
+    # numpy's: equal operands (infinities included) give x + log(2) (tie); otherwise the larger
+    # plus the log of 1 + the smaller's share, which cannot overflow. Equal operands send half the
+    # gradient to each.
+    same = equal(a, b)
+    gap = abs(subtract(a, where(same, add(a, 1.0), b)))
+    return where(same, add(add(multiply(a, 0.5), multiply(b, 0.5)), tie),
+                 add(maximum(a, b), log_add_small(negative(gap))))
+
+
+@op("logaddexp")
+def logaddexp(a, b):
+    """log(exp(a) + exp(b)) without overflow, as numpy computes it."""
+    return _log_add(a, b, _LN2, lambda t: log1p(exp(t)))
+
+
+@op("logaddexp2")
+def logaddexp2(a, b):
+    """log2(2**a + 2**b) without overflow, as numpy computes it."""
+    return _log_add(a, b, 1.0, lambda t: multiply(log1p(exp2(t)), 1.0 / _LN2))
+
+
 def _compare(lax_fn):
     def f(a, b):
         return _binary(lax_fn, a, b)
@@ -247,12 +370,26 @@ def where(cond, a, b):
 
 
 @op("clip")
-def clip(x, lo=None, hi=None):
+def clip(a, a_min=None, a_max=None, *, min=None, max=None):
+    """numpy's clip: `a` limited to [a_min, a_max] (either bound None: no limit); numpy 2's
+    keywords `min=`/`max=` are the same bounds. At a bound the gradient is split in half, as for
+    maximum/minimum."""
+    lo = _one_of("clip", "a_min", a_min, "min", min)
+    hi = _one_of("clip", "a_max", a_max, "max", max)
     if lo is not None:
-        x = maximum(x, lo)
+        a = maximum(a, lo)
     if hi is not None:
-        x = minimum(x, hi)
-    return x
+        a = minimum(a, hi)
+    return a
+
+
+def _one_of(what, name, value, alias, alias_value):
+    """The value of a parameter that has two spellings (numpy's and PyTorch's), given at most once."""
+    if alias_value is None:
+        return value
+    if value is not None:
+        raise TypeError(f"{what}: got both {name}= and {alias}= (two spellings of one parameter)")
+    return alias_value
 
 
 @op("astype")
@@ -282,6 +419,17 @@ def _axes(x: Value, axis):
     return tuple(sorted(set(out)))
 
 
+def _torch_axis(what, axis, keepdims, dim, keepdim):
+    """(axis, keepdims) from numpy's spelling or PyTorch's (`dim=`, `keepdim=`), not both."""
+    axis = _one_of(what, "axis", axis, "dim", dim)
+    if keepdim is not None:
+        if keepdims:
+            raise TypeError(f"{what}: got both keepdims= and keepdim= (two spellings of one "
+                            f"parameter)")
+        keepdims = keepdim
+    return axis, bool(keepdims)
+
+
 def _keep(x: Value, y: Value, axes, keepdims):
     if not keepdims:
         return y
@@ -289,14 +437,16 @@ def _keep(x: Value, y: Value, axes, keepdims):
 
 
 @op("sum")
-def sum(x, axis=None, keepdims=False):
+def sum(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+    axis, keepdims = _torch_axis("sum", axis, keepdims, dim, keepdim)
     v = as_value(x, result_dtype(x))
     axes = _axes(v, axis)
     return wrap(_keep(v, lax.reduce_sum(v, axes), axes, keepdims))
 
 
 @op("mean")
-def mean(x, axis=None, keepdims=False):
+def mean(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+    axis, keepdims = _torch_axis("mean", axis, keepdims, dim, keepdim)
     v = as_value(x, result_dtype(x))
     axes = _axes(v, axis)
     count = math.prod(v.shape[a] for a in axes)
@@ -304,21 +454,32 @@ def mean(x, axis=None, keepdims=False):
 
 
 @op("max")
-def max(x, axis=None, keepdims=False):
+def max(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+    axis, keepdims = _torch_axis("max", axis, keepdims, dim, keepdim)
     v = as_value(x, result_dtype(x))
     axes = _axes(v, axis)
     return wrap(_keep(v, lax.reduce_max(v, axes), axes, keepdims))
 
 
 @op("min")
-def min(x, axis=None, keepdims=False):
+def min(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+    axis, keepdims = _torch_axis("min", axis, keepdims, dim, keepdim)
     return negative(max(negative(x), axis, keepdims))
 
 
 @op("var")
-def var(x, axis=None, keepdims=False):
+def var(x, axis=None, keepdims=False, ddof=0, *, dim=None, keepdim=None, correction=None):
+    """numpy's var: the mean squared deviation, divided by N - ddof instead of N (ddof=1: the
+    unbiased estimate; PyTorch's `correction=` is ddof, its default of 1 does not apply here).
+    N - ddof <= 0 gives inf or NaN, as numpy."""
+    axis, keepdims = _torch_axis("var", axis, keepdims, dim, keepdim)
+    ddof = _one_of("var", "ddof", ddof or None, "correction", correction) or 0
     d = subtract(x, mean(x, axis, keepdims=True))
-    return mean(multiply(d, d), axis, keepdims)
+    if not ddof:
+        return mean(multiply(d, d), axis, keepdims)
+    count = math.prod(shape_of(x)[a] for a in _axes(_layout_value(x), axis))
+    # numpy divides by max(N - ddof, 0): inf or NaN past the sample size, no error
+    return divide(sum(multiply(d, d), axis, keepdims), float(builtins.max(count - ddof, 0)))
 
 
 def _sqrt_zero_subgradient(x):
@@ -331,14 +492,16 @@ def _sqrt_zero_subgradient(x):
 
 
 @op("std")
-def std(x, axis=None, keepdims=False):
-    """The population standard deviation (numpy's ddof=0); its gradient where it is 0 (constant
-    values, a reduction of size 1, a 0-d array) is 0."""
-    return _sqrt_zero_subgradient(var(x, axis, keepdims))
+def std(x, axis=None, keepdims=False, ddof=0, *, dim=None, keepdim=None, correction=None):
+    """numpy's std: the square root of var (same `ddof`; PyTorch's `correction=`); its gradient
+    where it is 0 (constant values, a reduction of size 1, a 0-d array) is 0."""
+    return _sqrt_zero_subgradient(var(x, axis, keepdims, ddof, dim=dim, keepdim=keepdim,
+                                      correction=correction))
 
 
 @op("logsumexp")
-def logsumexp(x, axis=None, keepdims=False):
+def logsumexp(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+    axis, keepdims = _torch_axis("logsumexp", axis, keepdims, dim, keepdim)
     # The shift by the maximum only guards exp against overflow. An infinite maximum (an inf, or
     # only -inf) would make it inf - inf = NaN; shifting by 0 there gives log(sum(exp(x))) = +-inf.
     m = stop_gradient(max(x, axis, keepdims=True))
@@ -350,9 +513,10 @@ def logsumexp(x, axis=None, keepdims=False):
 
 
 @op("norm")
-def norm(x, ord=None, axis=None, keepdims=False):
+def norm(x, ord=None, axis=None, keepdims=False, *, dim=None, keepdim=None):
     """Vector norms (ord None/2, 1, inf) and the Frobenius norm of a whole array. The gradient of
-    the 2-norm at zero is zero."""
+    the 2-norm at zero is zero. PyTorch's `dim=`/`keepdim=` spell axis and keepdims."""
+    axis, keepdims = _torch_axis("norm", axis, keepdims, dim, keepdim)
     if ord in (None, 2, "fro"):
         if ord == 2 and axis is None and getattr(x, "ndim", 1) > 1:
             raise NotImplementedError("norm: the spectral norm (ord=2 of a matrix) is not supported; "
@@ -363,6 +527,69 @@ def norm(x, ord=None, axis=None, keepdims=False):
     if ord in (np.inf, float("inf")):
         return max(abs(x), axis, keepdims)
     raise NotImplementedError(f"norm: ord={ord!r} is not supported (use None, 1 or inf)")
+
+
+# products and running sums and products: trees of multiplies and log-step scans over slices, so
+# gradients are exact products (no division: zeros are fine) and second derivatives come for free
+# ------------------------------------------------------------------------------------------------
+def _ones_like_part(v: Value, axis: int, n: int) -> Value:
+    return lax.full(1, v.shape[:axis] + (n,) + v.shape[axis + 1:], v.dtype)
+
+
+@op("prod")
+def prod(a, axis=None, keepdims=False, *, dim=None, keepdim=None):
+    """numpy's prod: a balanced tree of multiplies over the reduced axes (log2(n) levels of
+    elementwise products of even and odd slices)."""
+    axis, keepdims = _torch_axis("prod", axis, keepdims, dim, keepdim)
+    v = as_value(a, result_dtype(a))
+    axes = _axes(v, axis)
+    rest = [d for d in range(v.ndim) if d not in axes]
+    k = math.prod(v.shape[d] for d in axes)
+    y = lax.reshape(lax.transpose(v, rest + list(axes)) if axes else v,
+                    tuple(v.shape[d] for d in rest) + (k,))
+    last = y.ndim - 1
+    if k == 0:
+        y = _ones_like_part(y, last, 1)
+    while y.shape[last] > 1:
+        n = y.shape[last]
+        if n % 2:   # an odd length gets a 1 to pair with
+            y, n = lax.concatenate([y, _ones_like_part(y, last, 1)], last), n + 1
+        even = lax.slice_(y, [0] * y.ndim, y.shape, [1] * last + [2])
+        odd = lax.slice_(y, [0] * last + [1], y.shape, [1] * last + [2])
+        y = lax.mul(even, odd)
+    y = lax.reshape(y, tuple(v.shape[d] for d in rest))
+    return wrap(_keep(v, y, axes, keepdims))
+
+
+def _scan(what, a, axis, combine, identity):
+    """Inclusive scan along `axis` (None: of the flattened array) by log-step doubling
+    (Hillis-Steele): after the step with shift d, element i combines elements i - 2d + 1 .. i."""
+    v = as_value(a, result_dtype(a))
+    if axis is None:
+        v, axis = lax.reshape(v, (v.type.size,)), 0
+    axis = _axis_arg(v, axis, what)
+    n = v.shape[axis]
+    d = 1
+    while d < n:
+        shifted = lax.concatenate([lax.full(identity, v.shape[:axis] + (d,) + v.shape[axis + 1:],
+                                            v.dtype), _slice_axis(v, axis, 0, n - d)], axis)
+        v = combine(v, shifted)
+        d *= 2
+    return wrap(v)
+
+
+@op("cumsum")
+def cumsum(a, axis=None, *, dim=None):
+    """numpy's cumsum (PyTorch's `dim=` spells axis): ceil(log2 n) vectorized adds of shifted
+    copies, whose adjoint is the reversed running sum."""
+    return _scan("cumsum", a, _one_of("cumsum", "axis", axis, "dim", dim), lax.add, 0)
+
+
+@op("cumprod")
+def cumprod(a, axis=None, *, dim=None):
+    """numpy's cumprod (PyTorch's `dim=` spells axis), by the same log-step scan with multiplies:
+    its gradient is exact where elements are zero."""
+    return _scan("cumprod", a, _one_of("cumprod", "axis", axis, "dim", dim), lax.mul, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -463,13 +690,29 @@ def swapaxes(x, a, b):
 
 
 @op("squeeze")
-def squeeze(x, axis=None):
+def squeeze(x, axis=None, *, dim=None):
+    axis = _one_of("squeeze", "axis", axis, "dim", dim)
     v = _layout_value(x)
     axes = tuple(i for i, n in enumerate(v.shape) if n == 1) if axis is None else _axes(v, axis)
     for a in axes:
         if v.shape[a] != 1:
             raise ShapeError(f"squeeze: axis {a} of shape {list(v.shape)} is not 1")
     return wrap(lax.reshape(v, [n for i, n in enumerate(v.shape) if i not in axes]))
+
+
+@op("flatten")
+def flatten_dims(x, start_dim=0, end_dim=-1):
+    """PyTorch's flatten: dimensions start_dim..end_dim (inclusive, negative from the end) merged
+    into one; a 0-d value becomes 1-d."""
+    v = _layout_value(x)
+    if v.ndim == 0:
+        return wrap(lax.reshape(v, (1,)))
+    start, end = (_axes(v, d)[0] for d in (start_dim, end_dim))
+    if start > end:
+        raise ValueError(f"flatten: start_dim {start_dim} comes after end_dim {end_dim} for shape "
+                         f"{list(v.shape)}")
+    return wrap(lax.reshape(v, v.shape[:start] + (math.prod(v.shape[start:end + 1]),)
+                            + v.shape[end + 1:]))
 
 
 @op("expand_dims")
@@ -526,7 +769,7 @@ _NAME_KEEPING = (structural.reshape_p, structural.broadcast_in_dim_p, structural
 
 @op("getitem")
 def getitem(x, idx):
-    """Basic indexing (ints, slices with positive steps, None and Ellipsis) and numpy's advanced
+    """Basic indexing (ints, slices with any step, None and Ellipsis) and numpy's advanced
     indexing with integer arrays (traced or numpy constants) on adjacent axes: `x[idx]`,
     `x[:, idx]`, `x[np.arange(n), labels]`. Indices are checked where they are read (an IndexError
     naming the index, never a read out of bounds); negative ones count from the end."""
@@ -551,7 +794,7 @@ def getitem(x, idx):
     arrays = [expanded[k] for k in advanced]
     for k in advanced:   # basic indexing first, keeping the axes the arrays index
         expanded[k] = slice(None)
-    start, limit, strides, out_shape = [], [], [], []
+    start, limit, strides, out_shape, reverse = [], [], [], [], []
     dim, first = 0, None
     for pos, i in enumerate(expanded):
         if advanced and pos == advanced[0]:
@@ -572,16 +815,20 @@ def getitem(x, idx):
             start.append(k), limit.append(k + 1), strides.append(1)
         elif isinstance(i, slice):
             s, l, st = i.indices(n)
-            if st < 0:
-                raise NotImplementedError("slices with negative steps are not supported")
+            m = len(range(s, l, st))
+            if st < 0:   # the same elements read forwards, then reversed
+                reverse.append(len(start))
+                s, l, st = (s + st * (m - 1), s + 1, -st) if m else (0, 0, 1)
             l = builtins.max(l, s)
             start.append(s), limit.append(l), strides.append(st)
-            out_shape.append(len(range(s, l, st)))
+            out_shape.append(m)
         else:
             raise TypeError(f"unsupported index {i!r} ({type(i).__name__}): use ints, slices, None, "
                             f"'...' or integer arrays")
         dim += 1
     sliced = lax.slice_(v, start, limit, strides)
+    for axis in reverse:
+        sliced = _reverse(sliced, axis)
     out = lax.reshape(sliced, out_shape)
     if arrays:
         out = _take_adjacent(out, first, arrays)
@@ -666,6 +913,396 @@ def take_along_axis(a, indices, axis):
 
 
 # ------------------------------------------------------------------------------------------------
+# rearranging and assembling arrays: composites of slices, pads, reshapes, broadcasts, transposes,
+# concatenations and (for reversals and uneven repeats) gathers with constant indices
+# ------------------------------------------------------------------------------------------------
+def _reverse(v: Value, axis: int) -> Value:
+    """`v` reversed along `axis`: a gather with constant indices (its adjoint, a scatter-add, is
+    the same reversal of the cotangent)."""
+    n = v.shape[axis]
+    if n <= 1:
+        return v
+    if v.dtype not in ("f32", "f64"):
+        raise TypeError(f"reversing a traced {v.type} is not supported (only float values)")
+    idx = np.arange(n - 1, -1, -1).reshape((1,) * axis + (n,) + (1,) * (v.ndim - axis - 1))
+    return lax.gather(v, lax.literal(idx), axis, name="reversed")
+
+
+def _slice_axis(v: Value, axis: int, lo: int, hi: int) -> Value:
+    start = [0] * v.ndim
+    limit = list(v.shape)
+    start[axis], limit[axis] = lo, hi
+    return lax.slice_(v, start, limit)
+
+
+def _axis_arg(v: Value, axis, what: str) -> int:
+    if not isinstance(axis, (numbers.Integral, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"{what}: axis must be an int, got {axis!r}")
+    return _axes(v, int(axis))[0]
+
+
+@op("flip")
+def flip(m, axis=None):
+    """numpy's flip: the order of elements reversed along `axis` (an int, a tuple, None: all)."""
+    v = _layout_value(m)
+    for a in _axes(v, axis):
+        v = _reverse(v, a)
+    return wrap(v)
+
+
+@op("flipud")
+def flipud(m):
+    if len(shape_of(m)) < 1:
+        raise ValueError("flipud: the input must be at least 1-d")
+    return flip(m, 0)
+
+
+@op("fliplr")
+def fliplr(m):
+    if len(shape_of(m)) < 2:
+        raise ValueError(f"fliplr: the input must be at least 2-d, got shape {list(shape_of(m))}")
+    return flip(m, 1)
+
+
+_PAD_MODES = ("constant", "edge", "reflect", "symmetric", "wrap")
+
+
+@op("pad")
+def pad(array, pad_width, mode="constant", constant_values=0):
+    """numpy's pad in modes constant (one scalar `constant_values`), edge, reflect, symmetric and
+    wrap; `pad_width` as numpy takes it (n, (before, after) or one pair per axis). reflect needs
+    widths below the axis length, symmetric and wrap at most the length (numpy's repeated
+    reflection of wider pads is not supported: an error, never a different answer)."""
+    v = _layout_value(array)
+    widths = np.asarray(pad_width)
+    if widths.dtype.kind not in "iu" or (widths < 0).any():
+        raise ValueError(f"pad: pad_width must be non-negative integers, got {pad_width!r}")
+    try:
+        widths = np.broadcast_to(widths, (v.ndim, 2))
+    except ValueError:
+        raise ValueError(f"pad: pad_width {pad_width!r} does not fit a value of shape "
+                         f"{list(v.shape)}") from None
+    if mode not in _PAD_MODES:
+        raise NotImplementedError(f"pad: mode {mode!r} is not supported (use one of {_PAD_MODES})")
+    if mode == "constant":
+        if np.ndim(constant_values) or isinstance(constant_values, Tracer):
+            raise NotImplementedError("pad: constant_values must be one Python or numpy number")
+        lo, hi = [int(w) for w in widths[:, 0]], [int(w) for w in widths[:, 1]]
+        out = wrap(lax.pad(v, lo, hi))
+        if constant_values == 0:
+            return out
+        inside = np.zeros(out.shape, dtype=bool)
+        inside[tuple(slice(b, b + n) for b, n in zip(lo, v.shape))] = True
+        return where(inside, out, constant_values)
+    for axis, (before, after) in enumerate(widths):
+        v = _pad_axis(v, axis, int(before), int(after), mode)
+    return wrap(v)
+
+
+def _pad_axis(v: Value, axis: int, before: int, after: int, mode: str) -> Value:
+    n = v.shape[axis]
+    if not before and not after:
+        return v
+    most = n - 1 if mode == "reflect" else n
+    if builtins.max(before, after) > most or n == 0:
+        raise NotImplementedError(f"pad: mode {mode!r} pads axis {axis} of length {n} by at most "
+                                  f"{most}, got ({before}, {after})")
+    if mode == "edge":
+        def edge(lo, width):
+            part = _slice_axis(v, axis, lo, lo + 1)
+            return lax.broadcast_to(part, part.shape[:axis] + (width,) + part.shape[axis + 1:])
+        left, right = edge(0, before), edge(n - 1, after)
+    elif mode == "wrap":
+        left, right = _slice_axis(v, axis, n - before, n), _slice_axis(v, axis, 0, after)
+    else:
+        skip = 1 if mode == "reflect" else 0   # reflect leaves the edge out, symmetric repeats it
+        left = _reverse(_slice_axis(v, axis, skip, skip + before), axis)
+        right = _reverse(_slice_axis(v, axis, n - skip - after, n - skip), axis)
+    return lax.concatenate([p for p in (left, v, right) if p.shape[axis]], axis)
+
+
+def _split(what, ary, indices_or_sections, axis, equal):
+    v = _layout_value(ary)
+    axis = _axis_arg(v, axis, what)
+    n = v.shape[axis]
+    if isinstance(indices_or_sections, (numbers.Integral, np.integer)):
+        k = int(indices_or_sections)
+        if k <= 0:
+            raise ValueError(f"{what}: the number of sections must be positive, got {k}")
+        if equal and n % k:
+            raise ValueError(f"{what}: an axis of length {n} does not split into {k} equal "
+                             f"sections (use array_split)")
+        sizes = [n // k + 1] * (n % k) + [n // k] * (k - n % k)
+        bounds = list(itertools.accumulate([0] + sizes))
+    else:
+        cuts = [range(n)[slice(int(i), None)].start if i < 0 else builtins.min(int(i), n)
+                for i in indices_or_sections]
+        bounds = [0] + cuts + [n]
+    return [wrap(_slice_axis(v, axis, lo, builtins.max(lo, hi)))
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+@op("split")
+def split(ary, indices_or_sections, axis=0):
+    """numpy's split: a list of views; an int splits into equal sections, a list at indices."""
+    return _split("split", ary, indices_or_sections, axis, equal=True)
+
+
+@op("array_split")
+def array_split(ary, indices_or_sections, axis=0):
+    """numpy's array_split: like split, but n sections of an axis of any length (the first
+    length % n sections one longer)."""
+    return _split("array_split", ary, indices_or_sections, axis, equal=False)
+
+
+@op("tile")
+def tile(A, reps):
+    v = _layout_value(A)
+    reps = (int(reps),) if isinstance(reps, (numbers.Integral, np.integer)) else \
+        tuple(int(r) for r in reps)
+    d = builtins.max(len(reps), v.ndim)
+    reps = (1,) * (d - len(reps)) + reps
+    shape = (1,) * (d - v.ndim) + v.shape
+    # [1, s0, 1, s1, ...] broadcast to [r0, s0, r1, s1, ...], merged pairwise
+    inter = lax.reshape(v, [x for s in shape for x in (1, s)])
+    big = lax.broadcast_to(inter, [x for r, s in zip(reps, shape) for x in (r, s)])
+    return wrap(lax.reshape(big, [r * s for r, s in zip(reps, shape)]))
+
+
+@op("repeat")
+def repeat(a, repeats, axis=None):
+    """numpy's repeat: each element `repeats` times (an int, or one count per element along the
+    axis) along `axis` (None: of the flattened array)."""
+    v = _layout_value(a)
+    if axis is None:
+        v, axis = lax.reshape(v, (v.type.size,)), 0
+    axis = _axis_arg(v, axis, "repeat")
+    n = v.shape[axis]
+    counts = np.asarray(repeats)
+    if counts.dtype.kind not in "iu" or (counts < 0).any() or counts.ndim > 1 or \
+            counts.ndim == 1 and counts.size not in (1, n):
+        raise ValueError(f"repeat: repeats must be a non-negative int or one per element of an "
+                         f"axis of length {n}, got {repeats!r}")
+    if counts.size == 1 or (counts.size and (counts == counts.flat[0]).all()) or n == 0:
+        r = int(counts.flat[0]) if counts.size else 0
+        wide = lax.reshape(v, v.shape[:axis + 1] + (1,) + v.shape[axis + 1:])
+        wide = lax.broadcast_to(wide, v.shape[:axis + 1] + (r,) + v.shape[axis + 1:])
+        return wrap(lax.reshape(wide, v.shape[:axis] + (n * r,) + v.shape[axis + 1:]))
+    idx = np.repeat(np.arange(n), counts)
+    if not idx.size:
+        return wrap(_slice_axis(v, axis, 0, 0))
+    if v.dtype not in ("f32", "f64"):
+        raise TypeError(f"repeat: uneven repeats of a traced {v.type} are not supported")
+    idx = idx.reshape((1,) * axis + (idx.size,) + (1,) * (v.ndim - axis - 1))
+    return wrap(lax.gather(v, lax.literal(idx), axis, name="repeats"))
+
+
+@op("roll")
+def roll(a, shift, axis=None):
+    v = _layout_value(a)
+    if axis is None:
+        return reshape(roll(wrap(lax.reshape(v, (v.type.size,))), shift, 0), v.shape)
+    axes = (axis,) if isinstance(axis, (numbers.Integral, np.integer)) else tuple(axis)
+    shifts = np.broadcast_to(np.asarray(shift), (len(axes),)) if np.ndim(shift) <= 1 else None
+    if shifts is None or shifts.dtype.kind not in "iu":
+        raise ValueError(f"roll: shift {shift!r} must be an int or one per axis {axes!r}")
+    for ax, k in zip(axes, shifts):
+        ax = _axis_arg(v, ax, "roll")
+        n = v.shape[ax]
+        k = int(k) % n if n else 0
+        if k:
+            v = lax.concatenate([_slice_axis(v, ax, n - k, n), _slice_axis(v, ax, 0, n - k)], ax)
+    return wrap(v)
+
+
+@op("diff")
+def diff(a, n=1, axis=-1):
+    """numpy's diff: the n-th forward difference along `axis`."""
+    if n < 0:
+        raise ValueError(f"diff: order n must be non-negative, got {n}")
+    v = as_value(a, result_dtype(a)) if not _is_int_tracer(a) else to_value(a)
+    axis = _axis_arg(v, axis, "diff")
+    for _ in range(n):
+        m = v.shape[axis]
+        if m == 0:
+            break
+        v = lax.sub(_slice_axis(v, axis, 1, m), _slice_axis(v, axis, 0, m - 1))
+    return wrap(v)
+
+
+def _triangle(what, m, k, lower):
+    shape = shape_of(m)
+    if len(shape) < 2:
+        raise ValueError(f"{what}: expects at least 2 dimensions, got shape {list(shape)}")
+    keep = np.tri(shape[-2], shape[-1], k, dtype=bool)
+    return where(keep if lower else ~np.tri(shape[-2], shape[-1], k - 1, dtype=bool), m, 0)
+
+
+@op("tril")
+def tril(m, k=0):
+    return _triangle("tril", m, k, lower=True)
+
+
+@op("triu")
+def triu(m, k=0):
+    return _triangle("triu", m, k, lower=False)
+
+
+@op("diagonal")
+def diagonal(a, offset=0, axis1=0, axis2=1):
+    """numpy's diagonal: a[..., i, i + offset] over axis1, axis2, as the last axis. A strided
+    slice of the flattened matrices."""
+    v = _layout_value(a)
+    if v.ndim < 2:
+        raise ValueError(f"diagonal: expects at least 2 dimensions, got shape {list(v.shape)}")
+    a1, a2 = _axis_arg(v, axis1, "diagonal"), _axis_arg(v, axis2, "diagonal")
+    if a1 == a2:
+        raise ValueError("diagonal: axis1 and axis2 must differ")
+    rest = [d for d in range(v.ndim) if d not in (a1, a2)]
+    v = lax.transpose(v, rest + [a1, a2])
+    rows, cols = v.shape[-2:]
+    lead = v.shape[:-2]
+    length = builtins.max(0, builtins.min(rows, cols - offset) if offset >= 0 else
+                          builtins.min(rows + offset, cols))
+    first = offset if offset >= 0 else -offset * cols
+    flat = lax.reshape(v, lead + (rows * cols,))
+    if not length:
+        return wrap(lax.slice_(flat, [0] * flat.ndim, lead + (0,)))
+    out = lax.slice_(flat, [0] * len(lead) + [first], lead + (first + (length - 1) * (cols + 1) + 1,),
+                     [1] * len(lead) + [cols + 1])
+    return wrap(out)
+
+
+@op("diag")
+def diag(v, k=0):
+    """numpy's diag: the k-th diagonal of a matrix, or the matrix with 1-d `v` on its k-th
+    diagonal (zeros elsewhere)."""
+    shape = shape_of(v)
+    if len(shape) == 2:
+        return diagonal(v, k)
+    if len(shape) != 1:
+        raise ValueError(f"diag: expects a 1-d or 2-d input, got shape {list(shape)}")
+    n, size = shape[0], shape[0] + builtins.abs(k)
+    on = np.eye(size, size, k, dtype=bool)
+    # row r of the result holds v[r] (k >= 0) or column c holds v[c] (k < 0) on the diagonal
+    padded = pad(v, (0, builtins.abs(k)))
+    line = reshape(padded, (size, 1) if k >= 0 else (1, size))
+    return where(on, line, 0)
+
+
+@op("trace")
+def trace(a, offset=0, axis1=0, axis2=1):
+    return sum(diagonal(a, offset, axis1, axis2), -1)
+
+
+def eye(N, M=None, k=0, dtype=float):
+    """numpy's eye, a constant (numpy array) that traced code can use like any array."""
+    return np.eye(N, M, k, dtype=dtype)
+
+
+def _filled_like(what, a, value, dtype):
+    v = _layout_value(a)
+    dt = v.dtype
+    if dtype is not None:
+        npdt = np.dtype(dtype)
+        dt = {DTYPES[d]: d for d in INT_DTYPES}.get(npdt) or float_dtype(npdt)
+        if npdt.kind not in "iuf":
+            raise TypeError(f"{what}: dtype must be a float or integer dtype, got {npdt}")
+    if not isinstance(value, numbers.Number) and np.ndim(value):
+        raise NotImplementedError(f"{what}: the fill value must be one number")
+    return wrap(lax.full(value, v.shape, dt))
+
+
+@op("zeros_like")
+def zeros_like(a, dtype=None):
+    return _filled_like("zeros_like", a, 0, dtype)
+
+
+@op("ones_like")
+def ones_like(a, dtype=None):
+    return _filled_like("ones_like", a, 1, dtype)
+
+
+@op("full_like")
+def full_like(a, fill_value, dtype=None):
+    return _filled_like("full_like", a, fill_value, dtype)
+
+
+@op("moveaxis")
+def moveaxis(a, source, destination):
+    v = _layout_value(a)
+    src = (source,) if isinstance(source, (numbers.Integral, np.integer)) else tuple(source)
+    dst = (destination,) if isinstance(destination, (numbers.Integral, np.integer)) \
+        else tuple(destination)
+    if len(src) != len(dst):
+        raise ValueError("moveaxis: source and destination must have the same number of elements")
+    src = [_axis_arg(v, s, "moveaxis") for s in src]
+    dst = [_axis_arg(v, d, "moveaxis") for d in dst]
+    if len(set(src)) < len(src) or len(set(dst)) < len(dst):
+        raise ValueError("moveaxis: repeated axis")
+    perm = [d for d in range(v.ndim) if d not in src]
+    for d, s in sorted(zip(dst, src)):
+        perm.insert(d, s)
+    return wrap(lax.transpose(v, perm)) if perm != list(range(v.ndim)) else wrap(v)
+
+
+@op("ravel")
+def ravel(a):
+    return reshape(a, (-1,))
+
+
+def _at_least(what, arys, shape_for):
+    out = [reshape(a, shape_for(shape_of(a))) if len(shape_of(a)) < len(shape_for(())) else
+           (a if isinstance(a, Tracer) else wrap(_layout_value(a))) for a in arys]
+    return out[0] if len(out) == 1 else out
+
+
+@op("atleast_1d")
+def atleast_1d(*arys):
+    return _at_least("atleast_1d", arys, lambda s: s if len(s) >= 1 else (1,))
+
+
+@op("atleast_2d")
+def atleast_2d(*arys):
+    return _at_least("atleast_2d", arys, lambda s: {0: (1, 1), 1: (1,) + tuple(s)}.get(len(s), s))
+
+
+@op("atleast_3d")
+def atleast_3d(*arys):
+    return _at_least("atleast_3d", arys, lambda s: {0: (1, 1, 1), 1: (1,) + tuple(s) + (1,),
+                                                    2: tuple(s) + (1,)}.get(len(s), s))
+
+
+def _as_list(what, tup):
+    if isinstance(tup, Tracer) or not isinstance(tup, (list, tuple)):
+        raise TypeError(f"{what}: expects a list or tuple of arrays")
+    return list(tup)
+
+
+@op("vstack")
+def vstack(tup):
+    return concatenate([atleast_2d(a) for a in _as_list("vstack", tup)], 0)
+
+
+@op("hstack")
+def hstack(tup):
+    arrs = [atleast_1d(a) for a in _as_list("hstack", tup)]
+    return concatenate(arrs, 0 if arrs and arrs[0].ndim == 1 else 1)
+
+
+@op("dstack")
+def dstack(tup):
+    return concatenate([atleast_3d(a) for a in _as_list("dstack", tup)], 2)
+
+
+@op("column_stack")
+def column_stack(tup):
+    cols = [reshape(a, (-1, 1)) if len(shape_of(a)) < 2 else a
+            for a in _as_list("column_stack", tup)]
+    return concatenate(cols, 1)
+
+
+# ------------------------------------------------------------------------------------------------
 # numpy protocol tables (np.tanh(tracer), np.sum(tracer), ...)
 # ------------------------------------------------------------------------------------------------
 UFUNCS = {
@@ -675,6 +1312,10 @@ UFUNCS = {
     "greater": greater, "greater_equal": greater_equal, "less": less, "less_equal": less_equal,
     "equal": equal, "not_equal": not_equal, "matmul": matmul, "square": square, "sign": sign,
     "logical_and": logical_and, "logical_or": logical_or, "logical_not": logical_not,
+    "log1p": log1p, "expm1": expm1, "log2": log2, "log10": log10, "exp2": exp2,
+    "reciprocal": reciprocal, "tan": tan, "deg2rad": deg2rad, "radians": deg2rad,
+    "rad2deg": rad2deg, "degrees": rad2deg, "fabs": fabs, "sinh": sinh, "cosh": cosh,
+    "hypot": hypot, "fmax": fmax, "fmin": fmin, "logaddexp": logaddexp, "logaddexp2": logaddexp2,
 }
 ARRAY_FUNCTIONS = {
     "sum": sum, "mean": mean, "max": max, "amax": max, "min": min, "amin": min, "dot": dot,
@@ -682,4 +1323,11 @@ ARRAY_FUNCTIONS = {
     "stack": stack, "where": where, "clip": clip, "var": var, "std": std, "squeeze": squeeze,
     "expand_dims": expand_dims, "norm": norm, "outer": outer, "swapaxes": swapaxes,
     "square": square, "take_along_axis": take_along_axis,
+    "flip": flip, "flipud": flipud, "fliplr": fliplr, "pad": pad, "split": split,
+    "array_split": array_split, "tile": tile, "repeat": repeat, "roll": roll, "diff": diff,
+    "tril": tril, "triu": triu, "diagonal": diagonal, "diag": diag, "trace": trace,
+    "zeros_like": zeros_like, "ones_like": ones_like, "full_like": full_like,
+    "moveaxis": moveaxis, "ravel": ravel, "atleast_1d": atleast_1d, "atleast_2d": atleast_2d,
+    "atleast_3d": atleast_3d, "vstack": vstack, "hstack": hstack, "dstack": dstack,
+    "column_stack": column_stack, "prod": prod, "cumsum": cumsum, "cumprod": cumprod,
 }

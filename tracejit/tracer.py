@@ -27,7 +27,9 @@ class Tracer:
 
     @property
     def size(self):
-        return self.value.type.size
+        """numpy's element count, an int; PyTorch's spelling calls it: x.size() is the shape,
+        x.size(d) dimension d."""
+        return _Size(self.value.shape)
 
     @property
     def dtype(self):
@@ -134,12 +136,34 @@ class Tracer:
     # ----------------------------------------------------------------------------- methods
     @property
     def T(self): return _ops().transpose(self)
-    def sum(self, axis=None, keepdims=False): return _ops().sum(self, axis, keepdims=keepdims)
-    def mean(self, axis=None, keepdims=False): return _ops().mean(self, axis, keepdims=keepdims)
-    def max(self, axis=None, keepdims=False): return _ops().max(self, axis, keepdims=keepdims)
-    def min(self, axis=None, keepdims=False): return _ops().min(self, axis, keepdims=keepdims)
-    def var(self, axis=None, keepdims=False): return _ops().var(self, axis, keepdims=keepdims)
-    def std(self, axis=None, keepdims=False): return _ops().std(self, axis, keepdims=keepdims)
+    # reductions take numpy's axis=/keepdims= and PyTorch's dim=/keepdim=; where the two differ
+    # (x.max(dim) returns values and indices in PyTorch, x.std() is unbiased there), numpy's wins
+    def sum(self, axis=None, keepdims=False, **torch_kw):
+        return _ops().sum(self, axis, keepdims, **torch_kw)
+
+    def mean(self, axis=None, keepdims=False, **torch_kw):
+        return _ops().mean(self, axis, keepdims, **torch_kw)
+
+    def max(self, axis=None, keepdims=False, **torch_kw):
+        return _ops().max(self, axis, keepdims, **torch_kw)
+
+    def min(self, axis=None, keepdims=False, **torch_kw):
+        return _ops().min(self, axis, keepdims, **torch_kw)
+
+    def var(self, axis=None, keepdims=False, ddof=0, **torch_kw):
+        return _ops().var(self, axis, keepdims, ddof, **torch_kw)
+
+    def std(self, axis=None, keepdims=False, ddof=0, **torch_kw):
+        return _ops().std(self, axis, keepdims, ddof, **torch_kw)
+
+    def logsumexp(self, axis=None, keepdims=False, **torch_kw):
+        return _ops().logsumexp(self, axis, keepdims, **torch_kw)
+
+    def prod(self, axis=None, keepdims=False, **torch_kw):
+        return _ops().prod(self, axis, keepdims, **torch_kw)
+
+    def cumsum(self, axis=None, **torch_kw): return _ops().cumsum(self, axis, **torch_kw)
+    def cumprod(self, axis=None, **torch_kw): return _ops().cumprod(self, axis, **torch_kw)
 
     def reshape(self, *shape):
         return _ops().reshape(self, shape[0] if len(shape) == 1 else shape)
@@ -147,9 +171,46 @@ class Tracer:
     def transpose(self, *axes):
         return _ops().transpose(self, (axes[0] if len(axes) == 1 else axes) or None)
 
-    def flatten(self): return _ops().reshape(self, (-1,))
-    ravel = flatten
-    def squeeze(self, axis=None): return _ops().squeeze(self, axis)
+    def flatten(self, start_dim=0, end_dim=-1):
+        """numpy's x.flatten() (1-d) and PyTorch's x.flatten(start_dim, end_dim)."""
+        return _ops().flatten_dims(self, start_dim, end_dim)
+
+    def ravel(self): return _ops().reshape(self, (-1,))
+    def squeeze(self, axis=None, **torch_kw): return _ops().squeeze(self, axis, **torch_kw)
+
+    # PyTorch's tensor methods, where numpy has no method of the name (x.transpose(a, b) stays
+    # numpy's permutation; PyTorch's two-axis swap is x.swapaxes(a, b))
+    def view(self, *shape):
+        if len(shape) == 1 and not isinstance(shape[0], (tuple, list, int)) and \
+                not hasattr(shape[0], "__index__"):
+            raise TypeError(f"view: only shapes are supported (x.view(*shape)), not "
+                            f"reinterpreting as {shape[0]!r}; use x.astype(dtype) to convert")
+        return self.reshape(*shape)
+
+    def permute(self, *dims):
+        return _ops().transpose(self, dims[0] if len(dims) == 1 else dims)
+
+    def unsqueeze(self, dim): return _ops().expand_dims(self, dim)
+    def swapaxes(self, axis1, axis2): return _ops().swapaxes(self, axis1, axis2)
+    def numel(self): return self.value.type.size
+    def dim(self): return self.value.ndim
+
+    @property
+    def mT(self):
+        """The matrix transpose of a stack of matrices (numpy 2 and PyTorch): the last two axes
+        swapped."""
+        if self.ndim < 2:
+            raise ValueError(f"mT needs at least 2 dimensions, got shape {list(self.shape)}")
+        return _ops().swapaxes(self, -2, -1)
+
+    def t(self):
+        """PyTorch's t(): the transpose of a matrix; 0-d and 1-d values as they are."""
+        if self.ndim > 2:
+            raise ValueError(f"t() expects at most 2 dimensions, got shape {list(self.shape)}; "
+                             f"use x.mT or x.swapaxes(-2, -1)")
+        return _ops().transpose(self)
+
+    def clamp(self, min=None, max=None): return _ops().clip(self, min, max)
     def pow(self, y): return _ops().power(self, y)
     def exp(self): return _ops().exp(self)
     def log(self): return _ops().log(self)
@@ -160,13 +221,32 @@ class Tracer:
     def cos(self): return _ops().cos(self)
     def relu(self): return _nn().relu(self)
     def sigmoid(self): return _nn().sigmoid(self)
-    def norm(self, ord=None, axis=None, keepdims=False):
-        return _ops().norm(self, ord, axis, keepdims)
+    def norm(self, ord=None, axis=None, keepdims=False, **torch_kw):
+        return _ops().norm(self, ord, axis, keepdims, **torch_kw)
     def dot(self, o): return _ops().dot(self, o)
     def mv(self, v): return _ops().mv(self, v)
     def mm(self, o): return _ops().mm(self, o)
-    def clip(self, lo=None, hi=None): return _ops().clip(self, lo, hi)
+    def clip(self, min=None, max=None): return _ops().clip(self, min, max)
     def astype(self, dtype): return _ops().astype(self, dtype)
+
+
+class _Size(int):
+    """The element count (an int, numpy's x.size) that PyTorch's x.size() and x.size(d) call."""
+
+    def __new__(cls, shape):
+        n = 1
+        for d in shape:
+            n *= d
+        self = super().__new__(cls, n)
+        self.shape = tuple(shape)
+        return self
+
+    def __call__(self, dim=None):
+        if dim is None:
+            return self.shape
+        if not -len(self.shape) <= dim < len(self.shape):
+            raise IndexError(f"size: dimension {dim} is out of range for shape {list(self.shape)}")
+        return self.shape[dim]
 
 
 _UFUNC_METHODS = {("add", "reduce"): "sum", ("maximum", "reduce"): "max",

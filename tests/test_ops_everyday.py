@@ -1,0 +1,204 @@
+"""The everyday spellings the per-op table cannot express: integer-valued methods (x.size(),
+x.numel()), errors for spellings given twice or out of range, and numpy's meaning winning where
+numpy and PyTorch give one name two meanings."""
+import numpy as np
+import pytest
+
+import helpers
+import tracejit as tj
+
+
+def test_size_is_numpys_count_and_pytorchs_call():
+    seen = {}
+
+    def f(x):
+        seen.update(size=x.size, called=x.size(), dim=x.size(-2), numel=x.numel(), ndim=x.dim())
+        return x.sum()
+
+    tj.jit(f)(np.zeros((2, 3, 4)))
+    assert seen == {"size": 24, "called": (2, 3, 4), "dim": 3, "numel": 24, "ndim": 3}
+    assert type(seen["size"] + 1) is int
+
+
+def test_size_of_a_missing_dimension_names_it():
+    with pytest.raises(IndexError, match="dimension 3 is out of range for shape"):
+        tj.jit(lambda x: x * x.size(3))(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x: tj.sum(x, 0, dim=1), "sum: got both axis= and dim="),
+    (lambda x: x.mean(keepdims=True, keepdim=True), "mean: got both keepdims= and keepdim="),
+    (lambda x: tj.clip(x, a_min=0.0, min=1.0), "clip: got both a_min= and min="),
+    (lambda x: tj.std(x, ddof=1, correction=1), "var: got both ddof= and correction="),
+])
+def test_a_parameter_spelled_twice_is_an_error(call, message):
+    with pytest.raises(TypeError, match=message):
+        tj.jit(call)(np.ones((2, 3)))
+
+
+def test_numpy_meaning_wins_where_the_names_clash():
+    x = np.arange(24.0).reshape(2, 3, 4)
+    # x.transpose(2, 0, 1) is numpy's permutation, x.max(1) the values only, x.std() ddof=0
+    t, m, s = tj.jit(lambda x: (x.transpose(2, 0, 1), x.max(1), x.std()))(x)
+    np.testing.assert_array_equal(t, x.transpose(2, 0, 1))
+    np.testing.assert_array_equal(m, x.max(1))
+    np.testing.assert_allclose(s, x.std(), rtol=1e-15)
+
+
+def test_var_past_the_sample_size_is_inf_as_numpy():
+    x = np.array([1.0, 2.0])
+    with pytest.warns(RuntimeWarning, match="Degrees of freedom"), np.errstate(divide="ignore"):
+        want = np.var(x, ddof=3)
+    assert want == np.inf and tj.jit(lambda x: tj.var(x, ddof=3))(x) == np.inf
+
+
+def test_t_and_mT_reject_wrong_ranks():
+    with pytest.raises(ValueError, match="t\\(\\) expects at most 2 dimensions"):
+        tj.jit(lambda x: x.t())(np.ones((2, 2, 2)))
+    with pytest.raises(ValueError, match="mT needs at least 2 dimensions"):
+        tj.jit(lambda x: x.mT)(np.ones(3))
+
+
+def test_view_as_a_dtype_is_refused():
+    with pytest.raises(TypeError, match="view: only shapes"):
+        tj.jit(lambda x: x.view(np.float32))(np.ones(3))
+
+
+def test_flatten_range_must_be_ordered():
+    with pytest.raises(ValueError, match="start_dim 2 comes after end_dim 1"):
+        tj.jit(lambda x: x.flatten(2, 1))(np.ones((2, 3, 4)))
+
+
+# ------------------------------------------------------------------------------------------------
+# rearranging arrays: what the table cannot hold (lists of results, errors, every slice step)
+# ------------------------------------------------------------------------------------------------
+STEPS = [slice(None, None, -1), slice(-1, 0, -2), slice(3, None, -3), slice(1, 3, -1),
+         slice(10, -10, -4), slice(None, 1, -1)]
+
+
+@pytest.mark.parametrize("index", STEPS, ids=repr)
+def test_negative_steps_read_and_scatter_like_numpy(index):
+    x = np.arange(6.0 * 5).reshape(6, 5)
+    ct = np.arange(np.size(x[index, ::-2])).reshape(x[index, ::-2].shape) + 1.0
+    with np.errstate(all="ignore"):
+        got = tj.jit(lambda x: x[index, ::-2])(x)
+        g = tj.jit_grad(lambda x: (x[index, ::-2] * ct).sum())(x)
+    np.testing.assert_array_equal(got, x[index, ::-2])
+    want = np.zeros_like(x)
+    want[index, ::-2] = ct
+    np.testing.assert_array_equal(g, want)
+
+
+def test_split_returns_numpys_pieces():
+    x = np.arange(14.0).reshape(2, 7)
+    for got, want in zip(tj.jit(lambda x: tj.array_split(x, 3, 1))(x), np.array_split(x, 3, 1)):
+        np.testing.assert_array_equal(got, want)
+    pieces = tj.jit(lambda x: np.split(x, [2, 5], axis=1))(x)
+    assert [p.shape for p in pieces] == [(2, 2), (2, 3), (2, 2)]
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda x: tj.split(x, 3), ValueError, "does not split into 3 equal sections"),
+    (lambda x: tj.pad(x, 4, mode="reflect"), NotImplementedError, "pads axis 0 of length 4 by at "
+                                                                  "most 3"),
+    (lambda x: tj.pad(x, 1, mode="mean"), NotImplementedError, "mode 'mean' is not supported"),
+    (lambda x: tj.pad(x, -1), ValueError, "pad_width must be non-negative"),
+    (lambda x: tj.repeat(x, [1, 2]), ValueError, "one per element of an axis of length 4"),
+    (lambda x: tj.fliplr(x), ValueError, "at least 2-d"),
+    (lambda x: tj.moveaxis(x, 0, 3), ValueError, "axis 3 is out of bounds"),
+])
+def test_rearranging_rejects_what_numpy_would_not_answer_the_same(call, error, message):
+    with pytest.raises(error, match=message):
+        tj.jit(call)(np.ones(4))
+
+
+def test_eager_rearranging_on_numpy_arrays():
+    m = np.arange(12.0).reshape(3, 4)
+    np.testing.assert_array_equal(tj.pad(m, 1, mode="edge"), np.pad(m, 1, mode="edge"))
+    np.testing.assert_array_equal(tj.roll(m, 5), np.roll(m, 5))
+    np.testing.assert_array_equal(tj.diag(m), np.diag(m))
+
+
+# ------------------------------------------------------------------------------------------------
+# products: exact gradients where elements are zero (no division by the product)
+# ------------------------------------------------------------------------------------------------
+def test_prod_gradient_at_zeros_is_the_product_of_the_others():
+    x = np.array([[2.0, 0.0, 3.0, 5.0, 0.5], [0.0, 0.0, 4.0, 1.0, 2.0]])
+    g = tj.jit_grad(lambda x: tj.prod(x, 1).sum())(x)
+    want = np.array([[np.prod(np.delete(r, i)) for i in range(5)] for r in x])
+    np.testing.assert_array_equal(g, want)
+
+
+def test_cumprod_gradient_at_a_zero():
+    x = np.array([2.0, 0.0, 3.0, 0.5])
+    g = tj.jit_grad(lambda x: tj.cumprod(x).sum())(x)
+    # d/dx1 of x0 + x0 x1 + x0 x1 x2 + x0 x1 x2 x3 at x1 = 0: x0 + x0 x2 + x0 x2 x3
+    np.testing.assert_array_equal(g, [1.0, 2.0 + 6.0 + 3.0, 0.0, 0.0])
+
+
+def test_prod_of_an_empty_axis_is_one():
+    np.testing.assert_array_equal(tj.jit(lambda x: tj.prod(x, 1))(np.ones((2, 0))), [1.0, 1.0])
+
+
+# ------------------------------------------------------------------------------------------------
+# elementwise composites: numpy's values over the whole float64 range, within a few ulps
+# ------------------------------------------------------------------------------------------------
+def _ulps(got, want):
+    same = (got == want) | (np.isnan(got) & np.isnan(want))
+    with np.errstate(all="ignore"):
+        err = np.abs(got - want) / np.spacing(np.abs(want))
+    return float(np.max(np.where(same, 0.0, err)))
+
+
+_RNG = np.random.default_rng(11)
+WIDE = np.concatenate([_RNG.normal(size=300) * 10.0 ** _RNG.uniform(-20, 2.5, 300),
+                       [0.0, -0.0, 1e-300, -1e-310, 709.0, 710.2, -710.2, 750.0, -750.0,
+                        np.inf, -np.inf, np.nan, -1.0, -0.9999999]])
+# measured on both backends: the most any element is off, in units in the last place
+UNARY_ULPS = {"log1p": 2, "expm1": 2, "log2": 2, "log10": 3, "exp2": 1, "reciprocal": 0,
+              "tan": 2, "deg2rad": 0, "rad2deg": 0, "fabs": 0, "sinh": 2, "cosh": 2}
+PAIRS = (_RNG.normal(size=300) * 10.0 ** _RNG.uniform(-200, 200, 300),
+         _RNG.normal(size=300) * 10.0 ** _RNG.uniform(-200, 200, 300))
+PAIRS[0][:6], PAIRS[1][:6] = [0, np.inf, 3, -np.inf, np.nan, 1e-300], [0, np.inf, 3, 1, 2, 1e-300]
+BINARY_ULPS = {"hypot": 2, "fmax": 0, "fmin": 0, "logaddexp": 1, "logaddexp2": 2}
+
+
+@pytest.mark.parametrize("backend", ["interpreter", "llvm"])
+@pytest.mark.parametrize("name", sorted(UNARY_ULPS))
+def test_unary_composites_match_numpy_to_the_ulp(name, backend):
+    x = np.abs(WIDE) if name in ("log2", "log10") else WIDE
+    with np.errstate(all="ignore"):
+        want = getattr(np, name)(x)
+    with helpers.use_backend(backend), np.errstate(all="ignore"):   # numpy warns at inf too
+        got = tj.jit(getattr(tj, name))(x)
+    assert _ulps(got, want) <= UNARY_ULPS[name]
+
+
+@pytest.mark.parametrize("backend", ["interpreter", "llvm"])
+@pytest.mark.parametrize("name", sorted(BINARY_ULPS))
+def test_binary_composites_match_numpy_to_the_ulp(name, backend):
+    for a, b in (PAIRS, (PAIRS[0] * 1e-200, PAIRS[1]), (PAIRS[1], PAIRS[1])):
+        with np.errstate(all="ignore"):
+            want = getattr(np, name)(a, b)
+        with helpers.use_backend(backend), np.errstate(all="ignore"):
+            got = tj.jit(getattr(tj, name))(a, b)
+        assert _ulps(got, want) <= BINARY_ULPS[name]
+
+
+def test_logaddexp_of_equal_operands_splits_the_gradient():
+    ga, gb = tj.jit_grad(lambda a, b: tj.logaddexp(a, b).sum(), argnums=(0, 1))(
+        np.array([1.0, -3.0]), np.array([1.0, -3.0]))
+    np.testing.assert_array_equal(ga, [0.5, 0.5])
+    np.testing.assert_array_equal(gb, [0.5, 0.5])
+
+
+def test_hypot_gradient_at_the_origin_is_zero():
+    g = tj.jit_grad(lambda a: tj.hypot(a, a * 2.0).sum())(np.array([0.0, 3.0]))
+    np.testing.assert_allclose(g, [0.0, np.sqrt(5.0)], rtol=1e-15)
+
+
+def test_numpy_ufuncs_dispatch_to_the_composites():
+    x = np.array([0.5, 2.0])
+    got = tj.jit(lambda x: (np.log1p(x), np.sinh(x), np.hypot(x, 1.0), np.radians(x)))(x)
+    for g, w in zip(got, (np.log1p(x), np.sinh(x), np.hypot(x, 1.0), np.radians(x))):
+        np.testing.assert_allclose(g, w, rtol=1e-15)
