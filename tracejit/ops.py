@@ -1182,7 +1182,7 @@ def diag(v, k=0):
         return diagonal(v, k)
     if len(shape) != 1:
         raise ValueError(f"diag: expects a 1-d or 2-d input, got shape {list(shape)}")
-    n, size = shape[0], shape[0] + builtins.abs(k)
+    size = shape[0] + builtins.abs(k)
     on = np.eye(size, size, k, dtype=bool)
     # row r of the result holds v[r] (k >= 0) or column c holds v[c] (k < 0) on the diagonal
     padded = pad(v, (0, builtins.abs(k)))
