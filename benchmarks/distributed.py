@@ -40,20 +40,14 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import ray  # noqa: E402
 
 import tracejit  # noqa: E402
-from tracejit import nn, optim  # noqa: E402
+from tracejit import optim  # noqa: E402
 from tracejit.distributed import DataParallel, _Layout  # noqa: E402
 import workloads  # noqa: E402
 
 BATCH = 256
 
 
-def lenet_loss(p, x, onehot):
-    h = nn.max_pool2d(nn.relu(nn.conv2d(x, p["conv1_w"], p["conv1_b"])), 2)
-    h = nn.max_pool2d(nn.relu(nn.conv2d(h, p["conv2_w"], p["conv2_b"])), 2)
-    h = nn.flatten(h)
-    h = nn.relu(nn.linear(h, p["fc1_w"], p["fc1_b"]))
-    h = nn.relu(nn.linear(h, p["fc2_w"], p["fc2_b"]))
-    return nn.cross_entropy(nn.linear(h, p["fc3_w"], p["fc3_b"]), onehot)
+lenet_loss = workloads.tracejit_lenet_loss
 
 
 def lenet_problem():

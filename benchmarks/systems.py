@@ -26,7 +26,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from workloads import OPTIMIZERS, make, split  # noqa: E402
+from workloads import OPTIMIZERS, make, split, tracejit_lenet_loss  # noqa: E402
 
 SYSTEMS = ("tracejit", "torch", "jax")
 IMPORT_NAMES = {"tracejit": "tracejit", "torch": "torch", "jax": "jax"}
@@ -82,13 +82,7 @@ def _tracejit(model, optimizer, params, inputs):
             return nn.mse_loss(nn.linear(h, p["fc2_w"], p["fc2_b"]), t)
         batch = (inputs["x"], inputs["t"])
     elif model == "lenet":
-        def loss(p, x, onehot):
-            h = nn.max_pool2d(nn.relu(nn.conv2d(x, p["conv1_w"], p["conv1_b"])), 2)
-            h = nn.max_pool2d(nn.relu(nn.conv2d(h, p["conv2_w"], p["conv2_b"])), 2)
-            h = nn.flatten(h)
-            h = nn.relu(nn.linear(h, p["fc1_w"], p["fc1_b"]))
-            h = nn.relu(nn.linear(h, p["fc2_w"], p["fc2_b"]))
-            return nn.cross_entropy(nn.linear(h, p["fc3_w"], p["fc3_b"]), onehot)
+        loss = tracejit_lenet_loss
         batch = (inputs["x"], inputs["onehot"])
     elif model == "convblock":
         def loss(p, x):

@@ -102,6 +102,17 @@ def make(name: str):
     return params, inputs
 
 
+def tracejit_lenet_loss(p, x, onehot):
+    """LeNet-5's loss in tracejit (module level: Ray workers import it by name)."""
+    from tracejit import nn
+    h = nn.max_pool2d(nn.relu(nn.conv2d(x, p["conv1_w"], p["conv1_b"])), 2)
+    h = nn.max_pool2d(nn.relu(nn.conv2d(h, p["conv2_w"], p["conv2_b"])), 2)
+    h = nn.flatten(h)
+    h = nn.relu(nn.linear(h, p["fc1_w"], p["fc1_b"]))
+    h = nn.relu(nn.linear(h, p["fc2_w"], p["fc2_b"]))
+    return nn.cross_entropy(nn.linear(h, p["fc3_w"], p["fc3_b"]), onehot)
+
+
 def _conv_flops(n, cin, cout, hout, wout, k):
     return 2 * n * cout * hout * wout * cin * k * k
 
