@@ -36,7 +36,7 @@ import llvmlite.ir as ir
 from ...ir.prims.linalg import matmul_p
 
 from ..loops import FAST, carry_loop, fma, gep, i64, llvm_type, load, masked_load, masked_store, \
-    splat, store, vload
+    splat, store, vload, vstore
 from ..target import vector_registers
 from . import MATMUL_WEIGHT, matmul_cost, register
 from .toolkit import DtypeKey, I64Arg, Params, Shared, SharedFunction, ceil_div, dtype_info, \
@@ -245,25 +245,54 @@ def _emit_outer(s: Shared, p: _TileKey):
     with carry_loop(b, s.c0, s.c1, [], "matmul.j", step=nv * vl) as lj:
         j0 = lj.iv
         left = b.sub(s.n, j0)
-        masks = [lane_mask(b, b.sub(left, i64(v * vl)), vl) for v in range(nv)]
-        with carry_loop(b, s.r0, s.r1, [], "matmul.i", step=mr) as li:
-            rows = [smin(b, b.add(li.iv, i64(r)), m1, name=f"matmul.row{r}") for r in range(mr)]
-            # op(A)[i, k] = A[i*sa_i + k*sa_k] for both transposes: one function serves both
-            arow = [gep(b, a_mat, b.mul(r, s.sa_i), ety) for r in rows]
-            zero = zero_vector(ety, vl)
-            with carry_loop(b, 0, s.k, [zero] * (mr * nv), "matmul.k") as lp:
-                brow = gep(b, b_mat, b.add(b.mul(lp.iv, s.n), j0), ety)
-                bv = [masked_load(b, brow, i64(v * vl), vty, masks[v]) for v in range(nv)]
-                aoff = b.mul(lp.iv, s.sa_k)
-                nxt = []
-                for r in range(mr):
-                    av = splat(b, load(b, arow[r], aoff, ety), vl)
-                    nxt.extend(fma(b, av, bv[v], lp.vals[r * nv + v]) for v in range(nv))
-                lp.next = nxt
+        # Full column tiles (all but at most the last) get their own copy of the row loop with
+        # plain loads and stores: masked loads in the K loop cost up to 4x on AVX2 when LLVM
+        # cannot prove the mask full (a column range passed at run time).
+        fn = b.block.function
+        full, edge, done = (fn.append_basic_block(f"matmul.tile.{t}") for t in ("full", "edge", "done"))
+        b.cbranch(b.icmp_signed(">=", left, i64(nv * vl)), full, edge)
+        for block, masks in ((full, None),
+                             (edge, "masked")):
+            b.position_at_end(block)
+            if masks is not None:
+                masks = [lane_mask(b, b.sub(left, i64(v * vl)), vl) for v in range(nv)]
+            _outer_rows(b, s, ety, vl, vty, mr, nv, m1, j0, masks)
+            b.branch(done)
+        b.position_at_end(done)
+
+
+def _outer_rows(b, s: Shared, ety, vl, vty, mr, nv, m1, j0, masks):
+    """The row tiles of one column tile of the outer form; `masks` None: a full column tile."""
+    out, a_mat, b_mat = s.ptrs
+
+    def ld(ptr, v):
+        return vload(b, ptr, i64(v * vl), vty) if masks is None \
+            else masked_load(b, ptr, i64(v * vl), vty, masks[v])
+
+    def st(val, ptr, v):
+        if masks is None:
+            vstore(b, val, gep(b, ptr, i64(v * vl), ety), i64(0))
+        else:
+            masked_store(b, val, ptr, i64(v * vl), masks[v])
+
+    with carry_loop(b, s.r0, s.r1, [], "matmul.i", step=mr) as li:
+        rows = [smin(b, b.add(li.iv, i64(r)), m1, name=f"matmul.row{r}") for r in range(mr)]
+        # op(A)[i, k] = A[i*sa_i + k*sa_k] for both transposes: one function serves both
+        arow = [gep(b, a_mat, b.mul(r, s.sa_i), ety) for r in rows]
+        zero = zero_vector(ety, vl)
+        with carry_loop(b, 0, s.k, [zero] * (mr * nv), "matmul.k") as lp:
+            brow = gep(b, b_mat, b.add(b.mul(lp.iv, s.n), j0), ety)
+            bv = [ld(brow, v) for v in range(nv)]
+            aoff = b.mul(lp.iv, s.sa_k)
+            nxt = []
             for r in range(mr):
-                crow = gep(b, out, b.add(b.mul(rows[r], s.n), j0), ety)
-                for v in range(nv):
-                    masked_store(b, lp.out[r * nv + v], crow, i64(v * vl), masks[v])
+                av = splat(b, load(b, arow[r], aoff, ety), vl)
+                nxt.extend(fma(b, av, bv[v], lp.vals[r * nv + v]) for v in range(nv))
+            lp.next = nxt
+        for r in range(mr):
+            crow = gep(b, out, b.add(b.mul(rows[r], s.n), j0), ety)
+            for v in range(nv):
+                st(lp.out[r * nv + v], crow, v)
 
 
 def _emit_dot(s: Shared, p: _TileKey):
