@@ -14,12 +14,16 @@ from ...loops import carry_loop, fma, gep, i64, if_then, load, masked_load, mask
 from .. import CONV_WEIGHT, conv2d_weight_grad_cost, register
 from ..toolkit import I64Arg, Params, ceil_div, dtype_info, hsum, kernel_function, lane_mask, \
     memset0, opaque, params, round_up, shared_function, smax, smin, thread_range
+from ...target import vector_registers
 from .layout import ALIGN, FORCE, PadKey, Prep, PrepParams, pad
 
 WGRAD_CHUNK_BYTES = 64 * 1024  # target size of a chunk of images of the weight gradient
-# Vector registers the R*GR*KW accumulators and min(R, GR*KW) streamed operands may take: 29 of
-# the 32 of AVX-512, the rest for the lane mask and the loads' temporaries.
-_WGRAD_REGISTERS = 29
+
+
+def _wgrad_registers() -> int:
+    """Vector registers the R*GR*KW accumulators and min(R, GR*KW) held operands may take: 29 of
+    the 32 of AVX-512, 14 of the 16 of AVX2; the rest for the lane mask and the streamed load."""
+    return 29 if vector_registers() >= 32 else 14
 # The flat mode when it needs at most this fraction of the vectors of the row mode: it also
 # copies the cotangents (into rows of the padded pitch) and masks the columns between rows.
 _WFLAT_GAIN = 0.85
@@ -122,7 +126,8 @@ def _wgrad_plan(ins) -> _WGrad:
     # channels R as the registers hold (R*GR*KW accumulators + min(R, GR*KW) operands), fewer
     # only for small O.
     gr = kh if o == 1 and kw <= 3 else 1
-    r = next((r for r in (8, 4, 2) if r * gr * kw + min(r, gr * kw) <= _WGRAD_REGISTERS), 1)
+    r = next((r for r in (8, 4, 3, 2) if r * gr * kw + min(r, gr * kw) <= _wgrad_registers()),
+             1)
     while r > 1 and r // 2 >= o:
         r //= 2
     r, gr = FORCE.get("wgrad", (r, gr))
@@ -228,12 +233,10 @@ def _wgrad_body(s, p: _WGradKey):
     ctbuf = gep(b, pbuf, b.add(copies, s.slack), ety, name="wgrad.ct")
     memset0(b, ctbuf, b.mul(s.ct_elems, i64(es)))
     table = gep(b, ctbuf, s.ct_main, ety, name="wgrad.table")
-    mty = ir.IntType(vl)
-    with carry_loop(b, 0, s.ox, [], "wgrad.table") as lt:   # (zeroed above)
-        real = b.zext(b.icmp_signed("<", b.urem(lt.iv, s.tpitch), s.ct_ox), mty)
-        at = b.udiv(lt.iv, i64(vl))
-        bit = b.shl(real, b.trunc(b.urem(lt.iv, i64(vl)), mty))
-        store(b, b.or_(load(b, table, at, mty), bit), table, at, mty)
+    ity = _lane_int(ety)
+    with carry_loop(b, 0, s.ox, [], "wgrad.table") as lt:   # (zeroed above: lanes past ox)
+        real = b.sext(b.icmp_signed("<", b.urem(lt.iv, s.tpitch), s.ct_ox), ity)
+        store(b, real, table, lt.iv, ity)
     acc_elems = i64(p.nacc * vl)
     cb_first = b.udiv(s.t0, s.per_cb)
     cb_end = b.udiv(b.add(s.t1, b.sub(s.per_cb, i64(1))), s.per_cb)
@@ -281,6 +284,13 @@ def _wgrad_body(s, p: _WGradKey):
         with carry_loop(b, it0, it1, [], "wgrad.out") as lo:
             _wgrad_item_out(b, s, p, out, lo.iv,
                             gep(b, partials, b.mul(b.sub(lo.iv, it0), acc_elems), ety))
+
+
+def _lane_int(ety) -> ir.IntType:
+    """The integer of a lane's width: the table of real pixels holds one all-ones (real) or zero
+    lane per pixel, loaded as a vector and compared: the mask that AVX2's masked loads take as it
+    is (a bit table would cost ~40 scalar instructions per vector to expand without AVX-512)."""
+    return ir.IntType(64 if ety == ir.DoubleType() else 32)
 
 
 def _wgrad_decode(b, s, p: _WGradKey, t):
@@ -334,34 +344,64 @@ def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans, acc, table):
             ct_y = [gep(b, ct_n, opaque(b, b.add(row, b.mul(ly.iv, s.ox))), ety) for row in ct_rows]
             x_y = gep(b, p_n, opaque(b, b.mul(ly.iv, row_step)), ety)
             phases = [b.mul(s.q, i64(ph)) for ph in range(p.sx)]
-            with carry_loop(b, 0, s.ox, ly.vals, "wgrad.x", step=vl) as lx:
-                x0 = lx.iv
-                # the real pixels only (flat: no 0 * Inf from the pixels between the rows)
-                bits = load(b, table, b.udiv(x0, i64(vl)), ir.IntType(vl))
-                mask = b.bitcast(bits, ir.VectorType(ir.IntType(1), vl))
-                xmask = mask
+            def x_step(acc, x0, full):
+                """One vector of pixels at x0 added to `acc`. `full`: the vector lies inside the
+                row: plain loads, and the x operand and-ed with the lanes of the real pixels
+                (flat mode: no 0 * Inf from the pixels between the rows; the cotangents there
+                are zeros of the copy). Else masked loads: AVX2's masked load is several times
+                slower than a load and an `and`, so it is kept out of the main loop."""
+                lanes = vload(b, table, x0, ir.VectorType(_lane_int(ety), vl))
+                mask = b.icmp_signed("<", lanes, ir.Constant(lanes.type, [0] * vl))
 
                 def x_at(t):
                     i, j = divmod(t, p.kw)
-                    at = b.add(b.add(b.mul(i64(i), s.rp), phases[j % p.sx]), x0)
-                    return masked_load(b, x_y, b.add(at, i64(j // p.sx)), vty, xmask)
+                    at = b.add(b.add(b.add(b.mul(i64(i), s.rp), phases[j % p.sx]), x0),
+                               i64(j // p.sx))
+                    if not full:
+                        return masked_load(b, x_y, at, vty, mask)
+                    raw = b.bitcast(vload(b, x_y, at, vty), lanes.type)
+                    return b.bitcast(b.and_(raw, lanes), vty)
 
-                acc = list(lx.vals)
+                def ct_at(row):
+                    return vload(b, row, x0, vty) if full else masked_load(b, row, x0, vty, mask)
+
+                acc = list(acc)
                 # keep the smaller operand set in registers, stream the other (register pressure:
                 # accumulators + min(R, taps) + 1)
                 if ntap <= p.r:
                     xv = [x_at(t) for t in range(ntap)]
                     for r in range(p.r):
-                        cv = masked_load(b, ct_y[r], x0, vty, mask)
+                        cv = ct_at(ct_y[r])
                         for t in range(ntap):
                             acc[r * ntap + t] = fma(b, cv, xv[t], acc[r * ntap + t])
                 else:
-                    cv = [masked_load(b, row, x0, vty, mask) for row in ct_y]
+                    cv = [ct_at(row) for row in ct_y]
                     for t in range(ntap):
                         xv = x_at(t)
                         for r in range(p.r):
                             acc[r * ntap + t] = fma(b, cv[r], xv, acc[r * ntap + t])
-                lx.next = acc
-            ly.next = lx.out
+                return acc
+
+            xfull = b.sub(s.ox, b.urem(s.ox, i64(vl)), name="wgrad.xfull")
+            with carry_loop(b, 0, xfull, ly.vals, "wgrad.x", step=vl) as lx:
+                lx.next = x_step(lx.vals, lx.iv, True)
+            # the masked tail step only where the row has one
+            before = b.block
+            fn = before.function
+            tail_block = fn.append_basic_block("wgrad.x.tail")
+            joined = fn.append_basic_block("wgrad.x.joined")
+            b.cbranch(b.icmp_signed("<", xfull, s.ox), tail_block, joined)
+            b.position_at_end(tail_block)
+            tail = x_step(lx.out, xfull, False)
+            tail_end = b.block
+            b.branch(joined)
+            b.position_at_end(joined)
+            merged = []
+            for t, a in zip(tail, lx.out):
+                phi = b.phi(a.type)
+                phi.add_incoming(a, before)
+                phi.add_incoming(t, tail_end)
+                merged.append(phi)
+            ly.next = merged
         ln.next = ly.out
     return ln.out
