@@ -38,6 +38,7 @@ from .ops import (  # noqa: F401
     arccos, arccosh, arcsin, arcsinh, arctan, arctan2, arctanh, argmax, argmin, argsort, around,
     ceil, conj, conjugate, floor, fmod, imag, mod, nan_to_num, real, remainder, rint, round,
     select, sort, trunc)
+from .ops import append, dsplit, hsplit, rollaxis, rot90, vsplit  # noqa: F401
 from .nn import erf  # noqa: F401  (tracejit.erf: a composite that lives beside gelu)
 from .tracer import Tracer  # noqa: F401
 from .transforms import hessian, jacfwd, jacrev, jit_jvp  # noqa: F401

@@ -1603,6 +1603,75 @@ def column_stack(tup):
     return concatenate(cols, 1)
 
 
+
+@op("append")
+def append(arr, values, axis=None):
+    """numpy's append: `values` after `arr` along `axis` (None: both flattened)."""
+    if axis is None:
+        return concatenate([ravel(arr), ravel(values)], 0)
+    return concatenate([arr, values], axis)
+
+
+def _split_at_least(what, ary, indices_or_sections, axis, ndim):
+    if len(shape_of(ary)) < ndim:
+        raise ValueError(f"{what} only works on arrays of {ndim} or more dimensions, got shape "
+                         f"{list(shape_of(ary))}")
+    return split(ary, indices_or_sections, axis)
+
+
+@op("vsplit")
+def vsplit(ary, indices_or_sections):
+    return _split_at_least("vsplit", ary, indices_or_sections, 0, 2)
+
+
+@op("hsplit")
+def hsplit(ary, indices_or_sections):
+    return _split_at_least("hsplit", ary, indices_or_sections, 1 if len(shape_of(ary)) > 1 else 0,
+                           1)
+
+
+@op("dsplit")
+def dsplit(ary, indices_or_sections):
+    return _split_at_least("dsplit", ary, indices_or_sections, 2, 3)
+
+
+@op("rot90")
+def rot90(m, k=1, axes=(0, 1)):
+    """numpy's rot90: k quarter turns from the first axis towards the second (flips and a
+    transpose)."""
+    nd = len(shape_of(m))
+    axes = tuple(axes)
+    if len(axes) != 2 or nd < 2:
+        raise ValueError(f"rot90: needs 2 axes of an array of at least 2 dimensions, got axes "
+                         f"{axes!r} and shape {list(shape_of(m))}")
+    a0, a1 = (int(a) % nd for a in axes)
+    if a0 == a1:
+        raise ValueError("rot90: axes must be different")
+    k %= 4
+    if k == 0:
+        return m if isinstance(m, Tracer) else wrap(_layout_value(m))
+    if k == 2:
+        return flip(flip(m, a0), a1)
+    perm = list(range(nd))
+    perm[a0], perm[a1] = perm[a1], perm[a0]
+    return transpose(flip(m, a1), perm) if k == 1 else flip(transpose(m, perm), a1)
+
+
+@op("rollaxis")
+def rollaxis(a, axis, start=0):
+    """numpy's rollaxis: axis `axis` moved to before position `start`."""
+    nd = len(shape_of(a))
+    if not -nd <= start <= nd:
+        raise ValueError(f"rollaxis: start {start} is out of range for {nd} dimensions")
+    axis = int(axis) % nd if -nd <= axis < nd else axis
+    if not 0 <= axis < nd:
+        raise ValueError(f"rollaxis: axis {axis} is out of range for {nd} dimensions")
+    start = start % nd if start < 0 else start
+    if axis < start:
+        start -= 1
+    return moveaxis(a, axis, start) if axis != start else \
+        (a if isinstance(a, Tracer) else wrap(_layout_value(a)))
+
 # ------------------------------------------------------------------------------------------------
 # numpy protocol tables (np.tanh(tracer), np.sum(tracer), ...)
 # ------------------------------------------------------------------------------------------------
@@ -1637,5 +1706,9 @@ ARRAY_FUNCTIONS = {
     "column_stack": column_stack, "prod": prod, "cumsum": cumsum, "cumprod": cumprod,
     "round": round, "around": around, "nan_to_num": nan_to_num, "select": select,
     "real": real, "imag": imag, "argmax": argmax, "argmin": argmin, "argsort": argsort,
-    "sort": sort,
+    "sort": sort, "append": append, "vsplit": vsplit, "hsplit": hsplit, "dsplit": dsplit,
+    "rot90": rot90, "rollaxis": rollaxis,
+    # numpy's own helpers ask for these (np.r_ then fails in np.array with tracejit's message)
+    "ndim": lambda a: len(a.shape), "shape": lambda a: tuple(a.shape),
+    "size": lambda a, axis=None: a.value.type.size if axis is None else a.shape[axis],
 }

@@ -70,7 +70,12 @@ class Tracer:
         raise concretization_error(".tolist()", self)
 
     def __array__(self, dtype=None, copy=None):
-        raise concretization_error("np.asarray()/np.array()", self)
+        # numpy asks every element of np.array([a, b]) for this too, and cannot be told to keep
+        # tracers instead: say how to build the array
+        e = concretization_error("np.asarray()/np.array()", self)
+        e.args = (f"{e.args[0]}. To build an array from traced values (np.array([a, b]), "
+                  f"np.r_[a, b]), use tracejit.stack([a, b]) or tracejit.concatenate",)
+        raise e
 
     __hash__ = object.__hash__
 
