@@ -35,6 +35,11 @@ assert 4):
               1e7 (f32) / 1e16 (f64) the results are meaningless (f32 ones need not even lie in
               [-1, 1]). sin/cos of +-inf or nan is nan; sin(-0) = -0.
     sqrt      llvm.sqrt: correctly rounded.
+    atan      f32 2, f64 1 (every binade, subnormals to the largest). Cephes' reduction (pi/2 -
+              atan(1/x) above tan(3pi/8), pi/4 + atan((x-1)/(x+1)) above tan(pi/8) resp. 0.66),
+              odd (atan(-0) = -0), atan(+-inf) = +-pi/2. atan2 (numpy's arctan2, registered
+              here too: atan(|y|/|x|) reflected by the signs) f32 2, f64 1, numpy's signed zeros
+              and infinities exactly (tests/test_elementwise_more.py).
 
 No fast-math flags are set (no nnan/ninf, no reassoc: the Cody-Waite splits and the compensated
 sums depend on evaluation order). Contractions are explicit `llvm.fma` calls; on a host without
