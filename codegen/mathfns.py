@@ -441,6 +441,9 @@ def _atan2(b: ir.IRBuilder, ins, args):
     pi_hi, pi_lo = e.c["pi_hl"]
     negative_x = b.icmp_unsigned("!=", e.sign_bit(x), e.i(0))
     r = e.select(negative_x, e.add(e.sub(e.f(pi_lo), r), e.f(pi_hi)), r)
+    # on the y axis exactly pi/2 (reflecting the rounded atan(inf) would be an ulp off)
+    on_axis = b.and_(e.cmp("==", ax, e.f(0.0)), e.cmp("!=", ay, e.f(0.0)))
+    r = e.select(on_axis, e.f(e.c["pio2_hl"][0]), r)
     r = e.call("copysign", r, y)
     nan = b.or_(e.isnan(x), e.isnan(y))
     return e.select(nan, e.add(x, y), r, name="atan2")

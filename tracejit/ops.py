@@ -458,7 +458,12 @@ def remainder(x1, x2):
     from fmod plus one correction (so it is exact). Gradient: 1 and -floor(x1 / x2)."""
     m = fmod(x1, x2)
     adjust = logical_and(not_equal(m, 0), not_equal(less(x2, 0), less(m, 0)))
-    return where(adjust, add(m, x2), m)
+    out = where(adjust, add(m, x2), m)
+    if int_operands_dtype(x1, x2) is not None:
+        return out
+    # a zero remainder takes the divisor's sign, as numpy's (fmod's has the dividend's)
+    # (the signed zero computed, not a constant: constants equal as numbers may be merged)
+    return where(equal(m, 0), multiply(where(less(x2, 0), -1.0, 1.0), 0.0), out)
 
 
 mod = op("mod")(remainder.__wrapped__)
