@@ -4,8 +4,7 @@ indices, keyed by the row's values, NaNs last.
 Rows are split between threads. Each thread sorts a row by ping-ponging between the row of `out`
 and its own n-element i64 region of `scratch`: pass p merges runs of 2**p. The number of passes,
 ceil(log2 n), is known when compiling, so the first pass starts in whichever buffer makes the last
-one end in `out` (no copy). The passes are unrolled at compile time (about log2 n copies of one
-small merge loop). The merge takes from the right run only when its key is strictly smaller (or
+one end in `out` (no copy); one loop runs the passes, swapping the two buffers. The merge takes from the right run only when its key is strictly smaller (or
 the left key is NaN and the right one is not), which is what makes it stable with NaNs last.
 O(n log n) comparisons per row, whatever the data.
 """
@@ -15,7 +14,7 @@ import math
 
 import llvmlite.ir as ir
 
-from ..loops import I1, I64, PTR, VOID, carry_loop, for_range, i64, llvm_type, load, store
+from ..loops import I64, PTR, VOID, carry_loop, for_range, i64, llvm_type, load, store
 from ...ir.prims.sort import argsort_p
 
 from . import POOL_WEIGHT, register
@@ -66,17 +65,22 @@ def _lower_argsort(module, name, ins):
         bufs = [row_out, mine] if passes % 2 == 0 else [mine, row_out]
         with for_range(b, i64(0), i64(n), name="sort.iota") as i:
             store(b, i, bufs[0], i, I64)
-        for p in range(passes):
-            _merge_pass(b, row_x, ety, bufs[p % 2], bufs[(p + 1) % 2], n, 1 << p, p)
+        if passes:
+            # one loop over the passes, swapping the buffers (compile time independent of n)
+            with carry_loop(b, i64(0), i64(passes), bufs, name="sort.pass") as ps:
+                src, dst = ps.vals
+                _merge_pass(b, row_x, ety, src, dst, n, b.shl(i64(1), ps.iv, name="sort.width"))
+                ps.next = [dst, src]
     b.ret_void()
 
 
-def _merge_pass(b, keys, ety, src, dst, n: int, width: int, p: int):
+def _merge_pass(b, keys, ety, src, dst, n: int, width):
     """dst[lo:hi] = the stable merge of src[lo:mid] and src[mid:hi] for each pair of runs."""
-    with for_range(b, i64(0), i64(n), step=2 * width, name=f"sort.p{p}.run", scalar=True) as lo:
-        mid = _min(b, b.add(lo, i64(width)), n)
-        hi = _min(b, b.add(lo, i64(2 * width)), n)
-        with carry_loop(b, lo, hi, [lo, mid], name=f"sort.p{p}.k") as st:
+    with for_range(b, i64(0), i64(n), step=b.shl(width, i64(1)), name="sort.run",
+                   scalar=True) as lo:
+        mid = _min(b, b.add(lo, width), n)
+        hi = _min(b, b.add(mid, width), n)
+        with carry_loop(b, lo, hi, [lo, mid], name="sort.k") as st:
             i, j = st.vals
             left_ok = b.icmp_signed("<", i, mid)
             right_ok = b.icmp_signed("<", j, hi)
