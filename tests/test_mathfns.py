@@ -324,7 +324,7 @@ def _asm_of(name):
     return asm[start:asm.index(".Lfunc_end", start)]
 
 
-@pytest.mark.parametrize("fname", ["exp", "log", "tanh", "logistic", "sin", "cos"])
+@pytest.mark.parametrize("fname", ["exp", "log", "tanh", "logistic", "sin", "cos", "atan"])
 def test_scalar_loop_vectorizes(fname):
     body = _asm_of(f"k_{fname}_f32")
     reg = "zmm" if VEC_BITS == 512 else "ymm"
