@@ -63,8 +63,7 @@ def test_inverse_functions_are_within_the_measured_ulps(backend, dtype):
         got = tj.jit(lambda d: {k: getattr(tj, k)(d[k]) for k in UNARY})(xs)
     col = 0 if dtype == np.float64 else 1
     measured = {k: _ulps(got[k], _reference(k, xs[k])) for k in UNARY}
-    assert measured == pytest.approx(measured) and all(
-        measured[k] <= ULPS[backend][k][col] for k in UNARY), measured
+    assert all(measured[k] <= ULPS[backend][k][col] for k in UNARY), measured
 
 
 ATAN2_SPECIAL = [(0.0, 0.0), (-0.0, 0.0), (0.0, -0.0), (-0.0, -0.0), (1.0, 0.0), (-1.0, -0.0),
