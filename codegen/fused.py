@@ -17,9 +17,10 @@ from typing import Callable
 import llvmlite.ir as ir
 
 from ..ir.core import INT_DTYPES, Instr, IRError, Registry, Value
-from ..ir.prims.elementwise import (abs_p, add_p, and_p, const_p, convert_p, div_p, eq_p, ge_p, gt_p,
-                                  integer_pow_p, le_p, lt_p, max_p, min_p, mul_p, ne_p, neg_p,
-                                  not_p, or_p, pow_p, select_p, sign_p, stop_gradient_p, sub_p)
+from ..ir.prims.elementwise import (abs_p, add_p, and_p, ceil_p, const_p, convert_p, div_p, eq_p,
+                                  floor_p, fmod_p, ge_p, gt_p, integer_pow_p, le_p, lt_p, max_p,
+                                  min_p, mul_p, ne_p, neg_p, not_p, or_p, pow_p, rint_p, select_p,
+                                  sign_p, stop_gradient_p, sub_p, trunc_p)
 from ..ir.prims.reduce import reduce_max_p, reduce_sum_p
 from ..ir.prims.structural import (broadcast_in_dim_p, concatenate_p, pad_p, reshape_p, slice_p,
                                  transpose_p)
@@ -309,6 +310,13 @@ def _pow(b, ins, args):
     return b.call(f, args)
 
 
+# rounding: LLVM intrinsics that vectorize to vroundps/vroundpd (rint: half to even, as numpy)
+for _p, _name in ((floor_p, "floor"), (ceil_p, "ceil"), (trunc_p, "trunc"), (rint_p, "rint")):
+    register_elementwise(_p)((lambda name: lambda b, ins, args: _intrinsic1(b, name, args[0]))(_name))
+# C's fmod, exact (frem is libm's fmod: a scalar call per element, the price of exactness)
+register_elementwise(fmod_p)(lambda b, ins, args: b.frem(*args))
+
+
 def _compare(op: str, unordered: bool = False):
     """A comparison: unsigned on bools, else ordered (false with a NaN operand) unless
     `unordered` (true with a NaN operand: numpy's !=)."""
@@ -337,6 +345,17 @@ int_lowerings[stop_gradient_p] = lambda b, ins, args: args[0]
 for _p, _op in ((gt_p, ">"), (ge_p, ">="), (lt_p, "<"), (le_p, "<="), (eq_p, "=="), (ne_p, "!=")):
     int_lowerings[_p] = (lambda op: lambda b, ins, args: b.icmp_signed(op, *args))(_op)
 
+
+
+@int_lowerings.register(fmod_p)
+def _int_fmod(b, ins, args):
+    # srem traps on a zero divisor and on INT_MIN % -1: both give 0 here (numpy: 0 with a
+    # warning for the first, 0 for the second), by dividing by 1 instead
+    a, d = args
+    zero, one = ir.Constant(a.type, 0), ir.Constant(a.type, 1)
+    trivial = b.or_(b.icmp_signed("==", d, zero), b.icmp_signed("==", d, ir.Constant(a.type, -1)))
+    r = b.srem(a, b.select(trivial, one, d))
+    return b.select(trivial, zero, r)
 
 def _integer_pow(b, x, y: int):
     if y == 0:

@@ -35,6 +35,11 @@ assert 4):
               1e7 (f32) / 1e16 (f64) the results are meaningless (f32 ones need not even lie in
               [-1, 1]). sin/cos of +-inf or nan is nan; sin(-0) = -0.
     sqrt      llvm.sqrt: correctly rounded.
+    atan      f32 2, f64 1 (every binade, subnormals to the largest). Cephes' reduction (pi/2 -
+              atan(1/x) above tan(3pi/8), pi/4 + atan((x-1)/(x+1)) above tan(pi/8) resp. 0.66),
+              odd (atan(-0) = -0), atan(+-inf) = +-pi/2. atan2 (numpy's arctan2, registered
+              here too: atan(|y|/|x|) reflected by the signs) f32 2, f64 1, numpy's signed zeros
+              and infinities exactly (tests/test_elementwise_more.py).
 
 No fast-math flags are set (no nnan/ninf, no reassoc: the Cody-Waite splits and the compensated
 sums depend on evaluation order). Contractions are explicit `llvm.fma` calls; on a host without
@@ -48,7 +53,8 @@ from decimal import Decimal
 import llvmlite.ir as ir
 import numpy as np
 
-from ..ir.prims.elementwise import cos_p, exp_p, log_p, logistic_p, sin_p, sqrt_p, tanh_p
+from ..ir.prims.elementwise import (atan2_p, atan_p, cos_p, exp_p, log_p, logistic_p, sin_p,
+                                  sqrt_p, tanh_p)
 
 from .fused import register_elementwise
 from .loops import F32, F64, I32, I64, intrinsic, type_suffix
@@ -108,6 +114,14 @@ def _constants(np_float) -> dict:
                     -2.75573141792967388112E-7, 2.48015872888517045348E-5,
                     -1.38888888888730564116E-3, 4.16666666666665929218E-2]
         c["min_normal"], c["denorm_scale"], c["denorm_k"] = 2.0 ** -1022, 2.0 ** 54, 54
+        # Cephes atan(): atan t = t + t z P(z) / Q(z), z = t*t, on |t| <= 0.66 after reduction
+        c["atan_p"] = [-8.750608600031904122785E-1, -1.615753718733365076637E1,
+                       -7.500855792314704667340E1, -1.228866684490136173410E2,
+                       -6.485021904942025371773E1]
+        c["atan_q"] = [1.0, 2.485846490142306297962E1, 1.650270098316988542046E2,
+                       4.328810604912902668951E2, 4.853903996359136964868E2,
+                       1.945506571482613964425E2]
+        c["atan_mid"] = 0.66
     else:
         c["exp_range"] = (-110.0, 90.0)
         c["expm1_lo"] = -30.0
@@ -121,6 +135,14 @@ def _constants(np_float) -> dict:
         c["sin"] = [-1.9515295891E-4, 8.3321608736E-3, -1.6666654611E-1]
         c["cos"] = [2.443315711809948E-005, -1.388731625493765E-003, 4.166664568298827E-002]
         c["min_normal"], c["denorm_scale"], c["denorm_k"] = 2.0 ** -126, 2.0 ** 25, 25
+        # Cephes atanf(): atan t = t + t z P(z) on |t| <= tan(pi/8) after reduction
+        c["atan_p"] = [8.05374449538e-2, -1.38776856032E-1, 1.99777106478E-1, -3.33329491539E-1]
+        c["atan_q"] = None
+        c["atan_mid"] = 0.4142135623730950
+    # pi/2 and pi/4 as a rounded part plus the rest (added to the small term first)
+    c["pio2_hl"] = _split(_PI_2, np_float, 2)
+    c["pio4_hl"] = _split(_PI_2 / 2, np_float, 2)
+    c["pi_hl"] = _split(_PI_2 * 2, np_float, 2)
     return c
 
 
@@ -378,6 +400,53 @@ def _cos(e, x):
 @_function_of(sqrt_p, inline=True)
 def _sqrt(e, x):
     return e.call("sqrt", x, name="sqrt")   # correctly rounded, and vectorizes natively
+
+
+def _atan_nonneg(e: _Emitter, a):
+    """atan(a) for a >= 0 (inf included; nan propagates), Cephes' reduction: a > tan(3pi/8) uses
+    pi/2 - atan(1/a), a > atan_mid pi/4 + atan((a - 1)/(a + 1)), the rest the polynomial."""
+    c = e.c
+    big = e.cmp(">", a, e.f(2.414213562373095))
+    mid = e.cmp(">", a, e.f(c["atan_mid"]))
+    t = e.select(big, e.div(e.f(-1.0), a),
+                 e.select(mid, e.div(e.sub(a, e.f(1.0)), e.add(a, e.f(1.0))), a), name="t")
+    z = e.mul(t, t)
+    if c["atan_q"] is None:
+        zp = e.mul(z, e.poly(z, c["atan_p"]))
+    else:
+        zp = e.div(e.mul(z, e.poly(z, c["atan_p"])), e.poly(z, c["atan_q"]))
+    p = e.fma(t, zp, t, name="atan_t")
+    hi = e.select(big, e.f(c["pio2_hl"][0]), e.select(mid, e.f(c["pio4_hl"][0]), e.f(0.0)))
+    lo = e.select(big, e.f(c["pio2_hl"][1]), e.select(mid, e.f(c["pio4_hl"][1]), e.f(0.0)))
+    return e.add(hi, e.add(p, lo))
+
+
+@_function_of(atan_p)
+def _atan(e: _Emitter, x):
+    # odd: the sign of x put back on atan|x| (keeps atan(-0) = -0)
+    return e.call("copysign", _atan_nonneg(e, e.call("fabs", x)), x, name="atan")
+
+
+@register_elementwise(atan2_p)
+def _atan2(b: ir.IRBuilder, ins, args):
+    """numpy's arctan2(y, x): atan(|y| / |x|) in [0, pi/2], reflected to pi - it where x < 0 or
+    x = -0, with y's sign. Equal magnitudes (0/0, inf/inf) give 0 resp. pi/4 instead of nan."""
+    y, x = args
+    e = _Emitter(b, y.type)
+    ay, ax = e.call("fabs", y), e.call("fabs", x)
+    r = emit_unary(b, "atan", e.div(ay, ax))
+    r = e.select(e.cmp("==", ay, e.f(0.0)), e.f(0.0), r)
+    both_inf = b.and_(e.cmp("==", ay, e.f(np.inf)), e.cmp("==", ax, e.f(np.inf)))
+    r = e.select(both_inf, e.f(e.c["pio4_hl"][0]), r)
+    pi_hi, pi_lo = e.c["pi_hl"]
+    negative_x = b.icmp_unsigned("!=", e.sign_bit(x), e.i(0))
+    r = e.select(negative_x, e.add(e.sub(e.f(pi_lo), r), e.f(pi_hi)), r)
+    # on the y axis exactly pi/2 (reflecting the rounded atan(inf) would be an ulp off)
+    on_axis = b.and_(e.cmp("==", ax, e.f(0.0)), e.cmp("!=", ay, e.f(0.0)))
+    r = e.select(on_axis, e.f(e.c["pio2_hl"][0]), r)
+    r = e.call("copysign", r, y)
+    nan = b.or_(e.isnan(x), e.isnan(y))
+    return e.select(nan, e.add(x, y), r, name="atan2")
 
 
 UNARY = tuple(_IMPLS)

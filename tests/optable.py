@@ -1017,6 +1017,105 @@ binary("logaddexp", tj.logaddexp, np.logaddexp, distinct, distinct, shapes=BINAR
 binary("logaddexp2", np.logaddexp2, np.logaddexp2, distinct, distinct, shapes=BINARY_SHAPES[:3])
 # END elementwise composites
 
+# rounding, inverse trigonometry, remainders, choices, indices of extremes, sorting and assembling --
+_NEAR_INTS = (-2.0, -1.0, 0.0, 1.0, 2.0)
+_NEAR_HALVES = (-1.5, -0.5, 0.5, 1.5)
+
+
+def _as_float(idx_fn):
+    """An integer-valued op compared as floats of its input's dtype (the table's outputs are)."""
+    return lambda x: idx_fn(x).astype(x.dtype)
+
+
+def _no_kinks(lo, hi, points):
+    return lambda s: Arg(s, lo=lo, hi=hi, avoid=points)
+
+
+# piecewise constant: the gradient is zero (checked against finite differences away from the
+# jumps); there is no second order to check
+ROUNDING = [
+    ("floor", "floor", tj.floor, np.floor, _no_kinks(-2.5, 2.5, _NEAR_INTS)((2, 3))),
+    ("ceil", "ceil-np", np.ceil, np.ceil, _no_kinks(-2.5, 2.5, _NEAR_INTS)((2, 3))),
+    ("trunc", "trunc", tj.trunc, np.trunc, _no_kinks(-2.5, 2.5, _NEAR_INTS)((4,))),
+    ("rint", "rint-np", np.rint, np.rint, _no_kinks(-2.0, 2.0, _NEAR_HALVES)((2, 3))),
+    ("round", "round-decimals-1", lambda x: tj.round(x, 1), lambda x: np.round(x, 1),
+     Arg((2, 3))),
+    ("round", "round-np", np.round, np.round, _no_kinks(-2, 2, _NEAR_HALVES)((5,))),
+    ("around", "around-decimals-neg", lambda x: np.around(x * 100, -1),
+     lambda x: np.around(x * 100, -1), Arg((4,))),
+    ("method.round", "round-method", lambda x: x.round(1), lambda x: x.round(1), Arg((4,))),
+]
+for _op, _id, _fn, _ref, *_args in ROUNDING:
+    add(_op, _id, _fn, _ref, *_args, second_order=False)
+unary("arctan", tj.arctan, np.arctan, lambda s: Arg(s, lo=-4.0, hi=4.0))
+binary("arctan2", tj.arctan2, np.arctan2, nonzero, nonzero, shapes=BINARY_SHAPES[:4])
+unary("arcsin", tj.arcsin, np.arcsin, lambda s: Arg(s, lo=-0.9, hi=0.9))
+unary("arccos", np.arccos, np.arccos, lambda s: Arg(s, lo=-0.9, hi=0.9), shapes=((2, 3), ()))
+unary("arcsinh", tj.arcsinh, np.arcsinh, lambda s: Arg(s, lo=-5.0, hi=5.0))
+unary("arccosh", np.arccosh, np.arccosh, lambda s: Arg(s, lo=1.1, hi=5.0), shapes=((2, 3),))
+unary("arctanh", tj.arctanh, np.arctanh, lambda s: Arg(s, lo=-0.9, hi=0.9))
+binary("fmod", tj.fmod, np.fmod, arg_b=lambda s: Arg(s, lo=0.3, hi=1.7),
+       shapes=BINARY_SHAPES[:3])
+binary("remainder", np.remainder, np.remainder, arg_b=nonzero, shapes=BINARY_SHAPES[:4])
+binary("mod", tj.mod, np.mod, arg_b=nonzero, shapes=BINARY_SHAPES[:1])
+binary("operator.%", lambda a, b: a % b, np.remainder, arg_b=nonzero, shapes=BINARY_SHAPES[:2])
+add("operator.%", "rmod-python-scalar", lambda x: 2.5 % x, lambda x: 2.5 % x, nonzero((4,)))
+MORE = [
+    ("nan_to_num", "nan_to_num-finite", lambda x: tj.nan_to_num(x, nan=1.0, posinf=2.0),
+     lambda x: x, Arg((2, 3))),
+    ("select", "select-two-cases",
+     lambda x: tj.select([x > 0.5, x < -0.5], [x * 2, x ** 2], 0.1),
+     lambda x: np.select([x > 0.5, x < -0.5], [x * 2, x ** 2], 0.1),
+     Arg((3, 4), avoid=(-0.5, 0.5))),
+    ("select", "select-np-broadcast", lambda x, y: np.select([x > 0], [y], x),
+     lambda x, y: np.select([x > 0], [y], x), nonzero((2, 3)), Arg((3,))),
+    ("real", "real", lambda x: np.real(x) * 2, lambda x: x * 2, Arg((2, 3))),
+    ("imag", "imag", lambda x: tj.imag(x) + x, lambda x: x, Arg((2, 3))),
+    ("conj", "conj", lambda x: np.conj(x) * x, lambda x: x * x, Arg((3,))),
+    ("conjugate", "conjugate", lambda x: tj.conjugate(x) * x.real, lambda x: x * x, Arg((3,))),
+    ("sort", "sort-last", tj.sort, np.sort, distinct((3, 5))),
+    ("sort", "sort-axis0-np", lambda x: np.sort(x, 0), lambda x: np.sort(x, 0), distinct((4, 3))),
+    ("sort", "sort-flat", lambda x: tj.sort(x, None), lambda x: np.sort(x, None),
+     distinct((2, 3))),
+    ("argsort", "argsort-last", _as_float(tj.argsort),
+     lambda x: np.argsort(x, kind="stable").astype(x.dtype), distinct((3, 5))),
+    ("argsort", "argsort-axis0-np", _as_float(lambda x: np.argsort(x, 0)),
+     lambda x: np.argsort(x, 0).astype(x.dtype), distinct((4, 3))),
+    ("argmax", "argmax-all", _as_float(tj.argmax), lambda x: np.float64(np.argmax(x)),
+     distinct((3, 4))),
+    ("argmax", "argmax-axis1-keepdims", _as_float(lambda x: np.argmax(x, 1, keepdims=True)),
+     lambda x: np.argmax(x, 1, keepdims=True).astype(x.dtype), distinct((3, 4))),
+    ("argmin", "argmin-axis0", _as_float(lambda x: tj.argmin(x, 0)),
+     lambda x: np.argmin(x, 0).astype(x.dtype), distinct((3, 4))),
+    ("method.argmax", "argmax-method-dim", _as_float(lambda x: x.argmax(dim=1)),
+     lambda x: x.argmax(1).astype(x.dtype), distinct((3, 4))),
+    ("method.argmin", "argmin-method", _as_float(lambda x: x.argmin(0)),
+     lambda x: x.argmin(0).astype(x.dtype), distinct((3, 4))),
+    ("method.argsort", "argsort-method", _as_float(lambda x: x.argsort()),
+     lambda x: x.argsort(kind="stable").astype(x.dtype), distinct((2, 4))),
+    ("append", "append-flat", lambda x, y: np.append(x, y), lambda x, y: np.append(x, y),
+     Arg((2, 2)), Arg((3,))),
+    ("append", "append-axis", lambda x, y: tj.append(x, y, axis=1),
+     lambda x, y: np.append(x, y, axis=1), Arg((2, 2)), Arg((2, 1))),
+    ("vsplit", "vsplit", lambda x: _weighted(np.vsplit(x, 2)),
+     lambda x: _weighted(np.vsplit(x, 2)), Arg((4, 3))),
+    ("hsplit", "hsplit-indices", lambda x: _weighted(tj.hsplit(x, [1])),
+     lambda x: _weighted(np.hsplit(x, [1])), Arg((2, 3))),
+    ("dsplit", "dsplit", lambda x: _weighted(tj.dsplit(x, 2)),
+     lambda x: _weighted(np.dsplit(x, 2)), Arg((2, 1, 4))),
+    ("rot90", "rot90", tj.rot90, np.rot90, Arg((2, 3))),
+    ("rot90", "rot90-k3-axes", lambda x: np.rot90(x, 3, (2, 0)),
+     lambda x: np.rot90(x, 3, (2, 0)), Arg((2, 3, 2))),
+    ("rollaxis", "rollaxis", lambda x: np.rollaxis(x, 2), lambda x: np.rollaxis(x, 2),
+     Arg((2, 3, 4))),
+    ("rollaxis", "rollaxis-start", lambda x: tj.rollaxis(x, 0, 3),
+     lambda x: np.rollaxis(x, 0, 3), Arg((2, 3, 4))),
+]
+for _op, _id, _fn, _ref, *_args in MORE:
+    add(_op, f"more-{_id}", _fn, _ref, *_args,
+        grad=not _op.startswith(("argsort", "argmax", "argmin", "method.arg")))
+# END rounding, inverse trigonometry, ...
+
 GRAD_CASES = [c for c in CASES if c.grad]
 SECOND_ORDER_CASES = [c for c in GRAD_CASES if c.second_order]
 

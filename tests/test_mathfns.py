@@ -97,7 +97,7 @@ def _logistic_ref(x):
 
 
 REF = {"exp": np.exp, "log": np.log, "tanh": np.tanh, "sin": np.sin, "cos": np.cos,
-       "logistic": _logistic_ref, "sqrt": np.sqrt}
+       "logistic": _logistic_ref, "sqrt": np.sqrt, "atan": np.arctan}
 
 
 def reference(fname, x):
@@ -158,6 +158,8 @@ def samples(fname, dtype, n=N, seed=0):
         lim = 800 if f64 else 120
         parts = [rng.uniform(-lim, lim, 2 * k), rng.uniform(-5, 5, k),
                  sign[:k] * _loguniform(rng, 1e-30, lim, k, np.float64)]
+    elif fname == "atan":   # every binade (subnormals to the largest), and around the reductions
+        parts = [sign[:2 * k] * _random_positive_bits(rng, 2 * k, dtype), rng.uniform(-3, 3, 2 * k)]
     else:  # sin, cos
         lim = 1e6 if f64 else 1e4
         parts = [rng.uniform(-lim, lim, 2 * k), rng.uniform(-10, 10, k),
@@ -251,6 +253,8 @@ SPECIAL = {
     "cos": [(0.0, 1.0), (-0.0, 1.0), (np.inf, np.nan), (-np.inf, np.nan), (np.nan, np.nan)],
     "sqrt": [(0.0, 0.0), (-0.0, -0.0), (-1.0, np.nan), (np.inf, np.inf), (np.nan, np.nan),
              (4.0, 2.0)],
+    "atan": [(0.0, 0.0), (-0.0, -0.0), (np.inf, np.pi / 2), (-np.inf, -np.pi / 2),
+             (np.nan, np.nan), (1.0, np.pi / 4), (-1e-30, -1e-30)],
 }
 
 
@@ -320,7 +324,7 @@ def _asm_of(name):
     return asm[start:asm.index(".Lfunc_end", start)]
 
 
-@pytest.mark.parametrize("fname", ["exp", "log", "tanh", "logistic", "sin", "cos"])
+@pytest.mark.parametrize("fname", ["exp", "log", "tanh", "logistic", "sin", "cos", "atan"])
 def test_scalar_loop_vectorizes(fname):
     body = _asm_of(f"k_{fname}_f32")
     reg = "zmm" if VEC_BITS == 512 else "ymm"

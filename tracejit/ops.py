@@ -17,6 +17,9 @@ import numpy as np
 from .ir import builder as irb
 from .ir import lax
 from .ir.prims import elementwise, structural
+from .ir.prims.elementwise import (atan as _atan, atan2 as _atan2, ceil as _ceil, floor as _floor,
+                                   fmod as _fmod, rint as _rint, trunc as _trunc)
+from .ir.prims.sort import argsort as _argsort
 from .ir.builder import Builder, api_scope, building
 from .ir.core import DTYPES, INT_DTYPES, ShapeError, Value
 from .ir.interpreter import interpret
@@ -328,6 +331,199 @@ def logaddexp2(a, b):
     return _log_add(a, b, 1.0, lambda t: multiply(log1p(exp2(t)), 1.0 / _LN2))
 
 
+
+# rounding: zero gradient (piecewise constant, as JAX); integers stay integers, as numpy's --------
+def _rounding(lax_fn, x):
+    return x if _is_int_tracer(x) else _unary(lax_fn, x)
+
+
+@op("floor")
+def floor(x): return _rounding(_floor, x)
+@op("ceil")
+def ceil(x): return _rounding(_ceil, x)
+@op("trunc")
+def trunc(x): return _rounding(_trunc, x)
+@op("rint")
+def rint(x): return _unary(_rint, x)    # numpy's rint of integers is float too
+
+
+@op("round")
+def round(a, decimals=0):
+    """numpy's round/around: to `decimals` decimal places, halves to even (numpy's scaling:
+    rint(a * 10**decimals) / 10**decimals, so e.g. round(0.285, 2) is numpy's answer)."""
+    if not isinstance(decimals, (numbers.Integral, np.integer)) or isinstance(decimals, bool):
+        raise TypeError(f"round: decimals must be an int, got {decimals!r}")
+    decimals = int(decimals)
+    if _is_int_tracer(a):
+        if decimals >= 0:
+            return a
+        raise NotImplementedError("round: negative decimals of a traced integer array")
+    if decimals == 0:
+        return rint(a)
+    if decimals > 0:
+        return divide(rint(multiply(a, 10.0 ** decimals)), 10.0 ** decimals)
+    return multiply(rint(divide(a, 10.0 ** -decimals)), 10.0 ** -decimals)
+
+
+around = op("around")(round.__wrapped__)
+
+
+# inverse trigonometric and hyperbolic functions: arctan and arctan2 are native (codegen/mathfns.py,
+# their ulp errors measured in tests/test_elementwise_more.py); the others are composites written
+# so that no step loses more than an ulp or two where the result is small
+@op("arctan")
+def arctan(x): return _unary(_atan, x)
+
+
+@op("arctan2")
+def arctan2(x1, x2):
+    """numpy's arctan2(y, x): the angle of (x, y) in [-pi, pi]; its gradient is NaN at (0, 0)."""
+    return _binary(_atan2, x1, x2, ints=False)
+
+
+def _cathetus(x):
+    """sqrt(1 - x**2) as sqrt((1 - x) * (1 + x)): 1 - x is exact near 1, so no cancellation."""
+    return sqrt(multiply(subtract(1.0, x), add(1.0, x)))
+
+
+@op("arcsin")
+def arcsin(x):
+    """arctan2(x, sqrt(1 - x**2)): accurate over all of [-1, 1], NaN outside."""
+    return arctan2(x, _cathetus(x))
+
+
+@op("arccos")
+def arccos(x):
+    """arctan2(sqrt(1 - x**2), x): accurate near both ends (0 at 1, pi at -1), NaN outside."""
+    return arctan2(_cathetus(x), x)
+
+
+def _magnitude(x):
+    """(x < 0, |x|) where |x| has gradient +1 at 0 (abs's 0 there would zero an odd function's
+    derivative at 0)."""
+    neg = less(x, 0.0)
+    return neg, where(neg, negative(x), x)
+
+
+def _huge(x):
+    """Beyond this, arcsinh/arccosh are log(2|x|) to within rounding (1 / (4 x**2) < ulp / 8)."""
+    return 2.0 ** 28 if result_dtype(x) == "f64" else 2.0 ** 12
+
+
+@op("arcsinh")
+def arcsinh(x):
+    """log1p(a + a**2 / (1 + sqrt(1 + a**2))) for a = |x| (no cancellation near 0), log(2a) for
+    huge a (a**2 would overflow), odd."""
+    neg, a = _magnitude(x)
+    big = greater(a, _huge(x))
+    am = where(big, 1.0, a)
+    a2 = multiply(am, am)
+    near = log1p(add(am, divide(a2, add(sqrt(add(a2, 1.0)), 1.0))))
+    far = add(log(where(big, a, 2.0)), _LN2)
+    r = where(big, far, near)
+    return where(neg, negative(r), r)
+
+
+@op("arccosh")
+def arccosh(x):
+    """log1p(t + sqrt(t * (t + 2))) for t = x - 1 (exact near 1, where the result is small),
+    log(2x) for huge x; NaN below 1."""
+    big = greater(x, _huge(x))
+    t = subtract(where(big, 2.0, x), 1.0)
+    near = log1p(add(t, sqrt(multiply(t, add(t, 2.0)))))
+    far = add(log(where(big, x, 2.0)), _LN2)
+    return where(big, far, near)
+
+
+@op("arctanh")
+def arctanh(x):
+    """log1p(2a / (1 - a)) / 2 for a = |x|, odd: 1 - a is exact near 1, log1p is exact near 0.
+    +-inf at +-1, NaN beyond."""
+    neg, a = _magnitude(x)
+    r = multiply(log1p(divide(multiply(a, 2.0), subtract(1.0, a))), 0.5)
+    return where(neg, negative(r), r)
+
+
+# remainders ----------------------------------------------------------------------------------------
+@op("fmod")
+def fmod(x1, x2):
+    """C's fmod: x1 - trunc(x1 / x2) * x2 computed exactly, with x1's sign; integers stay
+    integers (a zero divisor gives 0, as numpy). Gradient: 1 and -trunc(x1 / x2)."""
+    return _binary(_fmod, x1, x2)
+
+
+@op("remainder")
+def remainder(x1, x2):
+    """numpy's remainder (Python's %, `mod`): the sign of the divisor, x1 - floor(x1 / x2) * x2,
+    from fmod plus one correction (so it is exact). Gradient: 1 and -floor(x1 / x2)."""
+    m = fmod(x1, x2)
+    adjust = logical_and(not_equal(m, 0), not_equal(less(x2, 0), less(m, 0)))
+    out = where(adjust, add(m, x2), m)
+    if int_operands_dtype(x1, x2) is not None:
+        return out
+    # a zero remainder takes the divisor's sign, as numpy's (fmod's has the dividend's)
+    # (the signed zero computed, not a constant: constants equal as numbers may be merged)
+    return where(equal(m, 0), multiply(where(less(x2, 0), -1.0, 1.0), 0.0), out)
+
+
+mod = op("mod")(remainder.__wrapped__)
+
+
+# special values, choices, complex parts of real arrays --------------------------------------------
+@op("nan_to_num")
+def nan_to_num(x, copy=True, nan=0.0, posinf=None, neginf=None):
+    """numpy's nan_to_num: NaN -> `nan`, +inf -> `posinf` (default: the dtype's largest finite
+    value), -inf -> `neginf` (default: its most negative). The gradient passes where x is finite."""
+    if _is_int_tracer(x):
+        return x
+    big = float(np.finfo(np.float64 if result_dtype(x) == "f64" else np.float32).max)
+    posinf = big if posinf is None else posinf
+    neginf = -big if neginf is None else neginf
+    y = where(not_equal(x, x), nan, x)
+    return where(equal(x, np.inf), posinf, where(equal(x, -np.inf), neginf, y))
+
+
+@op("select")
+def select(condlist, choicelist, default=0):
+    """numpy's select: for each element, the choice of the first true condition, else
+    `default`."""
+    condlist, choicelist = list(condlist), list(choicelist)
+    if len(condlist) != len(choicelist):
+        raise ValueError(f"select: list of cases must be same length as list of conditions "
+                         f"({len(condlist)} conditions, {len(choicelist)} choices)")
+    if not condlist:
+        raise ValueError("select: select with an empty condition list is not possible")
+    out = default
+    for cond, choice in reversed(list(zip(condlist, choicelist))):
+        out = where(cond, choice, out)
+    return out
+
+
+def _real_array(x):
+    return x if isinstance(x, Tracer) else wrap(_layout_value(x))
+
+
+@op("real")
+def real(val):
+    """The real part: a real array itself."""
+    return _real_array(val)
+
+
+@op("imag")
+def imag(val):
+    """The imaginary part of a real array: zeros (of its dtype, with zero gradient)."""
+    return zeros_like(val)
+
+
+@op("conj")
+def conj(x):
+    """The complex conjugate of a real array: the array itself."""
+    return _real_array(x)
+
+
+conjugate = op("conjugate")(conj.__wrapped__)
+
+
 def _compare(lax_fn):
     def f(a, b):
         return _binary(lax_fn, a, b)
@@ -527,6 +723,116 @@ def norm(x, ord=None, axis=None, keepdims=False, *, dim=None, keepdim=None):
     if ord in (np.inf, float("inf")):
         return max(abs(x), axis, keepdims)
     raise NotImplementedError(f"norm: ord={ord!r} is not supported (use None, 1 or inf)")
+
+
+
+# indices of extremes and sorting: integer results, no gradient (sort's values are a gather with
+# argsort's indices, so their gradient scatters back through the permutation) ----------------------
+def _sort_operand(what, a) -> Value:
+    """A float Value to compare: integers as float64 (exact below 2**53)."""
+    if _is_int_tracer(a):
+        return lax.convert(to_value(a), "f64")
+    v = as_value(a, result_dtype(a))
+    if v.dtype not in ("f32", "f64"):   # pragma: no cover - as_value gives floats
+        raise TypeError(f"{what}: expects a numeric array")
+    return v
+
+
+def _arg_extreme(what, a, axis, keepdims, largest):
+    v = lax.stop_gradient(_sort_operand(what, a))
+    shape = v.shape
+    if axis is None:
+        v, ax = lax.reshape(v, (v.type.size,)), 0
+    else:
+        ax = _axis_arg(v, axis, what)
+    n = v.shape[ax] if v.ndim else 1
+    if v.ndim == 0:
+        v = lax.reshape(v, (1,))
+    if n == 0:
+        raise ValueError(f"{what}: attempt to get {what} of an empty sequence")
+    # the first position holding the extreme, or the first NaN (numpy: NaN is the extreme)
+    key = v if largest else lax.neg(v)
+    m = lax.reduce_max(key, (ax,))
+    m = lax.broadcast_in_dim(m, key.shape, tuple(d for d in range(key.ndim) if d != ax))
+    hit = lax.logical_or(lax.eq(key, m), lax.ne(key, key))
+    iota = np.arange(n, dtype=np.float64 if v.dtype == "f64" else np.float32)
+    iota = lax.literal(iota.reshape((1,) * ax + (n,) + (1,) * (v.ndim - ax - 1)))
+    pos = lax.select(hit, lax.broadcast_to(iota, key.shape), float(n))
+    first = lax.neg(lax.reduce_max(lax.neg(pos), (ax,)))
+    idx = lax.convert(first, "i64")
+    if keepdims:
+        kept = [1] * len(shape) if axis is None else \
+            [1 if d == ax else k for d, k in enumerate(shape)]
+        idx = lax.reshape(idx, kept)
+    return wrap(idx)
+
+
+@op("argmax")
+def argmax(a, axis=None, out=None, *, keepdims=False, dim=None, keepdim=None):
+    """numpy's argmax: the index (int64) of the first maximum along `axis` (None: of the
+    flattened array); a NaN is the maximum (its first position), as in numpy. PyTorch's
+    `dim=`/`keepdim=` are accepted."""
+    axis, keepdims = _torch_axis("argmax", axis, keepdims, dim, keepdim)
+    _no_out("argmax", out)
+    return _arg_extreme("argmax", a, axis, keepdims, largest=True)
+
+
+@op("argmin")
+def argmin(a, axis=None, out=None, *, keepdims=False, dim=None, keepdim=None):
+    """numpy's argmin: the index of the first minimum (or first NaN)."""
+    axis, keepdims = _torch_axis("argmin", axis, keepdims, dim, keepdim)
+    _no_out("argmin", out)
+    return _arg_extreme("argmin", a, axis, keepdims, largest=False)
+
+
+def _no_out(what, out):
+    if out is not None:
+        raise TypeError(f"{what}: out= writes in place, which traced values do not support")
+
+
+_SORT_KINDS = (None, "stable", "mergesort", "quicksort", "heapsort")
+
+
+def _argsort_value(what, a, axis, kind, order, descending=False):
+    if order is not None:
+        raise NotImplementedError(f"{what}: order= (structured arrays) is not supported")
+    if kind not in _SORT_KINDS:
+        raise ValueError(f"{what}: unknown kind {kind!r}")
+    v = lax.stop_gradient(_sort_operand(what, a))
+    if axis is None:
+        v, axis = lax.reshape(v, (v.type.size,)), 0
+    if v.ndim == 0:
+        raise ValueError(f"{what}: expects an array of at least 1 dimension (or axis=None)")
+    ax = _axis_arg(v, axis, what)
+    perm = [d for d in range(v.ndim) if d != ax] + [ax]
+    last = lax.transpose(v, perm) if ax != v.ndim - 1 else v
+    idx = _argsort(last)
+    if ax != v.ndim - 1:
+        idx = lax.transpose(idx, [perm.index(d) for d in range(v.ndim)])
+    return idx, ax
+
+
+@op("argsort")
+def argsort(a, axis=-1, kind=None, order=None, *, stable=None):
+    """numpy's argsort: int64 indices that sort `a` along `axis` (None: flattened), always
+    stable (every `kind` gives the 'stable' result: equal elements keep their order), NaNs
+    last."""
+    return wrap(_argsort_value("argsort", a, axis, kind, order)[0])
+
+
+@op("sort")
+def sort(a, axis=-1, kind=None, order=None, *, stable=None):
+    """numpy's sort (stable, NaNs last): the values gathered through argsort's permutation, so
+    the gradient of each sorted element goes back to the element it came from."""
+    idx, ax = _argsort_value("sort", a, axis, kind, order)
+    if _is_int_tracer(a):
+        v = lax.convert(to_value(a), "f64")
+        flat = v if axis is not None else lax.reshape(v, (v.type.size,))
+        return wrap(lax.convert(lax.gather(flat, idx, ax, name="argsort"), to_value(a).dtype))
+    v = as_value(a, result_dtype(a))
+    if axis is None:
+        v = lax.reshape(v, (v.type.size,))
+    return wrap(lax.gather(v, idx, ax, name="argsort"))
 
 
 # products and running sums and products: trees of multiplies and log-step scans over slices, so
@@ -1302,6 +1608,75 @@ def column_stack(tup):
     return concatenate(cols, 1)
 
 
+
+@op("append")
+def append(arr, values, axis=None):
+    """numpy's append: `values` after `arr` along `axis` (None: both flattened)."""
+    if axis is None:
+        return concatenate([ravel(arr), ravel(values)], 0)
+    return concatenate([arr, values], axis)
+
+
+def _split_at_least(what, ary, indices_or_sections, axis, ndim):
+    if len(shape_of(ary)) < ndim:
+        raise ValueError(f"{what} only works on arrays of {ndim} or more dimensions, got shape "
+                         f"{list(shape_of(ary))}")
+    return split(ary, indices_or_sections, axis)
+
+
+@op("vsplit")
+def vsplit(ary, indices_or_sections):
+    return _split_at_least("vsplit", ary, indices_or_sections, 0, 2)
+
+
+@op("hsplit")
+def hsplit(ary, indices_or_sections):
+    return _split_at_least("hsplit", ary, indices_or_sections, 1 if len(shape_of(ary)) > 1 else 0,
+                           1)
+
+
+@op("dsplit")
+def dsplit(ary, indices_or_sections):
+    return _split_at_least("dsplit", ary, indices_or_sections, 2, 3)
+
+
+@op("rot90")
+def rot90(m, k=1, axes=(0, 1)):
+    """numpy's rot90: k quarter turns from the first axis towards the second (flips and a
+    transpose)."""
+    nd = len(shape_of(m))
+    axes = tuple(axes)
+    if len(axes) != 2 or nd < 2:
+        raise ValueError(f"rot90: needs 2 axes of an array of at least 2 dimensions, got axes "
+                         f"{axes!r} and shape {list(shape_of(m))}")
+    a0, a1 = (int(a) % nd for a in axes)
+    if a0 == a1:
+        raise ValueError("rot90: axes must be different")
+    k %= 4
+    if k == 0:
+        return m if isinstance(m, Tracer) else wrap(_layout_value(m))
+    if k == 2:
+        return flip(flip(m, a0), a1)
+    perm = list(range(nd))
+    perm[a0], perm[a1] = perm[a1], perm[a0]
+    return transpose(flip(m, a1), perm) if k == 1 else flip(transpose(m, perm), a1)
+
+
+@op("rollaxis")
+def rollaxis(a, axis, start=0):
+    """numpy's rollaxis: axis `axis` moved to before position `start`."""
+    nd = len(shape_of(a))
+    if not -nd <= start <= nd:
+        raise ValueError(f"rollaxis: start {start} is out of range for {nd} dimensions")
+    axis = int(axis) % nd if -nd <= axis < nd else axis
+    if not 0 <= axis < nd:
+        raise ValueError(f"rollaxis: axis {axis} is out of range for {nd} dimensions")
+    start = start % nd if start < 0 else start
+    if axis < start:
+        start -= 1
+    return moveaxis(a, axis, start) if axis != start else \
+        (a if isinstance(a, Tracer) else wrap(_layout_value(a)))
+
 # ------------------------------------------------------------------------------------------------
 # numpy protocol tables (np.tanh(tracer), np.sum(tracer), ...)
 # ------------------------------------------------------------------------------------------------
@@ -1316,6 +1691,10 @@ UFUNCS = {
     "reciprocal": reciprocal, "tan": tan, "deg2rad": deg2rad, "radians": deg2rad,
     "rad2deg": rad2deg, "degrees": rad2deg, "fabs": fabs, "sinh": sinh, "cosh": cosh,
     "hypot": hypot, "fmax": fmax, "fmin": fmin, "logaddexp": logaddexp, "logaddexp2": logaddexp2,
+    "floor": floor, "ceil": ceil, "trunc": trunc, "rint": rint, "arctan": arctan,
+    "arctan2": arctan2, "arcsin": arcsin, "arccos": arccos, "arcsinh": arcsinh,
+    "arccosh": arccosh, "arctanh": arctanh, "fmod": fmod, "remainder": remainder,
+    "conjugate": conj,
 }
 ARRAY_FUNCTIONS = {
     "sum": sum, "mean": mean, "max": max, "amax": max, "min": min, "amin": min, "dot": dot,
@@ -1330,4 +1709,11 @@ ARRAY_FUNCTIONS = {
     "moveaxis": moveaxis, "ravel": ravel, "atleast_1d": atleast_1d, "atleast_2d": atleast_2d,
     "atleast_3d": atleast_3d, "vstack": vstack, "hstack": hstack, "dstack": dstack,
     "column_stack": column_stack, "prod": prod, "cumsum": cumsum, "cumprod": cumprod,
+    "round": round, "around": around, "nan_to_num": nan_to_num, "select": select,
+    "real": real, "imag": imag, "argmax": argmax, "argmin": argmin, "argsort": argsort,
+    "sort": sort, "append": append, "vsplit": vsplit, "hsplit": hsplit, "dsplit": dsplit,
+    "rot90": rot90, "rollaxis": rollaxis,
+    # numpy's own helpers ask for these (np.r_ then fails in np.array with tracejit's message)
+    "ndim": lambda a: len(a.shape), "shape": lambda a: tuple(a.shape),
+    "size": lambda a, axis=None: a.value.type.size if axis is None else a.shape[axis],
 }

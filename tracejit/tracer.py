@@ -70,7 +70,12 @@ class Tracer:
         raise concretization_error(".tolist()", self)
 
     def __array__(self, dtype=None, copy=None):
-        raise concretization_error("np.asarray()/np.array()", self)
+        # numpy asks every element of np.array([a, b]) for this too, and cannot be told to keep
+        # tracers instead: say how to build the array
+        e = concretization_error("np.asarray()/np.array()", self)
+        e.args = (f"{e.args[0]}. To build an array from traced values (np.array([a, b]), "
+                  f"np.r_[a, b]), use tracejit.stack([a, b]) or tracejit.concatenate",)
+        raise e
 
     __hash__ = object.__hash__
 
@@ -115,6 +120,8 @@ class Tracer:
     def __rmul__(self, o): return _ops().multiply(o, self)
     def __truediv__(self, o): return _ops().divide(self, o)
     def __rtruediv__(self, o): return _ops().divide(o, self)
+    def __mod__(self, o): return _ops().remainder(self, o)
+    def __rmod__(self, o): return _ops().remainder(o, self)
     def __pow__(self, o): return _ops().power(self, o)
     def __rpow__(self, o): return _ops().power(o, self)
     def __matmul__(self, o): return _ops().matmul(self, o)
@@ -228,6 +235,23 @@ class Tracer:
     def mm(self, o): return _ops().mm(self, o)
     def clip(self, min=None, max=None): return _ops().clip(self, min, max)
     def astype(self, dtype): return _ops().astype(self, dtype)
+
+    # indices of extremes: numpy's axis=/keepdims= and PyTorch's dim=/keepdim= (x.argmax(1))
+    def argmax(self, axis=None, out=None, **kw): return _ops().argmax(self, axis, out, **kw)
+    def argmin(self, axis=None, out=None, **kw): return _ops().argmin(self, axis, out, **kw)
+    # numpy's x.argsort(); x.sort() sorts in place in numpy, which traced values cannot: use
+    # tracejit.sort(x)
+    def argsort(self, axis=-1, kind=None, order=None): return _ops().argsort(self, axis, kind, order)
+    def round(self, decimals=0): return _ops().round(self, decimals)
+
+    @property
+    def real(self): return self
+
+    @property
+    def imag(self): return _ops().imag(self)
+
+    def conj(self): return self
+    def conjugate(self): return self
 
 
 class _Size(int):

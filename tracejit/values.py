@@ -38,6 +38,8 @@ def to_value(x, like: Value | None = None) -> Value:
     from .ir import lax
     captures.note_constant(x)
     arr = np.asarray(x)
+    if arr.dtype == object:
+        return _object_array_value(arr, like)
     if arr.dtype.kind not in "fiub":
         raise TypeError(f"cannot use a {type(x).__name__} ({arr.dtype}) as an array operand")
     if like is not None and like.dtype in ("f32", "f64") and arr.dtype.kind in "fiub":
@@ -50,6 +52,31 @@ def to_value(x, like: Value | None = None) -> Value:
         return lax.full(arr.item(), (), "bool" if arr.dtype == np.bool_ else
                         ("f64" if arr.dtype == np.float64 else "f32"))
     return lax.literal(arr)
+
+
+def _is_object_array(x) -> bool:
+    return isinstance(x, np.ndarray) and x.dtype == object
+
+
+def _object_array_value(arr: np.ndarray, like: Value | None, dtype: str | None = None) -> Value:
+    """An object array of tracers and numbers (what numpy builds from traced elements, e.g.
+    `o = np.empty(2, object); o[0] = a`) as one Value: its elements stacked, of shape
+    arr.shape + their common (broadcast) shape, in their common float dtype (`dtype` if given)."""
+    from .ir import lax
+    items = list(arr.flat)
+    if not items:
+        raise TypeError("cannot use an empty object array as an array operand")
+    for t in items:
+        if not isinstance(t, (Tracer, numbers.Number, np.generic, np.ndarray)):
+            raise TypeError(f"cannot use an object array holding a {type(t).__name__} as an "
+                            f"array operand")
+    dt = dtype or (like.dtype if like is not None and like.dtype in ("f32", "f64")
+                   else result_dtype(*items))
+    vals = [as_value(t, dt) for t in items]
+    shape = tuple(np.broadcast_shapes(*[v.shape for v in vals]))
+    vals = [v if v.shape == shape else lax.broadcast_to(v, shape) for v in vals]
+    flat = lax.concatenate([lax.reshape(v, (1,) + shape) for v in vals], 0)
+    return lax.reshape(flat, arr.shape + shape)
 
 
 def capture(b, t: Tracer) -> Value:
@@ -94,7 +121,8 @@ def _flat(x):
 
 def result_dtype(*xs) -> str:
     """The float dtype an op computes in for operands `xs` (the rules of the module docstring)."""
-    tracers = [x for x in xs if isinstance(x, Tracer)]
+    tracers = [x for x in xs if isinstance(x, Tracer)] + \
+        [t for x in xs if _is_object_array(x) for t in x.flat if isinstance(t, Tracer)]
     strong = [x.value.dtype for x in tracers if x.value.dtype in ("f32", "f64")]
     for x in xs:
         _check_no_nested_tracers(x)
@@ -138,6 +166,8 @@ def as_value(x, dtype: str) -> Value:
     else:
         _check_no_nested_tracers(x)
         arr = np.asarray(x)
+        if arr.dtype == object:
+            return lax.convert(_object_array_value(arr, None, dtype), dtype)
         if arr.dtype.kind not in "fiub":
             raise TypeError(f"cannot use a {type(x).__name__} of dtype {arr.dtype} in an array "
                             f"operation")

@@ -482,3 +482,90 @@ def _select_jvp(ts, tans, out, pred, a, b):
 @jvp_rules.register(convert_p)
 def _convert_jvp(ts, tans, out, x, *, dtype):
     return convert(tans[0], dtype) if dtype in FLOAT_DTYPES else None
+
+
+# ---------------------------------------------------------------------------------------------
+# rounding, inverse trigonometry and fmod. floor/ceil/trunc/rint are piecewise constant: zero
+# derivative everywhere, as JAX (their jump points are measure zero; the adjoint says nothing
+# there). rint rounds half to even, as numpy's rint/round. fmod is C's fmod (the sign of the
+# dividend, computed exactly); numpy's remainder is built from it in tracejit.ops.
+# ---------------------------------------------------------------------------------------------
+def _quiet(np_fn):
+    def impl(*xs):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np_fn(*xs)
+    return impl
+
+
+floor_p = _unary("floor", np.floor)
+ceil_p = _unary("ceil", np.ceil)
+trunc_p = _unary("trunc", np.trunc)
+rint_p = _unary("rint", np.rint)
+atan_p = _unary("atan", np.arctan)
+floor, ceil, trunc, rint, atan = map(_unary_fn, (floor_p, ceil_p, trunc_p, rint_p, atan_p))
+# atan2(y, x): the angle of the point (x, y), numpy's arctan2 (signed zeros and infinities too)
+atan2_p = _binary("atan2", np.arctan2)
+atan2 = _binary_fn(atan2_p)
+
+
+def _fmod(a, b):
+    # integers: numpy's fmod gives 0 for a zero divisor (with a warning we silence), as the
+    # native code does
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.fmod(a, b)
+
+
+fmod_p = _binary("fmod", _fmod)
+fmod = _binary_fn(fmod_p)
+
+for _p in (floor_p, ceil_p, trunc_p, rint_p):
+    adjoint_rules[_p] = lambda ct, x: (None,)
+    jvp_rules[_p] = lambda ts, tans, out, x: None
+
+
+def _atan_partial(x):
+    return div(1.0, add(mul(x, x), 1.0))
+
+
+adjoint_rules[atan_p] = lambda ct, x: (mul(ct, _atan_partial(x)),)
+jvp_rules[atan_p] = _unary_jvp(lambda x, out: _atan_partial(x))
+
+
+def _atan2_partials(y, x):
+    """(d/dy, d/dx) of atan2(y, x) = (x, -y) / (x^2 + y^2): NaN at the origin, as JAX."""
+    r2 = add(mul(x, x), mul(y, y))
+    return div(x, r2), neg(div(y, r2))
+
+
+@adjoint_rules.register(atan2_p)
+def _atan2_adjoint(ct, y, x):
+    dy, dx = _atan2_partials(y, x)
+    return _sum_to(mul(ct, dy), y), _sum_to(mul(ct, dx), x)
+
+
+@jvp_rules.register(atan2_p)
+def _atan2_jvp(ts, tans, out, y, x):
+    dy, dx = _atan2_partials(y, x)
+    ty, tx = _operand_tangents(ts, tans, out, y, x)
+    return ts.add(ts.scale(ty, _full_like(dy, out)), ts.scale(tx, _full_like(dx, out)))
+
+
+def _fmod_quotient(a, b):
+    """trunc(a / b), the multiple of b that fmod(a, b) removes: d fmod / db = -trunc(a / b)."""
+    return trunc(div(a, b))
+
+
+@adjoint_rules.register(fmod_p)
+def _fmod_adjoint(ct, a, b):
+    if a.dtype not in FLOAT_DTYPES:
+        return None, None
+    return _sum_to(ct, a), _sum_to(neg(mul(ct, _fmod_quotient(a, b))), b)
+
+
+@jvp_rules.register(fmod_p)
+def _fmod_jvp(ts, tans, out, a, b):
+    if a.dtype not in FLOAT_DTYPES:
+        return None
+    ta, tb = _operand_tangents(ts, tans, out, a, b)
+    db = None if tb is None else neg(ts.scale(tb, _full_like(_fmod_quotient(a, b), out)))
+    return ts.add(ta, db)
