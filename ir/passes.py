@@ -31,8 +31,9 @@ def _param_key(v):
         return ("ndarray", v.dtype.str, v.shape, v.tobytes())
     if isinstance(v, (tuple, list)):
         return tuple(_param_key(x) for x in v)
-    if isinstance(v, float) and v != v:
-        return ("nan",)
+    if isinstance(v, float):
+        # by bits, not by value: -0.0 == 0.0, but 1 / -0.0 is -inf (and nan != nan)
+        return ("float", v.hex())
     return (type(v).__name__, v)
 
 
