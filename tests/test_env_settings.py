@@ -5,7 +5,7 @@ TRACEJIT_NO_EPILOGUES (no elementwise epilogue fused into a conv/matmul/pool ker
 A LeNet-like gradient (conv -> relu -> max-pool -> linear -> cross-entropy, a batch large enough
 for thread teams) is compiled with the setting and without it: the value against the numpy
 references, the gradients against the reference interpreter, and the dumps show the setting took
-effect (no GOMP_parallel call in the LLVM IR; no epilogue in the optimized IR) where the default
+effect (no tj_parallel call in the LLVM IR; no epilogue in the optimized IR) where the default
 build has it.
 """
 from __future__ import annotations
@@ -97,8 +97,8 @@ def _worker(out):
     llvm_ir = g.ir(p, x, stage="llvm")
     optimized = g.ir(p, x, stage="optimized")
     print(json.dumps({
-        "gomp_parallel_calls": llvm_ir.count("call void @GOMP_parallel")
-        + llvm_ir.count('call void @"GOMP_parallel"'),
+        "gomp_parallel_calls": llvm_ir.count("call void @tj_parallel")
+        + llvm_ir.count('call void @"tj_parallel"'),
         "epilogue_kernels": sum("// kernel" in line and "epilogue" in line
                                 for line in optimized.splitlines()),
     }))
