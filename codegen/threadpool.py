@@ -128,8 +128,7 @@ class _Emitter:
                               ir.Constant(PTR, None), ir.Constant(PTR, None), i64(0)])
 
     def callee(self, b, fn):
-        """`fn` (a pointer) as the callee of an indirect call of the chunk function's type: a
-        no-op cast to a typed pointer, which is where llvmlite reads a callee's type from."""
+        """`fn` (a pointer) as the callee of an indirect call of the chunk function's type."""
         return _Indirect(fn, self.fnty)
 
     def block(self, b, name):
