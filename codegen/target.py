@@ -248,7 +248,7 @@ class JITModule:
 
     def _link(self, exports):
         from .threadpool import symbols   # (built once per process before its first use)
-        imports = symbols()
+        imports = symbols(unpack_objects(self.object_code))
         with LLVM_LOCK:
             self._lljit = llvm.create_lljit_compiler(target_machine())
             builder = llvm.JITLibraryBuilder()

@@ -442,10 +442,10 @@ def available() -> bool:
     return supported() and not settings.no_openmp()
 
 
-def symbols() -> dict:
-    """{name: address} that every linked module of generated code may refer to: the pool's
-    entry (built on first use), or nothing when the pool is off."""
-    if not available():
+def symbols(objects=()) -> dict:
+    """{name: address} of the pool's entry for linking the object files `objects`, if they
+    refer to it (the pool is built then, once per process); else nothing."""
+    if not available() or not any(ENTRY.encode() in obj for obj in objects):
         return {}
     return {ENTRY: _build().address}
 
