@@ -719,8 +719,9 @@ def main(argv=None):
                   f"{peak['threads']} threads")
         order = [w for w in ALL if w in args.workloads]
         rows = build_rows(results, peak_all, tmp, args.systems, order)
-        print()
-        print_table(rows, label, reference_system(results))
+        if order:   # (not for a contention-only run)
+            print()
+            print_table(rows, label, reference_system(results))
         step_notes(rows)
         print_memory(results, args.systems, label)
         print_contention(results, args.systems, label)
