@@ -42,9 +42,9 @@ parent's do not exist in the child), so a forked child never waits for a thread 
 from __future__ import annotations
 
 import ctypes
-import functools
 import platform
 import sys
+import threading
 
 import llvmlite.binding as llvm
 import llvmlite.ir as ir
@@ -425,16 +425,20 @@ class _Pool:
 
 
 _the_pool: _Pool | None = None
+_build_lock = threading.Lock()
 
 
-@functools.lru_cache(maxsize=None)
 def _build() -> _Pool:
+    """The process's pool (one, however many threads link code at the same moment)."""
     global _the_pool
-    _the_pool = _Pool()
-    # worker threads may be inside the pool's code at interpreter exit, after module globals are
-    # cleared: one reference that is never dropped keeps the code mapped until the process ends
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(_the_pool))
-    return _the_pool
+    with _build_lock:
+        if _the_pool is None:
+            pool = _Pool()
+            # worker threads may be inside the pool's code at interpreter exit, after module
+            # globals are cleared: a reference never dropped keeps the code mapped until the end
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(pool))
+            _the_pool = pool
+        return _the_pool
 
 
 def available() -> bool:
