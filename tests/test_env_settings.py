@@ -70,7 +70,7 @@ def test_setting_changes_the_code_not_the_results(tmp_path, setting):
     for k in grads:
         helpers.assert_close(arrays[k], arrays[k.replace("native", "interpreter")],
                              F32_TOL, f"{setting}: {k} against the interpreter")
-    threads_used = report["gomp_parallel_calls"] > 0
+    threads_used = report["parallel_calls"] > 0
     epilogues = report["epilogue_kernels"] > 0
     assert threads_used == (setting != "no_openmp"), report
     assert epilogues == (setting != "no_epilogues"), report
@@ -97,7 +97,7 @@ def _worker(out):
     llvm_ir = g.ir(p, x, stage="llvm")
     optimized = g.ir(p, x, stage="optimized")
     print(json.dumps({
-        "gomp_parallel_calls": llvm_ir.count("call void @tj_parallel")
+        "parallel_calls": llvm_ir.count("call void @tj_parallel")
         + llvm_ir.count('call void @"tj_parallel"'),
         "epilogue_kernels": sum("// kernel" in line and "epilogue" in line
                                 for line in optimized.splitlines()),

@@ -1,6 +1,6 @@
 """Native code at sizes above the schedule's small-value limit (schedule.SMALL_VALUE elements) and
 the parallel threshold (parallel.PARALLEL_MIN_NS of estimated work), where intermediates get
-buffers of their own in the arena and kernels run on OpenMP thread teams. The op table's values
+buffers of their own in the arena and kernels run on the thread pool. The op table's values
 are all far below both, so these programs, one per op family, check that path: values against
 independent numpy references, gradients against sampled float64 central differences of those
 references and everything against the reference interpreter."""
