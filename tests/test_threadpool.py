@@ -7,6 +7,8 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import subprocess
+import sys
 import threading
 import time
 
@@ -36,20 +38,26 @@ def net_loss(w1, w2, v, x, key):
     return (h * h).sum() + (noise * w1.sum()).sum()
 
 
-@pytest.fixture(scope="module")
-def net():
-    """(gradient function, inputs, its result on one thread), compiled for THREADS threads."""
-    old = os.environ.get("TRACEJIT_NUM_THREADS")
-    os.environ["TRACEJIT_NUM_THREADS"] = str(THREADS)
+def build_net():
+    """The jitted gradient of net_loss and its inputs."""
     rng = np.random.default_rng(0)
     args = (rng.standard_normal((8, 3, 5, 5), np.float32) * 0.2,
             rng.standard_normal((16, 8, 3, 3), np.float32) * 0.2,
             rng.standard_normal((128, 576), np.float32) * 0.05,
             rng.standard_normal((32, 3, 24, 24), np.float32),
             tracejit.random.key(3))
+    return tracejit.jit_value_and_grad(net_loss, argnums=(0, 1, 2)), args
+
+
+@pytest.fixture(scope="module")
+def net():
+    """(gradient function, inputs, its result on one thread, native code), compiled for THREADS
+    threads (and stored in the test run's compile cache)."""
+    old = os.environ.get("TRACEJIT_NUM_THREADS")
+    os.environ["TRACEJIT_NUM_THREADS"] = str(THREADS)
     try:
         with use_backend("llvm"):
-            g = tracejit.jit_value_and_grad(net_loss, argnums=(0, 1, 2))
+            g, args = build_net()
             tracejit.set_num_threads(1)
             try:
                 expected = g(*args)
@@ -224,3 +232,24 @@ def test_a_call_that_finds_the_pool_busy_runs_alone_without_waiting():
         second_done.set()
         holder.join(60)
     assert not holder.is_alive()
+
+
+def test_code_from_the_compile_cache_finds_the_pool(net, tmp_path):
+    """A fresh process links the cached object code, which calls the pool's entry by name."""
+    _, _, expected, _ = net
+    out = tmp_path / "result.npz"
+    script = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "import numpy as np, tracejit, test_threadpool as t\n"
+        "from tracejit.codegen import threadpool\n"
+        "g, args = t.build_net()\n"
+        "value, grads = g(*args)\n"
+        "assert g.compile_stats()['cache_hits'] == 1, g.compile_stats()\n"
+        "assert threadpool.workers_started() > 0\n"
+        f"np.savez({str(out)!r}, value, *grads)\n")
+    env = dict(os.environ, TRACEJIT_NUM_THREADS=str(THREADS), TRACEJIT_BACKEND="llvm")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(out)
+    assert_same((got["arr_0"], [got[f"arr_{k}"] for k in range(1, 4)]), expected)
