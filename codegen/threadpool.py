@@ -42,6 +42,7 @@ parent's do not exist in the child), so a forked child never waits for a thread 
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import sys
 import threading
@@ -64,13 +65,15 @@ MAX_WORKERS = 255          # the job word's slot field (8 bits)
 SPIN_CYCLES = 100_000      # a worker's spin after a job: ~30-50 us at 2-3 GHz
 WAIT_SPIN_CYCLES = 60_000  # the caller's spin for claimed chunks before it sleeps
 
-# Linux system call numbers of futex(2), by machine
-_SYS_FUTEX = {"x86_64": 202, "AMD64": 202, "aarch64": 98, "arm64": 98}
+# Linux on x86-64 only: futex(2) is system call 202 there, `pause` and the time-stamp counter
+# (llvm.readcyclecounter) are what the spins use. Elsewhere (untested: aarch64's cycle counter may
+# trap in user mode) kernels run on the calling thread.
+SYS_FUTEX = 202
 FUTEX_WAIT_PRIVATE, FUTEX_WAKE_PRIVATE = 128, 129
 
 
 def supported() -> bool:
-    return sys.platform.startswith("linux") and platform.machine() in _SYS_FUTEX
+    return sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
 
 
 def chunk_limit(cost_ns: float) -> int:
@@ -99,8 +102,6 @@ class _Emitter:
         self.create = ir.Function(m, ir.FunctionType(I32, [PTR, PTR, PTR, PTR]), "pthread_create")
         self.detach = ir.Function(m, ir.FunctionType(I32, [I64]), "pthread_detach")
         self.cycles = ir.Function(m, ir.FunctionType(I64, []), "llvm.readcyclecounter")
-        self.sys_futex = _SYS_FUTEX[platform.machine()]
-        self.x86 = platform.machine() in ("x86_64", "AMD64")
 
     # -- small helpers ---------------------------------------------------------------------------
     def load(self, b, name, order="seq_cst"):
@@ -113,18 +114,14 @@ class _Emitter:
         b._insert(ir.instructions.StoreAtomicInstr(b.block, value, gv, order, _size(gv)))
 
     def pause(self, b):
-        # as intrinsics: inline asm text would need LLVM's asm parser, which llvmlite lacks
-        if self.x86:
-            b.call(self._intrinsic("llvm.x86.sse2.pause", []), [])
-        else:
-            b.call(self._intrinsic("llvm.aarch64.hint", [I32]), [i32(1)])   # `yield`
-
-    def _intrinsic(self, name, args):
-        f = self.m.globals.get(name)
-        return f if f is not None else ir.Function(self.m, ir.FunctionType(VOID, args), name)
+        # an intrinsic: inline asm text would need LLVM's asm parser, which llvmlite lacks
+        f = self.m.globals.get("llvm.x86.sse2.pause")
+        if f is None:
+            f = ir.Function(self.m, ir.FunctionType(VOID, []), "llvm.x86.sse2.pause")
+        b.call(f, [])
 
     def futex(self, b, name, op, value):
-        b.call(self.syscall, [i64(self.sys_futex), self.g[name], i64(op), value,
+        b.call(self.syscall, [i64(SYS_FUTEX), self.g[name], i64(op), value,
                               ir.Constant(PTR, None), ir.Constant(PTR, None), i64(0)])
 
     def callee(self, b, fn):
@@ -426,6 +423,17 @@ class _Pool:
 
 _the_pool: _Pool | None = None
 _build_lock = threading.Lock()
+
+
+def _after_fork_in_child():
+    # a child forked while another thread was building the pool would wait on that thread's
+    # lock forever; a pool already built works in the child (its lock word notices the fork)
+    global _build_lock
+    _build_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _build() -> _Pool:
