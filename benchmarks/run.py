@@ -4,6 +4,7 @@
     python benchmarks/run.py --quick         # smoke run, well under a minute
     python benchmarks/run.py --systems tracejit,torch --workloads mlp,lenet --json out.json
     python benchmarks/run.py --workloads mlp,mlp-sgd,mlp-adam,lenet,lenet-sgd,lenet-adam
+    python benchmarks/run.py --systems tracejit,torch --workloads contention
 
 Each system runs in a process of its own (benchmarks/worker.py), one after the other, so imports,
 thread pools and allocators do not interfere. Per workload: a warm-up (which includes compiling),
@@ -20,6 +21,12 @@ gradients agree with PyTorch's (max |a - b| / max |b| per parameter, below CHECK
 workloads (mlp-sgd, ...; a whole step: gradient and optimizer update) check each parameter's change
 in the first step instead (||a - b|| / ||b||, see check_grads), and a note gives each system's step
 time over its gradient's (when the gradient workload ran too) and the issue's targets.
+
+`contention` (only when asked for): the MLP gradient's MEAN time per call (the tail counts: a call
+held up by a descheduled thread shows in the mean, not the median) of one process alone, of each of
+two identical processes running at once, and of one process beside a busy-loop process, with the
+ratios to alone (fair share: 2x; target for tracejit: at most CONTENTION_TARGET). Every process is
+started fresh, compiles and warms up, then all start timing at the same moment.
 """
 from __future__ import annotations
 
@@ -56,6 +63,9 @@ CHECK_TOL = 1e-3  # float32: summation order differs between systems
 STEP_TARGETS = {"mlp": 3.0, "lenet": 6.0}
 STEP_OVER_GRAD_MAX = 1.10
 MMAP_THRESHOLD = 131072  # fixed glibc mmap threshold for the memory process (see worker.py)
+CONTENTION_WORKLOAD = "mlp"
+CONTENTION_TARGET = 2.3   # the issue's bound on the mean under contention, as a ratio to alone
+EXTRA_WORKLOADS = ("memory", "contention")   # not timed by worker.py; contention only on request
 
 
 def log(*a):
@@ -438,15 +448,119 @@ def print_memory(results, systems, label):
           "retained).")
 
 
+# ------------------------------------------------------------------------------------ contention
+def contention_child(system, threads, seconds, out):
+    """In a process of its own: build the contention workload, warm up, say "ready" on stdout,
+    wait for a line on stdin, then call for `seconds` and write the mean time per call (JSON) to
+    `out`."""
+    import systems
+    systems.import_system(system, int(threads))
+    bench = systems.build(system, CONTENTION_WORKLOAD)
+    t_stop = time.perf_counter() + 0.5
+    while time.perf_counter() < t_stop:
+        bench.step()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    clock = time.perf_counter
+    times = []
+    deadline = clock() + float(seconds)
+    while clock() < deadline:
+        t0 = clock()
+        bench.step()
+        times.append(clock() - t0)
+    times.sort()
+    with open(out, "w") as f:
+        json.dump({"mean": sum(times) / len(times), "median": times[len(times) // 2],
+                   "p99": times[int(0.99 * (len(times) - 1))], "calls": len(times)}, f)
+
+
+def _contention_run(system, args, runner, copies, busy_loop):
+    """Start `copies` timing processes (and a busy loop if asked), release them together; their
+    results."""
+    outs = [os.path.join(runner.tmp, f"contention.{system}.{runner.launch}.{k}.json")
+            for k in range(copies)]
+    runner.launch += 1
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if system == "tracejit":
+        env["TRACEJIT_CACHE_DIR"] = runner.fresh_cache_dir()
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--contention-child",
+                               system, str(args.threads), str(args.seconds), out],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                              cwd=ROOT) for out in outs]
+    busy = None
+    try:
+        for p in procs:   # compiled and warm (one after the other: their compiles may overlap)
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a {system} contention process failed to start")
+        if busy_loop:
+            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            time.sleep(0.3)
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        for p in procs:
+            p.wait(timeout=args.timeout)
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    res = []
+    for out in outs:
+        with open(out) as f:
+            res.append(json.load(f))
+    return res
+
+
+def measure_contention(system, args, runner):
+    """{"alone", "pair" (both processes), "busy"}: per-call statistics, and each condition's mean
+    over the mean alone (for the pair, the worse of the two processes)."""
+    try:
+        alone = _contention_run(system, args, runner, 1, False)[0]
+        pair = _contention_run(system, args, runner, 2, False)
+        busy = _contention_run(system, args, runner, 1, True)[0]
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"alone": alone, "pair": pair, "busy": busy,
+            "pair_ratio": max(r["mean"] for r in pair) / alone["mean"],
+            "busy_ratio": busy["mean"] / alone["mean"]}
+
+
+def print_contention(results, systems, label):
+    rows = [(s, results[s]["contention"]) for s in systems
+            if isinstance(results.get(s), dict) and "contention" in results[s]]
+    if not rows:
+        return
+    print(f"\nContention: {CONTENTION_WORKLOAD} gradient, MEAN ms per call; two identical "
+          f"processes at once, or one beside a busy loop (fair share 2x; target <= "
+          f"{CONTENTION_TARGET}x alone)")
+    print(f"{'system':<12}{'alone':>9}{'two at once':>18}{'x alone':>9}{'beside busy':>13}"
+          f"{'x alone':>9}{'p99 alone/two/busy':>24}")
+    for s, c in rows:
+        if "error" in c:
+            print(f"{label.get(s, s):<12}error: {c['error']}")
+            continue
+        pair = max(c["pair"], key=lambda r: r["mean"])
+        p99 = "/".join(f"{x['p99'] * 1e3:.2f}" for x in (c["alone"], pair, c["busy"]))
+        both = "/".join(f"{r['mean'] * 1e3:.3f}" for r in c["pair"])
+        print(f"{label.get(s, s):<12}{c['alone']['mean'] * 1e3:>9.3f}{both:>18}"
+              f"{c['pair_ratio']:>8.2f}x{c['busy']['mean'] * 1e3:>13.3f}{c['busy_ratio']:>8.2f}x"
+              f"{p99:>24}")
+
+
 # ------------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description="Benchmark tracejit's gradients against PyTorch eager and jax.jit(jax.grad).",
-        epilog=f"workloads: {', '.join(ALL)}, memory")
+        epilog=f"workloads: {', '.join(ALL + EXTRA_WORKLOADS)}")
     ap.add_argument("--systems", default=",".join(SYSTEMS),
                     help="comma-separated, from tracejit,torch,jax (default: all)")
     ap.add_argument("--workloads", default=",".join(ALL + ("memory",)),
-                    help=f"comma-separated, from {','.join(ALL)},memory (default: all)")
+                    help=f"comma-separated, from {','.join(ALL + EXTRA_WORKLOADS)} (default: "
+                         "all but contention)")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for every system (default: all CPUs available)")
     ap.add_argument("--quick", action="store_true",
@@ -475,8 +589,8 @@ def parse_args(argv=None):
         if s not in SYSTEMS:
             ap.error(f"unknown system {s!r} (one of {', '.join(SYSTEMS)})")
     for w in args.workloads:
-        if w not in ALL + ("memory",):
-            ap.error(f"unknown workload {w!r} (one of {', '.join(ALL)}, memory)")
+        if w not in ALL + EXTRA_WORKLOADS:
+            ap.error(f"unknown workload {w!r} (one of {', '.join(ALL + EXTRA_WORKLOADS)})")
     if args.threads is None:
         try:
             args.threads = len(os.sched_getaffinity(0))
@@ -525,6 +639,8 @@ def _importable(name):
 
 
 def main(argv=None):
+    if argv is None and sys.argv[1:2] == ["--contention-child"]:
+        return contention_child(*sys.argv[2:])
     args = parse_args(argv)
     info = machine_info(args.threads)
     info["load_before"] = os.getloadavg()
@@ -583,6 +699,10 @@ def main(argv=None):
                     res["compile"] = med
                 else:
                     res["compile"] = runs[-1]
+            if "contention" in args.workloads and s in ("tracejit", "torch"):
+                log(f"{label.get(s, s)}: contention ({CONTENTION_WORKLOAD} alone, two at once, "
+                    f"beside a busy loop) ...")
+                res["contention"] = measure_contention(s, args, runner)
             if "memory" in args.workloads:
                 log(f"{label.get(s, s)}: LeNet-5 memory ...")
                 r, _meta = runner.run(s, "memory", ["memory"],
@@ -599,10 +719,12 @@ def main(argv=None):
                   f"{peak['threads']} threads")
         order = [w for w in ALL if w in args.workloads]
         rows = build_rows(results, peak_all, tmp, args.systems, order)
-        print()
-        print_table(rows, label, reference_system(results))
+        if order:   # (not for a contention-only run)
+            print()
+            print_table(rows, label, reference_system(results))
         step_notes(rows)
         print_memory(results, args.systems, label)
+        print_contention(results, args.systems, label)
         _print_notes(results, metas, args, info)
         if args.json:
             with open(args.json, "w") as f:

@@ -6,7 +6,7 @@ SHA-256 of a key text that covers everything that changes the code:
 - the IR without its provenance comments, with every literal array's dtype, shape and bytes (the
   printer abbreviates large literals) and every instruction's parameters;
 - the thread count the module was planned for (`max_threads`: scratch sizes, parallel calls);
-- the host: CPU name and features, target triple, whether libgomp was loaded;
+- the host: CPU name and features, target triple, the thread pool's version (or that it is off);
 - the compiler: the caller's version string (tracejit's), a hash of every source file of
   `codegen/`, llvmlite's and LLVM's versions, and the TRACEJIT_* environment variables that change
   code generation.
@@ -122,7 +122,7 @@ def _host_and_compiler() -> str:
     import llvmlite
     import llvmlite.binding as llvm
 
-    from . import parallel
+    from . import parallel, threadpool
     from .target import _init
     _init()
     features = llvm.get_host_cpu_features().flatten()
@@ -135,7 +135,7 @@ def _host_and_compiler() -> str:
         f"triple {llvm.get_process_triple()}",
         f"cpu {llvm.get_host_cpu_name()}",
         f"features {features}",
-        f"openmp {parallel.gomp_available()}",
+        f"threads {threadpool.VERSION if parallel.threads_available() else 'off'}",
     ])
 
 

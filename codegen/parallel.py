@@ -1,19 +1,22 @@
-"""Running a kernel on several threads: OpenMP's runtime (libgomp) when the process can load it.
+"""Running a kernel on several threads: tracejit's own thread pool (codegen/threadpool.py).
 
-`GOMP_parallel(fn, data, nthreads, 0)` runs `fn(data)` on a team of threads (the caller included)
-and joins them; a fork/join costs about 1.5 us here, so only kernels with enough work go parallel
-(see `PARALLEL_MIN_NS`). Without libgomp every kernel runs on the calling thread.
+A parallel kernel `kfn(args..., tid, nthreads)` is called through `tj_parallel` with a trampoline
+that runs one chunk: `kfn(args..., chunk, nchunks)`, so a kernel's share of the work
+(toolkit.thread_range) is its chunk's, and there are more chunks than threads (claimed
+dynamically, the caller included). Per-thread scratch is indexed by the executing thread's slot,
+not by chunk: the trampoline passes the kernel `scratch + slot * scratch_stride`, so a loop-nest
+kernel's `scratch` argument is its own region (see kernels/__init__.py). A fork/join costs about
+a microsecond or two, so only kernels with enough work go parallel (see `PARALLEL_MIN_NS`).
+Without the pool (TRACEJIT_NO_OPENMP) every kernel runs on the calling thread.
 """
 from __future__ import annotations
 
-import functools
 import os
 
-import llvmlite.binding as llvm
 import llvmlite.ir as ir
 
-from . import settings
-from .loops import I32, I64, PTR, VOID, i32, i64
+from . import settings, threadpool
+from .loops import I64, PTR, VOID, i64
 
 # A kernel goes parallel when its estimated single-thread time (schedule.Group.cost_ns) reaches
 # this: a fork/join costs ~1.5 us on an idle machine and far more when the other core is busy, so
@@ -21,17 +24,12 @@ from .loops import I32, I64, PTR, VOID, i32, i64
 PARALLEL_MIN_NS = 30_000
 
 
-@functools.lru_cache(maxsize=None)
-def gomp_available() -> bool:
-    if settings.no_openmp():
-        return False
-    for name in ("libgomp.so.1", "libgomp.so"):
-        try:
-            llvm.load_library_permanently(name)
-            return True
-        except RuntimeError:
-            continue
-    return False
+def threads_available() -> bool:
+    """Whether parallel kernels run on the thread pool (else on the calling thread only)."""
+    return threadpool.available()
+
+
+gomp_available = threads_available   # its name when the threads were libgomp's
 
 
 # Run-time cap on the threads of every call (tracejit.set_num_threads); None: no cap beyond what
@@ -49,31 +47,30 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def _declare(module, name, ret, args):
-    fn = module.globals.get(name)
-    if fn is None:
-        fn = ir.Function(module, ir.FunctionType(ret, args), name)
-    return fn
-
-
-def emit_call(module: ir.Module, b: ir.IRBuilder, kfn: ir.Function, args, nthreads, parallel: bool):
-    """Call kernel `kfn(*args, tid, nthreads)`: on a thread team when `parallel` and the run-time
-    `nthreads` (i64) is above 1, else directly with (0, 1)."""
-    if not parallel or not gomp_available():
+def emit_call(module: ir.Module, b: ir.IRBuilder, kfn: ir.Function, args, nthreads, parallel: bool,
+              cost_ns: float = 0.0, scratch_stride: int = 0):
+    """Call kernel `kfn(*args, tid, nthreads)`: split into chunks on the thread pool when
+    `parallel` and the run-time `nthreads` (i64) is above 1, else directly with (0, 1).
+    `cost_ns` (the estimated single-thread time) bounds the chunk count
+    (threadpool.chunk_limit); `scratch_stride` > 0: the last argument is scratch holding one
+    region of that many bytes per thread, and each executing thread gets its own."""
+    if not parallel or not threads_available():
         b.call(kfn, list(args) + [i64(0), i64(1)])
         return
-    # trampoline: void kfn.omp(ptr ctx) { kfn(ctx[0], ..., ctx[k-1], thread_num, num_threads) }
-    tname = f"{kfn.name}.omp"
+    # trampoline: void kfn.chunk(ptr ctx, i64 chunk, i64 nchunks, i64 slot)
+    #   { kfn(ctx[0], ..., ctx[k-1] [+ slot * stride], chunk, nchunks) }
+    tname = f"{kfn.name}.chunk"
     tramp = module.globals.get(tname)
     if tramp is None:
-        tramp = ir.Function(module, ir.FunctionType(VOID, [PTR]), tname)
+        tramp = ir.Function(module, ir.FunctionType(VOID, [PTR, I64, I64, I64]), tname)
         tramp.linkage = "internal"
         tb = ir.IRBuilder(tramp.append_basic_block("entry"))
-        ctx = tramp.args[0]
+        ctx, chunk, nchunks, slot = tramp.args
         loaded = [tb.load(tb.gep(ctx, [i64(k)], source_etype=PTR), typ=PTR) for k in range(len(args))]
-        tnum = tb.call(_declare(module, "omp_get_thread_num", I32, []), [])
-        tcount = tb.call(_declare(module, "omp_get_num_threads", I32, []), [])
-        tb.call(kfn, loaded + [tb.sext(tnum, I64), tb.sext(tcount, I64)])
+        if scratch_stride:
+            loaded[-1] = tb.gep(loaded[-1], [tb.mul(slot, i64(scratch_stride))],
+                                source_etype=ir.IntType(8), name="scratch.own")
+        tb.call(kfn, loaded + [chunk, nchunks])
         tb.ret_void()
     fn = b.block.function
     par = fn.append_basic_block(f"{kfn.name}.parallel")
@@ -85,8 +82,10 @@ def emit_call(module: ir.Module, b: ir.IRBuilder, kfn: ir.Function, args, nthrea
     b.position_at_end(par)
     for k, a in enumerate(args):
         b.store(a, b.gep(ctx, [i64(k)], source_etype=PTR))
-    gomp = _declare(module, "GOMP_parallel", VOID, [PTR, PTR, I32, I32])
-    b.call(gomp, [tramp, ctx, b.trunc(nthreads, I32), i32(0)])
+    entry = module.globals.get(threadpool.ENTRY)
+    if entry is None:
+        entry = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, I64, I64]), threadpool.ENTRY)
+    b.call(entry, [tramp, ctx, nthreads, i64(threadpool.chunk_limit(cost_ns))])
     b.branch(done)
     b.position_at_end(seq)
     b.call(kfn, list(args) + [i64(0), i64(1)])

@@ -232,7 +232,8 @@ class NativeFunction:
             splits = g.kind == "loop" or kernels[g.root.prim].parallel
             parallel.emit_call(module, b, kfn, args + [scratch], nthreads_arg,
                                self.max_threads > 1 and splits
-                               and g.cost_ns >= parallel.PARALLEL_MIN_NS)
+                               and g.cost_ns >= parallel.PARALLEL_MIN_NS,
+                               g.cost_ns, _scratch_stride(g, self.max_threads))
         _emit_donated_copies(module, b, plan, pointer)
         b.ret_void()
         return [modules[k] for k in parts]
@@ -314,6 +315,17 @@ class NativeFunction:
     @property
     def asm(self) -> str:
         return self._jit.asm
+
+
+def _scratch_stride(g, max_threads: int) -> int:
+    """Bytes of scratch per thread of a loop-nest kernel (each executing thread gets its own
+    region, see parallel.emit_call); 0 for a fused loop, whose scratch all threads share (a
+    reduction's float64 sums, indexed by output element)."""
+    if g.kind == "loop" or not g.scratch_bytes:
+        return 0
+    stride = kernels[g.root.prim].scratch_bytes(g.root, 1)
+    assert stride % 64 == 0 and stride * max_threads == g.scratch_bytes, (stride, g.scratch_bytes)
+    return stride
 
 
 def _run_copies(copies, arrays, outs):

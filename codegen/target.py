@@ -247,6 +247,8 @@ class JITModule:
         return self
 
     def _link(self, exports):
+        from .threadpool import symbols   # (built once per process before its first use)
+        imports = symbols(unpack_objects(self.object_code))
         with LLVM_LOCK:
             self._lljit = llvm.create_lljit_compiler(target_machine())
             builder = llvm.JITLibraryBuilder()
@@ -254,6 +256,8 @@ class JITModule:
                 builder.add_object_img(obj)
             for name in exports:
                 builder.export_symbol(name)
+            for name, address in imports.items():   # the thread pool's entry, by name
+                builder.import_symbol(name, address)
             self._tracker = builder.link(self._lljit, f"tracejit{next(_names)}")
             self.addresses = {name: self._tracker[name] for name in exports}
 

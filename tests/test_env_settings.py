@@ -5,7 +5,7 @@ TRACEJIT_NO_EPILOGUES (no elementwise epilogue fused into a conv/matmul/pool ker
 A LeNet-like gradient (conv -> relu -> max-pool -> linear -> cross-entropy, a batch large enough
 for thread teams) is compiled with the setting and without it: the value against the numpy
 references, the gradients against the reference interpreter, and the dumps show the setting took
-effect (no GOMP_parallel call in the LLVM IR; no epilogue in the optimized IR) where the default
+effect (no tj_parallel call in the LLVM IR; no epilogue in the optimized IR) where the default
 build has it.
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ def test_setting_changes_the_code_not_the_results(tmp_path, setting):
     for k in grads:
         helpers.assert_close(arrays[k], arrays[k.replace("native", "interpreter")],
                              F32_TOL, f"{setting}: {k} against the interpreter")
-    threads_used = report["gomp_parallel_calls"] > 0
+    threads_used = report["parallel_calls"] > 0
     epilogues = report["epilogue_kernels"] > 0
     assert threads_used == (setting != "no_openmp"), report
     assert epilogues == (setting != "no_epilogues"), report
@@ -97,8 +97,8 @@ def _worker(out):
     llvm_ir = g.ir(p, x, stage="llvm")
     optimized = g.ir(p, x, stage="optimized")
     print(json.dumps({
-        "gomp_parallel_calls": llvm_ir.count("call void @GOMP_parallel")
-        + llvm_ir.count('call void @"GOMP_parallel"'),
+        "parallel_calls": llvm_ir.count("call void @tj_parallel")
+        + llvm_ir.count('call void @"tj_parallel"'),
         "epilogue_kernels": sum("// kernel" in line and "epilogue" in line
                                 for line in optimized.splitlines()),
     }))

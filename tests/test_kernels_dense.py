@@ -76,8 +76,11 @@ class Kernels:
         return out
 
     def call_threads(self, i, arrays, nthreads=2):
+        """Each share on a thread of its own, with its own scratch region (as the pool does)."""
         out, _keep, args = self.buffers(i, arrays, nthreads)
-        ths = [threading.Thread(target=self.fns[i], args=(*args, t, nthreads))
+        region = kernels[self.instrs[i].prim].scratch_bytes(self.instrs[i], 1)
+        ths = [threading.Thread(target=self.fns[i],
+                                args=(*args[:-1], args[-1] + t * region, t, nthreads))
                for t in range(nthreads)]
         for th in ths:
             th.start()

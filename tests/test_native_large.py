@@ -1,6 +1,6 @@
 """Native code at sizes above the schedule's small-value limit (schedule.SMALL_VALUE elements) and
 the parallel threshold (parallel.PARALLEL_MIN_NS of estimated work), where intermediates get
-buffers of their own in the arena and kernels run on OpenMP thread teams. The op table's values
+buffers of their own in the arena and kernels run on the thread pool. The op table's values
 are all far below both, so these programs, one per op family, check that path: values against
 independent numpy references, gradients against sampled float64 central differences of those
 references and everything against the reference interpreter."""
@@ -148,7 +148,7 @@ def native_entry(g):
 
 def check_takes_the_large_parallel_path(native, prims, name):
     """Some kernel writes more than SMALL_VALUE elements; the kernels of `prims` (if None: some
-    fused loop) are above the parallel threshold, and their calls go through GOMP_parallel."""
+    fused loop) are above the parallel threshold, and their calls go through the thread pool."""
     plan = native.plan
     assert native.max_threads > 1, name
     big = [g for g in plan.groups if g.result.type.size > schedule.SMALL_VALUE]
@@ -162,12 +162,12 @@ def check_takes_the_large_parallel_path(native, prims, name):
         wanted = [g for g in plan.groups
                   if g.kind == "loop" and g.cost_ns >= parallel.PARALLEL_MIN_NS]
         assert wanted, f"{name}: no fused loop above the parallel threshold"
-    if parallel.gomp_available():
+    if parallel.threads_available():
         for g in wanted:
             assert f"{g.name}.parallel" in native.llvm_ir_unoptimized, f"{name}: {g.name}"
-        assert "GOMP_parallel" in native.llvm_ir, name
-    else:  # only where OpenMP is turned off on purpose, never silently
-        assert os.environ.get("TRACEJIT_NO_OPENMP"), "libgomp is missing"
+        assert "tj_parallel" in native.llvm_ir, name
+    else:  # only where the pool is turned off on purpose, never silently
+        assert os.environ.get("TRACEJIT_NO_OPENMP"), "no thread pool on this platform"
 
 
 @pytest.mark.parametrize("name,fun,shapes,prims", PROGRAMS)

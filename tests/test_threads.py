@@ -215,12 +215,12 @@ def test_set_num_threads_caps_every_call():
 
 
 def test_threads_calling_a_function_that_runs_thread_teams(monkeypatch):
-    """Eight Python threads each entering OpenMP parallel regions (GOMP_parallel) of one
-    function: every result matches the closed-form gradient of its own inputs."""
+    """Eight Python threads each entering the thread pool (tj_parallel) from one function: every
+    result matches the closed-form gradient of its own inputs."""
     from tracejit.codegen import parallel
     if parallel.default_threads() < 2:
         monkeypatch.setenv("TRACEJIT_NUM_THREADS", "2")
-    assert parallel.gomp_available()
+    assert parallel.threads_available()
 
     def loss(x, y):  # 120,000 elements: above the parallel threshold
         return tracejit.tanh(x * y).sum() + (x.sum(axis=0) ** 2).sum()
@@ -234,7 +234,7 @@ def test_threads_calling_a_function_that_runs_thread_teams(monkeypatch):
     inputs = [(rng.standard_normal((300, 400)), rng.standard_normal((300, 400)))
               for _ in range(N_THREADS)]
     g(*inputs[0])
-    assert "GOMP_parallel" in g.ir(*inputs[0], stage="llvm")
+    assert "tj_parallel" in g.ir(*inputs[0], stage="llvm")
     [entry] = g._cache.values()
     assert entry.native().threads > 1
 

@@ -45,11 +45,11 @@ def set_num_threads(n: int | None) -> None:
 
 
 def get_num_threads() -> int:
-    """The threads a call may use now: 1 when OpenMP is off (TRACEJIT_NO_OPENMP) or libgomp is
-    missing, since every kernel then runs on the calling thread; else the cap set by
-    set_num_threads, else the default."""
+    """The threads a call may use now: 1 when the thread pool is off (TRACEJIT_NO_OPENMP, or a
+    platform without it), since every kernel then runs on the calling thread; else the cap set
+    by set_num_threads, else the default."""
     from .codegen import parallel
-    if not parallel.gomp_available():
+    if not parallel.threads_available():
         return 1
     default = parallel.default_threads()
     return default if parallel.thread_limit is None else min(default, parallel.thread_limit)

@@ -13,10 +13,15 @@ defines in `module` the function
 
 that computes `ins.out` from `ins.inputs`. All buffers are dense, row-major (C order), of the IR
 types (f32 -> float, f64 -> double, i32 -> i32); `out` never aliases an input; inputs are read-only.
-Thread `tid` of `nthreads` (0 <= tid < nthreads) writes a disjoint part of `out`; the parts of all
-threads together cover `out` entirely and overwrite it (out is not zeroed beforehand). `scratch`
-points to `scratch_bytes(ins, nthreads)` bytes (64-byte aligned, uninitialised, shared by the
-threads of one call: give each thread its own region).
+Call `tid` of `nthreads` (0 <= tid < nthreads) writes a disjoint part of `out`; the parts of all
+calls together cover `out` entirely and overwrite it (out is not zeroed beforehand). The runtime
+makes these calls on its thread pool as chunks (codegen/parallel.py): `tid` is a chunk, `nthreads`
+the chunk count (more than the threads), and a thread may run several chunks of one call one after
+the other, so a call must not assume anything about the others beyond the partition
+(toolkit.thread_range). `scratch_bytes(ins, n)` is the scratch of n threads, n equal regions of
+`scratch_bytes(ins, 1)` bytes (a multiple of 64); `scratch` points to the executing thread's own
+region (64-byte aligned, uninitialised at each call: its contents do not survive from one chunk
+to the next).
 
 Epilogues: a kernel registered with `epilogue=True` is called as
 `lower(module, name, ins, epilogue=e)` where `e` is None or a `codegen.fused.Epilogue`. With one,
@@ -43,7 +48,7 @@ from ...ir.core import Primitive, Registry
 class Kernel:
     """A loop-nest kernel and what the scheduler and the runtime need to know about it."""
     lower: Callable                  # lower(module, name, ins[, epilogue=e]) (see above)
-    scratch_bytes: Callable          # scratch_bytes(ins, nthreads) -> int
+    scratch_bytes: Callable          # scratch_bytes(ins, nthreads) -> int, nthreads equal regions
     epilogue: bool                   # may absorb the fused loop that consumes its result
     parallel: bool                   # splits its work by tid (else only thread 0 works)
     cost: Callable                   # cost(ins) -> estimated single-thread run time in ns

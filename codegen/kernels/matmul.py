@@ -147,7 +147,6 @@ def _matmul_scratch(ins, nthreads: int) -> int:
           cost=matmul_cost, compile_weight=MATMUL_WEIGHT)
 def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
     p = _plan(ins)
-    ety = llvm_type(p.dtype)
     kf = kernel_function(module, name, 2, epilogue)
     b = kf.b
     if p.m == 0 or p.n == 0:
@@ -155,7 +154,7 @@ def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
         return
     a_mat, b_mat = kf.ins
     if p.packed:   # B^T into this thread's scratch region, [K, N]
-        b_mat = gep(b, kf.scratch, b.mul(kf.tid, i64(_pack_elems(p))), ety, name="matmul.packed")
+        b_mat = kf.scratch
         _pack_function(module, p.dtype).call(b, [b_mat, kf.ins[1]], _PackParams(n=p.n, k=p.k))
     fn = _tiles_function(module, p)
     # strides of op(A) (the dot form reads A [m, k] only)

@@ -68,9 +68,12 @@ def kernel_function(module: ir.Module, name: str, n_inputs: int, epilogue=None) 
 
 
 def thread_range(b: ir.IRBuilder, total, tid, nthreads):
-    """[t0, t1): thread tid's contiguous share of `total` work items, floor(tid * total /
+    """[t0, t1): share tid's contiguous part of `total` work items, floor(tid * total /
     nthreads) to floor((tid + 1) * total / nthreads): the shares tile the range, and differ in
-    size by at most one. The one partitioner of the kernels (0 <= tid < nthreads, unsigned)."""
+    size by at most one. The one partitioner of the kernels (0 <= tid < nthreads, unsigned).
+    Under the thread pool a share is a chunk (tid = chunk, nthreads = chunks, more than the
+    threads: codegen/parallel.py), so a kernel partitioned here is split any way the pool
+    chooses; its result must not depend on the split."""
     t = i64(total) if isinstance(total, int) else total
     t0 = b.udiv(b.mul(tid, t), nthreads, name="work.begin")
     t1 = b.udiv(b.mul(b.add(tid, i64(1)), t), nthreads, name="work.end")

@@ -161,8 +161,7 @@ class Core:
         kf = kernel_function(module, name, 2, epilogue)
         b = kf.b
         ety = dtype_info(self.dtype)[0]
-        region = gep(b, kf.scratch, b.mul(kf.tid, i64(self.thread_elems)), ety,
-                     name="conv.region")
+        region = kf.scratch   # this thread's own (see kernels/__init__.py)
         store(b, i64(-1), region, i64(0), I64)   # no image in the padded copy yet
         w = kf.ins[1]
         if self.flip:

@@ -185,8 +185,7 @@ def _conv2d_weight_grad_lower(module: ir.Module, name: str, ins) -> None:
     p = _wgrad_plan(ins)
     kf = kernel_function(module, name, 2)
     b = kf.b
-    ety = dtype_info(p.dtype)[0]
-    region = gep(b, kf.scratch, b.mul(kf.tid, i64(p.region_elems)), ety, name="wgrad.region")
+    region = kf.scratch   # this thread's own (see kernels/__init__.py)
     t0, t1 = thread_range(b, p.items, kf.tid, kf.nthreads)
     key = _WGradKey(p.dtype, p.r, p.gr, p.kw, p.sx)
     fn = shared_function(module, "conv_wgrad", key, 4, WGradParams, _wgrad_body)
