@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core import FLOAT_DTYPES, Function, Instr, IRError, Value, clone, shape_rules
+from .core import FLOAT_DTYPES, Function, Instr, IRError, Value, clone, regions, shape_rules
 from .interpreter import impls
 from .prims.elementwise import (
     add_p, const_p, convert_p, div_p, eq_p, ge_p, gt_p, integer_pow_p, le_p, literal_p, lt_p,
     max_p, mul_p, ne_p, neg_p, not_p, select_p, sub_p)
+from .prims.control import result_p, scan_p
 from .prims.linalg import matmul_p
 from .prims.nn import max_pool2d_argmax_p, max_pool2d_grad_p, max_pool2d_p
 from .prims.structural import broadcast_in_dim_p, reshape_p, transpose_p
@@ -166,7 +167,7 @@ def _new_const(ins: Instr, array: np.ndarray) -> Instr:
 
 
 def _fold(ins: Instr):
-    if ins.prim.kind == "source" or not ins.inputs:
+    if ins.prim.kind in ("source", "control") or not ins.inputs:
         return None
     consts = [_const_array(v) for v in ins.inputs]
     if any(c is None for c in consts):
@@ -502,11 +503,115 @@ def mask_after_max_pool(fn: Function) -> bool:
     return changed
 
 
+# ----------------------------------------------------------------------------------------------
+# structured loops
+# ----------------------------------------------------------------------------------------------
+def loops(fn: Function) -> bool:
+    """For each scan: drop the stacked results nobody reads, hoist the instructions of its body
+    that depend only on its consts (loop-invariant) out of the loop, and drop the operands its
+    body no longer reads. Returns whether anything changed."""
+    projections: dict[int, list] = {}
+    for ins in fn.instrs:
+        if ins.prim is result_p:
+            projections.setdefault(id(ins.inputs[0]), []).append(ins)
+    out, changed = [], False
+    for ins in fn.instrs:
+        if ins.prim is scan_p:
+            hoisted = _prune_scan(ins, projections.get(id(ins.out), []))
+            if hoisted is not None:
+                out.extend(hoisted)
+                changed = True
+        out.append(ins)
+    fn.instrs = out
+    return changed
+
+
+# kinds left in a body when loop-invariant: free to recompute (constants, index remaps)
+_NOT_HOISTED = ("source", "layout")
+
+
+def _prune_scan(ins: Instr, projections: list):
+    """Rewrite scan `ins` in place (see `loops`); returns the hoisted instructions (to place
+    before it), or None when nothing changed."""
+    p = ins.params
+    nc, nx = p["num_carry"], p["num_xs"]
+    body = clone(p["body"])   # bodies are shared between clones of a function: never mutate one
+    n_out = len(body.outputs)
+    used = {r.params["index"] for r in projections}
+    keep_out = list(range(nc)) + [k for k in range(nc, n_out) if k in used]
+
+    # loop-invariant instructions: those reading only consts and constants
+    consts = {id(q): v for q, v in zip(body.params[nc + nx:], ins.inputs[nc + nx:])}
+    invariant: set = set(consts)
+    for b_ins in body.instrs:
+        if all(id(v) in invariant for v in b_ins.inputs):
+            invariant.add(id(b_ins.out))
+    hoist = {id(b.out) for b in body.instrs
+             if id(b.out) in invariant and b.prim.kind not in _NOT_HOISTED}
+    needed = set()   # hoisted instructions and everything they read
+    for b_ins in reversed(body.instrs):
+        if id(b_ins.out) in hoist or id(b_ins.out) in needed:
+            needed.add(id(b_ins.out))
+            needed.update(id(v) for v in b_ins.inputs)
+    outside: dict[int, Value] = dict(consts)
+    hoisted = []
+    for b_ins in body.instrs:
+        if id(b_ins.out) in needed:
+            new = Instr(b_ins.prim, [outside[id(v)] for v in b_ins.inputs], b_ins.params,
+                        b_ins.out.type, loc=b_ins.loc, api=b_ins.api, adj_of=b_ins.adj_of,
+                        tan_of=b_ins.tan_of)
+            new.out.hint = b_ins.out.hint
+            outside[id(b_ins.out)] = new.out
+            hoisted.append(new)
+    # inside, each hoisted value the rest of the body reads becomes a const parameter
+    new_consts: dict[int, Value] = {}
+    remaining = [b for b in body.instrs if id(b.out) not in hoist]
+    for b_ins in remaining:
+        for v in b_ins.inputs:
+            if id(v) in hoist and id(v) not in new_consts:
+                new_consts[id(v)] = Value(v.type, None, v.hint)
+    for o in body.outputs:
+        if id(o) in hoist and id(o) not in new_consts:
+            new_consts[id(o)] = Value(o.type, None, o.hint)
+    for b_ins in remaining:
+        if new_consts:
+            b_ins.inputs = tuple(new_consts.get(id(v), v) for v in b_ins.inputs)
+    body.instrs = remaining
+    body.outputs = [new_consts.get(id(o), o) for o in (body.outputs[k] for k in keep_out)]
+    dce(body)
+    reads = {id(v) for b_ins in body.instrs for v in b_ins.inputs} | \
+        {id(o) for o in body.outputs}
+    keep_in = list(range(nc)) + [i for i in range(nc, len(body.params))
+                                 if id(body.params[i]) in reads]
+    hoisted_used = [k for k, q in new_consts.items() if id(q) in reads]
+    if len(keep_out) == n_out and len(keep_in) == len(body.params) and not hoisted_used:
+        return None
+    used_hoisted = [outside[k] for k in hoisted_used]
+    body.params = [body.params[i] for i in keep_in] + [new_consts[k] for k in hoisted_used]
+    ins.inputs = tuple(ins.inputs[i] for i in keep_in) + tuple(used_hoisted)
+    p["body"] = body
+    p["num_xs"] = sum(1 for i in keep_in if nc <= i < nc + nx)
+    ins.out.type = shape_rules[scan_p](*[v.type for v in ins.inputs], **p)
+    renumber = {k: j for j, k in enumerate(keep_out)}
+    for r in projections:
+        r.params["index"] = renumber[r.params["index"]]
+    live = {id(v) for v in used_hoisted}
+    for h in reversed(hoisted):   # only what the loop reads
+        if id(h.out) in live:
+            live.update(id(v) for v in h.inputs)
+    return [h for h in hoisted if id(h.out) in live]
+
+
 def optimize(fn: Function, name: str | None = None) -> Function:
-    """A simplified copy of `fn` (DCE, CSE, constant folding, algebraic simplification)."""
+    """A simplified copy of `fn` (DCE, CSE, constant folding, algebraic simplification), bodies
+    of structured loops included (see `loops`)."""
     fn = clone(fn, name)
+    for ins in fn.instrs:
+        for key, body in regions(ins):
+            ins.params[key] = optimize(body)
     for _ in range(10):
         changed = simplify(fn)
+        changed = loops(fn) or changed
         changed = relu_mask_from_output(fn) or changed
         changed = mask_after_max_pool(fn) or changed
         n = len(fn.instrs)

@@ -57,3 +57,4 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(_LAZY))
+from .control import fori_loop, scan, while_loop  # noqa: E402,F401  (structured loops)
