@@ -345,7 +345,9 @@ def test_passes_hoist_invariants_and_drop_unread_results():
 # ------------------------------------------------------------------------------------------------
 # native code: one loop whatever the trip count
 # ------------------------------------------------------------------------------------------------
-def test_generated_code_does_not_grow_with_the_trip_count():
+def test_generated_code_does_not_grow_with_the_trip_count(monkeypatch):
+    # one thread: whether a kernel outside the loop is worth a thread team depends on its size
+    monkeypatch.setenv("TRACEJIT_NUM_THREADS", "1")
     rng = helpers.rng_for("scan-size")
     p = model_params("lstm", rng)
 
@@ -367,3 +369,16 @@ def test_generated_code_does_not_grow_with_the_trip_count():
     norm = [re.sub(r"\d+", "N", t) for t in texts]
     assert len(texts[0].splitlines()) == len(texts[1].splitlines())
     assert norm[0] == norm[1]
+
+
+def test_input_projection_and_weight_gradients_run_once_over_all_steps():
+    # x @ Wx for every step is one matmul before the loop; the accumulated weight gradients
+    # h^T dz and x^T dz are one matmul each after the backward loop: per step, only h @ Wh
+    # (forward) and dz @ Wh^T (backward) remain
+    rng = helpers.rng_for("scan-batch")
+    p, xs, r = model_params("elman", rng), rng.normal(size=(T, B, D)), rng.normal(size=(T, B, H))
+    text = tracejit.jit_grad(scan_loss("elman")).ir(p, xs, r, stage="optimized")
+    bodies = re.findall(r"func @body(?:\.adj)?\(.*?\n\s*return", text, re.S)
+    assert len(bodies) == 2
+    assert [b.count("= matmul") for b in bodies] == [1, 1], bodies
+    assert text.count("= matmul") == 2 + 3   # before the loop: 1; after: 2 (d/dWx, d/dWh)
