@@ -382,3 +382,14 @@ def test_input_projection_and_weight_gradients_run_once_over_all_steps():
     assert len(bodies) == 2
     assert [b.count("= matmul") for b in bodies] == [1, 1], bodies
     assert text.count("= matmul") == 2 + 3   # before the loop: 1; after: 2 (d/dWx, d/dWh)
+
+
+def test_lstm_saves_only_what_its_adjoint_reads():
+    # per step: h and c of the step before, the four gates and tanh(c); the gates' derivatives
+    # (s (1 - s), 1 - tanh^2) are recomputed from them in the backward loop, not saved
+    rng = helpers.rng_for("scan-saved")
+    p, xs, r = model_params("lstm", rng), rng.normal(size=(T, B, D)), rng.normal(size=(T, B, H))
+    text = tracejit.jit_grad(scan_loss("lstm")).ir(p, xs, r, stage="optimized")
+    per_step = [int(n) for n in re.findall(r"\((\d+) bytes per step of the scan", text)]
+    assert per_step and all(n == B * H * 8 for n in per_step), text
+    assert len(per_step) <= 7, text

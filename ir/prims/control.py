@@ -162,6 +162,7 @@ class _Split:
         self.xs_used: list = []       # operand indices of xs the backward part reads
         self.ks_used: list = []       # ... of consts
         self.invariant: set = set()   # ids of instructions on consts only the backward part needs
+        self.recomputed: set = set()  # ids of instructions the backward part recomputes
 
 
 def _split_adjoint(vjp: Function, n_body: int, n_grads: int, nc: int, nx: int) -> _Split:
@@ -185,15 +186,19 @@ def _split_adjoint(vjp: Function, n_body: int, n_grads: int, nc: int, nx: int) -
     for v in vjp.outputs[len(vjp.outputs) - n_grads:]:
         if id(v) not in s.backward:
             needed.setdefault(id(v), v)
+    _recompute_cheap(s, needed, index, nc, nx)
+    recomputed = [ins for ins in vjp.instrs if id(ins) in s.recomputed]
     # instructions on consts only that the backward part needs are recomputed there
-    todo = [v for v in needed.values() if id(v) not in s.varying and v.instr is not None]
+    todo = [v for v in list(needed.values()) + [u for ins in recomputed for u in ins.inputs]
+            if id(v) not in s.varying and v.instr is not None]
     while todo:
         v = todo.pop()
         if id(v.instr) in s.invariant:
             continue
         s.invariant.add(id(v.instr))
         todo.extend(u for u in v.instr.inputs if u.instr is not None)
-    reads = list(needed.values()) + [u for ins in vjp.instrs if id(ins) in s.invariant
+    reads = list(needed.values()) + [u for ins in vjp.instrs
+                                     if id(ins) in s.invariant or id(ins) in s.recomputed
                                      for u in ins.inputs]
     for v in reads:
         k = index.get(id(v))
@@ -204,6 +209,46 @@ def _split_adjoint(vjp: Function, n_body: int, n_grads: int, nc: int, nx: int) -
     s.residuals = [v for v in needed.values() if id(v) in s.varying
                    and not (id(v) in index and nc <= index[id(v)] < nc + nx)]
     return s
+
+
+def _recompute_cheap(s: _Split, needed: dict, index: dict, nc: int, nx: int):
+    """Save less: a needed step value computed by a few elementwise instructions from values the
+    backward part has anyway (saved ones, x slices, consts) is recomputed there instead of saved
+    (sigmoid'(z) = s (1 - s) from s = sigmoid(z), 1 - tanh(c)^2 from tanh(c)): a few flops per
+    element against a stacked buffer written and read once per step."""
+    def at_hand(u):
+        return id(u) not in s.varying or id(u) in needed or \
+            (id(u) in index and nc <= index[id(u)] < nc + nx) or \
+            (u.instr is not None and id(u.instr) in s.recomputed)
+
+    def chain(v, depth, found, leaves):
+        """The instructions computing `v` from values at hand, or None (at most `depth` deep)."""
+        ins = v.instr
+        if ins is None or not ins.prim.elementwise or depth == 0:
+            return None
+        for u in ins.inputs:
+            if at_hand(u):
+                leaves.append(u)
+            elif chain(u, depth - 1, found, leaves) is None:
+                return None
+        found.append(ins)
+        return found
+    pinned: set = set()   # saved values a recomputation reads: they stay saved
+    changed = True
+    while changed:
+        changed = False
+        for key, v in list(needed.items()):
+            if id(v) not in s.varying or key in pinned:
+                continue
+            del needed[key]   # (a value is not at hand for its own recomputation)
+            leaves = []
+            found = chain(v, 3, [], leaves)
+            if found is None:
+                needed[key] = v
+                continue
+            s.recomputed.update(id(ins) for ins in found)
+            pinned.update(id(u) for u in leaves if id(u) in needed)
+            changed = True
 
 
 def _forward_body(body: Function, vjp: Function, split: _Split, n_out: int) -> Function:
@@ -240,7 +285,8 @@ def _backward_body(body: Function, vjp: Function, split: _Split, n_out: int, n_c
         vmap[id(vjp.params[i])] = b.add_param(vjp.params[i].type, vjp.params[i].hint)
     with building(b):
         for ins in vjp.instrs:
-            if id(ins.out) in split.backward or id(ins) in split.invariant:
+            if id(ins.out) in split.backward or id(ins) in split.invariant or \
+                    id(ins) in split.recomputed:
                 new = b.reemit(ins, [vmap[id(v)] for v in ins.inputs])
                 new.hint = ins.out.hint
                 vmap[id(ins.out)] = new
