@@ -393,3 +393,27 @@ def test_lstm_saves_only_what_its_adjoint_reads():
     per_step = [int(n) for n in re.findall(r"\((\d+) bytes per step of the scan", text)]
     assert per_step and all(n == B * H * 8 for n in per_step), text
     assert len(per_step) <= 7, text
+
+
+def test_nested_scans_and_checked_indices_inside_a_body():
+    rng = helpers.rng_for("scan-nested")
+    w, xs = rng.normal(size=3), rng.normal(size=(4, 5, 3))
+
+    def f(w, xs):
+        def outer(c, row):
+            inner, _ = tracejit.scan(lambda a, x: (tracejit.tanh(a * w + x), None), c, row)
+            return inner, inner.sum()
+        c, ys = tracejit.scan(outer, np.zeros(3), xs)
+        return (c ** 2).sum() + ys.sum()
+    g = tracejit.jit_grad(f, argnums=(0, 1))
+    with helpers.use_backend("interpreter"):
+        want = g(w, xs)
+    for got, ref in zip(g(w, xs), want):
+        helpers.assert_close(got, ref, TOL, "nested scans")
+    # an index read per step is checked in the native loop as everywhere else
+    table = rng.normal(size=(5, 2))
+    gather = tracejit.jit(lambda t, idx: tracejit.scan(lambda c, i: (c + t[i], c), np.zeros(2),
+                                                       idx)[0])
+    helpers.assert_close(gather(table, np.array([0, 1, 4])), table[[0, 1, 4]].sum(0), TOL)
+    with pytest.raises(IndexError, match="index 7 is out of bounds"):
+        gather(table, np.array([0, 7, 4]))
