@@ -197,6 +197,11 @@ def test_scan_without_xs_takes_length():
         helpers.assert_close(got[1], np.stack([a ** k for k in range(4)]), TOL)
     with pytest.raises(ValueError, match="pass length"):
         tracejit.scan(lambda c, x: (c, c), np.ones(2))
+    # no steps: the carry as it was, ys empty but of the body's shape (eager, native)
+    empty = lambda a: tracejit.scan(lambda c, x: (c * a, c[:1]), np.ones(2), length=0)  # noqa: E731
+    for c, ys in (empty(a), tracejit.jit(empty)(a)):
+        helpers.assert_close(c, np.ones(2), TOL)
+        assert ys.shape == (0, 1)
 
 
 def test_scan_errors_name_the_problem():

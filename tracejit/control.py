@@ -190,6 +190,10 @@ def _split_result(out, who: str):
 
 
 def _scan_eager(f, init, x_leaves, x_build, length, reverse):
+    if length == 0:   # no step to show the shapes of ys: trace the body and interpret the scan
+        return _interpreted(lambda: _scan_traced(f, init, x_leaves,
+                                                 [f"xs{k}" for k in range(len(x_leaves))],
+                                                 x_build, 0, reverse))
     carry, ys = init, []
     steps = range(length - 1, -1, -1) if reverse else range(length)
     c_leaves, c_paths, _ = _flatten(init, "init")
@@ -203,13 +207,21 @@ def _scan_eager(f, init, x_leaves, x_build, length, reverse):
         ys.append(y)
     if reverse:
         ys.reverse()
-    if length == 0:
-        raise ValueError("scan: length 0 outside a trace: the shape of ys is unknown; call it "
-                         "inside tracejit.jit")
     y_leaves = [_flatten(y, "ys")[0] for y in ys]
     _, _, y_build = _flatten(ys[0], "ys")
     stacked = [np.stack([np.asarray(step[k]) for step in y_leaves]) for k in range(len(y_leaves[0]))]
     return carry, y_build(stacked)
+
+
+def _interpreted(traced):
+    """Run `traced()` (which emits IR) in a scratch function and return its result pytree with
+    the reference interpreter's arrays for its tracers."""
+    from .ir.interpreter import interpret
+    b = Builder("eager.scan")
+    with building(b):
+        leaves, _, rebuild = _flatten(traced(), "out")
+        vals = [to_value(x) for x in leaves]
+    return rebuild([np.array(r) for r in interpret(b.finish(vals), [])])
 
 
 def _scan_traced(f, init, x_leaves, x_paths, x_build, length, reverse):
