@@ -293,6 +293,25 @@ def test_forward_mode_through_scan_matches_finite_differences():
     helpers.assert_close(tangent, fd, (1e-7, 1e-7), "jvp")
 
 
+def test_hessian_and_jacfwd_through_scan():
+    # batched tangents: the xs' tangents are scanned over their second axis
+    rng = helpers.rng_for("scan-hessian")
+    w, xs = rng.normal(size=3), rng.normal(size=(4, 3))
+
+    def seq(w, xs):
+        return tracejit.scan(lambda h, x: (tracejit.tanh(h * w + x), h * x), np.zeros(3), xs)[1]
+    f = lambda w, xs: (seq(w, xs) ** 2).sum()   # noqa: E731
+    with helpers.use_backend("interpreter"):
+        hess = tracejit.hessian(f)(w, xs)
+        g = tracejit.jit_grad(f)
+        fd = np.stack([(g(w + 1e-5 * e, xs) - g(w - 1e-5 * e, xs)) / 2e-5 for e in np.eye(3)], 1)
+        fwd = tracejit.jacfwd(seq, argnums=1)(w, xs)
+        rev = tracejit.jacrev(seq, argnums=1)(w, xs)
+    helpers.assert_close(hess, fd, (1e-7, 1e-7), "hessian")
+    helpers.assert_close(fwd, rev, TOL, "jacfwd vs jacrev")
+    helpers.assert_close(tracejit.hessian(f)(w, xs), hess, TOL, "native hessian")
+
+
 # ------------------------------------------------------------------------------------------------
 # the IR: one instruction, its body printed once, verified, optimized inside
 # ------------------------------------------------------------------------------------------------

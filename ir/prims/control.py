@@ -299,17 +299,17 @@ def _backward_body(body: Function, vjp: Function, split: _Split, n_out: int, n_c
 
 @jvp_rules.register(scan_p)
 def _scan_jvp(ts, tans, out, *primals, body, length, reverse, num_carry, num_xs):
-    """The tangent of a scan is a scan over the tangent of its body (one list per result)."""
+    """The tangent of a scan is a scan over the tangent of its body (one list per result). With
+    a batch of tangents ([B] + shape), the xs' tangents are scanned over their second axis
+    (transposed to [T, B, ...]) and the ys' tangents transposed back."""
     from ..jvp import jvp_function
     from .elementwise import full
-    if ts.batch is not None:
-        raise IRError("scan: batched tangents (jacfwd, hessian) through a scan are not supported; "
-                      "use jacrev or a Python loop")
+    from .structural import transpose
     nc, nx = num_carry, num_xs
     n_body = len(body.params)
     carried = [i for i in range(nc) if body.params[i].dtype in FLOAT_DTYPES]
     others = [i for i in range(nc, n_body) if tans[i] is not None]
-    jb = jvp_function(body, carried + others, name=f"{body.name}.jvp")
+    jb = jvp_function(body, carried + others, batch=ts.batch, name=f"{body.name}.jvp")
     tparams = dict(zip(carried + others, jb.params[n_body:]))
     n_out = len(body.outputs)
     touts = jb.outputs[n_out:]
@@ -323,19 +323,32 @@ def _scan_jvp(ts, tans, out, *primals, body, length, reverse, num_carry, num_xs)
         [touts[k] for k in ys_float]
     fn = Function(jb.name, params, jb.instrs, outs, origin=body.origin)
 
-    def operands(lo, hi):
-        prim = list(primals[lo:hi])
-        tan = [tans[i] if tans[i] is not None else full(0, primals[i].shape, primals[i].dtype)
-               for i in range(lo, hi) if i in tparams]
-        return prim + tan
-    carries, xs = operands(0, nc), operands(nc, nc + nx)
+    def swap(v):   # [B, T, ...] <-> [T, B, ...]
+        return transpose(v, (1, 0) + tuple(range(2, v.ndim)))
+
+    def operands(lo, hi, stacked=False):
+        tan = []
+        for i in range(lo, hi):
+            if i not in tparams:
+                continue
+            t = tans[i]
+            if t is None:
+                shape = primals[i].shape
+                shape = shape[:1] + ts.lead + shape[1:] if stacked else ts.shape(shape)
+                t = full(0, shape, primals[i].dtype)
+            elif stacked and ts.batch is not None:
+                t = swap(t)
+            tan.append(t)
+        return list(primals[lo:hi]) + tan
+    carries, xs = operands(0, nc), operands(nc, nc + nx, stacked=True)
     res = scan(carries, xs, operands(nc + nx, n_body), fn, length, reverse)
     n_c = len(carries)
     tangents = [None] * n_out
     for j, i in enumerate(carried):
         tangents[i] = res[nc + j]
     for j, k in enumerate(ys_float):
-        tangents[k] = res[n_c + (n_out - nc) + j]
+        t = res[n_c + (n_out - nc) + j]
+        tangents[k] = swap(t) if ts.batch is not None else t
     return tangents
 
 
