@@ -56,7 +56,9 @@ def _structure(tree) -> str:
         return "{" + ", ".join(f"{k!r}: {_structure(v)}" for k, v in tree.items()) + "}"
     if isinstance(tree, (list, tuple)):
         inner = ", ".join(_structure(v) for v in tree)
-        return f"[{inner}]" if isinstance(tree, list) else f"({inner}{',' if len(tree) == 1 else ''})"
+        if isinstance(tree, list):
+            return f"[{inner}]"
+        return f"({inner}{',' if len(tree) == 1 else ''})"
     return "None" if tree is None else "*"
 
 
@@ -82,7 +84,7 @@ def _leaf_value(x, where: str):
     return lax.literal(arr)
 
 
-def _trace_body(fn, name: str, param_types, hints, make_args, origin: str):
+def _trace_body(fn, name: str, param_types, hints, make_args):
     """Trace `fn(*make_args(tracers))` on fresh parameters of `param_types` in a nested builder.
     Returns (builder, the Python result); values of enclosing traces the body reads become extra
     parameters of the builder (`builder.captured`)."""
@@ -209,7 +211,8 @@ def _scan_eager(f, init, x_leaves, x_build, length, reverse):
         ys.reverse()
     y_leaves = [_flatten(y, "ys")[0] for y in ys]
     _, _, y_build = _flatten(ys[0], "ys")
-    stacked = [np.stack([np.asarray(step[k]) for step in y_leaves]) for k in range(len(y_leaves[0]))]
+    stacked = [np.stack([np.asarray(step[k]) for step in y_leaves])
+               for k in range(len(y_leaves[0]))]
     return carry, y_build(stacked)
 
 
@@ -237,7 +240,7 @@ def _scan_traced(f, init, x_leaves, x_paths, x_build, length, reverse):
         b, out = _trace_body(
             f, name, c_types + x_types,
             [f"carry{k}" for k in range(len(c_types))] + [f"x{k}" for k in range(len(x_types))],
-            lambda ts: (c_build(ts[:len(c_types)]), x_build(ts[len(c_types):])), origin)
+            lambda ts: (c_build(ts[:len(c_types)]), x_build(ts[len(c_types):])))
         new_carry, y = _split_result(out, name)
         nc_leaves, nc_paths, _ = _flatten(new_carry, "carry")
         if len(nc_leaves) != len(c_leaves) or _structure(new_carry) != _structure(init):
@@ -310,14 +313,13 @@ def while_loop(cond_fun, body_fun, init_val):
     hints = [f"carry{k}" for k in range(len(c_types))]
     origin = _origin("while_loop")
     cb, pred = _trace_body(cond_fun, f"{_fn_name(cond_fun)}", c_types, hints,
-                           lambda ts: (c_build(ts),), origin)
+                           lambda ts: (c_build(ts),))
     with building(cb):
         p = as_bool_value(pred) if isinstance(pred, Tracer) else \
             lax.full(bool(np.asarray(pred)), (), "bool")
     if p.shape != ():
         raise TypeError(f"while_loop: cond_fun must return a scalar bool, got {p.type}")
-    bb, new = _trace_body(body_fun, _fn_name(body_fun), c_types, hints, lambda ts: (c_build(ts),),
-                          origin)
+    bb, new = _trace_body(body_fun, _fn_name(body_fun), c_types, hints, lambda ts: (c_build(ts),))
     n_leaves, n_paths, _ = _flatten(new, "val")
     if len(n_leaves) != len(c_leaves) or _structure(new) != _structure(init_val):
         raise TypeError(f"while_loop: body_fun returns {_structure(new)}, but init_val is "

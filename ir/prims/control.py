@@ -82,7 +82,8 @@ def _scan_shape(*types, body, length, reverse, num_carry, num_xs):
         raise ShapeError(f"scan body returns {len(outs)} values for {nc} carries")
     _types_equal("carry", types[:nc], ps[:nc])
     _types_equal("carry output", outs[:nc], ps[:nc])
-    _types_equal("x", types[nc:nc + nx], [p.with_shape((length,) + p.shape) for p in ps[nc:nc + nx]])
+    _types_equal("x", types[nc:nc + nx],
+                 [p.with_shape((length,) + p.shape) for p in ps[nc:nc + nx]])
     _types_equal("const", types[nc + nx:], ps[nc + nx:])
     return TupleType(tuple(outs[:nc]) + tuple(t.with_shape((length,) + t.shape) for t in outs[nc:]))
 
