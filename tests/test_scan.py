@@ -440,3 +440,16 @@ def test_nested_scans_and_checked_indices_inside_a_body():
     helpers.assert_close(gather(table, np.array([0, 1, 4])), table[[0, 1, 4]].sum(0), TOL)
     with pytest.raises(IndexError, match="index 7 is out of bounds"):
         gather(table, np.array([0, 7, 4]))
+
+
+def test_compile_cache_key_covers_the_body():
+    from tracejit.codegen.cache import ir_key_text
+    xs = np.ones((3, 2))
+
+    def traced(op):
+        f = tracejit.jit(lambda xs: tracejit.scan(lambda c, x: (op(c + x), c), np.zeros(2), xs))
+        return ir_key_text(f._lookup(tracejit.api.Signature(f.name, f.arg_names, (xs,),
+                                                            {})).optimized)
+    with helpers.use_backend("interpreter"):
+        tanh, sin = traced(tracejit.tanh), traced(tracejit.sin)
+    assert tanh != sin and "tanh" in tanh and "sin" in sin
