@@ -634,6 +634,10 @@ def annotate(p: Plan):
         ops = [m.prim.name for m in g.members if m.prim is not const_p]
         return (f"// kernel k{g.index}: one fused loop over {g.root.out.type} computing "
                 f"{', '.join(ops)} reading {len(g.leaves)} buffer{'s' if len(g.leaves) != 1 else ''}"), tag
+    def region(ins: Instr, name: str):
+        g = by_root.get(id(ins))
+        return annotate(g.bodies[name]) if g is not None and name in g.bodies else None
+    note.region = region
     return note
 
 

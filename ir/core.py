@@ -408,7 +408,8 @@ def print_function(fn: Function, annotate: Callable[[Instr], str | None] | None 
     """Deterministic textual form of `fn` (see the grammar in this module's docstring).
 
     `annotate(instr)` may return a line printed before that instruction, or a pair (that line or
-    None, a tag printed in front of the instruction); codegen uses it to show fusion groups."""
+    None, a tag printed in front of the instruction); codegen uses it to show fusion groups. Its
+    attribute `region(instr, name)`, if any, gives the annotator of that region's body."""
     namer = Namer()
     params = []
     for p in fn.params:
@@ -433,8 +434,10 @@ def print_function(fn: Function, annotate: Callable[[Instr], str | None] | None 
                 text = f"{tag} {text}"
         lines.append("  " + text)
         for name, body in regions(ins):
+            inner = getattr(annotate, "region", None)
+            inner = inner(ins, name) if inner is not None else None
             lines.append(f"    {name}:")
-            lines.extend("      " + line for line in print_function(body).split("\n"))
+            lines.extend("      " + line for line in print_function(body, inner).split("\n"))
     lines.append("  return " + ", ".join(namer.ref(o) for o in fn.outputs))
     lines.append("}")
     return "\n".join(lines)
