@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ir.core import Function, Namer, instr_text
+from ..ir.core import Function, Namer, instr_text, regions
 
 from . import settings
 
@@ -86,6 +86,10 @@ def ir_key_text(fn: Function) -> str:
             arr = np.ascontiguousarray(arr)
             digest = hashlib.sha256(arr.view(np.uint8).reshape(-1) if arr.size else b"").hexdigest()
             lines.append(f"  {k}: {arr.dtype.str}{list(arr.shape)} sha256={digest}")
+        for name, body in regions(ins):   # a loop's body is part of its code
+            lines.append(f"  {name} {{")
+            lines.extend("    " + line for line in ir_key_text(body).split("\n"))
+            lines.append("  }")
     lines.append("return " + ", ".join(namer.ref(o) for o in fn.outputs))
     return "\n".join(lines)
 

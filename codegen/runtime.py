@@ -29,7 +29,7 @@ from . import cache as _cache
 from . import fused, parallel, schedule, target
 from .kernels import _load_all, kernels
 from .kernels.pool import lower_max_pool2d_with_argmax
-from .loops import I64, PTR, VOID, i64, llvm_type
+from .loops import I64, PTR, VOID, for_range, i64, llvm_type
 from .target import JITModule, cfunc
 
 _load_all()
@@ -83,6 +83,8 @@ class NativeFunction:
         self.n_modules = target.modules_for(sum(_compile_weight(g) for g in self.plan.groups))
         self._source = None
         self._source_lock = threading.Lock()  # lowering twice would reuse a plan's epilogues
+        # kernels that check their indices, by status code (see kernels/__init__.py, Checks)
+        self._checked = _checked_kernels(self.plan)
         self._jit, self.cache_hit, self.compile_seconds = self._load_or_compile(cache)
         self.compile_seconds["plan"] = t1 - t0
         self._entry = cfunc(self._jit.addresses["entry"],
@@ -93,8 +95,6 @@ class NativeFunction:
         self._copies = self._resolve_copies()
         self._donor = [self.donate.get(k) for k in range(len(fn.outputs))]
         self._early, self._late = _split_copies(self._copies, self.donate)
-        # kernels that check their indices, by status code (see kernels/__init__.py, Checks)
-        self._checked = _checked_kernels(self.plan)
 
     def _load_or_compile(self, cache):
         """(JITModule, cache hit?, seconds): linked from the persistent cache's object code if it
@@ -157,38 +157,7 @@ class NativeFunction:
         namer = Namer()
         for v in list(fn.params) + [i.out for i in fn.instrs]:
             namer.define(v)
-        kernel_fns = []
-        for g in plan.groups:
-            fname = g.name
-            kernel_module = modules.get(home[g.index])
-            if kernel_module is None:   # lowered by another process: declared for the entry
-                if module is not None:
-                    kernel_fns.append(ir.Function(module, _kernel_type(g), fname))
-                continue
-            try:
-                if g.kind == "nn":
-                    epi = fused.Epilogue(g.epilogue, g.root.out, f"{fname}.epilogue") \
-                        if g.epilogue is not None else None
-                    extra = {} if epi is None else {"epilogue": epi}
-                    if kernels[g.root.prim].checks:
-                        extra["status_code"] = g.index + 1
-                    if g.companion is not None:
-                        lower_max_pool2d_with_argmax(kernel_module, fname, g.root, **extra)
-                    else:
-                        kernels[g.root.prim].lower(kernel_module, fname, g.root, **extra)
-                    kfn = kernel_module.globals[fname]
-                else:
-                    kfn = fused.lower_group(kernel_module, fname, g)
-                if kernel_module is not module:   # called across modules: a declaration there
-                    kfn.linkage = ""
-                    if module is not None:
-                        kfn = ir.Function(module, kfn.function_type, fname)
-                kernel_fns.append(kfn)
-            except Exception as e:
-                loc = f" ({g.root.loc})" if g.root.loc else ""
-                raise IRError(f"lowering `{instr_text(g.root, namer, with_comment=False)}`{loc}: "
-                              f"{type(e).__name__}: {e}") from e
-
+        kernel_fns = _lower_kernels(plan, modules, home, module, namer)
         if module is None:
             return [modules[k] for k in parts]
         entry = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, PTR, I64]), "entry")
@@ -196,44 +165,17 @@ class NativeFunction:
         ins_arg.name, outs_arg.name, arena_arg.name = "inputs", "outputs", "arena"
         nthreads_arg.name = "nthreads"
         b = ir.IRBuilder(entry.append_basic_block("entry"))
-        ptr_cache = {}
 
-        def pointer(v):
-            v = schedule.base_value(v, plan.locations)
-            loc = plan.locations[id(v)]
-            key = id(v)
-            if key in ptr_cache:
-                return ptr_cache[key]
-            name = namer.names.get(id(v), "v").replace(".", "_")
-            if loc.kind in ("in", "out"):
-                tup = ins_arg if loc.kind == "in" else outs_arg
-                item = b.load(b.gep(tup, [i64(TUPLE_ITEMS_OFFSET + 8 * loc.index)],
-                                    source_etype=ir.IntType(8)), typ=PTR)
-                p = b.load(b.gep(item, [i64(NDARRAY_DATA_OFFSET)], source_etype=ir.IntType(8)),
-                           typ=PTR, name=f"{loc.kind}.{name}")
-            elif loc.kind == "arena":
-                p = b.gep(arena_arg, [i64(loc.index)], source_etype=ir.IntType(8),
-                          name=f"buf.{name}")
-            elif loc.kind == "global":
-                p = _literal_global(module, v, f"lit.{name}")
-            else:  # pragma: no cover
-                raise IRError(f"unknown location {loc}")
-            ptr_cache[key] = p
-            return p
-
-        for g, kfn in zip(plan.groups, kernel_fns):
-            args = [pointer(g.result)] + ([pointer(g.companion.out)] if g.companion else []) + \
-                [pointer(v) for v in g.leaves + g.extra_leaves]
-            if _checks(g):
-                args.append(b.gep(arena_arg, [i64(_status_offset(plan))], source_etype=ir.IntType(8),
-                                  name="status"))
-            scratch = b.gep(arena_arg, [i64(g.scratch)], source_etype=ir.IntType(8)) \
-                if g.scratch_bytes else ir.Constant(PTR, None)
-            splits = g.kind == "loop" or kernels[g.root.prim].parallel
-            parallel.emit_call(module, b, kfn, args + [scratch], nthreads_arg,
-                               self.max_threads > 1 and splits
-                               and g.cost_ns >= parallel.PARALLEL_MIN_NS,
-                               g.cost_ns, _scratch_stride(g, self.max_threads))
+        def tuple_item(tup, k, name):   # the data pointer of item k of a tuple of arrays
+            item = b.load(b.gep(tup, [i64(TUPLE_ITEMS_OFFSET + 8 * k)], source_etype=ir.IntType(8)),
+                          typ=PTR)
+            return b.load(b.gep(item, [i64(NDARRAY_DATA_OFFSET)], source_etype=ir.IntType(8)),
+                          typ=PTR, name=name)
+        pointer = _pointers(module, b, plan, namer, ins_arg, outs_arg, arena_arg, tuple_item)
+        status = b.gep(arena_arg, [i64(_status_offset(plan))], source_etype=ir.IntType(8),
+                       name="status")
+        _emit_calls(module, b, plan, kernel_fns, pointer, nthreads_arg, arena_arg, status,
+                    self.max_threads)
         _emit_donated_copies(module, b, plan, pointer)
         b.ret_void()
         return [modules[k] for k in parts]
@@ -373,15 +315,242 @@ def _donated_key(key: str, donate: dict) -> str:
 def _emit_donated_copies(module: ir.Module, b: ir.IRBuilder, plan, pointer):
     """After the last kernel: copy each donated output the plan computed in the arena into its
     parameter's buffer (see schedule._place_donated)."""
-    copies = [(k, j) for k, j, how in plan.donated if how == "copy"]
-    if not copies:
-        return
+    for k, j, how in plan.donated:
+        if how == "copy":
+            o = plan.fn.outputs[k]
+            _memcpy(module, b, pointer(plan.fn.params[j]), pointer(o), o.type.nbytes)
+
+
+def _lower_kernels(plan, modules: dict, home: dict, module, namer) -> list:
+    """Lower the kernels of `plan` into their home modules (`home`: group index -> module
+    index); returns, per group, the function the calling module calls (a declaration when the
+    kernel lives in another module; None for a loop, whose body is lowered where it is called).
+    `module` is the calling module (None when building only other modules)."""
+    kernel_fns = []
+    for g in plan.groups:
+        if g.kind == "control":
+            kernel_fns.append(None)
+            continue
+        fname = g.name
+        kernel_module = modules.get(home[g.index])
+        if kernel_module is None:   # lowered by another process: declared for the entry
+            if module is not None:
+                kernel_fns.append(ir.Function(module, _kernel_type(g), fname))
+            continue
+        try:
+            if g.kind == "nn":
+                epi = fused.Epilogue(g.epilogue, g.root.out, f"{fname}.epilogue") \
+                    if g.epilogue is not None else None
+                extra = {} if epi is None else {"epilogue": epi}
+                if kernels[g.root.prim].checks:
+                    extra["status_code"] = g.status_code
+                if g.companion is not None:
+                    lower_max_pool2d_with_argmax(kernel_module, fname, g.root, **extra)
+                else:
+                    kernels[g.root.prim].lower(kernel_module, fname, g.root, **extra)
+                kfn = kernel_module.globals[fname]
+            else:
+                kfn = fused.lower_group(kernel_module, fname, g)
+            if kernel_module is not module:   # called across modules: a declaration there
+                kfn.linkage = ""
+                if module is not None:
+                    kfn = ir.Function(module, kfn.function_type, fname)
+            kernel_fns.append(kfn)
+        except Exception as e:
+            raise _lowering_error(g, namer, e) from e
+    return kernel_fns
+
+
+def _lowering_error(g, namer, e) -> IRError:
+    loc = f" ({g.root.loc})" if g.root.loc else ""
+    text = instr_text(g.root, namer, with_comment=False) if id(g.root.out) in namer.names \
+        else g.root.prim.name
+    return IRError(f"lowering `{text}`{loc}: {type(e).__name__}: {e}")
+
+
+def _pointers(module, b, plan, namer, ins_arg, outs_arg, arena_arg, item):
+    """`pointer(v)`: the address of value `v`'s buffer in the function being built with `b`
+    (computed once, where first asked for: ask before any loop). `item(table, k, name)` loads
+    the k-th parameter's or output's address from `ins_arg` / `outs_arg`."""
+    cache = {}
+
+    def pointer(v):
+        v = schedule.base_value(v, plan.locations)
+        loc = plan.locations[id(v)]
+        key = id(v)
+        if key in cache:
+            return cache[key]
+        name = namer.names.get(id(v), "v").replace(".", "_")
+        if loc.kind in ("in", "out"):
+            p = item(ins_arg if loc.kind == "in" else outs_arg, loc.index, f"{loc.kind}.{name}")
+        elif loc.kind == "arena":
+            p = b.gep(arena_arg, [i64(loc.index)], source_etype=ir.IntType(8), name=f"buf.{name}")
+        elif loc.kind == "global":
+            p = _literal_global(module, v, f"lit.{name}")
+        else:  # pragma: no cover
+            raise IRError(f"unknown location {loc}")
+        cache[key] = p
+        return p
+    return pointer
+
+
+def _emit_calls(module, b, plan, kernel_fns, pointer, nthreads, arena, status, max_threads):
+    """Call every kernel of `plan` in order (a loop kernel runs its native loop right here)."""
+    for g, kfn in zip(plan.groups, kernel_fns):
+        if g.kind == "control":
+            _loop_lowerings[g.root.prim.name](module, b, g, pointer, nthreads, arena, status,
+                                              max_threads)
+            continue
+        args = [pointer(g.result)] + ([pointer(g.companion.out)] if g.companion else []) + \
+            [pointer(v) for v in g.leaves + g.extra_leaves]
+        if _checks(g):
+            args.append(status)
+        scratch = b.gep(arena, [i64(g.scratch)], source_etype=ir.IntType(8)) \
+            if g.scratch_bytes else ir.Constant(PTR, None)
+        splits = g.kind == "loop" or kernels[g.root.prim].parallel
+        parallel.emit_call(module, b, kfn, args + [scratch], nthreads,
+                           max_threads > 1 and splits and g.cost_ns >= parallel.PARALLEL_MIN_NS,
+                           g.cost_ns, _scratch_stride(g, max_threads))
+
+
+# ------------------------------------------------------------------------------------ loops
+def _lower_body(module, plan, fname: str, max_threads: int) -> ir.Function:
+    """A loop body as its own function `void fname(ptr params, ptr outputs, ptr arena, i64
+    nthreads, ptr status)`: `params` / `outputs` are tables of buffer addresses (the step's
+    slices of xs and ys, the carries, the consts), `arena` the body's planned memory. Its kernels
+    are lowered into `module` too; it copies the outputs that are parameters or constants
+    itself."""
+    fn = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, PTR, I64, PTR]), fname)
+    fn.linkage = "internal"
+    ins_arg, outs_arg, arena_arg, nthreads_arg, status_arg = fn.args
+    for a, name in zip(fn.args, ("params", "outputs", "arena", "nthreads", "status")):
+        a.name = name
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    namer = Namer()
+    for v in list(plan.fn.params) + [i.out for i in plan.fn.instrs]:
+        namer.define(v)
+    kernel_fns = _lower_kernels(plan, {0: module}, {g.index: 0 for g in plan.groups}, module,
+                                namer)
+
+    def item(table, k, name):
+        return b.load(b.gep(table, [i64(k)], source_etype=PTR), typ=PTR, name=name)
+    pointer = _pointers(module, b, plan, namer, ins_arg, outs_arg, arena_arg, item)
+    _emit_calls(module, b, plan, kernel_fns, pointer, nthreads_arg, arena_arg, status_arg,
+                max_threads)
+    for k, v in plan.out_copies:   # outputs that are parameters, constants or other outputs
+        _memcpy(module, b, item(outs_arg, k, f"out{k}"), pointer(v), v.type.nbytes)
+    b.ret_void()
+    return fn
+
+
+def _memcpy(module, b, dst, src, nbytes: int):
     memcpy = module.globals.get("llvm.memcpy.p0.p0.i64") or ir.Function(
         module, ir.FunctionType(VOID, [PTR, PTR, I64, ir.IntType(1)]), "llvm.memcpy.p0.p0.i64")
-    for k, j in copies:
-        o = plan.fn.outputs[k]
-        b.call(memcpy, [pointer(plan.fn.params[j]), pointer(o), i64(o.type.nbytes),
-                        ir.Constant(ir.IntType(1), 0)])
+    b.call(memcpy, [dst, src, i64(nbytes), ir.Constant(ir.IntType(1), 0)])
+
+
+def _byte_gep(b, ptr, offset, name=""):
+    return b.gep(ptr, [offset if isinstance(offset, ir.Value) else i64(offset)],
+                 source_etype=ir.IntType(8), name=name)
+
+
+def _store_table(b, table, k, ptr):
+    b.store(ptr, b.gep(table, [i64(k)], source_etype=PTR))
+
+
+def _lower_scan(module, b, g, pointer, nthreads, arena, status, max_threads):
+    """One native loop over the steps: the body is called with the step's slices of xs and ys
+    addressed in place (base + step * slice bytes) and with the carries, double-buffered in the
+    loop's scratch: each step reads one buffer and writes the other, then the tables swap them.
+    The trip count is only the loop's bound: the code does not grow with it."""
+    ins, lay = g.root, g.layout
+    p = ins.params
+    nc, nx, steps = p["num_carry"], p["num_xs"], p["length"]
+    body_plan = g.bodies["body"]
+    body = _lower_body(module, body_plan, f"{g.prefix}body", max_threads)
+    scratch = _byte_gep(b, arena, g.scratch, f"{g.prefix}scratch")
+    types = ins.out.type.types
+    final = [pointer(v) if v is not None else _byte_gep(b, scratch, lay.unread[k])
+             for k, v in enumerate(g.outs)]
+    nxt = [_byte_gep(b, scratch, off) for off in lay.next]
+    xs = [pointer(v) for v in ins.inputs[nc:nc + nx]]
+    consts = [pointer(v) for v in ins.inputs[nc + nx:]]
+    inits = [pointer(v) for v in ins.inputs[:nc]]
+    tin, tout = [_byte_gep(b, scratch, off) for off in lay.tables["body"]]
+    body_arena = _byte_gep(b, scratch, lay.arena)
+    for k in range(nc):
+        _memcpy(module, b, final[k], inits[k], types[k].nbytes)
+        _store_table(b, tin, k, final[k])
+        _store_table(b, tout, k, nxt[k])
+    for j, c in enumerate(consts):
+        _store_table(b, tin, nc + nx + j, c)
+    x_bytes = [v.type.nbytes // max(steps, 1) for v in ins.inputs[nc:nc + nx]]
+    y_bytes = [t.nbytes // max(steps, 1) for t in types[nc:]]
+    with for_range(b, i64(0), i64(steps), 1, f"{g.prefix}step", scalar=True) as t:
+        step = b.sub(i64(steps - 1), t, name="step") if p["reverse"] else t
+        for j in range(nx):
+            _store_table(b, tin, nc + j, _byte_gep(b, xs[j], b.mul(step, i64(x_bytes[j]))))
+        for j, y in enumerate(final[nc:]):
+            _store_table(b, tout, nc + j, _byte_gep(b, y, b.mul(step, i64(y_bytes[j]))))
+        b.call(body, [tin, tout, body_arena, nthreads, status])
+        for k in range(nc):   # the carries just written are the next step's input
+            slot_in, slot_out = b.gep(tin, [i64(k)], source_etype=PTR), \
+                b.gep(tout, [i64(k)], source_etype=PTR)
+            a, c = b.load(slot_in, typ=PTR), b.load(slot_out, typ=PTR)
+            b.store(c, slot_in)
+            b.store(a, slot_out)
+    if steps % 2:   # after an odd number of steps the final carries are in the other buffers
+        for k in range(nc):
+            _memcpy(module, b, final[k], nxt[k], types[k].nbytes)
+
+
+def _lower_while(module, b, g, pointer, nthreads, arena, status, max_threads):
+    """`while cond(carries): carries = body(carries)` as one native loop; the condition writes
+    its bool into the loop's scratch."""
+    ins, lay = g.root, g.layout
+    nc = ins.params["num_carry"]
+    cond = _lower_body(module, g.bodies["cond"], f"{g.prefix}cond", max_threads)
+    body = _lower_body(module, g.bodies["body"], f"{g.prefix}body", max_threads)
+    scratch = _byte_gep(b, arena, g.scratch, f"{g.prefix}scratch")
+    types = ins.out.type.types
+    final = [pointer(v) if v is not None else _byte_gep(b, scratch, lay.unread[k])
+             for k, v in enumerate(g.outs)]
+    nxt = [_byte_gep(b, scratch, off) for off in lay.next]
+    consts = [pointer(v) for v in ins.inputs[nc:]]
+    inits = [pointer(v) for v in ins.inputs[:nc]]
+    flag = _byte_gep(b, scratch, lay.flag, "flag")
+    body_arena = _byte_gep(b, scratch, lay.arena)
+    cin, cout = [_byte_gep(b, scratch, off) for off in lay.tables["cond"]]
+    bin_, bout = [_byte_gep(b, scratch, off) for off in lay.tables["body"]]
+    for k in range(nc):
+        _memcpy(module, b, final[k], inits[k], types[k].nbytes)
+        _store_table(b, cin, k, final[k])
+        _store_table(b, bin_, k, final[k])
+        _store_table(b, bout, k, nxt[k])
+    for j, c in enumerate(consts):
+        _store_table(b, cin, nc + j, c)
+        _store_table(b, bin_, nc + j, c)
+    _store_table(b, cout, 0, flag)
+    fn = b.block.function
+    head = fn.append_basic_block(f"{g.prefix}while.cond")
+    step = fn.append_basic_block(f"{g.prefix}while.body")
+    done = fn.append_basic_block(f"{g.prefix}while.done")
+    b.branch(head)
+    b.position_at_end(head)
+    b.call(cond, [cin, cout, body_arena, nthreads, status])
+    go = b.icmp_unsigned("!=", b.load(flag, typ=ir.IntType(8)), ir.Constant(ir.IntType(8), 0))
+    b.cbranch(go, step, done)
+    b.position_at_end(step)
+    b.call(body, [bin_, bout, body_arena, nthreads, status])
+    for k in range(nc):
+        _memcpy(module, b, final[k], nxt[k], types[k].nbytes)
+    b.branch(head)
+    b.position_at_end(done)
+
+
+# loop kernels by primitive name (codegen does not import the loop primitives' rules)
+_loop_lowerings = {"scan": _lower_scan, "while": _lower_while}
+
 
 
 def _lower_part(native_ref, part: int, seconds: dict) -> str:
@@ -404,8 +573,25 @@ def _checks(g) -> bool:
 
 
 def _checked_kernels(plan) -> dict:
-    """{status code: instruction} of the plan's checking kernels."""
-    return {g.index + 1: g.root for g in plan.groups if _checks(g)}
+    """{status code: instruction} of the plan's checking kernels, loop bodies' included; sets
+    each one's `status_code` (a kernel's index + 1; then the bodies' kernels, numbered on)."""
+    codes = {}
+    for g in plan.groups:
+        if _checks(g):
+            g.status_code = g.index + 1
+            codes[g.status_code] = g.root
+
+    def walk(p):
+        for g in p.groups:
+            if _checks(g):
+                g.status_code = len(plan.groups) + 1 + len(codes)
+                codes[g.status_code] = g.root
+            for body in g.bodies.values():
+                walk(body)
+    for g in plan.groups:
+        for body in g.bodies.values():
+            walk(body)
+    return codes
 
 
 def _status_offset(plan) -> int:
@@ -416,6 +602,8 @@ def _status_offset(plan) -> int:
 def _compile_weight(g) -> int:
     """Rough LLVM cost of a kernel, to balance modules: a loop nest's is its kernel's
     (codegen/kernels); a fused loop is small: one unit and one more per four instructions."""
+    if g.kind == "control":   # its bodies' kernels
+        return 1 + sum(_compile_weight(h) for p in g.bodies.values() for h in p.groups)
     if g.kind != "nn":
         return 1 + len(g.members) // 4
     return kernels[g.root.prim].compile_weight
@@ -431,6 +619,8 @@ def _balance(groups, n_modules: int) -> dict:
         k = by_prim.get(prim) if prim is not None else None
         if k is None or load[k] > min(load) + 16:
             k = load.index(min(load))
+        if g.kind == "control":   # its bodies are lowered where the loop runs: the entry's module
+            k = 0
         if prim is not None:
             by_prim.setdefault(prim, k)
         home[g.index] = k

@@ -14,13 +14,19 @@ Algorithm (XLA-style loop fusion):
 - A reshape of a materialized value shares its buffer (no copy).
 - Intermediate buffers live in one arena; offsets are assigned by liveness (buffers whose lifetimes
   do not overlap share memory).
+- A structured loop (scan, while: ir/prims/control.py) is one kernel of kind "control": its
+  operands and `result` projections are materialized, and each body gets a plan of its own
+  (`Group.bodies`, planned like any function: parameters and outputs are the loop's per-step
+  buffers). The loop's scratch (`LoopLayout`) holds the bodies' arena, the carries of the next
+  step, the pointer tables a body is called with, and buffers for results nobody reads.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from ..ir.core import Function, Instr, IRError, Value
+from ..ir.core import Function, Instr, IRError, Value, regions
+from ..ir.prims.control import result_p
 from ..ir.prims.elementwise import const_p, literal_p, stop_gradient_p
 from ..ir.prims.nn import max_pool2d_argmax_p, max_pool2d_p
 from ..ir.prims.reduce import reduce_sum_p
@@ -52,11 +58,27 @@ class Group:
     # over, element i after reading element i (see `_place_donated`): the lowering reads them
     # through the result's pointer, so that no two `noalias` pointers name one buffer.
     in_place: list = field(default_factory=list)
+    # A loop (kind "control"): each body's plan, its results (the `result` projection of each,
+    # None where nobody reads it) and where its scratch holds what (LoopLayout)
+    bodies: dict = field(default_factory=dict)
+    outs: list = field(default_factory=list)
+    layout: "LoopLayout | None" = None
+    # of kernel names: a body's kernels are named after their loop; a loop's is the prefix of
+    # its bodies' names (`k3.body.`), fixed when planned
+    prefix: str = ""
+    status_code: int = 0   # a checking kernel's code (see runtime._checked_kernels)
 
     @property
     def result(self) -> Value:
-        """The value this kernel leaves in memory."""
+        """The value this kernel leaves in memory (a loop's: its tuple value, with no buffer)."""
         return self.epilogue.root.out if self.epilogue is not None else self.root.out
+
+    @property
+    def results(self) -> list:
+        """Every value this kernel leaves in memory."""
+        if self.kind == "control":
+            return [v for v in self.outs if v is not None]
+        return [self.result] + ([self.companion.out] if self.companion is not None else [])
 
     @property
     def extra_leaves(self) -> list:
@@ -67,7 +89,7 @@ class Group:
 
     @property
     def name(self):
-        return f"k{self.index}.{self.root.prim.name}"
+        return f"{self.prefix}k{self.index}.{self.root.prim.name}"
 
     @property
     def cost_ns(self) -> float:
@@ -110,6 +132,42 @@ class Plan:
     donated: list = field(default_factory=list)
 
 
+@dataclass
+class LoopLayout:
+    """Byte offsets in a loop kernel's scratch: the bodies' arena at 0 (`arena` bytes, shared:
+    bodies run one at a time), the next step's carries (`next`, one per carry), buffers for the
+    results without a projection (`unread`, by result index), and the pointer tables of each body
+    (`tables`: {body name: (offset of the parameters' table, offset of the outputs' table)}); a
+    while loop's condition result at `flag`."""
+    arena: int = 0
+    next: list = field(default_factory=list)
+    unread: dict = field(default_factory=dict)
+    tables: dict = field(default_factory=dict)
+    flag: int = 0
+    size: int = 0
+
+
+def _loop_layout(ins: Instr, bodies: dict, outs: list) -> LoopLayout:
+    at = 0
+
+    def take(nbytes):
+        nonlocal at
+        offset = at
+        at += (max(int(nbytes), 1) + ALIGN - 1) // ALIGN * ALIGN
+        return offset
+    lay = LoopLayout()
+    lay.arena = take(max(p.arena_bytes for p in bodies.values()))
+    nc = ins.params["num_carry"]
+    lay.next = [take(t.nbytes) for t in ins.out.type.types[:nc]]
+    lay.unread = {k: take(t.nbytes) for k, (t, v) in enumerate(zip(ins.out.type.types, outs))
+                  if v is None}
+    for name, p in bodies.items():
+        lay.tables[name] = (take(8 * len(p.fn.params)), take(8 * len(p.fn.outputs)))
+    lay.flag = take(1)
+    lay.size = at
+    return lay
+
+
 def _is_nn(ins: Instr) -> bool:
     return ins.prim.kind == "nn"
 
@@ -143,10 +201,10 @@ def materialized_values(fn: Function) -> set:
             consumers.setdefault(id(v), []).append(ins)
     mat = {id(p) for p in fn.params} | {id(o) for o in fn.outputs}
     for ins in fn.instrs:
-        if _is_nn(ins):
+        if _is_nn(ins) or ins.prim.kind == "control":
             mat.add(id(ins.out))
             mat.update(id(x) for x in ins.inputs)
-        elif ins.prim is literal_p or ins.prim.kind == "reduce":
+        elif ins.prim is literal_p or ins.prim.kind == "reduce" or ins.prim is result_p:
             mat.add(id(ins.out))
     groups: dict[int, frozenset] = {}   # id(value) -> roots of the loops that evaluate it
     expanded: dict[int, bool] = {}      # read through an expanding broadcast on the way
@@ -173,7 +231,7 @@ def materialized_values(fn: Function) -> set:
 
 
 def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None, cost_ns=None,
-         donated=None) -> Plan:
+         donated=None, prefix: str = "") -> Plan:
     """Group `fn`'s instructions into kernels and place every buffer.
 
     `scratch_bytes(instr) -> int` gives the scratch a loop-nest kernel needs;
@@ -181,9 +239,10 @@ def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None, cost_ns=None,
     `cost_ns(instr) -> float` estimates its single-thread run time (Group.cost_ns);
     TRACEJIT_NO_EPILOGUES turns epilogue fusion off (here, so the dumps describe the code).
     `donated`: {output index: parameter index} of outputs to be stored into a parameter's buffer
-    (see `_place_donated`)."""
+    (see `_place_donated`). `prefix`: of the kernels' names (a loop body's)."""
     mat = materialized_values(fn)
     producer = {id(i.out): i for i in fn.instrs}
+    projections: dict[int, dict] = {}   # id(loop value) -> {result index: first projection}
     locations: dict[int, Location] = {}
     for k, p in enumerate(fn.params):
         locations[id(p)] = Location("in", k)
@@ -206,22 +265,40 @@ def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None, cost_ns=None,
         if ins.prim is literal_p:
             locations.setdefault(id(v), Location("global"))
             continue
+        if ins.prim is result_p:   # placed with its loop's results (`_place_arena`)
+            seen = projections.setdefault(id(ins.inputs[0]), {})
+            first = seen.setdefault(ins.params["index"], v)
+            if first is not v and id(v) not in locations:
+                locations[id(v)] = Location("alias", of=first)
+            continue
         if ins.prim is reshape_p and id(ins.inputs[0]) in mat and id(v) not in locations:
             locations[id(v)] = Location("alias", of=ins.inputs[0])
             continue
-        if _is_nn(ins):
-            g = Group(len(groups), "nn", ins, [ins], list(ins.inputs))
+        if ins.prim.kind == "control":
+            g = Group(len(groups), "control", ins, [ins], list(ins.inputs))
+            g.prefix = f"{prefix}k{g.index}."
+            g.bodies = {name: plan(body, scratch_bytes, fuses_epilogue, cost_ns,
+                                   prefix=f"{g.prefix}{name}.")
+                        for name, body in regions(ins)}
+        elif _is_nn(ins):
+            g = Group(len(groups), "nn", ins, [ins], list(ins.inputs), prefix=prefix)
             if scratch_bytes is not None:
                 g.scratch_bytes = int(scratch_bytes(ins))
             if cost_ns is not None:
                 g.kernel_ns = cost_ns(ins)
         else:
             members, leaves = _fused_tree(ins, mat, producer)
-            g = Group(len(groups), "loop", ins, members, leaves)
+            g = Group(len(groups), "loop", ins, members, leaves, prefix=prefix)
             if ins.prim.kind == "reduce":
                 g.scratch_bytes = reduce_scratch_bytes(g)
         groups.append(g)
 
+    for g in groups:
+        if g.kind == "control":
+            seen = projections.get(id(g.root.out), {})
+            g.outs = [seen.get(k) for k in range(len(g.root.out.type.types))]
+            g.layout = _loop_layout(g.root, g.bodies, g.outs)
+            g.scratch_bytes = g.layout.size
     groups = _pair_pool_argmax(groups)
     if fuses_epilogue is not None and not settings.no_epilogues():
         groups = _fuse_epilogues(fn, groups, locations, fuses_epilogue)
@@ -496,7 +573,7 @@ def _place_arena(fn, groups, mat, locations, producer) -> int:
         return offset
 
     for g in groups:
-        for v in [g.result] + ([g.companion.out] if g.companion is not None else []):
+        for v in g.results:
             if id(v) not in locations:
                 locations[id(v)] = Location("arena", allocate(v.type.nbytes, g.index,
                                                               last_use.get(id(v), g.index)))
@@ -512,7 +589,7 @@ def _saved_for_backward(fn: Function, groups: list, locations: dict):
     start = next((g.index for g in groups if g.root.adj_of is not None), len(groups))
     made_at = {}
     for g in groups:
-        for v in [g.result] + ([g.companion.out] if g.companion is not None else []):
+        for v in g.results:
             made_at[id(v)] = g.index
     saved, seen = [], set()
     for g in groups[start:]:
@@ -539,6 +616,13 @@ def annotate(p: Plan):
         g = by_root.get(id(ins))
         if g is None:
             return None, tag
+        if g.kind == "control":
+            steps = g.root.params.get("length")
+            counts = ", ".join(f"{name} {len(p.groups)} kernel{'s' if len(p.groups) != 1 else ''}"
+                               for name, p in g.bodies.items())
+            return (f"// kernel k{g.index}: one native loop"
+                    f"{f' of {steps} steps' if steps is not None else ''} calling its "
+                    f"{counts} per step"), tag
         if g.kind == "nn":
             head = f"// kernel k{g.index}: loop nest {g.root.prim.name} -> {g.root.out.type}"
             if g.companion is not None:
@@ -550,6 +634,10 @@ def annotate(p: Plan):
         ops = [m.prim.name for m in g.members if m.prim is not const_p]
         return (f"// kernel k{g.index}: one fused loop over {g.root.out.type} computing "
                 f"{', '.join(ops)} reading {len(g.leaves)} buffer{'s' if len(g.leaves) != 1 else ''}"), tag
+    def region(ins: Instr, name: str):
+        g = by_root.get(id(ins))
+        return annotate(g.bodies[name]) if g is not None and name in g.bodies else None
+    note.region = region
     return note
 
 
@@ -567,9 +655,21 @@ def summary(p: Plan) -> str:
         total = sum(b for _, b in p.saved_for_backward)
         lines.append(f"// saved for the backward pass: {total} bytes")
         for v, nbytes in p.saved_for_backward:
-            lines.append(f"//   {namer.ref(v)}: {v.type}  {nbytes} bytes")
+            lines.append(f"//   {namer.ref(v)}: {v.type}  {nbytes} bytes{_per_step(v)}")
     lines += _donation_summary(p, namer)
     return "\n".join(lines)
+
+
+def _per_step(v: Value) -> str:
+    """For a scan's stacked result (what a scan saves for its adjoint): its bytes per step."""
+    ins = v.instr
+    if ins is None or ins.prim is not result_p:
+        return ""
+    loop = ins.inputs[0].instr
+    steps = loop.params.get("length")
+    if not steps or ins.params["index"] < loop.params["num_carry"]:
+        return ""
+    return f" ({v.type.nbytes // steps} bytes per step of the scan at {loop.loc})"
 
 
 def _donation_summary(p: Plan, namer) -> list:

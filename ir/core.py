@@ -2,7 +2,11 @@
 
 A function is a straight-line list of instructions in SSA form. Every value has a static type (dtype and
 shape), is defined exactly once (as a parameter or by one instruction) and is used only after its
-definition. There is no control flow: Python loops unroll at trace time.
+definition. Python loops unroll at trace time; structured loops (`scan`, `while`, see
+ir/prims/control.py) are one instruction carrying its body as a nested function (a region) that
+reads only its own parameters: every value of the enclosing function it uses is an explicit
+operand. Such an instruction has several results: its value has a tuple type, and `result {index=k}`
+instructions project the k-th one.
 
 Textual grammar (what `print_function` emits; `#` starts a comment that carries provenance):
 
@@ -11,7 +15,9 @@ Textual grammar (what `print_function` emits; `#` starts a comment that carries 
                        "return" operand ("," operand)*
                    "}"
     param      ::= VALUE ":" type
-    instr      ::= VALUE ":" type "=" PRIM [operand ("," operand)*] [attrs] [comment]
+    instr      ::= VALUE ":" rtype "=" PRIM [operand ("," operand)*] [attrs] [comment] [region*]
+    rtype      ::= type | "(" type ("," type)* ")"    # a tuple: the results of a structured loop
+    region     ::= NAME ":" function           # printed indented under its instruction, once
     operand    ::= VALUE | SCALAR            # a rank-0 `const` prints inline as its literal
     attrs      ::= "{" attr ("," attr)* "}"
     attr       ::= NAME                      # a boolean attribute that is true
@@ -21,6 +27,7 @@ Textual grammar (what `print_function` emits; `#` starts a comment that carries 
     VALUE      ::= "%" NAME                  # %0, %x, %params.w1, %3.adj (the cotangent of %3),
                                              # %3.tan (the tangent of %3)
     comment    ::= "#" ["adj of" VALUE | "tan of" VALUE] [API] FILE ":" LINE
+                 | "#" PRIM "body from" FILE ":" LINE    # a region's provenance
 
 Semantics that the code generator relies on:
 - Elementwise instructions take operands of exactly the result shape, or rank-0 scalars. Every other
@@ -95,6 +102,22 @@ class TensorType:
 
     def __str__(self):
         return f"{self.dtype}[{','.join(map(str, self.shape))}]"
+
+
+@dataclass(frozen=True)
+class TupleType:
+    """The type of a structured loop's value: its results' types. Only `result` instructions read
+    such a value (each projects one result); it has no buffer of its own (size 0)."""
+    types: tuple
+
+    dtype = "tuple"
+    shape = ()
+    ndim = 0
+    size = 0
+    nbytes = 0
+
+    def __str__(self):
+        return "(" + ", ".join(map(str, self.types)) + ")"
 
 
 class Value:
@@ -213,8 +236,11 @@ def primitive(name: str, kind: str = "other") -> Primitive:
 class Function:
     """A traced function: parameters, instructions in order, outputs."""
 
-    def __init__(self, name: str, params: list[Value], instrs: list[Instr], outputs: list[Value]):
+    def __init__(self, name: str, params: list[Value], instrs: list[Instr], outputs: list[Value],
+                 origin: str | None = None):
         self.name = name
+        # a region's provenance, e.g. "scan body from rnn.py:12" (printed after its header)
+        self.origin = origin
         self.params = list(params)
         self.instrs = list(instrs)
         self.outputs = list(outputs)
@@ -253,7 +279,8 @@ def clone(fn: Function, name: str | None = None) -> Function:
         vmap[id(ins.out)] = new.out
         imap[id(ins)] = new
         instrs.append(new)
-    return Function(name or fn.name, params, instrs, [vmap[id(o)] for o in fn.outputs])
+    return Function(name or fn.name, params, instrs, [vmap[id(o)] for o in fn.outputs],
+                    origin=fn.origin)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,10 +359,17 @@ class Namer:
             return "%<undefined>"
 
 
+def regions(ins: Instr) -> list:
+    """(name, Function) of each nested function (region) `ins` carries in its parameters."""
+    return [(k, v) for k, v in ins.params.items() if isinstance(v, Function)]
+
+
 def instr_text(ins: Instr, namer: Namer, with_comment: bool = True) -> str:
     args = ", ".join(namer.ref(v) for v in ins.inputs)
     attrs = []
     for k, v in ins.params.items():
+        if isinstance(v, Function):   # a region: printed under the instruction
+            continue
         if v is True:
             attrs.append(k)
         elif v is False or v is None:
@@ -374,14 +408,18 @@ def print_function(fn: Function, annotate: Callable[[Instr], str | None] | None 
     """Deterministic textual form of `fn` (see the grammar in this module's docstring).
 
     `annotate(instr)` may return a line printed before that instruction, or a pair (that line or
-    None, a tag printed in front of the instruction); codegen uses it to show fusion groups."""
+    None, a tag printed in front of the instruction); codegen uses it to show fusion groups. Its
+    attribute `region(instr, name)`, if any, gives the annotator of that region's body."""
     namer = Namer()
     params = []
     for p in fn.params:
         namer.define(p)
         params.append(f"%{namer.names[id(p)]}: {p.type}")
     outs = ", ".join(str(o.type) for o in fn.outputs)
-    lines = [f"func @{fn.name}({', '.join(params)}) -> ({outs}) {{"]
+    head = f"func @{fn.name}({', '.join(params)}) -> ({outs}) {{"
+    if getattr(fn, "origin", None):
+        head = f"{head:<60} # {fn.origin}"
+    lines = [head]
     for ins in fn.instrs:
         namer.define(ins.out)
         if _is_inline_const(ins.out):
@@ -395,6 +433,11 @@ def print_function(fn: Function, annotate: Callable[[Instr], str | None] | None 
             if tag:
                 text = f"{tag} {text}"
         lines.append("  " + text)
+        for name, body in regions(ins):
+            inner = getattr(annotate, "region", None)
+            inner = inner(ins, name) if inner is not None else None
+            lines.append(f"    {name}:")
+            lines.extend("      " + line for line in print_function(body, inner).split("\n"))
     lines.append("  return " + ", ".join(namer.ref(o) for o in fn.outputs))
     lines.append("}")
     return "\n".join(lines)

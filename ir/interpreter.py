@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core import Function, IRError, Registry, instr_text, Namer
+from .core import Function, IRError, Registry, TupleType, instr_text, Namer
 
 impls = Registry("interpreter")
 
@@ -39,9 +39,18 @@ def interpret(fn: Function, args) -> list[np.ndarray]:
             for v in list(fn.params) + [i.out for i in fn.instrs]:
                 namer.define(v)
             raise IRError(f"interpreting `{instr_text(ins, namer)}`: {type(e).__name__}: {e}") from e
-        out = np.asarray(out, dtype=ins.out.type.np_dtype)
-        if out.shape != ins.out.type.shape:
-            raise IRError(f"interpreter: {ins.prim.name} produced shape {out.shape}, its type says "
-                          f"{ins.out.type}")
+        if isinstance(ins.out.type, TupleType):   # a structured loop's results, checked each
+            out = tuple(_checked(o, t, ins) for o, t in zip(out, ins.out.type.types))
+            env[id(ins.out)] = out
+            continue
+        out = _checked(out, ins.out.type, ins)
         env[id(ins.out)] = out
     return [env[id(o)] for o in fn.outputs]
+
+
+def _checked(out, type, ins):
+    out = np.asarray(out, dtype=type.np_dtype)
+    if out.shape != type.shape:
+        raise IRError(f"interpreter: {ins.prim.name} produced shape {out.shape}, its type says "
+                      f"{type}")
+    return out

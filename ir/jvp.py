@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .builder import Builder, building, tangent_scope
-from .core import (FLOAT_DTYPES, Function, IRError, TensorType, Value, clone,
+from .core import (FLOAT_DTYPES, Function, IRError, TensorType, TupleType, Value, clone,
                    differentiation_rule)
 from .jvp_rules import TangentSpace, jvp_rules
 from . import lax
@@ -45,11 +45,25 @@ def jvp_function(fn: Function, wrt: Sequence[int], batch: int | None = None,
         t.tan_of = p
         tan[id(p)] = t
 
+    from .prims.control import result_p
+    packed: dict[int, list] = {}   # id(loop value) -> the tangents of its results
     with building(b):
         for ins in base.instrs:
             b.instrs.append(ins)
+            if ins.prim is result_p:
+                t = packed.get(id(ins.inputs[0]), {})
+                t = t[ins.params["index"]] if t else None
+                if t is not None:
+                    tan[id(ins.out)] = t
+                continue
             tans = [tan.get(id(v)) for v in ins.inputs]
-            if ins.out.dtype not in FLOAT_DTYPES or all(t is None for t in tans):
+            if all(t is None for t in tans):
+                continue
+            if isinstance(ins.out.type, TupleType):   # a loop: one tangent per result
+                with tangent_scope(b, ins):
+                    packed[id(ins.out)] = _apply_rule(ts, ins, tans)
+                continue
+            if ins.out.dtype not in FLOAT_DTYPES:
                 continue
             with tangent_scope(b, ins):
                 t = _apply_rule(ts, ins, tans)

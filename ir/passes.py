@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core import FLOAT_DTYPES, Function, Instr, IRError, Value, clone, shape_rules
+from .core import FLOAT_DTYPES, Function, Instr, IRError, Value, clone, regions, shape_rules
 from .interpreter import impls
 from .prims.elementwise import (
     add_p, const_p, convert_p, div_p, eq_p, ge_p, gt_p, integer_pow_p, le_p, literal_p, lt_p,
     max_p, mul_p, ne_p, neg_p, not_p, select_p, sub_p)
+from .prims.control import result_p, scan_p
 from .prims.linalg import matmul_p
 from .prims.nn import max_pool2d_argmax_p, max_pool2d_grad_p, max_pool2d_p
+from .prims.reduce import reduce_sum_p
 from .prims.structural import broadcast_in_dim_p, reshape_p, transpose_p
 
 # Fold constant expressions whose result has at most this many elements into a `literal`.
@@ -167,7 +169,7 @@ def _new_const(ins: Instr, array: np.ndarray) -> Instr:
 
 
 def _fold(ins: Instr):
-    if ins.prim.kind == "source" or not ins.inputs:
+    if ins.prim.kind in ("source", "control") or not ins.inputs:
         return None
     consts = [_const_array(v) for v in ins.inputs]
     if any(c is None for c in consts):
@@ -503,11 +505,286 @@ def mask_after_max_pool(fn: Function) -> bool:
     return changed
 
 
+# ----------------------------------------------------------------------------------------------
+# structured loops
+# ----------------------------------------------------------------------------------------------
+def loops(fn: Function) -> bool:
+    """For each scan: drop the stacked results nobody reads, hoist the instructions of its body
+    that depend only on its consts (loop-invariant) out of the loop, and drop the operands its
+    body no longer reads. Returns whether anything changed."""
+    projections: dict[int, list] = {}
+    for ins in fn.instrs:
+        if ins.prim is result_p:
+            projections.setdefault(id(ins.inputs[0]), []).append(ins)
+    out, changed = [], False
+    repl: dict[int, Value] = {}
+    dropped: set = set()
+    for ins in fn.instrs:
+        if repl:
+            ins.inputs = tuple(repl.get(id(v), v) for v in ins.inputs)
+        if id(ins) in dropped:
+            continue
+        after = []
+        if ins.prim is scan_p:
+            projs = projections.get(id(ins.out), [])
+            hoisted = _prune_scan(ins, projs)
+            if hoisted is not None:
+                out.extend(hoisted)
+                changed = True
+            if ins.params["length"] > 0:
+                batched = _batch_xs_matmuls(ins)
+                if batched:
+                    out.extend(batched)
+                    changed = True
+                sums = _batch_sums(ins, projs)
+                if sums is not None:
+                    after, replaced = sums
+                    for r, v in replaced:
+                        repl[id(r.out)] = v
+                        dropped.add(id(r))
+                    changed = True
+        out.append(ins)
+        out.extend(after)
+    fn.instrs = out
+    fn.outputs = [repl.get(id(o), o) for o in fn.outputs]
+    return changed
+
+
+def _uses(fn: Function) -> dict:
+    """id(value) -> how many times the instructions and the outputs of `fn` read it."""
+    uses: dict[int, int] = {}
+    for ins in fn.instrs:
+        for v in ins.inputs:
+            uses[id(v)] = uses.get(id(v), 0) + 1
+    for o in fn.outputs:
+        uses[id(o)] = uses.get(id(o), 0) + 1
+    return uses
+
+
+def _batch_xs_matmuls(ins: Instr) -> list:
+    """`x @ w` in a scan body, with `x` a slice of xs and `w` a const, becomes one matmul over
+    all the steps before the loop ([T*B, D] @ w, as cuDNN does for the input projection of an
+    RNN), read per step as a new xs. Rewrites `ins` in place; returns the new instructions to
+    place before it."""
+    p = ins.params
+    nc, nx = p["num_carry"], p["num_xs"]
+    steps = p["length"]
+    body = p["body"]
+    params = body.params
+    xs_of = {id(q): ins.inputs[nc + j] for j, q in enumerate(params[nc:nc + nx])}
+    consts_of = {id(q): ins.inputs[nc + nx + j] for j, q in enumerate(params[nc + nx:])}
+    found = [m for m in body.instrs if m.prim is matmul_p and not m.params.get("trans_a")
+             and id(m.inputs[0]) in xs_of and id(m.inputs[1]) in consts_of]
+    if not found:
+        return []
+    body = clone(body)
+    imap = {id(a): b for a, b in zip(p["body"].instrs, body.instrs)}
+    before, new_params, new_xs, repl = [], [], [], {}
+    for m in found:
+        x, w = m.inputs
+        xs = xs_of[id(x)]
+        flat = _new_instr(reshape_p, (xs,), dict(shape=(steps * x.shape[0], x.shape[1])), m)
+        mm = _new_instr(matmul_p, (flat.out, consts_of[id(w)]), dict(m.params), m)
+        stacked = _new_instr(reshape_p, (mm.out,), dict(shape=(steps,) + m.out.shape), m)
+        before += [flat, mm, stacked]
+        q = Value(m.out.type, None, m.out.hint)
+        new_params.append(q)
+        new_xs.append(stacked.out)
+        repl[id(imap[id(m)].out)] = q
+    for b_ins in body.instrs:
+        b_ins.inputs = tuple(repl.get(id(v), v) for v in b_ins.inputs)
+    body.outputs = [repl.get(id(o), o) for o in body.outputs]
+    dce(body)
+    body.params = body.params[:nc + nx] + new_params + body.params[nc + nx:]
+    ins.inputs = ins.inputs[:nc + nx] + tuple(new_xs) + ins.inputs[nc + nx:]
+    p["body"] = body
+    p["num_xs"] = nx + len(new_xs)
+    ins.out.type = shape_rules[scan_p](*[v.type for v in ins.inputs], **p)
+    return before
+
+
+def _batch_sums(ins: Instr, projections: list):
+    """A carry that only accumulates, `acc = acc + v` (acc read nowhere else in the body), is a
+    sum over the steps: `v` (or, for `v = a^T b`, its operands; for `v = sum(u)`, `u`) becomes a
+    stacked result and the sum one instruction after the loop, so `a^T b` is one matmul over all
+    steps ([T*B, m]^T [T*B, n]: the weight gradients of an RNN, as cuDNN computes them) instead of
+    one small matmul per step. Rewrites `ins` in place; returns (the instructions to place after
+    it, [(projection of the removed carry, the value replacing it)]), or None."""
+    p = ins.params
+    nc, nx = p["num_carry"], p["num_xs"]
+    steps = p["length"]
+    body = clone(p["body"])
+    uses = _uses(body)
+    params = body.params
+    xs_params = {id(q): j for j, q in enumerate(params[nc:nc + nx])}
+    sums = []   # (carry index, how, values to stack)
+    for k in range(nc):
+        c, o = params[k], body.outputs[k]
+        add = o.instr
+        if add is None or add.prim is not add_p or uses.get(id(c), 0) != 1 \
+                or uses.get(id(o), 0) != 1 or c.dtype not in FLOAT_DTYPES:
+            continue
+        a, b = add.inputs
+        v = b if a is c else a if b is c else None
+        if v is None or v.type != c.type or v is c:
+            continue
+        m = v.instr
+        if m is not None and m.prim is matmul_p and m.params.get("trans_a") \
+                and not m.params.get("trans_b") and m.inputs[0] is not m.inputs[1]:
+            sums.append((k, "matmul", m.inputs))
+        elif m is not None and m.prim is reduce_sum_p:
+            sums.append((k, ("sum", m.params["axes"]), (m.inputs[0],)))
+        elif v.type.size <= FOLD_LIMIT:
+            sums.append((k, ("sum", ()), (v,)))
+    # a stacked value must be a step's value: not a const parameter
+    consts = {id(q) for q in params[nc + nx:]}
+    sums = [s for s in sums if not any(id(v) in consts for v in s[2])]
+    if not sums:
+        return None
+    removed = {k for k, _, _ in sums}
+    n_out = len(body.outputs)
+    stacked: dict[int, int] = {}   # id(body value) -> index among the new ys
+    new_ys = []
+    for _, _, vals in sums:
+        for v in vals:
+            if id(v) not in xs_params and id(v) not in stacked:
+                stacked[id(v)] = len(new_ys)
+                new_ys.append(v)
+    keep = [k for k in range(nc) if k not in removed]
+    inits = {k: ins.inputs[k] for k in removed}
+    body.params = [params[k] for k in keep] + params[nc:]
+    body.outputs = [body.outputs[k] for k in keep] + body.outputs[nc:] + new_ys
+    dce(body)
+    ins.inputs = tuple(ins.inputs[k] for k in keep) + ins.inputs[nc:]
+    p["body"] = body
+    p["num_carry"] = len(keep)
+    ins.out.type = shape_rules[scan_p](*[v.type for v in ins.inputs], **p)
+    # the results: the kept carries, the old ys, the new ys
+    renumber = {k: j for j, k in enumerate(keep)}
+    renumber.update({k: k - len(removed) for k in range(nc, n_out)})
+    after, replaced = [], []
+    first_new = n_out - len(removed)
+    stacks = {}
+    for v_id, j in stacked.items():
+        r = _new_instr(result_p, (ins.out,), dict(index=first_new + j), ins)
+        after.append(r)
+        stacks[v_id] = r.out
+
+    def stack_of(v):
+        j = xs_params.get(id(v))
+        return ins.inputs[len(keep) + j] if j is not None else stacks[id(v)]
+    total: dict[int, Value] = {}
+    for k, how, vals in sums:
+        if how == "matmul":
+            a, b = (stack_of(v) for v in vals)
+            fa = _new_instr(reshape_p, (a,), dict(shape=(steps * vals[0].shape[0],
+                                                         vals[0].shape[1])), ins)
+            fb = _new_instr(reshape_p, (b,), dict(shape=(steps * vals[1].shape[0],
+                                                         vals[1].shape[1])), ins)
+            s_ins = _new_instr(matmul_p, (fa.out, fb.out), dict(trans_a=True, trans_b=False), ins)
+            after += [fa, fb, s_ins]
+        else:
+            axes = (0,) + tuple(a + 1 for a in how[1])
+            s_ins = _new_instr(reduce_sum_p, (stack_of(vals[0]),), dict(axes=axes), ins)
+            after.append(s_ins)
+        done = _new_instr(add_p, (inits[k], s_ins.out), {}, ins)
+        after.append(done)
+        total[k] = done.out
+    for r in projections:
+        k = r.params["index"]
+        if k in total:
+            replaced.append((r, total[k]))
+        else:
+            r.params["index"] = renumber[k]
+    return after, replaced
+
+
+# kinds left in a body when loop-invariant: free to recompute (constants, index remaps)
+_NOT_HOISTED = ("source", "layout")
+
+
+def _prune_scan(ins: Instr, projections: list):
+    """Rewrite scan `ins` in place (see `loops`); returns the hoisted instructions (to place
+    before it), or None when nothing changed."""
+    p = ins.params
+    nc, nx = p["num_carry"], p["num_xs"]
+    body = clone(p["body"])   # bodies are shared between clones of a function: never mutate one
+    n_out = len(body.outputs)
+    used = {r.params["index"] for r in projections}
+    keep_out = list(range(nc)) + [k for k in range(nc, n_out) if k in used]
+
+    # loop-invariant instructions: those reading only consts and constants
+    consts = {id(q): v for q, v in zip(body.params[nc + nx:], ins.inputs[nc + nx:])}
+    invariant: set = set(consts)
+    for b_ins in body.instrs:
+        if all(id(v) in invariant for v in b_ins.inputs):
+            invariant.add(id(b_ins.out))
+    hoist = {id(b.out) for b in body.instrs
+             if id(b.out) in invariant and b.prim.kind not in _NOT_HOISTED}
+    needed = set()   # hoisted instructions and everything they read
+    for b_ins in reversed(body.instrs):
+        if id(b_ins.out) in hoist or id(b_ins.out) in needed:
+            needed.add(id(b_ins.out))
+            needed.update(id(v) for v in b_ins.inputs)
+    outside: dict[int, Value] = dict(consts)
+    hoisted = []
+    for b_ins in body.instrs:
+        if id(b_ins.out) in needed:
+            new = Instr(b_ins.prim, [outside[id(v)] for v in b_ins.inputs], b_ins.params,
+                        b_ins.out.type, loc=b_ins.loc, api=b_ins.api, adj_of=b_ins.adj_of,
+                        tan_of=b_ins.tan_of)
+            new.out.hint = b_ins.out.hint
+            outside[id(b_ins.out)] = new.out
+            hoisted.append(new)
+    # inside, each hoisted value the rest of the body reads becomes a const parameter
+    new_consts: dict[int, Value] = {}
+    remaining = [b for b in body.instrs if id(b.out) not in hoist]
+    for b_ins in remaining:
+        for v in b_ins.inputs:
+            if id(v) in hoist and id(v) not in new_consts:
+                new_consts[id(v)] = Value(v.type, None, v.hint)
+    for o in body.outputs:
+        if id(o) in hoist and id(o) not in new_consts:
+            new_consts[id(o)] = Value(o.type, None, o.hint)
+    for b_ins in remaining:
+        if new_consts:
+            b_ins.inputs = tuple(new_consts.get(id(v), v) for v in b_ins.inputs)
+    body.instrs = remaining
+    body.outputs = [new_consts.get(id(o), o) for o in (body.outputs[k] for k in keep_out)]
+    dce(body)
+    reads = {id(v) for b_ins in body.instrs for v in b_ins.inputs} | \
+        {id(o) for o in body.outputs}
+    keep_in = list(range(nc)) + [i for i in range(nc, len(body.params))
+                                 if id(body.params[i]) in reads]
+    hoisted_used = [k for k, q in new_consts.items() if id(q) in reads]
+    if len(keep_out) == n_out and len(keep_in) == len(body.params) and not hoisted_used:
+        return None
+    used_hoisted = [outside[k] for k in hoisted_used]
+    body.params = [body.params[i] for i in keep_in] + [new_consts[k] for k in hoisted_used]
+    ins.inputs = tuple(ins.inputs[i] for i in keep_in) + tuple(used_hoisted)
+    p["body"] = body
+    p["num_xs"] = sum(1 for i in keep_in if nc <= i < nc + nx)
+    ins.out.type = shape_rules[scan_p](*[v.type for v in ins.inputs], **p)
+    renumber = {k: j for j, k in enumerate(keep_out)}
+    for r in projections:
+        r.params["index"] = renumber[r.params["index"]]
+    live = {id(v) for v in used_hoisted}
+    for h in reversed(hoisted):   # only what the loop reads
+        if id(h.out) in live:
+            live.update(id(v) for v in h.inputs)
+    return [h for h in hoisted if id(h.out) in live]
+
+
 def optimize(fn: Function, name: str | None = None) -> Function:
-    """A simplified copy of `fn` (DCE, CSE, constant folding, algebraic simplification)."""
+    """A simplified copy of `fn` (DCE, CSE, constant folding, algebraic simplification), bodies
+    of structured loops included (see `loops`)."""
     fn = clone(fn, name)
+    for ins in fn.instrs:
+        for key, body in regions(ins):
+            ins.params[key] = optimize(body)
     for _ in range(10):
         changed = simplify(fn)
+        changed = loops(fn) or changed
         changed = relu_mask_from_output(fn) or changed
         changed = mask_after_max_pool(fn) or changed
         n = len(fn.instrs)

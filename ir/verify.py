@@ -3,7 +3,7 @@
 Tests run it after every pass (like JAX's check_jaxpr)."""
 from __future__ import annotations
 
-from .core import Function, IRError, Namer, instr_text, shape_rules
+from .core import Function, IRError, Namer, instr_text, regions, shape_rules
 
 
 class VerifyError(IRError):
@@ -36,6 +36,12 @@ def verify(fn: Function) -> Function:
             raise VerifyError(f"@{fn.name}: `{instr_text(ins, namer)}` has type {ins.out.type}, "
                               f"its shape rule gives {expected}")
         defined.add(id(ins.out))
+        for name, body in regions(ins):   # a region reads only its own parameters
+            try:
+                verify(body)
+            except VerifyError as e:
+                raise VerifyError(f"@{fn.name}: in the {name} of `{instr_text(ins, namer)}`: {e}") \
+                    from None
     for o in fn.outputs:
         if id(o) not in defined:
             raise VerifyError(f"@{fn.name}: an output is not defined in the function")

@@ -48,7 +48,9 @@ __version__ = "0.1.0"
 # Training helpers load on first use, so `import tracejit` does not pay for them.
 _LAZY = {"tree": ("tree", None), "optim": ("optim", None), "random": ("random", None),
          "save": ("io", "save"), "load": ("io", "load"),
-         "jit_train_step": ("train", "jit_train_step"), "distributed": ("distributed", None)}
+         "jit_train_step": ("train", "jit_train_step"), "distributed": ("distributed", None),
+         "scan": ("control", "scan"), "fori_loop": ("control", "fori_loop"),
+         "while_loop": ("control", "while_loop")}
 
 
 def __getattr__(name):

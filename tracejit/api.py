@@ -235,7 +235,8 @@ class Jitted:
         but almost always a mistake in the function or in argnums (JAX errs or warns alike)."""
         needed = {id(fwd.outputs[0])}
         for ins in reversed(fwd.instrs):
-            if id(ins.out) in needed and ins.out.dtype in FLOAT_DTYPES:
+            # (a loop's tuple of results carries the gradients of its float results)
+            if id(ins.out) in needed and ins.out.dtype in FLOAT_DTYPES + ("tuple",):
                 needed.update(id(v) for v in ins.inputs)
         paths = list(sig.array_paths(self.arg_names))
         dead = [paths[i] for i in wrt if id(fwd.params[i]) not in needed]

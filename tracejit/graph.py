@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-from .ir.core import Function, Namer, _is_inline_const
+from .ir.core import Function, Namer, _is_inline_const, regions
 
 STYLES = {
     "param": 'shape=box, style=filled, fillcolor="#cfe2ff"',
@@ -67,6 +67,8 @@ def to_dot(fn: Function, kernels=None) -> str:
         node = f"n{k}"
         ids[id(ins.out)] = node
         label = f"%{name}\n{ins.prim.name}\n{ins.out.type}"
+        for key, body in regions(ins):   # a loop: its body summarized (printed in the IR dump)
+            label += f"\n{key} @{body.name}: {len(body.instrs)} instructions"
         if ins.loc:
             label += f"\n{ins.loc}"
         node_lines[id(ins)] = f"{node} [label={_quote(label)}, {STYLES[role(ins)]}];"
@@ -115,7 +117,8 @@ def kernel_clusters(fn: Function) -> list:
             members += [g.epilogue.root] + list(g.epilogue.members)
         if g.companion is not None:
             members.append(g.companion)
-        what = f"loop nest {g.root.prim.name}" if g.kind == "nn" else "fused loop"
+        what = {"nn": f"loop nest {g.root.prim.name}", "control": f"native {g.root.prim.name} loop"
+                }.get(g.kind, "fused loop")
         if g.epilogue is not None:
             what += " + epilogue"
         out.append((f"k{g.index}: {what}", members))

@@ -65,10 +65,11 @@ def full(value, shape, dtype) -> Value:
 
 
 def literal(array: np.ndarray) -> Value:
+    array = np.asarray(array)
+    if array.ndim == 0:   # (before ascontiguousarray, which makes a 0-d array 1-d)
+        return full(array.item(), (), _dtype_name(array.dtype))
     array = np.ascontiguousarray(array)
     array.setflags(write=False)
-    if array.ndim == 0:
-        return full(array.item(), (), _dtype_name(array.dtype))
     return emit(literal_p, value=array)
 
 
