@@ -300,9 +300,9 @@ def _batched(x, nd, what):
     return x, False
 
 
-def _conv_padding(what, padding, stride, kernel):
-    """(symmetric padding, extra padding on the right/bottom) per spatial dim. "same" pads k - 1
-    in total with the odd one on the right/bottom, as PyTorch does for even kernels."""
+def _conv_padding(what, padding, stride, kernel, dilation):
+    """(symmetric padding, extra padding on the right/bottom) per spatial dim. "same" pads
+    dilation * (k - 1) in total with the odd one on the right/bottom, as PyTorch does."""
     n = len(kernel)
     if isinstance(padding, str):
         if padding == "valid":
@@ -312,29 +312,46 @@ def _conv_padding(what, padding, stride, kernel):
                 raise _error(ValueError, f"{what}: padding='same' needs stride 1 (PyTorch refuses "
                                          f"it for strided convolutions), got stride={stride}; give "
                                          f"the padding as ints")
-            return tuple((k - 1) // 2 for k in kernel), tuple((k - 1) % 2 for k in kernel)
+            total = tuple(d * (k - 1) for k, d in zip(kernel, dilation))
+            return tuple(t // 2 for t in total), tuple(t % 2 for t in total)
         raise _error(ValueError, f"{what}: padding must be 'same', 'valid', a non-negative int or "
                                  f"a tuple of {n} non-negative ints, got {padding!r}")
     return _ints(padding, n, what, "padding", 0), (0,) * n
 
 
-def _conv(what, nsp, input, weight, bias, stride, padding):
-    """conv1d (nsp=1, as a conv2d of height 1) and conv2d with PyTorch's arguments."""
+def _groups(what, groups, c_in, c_out, in_name, out_name):
+    """`groups` checked against the channel counts, as PyTorch's messages put it."""
+    if not _is_int(groups) or groups < 1:
+        raise _error(ValueError, f"{what}: groups must be a positive int, got {groups!r}")
+    for name, n in ((in_name, c_in), (out_name, c_out)):
+        if n % groups:
+            raise _error(ValueError, f"{what}: {name} ({n}) must be divisible by groups "
+                                     f"({groups})")
+    return int(groups)
+
+
+def _conv_operands(what, nsp, input, weight, bias, channels):
+    """channels: the weight's two leading dimensions as PyTorch names them."""
     dt = result_dtype(input, weight, *([bias] if bias is not None else []))
     x, squeeze = _batched(as_value(input, dt), nsp, what)
     w = as_value(weight, dt)
     if w.ndim != nsp + 2:
-        layout = "[out, in, kh, kw]" if nsp == 2 else "[out, in, k]"
+        layout = f"[{channels}, kh, kw]" if nsp == 2 else f"[{channels}, k]"
         raise ShapeError(f"{what}: weight must be {nsp + 2}-d {layout}, got {w.type}")
-    s = _ints(stride, nsp, what, "stride", 1)
-    p, extra = _conv_padding(what, padding, s, w.shape[2:])
-    n = x.shape[0]
-    if nsp == 1:
-        x = lax.reshape(x, x.shape[:2] + (1, x.shape[2]))
-        w = lax.reshape(w, w.shape[:2] + (1, w.shape[2]))
-        s, p, extra = (1,) + s, (0,) + p, (0,) + extra
-    x = lax.pad(x, (0,) * 4, (0, 0) + extra)
-    y = lax.conv2d(x, w, s, p)
+    return dt, x, w, squeeze
+
+
+def _as_2d(nsp, x, w, *spatial):
+    """conv1d as a conv2d of height 1: x and w get a unit height, each spatial tuple of a
+    (fill, tuple) pair its fill in front."""
+    if nsp == 2:
+        return (x, w) + tuple(t for _, t in spatial)
+    x = lax.reshape(x, x.shape[:2] + (1, x.shape[2]))
+    w = lax.reshape(w, w.shape[:2] + (1, w.shape[2]))
+    return (x, w) + tuple((fill,) + t for fill, t in spatial)
+
+
+def _conv_result(nsp, y, n, bias, dt, squeeze):
     if nsp == 1:
         y = lax.reshape(y, (n, y.shape[1], y.shape[3]))
     if bias is not None:
@@ -342,16 +359,81 @@ def _conv(what, nsp, input, weight, bias, stride, padding):
     return wrap(lax.reshape(y, y.shape[1:]) if squeeze else y)
 
 
+def _conv(what, nsp, input, weight, bias, stride, padding, dilation, groups):
+    """conv1d (nsp=1, as a conv2d of height 1) and conv2d with PyTorch's arguments."""
+    dt, x, w, squeeze = _conv_operands(what, nsp, input, weight, bias, "out, in/groups")
+    s = _ints(stride, nsp, what, "stride", 1)
+    d = _ints(dilation, nsp, what, "dilation", 1)
+    g = _groups(what, groups, x.shape[1], w.shape[0], "input channels", "output channels")
+    if x.shape[1] != w.shape[1] * g:
+        raise ShapeError(f"{what}: input {x.type} has {x.shape[1]} channels but weight {w.type} "
+                         f"with groups={g} expects {w.shape[1] * g}")
+    p, extra = _conv_padding(what, padding, s, w.shape[2:], d)
+    n = x.shape[0]
+    x, w, s, p, extra, d = _as_2d(nsp, x, w, (1, s), (0, p), (0, extra), (1, d))
+    x = lax.pad(x, (0,) * 4, (0, 0) + extra)
+    y = lax.conv2d(x, w, s, p, d, g)
+    return _conv_result(nsp, y, n, bias, dt, squeeze)
+
+
 @op("conv2d")
-def conv2d(input, weight, bias=None, stride=1, padding=0):
-    """padding: ints, or "valid" (none) or "same" (stride 1 only; output size = input size)."""
-    return _conv("conv2d", 2, input, weight, bias, stride, padding)
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """weight [out, in/groups, kh, kw]; padding: ints, or "valid" (none) or "same" (stride 1
+    only; output size = input size, the odd padding on the right/bottom as in PyTorch)."""
+    return _conv("conv2d", 2, input, weight, bias, stride, padding, dilation, groups)
 
 
 @op("conv1d")
-def conv1d(input, weight, bias=None, stride=1, padding=0):
-    """padding: ints, or "valid" (none) or "same" (stride 1 only; output size = input size)."""
-    return _conv("conv1d", 1, input, weight, bias, stride, padding)
+def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """weight [out, in/groups, k]; padding: ints, or "valid" (none) or "same" (stride 1 only)."""
+    return _conv("conv1d", 1, input, weight, bias, stride, padding, dilation, groups)
+
+
+def _conv_transpose(what, nsp, input, weight, bias, stride, padding, output_padding, groups,
+                    dilation):
+    """The adjoint of a convolution with respect to its input: conv2d_input_grad of the input,
+    with the weight [in, out/groups, ...] as the convolution's [O, C/G, ...]."""
+    dt, x, w, squeeze = _conv_operands(what, nsp, input, weight, bias, "in, out/groups")
+    s = _ints(stride, nsp, what, "stride", 1)
+    d = _ints(dilation, nsp, what, "dilation", 1)
+    p = _ints(padding, nsp, what, "padding", 0)
+    op_ = _ints(output_padding, nsp, what, "output_padding", 0)
+    g = _groups(what, groups, x.shape[1], w.shape[0], "input channels", "weight's input channels")
+    if x.shape[1] != w.shape[0]:
+        raise ShapeError(f"{what}: input {x.type} has {x.shape[1]} channels but weight {w.type} "
+                         f"expects {w.shape[0]}")
+    if any(o >= a for o, a in zip(op_, s)):
+        # (PyTorch also allows output_padding < dilation; not supported here)
+        raise _error(ValueError, f"{what}: output_padding must be smaller than the stride {s}, got "
+                                 f"{op_}")
+    # out = (L - 1)*s - 2p + d*(k - 1) + 1 + output_padding; the convolution of an input of that
+    # size gives back L (the output_padding rows are ones no window reaches, cotangent 0)
+    out_sp = tuple((L - 1) * si - 2 * pi + di * (k - 1) + 1 + o
+                   for L, si, pi, di, k, o in zip(x.shape[2:], s, p, d, w.shape[2:], op_))
+    if any(L < 1 for L in out_sp):
+        raise ShapeError(f"{what}: the output size {out_sp} is not positive (input {x.type}, "
+                         f"weight {w.type}, stride {s}, padding {p}, dilation {d})")
+    n = x.shape[0]
+    x, w, s, p, d, out_sp = _as_2d(nsp, x, w, (1, s), (0, p), (1, d), (1, out_sp))
+    y = lax.conv2d_input_grad(x, w, out_sp, s, p, d, g)
+    return _conv_result(nsp, y, n, bias, dt, squeeze)
+
+
+@op("conv_transpose2d")
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1):
+    """weight [in, out/groups, kh, kw] (PyTorch's layout); the gradient of conv2d with respect to
+    its input, computed by the same kernels."""
+    return _conv_transpose("conv_transpose2d", 2, input, weight, bias, stride, padding,
+                           output_padding, groups, dilation)
+
+
+@op("conv_transpose1d")
+def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1):
+    """weight [in, out/groups, k]; see conv_transpose2d."""
+    return _conv_transpose("conv_transpose1d", 1, input, weight, bias, stride, padding,
+                           output_padding, groups, dilation)
 
 
 def _pool_window(what, nsp, kernel_size, stride, padding):

@@ -18,6 +18,7 @@ from ..toolkit import ceil_div, dtype_info, kernel_function, round_up, thread_ra
 from .channel import lower_channel
 from .direct import lower_direct
 from .layout import ALIGN, FORCE, Prep, weights_copy
+from .window import is_window, lower_conv2d, lower_conv2d_input_grad
 
 # Register blocks (R, PR, PV) tried, in order of preference: few of them, so that kernels of
 # different shapes share functions. A tile of PV vectors per row is the same work as PV row blocks
@@ -209,19 +210,26 @@ def _input_grad_core(ins, epilogue=None) -> Core:
     return core.blocked(epilogue)
 
 
-def _register_core(prim, make, cost):
+def _register_core(prim, make, cost, lower_window):
     """Register the lowering of a primitive computed by the shared core; `make(ins) -> Core`.
-    (The scratch size does not depend on the epilogue: only `yc` does, not the region.)"""
+    (The scratch size does not depend on the epilogue: only `yc` does, not the region.) Grouped
+    or dilated instructions go to `lower_window` instead (window.py, no scratch)."""
     def scratch_bytes(ins, nthreads):
+        if is_window(ins):
+            return 0
         core = make(ins)
         return nthreads * core.thread_elems * dtype_info(ins.out.dtype)[2]
 
     def lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
-        make(ins, epilogue).lower(module, name, epilogue)
+        if is_window(ins):
+            lower_window(module, name, ins, epilogue)
+        else:
+            make(ins, epilogue).lower(module, name, epilogue)
 
     register(prim, scratch_bytes=scratch_bytes, epilogue=True, parallel=True, cost=cost,
              compile_weight=CONV_WEIGHT)(lower)
 
 
-_register_core(conv2d_p, _conv_core, conv2d_cost)
-_register_core(conv2d_input_grad_p, _input_grad_core, conv2d_input_grad_cost)
+_register_core(conv2d_p, _conv_core, conv2d_cost, lower_conv2d)
+_register_core(conv2d_input_grad_p, _input_grad_core, conv2d_input_grad_cost,
+               lower_conv2d_input_grad)
