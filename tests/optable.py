@@ -1056,3 +1056,86 @@ KINKS = [
     KinkCase("sign-has-zero-derivative", lambda x: (tj.sign(x) * 3.0).sum(), (-1, 0, 1),
              (0, 0, 0)),
 ]
+
+
+# nn: convolution options (dilation, groups, transposed) -----------------------------------------
+def ref_conv_options(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """PyTorch conv1d/conv2d with dilation and groups: out[n, o, p] = sum over the C/G channels c
+    of o's group and taps k of xpad[n, g*C/G + c, p*stride + k*dilation] * w[o, c, k]."""
+    nsp = w.ndim - 2
+    s, d = _tuple(stride, nsp), _tuple(dilation, nsp)
+    k = w.shape[2:]
+    if padding == "same":    # d*(k - 1) in total, the odd element on the right/bottom
+        pads = [(dd * (kk - 1) // 2, dd * (kk - 1) - dd * (kk - 1) // 2) for kk, dd in zip(k, d)]
+    else:
+        pads = [(q, q) for q in _tuple(0 if padding == "valid" else padding, nsp)]
+    xp = np.pad(x, [(0, 0), (0, 0)] + pads)
+    outsp = [(n - dd * (kk - 1) - 1) // ss + 1 for n, kk, ss, dd in zip(xp.shape[2:], k, s, d)]
+    cg, og = x.shape[1] // groups, w.shape[0] // groups
+    out = np.zeros((x.shape[0], w.shape[0], *outsp))
+    for o in range(w.shape[0]):
+        for c in range(cg):
+            for tap in itertools.product(*map(range, k)):
+                window = xp[(slice(None), (o // og) * cg + c) + tuple(
+                    slice(t * dd, t * dd + ss * (q - 1) + 1, ss)
+                    for t, dd, ss, q in zip(tap, d, s, outsp))]
+                out[:, o] += window * w[(o, c) + tap]
+    if b is not None:
+        out += b.reshape((1, -1) + (1,) * nsp)
+    return out
+
+
+def ref_conv_transpose(x, w, b=None, stride=1, padding=0, output_padding=0, groups=1,
+                       dilation=1):
+    """PyTorch conv_transpose1d/2d: every input pixel scatters x[n, c, p] * w[c, o, k] to output
+    p*stride + k*dilation - padding (weight [C_in, C_out/G, k...])."""
+    nsp = w.ndim - 2
+    s, p, op_, d = (_tuple(v, nsp) for v in (stride, padding, output_padding, dilation))
+    k = w.shape[2:]
+    insp = x.shape[2:]
+    full = [(L - 1) * ss + dd * (kk - 1) + 1 + o for L, ss, dd, kk, o in zip(insp, s, d, k, op_)]
+    cg, og = x.shape[1] // groups, w.shape[1]
+    out = np.zeros((x.shape[0], og * groups, *full))
+    for c in range(x.shape[1]):
+        for o in range(og):
+            for tap in itertools.product(*map(range, k)):
+                dst = (slice(None), (c // cg) * og + o) + tuple(
+                    slice(t * dd, t * dd + ss * (L - 1) + 1, ss)
+                    for t, dd, ss, L in zip(tap, d, s, insp))
+                out[dst] += x[:, c] * w[(c, o) + tap]
+    out = out[(slice(None), slice(None)) + tuple(slice(pp, f - pp) for pp, f in zip(p, full))]
+    if b is not None:
+        out += b.reshape((1, -1) + (1,) * nsp)
+    return out
+
+
+def conv_options(op, id, tj_fn, ref, x, w, bias=False, **kw):
+    nb = w[1] * kw.get("groups", 1) if "transpose" in op else w[0]
+    if bias:
+        add(op, id, lambda x, w, b: tj_fn(x, w, b, **kw), lambda x, w, b: ref(x, w, b, **kw),
+            Arg(x), Arg(w), Arg((nb,)))
+    else:
+        add(op, id, lambda x, w: tj_fn(x, w, **kw), lambda x, w: ref(x, w, **kw), Arg(x), Arg(w))
+
+
+conv_options("nn.conv2d", "conv2d-depthwise-pad1", nn.conv2d, ref_conv_options, (2, 3, 5, 6),
+             (3, 1, 3, 3), padding=1, groups=3)
+conv_options("nn.conv2d", "conv2d-depthwise-mult2-stride2-bias", nn.conv2d, ref_conv_options,
+             (1, 2, 7, 6), (4, 1, 3, 2), bias=True, stride=2, padding=(1, 0), groups=2)
+conv_options("nn.conv2d", "conv2d-groups2-dilation2", nn.conv2d, ref_conv_options, (2, 4, 6, 7),
+             (4, 2, 2, 3), dilation=2, groups=2)
+conv_options("nn.conv2d", "conv2d-dilation21-same", nn.conv2d, ref_conv_options, (1, 2, 5, 6),
+             (3, 2, 3, 2), padding="same", dilation=(2, 1))
+conv_options("nn.conv1d", "conv1d-depthwise-dilation2-same", nn.conv1d, ref_conv_options,
+             (2, 3, 9), (3, 1, 3), padding="same", dilation=2, groups=3)
+conv_options("nn.conv1d", "conv1d-groups3-stride2", nn.conv1d, ref_conv_options, (1, 6, 10),
+             (3, 2, 3), stride=2, padding=1, groups=3)
+conv_options("nn.conv_transpose2d", "conv_transpose2d-plain", nn.conv_transpose2d,
+             ref_conv_transpose, (2, 3, 4, 5), (3, 2, 3, 3))
+conv_options("nn.conv_transpose2d", "conv_transpose2d-stride2-pad1-outpad1-bias",
+             nn.conv_transpose2d, ref_conv_transpose, (1, 2, 3, 4), (2, 3, 3, 2), bias=True,
+             stride=2, padding=1, output_padding=1)
+conv_options("nn.conv_transpose2d", "conv_transpose2d-groups2-dilation2", nn.conv_transpose2d,
+             ref_conv_transpose, (1, 4, 3, 3), (4, 1, 2, 2), groups=2, dilation=2)
+conv_options("nn.conv_transpose1d", "conv_transpose1d-stride3-groups2", nn.conv_transpose1d,
+             ref_conv_transpose, (2, 2, 5), (2, 2, 3), stride=3, padding=1, groups=2)
