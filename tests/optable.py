@@ -1139,3 +1139,87 @@ conv_options("nn.conv_transpose2d", "conv_transpose2d-groups2-dilation2", nn.con
              ref_conv_transpose, (1, 4, 3, 3), (4, 1, 2, 2), groups=2, dilation=2)
 conv_options("nn.conv_transpose1d", "conv_transpose1d-stride3-groups2", nn.conv_transpose1d,
              ref_conv_transpose, (2, 2, 5), (2, 2, 3), stride=3, padding=1, groups=2)
+
+
+# nn: pooling options (dilation, ceil_mode, divisors) and adaptive pooling -----------------------
+def _pool_windows_1d(n, k, s, p, d, ceil):
+    """PyTorch's windows of one axis: (start, tap positions) per output, padding included."""
+    span = d * (k - 1) + 1
+    o = (n + 2 * p - span) // s + 1 if not ceil else -(-(n + 2 * p - span) // s) + 1
+    if ceil and (o - 1) * s >= n + p:
+        o -= 1
+    return [[i * s - p + t * d for t in range(k)] for i in range(o)]
+
+
+def ref_pool_options(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                     count_include_pad=True, divisor_override=None, nsp=2, mode="max"):
+    """PyTorch's max/avg pooling, direct loops over the windows of each output."""
+    k = _tuple(kernel_size, nsp)
+    s = k if stride is None else _tuple(stride, nsp)
+    p, d = _tuple(padding, nsp), _tuple(dilation, nsp)
+    wins = [_pool_windows_1d(n, kk, ss, pp, dd, ceil_mode)
+            for n, kk, ss, pp, dd in zip(x.shape[2:], k, s, p, d)]
+    out = np.zeros(x.shape[:2] + tuple(len(w) for w in wins))
+    for pos in itertools.product(*map(range, out.shape[2:])):
+        taps = [w[i] for w, i in zip(wins, pos)]
+        inside = [[t for t in tt if 0 <= t < n] for tt, n in zip(taps, x.shape[2:])]
+        vals = x[(slice(None), slice(None)) + np.ix_(*inside)].reshape(x.shape[:2] + (-1,))
+        if mode == "max":
+            out[(slice(None), slice(None)) + pos] = vals.max(axis=2)
+            continue
+        if divisor_override:
+            div = divisor_override
+        elif count_include_pad:   # the window clipped to the padded input
+            div = np.prod([min(tt[0] + kk, n + pp) - tt[0]
+                           for tt, kk, n, pp in zip(taps, k, x.shape[2:], p)])
+        else:
+            div = vals.shape[2]
+        out[(slice(None), slice(None)) + pos] = vals.sum(axis=2) / div
+    return out
+
+
+def ref_adaptive(x, output_size, nsp=2, mode="avg"):
+    outs = _tuple(output_size, nsp)
+    outs = tuple(n if o is None else o for o, n in zip(outs, x.shape[2:]))
+    out = np.zeros(x.shape[:2] + outs)
+    for pos in itertools.product(*map(range, outs)):
+        sl = tuple(slice(i * n // o, -(-(i + 1) * n // o)) for i, n, o in zip(pos, x.shape[2:], outs))
+        v = x[(slice(None), slice(None)) + sl].reshape(x.shape[:2] + (-1,))
+        out[(slice(None), slice(None)) + pos] = v.max(axis=2) if mode == "max" else v.mean(axis=2)
+    return out
+
+
+def pool_options(op, id, tj_fn, nsp, mode, shape, ref=ref_pool_options, **kw):
+    arg = distinct(shape) if mode == "max" else Arg(shape)
+    add(op, id, lambda x: tj_fn(x, **kw), lambda x: ref(x, nsp=nsp, mode=mode, **kw), arg)
+
+
+pool_options("nn.max_pool2d", "max_pool2d-dilation2-ceil", nn.max_pool2d, 2, "max", (1, 2, 8, 9),
+             kernel_size=3, stride=2, padding=1, dilation=2, ceil_mode=True)
+pool_options("nn.max_pool2d", "max_pool2d-ceil-no-padding", nn.max_pool2d, 2, "max",
+             (2, 1, 5, 7), kernel_size=2, ceil_mode=True)
+pool_options("nn.max_pool1d", "max_pool1d-dilation3-s1-p1", nn.max_pool1d, 1, "max", (2, 2, 11),
+             kernel_size=2, stride=1, padding=1, dilation=3)
+pool_options("nn.avg_pool2d", "avg_pool2d-ceil-exclude-pad", nn.avg_pool2d, 2, "avg",
+             (1, 2, 8, 7), kernel_size=3, stride=2, padding=1, ceil_mode=True,
+             count_include_pad=False)
+pool_options("nn.avg_pool2d", "avg_pool2d-ceil-include-pad", nn.avg_pool2d, 2, "avg",
+             (2, 1, 6, 5), kernel_size=2, stride=2, padding=1, ceil_mode=True)
+pool_options("nn.avg_pool2d", "avg_pool2d-divisor-override", nn.avg_pool2d, 2, "avg",
+             (1, 2, 4, 5), kernel_size=2, stride=1, divisor_override=3)
+pool_options("nn.avg_pool1d", "avg_pool1d-ceil-exclude-pad", nn.avg_pool1d, 1, "avg",
+             (2, 2, 10), kernel_size=3, stride=2, padding=1, ceil_mode=True,
+             count_include_pad=False)
+pool_options("nn.adaptive_avg_pool2d", "adaptive_avg_pool2d-uneven", nn.adaptive_avg_pool2d, 2,
+             "avg", (2, 2, 7, 8), ref=ref_adaptive, output_size=(3, 4))
+pool_options("nn.adaptive_avg_pool2d", "adaptive_avg_pool2d-divisible-none",
+             nn.adaptive_avg_pool2d, 2, "avg", (1, 2, 6, 5), ref=ref_adaptive,
+             output_size=(2, None))
+pool_options("nn.adaptive_avg_pool1d", "adaptive_avg_pool1d-uneven", nn.adaptive_avg_pool1d, 1,
+             "avg", (2, 3, 10), ref=ref_adaptive, output_size=4)
+pool_options("nn.adaptive_max_pool2d", "adaptive_max_pool2d-uneven", nn.adaptive_max_pool2d, 2,
+             "max", (2, 2, 7, 8), ref=ref_adaptive, output_size=(3, 5))
+pool_options("nn.adaptive_max_pool2d", "adaptive_max_pool2d-global", nn.adaptive_max_pool2d, 2,
+             "max", (1, 3, 4, 6), ref=ref_adaptive, output_size=1)
+pool_options("nn.adaptive_max_pool1d", "adaptive_max_pool1d-uneven", nn.adaptive_max_pool1d, 1,
+             "max", (2, 2, 9), ref=ref_adaptive, output_size=4)

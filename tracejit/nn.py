@@ -436,45 +436,199 @@ def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_paddi
                            output_padding, groups, dilation)
 
 
-def _pool_window(what, nsp, kernel_size, stride, padding):
+def _pool_window(what, nsp, kernel_size, stride, padding, dilation=1):
     k = _ints(kernel_size, nsp, what, "kernel_size", 1)
     s = k if stride is None else _ints(stride, nsp, what, "stride", 1)
-    return k, s, _ints(padding, nsp, what, "padding", 0)
+    p = _ints(padding, nsp, what, "padding", 0)
+    if any(2 * pp > kk for pp, kk in zip(p, k)):
+        raise _error(ValueError, f"{what}: padding must be at most half the kernel_size {k} "
+                                 f"(PyTorch's rule), got {p}")
+    return k, s, p, _ints(dilation, nsp, what, "dilation", 1)
 
 
-def _pool2d(lax_fn, what, input, kernel_size, stride, padding):
-    x, squeeze = _batched(as_value(input, result_dtype(input)), 2, what)
-    y = lax_fn(x, *_pool_window(what, 2, kernel_size, stride, padding))
-    return wrap(lax.reshape(y, y.shape[1:]) if squeeze else y)
+def _spatial(what, nsp, input):
+    """(x as a batched NCHW value, whether the input was unbatched, to2) where to2(t, fill)
+    turns a tuple of nsp spatial values into two (1-d pooling is 2-d pooling of height 1)."""
+    x, squeeze = _batched(as_value(input, result_dtype(input)), nsp, what)
+    if nsp == 1:
+        x = lax.reshape(x, x.shape[:2] + (1, x.shape[2]))
+    return x, squeeze, (lambda t, fill: t if nsp == 2 else (fill,) + tuple(t))
 
 
-def _pool1d(lax_fn, what, input, kernel_size, stride, padding):
-    x, squeeze = _batched(as_value(input, result_dtype(input)), 1, what)
-    (k,), (s,), (p,) = _pool_window(what, 1, kernel_size, stride, padding)
-    n, c, length = x.shape
-    y = lax_fn(lax.reshape(x, (n, c, 1, length)), (1, k), (1, s), (0, p))
-    y = lax.reshape(y, (n, c, y.shape[3]))
-    return wrap(lax.reshape(y, y.shape[1:]) if squeeze else y)
+def _unspatial(nsp, y, squeeze):
+    if nsp == 1:
+        y = lax.reshape(y, y.shape[:2] + (y.shape[3],))
+    return lax.reshape(y, y.shape[1:]) if squeeze else y
+
+
+def _max_pool(what, nsp, input, kernel_size, stride, padding, dilation, ceil_mode,
+              return_indices):
+    k, s, p, d = _pool_window(what, nsp, kernel_size, stride, padding, dilation)
+    x, squeeze, to2 = _spatial(what, nsp, input)
+    window = (to2(k, 1), to2(s, 1), to2(p, 0), to2(d, 1), bool(ceil_mode))
+    y = wrap(_unspatial(nsp, lax.max_pool2d(x, *window), squeeze))
+    if not return_indices:
+        return y
+    # PyTorch's indices: the flat position (h*W + w) of each maximum in its input plane, int64
+    idx = lax.convert(lax.max_pool2d_argmax(x, *window), "i64")
+    return y, wrap(_unspatial(nsp, idx, squeeze))
 
 
 @op("max_pool2d")
-def max_pool2d(input, kernel_size, stride=None, padding=0):
-    return _pool2d(lax.max_pool2d, "max_pool2d", input, kernel_size, stride, padding)
-
-
-@op("avg_pool2d")
-def avg_pool2d(input, kernel_size, stride=None, padding=0):
-    return _pool2d(lax.avg_pool2d, "avg_pool2d", input, kernel_size, stride, padding)
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """stride defaults to kernel_size; padding is -inf; ceil_mode keeps a last partial window;
+    return_indices: also the int64 flat index (h*W + w) of each window's first maximum."""
+    return _max_pool("max_pool2d", 2, input, kernel_size, stride, padding, dilation, ceil_mode,
+                     return_indices)
 
 
 @op("max_pool1d")
-def max_pool1d(input, kernel_size, stride=None, padding=0):
-    return _pool1d(lax.max_pool2d, "max_pool1d", input, kernel_size, stride, padding)
+def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    return _max_pool("max_pool1d", 1, input, kernel_size, stride, padding, dilation, ceil_mode,
+                     return_indices)
+
+
+def _avg_divisors(in_sp, out_sp, k, s, p, count_include_pad):
+    """PyTorch's divisor of each average-pooling window [out...]: the window clipped to the
+    padded input (count_include_pad) or to the input."""
+    per_dim = []
+    for n, o, kk, ss, pp in zip(in_sp, out_sp, k, s, p):
+        start = np.arange(o) * ss - pp
+        end = np.minimum(start + kk, n + pp)
+        if not count_include_pad:
+            start, end = np.maximum(start, 0), np.minimum(end, n)
+        per_dim.append((end - start).astype(np.float64))
+    return per_dim[0][:, None] * per_dim[1][None, :] if len(per_dim) == 2 else per_dim[0]
+
+
+def _avg_pool(what, nsp, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+              divisor_override):
+    k, s, p, _ = _pool_window(what, nsp, kernel_size, stride, padding)
+    if divisor_override is not None and (not _is_int(divisor_override) or divisor_override == 0):
+        raise _error(ValueError, f"{what}: divisor_override must be a non-zero int or None, got "
+                                 f"{divisor_override!r}")
+    x, squeeze, to2 = _spatial(what, nsp, input)
+    y = lax.avg_pool2d(x, to2(k, 1), to2(s, 1), to2(p, 0), bool(ceil_mode))   # sums / prod(k)
+    in_sp, out_sp = x.shape[4 - nsp:], y.shape[4 - nsp:]
+    if divisor_override is not None:
+        div = np.full(out_sp, float(divisor_override))
+    else:
+        div = _avg_divisors(in_sp, out_sp, k, s, p, count_include_pad)
+    scale = np.prod(k) / div
+    if np.any(scale != 1.0):   # a constant per output position, fused into the epilogue
+        c = lax.literal(scale.reshape(y.shape[2:]).astype(np.float32 if y.dtype == "f32"
+                                                           else np.float64))
+        y = lax.mul(y, lax.broadcast_in_dim(c, y.shape, (2, 3)))
+    return wrap(_unspatial(nsp, y, squeeze))
+
+
+@op("avg_pool2d")
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None):
+    """stride defaults to kernel_size; PyTorch's divisors (count_include_pad counts the zero
+    padding, never what ceil_mode's last windows reach past it; divisor_override replaces them)."""
+    return _avg_pool("avg_pool2d", 2, input, kernel_size, stride, padding, ceil_mode,
+                     count_include_pad, divisor_override)
 
 
 @op("avg_pool1d")
-def avg_pool1d(input, kernel_size, stride=None, padding=0):
-    return _pool1d(lax.avg_pool2d, "avg_pool1d", input, kernel_size, stride, padding)
+def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True):
+    return _avg_pool("avg_pool1d", 1, input, kernel_size, stride, padding, ceil_mode,
+                     count_include_pad, None)
+
+
+def _output_size(what, nsp, output_size, in_sp):
+    """PyTorch's output_size: an int or a tuple of ints or None (None keeps the input's size)."""
+    vals = (output_size,) * nsp if _is_int(output_size) or output_size is None else \
+        tuple(output_size) if isinstance(output_size, (tuple, list)) else ()
+    if len(vals) != nsp or not all(v is None or (_is_int(v) and v >= 1) for v in vals):
+        raise _error(ValueError, f"{what}: output_size must be a positive int or a tuple of {nsp} "
+                                 f"positive ints (or None), got {output_size!r}")
+    return tuple(n if v is None else int(v) for v, n in zip(vals, in_sp))
+
+
+def _adaptive_bounds(n, o):
+    """PyTorch's adaptive windows of an axis of n into o: [floor(i*n/o), ceil((i+1)*n/o))."""
+    i = np.arange(o)
+    return (i * n) // o, -((-(i + 1) * n) // o)
+
+
+def _adaptive_axis_avg(y, axis, o):
+    """Adaptive average along spatial axis 2 or 3 of y: a window pooling when the windows tile
+    the axis, else a product with the constant [n, o] averaging matrix."""
+    n = y.shape[axis]
+    if n % o == 0:
+        k = (n // o, 1) if axis == 2 else (1, n // o)
+        return y if n == o else lax.avg_pool2d(y, k, k, (0, 0))
+    start, end = _adaptive_bounds(n, o)
+    m = np.zeros((n, o))
+    for i in range(o):
+        m[start[i]:end[i], i] = 1.0 / (end[i] - start[i])
+    m = lax.literal(m.astype(np.float32 if y.dtype == "f32" else np.float64))
+    if axis == 2:   # y [N, C, H, W] -> [N, C, W, H] so that H is the contracted last axis
+        t = lax.transpose(y, (0, 1, 3, 2))
+        r = lax.matmul(lax.reshape(t, (t.type.size // n, n)), m)
+        return lax.transpose(lax.reshape(r, t.shape[:3] + (o,)), (0, 1, 3, 2))
+    r = lax.matmul(lax.reshape(y, (y.type.size // n, n)), m)
+    return lax.reshape(r, y.shape[:3] + (o,))
+
+
+def _adaptive_axis_max(y, axis, o):
+    """Adaptive max along spatial axis 2 or 3: a window pooling when the windows tile the axis,
+    else a gather of each window padded to the longest by repeating its last element (which
+    changes no maximum, and the gather's adjoint adds the split cotangent back), then a max."""
+    n = y.shape[axis]
+    if n % o == 0:
+        k = (n // o, 1) if axis == 2 else (1, n // o)
+        return y if n == o else lax.max_pool2d(y, k, k, (0, 0))
+    start, end = _adaptive_bounds(n, o)
+    kmax = int((end - start).max())
+    idx = np.minimum(start[:, None] + np.arange(kmax)[None, :], end[:, None] - 1)
+    shape = [1, 1, 1, 1]
+    shape[axis] = o * kmax
+    g = lax.gather(y, lax.literal(idx.reshape(shape).astype(np.int32)), axis)
+    split = y.shape[:axis] + (o, kmax) + y.shape[axis + 1:]
+    return lax.reduce_max(lax.reshape(g, split), (axis + 1,))
+
+
+def _adaptive(what, nsp, input, output_size, axis_fn):
+    x, squeeze, to2 = _spatial(what, nsp, input)
+    out = to2(_output_size(what, nsp, output_size, x.shape[4 - nsp:]), 1)
+    y = axis_fn(axis_fn(x, 3, out[1]), 2, out[0])   # windows are rectangles: one axis at a time
+    return wrap(_unspatial(nsp, y, squeeze))
+
+
+@op("adaptive_avg_pool2d")
+def adaptive_avg_pool2d(input, output_size):
+    """Averages over PyTorch's adaptive windows [floor(i*H/oh), ceil((i+1)*H/oh)) x (same in W)."""
+    return _adaptive("adaptive_avg_pool2d", 2, input, output_size, _adaptive_axis_avg)
+
+
+@op("adaptive_avg_pool1d")
+def adaptive_avg_pool1d(input, output_size):
+    return _adaptive("adaptive_avg_pool1d", 1, input, output_size, _adaptive_axis_avg)
+
+
+def _no_indices(what, return_indices):
+    if return_indices:
+        raise _error(NotImplementedError, f"{what}: return_indices=True is not supported; use "
+                                          f"max_pool2d(..., return_indices=True) for window pooling")
+
+
+@op("adaptive_max_pool2d")
+def adaptive_max_pool2d(input, output_size, return_indices=False):
+    """Maxima over PyTorch's adaptive windows (see adaptive_avg_pool2d)."""
+    _no_indices("adaptive_max_pool2d", return_indices)
+    return _adaptive("adaptive_max_pool2d", 2, input, output_size, _adaptive_axis_max)
+
+
+@op("adaptive_max_pool1d")
+def adaptive_max_pool1d(input, output_size, return_indices=False):
+    _no_indices("adaptive_max_pool1d", return_indices)
+    return _adaptive("adaptive_max_pool1d", 1, input, output_size, _adaptive_axis_max)
 
 
 @op("flatten")

@@ -73,11 +73,22 @@ class _Geom:
     dh: int = 1     # dilation: tap (i, j) is input (r*sh + i*dh - ph, c*sw + j*dw - pw)
     dw: int = 1
 
+    @property
+    def rows_outside(self) -> bool:
+        """Whether some window rows fall outside the plane (padding, or ceil mode's last
+        windows), so that the row loop masks them."""
+        return self.ph != 0 or (self.OH - 1) * self.sh + (self.kh - 1) * self.dh - self.ph >= self.H
+
+    @property
+    def cols_outside(self) -> bool:
+        return self.pw != 0 or (self.OW - 1) * self.sw + (self.kw - 1) * self.dw - self.pw >= self.W
+
 
 def _geom(in_shape, out_shape, params) -> _Geom:
     (kh, kw), (sh, sw), (ph, pw) = params["kernel"], params["stride"], params["padding"]
+    dh, dw = params.get("dilation", (1, 1))
     n, c, h, w = in_shape
-    return _Geom(n * c, h, w, out_shape[2], out_shape[3], kh, kw, sh, sw, ph, pw)
+    return _Geom(n * c, h, w, out_shape[2], out_shape[3], kh, kw, sh, sw, ph, pw, dh, dw)
 
 
 @dataclass(frozen=True)
@@ -111,7 +122,7 @@ class _Layout:
 
 
 def _layout(g: _Geom, V: int) -> _Layout:
-    if g.ph == 0 and g.pw == 0 and 2 * g.OW <= V:
+    if not g.rows_outside and not g.cols_outside and 2 * g.OW <= V:
         # as many whole rows as fit, as long as their inputs fit in four registers
         for R in range(min(V // g.OW, g.OH), 1, -1):
             L = round_up(_block_span(g, R), V)
@@ -194,7 +205,7 @@ class _Window:
                 for i in range(g.kh):
                     h = b.add(h0, i64(i * g.dh), name=f"row{i}")
                     mask = col_ok
-                    if g.ph:   # rows of the top/bottom padding read nothing
+                    if g.rows_outside:   # rows of the padding read nothing
                         ok = _in_range(b, h, 0, g.H, name=f"row{i}.ok")
                         mask = b.select(ok, col_ok, _bvec([0] * self.L))
                         h = b.select(ok, h, i64(0))
@@ -292,10 +303,13 @@ def _first_real_tap(b, w: _Window, base, h0, loads):
     g, V = w.g, w.V
     if w.lay.R > 1:   # no padding: tap (0, 0)
         return b.add(splat(b, b.trunc(loads[0][1], I32), V), w.taps(0, 0))
-    h = b.select(b.icmp_signed("<", h0, i64(0)), i64(0), h0)
+    # the first tap row/column at or after 0: h0 + ceil(-h0 / dh) * dh when h0 < 0
+    up = b.mul(b.sdiv(b.sub(i64(g.dh - 1), h0), i64(g.dh)), i64(g.dh))
+    h = b.select(b.icmp_signed("<", h0, i64(0)), b.add(h0, up), h0)
     cols = b.add(splat(b, b.trunc(base, I32), V), _ivec([l * g.sw for l in range(V)]))
     zero = _ivec([0] * V)
-    cols = b.select(b.icmp_signed("<", cols, zero), zero, cols)
+    up = b.mul(b.sdiv(b.sub(_ivec([g.dw - 1] * V), cols), _ivec([g.dw] * V)), _ivec([g.dw] * V))
+    cols = b.select(b.icmp_signed("<", cols, zero), b.add(cols, up), cols)
     return b.add(splat(b, b.trunc(b.mul(h, i64(g.W)), I32), V), cols)
 
 

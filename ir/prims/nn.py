@@ -115,20 +115,31 @@ def _conv2d_weight_grad_shape(ct, x, *, kernel, stride, padding, dilation=(1, 1)
     return ct.with_shape((ct.shape[1], x.shape[1] // groups) + tuple(kernel))
 
 
-def _pool_shape(what, x, kernel, stride, padding, dtype=None):
+def pool_out_hw(what, x_hw, kernel, stride, padding, dilation=(1, 1), ceil=False):
+    """The output size of a pooling window (PyTorch's rule): with `ceil`, a last partial window
+    is kept when it starts inside the input or its left padding."""
+    out = _check_window(what, x_hw, kernel, stride, padding, dilation)
+    if not ceil:
+        return out
+    res = []
+    for o, n, k, s, p, d in zip(out, x_hw, kernel, stride, padding, dilation):
+        c = -(-(n + 2 * p - d * (k - 1) - 1) // s) + 1
+        res.append(c - 1 if (c - 1) * s >= n + p else c)
+    return tuple(res)
+
+
+def _pool_shape(what, x, kernel, stride, padding, dtype=None, dilation=(1, 1), ceil=False):
     _float4(what, x)
     if any(2 * p > k for p, k in zip(padding, kernel)):
         raise ShapeError(f"{what}: padding {padding} must be at most half the kernel {kernel}")
-    oh, ow = _check_window(what, x.shape[2:], kernel, stride, padding)
+    oh, ow = pool_out_hw(what, x.shape[2:], kernel, stride, padding, dilation, ceil)
     return TensorType(dtype or x.dtype, (x.shape[0], x.shape[1], oh, ow))
 
 
-shape_rules[max_pool2d_p] = lambda x, *, kernel, stride, padding: _pool_shape(
-    "max_pool2d", x, kernel, stride, padding)
-shape_rules[max_pool2d_argmax_p] = lambda x, *, kernel, stride, padding: _pool_shape(
-    "max_pool2d_argmax", x, kernel, stride, padding, "i32")
-shape_rules[avg_pool2d_p] = lambda x, *, kernel, stride, padding: _pool_shape(
-    "avg_pool2d", x, kernel, stride, padding)
+shape_rules[max_pool2d_p] = lambda x, **p: _pool_shape("max_pool2d", x, **p)
+shape_rules[max_pool2d_argmax_p] = lambda x, **p: _pool_shape("max_pool2d_argmax", x,
+                                                              dtype="i32", **p)
+shape_rules[avg_pool2d_p] = lambda x, **p: _pool_shape("avg_pool2d", x, **p)
 
 
 @shape_rules.register(max_pool2d_grad_p)
@@ -146,19 +157,22 @@ def _max_pool2d_gather_shape(g, idx):
 
 
 @shape_rules.register(avg_pool2d_grad_p)
-def _avg_pool2d_grad_shape(ct, *, in_hw, kernel, stride, padding):
+def _avg_pool2d_grad_shape(ct, *, in_hw, kernel, stride, padding, ceil=False):
     _float4("avg_pool2d_grad", ct)
-    if _check_window("avg_pool2d_grad", in_hw, kernel, stride, padding) != ct.shape[2:]:
+    if pool_out_hw("avg_pool2d_grad", in_hw, kernel, stride, padding, ceil=ceil) != ct.shape[2:]:
         raise ShapeError(f"avg_pool2d_grad: cotangent {ct} does not fit input size {in_hw}")
     return ct.with_shape(ct.shape[:2] + tuple(in_hw))
 
 
 # --------------------------------------------------------------------------- numpy reference
-def _windows(x, kernel, stride, padding, fill=0.0, dilation=(1, 1)):
-    """[N,C,OH,OW,KH,KW] view of the padded input's windows."""
+def _windows(x, kernel, stride, padding, fill=0.0, dilation=(1, 1), ceil=False):
+    """[N,C,OH,OW,KH,KW] view of the padded input's windows (`ceil`: pooling's ceil_mode, the
+    last windows reaching past the padding read `fill` there)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
-    oh, ow = out_size(x.shape[2], kh, sh, ph, dh), out_size(x.shape[3], kw, sw, pw, dw)
+    oh, ow = pool_out_hw("windows", x.shape[2:], kernel, stride, padding, dilation, ceil)
+    eh = max(0, (oh - 1) * sh + dh * (kh - 1) + 1 - (x.shape[2] + 2 * ph))
+    ew = max(0, (ow - 1) * sw + dw * (kw - 1) + 1 - (x.shape[3] + 2 * pw))
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph + eh), (pw, pw + ew)), constant_values=fill)
     win = sliding_window_view(xp, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
     return win[:, :, ::sh, ::sw, ::dh, ::dw][:, :, :oh, :ow]
 
@@ -167,7 +181,10 @@ def _scatter_windows(ct_per_tap, in_shape, kernel, stride, padding, dtype, dilat
     """Adjoint of `_windows`: add ct_per_tap(i, j) [N,C,OH,OW] into the input at tap (i, j)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     n, c, h, w = in_shape
-    out = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=dtype)
+    oh, ow = ct_per_tap(0, 0).shape[2:]   # (ceil mode: windows past the padding)
+    eh = max(0, (oh - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph))
+    ew = max(0, (ow - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw))
+    out = np.zeros((n, c, h + 2 * ph + eh, w + 2 * pw + ew), dtype=dtype)
     for i in range(kh):
         for j in range(kw):
             t = ct_per_tap(i, j)
@@ -209,15 +226,15 @@ def _conv2d_weight_grad_impl(ct, x, *, kernel, stride, padding, dilation=(1, 1),
 
 
 @impls.register(max_pool2d_p)
-def _max_pool2d_impl(x, *, kernel, stride, padding):
-    return _windows(x, kernel, stride, padding, fill=-np.inf).max(axis=(4, 5))
+def _max_pool2d_impl(x, *, kernel, stride, padding, dilation=(1, 1), ceil=False):
+    return _windows(x, kernel, stride, padding, -np.inf, dilation, ceil).max(axis=(4, 5))
 
 
 @impls.register(max_pool2d_argmax_p)
-def _max_pool2d_argmax_impl(x, *, kernel, stride, padding):
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    win = _windows(x, kernel, stride, padding, fill=-np.inf)
-    valid = _windows(np.ones_like(x, dtype=bool), kernel, stride, padding, fill=False)
+def _max_pool2d_argmax_impl(x, *, kernel, stride, padding, dilation=(1, 1), ceil=False):
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    win = _windows(x, kernel, stride, padding, -np.inf, dilation, ceil)
+    valid = _windows(np.ones_like(x, dtype=bool), kernel, stride, padding, False, dilation, ceil)
     n, c, oh, ow = win.shape[:4]
     win = win.reshape(n, c, oh, ow, kh * kw)
     valid = valid.reshape(n, c, oh, ow, kh * kw)
@@ -227,8 +244,8 @@ def _max_pool2d_argmax_impl(x, *, kernel, stride, padding):
     hit = valid & ((win == m) | (np.isnan(m) & np.isnan(win)))
     tap = hit.argmax(axis=4)
     i, j = tap // kw, tap % kw
-    rows = np.arange(oh)[:, None] * sh + i - ph
-    cols = np.arange(ow)[None, :] * sw + j - pw
+    rows = np.arange(oh)[:, None] * sh + i * dh - ph
+    cols = np.arange(ow)[None, :] * sw + j * dw - pw
     return (rows * x.shape[3] + cols).astype(np.int32)
 
 
@@ -251,13 +268,13 @@ def _max_pool2d_gather_impl(g, idx):
 
 
 @impls.register(avg_pool2d_p)
-def _avg_pool2d_impl(x, *, kernel, stride, padding):
-    win = _windows(x, kernel, stride, padding)
+def _avg_pool2d_impl(x, *, kernel, stride, padding, ceil=False):
+    win = _windows(x, kernel, stride, padding, ceil=ceil)
     return win.sum(axis=(4, 5)) / (kernel[0] * kernel[1])
 
 
 @impls.register(avg_pool2d_grad_p)
-def _avg_pool2d_grad_impl(ct, *, in_hw, kernel, stride, padding):
+def _avg_pool2d_grad_impl(ct, *, in_hw, kernel, stride, padding, ceil=False):
     scaled = ct / (kernel[0] * kernel[1])
     return _scatter_windows(lambda i, j: scaled, ct.shape[:2] + tuple(in_hw), kernel, stride,
                             padding, ct.dtype)
@@ -292,18 +309,24 @@ def conv2d_weight_grad(ct, x, kernel, stride, padding, dilation=1, groups=1) -> 
                 **_conv_params(stride, padding, dilation, groups))
 
 
-def _pool_params(kernel, stride, padding):
+def _pool_params(kernel, stride, padding, dilation=1, ceil=False):
+    """Pooling params; dilation and ceil (ceil_mode) only when they are not the defaults."""
     kernel = _pair(kernel)
-    return dict(kernel=kernel, stride=_pair(stride) if stride is not None else kernel,
-                padding=_pair(padding))
+    params = dict(kernel=kernel, stride=_pair(stride) if stride is not None else kernel,
+                  padding=_pair(padding))
+    if _pair(dilation) != (1, 1):
+        params["dilation"] = _pair(dilation)
+    if ceil:
+        params["ceil"] = True
+    return params
 
 
-def max_pool2d(x: Value, kernel, stride=None, padding=0) -> Value:
-    return emit(max_pool2d_p, x, **_pool_params(kernel, stride, padding))
+def max_pool2d(x: Value, kernel, stride=None, padding=0, dilation=1, ceil=False) -> Value:
+    return emit(max_pool2d_p, x, **_pool_params(kernel, stride, padding, dilation, ceil))
 
 
-def max_pool2d_argmax(x: Value, kernel, stride, padding) -> Value:
-    return emit(max_pool2d_argmax_p, x, **_pool_params(kernel, stride, padding))
+def max_pool2d_argmax(x: Value, kernel, stride, padding, dilation=1, ceil=False) -> Value:
+    return emit(max_pool2d_argmax_p, x, **_pool_params(kernel, stride, padding, dilation, ceil))
 
 
 def max_pool2d_grad(ct: Value, idx: Value, in_hw) -> Value:
@@ -314,12 +337,15 @@ def max_pool2d_gather(g: Value, idx: Value) -> Value:
     return emit(max_pool2d_gather_p, g, idx)
 
 
-def avg_pool2d(x: Value, kernel, stride=None, padding=0) -> Value:
-    return emit(avg_pool2d_p, x, **_pool_params(kernel, stride, padding))
+def avg_pool2d(x: Value, kernel, stride=None, padding=0, ceil=False) -> Value:
+    """The window sums divided by KH*KW (a ceil-mode window past the padding too: the front end
+    rescales for PyTorch's divisors)."""
+    return emit(avg_pool2d_p, x, **_pool_params(kernel, stride, padding, ceil=ceil))
 
 
-def avg_pool2d_grad(ct: Value, in_hw, kernel, stride, padding) -> Value:
-    return emit(avg_pool2d_grad_p, ct, in_hw=tuple(in_hw), **_pool_params(kernel, stride, padding))
+def avg_pool2d_grad(ct: Value, in_hw, kernel, stride, padding, ceil=False) -> Value:
+    return emit(avg_pool2d_grad_p, ct, in_hw=tuple(in_hw),
+                **_pool_params(kernel, stride, padding, ceil=ceil))
 
 
 # --------------------------------------------------------------------------- adjoint rules
@@ -339,8 +365,8 @@ def _conv2d_weight_grad_adjoint(g, ct, x, *, kernel, **p):
 
 
 @adjoint_rules.register(max_pool2d_p)
-def _max_pool2d_adjoint(ct, x, *, kernel, stride, padding):
-    idx = max_pool2d_argmax(x, kernel, stride, padding)
+def _max_pool2d_adjoint(ct, x, **p):
+    idx = max_pool2d_argmax(x, **p)
     return (max_pool2d_grad(ct, idx, x.shape[2:]),)
 
 
@@ -351,13 +377,13 @@ adjoint_rules[max_pool2d_gather_p] = lambda ct, g, idx: (
 
 
 @adjoint_rules.register(avg_pool2d_p)
-def _avg_pool2d_adjoint(ct, x, *, kernel, stride, padding):
-    return (avg_pool2d_grad(ct, x.shape[2:], kernel, stride, padding),)
+def _avg_pool2d_adjoint(ct, x, **p):
+    return (avg_pool2d_grad(ct, x.shape[2:], **p),)
 
 
 @adjoint_rules.register(avg_pool2d_grad_p)
-def _avg_pool2d_grad_adjoint(g, ct, *, in_hw, kernel, stride, padding):
-    return (avg_pool2d(g, kernel, stride, padding),)
+def _avg_pool2d_grad_adjoint(g, ct, *, in_hw, **p):
+    return (avg_pool2d(g, **p),)
 
 
 # --------------------------------------------------------------------------- tangent rules
@@ -423,8 +449,8 @@ def _conv2d_weight_grad_jvp(ts, tans, out, ct, x, *, kernel, **p):
 
 
 @jvp_rules.register(max_pool2d_p)
-def _max_pool2d_jvp(ts, tans, out, x, *, kernel, stride, padding):
-    idx = max_pool2d_argmax(x, kernel, stride, padding)
+def _max_pool2d_jvp(ts, tans, out, x, **p):
+    idx = max_pool2d_argmax(x, **p)
     return ts.unfold(max_pool2d_gather(ts.fold(tans[0]), ts.tile(idx)))
 
 
@@ -433,7 +459,6 @@ jvp_rules[max_pool2d_grad_p] = lambda ts, tans, out, ct, idx, *, in_hw: ts.unfol
     max_pool2d_grad(ts.fold(tans[0]), ts.tile(idx), in_hw))
 jvp_rules[max_pool2d_gather_p] = lambda ts, tans, out, g, idx: ts.unfold(
     max_pool2d_gather(ts.fold(tans[0]), ts.tile(idx)))
-jvp_rules[avg_pool2d_p] = lambda ts, tans, out, x, *, kernel, stride, padding: ts.unfold(
-    avg_pool2d(ts.fold(tans[0]), kernel, stride, padding))
-jvp_rules[avg_pool2d_grad_p] = lambda ts, tans, out, ct, *, in_hw, kernel, stride, padding: \
-    ts.unfold(avg_pool2d_grad(ts.fold(tans[0]), in_hw, kernel, stride, padding))
+jvp_rules[avg_pool2d_p] = lambda ts, tans, out, x, **p: ts.unfold(avg_pool2d(ts.fold(tans[0]), **p))
+jvp_rules[avg_pool2d_grad_p] = lambda ts, tans, out, ct, *, in_hw, **p: \
+    ts.unfold(avg_pool2d_grad(ts.fold(tans[0]), in_hw, **p))
