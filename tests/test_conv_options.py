@@ -105,3 +105,30 @@ def test_bad_conv_transpose_options():
         nn.conv_transpose2d(x, w, groups=3)
     with pytest.raises(tj.ShapeError, match=r"weight must be 4-d \[in, out/groups, kh, kw\]"):
         nn.conv_transpose2d(x, np.ones((4, 1, 2)))
+
+
+def test_max_pool_return_indices_match_torch():
+    x = np.random.default_rng(2).standard_normal((2, 3, 7, 8))
+    for fn, tfn, kw in ((nn.max_pool2d, F.max_pool2d, dict(kernel_size=3, stride=2, padding=1,
+                                                           dilation=2, ceil_mode=True)),
+                        (nn.max_pool1d, F.max_pool1d, dict(kernel_size=2, ceil_mode=True))):
+        xi = x if fn is nn.max_pool2d else x[:, :, 0]
+        y, idx = tj.jit(lambda a: fn(a, return_indices=True, **kw))(xi)
+        ty, tidx = tfn(torch.tensor(xi), return_indices=True, **kw)
+        np.testing.assert_array_equal(np.asarray(y), ty.numpy())
+        np.testing.assert_array_equal(np.asarray(idx), tidx.numpy())
+        assert np.asarray(idx).dtype == np.int64
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda x: nn.max_pool2d(x, 2, padding=2), ["padding", "half", "(2, 2)"]),
+    (lambda x: nn.max_pool2d(x, 2, dilation=0), ["dilation", "0"]),
+    (lambda x: nn.avg_pool2d(x, 2, divisor_override=0), ["divisor_override", "0"]),
+    (lambda x: nn.adaptive_avg_pool2d(x, (2, 0)), ["output_size", "(2, 0)"]),
+    (lambda x: nn.adaptive_max_pool2d(x, 3, return_indices=True), ["return_indices"]),
+])
+def test_bad_pool_options_name_the_argument(call, words):
+    with pytest.raises((ValueError, NotImplementedError)) as e:
+        call(np.ones((1, 2, 6, 6)))
+    for word in words:
+        assert word in str(e.value), (word, str(e.value))
