@@ -1017,46 +1017,6 @@ binary("logaddexp", tj.logaddexp, np.logaddexp, distinct, distinct, shapes=BINAR
 binary("logaddexp2", np.logaddexp2, np.logaddexp2, distinct, distinct, shapes=BINARY_SHAPES[:3])
 # END elementwise composites
 
-GRAD_CASES = [c for c in CASES if c.grad]
-SECOND_ORDER_CASES = [c for c in GRAD_CASES if c.second_order]
-
-# ------------------------------------------------------------------------------------------------
-# at kinks, where finite differences are no oracle: the documented conventions (ir/prims), exactly
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True, eq=False)
-class KinkCase:
-    id: str
-    fn: Callable             # scalar tracejit function of one array
-    x: tuple                 # the point (nested tuples)
-    grad: tuple              # the gradient there
-
-
-KINKS = [
-    KinkCase("relu-derivative-0-at-0", lambda x: nn.relu(x).sum(), (-1, 0, 1), (0, 0, 1)),
-    KinkCase("abs-derivative-0-at-0", lambda x: tj.abs(x).sum(), (-1, 0, 1), (-1, 0, 1)),
-    KinkCase("maximum-tie-halves", lambda x: tj.maximum(x, 1.0).sum(), (0, 1, 2), (0, 0.5, 1)),
-    KinkCase("minimum-tie-halves", lambda x: tj.minimum(x, 1.0).sum(), (0, 1, 2), (1, 0.5, 0)),
-    KinkCase("maximum-of-equal-operands", lambda x: tj.maximum(x, x * 1.0).sum(), (1, -2),
-             (1, 1)),
-    KinkCase("clip-at-bounds", lambda x: tj.clip(x, 0.0, 1.0).sum(), (-1, 0, 0.5, 1, 2),
-             (0, 0.5, 1, 0.5, 0)),
-    KinkCase("max-splits-ties", lambda x: x.max(), (1, 3, 3), (0, 0.5, 0.5)),
-    KinkCase("max-axis-splits-ties", lambda x: x.max(axis=1).sum(), ((2, 2, 1), (0, 1, 4)),
-             ((0.5, 0.5, 0), (0, 0, 1))),
-    KinkCase("min-splits-ties", lambda x: x.min(), (1, 1, 3), (0.5, 0.5, 0)),
-    KinkCase("max_pool1d-first-maximum", lambda x: nn.max_pool1d(x.reshape(1, 1, -1), 3).sum(),
-             (1, 3, 3), (0, 1, 0)),
-    KinkCase("max_pool2d-first-maximum", lambda x: nn.max_pool2d(x.reshape(1, 1, 2, 2), 2).sum(),
-             ((5, 5), (5, 5)), ((1, 0), (0, 0))),
-    KinkCase("max_pool2d-padding-never-wins",
-             lambda x: nn.max_pool2d(x.reshape(1, 1, 2, 2), 2, padding=1).sum(),
-             ((-1, -1), (-1, -1)), ((1, 1), (1, 1))),
-    KinkCase("where-at-the-boundary", lambda x: tj.where(x > 0, x, 2 * x).sum(), (-1, 0, 1),
-             (2, 2, 1)),
-    KinkCase("sign-has-zero-derivative", lambda x: (tj.sign(x) * 3.0).sum(), (-1, 0, 1),
-             (0, 0, 0)),
-]
-
 
 # nn: convolution options (dilation, groups, transposed) -----------------------------------------
 def ref_conv_options(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
@@ -1223,3 +1183,45 @@ pool_options("nn.adaptive_max_pool2d", "adaptive_max_pool2d-global", nn.adaptive
              "max", (1, 3, 4, 6), ref=ref_adaptive, output_size=1)
 pool_options("nn.adaptive_max_pool1d", "adaptive_max_pool1d-uneven", nn.adaptive_max_pool1d, 1,
              "max", (2, 2, 9), ref=ref_adaptive, output_size=4)
+
+
+GRAD_CASES = [c for c in CASES if c.grad]
+SECOND_ORDER_CASES = [c for c in GRAD_CASES if c.second_order]
+
+# ------------------------------------------------------------------------------------------------
+# at kinks, where finite differences are no oracle: the documented conventions (ir/prims), exactly
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class KinkCase:
+    id: str
+    fn: Callable             # scalar tracejit function of one array
+    x: tuple                 # the point (nested tuples)
+    grad: tuple              # the gradient there
+
+
+KINKS = [
+    KinkCase("relu-derivative-0-at-0", lambda x: nn.relu(x).sum(), (-1, 0, 1), (0, 0, 1)),
+    KinkCase("abs-derivative-0-at-0", lambda x: tj.abs(x).sum(), (-1, 0, 1), (-1, 0, 1)),
+    KinkCase("maximum-tie-halves", lambda x: tj.maximum(x, 1.0).sum(), (0, 1, 2), (0, 0.5, 1)),
+    KinkCase("minimum-tie-halves", lambda x: tj.minimum(x, 1.0).sum(), (0, 1, 2), (1, 0.5, 0)),
+    KinkCase("maximum-of-equal-operands", lambda x: tj.maximum(x, x * 1.0).sum(), (1, -2),
+             (1, 1)),
+    KinkCase("clip-at-bounds", lambda x: tj.clip(x, 0.0, 1.0).sum(), (-1, 0, 0.5, 1, 2),
+             (0, 0.5, 1, 0.5, 0)),
+    KinkCase("max-splits-ties", lambda x: x.max(), (1, 3, 3), (0, 0.5, 0.5)),
+    KinkCase("max-axis-splits-ties", lambda x: x.max(axis=1).sum(), ((2, 2, 1), (0, 1, 4)),
+             ((0.5, 0.5, 0), (0, 0, 1))),
+    KinkCase("min-splits-ties", lambda x: x.min(), (1, 1, 3), (0.5, 0.5, 0)),
+    KinkCase("max_pool1d-first-maximum", lambda x: nn.max_pool1d(x.reshape(1, 1, -1), 3).sum(),
+             (1, 3, 3), (0, 1, 0)),
+    KinkCase("max_pool2d-first-maximum", lambda x: nn.max_pool2d(x.reshape(1, 1, 2, 2), 2).sum(),
+             ((5, 5), (5, 5)), ((1, 0), (0, 0))),
+    KinkCase("max_pool2d-padding-never-wins",
+             lambda x: nn.max_pool2d(x.reshape(1, 1, 2, 2), 2, padding=1).sum(),
+             ((-1, -1), (-1, -1)), ((1, 1), (1, 1))),
+    KinkCase("where-at-the-boundary", lambda x: tj.where(x > 0, x, 2 * x).sum(), (-1, 0, 1),
+             (2, 2, 1)),
+    KinkCase("sign-has-zero-derivative", lambda x: (tj.sign(x) * 3.0).sum(), (-1, 0, 1),
+             (0, 0, 0)),
+]
+
