@@ -132,3 +132,23 @@ def test_bad_pool_options_name_the_argument(call, words):
         call(np.ones((1, 2, 6, 6)))
     for word in words:
         assert word in str(e.value), (word, str(e.value))
+
+
+def test_strided_input_gradient_skips_the_dilation_zeros():
+    """The input gradient of a stride-2 3x3 convolution plans about KH*KW/(sh*sw) multiply-adds
+    per input-gradient pixel and channel pair (per output phase, only the taps that reach it), not
+    the KH*KW of a stride-1 convolution over the cotangent dilated with zeros."""
+    from tracejit.codegen.kernels.conv2d.core import _input_grad_core
+    from tracejit.ir import lax
+    from tracejit.ir.builder import Builder, building
+    from tracejit.ir.core import TensorType
+    n, o, c, h, w = 2, 8, 4, 13, 12
+    with building(Builder("t")) as b:
+        ct = b.add_param(TensorType("f32", (n, o, 7, 6)))
+        wt = b.add_param(TensorType("f32", (o, c, 3, 3)))
+        ins = lax.conv2d_input_grad(ct, wt, (h, w), (2, 2), (1, 1)).instr
+    plan = _input_grad_core(ins)
+    macs = sum(p.core.n * p.core.ci * p.core.co * p.core.kh * p.core.kw * p.core.oy * p.core.ox
+               for p in plan.phases)
+    assert sum(p.core.oy * p.core.ox for p in plan.phases) == h * w   # the phases tile dx
+    assert macs == n * o * c * (4 * 6 * 6 + 2 * 6 * 6 + 2 * 7 * 6 + 1 * 7 * 6)   # 3x3 taps split 4/2/2/1

@@ -18,6 +18,7 @@ from ..toolkit import ceil_div, dtype_info, kernel_function, round_up, thread_ra
 from .channel import lower_channel
 from .direct import lower_direct
 from .layout import ALIGN, FORCE, Prep, weights_copy
+from .phased import phased_input_grad
 from .window import is_window, lower_conv2d, lower_conv2d_input_grad
 
 # Register blocks (R, PR, PV) tried, in order of preference: few of them, so that kernels of
@@ -189,13 +190,17 @@ def _conv_core(ins, epilogue=None) -> Core:
     return core.blocked(epilogue)
 
 
-def _input_grad_core(ins, epilogue=None) -> Core:
+def _input_grad_core(ins, epilogue=None):
     ct, w = ins.inputs
     (sh, sw), (ph, pw) = ins.params["stride"], ins.params["padding"]
     n, o, oh, ow = ct.shape
     _, c, kh, kw = w.shape
     h, wd = ins.params["in_hw"]
     _, vl, _ = dtype_info(ins.out.dtype)
+    if (sh, sw) != (1, 1) and not FORCE.get("dilated_igrad", False):
+        # per output phase, without the dilation's zeros (phased.py)
+        return phased_input_grad(ins.out.dtype, n, o, c, h, wd, oh, ow, kh, kw, sh, sw, ph, pw,
+                                 epilogue, Core)
     if pw == 0:
         # Rows of pitch W instead of W + KW - 1: the KW - 1 columns of right padding overlap the
         # KW - 1 columns of left padding of the next row (all zeros either way), so that rows
