@@ -18,6 +18,11 @@ sees input channels [g*C/G, (g+1)*C/G) of its group g = o // (O/G); depthwise is
     avg_pool2d(x) -> [N,C,OH,OW]: zero padding counted in the divisor (PyTorch's count_include_pad)
     avg_pool2d_grad(ct) -> [N,C,H,W]        {in_hw}
 
+The pooling primitives take `kernel`, `stride`, `padding` and, only when not the defaults,
+`dilation` (max pooling) and `ceil` (PyTorch's ceil_mode: a last partial window is kept when it
+starts inside the input or its left padding; it reads padding past the end). avg_pool2d always
+divides by KH*KW; tracejit.nn rescales for PyTorch's other divisors.
+
 The convolution's two backward passes and their adjoints close under differentiation:
 <g, conv2d_input_grad(ct, w)> = <conv2d(g, w), ct> = <w, conv2d_weight_grad(ct, g)>.
 """
