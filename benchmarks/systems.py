@@ -89,6 +89,12 @@ def _tracejit(model, optimizer, params, inputs):
             y = nn.avg_pool2d(nn.relu(nn.conv2d(x, p["conv_w"], p["conv_b"], padding=1)), 2)
             return (y * y).sum()
         batch = (inputs["x"],)
+    elif model == "depthwise":
+        def loss(p, x):
+            h = nn.relu(nn.conv2d(x, p["dw_w"], p["dw_b"], padding=1, groups=64))
+            y = nn.relu(nn.conv2d(h, p["pw_w"], p["pw_b"]))
+            return (y * y).sum()
+        batch = (inputs["x"],)
     elif model == "tiny":
         def loss(v):
             return tracejit.norm(v)
@@ -134,6 +140,11 @@ def _torch(model, optimizer, params, inputs):
         def loss():
             y = F.avg_pool2d(F.relu(F.conv2d(X["x"], P["conv_w"], P["conv_b"], padding=1)), 2)
             return (y * y).sum()
+    elif model == "depthwise":
+        def loss():
+            h = F.relu(F.conv2d(X["x"], P["dw_w"], P["dw_b"], padding=1, groups=64))
+            y = F.relu(F.conv2d(h, P["pw_w"], P["pw_b"]))
+            return (y * y).sum()
     elif model == "tiny":
         def loss():
             return torch.linalg.vector_norm(P["v"])
@@ -165,9 +176,10 @@ def _jax(model, optimizer, params, inputs):
     import jax.numpy as jnp
     from jax import lax
 
-    def conv(x, w, b, pad=0):
+    def conv(x, w, b, pad=0, groups=1):
         y = lax.conv_general_dilated(x, w, (1, 1), [(pad, pad), (pad, pad)],
-                                     dimension_numbers=("NCHW", "OIHW", "NCHW"))
+                                     dimension_numbers=("NCHW", "OIHW", "NCHW"),
+                                     feature_group_count=groups)
         return y + b[None, :, None, None]
 
     def max_pool2(x):
@@ -198,6 +210,12 @@ def _jax(model, optimizer, params, inputs):
     elif model == "convblock":
         def loss(p, x):
             y = avg_pool2(relu(conv(x, p["conv_w"], p["conv_b"], 1)))
+            return jnp.sum(y * y)
+        keys = ("x",)
+    elif model == "depthwise":
+        def loss(p, x):
+            h = relu(conv(x, p["dw_w"], p["dw_b"], 1, groups=64))
+            y = relu(conv(h, p["pw_w"], p["pw_b"]))
             return jnp.sum(y * y)
         keys = ("x",)
     elif model == "tiny":

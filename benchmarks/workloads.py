@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-GRADIENTS = ("mlp", "lenet", "convblock", "tiny")
+GRADIENTS = ("mlp", "lenet", "convblock", "tiny", "depthwise")
 # optimizer name -> (torch.optim class name, keyword arguments; the same in every system)
 OPTIMIZERS = {"sgd": ("SGD", {"lr": 0.01, "momentum": 0.9}),
               "adam": ("Adam", {"lr": 1e-3})}
@@ -37,6 +37,8 @@ DESCRIPTIONS = {
              "linear120-relu-linear84-relu-linear10, cross-entropy (mean)",
     "convblock": "x[16,64,32,32] -> conv3x3 pad1 (64) -> relu -> avgpool2 -> sum of squares",
     "tiny": "gradient of the norm of a 3-vector (call overhead)",
+    "depthwise": "depthwise-separable block x[16,64,56,56] -> depthwise conv3x3 pad1 (groups 64) "
+                 "-> relu -> pointwise conv1x1 (128) -> relu -> sum of squares",
     "compile": "first call of the LeNet-5 gradient in a fresh process",
 }
 for _w in TRAINING:
@@ -97,6 +99,10 @@ def make(name: str):
     elif name == "convblock":
         _conv(rng, params, "conv", 64, 64, 3)
         inputs["x"] = rng.standard_normal((16, 64, 32, 32)).astype(np.float32)
+    elif name == "depthwise":
+        _conv(rng, params, "dw", 1, 64, 3)     # [64, 1, 3, 3]: fan_in = 1 * 3 * 3
+        _conv(rng, params, "pw", 64, 128, 1)
+        inputs["x"] = rng.standard_normal((16, 64, 56, 56)).astype(np.float32)
     else:  # tiny
         params["v"] = np.array([1.0, -2.0, 3.0], np.float32)
     return params, inputs
@@ -131,6 +137,8 @@ def layer_flops(name: str):
                 _mm_flops(64, 256, 120), _mm_flops(64, 120, 84), _mm_flops(64, 84, 10)]
     if name == "convblock":
         return [_conv_flops(16, 64, 64, 32, 32, 3)]
+    if name == "depthwise":   # the depthwise layer: one input channel per output channel
+        return [_conv_flops(16, 1, 64, 56, 56, 3), _conv_flops(16, 64, 128, 56, 56, 1)]
     return []
 
 

@@ -154,6 +154,35 @@ def siamese_args(rng):
     return p, rng.normal(size=(2, 1, 6, 6)), rng.normal(size=(2, 1, 6, 6))
 
 
+# ------------------------------------------------------------------------------------------------
+# a depthwise-separable CNN (MobileNet's block): depthwise 3x3 convolutions (groups = channels, one
+# strided) and pointwise 1x1 ones, global average pooling, cross-entropy
+# ------------------------------------------------------------------------------------------------
+from optable import ref_adaptive, ref_conv_options  # noqa: E402
+
+TJ.conv2d_options, NP.conv2d_options = nn.conv2d, ref_conv_options
+TJ.adaptive_avg_pool2d = nn.adaptive_avg_pool2d
+NP.adaptive_avg_pool2d = lambda x, size: ref_adaptive(x, size, nsp=2, mode="avg")
+DWSEP_LABELS = np.array([1, 0])
+
+
+def dwsep_cnn(ns, p, x):
+    h = ns.relu(ns.conv2d(x, p["stem"]["w"], p["stem"]["b"], padding=1))           # [N, 4, 6, 6]
+    h = ns.relu(ns.conv2d_options(h, p["dw1"]["w"], p["dw1"]["b"], padding=1, groups=4))
+    h = ns.relu(ns.conv2d(h, p["pw1"]["w"], p["pw1"]["b"]))                         # [N, 8, 6, 6]
+    h = ns.relu(ns.conv2d_options(h, p["dw2"]["w"], p["dw2"]["b"], stride=2, padding=1,
+                                  groups=8))                                        # [N, 8, 3, 3]
+    h = ns.flatten(ns.adaptive_avg_pool2d(h, 1))                                    # [N, 8]
+    return ns.cross_entropy(ns.linear(h, p["fc"]["w"], p["fc"]["b"]), DWSEP_LABELS)
+
+
+def dwsep_args(rng):
+    dw = lambda c: {"w": rng.normal(size=(c, 1, 3, 3)) / 3.0, "b": rng.normal(size=c) * 0.1}
+    p = {"stem": _conv(rng, 4, 3, 3), "dw1": dw(4), "pw1": _conv(rng, 8, 4, 1), "dw2": dw(8),
+         "fc": _dense(rng, 3, 8)}
+    return p, rng.normal(size=(len(DWSEP_LABELS), 3, 6, 6))
+
+
 PROGRAMS = [
     Program("mlp_tanh_mse", mlp, mlp_args, argnums=(0,)),
     Program("lenet5", lenet5, lenet5_args, argnums=(0, 1), fd_coords=6),
@@ -162,4 +191,5 @@ PROGRAMS = [
     Program("loop_k1", loop_k, functools.partial(loop_args, k=1), argnums=(0, 1)),
     Program("loop_k3", loop_k, functools.partial(loop_args, k=3), argnums=(0, 1)),
     Program("siamese_conv", siamese, siamese_args, argnums=(0, 1, 2)),
+    Program("depthwise_separable_cnn", dwsep_cnn, dwsep_args, argnums=(0, 1), fd_coords=6),
 ]

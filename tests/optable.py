@@ -1116,6 +1116,173 @@ for _op, _id, _fn, _ref, *_args in MORE:
         grad=not _op.startswith(("argsort", "argmax", "argmin", "method.arg")))
 # END rounding, inverse trigonometry, ...
 
+# nn: convolution options (dilation, groups, transposed) -----------------------------------------
+def ref_conv_options(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """PyTorch conv1d/conv2d with dilation and groups: out[n, o, p] = sum over the C/G channels c
+    of o's group and taps k of xpad[n, g*C/G + c, p*stride + k*dilation] * w[o, c, k]."""
+    nsp = w.ndim - 2
+    s, d = _tuple(stride, nsp), _tuple(dilation, nsp)
+    k = w.shape[2:]
+    if padding == "same":    # d*(k - 1) in total, the odd element on the right/bottom
+        pads = [(dd * (kk - 1) // 2, dd * (kk - 1) - dd * (kk - 1) // 2) for kk, dd in zip(k, d)]
+    else:
+        pads = [(q, q) for q in _tuple(0 if padding == "valid" else padding, nsp)]
+    xp = np.pad(x, [(0, 0), (0, 0)] + pads)
+    outsp = [(n - dd * (kk - 1) - 1) // ss + 1 for n, kk, ss, dd in zip(xp.shape[2:], k, s, d)]
+    cg, og = x.shape[1] // groups, w.shape[0] // groups
+    out = np.zeros((x.shape[0], w.shape[0], *outsp))
+    for o in range(w.shape[0]):
+        for c in range(cg):
+            for tap in itertools.product(*map(range, k)):
+                window = xp[(slice(None), (o // og) * cg + c) + tuple(
+                    slice(t * dd, t * dd + ss * (q - 1) + 1, ss)
+                    for t, dd, ss, q in zip(tap, d, s, outsp))]
+                out[:, o] += window * w[(o, c) + tap]
+    if b is not None:
+        out += b.reshape((1, -1) + (1,) * nsp)
+    return out
+
+
+def ref_conv_transpose(x, w, b=None, stride=1, padding=0, output_padding=0, groups=1,
+                       dilation=1):
+    """PyTorch conv_transpose1d/2d: every input pixel scatters x[n, c, p] * w[c, o, k] to output
+    p*stride + k*dilation - padding (weight [C_in, C_out/G, k...])."""
+    nsp = w.ndim - 2
+    s, p, op_, d = (_tuple(v, nsp) for v in (stride, padding, output_padding, dilation))
+    k = w.shape[2:]
+    insp = x.shape[2:]
+    full = [(L - 1) * ss + dd * (kk - 1) + 1 + o for L, ss, dd, kk, o in zip(insp, s, d, k, op_)]
+    cg, og = x.shape[1] // groups, w.shape[1]
+    out = np.zeros((x.shape[0], og * groups, *full))
+    for c in range(x.shape[1]):
+        for o in range(og):
+            for tap in itertools.product(*map(range, k)):
+                dst = (slice(None), (c // cg) * og + o) + tuple(
+                    slice(t * dd, t * dd + ss * (L - 1) + 1, ss)
+                    for t, dd, ss, L in zip(tap, d, s, insp))
+                out[dst] += x[:, c] * w[(c, o) + tap]
+    out = out[(slice(None), slice(None)) + tuple(slice(pp, f - pp) for pp, f in zip(p, full))]
+    if b is not None:
+        out += b.reshape((1, -1) + (1,) * nsp)
+    return out
+
+
+def conv_options(op, id, tj_fn, ref, x, w, bias=False, **kw):
+    nb = w[1] * kw.get("groups", 1) if "transpose" in op else w[0]
+    if bias:
+        add(op, id, lambda x, w, b: tj_fn(x, w, b, **kw), lambda x, w, b: ref(x, w, b, **kw),
+            Arg(x), Arg(w), Arg((nb,)))
+    else:
+        add(op, id, lambda x, w: tj_fn(x, w, **kw), lambda x, w: ref(x, w, **kw), Arg(x), Arg(w))
+
+
+conv_options("nn.conv2d", "conv2d-depthwise-pad1", nn.conv2d, ref_conv_options, (2, 3, 5, 6),
+             (3, 1, 3, 3), padding=1, groups=3)
+conv_options("nn.conv2d", "conv2d-depthwise-mult2-stride2-bias", nn.conv2d, ref_conv_options,
+             (1, 2, 7, 6), (4, 1, 3, 2), bias=True, stride=2, padding=(1, 0), groups=2)
+conv_options("nn.conv2d", "conv2d-groups2-dilation2", nn.conv2d, ref_conv_options, (2, 4, 6, 7),
+             (4, 2, 2, 3), dilation=2, groups=2)
+conv_options("nn.conv2d", "conv2d-dilation21-same", nn.conv2d, ref_conv_options, (1, 2, 5, 6),
+             (3, 2, 3, 2), padding="same", dilation=(2, 1))
+conv_options("nn.conv1d", "conv1d-depthwise-dilation2-same", nn.conv1d, ref_conv_options,
+             (2, 3, 9), (3, 1, 3), padding="same", dilation=2, groups=3)
+conv_options("nn.conv1d", "conv1d-groups3-stride2", nn.conv1d, ref_conv_options, (1, 6, 10),
+             (3, 2, 3), stride=2, padding=1, groups=3)
+conv_options("nn.conv_transpose2d", "conv_transpose2d-plain", nn.conv_transpose2d,
+             ref_conv_transpose, (2, 3, 4, 5), (3, 2, 3, 3))
+conv_options("nn.conv_transpose2d", "conv_transpose2d-stride2-pad1-outpad1-bias",
+             nn.conv_transpose2d, ref_conv_transpose, (1, 2, 3, 4), (2, 3, 3, 2), bias=True,
+             stride=2, padding=1, output_padding=1)
+conv_options("nn.conv_transpose2d", "conv_transpose2d-groups2-dilation2", nn.conv_transpose2d,
+             ref_conv_transpose, (1, 4, 3, 3), (4, 1, 2, 2), groups=2, dilation=2)
+conv_options("nn.conv_transpose1d", "conv_transpose1d-stride3-groups2", nn.conv_transpose1d,
+             ref_conv_transpose, (2, 2, 5), (2, 2, 3), stride=3, padding=1, groups=2)
+
+
+# nn: pooling options (dilation, ceil_mode, divisors) and adaptive pooling -----------------------
+def _pool_windows_1d(n, k, s, p, d, ceil):
+    """PyTorch's windows of one axis: (start, tap positions) per output, padding included."""
+    span = d * (k - 1) + 1
+    o = (n + 2 * p - span) // s + 1 if not ceil else -(-(n + 2 * p - span) // s) + 1
+    if ceil and (o - 1) * s >= n + p:
+        o -= 1
+    return [[i * s - p + t * d for t in range(k)] for i in range(o)]
+
+
+def ref_pool_options(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                     count_include_pad=True, divisor_override=None, nsp=2, mode="max"):
+    """PyTorch's max/avg pooling, direct loops over the windows of each output."""
+    k = _tuple(kernel_size, nsp)
+    s = k if stride is None else _tuple(stride, nsp)
+    p, d = _tuple(padding, nsp), _tuple(dilation, nsp)
+    wins = [_pool_windows_1d(n, kk, ss, pp, dd, ceil_mode)
+            for n, kk, ss, pp, dd in zip(x.shape[2:], k, s, p, d)]
+    out = np.zeros(x.shape[:2] + tuple(len(w) for w in wins))
+    for pos in itertools.product(*map(range, out.shape[2:])):
+        taps = [w[i] for w, i in zip(wins, pos)]
+        inside = [[t for t in tt if 0 <= t < n] for tt, n in zip(taps, x.shape[2:])]
+        vals = x[(slice(None), slice(None)) + np.ix_(*inside)].reshape(x.shape[:2] + (-1,))
+        if mode == "max":
+            out[(slice(None), slice(None)) + pos] = vals.max(axis=2)
+            continue
+        if divisor_override:
+            div = divisor_override
+        elif count_include_pad:   # the window clipped to the padded input
+            div = np.prod([min(tt[0] + kk, n + pp) - tt[0]
+                           for tt, kk, n, pp in zip(taps, k, x.shape[2:], p)])
+        else:
+            div = vals.shape[2]
+        out[(slice(None), slice(None)) + pos] = vals.sum(axis=2) / div
+    return out
+
+
+def ref_adaptive(x, output_size, nsp=2, mode="avg"):
+    outs = _tuple(output_size, nsp)
+    outs = tuple(n if o is None else o for o, n in zip(outs, x.shape[2:]))
+    out = np.zeros(x.shape[:2] + outs)
+    for pos in itertools.product(*map(range, outs)):
+        sl = tuple(slice(i * n // o, -(-(i + 1) * n // o)) for i, n, o in zip(pos, x.shape[2:], outs))
+        v = x[(slice(None), slice(None)) + sl].reshape(x.shape[:2] + (-1,))
+        out[(slice(None), slice(None)) + pos] = v.max(axis=2) if mode == "max" else v.mean(axis=2)
+    return out
+
+
+def pool_options(op, id, tj_fn, nsp, mode, shape, ref=ref_pool_options, **kw):
+    arg = distinct(shape) if mode == "max" else Arg(shape)
+    add(op, id, lambda x: tj_fn(x, **kw), lambda x: ref(x, nsp=nsp, mode=mode, **kw), arg)
+
+
+pool_options("nn.max_pool2d", "max_pool2d-dilation2-ceil", nn.max_pool2d, 2, "max", (1, 2, 8, 9),
+             kernel_size=3, stride=2, padding=1, dilation=2, ceil_mode=True)
+pool_options("nn.max_pool2d", "max_pool2d-ceil-no-padding", nn.max_pool2d, 2, "max",
+             (2, 1, 5, 7), kernel_size=2, ceil_mode=True)
+pool_options("nn.max_pool1d", "max_pool1d-dilation3-s1-p1", nn.max_pool1d, 1, "max", (2, 2, 11),
+             kernel_size=2, stride=1, padding=1, dilation=3)
+pool_options("nn.avg_pool2d", "avg_pool2d-ceil-exclude-pad", nn.avg_pool2d, 2, "avg",
+             (1, 2, 8, 7), kernel_size=3, stride=2, padding=1, ceil_mode=True,
+             count_include_pad=False)
+pool_options("nn.avg_pool2d", "avg_pool2d-ceil-include-pad", nn.avg_pool2d, 2, "avg",
+             (2, 1, 6, 5), kernel_size=2, stride=2, padding=1, ceil_mode=True)
+pool_options("nn.avg_pool2d", "avg_pool2d-divisor-override", nn.avg_pool2d, 2, "avg",
+             (1, 2, 4, 5), kernel_size=2, stride=1, divisor_override=3)
+pool_options("nn.avg_pool1d", "avg_pool1d-ceil-exclude-pad", nn.avg_pool1d, 1, "avg",
+             (2, 2, 10), kernel_size=3, stride=2, padding=1, ceil_mode=True,
+             count_include_pad=False)
+pool_options("nn.adaptive_avg_pool2d", "adaptive_avg_pool2d-uneven", nn.adaptive_avg_pool2d, 2,
+             "avg", (2, 2, 7, 8), ref=ref_adaptive, output_size=(3, 4))
+pool_options("nn.adaptive_avg_pool2d", "adaptive_avg_pool2d-divisible-none",
+             nn.adaptive_avg_pool2d, 2, "avg", (1, 2, 6, 5), ref=ref_adaptive,
+             output_size=(2, None))
+pool_options("nn.adaptive_avg_pool1d", "adaptive_avg_pool1d-uneven", nn.adaptive_avg_pool1d, 1,
+             "avg", (2, 3, 10), ref=ref_adaptive, output_size=4)
+pool_options("nn.adaptive_max_pool2d", "adaptive_max_pool2d-uneven", nn.adaptive_max_pool2d, 2,
+             "max", (2, 2, 7, 8), ref=ref_adaptive, output_size=(3, 5))
+pool_options("nn.adaptive_max_pool2d", "adaptive_max_pool2d-global", nn.adaptive_max_pool2d, 2,
+             "max", (1, 3, 4, 6), ref=ref_adaptive, output_size=1)
+pool_options("nn.adaptive_max_pool1d", "adaptive_max_pool1d-uneven", nn.adaptive_max_pool1d, 1,
+             "max", (2, 2, 9), ref=ref_adaptive, output_size=4)
+
+
 GRAD_CASES = [c for c in CASES if c.grad]
 SECOND_ORDER_CASES = [c for c in GRAD_CASES if c.second_order]
 
@@ -1155,3 +1322,4 @@ KINKS = [
     KinkCase("sign-has-zero-derivative", lambda x: (tj.sign(x) * 3.0).sum(), (-1, 0, 1),
              (0, 0, 0)),
 ]
+

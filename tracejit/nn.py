@@ -300,9 +300,9 @@ def _batched(x, nd, what):
     return x, False
 
 
-def _conv_padding(what, padding, stride, kernel):
-    """(symmetric padding, extra padding on the right/bottom) per spatial dim. "same" pads k - 1
-    in total with the odd one on the right/bottom, as PyTorch does for even kernels."""
+def _conv_padding(what, padding, stride, kernel, dilation):
+    """(symmetric padding, extra padding on the right/bottom) per spatial dim. "same" pads
+    dilation * (k - 1) in total with the odd one on the right/bottom, as PyTorch does."""
     n = len(kernel)
     if isinstance(padding, str):
         if padding == "valid":
@@ -312,29 +312,46 @@ def _conv_padding(what, padding, stride, kernel):
                 raise _error(ValueError, f"{what}: padding='same' needs stride 1 (PyTorch refuses "
                                          f"it for strided convolutions), got stride={stride}; give "
                                          f"the padding as ints")
-            return tuple((k - 1) // 2 for k in kernel), tuple((k - 1) % 2 for k in kernel)
+            total = tuple(d * (k - 1) for k, d in zip(kernel, dilation))
+            return tuple(t // 2 for t in total), tuple(t % 2 for t in total)
         raise _error(ValueError, f"{what}: padding must be 'same', 'valid', a non-negative int or "
                                  f"a tuple of {n} non-negative ints, got {padding!r}")
     return _ints(padding, n, what, "padding", 0), (0,) * n
 
 
-def _conv(what, nsp, input, weight, bias, stride, padding):
-    """conv1d (nsp=1, as a conv2d of height 1) and conv2d with PyTorch's arguments."""
+def _groups(what, groups, c_in, c_out, in_name, out_name):
+    """`groups` checked against the channel counts, as PyTorch's messages put it."""
+    if not _is_int(groups) or groups < 1:
+        raise _error(ValueError, f"{what}: groups must be a positive int, got {groups!r}")
+    for name, n in ((in_name, c_in), (out_name, c_out)):
+        if n % groups:
+            raise _error(ValueError, f"{what}: {name} ({n}) must be divisible by groups "
+                                     f"({groups})")
+    return int(groups)
+
+
+def _conv_operands(what, nsp, input, weight, bias, channels):
+    """channels: the weight's two leading dimensions as PyTorch names them."""
     dt = result_dtype(input, weight, *([bias] if bias is not None else []))
     x, squeeze = _batched(as_value(input, dt), nsp, what)
     w = as_value(weight, dt)
     if w.ndim != nsp + 2:
-        layout = "[out, in, kh, kw]" if nsp == 2 else "[out, in, k]"
+        layout = f"[{channels}, kh, kw]" if nsp == 2 else f"[{channels}, k]"
         raise ShapeError(f"{what}: weight must be {nsp + 2}-d {layout}, got {w.type}")
-    s = _ints(stride, nsp, what, "stride", 1)
-    p, extra = _conv_padding(what, padding, s, w.shape[2:])
-    n = x.shape[0]
-    if nsp == 1:
-        x = lax.reshape(x, x.shape[:2] + (1, x.shape[2]))
-        w = lax.reshape(w, w.shape[:2] + (1, w.shape[2]))
-        s, p, extra = (1,) + s, (0,) + p, (0,) + extra
-    x = lax.pad(x, (0,) * 4, (0, 0) + extra)
-    y = lax.conv2d(x, w, s, p)
+    return dt, x, w, squeeze
+
+
+def _as_2d(nsp, x, w, *spatial):
+    """conv1d as a conv2d of height 1: x and w get a unit height, each spatial tuple of a
+    (fill, tuple) pair its fill in front."""
+    if nsp == 2:
+        return (x, w) + tuple(t for _, t in spatial)
+    x = lax.reshape(x, x.shape[:2] + (1, x.shape[2]))
+    w = lax.reshape(w, w.shape[:2] + (1, w.shape[2]))
+    return (x, w) + tuple((fill,) + t for fill, t in spatial)
+
+
+def _conv_result(nsp, y, n, bias, dt, squeeze):
     if nsp == 1:
         y = lax.reshape(y, (n, y.shape[1], y.shape[3]))
     if bias is not None:
@@ -342,57 +359,276 @@ def _conv(what, nsp, input, weight, bias, stride, padding):
     return wrap(lax.reshape(y, y.shape[1:]) if squeeze else y)
 
 
+def _conv(what, nsp, input, weight, bias, stride, padding, dilation, groups):
+    """conv1d (nsp=1, as a conv2d of height 1) and conv2d with PyTorch's arguments."""
+    dt, x, w, squeeze = _conv_operands(what, nsp, input, weight, bias, "out, in/groups")
+    s = _ints(stride, nsp, what, "stride", 1)
+    d = _ints(dilation, nsp, what, "dilation", 1)
+    g = _groups(what, groups, x.shape[1], w.shape[0], "input channels", "output channels")
+    if x.shape[1] != w.shape[1] * g:
+        raise ShapeError(f"{what}: input {x.type} has {x.shape[1]} channels but weight {w.type} "
+                         f"with groups={g} expects {w.shape[1] * g}")
+    p, extra = _conv_padding(what, padding, s, w.shape[2:], d)
+    n = x.shape[0]
+    x, w, s, p, extra, d = _as_2d(nsp, x, w, (1, s), (0, p), (0, extra), (1, d))
+    x = lax.pad(x, (0,) * 4, (0, 0) + extra)
+    y = lax.conv2d(x, w, s, p, d, g)
+    return _conv_result(nsp, y, n, bias, dt, squeeze)
+
+
 @op("conv2d")
-def conv2d(input, weight, bias=None, stride=1, padding=0):
-    """padding: ints, or "valid" (none) or "same" (stride 1 only; output size = input size)."""
-    return _conv("conv2d", 2, input, weight, bias, stride, padding)
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """weight [out, in/groups, kh, kw]; padding: ints, or "valid" (none) or "same" (stride 1
+    only; output size = input size, the odd padding on the right/bottom as in PyTorch)."""
+    return _conv("conv2d", 2, input, weight, bias, stride, padding, dilation, groups)
 
 
 @op("conv1d")
-def conv1d(input, weight, bias=None, stride=1, padding=0):
-    """padding: ints, or "valid" (none) or "same" (stride 1 only; output size = input size)."""
-    return _conv("conv1d", 1, input, weight, bias, stride, padding)
+def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """weight [out, in/groups, k]; padding: ints, or "valid" (none) or "same" (stride 1 only)."""
+    return _conv("conv1d", 1, input, weight, bias, stride, padding, dilation, groups)
 
 
-def _pool_window(what, nsp, kernel_size, stride, padding):
+def _conv_transpose(what, nsp, input, weight, bias, stride, padding, output_padding, groups,
+                    dilation):
+    """The adjoint of a convolution with respect to its input: conv2d_input_grad of the input,
+    with the weight [in, out/groups, ...] as the convolution's [O, C/G, ...]."""
+    dt, x, w, squeeze = _conv_operands(what, nsp, input, weight, bias, "in, out/groups")
+    s = _ints(stride, nsp, what, "stride", 1)
+    d = _ints(dilation, nsp, what, "dilation", 1)
+    p = _ints(padding, nsp, what, "padding", 0)
+    op_ = _ints(output_padding, nsp, what, "output_padding", 0)
+    g = _groups(what, groups, x.shape[1], w.shape[0], "input channels", "weight's input channels")
+    if x.shape[1] != w.shape[0]:
+        raise ShapeError(f"{what}: input {x.type} has {x.shape[1]} channels but weight {w.type} "
+                         f"expects {w.shape[0]}")
+    if any(o >= a for o, a in zip(op_, s)):
+        # (PyTorch also allows output_padding < dilation; not supported here)
+        raise _error(ValueError, f"{what}: output_padding must be smaller than the stride {s}, got "
+                                 f"{op_}")
+    # out = (L - 1)*s - 2p + d*(k - 1) + 1 + output_padding; the convolution of an input of that
+    # size gives back L (the output_padding rows are ones no window reaches, cotangent 0)
+    out_sp = tuple((L - 1) * si - 2 * pi + di * (k - 1) + 1 + o
+                   for L, si, pi, di, k, o in zip(x.shape[2:], s, p, d, w.shape[2:], op_))
+    if any(L < 1 for L in out_sp):
+        raise ShapeError(f"{what}: the output size {out_sp} is not positive (input {x.type}, "
+                         f"weight {w.type}, stride {s}, padding {p}, dilation {d})")
+    n = x.shape[0]
+    x, w, s, p, d, out_sp = _as_2d(nsp, x, w, (1, s), (0, p), (1, d), (1, out_sp))
+    y = lax.conv2d_input_grad(x, w, out_sp, s, p, d, g)
+    return _conv_result(nsp, y, n, bias, dt, squeeze)
+
+
+@op("conv_transpose2d")
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1):
+    """weight [in, out/groups, kh, kw] (PyTorch's layout); the gradient of conv2d with respect to
+    its input, computed by the same kernels."""
+    return _conv_transpose("conv_transpose2d", 2, input, weight, bias, stride, padding,
+                           output_padding, groups, dilation)
+
+
+@op("conv_transpose1d")
+def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1):
+    """weight [in, out/groups, k]; see conv_transpose2d."""
+    return _conv_transpose("conv_transpose1d", 1, input, weight, bias, stride, padding,
+                           output_padding, groups, dilation)
+
+
+def _pool_window(what, nsp, kernel_size, stride, padding, dilation=1):
     k = _ints(kernel_size, nsp, what, "kernel_size", 1)
     s = k if stride is None else _ints(stride, nsp, what, "stride", 1)
-    return k, s, _ints(padding, nsp, what, "padding", 0)
+    p = _ints(padding, nsp, what, "padding", 0)
+    if any(2 * pp > kk for pp, kk in zip(p, k)):
+        raise _error(ValueError, f"{what}: padding must be at most half the kernel_size {k} "
+                                 f"(PyTorch's rule), got {p}")
+    return k, s, p, _ints(dilation, nsp, what, "dilation", 1)
 
 
-def _pool2d(lax_fn, what, input, kernel_size, stride, padding):
-    x, squeeze = _batched(as_value(input, result_dtype(input)), 2, what)
-    y = lax_fn(x, *_pool_window(what, 2, kernel_size, stride, padding))
-    return wrap(lax.reshape(y, y.shape[1:]) if squeeze else y)
+def _spatial(what, nsp, input):
+    """(x as a batched NCHW value, whether the input was unbatched, to2) where to2(t, fill)
+    turns a tuple of nsp spatial values into two (1-d pooling is 2-d pooling of height 1)."""
+    x, squeeze = _batched(as_value(input, result_dtype(input)), nsp, what)
+    if nsp == 1:
+        x = lax.reshape(x, x.shape[:2] + (1, x.shape[2]))
+    return x, squeeze, (lambda t, fill: t if nsp == 2 else (fill,) + tuple(t))
 
 
-def _pool1d(lax_fn, what, input, kernel_size, stride, padding):
-    x, squeeze = _batched(as_value(input, result_dtype(input)), 1, what)
-    (k,), (s,), (p,) = _pool_window(what, 1, kernel_size, stride, padding)
-    n, c, length = x.shape
-    y = lax_fn(lax.reshape(x, (n, c, 1, length)), (1, k), (1, s), (0, p))
-    y = lax.reshape(y, (n, c, y.shape[3]))
-    return wrap(lax.reshape(y, y.shape[1:]) if squeeze else y)
+def _unspatial(nsp, y, squeeze):
+    if nsp == 1:
+        y = lax.reshape(y, y.shape[:2] + (y.shape[3],))
+    return lax.reshape(y, y.shape[1:]) if squeeze else y
+
+
+def _max_pool(what, nsp, input, kernel_size, stride, padding, dilation, ceil_mode,
+              return_indices):
+    k, s, p, d = _pool_window(what, nsp, kernel_size, stride, padding, dilation)
+    x, squeeze, to2 = _spatial(what, nsp, input)
+    window = (to2(k, 1), to2(s, 1), to2(p, 0), to2(d, 1), bool(ceil_mode))
+    y = wrap(_unspatial(nsp, lax.max_pool2d(x, *window), squeeze))
+    if not return_indices:
+        return y
+    # PyTorch's indices: the flat position (h*W + w) of each maximum in its input plane, int64
+    idx = lax.convert(lax.max_pool2d_argmax(x, *window), "i64")
+    return y, wrap(_unspatial(nsp, idx, squeeze))
 
 
 @op("max_pool2d")
-def max_pool2d(input, kernel_size, stride=None, padding=0):
-    return _pool2d(lax.max_pool2d, "max_pool2d", input, kernel_size, stride, padding)
-
-
-@op("avg_pool2d")
-def avg_pool2d(input, kernel_size, stride=None, padding=0):
-    return _pool2d(lax.avg_pool2d, "avg_pool2d", input, kernel_size, stride, padding)
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """stride defaults to kernel_size; padding is -inf; ceil_mode keeps a last partial window;
+    return_indices: also the int64 flat index (h*W + w) of each window's first maximum."""
+    return _max_pool("max_pool2d", 2, input, kernel_size, stride, padding, dilation, ceil_mode,
+                     return_indices)
 
 
 @op("max_pool1d")
-def max_pool1d(input, kernel_size, stride=None, padding=0):
-    return _pool1d(lax.max_pool2d, "max_pool1d", input, kernel_size, stride, padding)
+def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    return _max_pool("max_pool1d", 1, input, kernel_size, stride, padding, dilation, ceil_mode,
+                     return_indices)
+
+
+def _avg_divisors(in_sp, out_sp, k, s, p, count_include_pad):
+    """PyTorch's divisor of each average-pooling window [out...]: the window clipped to the
+    padded input (count_include_pad) or to the input."""
+    per_dim = []
+    for n, o, kk, ss, pp in zip(in_sp, out_sp, k, s, p):
+        start = np.arange(o) * ss - pp
+        end = np.minimum(start + kk, n + pp)
+        if not count_include_pad:
+            start, end = np.maximum(start, 0), np.minimum(end, n)
+        per_dim.append((end - start).astype(np.float64))
+    return per_dim[0][:, None] * per_dim[1][None, :] if len(per_dim) == 2 else per_dim[0]
+
+
+def _avg_pool(what, nsp, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+              divisor_override):
+    k, s, p, _ = _pool_window(what, nsp, kernel_size, stride, padding)
+    if divisor_override is not None and (not _is_int(divisor_override) or divisor_override == 0):
+        raise _error(ValueError, f"{what}: divisor_override must be a non-zero int or None, got "
+                                 f"{divisor_override!r}")
+    x, squeeze, to2 = _spatial(what, nsp, input)
+    y = lax.avg_pool2d(x, to2(k, 1), to2(s, 1), to2(p, 0), bool(ceil_mode))   # sums / prod(k)
+    in_sp, out_sp = x.shape[4 - nsp:], y.shape[4 - nsp:]
+    if divisor_override is not None:
+        div = np.full(out_sp, float(divisor_override))
+    else:
+        div = _avg_divisors(in_sp, out_sp, k, s, p, count_include_pad)
+    scale = np.prod(k) / div
+    if np.any(scale != 1.0):   # a constant per output position, fused into the epilogue
+        c = lax.literal(scale.reshape(y.shape[2:]).astype(np.float32 if y.dtype == "f32"
+                                                           else np.float64))
+        y = lax.mul(y, lax.broadcast_in_dim(c, y.shape, (2, 3)))
+    return wrap(_unspatial(nsp, y, squeeze))
+
+
+@op("avg_pool2d")
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None):
+    """stride defaults to kernel_size; PyTorch's divisors (count_include_pad counts the zero
+    padding, never what ceil_mode's last windows reach past it; divisor_override replaces them)."""
+    return _avg_pool("avg_pool2d", 2, input, kernel_size, stride, padding, ceil_mode,
+                     count_include_pad, divisor_override)
 
 
 @op("avg_pool1d")
-def avg_pool1d(input, kernel_size, stride=None, padding=0):
-    return _pool1d(lax.avg_pool2d, "avg_pool1d", input, kernel_size, stride, padding)
+def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True):
+    return _avg_pool("avg_pool1d", 1, input, kernel_size, stride, padding, ceil_mode,
+                     count_include_pad, None)
+
+
+def _output_size(what, nsp, output_size, in_sp):
+    """PyTorch's output_size: an int or a tuple of ints or None (None keeps the input's size)."""
+    vals = (output_size,) * nsp if _is_int(output_size) or output_size is None else \
+        tuple(output_size) if isinstance(output_size, (tuple, list)) else ()
+    if len(vals) != nsp or not all(v is None or (_is_int(v) and v >= 1) for v in vals):
+        raise _error(ValueError, f"{what}: output_size must be a positive int or a tuple of {nsp} "
+                                 f"positive ints (or None), got {output_size!r}")
+    return tuple(n if v is None else int(v) for v, n in zip(vals, in_sp))
+
+
+def _adaptive_bounds(n, o):
+    """PyTorch's adaptive windows of an axis of n into o: [floor(i*n/o), ceil((i+1)*n/o))."""
+    i = np.arange(o)
+    return (i * n) // o, -((-(i + 1) * n) // o)
+
+
+def _adaptive_axis_avg(y, axis, o):
+    """Adaptive average along spatial axis 2 or 3 of y: a window pooling when the windows tile
+    the axis, else a product with the constant [n, o] averaging matrix."""
+    n = y.shape[axis]
+    if n % o == 0:
+        k = (n // o, 1) if axis == 2 else (1, n // o)
+        return y if n == o else lax.avg_pool2d(y, k, k, (0, 0))
+    start, end = _adaptive_bounds(n, o)
+    m = np.zeros((n, o))
+    for i in range(o):
+        m[start[i]:end[i], i] = 1.0 / (end[i] - start[i])
+    m = lax.literal(m.astype(np.float32 if y.dtype == "f32" else np.float64))
+    if axis == 2:   # y [N, C, H, W] -> [N, C, W, H] so that H is the contracted last axis
+        t = lax.transpose(y, (0, 1, 3, 2))
+        r = lax.matmul(lax.reshape(t, (t.type.size // n, n)), m)
+        return lax.transpose(lax.reshape(r, t.shape[:3] + (o,)), (0, 1, 3, 2))
+    r = lax.matmul(lax.reshape(y, (y.type.size // n, n)), m)
+    return lax.reshape(r, y.shape[:3] + (o,))
+
+
+def _adaptive_axis_max(y, axis, o):
+    """Adaptive max along spatial axis 2 or 3: a window pooling when the windows tile the axis,
+    else a gather of each window padded to the longest by repeating its last element (which
+    changes no maximum, and the gather's adjoint adds the split cotangent back), then a max."""
+    n = y.shape[axis]
+    if n % o == 0:
+        k = (n // o, 1) if axis == 2 else (1, n // o)
+        return y if n == o else lax.max_pool2d(y, k, k, (0, 0))
+    start, end = _adaptive_bounds(n, o)
+    kmax = int((end - start).max())
+    idx = np.minimum(start[:, None] + np.arange(kmax)[None, :], end[:, None] - 1)
+    shape = [1, 1, 1, 1]
+    shape[axis] = o * kmax
+    g = lax.gather(y, lax.literal(idx.reshape(shape).astype(np.int32)), axis)
+    split = y.shape[:axis] + (o, kmax) + y.shape[axis + 1:]
+    return lax.reduce_max(lax.reshape(g, split), (axis + 1,))
+
+
+def _adaptive(what, nsp, input, output_size, axis_fn):
+    x, squeeze, to2 = _spatial(what, nsp, input)
+    out = to2(_output_size(what, nsp, output_size, x.shape[4 - nsp:]), 1)
+    y = axis_fn(axis_fn(x, 3, out[1]), 2, out[0])   # windows are rectangles: one axis at a time
+    return wrap(_unspatial(nsp, y, squeeze))
+
+
+@op("adaptive_avg_pool2d")
+def adaptive_avg_pool2d(input, output_size):
+    """Averages over PyTorch's adaptive windows [floor(i*H/oh), ceil((i+1)*H/oh)) x (same in W)."""
+    return _adaptive("adaptive_avg_pool2d", 2, input, output_size, _adaptive_axis_avg)
+
+
+@op("adaptive_avg_pool1d")
+def adaptive_avg_pool1d(input, output_size):
+    return _adaptive("adaptive_avg_pool1d", 1, input, output_size, _adaptive_axis_avg)
+
+
+def _no_indices(what, return_indices):
+    if return_indices:
+        raise _error(NotImplementedError, f"{what}: return_indices=True is not supported; use "
+                                          f"max_pool2d(..., return_indices=True) for window pooling")
+
+
+@op("adaptive_max_pool2d")
+def adaptive_max_pool2d(input, output_size, return_indices=False):
+    """Maxima over PyTorch's adaptive windows (see adaptive_avg_pool2d)."""
+    _no_indices("adaptive_max_pool2d", return_indices)
+    return _adaptive("adaptive_max_pool2d", 2, input, output_size, _adaptive_axis_max)
+
+
+@op("adaptive_max_pool1d")
+def adaptive_max_pool1d(input, output_size, return_indices=False):
+    _no_indices("adaptive_max_pool1d", return_indices)
+    return _adaptive("adaptive_max_pool1d", 1, input, output_size, _adaptive_axis_max)
 
 
 @op("flatten")

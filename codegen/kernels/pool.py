@@ -70,12 +70,25 @@ class _Geom:
     sw: int
     ph: int
     pw: int
+    dh: int = 1     # dilation: tap (i, j) is input (r*sh + i*dh - ph, c*sw + j*dw - pw)
+    dw: int = 1
+
+    @property
+    def rows_outside(self) -> bool:
+        """Whether some window rows fall outside the plane (padding, or ceil mode's last
+        windows), so that the row loop masks them."""
+        return self.ph != 0 or (self.OH - 1) * self.sh + (self.kh - 1) * self.dh - self.ph >= self.H
+
+    @property
+    def cols_outside(self) -> bool:
+        return self.pw != 0 or (self.OW - 1) * self.sw + (self.kw - 1) * self.dw - self.pw >= self.W
 
 
 def _geom(in_shape, out_shape, params) -> _Geom:
     (kh, kw), (sh, sw), (ph, pw) = params["kernel"], params["stride"], params["padding"]
+    dh, dw = params.get("dilation", (1, 1))
     n, c, h, w = in_shape
-    return _Geom(n * c, h, w, out_shape[2], out_shape[3], kh, kw, sh, sw, ph, pw)
+    return _Geom(n * c, h, w, out_shape[2], out_shape[3], kh, kw, sh, sw, ph, pw, dh, dw)
 
 
 @dataclass(frozen=True)
@@ -89,8 +102,9 @@ class _Layout:
         """Lane of the wide load holding tap (i, j) of each output lane. "row": the load is of tap
         row i; "block": one load serves all tap rows. Lanes past R*OW repeat a valid lane."""
         if self.R == 1:
-            return [l * g.sw + j for l in range(self.V)]
-        q = [(rr * g.sh + i) * g.W + c * g.sw + j for rr in range(self.R) for c in range(g.OW)]
+            return [l * g.sw + j * g.dw for l in range(self.V)]
+        q = [(rr * g.sh + i * g.dh) * g.W + c * g.sw + j * g.dw for rr in range(self.R)
+             for c in range(g.OW)]
         return q + [q[-1]] * (self.V - len(q))
 
     def used(self, g: _Geom) -> int:
@@ -108,13 +122,19 @@ class _Layout:
 
 
 def _layout(g: _Geom, V: int) -> _Layout:
-    if g.ph == 0 and g.pw == 0 and 2 * g.OW <= V:
+    if not g.rows_outside and not g.cols_outside and 2 * g.OW <= V:
         # as many whole rows as fit, as long as their inputs fit in four registers
         for R in range(min(V // g.OW, g.OH), 1, -1):
-            L = round_up(((R - 1) * g.sh + g.kh - 1) * g.W + (g.OW - 1) * g.sw + g.kw, V)
+            L = round_up(_block_span(g, R), V)
             if L <= 4 * V:
                 return _Layout(V, L, R)
-    return _Layout(V, round_up(V * g.sw + max(0, g.kw - g.sw), V), 1)
+    return _Layout(V, round_up(V * g.sw + max(0, g.dw * (g.kw - 1) + 1 - g.sw), V), 1)
+
+
+def _block_span(g: _Geom, rows) -> int:
+    """Elements from the first input of a block of `rows` whole output rows to its last + 1."""
+    return ((rows - 1) * g.sh + (g.kh - 1) * g.dh) * g.W + (g.OW - 1) * g.sw + \
+        (g.kw - 1) * g.dw + 1
 
 
 # --------------------------------------------------------------------------- LLVM helpers
@@ -183,9 +203,9 @@ class _Window:
                 h0 = b.sub(b.mul(r, i64(g.sh)), i64(g.ph), name="row.base")
                 loads = []
                 for i in range(g.kh):
-                    h = b.add(h0, i64(i), name=f"row{i}")
+                    h = b.add(h0, i64(i * g.dh), name=f"row{i}")
                     mask = col_ok
-                    if g.ph:   # rows of the top/bottom padding read nothing
+                    if g.rows_outside:   # rows of the padding read nothing
                         ok = _in_range(b, h, 0, g.H, name=f"row{i}.ok")
                         mask = b.select(ok, col_ok, _bvec([0] * self.L))
                         h = b.select(ok, h, i64(0))
@@ -195,7 +215,7 @@ class _Window:
     def _block(self, body, p, r):
         b, g, lay = self.b, self.g, self.lay
         used = lay.R * g.OW
-        span = lambda rows: ((rows - 1) * g.sh + g.kh - 1) * g.W + (g.OW - 1) * g.sw + g.kw
+        span = lambda rows: _block_span(g, rows)
         if g.OH % lay.R == 0:
             out_mask = _bvec([q < used for q in range(self.V)])
             mask = _bvec([q < span(lay.R) for q in range(self.L)])
@@ -203,8 +223,7 @@ class _Window:
             rows = b.sub(i64(g.OH), r)
             rows = b.select(b.icmp_signed("<", rows, i64(lay.R)), rows, i64(lay.R))
             out_mask = lane_mask(b, b.mul(rows, i64(g.OW)), self.V)
-            n = b.add(b.mul(b.sub(rows, i64(1)), i64(g.sh * g.W)),
-                      i64((g.kh - 1) * g.W + (g.OW - 1) * g.sw + g.kw))
+            n = b.add(b.mul(b.sub(rows, i64(1)), i64(g.sh * g.W)), i64(span(1)))
             mask = lane_mask(b, n, self.L)
         h0 = b.mul(r, i64(g.sh), name="row.base")
         loads = [(list(range(g.kh)), b.mul(h0, i64(g.W)), mask)]
@@ -284,10 +303,13 @@ def _first_real_tap(b, w: _Window, base, h0, loads):
     g, V = w.g, w.V
     if w.lay.R > 1:   # no padding: tap (0, 0)
         return b.add(splat(b, b.trunc(loads[0][1], I32), V), w.taps(0, 0))
-    h = b.select(b.icmp_signed("<", h0, i64(0)), i64(0), h0)
+    # the first tap row/column at or after 0: h0 + ceil(-h0 / dh) * dh when h0 < 0
+    up = b.mul(b.sdiv(b.sub(i64(g.dh - 1), h0), i64(g.dh)), i64(g.dh))
+    h = b.select(b.icmp_signed("<", h0, i64(0)), b.add(h0, up), h0)
     cols = b.add(splat(b, b.trunc(base, I32), V), _ivec([l * g.sw for l in range(V)]))
     zero = _ivec([0] * V)
-    cols = b.select(b.icmp_signed("<", cols, zero), zero, cols)
+    up = b.mul(b.sdiv(b.sub(_ivec([g.dw - 1] * V), cols), _ivec([g.dw] * V)), _ivec([g.dw] * V))
+    cols = b.select(b.icmp_signed("<", cols, zero), b.add(cols, up), cols)
     return b.add(splat(b, b.trunc(b.mul(h, i64(g.W)), I32), V), cols)
 
 

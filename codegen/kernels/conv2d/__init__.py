@@ -2,7 +2,9 @@
 
 Modules: layout.py (the padded copy, the weights copy: shared by all), core.py (the plan of
 conv2d / conv2d_input_grad and its kernel function), direct.py and channel.py (its two
-algorithms; the flat mode is the direct one over one long row), wgrad.py (conv2d_weight_grad).
+algorithms; the flat mode is the direct one over one long row), phased.py (the strided input
+gradient, phase by phase on the core), wgrad.py (conv2d_weight_grad), window.py (groups > 1 or
+dilation > 1: all three primitives).
 
 All three read the image operand through a zero-padded copy that each thread prepares in its scratch
 region (`layout.Prep`). The copy makes every tap of every output pixel an in-bounds, unmasked read, so the
@@ -12,10 +14,13 @@ The copy also removes the strides from the inner loops:
 - a horizontal stride sx is undone by splitting each padded row into sx phase rows (column
   Q = q' * sx + phase is stored at [phase][q']), so the input pixels of sixteen consecutive output
   pixels are sixteen consecutive floats for every tap;
-- the input gradient is a stride-1 convolution of the cotangent, dilated by the stride (zeros between
-  the pixels) and padded by KH-1-ph / KW-1-pw, with the weights flipped and transposed: the copy
-  dilates and pads, and a flipped, transposed copy of the weights (also in scratch) lets it share
-  the forward core.
+- the input gradient is a stride-1 convolution of the cotangent, padded by KH-1-ph / KW-1-pw, with
+  the weights flipped and transposed: the copy pads, and a flipped, transposed copy of the weights
+  (also in scratch) lets it share the forward core. With strides, each output phase (pixels
+  py + sh*y', px + sw*x') is its own stride-1 convolution with the sub-kernel of the taps that
+  reach it (phased.py), so no multiply-add sees the zeros a dilated cotangent would have.
+
+Grouped and dilated convolutions (depthwise above all) run on window loops instead (window.py).
 
 conv2d and conv2d_input_grad share one register-blocked core (`core.Core`, direct.py): an item is
 one image and a block of R output channels (and a chunk of rows when there are few items); a tile is R channels x

@@ -19,6 +19,8 @@ from ..toolkit import ceil_div, dtype_info, kernel_function, round_up, thread_ra
 from .channel import lower_channel
 from .direct import lower_direct
 from .layout import ALIGN, FORCE, Prep, weights_copy
+from .phased import phased_input_grad
+from .window import is_window, lower_conv2d, lower_conv2d_input_grad
 
 # Register blocks (R, PR, PV) tried, in order of preference: few of them, so that kernels of
 # different shapes share functions. A tile of PV vectors per row is the same work as PV row blocks
@@ -193,13 +195,17 @@ def _conv_core(ins, epilogue=None) -> Core:
     return core.blocked(epilogue)
 
 
-def _input_grad_core(ins, epilogue=None) -> Core:
+def _input_grad_core(ins, epilogue=None):
     ct, w = ins.inputs
     (sh, sw), (ph, pw) = ins.params["stride"], ins.params["padding"]
     n, o, oh, ow = ct.shape
     _, c, kh, kw = w.shape
     h, wd = ins.params["in_hw"]
     _, vl, _ = dtype_info(ins.out.dtype)
+    if (sh, sw) != (1, 1) and not FORCE.get("dilated_igrad", False):
+        # per output phase, without the dilation's zeros (phased.py)
+        return phased_input_grad(ins.out.dtype, n, o, c, h, wd, oh, ow, kh, kw, sh, sw, ph, pw,
+                                 epilogue, Core)
     if pw == 0:
         # Rows of pitch W instead of W + KW - 1: the KW - 1 columns of right padding overlap the
         # KW - 1 columns of left padding of the next row (all zeros either way), so that rows
@@ -214,19 +220,26 @@ def _input_grad_core(ins, epilogue=None) -> Core:
     return core.blocked(epilogue)
 
 
-def _register_core(prim, make, cost):
+def _register_core(prim, make, cost, lower_window):
     """Register the lowering of a primitive computed by the shared core; `make(ins) -> Core`.
-    (The scratch size does not depend on the epilogue: only `yc` does, not the region.)"""
+    (The scratch size does not depend on the epilogue: only `yc` does, not the region.) Grouped
+    or dilated instructions go to `lower_window` instead (window.py, no scratch)."""
     def scratch_bytes(ins, nthreads):
+        if is_window(ins):
+            return 0
         core = make(ins)
         return nthreads * core.thread_elems * dtype_info(ins.out.dtype)[2]
 
     def lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
-        make(ins, epilogue).lower(module, name, epilogue)
+        if is_window(ins):
+            lower_window(module, name, ins, epilogue)
+        else:
+            make(ins, epilogue).lower(module, name, epilogue)
 
     register(prim, scratch_bytes=scratch_bytes, epilogue=True, parallel=True, cost=cost,
              compile_weight=CONV_WEIGHT)(lower)
 
 
-_register_core(conv2d_p, _conv_core, conv2d_cost)
-_register_core(conv2d_input_grad_p, _input_grad_core, conv2d_input_grad_cost)
+_register_core(conv2d_p, _conv_core, conv2d_cost, lower_conv2d)
+_register_core(conv2d_input_grad_p, _input_grad_core, conv2d_input_grad_cost,
+               lower_conv2d_input_grad)

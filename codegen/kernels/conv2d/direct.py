@@ -56,16 +56,9 @@ def lower_direct(core, kf, ptrs, t0, t1):
     """The items [t0, t1) of `core` (a Core) in the kernel function `kf`; ptrs: out, src, weights,
     thread region."""
     b = kf.b
-    first, last = core.prep.data_rows()
-    yc = ceil_div(core.oy, core.rows_per_chunk)
     plane = core.oy * core.ox
-    shape = CoreParams(ci=core.ci, co=core.co, oy=core.oy, ox=core.ox, kh=core.kh, sy=core.sy,
-                       ws_o=core.ws_o, ws_c=core.ws_c, ws_i=core.ws_i, src_image=core.src_image,
-                       yc=yc, rows_per_chunk=core.rows_per_chunk,
-                       ob_count=ceil_div(core.co, core.r), first=first, last=last,
-                       on=core.co * plane, oc=plane, orow=core.ox, orel=0, fpitch=1 << 40,
-                       prep=core.prep.params())
-    fn = _core_function(b.module, core)
+    shape = core_shape(core)
+    fn = core_function(b.module, core)
     if core.flat:
         _lower_flat(core, kf, fn, ptrs, shape, t0, t1)
     elif kf.epilogue is None:
@@ -79,6 +72,18 @@ def lower_direct(core, kf, ptrs, t0, t1):
             nchan = b.sub(smin(b, b.add(o0, i64(core.r)), core.co), o0)
             start = b.mul(b.add(b.mul(n, i64(core.co)), o0), i64(plane))
             kf.epilogue_rows(start, b.mul(nchan, i64(plane)))
+
+
+def core_shape(core) -> CoreParams:
+    """The run-time arguments of `core` (a blocked Core) for its whole output, items unset."""
+    first, last = core.prep.data_rows()
+    plane = core.oy * core.ox
+    return CoreParams(ci=core.ci, co=core.co, oy=core.oy, ox=core.ox, kh=core.kh, sy=core.sy,
+                      ws_o=core.ws_o, ws_c=core.ws_c, ws_i=core.ws_i, src_image=core.src_image,
+                      yc=ceil_div(core.oy, core.rows_per_chunk),
+                      rows_per_chunk=core.rows_per_chunk, ob_count=ceil_div(core.co, core.r),
+                      first=first, last=last, on=core.co * plane, oc=plane, orow=core.ox, orel=0,
+                      fpitch=1 << 40, prep=core.prep.params())
 
 
 def _lower_flat(core, kf, fn, ptrs, shape: CoreParams, t0, t1):
@@ -111,7 +116,7 @@ def _lower_flat(core, kf, fn, ptrs, shape: CoreParams, t0, t1):
         kf.epilogue_rows(start, b.mul(nchan, i64(plane)))
 
 
-def _core_function(module, core):
+def core_function(module, core):
     key = _CoreKey(core.dtype, core.r, core.pr, core.pv, core.kw, core.sx, core.prep.contiguous)
     return shared_function(module, "conv", key, 4, CoreParams, _core_body)
 

@@ -16,6 +16,7 @@ from ..toolkit import I64Arg, Params, ceil_div, dtype_info, hsum, kernel_functio
     memset0, opaque, params, round_up, shared_function, smax, smin, thread_range
 from ...target import vector_registers
 from .layout import ALIGN, FORCE, PadKey, Prep, PrepParams, pad
+from .window import is_window, lower_conv2d_weight_grad
 
 WGRAD_CHUNK_BYTES = 64 * 1024  # target size of a chunk of images of the weight gradient
 
@@ -144,6 +145,8 @@ def _wgrad_plan(ins) -> _WGrad:
 
 
 def _wgrad_scratch(ins, nthreads):
+    if is_window(ins):
+        return 0
     return nthreads * _wgrad_plan(ins).region_elems * dtype_info(ins.out.dtype)[2]
 
 
@@ -182,6 +185,9 @@ class WGradParams(Params):
 @register(conv2d_weight_grad_p, scratch_bytes=_wgrad_scratch, epilogue=False, parallel=True,
           cost=conv2d_weight_grad_cost, compile_weight=CONV_WEIGHT)
 def _conv2d_weight_grad_lower(module: ir.Module, name: str, ins) -> None:
+    if is_window(ins):   # grouped or dilated
+        lower_conv2d_weight_grad(module, name, ins)
+        return
     p = _wgrad_plan(ins)
     kf = kernel_function(module, name, 2)
     b = kf.b

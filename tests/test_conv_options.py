@@ -1,0 +1,154 @@
+"""Convolution options against torch.nn.functional in float64: dilation, groups (depthwise and
+general), padding "same"/"valid", transposed convolutions; values and both gradients of the
+compiled code, over a compact grid of option combinations, and the errors for bad options."""
+import numpy as np
+import pytest
+
+import tracejit as tj
+from tracejit import nn
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+# (input shape, weight shape, stride, padding, dilation, groups): each a distinct compile
+CONV2D = [
+    ((2, 4, 7, 9), (4, 1, 3, 3), 1, 1, 1, 4),              # depthwise
+    ((1, 3, 8, 19), (6, 1, 3, 3), 2, 1, 1, 3),             # depthwise x2, strided, wide rows
+    ((2, 4, 7, 9), (8, 2, 3, 2), (2, 1), (1, 0), (2, 1), 2),
+    ((1, 6, 6, 6), (3, 2, 2, 3), 1, "same", 2, 3),
+    ((1, 2, 9, 8), (2, 2, 3, 3), 1, "valid", 3, 1),        # dilation alone
+    ((2, 4, 5, 5), (4, 2, 1, 1), 1, 0, 1, 2),              # grouped 1x1
+]
+CONV1D = [
+    ((2, 3, 17), (3, 1, 5), 1, "same", 2, 3),
+    ((1, 4, 12), (6, 2, 3), 3, 2, 1, 2),
+]
+TRANSPOSE2D = [   # (input, weight [C_in, C_out/G, kh, kw], stride, padding, output_padding, groups, dilation)
+    ((2, 4, 4, 5), (4, 3, 3, 3), 2, 1, 1, 2, 1),
+    ((1, 3, 3, 4), (3, 1, 2, 3), (1, 2), (0, 1), (0, 1), 3, (2, 1)),
+    ((1, 2, 5, 3), (2, 2, 3, 1), 1, 0, 0, 1, 1),
+]
+TRANSPOSE1D = [((2, 2, 6), (2, 2, 4), 2, 1, 1, 1, 2)]
+
+
+def _check(tj_fn, torch_fn, xs, ws, bias_size, seed):
+    rng = np.random.default_rng(seed)
+    x, w, b = rng.standard_normal(xs), rng.standard_normal(ws), rng.standard_normal(bias_size)
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    ty = torch_fn(tx, tw, tb)
+    r = rng.standard_normal(tuple(ty.shape))
+    (ty * torch.tensor(r)).sum().backward()
+
+    def loss(x, w, b, r):   # one compile: the output rides along as aux
+        y = tj_fn(x, w, b)
+        return (y * r).sum(), y
+
+    (_, y), grads = tj.jit_value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, w, b, r)
+    np.testing.assert_allclose(np.asarray(y), ty.detach().numpy(), rtol=0, atol=1e-10)
+    for g, t in zip(grads, (tx, tw, tb)):
+        np.testing.assert_allclose(np.asarray(g), t.grad.numpy(), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("nsp, case", [(2, c) for c in CONV2D] + [(1, c) for c in CONV1D],
+                         ids=str)
+def test_conv_matches_torch(nsp, case):
+    xs, ws, s, p, d, g = case
+    tjf, tf = (nn.conv2d, F.conv2d) if nsp == 2 else (nn.conv1d, F.conv1d)
+    _check(lambda x, w, b: tjf(x, w, b, s, p, d, g), lambda x, w, b: tf(x, w, b, s, p, d, g),
+           xs, ws, (ws[0],), 0)
+
+
+@pytest.mark.parametrize("nsp, case", [(2, c) for c in TRANSPOSE2D] + [(1, c) for c in TRANSPOSE1D],
+                         ids=str)
+def test_conv_transpose_matches_torch(nsp, case):
+    xs, ws, s, p, op, g, d = case
+    tjf, tf = (nn.conv_transpose2d, F.conv_transpose2d) if nsp == 2 else \
+        (nn.conv_transpose1d, F.conv_transpose1d)
+    _check(lambda x, w, b: tjf(x, w, b, s, p, op, g, d), lambda x, w, b: tf(x, w, b, s, p, op, g, d),
+           xs, ws, (ws[1] * g,), 1)
+
+
+def test_keywords_in_pytorch_order():
+    x, w = np.ones((1, 4, 5, 5)), np.ones((4, 1, 3, 3))
+    a = nn.conv2d(x, w, None, 1, 1, 1, 4)
+    b = nn.conv2d(x, w, groups=4, padding=1)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(groups=3), ["groups", "input channels (4)", "3"]),
+    (dict(groups=0), ["groups", "positive", "0"]),
+    (dict(groups=2.0), ["groups", "2.0"]),
+    (dict(dilation=0), ["dilation", "positive", "0"]),
+    (dict(padding="full"), ["padding", "'same'", "'full'"]),
+    (dict(padding="same", stride=2), ["padding='same'", "stride", "(2, 2)"]),
+])
+def test_bad_conv_options_name_the_argument(kwargs, words):
+    x, w = np.ones((1, 4, 6, 6)), np.ones((4, 2, 3, 3))
+    kwargs.setdefault("groups", 2)
+    with pytest.raises(ValueError) as e:
+        nn.conv2d(x, w, **kwargs)
+    for word in words:
+        assert word in str(e.value), (word, str(e.value))
+
+
+def test_weight_channels_must_match_groups():
+    with pytest.raises(tj.ShapeError, match=r"groups=2 expects 6"):
+        nn.conv2d(np.ones((1, 4, 6, 6)), np.ones((4, 3, 3, 3)), groups=2)
+
+
+def test_bad_conv_transpose_options():
+    x, w = np.ones((1, 4, 3, 3)), np.ones((4, 1, 2, 2))
+    with pytest.raises(ValueError, match=r"output_padding must be smaller than the stride"):
+        nn.conv_transpose2d(x, w, stride=2, output_padding=2)
+    with pytest.raises(ValueError, match=r"groups \(3\)"):
+        nn.conv_transpose2d(x, w, groups=3)
+    with pytest.raises(tj.ShapeError, match=r"weight must be 4-d \[in, out/groups, kh, kw\]"):
+        nn.conv_transpose2d(x, np.ones((4, 1, 2)))
+
+
+def test_max_pool_return_indices_match_torch():
+    x = np.random.default_rng(2).standard_normal((2, 3, 7, 8))
+    for fn, tfn, kw in ((nn.max_pool2d, F.max_pool2d, dict(kernel_size=3, stride=2, padding=1,
+                                                           dilation=2, ceil_mode=True)),
+                        (nn.max_pool1d, F.max_pool1d, dict(kernel_size=2, ceil_mode=True))):
+        xi = x if fn is nn.max_pool2d else x[:, :, 0]
+        y, idx = tj.jit(lambda a: fn(a, return_indices=True, **kw))(xi)
+        ty, tidx = tfn(torch.tensor(xi), return_indices=True, **kw)
+        np.testing.assert_array_equal(np.asarray(y), ty.numpy())
+        np.testing.assert_array_equal(np.asarray(idx), tidx.numpy())
+        assert np.asarray(idx).dtype == np.int64
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda x: nn.max_pool2d(x, 2, padding=2), ["padding", "half", "(2, 2)"]),
+    (lambda x: nn.max_pool2d(x, 2, dilation=0), ["dilation", "0"]),
+    (lambda x: nn.avg_pool2d(x, 2, divisor_override=0), ["divisor_override", "0"]),
+    (lambda x: nn.adaptive_avg_pool2d(x, (2, 0)), ["output_size", "(2, 0)"]),
+    (lambda x: nn.adaptive_max_pool2d(x, 3, return_indices=True), ["return_indices"]),
+])
+def test_bad_pool_options_name_the_argument(call, words):
+    with pytest.raises((ValueError, NotImplementedError)) as e:
+        call(np.ones((1, 2, 6, 6)))
+    for word in words:
+        assert word in str(e.value), (word, str(e.value))
+
+
+def test_strided_input_gradient_skips_the_dilation_zeros():
+    """The input gradient of a stride-2 3x3 convolution plans about KH*KW/(sh*sw) multiply-adds
+    per input-gradient pixel and channel pair (per output phase, only the taps that reach it), not
+    the KH*KW of a stride-1 convolution over the cotangent dilated with zeros."""
+    from tracejit.codegen.kernels.conv2d.core import _input_grad_core
+    from tracejit.ir import lax
+    from tracejit.ir.builder import Builder, building
+    from tracejit.ir.core import TensorType
+    n, o, c, h, w = 2, 8, 4, 13, 12
+    with building(Builder("t")) as b:
+        ct = b.add_param(TensorType("f32", (n, o, 7, 6)))
+        wt = b.add_param(TensorType("f32", (o, c, 3, 3)))
+        ins = lax.conv2d_input_grad(ct, wt, (h, w), (2, 2), (1, 1)).instr
+    plan = _input_grad_core(ins)
+    macs = sum(p.core.n * p.core.ci * p.core.co * p.core.kh * p.core.kw * p.core.oy * p.core.ox
+               for p in plan.phases)
+    assert sum(p.core.oy * p.core.ox for p in plan.phases) == h * w   # the phases tile dx
+    assert macs == n * o * c * (4 * 6 * 6 + 2 * 6 * 6 + 2 * 7 * 6 + 1 * 7 * 6)   # 3x3 taps split 4/2/2/1
