@@ -597,6 +597,9 @@ def cumprod(a, axis=None, *, dim=None):
 # ------------------------------------------------------------------------------------------------
 @op("matmul")
 def matmul(a, b):
+    """numpy's matmul: products of the last two axes, leading (batch) axes broadcast; a 1-d
+    operand is a row (left) or column (right) whose axis is dropped from the result."""
+    from .ir.prims.linalg import batch_shape as mm_batch_shape
     va, vb = promote(a, b)
     if va.ndim == 0 or vb.ndim == 0:
         raise ShapeError(f"matmul: operands must not be scalars, got {va.type} @ {vb.type}")
@@ -604,18 +607,20 @@ def matmul(a, b):
         if va.shape != vb.shape:
             raise ShapeError(f"matmul: vector lengths differ: {va.type} @ {vb.type}")
         return wrap(lax.reduce_sum(lax.mul(va, vb)))
-    if vb.ndim > 2:
-        raise NotImplementedError(f"matmul: batched right operands are not supported "
-                                  f"({va.type} @ {vb.type})")
-    lead = va.shape[:-1]
-    a2 = lax.reshape(va, (math.prod(lead), va.shape[-1]))
-    b2 = lax.reshape(vb, (vb.shape[0], 1)) if vb.ndim == 1 else vb
-    if a2.shape[1] != b2.shape[0]:
+    a2 = lax.reshape(va, (1,) + va.shape) if va.ndim == 1 else va
+    b2 = lax.reshape(vb, vb.shape + (1,)) if vb.ndim == 1 else vb
+    if a2.shape[-1] != b2.shape[-2]:
         raise ShapeError(f"matmul: inner dimensions differ: {va.type} @ {vb.type} "
-                         f"({a2.shape[1]} != {b2.shape[0]})")
+                         f"({a2.shape[-1]} != {b2.shape[-2]})")
+    try:
+        mm_batch_shape(a2.shape, b2.shape)
+    except ShapeError:
+        raise ShapeError(f"matmul: batch dimensions {list(a2.shape[:-2])} and "
+                         f"{list(b2.shape[:-2])} do not broadcast: {va.type} @ {vb.type}") from None
     c = lax.matmul(a2, b2)
-    out_shape = lead + ((vb.shape[1],) if vb.ndim == 2 else ())
-    return wrap(lax.reshape(c, out_shape))
+    if va.ndim == 1 or vb.ndim == 1:   # drop the unit axis the vector operand was given
+        c = lax.reshape(c, c.shape[:-2] + c.shape[-2 + (va.ndim == 1):c.ndim - (vb.ndim == 1)])
+    return wrap(c)
 
 
 def shape_of(x) -> tuple:
