@@ -34,6 +34,7 @@ from .ops import (  # noqa: F401
     power, prod, rad2deg, ravel, reciprocal, repeat, reshape, roll, sign, sin, sinh, split,
     sqrt, square, squeeze, stack, std, stop_gradient, subtract, sum, swapaxes, take_along_axis,
     tan, tanh, tile, trace, transpose, tril, triu, var, vstack, where, zeros_like)
+from .ops import cross, einsum, inner, kron, tensordot, vdot  # noqa: F401,E402
 from .nn import erf  # noqa: F401  (tracejit.erf: a composite that lives beside gelu)
 from .tracer import Tracer  # noqa: F401
 from .transforms import hessian, jacfwd, jacrev, jit_jvp  # noqa: F401
