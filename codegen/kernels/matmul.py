@@ -15,7 +15,8 @@ region ([K, N] row-major) and uses the outer-product form.
 
 Edge tiles clamp their row (and dot-form column) indices to the last one: the extra lanes recompute
 and store the same value into the same element, which costs a little work on the border and no
-code variants. Columns of the outer-product form and the K tail of the dot form are masked.
+code variants. The last (partial) column tile of the outer-product form and the K tail of the dot
+form are masked; the outer form's whole column tiles run a second copy of its loops without masks.
 
 Compile time: the loops live in shape-generic functions (`shared_function`), one per form, dtype
 and register block, defined once per LLVM module and shared by every matmul of the module (the
@@ -43,7 +44,7 @@ import llvmlite.ir as ir
 from ...ir.prims.linalg import matmul_p
 
 from ..loops import FAST, carry_loop, fma, gep, i64, llvm_type, load, masked_load, masked_store, \
-    splat, store, vload
+    splat, store, vload, vstore
 from ..target import vector_registers
 from . import MATMUL_WEIGHT, matmul_cost, register
 from .toolkit import DtypeKey, I64Arg, KernelFunction, Params, Shared, SharedFunction, ceil_div, \
@@ -320,23 +321,51 @@ def _pack_function(module: ir.Module, dtype: str) -> SharedFunction:
 
 def _emit_outer(s: Shared, p: _TileKey):
     b = s.b
+    _, vl, _ = dtype_info(p.dtype)
+    tile = p.nr * vl
+    # whole column tiles first, with plain loads and stores; then the partial last tile, if
+    # [c0, c1) has it, masked. Masks in the K loop cost a compare and a masked load per step
+    # and, with 16 vector registers, spill the accumulators' neighbours to the stack: about half
+    # the speed when the shapes are run-time values (LLVM cannot prove the masks full then)
+    split = b.sub(s.n, b.urem(s.n, i64(tile)), name="matmul.j.full")
+    _outer_columns(s, p, s.c0, smin(b, s.c1, split), masked=False)
+    _outer_columns(s, p, smax(b, s.c0, split), s.c1, masked=True)
+
+
+def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
+    """The outer-product tiles of columns [c0, c1) (tile boundaries), every row tile of
+    [r0, r1); `masked`: the columns may end past N (else they all lie inside)."""
+    b = s.b
     out, a_mat, b_mat = s.ptrs
     ety, vl, _ = dtype_info(p.dtype)
     mr, nv = p.mr, p.nr
     vty = ir.VectorType(ety, vl)
     m1 = b.sub(s.m, i64(1))
-    with carry_loop(b, s.c0, s.c1, [], "matmul.j", step=nv * vl) as lj:
+    kind = "tail" if masked else "full"
+    with carry_loop(b, c0, c1, [], f"matmul.j.{kind}", step=nv * vl) as lj:
         j0 = lj.iv
         left = b.sub(s.n, j0)
-        masks = [lane_mask(b, b.sub(left, i64(v * vl)), vl) for v in range(nv)]
-        with carry_loop(b, s.r0, s.r1, [], "matmul.i", step=mr) as li:
+        masks = [lane_mask(b, b.sub(left, i64(v * vl)), vl) for v in range(nv)] if masked \
+            else [None] * nv
+
+        def ld(ptr, v):
+            return vload(b, ptr, i64(v * vl), vty) if masks[v] is None \
+                else masked_load(b, ptr, i64(v * vl), vty, masks[v])
+
+        def st(value, ptr, v):
+            if masks[v] is None:
+                vstore(b, value, ptr, i64(v * vl))
+            else:
+                masked_store(b, value, ptr, i64(v * vl), masks[v])
+
+        with carry_loop(b, s.r0, s.r1, [], f"matmul.i.{kind}", step=mr) as li:
             rows = [smin(b, b.add(li.iv, i64(r)), m1, name=f"matmul.row{r}") for r in range(mr)]
             # op(A)[i, k] = A[i*sa_i + k*sa_k] for both transposes: one function serves both
             arow = [gep(b, a_mat, b.mul(r, s.sa_i), ety) for r in rows]
             zero = zero_vector(ety, vl)
-            with carry_loop(b, 0, s.k, [zero] * (mr * nv), "matmul.k") as lp:
+            with carry_loop(b, 0, s.k, [zero] * (mr * nv), f"matmul.k.{kind}") as lp:
                 brow = gep(b, b_mat, b.add(b.mul(lp.iv, s.n), j0), ety)
-                bv = [masked_load(b, brow, i64(v * vl), vty, masks[v]) for v in range(nv)]
+                bv = [ld(brow, v) for v in range(nv)]
                 aoff = b.mul(lp.iv, s.sa_k)
                 nxt = []
                 for r in range(mr):
@@ -346,7 +375,7 @@ def _emit_outer(s: Shared, p: _TileKey):
             for r in range(mr):
                 crow = gep(b, out, b.add(b.mul(rows[r], s.n), j0), ety)
                 for v in range(nv):
-                    masked_store(b, lp.out[r * nv + v], crow, i64(v * vl), masks[v])
+                    st(lp.out[r * nv + v], crow, v)
 
 
 def _emit_dot(s: Shared, p: _TileKey):
