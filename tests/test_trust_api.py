@@ -186,9 +186,8 @@ def test_instance_attribute_arrays_of_a_method_are_guarded():
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("call, hint", [
     (lambda x: np.average(x), r"average.*tracejit\.mean"),
-    (lambda x: np.einsum("i,i->", x, x), r"einsum.*matmul"),
+    (lambda x: np.copy(x).sum(), r"copy.*x itself"),
     (lambda x: np.empty_like(x).sum(), r"empty_like.*x \* 0"),
-    (lambda x: np.tensordot(x, x, 1), r"tensordot.*reshape and matmul"),
     (lambda x: np.add.reduce(x), r"np\.add\.reduce.*tracejit\.sum"),
     (lambda x: np.arctan(x).sum(), r"np\.arctan.*closest names.*tracejit\.tanh"),
 ])
