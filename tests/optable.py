@@ -185,11 +185,10 @@ def ref_logsumexp(x, axis=None, keepdims=False):
 
 
 def ref_norm(x, ord=None, axis=None, keepdims=False):
-    if ord in (None, 2):
+    """numpy.linalg.norm's meaning (an ord of a 2-d value with axis=None is a matrix norm)."""
+    if ord is None:   # any rank, as numpy's ord=None
         return np.sqrt(np.sum(x * x, axis=axis, keepdims=keepdims))
-    if ord == 1:
-        return np.sum(np.abs(x), axis=axis, keepdims=keepdims)
-    return np.max(np.abs(x), axis=axis, keepdims=keepdims)
+    return np.linalg.norm(x, ord, axis, keepdims)
 
 
 # ------------------------------------------------------------------------------------------------
