@@ -26,7 +26,8 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from workloads import OPTIMIZERS, make, split, tracejit_lenet_loss  # noqa: E402
+from workloads import (ATTENTION_HEADS, OPTIMIZERS, make, split,  # noqa: E402
+                       tracejit_attention_loss, tracejit_lenet_loss)
 
 SYSTEMS = ("tracejit", "torch", "jax")
 IMPORT_NAMES = {"tracejit": "tracejit", "torch": "torch", "jax": "jax"}
@@ -95,6 +96,9 @@ def _tracejit(model, optimizer, params, inputs):
             y = nn.relu(nn.conv2d(h, p["pw_w"], p["pw_b"]))
             return (y * y).sum()
         batch = (inputs["x"],)
+    elif model == "attention":
+        loss = tracejit_attention_loss
+        batch = (inputs["x"], inputs["mask"])
     elif model == "tiny":
         def loss(v):
             return tracejit.norm(v)
@@ -145,6 +149,20 @@ def _torch(model, optimizer, params, inputs):
             h = F.relu(F.conv2d(X["x"], P["dw_w"], P["dw_b"], padding=1, groups=64))
             y = F.relu(F.conv2d(h, P["pw_w"], P["pw_b"]))
             return (y * y).sum()
+    elif model == "attention":
+        def loss():
+            x = X["x"]
+            n, t, d = x.shape
+            dh = d // ATTENTION_HEADS
+
+            def heads(z):
+                return z.reshape(n, t, ATTENTION_HEADS, dh).transpose(1, 2)
+
+            y = F.layer_norm(x, (d,))
+            q, k, v = (heads(F.linear(y, P[f"{w}_w"])) for w in "qkv")
+            att = torch.softmax(q @ k.transpose(-2, -1) * (1.0 / dh ** 0.5) + X["mask"], -1) @ v
+            z = x + F.linear(att.transpose(1, 2).reshape(n, t, d), P["o_w"])
+            return (z * z).mean()
     elif model == "tiny":
         def loss():
             return torch.linalg.vector_norm(P["v"])
@@ -218,6 +236,21 @@ def _jax(model, optimizer, params, inputs):
             y = relu(conv(h, p["pw_w"], p["pw_b"]))
             return jnp.sum(y * y)
         keys = ("x",)
+    elif model == "attention":
+        def loss(p, x, mask):
+            n, t, d = x.shape
+            dh = d // ATTENTION_HEADS
+
+            def heads(z):
+                return z.reshape(n, t, ATTENTION_HEADS, dh).swapaxes(1, 2)
+
+            mu = x.mean(-1, keepdims=True)
+            y = (x - mu) / jnp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+            q, k, v = (heads(y @ p[f"{w}_w"].T) for w in "qkv")
+            att = jax.nn.softmax(q @ k.swapaxes(-1, -2) * (1.0 / dh ** 0.5) + mask, -1) @ v
+            z = x + att.swapaxes(1, 2).reshape(n, t, d) @ p["o_w"].T
+            return jnp.mean(z * z)
+        keys = ("x", "mask")
     elif model == "tiny":
         g = jax.jit(jax.grad(jnp.linalg.norm))
         v = jnp.asarray(params["v"])

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-GRADIENTS = ("mlp", "lenet", "convblock", "tiny", "depthwise")
+GRADIENTS = ("mlp", "lenet", "convblock", "tiny", "depthwise", "attention")
 # optimizer name -> (torch.optim class name, keyword arguments; the same in every system)
 OPTIMIZERS = {"sgd": ("SGD", {"lr": 0.01, "momentum": 0.9}),
               "adam": ("Adam", {"lr": 1e-3})}
@@ -39,6 +39,9 @@ DESCRIPTIONS = {
     "tiny": "gradient of the norm of a 3-vector (call overhead)",
     "depthwise": "depthwise-separable block x[16,64,56,56] -> depthwise conv3x3 pad1 (groups 64) "
                  "-> relu -> pointwise conv1x1 (128) -> relu -> sum of squares",
+    "attention": "causal self-attention block x[8,128,256]: layer_norm -> q, k, v linear -> 4 "
+                 "heads of 64 (reshape, swapaxes) -> q @ k^T / 8 + causal mask -> softmax -> @ v "
+                 "-> merge heads -> linear (no biases), residual, mean of squares",
     "compile": "first call of the LeNet-5 gradient in a fresh process",
 }
 for _w in TRAINING:
@@ -103,6 +106,15 @@ def make(name: str):
         _conv(rng, params, "dw", 1, 64, 3)     # [64, 1, 3, 3]: fan_in = 1 * 3 * 3
         _conv(rng, params, "pw", 64, 128, 1)
         inputs["x"] = rng.standard_normal((16, 64, 56, 56)).astype(np.float32)
+    elif name == "attention":
+        n, t, d = ATTENTION_SHAPE
+        # projections without biases (as in most current transformers): a bias of k shifts every
+        # score of a row equally, so its gradient is 0 up to rounding, which no check could compare
+        for layer in ("q", "k", "v", "o"):
+            params[f"{layer}_w"] = _uniform(rng, 1.0 / np.sqrt(d), (d, d))
+        inputs["x"] = rng.standard_normal((n, t, d)).astype(np.float32)
+        # the additive causal mask (0 on and below the diagonal), an input of every system
+        inputs["mask"] = np.where(np.tril(np.ones((t, t), bool)), 0.0, -1e9).astype(np.float32)
     else:  # tiny
         params["v"] = np.array([1.0, -2.0, 3.0], np.float32)
     return params, inputs
@@ -117,6 +129,27 @@ def tracejit_lenet_loss(p, x, onehot):
     h = nn.relu(nn.linear(h, p["fc1_w"], p["fc1_b"]))
     h = nn.relu(nn.linear(h, p["fc2_w"], p["fc2_b"]))
     return nn.cross_entropy(nn.linear(h, p["fc3_w"], p["fc3_b"]), onehot)
+
+
+ATTENTION_SHAPE = (8, 128, 256)   # batch, tokens, model width
+ATTENTION_HEADS = 4               # of 64
+
+
+def tracejit_attention_loss(p, x, mask):
+    """The attention block's loss in tracejit, written as a PyTorch user would."""
+    import tracejit
+    from tracejit import nn
+    n, t, d = x.shape
+    dh = d // ATTENTION_HEADS
+
+    def heads(z):   # [n, t, d] -> [n, heads, t, dh]
+        return z.reshape(n, t, ATTENTION_HEADS, dh).swapaxes(1, 2)
+
+    y = nn.layer_norm(x, (d,))
+    q, k, v = (heads(nn.linear(y, p[f"{w}_w"])) for w in "qkv")
+    att = nn.softmax(q @ k.swapaxes(-1, -2) * (1.0 / np.sqrt(dh)) + mask, -1) @ v
+    z = x + nn.linear(att.swapaxes(1, 2).reshape(n, t, d), p["o_w"])
+    return tracejit.mean(z * z)
 
 
 def _conv_flops(n, cin, cout, hout, wout, k):
@@ -144,5 +177,12 @@ def layer_flops(name: str):
 
 def flops(name: str) -> int:
     """Forward + backward flops of one gradient call (see the module docstring); 0 if not counted."""
+    if split(name)[0] == "attention":
+        # q, k, v read the (parameter-free) layer norm of the data: weight gradients only (2F);
+        # both attention products and the output projection: 3F
+        n, t, d = ATTENTION_SHAPE
+        dh = d // ATTENTION_HEADS
+        proj, att = _mm_flops(n * t, d, d), n * ATTENTION_HEADS * _mm_flops(t, dh, t)
+        return 3 * 2 * proj + 2 * 3 * att + 3 * proj
     fs = layer_flops(name)
     return sum((2 if i == 0 else 3) * f for i, f in enumerate(fs))

@@ -222,12 +222,6 @@ def _defined_by(v: Value, prim) -> Instr | None:
     return ins if ins is not None and ins.prim is prim else None
 
 
-def _is_t2(v: Value) -> bool:
-    """Is `v` a 2-d transpose (perm (1, 0))?"""
-    t = _defined_by(v, transpose_p)
-    return t is not None and t.params["perm"] == (1, 0)
-
-
 @rewrites.register(*MIRRORED)
 def _constant_on_the_right(ins, uses):
     # one canonical form per comparison with a constant, so the patterns below (and CSE) see
@@ -301,15 +295,23 @@ def _reshape_reshape(ins, uses):
         return _replacement(ins, reshape_p, inner.inputs, ins.params)
 
 
+def _swaps_last_two(v: Value) -> bool:
+    """Is `v` a transpose of its last two axes only (a matrix transpose of every batch entry)?"""
+    t = _defined_by(v, transpose_p)
+    n = v.ndim
+    return t is not None and n >= 2 and t.params["perm"] == tuple(range(n - 2)) + (n - 1, n - 2)
+
+
 @rewrites.register(matmul_p)
 def _transpose_into_matmul(ins, uses):
-    # a 2-d transpose feeding a matmul becomes its trans flag: no copy of the operand
+    # a transpose of the last two axes feeding a matmul becomes its trans flag: no copy of the
+    # operand
     a, b = ins.inputs
     flags = dict(ins.params)
     changed = False
-    if _is_t2(a):
+    if _swaps_last_two(a):
         a, flags["trans_a"], changed = a.instr.inputs[0], not flags.get("trans_a"), True
-    if _is_t2(b):
+    if _swaps_last_two(b):
         b, flags["trans_b"], changed = b.instr.inputs[0], not flags.get("trans_b"), True
     if changed:
         return _replacement(ins, matmul_p, (a, b), flags)
@@ -319,7 +321,7 @@ def _transpose_into_matmul(ins, uses):
 def _transpose_of_matmul(ins, uses):
     # (op(A) op(B))^T = op(B)^T op(A)^T: one matmul with swapped operands, no transpose
     mm = _defined_by(ins.inputs[0], matmul_p)
-    if _is_t2(ins.out) and mm is not None and uses.get(id(ins.inputs[0]), 0) == 1:
+    if _swaps_last_two(ins.out) and mm is not None and uses.get(id(ins.inputs[0]), 0) == 1:
         a, b = mm.inputs
         flags = dict(trans_a=not mm.params.get("trans_b"), trans_b=not mm.params.get("trans_a"))
         return _replacement(ins, matmul_p, (b, a), flags)

@@ -16,8 +16,8 @@ import numpy as np
 
 import tracejit as tj
 from tracejit import nn
-from optable import (ref_conv, ref_cross_entropy, ref_linear, ref_mse, ref_norm, ref_pool,
-                     ref_relu)
+from optable import (ref_conv, ref_cross_entropy, ref_layer_norm, ref_linear, ref_mse, ref_norm,
+                     ref_pool, ref_relu, ref_softmax)
 
 TJ = SimpleNamespace(tanh=tj.tanh, relu=nn.relu, conv2d=nn.conv2d, max_pool2d=nn.max_pool2d,
                      linear=nn.linear, flatten=nn.flatten, cross_entropy=nn.cross_entropy,
@@ -193,3 +193,45 @@ PROGRAMS = [
     Program("siamese_conv", siamese, siamese_args, argnums=(0, 1, 2)),
     Program("depthwise_separable_cnn", dwsep_cnn, dwsep_args, argnums=(0, 1), fd_coords=6),
 ]
+
+
+# ------------------------------------------------------------------------------------------------
+# a pre-norm transformer block as a PyTorch user writes it: multi-head causal self-attention with
+# batched matmuls (x.reshape / swapaxes / @ / softmax), then an MLP, both residual, layer norms
+# ------------------------------------------------------------------------------------------------
+TJ.softmax, NP.softmax = nn.softmax, ref_softmax
+TJ.layer_norm = nn.layer_norm
+NP.layer_norm = lambda x, shape, w, b: ref_layer_norm(x, len(shape), w, b)
+TJ.where, NP.where = tj.where, np.where
+HEADS = 2
+
+
+def transformer_block(ns, p, x):
+    n, t, d = x.shape
+    dh = d // HEADS
+
+    def heads(z):   # [n, t, d] -> [n, heads, t, dh]
+        return z.reshape(n, t, HEADS, dh).swapaxes(1, 2)
+
+    y = ns.layer_norm(x, (d,), p["ln1_w"], p["ln1_b"])
+    q, k, v = (heads(ns.linear(y, p[w])) for w in ("wq", "wk", "wv"))
+    scores = q @ k.swapaxes(-1, -2) / np.sqrt(dh)
+    causal = np.tril(np.ones((t, t), dtype=bool))
+    att = ns.softmax(ns.where(causal, scores, -1e9), -1) @ v          # [n, heads, t, dh]
+    x = x + ns.linear(att.swapaxes(1, 2).reshape(n, t, d), p["wo"], p["bo"])
+    y = ns.layer_norm(x, (d,), p["ln2_w"], p["ln2_b"])
+    x = x + ns.linear(ns.tanh(ns.linear(y, p["w1"], p["b1"])), p["w2"], p["b2"])
+    return (x * x).mean()
+
+
+def transformer_args(rng, n=2, t=3, d=4):
+    p = {w: rng.normal(size=(d, d)) / np.sqrt(d) for w in ("wq", "wk", "wv", "wo")}
+    l1, l2 = _dense(rng, 2 * d, d), _dense(rng, d, 2 * d)
+    p.update(bo=rng.normal(size=d) * 0.1, w1=l1["w"], b1=l1["b"], w2=l2["w"], b2=l2["b"],
+             ln1_w=1 + 0.1 * rng.normal(size=d), ln1_b=0.1 * rng.normal(size=d),
+             ln2_w=1 + 0.1 * rng.normal(size=d), ln2_b=0.1 * rng.normal(size=d))
+    return p, rng.normal(size=(n, t, d))
+
+
+PROGRAMS.append(Program("transformer_block", transformer_block, transformer_args,
+                        argnums=(0, 1), fd_coords=4))

@@ -185,11 +185,10 @@ def ref_logsumexp(x, axis=None, keepdims=False):
 
 
 def ref_norm(x, ord=None, axis=None, keepdims=False):
-    if ord in (None, 2):
+    """numpy.linalg.norm's meaning (an ord of a 2-d value with axis=None is a matrix norm)."""
+    if ord is None:   # any rank, as numpy's ord=None
         return np.sqrt(np.sum(x * x, axis=axis, keepdims=keepdims))
-    if ord == 1:
-        return np.sum(np.abs(x), axis=axis, keepdims=keepdims)
-    return np.max(np.abs(x), axis=axis, keepdims=keepdims)
+    return np.linalg.norm(x, ord, axis, keepdims)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1282,6 +1281,56 @@ pool_options("nn.adaptive_max_pool2d", "adaptive_max_pool2d-global", nn.adaptive
 pool_options("nn.adaptive_max_pool1d", "adaptive_max_pool1d-uneven", nn.adaptive_max_pool1d, 1,
              "max", (2, 2, 9), ref=ref_adaptive, output_size=4)
 
+# linear algebra: batched matmul, einsum and friends, norms without decompositions ---------------
+for _sa, _sb in (((2, 3, 4), (2, 4, 5)), ((3, 4), (2, 4, 5)), ((4,), (2, 4, 3)), ((2, 3, 4), (4,)),
+                 ((2, 1, 3, 4), (5, 4, 2))):
+    add("matmul", f"matmul-batched-{_sid(_sa)}@{_sid(_sb)}", tj.matmul, np.matmul, Arg(_sa),
+        Arg(_sb))
+add("operator.@", "@-batched-2x3x4@2x4x5", lambda a, b: a @ b, np.matmul, Arg((2, 3, 4)),
+    Arg((2, 4, 5)))
+add("matmul", "matmul-batched-trans_b", lambda q, k: q @ k.swapaxes(-1, -2),
+    lambda q, k: q @ k.swapaxes(-1, -2), Arg((2, 3, 4)), Arg((2, 5, 4)))
+add("matmul", "matmul-batched-trans_a-broadcast", lambda a, b: a.swapaxes(-1, -2) @ b,
+    lambda a, b: a.swapaxes(-1, -2) @ b, Arg((4, 3)), Arg((2, 4, 5)))
+add("dot", "dot-2x3x4.2x4x3", tj.dot, np.dot, Arg((2, 3, 4)), Arg((2, 4, 3)))
+EINSUMS = (("ij,jk->ik", (3, 4), (4, 5)), ("bij,bjk->bik", (2, 3, 4), (2, 4, 5)), ("ii->i", (4, 4)),
+           ("ii", (3, 3)), ("ij->ji", (3, 4)), ("i,j->ij", (3,), (4,)), ("i,i", (4,), (4,)),
+           ("bhqd,bhkd->bhqk", (2, 2, 3, 4), (2, 2, 5, 4)), ("ijk,jil->kl", (2, 3, 4), (3, 2, 5)),
+           ("ij,jk,kl->il", (2, 3), (3, 4), (4, 5)), ("...ij,...jk", (2, 1, 3, 4), (3, 4, 2)),
+           ("iij->j", (3, 3, 2)), ("ij,ij->i", (3, 4), (3, 4)), ("ji,jk", (4, 3), (4, 5)),
+           ("ab,cd->", (2, 3), (3, 2)))
+for _sub, *_shapes in EINSUMS:
+    add("einsum", f"einsum-{_sub}", lambda *xs, _s=_sub: tj.einsum(_s, *xs),
+        lambda *xs, _s=_sub: np.einsum(_s, *xs), *map(Arg, _shapes))
+add("einsum", "np.einsum-dispatch", lambda a, b: np.einsum("ij,kj->ik", a, b),
+    lambda a, b: np.einsum("ij,kj->ik", a, b), Arg((3, 4)), Arg((2, 4)))
+for _axes, _sa, _sb in ((2, (2, 3, 4), (3, 4, 5)), (0, (2, 3), (4,)), (([0, 2], [2, 0]), (2, 3, 4),
+                                                                    (4, 5, 2)), (1, (3, 4), (4,))):
+    add("tensordot", f"tensordot-{_axes}-{_sid(_sa)}.{_sid(_sb)}",
+        lambda a, b, _x=_axes: tj.tensordot(a, b, _x),
+        lambda a, b, _x=_axes: np.tensordot(a, b, _x), Arg(_sa), Arg(_sb))
+add("inner", "inner-2x3x4.5x4", tj.inner, np.inner, Arg((2, 3, 4)), Arg((5, 4)))
+add("inner", "inner-4.4", lambda a, b: np.inner(a, b), np.inner, Arg((4,)), Arg((4,)))
+add("vdot", "vdot-2x3.6", tj.vdot, np.vdot, Arg((2, 3)), Arg((6,)))
+add("kron", "kron-2x3.4x1x2", tj.kron, np.kron, Arg((2, 3)), Arg((4, 1, 2)))
+add("kron", "kron-3.2", lambda a, b: np.kron(a, b), np.kron, Arg((3,)), Arg((2,)))
+add("cross", "cross-4x3.3", tj.cross, np.cross, Arg((4, 3)), Arg((3,)))
+add("cross", "cross-axisa-axisb-axisc", lambda a, b: tj.cross(a, b, axisa=0, axisb=1, axisc=0),
+    lambda a, b: np.cross(a, b, axisa=0, axisb=1, axisc=0), Arg((3, 4)), Arg((4, 3)))
+add("cross", "cross-axis", lambda a, b: np.cross(a, b, axis=0),
+    lambda a, b: np.cross(a, b, axis=0), Arg((3, 2)), Arg((3, 2)))
+for _ord in (-np.inf, 0, 3, 0.5):
+    add("norm", f"norm-vector-ord{_ord}", lambda x, _o=_ord: tj.norm(x, _o),
+        lambda x, _o=_ord: np.linalg.norm(x, _o), nonzero((5,)))
+add("norm", "norm-vector-ord3-axis0", lambda x: tj.norm(x, 3, axis=0),
+    lambda x: np.linalg.norm(x, 3, axis=0), nonzero((4, 3)))
+for _ord in ("fro", 1, -1, np.inf, -np.inf):
+    add("norm", f"norm-matrix-ord{_ord}", lambda x, _o=_ord: tj.norm(x, _o),
+        lambda x, _o=_ord: np.linalg.norm(x, _o), nonzero((3, 4)))
+add("norm", "norm-matrix-ord1-axes-keepdims",
+    lambda x: np.linalg.norm(x, 1, axis=(2, 0), keepdims=True),
+    lambda x: np.linalg.norm(x, 1, axis=(2, 0), keepdims=True), nonzero((3, 2, 4)))
+# END linear algebra
 
 GRAD_CASES = [c for c in CASES if c.grad]
 SECOND_ORDER_CASES = [c for c in GRAD_CASES if c.second_order]

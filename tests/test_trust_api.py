@@ -186,9 +186,8 @@ def test_instance_attribute_arrays_of_a_method_are_guarded():
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("call, hint", [
     (lambda x: np.average(x), r"average.*tracejit\.mean"),
-    (lambda x: np.einsum("i,i->", x, x), r"einsum.*matmul"),
+    (lambda x: np.copy(x).sum(), r"copy.*x itself"),
     (lambda x: np.empty_like(x).sum(), r"empty_like.*x \* 0"),
-    (lambda x: np.tensordot(x, x, 1), r"tensordot.*reshape and matmul"),
     (lambda x: np.add.reduce(x), r"np\.add\.reduce.*tracejit\.sum"),
     (lambda x: np.sinc(x).sum(), r"np\.sinc.*closest names.*tracejit\.sinh"),
 ])
@@ -211,7 +210,7 @@ def test_item_assignment_suggests_where_with_the_line():
 
 
 @pytest.mark.parametrize("call, error", [
-    (lambda x: tracejit.norm(x, ord=3), NotImplementedError),
+    (lambda x: tracejit.norm(x.reshape(1, 3), ord="nuc"), NotImplementedError),
     (lambda x: x[7].sum(), IndexError),
     (lambda x: tracejit.where(x > 0, x, "a").sum(), TypeError),
 ])

@@ -39,6 +39,7 @@ from .ops import (  # noqa: F401
     ceil, conj, conjugate, floor, fmod, imag, mod, nan_to_num, real, remainder, rint, round,
     select, sort, trunc)
 from .ops import append, dsplit, hsplit, rollaxis, rot90, vsplit  # noqa: F401
+from .ops import cross, einsum, inner, kron, tensordot, vdot  # noqa: F401,E402
 from .nn import erf  # noqa: F401  (tracejit.erf: a composite that lives beside gelu)
 from .tracer import Tracer  # noqa: F401
 from .transforms import hessian, jacfwd, jacrev, jit_jvp  # noqa: F401

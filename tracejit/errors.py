@@ -49,9 +49,6 @@ class ZeroGradientWarning(TracejitWarning):
 
 # Spellings of common numpy functions that tracejit lacks, in terms of what it has.
 _HINTS = {
-    "einsum": "matmul (`@`), transpose, expand_dims with broadcasting, and sum",
-    "tensordot": "reshape and matmul (`@`)",
-    "inner": "tracejit.dot or `@`",
     "empty_like": "x * 0",
     "argmax": "nothing differentiable; compute indices outside the traced function",
     "argmin": "nothing differentiable; compute indices outside the traced function",

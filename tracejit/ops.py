@@ -710,19 +710,63 @@ def logsumexp(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
 
 @op("norm")
 def norm(x, ord=None, axis=None, keepdims=False, *, dim=None, keepdim=None):
-    """Vector norms (ord None/2, 1, inf) and the Frobenius norm of a whole array. The gradient of
-    the 2-norm at zero is zero. PyTorch's `dim=`/`keepdim=` spell axis and keepdims."""
+    """numpy.linalg.norm for every order that needs no decomposition. Vector orders (1-d value,
+    or one axis): None/2, 1, inf, -inf, 0 (the count of nonzeros, zero gradient) and any real p;
+    matrix orders (2-d value, or two axes): None/'fro', 1, -1, inf, -inf. A matrix's 2, -2 and
+    'nuc' need singular values: NotImplementedError. ord=None with axis=None is the 2-norm of the
+    flattened value, any rank. The gradient of a 2-norm at zero is zero. PyTorch's
+    `dim=`/`keepdim=` spell axis and keepdims."""
     axis, keepdims = _torch_axis("norm", axis, keepdims, dim, keepdim)
-    if ord in (None, 2, "fro"):
-        if ord == 2 and axis is None and getattr(x, "ndim", 1) > 1:
-            raise NotImplementedError("norm: the spectral norm (ord=2 of a matrix) is not supported; "
-                                      "use ord=None for the Frobenius norm")
+    v = _layout_value(x)
+    if axis is None:
+        if ord is None:
+            return _sqrt_zero_subgradient(sum(power(x, 2), None, keepdims))
+        if v.ndim not in (1, 2):
+            raise ValueError(f"norm: ord={ord!r} needs a 1-d or 2-d value or an axis, got shape "
+                             f"{list(v.shape)}")
+        axes = tuple(range(v.ndim))
+    else:
+        axes = (axis,) if isinstance(axis, (numbers.Integral, np.integer)) else tuple(axis)
+        axes = tuple(_axis_arg(v, a, "norm") for a in axes)
+        if len(axes) not in (1, 2) or len(set(axes)) != len(axes):
+            raise ValueError(f"norm: axis must be one axis or two different axes, got {axis!r}")
+    if len(axes) == 1:
+        return _vector_norm(x, ord, axes[0], keepdims)
+    return _matrix_norm(x, v, ord, axes, keepdims)
+
+
+def _vector_norm(x, ord, axis, keepdims):
+    if isinstance(ord, str):
+        raise ValueError(f"norm: invalid order {ord!r} for vectors")
+    if ord is None or ord == 2:
         return _sqrt_zero_subgradient(sum(power(x, 2), axis, keepdims))
+    if ord == np.inf:
+        return max(abs(x), axis, keepdims)
+    if ord == -np.inf:
+        return min(abs(x), axis, keepdims)
+    if ord == 0:   # the number of nonzeros: piecewise constant, zero gradient
+        return sum(where(not_equal(x, 0.0), ones_like(x), zeros_like(x)), axis, keepdims)
     if ord == 1:
         return sum(abs(x), axis, keepdims)
-    if ord in (np.inf, float("inf")):
-        return max(abs(x), axis, keepdims)
-    raise NotImplementedError(f"norm: ord={ord!r} is not supported (use None, 1 or inf)")
+    return power(sum(power(abs(x), float(ord)), axis, keepdims), 1.0 / float(ord))
+
+
+def _matrix_norm(x, v: Value, ord, axes, keepdims):
+    rows, cols = axes
+    if ord in (None, "fro"):
+        out = _sqrt_zero_subgradient(sum(power(x, 2), axes, keepdims=True))
+    elif ord in (2, -2, "nuc"):
+        raise NotImplementedError(
+            f"norm: ord={ord!r} of a matrix needs its singular values (a decomposition), which "
+            f"tracejit does not support; matrix orders None/'fro', 1, -1, inf and -inf are")
+    elif not isinstance(ord, str) and ord in (1, -1, np.inf, -np.inf):
+        # 1: the largest column sum of |x|; inf: the largest row sum; -1, -inf: the smallest
+        summed, across = (rows, cols) if ord in (1, -1) else (cols, rows)
+        pick = max if ord > 0 else min
+        out = pick(sum(abs(x), summed, keepdims=True), across, keepdims=True)
+    else:
+        raise ValueError(f"norm: invalid order {ord!r} for matrices")
+    return out if keepdims else reshape(out, [n for i, n in enumerate(v.shape) if i not in axes])
 
 
 
@@ -903,6 +947,9 @@ def cumprod(a, axis=None, *, dim=None):
 # ------------------------------------------------------------------------------------------------
 @op("matmul")
 def matmul(a, b):
+    """numpy's matmul: products of the last two axes, leading (batch) axes broadcast; a 1-d
+    operand is a row (left) or column (right) whose axis is dropped from the result."""
+    from .ir.prims.linalg import batch_shape as mm_batch_shape
     va, vb = promote(a, b)
     if va.ndim == 0 or vb.ndim == 0:
         raise ShapeError(f"matmul: operands must not be scalars, got {va.type} @ {vb.type}")
@@ -910,18 +957,20 @@ def matmul(a, b):
         if va.shape != vb.shape:
             raise ShapeError(f"matmul: vector lengths differ: {va.type} @ {vb.type}")
         return wrap(lax.reduce_sum(lax.mul(va, vb)))
-    if vb.ndim > 2:
-        raise NotImplementedError(f"matmul: batched right operands are not supported "
-                                  f"({va.type} @ {vb.type})")
-    lead = va.shape[:-1]
-    a2 = lax.reshape(va, (math.prod(lead), va.shape[-1]))
-    b2 = lax.reshape(vb, (vb.shape[0], 1)) if vb.ndim == 1 else vb
-    if a2.shape[1] != b2.shape[0]:
+    a2 = lax.reshape(va, (1,) + va.shape) if va.ndim == 1 else va
+    b2 = lax.reshape(vb, vb.shape + (1,)) if vb.ndim == 1 else vb
+    if a2.shape[-1] != b2.shape[-2]:
         raise ShapeError(f"matmul: inner dimensions differ: {va.type} @ {vb.type} "
-                         f"({a2.shape[1]} != {b2.shape[0]})")
+                         f"({a2.shape[-1]} != {b2.shape[-2]})")
+    try:
+        mm_batch_shape(a2.shape, b2.shape)
+    except ShapeError:
+        raise ShapeError(f"matmul: batch dimensions {list(a2.shape[:-2])} and "
+                         f"{list(b2.shape[:-2])} do not broadcast: {va.type} @ {vb.type}") from None
     c = lax.matmul(a2, b2)
-    out_shape = lead + ((vb.shape[1],) if vb.ndim == 2 else ())
-    return wrap(lax.reshape(c, out_shape))
+    if va.ndim == 1 or vb.ndim == 1:   # drop the unit axis the vector operand was given
+        c = lax.reshape(c, c.shape[:-2] + c.shape[-2 + (va.ndim == 1):c.ndim - (vb.ndim == 1)])
+    return wrap(c)
 
 
 def shape_of(x) -> tuple:
@@ -931,8 +980,12 @@ def shape_of(x) -> tuple:
 
 @op("dot")
 def dot(a, b):
+    """numpy's dot: a product with a scalar, matmul up to 2-d right operands, and beyond, the sum
+    over a's last axis and b's second-to-last (no batch broadcasting, unlike matmul)."""
     if not shape_of(a) or not shape_of(b):
         return multiply(a, b)
+    if len(shape_of(b)) > 2:
+        return tensordot(a, b, ([-1], [-2]))
     return matmul(a, b)
 
 
@@ -955,6 +1008,125 @@ def mm(a, b):
 @op("outer")
 def outer(a, b):
     return multiply(reshape(a, (-1, 1)), reshape(b, (1, -1)))
+
+
+@op("einsum")
+def einsum(subscripts, *operands, optimize=False):
+    """numpy's einsum, lowered to transposes, reductions and batched matmuls (tracejit/contract.py);
+    `optimize` is accepted and ignored."""
+    from .contract import einsum as lowered
+    return lowered(subscripts, *operands, optimize=optimize)
+
+
+def _contract(vals, labels, out):
+    from .contract import contract
+    return wrap(contract(vals, labels, out))
+
+
+@op("tensordot")
+def tensordot(a, b, axes=2):
+    """numpy's tensordot: the sum over a's axes axes[0] and b's axes[1] (an int n: a's last n and
+    b's first n), as one (batched) matmul; the result's axes are a's others, then b's."""
+    va, vb = promote(a, b)
+    if isinstance(axes, (numbers.Integral, np.integer)):
+        n = int(axes)
+        if not 0 <= n <= builtins.min(va.ndim, vb.ndim):
+            raise ValueError(f"tensordot: axes={n} for operands of shapes {list(va.shape)} and "
+                             f"{list(vb.shape)}")
+        ax_a, ax_b = list(range(va.ndim - n, va.ndim)), list(range(n))
+    else:
+        try:
+            xa, xb = axes
+        except (TypeError, ValueError):
+            raise ValueError(f"tensordot: axes must be an int or a pair of axis lists, got "
+                             f"{axes!r}") from None
+        ax_a = [xa] if isinstance(xa, (numbers.Integral, np.integer)) else list(xa)
+        ax_b = [xb] if isinstance(xb, (numbers.Integral, np.integer)) else list(xb)
+        if len(ax_a) != len(ax_b):
+            raise ValueError(f"tensordot: {len(ax_a)} axes of a against {len(ax_b)} of b")
+        ax_a = [_axis_arg(va, x, "tensordot") for x in ax_a]
+        ax_b = [_axis_arg(vb, x, "tensordot") for x in ax_b]
+    for i, j in zip(ax_a, ax_b):
+        if va.shape[i] != vb.shape[j]:
+            raise ShapeError(f"tensordot: axis {i} of a (shape {list(va.shape)}) and axis {j} of b "
+                             f"(shape {list(vb.shape)}) differ in size")
+    la = [f"a{i}" for i in range(va.ndim)]
+    lb = [f"b{j}" for j in range(vb.ndim)]
+    for i, j in zip(ax_a, ax_b):
+        lb[j] = la[i]
+    out = [la[i] for i in range(va.ndim) if i not in ax_a] + \
+        [lb[j] for j in range(vb.ndim) if j not in ax_b]
+    return _contract([va, vb], [la, lb], out)
+
+
+@op("inner")
+def inner(a, b):
+    """numpy's inner: the sum over the last axes; the result's axes are a's others, then b's."""
+    if not shape_of(a) or not shape_of(b):
+        return multiply(a, b)
+    va, vb = promote(a, b)
+    if va.shape[-1] != vb.shape[-1]:
+        raise ShapeError(f"inner: last axes differ: shapes {list(va.shape)} and {list(vb.shape)}")
+    return tensordot(wrap(va), wrap(vb), ([-1], [-1]))
+
+
+@op("vdot")
+def vdot(a, b):
+    """numpy's vdot on real values: the dot product of the flattened operands."""
+    va, vb = promote(a, b)
+    if va.type.size != vb.type.size:
+        raise ShapeError(f"vdot: operands of sizes {va.type.size} and {vb.type.size} (shapes "
+                         f"{list(va.shape)} and {list(vb.shape)})")
+    return wrap(lax.reduce_sum(lax.mul(lax.reshape(va, (va.type.size,)),
+                                       lax.reshape(vb, (vb.type.size,)))))
+
+
+@op("kron")
+def kron(a, b):
+    """numpy's kron: blocks a[i] * b, as one broadcast multiply of a and b with their axes
+    interleaved, reshaped."""
+    va, vb = promote(a, b)
+    n = builtins.max(va.ndim, vb.ndim)
+    sa = (1,) * (n - va.ndim) + va.shape
+    sb = (1,) * (n - vb.ndim) + vb.shape
+    ea = lax.reshape(va, [d for x in sa for d in (x, 1)])
+    eb = lax.reshape(vb, [d for y in sb for d in (1, y)])
+    prod = lax.mul(*broadcast_values(ea, eb))
+    return wrap(lax.reshape(prod, [x * y for x, y in zip(sa, sb)]))
+
+
+@op("cross")
+def cross(a, b, axisa=-1, axisb=-1, axisc=-1, axis=None):
+    """numpy's cross product of 3-vectors (or 2-vectors, whose third component is 0; two
+    2-vectors give the scalar z component) along axisa/axisb, broadcast over the other axes, the
+    result's vectors along axisc (`axis` sets all three)."""
+    if axis is not None:
+        axisa = axisb = axisc = axis
+    va, vb = promote(a, b)
+    if va.ndim == 0 or vb.ndim == 0:
+        raise ValueError("cross: operands must have at least one axis")
+    comps = []
+    for v, ax in ((va, axisa), (vb, axisb)):
+        ax = _axis_arg(v, ax, "cross")
+        n = v.shape[ax]
+        if n not in (2, 3):
+            raise ValueError(f"cross: vectors must have 2 or 3 components, got shape "
+                             f"{list(v.shape)} along axis {ax}")
+        last = lax.transpose(v, [d for d in range(v.ndim) if d != ax] + [ax])
+        comps.append([wrap(lax.reshape(_slice_axis(last, last.ndim - 1, i, i + 1),
+                                       last.shape[:-1])) for i in range(n)] + [None] * (3 - n))
+    (a0, a1, a2), (b0, b1, b2) = comps
+
+    def minor(x, y, u, w):   # x*y - u*w, with None a zero component
+        p = None if x is None or y is None else multiply(x, y)
+        q = None if u is None or w is None else multiply(u, w)
+        return p if q is None else negative(q) if p is None else subtract(p, q)
+
+    z = minor(a0, b1, a1, b0)
+    if a2 is None and b2 is None:
+        return z
+    c = stack([minor(a1, b2, a2, b1), minor(a2, b0, a0, b2), z], -1)
+    return moveaxis(c, -1, axisc)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1717,3 +1889,5 @@ ARRAY_FUNCTIONS = {
     "ndim": lambda a: len(a.shape), "shape": lambda a: tuple(a.shape),
     "size": lambda a, axis=None: a.value.type.size if axis is None else a.shape[axis],
 }
+ARRAY_FUNCTIONS.update({"einsum": einsum, "tensordot": tensordot, "inner": inner, "vdot": vdot,
+                        "kron": kron, "cross": cross})

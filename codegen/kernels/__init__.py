@@ -98,7 +98,7 @@ ELEMENTS_PER_NS = 4
 
 def matmul_cost(ins) -> float:
     a = ins.inputs[0]
-    k = a.shape[0] if ins.params.get("trans_a") else a.shape[1]
+    k = a.shape[-2] if ins.params.get("trans_a") else a.shape[-1]
     return 2 * ins.out.type.size * k / FLOPS_PER_NS
 
 

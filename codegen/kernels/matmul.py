@@ -1,4 +1,5 @@
-"""matmul kernel: C[M,N] = op(A) @ op(B), op = transpose where `trans_a` / `trans_b` is set.
+"""matmul kernel: C[..., M, N] = op(A) @ op(B), op = transpose where `trans_a` / `trans_b` is set,
+for every entry of the broadcast batch axes (ir/prims/linalg.py).
 
 Two register-blocked micro-kernels, both with their accumulators in vector registers:
 
@@ -14,7 +15,8 @@ region ([K, N] row-major) and uses the outer-product form.
 
 Edge tiles clamp their row (and dot-form column) indices to the last one: the extra lanes recompute
 and store the same value into the same element, which costs a little work on the border and no
-code variants. Columns of the outer-product form and the K tail of the dot form are masked.
+code variants. The last (partial) column tile of the outer-product form and the K tail of the dot
+form are masked; the outer form's whole column tiles run a second copy of its loops without masks.
 
 Compile time: the loops live in shape-generic functions (`shared_function`), one per form, dtype
 and register block, defined once per LLVM module and shared by every matmul of the module (the
@@ -26,9 +28,15 @@ Threads split the rows of C (whole MR-row tiles), or its columns when there are 
 than column tiles; a thread walks its columns tile by tile and, within a column tile, its rows, so
 the B panel of the column tile is reused from L1. With an epilogue, threads split rows only and
 the epilogue runs on each panel of rows once all its columns are written.
+
+Batches: the work items are (batch entry, MR-row tile) pairs, split evenly between threads; a
+thread walks its items entry by entry, calling the same tile function on the entry's matrices
+(an operand broadcast along a batch axis is read in place: its offset ignores that axis). A packed
+B^T is packed once per entry a thread visits.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import llvmlite.ir as ir
@@ -39,8 +47,9 @@ from ..loops import FAST, carry_loop, fma, gep, i64, llvm_type, load, masked_loa
     splat, store, vload, vstore
 from ..target import vector_registers
 from . import MATMUL_WEIGHT, matmul_cost, register
-from .toolkit import DtypeKey, I64Arg, Params, Shared, SharedFunction, ceil_div, dtype_info, \
-    kernel_function, lane_mask, params, shared_function, smin, thread_range, zero_vector
+from .toolkit import DtypeKey, I64Arg, KernelFunction, Params, Shared, SharedFunction, ceil_div, \
+    dtype_info, kernel_function, lane_mask, params, shared_function, smax, smin, thread_range, \
+    zero_vector
 
 
 def transpose_sums(b: ir.IRBuilder, vecs):
@@ -92,6 +101,9 @@ FORCE = {}   # blocking overrides for tuning runs (benchmarks/kernels_dense.py -
 @dataclass(frozen=True)
 class _Plan:
     dtype: str
+    batch: tuple  # the result's batch shape
+    a_batch: tuple  # the operands' batch shapes, padded on the left with 1s to len(batch)
+    b_batch: tuple
     m: int
     n: int
     k: int
@@ -109,11 +121,19 @@ class _Plan:
 
 
 def _plan(ins) -> _Plan:
-    a, _ = ins.inputs
+    a, bm = ins.inputs
     ta, tb = bool(ins.params.get("trans_a")), bool(ins.params.get("trans_b"))
-    m, n = ins.out.shape
-    k = a.shape[0] if ta else a.shape[1]
+    m, n = ins.out.shape[-2:]
+    k = a.shape[-2] if ta else a.shape[-1]
     dt = ins.out.dtype
+    batch = tuple(ins.out.shape[:-2])
+    a_batch = (1,) * (len(batch) + 2 - a.ndim) + tuple(a.shape[:-2])
+    b_batch = (1,) * (len(batch) + 2 - bm.ndim) + tuple(bm.shape[:-2])
+    return replace(_block_plan(dt, m, n, k, ta, tb), batch=batch, a_batch=a_batch,
+                   b_batch=b_batch)
+
+
+def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
     _, vl, es = dtype_info(dt)
     if tb and not ta and k >= 2 * vl:
         # A fixed block, so that matmuls of different shapes share one function: 4 x 6 (24
@@ -123,7 +143,7 @@ def _plan(ins) -> _Plan:
         # With 16 registers (AVX2) 3 x 4: 12 accumulators, 3 rows of A and one of B. The NR
         # sums of a row are transposed into one vector, so NR is at most the vector's lanes.
         mr, nr = FORCE.get("dot", (4, 6) if vector_registers() >= 32 else (3, 4))
-        return _Plan(dt, m, n, k, ta, "dot", False, mr, min(nr, vl), vl, es)
+        return _Plan(dt, (), (), (), m, n, k, ta, "dot", False, mr, min(nr, vl), vl, es)
     # 24 accumulators (MR x NV vectors) with 32 registers, 12 with 16 (AVX2), leaving room for
     # the NV vectors of B and the broadcast of A
     acc = 24 if vector_registers() >= 32 else 12
@@ -131,7 +151,7 @@ def _plan(ins) -> _Plan:
     nv = nv_max if n > (nv_max // 2) * vl else max(1, ceil_div(n, vl))
     mr = 6 if nv == nv_max else min(12, acc // nv)
     mr, nv = FORCE.get("outer", (mr, nv))
-    return _Plan(dt, m, n, k, ta, "outer", tb, mr, nv, vl, es)
+    return _Plan(dt, (), (), (), m, n, k, ta, "outer", tb, mr, nv, vl, es)
 
 
 def _pack_elems(p: _Plan) -> int:
@@ -149,37 +169,101 @@ def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
     p = _plan(ins)
     kf = kernel_function(module, name, 2, epilogue)
     b = kf.b
-    if p.m == 0 or p.n == 0:
+    nbatch = math.prod(p.batch)
+    if p.m == 0 or p.n == 0 or nbatch == 0:
         b.ret_void()
         return
-    a_mat, b_mat = kf.ins
-    if p.packed:   # B^T into this thread's scratch region, [K, N]
-        b_mat = kf.scratch
-        _pack_function(module, p.dtype).call(b, [b_mat, kf.ins[1]], _PackParams(n=p.n, k=p.k))
     fn = _tiles_function(module, p)
     # strides of op(A) (the dot form reads A [m, k] only)
     shape = _TileParams(m=p.m, n=p.n, k=p.k, sa_i=1 if p.trans_a else p.k,
                         sa_k=p.m if p.trans_a else 1)
+    if nbatch == 1:
+        _lower_one(module, kf, p, fn, shape)
+    else:
+        _lower_batch(module, kf, p, fn, shape, nbatch)
+    b.ret_void()
+
+
+def _packed_b(module, kf: KernelFunction, p: _Plan, b_mat):
+    """B^T of `b_mat` packed into this thread's scratch region, [K, N]."""
+    b = kf.b
+    dst = kf.scratch   # the executing thread's own region (parallel.emit_call)
+    _pack_function(module, p.dtype).call(b, [dst, b_mat], _PackParams(n=p.n, k=p.k))
+    return dst
+
+
+def _lower_one(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams):
+    """One matrix product: threads split its row tiles (or its column tiles, see above)."""
+    b = kf.b
+    a_mat, b_mat = kf.ins
+    if p.packed:
+        b_mat = _packed_b(module, kf, p, b_mat)
     mb, nb = ceil_div(p.m, p.mr), ceil_div(p.n, p.tile_cols)
-    if epilogue is None and nb > mb:   # threads split the columns
+    if kf.epilogue is None and nb > mb:   # threads split the columns
         t0, t1 = thread_range(b, nb, kf.tid, kf.nthreads)
         fn.call(b, [kf.out, a_mat, b_mat],
                 replace(shape, r0=0, r1=p.m, c0=b.mul(t0, i64(p.tile_cols)),
                         c1=smin(b, b.mul(t1, i64(p.tile_cols)), p.n)))
-    else:                              # threads split the rows
+    else:                                 # threads split the rows
         t0, t1 = thread_range(b, mb, kf.tid, kf.nthreads)
         r0, r1 = b.mul(t0, i64(p.mr)), smin(b, b.mul(t1, i64(p.mr)), p.m)
-        if epilogue is None:
-            fn.call(b, [kf.out, a_mat, b_mat], replace(shape, r0=r0, r1=r1, c0=0, c1=p.n))
-        else:   # panels of rows: computed, then the epilogue while they are in cache
-            # about 32 rows a panel (whole row tiles): their C block (32 x N floats) is still in
-            # L1/L2 when the epilogue runs over it
-            panel = p.mr * max(1, 32 // p.mr)
-            with carry_loop(b, r0, r1, [], "matmul.panel", step=panel) as lp:
-                end = smin(b, b.add(lp.iv, i64(panel)), r1)
-                fn.call(b, [kf.out, a_mat, b_mat], replace(shape, r0=lp.iv, r1=end, c0=0, c1=p.n))
-                kf.epilogue_rows(b.mul(lp.iv, i64(p.n)), b.mul(b.sub(end, lp.iv), i64(p.n)))
-    b.ret_void()
+        _rows(kf, p, fn, shape, [kf.out, a_mat, b_mat], r0, r1, i64(0))
+
+
+def _lower_batch(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams,
+                 nbatch: int):
+    """A batch of products: threads split the (entry, row tile) pairs; a thread's pairs are
+    consecutive, so it visits each entry once, for a contiguous range of its row tiles."""
+    b = kf.b
+    ety = llvm_type(p.dtype)
+    mb = ceil_div(p.m, p.mr)
+    t0, t1 = thread_range(b, nbatch * mb, kf.tid, kf.nthreads)
+    first = b.udiv(t0, i64(mb), name="matmul.batch.first")
+    last = b.udiv(b.add(t1, i64(mb - 1)), i64(mb), name="matmul.batch.last")
+    with carry_loop(b, first, last, [], "matmul.batch") as lb:
+        base = b.mul(lb.iv, i64(mb))
+        lo, hi = smax(b, b.sub(t0, base), 0), smin(b, b.sub(t1, base), mb)
+        r0, r1 = b.mul(lo, i64(p.mr)), smin(b, b.mul(hi, i64(p.mr)), p.m)
+        out_off = b.mul(lb.iv, i64(p.m * p.n), name="matmul.batch.out")
+        a_mat = gep(b, kf.ins[0], _batch_offset(b, lb.iv, p.batch, p.a_batch, p.m * p.k), ety)
+        b_mat = gep(b, kf.ins[1], _batch_offset(b, lb.iv, p.batch, p.b_batch, p.k * p.n), ety)
+        if p.packed:
+            b_mat = _packed_b(module, kf, p, b_mat)
+        _rows(kf, p, fn, shape, [gep(b, kf.out, out_off, ety), a_mat, b_mat], r0, r1, out_off)
+
+
+def _batch_offset(b: ir.IRBuilder, entry, batch: tuple, own: tuple, size: int):
+    """Element offset of an operand's matrix (`size` elements each) for batch entry `entry` (flat
+    index into `batch`), the operand's batch shape `own` being `batch` with some axes 1 (read
+    for every index along that axis)."""
+    if own == batch:
+        return b.mul(entry, i64(size))
+    off, rem, stride = i64(0), entry, size
+    for d in reversed(range(len(batch))):
+        if own[d] != 1:
+            off = b.add(off, b.mul(b.urem(rem, i64(batch[d])), i64(stride)))
+            stride *= own[d]
+        rem = b.udiv(rem, i64(batch[d]))
+    return off
+
+
+def _rows(kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams, ptrs, r0, r1,
+          out_off):
+    """Rows [r0, r1) (at tile boundaries) of one product, all its columns; with an epilogue, in
+    panels followed by the epilogue while they are in cache (`out_off`: the product's offset in
+    the kernel's output)."""
+    b = kf.b
+    if kf.epilogue is None:
+        fn.call(b, ptrs, replace(shape, r0=r0, r1=r1, c0=0, c1=p.n))
+        return
+    # about 32 rows a panel (whole row tiles): their C block (32 x N floats) is still in L1/L2
+    # when the epilogue runs over it
+    panel = p.mr * max(1, 32 // p.mr)
+    with carry_loop(b, r0, r1, [], "matmul.panel", step=panel) as lp:
+        end = smin(b, b.add(lp.iv, i64(panel)), r1)
+        fn.call(b, ptrs, replace(shape, r0=lp.iv, r1=end, c0=0, c1=p.n))
+        kf.epilogue_rows(b.add(out_off, b.mul(lp.iv, i64(p.n))),
+                         b.mul(b.sub(end, lp.iv), i64(p.n)))
 
 
 @params
@@ -236,62 +320,61 @@ def _pack_function(module: ir.Module, dtype: str) -> SharedFunction:
 
 def _emit_outer(s: Shared, p: _TileKey):
     b = s.b
+    _, vl, _ = dtype_info(p.dtype)
+    tile = p.nr * vl
+    # whole column tiles first, with plain loads and stores; then the partial last tile, if
+    # [c0, c1) has it, masked. Masks in the K loop cost a compare and a masked load per step
+    # and, with 16 vector registers, spill the accumulators' neighbours to the stack: about half
+    # the speed when the shapes are run-time values (LLVM cannot prove the masks full then)
+    split = b.sub(s.n, b.urem(s.n, i64(tile)), name="matmul.j.full")
+    _outer_columns(s, p, s.c0, smin(b, s.c1, split), masked=False)
+    _outer_columns(s, p, smax(b, s.c0, split), s.c1, masked=True)
+
+
+def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
+    """The outer-product tiles of columns [c0, c1) (tile boundaries), every row tile of
+    [r0, r1); `masked`: the columns may end past N (else they all lie inside)."""
+    b = s.b
     out, a_mat, b_mat = s.ptrs
     ety, vl, _ = dtype_info(p.dtype)
     mr, nv = p.mr, p.nr
     vty = ir.VectorType(ety, vl)
     m1 = b.sub(s.m, i64(1))
-    with carry_loop(b, s.c0, s.c1, [], "matmul.j", step=nv * vl) as lj:
+    kind = "tail" if masked else "full"
+    with carry_loop(b, c0, c1, [], f"matmul.j.{kind}", step=nv * vl) as lj:
         j0 = lj.iv
         left = b.sub(s.n, j0)
-        # Full column tiles (all but at most the last) get their own copy of the row loop with
-        # plain loads and stores: masked loads in the K loop cost up to 4x on AVX2 when LLVM
-        # cannot prove the mask full (a column range passed at run time).
-        fn = b.block.function
-        full, edge, done = (fn.append_basic_block(f"matmul.tile.{t}") for t in ("full", "edge", "done"))
-        b.cbranch(b.icmp_signed(">=", left, i64(nv * vl)), full, edge)
-        for block, masks in ((full, None),
-                             (edge, "masked")):
-            b.position_at_end(block)
-            if masks is not None:
-                masks = [lane_mask(b, b.sub(left, i64(v * vl)), vl) for v in range(nv)]
-            _outer_rows(b, s, ety, vl, vty, mr, nv, m1, j0, masks)
-            b.branch(done)
-        b.position_at_end(done)
+        masks = [lane_mask(b, b.sub(left, i64(v * vl)), vl) for v in range(nv)] if masked \
+            else [None] * nv
 
+        def ld(ptr, v):
+            return vload(b, ptr, i64(v * vl), vty) if masks[v] is None \
+                else masked_load(b, ptr, i64(v * vl), vty, masks[v])
 
-def _outer_rows(b, s: Shared, ety, vl, vty, mr, nv, m1, j0, masks):
-    """The row tiles of one column tile of the outer form; `masks` None: a full column tile."""
-    out, a_mat, b_mat = s.ptrs
+        def st(value, ptr, v):
+            if masks[v] is None:
+                vstore(b, value, ptr, i64(v * vl))
+            else:
+                masked_store(b, value, ptr, i64(v * vl), masks[v])
 
-    def ld(ptr, v):
-        return vload(b, ptr, i64(v * vl), vty) if masks is None \
-            else masked_load(b, ptr, i64(v * vl), vty, masks[v])
-
-    def st(val, ptr, v):
-        if masks is None:
-            vstore(b, val, gep(b, ptr, i64(v * vl), ety), i64(0))
-        else:
-            masked_store(b, val, ptr, i64(v * vl), masks[v])
-
-    with carry_loop(b, s.r0, s.r1, [], "matmul.i", step=mr) as li:
-        rows = [smin(b, b.add(li.iv, i64(r)), m1, name=f"matmul.row{r}") for r in range(mr)]
-        # op(A)[i, k] = A[i*sa_i + k*sa_k] for both transposes: one function serves both
-        arow = [gep(b, a_mat, b.mul(r, s.sa_i), ety) for r in rows]
-        zero = zero_vector(ety, vl)
-        with carry_loop(b, 0, s.k, [zero] * (mr * nv), "matmul.k") as lp:
-            brow = gep(b, b_mat, b.add(b.mul(lp.iv, s.n), j0), ety)
-            bv = [ld(brow, v) for v in range(nv)]
-            aoff = b.mul(lp.iv, s.sa_k)
-            nxt = []
+        with carry_loop(b, s.r0, s.r1, [], f"matmul.i.{kind}", step=mr) as li:
+            rows = [smin(b, b.add(li.iv, i64(r)), m1, name=f"matmul.row{r}") for r in range(mr)]
+            # op(A)[i, k] = A[i*sa_i + k*sa_k] for both transposes: one function serves both
+            arow = [gep(b, a_mat, b.mul(r, s.sa_i), ety) for r in rows]
+            zero = zero_vector(ety, vl)
+            with carry_loop(b, 0, s.k, [zero] * (mr * nv), f"matmul.k.{kind}") as lp:
+                brow = gep(b, b_mat, b.add(b.mul(lp.iv, s.n), j0), ety)
+                bv = [ld(brow, v) for v in range(nv)]
+                aoff = b.mul(lp.iv, s.sa_k)
+                nxt = []
+                for r in range(mr):
+                    av = splat(b, load(b, arow[r], aoff, ety), vl)
+                    nxt.extend(fma(b, av, bv[v], lp.vals[r * nv + v]) for v in range(nv))
+                lp.next = nxt
             for r in range(mr):
-                av = splat(b, load(b, arow[r], aoff, ety), vl)
-                nxt.extend(fma(b, av, bv[v], lp.vals[r * nv + v]) for v in range(nv))
-            lp.next = nxt
-        for r in range(mr):
-            crow = gep(b, out, b.add(b.mul(rows[r], s.n), j0), ety)
-            for v in range(nv):
-                st(lp.out[r * nv + v], crow, v)
+                crow = gep(b, out, b.add(b.mul(rows[r], s.n), j0), ety)
+                for v in range(nv):
+                    st(lp.out[r * nv + v], crow, v)
 
 
 def _emit_dot(s: Shared, p: _TileKey):

@@ -27,7 +27,8 @@ def _passes(n: int) -> int:
 
 def _scratch_bytes(ins, nthreads):
     n = ins.inputs[0].shape[-1]
-    return nthreads * n * 8 if _passes(n) else 0
+    # one region per thread, 64-byte aligned (the thread pool hands each thread its own)
+    return nthreads * (-(-n * 8 // 64) * 64) if _passes(n) else 0
 
 
 def _cost(ins) -> float:
@@ -56,7 +57,7 @@ def _lower_argsort(module, name, ins):
     b = ir.IRBuilder(fn.append_basic_block(f"{name}.entry"))
     passes = _passes(n)
     r0, r1 = thread_range(b, rows, tid, nthreads)
-    mine = b.gep(scratch, [b.mul(tid, i64(n * 8))], source_etype=ir.IntType(8), name="sort.mine")
+    mine = scratch   # the executing thread's own region (parallel.emit_call)
     with for_range(b, r0, r1, name="sort.row", scalar=True) as r:
         base = b.mul(r, i64(n), name="sort.base")
         row_out = b.gep(out, [base], source_etype=I64, name="sort.out")

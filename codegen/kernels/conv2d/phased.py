@@ -74,7 +74,7 @@ class Phased:
         kf = kernel_function(module, name, 2, epilogue)
         b = kf.b
         ety, vl, _ = dtype_info(self.dtype)
-        at = b.mul(kf.tid, i64(self.thread_elems))
+        at = i64(0)   # kf.scratch is the executing thread's own region (parallel.emit_call)
         ptrs = []   # per phase: its sub-kernel and its region (padded copy)
         for ph in self.phases:
             wp = gep(b, kf.scratch, at, ety, name="igrad.subkernel")
