@@ -53,10 +53,10 @@ import numpy as np  # noqa: E402
 
 import peak as peak_mod  # noqa: E402
 from machine import NOISY_CORES, wait_idle  # noqa: E402
-from systems import IMPORT_NAMES, SYSTEMS  # noqa: E402
+from systems import IMPORT_NAMES, ONLY_WORKLOADS, SYSTEMS  # noqa: E402
 from workloads import ALL, TRAINING, WORKLOADS, flops, make, split  # noqa: E402
 
-PEERS = ("torch", "jax")
+PEERS = ("torch", "torch.compile", "jax")
 CHECK_TOL = 1e-3  # float32: summation order differs between systems
 # the targets for a training step: tracejit's speed-up over PyTorch eager per model, and the
 # most a step may cost over the gradient alone
@@ -656,7 +656,6 @@ def main(argv=None):
     tmp = args.keep or tempfile.mkdtemp(prefix="tracejit-bench-")
     os.makedirs(tmp, exist_ok=True)
     runner = WorkerRun(args, tmp)
-    timed = [w for w in args.workloads if w in WORKLOADS]
     results, metas = {}, {}
     label = {"tracejit": "tracejit" if args.backend == "llvm" else f"tracejit[{args.backend}]"}
     try:
@@ -667,6 +666,9 @@ def main(argv=None):
                 continue
             res = {}
             t0 = time.time()
+            # (torch.compile: resnet8 only; see systems.ONLY_WORKLOADS)
+            wanted = [w for w in args.workloads if w in ONLY_WORKLOADS.get(s, args.workloads)]
+            timed = [w for w in wanted if w in WORKLOADS]
             if timed:
                 log(f"{label.get(s, s)}: timing {', '.join(timed)} ...")
                 r, metas[s] = runner.run(s, "time", timed)
@@ -675,7 +677,7 @@ def main(argv=None):
                     results[s] = "not installed"
                     continue
                 res.update(r)
-            if "compile" in args.workloads:
+            if "compile" in wanted:
                 log(f"{label.get(s, s)}: compile time ({args.compile_runs} fresh processes) ...")
                 runs = []
                 env = {}
@@ -699,11 +701,11 @@ def main(argv=None):
                     res["compile"] = med
                 else:
                     res["compile"] = runs[-1]
-            if "contention" in args.workloads and s in ("tracejit", "torch"):
+            if "contention" in wanted and s in ("tracejit", "torch"):
                 log(f"{label.get(s, s)}: contention ({CONTENTION_WORKLOAD} alone, two at once, "
                     f"beside a busy loop) ...")
                 res["contention"] = measure_contention(s, args, runner)
-            if "memory" in args.workloads:
+            if "memory" in wanted:
                 log(f"{label.get(s, s)}: LeNet-5 memory ...")
                 r, _meta = runner.run(s, "memory", ["memory"],
                                       {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-GRADIENTS = ("mlp", "lenet", "convblock", "tiny")
+GRADIENTS = ("mlp", "lenet", "convblock", "tiny", "resnet8")
 # optimizer name -> (torch.optim class name, keyword arguments; the same in every system)
 OPTIMIZERS = {"sgd": ("SGD", {"lr": 0.01, "momentum": 0.9}),
               "adam": ("Adam", {"lr": 1e-3})}
@@ -37,6 +37,9 @@ DESCRIPTIONS = {
              "linear120-relu-linear84-relu-linear10, cross-entropy (mean)",
     "convblock": "x[16,64,32,32] -> conv3x3 pad1 (64) -> relu -> avgpool2 -> sum of squares",
     "tiny": "gradient of the norm of a 3-vector (call overhead)",
+    "resnet8": "ResNet-8 x[32,3,32,32] conv3x3(16)-relu, 3 residual blocks (16, 32, 64 channels; "
+               "the last two stride 2 with a 1x1 stride-2 shortcut), global average pool, "
+               "linear10, cross-entropy (integer labels); no batch norm",
     "compile": "first call of the LeNet-5 gradient in a fresh process",
 }
 for _w in TRAINING:
@@ -97,6 +100,18 @@ def make(name: str):
     elif name == "convblock":
         _conv(rng, params, "conv", 64, 64, 3)
         inputs["x"] = rng.standard_normal((16, 64, 32, 32)).astype(np.float32)
+    elif name == "resnet8":
+        _conv(rng, params, "conv0", 3, 16, 3)
+        for name_, cin, cout in RESNET8_BLOCKS:
+            _conv(rng, params, f"{name_}a", cin, cout, 3)
+            _conv(rng, params, f"{name_}b", cout, cout, 3)
+            if cin != cout:
+                _conv(rng, params, f"{name_}s", cin, cout, 1)
+        _linear(rng, params, "fc", 64, 10)
+        inputs["x"] = rng.standard_normal((32, 3, 32, 32)).astype(np.float32)
+        labels = rng.integers(0, 10, 32)
+        inputs["labels"] = labels.astype(np.int64)
+        inputs["onehot"] = np.eye(10, dtype=np.float32)[labels]
     else:  # tiny
         params["v"] = np.array([1.0, -2.0, 3.0], np.float32)
     return params, inputs
@@ -111,6 +126,26 @@ def tracejit_lenet_loss(p, x, onehot):
     h = nn.relu(nn.linear(h, p["fc1_w"], p["fc1_b"]))
     h = nn.relu(nn.linear(h, p["fc2_w"], p["fc2_b"]))
     return nn.cross_entropy(nn.linear(h, p["fc3_w"], p["fc3_b"]), onehot)
+
+
+# ResNet-8's residual blocks: (parameter prefix, in channels, out channels). A block whose channels
+# change downsamples: its first conv has stride 2 and its shortcut is a 1x1 stride-2 conv (`<b>s`);
+# otherwise the shortcut is the identity. Convs `<b>a` and `<b>b` are 3x3 with padding 1.
+RESNET8_BLOCKS = (("block1", 16, 16), ("block2", 16, 32), ("block3", 32, 64))
+
+
+def resnet8_loss(conv2d, relu, global_avg_pool, linear, cross_entropy, add, p, x, labels):
+    """ResNet-8's loss written once over a system's ops (module level: every system calls it with
+    its own functions, so the three definitions cannot drift apart). conv2d(x, w, b, stride,
+    padding); add(a, b) the residual sum."""
+    h = relu(conv2d(x, p["conv0_w"], p["conv0_b"], 1, 1))
+    for b, cin, cout in RESNET8_BLOCKS:
+        stride = 1 if cin == cout else 2
+        y = relu(conv2d(h, p[f"{b}a_w"], p[f"{b}a_b"], stride, 1))
+        y = conv2d(y, p[f"{b}b_w"], p[f"{b}b_b"], 1, 1)
+        short = h if cin == cout else conv2d(h, p[f"{b}s_w"], p[f"{b}s_b"], 2, 0)
+        h = relu(add(y, short))
+    return cross_entropy(linear(global_avg_pool(h), p["fc_w"], p["fc_b"]), labels)
 
 
 def _conv_flops(n, cin, cout, hout, wout, k):
@@ -131,6 +166,17 @@ def layer_flops(name: str):
                 _mm_flops(64, 256, 120), _mm_flops(64, 120, 84), _mm_flops(64, 84, 10)]
     if name == "convblock":
         return [_conv_flops(16, 64, 64, 32, 32, 3)]
+    if name == "resnet8":
+        n, size, out = 32, 32, [_conv_flops(32, 3, 16, 32, 32, 3)]
+        for _b, cin, cout in RESNET8_BLOCKS:
+            if cin != cout:
+                size //= 2
+                out += [_conv_flops(n, cin, cout, size, size, 3),
+                        _conv_flops(n, cout, cout, size, size, 3),
+                        _conv_flops(n, cin, cout, size, size, 1)]
+            else:
+                out += [_conv_flops(n, cin, cout, size, size, 3)] * 2
+        return out + [_mm_flops(n, 64, 10)]
     return []
 
 
