@@ -26,7 +26,8 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from workloads import OPTIMIZERS, make, resnet8_loss, split, tracejit_lenet_loss  # noqa: E402
+from workloads import (OPTIMIZERS, deep_mlp_loss, make, resnet8_loss, split,  # noqa: E402
+                       tracejit_lenet_loss, tracejit_resnet8_loss)
 
 SYSTEMS = ("tracejit", "torch", "torch.compile", "jax")
 IMPORT_NAMES = {"tracejit": "tracejit", "torch": "torch", "torch.compile": "torch", "jax": "jax"}
@@ -69,6 +70,12 @@ def build(system: str, workload: str) -> Bench:
     model, optimizer = split(workload)
     if workload not in ONLY_WORKLOADS.get(system, (workload,)):
         raise ValueError(f"{system} is measured on {', '.join(ONLY_WORKLOADS[system])} only")
+    return build_model(system, model, params, inputs, optimizer)
+
+
+def build_model(system: str, model: str, params: dict, inputs: dict, optimizer=None) -> Bench:
+    """A model's gradient (training step with `optimizer`) on the given arrays (scaling.py gives
+    other sizes than workloads.make)."""
     if system == "torch.compile":
         return _torch(model, optimizer, params, inputs, compiled=True)
     builder = {"tracejit": _tracejit, "torch": _torch, "jax": _jax}[system]
@@ -98,12 +105,12 @@ def _tracejit(model, optimizer, params, inputs):
             return (y * y).sum()
         batch = (inputs["x"],)
     elif model == "resnet8":
-        def loss(p, x, labels):
-            return resnet8_loss(
-                lambda h, w, b, stride, pad: nn.conv2d(h, w, b, stride=stride, padding=pad),
-                nn.relu, lambda h: h.mean(axis=(2, 3)), nn.linear, nn.cross_entropy,
-                lambda a, b: a + b, p, x, labels)
+        loss = tracejit_resnet8_loss
         batch = (inputs["x"], inputs["labels"])
+    elif model == "deepmlp":
+        def loss(p, x, t):
+            return deep_mlp_loss(nn.linear, tracejit.tanh, nn.mse_loss, p, x, t)
+        batch = (inputs["x"], inputs["t"])
     elif model == "tiny":
         def loss(v):
             return tracejit.norm(v)
@@ -165,6 +172,9 @@ def _torch(model, optimizer, params, inputs, compiled=False):
 
         def loss():
             return resnet8(P, X["x"], X["labels"])
+    elif model == "deepmlp":
+        def loss():
+            return deep_mlp_loss(F.linear, torch.tanh, F.mse_loss, P, X["x"], X["t"])
     else:
         raise ValueError(model)
     if compiled and model != "resnet8":
@@ -244,6 +254,10 @@ def _jax(model, optimizer, params, inputs):
             return resnet8_loss(strided_conv, relu, lambda h: h.mean(axis=(2, 3)), linear,
                                 cross_entropy, lambda a, b: a + b, p, x, labels)
         keys = ("x", "labels")
+    elif model == "deepmlp":
+        def loss(p, x, t):
+            return deep_mlp_loss(linear, jnp.tanh, lambda y, t: jnp.mean((y - t) ** 2), p, x, t)
+        keys = ("x", "t")
     elif model == "tiny":
         g = jax.jit(jax.grad(jnp.linalg.norm))
         v = jnp.asarray(params["v"])

@@ -117,6 +117,54 @@ def make(name: str):
     return params, inputs
 
 
+# benchmarks/scaling.py's series: name -> (model, what grows, default points, --quick points)
+SCALING = {
+    "lenet-batch": ("lenet", "batch", (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), (1, 8, 64)),
+    "mlp-depth": ("deepmlp", "depth", (1, 2, 4, 8, 16, 32, 64), (1, 4, 16)),
+    "conv-size": ("convblock", "image size", (8, 16, 32, 64, 128), (8, 16, 32)),
+}
+
+
+def make_scaled(series: str, x: int):
+    """(model, params, inputs) of one point of a scaling series (see SCALING): LeNet-5 at batch x;
+    the MLP of `lenet`'s sizes with x hidden layers of 256 (x[64,784] -> x times (linear 256 ->
+    tanh) -> linear 10 -> mean squared error; depth 1 is `mlp`); the conv block at batch 16 and
+    image size x (even). Seeded by series and point, like make."""
+    if series not in SCALING:
+        raise ValueError(f"unknown scaling series {series!r} (one of {', '.join(SCALING)})")
+    model = SCALING[series][0]
+    x = int(x)
+    if x < 1 or (model == "convblock" and x % 2):
+        raise ValueError(f"{series}: point {x} must be a positive"
+                         + (" even image size" if model == "convblock" else " integer"))
+    rng = np.random.default_rng([SEED, len(GRADIENTS) + list(SCALING).index(series), x])
+    params, inputs = {}, {}
+    if model == "lenet":
+        params = make("lenet")[0]
+        inputs["x"] = rng.standard_normal((x, 1, 28, 28)).astype(np.float32)
+        labels = rng.integers(0, 10, x)
+        inputs["labels"] = labels.astype(np.int64)
+        inputs["onehot"] = np.eye(10, dtype=np.float32)[labels]
+    elif model == "deepmlp":
+        for i in range(1, x + 2):
+            _linear(rng, params, f"fc{i}", 784 if i == 1 else 256, 10 if i == x + 1 else 256)
+        inputs["x"] = rng.standard_normal((64, 784)).astype(np.float32)
+        inputs["t"] = rng.standard_normal((64, 10)).astype(np.float32)
+    else:
+        params = make("convblock")[0]
+        inputs["x"] = rng.standard_normal((16, 64, x, x)).astype(np.float32)
+    return model, params, inputs
+
+
+def deep_mlp_loss(linear, tanh, mse, p, x, t):
+    """The `deepmlp` model's loss over a system's ops (its depth is read from the parameters)."""
+    depth = len(p) // 2 - 1
+    h = x
+    for i in range(1, depth + 1):
+        h = tanh(linear(h, p[f"fc{i}_w"], p[f"fc{i}_b"]))
+    return mse(linear(h, p[f"fc{depth + 1}_w"], p[f"fc{depth + 1}_b"]), t)
+
+
 def tracejit_lenet_loss(p, x, onehot):
     """LeNet-5's loss in tracejit (module level: Ray workers import it by name)."""
     from tracejit import nn
@@ -146,6 +194,14 @@ def resnet8_loss(conv2d, relu, global_avg_pool, linear, cross_entropy, add, p, x
         short = h if cin == cout else conv2d(h, p[f"{b}s_w"], p[f"{b}s_b"], 2, 0)
         h = relu(add(y, short))
     return cross_entropy(linear(global_avg_pool(h), p["fc_w"], p["fc_b"]), labels)
+
+
+def tracejit_resnet8_loss(p, x, labels):
+    """ResNet-8's loss in tracejit (module level, like tracejit_lenet_loss; tests call it too)."""
+    from tracejit import nn
+    return resnet8_loss(lambda h, w, b, stride, pad: nn.conv2d(h, w, b, stride=stride, padding=pad),
+                        nn.relu, lambda h: h.mean(axis=(2, 3)), nn.linear, nn.cross_entropy,
+                        lambda a, b: a + b, p, x, labels)
 
 
 def _conv_flops(n, cin, cout, hout, wout, k):
