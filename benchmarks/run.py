@@ -27,6 +27,10 @@ held up by a descheduled thread shows in the mean, not the median) of one proces
 two identical processes running at once, and of one process beside a busy-loop process, with the
 ratios to alone (fair share: 2x; target for tracejit: at most CONTENTION_TARGET). Every process is
 started fresh, compiles and warms up, then all start timing at the same moment.
+
+`resnet8`: a CIFAR-sized ResNet-8 gradient (workloads.RESNET8_BLOCKS), also against torch.compile
+when asked for (`--systems tracejit,torch,torch.compile,jax`; left out by default because its first
+call compiles C++ for minutes; it runs resnet8 only, see systems.ONLY_WORKLOADS).
 """
 from __future__ import annotations
 

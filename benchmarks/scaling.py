@@ -26,6 +26,7 @@ every point.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -306,6 +307,10 @@ def main(argv=None):
         return child(s, series, [int(x) for x in points.split(",")], out, float(sec), float(warm),
                      int(mins), int(threads))
     args = parse_args(argv)
+    for s in [s for s in args.systems if s != "tracejit"]:
+        if importlib.util.find_spec(s) is None:
+            print(f"{s}: not installed, left out (see benchmarks/README.md)")
+            args.systems.remove(s)
     print(f"tracejit scaling  {time.strftime('%Y-%m-%d %H:%M:%S')}  {args.threads} threads per "
           f"system, load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     results = {}
