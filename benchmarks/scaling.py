@@ -247,6 +247,9 @@ def plot(results, path):
             if series in COMPILE_SERIES:
                 ax.loglog(xs, [r["first"] for r in ok], "s--", color=line.get_color(),
                           label=f"{s} first call")
+        points = sorted({x for recs in by_sys.values() for x in recs})
+        ax.set_xticks(points, [str(x) for x in points])   # the measured points, not powers of 10
+        ax.minorticks_off()
         ax.set_xlabel(what)
         ax.set_ylabel("seconds per sample" if series == "lenet-batch" else "seconds")
         ax.set_title(series)
