@@ -88,10 +88,17 @@ def _small_resnet8():
     return params, inputs
 
 
-def test_resnet8_tracejit_gradient_matches_finite_differences():
+@pytest.fixture(scope="module")
+def resnet8_tracejit_grads():
+    """(params, inputs, tracejit's gradient through the benchmark's own build): one compile of the
+    model (seconds) for both tests."""
     params, inputs = _small_resnet8()
     bench = systems.build_model("tracejit", "resnet8", params, inputs)
-    g = bench.grads(bench.step())
+    return params, inputs, bench.grads(bench.step())
+
+
+def test_resnet8_tracejit_gradient_matches_finite_differences(resnet8_tracejit_grads):
+    params, inputs, g = resnet8_tracejit_grads
     assert set(g) == set(params)
     # the directional derivative in float64 on the reference interpreter, central differences
     rng = np.random.default_rng(4)
@@ -107,15 +114,14 @@ def test_resnet8_tracejit_gradient_matches_finite_differences():
     assert ad == pytest.approx(fd, rel=1e-3, abs=1e-5)
 
 
-def test_resnet8_tracejit_gradient_matches_pytorch():
+def test_resnet8_tracejit_gradient_matches_pytorch(resnet8_tracejit_grads):
     pytest.importorskip("torch", reason="PyTorch is the benchmark's reference (not a test "
                                         "dependency); the finite-difference test still runs")
-    params, inputs = _small_resnet8()
-    grads = {}
-    for system in ("tracejit", "torch"):
-        bench = systems.build_model(system, "resnet8", params, inputs)
-        grads[system] = bench.grads(bench.step())
-    got, want = grads["tracejit"], grads["torch"]
+    params, inputs, got = resnet8_tracejit_grads
+    # one thread: PyTorch's spinning pool is slow beside the other tests' processes
+    systems.import_system("torch", 1)
+    bench = systems.build_model("torch", "resnet8", params, inputs)
+    want = bench.grads(bench.step())
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-4 * np.abs(want[k]).max(),
                                    err_msg=k)
