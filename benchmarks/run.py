@@ -27,6 +27,10 @@ held up by a descheduled thread shows in the mean, not the median) of one proces
 two identical processes running at once, and of one process beside a busy-loop process, with the
 ratios to alone (fair share: 2x; target for tracejit: at most CONTENTION_TARGET). Every process is
 started fresh, compiles and warms up, then all start timing at the same moment.
+
+`resnet8`: a CIFAR-sized ResNet-8 gradient (workloads.RESNET8_BLOCKS), also against torch.compile
+when asked for (`--systems tracejit,torch,torch.compile,jax`; left out by default because its first
+call compiles C++ for minutes; it runs resnet8 only, see systems.ONLY_WORKLOADS).
 """
 from __future__ import annotations
 
@@ -53,10 +57,10 @@ import numpy as np  # noqa: E402
 
 import peak as peak_mod  # noqa: E402
 from machine import NOISY_CORES, wait_idle  # noqa: E402
-from systems import IMPORT_NAMES, SYSTEMS  # noqa: E402
+from systems import IMPORT_NAMES, ONLY_WORKLOADS, SYSTEMS  # noqa: E402
 from workloads import ALL, TRAINING, WORKLOADS, flops, make, split  # noqa: E402
 
-PEERS = ("torch", "jax")
+PEERS = ("torch", "torch.compile", "jax")
 CHECK_TOL = 1e-3  # float32: summation order differs between systems
 # the issue's targets for a training step: tracejit's speed-up over PyTorch eager per model, and the
 # most a step may cost over the gradient alone
@@ -66,6 +70,11 @@ MMAP_THRESHOLD = 131072  # fixed glibc mmap threshold for the memory process (se
 CONTENTION_WORKLOAD = "mlp"
 CONTENTION_TARGET = 2.3   # the issue's bound on the mean under contention, as a ratio to alone
 EXTRA_WORKLOADS = ("memory", "contention")   # not timed by worker.py; contention only on request
+# torch.compile only when asked for: its first ResNet-8 gradient compiles C++ through inductor for
+# 1-3 minutes on this 2-core machine (seen: 172 s with other processes running), longer than all
+# the other workloads together
+OPT_IN_SYSTEMS = ("torch.compile",)
+DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s not in OPT_IN_SYSTEMS)
 
 
 def log(*a):
@@ -556,8 +565,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description="Benchmark tracejit's gradients against PyTorch eager and jax.jit(jax.grad).",
         epilog=f"workloads: {', '.join(ALL + EXTRA_WORKLOADS)}")
-    ap.add_argument("--systems", default=",".join(SYSTEMS),
-                    help="comma-separated, from tracejit,torch,jax (default: all)")
+    ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                    help=f"comma-separated, from {','.join(SYSTEMS)} (default: all but "
+                         f"{','.join(OPT_IN_SYSTEMS)})")
     ap.add_argument("--workloads", default=",".join(ALL + ("memory",)),
                     help=f"comma-separated, from {','.join(ALL + EXTRA_WORKLOADS)} (default: "
                          "all but contention)")
@@ -649,6 +659,9 @@ def main(argv=None):
           f"{info['nproc']}, {args.threads} threads per system, Python {info['python']}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in info['load_before'])}")
 
+    if "resnet8" in args.workloads and "torch.compile" not in args.systems:
+        print("torch.compile (a resnet8 peer) is not in this run: its first call compiles for "
+              "1-3 minutes here; add it with --systems tracejit,torch,torch.compile,jax")
     peak = measure_peak(args)
     peak_all = peak["all"] if peak else None
     sys.stdout.flush()
@@ -656,7 +669,6 @@ def main(argv=None):
     tmp = args.keep or tempfile.mkdtemp(prefix="tracejit-bench-")
     os.makedirs(tmp, exist_ok=True)
     runner = WorkerRun(args, tmp)
-    timed = [w for w in args.workloads if w in WORKLOADS]
     results, metas = {}, {}
     label = {"tracejit": "tracejit" if args.backend == "llvm" else f"tracejit[{args.backend}]"}
     try:
@@ -667,6 +679,9 @@ def main(argv=None):
                 continue
             res = {}
             t0 = time.time()
+            # (torch.compile: resnet8 only; see systems.ONLY_WORKLOADS)
+            wanted = [w for w in args.workloads if w in ONLY_WORKLOADS.get(s, args.workloads)]
+            timed = [w for w in wanted if w in WORKLOADS]
             if timed:
                 log(f"{label.get(s, s)}: timing {', '.join(timed)} ...")
                 r, metas[s] = runner.run(s, "time", timed)
@@ -675,7 +690,7 @@ def main(argv=None):
                     results[s] = "not installed"
                     continue
                 res.update(r)
-            if "compile" in args.workloads:
+            if "compile" in wanted:
                 log(f"{label.get(s, s)}: compile time ({args.compile_runs} fresh processes) ...")
                 runs = []
                 env = {}
@@ -699,11 +714,11 @@ def main(argv=None):
                     res["compile"] = med
                 else:
                     res["compile"] = runs[-1]
-            if "contention" in args.workloads and s in ("tracejit", "torch"):
+            if "contention" in wanted and s in ("tracejit", "torch"):
                 log(f"{label.get(s, s)}: contention ({CONTENTION_WORKLOAD} alone, two at once, "
                     f"beside a busy loop) ...")
                 res["contention"] = measure_contention(s, args, runner)
-            if "memory" in args.workloads:
+            if "memory" in wanted:
                 log(f"{label.get(s, s)}: LeNet-5 memory ...")
                 r, _meta = runner.run(s, "memory", ["memory"],
                                       {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-GRADIENTS = ("mlp", "lenet", "convblock", "tiny", "depthwise", "attention")
+GRADIENTS = ("mlp", "lenet", "convblock", "tiny", "depthwise", "attention", "resnet8")
 # optimizer name -> (torch.optim class name, keyword arguments; the same in every system)
 OPTIMIZERS = {"sgd": ("SGD", {"lr": 0.01, "momentum": 0.9}),
               "adam": ("Adam", {"lr": 1e-3})}
@@ -42,6 +42,9 @@ DESCRIPTIONS = {
     "attention": "causal self-attention block x[8,128,256]: layer_norm -> q, k, v linear -> 4 "
                  "heads of 64 (reshape, swapaxes) -> q @ k^T / 8 + causal mask -> softmax -> @ v "
                  "-> merge heads -> linear (no biases), residual, mean of squares",
+    "resnet8": "ResNet-8 x[32,3,32,32] conv3x3(16)-relu, 3 residual blocks (16, 32, 64 channels; "
+               "the last two stride 2 with a 1x1 stride-2 shortcut), global average pool, "
+               "linear10, cross-entropy (integer labels); no batch norm",
     "compile": "first call of the LeNet-5 gradient in a fresh process",
 }
 for _w in TRAINING:
@@ -115,9 +118,69 @@ def make(name: str):
         inputs["x"] = rng.standard_normal((n, t, d)).astype(np.float32)
         # the additive causal mask (0 on and below the diagonal), an input of every system
         inputs["mask"] = np.where(np.tril(np.ones((t, t), bool)), 0.0, -1e9).astype(np.float32)
+    elif name == "resnet8":
+        _conv(rng, params, "conv0", 3, 16, 3)
+        for name_, cin, cout in RESNET8_BLOCKS:
+            _conv(rng, params, f"{name_}a", cin, cout, 3)
+            _conv(rng, params, f"{name_}b", cout, cout, 3)
+            if cin != cout:
+                _conv(rng, params, f"{name_}s", cin, cout, 1)
+        _linear(rng, params, "fc", 64, 10)
+        inputs["x"] = rng.standard_normal((32, 3, 32, 32)).astype(np.float32)
+        labels = rng.integers(0, 10, 32)
+        inputs["labels"] = labels.astype(np.int64)
+        inputs["onehot"] = np.eye(10, dtype=np.float32)[labels]
     else:  # tiny
         params["v"] = np.array([1.0, -2.0, 3.0], np.float32)
     return params, inputs
+
+
+# benchmarks/scaling.py's series: name -> (model, what grows, default points, --quick points)
+SCALING = {
+    "lenet-batch": ("lenet", "batch", (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), (1, 8, 64)),
+    "mlp-depth": ("deepmlp", "depth", (1, 2, 4, 8, 16, 32, 64), (1, 4, 16)),
+    "conv-size": ("convblock", "image size", (8, 16, 32, 64, 128), (8, 16, 32)),
+}
+
+
+def make_scaled(series: str, x: int):
+    """(model, params, inputs) of one point of a scaling series (see SCALING): LeNet-5 at batch x;
+    the MLP of `lenet`'s sizes with x hidden layers of 256 (x[64,784] -> x times (linear 256 ->
+    tanh) -> linear 10 -> mean squared error; depth 1 is `mlp`); the conv block at batch 16 and
+    image size x (even). Seeded by series and point, like make."""
+    if series not in SCALING:
+        raise ValueError(f"unknown scaling series {series!r} (one of {', '.join(SCALING)})")
+    model = SCALING[series][0]
+    x = int(x)
+    if x < 1 or (model == "convblock" and x % 2):
+        raise ValueError(f"{series}: point {x} must be a positive"
+                         + (" even image size" if model == "convblock" else " integer"))
+    rng = np.random.default_rng([SEED, len(GRADIENTS) + list(SCALING).index(series), x])
+    params, inputs = {}, {}
+    if model == "lenet":
+        params = make("lenet")[0]
+        inputs["x"] = rng.standard_normal((x, 1, 28, 28)).astype(np.float32)
+        labels = rng.integers(0, 10, x)
+        inputs["labels"] = labels.astype(np.int64)
+        inputs["onehot"] = np.eye(10, dtype=np.float32)[labels]
+    elif model == "deepmlp":
+        for i in range(1, x + 2):
+            _linear(rng, params, f"fc{i}", 784 if i == 1 else 256, 10 if i == x + 1 else 256)
+        inputs["x"] = rng.standard_normal((64, 784)).astype(np.float32)
+        inputs["t"] = rng.standard_normal((64, 10)).astype(np.float32)
+    else:
+        params = make("convblock")[0]
+        inputs["x"] = rng.standard_normal((16, 64, x, x)).astype(np.float32)
+    return model, params, inputs
+
+
+def deep_mlp_loss(linear, tanh, mse, p, x, t):
+    """The `deepmlp` model's loss over a system's ops (its depth is read from the parameters)."""
+    depth = len(p) // 2 - 1
+    h = x
+    for i in range(1, depth + 1):
+        h = tanh(linear(h, p[f"fc{i}_w"], p[f"fc{i}_b"]))
+    return mse(linear(h, p[f"fc{depth + 1}_w"], p[f"fc{depth + 1}_b"]), t)
 
 
 def tracejit_lenet_loss(p, x, onehot):
@@ -150,6 +213,32 @@ def tracejit_attention_loss(p, x, mask):
     att = nn.softmax(q @ k.swapaxes(-1, -2) * (1.0 / np.sqrt(dh)) + mask, -1) @ v
     z = x + nn.linear(att.swapaxes(1, 2).reshape(n, t, d), p["o_w"])
     return tracejit.mean(z * z)
+# ResNet-8's residual blocks: (parameter prefix, in channels, out channels). A block whose channels
+# change downsamples: its first conv has stride 2 and its shortcut is a 1x1 stride-2 conv (`<b>s`);
+# otherwise the shortcut is the identity. Convs `<b>a` and `<b>b` are 3x3 with padding 1.
+RESNET8_BLOCKS = (("block1", 16, 16), ("block2", 16, 32), ("block3", 32, 64))
+
+
+def resnet8_loss(conv2d, relu, global_avg_pool, linear, cross_entropy, add, p, x, labels):
+    """ResNet-8's loss written once over a system's ops (module level: every system calls it with
+    its own functions, so the three definitions cannot drift apart). conv2d(x, w, b, stride,
+    padding); add(a, b) the residual sum."""
+    h = relu(conv2d(x, p["conv0_w"], p["conv0_b"], 1, 1))
+    for b, cin, cout in RESNET8_BLOCKS:
+        stride = 1 if cin == cout else 2
+        y = relu(conv2d(h, p[f"{b}a_w"], p[f"{b}a_b"], stride, 1))
+        y = conv2d(y, p[f"{b}b_w"], p[f"{b}b_b"], 1, 1)
+        short = h if cin == cout else conv2d(h, p[f"{b}s_w"], p[f"{b}s_b"], 2, 0)
+        h = relu(add(y, short))
+    return cross_entropy(linear(global_avg_pool(h), p["fc_w"], p["fc_b"]), labels)
+
+
+def tracejit_resnet8_loss(p, x, labels):
+    """ResNet-8's loss in tracejit (module level, like tracejit_lenet_loss; tests call it too)."""
+    from tracejit import nn
+    return resnet8_loss(lambda h, w, b, stride, pad: nn.conv2d(h, w, b, stride=stride, padding=pad),
+                        nn.relu, lambda h: h.mean(axis=(2, 3)), nn.linear, nn.cross_entropy,
+                        lambda a, b: a + b, p, x, labels)
 
 
 def _conv_flops(n, cin, cout, hout, wout, k):
@@ -172,6 +261,17 @@ def layer_flops(name: str):
         return [_conv_flops(16, 64, 64, 32, 32, 3)]
     if name == "depthwise":   # the depthwise layer: one input channel per output channel
         return [_conv_flops(16, 1, 64, 56, 56, 3), _conv_flops(16, 64, 128, 56, 56, 1)]
+    if name == "resnet8":
+        n, size, out = 32, 32, [_conv_flops(32, 3, 16, 32, 32, 3)]
+        for _b, cin, cout in RESNET8_BLOCKS:
+            if cin != cout:
+                size //= 2
+                out += [_conv_flops(n, cin, cout, size, size, 3),
+                        _conv_flops(n, cout, cout, size, size, 3),
+                        _conv_flops(n, cin, cout, size, size, 1)]
+            else:
+                out += [_conv_flops(n, cin, cout, size, size, 3)] * 2
+        return out + [_mm_flops(n, 64, 10)]
     return []
 
 
