@@ -17,6 +17,7 @@ import pytest
 
 import tracejit
 from helpers import use_backend
+from torch_golden import torch_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -115,13 +116,14 @@ def test_resnet8_tracejit_gradient_matches_finite_differences(resnet8_tracejit_g
 
 
 def test_resnet8_tracejit_gradient_matches_pytorch(resnet8_tracejit_grads):
-    pytest.importorskip("torch", reason="PyTorch is the benchmark's reference (not a test "
-                                        "dependency); the finite-difference test still runs")
     params, inputs, got = resnet8_tracejit_grads
-    # one thread: PyTorch's spinning pool is slow beside the other tests' processes
-    systems.import_system("torch", 1)
-    bench = systems.build_model("torch", "resnet8", params, inputs)
-    want = bench.grads(bench.step())
+
+    def compute(torch):   # PyTorch's gradient through the benchmark's own torch build, stored
+        systems.import_system("torch", 1)
+        bench = systems.build_model("torch", "resnet8", params, inputs)
+        return bench.grads(bench.step())
+    want = torch_reference("benchmarks-resnet8-small", compute)
+    assert set(want) == set(got)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-4 * np.abs(want[k]).max(),
                                    err_msg=k)

@@ -1,14 +1,14 @@
 """Convolution options against torch.nn.functional in float64: dilation, groups (depthwise and
 general), padding "same"/"valid", transposed convolutions; values and both gradients of the
-compiled code, over a compact grid of option combinations, and the errors for bad options."""
+compiled code, over a compact grid of option combinations, and the errors for bad options.
+PyTorch's numbers are stored (tests/torch_golden.py): torch is not a dependency of the tests."""
 import numpy as np
 import pytest
 
 import tracejit as tj
 from tracejit import nn
 
-torch = pytest.importorskip("torch")
-F = torch.nn.functional
+from torch_golden import torch_reference
 
 # (input shape, weight shape, stride, padding, dilation, groups): each a distinct compile
 CONV2D = [
@@ -31,41 +31,48 @@ TRANSPOSE2D = [   # (input, weight [C_in, C_out/G, kh, kw], stride, padding, out
 TRANSPOSE1D = [((2, 2, 6), (2, 2, 4), 2, 1, 1, 1, 2)]
 
 
-def _check(tj_fn, torch_fn, xs, ws, bias_size, seed):
+def _check(name, tj_fn, torch_fn, xs, ws, bias_size, seed):
+    """Values and the gradients w.r.t. input, weight and bias of <y, r> for random x, w, b, r;
+    `torch_fn(F, x, w, b)` is PyTorch's spelling."""
     rng = np.random.default_rng(seed)
     x, w, b = rng.standard_normal(xs), rng.standard_normal(ws), rng.standard_normal(bias_size)
-    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
-    ty = torch_fn(tx, tw, tb)
-    r = rng.standard_normal(tuple(ty.shape))
-    (ty * torch.tensor(r)).sum().backward()
 
     def loss(x, w, b, r):   # one compile: the output rides along as aux
         y = tj_fn(x, w, b)
         return (y * r).sum(), y
 
+    r = rng.standard_normal(tj.jit(tj_fn)(x, w, b).shape)
+
+    def compute(torch):
+        tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+        ty = torch_fn(torch.nn.functional, tx, tw, tb)
+        (ty * torch.tensor(r)).sum().backward()
+        return {"y": ty.detach().numpy(), "dx": tx.grad.numpy(), "dw": tw.grad.numpy(),
+                "db": tb.grad.numpy()}
+    ref = torch_reference(name, compute)
     (_, y), grads = tj.jit_value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, w, b, r)
-    np.testing.assert_allclose(np.asarray(y), ty.detach().numpy(), rtol=0, atol=1e-10)
-    for g, t in zip(grads, (tx, tw, tb)):
-        np.testing.assert_allclose(np.asarray(g), t.grad.numpy(), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(y), ref["y"], rtol=0, atol=1e-10)
+    for g, k in zip(grads, ("dx", "dw", "db")):
+        np.testing.assert_allclose(np.asarray(g), ref[k], rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("nsp, case", [(2, c) for c in CONV2D] + [(1, c) for c in CONV1D],
                          ids=str)
 def test_conv_matches_torch(nsp, case):
     xs, ws, s, p, d, g = case
-    tjf, tf = (nn.conv2d, F.conv2d) if nsp == 2 else (nn.conv1d, F.conv1d)
-    _check(lambda x, w, b: tjf(x, w, b, s, p, d, g), lambda x, w, b: tf(x, w, b, s, p, d, g),
-           xs, ws, (ws[0],), 0)
+    tjf, tname = (nn.conv2d, "conv2d") if nsp == 2 else (nn.conv1d, "conv1d")
+    _check(f"conv_options-{tname}-{case}", lambda x, w, b: tjf(x, w, b, s, p, d, g),
+           lambda F, x, w, b: getattr(F, tname)(x, w, b, s, p, d, g), xs, ws, (ws[0],), 0)
 
 
 @pytest.mark.parametrize("nsp, case", [(2, c) for c in TRANSPOSE2D] + [(1, c) for c in TRANSPOSE1D],
                          ids=str)
 def test_conv_transpose_matches_torch(nsp, case):
     xs, ws, s, p, op, g, d = case
-    tjf, tf = (nn.conv_transpose2d, F.conv_transpose2d) if nsp == 2 else \
-        (nn.conv_transpose1d, F.conv_transpose1d)
-    _check(lambda x, w, b: tjf(x, w, b, s, p, op, g, d), lambda x, w, b: tf(x, w, b, s, p, op, g, d),
-           xs, ws, (ws[1] * g,), 1)
+    tjf, tname = (nn.conv_transpose2d, "conv_transpose2d") if nsp == 2 else \
+        (nn.conv_transpose1d, "conv_transpose1d")
+    _check(f"conv_options-{tname}-{case}", lambda x, w, b: tjf(x, w, b, s, p, op, g, d),
+           lambda F, x, w, b: getattr(F, tname)(x, w, b, s, p, op, g, d), xs, ws, (ws[1] * g,), 1)
 
 
 def test_keywords_in_pytorch_order():
@@ -109,14 +116,19 @@ def test_bad_conv_transpose_options():
 
 def test_max_pool_return_indices_match_torch():
     x = np.random.default_rng(2).standard_normal((2, 3, 7, 8))
-    for fn, tfn, kw in ((nn.max_pool2d, F.max_pool2d, dict(kernel_size=3, stride=2, padding=1,
-                                                           dilation=2, ceil_mode=True)),
-                        (nn.max_pool1d, F.max_pool1d, dict(kernel_size=2, ceil_mode=True))):
+    for fn, tname, kw in ((nn.max_pool2d, "max_pool2d", dict(kernel_size=3, stride=2, padding=1,
+                                                              dilation=2, ceil_mode=True)),
+                          (nn.max_pool1d, "max_pool1d", dict(kernel_size=2, ceil_mode=True))):
         xi = x if fn is nn.max_pool2d else x[:, :, 0]
         y, idx = tj.jit(lambda a: fn(a, return_indices=True, **kw))(xi)
-        ty, tidx = tfn(torch.tensor(xi), return_indices=True, **kw)
-        np.testing.assert_array_equal(np.asarray(y), ty.numpy())
-        np.testing.assert_array_equal(np.asarray(idx), tidx.numpy())
+
+        def compute(torch):
+            ty, tidx = getattr(torch.nn.functional, tname)(torch.tensor(xi), return_indices=True,
+                                                           **kw)
+            return {"y": ty.numpy(), "idx": tidx.numpy()}
+        ref = torch_reference(f"conv_options-{tname}-indices", compute)
+        np.testing.assert_array_equal(np.asarray(y), ref["y"])
+        np.testing.assert_array_equal(np.asarray(idx), ref["idx"])
         assert np.asarray(idx).dtype == np.int64
 
 

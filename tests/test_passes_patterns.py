@@ -202,7 +202,7 @@ def test_mask_used_before_the_relu_keeps_reading_the_pre_activation():
 def test_constants_of_opposite_zero_signs_stay_distinct(backend):
     """-0.0 == 0.0 as numbers, but not as values (1 / -0.0 is -inf): common-subexpression
     elimination must not merge the two constants."""
-    from tests.helpers import use_backend
+    from helpers import use_backend
     with use_backend(backend):
         f = tj.jit(lambda x: tj.where(x > 0, -0.0, 0.0) * 1.0)
         out = f(np.array([1.0, -1.0]))

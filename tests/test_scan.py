@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import helpers
+from torch_golden import torch_reference
 import tracejit
 from tracejit.ir.verify import VerifyError, verify
 from tracejit.ir.builder import Builder, building
@@ -93,8 +94,16 @@ def model_params(model, rng):
 
 
 def torch_loss_and_grads(model, p, xs, r):
-    """The same loss with torch.nn.LSTM / nn.GRU holding the same weights (float64)."""
-    torch = pytest.importorskip("torch")
+    """The same loss with torch.nn.LSTM / nn.GRU holding the same weights (float64), as stored
+    (tests/torch_golden.py: torch is not a dependency of the tests)."""
+    def compute(torch):
+        loss, grads = _torch_loss_and_grads(torch, model, p, xs, r)
+        return {"loss": np.array(loss), **grads}
+    ref = torch_reference(f"scan-{model}", compute)
+    return float(ref.pop("loss")), ref
+
+
+def _torch_loss_and_grads(torch, model, p, xs, r):
     cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[model]
     net = cls(D, H).double()
     with torch.no_grad():
