@@ -202,3 +202,20 @@ def test_numpy_ufuncs_dispatch_to_the_composites():
     got = tj.jit(lambda x: (np.log1p(x), np.sinh(x), np.hypot(x, 1.0), np.radians(x)))(x)
     for g, w in zip(got, (np.log1p(x), np.sinh(x), np.hypot(x, 1.0), np.radians(x))):
         np.testing.assert_allclose(g, w, rtol=1e-15)
+
+
+@pytest.mark.parametrize("backend", ["interpreter", "llvm"])
+def test_constant_boolean_masks_index_as_numpy(backend):
+    """A constant mask (numpy array or list of bools) fixes the result's shape at trace time: it
+    indexes as numpy does, and the gradient scatters back to the selected elements."""
+    x = np.arange(24.0).reshape(2, 3, 4)
+    m2 = (x[0] % 3) == 1                          # 2-d mask over axes 1, 2
+    cols = [True, False, True, True]
+    with helpers.use_backend(backend):
+        got = tj.jit(lambda x: (x[:, m2], x[..., cols], x[np.array([False, True])]))(x)
+        grad = tj.jit_grad(lambda x: (x[1, m2] ** 2).sum())(x)
+    for g, want in zip(got, (x[:, m2], x[..., cols], x[np.array([False, True])])):
+        np.testing.assert_array_equal(np.asarray(g), want)
+    expect = np.zeros_like(x)
+    expect[1][m2] = 2 * x[1][m2]
+    np.testing.assert_array_equal(grad, expect)

@@ -1223,9 +1223,9 @@ def _is_index_array(i) -> bool:
         return True
     if isinstance(i, list) or (isinstance(i, np.ndarray) and i.ndim > 0):
         arr = np.asarray(i)
-        if arr.dtype == np.bool_:
-            raise TypeError("indexing with a boolean mask is not supported (the result's shape "
-                            "would depend on the data); use tracejit.where")
+        if arr.dtype == np.bool_:   # (constant masks became integer arrays in getitem)
+            raise TypeError("indexing with a boolean mask is not supported here; use "
+                            "tracejit.where")
         return arr.dtype.kind in "iu" or arr.size == 0
     return False
 
@@ -1245,6 +1245,37 @@ _NAME_KEEPING = (structural.reshape_p, structural.broadcast_in_dim_p, structural
                  structural.transpose_p, elementwise.convert_p)
 
 
+def _constant_masks_as_indices(idx: tuple, shape: tuple) -> tuple:
+    """numpy's boolean-mask indexing with a constant mask (a numpy array or a list of bools): the
+    result's shape is known at trace time, so a k-d mask is its k integer arrays of `np.nonzero`.
+    A traced mask is an error: its result's shape would depend on the data."""
+    out, dim = [], 0
+    n_real = len([i for i in idx if i is not None and i is not Ellipsis])
+    for i in idx:
+        if isinstance(i, Tracer) and i.value.dtype == "bool":
+            raise TypeError(f"indexing with a traced boolean mask {i.value.type} is not supported:"
+                            f" the result's shape would depend on the data; use "
+                            f"tracejit.where(mask, x, 0) (or a sum over where) instead")
+        is_mask = isinstance(i, (list, np.ndarray)) and np.asarray(i).dtype == np.bool_ \
+            and np.ndim(i) > 0
+        if is_mask:
+            mask = np.asarray(i)
+            want = shape[dim:dim + mask.ndim]
+            if mask.shape != want:
+                raise IndexError(f"boolean index of shape {list(mask.shape)} does not match the "
+                                 f"indexed axes {dim}..{dim + mask.ndim - 1} of shape "
+                                 f"{list(want)}")
+            out.extend(np.nonzero(mask))
+            dim += mask.ndim
+            continue
+        out.append(i)
+        if i is Ellipsis:
+            dim += len(shape) - n_real
+        elif i is not None:
+            dim += 1
+    return tuple(out)
+
+
 @op("getitem")
 def getitem(x, idx):
     """Basic indexing (ints, slices with any step, None and Ellipsis) and numpy's advanced
@@ -1253,6 +1284,7 @@ def getitem(x, idx):
     naming the index, never a read out of bounds); negative ones count from the end."""
     v = _layout_value(x)
     idx = idx if isinstance(idx, tuple) else (idx,)
+    idx = _constant_masks_as_indices(idx, v.shape)
     n_real = len([i for i in idx if i is not None and i is not Ellipsis])
     if builtins.sum(i is Ellipsis for i in idx) > 1:
         raise IndexError("an index can only have a single ellipsis ('...')")
