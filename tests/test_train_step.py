@@ -220,8 +220,11 @@ def test_bad_array_raises_naming_its_path_and_writes_nothing(bad, where, backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["same object", "overlapping views", "batch view"])
+@pytest.mark.parametrize("case", ["same object", "overlapping views", "batch view",
+                                  "batch view of a parameter"])
 def test_aliased_arrays_raise_and_write_nothing(case, backend):
+    """Checked on every call: the first call, with arrays that do not alias, compiles and sets up
+    the fast path of later calls, which must refuse the aliasing arrays as well."""
     opt = optim.sgd(0.1, momentum=0.9)
     x, t = batch(np.float64)
     params = mlp_params(np.float64)
@@ -233,22 +236,61 @@ def test_aliased_arrays_raise_and_write_nothing(case, backend):
         flat = np.zeros(40)
         params["b1"], params["b2"] = flat[:24], flat[20:25]
         names = ("params['b1']", "params['b2']")
-    else:
-        x = np.zeros((16, 12))
-        params["w1"] = x[:12]    # the batch reads the memory the step updates
+    elif case == "batch view":
+        buf = np.zeros(300)    # the batch reads the memory the step updates
+        x, params["w1"] = buf[:192].reshape(16, 12), buf[:288].reshape(12, 24)
         names = ("x", "params['w1']")
     state = opt.init(params)
-    before = copy_tree((params, state, x))
+    first = copy_tree((params, state, x))
 
     def loss(p, x, t):
         extra = sum(v.sum() for k, v in p.items() if k not in ("w1", "b1", "w2", "b2"))
         return mlp_loss(p, x, t) + 0.1 * extra
 
-    with use_backend(backend), pytest.raises(TypeError) as e:
-        tracejit.jit_train_step(loss, opt)(params, state, x, t)
+    step = tracejit.jit_train_step(loss, opt)
+    with use_backend(backend):
+        if case == "batch view of a parameter":
+            # the same parameter arrays as the first call, a batch viewing one of them
+            step(params, state, x, t)
+            x = params["w1"].reshape(-1)[:x.size].reshape(x.shape)
+            names = ("x", "params['w1']")
+        else:
+            step(*first, t)
+        before = copy_tree((params, state, x))
+        with pytest.raises(TypeError) as e:
+            step(params, state, x, t)
     assert all(n in str(e.value) for n in names) and "share memory" in str(e.value), str(e.value)
     for got, want in zip(tracejit.tree.leaves((params, state, x)), tracejit.tree.leaves(before)):
         np.testing.assert_array_equal(got, want)
+
+
+def test_repeated_calls_skip_the_argument_signature(monkeypatch):
+    """After the first call, a call with arrays of the same structure, shapes, dtypes and layout
+    (new array objects included) runs without building the argument Signature, and still
+    computes the step."""
+    import tracejit.train as train
+    built = []
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return signature(*args, **kwargs)
+
+    signature = train._Signature
+    monkeypatch.setattr(train, "_Signature", counting)
+    opt = optim.sgd(0.1, momentum=0.9)
+    step = tracejit.jit_train_step(mlp_loss, opt)
+    params = mlp_params(np.float64)
+    state = opt.init(params)
+    want_p, want_s = copy_tree(params), copy_tree(state)
+    for i in range(4):
+        x, t = batch(np.float64, seed=f"b{i}")
+        if i == 2:   # new arrays holding the same values
+            params, state = copy_tree(params), copy_tree(state)
+        step(params, state, x, t)
+        want_p, want_s = opt.update(tracejit.jit_grad(mlp_loss)(want_p, x, t), want_s, want_p)
+    assert len(built) == 1
+    assert_trees_close(params, want_p, 1e-12)
+    assert_trees_close(state, want_s, 1e-12)
 
 
 def test_disjoint_views_of_one_buffer_are_fine():
