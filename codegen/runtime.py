@@ -222,8 +222,7 @@ class NativeFunction:
             return p
 
         for g, kfn in zip(plan.groups, kernel_fns):
-            args = [pointer(g.result)] + ([pointer(g.companion.out)] if g.companion else []) + \
-                [pointer(v) for v in g.leaves + g.extra_leaves]
+            args = [pointer(v) for v in g.made + g.leaves + g.extra_leaves]
             if _checks(g):
                 args.append(b.gep(arena_arg, [i64(_status_offset(plan))], source_etype=ir.IntType(8),
                                   name="status"))
@@ -380,9 +379,9 @@ def _lower_part(native_ref, part: int, seconds: dict) -> str:
 
 
 def _kernel_type(g) -> ir.FunctionType:
-    """The contract's type of kernel `g`: result, companion, buffers, [status,] scratch, tid,
-    nthreads."""
-    n_ptrs = 1 + (g.companion is not None) + len(g.leaves) + len(g.extra_leaves) + 1 + _checks(g)
+    """The contract's type of kernel `g`: result, companion or extra outputs, buffers, [status,]
+    scratch, tid, nthreads."""
+    n_ptrs = len(g.made) + len(g.leaves) + len(g.extra_leaves) + 1 + _checks(g)
     return ir.FunctionType(VOID, [PTR] * n_ptrs + [I64, I64])
 
 

@@ -52,11 +52,23 @@ class Group:
     # over, element i after reading element i (see `_place_donated`): the lowering reads them
     # through the result's pointer, so that no two `noalias` pointers name one buffer.
     in_place: list = field(default_factory=list)
+    # Function outputs a fused loop stores besides its result, each at the loop's own index (see
+    # `_merge_output_loops`), and (leaf, output) pairs: leaves stored over by one of them (as
+    # `in_place`, read through that output's pointer).
+    extra_outputs: list = field(default_factory=list)
+    extra_in_place: list = field(default_factory=list)
 
     @property
     def result(self) -> Value:
         """The value this kernel leaves in memory."""
         return self.epilogue.root.out if self.epilogue is not None else self.root.out
+
+    @property
+    def made(self) -> list:
+        """Every value this kernel leaves in memory: its result, then a max-pool's argmax or a
+        fused loop's extra outputs."""
+        return [self.result] + ([self.companion.out] if self.companion is not None else []) \
+            + self.extra_outputs
 
     @property
     def extra_leaves(self) -> list:
@@ -307,6 +319,9 @@ def _place_donated(fn: Function, groups: list, locations: dict, out_copies: list
     wrong answer, one pass over the buffer more. An output that is a parameter or a literal is
     left to the caller ("caller"); one that is the same value as an earlier output is an
     ordinary output copy."""
+    if donated:
+        groups = _split_donated_epilogues(fn, groups, locations, donated)
+    groups = _merge_output_loops(fn, groups)
     if not donated:
         return groups, []
     params = fn.params
@@ -317,12 +332,11 @@ def _place_donated(fn: Function, groups: list, locations: dict, out_copies: list
         if fn.outputs[k].type != params[j].type:
             raise ValueError(f"output {k} ({fn.outputs[k].type}) cannot be stored into parameter "
                              f"{j} ({params[j].type})")
-    groups = _split_donated_epilogues(fn, groups, locations, donated)
 
     def reads(g: Group, j: int) -> list:
         return [v for v in g.leaves + g.extra_leaves if base_value(v, locations) is params[j]]
 
-    made_by = {id(g.result): g for g in groups}
+    made_by = {id(v): g for g in groups for v in [g.result] + g.extra_outputs}
     result = []
     for k, j in sorted(donated.items()):
         o = fn.outputs[k]
@@ -339,7 +353,10 @@ def _place_donated(fn: Function, groups: list, locations: dict, out_copies: list
             and all(h.index < g.index for h in groups if h is not g and reads(h, j))
         if direct:
             locations[id(o)] = Location("in", j)
-            g.in_place = mine
+            if o is g.result:
+                g.in_place = mine
+            else:
+                g.extra_in_place += [(v, o) for v in mine]
             result.append((k, j, "in place"))
         else:
             del locations[id(o)]   # _place_arena gives it a buffer live until the end
@@ -363,6 +380,44 @@ def _split_donated_epilogues(fn: Function, groups: list, locations: dict, donate
     for i, g in enumerate(kept):
         g.index = i
     return kept
+
+
+def _merge_output_loops(fn: Function, groups: list) -> list:
+    """Multi-output loop fusion: a fused loop computing a function output that only one later
+    fused loop reads, elementwise at its own index and of the same shape, is evaluated inside
+    that loop, which stores it as an extra output. An optimizer's update is such a chain per
+    parameter (the new momentum or moment buffers are outputs the new parameter reads): one
+    pass over the gradient, the buffers and the parameter instead of one per buffer. The reader
+    takes over the producer's buffers, read at the reader's place in the kernel order."""
+    outputs = {id(o) for o in fn.outputs}
+    merged = True
+    while merged:
+        merged = False
+        readers: dict[int, list] = {}
+        for g in groups:
+            for v in g.leaves + g.extra_leaves:
+                readers.setdefault(id(v), []).append(g)
+        for p in groups:
+            v = p.root.out
+            rs = readers.get(id(v), [])
+            if p.kind != "loop" or p.root.prim.kind == "reduce" or id(v) not in outputs \
+                    or len(rs) != 1:
+                continue
+            c = rs[0]
+            if c.kind != "loop" or c.root.prim.kind == "reduce" or c.index < p.index \
+                    or v.type.shape != c.root.out.type.shape or not _elementwise_path(c, v):
+                continue
+            c.members = p.members + c.members
+            mine = {id(x) for x in c.leaves}
+            c.leaves = [x for x in p.leaves if id(x) not in mine] + \
+                [x for x in c.leaves if x is not v]
+            c.extra_outputs = [v] + p.extra_outputs + c.extra_outputs
+            groups = [g for g in groups if g is not p]
+            for i, g in enumerate(groups):
+                g.index = i
+            merged = True
+            break
+    return groups
 
 
 def _elementwise_path(g: Group, v: Value) -> bool:
@@ -496,7 +551,7 @@ def _place_arena(fn, groups, mat, locations, producer) -> int:
         return offset
 
     for g in groups:
-        for v in [g.result] + ([g.companion.out] if g.companion is not None else []):
+        for v in g.made:
             if id(v) not in locations:
                 locations[id(v)] = Location("arena", allocate(v.type.nbytes, g.index,
                                                               last_use.get(id(v), g.index)))
@@ -512,7 +567,7 @@ def _saved_for_backward(fn: Function, groups: list, locations: dict):
     start = next((g.index for g in groups if g.root.adj_of is not None), len(groups))
     made_at = {}
     for g in groups:
-        for v in [g.result] + ([g.companion.out] if g.companion is not None else []):
+        for v in g.made:
             made_at[id(v)] = g.index
     saved, seen = [], set()
     for g in groups[start:]:
@@ -548,8 +603,11 @@ def annotate(p: Plan):
                 head += f", epilogue {', '.join(ops)} applied in place to each finished block"
             return head, tag
         ops = [m.prim.name for m in g.members if m.prim is not const_p]
+        more = f" and {len(g.extra_outputs)} more output{'s' if len(g.extra_outputs) != 1 else ''}" \
+            if g.extra_outputs else ""
         return (f"// kernel k{g.index}: one fused loop over {g.root.out.type} computing "
-                f"{', '.join(ops)} reading {len(g.leaves)} buffer{'s' if len(g.leaves) != 1 else ''}"), tag
+                f"{', '.join(ops)}{more} reading {len(g.leaves)} buffer"
+                f"{'s' if len(g.leaves) != 1 else ''}"), tag
     return note
 
 

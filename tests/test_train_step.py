@@ -354,6 +354,11 @@ def test_mlp_step_writes_every_update_in_place(which):
     native = step._jitted._lookup(step._signature(params, state, (x, t))[0]).native()
     assert [how for _, _, how in native.plan.donated] == ["in place"] * n
     assert "llvm.memcpy" not in native.llvm_ir_unoptimized
+    # one fused loop per parameter reads the gradient once and stores the parameter and its
+    # state buffers (the momentum, or Adam's two moments)
+    merged = [g for g in native.plan.groups if g.extra_outputs]
+    assert len(merged) == len(params), dump
+    assert all(len(g.extra_outputs) == len(state) - 1 for g in merged), dump
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
