@@ -634,14 +634,20 @@ class Epilogue:
 
     after it has written the elements [start, start + count) of its output (flat indices; start
     and count are i64 values, whole multiples of the output's last dimension). The call rewrites
-    those elements in place from the kernel's result to the epilogue's result."""
+    those elements in place from the kernel's result to the epilogue's result. Applied `apart`
+    (schedule.Group.epilogue_apart), the result stays and the extra arguments start with the
+    buffers of the loop's outputs (its root, then its extra outputs), where the call stores
+    them; an output stored over a buffer the loop reads (in place) reads it through its own
+    pointer, as lower_group does."""
 
-    def __init__(self, group, value: Value, name: str):
+    def __init__(self, group, value: Value, name: str, apart: bool = False):
         self.group = group
         self.value = value
         self.name = name
+        self.apart = apart
+        self.outputs = [group.root.out] + group.extra_outputs if apart else []
         self.leaves = [v for v in group.leaves if v is not value]
-        self.n_args = len(self.leaves)
+        self.n_args = len(self.outputs) + len(self.leaves)
         self._fn = None
 
     def function(self, module: ir.Module) -> ir.Function:
@@ -653,6 +659,7 @@ class Epilogue:
         fn.attributes.add("alwaysinline")
         out = fn.args[0]
         out.name = "out"
+        n_out = len(self.outputs)
         for k, a in enumerate(fn.args[1:1 + self.n_args]):
             a.name = f"epi{k}"
             a.add_attribute("noalias")
@@ -662,13 +669,21 @@ class Epilogue:
         root = self.group.root
         shape = root.out.shape
         members = {id(m) for m in self.group.members}
-        leaf_ptrs = {id(v): a for v, a in zip(self.leaves, fn.args[1:1 + self.n_args])}
+        leaf_ptrs = {id(v): a for v, a in zip(self.leaves, fn.args[1 + n_out:1 + self.n_args])}
         leaf_ptrs[id(self.value)] = out
+        if self.apart:
+            stores = list(zip(self.outputs, fn.args[1:1 + n_out]))
+            for v in self.group.in_place:
+                leaf_ptrs[id(v)] = stores[0][1]
+            by_output = {id(o): a for o, a in stores}
+            for v, o in self.group.extra_in_place:
+                leaf_ptrs[id(v)] = by_output[id(o)]
+        else:
+            stores = [(root.out, out)]
         base = f"{self.name}"
         if is_flat(self.group):
             with for_range(b, start, b.add(start, count), 1, f"{base}.i") as i:
-                val = _Element(b, leaf_ptrs, members, flat=True).value(root.out, [i])
-                _store_value(b, val, out, i, root.out.dtype)
+                _store_all(b, _Element(b, leaf_ptrs, members, flat=True), stores, [i], i)
         else:
             inner = shape[-1]
             r0 = b.sdiv(start, i64(inner), name=f"{base}.row0")
@@ -681,8 +696,8 @@ class Epilogue:
                 prefix.reverse()
                 row_off = b.mul(r, i64(inner))
                 with for_range(b, 0, inner, 1, f"{base}.col", scalar=inner < SHORT_LOOP) as j:
-                    val = _Element(b, leaf_ptrs, members).value(root.out, prefix + [j])
-                    _store_value(b, val, out, b.add(row_off, j), root.out.dtype)
+                    _store_all(b, _Element(b, leaf_ptrs, members), stores, prefix + [j],
+                               b.add(row_off, j))
         b.ret_void()
         self._fn = fn
         return fn

@@ -167,7 +167,8 @@ class NativeFunction:
                 continue
             try:
                 if g.kind == "nn":
-                    epi = fused.Epilogue(g.epilogue, g.root.out, f"{fname}.epilogue") \
+                    epi = fused.Epilogue(g.epilogue, g.root.out, f"{fname}.epilogue",
+                                         apart=g.epilogue_apart) \
                         if g.epilogue is not None else None
                     extra = {} if epi is None else {"epilogue": epi}
                     if kernels[g.root.prim].checks:
@@ -222,7 +223,7 @@ class NativeFunction:
             return p
 
         for g, kfn in zip(plan.groups, kernel_fns):
-            args = [pointer(v) for v in g.made + g.leaves + g.extra_leaves]
+            args = [pointer(v) for v in g.pointer_values]
             if _checks(g):
                 args.append(b.gep(arena_arg, [i64(_status_offset(plan))], source_etype=ir.IntType(8),
                                   name="status"))
@@ -381,7 +382,7 @@ def _lower_part(native_ref, part: int, seconds: dict) -> str:
 def _kernel_type(g) -> ir.FunctionType:
     """The contract's type of kernel `g`: result, companion or extra outputs, buffers, [status,]
     scratch, tid, nthreads."""
-    n_ptrs = len(g.made) + len(g.leaves) + len(g.extra_leaves) + 1 + _checks(g)
+    n_ptrs = len(g.pointer_values) + 1 + _checks(g)
     return ir.FunctionType(VOID, [PTR] * n_ptrs + [I64, I64])
 
 
