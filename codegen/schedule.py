@@ -11,6 +11,10 @@ Algorithm (XLA-style loop fusion):
 - Every materialized value computed by an elementwise, layout or reduction instruction is the root
   of one fused group: one loop nest over its shape that evaluates the whole tree of
   non-materialized producers per element, with no intermediate buffers.
+- A function output computed by one fused loop and read elementwise only by a later one is
+  computed and stored by that later loop (multi-output fusion); a loop storing over buffers it
+  reads (donated outputs) may run as an epilogue, applied apart, of the loop nest making its
+  input (an optimizer's update inside its gradient's matmul).
 - A reshape of a materialized value shares its buffer (no copy).
 - Intermediate buffers live in one arena; offsets are assigned by liveness (buffers whose lifetimes
   do not overlap share memory).

@@ -14,7 +14,11 @@ kernels. The compiled function's outputs for the new parameters and the new stat
 the arrays passed in (codegen/schedule.py `_place_donated`): the kernel computing a new parameter
 usually writes it straight into the parameter's array (the update reads each element before
 writing it, after every other kernel reading the parameter has run); when that is not possible
-the value is computed aside and copied in at the end of the native call. Either way no array is
+the value is computed aside and copied in at the end of the native call. A parameter's update
+is one fused loop storing the new parameter and its state together (codegen/schedule.py
+`_merge_output_loops`), run where it can as the epilogue of the loop nest computing the
+parameter's gradient, on each block of the gradient while it is in cache
+(`_fuse_epilogues_apart`). Either way no array is
 allocated per step but the loss (and aux), and the results equal the functional update
 `optimizer.update(grads, state, params)`.
 
