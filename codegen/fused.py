@@ -400,30 +400,39 @@ def _store_value(b, val, ptr, off, dtype):
 
 
 def lower_group(module: ir.Module, fname: str, group) -> ir.Function:
-    """Define `fname` computing the group's root value (see module docstring)."""
+    """Define `fname` computing the group's root value and its extra outputs (see module
+    docstring): `fname(out, extra outputs..., leaves..., scratch, tid, nthreads)`."""
     root = group.root
     leaves = group.leaves
-    fnty = ir.FunctionType(VOID, [PTR] * (1 + len(leaves)) + [PTR, I64, I64])
+    extras = group.extra_outputs
+    n_out = 1 + len(extras)
+    fnty = ir.FunctionType(VOID, [PTR] * (n_out + len(leaves)) + [PTR, I64, I64])
     fn = ir.Function(module, fnty, fname)
     fn.linkage = "internal"
-    for a in fn.args[:2 + len(leaves)]:   # out, leaves and scratch
+    for a in fn.args[:n_out + 1 + len(leaves)]:   # outputs, leaves and scratch
         a.add_attribute("noalias")
     out_ptr = fn.args[0]
     out_ptr.name = "out"
-    for k, a in enumerate(fn.args[1:1 + len(leaves)]):
+    for k, a in enumerate(fn.args[1:n_out]):
+        a.name = f"out{k + 1}"
+    for k, a in enumerate(fn.args[n_out:n_out + len(leaves)]):
         a.name = f"in{k}"
     tid, nthreads = fn.args[-2], fn.args[-1]
     tid.name, nthreads.name = "tid", "nthreads"
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     members = {id(m) for m in group.members}
-    leaf_ptrs = {id(v): a for v, a in zip(leaves, fn.args[1:1 + len(leaves)])}
+    leaf_ptrs = {id(v): a for v, a in zip(leaves, fn.args[n_out:n_out + len(leaves)])}
     for v in group.in_place:   # stored over by the result (schedule._place_donated): one buffer,
         leaf_ptrs[id(v)] = out_ptr   # so one pointer, as `noalias` requires
+    out_ptrs = {id(o): a for o, a in zip(extras, fn.args[1:n_out])}
+    for v, o in group.extra_in_place:
+        leaf_ptrs[id(v)] = out_ptrs[id(o)]
+    stores = [(root.out, out_ptr)] + list(zip(extras, fn.args[1:n_out]))
     base = root.prim.name
     if root.prim.kind == "reduce":
         _lower_reduce(b, group, leaf_ptrs, members, out_ptr, fn.args[-3], tid, nthreads, base)
     else:
-        _lower_map(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base, is_flat(group))
+        _lower_map(b, root, leaf_ptrs, members, stores, tid, nthreads, base, is_flat(group))
     b.ret_void()
     return fn
 
@@ -435,27 +444,34 @@ def is_flat(group) -> bool:
     return schedule.linear_index(group, group.root.out.type.size, group.members)
 
 
-def _lower_map(b, root, leaf_ptrs, members, out_ptr, tid, nthreads, base, flat=False):
+def _store_all(b, el, stores, idx, off):
+    """Evaluate every output at `idx`, then store each at `off`: all loads of an element come
+    before any store, so an output stored over a buffer the loop reads (in place) is read first."""
+    vals = [el.value(v, idx) for v, _ in stores]
+    for (v, ptr), val in zip(stores, vals):
+        _store_value(b, val, ptr, off, v.dtype)
+
+
+def _lower_map(b, root, leaf_ptrs, members, stores, tid, nthreads, base, flat=False):
+    """The loop over the root's elements; `stores`: (value, pointer) of the root and of every
+    extra output, of the root's shape."""
     shape = root.out.shape
-    dtype = root.out.dtype
     if not shape:
         with L.if_then(b, b.icmp_signed("==", tid, i64(0)), f"{base}.t0"):
-            el = _Element(b, leaf_ptrs, members)
-            _store_value(b, el.value(root.out, []), out_ptr, i64(0), dtype)
+            _store_all(b, _Element(b, leaf_ptrs, members), stores, [], i64(0))
         return
     if flat:
         total = math.prod(shape)
         lo, hi = thread_range(b, total, tid, nthreads)
         with for_range(b, lo, hi, 1, f"{base}.i", scalar=total < 4 * SHORT_LOOP) as i:
-            val = _Element(b, leaf_ptrs, members, flat=True).value(root.out, [i])
-            _store_value(b, val, out_ptr, i, dtype)
+            _store_all(b, _Element(b, leaf_ptrs, members, flat=True), stores, [i], i)
         return
     lo, hi = thread_range(b, shape[0], tid, nthreads)
     with for_range(b, lo, hi, 1, f"{base}.d0") as i0:
         idx = [i0]
-        _nest(b, shape, 1, idx, base, lambda: _store_value(
-            b, _Element(b, leaf_ptrs, members).value(root.out, idx),
-            out_ptr, _Element(b, {}, set()).linear(idx, shape), dtype))
+        _nest(b, shape, 1, idx, base, lambda: _store_all(
+            b, _Element(b, leaf_ptrs, members), stores, idx,
+            _Element(b, {}, set()).linear(idx, shape)))
 
 
 def _nest(b, shape, d, idx, base, body):
@@ -637,14 +653,20 @@ class Epilogue:
 
     after it has written the elements [start, start + count) of its output (flat indices; start
     and count are i64 values, whole multiples of the output's last dimension). The call rewrites
-    those elements in place from the kernel's result to the epilogue's result."""
+    those elements in place from the kernel's result to the epilogue's result. Applied `apart`
+    (schedule.Group.epilogue_apart), the result stays and the extra arguments start with the
+    buffers of the loop's outputs (its root, then its extra outputs), where the call stores
+    them; an output stored over a buffer the loop reads (in place) reads it through its own
+    pointer, as lower_group does."""
 
-    def __init__(self, group, value: Value, name: str):
+    def __init__(self, group, value: Value, name: str, apart: bool = False):
         self.group = group
         self.value = value
         self.name = name
+        self.apart = apart
+        self.outputs = [group.root.out] + group.extra_outputs if apart else []
         self.leaves = [v for v in group.leaves if v is not value]
-        self.n_args = len(self.leaves)
+        self.n_args = len(self.outputs) + len(self.leaves)
         self._fn = None
 
     def function(self, module: ir.Module) -> ir.Function:
@@ -656,6 +678,7 @@ class Epilogue:
         fn.attributes.add("alwaysinline")
         out = fn.args[0]
         out.name = "out"
+        n_out = len(self.outputs)
         for k, a in enumerate(fn.args[1:1 + self.n_args]):
             a.name = f"epi{k}"
             a.add_attribute("noalias")
@@ -665,13 +688,21 @@ class Epilogue:
         root = self.group.root
         shape = root.out.shape
         members = {id(m) for m in self.group.members}
-        leaf_ptrs = {id(v): a for v, a in zip(self.leaves, fn.args[1:1 + self.n_args])}
+        leaf_ptrs = {id(v): a for v, a in zip(self.leaves, fn.args[1 + n_out:1 + self.n_args])}
         leaf_ptrs[id(self.value)] = out
+        if self.apart:
+            stores = list(zip(self.outputs, fn.args[1:1 + n_out]))
+            for v in self.group.in_place:
+                leaf_ptrs[id(v)] = stores[0][1]
+            by_output = {id(o): a for o, a in stores}
+            for v, o in self.group.extra_in_place:
+                leaf_ptrs[id(v)] = by_output[id(o)]
+        else:
+            stores = [(root.out, out)]
         base = f"{self.name}"
         if is_flat(self.group):
             with for_range(b, start, b.add(start, count), 1, f"{base}.i") as i:
-                val = _Element(b, leaf_ptrs, members, flat=True).value(root.out, [i])
-                _store_value(b, val, out, i, root.out.dtype)
+                _store_all(b, _Element(b, leaf_ptrs, members, flat=True), stores, [i], i)
         else:
             inner = shape[-1]
             r0 = b.sdiv(start, i64(inner), name=f"{base}.row0")
@@ -684,8 +715,8 @@ class Epilogue:
                 prefix.reverse()
                 row_off = b.mul(r, i64(inner))
                 with for_range(b, 0, inner, 1, f"{base}.col", scalar=inner < SHORT_LOOP) as j:
-                    val = _Element(b, leaf_ptrs, members).value(root.out, prefix + [j])
-                    _store_value(b, val, out, b.add(row_off, j), root.out.dtype)
+                    _store_all(b, _Element(b, leaf_ptrs, members), stores, prefix + [j],
+                               b.add(row_off, j))
         b.ret_void()
         self._fn = fn
         return fn

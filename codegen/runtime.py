@@ -339,7 +339,8 @@ def _lower_kernels(plan, modules: dict, home: dict, module, namer) -> list:
             continue
         try:
             if g.kind == "nn":
-                epi = fused.Epilogue(g.epilogue, g.root.out, f"{fname}.epilogue") \
+                epi = fused.Epilogue(g.epilogue, g.root.out, f"{fname}.epilogue",
+                                     apart=g.epilogue_apart) \
                     if g.epilogue is not None else None
                 extra = {} if epi is None else {"epilogue": epi}
                 if kernels[g.root.prim].checks:
@@ -401,8 +402,7 @@ def _emit_calls(module, b, plan, kernel_fns, pointer, nthreads, arena, status, m
             _loop_lowerings[g.root.prim.name](module, b, g, pointer, nthreads, arena, status,
                                               max_threads)
             continue
-        args = [pointer(g.result)] + ([pointer(g.companion.out)] if g.companion else []) + \
-            [pointer(v) for v in g.leaves + g.extra_leaves]
+        args = [pointer(v) for v in g.pointer_values]
         if _checks(g):
             args.append(status)
         scratch = b.gep(arena, [i64(g.scratch)], source_etype=ir.IntType(8)) \
@@ -561,9 +561,9 @@ def _lower_part(native_ref, part: int, seconds: dict) -> str:
 
 
 def _kernel_type(g) -> ir.FunctionType:
-    """The contract's type of kernel `g`: result, companion, buffers, [status,] scratch, tid,
-    nthreads."""
-    n_ptrs = 1 + (g.companion is not None) + len(g.leaves) + len(g.extra_leaves) + 1 + _checks(g)
+    """The contract's type of kernel `g`: result, companion or extra outputs, buffers, [status,]
+    scratch, tid, nthreads."""
+    n_ptrs = len(g.pointer_values) + 1 + _checks(g)
     return ir.FunctionType(VOID, [PTR] * n_ptrs + [I64, I64])
 
 

@@ -11,6 +11,10 @@ Algorithm (XLA-style loop fusion):
 - Every materialized value computed by an elementwise, layout or reduction instruction is the root
   of one fused group: one loop nest over its shape that evaluates the whole tree of
   non-materialized producers per element, with no intermediate buffers.
+- A function output computed by one fused loop and read elementwise only by a later one is
+  computed and stored by that later loop (multi-output fusion); a loop storing over buffers it
+  reads (donated outputs) may run as an epilogue, applied apart, of the loop nest making its
+  input (an optimizer's update inside its gradient's matmul).
 - A reshape of a materialized value shares its buffer (no copy).
 - Intermediate buffers live in one arena; offsets are assigned by liveness (buffers whose lifetimes
   do not overlap share memory).
@@ -68,17 +72,48 @@ class Group:
     prefix: str = ""
     status_code: int = 0   # a checking kernel's code (see runtime._checked_kernels)
 
-    @property
-    def result(self) -> Value:
-        """The value this kernel leaves in memory (a loop's: its tuple value, with no buffer)."""
-        return self.epilogue.root.out if self.epilogue is not None else self.root.out
+    # Function outputs a fused loop stores besides its result, each at the loop's own index (see
+    # `_merge_output_loops`), and (leaf, output) pairs: leaves stored over by one of them (as
+    # `in_place`, read through that output's pointer).
+    extra_outputs: list = field(default_factory=list)
+    extra_in_place: list = field(default_factory=list)
+
+    # The epilogue stores its outputs apart from the kernel's result, which keeps a buffer of its
+    # own (see `_fuse_epilogues_apart`), instead of rewriting the result in place.
+    epilogue_apart: bool = False
 
     @property
-    def results(self) -> list:
-        """Every value this kernel leaves in memory."""
+    def result(self) -> Value:
+        """The value this kernel leaves in memory (its first pointer argument)."""
+        if self.epilogue is not None and not self.epilogue_apart:
+            return self.epilogue.root.out
+        return self.root.out
+
+    @property
+    def epilogue_outputs(self) -> list:
+        """The values an epilogue applied apart stores (its root, then its extra outputs)."""
+        if self.epilogue is None or not self.epilogue_apart:
+            return []
+        return [self.epilogue.root.out] + self.epilogue.extra_outputs
+
+    @property
+    def made(self) -> list:
+        """Every value this kernel leaves in memory: its result, then a max-pool's argmax, a fused
+        loop's extra outputs, or the outputs of an epilogue applied apart; a loop's results."""
         if self.kind == "control":
             return [v for v in self.outs if v is not None]
-        return [self.result] + ([self.companion.out] if self.companion is not None else [])
+        return [self.result] + ([self.companion.out] if self.companion is not None else []) \
+            + self.extra_outputs + self.epilogue_outputs
+
+    @property
+    def pointer_values(self) -> list:
+        """The buffers of the kernel's pointer arguments, in order (before any status and
+        scratch): a fused loop's outputs and then the buffers it reads; a loop nest's result and
+        companion, its inputs, then its epilogue's arguments (fused.Epilogue)."""
+        if self.kind == "loop":
+            return [self.result] + self.extra_outputs + self.leaves
+        return [self.result] + ([self.companion.out] if self.companion is not None else []) \
+            + self.leaves + self.epilogue_outputs + self.extra_leaves
 
     @property
     def extra_leaves(self) -> list:
@@ -303,6 +338,8 @@ def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None, cost_ns=None,
     if fuses_epilogue is not None and not settings.no_epilogues():
         groups = _fuse_epilogues(fn, groups, locations, fuses_epilogue)
     groups, donations = _place_donated(fn, groups, locations, out_copies, donated or {})
+    if fuses_epilogue is not None and not settings.no_epilogues():
+        groups = _fuse_epilogues_apart(fn, groups, locations, fuses_epilogue)
     arena = _place_arena(fn, groups, mat, locations, producer)
     saved = _saved_for_backward(fn, groups, locations)
     return Plan(fn, mat, groups, locations, arena, out_copies, saved, donations)
@@ -384,6 +421,9 @@ def _place_donated(fn: Function, groups: list, locations: dict, out_copies: list
     wrong answer, one pass over the buffer more. An output that is a parameter or a literal is
     left to the caller ("caller"); one that is the same value as an earlier output is an
     ordinary output copy."""
+    if donated:
+        groups = _split_donated_epilogues(fn, groups, locations, donated)
+    groups = _merge_output_loops(fn, groups)
     if not donated:
         return groups, []
     params = fn.params
@@ -394,12 +434,11 @@ def _place_donated(fn: Function, groups: list, locations: dict, out_copies: list
         if fn.outputs[k].type != params[j].type:
             raise ValueError(f"output {k} ({fn.outputs[k].type}) cannot be stored into parameter "
                              f"{j} ({params[j].type})")
-    groups = _split_donated_epilogues(fn, groups, locations, donated)
 
     def reads(g: Group, j: int) -> list:
         return [v for v in g.leaves + g.extra_leaves if base_value(v, locations) is params[j]]
 
-    made_by = {id(g.result): g for g in groups}
+    made_by = {id(v): g for g in groups for v in [g.result] + g.extra_outputs}
     result = []
     for k, j in sorted(donated.items()):
         o = fn.outputs[k]
@@ -416,7 +455,10 @@ def _place_donated(fn: Function, groups: list, locations: dict, out_copies: list
             and all(h.index < g.index for h in groups if h is not g and reads(h, j))
         if direct:
             locations[id(o)] = Location("in", j)
-            g.in_place = mine
+            if o is g.result:
+                g.in_place = mine
+            else:
+                g.extra_in_place += [(v, o) for v in mine]
             result.append((k, j, "in place"))
         else:
             del locations[id(o)]   # _place_arena gives it a buffer live until the end
@@ -440,6 +482,129 @@ def _split_donated_epilogues(fn: Function, groups: list, locations: dict, donate
     for i, g in enumerate(kept):
         g.index = i
     return kept
+
+
+def _fuse_epilogues_apart(fn: Function, groups: list, locations: dict, fuses_epilogue) -> list:
+    """Fuse a fused loop that stores an output over a buffer it reads (an optimizer update
+    writing the new parameter and state in place, see `_place_donated`) into the loop-nest
+    kernel computing the one buffer it reads elementwise that only it reads (the parameter's
+    gradient), as an epilogue applied apart: the kernel writes its result to a buffer of its own
+    as usual, and the epilogue reads each finished block while it is in cache and stores the
+    loop's outputs where they go. (An epilogue applied in place cannot: the kernel would write
+    its raw result over the parameter before the epilogue reads it.)
+
+    The loop then runs at the kernel's place. Kernels after the loop nest that make other
+    buffers the loop reads (an optimizer's scalars of the step count) move before it with their
+    own such producers, when no kernel they pass writes what they read or touches what they
+    write. The loop nest must not read what the loop stores over, and no kernel it passes may
+    read what the loop writes or write what it reads."""
+    params = fn.params
+
+    def buffer(v):
+        v = base_value(v, locations)
+        loc = locations.get(id(v))
+        return id(params[loc.index]) if loc is not None and loc.kind == "in" else id(v)
+
+    def reads(g):
+        return {buffer(x) for x in g.leaves + g.extra_leaves}
+
+    def writes(g):
+        return {buffer(v) for v in g.made}
+
+    changed = True
+    while changed:
+        changed = False
+        made_by = {id(v): g for g in groups for v in g.made}
+        readers: dict[int, list] = {}
+        for g in groups:
+            for v in g.leaves + g.extra_leaves:
+                readers.setdefault(id(v), []).append(g)
+        for u in groups:
+            if u.kind != "loop" or u.root.prim.kind == "reduce" \
+                    or not (u.in_place or u.extra_in_place):
+                continue
+            for v in u.leaves:
+                k = made_by.get(id(v))
+                if k is None or k.kind != "nn" or k.epilogue is not None \
+                        or k.companion is not None or v is not k.root.out or id(v) in locations \
+                        or not fuses_epilogue(k.root) or readers.get(id(v)) != [u] \
+                        or v.type.shape != u.root.out.type.shape or not _elementwise_path(u, v):
+                    continue
+                moved = _producers_between(u, v, k, made_by)
+                if moved is None:
+                    continue
+                passed = [g for g in groups[k.index:u.index] if g not in moved]   # k included
+                ok = not reads(k) & writes(u) and all(
+                    not writes(g) & reads(u) and not reads(g) & writes(u) for g in passed[1:])
+                ok = ok and all(not writes(g) & (reads(h) | writes(h)) and not reads(g) & writes(h)
+                                for h in moved for g in passed if g.index < h.index)
+                if not ok:
+                    continue
+                k.epilogue, k.epilogue_apart = u, True
+                groups = groups[:k.index] + sorted(moved, key=lambda g: g.index) + \
+                    [g for g in groups[k.index:] if g not in moved and g is not u]
+                for i, g in enumerate(groups):
+                    g.index = i
+                changed = True
+                break
+            if changed:
+                break
+    return groups
+
+
+def _producers_between(u: Group, v: Value, k: Group, made_by: dict):
+    """The kernels after `k` making a buffer `u` reads (other than `v`), with their own such
+    producers: what must move before `k` for `u` to run at `k`'s place; None if `u` itself is
+    among them or one is a loop nest."""
+    need = [x for x in u.leaves if x is not v]
+    moved = []
+    while need:
+        h = made_by.get(id(need.pop()))
+        if h is None or h.index < k.index or h in moved:
+            continue
+        if h is u or h is k or h.kind != "loop":
+            return None
+        moved.append(h)
+        need += h.leaves + h.extra_leaves
+    return moved
+
+
+def _merge_output_loops(fn: Function, groups: list) -> list:
+    """Multi-output loop fusion: a fused loop computing a function output that only one later
+    fused loop reads, elementwise at its own index and of the same shape, is evaluated inside
+    that loop, which stores it as an extra output. An optimizer's update is such a chain per
+    parameter (the new momentum or moment buffers are outputs the new parameter reads): one
+    pass over the gradient, the buffers and the parameter instead of one per buffer. The reader
+    takes over the producer's buffers, read at the reader's place in the kernel order."""
+    outputs = {id(o) for o in fn.outputs}
+    merged = True
+    while merged:
+        merged = False
+        readers: dict[int, list] = {}
+        for g in groups:
+            for v in g.leaves + g.extra_leaves:
+                readers.setdefault(id(v), []).append(g)
+        for p in groups:
+            v = p.root.out
+            rs = readers.get(id(v), [])
+            if p.kind != "loop" or p.root.prim.kind == "reduce" or id(v) not in outputs \
+                    or len(rs) != 1:
+                continue
+            c = rs[0]
+            if c.kind != "loop" or c.root.prim.kind == "reduce" or c.index < p.index \
+                    or v.type.shape != c.root.out.type.shape or not _elementwise_path(c, v):
+                continue
+            c.members = p.members + c.members
+            mine = {id(x) for x in c.leaves}
+            c.leaves = [x for x in p.leaves if id(x) not in mine] + \
+                [x for x in c.leaves if x is not v]
+            c.extra_outputs = [v] + p.extra_outputs + c.extra_outputs
+            groups = [g for g in groups if g is not p]
+            for i, g in enumerate(groups):
+                g.index = i
+            merged = True
+            break
+    return groups
 
 
 def _elementwise_path(g: Group, v: Value) -> bool:
@@ -573,7 +738,7 @@ def _place_arena(fn, groups, mat, locations, producer) -> int:
         return offset
 
     for g in groups:
-        for v in g.results:
+        for v in g.made:
             if id(v) not in locations:
                 locations[id(v)] = Location("arena", allocate(v.type.nbytes, g.index,
                                                               last_use.get(id(v), g.index)))
@@ -589,7 +754,7 @@ def _saved_for_backward(fn: Function, groups: list, locations: dict):
     start = next((g.index for g in groups if g.root.adj_of is not None), len(groups))
     made_at = {}
     for g in groups:
-        for v in g.results:
+        for v in g.made:
             made_at[id(v)] = g.index
     saved, seen = [], set()
     for g in groups[start:]:
@@ -629,11 +794,17 @@ def annotate(p: Plan):
                 head += f" and its argmax -> {g.companion.out.type}"
             if g.epilogue is not None:
                 ops = [m.prim.name for m in g.epilogue.members if m.prim is not const_p]
-                head += f", epilogue {', '.join(ops)} applied in place to each finished block"
+                where = f"storing {len(g.epilogue_outputs)} outputs apart" if g.epilogue_apart \
+                    else "in place"
+                head += f", epilogue {', '.join(ops)} applied {where} to each finished block"
             return head, tag
         ops = [m.prim.name for m in g.members if m.prim is not const_p]
+        more = f" and {len(g.extra_outputs)} more output{'s' if len(g.extra_outputs) != 1 else ''}" \
+            if g.extra_outputs else ""
         return (f"// kernel k{g.index}: one fused loop over {g.root.out.type} computing "
-                f"{', '.join(ops)} reading {len(g.leaves)} buffer{'s' if len(g.leaves) != 1 else ''}"), tag
+                f"{', '.join(ops)}{more} reading {len(g.leaves)} buffer"
+                f"{'s' if len(g.leaves) != 1 else ''}"), tag
+
     def region(ins: Instr, name: str):
         g = by_root.get(id(ins))
         return annotate(g.bodies[name]) if g is not None and name in g.bodies else None

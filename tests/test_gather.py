@@ -88,6 +88,37 @@ def test_embedding_traced_ids_value_grad_and_large_parallel(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padding_idx", [3, -2])
+def test_embedding_padding_row_gets_no_gradient(padding_idx, backend):
+    """As torch.nn.functional.embedding: the padding row is looked up, but its gradient is zero
+    (and the other rows' gradients are unchanged); a negative padding_idx counts from the end."""
+    w = RNG.standard_normal((5, 3))
+    ids = np.array([[3, 1, 3], [0, 3, 4]])
+    ct = RNG.standard_normal((2, 3, 3))
+    f = tj.jit_value_and_grad(lambda w, t: (nn.embedding(t, w, padding_idx=padding_idx) * ct)
+                              .sum())
+    with use_backend(backend):
+        val, g = f(w, ids)
+    want = _scatter(w.shape, ids, ct)
+    want[3] = 0.0
+    np.testing.assert_allclose(val, (w[ids] * ct).sum(), rtol=1e-12)
+    np.testing.assert_allclose(g, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(nn.embedding(ids, w, padding_idx=padding_idx), w[ids])
+
+
+def test_embedding_rejects_unsupported_options_and_bad_padding_idx():
+    w, ids = np.ones((4, 2)), np.array([0, 1])
+    with pytest.raises(ValueError, match=r"embedding: max_norm=1.0 is not supported .*renormalis"):
+        nn.embedding(ids, w, max_norm=1.0)
+    with pytest.raises(ValueError, match="scale_grad_by_freq=True is not supported"):
+        nn.embedding(ids, w, scale_grad_by_freq=True)
+    with pytest.raises(ValueError, match=r"padding_idx=4 must be within \[-4, 4\)"):
+        nn.embedding(ids, w, padding_idx=4)
+    with pytest.raises(ValueError, match=r"padding_idx=-5 must be within"):
+        nn.embedding(ids, w, padding_idx=-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gather_gradient_matches_finite_differences_and_second_order(backend):
     x = RNG.standard_normal((4, 3))
     idx = np.array([[2, 2, 0], [1, 2, 2]])

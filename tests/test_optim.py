@@ -33,10 +33,13 @@ def reference_trajectory(kind, kwargs, init, grad_at, lr_at=None, steps=STEPS):
     """The parameters after each of `steps` updates; `grad_at(t, params)` gives step t's gradients
     and `lr_at(t)` the learning rate of update t (0-based; default: kwargs' lr)."""
     defaults = {"SGD": dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False),
-                "Adam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
-                "AdamW": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2),
-                "RMSprop": dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0)}
-    h = dict(defaults[kind], **kwargs)
+                "Adam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                             amsgrad=False),
+                "AdamW": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                              amsgrad=False),
+                "RMSprop": dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                                centered=False)}
+    h = {"maximize": False, **defaults[kind], **kwargs}
     params = {k: v.copy() for k, v in init.items()}
     state = {k: {} for k in params}
     out = []
@@ -45,6 +48,8 @@ def reference_trajectory(kind, kwargs, init, grad_at, lr_at=None, steps=STEPS):
         grads = grad_at(t, params)
         for k in params:
             p, g, s = params[k], grads[k], state[k]
+            if h["maximize"]:
+                g = -g
             if kind == "SGD":
                 if h["weight_decay"]:
                     g = g + h["weight_decay"] * p
@@ -63,15 +68,20 @@ def reference_trajectory(kind, kwargs, init, grad_at, lr_at=None, steps=STEPS):
                     g = g + h["weight_decay"] * p
                 m = s.get("m", np.zeros_like(p))
                 v = s.get("v", np.zeros_like(p))
-                s["m"] = m = m + (1 - b1) * (g - m)
+                s["m"] = m = lerp(m, g, 1 - b1)
                 s["v"] = v = v * b2 + (1 - b2) * g * g
+                if h["amsgrad"]:
+                    s["vmax"] = v = np.maximum(s.get("vmax", np.zeros_like(p)), v)
                 n = t + 1
                 denom = np.sqrt(v) / math.sqrt(1 - b2 ** n) + h["eps"]
                 p = p - (lr / (1 - b1 ** n)) * (m / denom)
-            else:  # RMSprop, centered=False
+            else:  # RMSprop
                 if h["weight_decay"]:
                     g = g + h["weight_decay"] * p
                 s["sq"] = sq = s.get("sq", np.zeros_like(p)) * h["alpha"] + (1 - h["alpha"]) * g * g
+                if h["centered"]:
+                    s["ga"] = ga = lerp(s.get("ga", np.zeros_like(p)), g, 1 - h["alpha"])
+                    sq = sq - ga * ga
                 avg = np.sqrt(sq) + h["eps"]
                 if h["momentum"]:
                     s["buf"] = s.get("buf", np.zeros_like(p)) * h["momentum"] + g / avg
@@ -82,6 +92,13 @@ def reference_trajectory(kind, kwargs, init, grad_at, lr_at=None, steps=STEPS):
             params[k] = p
         out.append({k: v.copy() for k, v in params.items()})
     return out
+
+
+def lerp(start, end, weight):
+    """torch's lerp: the formula switches at weight 0.5 (each is exact at its end of [0, 1])."""
+    if weight < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (1 - weight)
 
 
 def torch_lr_at(case):
@@ -281,6 +298,10 @@ def test_init_state_layout_and_update_leaves_inputs_alone():
     assert float(new_state["step"]) == 1.0
     assert list(optim.sgd(0.1).init(params)) == ["step"]
     assert list(optim.adam().init(params)) == ["step", "exp_avg", "exp_avg_sq"]
+    assert list(optim.adamw(amsgrad=True).init(params)) == ["step", "exp_avg", "exp_avg_sq",
+                                                            "max_exp_avg_sq"]
+    assert list(optim.rmsprop(momentum=0.9, centered=True).init(params)) == \
+        ["step", "square_avg", "momentum_buffer", "grad_avg"]
 
 
 @pytest.mark.parametrize("make,match", [

@@ -14,6 +14,7 @@ import pytest
 import tracejit
 from helpers import rng_for, use_backend
 from tracejit import nn, optim
+from tracejit.codegen import parallel
 
 BACKENDS = ["llvm", "interpreter"]
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
@@ -62,6 +63,20 @@ def eager_trajectory(loss, opt, params, batches, has_aux=False):
         losses.append(value)
         params, state = opt.update(g, state, params)
     return losses, params, state
+
+
+def steps_match_the_eager_loop(loss, opt, init, batches, tol=1e-12):
+    """(step, params, state) after a jit_train_step over `batches` from copies of `init`, checked
+    against the eager loop."""
+    _, want_p, want_s = eager_trajectory(loss, opt, init, batches)
+    step = tracejit.jit_train_step(loss, opt)
+    params = copy_tree(init)
+    state = opt.init(params)
+    for b in batches:
+        step(params, state, *b)
+    assert_trees_close(params, want_p, tol)
+    assert_trees_close(state, want_s, tol)
+    return step, params, state
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -220,8 +235,11 @@ def test_bad_array_raises_naming_its_path_and_writes_nothing(bad, where, backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["same object", "overlapping views", "batch view"])
+@pytest.mark.parametrize("case", ["same object", "overlapping views", "batch view",
+                                  "batch view of a parameter"])
 def test_aliased_arrays_raise_and_write_nothing(case, backend):
+    """Checked on every call: the first call, with arrays that do not alias, compiles and sets up
+    the fast path of later calls, which must refuse the aliasing arrays as well."""
     opt = optim.sgd(0.1, momentum=0.9)
     x, t = batch(np.float64)
     params = mlp_params(np.float64)
@@ -233,22 +251,61 @@ def test_aliased_arrays_raise_and_write_nothing(case, backend):
         flat = np.zeros(40)
         params["b1"], params["b2"] = flat[:24], flat[20:25]
         names = ("params['b1']", "params['b2']")
-    else:
-        x = np.zeros((16, 12))
-        params["w1"] = x[:12]    # the batch reads the memory the step updates
+    elif case == "batch view":
+        buf = np.zeros(300)    # the batch reads the memory the step updates
+        x, params["w1"] = buf[:192].reshape(16, 12), buf[:288].reshape(12, 24)
         names = ("x", "params['w1']")
     state = opt.init(params)
-    before = copy_tree((params, state, x))
+    first = copy_tree((params, state, x))
 
     def loss(p, x, t):
         extra = sum(v.sum() for k, v in p.items() if k not in ("w1", "b1", "w2", "b2"))
         return mlp_loss(p, x, t) + 0.1 * extra
 
-    with use_backend(backend), pytest.raises(TypeError) as e:
-        tracejit.jit_train_step(loss, opt)(params, state, x, t)
+    step = tracejit.jit_train_step(loss, opt)
+    with use_backend(backend):
+        if case == "batch view of a parameter":
+            # the same parameter arrays as the first call, a batch viewing one of them
+            step(params, state, x, t)
+            x = params["w1"].reshape(-1)[:x.size].reshape(x.shape)
+            names = ("x", "params['w1']")
+        else:
+            step(*first, t)
+        before = copy_tree((params, state, x))
+        with pytest.raises(TypeError) as e:
+            step(params, state, x, t)
     assert all(n in str(e.value) for n in names) and "share memory" in str(e.value), str(e.value)
     for got, want in zip(tracejit.tree.leaves((params, state, x)), tracejit.tree.leaves(before)):
         np.testing.assert_array_equal(got, want)
+
+
+def test_repeated_calls_skip_the_argument_signature(monkeypatch):
+    """After the first call, a call with arrays of the same structure, shapes, dtypes and layout
+    (new array objects included) runs without building the argument Signature, and still
+    computes the step."""
+    import tracejit.train as train
+    built = []
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return signature(*args, **kwargs)
+
+    signature = train._Signature
+    monkeypatch.setattr(train, "_Signature", counting)
+    opt = optim.sgd(0.1, momentum=0.9)
+    step = tracejit.jit_train_step(mlp_loss, opt)
+    params = mlp_params(np.float64)
+    state = opt.init(params)
+    want_p, want_s = copy_tree(params), copy_tree(state)
+    for i in range(4):
+        x, t = batch(np.float64, seed=f"b{i}")
+        if i == 2:   # new arrays holding the same values
+            params, state = copy_tree(params), copy_tree(state)
+        step(params, state, x, t)
+        want_p, want_s = opt.update(tracejit.jit_grad(mlp_loss)(want_p, x, t), want_s, want_p)
+    assert len(built) == 1
+    assert_trees_close(params, want_p, 1e-12)
+    assert_trees_close(state, want_s, 1e-12)
 
 
 def test_disjoint_views_of_one_buffer_are_fine():
@@ -312,6 +369,31 @@ def test_mlp_step_writes_every_update_in_place(which):
     native = step._jitted._lookup(step._signature(params, state, (x, t))[0]).native()
     assert [how for _, _, how in native.plan.donated] == ["in place"] * n
     assert "llvm.memcpy" not in native.llvm_ir_unoptimized
+    # one fused loop per parameter reads the gradient once and stores the parameter and its
+    # state buffers (the momentum, or Adam's two moments); for the weights, whose gradients are
+    # matmuls, that loop is the matmul's epilogue, run on each block of the gradient it finishes
+    groups = native.plan.groups
+    merged = [g for g in groups if g.extra_outputs] + [g.epilogue for g in groups
+                                                        if g.epilogue_apart]
+    assert len(merged) == len(params), dump
+    assert all(len(g.extra_outputs) == len(state) - 1 for g in merged), dump
+    assert sorted(g.root.out.type.shape for g in groups if g.epilogue_apart) == [(12, 24), (24, 5)]
+
+
+def test_update_as_a_matmul_epilogue_on_a_thread_team():
+    """The weights' update runs as the epilogue of the matmul computing their gradient; here that
+    matmul is large enough to run on a thread team (each thread updating the rows it finishes)."""
+    def loss(p, x, t):
+        return nn.mse_loss(tracejit.tanh(x @ p["w1"]) @ p["w2"], t)
+
+    rng = rng_for("team")
+    init = {"w1": rng.normal(size=(64, 128)) * 0.1, "w2": rng.normal(size=(128, 8)) * 0.1}
+    batches = [(rng.normal(size=(192, 64)), rng.normal(size=(192, 8))) for _ in range(3)]
+    step, params, state = steps_match_the_eager_loop(loss, optim.adam(1e-2), init, batches)
+    native = step._jitted._lookup(step._signature(params, state, batches[0])[0]).native()
+    apart = [g for g in native.plan.groups if g.epilogue_apart]
+    assert [g.root.out.type.shape for g in apart] == [(128, 8), (64, 128)]
+    assert apart[1].cost_ns >= parallel.PARALLEL_MIN_NS
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -387,15 +469,8 @@ def test_new_batch_shape_retraces():
     opt = optim.sgd(0.1, momentum=0.9)
     init = mlp_params(np.float64)
     batches = [batch(np.float64, n=16), batch(np.float64, n=8), batch(np.float64, n=16, seed="c")]
-    _, want_p, want_s = eager_trajectory(mlp_loss, opt, init, batches)
-    step = tracejit.jit_train_step(mlp_loss, opt)
-    params = copy_tree(init)
-    state = opt.init(params)
-    for b in batches:
-        step(params, state, *b)
+    step, _, _ = steps_match_the_eager_loop(mlp_loss, opt, init, batches)
     assert step.compile_stats()["signatures"] == 2
-    assert_trees_close(params, want_p, 1e-12)
-    assert_trees_close(state, want_s, 1e-12)
 
 
 def test_called_inside_a_trace_raises():

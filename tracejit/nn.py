@@ -242,15 +242,37 @@ def gelu(x, approximate="none"):
 
 
 @op("embedding")
-def embedding(input, weight):
+def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
+              scale_grad_by_freq=False, sparse=False):
     """PyTorch's embedding: rows of `weight` [V, D] picked by the integer indices `input` (any
     shape, traced such as token ids, or a numpy constant): [*input.shape, D]. An index outside
     [0, V) (negative ones included, as in PyTorch) raises IndexError naming `input`, checked
-    natively where it is read. The gradient w.r.t. weight is a scatter-add of the rows."""
+    natively where it is read. The gradient w.r.t. weight is a scatter-add of the rows.
+
+    `padding_idx` (in [-V, V); a negative one counts from the end) names a row that is looked up
+    as usual but gets no gradient, as in PyTorch. `max_norm` (renormalising looked-up rows in
+    place), `scale_grad_by_freq` and `sparse` are not supported: anything but their defaults
+    raises ValueError."""
+    for arg, value, default, why in (
+            ("max_norm", max_norm, None, "renormalises the looked-up rows of weight in place"),
+            ("scale_grad_by_freq", scale_grad_by_freq, False, "rescales the gradient"),
+            ("sparse", sparse, False, "asks for a sparse gradient")):
+        if value is not default and value != default:
+            raise _error(ValueError, f"embedding: {arg}={value!r} is not supported (in PyTorch "
+                                     f"it {why}); pass {arg}={default!r}")
     w = as_value(weight, result_dtype(weight))
     if w.ndim != 2:
         raise ShapeError(f"embedding: weight must be 2-d [num_embeddings, dim], got shape "
                          f"{list(w.shape)}")
+    if padding_idx is not None:
+        if not _is_int(padding_idx):
+            raise _error(TypeError, f"embedding: padding_idx must be an int or None, got "
+                                    f"{type(padding_idx).__name__}")
+        if not -w.shape[0] <= padding_idx < w.shape[0]:
+            raise _error(ValueError, f"embedding: padding_idx={padding_idx} must be within "
+                                     f"[-{w.shape[0]}, {w.shape[0]}), the weight's "
+                                     f"{w.shape[0]} rows")
+        padding_idx %= w.shape[0]
     shape = tuple(_shape(input))
     name = ops.index_name(input, "input")
     if not isinstance(input, Tracer):
@@ -261,7 +283,12 @@ def embedding(input, weight):
                                      f"{w.shape[0]}) of the weight's {w.shape[0]} rows")
     idx = lax.reshape(ops.int_value(input), (int(np.prod(shape, dtype=np.int64)), 1))
     rows = lax.gather(w, idx, 0, negative="error", name=name)
-    return wrap(lax.reshape(rows, shape + (w.shape[1],)))
+    out = wrap(lax.reshape(rows, shape + (w.shape[1],)))
+    if padding_idx is None:
+        return out
+    # the padding rows' values pass through, their cotangent does not reach the scatter-add
+    is_pad = ops.expand_dims(ops.equal(input, padding_idx), -1)
+    return ops.where(is_pad, ops.stop_gradient(out), out)
 
 
 @op("linear")

@@ -9,7 +9,7 @@
 `params` and `grads` are pytrees of float arrays of the same structure (see tracejit.tree). `init`
 returns the state as a dict of numpy arrays: the step count `"step"` (a float64 0-d array counting
 the updates done, exact up to 2**53) and one buffer tree per torch state entry (`"momentum_buffer"`,
-`"exp_avg"`, `"exp_avg_sq"`, `"square_avg"`), zeros of the parameters' shapes and dtypes.
+`"exp_avg"`, `"exp_avg_sq"`, `"max_exp_avg_sq"`, `"square_avg"`, `"grad_avg"`), zeros of the parameters' shapes and dtypes.
 `update` is written in tracejit ops, so it runs eagerly on numpy arrays and also traces into a
 compiled function (`tracejit.jit(opt.update)`, or inside a compiled training step) where it fuses
 with the rest. Eager updates and traced ones run by the reference interpreter give identical bits;
@@ -84,7 +84,9 @@ class Optimizer:
             for b, bl in zip(self._buffers, buf_lists):
                 _check_leaf(path, p, f"state[{b!r}]", bl[i])
             bufs = {b: bl[i] for b, bl in zip(self._buffers, buf_lists)}
-            new_p, new_b = self._leaf_update(p, gs[i], bufs, hyper, t, first)
+            # torch negates the gradient first, so weight decay still pulls towards zero
+            g = ops.negative(gs[i]) if self.hyperparams.get("maximize") else gs[i]
+            new_p, new_b = self._leaf_update(p, g, bufs, hyper, t, first)
             new_ps.append(new_p)
             for b in self._buffers:
                 new_bufs[b].append(new_b[b])
@@ -147,6 +149,14 @@ def _scalar(s, p):
     return ops.astype(s, p.dtype)
 
 
+def _lerp(start, end, weight: float):
+    """torch's lerp_(end, weight) with a Python-number weight: the two formulas its CPU kernel
+    switches between at 0.5, so each stays exact at its end of [0, 1]."""
+    if weight < 0.5:
+        return ops.add(start, ops.multiply(weight, ops.subtract(end, start)))
+    return ops.subtract(end, ops.multiply(ops.subtract(end, start), 1.0 - weight))
+
+
 def _negative(s):
     # A Python number stays a Python number: ops.negative would make it a float32 array.
     return -s if isinstance(s, numbers.Number) else ops.negative(s)
@@ -185,10 +195,12 @@ def _check_betas(name, betas):
 # ------------------------------------------------------------------------------------------------
 # the optimizers
 # ------------------------------------------------------------------------------------------------
-def sgd(lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False) -> Optimizer:
+def sgd(lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+        maximize=False) -> Optimizer:
     """torch.optim.SGD: with `momentum`, the buffer is the first gradient on the first step and
     `momentum * buf + (1 - dampening) * g` after; `nesterov` uses `g + momentum * buf`;
-    `weight_decay` adds `weight_decay * param` to the gradient (L2)."""
+    `weight_decay` adds `weight_decay * param` to the gradient (L2); `maximize` ascends (the
+    gradient is negated before anything else)."""
     _check_lr("sgd", lr)
     _check_nonneg("sgd", momentum=momentum, dampening=dampening, weight_decay=weight_decay)
     if nesterov and (momentum <= 0 or dampening != 0):
@@ -208,11 +220,12 @@ def sgd(lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False) -> Op
         return ops.add(p, ops.multiply(_scalar(_negative(h["lr"]), p), g)), new
 
     return Optimizer("sgd", dict(lr=lr, momentum=momentum, dampening=dampening,
-                                 weight_decay=weight_decay, nesterov=nesterov),
+                                 weight_decay=weight_decay, nesterov=nesterov,
+                                 maximize=bool(maximize)),
                      ("momentum_buffer",) if momentum != 0 else (), leaf)
 
 
-def _adam_like(name, lr, betas, eps, weight_decay, decoupled) -> Optimizer:
+def _adam_like(name, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled) -> Optimizer:
     _check_lr(name, lr)
     _check_nonneg(name, eps=eps, weight_decay=weight_decay)
     _check_betas(name, betas)
@@ -228,36 +241,47 @@ def _adam_like(name, lr, betas, eps, weight_decay, decoupled) -> Optimizer:
             else:
                 g = ops.add(g, ops.multiply(weight_decay, p))
         m, v = bufs["exp_avg"], bufs["exp_avg_sq"]
-        m = ops.add(m, ops.multiply(1.0 - beta1, ops.subtract(g, m)))  # torch's lerp_
+        m = _lerp(m, g, 1.0 - beta1)
         v = ops.add(ops.multiply(v, beta2), ops.multiply(ops.multiply(1.0 - beta2, g), g))
+        new = {"exp_avg": m, "exp_avg_sq": v}
+        if amsgrad:
+            # the running maximum of the second moment stands in for it in the denominator
+            v = new["max_exp_avg_sq"] = ops.maximum(bufs["max_exp_avg_sq"], v)
         bias1 = ops.subtract(1.0, ops.power(beta1, t))
         bias2_sqrt = ops.sqrt(ops.subtract(1.0, ops.power(beta2, t)))
         step_size = ops.divide(lr, bias1)
         denom = ops.add(ops.divide(ops.sqrt(v), _scalar(bias2_sqrt, p)), eps)
         new_p = ops.add(p, ops.multiply(_scalar(_negative(step_size), p), ops.divide(m, denom)))
-        return new_p, {"exp_avg": m, "exp_avg_sq": v}
+        return new_p, new
 
-    return Optimizer(name, dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay),
-                     ("exp_avg", "exp_avg_sq"), leaf)
-
-
-def adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0) -> Optimizer:
-    """torch.optim.Adam (amsgrad=False): `weight_decay` adds `weight_decay * param` to the
-    gradient (L2), as torch does."""
-    return _adam_like("adam", lr, betas, eps, weight_decay, decoupled=False)
+    buffers = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+    return Optimizer(name, dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                                amsgrad=bool(amsgrad), maximize=bool(maximize)), buffers, leaf)
 
 
-def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2) -> Optimizer:
-    """torch.optim.AdamW (amsgrad=False): decoupled weight decay, `param *= 1 - lr * weight_decay`
-    before the Adam step."""
-    return _adam_like("adamw", lr, betas, eps, weight_decay, decoupled=True)
+def adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
+         maximize=False) -> Optimizer:
+    """torch.optim.Adam: `weight_decay` adds `weight_decay * param` to the gradient (L2), as torch
+    does; `amsgrad` divides by the running maximum of `exp_avg_sq` (kept in the state as
+    `"max_exp_avg_sq"`); `maximize` ascends (the gradient is negated before anything else)."""
+    return _adam_like("adam", lr, betas, eps, weight_decay, amsgrad, maximize, decoupled=False)
 
 
-def rmsprop(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0) -> Optimizer:
-    """torch.optim.RMSprop with centered=False (the centered variant is not provided):
-    `square_avg = alpha * square_avg + (1 - alpha) * g**2`, `avg = sqrt(square_avg) + eps`; without
-    momentum `param -= lr * g / avg`, with it `buf = momentum * buf + g / avg` (from zeros) and
-    `param -= lr * buf`. `weight_decay` adds `weight_decay * param` to the gradient (L2)."""
+def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+          maximize=False) -> Optimizer:
+    """torch.optim.AdamW: decoupled weight decay, `param *= 1 - lr * weight_decay` before the
+    Adam step; `amsgrad` and `maximize` as in `adam`."""
+    return _adam_like("adamw", lr, betas, eps, weight_decay, amsgrad, maximize, decoupled=True)
+
+
+def rmsprop(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, *,
+            maximize=False) -> Optimizer:
+    """torch.optim.RMSprop: `square_avg = alpha * square_avg + (1 - alpha) * g**2`, `avg =
+    sqrt(square_avg) + eps`; without momentum `param -= lr * g / avg`, with it `buf = momentum *
+    buf + g / avg` (from zeros) and `param -= lr * buf`. `centered` keeps the mean gradient
+    `grad_avg` (state `"grad_avg"`, a lerp towards g by 1 - alpha) and uses `avg =
+    sqrt(square_avg - grad_avg**2) + eps`. `weight_decay` adds `weight_decay * param` to the
+    gradient (L2); `maximize` ascends (the gradient is negated before anything else)."""
     _check_lr("rmsprop", lr)
     _check_nonneg("rmsprop", alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum)
 
@@ -266,8 +290,12 @@ def rmsprop(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0) -> Op
             g = ops.add(g, ops.multiply(weight_decay, p))
         sq = ops.add(ops.multiply(bufs["square_avg"], alpha),
                      ops.multiply(ops.multiply(1.0 - alpha, g), g))
-        avg = ops.add(ops.sqrt(sq), eps)
         new = {"square_avg": sq}
+        if centered:
+            mean = new["grad_avg"] = _lerp(bufs["grad_avg"], g, 1.0 - alpha)
+            avg = ops.add(ops.sqrt(ops.subtract(sq, ops.multiply(mean, mean))), eps)
+        else:
+            avg = ops.add(ops.sqrt(sq), eps)
         neg_lr = _scalar(_negative(h["lr"]), p)
         if momentum > 0:
             buf = ops.add(ops.multiply(bufs["momentum_buffer"], momentum), ops.divide(g, avg))
@@ -275,9 +303,11 @@ def rmsprop(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0) -> Op
             return ops.add(p, ops.multiply(neg_lr, buf)), new
         return ops.add(p, ops.multiply(neg_lr, ops.divide(g, avg))), new
 
+    buffers = ("square_avg",) + (("momentum_buffer",) if momentum > 0 else ()) \
+        + (("grad_avg",) if centered else ())   # torch's order of its state entries
     return Optimizer("rmsprop", dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                     momentum=momentum),
-                     ("square_avg", "momentum_buffer") if momentum > 0 else ("square_avg",), leaf)
+                                     momentum=momentum, centered=bool(centered),
+                                     maximize=bool(maximize)), buffers, leaf)
 
 
 # ------------------------------------------------------------------------------------------------

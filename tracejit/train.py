@@ -14,7 +14,11 @@ kernels. The compiled function's outputs for the new parameters and the new stat
 the arrays passed in (codegen/schedule.py `_place_donated`): the kernel computing a new parameter
 usually writes it straight into the parameter's array (the update reads each element before
 writing it, after every other kernel reading the parameter has run); when that is not possible
-the value is computed aside and copied in at the end of the native call. Either way no array is
+the value is computed aside and copied in at the end of the native call. A parameter's update
+is one fused loop storing the new parameter and its state together (codegen/schedule.py
+`_merge_output_loops`), run where it can as the epilogue of the loop nest computing the
+parameter's gradient, on each block of the gradient while it is in cache
+(`_fuse_epilogues_apart`). Either way no array is
 allocated per step but the loss (and aux), and the results equal the functional update
 `optimizer.update(grads, state, params)`.
 
@@ -26,13 +30,17 @@ an array of its own dtype and shape. Batch arrays are read only and may have any
 """
 from __future__ import annotations
 
+import bisect
+import ctypes
+import weakref
+
 import numpy as np
 
 from .ir.builder import current
 
 from . import pytree
-from .api import Jitted
-from .signature import Signature as _Signature, c_contiguous as _c_contiguous
+from .api import Jitted, _StaleCapture
+from .signature import Signature as _Signature, c_contiguous as _c_contiguous, fast_key
 from .config import config
 from .tracer import Tracer
 
@@ -107,6 +115,9 @@ class TrainStep:
         self._jitted = _StepJitted(step, 2)
         # batch arguments are named as the loss function names them (`x`, not `args[2]`)
         self._jitted.arg_names = ["params", "state"] + grad.arg_names[1:]
+        # signature.fast_key of a call -> runner: calls like one the slow path checked skip the
+        # Signature and the per-leaf layout checks (the key pins shapes, dtypes and carray flags)
+        self._runners: dict = {}
 
     def __repr__(self):
         return f"<jit_train_step {self.name} of {self.optimizer!r}>"
@@ -127,6 +138,15 @@ class TrainStep:
         return sig, n
 
     def __call__(self, params, state, *batch):
+        if config.backend != "interpreter":
+            found = fast_key((params, state) + batch)
+            if found is not None:
+                run = self._runners.get(found[0])
+                if run is not None and current() is None:
+                    try:
+                        return run(found[1], params, state)
+                    except _StaleCapture:
+                        pass
         sig, n = self._signature(params, state, batch)
         entry = self._jitted._lookup(sig)
         donated = [x for _, _, x in sig.leaves[:n]]
@@ -141,11 +161,48 @@ class TrainStep:
                 a[...] = outs[base + i]
         else:
             outs = entry.native()(arrays)
+            self._add_runner((params, state) + batch, sig, n, entry, base)
         loss = outs[0]
         if self.has_aux:
             aux_def = entry.out_treedef.children[1]
             return (loss, pytree.unflatten(aux_def, outs[1:base])), params, state
         return loss, params, state
+
+    def _add_runner(self, args, sig, n, entry, base):
+        """Register the fast path for calls of `sig`'s key (see __init__). Its runner still checks
+        what the key does not pin: captured arrays (guards), and that no two donated arrays and
+        no donated and batch array share memory. The donated arrays' byte spans are checked once
+        and kept while the same array objects come back (an array's memory never moves), so a
+        call computes the spans of the batch arrays only."""
+        found = fast_key(args)
+        if found is None or len(found[1]) != len(sig.leaves) \
+                or not all(x.dtype.isnative for x in found[1]):
+            return
+        key = found[0]
+        copy = [i for i, x in enumerate(found[1][n:], n) if not x.flags.carray]
+        paths = [path for path, _, _ in sig.leaves]
+        native, guards, who = entry.native(), entry.guards, self.name
+        ok = guards.ok if guards is not None else None
+        build_aux = entry.out_treedef.children[1].builder() if self.has_aux else None
+        checked = [None, None]   # weak references to the donated arrays last checked, their spans
+
+        def run(leaves, params, state):
+            if ok is not None and not ok(None):
+                raise _StaleCapture
+            refs, spans = checked
+            if refs is None or any(r() is not x for r, x in zip(refs, leaves[:n])):
+                spans = _check_in_place(who, list(zip(paths[:n], paths[:n], leaves[:n])), [])
+                checked[:] = [weakref.ref(x) for x in leaves[:n]], spans
+            _check_batch(who, spans, zip(paths[n:], leaves[n:]))
+            for i in copy:
+                leaves[i] = _c_contiguous(leaves[i])
+            outs = native(leaves)
+            if build_aux is not None:
+                return (outs[0], build_aux(iter(outs[1:base]))), params, state
+            return outs[0], params, state
+
+        run.guards = guards
+        self._runners[key] = run
 
     def ir(self, params, state, *batch, stage: str = "grad") -> str:
         """The IR of the step for these arguments at `stage` (see Jitted.ir)."""
@@ -156,9 +213,10 @@ class TrainStep:
         return self._jitted.compile_stats()
 
 
-def _check_in_place(who: str, donated, batch):
+def _check_in_place(who: str, donated, batch) -> list:
     """TypeError naming the first leaf of `donated` ((path, hint, array) of params and state) that
-    cannot be updated in place, or that shares memory with another one or with a batch array."""
+    cannot be updated in place, or that shares memory with another one or with a batch array.
+    Returns the donated arrays' byte spans [(start, end, path)], sorted (see `_check_batch`)."""
     spans = []
     for path, _, x in donated:
         why = None
@@ -186,25 +244,52 @@ def _check_in_place(who: str, donated, batch):
             raise TypeError(f"{who}: {p1} and {p2} share memory (the same array passed twice, or "
                             f"views of one buffer); each must own its memory to be updated in "
                             f"place")
-    for path, _, x in batch:
-        if x.size == 0:
+    _check_batch(who, spans, [(path, x) for path, _, x in batch])
+    return spans
+
+
+def _check_batch(who: str, spans: list, batch):
+    """TypeError when a batch array ((path, array) pairs) shares memory with a donated array
+    (`spans`: their sorted, disjoint byte spans)."""
+    starts = None
+    for path, x in batch:
+        if x.size == 0 or not spans:
             continue
         low, high = _byte_range(x)
-        for lo, hi, p in spans:
-            if low < hi and lo < high:
-                raise TypeError(f"{who}: {path} and {p} share memory, and the step updates {p} in "
-                                f"place; pass a copy of {path}")
+        if starts is None:
+            starts = [lo for lo, _, _ in spans]
+        # the spans are disjoint and sorted: only the last one starting below `high` can overlap
+        k = bisect.bisect_left(starts, high) - 1
+        if k >= 0 and spans[k][1] > low:
+            p = spans[k][2]
+            raise TypeError(f"{who}: {path} and {p} share memory, and the step updates {p} in "
+                            f"place; pass a copy of {path}")
 
 
-def _address(x: np.ndarray) -> int:
-    """The address of x's first element. Not `x.ctypes.data`: its ctypes objects outlive the call
-    in numpy's caches (hundreds of bytes a call, against a step that allocates only the loss)."""
+def _interface_address(x: np.ndarray) -> int:
     return x.__array_interface__["data"][0]
+
+
+def _object_address(x: np.ndarray) -> int:
+    return _data_pointer(id(x) + _NDARRAY_DATA_OFFSET).value
+
+
+# An array's data pointer, read from the ndarray object as the native entry reads it
+# (codegen/runtime.py checks this layout too): ~10x faster than `__array_interface__`, which
+# builds a dict, and unlike `x.ctypes.data` leaves nothing in numpy's caches.
+_NDARRAY_DATA_OFFSET = 16
+_data_pointer = ctypes.c_void_p.from_address
+_probe = np.zeros(1, np.float32)
+_address = _object_address if _object_address(_probe) == _interface_address(_probe) \
+    else _interface_address   # pragma: no cover - another ndarray layout
+del _probe
 
 
 def _byte_range(x: np.ndarray):
     """[low, high): the bytes from the lowest to the highest element of non-empty `x`."""
     start = _address(x)
+    if x.flags.c_contiguous:
+        return start, start + x.nbytes
     low = start + sum(s * (n - 1) for s, n in zip(x.strides, x.shape) if s < 0)
     high = start + sum(s * (n - 1) for s, n in zip(x.strides, x.shape) if s > 0) + x.itemsize
     return low, high

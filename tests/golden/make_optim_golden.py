@@ -32,6 +32,13 @@ CASES = [
     ("sgd_multistep", "SGD", dict(lr=0.1, momentum=0.9),
      ("MultiStepLR", dict(milestones=[5, 10, 15], gamma=0.5))),
     ("adam_cosine", "Adam", dict(lr=0.05), ("CosineAnnealingLR", dict(T_max=20, eta_min=1e-3))),
+    ("adam_amsgrad", "Adam", dict(lr=0.05, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True), None),
+    ("adamw_amsgrad", "AdamW", dict(lr=0.05, betas=(0.3, 0.9), amsgrad=True), None),
+    ("rmsprop_centered", "RMSprop", dict(lr=0.01, alpha=0.9, centered=True), None),
+    ("rmsprop_centered_momentum", "RMSprop",
+     dict(lr=0.01, alpha=0.3, eps=1e-6, weight_decay=0.1, momentum=0.9, centered=True), None),
+    ("sgd_maximize", "SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.1, maximize=True), None),
+    ("adam_maximize", "Adam", dict(lr=0.05, weight_decay=0.1, maximize=True), None),
 ]
 
 
