@@ -7,9 +7,11 @@ Ray is in the test extra: without it these tests fail at import, they are never 
 Most tests use one-hot float labels; one passes traced int64 class labels."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -24,6 +26,9 @@ from tracejit.distributed import DataParallel, WorkerError
 
 TOL = 1e-10
 N_CLASSES = 4
+# seconds after which the hang test takes a worker for hung; a worker's first step (tracing and
+# compiling the small MLP, mostly from the shared compile cache) takes well under a second
+HANG_TIMEOUT = 5
 
 
 def mlp_loss(p, x, t):
@@ -40,6 +45,26 @@ def sleepy_loss(p, x, t):
     # the loss is traced on each worker's first step: sleeping here makes that step slow enough
     # to kill a worker in the middle of it
     time.sleep(1.5)
+    return mlp_loss(p, x, t)
+
+
+# A worker hangs while tracing hanging_loss (on its first step for a signature) when it can
+# claim HANG_ONCE, by renaming it away (so exactly one worker hangs, and not its replacement),
+# and every worker hangs while HANG_ALWAYS exists. Paths of this checkout: the workers are other
+# processes, and another checkout's tests must not see them.
+_FLAGS = os.path.join(tempfile.gettempdir(), "tracejit-dp-test-" +
+                      hashlib.sha1(os.path.abspath(__file__).encode()).hexdigest()[:12])
+HANG_ONCE, HANG_ALWAYS = _FLAGS + "-hang-once", _FLAGS + "-hang-always"
+
+
+def hanging_loss(p, x, t):
+    try:
+        os.rename(HANG_ONCE, f"{HANG_ONCE}.{os.getpid()}")
+        hang = True
+    except FileNotFoundError:
+        hang = os.path.exists(HANG_ALWAYS)
+    if hang:
+        time.sleep(120)   # killed long before
     return mlp_loss(p, x, t)
 
 
@@ -222,6 +247,46 @@ def test_loss_raising_in_a_worker_reaches_the_driver_naming_the_worker():
     np.testing.assert_array_equal(p["w1"], before)
 
 
+def test_hung_worker_is_killed_and_replaced_then_a_clear_error_when_it_keeps_hanging():
+    """A worker that neither answers nor dies within `timeout` is killed and its shard
+    recomputed by a replacement; when every replacement hangs too, the step fails naming the
+    worker and the timeout, and nothing is written."""
+    for flag in (HANG_ONCE, HANG_ALWAYS):
+        if os.path.exists(flag):
+            os.remove(flag)
+    x, t = batches(1)[0]
+    try:
+        with DataParallel(hanging_loss, OPTIMIZERS["sgd_momentum"](), 2, timeout=HANG_TIMEOUT,
+                          max_retries=1) as dp:
+            open(HANG_ONCE, "w").close()
+            first = list(dp.workers)
+            p = params()
+            s = dp.optimizer.init(p)
+            t0 = time.monotonic()
+            loss_value, _, _ = dp.step(p, s, x, t)
+            assert time.monotonic() - t0 >= HANG_TIMEOUT
+            assert not os.path.exists(HANG_ONCE)
+            assert sum(a is not b for a, b in zip(first, dp.workers)) == 1
+            want_loss, want_p, want_s = reference(OPTIMIZERS["sgd_momentum"](), 1, data=[(x, t)])
+            np.testing.assert_allclose(float(loss_value), want_loss[0], rtol=TOL)
+            assert_trees_close(p, want_p)
+            assert_trees_close(s, want_s)
+
+            # a new batch shape is traced again, now hanging every worker (so the timeout need
+            # not leave time for a healthy worker's compile)
+            open(HANG_ALWAYS, "w").close()
+            dp.max_retries, dp.timeout = 0, 1
+            before = tracejit.tree.map(np.copy, (p, s))
+            with pytest.raises(WorkerError, match=r"worker [01] of 2 hung \(no gradient within "
+                                                  r"timeout=\d+ s\); it failed 1 time in") as e:
+                dp.step(p, s, x[:4], t[:4])
+            assert isinstance(e.value.cause, TimeoutError)
+            assert_trees_close((p, s), before)
+    finally:
+        for flag in (HANG_ONCE, HANG_ALWAYS):
+            if os.path.exists(flag):
+                os.remove(flag)
+
 
 def test_adam_steps_equal_single_process_two_workers(adam_dp):
     got = run(adam_dp, 10)
@@ -260,7 +325,8 @@ def test_worker_that_keeps_dying_fails_the_step_and_writes_nothing(adam_dp, monk
     s_before = tracejit.tree.map(np.copy, s)
     monkeypatch.setattr(adam_dp, "_start_worker", start_and_kill)
     ray.kill(adam_dp.workers[1])
-    with pytest.raises(WorkerError, match=r"worker 1 of 2 died 4 times .*ActorDiedError") as e:
+    with pytest.raises(WorkerError, match=r"worker 1 of 2 died.*; it failed 4 times in this "
+                                          r"step and was replaced 3 times.*ActorDiedError") as e:
         adam_dp.step(p, s, *batches(2)[1])
     assert e.value.worker == 1
     assert isinstance(e.value.cause, ray.exceptions.RayActorError)
@@ -293,8 +359,36 @@ def test_params_of_another_structure_are_refused(adam_dp):
                                          r"float64\[6, 10\]"):
         adam_dp.step(p, adam_dp.optimizer.init(p), *batches(1)[0])
 
+def test_worker_dying_before_the_all_reduce_is_replaced_and_the_ring_rerun(adam_dp,
+                                                                          monkeypatch):
+    """A worker lost after computing its gradient, before the ring: its partner does not wait
+    for it forever; it is replaced, recomputes its shard, and the ring runs again."""
+    data = batches(2)
+    p = params()
+    s = adam_dp.optimizer.init(p)
+    adam_dp.step(p, s, *data[0])
+    ring = adam_dp._allreduce
+    victims = []
+
+    def kill_then_ring(ray_, chunk_refs):
+        if not victims:
+            victims.append(adam_dp.workers[1])
+            ray.kill(victims[0])
+        return ring(ray_, chunk_refs)
+
+    monkeypatch.setattr(adam_dp, "_allreduce", kill_then_ring)
+    adam_dp.step(p, s, *data[1])
+    assert victims and adam_dp.workers[1] is not victims[0]
+    _, want_p, want_s = reference(OPTIMIZERS["adam"](), 2, data=data)
+    assert_trees_close(p, want_p)
+    assert_trees_close(s, want_s)
+
+
 def test_parameters_are_sent_only_when_they_changed(adam_dp):
+    """Sent as one contiguous buffer, once per version per worker; the driver receives the
+    mean gradient once (the workers reduce among themselves)."""
     x, t = batches(1)[0]
+    got_before = ray.get([w.received.remote() for w in adam_dp.workers])
     results = []
     versions = []
     for _ in range(2):
@@ -308,6 +402,17 @@ def test_parameters_are_sent_only_when_they_changed(adam_dp):
     # the updated parameters are new values: sent once more
     adam_dp.step(p, s, x, t)
     assert adam_dp._version == versions[0] + 1
+    assert adam_dp.last_step_bytes == {"params": adam_dp._layout.nbytes,
+                                       "gradients": adam_dp._layout.nbytes}
+    got = ray.get([w.received.remote() for w in adam_dp.workers])
+    for before, after in zip(got_before, got):
+        new_buffers = after[len(before):]
+        # the first call may send the fixture's updated values; the second sends nothing
+        assert 1 <= len(new_buffers) <= 2
+        assert all(b == ("uint8", (adam_dp._layout.nbytes,), True) for b in new_buffers)
+    adam_dp.step(p, s, x, t)
+    assert [len(r) for r in ray.get([w.received.remote() for w in adam_dp.workers])] == \
+        [len(r) + 1 for r in got]
 
 
 def test_import_tracejit_does_not_import_ray():
@@ -331,3 +436,39 @@ def test_packed_layout_keeps_each_dtype_and_sums_per_dtype():
     for k in tree_a:
         assert got[k].dtype == tree_a[k].dtype and got[k].shape == tree_a[k].shape
         np.testing.assert_array_equal(got[k], (tree_a[k] + tree_b[k]) * tree_a[k].dtype.type(0.5))
+
+
+def test_ring_reduce_scatter_gives_the_mean_for_any_number_of_workers():
+    """The ring's rounds and chunks, run in process: every chunk is summed over all workers once,
+    mixed dtypes keep their own, and the pieces put together are the mean."""
+    from tracejit.distributed import _Layout, _Worker, _ring_rounds
+    rng = rng_for("dp-ring")
+    shapes = {"a": ((3, 7), np.float32), "b": ((5,), np.float64), "c": ((), np.float32),
+              "d": ((40,), np.float64)}
+    for n in range(1, 6):
+        grads = [{k: rng.normal(size=s).astype(d) for k, (s, d) in shapes.items()}
+                 for _ in range(n)]
+        layout = _Layout(tracejit.tree.structure(grads[0]), tracejit.tree.leaves(grads[0]))
+        workers = []
+        for g in grads:
+            w = object.__new__(_Worker)
+            w._layout, w._chunks, w._token = layout, {}, 7
+            w._grads = layout.pack(tracejit.tree.leaves(g))
+            workers.append(w)
+        chunks = layout.chunks(n)
+        sends = [layout.take(w._grads, chunks[i]) for i, w in enumerate(workers)]
+        for rnd in _ring_rounds(n):
+            sends = [workers[j].reduce(7, c, n, last, sends[src]) for j, src, c, last in rnd]
+        mean = np.zeros(layout.nbytes, np.uint8)
+        for j, chunk in enumerate(sends):
+            layout.put(mean, chunks[(j + 1) % n], chunk)
+        got = layout.unflatten(mean)
+        for k, (_, d) in shapes.items():
+            want = np.mean([g[k].astype(np.float64) for g in grads], axis=0)
+            assert got[k].dtype == d
+            tol = 1e-6 if d == np.float32 else 1e-13
+            np.testing.assert_allclose(got[k], want, rtol=tol, atol=tol)
+        # the chunks tile the buffer: each byte is reduced exactly once
+        covered = sorted((a, b) for r in chunks for _, a, b in r if b > a)
+        assert [a for a, _ in covered[1:]] == [b for _, b in covered[:-1]]
+        assert covered[0][0] == 0 and covered[-1][1] == layout.nbytes
