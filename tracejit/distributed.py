@@ -15,21 +15,32 @@ host share tracejit's persistent compile cache). `step(params, state, *batch)`:
 2. if the parameters differ from those the workers hold, packs them into one contiguous buffer
    (`_Layout`), puts it into Ray's object store once and passes the reference to every worker
    (a version counter says which worker holds which version; unchanged parameters are not sent);
-3. each worker returns its shard's loss and its gradients packed into one contiguous buffer;
-4. the driver sums the buffers (a reduce through the object store: every worker's buffer travels
-   to the driver once), divides by `num_workers` and applies `optimizer.update` compiled with
-   `tracejit.jit`, then writes the new values into the arrays of `params` and `state`.
+3. each worker computes its shard's gradient, packs it into one contiguous buffer that it keeps,
+   and returns its loss (and aux);
+4. the workers average the buffers among themselves with a ring all-reduce through Ray's object
+   store (`_ring_rounds`): the buffer is cut into `num_workers` chunks, and in n - 1 rounds each
+   worker adds its own chunk to the one its ring neighbour passed it and passes the sum on (the
+   driver submits every round at once, handing each call's result reference to the next call,
+   so the chunks travel worker to worker); after the last round, which divides by n, each
+   worker holds one chunk of the mean, and the driver fetches those n chunks: one buffer, not
+   n. (Ray's collective library needs torch.distributed for its CPU backend, gloo, and its
+   groups must be rebuilt whenever a worker is replaced; the object store needs neither.)
+5. the driver applies `optimizer.update` compiled with `tracejit.jit` to the mean and writes the
+   new values into the arrays of `params` and `state`.
 For a loss that is a mean over the batch's rows, the mean of the shards' gradients is the
 gradient of the whole batch, so a step equals `jit_train_step(loss_fn, optimizer)` on the whole
 batch to float rounding.
 
 Faults. A worker that dies (killed process, lost node: Ray's actor-died, worker-crashed,
-node-died and object-lost errors) is replaced by a new actor, which receives the parameters and
-recomputes the shard; each worker may be replaced `max_retries` times in one step. A step that
-cannot complete raises WorkerError naming the worker and the cause, after which `params` and
-`state` are exactly as they were (nothing is written before every shard's gradient is in). An
-exception raised by `loss_fn` in a worker is not retried: it is re-raised on the driver as a
-WorkerError naming the worker, with the worker's traceback in its message and the original
+node-died and object-lost errors) or hangs (no result within `timeout` seconds: it is killed) is
+replaced by a new actor, which receives the parameters and recomputes the shard; each worker may
+be replaced `max_retries` times in one step. A failure inside the ring is pinned on the worker
+whose own call failed or hangs while its input had arrived; it is replaced, recomputes its shard
+(the others keep theirs) and the ring runs again, so no worker waits forever for a dead partner.
+A step that cannot complete raises WorkerError naming the worker and the cause, after which
+`params` and `state` are exactly as they were (nothing is written before the mean gradient is
+in). An exception raised by `loss_fn` in a worker is not retried: it is re-raised on the driver
+as a WorkerError naming the worker, with the worker's traceback in its message and the original
 exception as `.cause`.
 
 Ray is imported on first use of this module's classes, so `import tracejit` does not need it
@@ -52,8 +63,9 @@ _ALIGN = 64  # bytes; every leaf of a packed buffer starts on a cache line
 
 
 class WorkerError(RuntimeError):
-    """A step failed on a worker: `worker` is its index, `cause` the exception behind it (the
-    loss's own exception, or Ray's error for a worker that kept dying)."""
+    """A step failed on a worker: `worker` is its index (-1 when no single worker is at fault),
+    `cause` the exception behind it (the loss's own exception, Ray's error for a worker that
+    kept dying, a TimeoutError for one that kept hanging)."""
 
     def __init__(self, message: str, worker: int, cause: BaseException | None):
         super().__init__(message)
@@ -405,11 +417,20 @@ class DataParallel:
         results = [None] * self.num_workers
         self._compute(ray, shards, range(self.num_workers), results, restarts)
         t_computed = time.perf_counter()
+        late_rings = 0
         while True:
             mean = self._allreduce(ray, [r[1] for r in results])
             if isinstance(mean, np.ndarray):
                 break
             blamed = mean
+            if not blamed:
+                late_rings += 1
+                if late_rings > self.max_retries:
+                    raise WorkerError(
+                        f"DataParallel.step: the all-reduce did not finish within "
+                        f"timeout={self.timeout:g} s {late_rings} times, though no worker "
+                        f"failed or hung in it; params and state are unchanged", -1,
+                        TimeoutError("all-reduce"))
             for i, (what, cause) in blamed.items():
                 self._replace(ray, i, restarts, what, cause)
                 results[i] = None
@@ -598,7 +619,7 @@ class DataParallel:
         if len(ready) == n:
             try:
                 chunks = ray.get(grid[-1])
-            except _retryable_errors(ray):
+            except Exception:  # noqa: BLE001  (_blame tells a fault from a bug, and names it)
                 pass
             else:
                 mean = np.zeros(self._layout.nbytes, np.uint8)
@@ -644,10 +665,8 @@ class DataParallel:
             else:   # not a fault of the cluster: a bug, reported as it is
                 raise WorkerError(f"DataParallel.step: the all-reduce failed on worker {j} of "
                                   f"{n}: {status[ref]}", j, status[ref]) from status[ref]
-        if not blamed:  # cannot happen: the first failure in ring order has a fine input
-            blamed = {j: ("failed in the all-reduce", status[ref] if status[ref] != "pending"
-                          else TimeoutError("all-reduce"))
-                      for j, ref in enumerate(grid[-1]) if status[ref] is not None}
+        # empty only when every call had succeeded by now (a ring that finished just after
+        # its timeout): the caller runs it again
         return blamed
 
     # ------------------------------------------------------------------------------------------
