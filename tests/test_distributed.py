@@ -7,6 +7,7 @@ Ray is in the test extra: without it these tests fail at import, they are never 
 Most tests use one-hot float labels; one passes traced int64 class labels."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import subprocess
@@ -22,7 +23,7 @@ import ray
 import tracejit
 from helpers import rng_for
 from tracejit import nn, optim
-from tracejit.distributed import DataParallel, WorkerError
+from tracejit.distributed import DataParallel, WorkerError, _Worker
 
 TOL = 1e-10
 N_CLASSES = 4
@@ -55,6 +56,7 @@ def sleepy_loss(p, x, t):
 _FLAGS = os.path.join(tempfile.gettempdir(), "tracejit-dp-test-" +
                       hashlib.sha1(os.path.abspath(__file__).encode()).hexdigest()[:12])
 HANG_ONCE, HANG_ALWAYS = _FLAGS + "-hang-once", _FLAGS + "-hang-always"
+HANG_RING = _FLAGS + "-hang-ring"   # one worker hangs in the all-reduce
 
 
 def hanging_loss(p, x, t):
@@ -66,6 +68,16 @@ def hanging_loss(p, x, t):
     if hang:
         time.sleep(120)   # killed long before
     return mlp_loss(p, x, t)
+
+
+class RingHangWorker(_Worker):
+    def reduce(self, *args):
+        try:
+            os.rename(HANG_RING, f"{HANG_RING}.{os.getpid()}")
+            time.sleep(120)
+        except FileNotFoundError:
+            pass
+        return super().reduce(*args)
 
 
 def raising_loss(p, x, t):
@@ -247,45 +259,51 @@ def test_loss_raising_in_a_worker_reaches_the_driver_naming_the_worker():
     np.testing.assert_array_equal(p["w1"], before)
 
 
-def test_hung_worker_is_killed_and_replaced_then_a_clear_error_when_it_keeps_hanging():
-    """A worker that neither answers nor dies within `timeout` is killed and its shard
-    recomputed by a replacement; when every replacement hangs too, the step fails naming the
-    worker and the timeout, and nothing is written."""
-    for flag in (HANG_ONCE, HANG_ALWAYS):
-        if os.path.exists(flag):
+def test_hung_worker_is_killed_and_replaced_then_a_clear_error_when_it_keeps_hanging(
+        monkeypatch):
+    """A worker that neither answers nor dies within `timeout`, computing its gradient or in the
+    all-reduce, is killed and its shard recomputed by a replacement; when every replacement hangs
+    too, the step fails naming the worker and the timeout, and nothing is written."""
+    def clear():   # the flags, and the names the hanging workers renamed them to
+        for flag in glob.glob(glob.escape(_FLAGS) + "-hang-*"):
             os.remove(flag)
-    x, t = batches(1)[0]
+
+    def replaced(before):
+        return sum(a is not b for a, b in zip(before, dp.workers))
+
+    clear()
+    monkeypatch.setattr(tracejit.distributed, "_Worker", RingHangWorker)
+    data = batches(2)
+    opt = OPTIMIZERS["sgd_momentum"]
     try:
-        with DataParallel(hanging_loss, OPTIMIZERS["sgd_momentum"](), 2, timeout=HANG_TIMEOUT,
-                          max_retries=1) as dp:
-            open(HANG_ONCE, "w").close()
-            first = list(dp.workers)
+        with DataParallel(hanging_loss, opt(), 2, timeout=HANG_TIMEOUT, max_retries=1) as dp:
             p = params()
             s = dp.optimizer.init(p)
-            t0 = time.monotonic()
-            loss_value, _, _ = dp.step(p, s, x, t)
-            assert time.monotonic() - t0 >= HANG_TIMEOUT
-            assert not os.path.exists(HANG_ONCE)
-            assert sum(a is not b for a, b in zip(first, dp.workers)) == 1
-            want_loss, want_p, want_s = reference(OPTIMIZERS["sgd_momentum"](), 1, data=[(x, t)])
-            np.testing.assert_allclose(float(loss_value), want_loss[0], rtol=TOL)
-            assert_trees_close(p, want_p)
-            assert_trees_close(s, want_s)
+            for k, flag in enumerate((HANG_ONCE, HANG_RING)):
+                open(flag, "w").close()
+                before = list(dp.workers)
+                t0 = time.monotonic()
+                dp.step(p, s, *data[k])
+                assert time.monotonic() - t0 >= HANG_TIMEOUT
+                assert not os.path.exists(flag)
+                assert replaced(before) == 1
+                _, want_p, want_s = reference(opt(), k + 1, data=data[:k + 1])
+                assert_trees_close(p, want_p)
+                assert_trees_close(s, want_s)
 
             # a new batch shape is traced again, now hanging every worker (so the timeout need
             # not leave time for a healthy worker's compile)
             open(HANG_ALWAYS, "w").close()
             dp.max_retries, dp.timeout = 0, 1
             before = tracejit.tree.map(np.copy, (p, s))
+            x, t = data[0]
             with pytest.raises(WorkerError, match=r"worker [01] of 2 hung \(no gradient within "
                                                   r"timeout=\d+ s\); it failed 1 time in") as e:
                 dp.step(p, s, x[:4], t[:4])
             assert isinstance(e.value.cause, TimeoutError)
             assert_trees_close((p, s), before)
     finally:
-        for flag in (HANG_ONCE, HANG_ALWAYS):
-            if os.path.exists(flag):
-                os.remove(flag)
+        clear()
 
 
 def test_adam_steps_equal_single_process_two_workers(adam_dp):
