@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -377,10 +378,14 @@ def test_params_of_another_structure_are_refused(adam_dp):
                                          r"float64\[6, 10\]"):
         adam_dp.step(p, adam_dp.optimizer.init(p), *batches(1)[0])
 
+@pytest.mark.parametrize("kind, victim", [("ring", 1), ("tree", 0)])
 def test_worker_dying_before_the_all_reduce_is_replaced_and_the_ring_rerun(adam_dp,
-                                                                          monkeypatch):
-    """A worker lost after computing its gradient, before the ring: its partner does not wait
-    for it forever; it is replaced, recomputes its shard, and the ring runs again."""
+                                                                          monkeypatch, kind,
+                                                                          victim):
+    """A worker lost after computing its gradient, before the all-reduce (in the tree of two,
+    the one that receives): its partner does not wait for it forever; it is replaced,
+    recomputes its shard, and the all-reduce runs again."""
+    monkeypatch.setattr(adam_dp, "allreduce", kind)
     data = batches(2)
     p = params()
     s = adam_dp.optimizer.init(p)
@@ -390,13 +395,13 @@ def test_worker_dying_before_the_all_reduce_is_replaced_and_the_ring_rerun(adam_
 
     def kill_then_ring(ray_, chunk_refs):
         if not victims:
-            victims.append(adam_dp.workers[1])
+            victims.append(adam_dp.workers[victim])
             ray.kill(victims[0])
         return ring(ray_, chunk_refs)
 
     monkeypatch.setattr(adam_dp, "_allreduce", kill_then_ring)
     adam_dp.step(p, s, *data[1])
-    assert victims and adam_dp.workers[1] is not victims[0]
+    assert victims and adam_dp.workers[victim] is not victims[0]
     _, want_p, want_s = reference(OPTIMIZERS["adam"](), 2, data=data)
     assert_trees_close(p, want_p)
     assert_trees_close(s, want_s)
@@ -456,14 +461,16 @@ def test_packed_layout_keeps_each_dtype_and_sums_per_dtype():
         np.testing.assert_array_equal(got[k], (tree_a[k] + tree_b[k]) * tree_a[k].dtype.type(0.5))
 
 
-def test_ring_reduce_scatter_gives_the_mean_for_any_number_of_workers():
-    """The ring's rounds and chunks, run in process: every chunk is summed over all workers once,
-    mixed dtypes keep their own, and the pieces put together are the mean."""
-    from tracejit.distributed import _Layout, _Worker, _ring_rounds
-    rng = rng_for("dp-ring")
+@pytest.mark.parametrize("kind", ["ring", "tree"])
+def test_all_reduce_schedule_gives_the_mean_for_any_number_of_workers(kind):
+    """The all-reduce's rounds and chunks, run in process: every chunk is summed over all
+    workers once, mixed dtypes keep their own, and the finished pieces put together are the
+    mean."""
+    from tracejit.distributed import _Layout, _schedule
+    rng = rng_for("dp-allreduce", kind)
     shapes = {"a": ((3, 7), np.float32), "b": ((5,), np.float64), "c": ((), np.float32),
               "d": ((40,), np.float64)}
-    for n in range(1, 6):
+    for n in range(1, 7):
         grads = [{k: rng.normal(size=s).astype(d) for k, (s, d) in shapes.items()}
                  for _ in range(n)]
         layout = _Layout(tracejit.tree.structure(grads[0]), tracejit.tree.leaves(grads[0]))
@@ -473,13 +480,18 @@ def test_ring_reduce_scatter_gives_the_mean_for_any_number_of_workers():
             w._layout, w._chunks, w._token = layout, {}, 7
             w._grads = layout.pack(tracejit.tree.leaves(g))
             workers.append(w)
-        chunks = layout.chunks(n)
-        sends = [layout.take(w._grads, chunks[i]) for i, w in enumerate(workers)]
-        for rnd in _ring_rounds(n):
-            sends = [workers[j].reduce(7, c, n, last, sends[src]) for j, src, c, last in rnd]
+        n_chunks, first, rounds, finals = _schedule(kind, n)
+        chunks = layout.chunks(n_chunks)
+        latest = [layout.take(w._grads, chunks[first[i]]) for i, w in enumerate(workers)]
+        for rnd in rounds:
+            new = {j: workers[j].reduce(7, c, n_chunks, n if last else None, latest[src],
+                                        latest[j] if own else None)
+                   for j, src, c, own, last in rnd}
+            latest = [new.get(j, x) for j, x in enumerate(latest)]
+        assert sorted(c for _, c in finals) == list(range(n_chunks))
         mean = np.zeros(layout.nbytes, np.uint8)
-        for j, chunk in enumerate(sends):
-            layout.put(mean, chunks[(j + 1) % n], chunk)
+        for j, c in finals:
+            layout.put(mean, chunks[c], latest[j])
         got = layout.unflatten(mean)
         for k, (_, d) in shapes.items():
             want = np.mean([g[k].astype(np.float64) for g in grads], axis=0)
@@ -490,3 +502,4 @@ def test_ring_reduce_scatter_gives_the_mean_for_any_number_of_workers():
         covered = sorted((a, b) for r in chunks for _, a, b in r if b > a)
         assert [a for a, _ in covered[1:]] == [b for _, b in covered[:-1]]
         assert covered[0][0] == 0 and covered[-1][1] == layout.nbytes
+        assert len(rounds) == (n - 1 if kind == "ring" else math.ceil(math.log2(n)))

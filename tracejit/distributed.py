@@ -18,7 +18,7 @@ host share tracejit's persistent compile cache). `step(params, state, *batch)`:
 3. each worker computes its shard's gradient, packs it into one contiguous buffer that it keeps,
    and returns its loss (and aux);
 4. the workers average the buffers among themselves with a ring all-reduce through Ray's object
-   store (`_ring_rounds`): the buffer is cut into `num_workers` chunks, and in n - 1 rounds each
+   store (`_schedule`): the buffer is cut into `num_workers` chunks, and in n - 1 rounds each
    worker adds its own chunk to the one its ring neighbour passed it and passes the sum on (the
    driver submits every round at once, handing each call's result reference to the next call,
    so the chunks travel worker to worker); after the last round, which divides by n, each
@@ -190,11 +190,11 @@ class _Worker:
             self._chunks[n] = self._layout.chunks(n)
         return self._chunks[n]
 
-    def compute(self, token, version, layout, flat, n, i, *shard):
-        """((loss, aux, seconds spent), chunk i of the packed gradient) of this worker's shard,
-        the gradient kept for `reduce` calls of step `token`. `flat` is the packed parameters of
-        `version` (resolved by Ray from the object store), or None when the driver knows this
-        worker holds that version already."""
+    def compute(self, token, version, layout, flat, n_chunks, first, *shard):
+        """((loss, aux, seconds spent), chunk `first` of `n_chunks` of the packed gradient) of
+        this worker's shard, the gradient kept for `reduce` calls of step `token`. `flat` is the
+        packed parameters of `version` (resolved by Ray from the object store), or None when the
+        driver knows this worker holds that version already."""
         if flat is not None:
             self._received.append((str(flat.dtype), flat.shape, flat.flags.c_contiguous))
             self._version, self._layout = version, layout
@@ -208,33 +208,55 @@ class _Worker:
         loss, aux = value if self._has_aux else (value, None)
         self._grads = self._layout.pack(tree.leaves(grads))
         self._token = token
-        first = self._layout.take(self._grads, self._ring_chunks(n)[i])
-        return (np.asarray(loss), aux, time.perf_counter() - t0), first
+        out = self._layout.take(self._grads, self._ring_chunks(n_chunks)[first])
+        return (np.asarray(loss), aux, time.perf_counter() - t0), out
 
-    def reduce(self, token, c: int, n: int, last: bool, incoming: np.ndarray) -> np.ndarray:
-        """One step of the ring's reduce-scatter: chunk c of this worker's gradient plus
-        `incoming` (the same chunk summed over the previous workers of the ring), divided by
-        `n` on the ring's last step, so the result is chunk c of the mean gradient."""
+    def reduce(self, token, c: int, n_chunks: int, divide, incoming: np.ndarray,
+               own: np.ndarray | None = None) -> np.ndarray:
+        """One step of an all-reduce (see `_schedule`): `own` (this worker's partial sum of
+        chunk c, from an earlier step) or else chunk c of this worker's gradient, plus
+        `incoming`, divided by `divide` unless it is None."""
         if token != self._token:
-            raise RuntimeError(f"internal error: the ring of step {token} reached a worker "
-                               f"holding the gradient of step {self._token}")
-        ranges = self._ring_chunks(n)[c]
+            raise RuntimeError(f"internal error: the all-reduce of step {token} reached a "
+                               f"worker holding the gradient of step {self._token}")
+        ranges = self._ring_chunks(n_chunks)[c]
         segments = self._layout.chunk_segments(ranges)
-        out = self._layout.take(self._grads, ranges)
+        out = self._layout.take(self._grads, ranges) if own is None else np.array(own)
         self._layout.add_into(out, incoming, segments)
-        if last:
-            self._layout.scale(out, 1.0 / n, segments)
+        if divide is not None:
+            self._layout.scale(out, 1.0 / divide, segments)
         return out
 
 
-def _ring_rounds(n: int) -> list:
-    """The reduce-scatter of a ring of n workers, as rounds of (receiver j, sender j - 1,
-    chunk c, last round?): in round s = 1..n-1 worker j adds its chunk (j - s) mod n to what
-    worker j - 1 sent in round s - 1 (in round 0, its chunk j, which `compute` returns), and
-    sends the sum on. After round n - 1 worker j holds chunk (j + 1) mod n summed over all n
-    workers. Each worker sends and receives (n - 1)/n of the buffer in all."""
-    return [[(j, (j - 1) % n, (j - s) % n, s == n - 1) for j in range(n)]
-            for s in range(1, n)]
+ALLREDUCE = ("ring", "tree")
+
+
+def _schedule(kind: str, n: int):
+    """How n workers average their gradients: (chunks, first, rounds, finals).
+
+    The buffer is cut into `chunks` chunks; worker j's `compute` returns chunk first[j]. Each
+    round is a list of calls (receiver j, sender, chunk c, own?, last?) run at once: j adds
+    the sender's latest result (its `compute` chunk or its result of an earlier round) to its
+    own partial sum of chunk c if `own` (its own latest result) or else to chunk c of its
+    gradient; the last call on a chunk divides by n. `finals` [(worker, chunk)]: whose latest
+    result is which chunk of the mean.
+
+    "ring" (reduce-scatter): n chunks; in round s = 1..n-1 worker j adds its chunk (j - s) mod
+    n to what worker j - 1 sent, so after n - 1 rounds worker j holds chunk (j + 1) mod n of
+    the sum. Each worker sends and receives (n - 1)/n of the buffer: the fewest bytes, in the
+    most rounds. "tree": one chunk, the whole buffer; in round k worker j (a multiple of 2^(k+1))
+    adds worker j + 2^k's sum to its own: ceil(log2 n) rounds of a whole buffer, worker 0
+    ending with the sum. Fewer rounds, more bytes: better for small buffers on many workers."""
+    if kind == "ring":
+        rounds = [[(j, (j - 1) % n, (j - s) % n, False, s == n - 1) for j in range(n)]
+                  for s in range(1, n)]
+        return n, list(range(n)), rounds, [(j, (j + 1) % n) for j in range(n)]
+    rounds, stride = [], 1
+    while stride < n:
+        pairs = [(j, j + stride) for j in range(0, n, 2 * stride) if j + stride < n]
+        rounds.append([(j, src, 0, True, 2 * stride >= n) for j, src in pairs])
+        stride *= 2
+    return 1, [0] * n, rounds, [(0, 0)]
 
 
 def _ray():
@@ -267,7 +289,9 @@ class DataParallel:
     often one step may replace each worker that died or hung. `timeout`: seconds a worker may
     take for its shard's gradient (the first step's includes tracing and compiling), and the
     ring all-reduce may take, before the worker is taken for hung, killed and replaced; None
-    waits forever. `has_aux`: `loss_fn` returns (loss, aux);
+    waits forever. `allreduce`: "ring" (fewest bytes per worker, n - 1 rounds) or "tree"
+    (log2 n rounds of whole buffers; for small gradients on many workers), see `_schedule`.
+    `has_aux`: `loss_fn` returns (loss, aux);
     `step` then returns ((loss, aux), params, state) where every leaf of aux gets a leading axis
     of length num_workers, one entry per shard in batch order (for per-row aux,
     `a.reshape(-1, *a.shape[2:])` is the aux of the whole batch).
@@ -284,7 +308,7 @@ class DataParallel:
 
     def __init__(self, loss_fn, optimizer, num_workers: int = 2, *, has_aux: bool = False,
                  address=None, threads_per_worker=None, max_retries: int = 3,
-                 timeout: float | None = 300.0):
+                 timeout: float | None = 300.0, allreduce: str = "ring"):
         if not callable(loss_fn):
             raise TypeError(f"DataParallel: loss_fn must be callable, got "
                             f"{type(loss_fn).__name__}")
@@ -307,14 +331,18 @@ class DataParallel:
                                     not isinstance(timeout, (int, float)) or not timeout > 0):
             raise ValueError(f"DataParallel: timeout must be a positive number of seconds or "
                              f"None, got {timeout!r}")
+        if allreduce not in ALLREDUCE:
+            raise ValueError(f"DataParallel: allreduce must be one of {ALLREDUCE}, got "
+                             f"{allreduce!r}")
         ray = _ray()
-        self.timeout = timeout
+        self.timeout, self.allreduce = timeout, allreduce
         self.loss_fn, self.optimizer, self.has_aux = loss_fn, optimizer, has_aux
         self.num_workers, self.max_retries = num_workers, max_retries
         self.params = self.state = None
         self.steps = 0
         self.last_step_times = {}
         self.last_step_bytes = {}
+        self._plan = None  # this step's _schedule
         self._token = 0  # numbers the steps, so a worker's gradient is known to be this step's
         self._closed = False
         self._started_ray = False
@@ -413,6 +441,7 @@ class DataParallel:
             self._version += 1
             sent = self._flat.nbytes
         self._token += 1
+        self._plan = _schedule(self.allreduce, self.num_workers)
         restarts = [0] * self.num_workers
         results = [None] * self.num_workers
         self._compute(ray, shards, range(self.num_workers), results, restarts)
@@ -522,7 +551,7 @@ class DataParallel:
         fresh = self._worker_version[i] != self._version
         meta, chunk = self.workers[i].compute.options(num_returns=2).remote(
             self._token, self._version, self._layout if fresh else None,
-            self._flat_ref if fresh else None, self.num_workers, i, *shard)
+            self._flat_ref if fresh else None, self._plan[0], self._plan[1][i], *shard)
         self._worker_version[i] = self._version
         return meta, chunk
 
@@ -601,40 +630,47 @@ class DataParallel:
                 what, cause = "died while starting", e
 
     def _allreduce(self, ray, chunk_refs):
-        """The mean of the workers' gradients as one packed buffer, by a ring reduce-scatter
-        among the workers through the object store (see `_ring_rounds`): the driver submits
-        every round at once, passing each round's result references on to the next worker,
-        so the chunks travel from worker to worker, and fetches only the n reduced chunks,
-        one buffer's worth in all. If the ring fails (a worker died, or it did not finish
-        within `timeout`), {worker: (what, cause)} of the workers to blame: those whose own
-        call failed or hangs although its input arrived."""
-        n = self.num_workers
-        grid = [list(chunk_refs)]
-        for rnd in _ring_rounds(n):
-            row = [None] * n
-            for j, src, c, last in rnd:
-                row[j] = self.workers[j].reduce.remote(self._token, c, n, last, grid[-1][src])
-            grid.append(row)
-        ready, _ = ray.wait(grid[-1], num_returns=n, timeout=self.timeout)
-        if len(ready) == n:
+        """The mean of the workers' gradients as one packed buffer, by the all-reduce
+        `_schedule` plans, among the workers through the object store: the driver submits every
+        round at once, passing each call's result reference on to the next call, so the chunks
+        travel from worker to worker, and fetches only the finished chunks of the mean, one
+        buffer's worth in all. If it fails (a worker died, or the reduce did not finish within
+        `timeout`), {worker: (what, cause)} of the workers to blame: those whose own call
+        failed or hangs although its inputs arrived."""
+        n_chunks, _, rounds, finals = self._plan
+        latest = list(chunk_refs)
+        calls = [(j, ref, ()) for j, ref in enumerate(chunk_refs)]  # (worker, result, inputs)
+        for rnd in rounds:
+            new = {}
+            for j, src, c, own, last in rnd:
+                inputs = (latest[src], latest[j]) if own else (latest[src],)
+                new[j] = self.workers[j].reduce.remote(
+                    self._token, c, n_chunks, self.num_workers if last else None, *inputs)
+                calls.append((j, new[j], inputs))
+            for j, ref in new.items():
+                latest[j] = ref
+        refs = [latest[j] for j, _ in finals]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout)
+        if len(ready) == len(refs):
             try:
-                chunks = ray.get(grid[-1])
+                chunks = ray.get(refs)
             except Exception:  # noqa: BLE001  (_blame tells a fault from a bug, and names it)
                 pass
             else:
                 mean = np.zeros(self._layout.nbytes, np.uint8)
-                ranges = self._layout.chunks(n)
-                for j, chunk in enumerate(chunks):
-                    self._layout.put(mean, ranges[(j + 1) % n], chunk)
+                ranges = self._layout.chunks(n_chunks)
+                for (_, c), chunk in zip(finals, chunks):
+                    self._layout.put(mean, ranges[c], chunk)
                 return mean
-        return self._blame(ray, grid)
+        return self._blame(ray, calls)
 
-    def _blame(self, ray, grid) -> dict:
-        """{worker: (what, cause)} for a failed ring `grid` (rows of references, row 0 the
-        chunks from `compute`): a reference that failed or is still pending while its input
-        is fine points at the worker that ran it. Fetches chunks: only for failures."""
+    def _blame(self, ray, calls) -> dict:
+        """{worker: (what, cause)} for a failed all-reduce, given its calls in the order they
+        were submitted (the `compute` chunks first) as (worker, result, inputs): a call that
+        failed or is still pending while its inputs are fine points at the worker that ran it.
+        Fetches chunks: only for failures."""
         n = self.num_workers
-        refs = [r for row in grid for r in row]
+        refs = [ref for _, ref, _ in calls]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         ready = set(ready)
         status = {}   # None: fine; "pending"; or the exception
@@ -648,19 +684,15 @@ class DataParallel:
             except Exception as e:  # noqa: BLE001  (judged below, where its input is known)
                 status[ref] = e
         blamed = {}
-        inputs = [(0, j, None) for j in range(n)] + \
-            [(s, j, grid[s - 1][src]) for s, rnd in enumerate(_ring_rounds(n), start=1)
-             for j, src, _, _ in rnd]
-        for s, j, source in inputs:
-            ref = grid[s][j]
+        for k, (j, ref, inputs) in enumerate(calls):
             if j in blamed or status[ref] is None or \
-                    (source is not None and status[source] is not None):
+                    any(status[r] is not None for r in inputs):
                 continue
             if status[ref] == "pending":
                 what = f"hung in the all-reduce (no result within timeout={self.timeout:g} s)"
                 blamed[j] = (what, TimeoutError(what))
             elif isinstance(status[ref], _retryable_errors(ray)):
-                blamed[j] = ("died in the all-reduce" if s else "lost its gradient",
+                blamed[j] = ("died in the all-reduce" if k >= n else "lost its gradient",
                              status[ref])
             else:   # not a fault of the cluster: a bug, reported as it is
                 raise WorkerError(f"DataParallel.step: the all-reduce failed on worker {j} of "
