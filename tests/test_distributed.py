@@ -428,14 +428,22 @@ def test_parameters_are_sent_only_when_they_changed(adam_dp):
     assert adam_dp.last_step_bytes == {"params": adam_dp._layout.nbytes,
                                        "gradients": adam_dp._layout.nbytes}
     got = ray.get([w.received.remote() for w in adam_dp.workers])
-    for before, after in zip(got_before, got):
-        new_buffers = after[len(before):]
+    for (count_before, _), (count, last) in zip(got_before, got):
         # the first call may send the fixture's updated values; the second sends nothing
-        assert 1 <= len(new_buffers) <= 2
-        assert all(b == ("uint8", (adam_dp._layout.nbytes,), True) for b in new_buffers)
+        assert 1 <= count - count_before <= 2
+        assert last == ("uint8", (adam_dp._layout.nbytes,), True)
     adam_dp.step(p, s, x, t)
-    assert [len(r) for r in ray.get([w.received.remote() for w in adam_dp.workers])] == \
-        [len(r) + 1 for r in got]
+    assert [r[0] for r in ray.get([w.received.remote() for w in adam_dp.workers])] == \
+        [r[0] + 1 for r in got]
+
+
+def test_bad_timeout_and_allreduce_are_refused_before_starting_workers():
+    with pytest.raises(ValueError, match=r"timeout must be a positive number of seconds or "
+                                         r"None, got 0"):
+        DataParallel(mlp_loss, optim.adam(), 2, timeout=0)
+    with pytest.raises(ValueError, match=r"allreduce must be one of \('ring', 'tree'\), got "
+                                         r"'star'"):
+        DataParallel(mlp_loss, optim.adam(), 2, allreduce="star")
 
 
 def test_import_tracejit_does_not_import_ray():

@@ -175,15 +175,17 @@ class _Worker:
         self._token = None      # the step whose gradient self._grads is
         self._grads = None
         self._chunks = {}       # n -> the layout's chunks for a ring of n workers
-        self._received = []     # (dtype, shape, C-contiguous) of every parameter buffer received
+        self._received = (0, None)  # parameter buffers received; (dtype, shape, C-contiguous)
+                                    # of the last
 
     def ready(self):
         import ray
         return os.getpid(), ray.get_runtime_context().get_node_id()
 
-    def received(self) -> list:
-        """What this worker was sent as parameters, one entry per sending (for tests)."""
-        return list(self._received)
+    def received(self) -> tuple:
+        """(how many parameter buffers this worker was sent, (dtype, shape, C-contiguous) of
+        the last), for tests."""
+        return self._received
 
     def _ring_chunks(self, n: int) -> list:
         if n not in self._chunks:
@@ -196,7 +198,8 @@ class _Worker:
         packed parameters of `version` (resolved by Ray from the object store), or None when the
         driver knows this worker holds that version already."""
         if flat is not None:
-            self._received.append((str(flat.dtype), flat.shape, flat.flags.c_contiguous))
+            self._received = (self._received[0] + 1,
+                              (str(flat.dtype), flat.shape, flat.flags.c_contiguous))
             self._version, self._layout = version, layout
             self._chunks = {}
             self._params = layout.unflatten(flat)
