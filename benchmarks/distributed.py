@@ -77,12 +77,13 @@ def single_process(steps: int) -> float:
     return statistics.median(times)
 
 
-def data_parallel(num_workers: int, steps: int) -> dict:
+def data_parallel(num_workers: int, steps: int, allreduce: str) -> dict:
     params, x, onehot = lenet_problem()
     opt = optimizer()
     state = opt.init(params)
     t0 = time.perf_counter()
-    with DataParallel(lenet_loss, opt, num_workers, threads_per_worker=1) as dp:
+    with DataParallel(lenet_loss, opt, num_workers, threads_per_worker=1,
+                      allreduce=allreduce) as dp:
         started = time.perf_counter() - t0
         t0 = time.perf_counter()
         dp.step(params, state, x, onehot)   # compiles on every worker
@@ -105,7 +106,7 @@ def echo_loss(p, x):
     return tracejit.sum(p["g"] * x)
 
 
-def allreduce(num_workers: int, sizes_mb, repeats: int) -> dict:
+def allreduce(num_workers: int, sizes_mb, repeats: int, kind: str) -> dict:
     """{MB: (median seconds of the ring all-reduce, of sending the parameters)} of DataParallel
     steps of `echo_loss` with P MB of float32 parameters: "reduce" of `last_step_times` (the
     workers' ring and the driver fetching the mean) and "wait" - "compute" (putting the
@@ -119,7 +120,8 @@ def allreduce(num_workers: int, sizes_mb, repeats: int) -> dict:
         opt = optim.sgd(1e-6)   # the parameters change every step, so they are sent every step
         state = opt.init(params)
         reduce, send = [], []
-        with DataParallel(echo_loss, opt, num_workers, threads_per_worker=1) as dp:
+        with DataParallel(echo_loss, opt, num_workers, threads_per_worker=1,
+                          allreduce=kind) as dp:
             for r in range(repeats + 2):
                 dp.step(params, state, x)
                 t = dp.last_step_times
@@ -141,6 +143,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     ap.add_argument("--json", help="also write the numbers to this file")
+    ap.add_argument("--allreduce", choices=("ring", "tree"), default="ring",
+                    help="DataParallel's all-reduce (on 2 workers both take one round)")
     args = ap.parse_args()
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
@@ -153,7 +157,7 @@ def main():
                  [ROOT, os.path.join(ROOT, "benchmarks"), os.environ.get("PYTHONPATH", "")])}})
     try:
         sizes = [0.0, 1.0, 4.0, 16.0]
-        ar = {n: allreduce(n, sizes, max(3, args.steps // 4)) for n in (1, 2)}
+        ar = {n: allreduce(n, sizes, max(3, args.steps // 4), args.allreduce) for n in (1, 2)}
         fits = {n: fit_line({mb: v[0] for mb, v in ar[n].items()}) for n in ar}
         send_fits = {n: fit_line({mb: v[1] for mb, v in ar[n].items()}) for n in ar}
         for n in ar:
@@ -162,7 +166,7 @@ def main():
             print(f"communication alone, {n} worker(s), all-reduce/params sent: {pts}\n"
                   f"    all-reduce {fits[n][0] * 1e3:.2f} ms + {fits[n][1] * 1e3:.2f} ms/MB, "
                   f"params {send_fits[n][0] * 1e3:.2f} ms + {send_fits[n][1] * 1e3:.2f} ms/MB")
-        runs = {n: data_parallel(n, args.steps) for n in (1, 2)}
+        runs = {n: data_parallel(n, args.steps, args.allreduce) for n in (1, 2)}
     finally:
         ray.shutdown()
 

@@ -559,9 +559,10 @@ class DataParallel:
         return meta, chunk
 
     def _compute(self, ray, shards, which, results, restarts) -> None:
-        """Fill results[i] = ((loss, aux, seconds), first ring chunk reference) for every worker
-        i in `which`, replacing workers that die or take longer than `timeout`; WorkerError if
-        the loss raised or a worker failed more than max_retries times."""
+        """Fill results[i] = ((loss, aux, seconds), reference to its first all-reduce chunk)
+        for every worker i in `which`, replacing workers that die or take longer than
+        `timeout`; WorkerError if the loss raised or a worker failed more than max_retries
+        times."""
         retryable = _retryable_errors(ray)
         pending = {}  # meta reference -> (worker, chunk reference, deadline)
 
