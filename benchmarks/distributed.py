@@ -7,15 +7,15 @@ Measures, on a local Ray with one CPU per worker and TRACEJIT_NUM_THREADS=1 in e
 in the driver:
 - a LeNet-5 step (SGD with momentum, float32, batch 256, one-hot labels; the model of
   benchmarks/workloads.py) on 1 and 2 workers, split into compute (the slowest worker's gradient
-  call, timed inside the worker), all-reduce (moving the parameters to the workers and the
-  gradients back and summing them: the gradient's megabytes times the per-MB cost measured below)
-  and overhead (the rest: Ray's task round trip, splitting the batch, the optimizer update);
+  call, timed inside the worker), all-reduce (the workers' ring reduce-scatter through the object
+  store and the driver fetching the mean: `last_step_times["reduce"]`) and overhead (the rest:
+  sending the parameters, Ray's task round trips, splitting the batch, the optimizer update);
 - the same step as one single-threaded jit_train_step in this process, the baseline of the
   scaling efficiency T(1 process) / (N * T(N workers));
-- the all-reduce alone: N actors that receive a parameter buffer of B bytes through the object
-  store and return a gradient buffer of B bytes, which the driver sums, exactly as DataParallel
-  does, without any compute. A line through T(B) gives the fixed cost of a round trip and the
-  cost per MB; docs/DISTRIBUTED.md's cost model takes its parameters from these numbers.
+- communication alone: DataParallel steps of a loss whose gradient is its data (no compute to
+  speak of) with 0, 1, 4, 16 MB of parameters; lines through the all-reduce times and through
+  the parameter-sending times give their fixed costs and costs per MB, which docs/DISTRIBUTED.md's
+  cost model takes as parameters.
 Times are medians over the timed steps.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ import ray  # noqa: E402
 
 import tracejit  # noqa: E402
 from tracejit import optim  # noqa: E402
-from tracejit.distributed import DataParallel, _Layout  # noqa: E402
+from tracejit.distributed import DataParallel  # noqa: E402
 import workloads  # noqa: E402
 
 BATCH = 256
@@ -77,12 +77,13 @@ def single_process(steps: int) -> float:
     return statistics.median(times)
 
 
-def data_parallel(num_workers: int, steps: int) -> dict:
+def data_parallel(num_workers: int, steps: int, allreduce: str) -> dict:
     params, x, onehot = lenet_problem()
     opt = optimizer()
     state = opt.init(params)
     t0 = time.perf_counter()
-    with DataParallel(lenet_loss, opt, num_workers, threads_per_worker=1) as dp:
+    with DataParallel(lenet_loss, opt, num_workers, threads_per_worker=1,
+                      allreduce=allreduce) as dp:
         started = time.perf_counter() - t0
         t0 = time.perf_counter()
         dp.step(params, state, x, onehot)   # compiles on every worker
@@ -99,38 +100,35 @@ def data_parallel(num_workers: int, steps: int) -> dict:
     return out
 
 
-class _Echo:
-    """Receives a parameter buffer, returns a gradient buffer of the same size (no compute)."""
+def echo_loss(p, x):
+    """A loss whose gradient is its data (one multiply-add per parameter): a DataParallel step
+    of it is all communication."""
+    return tracejit.sum(p["g"] * x)
 
-    def step(self, flat):
-        return np.ones(flat.nbytes // 4, np.float32).view(np.uint8)
 
-
-def allreduce(num_workers: int, sizes_mb, repeats: int) -> dict:
-    """Median seconds of one DataParallel-shaped round trip per buffer size in MB."""
-    echo = ray.remote(_Echo)
-    actors = [echo.options(num_cpus=1).remote() for _ in range(num_workers)]
+def allreduce(num_workers: int, sizes_mb, repeats: int, kind: str) -> dict:
+    """{MB: (median seconds of the ring all-reduce, of sending the parameters)} of DataParallel
+    steps of `echo_loss` with P MB of float32 parameters: "reduce" of `last_step_times` (the
+    workers' ring and the driver fetching the mean) and "wait" - "compute" (putting the
+    parameters, which change every step, and the workers' round trip)."""
     out = {}
-    try:
-        for mb in sizes_mb:
-            n = max(1, int(mb * 2**20) // 4)
-            layout = _Layout(tracejit.tree.structure({"g": np.zeros(n, np.float32)}),
-                             [np.zeros(n, np.float32)])
-            params = np.random.default_rng(0).standard_normal(n).astype(np.float32)
-            times = []
+    for mb in sizes_mb:
+        n = max(16, int(mb * 2**20) // 4)
+        rng = np.random.default_rng(0)
+        params = {"g": rng.standard_normal(n).astype(np.float32)}
+        x = rng.standard_normal((num_workers, n)).astype(np.float32)
+        opt = optim.sgd(1e-6)   # the parameters change every step, so they are sent every step
+        state = opt.init(params)
+        reduce, send = [], []
+        with DataParallel(echo_loss, opt, num_workers, threads_per_worker=1,
+                          allreduce=kind) as dp:
             for r in range(repeats + 2):
-                t0 = time.perf_counter()
-                ref = ray.put(layout.pack([params]))
-                bufs = ray.get([a.step.remote(ref) for a in actors])
-                acc = np.array(bufs[0])
-                for b in bufs[1:]:
-                    layout.add_into(acc, b)
+                dp.step(params, state, x)
+                t = dp.last_step_times
                 if r >= 2:
-                    times.append(time.perf_counter() - t0)
-            out[mb] = statistics.median(times)
-    finally:
-        for a in actors:
-            ray.kill(a)
+                    reduce.append(t["reduce"])
+                    send.append(t["wait"] - t["compute"])
+        out[mb] = (statistics.median(reduce), statistics.median(send))
     return out
 
 
@@ -145,6 +143,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     ap.add_argument("--json", help="also write the numbers to this file")
+    ap.add_argument("--allreduce", choices=("ring", "tree"), default="ring",
+                    help="DataParallel's all-reduce (on 2 workers both take one round)")
     args = ap.parse_args()
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
@@ -157,13 +157,16 @@ def main():
                  [ROOT, os.path.join(ROOT, "benchmarks"), os.environ.get("PYTHONPATH", "")])}})
     try:
         sizes = [0.0, 1.0, 4.0, 16.0]
-        ar = {n: allreduce(n, sizes, max(3, args.steps // 4)) for n in (1, 2)}
-        fits = {n: fit_line(ar[n]) for n in ar}
+        ar = {n: allreduce(n, sizes, max(3, args.steps // 4), args.allreduce) for n in (1, 2)}
+        fits = {n: fit_line({mb: v[0] for mb, v in ar[n].items()}) for n in ar}
+        send_fits = {n: fit_line({mb: v[1] for mb, v in ar[n].items()}) for n in ar}
         for n in ar:
-            pts = ", ".join(f"{mb:g} MB {t * 1e3:.2f} ms" for mb, t in ar[n].items())
-            print(f"all-reduce alone, {n} worker(s): {pts}  -> {fits[n][0] * 1e3:.2f} ms + "
-                  f"{fits[n][1] * 1e3:.2f} ms/MB")
-        runs = {n: data_parallel(n, args.steps) for n in (1, 2)}
+            pts = ", ".join(f"{mb:g} MB {r * 1e3:.2f}/{s * 1e3:.2f} ms"
+                            for mb, (r, s) in ar[n].items())
+            print(f"communication alone, {n} worker(s), all-reduce/params sent: {pts}\n"
+                  f"    all-reduce {fits[n][0] * 1e3:.2f} ms + {fits[n][1] * 1e3:.2f} ms/MB, "
+                  f"params {send_fits[n][0] * 1e3:.2f} ms + {send_fits[n][1] * 1e3:.2f} ms/MB")
+        runs = {n: data_parallel(n, args.steps, args.allreduce) for n in (1, 2)}
     finally:
         ray.shutdown()
 
@@ -171,8 +174,7 @@ def main():
           f"{'efficiency':>10}   (start s, first step s)")
     table = {}
     for n, r in runs.items():
-        mb = r["grad_bytes"] / 2**20
-        allred = fits[n][1] * mb + r["reduce"]
+        allred = r["reduce"]
         overhead = r["total"] - r["compute"] - allred
         eff = base / (n * r["total"])
         table[n] = dict(r, allreduce=allred, overhead=overhead, efficiency=eff)
@@ -181,12 +183,13 @@ def main():
     mb = runs[1]["grad_bytes"] / 2**20
     print(f"\ngradient buffer: {runs[1]['grad_bytes']} bytes ({mb:.3f} MB); all-reduce cost per "
           f"MB: {fits[1][1] * 1e3:.2f} ms (1 worker), {fits[2][1] * 1e3:.2f} ms (2 workers); "
-          f"fixed round trip: {fits[1][0] * 1e3:.2f} ms, {fits[2][0] * 1e3:.2f} ms")
+          f"fixed: {fits[1][0] * 1e3:.2f} ms, {fits[2][0] * 1e3:.2f} ms")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"single_process": base, "allreduce": {str(n): {str(k): v for k, v in
                                                                     ar[n].items()} for n in ar},
                        "allreduce_fit": {str(n): fits[n] for n in fits},
+                       "params_send_fit": {str(n): send_fits[n] for n in send_fits},
                        "steps": {str(n): table[n] for n in table}}, f, indent=1)
 
 

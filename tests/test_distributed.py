@@ -7,9 +7,13 @@ Ray is in the test extra: without it these tests fail at import, they are never 
 Most tests use one-hot float labels; one passes traced int64 class labels."""
 from __future__ import annotations
 
+import glob
+import hashlib
+import math
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -20,10 +24,13 @@ import ray
 import tracejit
 from helpers import rng_for
 from tracejit import nn, optim
-from tracejit.distributed import DataParallel, WorkerError
+from tracejit.distributed import DataParallel, WorkerError, _Worker
 
 TOL = 1e-10
 N_CLASSES = 4
+# seconds after which the hang test takes a worker for hung; a worker's first step (tracing and
+# compiling the small MLP, mostly from the shared compile cache) takes well under a second
+HANG_TIMEOUT = 5
 
 
 def mlp_loss(p, x, t):
@@ -41,6 +48,37 @@ def sleepy_loss(p, x, t):
     # to kill a worker in the middle of it
     time.sleep(1.5)
     return mlp_loss(p, x, t)
+
+
+# A worker hangs while tracing hanging_loss (on its first step for a signature) when it can
+# claim HANG_ONCE, by renaming it away (so exactly one worker hangs, and not its replacement),
+# and every worker hangs while HANG_ALWAYS exists. Paths of this checkout: the workers are other
+# processes, and another checkout's tests must not see them.
+_FLAGS = os.path.join(tempfile.gettempdir(), "tracejit-dp-test-" +
+                      hashlib.sha1(os.path.abspath(__file__).encode()).hexdigest()[:12])
+HANG_ONCE, HANG_ALWAYS = _FLAGS + "-hang-once", _FLAGS + "-hang-always"
+HANG_RING = _FLAGS + "-hang-ring"   # one worker hangs in the all-reduce
+
+
+def hanging_loss(p, x, t):
+    try:
+        os.rename(HANG_ONCE, f"{HANG_ONCE}.{os.getpid()}")
+        hang = True
+    except FileNotFoundError:
+        hang = os.path.exists(HANG_ALWAYS)
+    if hang:
+        time.sleep(120)   # killed long before
+    return mlp_loss(p, x, t)
+
+
+class RingHangWorker(_Worker):
+    def reduce(self, *args):
+        try:
+            os.rename(HANG_RING, f"{HANG_RING}.{os.getpid()}")
+            time.sleep(120)
+        except FileNotFoundError:
+            pass
+        return super().reduce(*args)
 
 
 def raising_loss(p, x, t):
@@ -222,6 +260,52 @@ def test_loss_raising_in_a_worker_reaches_the_driver_naming_the_worker():
     np.testing.assert_array_equal(p["w1"], before)
 
 
+def test_hung_worker_is_killed_and_replaced_then_a_clear_error_when_it_keeps_hanging(
+        monkeypatch):
+    """A worker that neither answers nor dies within `timeout`, computing its gradient or in the
+    all-reduce, is killed and its shard recomputed by a replacement; when every replacement hangs
+    too, the step fails naming the worker and the timeout, and nothing is written."""
+    def clear():   # the flags, and the names the hanging workers renamed them to
+        for flag in glob.glob(glob.escape(_FLAGS) + "-hang-*"):
+            os.remove(flag)
+
+    def replaced(before):
+        return sum(a is not b for a, b in zip(before, dp.workers))
+
+    clear()
+    monkeypatch.setattr(tracejit.distributed, "_Worker", RingHangWorker)
+    data = batches(2)
+    opt = OPTIMIZERS["sgd_momentum"]
+    try:
+        with DataParallel(hanging_loss, opt(), 2, timeout=HANG_TIMEOUT, max_retries=1) as dp:
+            p = params()
+            s = dp.optimizer.init(p)
+            for k, flag in enumerate((HANG_ONCE, HANG_RING)):
+                open(flag, "w").close()
+                before = list(dp.workers)
+                t0 = time.monotonic()
+                dp.step(p, s, *data[k])
+                assert time.monotonic() - t0 >= HANG_TIMEOUT
+                assert not os.path.exists(flag)
+                assert replaced(before) == 1
+                _, want_p, want_s = reference(opt(), k + 1, data=data[:k + 1])
+                assert_trees_close(p, want_p)
+                assert_trees_close(s, want_s)
+
+            # a new batch shape is traced again, now hanging every worker (so the timeout need
+            # not leave time for a healthy worker's compile)
+            open(HANG_ALWAYS, "w").close()
+            dp.max_retries, dp.timeout = 0, 1
+            before = tracejit.tree.map(np.copy, (p, s))
+            x, t = data[0]
+            with pytest.raises(WorkerError, match=r"worker [01] of 2 hung \(no gradient within "
+                                                  r"timeout=\d+ s\); it failed 1 time in") as e:
+                dp.step(p, s, x[:4], t[:4])
+            assert isinstance(e.value.cause, TimeoutError)
+            assert_trees_close((p, s), before)
+    finally:
+        clear()
+
 
 def test_adam_steps_equal_single_process_two_workers(adam_dp):
     got = run(adam_dp, 10)
@@ -260,7 +344,8 @@ def test_worker_that_keeps_dying_fails_the_step_and_writes_nothing(adam_dp, monk
     s_before = tracejit.tree.map(np.copy, s)
     monkeypatch.setattr(adam_dp, "_start_worker", start_and_kill)
     ray.kill(adam_dp.workers[1])
-    with pytest.raises(WorkerError, match=r"worker 1 of 2 died 4 times .*ActorDiedError") as e:
+    with pytest.raises(WorkerError, match=r"worker 1 of 2 died.*; it failed 4 times in this "
+                                          r"step and was replaced 3 times.*ActorDiedError") as e:
         adam_dp.step(p, s, *batches(2)[1])
     assert e.value.worker == 1
     assert isinstance(e.value.cause, ray.exceptions.RayActorError)
@@ -293,8 +378,40 @@ def test_params_of_another_structure_are_refused(adam_dp):
                                          r"float64\[6, 10\]"):
         adam_dp.step(p, adam_dp.optimizer.init(p), *batches(1)[0])
 
+@pytest.mark.parametrize("kind, victim", [("ring", 1), ("tree", 0)])
+def test_worker_dying_before_the_all_reduce_is_replaced_and_the_ring_rerun(adam_dp,
+                                                                          monkeypatch, kind,
+                                                                          victim):
+    """A worker lost after computing its gradient, before the all-reduce (in the tree of two,
+    the one that receives): its partner does not wait for it forever; it is replaced,
+    recomputes its shard, and the all-reduce runs again."""
+    monkeypatch.setattr(adam_dp, "allreduce", kind)
+    data = batches(2)
+    p = params()
+    s = adam_dp.optimizer.init(p)
+    adam_dp.step(p, s, *data[0])
+    ring = adam_dp._allreduce
+    victims = []
+
+    def kill_then_ring(ray_, chunk_refs):
+        if not victims:
+            victims.append(adam_dp.workers[victim])
+            ray.kill(victims[0])
+        return ring(ray_, chunk_refs)
+
+    monkeypatch.setattr(adam_dp, "_allreduce", kill_then_ring)
+    adam_dp.step(p, s, *data[1])
+    assert victims and adam_dp.workers[victim] is not victims[0]
+    _, want_p, want_s = reference(OPTIMIZERS["adam"](), 2, data=data)
+    assert_trees_close(p, want_p)
+    assert_trees_close(s, want_s)
+
+
 def test_parameters_are_sent_only_when_they_changed(adam_dp):
+    """Sent as one contiguous buffer, once per version per worker; the driver receives the
+    mean gradient once (the workers reduce among themselves)."""
     x, t = batches(1)[0]
+    got_before = ray.get([w.received.remote() for w in adam_dp.workers])
     results = []
     versions = []
     for _ in range(2):
@@ -308,6 +425,25 @@ def test_parameters_are_sent_only_when_they_changed(adam_dp):
     # the updated parameters are new values: sent once more
     adam_dp.step(p, s, x, t)
     assert adam_dp._version == versions[0] + 1
+    assert adam_dp.last_step_bytes == {"params": adam_dp._layout.nbytes,
+                                       "gradients": adam_dp._layout.nbytes}
+    got = ray.get([w.received.remote() for w in adam_dp.workers])
+    for (count_before, _), (count, last) in zip(got_before, got):
+        # the first call may send the fixture's updated values; the second sends nothing
+        assert 1 <= count - count_before <= 2
+        assert last == ("uint8", (adam_dp._layout.nbytes,), True)
+    adam_dp.step(p, s, x, t)
+    assert [r[0] for r in ray.get([w.received.remote() for w in adam_dp.workers])] == \
+        [r[0] + 1 for r in got]
+
+
+def test_bad_timeout_and_allreduce_are_refused_before_starting_workers():
+    with pytest.raises(ValueError, match=r"timeout must be a positive number of seconds or "
+                                         r"None, got 0"):
+        DataParallel(mlp_loss, optim.adam(), 2, timeout=0)
+    with pytest.raises(ValueError, match=r"allreduce must be one of \('ring', 'tree'\), got "
+                                         r"'star'"):
+        DataParallel(mlp_loss, optim.adam(), 2, allreduce="star")
 
 
 def test_import_tracejit_does_not_import_ray():
@@ -331,3 +467,47 @@ def test_packed_layout_keeps_each_dtype_and_sums_per_dtype():
     for k in tree_a:
         assert got[k].dtype == tree_a[k].dtype and got[k].shape == tree_a[k].shape
         np.testing.assert_array_equal(got[k], (tree_a[k] + tree_b[k]) * tree_a[k].dtype.type(0.5))
+
+
+@pytest.mark.parametrize("kind", ["ring", "tree"])
+def test_all_reduce_schedule_gives_the_mean_for_any_number_of_workers(kind):
+    """The all-reduce's rounds and chunks, run in process: every chunk is summed over all
+    workers once, mixed dtypes keep their own, and the finished pieces put together are the
+    mean."""
+    from tracejit.distributed import _Layout, _schedule
+    rng = rng_for("dp-allreduce", kind)
+    shapes = {"a": ((3, 7), np.float32), "b": ((5,), np.float64), "c": ((), np.float32),
+              "d": ((40,), np.float64)}
+    for n in range(1, 7):
+        grads = [{k: rng.normal(size=s).astype(d) for k, (s, d) in shapes.items()}
+                 for _ in range(n)]
+        layout = _Layout(tracejit.tree.structure(grads[0]), tracejit.tree.leaves(grads[0]))
+        workers = []
+        for g in grads:
+            w = object.__new__(_Worker)
+            w._layout, w._chunks, w._token = layout, {}, 7
+            w._grads = layout.pack(tracejit.tree.leaves(g))
+            workers.append(w)
+        n_chunks, first, rounds, finals = _schedule(kind, n)
+        chunks = layout.chunks(n_chunks)
+        latest = [layout.take(w._grads, chunks[first[i]]) for i, w in enumerate(workers)]
+        for rnd in rounds:
+            new = {j: workers[j].reduce(7, c, n_chunks, n if last else None, latest[src],
+                                        latest[j] if own else None)
+                   for j, src, c, own, last in rnd}
+            latest = [new.get(j, x) for j, x in enumerate(latest)]
+        assert sorted(c for _, c in finals) == list(range(n_chunks))
+        mean = np.zeros(layout.nbytes, np.uint8)
+        for j, c in finals:
+            layout.put(mean, chunks[c], latest[j])
+        got = layout.unflatten(mean)
+        for k, (_, d) in shapes.items():
+            want = np.mean([g[k].astype(np.float64) for g in grads], axis=0)
+            assert got[k].dtype == d
+            tol = 1e-6 if d == np.float32 else 1e-13
+            np.testing.assert_allclose(got[k], want, rtol=tol, atol=tol)
+        # the chunks tile the buffer: each byte is reduced exactly once
+        covered = sorted((a, b) for r in chunks for _, a, b in r if b > a)
+        assert [a for a, _ in covered[1:]] == [b for _, b in covered[:-1]]
+        assert covered[0][0] == 0 and covered[-1][1] == layout.nbytes
+        assert len(rounds) == (n - 1 if kind == "ring" else math.ceil(math.log2(n)))
