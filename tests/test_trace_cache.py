@@ -160,6 +160,20 @@ def test_what_cannot_be_fingerprinted_is_always_traced(private_cache, what, caps
     assert trace_cache.stats["uncacheable"] == refused + 2
 
 
+def test_functions_of_tracejit_and_numpy_are_named_not_fingerprinted(private_cache):
+    source = """
+from tracejit.ops import greater     # made by a factory, published as tracejit.ops.greater
+from numpy import float64
+def loss(w, x):
+    h = x[..., 0:2] @ w[0:2, ...]
+    return (tracejit.where(greater(h, 0.0), h, 0.0) * float64(2.0)).sum()
+"""
+    for expected in (1, 0):
+        ns = {"__name__": "trace_cache_user", "np": np, "tracejit": tracejit}
+        exec(compile(source, "<trace-cache-test>", "exec"), ns)
+        assert traces_of(tracejit.jit_grad(ns["loss"]), W, X)[0] == expected
+
+
 def test_a_corrupt_entry_is_discarded_and_traced_again(private_cache):
     traces_of(define(), W, X)
     (entry,) = private_cache.glob("*.trace")

@@ -97,8 +97,11 @@ class _Fingerprint:
         if depth > MAX_DEPTH:
             raise Uncacheable("values nested too deeply")
         t, d = type(o), depth + 1
-        if t in _SCALARS:
+        if t in _SCALARS or o is Ellipsis:
             return f"{t.__name__}:{o!r}"
+        if t in (slice, range):
+            return f"{t.__name__}(" + ",".join(self.value(x, d)
+                                               for x in (o.start, o.stop, o.step)) + ")"
         if isinstance(o, tuple) and t.__module__ in ("builtins", "tracejit.pytree"):
             return f"{t.__name__}(" + ",".join(self.value(x, d) for x in o) + ")"
         if t is list:
@@ -203,7 +206,13 @@ def _named(o) -> str | None:
     found = sys.modules.get(module)
     for part in qualname.split("."):
         found = getattr(found, part, None)
-    return f"{module}.{qualname}" if found is o else None
+    if found is o:
+        return f"{module}.{qualname}"
+    # made by a decorator or factory and published under another name (tracejit.ops.greater)
+    for name, v in vars(sys.modules[module]).items() if module in sys.modules else ():
+        if v is o:
+            return f"{module}.{name}"
+    return None
 
 
 def _global_names(c: types.CodeType) -> set:
