@@ -188,8 +188,10 @@ SCRIPT = SOURCE.format(scale=2.0, helper="tracejit.tanh(h)") + textwrap.dedent("
     tracejit.config.backend = "llvm"
     w = np.array([[0.3, -0.2], [0.1, 0.4], [-0.5, 0.2]])
     x = np.array([[0.5, -1.0, 2.0], [1.5, 0.25, -0.5]])
-    g = tracejit.jit_grad(make(0.5))(w, x)
-    print(json.dumps({"grad": g.tolist(), "stats": trace_cache.stats}))
+    f = tracejit.jit_grad(make(0.5))
+    g = f(w, x)
+    print(json.dumps({"grad": g.tolist(), "stats": trace_cache.stats,
+                      "compile": f.compile_stats()}))
 """)
 
 
@@ -204,4 +206,6 @@ def test_a_second_process_with_the_same_source_does_not_trace(tmp_path):
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert runs[0]["stats"]["traces"] == 1 and runs[0]["stats"]["stores"] == 1
     assert runs[1]["stats"]["traces"] == 0 and runs[1]["stats"]["hits"] == 1
+    assert [r["compile"]["trace_hits"] for r in runs] == [0, 1]
+    assert runs[1]["compile"]["trace"] == 0.0 and runs[1]["compile"]["cache_hits"] == 1
     assert runs[1]["grad"] == runs[0]["grad"]

@@ -59,6 +59,7 @@ class _Compiled:
         self.donate = None
         self.assemble = None  # Jitted._assembler for this signature, made by its first call
         self.cacheable = False  # whether the trace cache may keep it (see Jitted._compile)
+        self.trace_hit = False  # whether it came from the trace cache
 
     def native(self):
         """Native code of the optimized function, compiled on first use (once, even when two
@@ -219,8 +220,10 @@ class Jitted:
             cached = trace_cache.load(disk, key)
             if cached is not None:
                 fwd, transformed, optimized, out_def, n_value = cached
-                return _Compiled(fwd, transformed, out_def, n_value,
-                                 {"passes": time.perf_counter() - t0}, optimized=optimized)
+                entry = _Compiled(fwd, transformed, out_def, n_value,
+                                  {"passes": time.perf_counter() - t0}, optimized=optimized)
+                entry.trace_hit = True
+                return entry
         entry = self._trace_and_transform(sig, t0)
         if key is not None and entry.guards is None and entry.cacheable:
             trace_cache.store(disk, key, (entry.forward, entry.transformed, entry.optimized,
@@ -309,7 +312,8 @@ class Jitted:
         """Compile-related time of every signature traced so far, summed: "trace", "passes" (IR
         verification, adjoint, optimization), "plan", "lower", "llvm" and "cache" (native code:
         see NativeFunction.compile_seconds); "total"; "signatures"; "cache_hits" (signatures
-        whose native code was loaded from the persistent cache)."""
+        whose native code was loaded from the persistent cache); "trace_hits" (signatures whose
+        traced and optimized IR came from the trace cache, tracejit/trace_cache.py)."""
         entries = list(self._cache.values())
         stats = {k: 0.0 for k in ("trace", "passes", "plan", "lower", "llvm", "cache")}
         for e in entries:
@@ -319,6 +323,7 @@ class Jitted:
         stats["signatures"] = len(entries)
         stats["cache_hits"] = sum(1 for e in entries
                                   if e._native is not None and getattr(e._native, "cache_hit", False))
+        stats["trace_hits"] = sum(1 for e in entries if e.trace_hit)
         return stats
 
     # --------------------------------------------------------------------------------- calling
