@@ -22,7 +22,7 @@ from .ir.core import FLOAT_DTYPES
 from .ir.passes import optimize
 from .ir.verify import verify
 
-from . import captures, errors, pytree, trace_cache
+from . import captures, errors, pytree
 from .config import config
 from .errors import ZeroGradientWarning, warn
 from .signature import (Signature, arg_name, c_contiguous, check_numeric_sequences,
@@ -211,6 +211,7 @@ class Jitted:
     def _compile(self, sig: Signature) -> _Compiled:
         """Trace, transform and optimize for `sig`, or take all that from the persistent trace
         cache (tracejit/trace_cache.py), and store it there when the trace may be cached."""
+        from . import trace_cache   # (here: pickle and dis would slow down `import tracejit`)
         t0 = time.perf_counter()
         # native code only: the interpreter, the test oracle, always traces (and so never loads
         # the code generator's modules)
@@ -231,6 +232,7 @@ class Jitted:
         return entry
 
     def _trace_and_transform(self, sig: Signature, t0: float) -> _Compiled:
+        from . import trace_cache
         trace_cache.stats["traces"] += 1
         warned = errors.warnings_issued
         b = Builder(self.name)
