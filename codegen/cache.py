@@ -12,11 +12,13 @@ SHA-256 of a key text that covers everything that changes the code:
   code generation.
 
 Entry file `<sha256 of key>.o`: a header (magic, format, payload length, SHA-256 of the payload,
-SHA-256 of the key) and the object file. It is written to a temporary file in the same directory
-and renamed into place (`os.replace`), so readers see a whole entry or none. A truncated or
-corrupted entry fails the header check, is logged (logger "tracejit", WARNING), removed and
-compiled again. The directory is created with mode 0o700; a directory that someone else owns or
-that others can write to is not used (loading object code from it would run their code).
+SHA-256 of the key) and the object file (the trace cache, tracejit/trace_cache.py, keeps its
+entries in the same directory and format as `.trace` files). It is written to a temporary file in
+the same directory and renamed into place (`os.replace`), so readers see a whole entry or none.
+A truncated or corrupted entry fails the header check, is logged (logger "tracejit", WARNING),
+removed and compiled again. The directory is created with mode 0o700; a directory that someone
+else owns or that others can write to is not used (loading object code from it would run their
+code).
 
 The directory: `TRACEJIT_CACHE_DIR`, else `$XDG_CACHE_HOME/tracejit`, else `~/.cache/tracejit`.
 `TRACEJIT_CACHE=0` (or `tracejit.config.cache = False`) disables the cache. A hit refreshes the
@@ -54,6 +56,7 @@ _HEADER = struct.Struct("<8sIQ32s32s")   # magic, format, payload length, sha256
 DEFAULT_MAX_MB = settings.DEFAULT_CACHE_MAX_MB
 _STALE_TEMP_SECONDS = 3600
 _pruned: set = set()  # directories pruned by this process
+_ENTRY_SUFFIXES = (".o", ".trace")   # every kind of entry counts toward the size bound
 
 # Counters of this process, for tests and benchmarks.
 stats = {"hits": 0, "misses": 0, "stores": 0, "corrupt": 0, "errors": 0}
@@ -162,9 +165,15 @@ class DiskCache:
     `version` (the caller's version string) is part of every key. Load and store never raise for
     I/O problems: they log and behave as a miss."""
 
-    def __init__(self, directory: str | os.PathLike | None = None, version: str = ""):
+    def __init__(self, directory: str | os.PathLike | None = None, version: str = "",
+                 suffix: str = ".o", counters: dict | None = None):
+        """`suffix`: of the entry files (".o" object code; the trace cache's entries, see
+        tracejit/trace_cache.py, share the directory as ".trace"); `counters`: the dict counting
+        hits, misses, ... (default: this module's `stats`)."""
         self.directory = Path(directory).expanduser() if directory else default_directory()
         self.version = version
+        self.suffix = suffix
+        self.stats = stats if counters is None else counters
         self._usable = None
 
     def __repr__(self):
@@ -174,7 +183,7 @@ class DiskCache:
         return key_of(fn, max_threads, self.version)
 
     def path(self, key: str) -> Path:
-        return self.directory / f"{key}.o"
+        return self.directory / f"{key}{self.suffix}"
 
     def _prepare(self) -> bool:
         """Create the directory (0o700) if needed; False if it cannot or must not be used."""
@@ -215,20 +224,20 @@ class DiskCache:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            stats["misses"] += 1
+            self.stats["misses"] += 1
             return None
         except OSError as e:
             log.warning("tracejit: cannot read compile cache entry %s (%s); compiling", path, e)
-            stats["errors"] += 1
+            self.stats["errors"] += 1
             return None
         problem = _check(data, key)
         if problem is not None:
             log.warning("tracejit: compile cache entry %s is corrupt (%s); removing it and "
                         "compiling again", path, problem)
-            stats["corrupt"] += 1
+            self.stats["corrupt"] += 1
             _unlink(path)
             return None
-        stats["hits"] += 1
+        self.stats["hits"] += 1
         try:
             os.utime(path)  # recently used: pruned last
         except OSError:
@@ -239,7 +248,7 @@ class DiskCache:
         """Remove an entry that loaded but could not be used (logged)."""
         log.warning("tracejit: compile cache entry %s could not be used (%s); removing it and "
                     "compiling again", self.path(key), why)
-        stats["corrupt"] += 1
+        self.stats["corrupt"] += 1
         _unlink(self.path(key))
 
     def store(self, key: str, object_code: bytes) -> bool:
@@ -257,11 +266,11 @@ class DiskCache:
             os.replace(tmp, self.path(key))
         except OSError as e:
             log.warning("tracejit: cannot write compile cache entry in %s (%s)", self.directory, e)
-            stats["errors"] += 1
+            self.stats["errors"] += 1
             if tmp is not None:
                 _unlink(tmp)
             return False
-        stats["stores"] += 1
+        self.stats["stores"] += 1
         if self.directory not in _pruned:
             _pruned.add(self.directory)
             self.prune()
@@ -281,7 +290,7 @@ class DiskCache:
                         st = e.stat(follow_symlinks=False)
                     except OSError:
                         continue
-                    if e.name.endswith(".o"):
+                    if e.name.endswith(_ENTRY_SUFFIXES):
                         entries.append((st.st_mtime, st.st_size, e.path))
                     elif e.name.endswith(".tmp") and now - st.st_mtime > _STALE_TEMP_SECONDS:
                         _unlink(e.path)

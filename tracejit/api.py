@@ -22,7 +22,7 @@ from .ir.core import FLOAT_DTYPES
 from .ir.passes import optimize
 from .ir.verify import verify
 
-from . import captures, pytree
+from . import captures, errors, pytree
 from .config import config
 from .errors import ZeroGradientWarning, warn
 from .signature import (Signature, arg_name, c_contiguous, check_numeric_sequences,
@@ -40,11 +40,13 @@ class _Compiled:
     "passes" (verification, adjoint, optimization), and once native code exists "plan", "lower",
     "llvm" and "cache" (see NativeFunction.compile_seconds)."""
 
-    def __init__(self, forward, transformed, out_treedef, n_value_outputs, seconds=None):
+    def __init__(self, forward, transformed, out_treedef, n_value_outputs, seconds=None,
+                 optimized=None):
         self.forward = forward          # ir.Function as traced
         self.transformed = transformed  # with the adjoint (grad kinds) or the forward again (jit)
         t0 = time.perf_counter()
-        self.optimized = optimize(transformed)
+        # (given when it comes from the trace cache)
+        self.optimized = optimize(transformed) if optimized is None else optimized
         self.seconds = {"trace": 0.0, "passes": 0.0, **(seconds or {})}
         self.seconds["passes"] += time.perf_counter() - t0
         self.out_treedef = out_treedef
@@ -56,6 +58,8 @@ class _Compiled:
         # arrays (a training step's parameters and state, see tracejit/train.py)
         self.donate = None
         self.assemble = None  # Jitted._assembler for this signature, made by its first call
+        self.cacheable = False  # whether the trace cache may keep it (see Jitted._compile)
+        self.trace_hit = False  # whether it came from the trace cache
 
     def native(self):
         """Native code of the optimized function, compiled on first use (once, even when two
@@ -205,7 +209,32 @@ class Jitted:
         return {"jit": "jit", "grad": "jit_grad", "value_and_grad": "jit_value_and_grad"}[self.kind]
 
     def _compile(self, sig: Signature) -> _Compiled:
+        """Trace, transform and optimize for `sig`, or take all that from the persistent trace
+        cache (tracejit/trace_cache.py), and store it there when the trace may be cached."""
+        from . import trace_cache   # (here: pickle and dis would slow down `import tracejit`)
         t0 = time.perf_counter()
+        # native code only: the interpreter, the test oracle, always traces (and so never loads
+        # the code generator's modules)
+        disk = _disk_cache() if config.backend != "interpreter" else False
+        key = trace_cache.key(self, sig) if disk else None
+        if key is not None:
+            cached = trace_cache.load(disk, key)
+            if cached is not None:
+                fwd, transformed, optimized, out_def, n_value = cached
+                entry = _Compiled(fwd, transformed, out_def, n_value,
+                                  {"passes": time.perf_counter() - t0}, optimized=optimized)
+                entry.trace_hit = True
+                return entry
+        entry = self._trace_and_transform(sig, t0)
+        if key is not None and entry.guards is None and entry.cacheable:
+            trace_cache.store(disk, key, (entry.forward, entry.transformed, entry.optimized,
+                                          entry.out_treedef, entry.n_value_outputs))
+        return entry
+
+    def _trace_and_transform(self, sig: Signature, t0: float) -> _Compiled:
+        from . import trace_cache
+        trace_cache.stats["traces"] += 1
+        warned = errors.warnings_issued
         b = Builder(self.name)
         with captures.recording() as rec, building(b):
             outs, out_def, n_value = self._trace(sig, b)
@@ -226,6 +255,8 @@ class Jitted:
             entry = _Compiled(fwd, grad, out_def, n_value,
                               {"trace": t1 - t0, "passes": time.perf_counter() - t1})
         entry.guards = guards or None
+        # the trace cache keeps no trace that warned (a hit would not warn again)
+        entry.cacheable = errors.warnings_issued == warned
         return entry
 
     def _warn_zero_gradients(self, sig, fwd, wrt):
@@ -284,7 +315,8 @@ class Jitted:
         """Compile-related time of every signature traced so far, summed: "trace", "passes" (IR
         verification, adjoint, optimization), "plan", "lower", "llvm" and "cache" (native code:
         see NativeFunction.compile_seconds); "total"; "signatures"; "cache_hits" (signatures
-        whose native code was loaded from the persistent cache)."""
+        whose native code was loaded from the persistent cache); "trace_hits" (signatures whose
+        traced and optimized IR came from the trace cache, tracejit/trace_cache.py)."""
         entries = list(self._cache.values())
         stats = {k: 0.0 for k in ("trace", "passes", "plan", "lower", "llvm", "cache")}
         for e in entries:
@@ -294,6 +326,7 @@ class Jitted:
         stats["signatures"] = len(entries)
         stats["cache_hits"] = sum(1 for e in entries
                                   if e._native is not None and getattr(e._native, "cache_hit", False))
+        stats["trace_hits"] = sum(1 for e in entries if e.trace_hit)
         return stats
 
     # --------------------------------------------------------------------------------- calling

@@ -25,11 +25,19 @@ class TracejitWarning(UserWarning):
     """Base class of tracejit's warnings."""
 
 
+# tracejit warnings issued in this process (a trace that warned is not kept in the trace cache,
+# tracejit/trace_cache.py: a hit would not warn again)
+warnings_issued = 0
+
+
 def warn(message: str, category: type[TracejitWarning]) -> None:
     """warnings.warn attributed to the user's innermost frame outside tracejit (so the default
     filter shows it once per line of the user's code that caused it)."""
     import sys
     import warnings
+
+    global warnings_issued
+    warnings_issued += 1
 
     from .ir.builder import _OWN_DIRS
     level, f = 1, sys._getframe(1)
