@@ -149,6 +149,14 @@ def test_matmul(trans, dtype):
     check_all(specs, dtype)
 
 
+def test_matmul_outer_form_runs_k_in_blocks():
+    """A weight gradient x^T @ g over a long K (an RNN's steps x batch) walks K in blocks, so
+    its B panel stays in L1 across the row tiles (lowering only: nothing is compiled)."""
+    x, g = np.ones((300, 8), np.float32), np.ones((300, 24), np.float32)
+    text = tracejit.jit(lambda x, g: x.T @ g).ir(x, g, stage="llvm")
+    assert "matmul.kb.full" in text and "matmul.kb.tail" in text
+
+
 # ------------------------------------------------------------------------------------------------
 # convolutions
 # ------------------------------------------------------------------------------------------------
