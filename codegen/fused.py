@@ -55,6 +55,16 @@ class _Element:
         self.members = members        # ids of instructions evaluated inside
         self.flat = flat              # one linear index for every non-scalar value (see is_flat)
         self.memo = {}
+        # id(LLVM i64 index) -> its static range [lo, hi), where known (a segment of the innermost
+        # loop, see _segments): pads and concatenates read inside it decide at compile time
+        self.ranges = {}
+
+    def shifted(self, j, i, by: int):
+        """Record index `j` = `i` + `by` as having `i`'s static range shifted; returns j."""
+        r = self.ranges.get(id(i))
+        if r is not None:
+            self.ranges[id(j)] = (r[0] + by, r[1] + by)
+        return j
 
     # --------------------------------------------------------------------------- addressing
     def linear(self, idx, shape):
@@ -206,7 +216,10 @@ def _slice(el, ins, idx):
     b = el.b
     sub = []
     for i, s, k in zip(idx, ins.params["start"], ins.params["strides"]):
-        j = b.mul(i, i64(k)) if k != 1 else i
+        if k == 1:
+            sub.append(el.shifted(b.add(i, i64(s)), i, s) if s else i)
+            continue
+        j = b.mul(i, i64(k))
         sub.append(b.add(j, i64(s)) if s else j)
     return el.value(ins.inputs[0], sub)
 
@@ -218,8 +231,19 @@ def _pad(el, ins, idx):
     p = ins.params
     valid = None
     sub = []
-    for i, n, lo, step in zip(idx, x.shape, p["lo"], [k + 1 for k in p["interior"]]):
-        j = b.sub(i, i64(lo)) if lo else i
+    for i, n, lo, hi, step in zip(idx, x.shape, p["lo"], p["hi"],
+                                  [k + 1 for k in p["interior"]]):
+        if lo == hi == 0 and step == 1:   # not padded along this axis: i is inside
+            sub.append(i)
+            continue
+        j = el.shifted(b.sub(i, i64(lo)), i, -lo) if lo else i
+        r = el.ranges.get(id(j))
+        if r is not None and step == 1:   # a loop segment: inside or outside, known now
+            if 0 <= r[0] and r[1] <= n:
+                sub.append(j)
+                continue
+            if r[1] <= 0 or r[0] >= n:
+                return ir.Constant(scalar_type(ins.out.dtype), 0)
         conds = [b.icmp_signed(">=", j, i64(0)), b.icmp_signed("<", j, i64((n - 1) * step + 1))]
         src = j
         if step != 1:
@@ -242,9 +266,13 @@ def _concatenate(el, ins, idx):
     axis = ins.params["axis"]
     offset = 0
     pieces = []
+    r = el.ranges.get(id(idx[axis]))
     for x in ins.inputs:
         n = x.shape[axis]
-        j = b.sub(idx[axis], i64(offset)) if offset else idx[axis]
+        j = el.shifted(b.sub(idx[axis], i64(offset)), idx[axis], -offset) if offset \
+            else idx[axis]
+        if r is not None and offset <= r[0] and r[1] <= offset + n:  # the segment's piece
+            return el.value(x, idx[:axis] + [j] + idx[axis + 1:])
         inside = b.and_(b.icmp_signed(">=", j, i64(0)), b.icmp_signed("<", j, i64(n)))
         sub = list(idx)
         sub[axis] = b.select(inside, j, i64(0))
@@ -432,7 +460,8 @@ def lower_group(module: ir.Module, fname: str, group) -> ir.Function:
     if root.prim.kind == "reduce":
         _lower_reduce(b, group, leaf_ptrs, members, out_ptr, fn.args[-3], tid, nthreads, base)
     else:
-        _lower_map(b, root, leaf_ptrs, members, stores, tid, nthreads, base, is_flat(group))
+        _lower_map(b, root, leaf_ptrs, members, stores, tid, nthreads, base, is_flat(group),
+                   group.members)
     b.ret_void()
     return fn
 
@@ -452,9 +481,10 @@ def _store_all(b, el, stores, idx, off):
         _store_value(b, val, ptr, off, v.dtype)
 
 
-def _lower_map(b, root, leaf_ptrs, members, stores, tid, nthreads, base, flat=False):
+def _lower_map(b, root, leaf_ptrs, members, stores, tid, nthreads, base, flat=False, instrs=()):
     """The loop over the root's elements; `stores`: (value, pointer) of the root and of every
-    extra output, of the root's shape."""
+    extra output, of the root's shape; `instrs` (the group's members) cut the innermost axis into
+    segments (see `_segments`)."""
     shape = root.out.shape
     if not shape:
         with L.if_then(b, b.icmp_signed("==", tid, i64(0)), f"{base}.t0"):
@@ -467,21 +497,61 @@ def _lower_map(b, root, leaf_ptrs, members, stores, tid, nthreads, base, flat=Fa
             _store_all(b, _Element(b, leaf_ptrs, members, flat=True), stores, [i], i)
         return
     lo, hi = thread_range(b, shape[0], tid, nthreads)
+    segments = _segments(instrs, shape) if len(shape) > 1 else [(0, shape[-1])]
+
+    def body(ranges):
+        el = _Element(b, leaf_ptrs, members)
+        el.ranges = ranges
+        _store_all(b, el, stores, idx, _Element(b, {}, set()).linear(idx, shape))
     with for_range(b, lo, hi, 1, f"{base}.d0") as i0:
         idx = [i0]
-        _nest(b, shape, 1, idx, base, lambda: _store_all(
-            b, _Element(b, leaf_ptrs, members), stores, idx,
-            _Element(b, {}, set()).linear(idx, shape)))
+        _nest(b, shape, 1, idx, base, body, segments)
 
 
-def _nest(b, shape, d, idx, base, body):
+def _segments(instrs, shape, most: int = 8):
+    """The innermost axis [0, shape[-1]) cut where a pad or concatenate of the group along that
+    axis changes operand: within one segment each of them reads one operand (or is zero), so
+    the loop over a segment computes only that operand's expression, with contiguous loads
+    (one loop with selects would compute every operand at every element through gathers; the
+    adjoint of an LSTM's gate slices adds four pads). At most `most` segments, else one."""
+    n, last = shape[-1], len(shape) - 1
+    cuts = {0, n}
+    for ins in instrs:
+        out = ins.out.shape
+        if len(out) != len(shape) or out[-1] != n:
+            continue
+        if ins.prim is pad_p and ins.params["interior"][-1] == 0:
+            lo = ins.params["lo"][-1]
+            cuts.update((lo, lo + ins.inputs[0].shape[-1]))
+        elif ins.prim is concatenate_p and ins.params["axis"] == last:
+            offset = 0
+            for x in ins.inputs:
+                offset += x.shape[-1]
+                cuts.add(offset)
+    cuts = sorted(c for c in cuts if 0 <= c <= n)
+    if len(cuts) - 1 > most:
+        return [(0, n)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _nest(b, shape, d, idx, base, body, segments):
+    """Loops over dimensions d.. of `shape` around `body(ranges)`; the innermost runs one loop
+    per segment, `ranges` giving its index's static range."""
     if d == len(shape):
-        body()
+        body({})
         return
-    with for_range(b, 0, shape[d], 1, f"{base}.d{d}", scalar=shape[d] < SHORT_LOOP) as i:
-        idx.append(i)
-        _nest(b, shape, d + 1, idx, base, body)
-        idx.pop()
+    if d < len(shape) - 1:
+        with for_range(b, 0, shape[d], 1, f"{base}.d{d}", scalar=shape[d] < SHORT_LOOP) as i:
+            idx.append(i)
+            _nest(b, shape, d + 1, idx, base, body, segments)
+            idx.pop()
+        return
+    for k, (s0, s1) in enumerate(segments):
+        name = f"{base}.d{d}" + (f".s{k}" if len(segments) > 1 else "")
+        with for_range(b, s0, s1, 1, name, scalar=s1 - s0 < SHORT_LOOP) as i:
+            idx.append(i)
+            body({id(i): (s0, s1)})
+            idx.pop()
 
 
 def _convert_float(b, v, ty):

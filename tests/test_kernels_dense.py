@@ -130,6 +130,7 @@ MATMUL_SHAPES = [  # (M, N, K)
     (1, 1, 1), (2, 1, 3), (5, 7, 3), (17, 33, 40), (3, 100, 1), (13, 16, 32), (40, 70, 5),
     (64, 256, 784), (64, 10, 256), (784, 256, 64), (10, 256, 64), (64, 84, 120), (1, 300, 33),
     (33, 1, 65),
+    (13, 37, 300), (3, 9, 0),   # K in blocks: a partial last block, clamped rows, masked columns
 ]
 
 
@@ -146,6 +147,14 @@ def test_matmul(trans, dtype):
         specs.append(("matmul", [(k, m) if ta else (m, k), (n, k) if tb else (k, n)],
                       dict(trans_a=ta, trans_b=tb)))
     check_all(specs, dtype)
+
+
+def test_matmul_outer_form_runs_k_in_blocks():
+    """A weight gradient x^T @ g over a long K (an RNN's steps x batch) walks K in blocks, so
+    its B panel stays in L1 across the row tiles (lowering only: nothing is compiled)."""
+    x, g = np.ones((300, 8), np.float32), np.ones((300, 24), np.float32)
+    text = tracejit.jit(lambda x, g: x.T @ g).ir(x, g, stage="llvm")
+    assert "matmul.kb.full" in text and "matmul.kb.tail" in text
 
 
 # ------------------------------------------------------------------------------------------------

@@ -462,3 +462,52 @@ def test_compile_cache_key_covers_the_body():
     with helpers.use_backend("interpreter"):
         tanh, sin = traced(tracejit.tanh), traced(tracejit.sin)
     assert tanh != sin and "tanh" in tanh and "sin" in sin
+
+
+def _llvm_functions(text):
+    """{name: body} of the functions defined in an LLVM IR dump."""
+    return dict(re.findall(r'define [^\n]*?@"?([\w.]+)"?\((.*?)\n}\n', text, re.S))
+
+
+def _segment_loops(body):
+    return re.findall(r"\n([\w.]+\.s\d+)\.cond:", body)
+
+
+def test_gate_cotangents_run_one_loop_per_gate():
+    # the adjoint of the four gate slices adds four pads: the backward body's fused loop over
+    # the gates runs one loop segment per gate, each computing only its gate (no selects
+    # between the pads, no gathers), so tanh(c) is evaluated once per gate, not 4 x 4 times
+    rng = helpers.rng_for("scan-saved")
+    p, xs, r = model_params("lstm", rng), rng.normal(size=(T, B, D)), rng.normal(size=(T, B, H))
+    fns = _llvm_functions(tracejit.jit_grad(scan_loss("lstm")).ir(p, xs, r, stage="llvm"))
+    gates = [body for body in fns.values() if _segment_loops(body)]
+    assert len(gates) == 1, list(fns)
+    assert len(_segment_loops(gates[0])) == 4
+    assert " select " not in gates[0]
+    assert gates[0].count("call double @\"tracejit.tanh.f64\"") == 4
+
+
+def test_pads_and_concatenates_in_one_fused_loop_match_the_interpreter():
+    # segments cut where any pad or concatenate of the loop changes operand, partly overlapping
+    # one another (a pad of a slice shifts its index), each resolved at compile time
+    rng = helpers.rng_for("scan-segments")
+    a, b, c = rng.normal(size=(3, 5)), rng.normal(size=(3, 4)), rng.normal(size=(3, 7))
+
+    def f(a, b, c):
+        y = tracejit.pad(tracejit.tanh(a), ((0, 0), (2, 4))) \
+            + tracejit.concatenate([tracejit.sin(b), tracejit.exp(c)], axis=1) \
+            + tracejit.pad(c[:, 1:5] * 2, ((0, 0), (6, 1)))
+        return (y * y).sum()
+    g = tracejit.jit_grad(f, argnums=(0, 1, 2))
+    with helpers.use_backend("interpreter"):
+        want = g(a, b, c)
+    for got, ref, name in zip(g(a, b, c), want, "abc"):
+        helpers.assert_close(got, ref, TOL, f"d/d{name}")
+    fj = tracejit.jit(lambda a, b, c: tracejit.pad(tracejit.tanh(a), ((0, 0), (2, 4)))
+                      + tracejit.concatenate([tracejit.sin(b), tracejit.exp(c)], axis=1)
+                      + tracejit.pad(c[:, 1:5] * 2, ((0, 0), (6, 1))))
+    want = np.pad(np.tanh(a), ((0, 0), (2, 4))) + np.concatenate([np.sin(b), np.exp(c)], 1) \
+        + np.pad(c[:, 1:5] * 2, ((0, 0), (6, 1)))
+    helpers.assert_close(fj(a, b, c), want, TOL, "value")
+    loops = [_segment_loops(body) for body in _llvm_functions(fj.ir(a, b, c, stage="llvm")).values()]
+    assert [len(s) for s in loops if s] == [6], loops   # cuts at 2, 4, 6, 7, 10 of 11
