@@ -174,6 +174,17 @@ def loss(w, x):
         assert traces_of(tracejit.jit_grad(ns["loss"]), W, X)[0] == expected
 
 
+def test_functions_one_factory_made_are_told_apart_by_the_name_they_are_published_under(
+        private_cache):
+    """tracejit.less and tracejit.greater are closures of one factory with one __qualname__
+    (`_compare.<locals>.f`): their keys must differ, or one would be served the other's trace."""
+    x, y = np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 2.0])
+    for name in ("greater", "less", "not_equal", "greater"):
+        f = tracejit.jit(getattr(tracejit, name))
+        np.testing.assert_array_equal(f(x, y), getattr(np, name)(x, y), err_msg=name)
+    assert len(list(private_cache.glob("*.trace"))) == 3
+
+
 def test_a_corrupt_entry_is_discarded_and_traced_again(private_cache):
     traces_of(define(), W, X)
     (entry,) = private_cache.glob("*.trace")

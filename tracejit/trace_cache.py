@@ -167,8 +167,9 @@ class _Fingerprint:
 
     def function(self, f: types.FunctionType, depth: int) -> str:
         name = f"{f.__module__}.{f.__qualname__}"
-        if _named(f) is not None:
-            return f"ref:{name}"
+        named = _named(f)
+        if named is not None:   # the name it is found under: factories share one __qualname__
+            return f"ref:{named}"
         if id(f) in self.active:
             return f"recursive:{name}"
         self.active.add(id(f))
