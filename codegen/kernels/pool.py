@@ -48,7 +48,7 @@ from ...ir.prims.nn import (avg_pool2d_grad_p, avg_pool2d_p, max_pool2d_argmax_p
                          max_pool2d_grad_p, max_pool2d_p)
 
 from ..loops import I1, I32, I64, for_range, gep, i32, i64, if_then, intrinsic, llvm_type, load, \
-    masked_store, splat, store, vec
+    splat, store, vec, vload
 from ..target import vector_width
 from . import POOL_WEIGHT, memory_cost, register
 from .toolkit import kernel_function, lane_mask, round_up, thread_range, wide_load, wide_store, \
@@ -165,21 +165,31 @@ def _in_range(b: ir.IRBuilder, v, lo: int, hi: int, name: str = ""):
 # --------------------------------------------------------------------------- window loop
 class _Window:
     """The loop nest `plane / column chunk / row (group)` over a pooling's outputs, and the wide
-    loads (or read-modify-writes) of its inputs, shared by the window kernels."""
+    loads (or read-modify-writes) of its inputs, shared by the window kernels.
 
-    def __init__(self, b: ir.IRBuilder, g: _Geom, dtype: str, prim: str):
+    In the "row" layout a vector whose output lanes are all real and whose wide accesses lie
+    inside the plane's rows (no padding, no tail: the interior) runs a second copy of the body
+    with plain loads and stores (masks None), behind a branch: AVX2's masked loads cost several
+    plain ones. `shift_tail` (for bodies that only write their own outputs from their inputs, so
+    computing an output twice is harmless) moves a row's last, partial chunk of columns back to
+    end at the row's end, so that it is a full vector too."""
+
+    def __init__(self, b: ir.IRBuilder, g: _Geom, dtype: str, prim: str, shift_tail: bool = False):
         self.b, self.g, self.prim = b, g, prim
         self.T = llvm_type(dtype)
         V = vector_width(64 if dtype == "f64" else 32)
         self.lay = _layout(g, V)
         self.V, self.L = V, self.lay.L
         self.vty, self.wide_ty = vec(self.T, V), vec(self.T, self.L)
+        self.shift = shift_tail and g.OW > V and g.OW % V != 0
 
     def loop(self, plane_start, plane_stop, body, begin_plane=None, end_plane=None):
         """Calls body(p, c0, base, r, h0, out_mask, loads) per output vector of the planes, where
         `loads` lists (tap rows, element offset in the plane, load mask) of the wide accesses,
         c0/base the chunk's first output/input column and r/h0 its first output/input row;
-        begin_plane(p) / end_plane(p) before / after the vectors of plane p."""
+        begin_plane(p) / end_plane(p) before / after the vectors of plane p. Masks are None where
+        every lane is real and inside the plane (see the class docstring): the body is emitted
+        once with and once without masks."""
         b = self.b
         with for_range(b, plane_start, plane_stop, name=f"{self.prim}.plane") as p:
             if begin_plane is not None:
@@ -189,28 +199,56 @@ class _Window:
                 end_plane(p)
 
     def _plane(self, body, p):
-        b, g, lay = self.b, self.g, self.lay
+        b, g, lay, V, L = self.b, self.g, self.lay, self.V, self.L
         if lay.R > 1:
             with for_range(b, 0, g.OH, lay.R, name=f"{self.prim}.oh") as r:
                 self._block(body, p, r)
             return
-        with for_range(b, 0, g.OW, self.V, name=f"{self.prim}.ow") as c0:
-            base = b.sub(b.mul(c0, i64(g.sw)), i64(g.pw), name="col.base")
-            cols = b.add(splat(b, b.trunc(base, I32), self.L), _ivec(range(self.L)))
-            col_ok = _in_range(b, cols, 0, g.W, name="col.ok")
-            out_mask = lane_mask(b, b.sub(i64(g.OW), c0), self.V)
-            with for_range(b, 0, g.OH, name=f"{self.prim}.oh") as r:
-                h0 = b.sub(b.mul(r, i64(g.sh)), i64(g.ph), name="row.base")
-                loads = []
-                for i in range(g.kh):
-                    h = b.add(h0, i64(i * g.dh), name=f"row{i}")
-                    mask = col_ok
-                    if g.rows_outside:   # rows of the padding read nothing
-                        ok = _in_range(b, h, 0, g.H, name=f"row{i}.ok")
-                        mask = b.select(ok, col_ok, _bvec([0] * self.L))
-                        h = b.select(ok, h, i64(0))
-                    loads.append(([i], b.add(b.mul(h, i64(g.W)), base), mask))
-                body(p, c0, base, r, h0, out_mask, loads)
+        # rows outside, columns inside: the plane is read in memory order (a column-chunk outer
+        # loop walked it in strides of a row, which the prefetchers do not follow well)
+        with for_range(b, 0, g.OH, name=f"{self.prim}.oh") as r:
+            h0 = b.sub(b.mul(r, i64(g.sh)), i64(g.ph), name="row.base")
+            rows_in = None
+            if g.rows_outside:
+                last = b.add(h0, i64((g.kh - 1) * g.dh))
+                rows_in = b.and_(b.icmp_signed(">=", h0, i64(0)),
+                                 b.icmp_signed("<", last, i64(g.H)), name="rows.in")
+            with for_range(b, 0, g.OW, V, name=f"{self.prim}.ow") as c0:
+                if self.shift:
+                    c0 = b.select(b.icmp_signed(">", c0, i64(g.OW - V)), i64(g.OW - V), c0,
+                                  name="c0")
+                base = b.sub(b.mul(c0, i64(g.sw)), i64(g.pw), name="col.base")
+                # the interior: all V outputs real, all L lanes of a wide access in the row
+                inside = b.and_(b.icmp_signed("<=", c0, i64(g.OW - V)),
+                                b.and_(b.icmp_signed(">=", base, i64(0)),
+                                       b.icmp_signed("<=", base, i64(g.W - L))), name="in")
+                if rows_in is not None:
+                    inside = b.and_(inside, rows_in)
+                with b.if_else(inside) as (plain, masked):
+                    with plain:
+                        loads = [([i], b.add(b.mul(b.add(h0, i64(i * g.dh)), i64(g.W)), base), None)
+                                 for i in range(g.kh)]
+                        body(p, c0, base, r, h0, None, loads)
+                    with masked:
+                        self._masked_row(body, p, c0, base, r, h0)
+
+    def _masked_row(self, body, p, c0, base, r, h0):
+        """A vector of the row layout at a border or tail: masks drop the lanes outside the plane
+        and the outputs past the row."""
+        b, g, V, L = self.b, self.g, self.V, self.L
+        cols = b.add(splat(b, b.trunc(base, I32), L), _ivec(range(L)))
+        col_ok = _in_range(b, cols, 0, g.W, name="col.ok")
+        out_mask = lane_mask(b, b.sub(i64(g.OW), c0), V)
+        loads = []
+        for i in range(g.kh):
+            h = b.add(h0, i64(i * g.dh), name=f"row{i}")
+            mask = col_ok
+            if g.rows_outside:   # rows of the padding read nothing
+                ok = _in_range(b, h, 0, g.H, name=f"row{i}.ok")
+                mask = b.select(ok, col_ok, _bvec([0] * L))
+                h = b.select(ok, h, i64(0))
+            loads.append(([i], b.add(b.mul(h, i64(g.W)), base), mask))
+        body(p, c0, base, r, h0, out_mask, loads)
 
     def _block(self, body, p, r):
         b, g, lay = self.b, self.g, self.lay
@@ -229,6 +267,20 @@ class _Window:
         loads = [(list(range(g.kh)), b.mul(h0, i64(g.W)), mask)]
         body(p, i64(0), i64(0), r, h0, out_mask, loads)
 
+    def taps_of(self, ptr, off, mask, fill, rows):
+        """[((i, j), vector of tap (i, j) for the V output lanes)] of the wide access at `off`
+        of ptr (an entry of `loads`) for its tap rows. Unmasked with unit column stride, each
+        tap is one plain load (its lanes are consecutive inputs); else one wide load whose lanes
+        are shuffled apart."""
+        b, g = self.b, self.g
+        if mask is None and self.lay.R == 1 and g.sw == 1:
+            return [((i, j), vload(b, ptr, b.add(off, i64(j * g.dw)), self.vty, name=f"tap{i}{j}"))
+                    for i in rows for j in range(g.kw)]
+        wide = wide_load(b, ptr, off, self.wide_ty, mask, fill)
+        undef = ir.Constant(self.wide_ty, ir.Undefined)
+        return [((i, j), b.shuffle_vector(wide, undef, self.taps(i, j), name=f"tap{i}{j}"))
+                for i in rows for j in range(g.kw)]
+
     def taps(self, i, j):
         return _ivec(self.lay.lanes(self.g, i, j))
 
@@ -236,7 +288,7 @@ class _Window:
         return self.b.add(self.b.mul(r, i64(self.g.OW)), c0)
 
     def store(self, value, ptr, r, c0, out_mask):
-        masked_store(self.b, value, ptr, self.out_offset(r, c0), out_mask)
+        wide_store(self.b, value, ptr, self.out_offset(r, c0), out_mask)
 
 
 def _plane_ptr(b, ptr, p, size: int, ty, name: str):
@@ -252,12 +304,11 @@ def _lower_pool(module, name, ins, mode: str, epilogue=None):
     f = kernel_function(module, name, 2 if mode == "max+argmax" else 1, epilogue)
     b, out, x = f.b, f.out, f.ins[-1]
     idx_out = f.ins[0] if mode == "max+argmax" else (out if mode == "argmax" else None)
-    w = _Window(b, g, x_t.dtype, ins.prim.name)
+    w = _Window(b, g, x_t.dtype, ins.prim.name, shift_tail=True)
     T, V = w.T, w.V
     want_max, want_idx = mode in ("max", "max+argmax"), mode in ("argmax", "max+argmax")
     fill = 0.0 if mode == "avg" else float("-inf")
     fill_vec = ir.Constant(w.wide_ty, [fill] * w.L)
-    undef = ir.Constant(w.wide_ty, ir.Undefined)
 
     def body(p, c0, base, r, h0, out_mask, loads):
         x_p = _plane_ptr(b, x, p, g.H * g.W, T, "x.plane")
@@ -266,24 +317,21 @@ def _lower_pool(module, name, ins, mode: str, epilogue=None):
             best = ir.Constant(w.vty, [float("-inf")] * V)
             bidx = _first_real_tap(b, w, base, h0, loads)
         for rows, off, mask in loads:
-            wide = wide_load(b, x_p, off, w.wide_ty, mask, fill_vec)
             off32 = b.trunc(off, I32)
-            for i in rows:
-                for j in range(g.kw):
-                    v = b.shuffle_vector(wide, undef, w.taps(i, j), name=f"tap{i}{j}")
-                    if want_idx:
-                        # first NaN or first strict maximum; NaN stays once found
-                        upd = b.and_(b.fcmp_unordered(">", v, best), b.fcmp_ordered("ord", best, best))
-                        best = b.select(upd, v, best)
-                        tap_idx = b.add(splat(b, off32, V), w.taps(i, j))
-                        bidx = b.select(upd, tap_idx, bidx)
-                    elif acc is None:
-                        acc = v
-                    elif mode == "avg":
-                        acc = b.fadd(acc, v)
-                    else:
-                        upd = b.and_(b.fcmp_unordered(">", v, acc), b.fcmp_ordered("ord", acc, acc))
-                        acc = b.select(upd, v, acc)
+            for (i, j), v in w.taps_of(x_p, off, mask, fill_vec, rows):
+                if want_idx:
+                    # first NaN or first strict maximum; NaN stays once found
+                    upd = b.and_(b.fcmp_unordered(">", v, best), b.fcmp_ordered("ord", best, best))
+                    best = b.select(upd, v, best)
+                    tap_idx = b.add(splat(b, off32, V), w.taps(i, j))
+                    bidx = b.select(upd, tap_idx, bidx)
+                elif acc is None:
+                    acc = v
+                elif mode == "avg":
+                    acc = b.fadd(acc, v)
+                else:
+                    upd = b.and_(b.fcmp_unordered(">", v, acc), b.fcmp_ordered("ord", acc, acc))
+                    acc = b.select(upd, v, acc)
         if mode == "avg":
             acc = b.fdiv(acc, ir.Constant(w.vty, [float(g.kh * g.kw)] * V))
         if want_idx:
@@ -357,13 +405,13 @@ def _avg_pool2d_grad_lower(module, name, ins, epilogue=None):
     g = _geom(ins.out.type.shape, ct_t.shape, ins.params)
     f = kernel_function(module, name, 1, epilogue)
     b, out, (ct,) = f.b, f.out, f.ins
-    w = _Window(b, g, ct_t.dtype, ins.prim.name)
-    T, V, L = w.T, w.V, w.L
-    zero_v, zero_w = ir.Constant(w.vty, [0.0] * V), ir.Constant(w.wide_ty, [0.0] * L)
     tiles = g.ph == g.pw == 0 and (g.kh, g.kw) == (g.sh, g.sw) and (g.H, g.W) == (g.OH * g.sh,
                                                                                  g.OW * g.sw)
-
     overlap = g.kh > g.sh or g.kw > g.sw
+    # disjoint windows store what they spread (zeros between windows): storing twice is harmless
+    w = _Window(b, g, ct_t.dtype, ins.prim.name, shift_tail=not overlap)
+    T, V, L = w.T, w.V, w.L
+    zero_v, zero_w = ir.Constant(w.vty, [0.0] * V), ir.Constant(w.wide_ty, [0.0] * L)
 
     def zero_plane(p):   # unless the windows tile the plane exactly
         if not tiles:
@@ -415,6 +463,8 @@ def _outside_block(b, w: _Window, idxv, loads, out_mask):
         dd = b.sub(d, _ivec([dh * g.W] * w.V)) if dh else d
         t = b.icmp_unsigned("<", dd, _ivec([g.kw] * w.V))
         inside = t if inside is None else b.or_(inside, t)
+    if out_mask is None:
+        return b.not_(inside, name="outside")
     return b.and_(out_mask, b.not_(inside), name="outside")
 
 
@@ -469,7 +519,9 @@ def _max_pool2d_grad_lower(module, name, ins, epilogue=None):
         b.ret_void()
         return
 
-    w = _Window(b, block, ct_t.dtype, ins.prim.name)
+    # a vector's stores are its blocks' lanes (kw == sw: nothing else), set from its own ct and
+    # idx, so storing them twice (shift_tail) is harmless
+    w = _Window(b, block, ct_t.dtype, ins.prim.name, shift_tail=True)
     V, L = w.V, w.L
     any_outside = b.alloca(I1, name="any_outside")
     zero_v = ir.Constant(w.vty, [0.0] * V)
@@ -533,11 +585,10 @@ def _max_pool2d_gather_lower(module, name, ins, epilogue=None):
         b.ret_void()
         return
 
-    w = _Window(b, block, g_t.dtype, ins.prim.name)
+    w = _Window(b, block, g_t.dtype, ins.prim.name, shift_tail=True)
     V = w.V
     slot = b.alloca(w.vty, name="gathered")
     zero_w = ir.Constant(w.wide_ty, [0.0] * w.L)
-    undef = ir.Constant(w.wide_ty, ir.Undefined)
 
     def body(p, c0, base, r, h0, out_mask, loads):
         g_p = _plane_ptr(b, g, p, H * W, T, "g.plane")
@@ -546,12 +597,9 @@ def _max_pool2d_gather_lower(module, name, ins, epilogue=None):
                           ir.Constant(vec(I32, V), [-1] * V))
         val = ir.Constant(w.vty, [0.0] * V)
         for rows, off, mask in loads:
-            wide = wide_load(b, g_p, off, w.wide_ty, mask, zero_w)
-            for i in rows:
-                for j in range(block.kw):
-                    at = b.add(splat(b, b.trunc(off, I32), V), w.taps(i, j))
-                    tap = b.shuffle_vector(wide, undef, w.taps(i, j))
-                    val = b.select(b.icmp_signed("==", idxv, at), tap, val)
+            for (i, j), tap in w.taps_of(g_p, off, mask, zero_w, rows):
+                at = b.add(splat(b, b.trunc(off, I32), V), w.taps(i, j))
+                val = b.select(b.icmp_signed("==", idxv, at), tap, val)
         b.store(val, slot)
         with if_then(b, _any(b, _outside_block(b, w, idxv, loads, out_mask)),
                      name="max_pool2d_gather.outside"):

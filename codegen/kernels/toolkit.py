@@ -19,7 +19,7 @@ from typing import Union
 import llvmlite.ir as ir
 
 from ..loops import (F64, FAST, I1, I8, I32, I64, PTR, VOID, for_range, i32, i64, intrinsic,
-                     llvm_type, masked_store, splat, type_suffix, vec, vstore)
+                     llvm_type, masked_store, splat, type_suffix, vec, vload, vstore)
 from ..target import vector_width
 
 # An i64 argument of a shared function: a compile-time int or a run-time i64 value.
@@ -304,12 +304,16 @@ def _align(ty: ir.Type) -> ir.Constant:
 
 def wide_load(b: ir.IRBuilder, ptr, offset, vty: ir.VectorType, mask, passthru):
     """Masked load of vty at element `offset` of ptr. The address may lie outside the buffer
-    (padding): the GEP is not `inbounds`, and masked-off lanes are never accessed.
+    (padding): the GEP is not `inbounds`, and masked-off lanes are never accessed. mask None:
+    a plain load of all lanes (the caller knows they are inside the buffer): AVX2's masked
+    loads (vmaskmovps) cost several plain ones, so loops take them only at borders and tails.
 
     A vector wider than one register is loaded one register at a time. As one masked load of
     two or more registers, LLVM 22's x86 back end without AVX-512 (vmaskmovps) may fold the
     lanes of a later register into an unmasked memory operand (`vperm2f128 $33, 32(...)`), which
     reads the masked-off lanes: max pooling then saw elements outside its windows."""
+    if mask is None:
+        return vload(b, ptr, offset, vty)
     lanes = _register_lanes(vty)
     if vty.count <= lanes or vty.count % lanes:
         return _masked_load(b, ptr, offset, vty, mask, passthru)
@@ -346,7 +350,10 @@ def _masked_load(b: ir.IRBuilder, ptr, offset, vty: ir.VectorType, mask, passthr
 
 def wide_store(b: ir.IRBuilder, value, ptr, offset, mask):
     """Masked store of `value` at element `offset` of ptr (see `wide_load`), one register at a
-    time like `wide_load`."""
+    time like `wide_load`; mask None: a plain store of all lanes."""
+    if mask is None:
+        vstore(b, value, ptr, offset)
+        return
     lanes = _register_lanes(value.type)
     if value.type.count > lanes and value.type.count % lanes == 0:
         for k in range(0, value.type.count, lanes):

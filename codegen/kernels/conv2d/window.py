@@ -66,33 +66,46 @@ def _gather(module, name, ins, epilogue, g: _Geom, co: int, og: int, ci: int, ki
     (of ci channels) of the weighted taps."""
     f = kernel_function(module, name, 2, epilogue)
     b, out, (src, w) = f.b, f.out, f.ins
-    win = _Window(b, g, ins.out.type.dtype, ins.prim.name)
+    win = _Window(b, g, ins.out.type.dtype, ins.prim.name, shift_tail=True)
     T, V, L = win.T, win.V, win.L
-    acc_slot = b.alloca(win.vty, name="acc")
     zero_w = ir.Constant(win.wide_ty, [0.0] * L)
-    undef = ir.Constant(win.wide_ty, ir.Undefined)
     plane = g.H * g.W
+    weights = {}
+
+    def splats(grp, o_loc, k):
+        return {(i, j): splat(b, load(b, w, wts.index(b, grp, o_loc, k, i, j), T), V)
+                for i in range(g.kh) for j in range(g.kw)}
+
+    def begin_plane(p):
+        # one source plane (depthwise): the plane's weights, broadcast once, stay in registers
+        if kin == 1:
+            n, grp, o_loc = _split(b, p, co, og)
+            weights["plane"] = splats(grp, o_loc, i64(0))
+
+    def accumulate(acc, src_p, loads, wv):
+        for rows, off, mask in loads:
+            for (i, j), tap in win.taps_of(src_p, off, mask, zero_w, rows):
+                acc = fma(b, tap, wv[i, j], acc)
+        return acc
 
     def body(p, c0, base, r, h0, out_mask, loads):
         n, grp, o_loc = _split(b, p, co, og)
         first = b.mul(b.add(b.mul(n, i64(ci)), b.mul(grp, i64(kin))), i64(plane))
-        b.store(ir.Constant(win.vty, [0.0] * V), acc_slot)
-        with for_range(b, 0, kin, name=f"{ins.prim.name}.k") as k:
-            src_p = gep(b, src, b.add(first, b.mul(k, i64(plane))), T, name="src.plane")
+        zero = ir.Constant(win.vty, [0.0] * V)
+        if kin == 1:
+            acc = accumulate(zero, gep(b, src, first, T, name="src.plane"), loads, weights["plane"])
+        else:
+            acc_slot = b.alloca(win.vty, name="acc")
+            b.store(zero, acc_slot)
+            with for_range(b, 0, kin, name=f"{ins.prim.name}.k") as k:
+                src_p = gep(b, src, b.add(first, b.mul(k, i64(plane))), T, name="src.plane")
+                b.store(accumulate(b.load(acc_slot), src_p, loads, splats(grp, o_loc, k)),
+                        acc_slot)
             acc = b.load(acc_slot)
-            for rows, off, mask in loads:
-                wide = wide_load(b, src_p, off, win.wide_ty, mask, zero_w)
-                for i in rows:
-                    for j in range(g.kw):
-                        tap = b.shuffle_vector(wide, undef, win.taps(i, j), name=f"tap{i}{j}")
-                        wv = splat(b, load(b, w, wts.index(b, grp, o_loc, k, i, j), T), V)
-                        acc = fma(b, tap, wv, acc)
-            b.store(acc, acc_slot)
-        win.store(b.load(acc_slot), _plane_ptr(b, out, p, g.OH * g.OW, T, "out.plane"), r, c0,
-                  out_mask)
+        win.store(acc, _plane_ptr(b, out, p, g.OH * g.OW, T, "out.plane"), r, c0, out_mask)
 
     planes = thread_range(b, g.planes, f.tid, f.nthreads)
-    win.loop(*planes, body, end_plane=lambda p: _plane_done(f, p, g.OH * g.OW))
+    win.loop(*planes, body, begin_plane, lambda p: _plane_done(f, p, g.OH * g.OW))
     b.ret_void()
 
 
@@ -189,7 +202,6 @@ def lower_conv2d_weight_grad(module, name, ins):
     win = _Window(b, g, ins.out.type.dtype, ins.prim.name)
     T, V, L = win.T, win.V, win.L
     zero_v, zero_w = ir.Constant(win.vty, [0.0] * V), ir.Constant(win.wide_ty, [0.0] * L)
-    undef = ir.Constant(win.wide_ty, ir.Undefined)
     accs = [[b.alloca(win.vty, name=f"acc{i}{j}") for j in range(kw)] for i in range(kh)]
     t0, t1 = thread_range(b, o * cg, f.tid, f.nthreads)
     with for_range(b, t0, t1, name=f"{ins.prim.name}.row") as row:
@@ -203,11 +215,8 @@ def lower_conv2d_weight_grad(module, name, ins):
             x_p = gep(b, x, b.mul(b.add(b.mul(p, i64(c)), xc), i64(h * wd)), T, name="x.plane")
             ctv = wide_load(b, ct_p, win.out_offset(r, c0), win.vty, out_mask, zero_v)
             for rows, off, mask in loads:
-                wide = wide_load(b, x_p, off, win.wide_ty, mask, zero_w)
-                for i in rows:
-                    for j in range(kw):
-                        tap = b.shuffle_vector(wide, undef, win.taps(i, j), name=f"tap{i}{j}")
-                        b.store(fma(b, tap, ctv, b.load(accs[i][j])), accs[i][j])
+                for (i, j), tap in win.taps_of(x_p, off, mask, zero_w, rows):
+                    b.store(fma(b, tap, ctv, b.load(accs[i][j])), accs[i][j])
 
         win.loop(i64(0), i64(n), body)
         for i in range(kh):
