@@ -243,9 +243,11 @@ class _Window:
         for i in range(g.kh):
             h = b.add(h0, i64(i * g.dh), name=f"row{i}")
             mask = col_ok
-            if g.rows_outside:   # rows of the padding read nothing
+            if g.rows_outside:   # rows of the padding read nothing: no column is below 0
                 ok = _in_range(b, h, 0, g.H, name=f"row{i}.ok")
-                mask = b.select(ok, col_ok, _bvec([0] * L))
+                hi = splat(b, b.select(ok, ir.Constant(I32, g.W), ir.Constant(I32, 0)), L)
+                mask = b.and_(b.icmp_signed(">=", cols, _ivec([0] * L)),
+                              b.icmp_signed("<", cols, hi), name=f"row{i}.mask")
                 h = b.select(ok, h, i64(0))
             loads.append(([i], b.add(b.mul(h, i64(g.W)), base), mask))
         body(p, c0, base, r, h0, out_mask, loads)

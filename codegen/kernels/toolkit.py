@@ -320,7 +320,7 @@ def wide_load(b: ir.IRBuilder, ptr, offset, vty: ir.VectorType, mask, passthru):
     out = passthru
     for k in range(0, vty.count, lanes):
         part = _masked_load(b, ptr, b.add(offset, ir.Constant(offset.type, k)),
-                            ir.VectorType(vty.element, lanes), _lanes(b, mask, k, lanes),
+                            ir.VectorType(vty.element, lanes), _mask_lanes(b, mask, k, lanes),
                             _lanes(b, passthru, k, lanes))
         # widen the part to the whole vector, then take its lanes k .. k+lanes into `out`
         wide = b.shuffle_vector(part, part, ir.Constant(ir.VectorType(I32, vty.count),
@@ -341,6 +341,29 @@ def _lanes(b: ir.IRBuilder, v, start: int, n: int):
     return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), list(range(start, start + n))))
 
 
+_ICMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+
+
+def _mask_lanes(b: ir.IRBuilder, mask, start: int, n: int):
+    """Lanes start .. start+n of an <N x i1> mask, taken from the operands of the integer
+    compares and `and`/`or` it is built of where it can: LLVM's x86 back end turns a shuffle of
+    an i1 vector into dozens of pack/unpack instructions, a compare of shuffled i32 lanes into
+    one compare."""
+    if isinstance(mask, ir.Constant) and isinstance(mask.constant, (list, tuple)):
+        return ir.Constant(ir.VectorType(I1, n), [int(c.constant) for c in mask.constant[start:start + n]])
+    if isinstance(mask, ir.ICMPInstr):
+        x, y = (_lanes(b, o, start, n) for o in mask.operands)
+        op = mask.op
+        if op in ("eq", "ne"):
+            return b.icmp_signed(_ICMP[op], x, y)
+        cmp = b.icmp_unsigned if op[0] == "u" else b.icmp_signed
+        return cmp(_ICMP[op[1:]], x, y)
+    if isinstance(mask, ir.Instruction) and mask.opname in ("and", "or"):
+        x, y = (_mask_lanes(b, o, start, n) for o in mask.operands)
+        return b.and_(x, y) if mask.opname == "and" else b.or_(x, y)
+    return _lanes(b, mask, start, n)
+
+
 def _masked_load(b: ir.IRBuilder, ptr, offset, vty: ir.VectorType, mask, passthru):
     p = b.gep(ptr, [offset], source_etype=vty.element, inbounds=False)
     mty = ir.VectorType(I1, vty.count)
@@ -358,7 +381,8 @@ def wide_store(b: ir.IRBuilder, value, ptr, offset, mask):
     if value.type.count > lanes and value.type.count % lanes == 0:
         for k in range(0, value.type.count, lanes):
             _masked_store(b, _lanes(b, value, k, lanes), ptr,
-                          b.add(offset, ir.Constant(offset.type, k)), _lanes(b, mask, k, lanes))
+                          b.add(offset, ir.Constant(offset.type, k)),
+                          _mask_lanes(b, mask, k, lanes))
         return
     _masked_store(b, value, ptr, offset, mask)
 
