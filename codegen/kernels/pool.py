@@ -163,18 +163,31 @@ def _in_range(b: ir.IRBuilder, v, lo: int, hi: int, name: str = ""):
 
 
 # --------------------------------------------------------------------------- window loop
+@dataclass(frozen=True)
+class _Edge:
+    """The `mask` of a wide access at a row's edge whose columns are known when compiling:
+    window column `base` (the access's first column, possibly < 0) of a row of W. Read as a
+    plain load moved to lie inside the row and a constant shuffle that puts its lanes in place
+    and the padding value in the lanes outside the row (see `_Window.taps_of`)."""
+    base: int
+
+
 class _Window:
-    """The loop nest `plane / column chunk / row (group)` over a pooling's outputs, and the wide
+    """The loop nest `plane / row (group) / column chunk` over a pooling's outputs, and the wide
     loads (or read-modify-writes) of its inputs, shared by the window kernels.
 
-    In the "row" layout a vector whose output lanes are all real and whose wide accesses lie
-    inside the plane's rows (no padding, no tail: the interior) runs a second copy of the body
-    with plain loads and stores (masks None), behind a branch: AVX2's masked loads cost several
-    plain ones. `shift_tail` (for bodies that only write their own outputs from their inputs, so
-    computing an output twice is harmless) moves a row's last, partial chunk of columns back to
-    end at the row's end, so that it is a full vector too."""
+    In the "row" layout the vectors whose output lanes are all real and whose wide accesses lie
+    inside the plane (no padding, no tail: the interior) run a copy of the body with plain loads
+    and stores (masks None): AVX2's masked loads cost several plain ones. The other column
+    chunks of a row are known when compiling and are emitted one by one: with `reads_only`
+    (bodies that only read the wide accesses, through `taps_of`) a chunk at the row's edge reads
+    plain loads shifted into the row and shuffled with the padding value (an `_Edge` mask); the
+    rest, and rows of the padding, take masked loads (<N x i1> masks). `shift_tail` (for bodies
+    that only write their own outputs from their inputs, so computing an output twice is
+    harmless) moves a row's last, partial chunk back to end at the row's end, a full vector."""
 
-    def __init__(self, b: ir.IRBuilder, g: _Geom, dtype: str, prim: str, shift_tail: bool = False):
+    def __init__(self, b: ir.IRBuilder, g: _Geom, dtype: str, prim: str, shift_tail: bool = False,
+                 reads_only: bool = False):
         self.b, self.g, self.prim = b, g, prim
         self.T = llvm_type(dtype)
         V = vector_width(64 if dtype == "f64" else 32)
@@ -182,14 +195,20 @@ class _Window:
         self.V, self.L = V, self.lay.L
         self.vty, self.wide_ty = vec(self.T, V), vec(self.T, self.L)
         self.shift = shift_tail and g.OW > V and g.OW % V != 0
+        self.reads_only = reads_only
+        # columns from `base` a plain access of the body reaches: a tap load each with unit
+        # column stride when the body only reads taps, else the wide access
+        self.direct = self.lay.R == 1 and g.sw == 1
+        self.reach = (V + (g.kw - 1) * g.dw) if reads_only and self.direct else self.L
 
     def loop(self, plane_start, plane_stop, body, begin_plane=None, end_plane=None):
         """Calls body(p, c0, base, r, h0, out_mask, loads) per output vector of the planes, where
-        `loads` lists (tap rows, element offset in the plane, load mask) of the wide accesses,
-        c0/base the chunk's first output/input column and r/h0 its first output/input row;
-        begin_plane(p) / end_plane(p) before / after the vectors of plane p. Masks are None where
-        every lane is real and inside the plane (see the class docstring): the body is emitted
-        once with and once without masks."""
+        `loads` lists (tap rows, element offset in the plane of the access's first window column,
+        mask) of the wide accesses, c0/base the chunk's first output/input column and r/h0 its
+        first output/input row; begin_plane(p) / end_plane(p) before / after the vectors of
+        plane p. A mask is None where every lane is real and inside the plane, an `_Edge` (only
+        with `reads_only`) or an <L x i1>; out_mask None or an <V x i1>. The body is emitted for
+        each kind (see the class docstring)."""
         b = self.b
         with for_range(b, plane_start, plane_stop, name=f"{self.prim}.plane") as p:
             if begin_plane is not None:
@@ -198,39 +217,72 @@ class _Window:
             if end_plane is not None:
                 end_plane(p)
 
+    def _chunks(self):
+        """[(first output column, kind)] of a row's column chunks, kind "plain", "edge" or
+        "masked" (see the class docstring)."""
+        g, V = self.g, self.V
+        starts = list(range(0, g.OW, V))
+        if self.shift:
+            starts[-1] = g.OW - V
+
+        def kind(c0):
+            base = c0 * g.sw - g.pw
+            if c0 + V > g.OW:
+                return "masked"
+            if base >= 0 and base + self.reach <= g.W:
+                return "plain"
+            if self.reads_only and g.W >= (V if self.direct else self.L):
+                return "edge"
+            return "masked"
+        return [(c0, kind(c0)) for c0 in starts]
+
     def _plane(self, body, p):
-        b, g, lay, V, L = self.b, self.g, self.lay, self.V, self.L
+        b, g, lay, V = self.b, self.g, self.lay, self.V
         if lay.R > 1:
             with for_range(b, 0, g.OH, lay.R, name=f"{self.prim}.oh") as r:
                 self._block(body, p, r)
             return
-        # rows outside, columns inside: the plane is read in memory order (a column-chunk outer
-        # loop walked it in strides of a row, which the prefetchers do not follow well)
+        chunks = self._chunks()
+        run = [c0 for c0, k in chunks if k == "plain" and c0 % V == 0]
+        lo, hi = (run[0], run[-1] + V) if run else (0, 0)
+        assert run == list(range(lo, hi, V))
+        # rows outside, columns inside: the plane is read in memory order
         with for_range(b, 0, g.OH, name=f"{self.prim}.oh") as r:
             h0 = b.sub(b.mul(r, i64(g.sh)), i64(g.ph), name="row.base")
-            rows_in = None
-            if g.rows_outside:
-                last = b.add(h0, i64((g.kh - 1) * g.dh))
-                rows_in = b.and_(b.icmp_signed(">=", h0, i64(0)),
-                                 b.icmp_signed("<", last, i64(g.H)), name="rows.in")
-            with for_range(b, 0, g.OW, V, name=f"{self.prim}.ow") as c0:
-                if self.shift:
-                    c0 = b.select(b.icmp_signed(">", c0, i64(g.OW - V)), i64(g.OW - V), c0,
-                                  name="c0")
+
+            def chunk(c0, kind):
                 base = b.sub(b.mul(c0, i64(g.sw)), i64(g.pw), name="col.base")
-                # the interior: all V outputs real, all L lanes of a wide access in the row
-                inside = b.and_(b.icmp_signed("<=", c0, i64(g.OW - V)),
-                                b.and_(b.icmp_signed(">=", base, i64(0)),
-                                       b.icmp_signed("<=", base, i64(g.W - L))), name="in")
-                if rows_in is not None:
-                    inside = b.and_(inside, rows_in)
-                with b.if_else(inside) as (plain, masked):
-                    with plain:
-                        loads = [([i], b.add(b.mul(b.add(h0, i64(i * g.dh)), i64(g.W)), base), None)
-                                 for i in range(g.kh)]
-                        body(p, c0, base, r, h0, None, loads)
-                    with masked:
-                        self._masked_row(body, p, c0, base, r, h0)
+                if kind == "masked":
+                    self._masked_row(body, p, c0, base, r, h0)
+                    return
+                mask = None if kind == "plain" else _Edge(c0.constant * g.sw - g.pw)
+                loads = [([i], b.add(b.mul(b.add(h0, i64(i * g.dh)), i64(g.W)), base), mask)
+                         for i in range(g.kh)]
+                body(p, c0, base, r, h0, None, loads)
+
+            def inside_row():
+                for c0, kind in chunks:
+                    if c0 == lo and hi > lo:
+                        with for_range(b, lo, hi, V, name=f"{self.prim}.ow") as c:
+                            chunk(c, "plain")
+                    elif c0 not in run:
+                        chunk(i64(c0), kind)
+
+            if not g.rows_outside:
+                inside_row()
+                return
+            last = b.add(h0, i64((g.kh - 1) * g.dh))
+            rows_in = b.and_(b.icmp_signed(">=", h0, i64(0)), b.icmp_signed("<", last, i64(g.H)),
+                             name="rows.in")
+            with b.if_else(rows_in) as (inside, outside):
+                with inside:
+                    inside_row()
+                with outside:   # a row of the padding: every chunk masked
+                    with for_range(b, 0, g.OW, V, name=f"{self.prim}.ow.pad") as c0:
+                        if self.shift:
+                            c0 = b.select(b.icmp_signed(">", c0, i64(g.OW - V)), i64(g.OW - V), c0,
+                                          name="c0")
+                        self._masked_row(body, p, c0, b.sub(b.mul(c0, i64(g.sw)), i64(g.pw)), r, h0)
 
     def _masked_row(self, body, p, c0, base, r, h0):
         """A vector of the row layout at a border or tail: masks drop the lanes outside the plane
@@ -271,17 +323,41 @@ class _Window:
 
     def taps_of(self, ptr, off, mask, fill, rows):
         """[((i, j), vector of tap (i, j) for the V output lanes)] of the wide access at `off`
-        of ptr (an entry of `loads`) for its tap rows. Unmasked with unit column stride, each
-        tap is one plain load (its lanes are consecutive inputs); else one wide load whose lanes
-        are shuffled apart."""
-        b, g = self.b, self.g
-        if mask is None and self.lay.R == 1 and g.sw == 1:
+        of ptr (an entry of `loads`) for its tap rows, `fill` (a constant of wide_ty) in lanes
+        outside the plane. Unmasked with unit column stride, each tap is one plain load (its
+        lanes are consecutive inputs); else one wide load whose lanes are shuffled apart. An
+        `_Edge` access loads inside the row and shuffles the fill in (constant shuffles)."""
+        b, g, V, L = self.b, self.g, self.V, self.L
+        if isinstance(mask, _Edge) and self.direct:
+            fill_v = ir.Constant(self.vty, [c.constant for c in fill.constant[:V]])
+            out = []
+            for i in rows:
+                for j in range(g.kw):
+                    at = mask.base + j * g.dw
+                    v = self._edge_load(ptr, b.add(off, i64(j * g.dw)), at, V, fill_v)
+                    out.append(((i, j), v))
+            return out
+        if mask is None and self.direct:
             return [((i, j), vload(b, ptr, b.add(off, i64(j * g.dw)), self.vty, name=f"tap{i}{j}"))
                     for i in rows for j in range(g.kw)]
-        wide = wide_load(b, ptr, off, self.wide_ty, mask, fill)
+        if isinstance(mask, _Edge):
+            wide = self._edge_load(ptr, off, mask.base, L, fill)
+        else:
+            wide = wide_load(b, ptr, off, self.wide_ty, mask, fill)
         undef = ir.Constant(self.wide_ty, ir.Undefined)
         return [((i, j), b.shuffle_vector(wide, undef, self.taps(i, j), name=f"tap{i}{j}"))
                 for i in rows for j in range(g.kw)]
+
+    def _edge_load(self, ptr, off, col: int, n: int, fill):
+        """Columns col .. col+n of the row at `off` (the element of column col), `fill` outside
+        the row: a plain load of n columns moved inside the row (W >= n) and a constant shuffle."""
+        b, W = self.b, self.g.W
+        start = min(max(col, 0), W - n)
+        v = vload(b, ptr, b.add(off, i64(start - col)), vec(self.T, n))
+        idx = [q + col - start if 0 <= col + q < W else n + q for q in range(n)]
+        if idx == list(range(n)):
+            return v
+        return b.shuffle_vector(v, fill, _ivec(idx), name="edge")
 
     def taps(self, i, j):
         return _ivec(self.lay.lanes(self.g, i, j))
@@ -306,7 +382,7 @@ def _lower_pool(module, name, ins, mode: str, epilogue=None):
     f = kernel_function(module, name, 2 if mode == "max+argmax" else 1, epilogue)
     b, out, x = f.b, f.out, f.ins[-1]
     idx_out = f.ins[0] if mode == "max+argmax" else (out if mode == "argmax" else None)
-    w = _Window(b, g, x_t.dtype, ins.prim.name, shift_tail=True)
+    w = _Window(b, g, x_t.dtype, ins.prim.name, shift_tail=True, reads_only=True)
     T, V = w.T, w.V
     want_max, want_idx = mode in ("max", "max+argmax"), mode in ("argmax", "max+argmax")
     fill = 0.0 if mode == "avg" else float("-inf")
@@ -587,7 +663,7 @@ def _max_pool2d_gather_lower(module, name, ins, epilogue=None):
         b.ret_void()
         return
 
-    w = _Window(b, block, g_t.dtype, ins.prim.name, shift_tail=True)
+    w = _Window(b, block, g_t.dtype, ins.prim.name, shift_tail=True, reads_only=True)
     V = w.V
     slot = b.alloca(w.vty, name="gathered")
     zero_w = ir.Constant(w.wide_ty, [0.0] * w.L)

@@ -66,7 +66,7 @@ def _gather(module, name, ins, epilogue, g: _Geom, co: int, og: int, ci: int, ki
     (of ci channels) of the weighted taps."""
     f = kernel_function(module, name, 2, epilogue)
     b, out, (src, w) = f.b, f.out, f.ins
-    win = _Window(b, g, ins.out.type.dtype, ins.prim.name, shift_tail=True)
+    win = _Window(b, g, ins.out.type.dtype, ins.prim.name, shift_tail=True, reads_only=True)
     T, V, L = win.T, win.V, win.L
     zero_w = ir.Constant(win.wide_ty, [0.0] * L)
     plane = g.H * g.W
@@ -199,7 +199,7 @@ def lower_conv2d_weight_grad(module, name, ins):
     g = _Geom(n, h, wd, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw)
     f = kernel_function(module, name, 2)
     b, out, (ct, x) = f.b, f.out, f.ins
-    win = _Window(b, g, ins.out.type.dtype, ins.prim.name)
+    win = _Window(b, g, ins.out.type.dtype, ins.prim.name, reads_only=True)
     T, V, L = win.T, win.V, win.L
     zero_v, zero_w = ir.Constant(win.vty, [0.0] * V), ir.Constant(win.wide_ty, [0.0] * L)
     accs = [[b.alloca(win.vty, name=f"acc{i}{j}") for j in range(kw)] for i in range(kh)]
