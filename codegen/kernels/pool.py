@@ -210,7 +210,7 @@ class _Window:
         with `reads_only`) or an <L x i1>; out_mask None or an <V x i1>. The body is emitted for
         each kind (see the class docstring)."""
         b = self.b
-        with for_range(b, plane_start, plane_stop, name=f"{self.prim}.plane") as p:
+        with for_range(b, plane_start, plane_stop, name=f"{self.prim}.plane", scalar=True) as p:
             if begin_plane is not None:
                 begin_plane(p)
             self._plane(body, p)
@@ -239,7 +239,7 @@ class _Window:
     def _plane(self, body, p):
         b, g, lay, V = self.b, self.g, self.lay, self.V
         if lay.R > 1:
-            with for_range(b, 0, g.OH, lay.R, name=f"{self.prim}.oh") as r:
+            with for_range(b, 0, g.OH, lay.R, name=f"{self.prim}.oh", scalar=True) as r:
                 self._block(body, p, r)
             return
         chunks = self._chunks()
@@ -247,7 +247,7 @@ class _Window:
         lo, hi = (run[0], run[-1] + V) if run else (0, 0)
         assert run == list(range(lo, hi, V))
         # rows outside, columns inside: the plane is read in memory order
-        with for_range(b, 0, g.OH, name=f"{self.prim}.oh") as r:
+        with for_range(b, 0, g.OH, name=f"{self.prim}.oh", scalar=True) as r:
             h0 = b.sub(b.mul(r, i64(g.sh)), i64(g.ph), name="row.base")
 
             def chunk(c0, kind):
@@ -263,7 +263,7 @@ class _Window:
             def inside_row():
                 for c0, kind in chunks:
                     if c0 == lo and hi > lo:
-                        with for_range(b, lo, hi, V, name=f"{self.prim}.ow") as c:
+                        with for_range(b, lo, hi, V, name=f"{self.prim}.ow", scalar=True) as c:
                             chunk(c, "plain")
                     elif c0 not in run:
                         chunk(i64(c0), kind)
@@ -278,7 +278,7 @@ class _Window:
                 with inside:
                     inside_row()
                 with outside:   # a row of the padding: every chunk masked
-                    with for_range(b, 0, g.OW, V, name=f"{self.prim}.ow.pad") as c0:
+                    with for_range(b, 0, g.OW, V, name=f"{self.prim}.ow.pad", scalar=True) as c0:
                         if self.shift:
                             c0 = b.select(b.icmp_signed(">", c0, i64(g.OW - V)), i64(g.OW - V), c0,
                                           name="c0")
