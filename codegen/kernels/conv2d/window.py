@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 
 from ...loops import fma, for_range, gep, i64, load, splat, store
+from ...target import vector_registers
 from ..pool import _Geom, _ivec, _plane_done, _plane_ptr, _Window
 from ..toolkit import hsum, kernel_function, thread_range, wide_load, wide_store, zero_fill
 
@@ -203,24 +204,33 @@ def lower_conv2d_weight_grad(module, name, ins):
     T, V, L = win.T, win.V, win.L
     zero_v, zero_w = ir.Constant(win.vty, [0.0] * V), ir.Constant(win.wide_ty, [0.0] * L)
     accs = [[b.alloca(win.vty, name=f"acc{i}{j}") for j in range(kw)] for i in range(kh)]
+    # the accumulators of a pass (tap rows `group`) stay in registers beside the cotangent, a
+    # tap and the loop's constants; larger kernels take several passes over the data
+    per = max(1, (vector_registers() - 4) // kw)
     t0, t1 = thread_range(b, o * cg, f.tid, f.nthreads)
     with for_range(b, t0, t1, name=f"{ins.prim.name}.row") as row:
         oc, k = b.udiv(row, i64(cg), name="o"), b.urem(row, i64(cg), name="k")
         xc = b.add(b.mul(b.udiv(oc, i64(og)), i64(cg)), k, name="x.channel")
-        for a in (a for r_ in accs for a in r_):
-            b.store(zero_v, a)
+        for group in (range(i0, min(i0 + per, kh)) for i0 in range(0, kh, per)):
+            for i in group:
+                for j in range(kw):
+                    b.store(zero_v, accs[i][j])
 
-        def body(p, c0, base, r, h0, out_mask, loads):
-            ct_p = gep(b, ct, b.mul(b.add(b.mul(p, i64(o)), oc), i64(oh * ow)), T, name="ct.plane")
-            x_p = gep(b, x, b.mul(b.add(b.mul(p, i64(c)), xc), i64(h * wd)), T, name="x.plane")
-            ctv = wide_load(b, ct_p, win.out_offset(r, c0), win.vty, out_mask, zero_v)
-            for rows, off, mask in loads:
-                for (i, j), tap in win.taps_of(x_p, off, mask, zero_w, rows):
-                    b.store(fma(b, tap, ctv, b.load(accs[i][j])), accs[i][j])
+            def body(p, c0, base, r, h0, out_mask, loads, group=group):
+                ct_p = gep(b, ct, b.mul(b.add(b.mul(p, i64(o)), oc), i64(oh * ow)), T,
+                           name="ct.plane")
+                x_p = gep(b, x, b.mul(b.add(b.mul(p, i64(c)), xc), i64(h * wd)), T, name="x.plane")
+                ctv = wide_load(b, ct_p, win.out_offset(r, c0), win.vty, out_mask, zero_v)
+                for rows, off, mask in loads:
+                    rows = [i for i in rows if i in group]
+                    if not rows:
+                        continue
+                    for (i, j), tap in win.taps_of(x_p, off, mask, zero_w, rows):
+                        b.store(fma(b, tap, ctv, b.load(accs[i][j])), accs[i][j])
 
-        win.loop(i64(0), i64(n), body)
-        for i in range(kh):
-            for j in range(kw):
-                store(b, hsum(b, b.load(accs[i][j])), out, b.add(b.mul(row, i64(kh * kw)),
-                                                                 i64(i * kw + j)), T)
+            win.loop(i64(0), i64(n), body)
+            for i in group:
+                for j in range(kw):
+                    store(b, hsum(b, b.load(accs[i][j])), out, b.add(b.mul(row, i64(kh * kw)),
+                                                                     i64(i * kw + j)), T)
     b.ret_void()
