@@ -162,30 +162,47 @@ def _scatter(module, name, ins, epilogue):
         at = {q: l for l, q in enumerate(win.lay.lanes(g, i, j)[:used])}
         return _ivec([at.get(q, V) for q in range(L)])
 
-    def zero_plane(p):
+    weights = {}
+
+    def w_row(grp, k, c_loc):
+        return b.add(b.mul(b.add(b.mul(grp, i64(og)), k), i64(cg * t)), b.mul(c_loc, i64(t)),
+                     name="w.row")
+
+    def splats(wrow):
+        return {(i, j): splat(b, load(b, w, b.add(wrow, i64(i * kw + j)), T), V)
+                for i in range(kh) for j in range(kw)}
+
+    def begin_plane(p):
         zero_fill(b, _plane_ptr(b, out, p, h * wd, T, "out.plane"), h * wd, T, V, ins.prim.name)
+        if og == 1:   # depthwise: the plane's weights, broadcast once
+            _, grp, c_loc = _split(b, p, c, cg)
+            weights["plane"] = splats(w_row(grp, i64(0), c_loc))
+
+    def spread(out_p, ct_p, r, c0, out_mask, loads, wv):
+        ctv = wide_load(b, ct_p, win.out_offset(r, c0), win.vty, out_mask, zero_v)
+        for rows, off, mask in loads:
+            add = None
+            for i in rows:
+                for j in range(kw):
+                    part = b.shuffle_vector(b.fmul(ctv, wv[i, j]), zero_v, spread_index(i, j))
+                    add = part if add is None else b.fadd(add, part)
+            add = b.fadd(wide_load(b, out_p, off, win.wide_ty, mask, zero_w), add)
+            wide_store(b, add, out_p, off, mask)
 
     def body(p, c0, base, r, h0, out_mask, loads):
         nn_, grp, c_loc = _split(b, p, c, cg)
         out_p = _plane_ptr(b, out, p, h * wd, T, "out.plane")
         first = b.mul(b.add(b.mul(nn_, i64(o)), b.mul(grp, i64(og))), i64(oh * ow))
+        if og == 1:
+            spread(out_p, gep(b, ct, first, T, name="ct.plane"), r, c0, out_mask, loads,
+                   weights["plane"])
+            return
         with for_range(b, 0, og, name=f"{ins.prim.name}.k") as k:
             ct_p = gep(b, ct, b.add(first, b.mul(k, i64(oh * ow))), T, name="ct.plane")
-            ctv = wide_load(b, ct_p, win.out_offset(r, c0), win.vty, out_mask, zero_v)
-            wrow = b.add(b.mul(b.add(b.mul(grp, i64(og)), k), i64(cg * t)),
-                         b.mul(c_loc, i64(t)), name="w.row")
-            for rows, off, mask in loads:
-                add = None
-                for i in rows:
-                    for j in range(kw):
-                        wv = splat(b, load(b, w, b.add(wrow, i64(i * kw + j)), T), V)
-                        part = b.shuffle_vector(b.fmul(ctv, wv), zero_v, spread_index(i, j))
-                        add = part if add is None else b.fadd(add, part)
-                add = b.fadd(wide_load(b, out_p, off, win.wide_ty, mask, zero_w), add)
-                wide_store(b, add, out_p, off, mask)
+            spread(out_p, ct_p, r, c0, out_mask, loads, splats(w_row(grp, k, c_loc)))
 
     planes = thread_range(b, g.planes, f.tid, f.nthreads)
-    win.loop(*planes, body, zero_plane, lambda p: _plane_done(f, p, h * wd))
+    win.loop(*planes, body, begin_plane, lambda p: _plane_done(f, p, h * wd))
     b.ret_void()
 
 
