@@ -5,15 +5,17 @@ Every kernel partitions the N*C planes among the threads (toolkit.thread_range);
 whole planes of `out`.
 
 The window kernels (max_pool2d, max_pool2d_argmax, avg_pool2d, avg_pool2d_grad) compute one vector
-of V outputs at a time and read its inputs with wide masked loads whose lanes they shuffle apart:
+of V outputs at a time and read its inputs with wide loads whose lanes they shuffle apart:
 
 - "row" layout (the general case): the vector is V consecutive outputs (r, c0 .. c0+V-1) of one
   output row. For tap row i the input columns [c0*sw - pw, c0*sw - pw + L) of input row
-  r*sh + i - ph are one masked load (L = V*sw plus the taps reaching past the stride, rounded up
-  to whole registers); tap (i, j) is lanes j, j+sw, j+2*sw, ... of it. The load mask drops columns
-  outside the row (left/right padding, the tail) and rows outside the plane, which then read as
-  the padding value - so padding costs no scalar edge loops. 2x2/2 pooling of a row is two wide
-  loads, four shuffles and three max.
+  r*sh + i - ph are one wide load (L = V*sw plus the taps reaching past the stride, rounded up
+  to whole registers); tap (i, j) is lanes j, j+sw, j+2*sw, ... of it (with unit column stride,
+  a plain load of its own). Inside the plane the loads are plain; the column chunks at a row's
+  edges (known when compiling) load inside the row and shuffle the padding value in, or take
+  masked loads whose mask drops the columns outside the row and the rows outside the plane,
+  which then read as the padding value - so padding costs no scalar edge loops (`_Window`).
+  2x2/2 pooling of a row is two wide loads, four shuffles and three max.
 - "block" layout (output rows shorter than half a vector, no padding, e.g. LeNet's 8x8 -> 4x4):
   the vector is R whole output rows (lane rr*OW + c) and one masked load reads the R*sh input rows
   they cover (all tap rows at once); tap (i, j) is lanes (rr*sh + i)*W + c*sw + j of it.

@@ -1,7 +1,8 @@
 """Grouped and dilated convolutions (`groups` > 1 or `dilation` > 1), depthwise the main case:
 the three convolution primitives as window loops over planes, on the pooling kernels' window
 machinery (kernels/pool.py `_Window`: a vector of V outputs of one output row, its inputs read by
-one wide masked load per tap row whose lanes are shuffled apart per tap; the masks are the padding).
+one wide load per tap row whose lanes are shuffled apart per tap, or with unit column stride one
+plain load per tap; plain inside the plane, masked or shuffled with zeros at the padding).
 
 A grouped convolution is a sum of few input planes per output plane (C/G of them; one for
 depthwise), so there is no channel block to keep in registers as the dense core does; the window
@@ -15,9 +16,11 @@ loop does per output vector and tap one broadcast weight and one FMA.
   cotangent vector of the group's O/G channels times w[o, c % (C/G), i, j] is spread over the wide
   vector of its tap row (one shuffle per tap) and added to the plane (read-modify-write).
 - conv2d_weight_grad: per weight row (o, k), KH*KW vector accumulators summed over the images and
-  the cotangent vectors (ct * tap), each summed across its lanes at the end.
+  the cotangent vectors (ct * tap), each summed across its lanes at the end; a kernel whose
+  accumulators would not fit the vector registers takes a pass over the data per group of tap
+  rows.
 
-Lanes past the end of a row hold zeros of the masked loads, so they add nothing (an Inf or NaN
+Lanes past the end of a row hold zeros (of the masked loads, or shuffled in), so they add nothing (an Inf or NaN
 input or weight next to them gives NaN there, as in the dense kernels' 0 * Inf note).
 """
 from __future__ import annotations
