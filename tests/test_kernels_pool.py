@@ -8,6 +8,7 @@ each run their share, so an element no thread writes shows up.
 from __future__ import annotations
 
 import ctypes
+import re
 import zlib
 
 import llvmlite.ir as llir
@@ -50,6 +51,8 @@ CONFIGS = [
     ((2, 3, 7, 7), 2, 2, 0),                  # odd size: the last row/column is dropped
     ((1, 2, 9, 6), 3, 2, 0),                  # packed rows that overlap
     ((2, 2, 10, 8), 2, 2, 0),                 # packed rows, the last group short
+    ((1, 2, 5, 30), 3, 1, 1),                 # stride 1 with padding: plain loads inside, masks at the edges
+    ((1, 1, 6, 45), 3, 2, 1),                 # strided rows with padding, interior chunks and a tail
 ]
 
 
@@ -301,3 +304,59 @@ def test_2x2_pooling_is_vectorized():
         assert any(op.startswith("vperm") for op in ops), prim
         assert not any("gather" in op for op in ops), prim
         assert not ops & {"vmaxss", "vucomiss", "vaddss", "vmovss"}, prim
+
+
+_MASKED = re.compile(r"\tv(p)?maskmov")
+_SPILL = re.compile(r"\tvmov\w+\s+%[yz]mm\d+, -?\d*\(%rsp\)")
+
+
+def _function_asm(asm, name):
+    return asm.split(f"\n{name}:")[1].split(".Lfunc_end")[0]
+
+
+def test_lenet_pooling_takes_no_masked_loads():
+    """LeNet's poolings (24x24 and 8x8 planes): every vector is whole (a row's partial last chunk
+    is moved back to end at the row's end), so no masked load or store (vmaskmov costs several
+    plain loads on AVX2) in any of the kernels, and no vector spill in the one-row-per-vector
+    loops of the 24x24 planes (the 8x8 planes' packed rows keep a constant or two on the stack,
+    read as memory operands)."""
+    if host_info()["avx512"]:
+        pytest.skip("AVX-512 masks are cheap: the check is about AVX2's vmaskmov")
+    for shape in ((64, 6, 24, 24), (64, 16, 8, 8)):
+        instrs = {p: _trace(p, shape, "f32", 2, 2, 0) for p in PRIMS}
+        asm = _compile(instrs).jit.asm
+        for prim in PRIMS:
+            body = _function_asm(asm, prim)
+            assert not _MASKED.findall(body), f"{prim} {shape}: masked loads/stores"
+            if shape[2] == 24:
+                assert not _SPILL.findall(body), f"{prim} {shape}: vector spills"
+
+
+def _blocks_with_fma(body):
+    """The basic blocks (split at labels) of a function's asm that hold vector FMAs."""
+    blocks = re.split(r"\n\.?\w+:", body)
+    return [blk for blk in blocks if "vfmadd" in blk]
+
+
+def test_depthwise_interior_is_plain_loads_and_fmas():
+    """A depthwise 3x3 convolution with padding (MobileNet's): the rows inside the plane are
+    FMAs on plain loads (nine per vector; the columns of the padding shuffled in), with no
+    masked load - in the forward pass and both gradients; masked loads stay in the rows of the
+    padding. No spill store there in the passes with one accumulator; the weight gradient's
+    nine accumulators, its cotangent and the constants leave at most one on the stack."""
+    if host_info()["avx512"]:
+        pytest.skip("the check is about AVX2's vmaskmov")
+    x, w = (2, 8, 56, 56), (8, 1, 3, 3)
+    p = dict(stride=(1, 1), padding=(1, 1), groups=8)
+    with building(Builder("t")) as b:
+        xv, wv, ctv = (b.add_param(TensorType("f32", s)) for s in (x, w, x))
+        instrs = {"conv2d": lax.conv2d(xv, wv, **p).instr,
+                  "conv2d_input_grad": lax.conv2d_input_grad(ctv, wv, x[2:], **p).instr,
+                  "conv2d_weight_grad": lax.conv2d_weight_grad(ctv, xv, w[2:], **p).instr}
+    asm = _compile(instrs).jit.asm
+    for prim in instrs:
+        blocks = _blocks_with_fma(_function_asm(asm, prim))
+        plain = [blk for blk in blocks if len(re.findall(r"vfmadd\w*\s[^\n]*%ymm", blk)) >= 9
+                 and not _MASKED.search(blk)
+                 and len(_SPILL.findall(blk)) <= (1 if prim == "conv2d_weight_grad" else 0)]
+        assert plain, f"{prim}: no block of 9 FMAs on plain loads in\n" + "\n----\n".join(blocks)

@@ -5,15 +5,17 @@ Every kernel partitions the N*C planes among the threads (toolkit.thread_range);
 whole planes of `out`.
 
 The window kernels (max_pool2d, max_pool2d_argmax, avg_pool2d, avg_pool2d_grad) compute one vector
-of V outputs at a time and read its inputs with wide masked loads whose lanes they shuffle apart:
+of V outputs at a time and read its inputs with wide loads whose lanes they shuffle apart:
 
 - "row" layout (the general case): the vector is V consecutive outputs (r, c0 .. c0+V-1) of one
   output row. For tap row i the input columns [c0*sw - pw, c0*sw - pw + L) of input row
-  r*sh + i - ph are one masked load (L = V*sw plus the taps reaching past the stride, rounded up
-  to whole registers); tap (i, j) is lanes j, j+sw, j+2*sw, ... of it. The load mask drops columns
-  outside the row (left/right padding, the tail) and rows outside the plane, which then read as
-  the padding value - so padding costs no scalar edge loops. 2x2/2 pooling of a row is two wide
-  loads, four shuffles and three max.
+  r*sh + i - ph are one wide load (L = V*sw plus the taps reaching past the stride, rounded up
+  to whole registers); tap (i, j) is lanes j, j+sw, j+2*sw, ... of it (with unit column stride,
+  a plain load of its own). Inside the plane the loads are plain; the column chunks at a row's
+  edges (known when compiling) load inside the row and shuffle the padding value in, or take
+  masked loads whose mask drops the columns outside the row and the rows outside the plane,
+  which then read as the padding value - so padding costs no scalar edge loops (`_Window`).
+  2x2/2 pooling of a row is two wide loads, four shuffles and three max.
 - "block" layout (output rows shorter than half a vector, no padding, e.g. LeNet's 8x8 -> 4x4):
   the vector is R whole output rows (lane rr*OW + c) and one masked load reads the R*sh input rows
   they cover (all tap rows at once); tap (i, j) is lanes (rr*sh + i)*W + c*sw + j of it.
@@ -48,7 +50,7 @@ from ...ir.prims.nn import (avg_pool2d_grad_p, avg_pool2d_p, max_pool2d_argmax_p
                          max_pool2d_grad_p, max_pool2d_p)
 
 from ..loops import I1, I32, I64, for_range, gep, i32, i64, if_then, intrinsic, llvm_type, load, \
-    masked_store, splat, store, vec
+    splat, store, vec, vload
 from ..target import vector_width
 from . import POOL_WEIGHT, memory_cost, register
 from .toolkit import kernel_function, lane_mask, round_up, thread_range, wide_load, wide_store, \
@@ -163,54 +165,146 @@ def _in_range(b: ir.IRBuilder, v, lo: int, hi: int, name: str = ""):
 
 
 # --------------------------------------------------------------------------- window loop
-class _Window:
-    """The loop nest `plane / column chunk / row (group)` over a pooling's outputs, and the wide
-    loads (or read-modify-writes) of its inputs, shared by the window kernels."""
+@dataclass(frozen=True)
+class _Edge:
+    """The `mask` of a wide access at a row's edge whose columns are known when compiling:
+    window column `base` (the access's first column, possibly < 0) of a row of W. Read as a
+    plain load moved to lie inside the row and a constant shuffle that puts its lanes in place
+    and the padding value in the lanes outside the row (see `_Window.taps_of`)."""
+    base: int
 
-    def __init__(self, b: ir.IRBuilder, g: _Geom, dtype: str, prim: str):
+
+class _Window:
+    """The loop nest `plane / row (group) / column chunk` over a pooling's outputs, and the wide
+    loads (or read-modify-writes) of its inputs, shared by the window kernels.
+
+    In the "row" layout the vectors whose output lanes are all real and whose wide accesses lie
+    inside the plane (no padding, no tail: the interior) run a copy of the body with plain loads
+    and stores (masks None): AVX2's masked loads cost several plain ones. The other column
+    chunks of a row are known when compiling and are emitted one by one: with `reads_only`
+    (bodies that only read the wide accesses, through `taps_of`) a chunk at the row's edge reads
+    plain loads shifted into the row and shuffled with the padding value (an `_Edge` mask); the
+    rest, and rows of the padding, take masked loads (<N x i1> masks). `shift_tail` (for bodies
+    that only write their own outputs from their inputs, so computing an output twice is
+    harmless) moves a row's last, partial chunk back to end at the row's end, a full vector."""
+
+    def __init__(self, b: ir.IRBuilder, g: _Geom, dtype: str, prim: str, shift_tail: bool = False,
+                 reads_only: bool = False):
         self.b, self.g, self.prim = b, g, prim
         self.T = llvm_type(dtype)
         V = vector_width(64 if dtype == "f64" else 32)
         self.lay = _layout(g, V)
         self.V, self.L = V, self.lay.L
         self.vty, self.wide_ty = vec(self.T, V), vec(self.T, self.L)
+        self.shift = shift_tail and g.OW > V and g.OW % V != 0
+        self.reads_only = reads_only
+        # columns from `base` a plain access of the body reaches: a tap load each with unit
+        # column stride when the body only reads taps, else the wide access
+        self.direct = self.lay.R == 1 and g.sw == 1
+        self.reach = (V + (g.kw - 1) * g.dw) if reads_only and self.direct else self.L
 
     def loop(self, plane_start, plane_stop, body, begin_plane=None, end_plane=None):
         """Calls body(p, c0, base, r, h0, out_mask, loads) per output vector of the planes, where
-        `loads` lists (tap rows, element offset in the plane, load mask) of the wide accesses,
-        c0/base the chunk's first output/input column and r/h0 its first output/input row;
-        begin_plane(p) / end_plane(p) before / after the vectors of plane p."""
+        `loads` lists (tap rows, element offset in the plane of the access's first window column,
+        mask) of the wide accesses, c0/base the chunk's first output/input column and r/h0 its
+        first output/input row; begin_plane(p) / end_plane(p) before / after the vectors of
+        plane p. A mask is None where every lane is real and inside the plane, an `_Edge` (only
+        with `reads_only`) or an <L x i1>; out_mask None or an <V x i1>. The body is emitted for
+        each kind (see the class docstring)."""
         b = self.b
-        with for_range(b, plane_start, plane_stop, name=f"{self.prim}.plane") as p:
+        with for_range(b, plane_start, plane_stop, name=f"{self.prim}.plane", scalar=True) as p:
             if begin_plane is not None:
                 begin_plane(p)
             self._plane(body, p)
             if end_plane is not None:
                 end_plane(p)
 
+    def _chunks(self):
+        """[(first output column, kind)] of a row's column chunks, kind "plain", "edge" or
+        "masked" (see the class docstring)."""
+        g, V = self.g, self.V
+        starts = list(range(0, g.OW, V))
+        if self.shift:
+            starts[-1] = g.OW - V
+
+        def kind(c0):
+            base = c0 * g.sw - g.pw
+            if c0 + V > g.OW:
+                return "masked"
+            if base >= 0 and base + self.reach <= g.W:
+                return "plain"
+            if self.reads_only and g.W >= (V if self.direct else self.L):
+                return "edge"
+            return "masked"
+        return [(c0, kind(c0)) for c0 in starts]
+
     def _plane(self, body, p):
-        b, g, lay = self.b, self.g, self.lay
-        if lay.R > 1:
+        b, g, lay, V = self.b, self.g, self.lay, self.V
+        if lay.R > 1:   # a few groups of rows: LLVM's unrolling of them pays (LeNet's 8x8: 1.4x)
             with for_range(b, 0, g.OH, lay.R, name=f"{self.prim}.oh") as r:
                 self._block(body, p, r)
             return
-        with for_range(b, 0, g.OW, self.V, name=f"{self.prim}.ow") as c0:
-            base = b.sub(b.mul(c0, i64(g.sw)), i64(g.pw), name="col.base")
-            cols = b.add(splat(b, b.trunc(base, I32), self.L), _ivec(range(self.L)))
-            col_ok = _in_range(b, cols, 0, g.W, name="col.ok")
-            out_mask = lane_mask(b, b.sub(i64(g.OW), c0), self.V)
-            with for_range(b, 0, g.OH, name=f"{self.prim}.oh") as r:
-                h0 = b.sub(b.mul(r, i64(g.sh)), i64(g.ph), name="row.base")
-                loads = []
-                for i in range(g.kh):
-                    h = b.add(h0, i64(i * g.dh), name=f"row{i}")
-                    mask = col_ok
-                    if g.rows_outside:   # rows of the padding read nothing
-                        ok = _in_range(b, h, 0, g.H, name=f"row{i}.ok")
-                        mask = b.select(ok, col_ok, _bvec([0] * self.L))
-                        h = b.select(ok, h, i64(0))
-                    loads.append(([i], b.add(b.mul(h, i64(g.W)), base), mask))
-                body(p, c0, base, r, h0, out_mask, loads)
+        chunks = self._chunks()
+        run = [c0 for c0, k in chunks if k == "plain" and c0 % V == 0]
+        lo, hi = (run[0], run[-1] + V) if run else (0, 0)
+        assert run == list(range(lo, hi, V))
+        # rows outside, columns inside: the plane is read in memory order
+        with for_range(b, 0, g.OH, name=f"{self.prim}.oh", scalar=True) as r:
+            h0 = b.sub(b.mul(r, i64(g.sh)), i64(g.ph), name="row.base")
+
+            def chunk(c0, kind):
+                base = b.sub(b.mul(c0, i64(g.sw)), i64(g.pw), name="col.base")
+                if kind == "masked":
+                    self._masked_row(body, p, c0, base, r, h0)
+                    return
+                mask = None if kind == "plain" else _Edge(c0.constant * g.sw - g.pw)
+                loads = [([i], b.add(b.mul(b.add(h0, i64(i * g.dh)), i64(g.W)), base), mask)
+                         for i in range(g.kh)]
+                body(p, c0, base, r, h0, None, loads)
+
+            def inside_row():
+                for c0, kind in chunks:
+                    if c0 == lo and hi > lo:
+                        with for_range(b, lo, hi, V, name=f"{self.prim}.ow", scalar=True) as c:
+                            chunk(c, "plain")
+                    elif c0 not in run:
+                        chunk(i64(c0), kind)
+
+            if not g.rows_outside:
+                inside_row()
+                return
+            last = b.add(h0, i64((g.kh - 1) * g.dh))
+            rows_in = b.and_(b.icmp_signed(">=", h0, i64(0)), b.icmp_signed("<", last, i64(g.H)),
+                             name="rows.in")
+            with b.if_else(rows_in) as (inside, outside):
+                with inside:
+                    inside_row()
+                with outside:   # a row of the padding: every chunk masked
+                    with for_range(b, 0, g.OW, V, name=f"{self.prim}.ow.pad", scalar=True) as c0:
+                        if self.shift:
+                            c0 = b.select(b.icmp_signed(">", c0, i64(g.OW - V)), i64(g.OW - V), c0,
+                                          name="c0")
+                        self._masked_row(body, p, c0, b.sub(b.mul(c0, i64(g.sw)), i64(g.pw)), r, h0)
+
+    def _masked_row(self, body, p, c0, base, r, h0):
+        """A vector of the row layout at a border or tail: masks drop the lanes outside the plane
+        and the outputs past the row."""
+        b, g, V, L = self.b, self.g, self.V, self.L
+        cols = b.add(splat(b, b.trunc(base, I32), L), _ivec(range(L)))
+        col_ok = _in_range(b, cols, 0, g.W, name="col.ok")
+        out_mask = lane_mask(b, b.sub(i64(g.OW), c0), V)
+        loads = []
+        for i in range(g.kh):
+            h = b.add(h0, i64(i * g.dh), name=f"row{i}")
+            mask = col_ok
+            if g.rows_outside:   # rows of the padding read nothing: no column is below 0
+                ok = _in_range(b, h, 0, g.H, name=f"row{i}.ok")
+                hi = splat(b, b.select(ok, ir.Constant(I32, g.W), ir.Constant(I32, 0)), L)
+                mask = b.and_(b.icmp_signed(">=", cols, _ivec([0] * L)),
+                              b.icmp_signed("<", cols, hi), name=f"row{i}.mask")
+                h = b.select(ok, h, i64(0))
+            loads.append(([i], b.add(b.mul(h, i64(g.W)), base), mask))
+        body(p, c0, base, r, h0, out_mask, loads)
 
     def _block(self, body, p, r):
         b, g, lay = self.b, self.g, self.lay
@@ -229,6 +323,44 @@ class _Window:
         loads = [(list(range(g.kh)), b.mul(h0, i64(g.W)), mask)]
         body(p, i64(0), i64(0), r, h0, out_mask, loads)
 
+    def taps_of(self, ptr, off, mask, fill, rows):
+        """[((i, j), vector of tap (i, j) for the V output lanes)] of the wide access at `off`
+        of ptr (an entry of `loads`) for its tap rows, `fill` (a constant of wide_ty) in lanes
+        outside the plane. Unmasked with unit column stride, each tap is one plain load (its
+        lanes are consecutive inputs); else one wide load whose lanes are shuffled apart. An
+        `_Edge` access loads inside the row and shuffles the fill in (constant shuffles)."""
+        b, g, V, L = self.b, self.g, self.V, self.L
+        if isinstance(mask, _Edge) and self.direct:
+            fill_v = ir.Constant(self.vty, [c.constant for c in fill.constant[:V]])
+            out = []
+            for i in rows:
+                for j in range(g.kw):
+                    at = mask.base + j * g.dw
+                    v = self._edge_load(ptr, b.add(off, i64(j * g.dw)), at, V, fill_v)
+                    out.append(((i, j), v))
+            return out
+        if mask is None and self.direct:
+            return [((i, j), vload(b, ptr, b.add(off, i64(j * g.dw)), self.vty, name=f"tap{i}{j}"))
+                    for i in rows for j in range(g.kw)]
+        if isinstance(mask, _Edge):
+            wide = self._edge_load(ptr, off, mask.base, L, fill)
+        else:
+            wide = wide_load(b, ptr, off, self.wide_ty, mask, fill)
+        undef = ir.Constant(self.wide_ty, ir.Undefined)
+        return [((i, j), b.shuffle_vector(wide, undef, self.taps(i, j), name=f"tap{i}{j}"))
+                for i in rows for j in range(g.kw)]
+
+    def _edge_load(self, ptr, off, col: int, n: int, fill):
+        """Columns col .. col+n of the row at `off` (the element of column col), `fill` outside
+        the row: a plain load of n columns moved inside the row (W >= n) and a constant shuffle."""
+        b, W = self.b, self.g.W
+        start = min(max(col, 0), W - n)
+        v = vload(b, ptr, b.add(off, i64(start - col)), vec(self.T, n))
+        idx = [q + col - start if 0 <= col + q < W else n + q for q in range(n)]
+        if idx == list(range(n)):
+            return v
+        return b.shuffle_vector(v, fill, _ivec(idx), name="edge")
+
     def taps(self, i, j):
         return _ivec(self.lay.lanes(self.g, i, j))
 
@@ -236,7 +368,7 @@ class _Window:
         return self.b.add(self.b.mul(r, i64(self.g.OW)), c0)
 
     def store(self, value, ptr, r, c0, out_mask):
-        masked_store(self.b, value, ptr, self.out_offset(r, c0), out_mask)
+        wide_store(self.b, value, ptr, self.out_offset(r, c0), out_mask)
 
 
 def _plane_ptr(b, ptr, p, size: int, ty, name: str):
@@ -252,12 +384,11 @@ def _lower_pool(module, name, ins, mode: str, epilogue=None):
     f = kernel_function(module, name, 2 if mode == "max+argmax" else 1, epilogue)
     b, out, x = f.b, f.out, f.ins[-1]
     idx_out = f.ins[0] if mode == "max+argmax" else (out if mode == "argmax" else None)
-    w = _Window(b, g, x_t.dtype, ins.prim.name)
+    w = _Window(b, g, x_t.dtype, ins.prim.name, shift_tail=True, reads_only=True)
     T, V = w.T, w.V
     want_max, want_idx = mode in ("max", "max+argmax"), mode in ("argmax", "max+argmax")
     fill = 0.0 if mode == "avg" else float("-inf")
     fill_vec = ir.Constant(w.wide_ty, [fill] * w.L)
-    undef = ir.Constant(w.wide_ty, ir.Undefined)
 
     def body(p, c0, base, r, h0, out_mask, loads):
         x_p = _plane_ptr(b, x, p, g.H * g.W, T, "x.plane")
@@ -266,24 +397,21 @@ def _lower_pool(module, name, ins, mode: str, epilogue=None):
             best = ir.Constant(w.vty, [float("-inf")] * V)
             bidx = _first_real_tap(b, w, base, h0, loads)
         for rows, off, mask in loads:
-            wide = wide_load(b, x_p, off, w.wide_ty, mask, fill_vec)
             off32 = b.trunc(off, I32)
-            for i in rows:
-                for j in range(g.kw):
-                    v = b.shuffle_vector(wide, undef, w.taps(i, j), name=f"tap{i}{j}")
-                    if want_idx:
-                        # first NaN or first strict maximum; NaN stays once found
-                        upd = b.and_(b.fcmp_unordered(">", v, best), b.fcmp_ordered("ord", best, best))
-                        best = b.select(upd, v, best)
-                        tap_idx = b.add(splat(b, off32, V), w.taps(i, j))
-                        bidx = b.select(upd, tap_idx, bidx)
-                    elif acc is None:
-                        acc = v
-                    elif mode == "avg":
-                        acc = b.fadd(acc, v)
-                    else:
-                        upd = b.and_(b.fcmp_unordered(">", v, acc), b.fcmp_ordered("ord", acc, acc))
-                        acc = b.select(upd, v, acc)
+            for (i, j), v in w.taps_of(x_p, off, mask, fill_vec, rows):
+                if want_idx:
+                    # first NaN or first strict maximum; NaN stays once found
+                    upd = b.and_(b.fcmp_unordered(">", v, best), b.fcmp_ordered("ord", best, best))
+                    best = b.select(upd, v, best)
+                    tap_idx = b.add(splat(b, off32, V), w.taps(i, j))
+                    bidx = b.select(upd, tap_idx, bidx)
+                elif acc is None:
+                    acc = v
+                elif mode == "avg":
+                    acc = b.fadd(acc, v)
+                else:
+                    upd = b.and_(b.fcmp_unordered(">", v, acc), b.fcmp_ordered("ord", acc, acc))
+                    acc = b.select(upd, v, acc)
         if mode == "avg":
             acc = b.fdiv(acc, ir.Constant(w.vty, [float(g.kh * g.kw)] * V))
         if want_idx:
@@ -357,13 +485,13 @@ def _avg_pool2d_grad_lower(module, name, ins, epilogue=None):
     g = _geom(ins.out.type.shape, ct_t.shape, ins.params)
     f = kernel_function(module, name, 1, epilogue)
     b, out, (ct,) = f.b, f.out, f.ins
-    w = _Window(b, g, ct_t.dtype, ins.prim.name)
-    T, V, L = w.T, w.V, w.L
-    zero_v, zero_w = ir.Constant(w.vty, [0.0] * V), ir.Constant(w.wide_ty, [0.0] * L)
     tiles = g.ph == g.pw == 0 and (g.kh, g.kw) == (g.sh, g.sw) and (g.H, g.W) == (g.OH * g.sh,
                                                                                  g.OW * g.sw)
-
     overlap = g.kh > g.sh or g.kw > g.sw
+    # disjoint windows store what they spread (zeros between windows): storing twice is harmless
+    w = _Window(b, g, ct_t.dtype, ins.prim.name, shift_tail=not overlap)
+    T, V, L = w.T, w.V, w.L
+    zero_v, zero_w = ir.Constant(w.vty, [0.0] * V), ir.Constant(w.wide_ty, [0.0] * L)
 
     def zero_plane(p):   # unless the windows tile the plane exactly
         if not tiles:
@@ -415,6 +543,8 @@ def _outside_block(b, w: _Window, idxv, loads, out_mask):
         dd = b.sub(d, _ivec([dh * g.W] * w.V)) if dh else d
         t = b.icmp_unsigned("<", dd, _ivec([g.kw] * w.V))
         inside = t if inside is None else b.or_(inside, t)
+    if out_mask is None:
+        return b.not_(inside, name="outside")
     return b.and_(out_mask, b.not_(inside), name="outside")
 
 
@@ -469,7 +599,9 @@ def _max_pool2d_grad_lower(module, name, ins, epilogue=None):
         b.ret_void()
         return
 
-    w = _Window(b, block, ct_t.dtype, ins.prim.name)
+    # a vector's stores are its blocks' lanes (kw == sw: nothing else), set from its own ct and
+    # idx, so storing them twice (shift_tail) is harmless
+    w = _Window(b, block, ct_t.dtype, ins.prim.name, shift_tail=True)
     V, L = w.V, w.L
     any_outside = b.alloca(I1, name="any_outside")
     zero_v = ir.Constant(w.vty, [0.0] * V)
@@ -533,11 +665,10 @@ def _max_pool2d_gather_lower(module, name, ins, epilogue=None):
         b.ret_void()
         return
 
-    w = _Window(b, block, g_t.dtype, ins.prim.name)
+    w = _Window(b, block, g_t.dtype, ins.prim.name, shift_tail=True, reads_only=True)
     V = w.V
     slot = b.alloca(w.vty, name="gathered")
     zero_w = ir.Constant(w.wide_ty, [0.0] * w.L)
-    undef = ir.Constant(w.wide_ty, ir.Undefined)
 
     def body(p, c0, base, r, h0, out_mask, loads):
         g_p = _plane_ptr(b, g, p, H * W, T, "g.plane")
@@ -546,12 +677,9 @@ def _max_pool2d_gather_lower(module, name, ins, epilogue=None):
                           ir.Constant(vec(I32, V), [-1] * V))
         val = ir.Constant(w.vty, [0.0] * V)
         for rows, off, mask in loads:
-            wide = wide_load(b, g_p, off, w.wide_ty, mask, zero_w)
-            for i in rows:
-                for j in range(block.kw):
-                    at = b.add(splat(b, b.trunc(off, I32), V), w.taps(i, j))
-                    tap = b.shuffle_vector(wide, undef, w.taps(i, j))
-                    val = b.select(b.icmp_signed("==", idxv, at), tap, val)
+            for (i, j), tap in w.taps_of(g_p, off, mask, zero_w, rows):
+                at = b.add(splat(b, b.trunc(off, I32), V), w.taps(i, j))
+                val = b.select(b.icmp_signed("==", idxv, at), tap, val)
         b.store(val, slot)
         with if_then(b, _any(b, _outside_block(b, w, idxv, loads, out_mask)),
                      name="max_pool2d_gather.outside"):

@@ -19,7 +19,7 @@ from typing import Union
 import llvmlite.ir as ir
 
 from ..loops import (F64, FAST, I1, I8, I32, I64, PTR, VOID, for_range, i32, i64, intrinsic,
-                     llvm_type, masked_store, splat, type_suffix, vec, vstore)
+                     llvm_type, masked_store, splat, type_suffix, vec, vload, vstore)
 from ..target import vector_width
 
 # An i64 argument of a shared function: a compile-time int or a run-time i64 value.
@@ -304,19 +304,23 @@ def _align(ty: ir.Type) -> ir.Constant:
 
 def wide_load(b: ir.IRBuilder, ptr, offset, vty: ir.VectorType, mask, passthru):
     """Masked load of vty at element `offset` of ptr. The address may lie outside the buffer
-    (padding): the GEP is not `inbounds`, and masked-off lanes are never accessed.
+    (padding): the GEP is not `inbounds`, and masked-off lanes are never accessed. mask None:
+    a plain load of all lanes (the caller knows they are inside the buffer): AVX2's masked
+    loads (vmaskmovps) cost several plain ones, so loops take them only at borders and tails.
 
     A vector wider than one register is loaded one register at a time. As one masked load of
     two or more registers, LLVM 22's x86 back end without AVX-512 (vmaskmovps) may fold the
     lanes of a later register into an unmasked memory operand (`vperm2f128 $33, 32(...)`), which
     reads the masked-off lanes: max pooling then saw elements outside its windows."""
+    if mask is None:
+        return vload(b, ptr, offset, vty)
     lanes = _register_lanes(vty)
     if vty.count <= lanes or vty.count % lanes:
         return _masked_load(b, ptr, offset, vty, mask, passthru)
     out = passthru
     for k in range(0, vty.count, lanes):
         part = _masked_load(b, ptr, b.add(offset, ir.Constant(offset.type, k)),
-                            ir.VectorType(vty.element, lanes), _lanes(b, mask, k, lanes),
+                            ir.VectorType(vty.element, lanes), _mask_lanes(b, mask, k, lanes),
                             _lanes(b, passthru, k, lanes))
         # widen the part to the whole vector, then take its lanes k .. k+lanes into `out`
         wide = b.shuffle_vector(part, part, ir.Constant(ir.VectorType(I32, vty.count),
@@ -337,6 +341,29 @@ def _lanes(b: ir.IRBuilder, v, start: int, n: int):
     return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), list(range(start, start + n))))
 
 
+_ICMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+
+
+def _mask_lanes(b: ir.IRBuilder, mask, start: int, n: int):
+    """Lanes start .. start+n of an <N x i1> mask, taken from the operands of the integer
+    compares and `and`/`or` it is built of where it can: LLVM's x86 back end turns a shuffle of
+    an i1 vector into dozens of pack/unpack instructions, a compare of shuffled i32 lanes into
+    one compare."""
+    if isinstance(mask, ir.Constant) and isinstance(mask.constant, (list, tuple)):
+        return ir.Constant(ir.VectorType(I1, n), [int(c.constant) for c in mask.constant[start:start + n]])
+    if isinstance(mask, ir.ICMPInstr):
+        x, y = (_lanes(b, o, start, n) for o in mask.operands)
+        op = mask.op
+        if op in ("eq", "ne"):
+            return b.icmp_signed(_ICMP[op], x, y)
+        cmp = b.icmp_unsigned if op[0] == "u" else b.icmp_signed
+        return cmp(_ICMP[op[1:]], x, y)
+    if isinstance(mask, ir.Instruction) and mask.opname in ("and", "or"):
+        x, y = (_mask_lanes(b, o, start, n) for o in mask.operands)
+        return b.and_(x, y) if mask.opname == "and" else b.or_(x, y)
+    return _lanes(b, mask, start, n)
+
+
 def _masked_load(b: ir.IRBuilder, ptr, offset, vty: ir.VectorType, mask, passthru):
     p = b.gep(ptr, [offset], source_etype=vty.element, inbounds=False)
     mty = ir.VectorType(I1, vty.count)
@@ -346,12 +373,16 @@ def _masked_load(b: ir.IRBuilder, ptr, offset, vty: ir.VectorType, mask, passthr
 
 def wide_store(b: ir.IRBuilder, value, ptr, offset, mask):
     """Masked store of `value` at element `offset` of ptr (see `wide_load`), one register at a
-    time like `wide_load`."""
+    time like `wide_load`; mask None: a plain store of all lanes."""
+    if mask is None:
+        vstore(b, value, ptr, offset)
+        return
     lanes = _register_lanes(value.type)
     if value.type.count > lanes and value.type.count % lanes == 0:
         for k in range(0, value.type.count, lanes):
             _masked_store(b, _lanes(b, value, k, lanes), ptr,
-                          b.add(offset, ir.Constant(offset.type, k)), _lanes(b, mask, k, lanes))
+                          b.add(offset, ir.Constant(offset.type, k)),
+                          _mask_lanes(b, mask, k, lanes))
         return
     _masked_store(b, value, ptr, offset, mask)
 

@@ -1,7 +1,8 @@
 """Grouped and dilated convolutions (`groups` > 1 or `dilation` > 1), depthwise the main case:
 the three convolution primitives as window loops over planes, on the pooling kernels' window
 machinery (kernels/pool.py `_Window`: a vector of V outputs of one output row, its inputs read by
-one wide masked load per tap row whose lanes are shuffled apart per tap; the masks are the padding).
+one wide load per tap row whose lanes are shuffled apart per tap, or with unit column stride one
+plain load per tap; plain inside the plane, masked or shuffled with zeros at the padding).
 
 A grouped convolution is a sum of few input planes per output plane (C/G of them; one for
 depthwise), so there is no channel block to keep in registers as the dense core does; the window
@@ -15,9 +16,11 @@ loop does per output vector and tap one broadcast weight and one FMA.
   cotangent vector of the group's O/G channels times w[o, c % (C/G), i, j] is spread over the wide
   vector of its tap row (one shuffle per tap) and added to the plane (read-modify-write).
 - conv2d_weight_grad: per weight row (o, k), KH*KW vector accumulators summed over the images and
-  the cotangent vectors (ct * tap), each summed across its lanes at the end.
+  the cotangent vectors (ct * tap), each summed across its lanes at the end; a kernel whose
+  accumulators would not fit the vector registers takes a pass over the data per group of tap
+  rows.
 
-Lanes past the end of a row hold zeros of the masked loads, so they add nothing (an Inf or NaN
+Lanes past the end of a row hold zeros (of the masked loads, or shuffled in), so they add nothing (an Inf or NaN
 input or weight next to them gives NaN there, as in the dense kernels' 0 * Inf note).
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 
 from ...loops import fma, for_range, gep, i64, load, splat, store
+from ...target import vector_registers
 from ..pool import _Geom, _ivec, _plane_done, _plane_ptr, _Window
 from ..toolkit import hsum, kernel_function, thread_range, wide_load, wide_store, zero_fill
 
@@ -66,33 +70,46 @@ def _gather(module, name, ins, epilogue, g: _Geom, co: int, og: int, ci: int, ki
     (of ci channels) of the weighted taps."""
     f = kernel_function(module, name, 2, epilogue)
     b, out, (src, w) = f.b, f.out, f.ins
-    win = _Window(b, g, ins.out.type.dtype, ins.prim.name)
+    win = _Window(b, g, ins.out.type.dtype, ins.prim.name, shift_tail=True, reads_only=True)
     T, V, L = win.T, win.V, win.L
-    acc_slot = b.alloca(win.vty, name="acc")
     zero_w = ir.Constant(win.wide_ty, [0.0] * L)
-    undef = ir.Constant(win.wide_ty, ir.Undefined)
     plane = g.H * g.W
+    weights = {}
+
+    def splats(grp, o_loc, k):
+        return {(i, j): splat(b, load(b, w, wts.index(b, grp, o_loc, k, i, j), T), V)
+                for i in range(g.kh) for j in range(g.kw)}
+
+    def begin_plane(p):
+        # one source plane (depthwise): the plane's weights, broadcast once, stay in registers
+        if kin == 1:
+            n, grp, o_loc = _split(b, p, co, og)
+            weights["plane"] = splats(grp, o_loc, i64(0))
+
+    def accumulate(acc, src_p, loads, wv):
+        for rows, off, mask in loads:
+            for (i, j), tap in win.taps_of(src_p, off, mask, zero_w, rows):
+                acc = fma(b, tap, wv[i, j], acc)
+        return acc
 
     def body(p, c0, base, r, h0, out_mask, loads):
         n, grp, o_loc = _split(b, p, co, og)
         first = b.mul(b.add(b.mul(n, i64(ci)), b.mul(grp, i64(kin))), i64(plane))
-        b.store(ir.Constant(win.vty, [0.0] * V), acc_slot)
-        with for_range(b, 0, kin, name=f"{ins.prim.name}.k") as k:
-            src_p = gep(b, src, b.add(first, b.mul(k, i64(plane))), T, name="src.plane")
+        zero = ir.Constant(win.vty, [0.0] * V)
+        if kin == 1:
+            acc = accumulate(zero, gep(b, src, first, T, name="src.plane"), loads, weights["plane"])
+        else:
+            acc_slot = b.alloca(win.vty, name="acc")
+            b.store(zero, acc_slot)
+            with for_range(b, 0, kin, name=f"{ins.prim.name}.k") as k:
+                src_p = gep(b, src, b.add(first, b.mul(k, i64(plane))), T, name="src.plane")
+                b.store(accumulate(b.load(acc_slot), src_p, loads, splats(grp, o_loc, k)),
+                        acc_slot)
             acc = b.load(acc_slot)
-            for rows, off, mask in loads:
-                wide = wide_load(b, src_p, off, win.wide_ty, mask, zero_w)
-                for i in rows:
-                    for j in range(g.kw):
-                        tap = b.shuffle_vector(wide, undef, win.taps(i, j), name=f"tap{i}{j}")
-                        wv = splat(b, load(b, w, wts.index(b, grp, o_loc, k, i, j), T), V)
-                        acc = fma(b, tap, wv, acc)
-            b.store(acc, acc_slot)
-        win.store(b.load(acc_slot), _plane_ptr(b, out, p, g.OH * g.OW, T, "out.plane"), r, c0,
-                  out_mask)
+        win.store(acc, _plane_ptr(b, out, p, g.OH * g.OW, T, "out.plane"), r, c0, out_mask)
 
     planes = thread_range(b, g.planes, f.tid, f.nthreads)
-    win.loop(*planes, body, end_plane=lambda p: _plane_done(f, p, g.OH * g.OW))
+    win.loop(*planes, body, begin_plane, lambda p: _plane_done(f, p, g.OH * g.OW))
     b.ret_void()
 
 
@@ -148,30 +165,47 @@ def _scatter(module, name, ins, epilogue):
         at = {q: l for l, q in enumerate(win.lay.lanes(g, i, j)[:used])}
         return _ivec([at.get(q, V) for q in range(L)])
 
-    def zero_plane(p):
+    weights = {}
+
+    def w_row(grp, k, c_loc):
+        return b.add(b.mul(b.add(b.mul(grp, i64(og)), k), i64(cg * t)), b.mul(c_loc, i64(t)),
+                     name="w.row")
+
+    def splats(wrow):
+        return {(i, j): splat(b, load(b, w, b.add(wrow, i64(i * kw + j)), T), V)
+                for i in range(kh) for j in range(kw)}
+
+    def begin_plane(p):
         zero_fill(b, _plane_ptr(b, out, p, h * wd, T, "out.plane"), h * wd, T, V, ins.prim.name)
+        if og == 1:   # depthwise: the plane's weights, broadcast once
+            _, grp, c_loc = _split(b, p, c, cg)
+            weights["plane"] = splats(w_row(grp, i64(0), c_loc))
+
+    def spread(out_p, ct_p, r, c0, out_mask, loads, wv):
+        ctv = wide_load(b, ct_p, win.out_offset(r, c0), win.vty, out_mask, zero_v)
+        for rows, off, mask in loads:
+            add = None
+            for i in rows:
+                for j in range(kw):
+                    part = b.shuffle_vector(b.fmul(ctv, wv[i, j]), zero_v, spread_index(i, j))
+                    add = part if add is None else b.fadd(add, part)
+            add = b.fadd(wide_load(b, out_p, off, win.wide_ty, mask, zero_w), add)
+            wide_store(b, add, out_p, off, mask)
 
     def body(p, c0, base, r, h0, out_mask, loads):
         nn_, grp, c_loc = _split(b, p, c, cg)
         out_p = _plane_ptr(b, out, p, h * wd, T, "out.plane")
         first = b.mul(b.add(b.mul(nn_, i64(o)), b.mul(grp, i64(og))), i64(oh * ow))
+        if og == 1:
+            spread(out_p, gep(b, ct, first, T, name="ct.plane"), r, c0, out_mask, loads,
+                   weights["plane"])
+            return
         with for_range(b, 0, og, name=f"{ins.prim.name}.k") as k:
             ct_p = gep(b, ct, b.add(first, b.mul(k, i64(oh * ow))), T, name="ct.plane")
-            ctv = wide_load(b, ct_p, win.out_offset(r, c0), win.vty, out_mask, zero_v)
-            wrow = b.add(b.mul(b.add(b.mul(grp, i64(og)), k), i64(cg * t)),
-                         b.mul(c_loc, i64(t)), name="w.row")
-            for rows, off, mask in loads:
-                add = None
-                for i in rows:
-                    for j in range(kw):
-                        wv = splat(b, load(b, w, b.add(wrow, i64(i * kw + j)), T), V)
-                        part = b.shuffle_vector(b.fmul(ctv, wv), zero_v, spread_index(i, j))
-                        add = part if add is None else b.fadd(add, part)
-                add = b.fadd(wide_load(b, out_p, off, win.wide_ty, mask, zero_w), add)
-                wide_store(b, add, out_p, off, mask)
+            spread(out_p, ct_p, r, c0, out_mask, loads, splats(w_row(grp, k, c_loc)))
 
     planes = thread_range(b, g.planes, f.tid, f.nthreads)
-    win.loop(*planes, body, zero_plane, lambda p: _plane_done(f, p, h * wd))
+    win.loop(*planes, body, begin_plane, lambda p: _plane_done(f, p, h * wd))
     b.ret_void()
 
 
@@ -186,32 +220,37 @@ def lower_conv2d_weight_grad(module, name, ins):
     g = _Geom(n, h, wd, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw)
     f = kernel_function(module, name, 2)
     b, out, (ct, x) = f.b, f.out, f.ins
-    win = _Window(b, g, ins.out.type.dtype, ins.prim.name)
+    win = _Window(b, g, ins.out.type.dtype, ins.prim.name, reads_only=True)
     T, V, L = win.T, win.V, win.L
     zero_v, zero_w = ir.Constant(win.vty, [0.0] * V), ir.Constant(win.wide_ty, [0.0] * L)
-    undef = ir.Constant(win.wide_ty, ir.Undefined)
     accs = [[b.alloca(win.vty, name=f"acc{i}{j}") for j in range(kw)] for i in range(kh)]
+    # the accumulators of a pass (tap rows `group`) stay in registers beside the cotangent, a
+    # tap and the loop's constants; larger kernels take several passes over the data
+    per = max(1, (vector_registers() - 4) // kw)
     t0, t1 = thread_range(b, o * cg, f.tid, f.nthreads)
     with for_range(b, t0, t1, name=f"{ins.prim.name}.row") as row:
         oc, k = b.udiv(row, i64(cg), name="o"), b.urem(row, i64(cg), name="k")
         xc = b.add(b.mul(b.udiv(oc, i64(og)), i64(cg)), k, name="x.channel")
-        for a in (a for r_ in accs for a in r_):
-            b.store(zero_v, a)
+        for group in (range(i0, min(i0 + per, kh)) for i0 in range(0, kh, per)):
+            for i in group:
+                for j in range(kw):
+                    b.store(zero_v, accs[i][j])
 
-        def body(p, c0, base, r, h0, out_mask, loads):
-            ct_p = gep(b, ct, b.mul(b.add(b.mul(p, i64(o)), oc), i64(oh * ow)), T, name="ct.plane")
-            x_p = gep(b, x, b.mul(b.add(b.mul(p, i64(c)), xc), i64(h * wd)), T, name="x.plane")
-            ctv = wide_load(b, ct_p, win.out_offset(r, c0), win.vty, out_mask, zero_v)
-            for rows, off, mask in loads:
-                wide = wide_load(b, x_p, off, win.wide_ty, mask, zero_w)
-                for i in rows:
-                    for j in range(kw):
-                        tap = b.shuffle_vector(wide, undef, win.taps(i, j), name=f"tap{i}{j}")
+            def body(p, c0, base, r, h0, out_mask, loads, group=group):
+                ct_p = gep(b, ct, b.mul(b.add(b.mul(p, i64(o)), oc), i64(oh * ow)), T,
+                           name="ct.plane")
+                x_p = gep(b, x, b.mul(b.add(b.mul(p, i64(c)), xc), i64(h * wd)), T, name="x.plane")
+                ctv = wide_load(b, ct_p, win.out_offset(r, c0), win.vty, out_mask, zero_v)
+                for rows, off, mask in loads:
+                    rows = [i for i in rows if i in group]
+                    if not rows:
+                        continue
+                    for (i, j), tap in win.taps_of(x_p, off, mask, zero_w, rows):
                         b.store(fma(b, tap, ctv, b.load(accs[i][j])), accs[i][j])
 
-        win.loop(i64(0), i64(n), body)
-        for i in range(kh):
-            for j in range(kw):
-                store(b, hsum(b, b.load(accs[i][j])), out, b.add(b.mul(row, i64(kh * kw)),
-                                                                 i64(i * kw + j)), T)
+            win.loop(i64(0), i64(n), body)
+            for i in group:
+                for j in range(kw):
+                    store(b, hsum(b, b.load(accs[i][j])), out, b.add(b.mul(row, i64(kh * kw)),
+                                                                     i64(i * kw + j)), T)
     b.ret_void()
