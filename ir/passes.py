@@ -345,12 +345,7 @@ def simplify(fn: Function) -> bool:
     out = []
     imap: dict = {}
     defined = {id(i) for i in fn.instrs}
-    uses: dict[int, int] = {}
-    for i in fn.instrs:
-        for v in i.inputs:
-            uses[id(v)] = uses.get(id(v), 0) + 1
-    for o in fn.outputs:
-        uses[id(o)] = uses.get(id(o), 0) + 1
+    uses = _uses(fn)
     for ins in fn.instrs:
         if repl:
             ins.inputs = tuple(repl.get(id(v), v) for v in ins.inputs)
