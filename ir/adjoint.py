@@ -46,6 +46,17 @@ def _check_wrt(fn: Function, wrt):
                           f"{fn.params[i].hint}")
 
 
+def _extension(fn: Function, wrt: Sequence[int], name: str):
+    """(a clone of `fn`, a builder named `name` holding the clone's parameters and instructions,
+    the parameters `wrt`, the ids of the values that depend on them): what an adjoint extends."""
+    base = clone(fn)
+    b = Builder(name)
+    b.params = list(base.params)
+    b.instrs = list(base.instrs)
+    wrt_vals = [base.params[i] for i in wrt]
+    return base, b, wrt_vals, _active(base, {id(v) for v in wrt_vals})
+
+
 def grad_function(fn: Function, wrt: Sequence[int], name: str | None = None) -> Function:
     """`fn` extended with the gradient of output 0 w.r.t. parameters `wrt` (appended as outputs)."""
     from .passes import dce
@@ -53,12 +64,7 @@ def grad_function(fn: Function, wrt: Sequence[int], name: str | None = None) -> 
     if loss.shape != () or loss.dtype not in FLOAT_DTYPES:
         raise IRError(f"the gradient needs a scalar float output; @{fn.name} returns {loss.type}")
     _check_wrt(fn, wrt)
-    base = clone(fn)
-    b = Builder(name or f"{fn.name}.grad")
-    b.params = list(base.params)
-    b.instrs = list(base.instrs)
-    wrt_vals = [base.params[i] for i in wrt]
-    active = _active(base, {id(v) for v in wrt_vals})
+    base, b, wrt_vals, active = _extension(fn, wrt, name or f"{fn.name}.grad")
     loss = base.outputs[0]
     ct: dict[int, object] = {}
 
@@ -83,12 +89,7 @@ def vjp_function(fn: Function, wrt: Sequence[int], seeds: Sequence[int],
     for k in seeds:
         if fn.outputs[k].dtype not in FLOAT_DTYPES:
             raise IRError(f"@{fn.name}: output {k} ({fn.outputs[k].type}) has no cotangent")
-    base = clone(fn)
-    b = Builder(name or f"{fn.name}.vjp")
-    b.params = list(base.params)
-    b.instrs = list(base.instrs)
-    wrt_vals = [base.params[i] for i in wrt]
-    active = _active(base, {id(v) for v in wrt_vals})
+    base, b, wrt_vals, active = _extension(fn, wrt, name or f"{fn.name}.vjp")
     ct: dict[int, object] = {}
     seed_params = [b.add_param(base.outputs[k].type, f"ct{k}") for k in seeds]
     with building(b):
