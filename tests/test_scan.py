@@ -511,3 +511,13 @@ def test_pads_and_concatenates_in_one_fused_loop_match_the_interpreter():
     helpers.assert_close(fj(a, b, c), want, TOL, "value")
     loops = [_segment_loops(body) for body in _llvm_functions(fj.ir(a, b, c, stage="llvm")).values()]
     assert [len(s) for s in loops if s] == [6], loops   # cuts at 2, 4, 6, 7, 10 of 11
+
+
+def test_a_body_returning_another_carry_structure_is_named():
+    x = np.ones(3)
+    with pytest.raises(TypeError, match=re.escape(
+            "scan: lambda returns a carry of structure (*, *), but init is *")):
+        tracejit.jit(lambda x: tracejit.scan(lambda c, x: ((c, c), x), x, x)[0])(x)
+    with pytest.raises(TypeError, match=re.escape(
+            "while_loop: body_fun returns (*, *), but init_val is *")):
+        tracejit.jit(lambda x: tracejit.while_loop(lambda v: v.sum() < 5, lambda v: (v, v), x))(x)

@@ -123,6 +123,18 @@ def _origin(prim: str) -> str:
     return f"{prim} body from {loc}" if loc else f"{prim} body"
 
 
+def _carry_values(b, new, init, c_types, root: str, who: str, mismatch: str):
+    """(values in the body's builder `b`, paths) of the leaves of the carry `new` a body returned,
+    each of the type in `c_types` of `init`'s leaf; a structure other than `init`'s raises
+    TypeError(mismatch.format(who=who, got=..., want=...))."""
+    leaves, paths, _ = _flatten(new, root)
+    if len(leaves) != len(c_types) or _structure(new) != _structure(init):
+        raise TypeError(mismatch.format(who=who, got=_structure(new), want=_structure(init)))
+    with building(b):
+        vals = [_out_value(x, t, f"{who}'s {p}") for x, t, p in zip(leaves, c_types, paths)]
+    return vals, paths
+
+
 def _check_carry(what: str, paths, got, want):
     for p, g, w in zip(paths, got, want):
         if g != w:
@@ -242,13 +254,10 @@ def _scan_traced(f, init, x_leaves, x_paths, x_build, length, reverse):
             [f"carry{k}" for k in range(len(c_types))] + [f"x{k}" for k in range(len(x_types))],
             lambda ts: (c_build(ts[:len(c_types)]), x_build(ts[len(c_types):])))
         new_carry, y = _split_result(out, name)
-        nc_leaves, nc_paths, _ = _flatten(new_carry, "carry")
-        if len(nc_leaves) != len(c_leaves) or _structure(new_carry) != _structure(init):
-            raise TypeError(f"scan: {name} returns a carry of structure "
-                            f"{_structure(new_carry)}, but init is {_structure(init)}")
+        nc_vals, nc_paths = _carry_values(
+            b, new_carry, init, c_types, "carry", f"scan: {name}",
+            "{who} returns a carry of structure {got}, but init is {want}")
         with building(b):
-            nc_vals = [_out_value(x, t, f"scan: {name}'s {p}")
-                       for x, t, p in zip(nc_leaves, c_types, nc_paths)]
             y_leaves, y_paths, y_build = _flatten(y, "y")
             y_vals = [_out_value(x, None, f"scan: {name}'s {p}") for x, p in zip(y_leaves, y_paths)]
         promoted = [v.type for v in nc_vals]
@@ -320,13 +329,8 @@ def while_loop(cond_fun, body_fun, init_val):
     if p.shape != ():
         raise TypeError(f"while_loop: cond_fun must return a scalar bool, got {p.type}")
     bb, new = _trace_body(body_fun, _fn_name(body_fun), c_types, hints, lambda ts: (c_build(ts),))
-    n_leaves, n_paths, _ = _flatten(new, "val")
-    if len(n_leaves) != len(c_leaves) or _structure(new) != _structure(init_val):
-        raise TypeError(f"while_loop: body_fun returns {_structure(new)}, but init_val is "
-                        f"{_structure(init_val)}")
-    with building(bb):
-        n_vals = [_out_value(x, t, f"while_loop: body_fun's {q}")
-                  for x, t, q in zip(n_leaves, c_types, n_paths)]
+    n_vals, n_paths = _carry_values(bb, new, init_val, c_types, "val", "while_loop: body_fun",
+                                    "{who} returns {got}, but init_val is {want}")
     _check_carry("while_loop: body_fun", n_paths, [v.type for v in n_vals], c_types)
     # both functions take every captured value, in one order
     outer: dict = {}
