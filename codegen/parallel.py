@@ -29,8 +29,6 @@ def threads_available() -> bool:
     return threadpool.available()
 
 
-gomp_available = threads_available   # its name when the threads were libgomp's
-
 
 # Run-time cap on the threads of every call (tracejit.set_num_threads); None: no cap beyond what
 # each function was compiled for.
