@@ -356,7 +356,8 @@ def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans, acc, table):
                 are zeros of the copy). Else masked loads: AVX2's masked load is several times
                 slower than a load and an `and`, so it is kept out of the main loop."""
                 lanes = vload(b, table, x0, ir.VectorType(_lane_int(ety), vl))
-                mask = b.icmp_signed("<", lanes, ir.Constant(lanes.type, [0] * vl))
+                zero = ir.Constant(lanes.type, [0] * vl)
+                mask = None if full else b.icmp_signed("<", lanes, zero)   # the tail's masks
 
                 def x_at(t):
                     i, j = divmod(t, p.kw)
