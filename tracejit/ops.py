@@ -1222,10 +1222,7 @@ def _is_index_array(i) -> bool:
     if _is_int_tracer(i):
         return True
     if isinstance(i, list) or (isinstance(i, np.ndarray) and i.ndim > 0):
-        arr = np.asarray(i)
-        if arr.dtype == np.bool_:   # (constant masks became integer arrays in getitem)
-            raise TypeError("indexing with a boolean mask is not supported here; use "
-                            "tracejit.where")
+        arr = np.asarray(i)   # (boolean masks became integer arrays first: see getitem)
         return arr.dtype.kind in "iu" or arr.size == 0
     return False
 
