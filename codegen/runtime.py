@@ -26,7 +26,7 @@ import numpy as np
 from ..ir.core import Function, IRError, Namer, instr_text
 
 from . import cache as _cache
-from . import fused, parallel, schedule, target
+from . import fused, parallel, schedule, settings, target
 from .kernels import _load_all, kernels
 from .kernels.pool import lower_max_pool2d_with_argmax
 from .loops import I64, PTR, VOID, for_range, i64, llvm_type
@@ -79,6 +79,7 @@ class NativeFunction:
         self.max_threads = max_threads or parallel.default_threads()
         self.donate = dict(donate or {})
         self.plan = plan_for(fn, self.max_threads, self.donate)
+        self.profiling = settings.profile()   # (the compile cache keys TRACEJIT_PROFILE)
         t1 = time.perf_counter()
         self.n_modules = target.modules_for(sum(_compile_weight(g) for g in self.plan.groups))
         self._source = None
@@ -174,8 +175,10 @@ class NativeFunction:
         pointer = _pointers(module, b, plan, namer, ins_arg, outs_arg, arena_arg, tuple_item)
         status = b.gep(arena_arg, [i64(_status_offset(plan))], source_etype=ir.IntType(8),
                        name="status")
+        counters = b.gep(arena_arg, [i64(_status_offset(plan) + 16)],
+                         source_etype=ir.IntType(8), name="profile") if self.profiling else None
         _emit_calls(module, b, plan, kernel_fns, pointer, nthreads_arg, arena_arg, status,
-                    self.max_threads)
+                    self.max_threads, counters)
         _emit_donated_copies(module, b, plan, pointer)
         b.ret_void()
         return [modules[k] for k in parts]
@@ -208,13 +211,31 @@ class NativeFunction:
         if arena is None:
             # checked kernels report through two i64 status words after the planned memory
             status_at = _status_offset(self.plan)
-            raw = np.empty(status_at + 16 + 64, dtype=np.uint8)
+            raw = np.zeros(status_at + 16 + self._profile_bytes() + 64, dtype=np.uint8)
             off = (-raw.ctypes.data) % 64
             status = raw[off + status_at:off + status_at + 16].view(np.int64)
             status[:] = 0
             arena = self._local.arena = (raw, raw.ctypes.data + off,
                                          status if self._checked else None)
         return arena
+
+    def _profile_bytes(self) -> int:
+        return 16 * len(self.plan.groups) if self.profiling else 0
+
+    def profile(self, reset: bool = False) -> list:
+        """TRACEJIT_PROFILE: (group, calls, cycles) of each top-level kernel, summed over this
+        thread's calls since the last reset (a loop kernel's bodies count as the loop)."""
+        if not self.profiling:
+            raise RuntimeError("compiled without profiling counters: set TRACEJIT_PROFILE=1 "
+                               "before the function is compiled")
+        raw, base, _ = self._arena_state()
+        at = base - raw.ctypes.data + _status_offset(self.plan) + 16
+        counts = raw[at:at + self._profile_bytes()].view(np.int64)
+        res = [(g, int(counts[2 * k + 1]), int(counts[2 * k]))
+               for k, g in enumerate(self.plan.groups)]
+        if reset:
+            counts[:] = 0
+        return res
 
     def _check_status(self, status):
         """Raise the IndexError a checked kernel reported (and clear the status for the next
@@ -400,13 +421,33 @@ def _pointers(module, b, plan, namer, ins_arg, outs_arg, arena_arg, item):
     return pointer
 
 
-def _emit_calls(module, b, plan, kernel_fns, pointer, nthreads, arena, status, max_threads):
-    """Call every kernel of `plan` in order (a loop kernel runs its native loop right here)."""
-    for g, kfn in zip(plan.groups, kernel_fns):
-        if g.kind == "control":
-            _loop_lowerings[g.root.prim.name](module, b, g, pointer, nthreads, arena, status,
-                                              max_threads)
-            continue
+def _emit_calls(module, b, plan, kernel_fns, pointer, nthreads, arena, status, max_threads,
+                counters=None):
+    """Call every kernel of `plan` in order (a loop kernel runs its native loop right here).
+    `counters` (TRACEJIT_PROFILE): i64 pairs, one per group, to which each call adds the cycles
+    it took and 1."""
+    for pos, (g, kfn) in enumerate(zip(plan.groups, kernel_fns)):
+        start = _cycles(module, b) if counters is not None else None
+        _emit_call(module, b, g, kfn, pointer, nthreads, arena, status, max_threads)
+        if counters is not None:
+            spent = b.sub(_cycles(module, b), start)
+            for k, add in ((2 * pos, spent), (2 * pos + 1, i64(1))):
+                at = b.gep(counters, [i64(k)], source_etype=I64)
+                b.store(b.add(b.load(at, typ=I64), add), at)
+
+
+def _cycles(module, b):
+    """The time-stamp counter (constant rate on x86-64)."""
+    fn = module.globals.get("llvm.readcyclecounter") or ir.Function(
+        module, ir.FunctionType(I64, []), "llvm.readcyclecounter")
+    return b.call(fn, [])
+
+
+def _emit_call(module, b, g, kfn, pointer, nthreads, arena, status, max_threads):
+    if g.kind == "control":
+        _loop_lowerings[g.root.prim.name](module, b, g, pointer, nthreads, arena, status,
+                                          max_threads)
+    else:
         args = [pointer(v) for v in g.pointer_values]
         if _checks(g):
             args.append(status)

@@ -13,6 +13,8 @@ when (tracejit.config at import, code generation at first use).
 - TRACEJIT_NO_OPENMP: run every kernel on the calling thread.
 - TRACEJIT_COMPILE_PROCESSES: processes compiling one function's kernels.
 - TRACEJIT_NO_EPILOGUES: no fused epilogues (for debugging).
+- TRACEJIT_PROFILE: compiled code counts the cycles and calls of each kernel
+  (NativeFunction.profile(); benchmarks/profile.py prints the table).
 """
 from __future__ import annotations
 
@@ -75,6 +77,11 @@ def compile_processes() -> int | None:
 
 def no_epilogues() -> bool:
     return bool(os.environ.get("TRACEJIT_NO_EPILOGUES"))
+
+
+def profile() -> bool:
+    return os.environ.get("TRACEJIT_PROFILE", "").strip().lower() not in ("", "0", "false", "no",
+                                                                         "off")
 
 
 def code_environment() -> list[str]:
