@@ -14,7 +14,7 @@ when (tracejit.config at import, code generation at first use).
 - TRACEJIT_COMPILE_PROCESSES: processes compiling one function's kernels.
 - TRACEJIT_NO_EPILOGUES: no fused epilogues (for debugging).
 - TRACEJIT_PROFILE: compiled code counts the cycles and calls of each kernel
-  (NativeFunction.profile(); benchmarks/profile.py prints the table).
+  (NativeFunction.profile(); benchmarks/kernel_profile.py prints the table).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Where a workload's time goes, kernel by kernel.
 
-    python benchmarks/profile.py lenet [--threads 2] [--seconds 2] [--top 25]
+    python benchmarks/kernel_profile.py lenet [--threads 2] [--seconds 2] [--top 25]
 
 Compiles the workload (benchmarks/workloads.py; a training workload such as `mlp-adam` too) with
 TRACEJIT_PROFILE=1, which makes the entry read the time-stamp counter around every kernel call,
