@@ -2,12 +2,15 @@
 general), padding "same"/"valid", transposed convolutions; values and both gradients of the
 compiled code, over a compact grid of option combinations, and the errors for bad options.
 PyTorch's numbers are stored (tests/torch_golden.py): torch is not a dependency of the tests."""
+import itertools
+
 import numpy as np
 import pytest
 
 import tracejit as tj
 from tracejit import nn
 
+from helpers import use_backend
 from torch_golden import torch_reference
 
 # (input shape, weight shape, stride, padding, dilation, groups): each a distinct compile
@@ -27,8 +30,12 @@ TRANSPOSE2D = [   # (input, weight [C_in, C_out/G, kh, kw], stride, padding, out
     ((2, 4, 4, 5), (4, 3, 3, 3), 2, 1, 1, 2, 1),
     ((1, 3, 3, 4), (3, 1, 2, 3), (1, 2), (0, 1), (0, 1), 3, (2, 1)),
     ((1, 2, 5, 3), (2, 2, 3, 1), 1, 0, 0, 1, 1),
+    # stride <= output_padding < dilation: zero rows past every window, the output's end past
+    # the kernel's (padding 0 < output_padding) and before it (padding 2 > output_padding)
+    ((1, 4, 5, 7), (4, 1, 3, 2), 1, (0, 2), 1, 2, (2, 3)),
 ]
-TRANSPOSE1D = [((2, 2, 6), (2, 2, 4), 2, 1, 1, 1, 2)]
+TRANSPOSE1D = [((2, 2, 6), (2, 2, 4), 2, 1, 1, 1, 2),
+               ((1, 2, 5), (2, 3, 3), 2, 2, 2, 1, 3)]
 
 
 def _check(name, tj_fn, torch_fn, xs, ws, bias_size, seed):
@@ -75,6 +82,37 @@ def test_conv_transpose_matches_torch(nsp, case):
            lambda F, x, w, b: getattr(F, tname)(x, w, b, s, p, op, g, d), xs, ws, (ws[1] * g,), 1)
 
 
+def test_conv_transpose1d_option_grid_matches_torch():
+    """Every stride 1-3, padding 0-2, dilation 1-2, groups 1-2 and output_padding below
+    max(stride, dilation), values and gradients, on the interpreter (the lowering to
+    conv2d_input_grad is per axis, so 1-d covers its arithmetic; native code is checked above)."""
+    grid = [(s, p, op, g, d) for s, p, d, g in itertools.product((1, 2, 3), (0, 1, 2), (1, 2), (1, 2))
+            for op in range(max(s, d))]
+    rng = np.random.default_rng(5)
+    data = [(rng.standard_normal((2, 2 * g, 5)), rng.standard_normal((2 * g, 2, 3)),
+             rng.standard_normal(2 * g)) for _, _, _, g, _ in grid]
+
+    def compute(torch):
+        out = {}
+        for i, ((s, p, op, g, d), arrays) in enumerate(zip(grid, data)):
+            tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in arrays)
+            ty = torch.nn.functional.conv_transpose1d(tx, tw, tb, s, p, op, g, d)
+            (ty * ty.detach().cos()).sum().backward()
+            out.update({f"y{i}": ty.detach().numpy(), f"dx{i}": tx.grad.numpy(),
+                        f"dw{i}": tw.grad.numpy(), f"db{i}": tb.grad.numpy()})
+        return out
+    ref = torch_reference("conv_options-conv_transpose1d-grid", compute)
+    with use_backend("interpreter"):
+        for i, ((s, p, op, g, d), arrays) in enumerate(zip(grid, data)):
+            def loss(x, w, b):
+                y = nn.conv_transpose1d(x, w, b, s, p, op, g, d)
+                return (y * tj.stop_gradient(tj.cos(y))).sum(), y
+            (_, y), grads = tj.jit_value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(*arrays)
+            for k, v in zip(("y", "dx", "dw", "db"), (y,) + tuple(grads)):
+                np.testing.assert_allclose(np.asarray(v), ref[f"{k}{i}"], rtol=0, atol=1e-12,
+                                           err_msg=f"{k} at (s, p, op, g, d)={grid[i]}")
+
+
 def test_keywords_in_pytorch_order():
     x, w = np.ones((1, 4, 5, 5)), np.ones((4, 1, 3, 3))
     a = nn.conv2d(x, w, None, 1, 1, 1, 4)
@@ -106,8 +144,10 @@ def test_weight_channels_must_match_groups():
 
 def test_bad_conv_transpose_options():
     x, w = np.ones((1, 4, 3, 3)), np.ones((4, 1, 2, 2))
-    with pytest.raises(ValueError, match=r"output_padding must be smaller than the stride"):
-        nn.conv_transpose2d(x, w, stride=2, output_padding=2)
+    with pytest.raises(ValueError, match=r"output_padding must be smaller than the stride or the "
+                                         r"dilation .* got output_padding=\(2, 2\) with "
+                                         r"stride=\(2, 2\) and dilation=\(1, 2\)"):
+        nn.conv_transpose2d(x, w, stride=2, output_padding=2, dilation=(1, 2))
     with pytest.raises(ValueError, match=r"groups \(3\)"):
         nn.conv_transpose2d(x, w, groups=3)
     with pytest.raises(tj.ShapeError, match=r"weight must be 4-d \[in, out/groups, kh, kw\]"):

@@ -416,6 +416,27 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return _conv("conv1d", 1, input, weight, bias, stride, padding, dilation, groups)
 
 
+def _transpose_window(L, s, p, d, k, op):
+    """How one axis of a transposed convolution maps onto conv2d_input_grad, whose padding is
+    symmetric and whose output size must give back L windows: (kernel padding, kernel output
+    size, rows to crop in front, rows to add (> 0, zeros) or crop (< 0) at the end).
+
+    In the coordinates of the unpadded scatter [0, F), F = (L - 1)*s + d*(k - 1) + 1, the output
+    is [p, p + out) with out = F - 2p + op. A kernel with padding kp and size F - 2kp + r
+    (0 <= r < s) computes [kp, F - kp + r). With output_padding < stride that is the output
+    itself (kp = p, r = op); PyTorch also allows stride <= output_padding < dilation, where the
+    output's last rows lie past every window (zeros) and may start before the kernel's end with
+    padding p: then the kernel pads less and its extra rows are cropped."""
+    f = (L - 1) * s + d * (k - 1) + 1
+    end = f - p + op                       # the output's end
+    for kp in range(p, -1, -1):
+        r = builtins.min(s - 1, end - (f - kp))
+        if r >= 0 and f - kp + r >= builtins.min(end, f):
+            return kp, f - 2 * kp + r, p - kp, end - (f - kp + r)
+    # unreachable: kp = p - op fits when op < p (r = 0), kp = 0 when op >= p (r = min(s-1, op-p))
+    raise AssertionError(f"no conv2d_input_grad window for {(L, s, p, d, k, op)}")
+
+
 def _conv_transpose(what, nsp, input, weight, bias, stride, padding, output_padding, groups,
                     dilation):
     """The adjoint of a convolution with respect to its input: conv2d_input_grad of the input,
@@ -429,20 +450,26 @@ def _conv_transpose(what, nsp, input, weight, bias, stride, padding, output_padd
     if x.shape[1] != w.shape[0]:
         raise ShapeError(f"{what}: input {x.type} has {x.shape[1]} channels but weight {w.type} "
                          f"expects {w.shape[0]}")
-    if any(o >= a for o, a in zip(op_, s)):
-        # (PyTorch also allows output_padding < dilation; not supported here)
-        raise _error(ValueError, f"{what}: output_padding must be smaller than the stride {s}, got "
-                                 f"{op_}")
-    # out = (L - 1)*s - 2p + d*(k - 1) + 1 + output_padding; the convolution of an input of that
-    # size gives back L (the output_padding rows are ones no window reaches, cotangent 0)
+    if any(o >= builtins.max(a, b) for o, a, b in zip(op_, s, d)):
+        raise _error(ValueError, f"{what}: output_padding must be smaller than the stride or the "
+                                 f"dilation in each dimension (PyTorch's rule), got "
+                                 f"output_padding={op_} with stride={s} and dilation={d}")
+    # out = (L - 1)*s - 2p + d*(k - 1) + 1 + output_padding
     out_sp = tuple((L - 1) * si - 2 * pi + di * (k - 1) + 1 + o
                    for L, si, pi, di, k, o in zip(x.shape[2:], s, p, d, w.shape[2:], op_))
     if any(L < 1 for L in out_sp):
         raise ShapeError(f"{what}: the output size {out_sp} is not positive (input {x.type}, "
                          f"weight {w.type}, stride {s}, padding {p}, dilation {d})")
+    windows = [_transpose_window(L, si, pi, di, k, o)
+               for L, si, pi, di, k, o in zip(x.shape[2:], s, p, d, w.shape[2:], op_)]
+    kp, k_sp, lo, hi = (tuple(t) for t in zip(*windows))
     n = x.shape[0]
-    x, w, s, p, d, out_sp = _as_2d(nsp, x, w, (1, s), (0, p), (1, d), (1, out_sp))
-    y = lax.conv2d_input_grad(x, w, out_sp, s, p, d, g)
+    x, w, s, kp, d, k_sp, lo, hi = _as_2d(nsp, x, w, (1, s), (0, kp), (1, d), (1, k_sp), (0, lo),
+                                          (0, hi))
+    y = lax.conv2d_input_grad(x, w, k_sp, s, kp, d, g)
+    y = lax.slice_(y, (0, 0) + lo, y.shape[:2] + tuple(m + builtins.min(h, 0)
+                                                       for m, h in zip(k_sp, hi)))
+    y = lax.pad(y, (0,) * 4, (0, 0) + tuple(builtins.max(h, 0) for h in hi))
     return _conv_result(nsp, y, n, bias, dt, squeeze)
 
 
