@@ -1372,3 +1372,20 @@ KINKS = [
              (0, 0, 0)),
 ]
 
+
+# adaptive max pooling with indices: the values (the indices are checked against PyTorch in
+# test_conv_options), odd sizes with overlapping windows, and the first maximum taking the gradient
+pool_options("nn.adaptive_max_pool2d", "adaptive_max_pool2d-overlap-return_indices",
+             lambda x, **kw: nn.adaptive_max_pool2d(x, **kw, return_indices=True)[0], 2, "max",
+             (2, 3, 7, 5), ref=ref_adaptive, output_size=(4, 3))
+pool_options("nn.adaptive_max_pool1d", "adaptive_max_pool1d-overlap-return_indices",
+             lambda x, **kw: nn.adaptive_max_pool1d(x, **kw, return_indices=True)[0], 1, "max",
+             (2, 2, 7), ref=ref_adaptive, output_size=5)
+KINKS += [
+    KinkCase("adaptive_max_pool2d-first-maximum-of-overlapping-windows",
+             lambda x: nn.adaptive_max_pool2d(x.reshape(1, 1, 3, 3), 2).sum(),
+             ((5, 5, 5), (5, 5, 5), (5, 5, 5)), ((1, 1, 0), (1, 1, 0), (0, 0, 0))),
+    KinkCase("adaptive_max_pool1d-first-maximum-of-overlapping-windows",
+             lambda x: nn.adaptive_max_pool1d(x.reshape(1, 1, 5), 3, return_indices=True)[0].sum(),
+             (5, 5, 5, 5, 5), (1, 1, 0, 1, 0)),
+]

@@ -172,12 +172,54 @@ def test_max_pool_return_indices_match_torch():
         assert np.asarray(idx).dtype == np.int64
 
 
+ADAPTIVE_MAX = [   # (nsp, input shape, output_size): overlapping odd windows, tiling, unbatched
+    (2, (2, 3, 7, 5), (3, 2)), (2, (1, 2, 6, 4), (3, 2)), (1, (2, 3, 7), 3), (2, (2, 5, 5), (3, None))]
+
+
+@pytest.mark.parametrize("backend", ["llvm", "interpreter"])
+def test_adaptive_max_pool_return_indices_match_torch(backend):
+    """Values, int64 indices (flat h*W + w per input plane) and the gradient w.r.t. the input
+    against PyTorch, with tied values so that each window's first maximum must be the one."""
+    for nsp, shape, size in ADAPTIVE_MAX:
+        rng = np.random.default_rng(3)
+        x = rng.standard_normal(shape).round(0)   # few distinct values: ties in most windows
+        fn, tname = (nn.adaptive_max_pool2d, "adaptive_max_pool2d") if nsp == 2 else \
+            (nn.adaptive_max_pool1d, "adaptive_max_pool1d")
+
+        def compute(torch):
+            tx = torch.tensor(x, requires_grad=True)
+            ty, ti = getattr(torch.nn.functional, tname)(tx, size, return_indices=True)
+            (ty * ty.detach().cos()).sum().backward()
+            return {"y": ty.detach().numpy(), "idx": ti.numpy(), "dx": tx.grad.numpy()}
+        ref = torch_reference(f"conv_options-{tname}-indices-{shape}-{size}", compute)
+
+        def loss(x):
+            y, idx = fn(x, size, return_indices=True)
+            return (y * tj.stop_gradient(tj.cos(y))).sum(), (y, idx)
+        with use_backend(backend):
+            (_, (y, idx)), dx = tj.jit_value_and_grad(loss, has_aux=True)(x)
+        assert np.asarray(idx).dtype == np.int64
+        np.testing.assert_array_equal(np.asarray(idx), ref["idx"], err_msg=f"{shape} {size}")
+        np.testing.assert_array_equal(np.asarray(y), ref["y"])
+        np.testing.assert_allclose(np.asarray(dx), ref["dx"], rtol=0, atol=1e-15)
+
+
+def test_adaptive_max_pool_indices_have_no_gradient():
+    def f(x):
+        y, idx = nn.adaptive_max_pool2d(x, (2, 3), return_indices=True)
+        return y.sum() + (idx * 1.0).sum()
+    x = np.random.default_rng(4).standard_normal((1, 2, 5, 7))
+    g = tj.jit_grad(f)(x)
+    want = tj.jit_grad(lambda x: nn.adaptive_max_pool2d(x, (2, 3)).sum())(x)
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(want))
+
+
 @pytest.mark.parametrize("call, words", [
     (lambda x: nn.max_pool2d(x, 2, padding=2), ["padding", "half", "(2, 2)"]),
     (lambda x: nn.max_pool2d(x, 2, dilation=0), ["dilation", "0"]),
     (lambda x: nn.avg_pool2d(x, 2, divisor_override=0), ["divisor_override", "0"]),
     (lambda x: nn.adaptive_avg_pool2d(x, (2, 0)), ["output_size", "(2, 0)"]),
-    (lambda x: nn.adaptive_max_pool2d(x, 3, return_indices=True), ["return_indices"]),
+    (lambda x: nn.adaptive_max_pool2d(x, 3.5, return_indices=True), ["output_size", "3.5"]),
 ])
 def test_bad_pool_options_name_the_argument(call, words):
     with pytest.raises((ValueError, NotImplementedError)) as e:
