@@ -1485,3 +1485,9 @@ KINKS += [
              lambda x: nn.adaptive_max_pool1d(x.reshape(1, 1, 5), 3, return_indices=True)[0].sum(),
              (5, 5, 5, 5, 5), (1, 1, 0, 1, 0)),
 ]
+KINKS += [
+    KinkCase("remainder-at-exact-multiples-has-fmods-gradient", lambda x: (x % 1.5).sum(),
+             (3.0, -3.0, 0.0, 2.5), (1, 1, 1, 1)),
+    KinkCase("remainder-divisor-at-exact-multiples", lambda x: tj.remainder(3.0, x).sum(),
+             (1.5, -1.5, 1.0), (-2, 2, -3)),
+]

@@ -464,7 +464,12 @@ def remainder(x1, x2):
         return out
     # a zero remainder takes the divisor's sign, as numpy's (fmod's has the dividend's)
     # (the signed zero computed, not a constant: constants equal as numbers may be merged)
-    return where(equal(m, 0), multiply(where(less(x2, 0), -1.0, 1.0), 0.0), out)
+    zero = equal(m, 0)
+    signed = where(zero, multiply(where(less(x2, 0), -1.0, 1.0), 0.0), out)
+    # ... with fmod's gradient there (1 and -x1 / x2), as on either side of the multiple:
+    # subtracting sg(mz) - mz adds mz's gradient and +0.0, which keeps every value and sign
+    mz = where(zero, m, 0.0)
+    return subtract(signed, subtract(stop_gradient(mz), mz))
 
 
 mod = op("mod")(remainder.__wrapped__)
