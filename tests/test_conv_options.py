@@ -86,7 +86,8 @@ def test_conv_transpose1d_option_grid_matches_torch():
     """Every stride 1-3, padding 0-2, dilation 1-2, groups 1-2 and output_padding below
     max(stride, dilation), values and gradients, on the interpreter (the lowering to
     conv2d_input_grad is per axis, so 1-d covers its arithmetic; native code is checked above)."""
-    grid = [(s, p, op, g, d) for s, p, d, g in itertools.product((1, 2, 3), (0, 1, 2), (1, 2), (1, 2))
+    grid = [(s, p, op, g, d)
+            for s, p, d, g in itertools.product((1, 2, 3), (0, 1, 2), (1, 2), (1, 2))
             for op in range(max(s, d))]
     rng = np.random.default_rng(5)
     data = [(rng.standard_normal((2, 2 * g, 5)), rng.standard_normal((2 * g, 2, 3)),
@@ -173,7 +174,8 @@ def test_max_pool_return_indices_match_torch():
 
 
 ADAPTIVE_MAX = [   # (nsp, input shape, output_size): overlapping odd windows, tiling, unbatched
-    (2, (2, 3, 7, 5), (3, 2)), (2, (1, 2, 6, 4), (3, 2)), (1, (2, 3, 7), 3), (2, (2, 5, 5), (3, None))]
+    (2, (2, 3, 7, 5), (3, 2)), (2, (1, 2, 6, 4), (3, 2)), (1, (2, 3, 7), 3),
+    (2, (2, 5, 5), (3, None))]
 
 
 @pytest.mark.parametrize("backend", ["llvm", "interpreter"])

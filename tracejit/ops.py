@@ -2014,8 +2014,7 @@ def broadcast_to(array, shape):
     """numpy's broadcast_to (a copy, which traced values cannot tell from a view)."""
     shape = (int(shape),) if isinstance(shape, (numbers.Integral, np.integer)) else \
         tuple(int(n) for n in shape)
-    v = _layout_value(array) if isinstance(array, Tracer) or not isinstance(array, numbers.Number) \
-        else as_value(array, result_dtype(array))
+    v = _layout_value(array)
     if broadcast_shapes(v.shape, shape) != shape:
         raise ValueError(f"broadcast_to: cannot broadcast shape {list(v.shape)} to {list(shape)}")
     return wrap(lax.broadcast_to(v, shape))
