@@ -1330,6 +1330,107 @@ for _ord in ("fro", 1, -1, np.inf, -np.inf):
 add("norm", "norm-matrix-ord1-axes-keepdims",
     lambda x: np.linalg.norm(x, 1, axis=(2, 0), keepdims=True),
     lambda x: np.linalg.norm(x, 1, axis=(2, 0), keepdims=True), nonzero((3, 2, 4)))
+# adaptive max pooling with indices: the values (the indices are checked against PyTorch in
+# test_conv_options), odd sizes with overlapping windows, and the first maximum taking the gradient
+pool_options("nn.adaptive_max_pool2d", "adaptive_max_pool2d-overlap-return_indices",
+             lambda x, **kw: nn.adaptive_max_pool2d(x, **kw, return_indices=True)[0], 2, "max",
+             (2, 3, 7, 5), ref=ref_adaptive, output_size=(4, 3))
+pool_options("nn.adaptive_max_pool1d", "adaptive_max_pool1d-overlap-return_indices",
+             lambda x, **kw: nn.adaptive_max_pool1d(x, **kw, return_indices=True)[0], 1, "max",
+             (2, 2, 7), ref=ref_adaptive, output_size=5)
+
+# numpy functions and spellings the everyday sweep found missing ----------------------------------
+add("vector_norm", "vector_norm-ord3-axes-keepdims",
+    lambda x: tj.vector_norm(x, axis=(0, 2), keepdims=True, ord=3),
+    lambda x: np.linalg.vector_norm(x, axis=(0, 2), keepdims=True, ord=3), nonzero((2, 3, 4)))
+add("vector_norm", "np.linalg.vector_norm-all-inf", lambda x: np.linalg.vector_norm(x, ord=np.inf),
+    lambda x: np.linalg.vector_norm(x, ord=np.inf), distinct((3, 4), lo=0.1))
+add("matrix_norm", "np.linalg.matrix_norm-ord1-batched",
+    lambda x: np.linalg.matrix_norm(x, ord=1), lambda x: np.linalg.matrix_norm(x, ord=1),
+    distinct((2, 3, 4)))
+add("matrix_norm", "matrix_norm-fro-keepdims", lambda x: tj.matrix_norm(x, keepdims=True),
+    lambda x: np.linalg.matrix_norm(x, keepdims=True), nonzero((2, 3, 4)))
+add("norm", "method.norm-torch-p1-dim", lambda x: x.norm(p=1, dim=1, keepdim=True),
+    lambda x: np.abs(x).sum(1, keepdims=True), nonzero((2, 3, 4)))
+add("norm", "norm-torch-p3-all", lambda x: tj.norm(x, p=3),
+    lambda x: np.sum(np.abs(x) ** 3) ** (1 / 3), nonzero((3, 4)))
+add("vecdot", "vecdot-broadcast", tj.vecdot, np.vecdot, Arg((2, 3, 4)), Arg((3, 4)))
+add("vecdot", "np.vecdot-axis0", lambda a, b: np.vecdot(a, b, axis=0),
+    lambda a, b: np.vecdot(a, b, axis=0), Arg((3, 4)), Arg((3, 4)), second_order=False)
+add("matrix_transpose", "matrix_transpose-3d", tj.matrix_transpose, np.matrix_transpose,
+    Arg((2, 3, 4)))
+add("trace", "np.linalg.trace-last-axes-offset", lambda x: np.linalg.trace(x, offset=1),
+    lambda x: np.linalg.trace(x, offset=1), Arg((2, 3, 4)))
+add("diagonal", "np.linalg.diagonal-last-axes", np.linalg.diagonal, np.linalg.diagonal,
+    Arg((2, 3, 4)), second_order=False)
+add("outer", "np.linalg.outer", np.linalg.outer, np.linalg.outer, Arg((3,)), Arg((4,)),
+    second_order=False)
+add("multi_dot", "multi_dot-vector-ends", lambda a, b, c: tj.multi_dot([a, b, c]),
+    lambda a, b, c: np.linalg.multi_dot([a, b, c]), Arg((3,)), Arg((3, 4)), Arg((4,)))
+add("broadcast_to", "broadcast_to-3x1-to-2x3x4", lambda x: tj.broadcast_to(x, (2, 3, 4)),
+    lambda x: np.broadcast_to(x, (2, 3, 4)), Arg((3, 1)))
+add("broadcast_to", "np.broadcast_to-int-shape", lambda x: np.broadcast_to(x, 5),
+    lambda x: np.broadcast_to(x, 5), Arg((1,)), second_order=False)
+add("take", "take-axis1-repeats", lambda x: tj.take(x, [2, 0, 2, -1], axis=1),
+    lambda x: np.take(x, [2, 0, 2, -1], axis=1), Arg((2, 3, 4)))
+add("take", "np.take-flat-2d-indices", lambda x: np.take(x, [[0, 5], [11, 5]]),
+    lambda x: np.take(x, [[0, 5], [11, 5]]), Arg((3, 4)))
+add("take", "take-mode-wrap", lambda x: tj.take(x, [-5, 4], mode="wrap"),
+    lambda x: np.take(x, [-5, 4], mode="wrap"), Arg((3,)))
+add("take", "take-mode-clip", lambda x: tj.take(x, [-5, 9], axis=0, mode="clip"),
+    lambda x: np.take(x, [-5, 9], axis=0, mode="clip"), Arg((3, 2)))
+add("cumulative_sum", "cumulative_sum-include_initial",
+    lambda x: tj.cumulative_sum(x, axis=1, include_initial=True),
+    lambda x: np.cumulative_sum(x, axis=1, include_initial=True), Arg((2, 3)))
+add("cumulative_prod", "np.cumulative_prod-1d", np.cumulative_prod, np.cumulative_prod,
+    Arg((4,)))
+add("ptp", "ptp-axis1-keepdims", lambda x: tj.ptp(x, 1, keepdims=True),
+    lambda x: np.ptp(x, 1, keepdims=True), distinct((3, 4)))
+add("positive", "np.positive", np.positive, np.positive, Arg((2, 3)))
+add("cbrt", "np.cbrt", np.cbrt, np.cbrt, Arg((4,), lo=-9.0, hi=9.0, avoid=(0.0,)))
+# (float_power's result is float64 for float32 operands: checked in test_ops_everyday)
+add("float_power", "float_power", lambda a, b: tj.float_power(a, b).astype(a.dtype),
+    np.float_power, pos((2, 3)), Arg((3,)))
+add("fix", "np.fix", np.fix, np.fix, Arg((2, 3), lo=-3, hi=3, avoid=(-2.0, -1.0, 0.0, 1.0, 2.0)))
+for _name in ("isnan", "isinf", "isfinite"):
+    add(_name, f"{_name}-inf-nan", lambda x, _n=_name: getattr(tj, _n)(tj.log(x) * x),
+        lambda x, _n=_name: getattr(np, _n)(np.log(x) * x), Arg((7,), lo=-1.0, hi=1.0),
+        grad=False)
+add("logical_xor", "logical_xor-masks", lambda a, b: tj.logical_xor(a > 0, b),
+    lambda a, b: np.logical_xor(a > 0, b), nonzero((2, 5)), nonzero((5,)), grad=False)
+add("any", "any-axis0-keepdims", lambda x: tj.any(x > 1.0, 0, keepdims=True),
+    lambda x: np.any(x > 1.0, 0, keepdims=True), Arg((3, 4), avoid=(1.0,)), grad=False)
+add("all", "np.all-axis1", lambda x: np.all(x > -1.0, axis=1), lambda x: np.all(x > -1.0, axis=1),
+    Arg((4, 3), avoid=(-1.0,)), grad=False)
+# numpy's positional order (dtype before keepdims); converting dtypes is in test_ops_everyday
+add("sum", "np.sum-positional-dtype-keepdims", lambda x: np.sum(x, 1, x.dtype, None, True),
+    lambda x: np.sum(x, 1, x.dtype, None, True), Arg((3, 4)), second_order=False)
+add("mean", "np.mean-positional-dtype", lambda x: np.mean(x, 1, x.dtype),
+    lambda x: np.mean(x, 1, x.dtype), Arg((3, 4)), second_order=False)
+add("var", "np.var-positional-ddof", lambda x: np.var(x, 0, None, None, 1),
+    lambda x: np.var(x, 0, None, None, 1), Arg((3, 4)), second_order=False)
+add("std", "method.std-torch-unbiased", lambda x: x.std(dim=1, unbiased=True, keepdim=True),
+    lambda x: x.std(1, ddof=1, keepdims=True), Arg((3, 4)), second_order=False)
+add("prod", "method.prod-dtype", lambda x: x.prod(0, dtype=x.dtype),
+    lambda x: x.prod(0, dtype=x.dtype), Arg((3, 4)), second_order=False)
+add("cumsum", "np.cumsum-positional-dtype", lambda x: np.cumsum(x, 1, x.dtype),
+    lambda x: np.cumsum(x, 1, x.dtype), Arg((3, 4)), second_order=False)
+add("trace", "method.trace-axis1-axis2", lambda x: x.trace(axis1=1, axis2=2),
+    lambda x: x.trace(axis1=1, axis2=2), Arg((2, 3, 4)), second_order=False)
+add("diagonal", "method.diagonal-offset-axes", lambda x: x.diagonal(1, axis1=2, axis2=0),
+    lambda x: x.diagonal(1, axis1=2, axis2=0), Arg((3, 2, 4)), second_order=False)
+add("swapaxes", "np.swapaxes-keywords", lambda x: np.swapaxes(x, axis1=0, axis2=2),
+    lambda x: np.swapaxes(x, axis1=0, axis2=2), Arg((2, 3, 4)), second_order=False)
+add("concatenate", "np.concatenate-axis-None", lambda a, b: np.concatenate([a, b], axis=None),
+    lambda a, b: np.concatenate([a, b], axis=None), Arg((2, 3)), Arg((4,)), second_order=False)
+add("vstack", "np.row_stack", lambda a, b: np.row_stack([a, b]), lambda a, b: np.vstack([a, b]),
+    Arg((3,)), Arg((3,)), second_order=False)
+add("hstack", "np.hstack-dtype", lambda a, b: np.hstack([a, b], dtype=a.dtype),
+    lambda a, b: np.hstack([a, b], dtype=a.dtype), Arg((2,)), Arg((3,)), second_order=False)
+add("diff", "np.diff-prepend-append", lambda x: np.diff(x, axis=0, prepend=0.5, append=x[:1]),
+    lambda x: np.diff(x, axis=0, prepend=0.5, append=x[:1]), Arg((3, 4)))
+add("diff", "diff-n2-prepend-array", lambda x, p: tj.diff(x, 2, prepend=p),
+    lambda x, p: np.diff(x, 2, prepend=p), Arg((2, 4)), Arg((2, 2)))
 # END linear algebra
 
 GRAD_CASES = [c for c in CASES if c.grad]
@@ -1372,3 +1473,18 @@ KINKS = [
              (0, 0, 0)),
 ]
 
+
+KINKS += [
+    KinkCase("adaptive_max_pool2d-first-maximum-of-overlapping-windows",
+             lambda x: nn.adaptive_max_pool2d(x.reshape(1, 1, 3, 3), 2).sum(),
+             ((5, 5, 5), (5, 5, 5), (5, 5, 5)), ((1, 1, 0), (1, 1, 0), (0, 0, 0))),
+    KinkCase("adaptive_max_pool1d-first-maximum-of-overlapping-windows",
+             lambda x: nn.adaptive_max_pool1d(x.reshape(1, 1, 5), 3, return_indices=True)[0].sum(),
+             (5, 5, 5, 5, 5), (1, 1, 0, 1, 0)),
+]
+KINKS += [
+    KinkCase("remainder-at-exact-multiples-has-fmods-gradient", lambda x: (x % 1.5).sum(),
+             (3.0, -3.0, 0.0, 2.5), (1, 1, 1, 1)),
+    KinkCase("remainder-divisor-at-exact-multiples", lambda x: tj.remainder(3.0, x).sum(),
+             (1.5, -1.5, 1.0), (-2, 2, -3)),
+]

@@ -2,12 +2,15 @@
 general), padding "same"/"valid", transposed convolutions; values and both gradients of the
 compiled code, over a compact grid of option combinations, and the errors for bad options.
 PyTorch's numbers are stored (tests/torch_golden.py): torch is not a dependency of the tests."""
+import itertools
+
 import numpy as np
 import pytest
 
 import tracejit as tj
 from tracejit import nn
 
+from helpers import use_backend
 from torch_golden import torch_reference
 
 # (input shape, weight shape, stride, padding, dilation, groups): each a distinct compile
@@ -27,8 +30,12 @@ TRANSPOSE2D = [   # (input, weight [C_in, C_out/G, kh, kw], stride, padding, out
     ((2, 4, 4, 5), (4, 3, 3, 3), 2, 1, 1, 2, 1),
     ((1, 3, 3, 4), (3, 1, 2, 3), (1, 2), (0, 1), (0, 1), 3, (2, 1)),
     ((1, 2, 5, 3), (2, 2, 3, 1), 1, 0, 0, 1, 1),
+    # stride <= output_padding < dilation: zero rows past every window, the output's end past
+    # the kernel's (padding 0 < output_padding) and before it (padding 2 > output_padding)
+    ((1, 4, 5, 7), (4, 1, 3, 2), 1, (0, 2), 1, 2, (2, 3)),
 ]
-TRANSPOSE1D = [((2, 2, 6), (2, 2, 4), 2, 1, 1, 1, 2)]
+TRANSPOSE1D = [((2, 2, 6), (2, 2, 4), 2, 1, 1, 1, 2),
+               ((1, 2, 5), (2, 3, 3), 2, 2, 2, 1, 3)]
 
 
 def _check(name, tj_fn, torch_fn, xs, ws, bias_size, seed):
@@ -75,6 +82,38 @@ def test_conv_transpose_matches_torch(nsp, case):
            lambda F, x, w, b: getattr(F, tname)(x, w, b, s, p, op, g, d), xs, ws, (ws[1] * g,), 1)
 
 
+def test_conv_transpose1d_option_grid_matches_torch():
+    """Every stride 1-3, padding 0-2, dilation 1-2, groups 1-2 and output_padding below
+    max(stride, dilation), values and gradients, on the interpreter (the lowering to
+    conv2d_input_grad is per axis, so 1-d covers its arithmetic; native code is checked above)."""
+    grid = [(s, p, op, g, d)
+            for s, p, d, g in itertools.product((1, 2, 3), (0, 1, 2), (1, 2), (1, 2))
+            for op in range(max(s, d))]
+    rng = np.random.default_rng(5)
+    data = [(rng.standard_normal((2, 2 * g, 5)), rng.standard_normal((2 * g, 2, 3)),
+             rng.standard_normal(2 * g)) for _, _, _, g, _ in grid]
+
+    def compute(torch):
+        out = {}
+        for i, ((s, p, op, g, d), arrays) in enumerate(zip(grid, data)):
+            tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in arrays)
+            ty = torch.nn.functional.conv_transpose1d(tx, tw, tb, s, p, op, g, d)
+            (ty * ty.detach().cos()).sum().backward()
+            out.update({f"y{i}": ty.detach().numpy(), f"dx{i}": tx.grad.numpy(),
+                        f"dw{i}": tw.grad.numpy(), f"db{i}": tb.grad.numpy()})
+        return out
+    ref = torch_reference("conv_options-conv_transpose1d-grid", compute)
+    with use_backend("interpreter"):
+        for i, ((s, p, op, g, d), arrays) in enumerate(zip(grid, data)):
+            def loss(x, w, b):
+                y = nn.conv_transpose1d(x, w, b, s, p, op, g, d)
+                return (y * tj.stop_gradient(tj.cos(y))).sum(), y
+            (_, y), grads = tj.jit_value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(*arrays)
+            for k, v in zip(("y", "dx", "dw", "db"), (y,) + tuple(grads)):
+                np.testing.assert_allclose(np.asarray(v), ref[f"{k}{i}"], rtol=0, atol=1e-12,
+                                           err_msg=f"{k} at (s, p, op, g, d)={grid[i]}")
+
+
 def test_keywords_in_pytorch_order():
     x, w = np.ones((1, 4, 5, 5)), np.ones((4, 1, 3, 3))
     a = nn.conv2d(x, w, None, 1, 1, 1, 4)
@@ -106,8 +145,10 @@ def test_weight_channels_must_match_groups():
 
 def test_bad_conv_transpose_options():
     x, w = np.ones((1, 4, 3, 3)), np.ones((4, 1, 2, 2))
-    with pytest.raises(ValueError, match=r"output_padding must be smaller than the stride"):
-        nn.conv_transpose2d(x, w, stride=2, output_padding=2)
+    with pytest.raises(ValueError, match=r"output_padding must be smaller than the stride or the "
+                                         r"dilation .* got output_padding=\(2, 2\) with "
+                                         r"stride=\(2, 2\) and dilation=\(1, 2\)"):
+        nn.conv_transpose2d(x, w, stride=2, output_padding=2, dilation=(1, 2))
     with pytest.raises(ValueError, match=r"groups \(3\)"):
         nn.conv_transpose2d(x, w, groups=3)
     with pytest.raises(tj.ShapeError, match=r"weight must be 4-d \[in, out/groups, kh, kw\]"):
@@ -132,12 +173,55 @@ def test_max_pool_return_indices_match_torch():
         assert np.asarray(idx).dtype == np.int64
 
 
+ADAPTIVE_MAX = [   # (nsp, input shape, output_size): overlapping odd windows, tiling, unbatched
+    (2, (2, 3, 7, 5), (3, 2)), (2, (1, 2, 6, 4), (3, 2)), (1, (2, 3, 7), 3),
+    (2, (2, 5, 5), (3, None))]
+
+
+@pytest.mark.parametrize("backend", ["llvm", "interpreter"])
+def test_adaptive_max_pool_return_indices_match_torch(backend):
+    """Values, int64 indices (flat h*W + w per input plane) and the gradient w.r.t. the input
+    against PyTorch, with tied values so that each window's first maximum must be the one."""
+    for nsp, shape, size in ADAPTIVE_MAX:
+        rng = np.random.default_rng(3)
+        x = rng.standard_normal(shape).round(0)   # few distinct values: ties in most windows
+        fn, tname = (nn.adaptive_max_pool2d, "adaptive_max_pool2d") if nsp == 2 else \
+            (nn.adaptive_max_pool1d, "adaptive_max_pool1d")
+
+        def compute(torch):
+            tx = torch.tensor(x, requires_grad=True)
+            ty, ti = getattr(torch.nn.functional, tname)(tx, size, return_indices=True)
+            (ty * ty.detach().cos()).sum().backward()
+            return {"y": ty.detach().numpy(), "idx": ti.numpy(), "dx": tx.grad.numpy()}
+        ref = torch_reference(f"conv_options-{tname}-indices-{shape}-{size}", compute)
+
+        def loss(x):
+            y, idx = fn(x, size, return_indices=True)
+            return (y * tj.stop_gradient(tj.cos(y))).sum(), (y, idx)
+        with use_backend(backend):
+            (_, (y, idx)), dx = tj.jit_value_and_grad(loss, has_aux=True)(x)
+        assert np.asarray(idx).dtype == np.int64
+        np.testing.assert_array_equal(np.asarray(idx), ref["idx"], err_msg=f"{shape} {size}")
+        np.testing.assert_array_equal(np.asarray(y), ref["y"])
+        np.testing.assert_allclose(np.asarray(dx), ref["dx"], rtol=0, atol=1e-15)
+
+
+def test_adaptive_max_pool_indices_have_no_gradient():
+    def f(x):
+        y, idx = nn.adaptive_max_pool2d(x, (2, 3), return_indices=True)
+        return y.sum() + (idx * 1.0).sum()
+    x = np.random.default_rng(4).standard_normal((1, 2, 5, 7))
+    g = tj.jit_grad(f)(x)
+    want = tj.jit_grad(lambda x: nn.adaptive_max_pool2d(x, (2, 3)).sum())(x)
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(want))
+
+
 @pytest.mark.parametrize("call, words", [
     (lambda x: nn.max_pool2d(x, 2, padding=2), ["padding", "half", "(2, 2)"]),
     (lambda x: nn.max_pool2d(x, 2, dilation=0), ["dilation", "0"]),
     (lambda x: nn.avg_pool2d(x, 2, divisor_override=0), ["divisor_override", "0"]),
     (lambda x: nn.adaptive_avg_pool2d(x, (2, 0)), ["output_size", "(2, 0)"]),
-    (lambda x: nn.adaptive_max_pool2d(x, 3, return_indices=True), ["return_indices"]),
+    (lambda x: nn.adaptive_max_pool2d(x, 3.5, return_indices=True), ["output_size", "3.5"]),
 ])
 def test_bad_pool_options_name_the_argument(call, words):
     with pytest.raises((ValueError, NotImplementedError)) as e:

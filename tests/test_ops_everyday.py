@@ -219,3 +219,74 @@ def test_constant_boolean_masks_index_as_numpy(backend):
     expect = np.zeros_like(x)
     expect[1][m2] = 2 * x[1][m2]
     np.testing.assert_array_equal(grad, expect)
+
+
+# ------------------------------------------------------------------------------------------------
+# numpy functions called on traced values: numpy's own signature binds the arguments
+# ------------------------------------------------------------------------------------------------
+def test_numpy_positional_arguments_mean_what_they_mean_to_numpy():
+    """np.mean(x, 1, np.float64) passes dtype, not keepdims; np.var(x, 0, None, None, 1) ddof."""
+    x = np.arange(12.0).reshape(3, 4) ** 1.5
+    calls = (lambda x: np.mean(x, 1, np.float64), lambda x: np.var(x, 0, None, None, 1),
+             lambda x: np.std(x, 0, np.float64, None, 1, True),
+             lambda x: np.max(x, 0, None, True), lambda x: np.sum(x, 1, None, None, True),
+             lambda x: np.cumsum(x, 0, np.float64), lambda x: np.trace(x, 1, 1, 0))
+    got = tj.jit(lambda x: tuple(f(x) for f in calls))(x)
+    for g, f in zip(got, calls):
+        want = f(x)
+        assert np.shape(g) == want.shape
+        np.testing.assert_allclose(g, want, rtol=1e-14)
+
+
+def test_dtype_converts_before_reducing():
+    x = np.float32([[1.0, 2.0 ** -30], [3.0, 4.0]])
+    got = tj.jit(lambda x: (np.sum(x, dtype=np.float64), x.sum(1, dtype=np.float64),
+                            np.mean(x, 0, np.float64), np.cumprod(x, 1, np.float64),
+                            np.concatenate([x, x], dtype=np.float64), np.float_power(x, 2)))(x)
+    for g, w in zip(got, (np.sum(x, dtype=np.float64), x.sum(1, dtype=np.float64),
+                          np.mean(x, 0, np.float64), np.cumprod(x, 1, np.float64),
+                          np.concatenate([x, x], dtype=np.float64), np.float_power(x, 2))):
+        assert np.asarray(g).dtype == np.float64
+        np.testing.assert_array_equal(g, w)
+
+
+def test_numpy_linalg_functions_take_the_last_two_axes():
+    """np.linalg.trace/diagonal are not np.trace/diagonal (the first two axes)."""
+    x = np.arange(24.0).reshape(2, 3, 4)
+    got = tj.jit(lambda x: (np.linalg.trace(x), np.trace(x), np.linalg.diagonal(x),
+                            np.diagonal(x), np.linalg.matrix_transpose(x)))(x)
+    for g, w in zip(got, (np.linalg.trace(x), np.trace(x), np.linalg.diagonal(x), np.diagonal(x),
+                          np.linalg.matrix_transpose(x))):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x: np.sum(x, out=np.zeros(())), r"np.sum: out=array\(0.\) is not supported"),
+    (lambda x: np.sum(x, initial=1.0), "np.sum: initial=1.0 is not supported"),
+    (lambda x: np.reshape(x, 6, order="F"), "np.reshape: order='F' is not supported"),
+    (lambda x: np.linalg.det(x), "np.linalg.det is not supported"),
+    (lambda x: np.take(x, x > 0, mode="wrap"), "take: mode='wrap' needs constant indices"),
+])
+def test_numpy_arguments_tracejit_does_not_take_are_refused_by_name(call, message):
+    with pytest.raises((TypeError, NotImplementedError, tj.UnsupportedError), match=message):
+        tj.jit(call)(np.ones((2, 3)))
+
+
+def test_asarray_of_a_list_of_tracers_suggests_stack():
+    with pytest.raises(tj.TracerError, match=r"test_ops_everyday.py:\d+.*tracejit.stack"):
+        tj.jit(lambda a, b: np.asarray([a, b]))(np.ones(2), np.ones(2))
+
+
+def test_pytorch_spellings_of_norm_std_and_permute():
+    x = np.random.default_rng(0).standard_normal((2, 3, 4))
+    got = tj.jit(lambda x: (x.norm(p=1), x.norm(p="fro", dim=(1, 2)), tj.norm(x, p=np.inf, dim=2),
+                            x.var(dim=1, unbiased=True), x.std(unbiased=False),
+                            x.permute(dims=(2, 0, 1))))(x)
+    want = (np.abs(x).sum(), np.sqrt((x ** 2).sum((1, 2))), np.abs(x).max(2), x.var(1, ddof=1),
+            x.std(), x.transpose(2, 0, 1))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-14)
+    with pytest.raises(TypeError, match="norm: got both ord= and p="):
+        tj.jit(lambda x: x.norm(1, p=1))(x)
+    with pytest.raises(TypeError, match="var: got both ddof= and unbiased="):
+        tj.jit(lambda x: x.var(ddof=1, unbiased=True))(x)

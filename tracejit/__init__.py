@@ -40,6 +40,10 @@ from .ops import (  # noqa: F401
     select, sort, trunc)
 from .ops import append, dsplit, hsplit, rollaxis, rot90, vsplit  # noqa: F401
 from .ops import cross, einsum, inner, kron, tensordot, vdot  # noqa: F401,E402
+from .ops import (  # noqa: F401,E402
+    all, any, broadcast_to, cbrt, cumulative_prod, cumulative_sum, fix, float_power, isfinite,
+    isinf, isnan, logical_xor, matrix_norm, matrix_transpose, multi_dot, positive, ptp, take,
+    vecdot, vector_norm)
 from .nn import erf  # noqa: F401  (tracejit.erf: a composite that lives beside gelu)
 from .tracer import Tracer  # noqa: F401
 from .transforms import hessian, jacfwd, jacrev, jit_jvp  # noqa: F401

@@ -416,6 +416,27 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return _conv("conv1d", 1, input, weight, bias, stride, padding, dilation, groups)
 
 
+def _transpose_window(L, s, p, d, k, op):
+    """How one axis of a transposed convolution maps onto conv2d_input_grad, whose padding is
+    symmetric and whose output size must give back L windows: (kernel padding, kernel output
+    size, rows to crop in front, rows to add (> 0, zeros) or crop (< 0) at the end).
+
+    In the coordinates of the unpadded scatter [0, F), F = (L - 1)*s + d*(k - 1) + 1, the output
+    is [p, p + out) with out = F - 2p + op. A kernel with padding kp and size F - 2kp + r
+    (0 <= r < s) computes [kp, F - kp + r). With output_padding < stride that is the output
+    itself (kp = p, r = op); PyTorch also allows stride <= output_padding < dilation, where the
+    output's last rows lie past every window (zeros) and may start before the kernel's end with
+    padding p: then the kernel pads less and its extra rows are cropped."""
+    f = (L - 1) * s + d * (k - 1) + 1
+    end = f - p + op                       # the output's end
+    for kp in range(p, -1, -1):
+        r = builtins.min(s - 1, end - (f - kp))
+        if r >= 0 and f - kp + r >= builtins.min(end, f):
+            return kp, f - 2 * kp + r, p - kp, end - (f - kp + r)
+    # unreachable: kp = p - op fits when op < p (r = 0), kp = 0 when op >= p (r = min(s-1, op-p))
+    raise AssertionError(f"no conv2d_input_grad window for {(L, s, p, d, k, op)}")
+
+
 def _conv_transpose(what, nsp, input, weight, bias, stride, padding, output_padding, groups,
                     dilation):
     """The adjoint of a convolution with respect to its input: conv2d_input_grad of the input,
@@ -429,20 +450,26 @@ def _conv_transpose(what, nsp, input, weight, bias, stride, padding, output_padd
     if x.shape[1] != w.shape[0]:
         raise ShapeError(f"{what}: input {x.type} has {x.shape[1]} channels but weight {w.type} "
                          f"expects {w.shape[0]}")
-    if any(o >= a for o, a in zip(op_, s)):
-        # (PyTorch also allows output_padding < dilation; not supported here)
-        raise _error(ValueError, f"{what}: output_padding must be smaller than the stride {s}, got "
-                                 f"{op_}")
-    # out = (L - 1)*s - 2p + d*(k - 1) + 1 + output_padding; the convolution of an input of that
-    # size gives back L (the output_padding rows are ones no window reaches, cotangent 0)
+    if any(o >= builtins.max(a, b) for o, a, b in zip(op_, s, d)):
+        raise _error(ValueError, f"{what}: output_padding must be smaller than the stride or the "
+                                 f"dilation in each dimension (PyTorch's rule), got "
+                                 f"output_padding={op_} with stride={s} and dilation={d}")
+    # out = (L - 1)*s - 2p + d*(k - 1) + 1 + output_padding
     out_sp = tuple((L - 1) * si - 2 * pi + di * (k - 1) + 1 + o
                    for L, si, pi, di, k, o in zip(x.shape[2:], s, p, d, w.shape[2:], op_))
     if any(L < 1 for L in out_sp):
         raise ShapeError(f"{what}: the output size {out_sp} is not positive (input {x.type}, "
                          f"weight {w.type}, stride {s}, padding {p}, dilation {d})")
+    windows = [_transpose_window(L, si, pi, di, k, o)
+               for L, si, pi, di, k, o in zip(x.shape[2:], s, p, d, w.shape[2:], op_)]
+    kp, k_sp, lo, hi = (tuple(t) for t in zip(*windows))
     n = x.shape[0]
-    x, w, s, p, d, out_sp = _as_2d(nsp, x, w, (1, s), (0, p), (1, d), (1, out_sp))
-    y = lax.conv2d_input_grad(x, w, out_sp, s, p, d, g)
+    x, w, s, kp, d, k_sp, lo, hi = _as_2d(nsp, x, w, (1, s), (0, kp), (1, d), (1, k_sp), (0, lo),
+                                          (0, hi))
+    y = lax.conv2d_input_grad(x, w, k_sp, s, kp, d, g)
+    y = lax.slice_(y, (0, 0) + lo, y.shape[:2] + tuple(m + builtins.min(h, 0)
+                                                       for m, h in zip(k_sp, hi)))
+    y = lax.pad(y, (0,) * 4, (0, 0) + tuple(builtins.max(h, 0) for h in hi))
     return _conv_result(nsp, y, n, bias, dt, squeeze)
 
 
@@ -603,24 +630,6 @@ def _adaptive_axis_avg(y, axis, o):
     return lax.reshape(r, y.shape[:3] + (o,))
 
 
-def _adaptive_axis_max(y, axis, o):
-    """Adaptive max along spatial axis 2 or 3: a window pooling when the windows tile the axis,
-    else a gather of each window padded to the longest by repeating its last element (which
-    changes no maximum, and the gather's adjoint adds the split cotangent back), then a max."""
-    n = y.shape[axis]
-    if n % o == 0:
-        k = (n // o, 1) if axis == 2 else (1, n // o)
-        return y if n == o else lax.max_pool2d(y, k, k, (0, 0))
-    start, end = _adaptive_bounds(n, o)
-    kmax = int((end - start).max())
-    idx = np.minimum(start[:, None] + np.arange(kmax)[None, :], end[:, None] - 1)
-    shape = [1, 1, 1, 1]
-    shape[axis] = o * kmax
-    g = lax.gather(y, lax.literal(idx.reshape(shape).astype(np.int32)), axis)
-    split = y.shape[:axis] + (o, kmax) + y.shape[axis + 1:]
-    return lax.reduce_max(lax.reshape(g, split), (axis + 1,))
-
-
 def _adaptive(what, nsp, input, output_size, axis_fn):
     x, squeeze, to2 = _spatial(what, nsp, input)
     out = to2(_output_size(what, nsp, output_size, x.shape[4 - nsp:]), 1)
@@ -639,23 +648,69 @@ def adaptive_avg_pool1d(input, output_size):
     return _adaptive("adaptive_avg_pool1d", 1, input, output_size, _adaptive_axis_avg)
 
 
-def _no_indices(what, return_indices):
-    if return_indices:
-        raise _error(NotImplementedError, f"{what}: return_indices=True is not supported; use "
-                                          f"max_pool2d(..., return_indices=True) for window pooling")
+def _adaptive_argmax(x, oh, ow):
+    """PyTorch's indices of adaptive max pooling with windows that do not tile the input: for
+    each window of x [N, C, H, W], the flat position h*W + w of its first maximum (row-major; a
+    NaN is the maximum), int64 [N, C, oh, ow].
+
+    Windows have different sizes; each is gathered padded to the longest by repeating its last
+    row and column, so a window's slots in order hold non-decreasing flat positions (a repeat
+    follows its original) and the first maximum is the least position among the slots holding
+    it. No gradient: the positions are piecewise constant."""
+    n, c, h, w = x.shape
+    (sh, eh), (sw, ew) = _adaptive_bounds(h, oh), _adaptive_bounds(w, ow)
+    kh, kw = int((eh - sh).max()), int((ew - sw).max())
+    rows = np.minimum(sh[:, None] + np.arange(kh), eh[:, None] - 1)   # [oh, kh]
+    cols = np.minimum(sw[:, None] + np.arange(kw), ew[:, None] - 1)   # [ow, kw]
+    v = lax.stop_gradient(x)
+    v = lax.gather(v, lax.literal(cols.reshape(1, 1, 1, ow * kw).astype(np.int32)), 3)
+    v = lax.gather(v, lax.literal(rows.reshape(1, 1, oh * kh, 1).astype(np.int32)), 2)
+    v = lax.transpose(lax.reshape(v, (n, c, oh, kh, ow, kw)), (0, 1, 2, 4, 3, 5))
+    v = lax.reshape(v, (n, c, oh, ow, kh * kw))
+    m = lax.broadcast_in_dim(lax.reduce_max(v, (4,)), v.shape, (0, 1, 2, 3))
+    hit = lax.logical_or(lax.eq(v, m), lax.ne(v, v))
+    # flat positions as floats of v's dtype (exact: H*W < 2^24 is checked below)
+    flat = (rows[:, None, :, None] * w + cols[None, :, None, :]).reshape(oh, ow, kh * kw)
+    pos = lax.literal(flat.astype(np.float64 if v.dtype == "f64" else np.float32))
+    pos = lax.select(hit, lax.broadcast_to(pos, v.shape), float(h * w))
+    return lax.convert(lax.neg(lax.reduce_max(lax.neg(pos), (4,))), "i64")
+
+
+def _adaptive_max(what, nsp, input, output_size, return_indices):
+    """Adaptive max pooling: a window pooling when the windows tile the input, else the values
+    at _adaptive_argmax's positions (so the gradient goes to each window's first maximum, as in
+    PyTorch, also where windows overlap)."""
+    x, squeeze, to2 = _spatial(what, nsp, input)
+    (h, w), (oh, ow) = x.shape[2:], to2(_output_size(what, nsp, output_size, x.shape[4 - nsp:]), 1)
+    if h % oh == 0 and w % ow == 0:
+        k = (h // oh, w // ow)
+        y = lax.max_pool2d(x, k, k, (0, 0))
+        idx = lax.convert(lax.max_pool2d_argmax(x, k, k, (0, 0)), "i64") if return_indices \
+            else None
+    else:
+        if h * w >= 1 << 24:   # the positions are compared as floats of x's dtype
+            raise ShapeError(f"{what}: an input plane of {h * w} >= 2^24 positions with windows "
+                             f"that do not tile it is not supported, got {x.type}")
+        idx = _adaptive_argmax(x, oh, ow)
+        y = lax.gather(lax.reshape(x, (x.shape[0], x.shape[1], h * w)),
+                       lax.reshape(idx, x.shape[:2] + (oh * ow,)), 2)
+        y = lax.reshape(y, x.shape[:2] + (oh, ow))
+    y = wrap(_unspatial(nsp, y, squeeze))
+    return (y, wrap(_unspatial(nsp, idx, squeeze))) if return_indices else y
 
 
 @op("adaptive_max_pool2d")
 def adaptive_max_pool2d(input, output_size, return_indices=False):
-    """Maxima over PyTorch's adaptive windows (see adaptive_avg_pool2d)."""
-    _no_indices("adaptive_max_pool2d", return_indices)
-    return _adaptive("adaptive_max_pool2d", 2, input, output_size, _adaptive_axis_max)
+    """Maxima over PyTorch's adaptive windows (see adaptive_avg_pool2d); return_indices: also
+    the int64 flat position (h*W + w) of each window's first maximum in its input plane. The
+    gradient goes to that position, as in PyTorch."""
+    return _adaptive_max("adaptive_max_pool2d", 2, input, output_size, return_indices)
 
 
 @op("adaptive_max_pool1d")
 def adaptive_max_pool1d(input, output_size, return_indices=False):
-    _no_indices("adaptive_max_pool1d", return_indices)
-    return _adaptive("adaptive_max_pool1d", 1, input, output_size, _adaptive_axis_max)
+    """See adaptive_max_pool2d (indices: positions along the input's last axis)."""
+    return _adaptive_max("adaptive_max_pool1d", 1, input, output_size, return_indices)
 
 
 @op("flatten")

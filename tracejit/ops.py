@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import inspect
 import itertools
 import math
 import numbers
@@ -463,7 +464,12 @@ def remainder(x1, x2):
         return out
     # a zero remainder takes the divisor's sign, as numpy's (fmod's has the dividend's)
     # (the signed zero computed, not a constant: constants equal as numbers may be merged)
-    return where(equal(m, 0), multiply(where(less(x2, 0), -1.0, 1.0), 0.0), out)
+    zero = equal(m, 0)
+    signed = where(zero, multiply(where(less(x2, 0), -1.0, 1.0), 0.0), out)
+    # ... with fmod's gradient there (1 and -x1 / x2), as on either side of the multiple:
+    # subtracting sg(mz) - mz adds mz's gradient and +0.0, which keeps every value and sign
+    mz = where(zero, m, 0.0)
+    return subtract(signed, subtract(stop_gradient(mz), mz))
 
 
 mod = op("mod")(remainder.__wrapped__)
@@ -626,6 +632,12 @@ def _torch_axis(what, axis, keepdims, dim, keepdim):
     return axis, bool(keepdims)
 
 
+def _in_dtype(x, dtype):
+    """numpy's `dtype=` of a reduction or scan: the values converted to it first (None: as
+    they are)."""
+    return x if dtype is None else astype(x, dtype)
+
+
 def _keep(x: Value, y: Value, axes, keepdims):
     if not keepdims:
         return y
@@ -633,16 +645,18 @@ def _keep(x: Value, y: Value, axes, keepdims):
 
 
 @op("sum")
-def sum(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+def sum(x, axis=None, keepdims=False, *, dim=None, keepdim=None, dtype=None):
     axis, keepdims = _torch_axis("sum", axis, keepdims, dim, keepdim)
+    x = _in_dtype(x, dtype)
     v = as_value(x, result_dtype(x))
     axes = _axes(v, axis)
     return wrap(_keep(v, lax.reduce_sum(v, axes), axes, keepdims))
 
 
 @op("mean")
-def mean(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+def mean(x, axis=None, keepdims=False, *, dim=None, keepdim=None, dtype=None):
     axis, keepdims = _torch_axis("mean", axis, keepdims, dim, keepdim)
+    x = _in_dtype(x, dtype)
     v = as_value(x, result_dtype(x))
     axes = _axes(v, axis)
     count = math.prod(v.shape[a] for a in axes)
@@ -664,12 +678,16 @@ def min(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
 
 
 @op("var")
-def var(x, axis=None, keepdims=False, ddof=0, *, dim=None, keepdim=None, correction=None):
+def var(x, axis=None, keepdims=False, ddof=0, *, dim=None, keepdim=None, correction=None,
+        unbiased=None, dtype=None):
     """numpy's var: the mean squared deviation, divided by N - ddof instead of N (ddof=1: the
-    unbiased estimate; PyTorch's `correction=` is ddof, its default of 1 does not apply here).
-    N - ddof <= 0 gives inf or NaN, as numpy."""
+    unbiased estimate; PyTorch's `correction=` is ddof and `unbiased=True` ddof=1, its default of
+    1 does not apply here). N - ddof <= 0 gives inf or NaN, as numpy."""
     axis, keepdims = _torch_axis("var", axis, keepdims, dim, keepdim)
     ddof = _one_of("var", "ddof", ddof or None, "correction", correction) or 0
+    if unbiased is not None:
+        ddof = _one_of("var", "ddof", ddof or None, "unbiased", int(bool(unbiased))) or 0
+    x = _in_dtype(x, dtype)
     d = subtract(x, mean(x, axis, keepdims=True))
     if not ddof:
         return mean(multiply(d, d), axis, keepdims)
@@ -688,11 +706,12 @@ def _sqrt_zero_subgradient(x):
 
 
 @op("std")
-def std(x, axis=None, keepdims=False, ddof=0, *, dim=None, keepdim=None, correction=None):
-    """numpy's std: the square root of var (same `ddof`; PyTorch's `correction=`); its gradient
-    where it is 0 (constant values, a reduction of size 1, a 0-d array) is 0."""
+def std(x, axis=None, keepdims=False, ddof=0, *, dim=None, keepdim=None, correction=None,
+        unbiased=None, dtype=None):
+    """numpy's std: the square root of var (same `ddof`; PyTorch's `correction=`, `unbiased=`);
+    its gradient where it is 0 (constant values, a reduction of size 1, a 0-d array) is 0."""
     return _sqrt_zero_subgradient(var(x, axis, keepdims, ddof, dim=dim, keepdim=keepdim,
-                                      correction=correction))
+                                      correction=correction, unbiased=unbiased, dtype=dtype))
 
 
 @op("logsumexp")
@@ -709,14 +728,21 @@ def logsumexp(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
 
 
 @op("norm")
-def norm(x, ord=None, axis=None, keepdims=False, *, dim=None, keepdim=None):
+def norm(x, ord=None, axis=None, keepdims=False, *, dim=None, keepdim=None, p=None):
     """numpy.linalg.norm for every order that needs no decomposition. Vector orders (1-d value,
     or one axis): None/2, 1, inf, -inf, 0 (the count of nonzeros, zero gradient) and any real p;
     matrix orders (2-d value, or two axes): None/'fro', 1, -1, inf, -inf. A matrix's 2, -2 and
     'nuc' need singular values: NotImplementedError. ord=None with axis=None is the 2-norm of the
     flattened value, any rank. The gradient of a 2-norm at zero is zero. PyTorch's
-    `dim=`/`keepdim=` spell axis and keepdims."""
+    `dim=`/`keepdim=` spell axis and keepdims; its `p=` (instead of ord) means PyTorch's norm: a
+    vector norm over `dim` (all elements when None), 'fro' the 2-norm."""
     axis, keepdims = _torch_axis("norm", axis, keepdims, dim, keepdim)
+    if p is not None:
+        if ord is not None:
+            raise TypeError("norm: got both ord= and p= (two spellings of one parameter)")
+        if p == "nuc":
+            return norm(x, "nuc", axis, keepdims)
+        return vector_norm(x, axis, keepdims, 2 if p == "fro" else p)
     v = _layout_value(x)
     if axis is None:
         if ord is None:
@@ -887,10 +913,11 @@ def _ones_like_part(v: Value, axis: int, n: int) -> Value:
 
 
 @op("prod")
-def prod(a, axis=None, keepdims=False, *, dim=None, keepdim=None):
+def prod(a, axis=None, keepdims=False, *, dim=None, keepdim=None, dtype=None):
     """numpy's prod: a balanced tree of multiplies over the reduced axes (log2(n) levels of
     elementwise products of even and odd slices)."""
     axis, keepdims = _torch_axis("prod", axis, keepdims, dim, keepdim)
+    a = _in_dtype(a, dtype)
     v = as_value(a, result_dtype(a))
     axes = _axes(v, axis)
     rest = [d for d in range(v.ndim) if d not in axes]
@@ -929,17 +956,19 @@ def _scan(what, a, axis, combine, identity):
 
 
 @op("cumsum")
-def cumsum(a, axis=None, *, dim=None):
+def cumsum(a, axis=None, *, dim=None, dtype=None):
     """numpy's cumsum (PyTorch's `dim=` spells axis): ceil(log2 n) vectorized adds of shifted
     copies, whose adjoint is the reversed running sum."""
-    return _scan("cumsum", a, _one_of("cumsum", "axis", axis, "dim", dim), lax.add, 0)
+    return _scan("cumsum", _in_dtype(a, dtype), _one_of("cumsum", "axis", axis, "dim", dim),
+                 lax.add, 0)
 
 
 @op("cumprod")
-def cumprod(a, axis=None, *, dim=None):
+def cumprod(a, axis=None, *, dim=None, dtype=None):
     """numpy's cumprod (PyTorch's `dim=` spells axis), by the same log-step scan with multiplies:
     its gradient is exact where elements are zero."""
-    return _scan("cumprod", a, _one_of("cumprod", "axis", axis, "dim", dim), lax.mul, 1)
+    return _scan("cumprod", _in_dtype(a, dtype), _one_of("cumprod", "axis", axis, "dim", dim),
+                 lax.mul, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1161,9 +1190,9 @@ def transpose(x, axes=None):
 
 
 @op("swapaxes")
-def swapaxes(x, a, b):
+def swapaxes(x, axis1, axis2):
     perm = list(range(x.ndim))
-    perm[a], perm[b] = perm[b], perm[a]
+    perm[axis1], perm[axis2] = perm[axis2], perm[axis1]
     return transpose(x, perm)
 
 
@@ -1202,7 +1231,12 @@ def expand_dims(x, axis):
 
 
 @op("concatenate")
-def concatenate(xs, axis=0):
+def concatenate(xs, axis=0, *, dtype=None):
+    """numpy's concatenate; axis=None joins the flattened values; `dtype=` converts them."""
+    if dtype is not None:
+        xs = [astype(x, dtype) for x in xs]
+    if axis is None:
+        xs, axis = [ravel(x) for x in xs], 0
     vals = promote(*xs)
     nd = vals[0].ndim
     if nd == 0:
@@ -1211,7 +1245,9 @@ def concatenate(xs, axis=0):
 
 
 @op("stack")
-def stack(xs, axis=0):
+def stack(xs, axis=0, *, dtype=None):
+    if dtype is not None:
+        xs = [astype(x, dtype) for x in xs]
     # promote first: a Python number alone would become float32 before meeting the arrays
     return concatenate([expand_dims(wrap(v), axis) for v in promote(*xs)], axis)
 
@@ -1623,10 +1659,13 @@ def roll(a, shift, axis=None):
 
 
 @op("diff")
-def diff(a, n=1, axis=-1):
-    """numpy's diff: the n-th forward difference along `axis`."""
+def diff(a, n=1, axis=-1, prepend=None, append=None):
+    """numpy's diff: the n-th forward difference along `axis`, of `a` with `prepend` and `append`
+    (scalars broadcast to one slice, or arrays) joined before and after it along `axis`."""
     if n < 0:
         raise ValueError(f"diff: order n must be non-negative, got {n}")
+    if n and (prepend is not None or append is not None):
+        a = _join_ends(a, axis, prepend, append)
     v = as_value(a, result_dtype(a)) if not _is_int_tracer(a) else to_value(a)
     axis = _axis_arg(v, axis, "diff")
     for _ in range(n):
@@ -1635,6 +1674,21 @@ def diff(a, n=1, axis=-1):
             break
         v = lax.sub(_slice_axis(v, axis, 1, m), _slice_axis(v, axis, 0, m - 1))
     return wrap(v)
+
+
+def _join_ends(a, axis, prepend, append):
+    shape = list(shape_of(a))
+    if not shape:
+        raise ValueError("diff requires input that is at least one dimensional")
+    ax = _axis_arg(_layout_value(a), axis, "diff")
+    parts = []
+    for end in (prepend, a, append):
+        if end is None:
+            continue
+        if end is not a and not shape_of(end):   # a scalar: one slice of it
+            end = broadcast_to(end, shape[:ax] + [1] + shape[ax + 1:])
+        parts.append(end)
+    return concatenate(parts, ax)
 
 
 def _triangle(what, m, k, lower):
@@ -1698,8 +1752,8 @@ def diag(v, k=0):
 
 
 @op("trace")
-def trace(a, offset=0, axis1=0, axis2=1):
-    return sum(diagonal(a, offset, axis1, axis2), -1)
+def trace(a, offset=0, axis1=0, axis2=1, dtype=None):
+    return sum(diagonal(a, offset, axis1, axis2), -1, dtype=dtype)
 
 
 def eye(N, M=None, k=0, dtype=float):
@@ -1787,14 +1841,14 @@ def _as_list(what, tup):
 
 
 @op("vstack")
-def vstack(tup):
-    return concatenate([atleast_2d(a) for a in _as_list("vstack", tup)], 0)
+def vstack(tup, *, dtype=None):
+    return concatenate([atleast_2d(a) for a in _as_list("vstack", tup)], 0, dtype=dtype)
 
 
 @op("hstack")
-def hstack(tup):
+def hstack(tup, *, dtype=None):
     arrs = [atleast_1d(a) for a in _as_list("hstack", tup)]
-    return concatenate(arrs, 0 if arrs and arrs[0].ndim == 1 else 1)
+    return concatenate(arrs, 0 if arrs and arrs[0].ndim == 1 else 1, dtype=dtype)
 
 
 @op("dstack")
@@ -1879,6 +1933,212 @@ def rollaxis(a, axis, start=0):
         (a if isinstance(a, Tracer) else wrap(_layout_value(a)))
 
 # ------------------------------------------------------------------------------------------------
+# numpy 2's array-API spellings, numpy.linalg's versions with the last two axes, and a few more
+# numpy functions
+# ------------------------------------------------------------------------------------------------
+@op("vector_norm")
+def vector_norm(x, axis=None, keepdims=False, ord=2):
+    """numpy.linalg.vector_norm: the `ord` norm of the elements over `axis` (an axis, a tuple of
+    axes, or None: all of them) taken as one vector, for any real ord (0: the nonzero count)."""
+    v = _layout_value(x)
+    axes = _axes(v, axis)
+    rest = [d for d in range(v.ndim) if d not in axes]
+    flat = reshape(transpose(x, rest + list(axes)),
+                   tuple(v.shape[d] for d in rest) + (math.prod(v.shape[d] for d in axes),))
+    out = _vector_norm(flat, None if ord == 2 else ord, -1, False)
+    return reshape(out, [1 if d in axes else n for d, n in enumerate(v.shape)]) if keepdims \
+        else out
+
+
+@op("matrix_norm")
+def matrix_norm(x, keepdims=False, ord="fro"):
+    """numpy.linalg.matrix_norm: norm() of the matrices in the last two axes."""
+    return norm(x, ord, (-2, -1), keepdims)
+
+
+@op("vecdot")
+def vecdot(x1, x2, axis=-1):
+    """numpy's vecdot of real vectors: sum(x1 * x2) along `axis` (operands broadcast)."""
+    return sum(multiply(x1, x2), axis)
+
+
+def _matrix_stack(what, x):
+    if len(shape_of(x)) < 2:
+        raise ValueError(f"{what}: needs at least 2 dimensions, got shape {list(shape_of(x))}")
+    return x
+
+
+@op("matrix_transpose")
+def matrix_transpose(x):
+    """numpy's matrix_transpose (x.mT): the last two axes swapped."""
+    return swapaxes(_matrix_stack("matrix_transpose", x), -2, -1)
+
+
+@op("linalg.trace")
+def linalg_trace(x, offset=0, dtype=None):
+    """numpy.linalg.trace: the traces of the matrices in the last two axes (np.trace takes the
+    first two)."""
+    return trace(_matrix_stack("linalg.trace", x), offset, -2, -1, dtype)
+
+
+@op("linalg.diagonal")
+def linalg_diagonal(x, offset=0):
+    """numpy.linalg.diagonal: the diagonals of the matrices in the last two axes."""
+    return diagonal(_matrix_stack("linalg.diagonal", x), offset, -2, -1)
+
+
+@op("linalg.outer")
+def linalg_outer(x1, x2):
+    """numpy.linalg.outer: of 1-d vectors only (np.outer flattens)."""
+    if len(shape_of(x1)) != 1 or len(shape_of(x2)) != 1:
+        raise ValueError(f"linalg.outer: expects 1-d vectors, got shapes {list(shape_of(x1))} "
+                         f"and {list(shape_of(x2))}")
+    return outer(x1, x2)
+
+
+@op("multi_dot")
+def multi_dot(arrays):
+    """numpy.linalg.multi_dot: the product of the matrices left to right (a 1-d first or last
+    array is a row or column vector, as in matmul)."""
+    arrays = _as_list("multi_dot", arrays)
+    if len(arrays) < 2:
+        raise ValueError("multi_dot: expects at least two arrays")
+    out = arrays[0]
+    for a in arrays[1:]:
+        out = matmul(out, a)
+    return out
+
+
+@op("broadcast_to")
+def broadcast_to(array, shape):
+    """numpy's broadcast_to (a copy, which traced values cannot tell from a view)."""
+    shape = (int(shape),) if isinstance(shape, (numbers.Integral, np.integer)) else \
+        tuple(int(n) for n in shape)
+    v = _layout_value(array)
+    if broadcast_shapes(v.shape, shape) != shape:
+        raise ValueError(f"broadcast_to: cannot broadcast shape {list(v.shape)} to {list(shape)}")
+    return wrap(lax.broadcast_to(v, shape))
+
+
+@op("take")
+def take(a, indices, axis=None, mode="raise"):
+    """numpy's take: the elements at `indices` along `axis` (None: of the flattened `a`), as
+    a[..., indices, ...]. mode "raise" (an index out of range raises IndexError); "wrap" and
+    "clip" for constant indices."""
+    if mode not in ("raise", "wrap", "clip"):
+        raise ValueError(f"take: mode must be 'raise', 'wrap' or 'clip', got {mode!r}")
+    if axis is None:
+        a, axis = ravel(a), 0
+    n = shape_of(a)[_axis_arg(_layout_value(a), axis, "take")]
+    if mode != "raise":
+        if isinstance(indices, Tracer):
+            raise NotImplementedError(f"take: mode={mode!r} needs constant indices, got a traced "
+                                      f"value; use mode='raise'")
+        indices = np.asarray(indices)
+        indices = np.mod(indices, n) if mode == "wrap" else np.clip(indices, 0, n - 1)
+    nd = len(shape_of(a))
+    ax = int(axis) % nd
+    return getitem(a, (slice(None),) * ax + (indices,))
+
+
+def _with_initial(what, out, first, x, axis, include_initial):
+    if not include_initial:
+        return out
+    shape = list(shape_of(x))
+    if not shape:
+        raise ValueError(f"{what}: include_initial needs at least one dimension")
+    ax = _axis_arg(_layout_value(x), axis, what)
+    return concatenate([broadcast_to(first, shape[:ax] + [1] + shape[ax + 1:]), out], ax)
+
+
+def _cumulative(what, scan, identity, x, axis, dtype, include_initial):
+    if axis is None:
+        if len(shape_of(x)) > 1:
+            raise ValueError(f"{what}: axis is required for arrays of more than one dimension")
+        axis = 0
+    x = _in_dtype(x, dtype)
+    first = as_value(identity, result_dtype(x))
+    return _with_initial(what, scan(x, axis), wrap(first), x, axis, include_initial)
+
+
+@op("cumulative_sum")
+def cumulative_sum(x, axis=None, dtype=None, include_initial=False):
+    """numpy 2's cumulative_sum: cumsum, and with include_initial a leading 0 along `axis`."""
+    return _cumulative("cumulative_sum", cumsum, 0.0, x, axis, dtype, include_initial)
+
+
+@op("cumulative_prod")
+def cumulative_prod(x, axis=None, dtype=None, include_initial=False):
+    """numpy 2's cumulative_prod: cumprod, and with include_initial a leading 1 along `axis`."""
+    return _cumulative("cumulative_prod", cumprod, 1.0, x, axis, dtype, include_initial)
+
+
+@op("ptp")
+def ptp(a, axis=None, keepdims=False):
+    """numpy's ptp: max - min along `axis` (each gradient split among tied extremes)."""
+    return subtract(max(a, axis, keepdims), min(a, axis, keepdims))
+
+
+@op("positive")
+def positive(x):
+    return x if isinstance(x, Tracer) else wrap(as_value(x, result_dtype(x)))
+
+
+@op("cbrt")
+def cbrt(x):
+    """The real cube root, sign(x) * |x|^(1/3) (its derivative at 0 is infinite, as numpy's)."""
+    return multiply(sign(x), power(abs(x), 1.0 / 3.0))
+
+
+@op("float_power")
+def float_power(x1, x2):
+    """numpy's float_power: power computed in float64."""
+    return power(astype(x1, np.float64), astype(x2, np.float64))
+
+
+@op("fix")
+def fix(x):
+    """numpy's fix: rounding toward zero (trunc), zero gradient."""
+    return trunc(x)
+
+
+@op("isnan")
+def isnan(x):
+    return not_equal(x, x)
+
+
+@op("isinf")
+def isinf(x):
+    return equal(abs(x), np.inf)
+
+
+@op("isfinite")
+def isfinite(x):
+    return less(abs(x), np.inf)   # False for NaN
+
+
+@op("logical_xor")
+def logical_xor(a, b):
+    return not_equal(wrap(as_bool_value(a)), wrap(as_bool_value(b)))
+
+
+def _truth_reduce(a, axis, keepdims, any_):
+    """numpy's any/all: as a max (any) or min (all) of 0/1 floats, compared back to bool."""
+    ones = where(a, 1.0, 0.0)
+    return greater(max(ones, axis, keepdims) if any_ else min(ones, axis, keepdims), 0.5)
+
+
+@op("any")
+def any(a, axis=None, keepdims=False):
+    return _truth_reduce(a, axis, keepdims, True)
+
+
+@op("all")
+def all(a, axis=None, keepdims=False):
+    return _truth_reduce(a, axis, keepdims, False)
+
+
+# ------------------------------------------------------------------------------------------------
 # numpy protocol tables (np.tanh(tracer), np.sum(tracer), ...)
 # ------------------------------------------------------------------------------------------------
 UFUNCS = {
@@ -1897,6 +2157,8 @@ UFUNCS = {
     "arccosh": arccosh, "arctanh": arctanh, "fmod": fmod, "remainder": remainder,
     "conjugate": conj,
 }
+UFUNCS.update({"vecdot": vecdot, "positive": positive, "cbrt": cbrt, "float_power": float_power,
+               "isnan": isnan, "isinf": isinf, "isfinite": isfinite, "logical_xor": logical_xor})
 ARRAY_FUNCTIONS = {
     "sum": sum, "mean": mean, "max": max, "amax": max, "min": min, "amin": min, "dot": dot,
     "matmul": matmul, "reshape": reshape, "transpose": transpose, "concatenate": concatenate,
@@ -1920,3 +2182,90 @@ ARRAY_FUNCTIONS = {
 }
 ARRAY_FUNCTIONS.update({"einsum": einsum, "tensordot": tensordot, "inner": inner, "vdot": vdot,
                         "kron": kron, "cross": cross})
+ARRAY_FUNCTIONS.update({
+    "matrix_transpose": matrix_transpose, "permute_dims": transpose, "concat": concatenate,
+    "broadcast_to": broadcast_to, "take": take, "cumulative_sum": cumulative_sum,
+    "cumulative_prod": cumulative_prod, "ptp": ptp, "fix": fix, "any": any, "all": all,
+    "row_stack": vstack})
+# numpy.linalg's functions: dispatched by module as well as name, because numpy.linalg.trace and
+# numpy.linalg.diagonal take the last two axes where numpy.trace and numpy.diagonal take the first
+LINALG_FUNCTIONS = {
+    "norm": norm, "vector_norm": vector_norm, "matrix_norm": matrix_norm, "trace": linalg_trace,
+    "diagonal": linalg_diagonal, "outer": linalg_outer, "matmul": matmul, "cross": cross,
+    "tensordot": tensordot, "vecdot": vecdot, "matrix_transpose": matrix_transpose,
+    "multi_dot": multi_dot}
+
+# numpy parameters that tracejit's ops do not take, accepted only at values that change nothing
+# for a traced value (a C-ordered array that is never written in place)
+_NO_VALUE = getattr(np, "_NoValue", None)
+_INERT = {"out": (None,), "order": (None, "C", "K", "A"), "subok": (True, False),
+          "casting": ("same_kind", "unsafe", "safe", "equiv", "no"), "device": (None, "cpu"),
+          "initial": (_NO_VALUE,), "where": (True, _NO_VALUE), "copy": (None, True, False),
+          "mean": (None,), "like": (None,)}
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(fn):
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):   # a builtin without a text signature
+        return None
+
+
+def array_function(func, args, kwargs):
+    """numpy function `func` called on traced values (Tracer.__array_function__): tracejit's op
+    of that name (numpy.linalg's own table for numpy.linalg), with the arguments bound by numpy's
+    own signature, so a positional argument means what it means to numpy even where tracejit's
+    spelling orders its parameters differently (np.mean(x, 1, np.float64): dtype, not keepdims).
+    Parameters tracejit's op lacks are accepted at inert values only (_INERT), else refused with
+    a TypeError naming them."""
+    from .errors import unsupported_error
+    linalg = func.__module__ == "numpy.linalg"
+    name = func.__name__
+    fn = (LINALG_FUNCTIONS if linalg else ARRAY_FUNCTIONS).get(name)
+    spelled = f"np.linalg.{name}" if linalg else f"np.{name}"
+    if fn is None:
+        from .tracer import _supported_names
+        return _raise(unsupported_error(spelled, name, _supported_names()))
+    theirs, ours = _signature(func), _signature(fn)
+    if theirs is None or ours is None:
+        return fn(*args, **kwargs)
+    try:
+        bound = theirs.bind(*args, **kwargs)
+    except TypeError as e:
+        raise _located(TypeError(f"{spelled}: {e}")) from None
+    P = inspect.Parameter
+    our_pos = [q.name for q in ours.parameters.values()
+               if q.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+    pos, kw = [], {}
+    for pname, value in bound.arguments.items():
+        kind = theirs.parameters[pname].kind
+        if kind == P.VAR_POSITIONAL:
+            pos.extend(value)
+            continue
+        if kind == P.VAR_KEYWORD:
+            kw.update(value)
+            continue
+        if pname not in ours.parameters and pname in _INERT:
+            if not builtins.any(value is v or (isinstance(value, str) and value == v)
+                                for v in _INERT[pname]):
+                raise _located(TypeError(f"{spelled}: {pname}={value!r} is not supported on "
+                                         f"traced values"))
+            continue
+        i = len(pos)
+        # numpy's parameter at tracejit's position of the same name (or an operand that tracejit
+        # names differently, such as np.where's condition/x/y) goes positionally; once one goes
+        # by keyword, the rest do
+        if not kw and i < len(our_pos) and (our_pos[i] == pname or pname not in ours.parameters):
+            pos.append(value)
+        elif pname in ours.parameters:
+            kw[pname] = value
+        else:
+            raise _located(TypeError(f"{spelled}: the argument {pname}= is not supported on "
+                                     f"traced values"))
+    return fn(*pos, **kw)
+
+
+def _raise(e):
+    raise e
+

@@ -99,10 +99,7 @@ class Tracer:
 
     def __array_function__(self, func, types, args, kwargs):
         from . import ops
-        fn = ops.ARRAY_FUNCTIONS.get(func.__name__)
-        if fn is None:
-            raise unsupported_error(f"np.{func.__name__}", func.__name__, _supported_names())
-        return fn(*args, **kwargs)
+        return ops.array_function(func, args, kwargs)
 
     def __setitem__(self, idx, v):
         raise UnsupportedError(
@@ -183,6 +180,13 @@ class Tracer:
         return _ops().flatten_dims(self, start_dim, end_dim)
 
     def ravel(self): return _ops().reshape(self, (-1,))
+    # numpy's methods with numpy's keyword names (axis1=, axis2=)
+    def diagonal(self, offset=0, axis1=0, axis2=1):
+        return _ops().diagonal(self, offset, axis1, axis2)
+
+    def trace(self, offset=0, axis1=0, axis2=1, dtype=None):
+        return _ops().trace(self, offset, axis1, axis2, dtype)
+
     def squeeze(self, axis=None, **torch_kw): return _ops().squeeze(self, axis, **torch_kw)
 
     # PyTorch's tensor methods, where numpy has no method of the name (x.transpose(a, b) stays
@@ -194,7 +198,11 @@ class Tracer:
                             f"reinterpreting as {shape[0]!r}; use x.astype(dtype) to convert")
         return self.reshape(*shape)
 
-    def permute(self, *dims):
+    def permute(self, *dims, **kw):
+        if kw:   # PyTorch's x.permute(dims=(...))
+            if dims or set(kw) != {"dims"}:
+                raise TypeError(f"permute: expects the dimensions or dims=, got {sorted(kw)}")
+            dims = (kw["dims"],)
         return _ops().transpose(self, dims[0] if len(dims) == 1 else dims)
 
     def unsqueeze(self, dim): return _ops().expand_dims(self, dim)
