@@ -3,6 +3,8 @@
 Oracles: float64 central differences of the op table's numpy references, the existing adjoint
 (the transpose identity <u, J v> = <J^T u, v>), nested jit_grad for Hessian-vector products, and
 finite differences of whole models for Jacobians and Hessians."""
+from unittest import mock
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ import helpers
 import optable
 import tracejit as tj
 from tracejit import nn
+from tracejit.signature import Signature
 from helpers import assert_close, case_functions, case_inputs, numeric_jvp, rng_for, use_backend
 
 TOL = (1e-6, 1e-7)
@@ -274,6 +277,26 @@ def test_jacobian_argnums_tuple_and_pytree_outputs(backend):
         np.testing.assert_allclose(j["p"][1], np.diag(a))
         np.testing.assert_allclose(j["s"][0], 2 * a)
         np.testing.assert_allclose(j["s"][1], np.zeros(3))
+
+
+def test_jacobian_repeated_call_takes_the_fast_path():
+    """A second call with the same shapes runs the registered runner (no Signature is built)
+    and returns the same structure: plain arrays and a pytree argument."""
+    def f(p, x):
+        return {"y": tj.tanh(x @ p["w"]) * p["s"]}
+    p, x = {"s": np.arange(1.0, 3.0), "w": np.ones((3, 2))}, np.arange(3.0).reshape(1, 3)
+    jac = tj.jacfwd(f)
+    first = jac(p, x)
+    with mock.patch.object(Signature, "__init__", side_effect=AssertionError("slow path")):
+        again = jac(p, x)
+    assert set(again) == {"y"} and set(again["y"]) == {"s", "w"}
+    for k in ("s", "w"):
+        np.testing.assert_array_equal(again["y"][k], first["y"][k])
+    h = tj.hessian(lambda v: (v ** 3).sum())
+    v = np.arange(3.0)
+    h(v)
+    with mock.patch.object(Signature, "__init__", side_effect=AssertionError("slow path")):
+        np.testing.assert_allclose(h(v), np.diag(6 * v))
 
 
 @pytest.mark.parametrize("mode", ["jacfwd", "jacrev"])

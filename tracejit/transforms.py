@@ -194,16 +194,30 @@ class JacobianJitted(_Transformed):
         return b.finish(blocks)
 
     def __call__(self, *args, **kwargs):
+        # Jitted's call path: the signature checks, the lookup and, for the next calls with the
+        # same shapes, its fast path (a runner that skips the Signature), with `_assembler` below
+        # turning the flat blocks into the Jacobian's structure
         self._check_argnums(len(args))
-        sig = Signature(self.name, self.arg_names, args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def _inline(self, sig, args, kwargs):
         results, out_def, n = self._run(sig)
-        ranges = sig.leaf_ranges()
-        per_arg = [(sig.treedef[a % sig.n_args], len(ranges[a % sig.n_args])) for a in self.argnums]
-        blocks, out_leaves = iter(results), []
-        for _ in range(n):
-            parts = [pytree.unflatten(d, [next(blocks) for _ in range(k)]) for d, k in per_arg]
-            out_leaves.append(parts[0] if self.single else tuple(parts))
-        return pytree.unflatten(out_def, out_leaves)
+        return self._assembler(sig, out_def, n)(results)
+
+    def _assembler(self, sig, out_def, n_value):
+        """Flat results -> for every output leaf, the differentiated arguments' structure of
+        Jacobian blocks (a tuple of them for a tuple `argnums`), in the outputs' structure."""
+        builders = [sig.treedef[a % sig.n_args].builder() for a in self.argnums]
+        single = self.single
+        build_out = out_def.builder()
+
+        def assemble(results):
+            blocks, out_leaves = iter(results), []
+            for _ in range(n_value):
+                parts = [b(blocks) for b in builders]
+                out_leaves.append(parts[0] if single else tuple(parts))
+            return build_out(iter(out_leaves))
+        return assemble
 
     def ir(self, *args, stage: str | None = None, **kwargs) -> str:
         """The IR dump at `stage`: "forward", "jacfwd"/"jacrev" (the default), "optimized",
