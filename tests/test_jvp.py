@@ -299,6 +299,19 @@ def test_jacobian_repeated_call_takes_the_fast_path():
         np.testing.assert_allclose(h(v), np.diag(6 * v))
 
 
+def test_jacrev_of_one_element_is_the_gradient():
+    """A function of one output of one element: jacrev is the plain adjoint (no batch-1 axis on
+    its values, which a Hessian would carry through its tangent pass), shaped out + in."""
+    rng = rng_for("jacrev-scalar")
+    w, x = rng.normal(size=(3, 2)), rng.normal(size=(4, 3))
+    dump = tj.jacrev(lambda w, x: tj.tanh(x @ w).sum()).ir(w, x)
+    assert "[1," not in dump and "[1]" not in dump
+    got = tj.jacrev(lambda w, x: tj.tanh(x @ w).sum().reshape(1, 1))(w, x)
+    assert got.shape == (1, 1, 3, 2)
+    np.testing.assert_allclose(got[0, 0], tj.jit_grad(lambda w, x: tj.tanh(x @ w).sum())(w, x),
+                               rtol=1e-12)
+
+
 @pytest.mark.parametrize("mode", ["jacfwd", "jacrev"])
 def test_jacobian_is_one_batched_pass(mode):
     """The transformed IR does not grow with the number of directions: jacfwd pushes all input
