@@ -312,6 +312,22 @@ def test_jacrev_of_one_element_is_the_gradient():
                                rtol=1e-12)
 
 
+def test_batched_tangent_of_a_weight_times_transposed_is_one_2d_product(backend):
+    """jacfwd w.r.t. W of x @ W^T (nn.linear): the batch of tangents joins the rows of one 2-d
+    product (dW_t x^T), read transposed, instead of a batched product of one per direction."""
+    rng = rng_for("linear-jacfwd")
+    x, w = rng.normal(size=(4, 3)), rng.normal(size=(5, 3))
+    jac = tj.jacfwd(lambda w, x: tj.tanh(nn.linear(x, w)))
+    matmuls = [ln for ln in jac.ir(w, x).splitlines() if "= matmul" in ln]
+    ranks = [ln.split("[", 1)[1].split("]", 1)[0].count(",") + 1 for ln in matmuls]
+    assert ranks and all(r == 2 for r in ranks), matmuls
+    with use_backend(backend):
+        got = jac(w, x)
+    d = 1 - np.tanh(x @ w.T) ** 2                       # [4, 5]
+    want = np.einsum("ij,jk,il->ijkl", d, np.eye(5), x)  # d y_ij / d w_kl
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("mode", ["jacfwd", "jacrev"])
 def test_jacobian_is_one_batched_pass(mode):
     """The transformed IR does not grow with the number of directions: jacfwd pushes all input
