@@ -28,6 +28,9 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# this script's folder is sys.path[0]: its profile.py would shadow the standard library's
+# `profile`, which torch imports
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.join(ROOT, "benchmarks")]
 SYSTEMS = ("tracejit", "torch", "jax")
 WORKLOADS = ("hvp", "hessian")
 

@@ -22,7 +22,7 @@ from .prims.control import result_p, scan_p
 from .prims.linalg import matmul_p
 from .prims.nn import max_pool2d_argmax_p, max_pool2d_grad_p, max_pool2d_p
 from .prims.reduce import reduce_sum_p
-from .prims.structural import broadcast_in_dim_p, reshape_p, transpose_p
+from .prims.structural import broadcast_in_dim_p, reshape_p, slice_p, transpose_p
 
 # Fold constant expressions whose result has at most this many elements into a `literal`.
 FOLD_LIMIT = 4096
@@ -175,7 +175,10 @@ def _fold(ins: Instr):
     if any(c is None for c in consts):
         return None
     all_splats = all(_splat(v) is not None for v in ins.inputs)
-    if not all_splats and ins.out.type.size > FOLD_LIMIT:
+    # a slice or transpose of a literal is no larger than it: folded at any size (jacfwd's basis
+    # of unit tangents, sliced per parameter, would otherwise be copied out on every call)
+    if not all_splats and ins.out.type.size > FOLD_LIMIT and ins.prim not in (slice_p,
+                                                                              transpose_p):
         return None
     if all_splats and ins.prim.kind not in ("unary", "binary", "compare", "select", "convert",
                                             "layout", "reduce") and ins.out.type.size > FOLD_LIMIT:

@@ -372,6 +372,24 @@ def test_constant_folding():
     assert splat.params["value"] == 6.0
 
 
+def test_slices_of_a_large_literal_fold():
+    """A slice or transpose of a literal above the fold limit is folded (it is no larger than the
+    literal), so no kernel copies it out on every call; an elementwise op of one is not."""
+    from tracejit.ir.passes import FOLD_LIMIT
+    n = int(FOLD_LIMIT ** 0.5) + 2
+    eye = np.eye(n)
+
+    def body(x):
+        part = lax.transpose(lax.slice_(lax.literal(eye), (0, 0), (n, n - 1)), (1, 0))
+        rows = lax.slice_(lax.exp(lax.literal(eye)), (0, 0), (n - 1, n))
+        return lax.add(x, lax.add(part, rows))
+
+    fn = optimize(build(body, 1, TensorType("f64", (n - 1, n))))
+    assert "slice" in prims(fn) and prims(fn).count("transpose") == 0 and "exp" in prims(fn)
+    x = np.ones((n - 1, n))
+    np.testing.assert_allclose(interpret(fn, [x])[0], x + eye[:, :n - 1].T + np.exp(eye)[:n - 1])
+
+
 @pytest.mark.parametrize("rewrite", [
     lambda x: lax.mul(x, 1.0), lambda x: lax.mul(1.0, x), lambda x: lax.div(x, 1.0),
     lambda x: lax.add(x, 0.0), lambda x: lax.add(0.0, x), lambda x: lax.sub(x, 0.0),

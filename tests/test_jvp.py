@@ -3,6 +3,8 @@
 Oracles: float64 central differences of the op table's numpy references, the existing adjoint
 (the transpose identity <u, J v> = <J^T u, v>), nested jit_grad for Hessian-vector products, and
 finite differences of whole models for Jacobians and Hessians."""
+from unittest import mock
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ import helpers
 import optable
 import tracejit as tj
 from tracejit import nn
+from tracejit.signature import Signature
 from helpers import assert_close, case_functions, case_inputs, numeric_jvp, rng_for, use_backend
 
 TOL = (1e-6, 1e-7)
@@ -274,6 +277,55 @@ def test_jacobian_argnums_tuple_and_pytree_outputs(backend):
         np.testing.assert_allclose(j["p"][1], np.diag(a))
         np.testing.assert_allclose(j["s"][0], 2 * a)
         np.testing.assert_allclose(j["s"][1], np.zeros(3))
+
+
+def test_jacobian_repeated_call_takes_the_fast_path():
+    """A second call with the same shapes runs the registered runner (no Signature is built)
+    and returns the same structure: plain arrays and a pytree argument."""
+    def f(p, x):
+        return {"y": tj.tanh(x @ p["w"]) * p["s"]}
+    p, x = {"s": np.arange(1.0, 3.0), "w": np.ones((3, 2))}, np.arange(3.0).reshape(1, 3)
+    jac = tj.jacfwd(f)
+    first = jac(p, x)
+    with mock.patch.object(Signature, "__init__", side_effect=AssertionError("slow path")):
+        again = jac(p, x)
+    assert set(again) == {"y"} and set(again["y"]) == {"s", "w"}
+    for k in ("s", "w"):
+        np.testing.assert_array_equal(again["y"][k], first["y"][k])
+    h = tj.hessian(lambda v: (v ** 3).sum())
+    v = np.arange(3.0)
+    h(v)
+    with mock.patch.object(Signature, "__init__", side_effect=AssertionError("slow path")):
+        np.testing.assert_allclose(h(v), np.diag(6 * v))
+
+
+def test_jacrev_of_one_element_is_the_gradient():
+    """A function of one output of one element: jacrev is the plain adjoint (no batch-1 axis on
+    its values, which a Hessian would carry through its tangent pass), shaped out + in."""
+    rng = rng_for("jacrev-scalar")
+    w, x = rng.normal(size=(3, 2)), rng.normal(size=(4, 3))
+    dump = tj.jacrev(lambda w, x: tj.tanh(x @ w).sum()).ir(w, x)
+    assert "[1," not in dump and "[1]" not in dump
+    got = tj.jacrev(lambda w, x: tj.tanh(x @ w).sum().reshape(1, 1))(w, x)
+    assert got.shape == (1, 1, 3, 2)
+    np.testing.assert_allclose(got[0, 0], tj.jit_grad(lambda w, x: tj.tanh(x @ w).sum())(w, x),
+                               rtol=1e-12)
+
+
+def test_batched_tangent_of_a_weight_times_transposed_is_one_2d_product(backend):
+    """jacfwd w.r.t. W of x @ W^T (nn.linear): the batch of tangents joins the rows of one 2-d
+    product (dW_t x^T), read transposed, instead of a batched product of one per direction."""
+    rng = rng_for("linear-jacfwd")
+    x, w = rng.normal(size=(4, 3)), rng.normal(size=(5, 3))
+    jac = tj.jacfwd(lambda w, x: tj.tanh(nn.linear(x, w)))
+    matmuls = [ln for ln in jac.ir(w, x).splitlines() if "= matmul" in ln]
+    ranks = [ln.split("[", 1)[1].split("]", 1)[0].count(",") + 1 for ln in matmuls]
+    assert ranks and all(r == 2 for r in ranks), matmuls
+    with use_backend(backend):
+        got = jac(w, x)
+    d = 1 - np.tanh(x @ w.T) ** 2                       # [4, 5]
+    want = np.einsum("ij,jk,il->ijkl", d, np.eye(5), x)  # d y_ij / d w_kl
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("mode", ["jacfwd", "jacrev"])

@@ -157,6 +157,45 @@ def test_matmul_outer_form_runs_k_in_blocks():
     assert "matmul.kb.full" in text and "matmul.kb.tail" in text
 
 
+# matrix-vector products: (a shape, b shape, trans_a, trans_b), batched with broadcast operands
+MATVEC_SPECS = [
+    ((37, 19), (19, 1), False, False),        # A @ b: rows of A . b, a partial row tile
+    ((3, 19, 37), (19, 1), True, False),      # A^T @ b, batched A: v^T A, masked columns
+    ((1, 70), (2, 70, 45), False, False),     # a @ B, batched B: axpy over 45 columns
+    ((1, 9), (2, 13, 9), False, True),        # a @ B^T, batched B: rows of B . a, K < VL
+    ((4, 1, 17, 1), (1, 17), True, True),     # a dot product, batched a
+    ((5, 1), (1, 1), False, False),           # K = 1
+    ((2, 16, 24), (2, 1, 24), False, True),   # whole row tiles and K a multiple of the vector
+]
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_matvec_kernels(dtype):
+    """Products with N == 1 or M == 1 take the matrix-vector kernels (a dot per row, or a sum of
+    scaled rows) for every transpose, batched or broadcast, with sizes off the vector width."""
+    from tracejit.codegen.kernels.matmul import _plan
+    specs = [("matmul", [a, b], dict(trans_a=ta, trans_b=tb)) for a, b, ta, tb in MATVEC_SPECS]
+    ks = check_all(specs, dtype)
+    assert [_plan(ins).form for ins in ks.instrs] == [
+        "mv_dot", "mv_axpy", "mv_axpy", "mv_dot", "mv_dot", "mv_dot", "mv_dot"]
+
+
+def test_matvec_compiled_matches_interpreter():
+    """A function of matrix-vector products (with an epilogue on one), compiled and interpreted."""
+    from helpers import use_backend
+    rng = np.random.default_rng(1)
+    A, v, w = (rng.standard_normal(s).astype(np.float32) for s in ((29, 11), (11, 1), (1, 29)))
+    f = tracejit.jit(lambda A, v, w: (tracejit.tanh(A @ v) + 1.0, w @ A, A.T @ w.T, v.T @ A.T))
+    want = [np.tanh(A @ v) + 1.0, w @ A, A.T @ w.T, v.T @ A.T]
+    got = f(A, v, w)
+    with use_backend("interpreter"):
+        ref = f(A, v, w)
+    for g, r, x in zip(got, ref, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(g, x, rtol=1e-5, atol=1e-6)
+    assert "matmul.mv.k" in f.ir(A, v, w, stage="llvm")
+
+
 # ------------------------------------------------------------------------------------------------
 # convolutions
 # ------------------------------------------------------------------------------------------------

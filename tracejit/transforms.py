@@ -194,16 +194,30 @@ class JacobianJitted(_Transformed):
         return b.finish(blocks)
 
     def __call__(self, *args, **kwargs):
+        # Jitted's call path: the signature checks, the lookup and, for the next calls with the
+        # same shapes, its fast path (a runner that skips the Signature), with `_assembler` below
+        # turning the flat blocks into the Jacobian's structure
         self._check_argnums(len(args))
-        sig = Signature(self.name, self.arg_names, args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def _inline(self, sig, args, kwargs):
         results, out_def, n = self._run(sig)
-        ranges = sig.leaf_ranges()
-        per_arg = [(sig.treedef[a % sig.n_args], len(ranges[a % sig.n_args])) for a in self.argnums]
-        blocks, out_leaves = iter(results), []
-        for _ in range(n):
-            parts = [pytree.unflatten(d, [next(blocks) for _ in range(k)]) for d, k in per_arg]
-            out_leaves.append(parts[0] if self.single else tuple(parts))
-        return pytree.unflatten(out_def, out_leaves)
+        return self._assembler(sig, out_def, n)(results)
+
+    def _assembler(self, sig, out_def, n_value):
+        """Flat results -> for every output leaf, the differentiated arguments' structure of
+        Jacobian blocks (a tuple of them for a tuple `argnums`), in the outputs' structure."""
+        builders = [sig.treedef[a % sig.n_args].builder() for a in self.argnums]
+        single = self.single
+        build_out = out_def.builder()
+
+        def assemble(results):
+            blocks, out_leaves = iter(results), []
+            for _ in range(n_value):
+                parts = [b(blocks) for b in builders]
+                out_leaves.append(parts[0] if single else tuple(parts))
+            return build_out(iter(out_leaves))
+        return assemble
 
     def ir(self, *args, stage: str | None = None, **kwargs) -> str:
         """The IR dump at `stage`: "forward", "jacfwd"/"jacrev" (the default), "optimized",
@@ -248,7 +262,10 @@ def _jacrev_blocks(fwd, wrt, params):
     is J(x)^T u, linear in the cotangent u; its tangent along u = e_k is row k. So the adjoint
     function, built once with u as a parameter, is pushed through one batched tangent pass along
     all basis cotangents: every adjoint instruction runs once on a [n_out] batch of cotangents,
-    and the primal part of that pass (the adjoint at u = 0) is dead code."""
+    and the primal part of that pass (the adjoint at u = 0) is dead code. A function of one
+    output of one element (a loss) has one row, its gradient: see `_gradient_blocks`."""
+    if len(fwd.outputs) == 1 and fwd.outputs[0].type.size == 1:
+        return _gradient_blocks(fwd, wrt, params)
     b = Builder(f"{fwd.name}.vjp")
     xs = [b.add_param(p.type, p.hint) for p in fwd.params]
     us = [b.add_param(o.type, f"ct{k}") for k, o in enumerate(fwd.outputs)]
@@ -280,6 +297,21 @@ def _jacrev_blocks(fwd, wrt, params):
             part = lax.slice_(r, (off,) + (0,) * len(shape), (off + o.type.size,) + shape)
             blocks.append(lax.reshape(part, o.shape + shape))
     return blocks
+
+
+def _gradient_blocks(fwd, wrt, params):
+    """The Jacobian of a function with one output of one element: the plain adjoint, its blocks
+    shaped out_shape + in_shape. (A batched pass of batch 1 gives the same numbers with a size-1
+    axis on every adjoint value, which a Hessian's tangent pass then carries through each of its
+    kernels as one more batch axis.)"""
+    b = Builder(f"{fwd.name}.vjp")
+    xs = [b.add_param(p.type, p.hint) for p in fwd.params]
+    with building(b):
+        (y,) = inline(fwd, xs)
+        loss = lax.reshape(y, ()) if y.shape else y
+    outs = inline(grad_function(b.finish([loss]), wrt), list(params))
+    out_shape = fwd.outputs[0].shape
+    return [lax.reshape(g, out_shape + fwd.params[i].shape) for i, g in zip(wrt, outs[1:])]
 
 
 def jacfwd(fun, argnums=0):

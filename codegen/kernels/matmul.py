@@ -13,6 +13,20 @@ Two register-blocked micro-kernels, both with their accumulators in vector regis
 trans_b together with trans_a, or with a short K, packs B^T into the calling thread's scratch
 region ([K, N] row-major) and uses the outer-product form.
 
+Matrix-vector products (N == 1 or M == 1) have their own two kernels, as the forms above would
+fill one lane of NV vectors (outer) or recompute MR clamped rows (dot) for the one column or row
+(the size-1 axes of second-order code are full of them). A vector operand is contiguous
+whichever its transpose, and C [M, 1] has the layout of C^T [1, M], so every case is one of:
+
+- `mv_dot`: C[i] = <Mat[i, :], v> for Mat [R, K] (A for N == 1 without trans_a; B for M == 1
+  with trans_b): VL rows at a time, one vector accumulator each, their VL sums transposed into one
+  vector of consecutive results (one store).
+- `mv_axpy`: C[j] = sum_k v[k] Mat[k, j] for Mat [K, C] (B for M == 1 without trans_b; A for
+  N == 1 with trans_a): NV vectors of columns accumulate v[k] (broadcast) * Mat[k, j:j+VL].
+
+The plan swaps the operands where Mat is B (`swap`), so the tile function always sees (out, A', B')
+of a product with M' == 1 (mv_axpy) or N' == 1 (mv_dot).
+
 Edge tiles clamp their row (and dot-form column) indices to the last one: the extra lanes recompute
 and store the same value into the same element, which costs a little work on the border and no
 code variants. The last (partial) column tile of the outer-product form and the K tail of the dot
@@ -109,16 +123,17 @@ class _Plan:
     n: int
     k: int
     trans_a: bool
-    form: str     # "outer" | "dot"
+    form: str     # "outer" | "dot" | "mv_dot" | "mv_axpy"
     packed: bool  # outer form on B^T packed into scratch
     mr: int
-    nr: int       # outer: vectors of columns per tile; dot: columns per tile
+    nr: int       # outer, mv_axpy: vectors of columns per tile; dot: columns per tile
     vl: int
     esize: int
+    swap: bool = False  # matvec forms: the kernel's operands (A, B) are the tile function's (B', A')
 
     @property
     def tile_cols(self) -> int:
-        return self.nr * self.vl if self.form == "outer" else self.nr
+        return self.nr * self.vl if self.form in ("outer", "mv_axpy") else self.nr
 
 
 def _plan(ins) -> _Plan:
@@ -130,8 +145,30 @@ def _plan(ins) -> _Plan:
     batch = tuple(ins.out.shape[:-2])
     a_batch = (1,) * (len(batch) + 2 - a.ndim) + tuple(a.shape[:-2])
     b_batch = (1,) * (len(batch) + 2 - bm.ndim) + tuple(bm.shape[:-2])
-    return replace(_block_plan(dt, m, n, k, ta, tb), batch=batch, a_batch=a_batch,
+    plan = _matvec_plan(dt, m, n, k, ta, tb) if m == 1 or n == 1 else None
+    if plan is not None and plan.swap:
+        a_batch, b_batch = b_batch, a_batch
+    return replace(plan or _block_plan(dt, m, n, k, ta, tb), batch=batch, a_batch=a_batch,
                    b_batch=b_batch)
+
+
+def _matvec_plan(dt, m, n, k, ta, tb) -> _Plan:
+    """The plan of a product with N == 1 or M == 1, as M' x N' of the swapped operands where
+    the matrix is B (see the module docstring). M == N == 1 is a dot product of two vectors."""
+    _, vl, es = dtype_info(dt)
+    if n == 1 and (not ta or m == 1):      # A [m, k] rows . b
+        dot = (m, False)
+    elif m == 1 and tb:                    # B [n, k] rows . a
+        dot = (n, True)
+    else:
+        dot = None
+    if dot is not None:
+        rows, swap = dot
+        return _Plan(dt, (), (), (), rows, 1, k, False, "mv_dot", False, vl, 1, vl, es, swap)
+    cols, swap = (m, True) if n == 1 else (n, False)   # a @ B [k, n], or b^T @ A [k, m]
+    nv = min(4, ceil_div(cols, vl))
+    nv = 4 if nv > 2 else nv               # three variants at most: 1, 2 or 4 vectors
+    return _Plan(dt, (), (), (), 1, cols, k, False, "mv_axpy", False, 1, nv, vl, es, swap)
 
 
 def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
@@ -196,7 +233,7 @@ def _packed_b(module, kf: KernelFunction, p: _Plan, b_mat):
 def _lower_one(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams):
     """One matrix product: threads split its row tiles (or its column tiles, see above)."""
     b = kf.b
-    a_mat, b_mat = kf.ins
+    a_mat, b_mat = kf.ins[::-1] if p.swap else kf.ins
     if p.packed:
         b_mat = _packed_b(module, kf, p, b_mat)
     mb, nb = ceil_div(p.m, p.mr), ceil_div(p.n, p.tile_cols)
@@ -226,8 +263,9 @@ def _lower_batch(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape
         lo, hi = smax(b, b.sub(t0, base), 0), smin(b, b.sub(t1, base), mb)
         r0, r1 = b.mul(lo, i64(p.mr)), smin(b, b.mul(hi, i64(p.mr)), p.m)
         out_off = b.mul(lb.iv, i64(p.m * p.n), name="matmul.batch.out")
-        a_mat = gep(b, kf.ins[0], _batch_offset(b, lb.iv, p.batch, p.a_batch, p.m * p.k), ety)
-        b_mat = gep(b, kf.ins[1], _batch_offset(b, lb.iv, p.batch, p.b_batch, p.k * p.n), ety)
+        a_in, b_in = kf.ins[::-1] if p.swap else kf.ins
+        a_mat = gep(b, a_in, _batch_offset(b, lb.iv, p.batch, p.a_batch, p.m * p.k), ety)
+        b_mat = gep(b, b_in, _batch_offset(b, lb.iv, p.batch, p.b_batch, p.k * p.n), ety)
         if p.packed:
             b_mat = _packed_b(module, kf, p, b_mat)
         _rows(kf, p, fn, shape, [gep(b, kf.out, out_off, ety), a_mat, b_mat], r0, r1, out_off)
@@ -301,7 +339,8 @@ class _TileKey:
 def _tiles_function(module: ir.Module, p: _Plan) -> SharedFunction:
     """The shared function computing C[r0:r1, c0:c1] (r0, c0 at tile boundaries) for C [m, n]."""
     key = _TileKey(p.form, p.dtype, p.mr, p.nr)
-    body = _emit_dot if p.form == "dot" else _emit_outer
+    body = {"outer": _emit_outer, "dot": _emit_dot, "mv_dot": _emit_mv_dot,
+            "mv_axpy": _emit_mv_axpy}[p.form]
     return shared_function(module, "matmul", key, 3, _TileParams, body)
 
 
@@ -424,3 +463,82 @@ def _emit_dot(s: Shared, p: _TileKey):
             for r in range(mr):
                 sums = transpose_sums(b, accs[r * nr:(r + 1) * nr])
                 masked_store(b, sums, out, b.add(b.mul(rows[r], s.n), lj.iv), cmask)
+
+
+def _emit_mv_dot(s: Shared, p: _TileKey):
+    """C[r0:r1] = Mat[r0:r1, :] @ v (Mat [m, k] row-major, v [k], C [m, 1]): tiles of MR = VL
+    rows, each row one vector of partial sums, transposed into a vector of MR results. Whole
+    tiles store that vector; the last partial tile clamps its rows and stores masked."""
+    b = s.b
+    out, mat, v = s.ptrs
+    ety, vl, _ = dtype_info(p.dtype)
+    mr = p.mr
+    vty = ir.VectorType(ety, vl)
+    m1 = b.sub(s.m, i64(1))
+    kfull = b.sub(s.k, b.urem(s.k, i64(vl)), name="matmul.mv.kfull")
+    split = b.sub(s.m, b.urem(s.m, i64(mr)), name="matmul.mv.i.full")
+
+    def rows(r0, r1, masked):
+        kind = "tail" if masked else "full"
+        with carry_loop(b, r0, r1, [], f"matmul.mv.i.{kind}", step=mr) as li:
+            rs = [smin(b, b.add(li.iv, i64(r)), m1) for r in range(mr)] if masked \
+                else [b.add(li.iv, i64(r)) for r in range(mr)]
+            arow = [gep(b, mat, b.mul(r, s.k), ety) for r in rs]
+
+            def step(acc, k0, mask):
+                def ld(ptr):
+                    return vload(b, ptr, k0, vty) if mask is None \
+                        else masked_load(b, ptr, k0, vty, mask)
+                x = ld(v)
+                return [fma(b, ld(pa), x, a) for pa, a in zip(arow, acc)]
+
+            with carry_loop(b, 0, kfull, [zero_vector(ety, vl)] * mr, f"matmul.mv.k.{kind}",
+                            step=vl) as lk:
+                lk.next = step(lk.vals, lk.iv, None)
+            # the K tail: a loop of one step when K % VL != 0, none otherwise
+            with carry_loop(b, kfull, s.k, lk.out, f"matmul.mv.kt.{kind}", step=vl) as lt:
+                lt.next = step(lt.vals, lt.iv, lane_mask(b, b.sub(s.k, lt.iv), vl))
+            sums = transpose_sums(b, lt.out)
+            if masked:
+                masked_store(b, sums, out, li.iv, lane_mask(b, b.sub(s.m, li.iv), vl))
+            else:
+                vstore(b, sums, out, li.iv)
+
+    rows(s.r0, smin(b, s.r1, split), masked=False)
+    rows(smax(b, s.r0, split), s.r1, masked=True)
+
+
+def _emit_mv_axpy(s: Shared, p: _TileKey):
+    """C[r, c0:c1] = v_r @ Mat (v_r = row r of v [m, k], Mat [k, n] row-major; m is 1 as
+    planned): NV vectors of columns accumulate v[k] * Mat[k, j:j+VL] over k; whole column tiles
+    unmasked, the partial last one masked (as the outer form)."""
+    b = s.b
+    out, v, mat = s.ptrs
+    ety, vl, _ = dtype_info(p.dtype)
+    nv = p.nr
+    vty = ir.VectorType(ety, vl)
+    split = b.sub(s.n, b.urem(s.n, i64(nv * vl)), name="matmul.mv.j.full")
+
+    def columns(c0, c1, masked):
+        kind = "tail" if masked else "full"
+        with carry_loop(b, s.r0, s.r1, [], f"matmul.mv.r.{kind}") as lr:
+            vrow = gep(b, v, b.mul(lr.iv, s.k), ety)
+            crow = gep(b, out, b.mul(lr.iv, s.n), ety)
+            with carry_loop(b, c0, c1, [], f"matmul.mv.j.{kind}", step=nv * vl) as lj:
+                masks = [lane_mask(b, b.sub(b.sub(s.n, lj.iv), i64(u * vl)), vl)
+                         for u in range(nv)] if masked else [None] * nv
+                with carry_loop(b, 0, s.k, [zero_vector(ety, vl)] * nv,
+                                f"matmul.mv.k.{kind}") as lk:
+                    mrow = gep(b, mat, b.add(b.mul(lk.iv, s.n), lj.iv), ety)
+                    x = splat(b, load(b, vrow, lk.iv, ety), vl)
+                    lk.next = [fma(b, x, vload(b, mrow, i64(u * vl), vty) if mk is None
+                                   else masked_load(b, mrow, i64(u * vl), vty, mk), acc)
+                               for u, (mk, acc) in enumerate(zip(masks, lk.vals))]
+                for u, (mk, acc) in enumerate(zip(masks, lk.out)):
+                    if mk is None:
+                        vstore(b, acc, crow, b.add(lj.iv, i64(u * vl)))
+                    else:
+                        masked_store(b, acc, crow, b.add(lj.iv, i64(u * vl)), mk)
+
+    columns(s.c0, smin(b, s.c1, split), masked=False)
+    columns(smax(b, s.c0, split), s.c1, masked=True)
