@@ -308,6 +308,42 @@ def test_repeated_calls_skip_the_argument_signature(monkeypatch):
     assert_trees_close(state, want_s, 1e-12)
 
 
+def test_memory_sharing_is_checked_once_per_set_of_arrays(monkeypatch):
+    """The fast path checks that no two updated arrays share memory when the params and state
+    arrays change, and a batch against them when the batch arrays change: calls with the same
+    arrays check nothing, a new batch checks only the batch. An array flagged read-only in place
+    is still refused."""
+    import tracejit.train as train
+    calls = []
+    for name in ("_check_in_place", "_check_batch"):
+        monkeypatch.setattr(train, name, (lambda f, name: lambda *a: calls.append(name) or f(*a))(
+            getattr(train, name), name))
+    opt = optim.sgd(0.1, momentum=0.9)
+    step = tracejit.jit_train_step(mlp_loss, opt)
+    params = mlp_params(np.float64)
+    state = opt.init(params)
+    want_p, want_s = copy_tree(params), copy_tree(state)
+    x, t = batch(np.float64)
+    grad = tracejit.jit_grad(mlp_loss)
+    seen = []
+    for i, change in enumerate(["", "", "", "", "batch", "", "params"]):
+        if change == "batch":
+            x, t = batch(np.float64, seed="other")
+        elif change == "params":
+            params = copy_tree(params)
+        calls.clear()
+        step(params, state, x, t)
+        seen.append(sorted(set(calls)))
+        want_p, want_s = opt.update(grad(want_p, x, t), want_s, want_p)
+    # the first call (the slow path) and the first run of the fast path check everything
+    assert seen[2:] == [[], [], ["_check_batch"], [], ["_check_batch", "_check_in_place"]], seen
+    assert_trees_close(params, want_p, 1e-12)
+    assert_trees_close(state, want_s, 1e-12)
+    params["w2"].flags.writeable = False
+    with pytest.raises(TypeError, match=r"params\['w2'\] cannot be updated in place"):
+        step(params, state, x, t)
+
+
 def test_disjoint_views_of_one_buffer_are_fine():
     flat = np.zeros(24 + 5)
     params = mlp_params(np.float64)
