@@ -203,11 +203,11 @@ class TrainStep:
         ok = guards.ok if guards is not None else None
         build_aux = entry.out_treedef.children[1].builder() if self.has_aux else None
         # What was last checked for sharing memory: (ids of the donated arrays, their spans) and
-        # (ids of the batch arrays, ids of the donated arrays they were checked against). The
-        # weak references forget a record when one of its arrays dies: a new array may then
-        # reuse its id (never the id of a live one, so equal ids of live arrays mean the same
-        # arrays). Donated and batch arrays are recorded apart: a new batch every step is
-        # checked against the donated spans without checking those again.
+        # (ids of the batch arrays, the donated record they were checked against). The weak
+        # references forget a record when one of its arrays dies: a new array may then reuse its
+        # id (never the id of a live one, so equal ids of live arrays mean the same arrays).
+        # Donated and batch arrays are recorded apart: a new batch every step is checked against
+        # the donated spans without checking those again.
         donated_checked = batch_checked = None
         refs = [[], []]   # keeps the weak references, and so their callbacks, alive
 
@@ -246,10 +246,11 @@ class TrainStep:
                 refs[0] = [weakref.ref(x, forget_donated) for x in donated]
                 donated_checked = checked = donated_ids, spans
             batch_ids = list(map(id, batch)) if plain_batch else list(map(id, leaves[n:]))
-            if batch_checked != (batch_ids, donated_ids):
+            last = batch_checked
+            if last is None or last[1] is not checked or last[0] != batch_ids:
                 _check_batch(who, checked[1], zip(paths[n:], leaves[n:]))
                 refs[1] = [weakref.ref(x, forget_batch) for x in leaves[n:]]
-                batch_checked = batch_ids, donated_ids
+                batch_checked = batch_ids, checked
             for i in copy:
                 leaves[i] = _c_contiguous(leaves[i])
             outs = native(leaves)
@@ -284,10 +285,8 @@ def _collector(d: pytree.TreeDef):
             out.append(o)
             return True
         return collect
-    if d.kind == "dict":
-        keys, typ = d.keys, dict
-    else:
-        typ, size = (list if d.kind == "list" else tuple), len(d.children)
+    typ = {"dict": dict, "list": list, "tuple": tuple}[d.kind]
+    keys, size = d.keys, len(d.children)
     if all(c is pytree.ARRAY for c in d.children):
         if typ is dict:
             def collect(o, out):
@@ -302,28 +301,27 @@ def _collector(d: pytree.TreeDef):
                 out.extend(o)
                 return True
         return collect
-    # an array child is appended here rather than by a call of its own collector
-    subs = [None if c is pytree.ARRAY else _collector(c) for c in d.children]
-    if typ is dict:
-        def collect(o, out):
-            if type(o) is not dict or tuple(o) != keys:
-                return False
-            for sub, v in zip(subs, o.values()):
-                if sub is None:
-                    out.append(v)
-                elif not sub(v, out):
+    # A child that is an array (None here) or a dict of arrays (its keys here) is collected in
+    # this loop rather than by a call of its own collector: the state of an optimizer is a dict
+    # of such dicts, and a call costs more than the rest of the check of a child.
+    subs = [None if c is pytree.ARRAY
+            else c.keys if c.kind == "dict" and all(x is pytree.ARRAY for x in c.children)
+            else _collector(c) for c in d.children]
+    is_dict = typ is dict
+
+    def collect(o, out):
+        if type(o) is not typ or (tuple(o) != keys if is_dict else len(o) != size):
+            return False
+        for sub, v in zip(subs, o.values() if is_dict else o):
+            if sub is None:
+                out.append(v)
+            elif type(sub) is tuple:
+                if type(v) is not dict or tuple(v) != sub:
                     return False
-            return True
-    else:
-        def collect(o, out):
-            if type(o) is not typ or len(o) != size:
+                out.extend(v.values())
+            elif not sub(v, out):
                 return False
-            for sub, v in zip(subs, o):
-                if sub is None:
-                    out.append(v)
-                elif not sub(v, out):
-                    return False
-            return True
+        return True
     return collect
 
 
