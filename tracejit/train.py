@@ -195,6 +195,7 @@ class TrainStep:
         facts = list(map(_leaf_facts, leaves))
         copy = [i for i, x in enumerate(leaves[n:], n) if not x.flags.carray]
         paths = [path for path, _, _ in sig.leaves]
+        batch_paths = paths[n:]
         collect = [_collector(d) for d in sig.treedef]
         collect_params, collect_state, collect_batch = collect[0], collect[1], collect[2:]
         n_batch = len(collect_batch)
@@ -202,25 +203,23 @@ class TrainStep:
         native, guards, who = entry.native(), entry.guards, self.name
         ok = guards.ok if guards is not None else None
         build_aux = entry.out_treedef.children[1].builder() if self.has_aux else None
-        # What was last checked for sharing memory: (ids of the donated arrays, their spans) and
-        # (ids of the batch arrays, the donated record they were checked against). The weak
-        # references forget a record when one of its arrays dies: a new array may then reuse its
-        # id (never the id of a live one, so equal ids of live arrays mean the same arrays).
-        # Donated and batch arrays are recorded apart: a new batch every step is checked against
-        # the donated spans without checking those again.
-        donated_checked = batch_checked = None
-        refs = [[], []]   # keeps the weak references, and so their callbacks, alive
+        # The donated arrays last checked for sharing memory: their ids, spans and the spans'
+        # starts. A weak reference to each forgets the record when the array dies, as a new array
+        # may then reuse its id (never the id of a live one: equal ids of live arrays are the
+        # same arrays). The batch is checked against the spans on every call (it is usually new):
+        # the facts pin each batch array's size and, for most, contiguity, so a C-contiguous one
+        # costs its address and a bisection.
+        donated_checked = None
+        donated_refs = []   # keeps the weak references, and so their callbacks, alive
+        contiguous_batch = all(f[3] for f in facts[n:])
+        batch_sizes = [x.nbytes for x in leaves[n:]]
 
         def forget_donated(_):
-            nonlocal donated_checked, batch_checked
-            donated_checked = batch_checked = None
-
-        def forget_batch(_):
-            nonlocal batch_checked
-            batch_checked = None
+            nonlocal donated_checked
+            donated_checked = None
 
         def run(params, state, batch):
-            nonlocal donated_checked, batch_checked
+            nonlocal donated_checked
             leaves = []
             if not (collect_params(params, leaves) and collect_state(state, leaves)
                     and len(batch) == n_batch):
@@ -243,14 +242,18 @@ class TrainStep:
             if checked is None or checked[0] != donated_ids:
                 donated = leaves[:n]
                 spans = _check_in_place(who, list(zip(paths, paths, donated)), [])
-                refs[0] = [weakref.ref(x, forget_donated) for x in donated]
-                donated_checked = checked = donated_ids, spans
-            batch_ids = list(map(id, batch)) if plain_batch else list(map(id, leaves[n:]))
-            last = batch_checked
-            if last is None or last[1] is not checked or last[0] != batch_ids:
-                _check_batch(who, checked[1], zip(paths[n:], leaves[n:]))
-                refs[1] = [weakref.ref(x, forget_batch) for x in leaves[n:]]
-                batch_checked = batch_ids, checked
+                donated_refs[:] = [weakref.ref(x, forget_donated) for x in donated]
+                donated_checked = checked = donated_ids, spans, [lo for lo, _, _ in spans]
+            batch_leaves = batch if plain_batch else leaves[n:]
+            spans, starts = checked[1], checked[2]
+            if not contiguous_batch:
+                _check_batch(who, spans, zip(batch_paths, batch_leaves), starts)
+            elif spans:
+                for x, size in zip(batch_leaves, batch_sizes):
+                    low = _address(x)   # its bytes are [low, low + size): see above
+                    k = bisect.bisect_left(starts, low + size) - 1
+                    if size and k >= 0 and spans[k][1] > low:   # raises, naming both arrays
+                        _check_batch(who, spans, zip(batch_paths, batch_leaves), starts)
             for i in copy:
                 leaves[i] = _c_contiguous(leaves[i])
             outs = native(leaves)
@@ -356,20 +359,26 @@ def _check_in_place(who: str, donated, batch) -> list:
             raise TypeError(f"{who}: {p1} and {p2} share memory (the same array passed twice, or "
                             f"views of one buffer); each must own its memory to be updated in "
                             f"place")
-    _check_batch(who, spans, [(path, x) for path, _, x in batch])
+    if batch:
+        _check_batch(who, spans, [(path, x) for path, _, x in batch])
     return spans
 
 
-def _check_batch(who: str, spans: list, batch):
+def _check_batch(who: str, spans: list, batch, starts: list | None = None):
     """TypeError when a batch array ((path, array) pairs) shares memory with a donated array
-    (`spans`: their sorted, disjoint byte spans)."""
-    starts = None
+    (`spans`: their sorted, disjoint byte spans; `starts`: the spans' starts, if known)."""
+    if not spans:
+        return
+    if starts is None:
+        starts = [lo for lo, _, _ in spans]
     for path, x in batch:
-        if x.size == 0 or not spans:
+        if not x.nbytes:
             continue
-        low, high = _byte_range(x)
-        if starts is None:
-            starts = [lo for lo, _, _ in spans]
+        if x.flags.c_contiguous:   # the common case, without a call of _byte_range
+            low = _address(x)
+            high = low + x.nbytes
+        else:
+            low, high = _byte_range(x)
         # the spans are disjoint and sorted: only the last one starting below `high` can overlap
         k = bisect.bisect_left(starts, high) - 1
         if k >= 0 and spans[k][1] > low:
