@@ -117,7 +117,8 @@ class TrainStep:
         # batch arguments are named as the loss function names them (`x`, not `args[2]`)
         self._jitted.arg_names = ["params", "state"] + grad.arg_names[1:]
         # signature.fast_key of a call -> runner: calls like one the slow path checked skip the
-        # Signature and the per-leaf layout checks (the key pins shapes, dtypes and carray flags)
+        # Signature and the per-leaf layout checks (the key pins shapes, dtypes and carray flags;
+        # a runner checks that its call has its signature, see _add_runner)
         self._runners: dict = {}
         self._last = None   # the runner of the last call's signature, tried first
 
@@ -184,9 +185,9 @@ class TrainStep:
         in C (`_leaf_facts`): that pins what the slow path checked leaf by leaf (flags.carray means
         C-contiguous, aligned and writeable; the dtype its byte order and kind). What it does not
         pin is checked by the runner too: captured arrays (guards), and that no two donated arrays
-        and no donated and batch array share memory. Those byte spans are checked once and kept
-        while the same array objects come back (an array's memory never moves; a change of shape
-        or layout changes its facts), so a call with a new batch computes the batch's spans only."""
+        and no donated and batch array share memory. The donated arrays' byte spans are checked
+        once and kept while the same array objects come back (an array's memory never moves; a
+        change of shape or layout changes its facts), so a call checks its batch only."""
         found = fast_key(args)
         if found is None or len(found[1]) != len(sig.leaves) \
                 or not all(x.dtype.isnative for x in found[1]):
