@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import operator
 import threading
 import time
 import weakref
@@ -95,6 +96,11 @@ class NativeFunction:
         self._out_types = [o.type for o in fn.outputs]
         self._copies = self._resolve_copies()
         self._donor = [self.donate.get(k) for k in range(len(fn.outputs))]
+        # a call's outputs when parameters are donated: the donated parameters taken in one
+        # C call (a fresh output's position takes parameter 0 first), then the fresh ones
+        self._take_donated = operator.itemgetter(*[j or 0 for j in self._donor], 0)
+        self._fresh = [(k, t.shape, t.np_dtype) for k, (t, j) in
+                       enumerate(zip(self._out_types, self._donor)) if j is None]
         self._early, self._late = _split_copies(self._copies, self.donate)
 
     def _load_or_compile(self, cache):
@@ -255,9 +261,13 @@ class NativeFunction:
         output (see __init__) is the parameter's array itself, overwritten with the output."""
         arrays = tuple(arrays)
         if self.donate:
-            outs = tuple([np.empty(t.shape, dtype=t.np_dtype) if j is None else arrays[j]
-                          for t, j in zip(self._out_types, self._donor)])
-            late = _run_copies(self._early, arrays, outs) + self._late
+            outs = list(self._take_donated(arrays))
+            outs.pop()
+            for k, shape, dtype in self._fresh:
+                outs[k] = np.empty(shape, dtype)
+            outs = tuple(outs)
+            late = _run_copies(self._early, arrays, outs) + self._late if self._early \
+                else self._late
         else:
             outs = tuple(np.empty(t.shape, dtype=t.np_dtype) for t in self._out_types)
             late = self._copies

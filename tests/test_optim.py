@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -275,6 +276,24 @@ def test_schedule_must_return_a_scalar():
     p = {"w": np.ones(2)}
     with pytest.raises(TypeError, match="lr\\(step\\) must return a number"):
         opt.update(p, opt.init(p), p)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optim.adam(1e-3, weight_decay=1e-2),
+    lambda: optim.adamw(optim.cosine_lr(1e-3, 50), amsgrad=True),
+    lambda: optim.rmsprop(1e-2, momentum=0.9, centered=True),
+    lambda: optim.sgd(0.1, momentum=0.9, nesterov=True),
+])
+def test_update_divides_and_takes_a_square_root_at_most_once_per_element(make):
+    """Whatever derives from the step count (bias corrections, step sizes, the learning rate) is
+    a scalar computed once per step: per element an update does at most one division and one
+    square root, the slowest arithmetic of a loop (it runs as a matmul's epilogue in a training
+    step)."""
+    opt = make()
+    params = {"w": np.ones((3, 4), np.float32)}
+    text = tracejit.jit(opt.update).ir(params, opt.init(params), params, stage="optimized")
+    per_element = re.findall(r": f32\[3,4\] = (div|sqrt) ", text)
+    assert per_element.count("div") <= 1 and per_element.count("sqrt") <= 1, text
 
 
 # ------------------------------------------------------------------------------------------------

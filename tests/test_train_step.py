@@ -308,6 +308,42 @@ def test_repeated_calls_skip_the_argument_signature(monkeypatch):
     assert_trees_close(state, want_s, 1e-12)
 
 
+def test_fast_path_checks_memory_sharing_cheaply_and_still_refuses_it(monkeypatch):
+    """After the first calls, the fast path checks that no two updated arrays share memory only
+    when the params and state arrays change, and a C-contiguous batch against them by its address
+    alone (the full checks run when they find sharing, to name the arrays). A batch viewing a
+    parameter and an array flagged read-only in place are still refused."""
+    import tracejit.train as train
+    calls = []
+    for name in ("_check_in_place", "_check_batch"):
+        monkeypatch.setattr(train, name, (lambda f, name: lambda *a: calls.append(name) or f(*a))(
+            getattr(train, name), name))
+    opt = optim.sgd(0.1, momentum=0.9)
+    step = tracejit.jit_train_step(mlp_loss, opt)
+    params = mlp_params(np.float64)
+    state = opt.init(params)
+    want_p, want_s = copy_tree(params), copy_tree(state)
+    grad = tracejit.jit_grad(mlp_loss)
+    seen = []
+    for i, change in enumerate(["", "", "batch", "batch", "", "params"]):
+        if change == "params":
+            params = copy_tree(params)
+        x, t = batch(np.float64, seed="first" if change != "batch" else f"b{i}")
+        calls.clear()
+        step(params, state, x, t)
+        seen.append(calls[:])
+        want_p, want_s = opt.update(grad(want_p, x, t), want_s, want_p)
+    # the first call (the slow path) and the first run of the fast path check everything
+    assert seen[2:] == [[], [], [], ["_check_in_place"]], seen
+    assert_trees_close(params, want_p, 1e-12)
+    assert_trees_close(state, want_s, 1e-12)
+    with pytest.raises(TypeError, match=r"x and params\['w1'\] share memory"):
+        step(params, state, params["w1"].reshape(-1)[:x.size].reshape(x.shape), t)
+    params["w2"].flags.writeable = False
+    with pytest.raises(TypeError, match=r"params\['w2'\] cannot be updated in place"):
+        step(params, state, x, t)
+
+
 def test_disjoint_views_of_one_buffer_are_fine():
     flat = np.zeros(24 + 5)
     params = mlp_params(np.float64)

@@ -247,10 +247,14 @@ def _adam_like(name, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
         if amsgrad:
             # the running maximum of the second moment stands in for it in the denominator
             v = new["max_exp_avg_sq"] = ops.maximum(bufs["max_exp_avg_sq"], v)
+        # The scalars of the step count, once per step in float64. torch divides sqrt(v) by
+        # sqrt(1 - beta2**t) element by element; multiplying by its reciprocal is the same up to
+        # rounding and leaves one sqrt and one division per element (both are slow, the
+        # division most: the update runs as a matmul's epilogue, see tracejit/train.py).
         bias1 = ops.subtract(1.0, ops.power(beta1, t))
-        bias2_sqrt = ops.sqrt(ops.subtract(1.0, ops.power(beta2, t)))
+        inv_bias2_sqrt = ops.divide(1.0, ops.sqrt(ops.subtract(1.0, ops.power(beta2, t))))
         step_size = ops.divide(lr, bias1)
-        denom = ops.add(ops.divide(ops.sqrt(v), _scalar(bias2_sqrt, p)), eps)
+        denom = ops.add(ops.multiply(ops.sqrt(v), _scalar(inv_bias2_sqrt, p)), eps)
         new_p = ops.add(p, ops.multiply(_scalar(_negative(step_size), p), ops.divide(m, denom)))
         return new_p, new
 

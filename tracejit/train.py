@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import operator
 import weakref
 
 import numpy as np
@@ -39,7 +40,7 @@ import numpy as np
 from .ir.builder import current
 
 from . import pytree
-from .api import Jitted, _StaleCapture
+from .api import Jitted
 from .signature import Signature as _Signature, c_contiguous as _c_contiguous, fast_key
 from .config import config
 from .tracer import Tracer
@@ -116,8 +117,10 @@ class TrainStep:
         # batch arguments are named as the loss function names them (`x`, not `args[2]`)
         self._jitted.arg_names = ["params", "state"] + grad.arg_names[1:]
         # signature.fast_key of a call -> runner: calls like one the slow path checked skip the
-        # Signature and the per-leaf layout checks (the key pins shapes, dtypes and carray flags)
+        # Signature and the per-leaf layout checks (the key pins shapes, dtypes and carray flags;
+        # a runner checks that its call has its signature, see _add_runner)
         self._runners: dict = {}
+        self._last = None   # the runner of the last call's signature, tried first
 
     def __repr__(self):
         return f"<jit_train_step {self.name} of {self.optimizer!r}>"
@@ -138,15 +141,21 @@ class TrainStep:
         return sig, n
 
     def __call__(self, params, state, *batch):
-        if config.backend != "interpreter":
+        if config.backend != "interpreter" and current() is None:
+            # the runner of the signature called last, then the one of this call's fast_key
+            run = self._last
+            if run is not None:
+                out = run(params, state, batch)
+                if out is not None:
+                    return out
             found = fast_key((params, state) + batch)
             if found is not None:
                 run = self._runners.get(found[0])
-                if run is not None and current() is None:
-                    try:
-                        return run(found[1], params, state)
-                    except _StaleCapture:
-                        pass
+                if run is not None:
+                    out = run(params, state, batch)
+                    if out is not None:
+                        self._last = run
+                        return out
         sig, n = self._signature(params, state, batch)
         entry = self._jitted._lookup(sig)
         donated = [x for _, _, x in sig.leaves[:n]]
@@ -169,31 +178,83 @@ class TrainStep:
         return loss, params, state
 
     def _add_runner(self, args, sig, n, entry, base):
-        """Register the fast path for calls of `sig`'s key (see __init__). Its runner still checks
-        what the key does not pin: captured arrays (guards), and that no two donated arrays and
-        no donated and batch array share memory. The donated arrays' byte spans are checked once
-        and kept while the same array objects come back (an array's memory never moves), so a
-        call computes the spans of the batch arrays only."""
+        """Register the fast path for calls of `sig`'s signature (see __init__), under its
+        fast_key, and make it the one tried first. A runner returns None for a call of another
+        signature. It matches the call's containers against the signature's structure, then
+        compares every leaf's (class, shape, dtype, flags.carray) with the signature's in one pass
+        in C (`_leaf_facts`): that pins what the slow path checked leaf by leaf (flags.carray means
+        C-contiguous, aligned and writeable; the dtype its byte order and kind). What it does not
+        pin is checked by the runner too: captured arrays (guards), and that no two donated arrays
+        and no donated and batch array share memory. The donated arrays' byte spans are checked
+        once and kept while the same array objects come back (an array's memory never moves; a
+        change of shape or layout changes its facts), so a call checks its batch only."""
         found = fast_key(args)
         if found is None or len(found[1]) != len(sig.leaves) \
                 or not all(x.dtype.isnative for x in found[1]):
             return
-        key = found[0]
-        copy = [i for i, x in enumerate(found[1][n:], n) if not x.flags.carray]
+        leaves = found[1]
+        facts = list(map(_leaf_facts, leaves))
+        copy = [i for i, x in enumerate(leaves[n:], n) if not x.flags.carray]
         paths = [path for path, _, _ in sig.leaves]
+        batch_paths = paths[n:]
+        collect = [_collector(d) for d in sig.treedef]
+        collect_params, collect_state, collect_batch = collect[0], collect[1], collect[2:]
+        n_batch = len(collect_batch)
+        plain_batch = all(d is pytree.ARRAY for d in sig.treedef[2:])
         native, guards, who = entry.native(), entry.guards, self.name
         ok = guards.ok if guards is not None else None
         build_aux = entry.out_treedef.children[1].builder() if self.has_aux else None
-        checked = [None, None]   # weak references to the donated arrays last checked, their spans
+        # The donated arrays last checked for sharing memory: their ids, spans and the spans'
+        # starts. A weak reference to each forgets the record when the array dies, as a new array
+        # may then reuse its id (never the id of a live one: equal ids of live arrays are the
+        # same arrays). The batch is checked against the spans on every call (it is usually new):
+        # the facts pin each batch array's size and, for most, contiguity, so a C-contiguous one
+        # costs its address and a bisection.
+        donated_checked = None
+        donated_refs = []   # keeps the weak references, and so their callbacks, alive
+        contiguous_batch = all(f[3] for f in facts[n:])
+        batch_sizes = [x.nbytes for x in leaves[n:]]
 
-        def run(leaves, params, state):
+        def forget_donated(_):
+            nonlocal donated_checked
+            donated_checked = None
+
+        def run(params, state, batch):
+            nonlocal donated_checked
+            leaves = []
+            if not (collect_params(params, leaves) and collect_state(state, leaves)
+                    and len(batch) == n_batch):
+                return None
+            donated_ids = list(map(id, leaves))
+            if plain_batch:
+                leaves.extend(batch)
+            else:
+                for c, b in zip(collect_batch, batch):
+                    if not c(b, leaves):
+                        return None
+            try:
+                if list(map(_leaf_facts, leaves)) != facts:
+                    return None
+            except AttributeError:   # a leaf that is not an array
+                return None
             if ok is not None and not ok(None):
-                raise _StaleCapture
-            refs, spans = checked
-            if refs is None or any(r() is not x for r, x in zip(refs, leaves[:n])):
-                spans = _check_in_place(who, list(zip(paths[:n], paths[:n], leaves[:n])), [])
-                checked[:] = [weakref.ref(x) for x in leaves[:n]], spans
-            _check_batch(who, spans, zip(paths[n:], leaves[n:]))
+                return None   # a captured array changed: the slow path retraces
+            checked = donated_checked
+            if checked is None or checked[0] != donated_ids:
+                donated = leaves[:n]
+                spans = _check_in_place(who, list(zip(paths, paths, donated)), [])
+                donated_refs[:] = [weakref.ref(x, forget_donated) for x in donated]
+                donated_checked = checked = donated_ids, spans, [lo for lo, _, _ in spans]
+            batch_leaves = batch if plain_batch else leaves[n:]
+            spans, starts = checked[1], checked[2]
+            if not contiguous_batch:
+                _check_batch(who, spans, zip(batch_paths, batch_leaves), starts)
+            elif spans:
+                for x, size in zip(batch_leaves, batch_sizes):
+                    low = _address(x)   # its bytes are [low, low + size): see above
+                    k = bisect.bisect_left(starts, low + size) - 1
+                    if size and k >= 0 and spans[k][1] > low:   # raises, naming both arrays
+                        _check_batch(who, spans, zip(batch_paths, batch_leaves), starts)
             for i in copy:
                 leaves[i] = _c_contiguous(leaves[i])
             outs = native(leaves)
@@ -202,7 +263,7 @@ class TrainStep:
             return outs[0], params, state
 
         run.guards = guards
-        self._runners[key] = run
+        self._runners[found[0]] = self._last = run
 
     def ir(self, params, state, *batch, stage: str = "grad") -> str:
         """The IR of the step for these arguments at `stage` (see Jitted.ir)."""
@@ -211,6 +272,61 @@ class TrainStep:
 
     def compile_stats(self) -> dict:
         return self._jitted.compile_stats()
+
+
+# (class, shape, dtype, flags.carray) of an array leaf, read in C: what a runner compares
+_leaf_facts = operator.attrgetter("__class__", "shape", "dtype", "flags.carray")
+
+
+def _collector(d: pytree.TreeDef):
+    """`collect(obj, out) -> bool` for a structure `d` without static values: appends `obj`'s
+    array leaves to `out` in pytree.flatten's order and returns True when `obj`'s containers are
+    those of `d` (exact dict, list and tuple types; the same keys in order, the same lengths);
+    False otherwise (what it appended is then meaningless). The leaves themselves are not
+    checked: the caller compares their `_leaf_facts`."""
+    if d.kind == "array":
+        def collect(o, out):
+            out.append(o)
+            return True
+        return collect
+    typ = {"dict": dict, "list": list, "tuple": tuple}[d.kind]
+    keys, size = d.keys, len(d.children)
+    if all(c is pytree.ARRAY for c in d.children):
+        if typ is dict:
+            def collect(o, out):
+                if type(o) is not dict or tuple(o) != keys:
+                    return False
+                out.extend(o.values())
+                return True
+        else:
+            def collect(o, out):
+                if type(o) is not typ or len(o) != size:
+                    return False
+                out.extend(o)
+                return True
+        return collect
+    # A child that is an array (None here) or a dict of arrays (its keys here) is collected in
+    # this loop rather than by a call of its own collector: the state of an optimizer is a dict
+    # of such dicts, and a call costs more than the rest of the check of a child.
+    subs = [None if c is pytree.ARRAY
+            else c.keys if c.kind == "dict" and all(x is pytree.ARRAY for x in c.children)
+            else _collector(c) for c in d.children]
+    is_dict = typ is dict
+
+    def collect(o, out):
+        if type(o) is not typ or (tuple(o) != keys if is_dict else len(o) != size):
+            return False
+        for sub, v in zip(subs, o.values() if is_dict else o):
+            if sub is None:
+                out.append(v)
+            elif type(sub) is tuple:
+                if type(v) is not dict or tuple(v) != sub:
+                    return False
+                out.extend(v.values())
+            elif not sub(v, out):
+                return False
+        return True
+    return collect
 
 
 def _check_in_place(who: str, donated, batch) -> list:
@@ -244,20 +360,26 @@ def _check_in_place(who: str, donated, batch) -> list:
             raise TypeError(f"{who}: {p1} and {p2} share memory (the same array passed twice, or "
                             f"views of one buffer); each must own its memory to be updated in "
                             f"place")
-    _check_batch(who, spans, [(path, x) for path, _, x in batch])
+    if batch:
+        _check_batch(who, spans, [(path, x) for path, _, x in batch])
     return spans
 
 
-def _check_batch(who: str, spans: list, batch):
+def _check_batch(who: str, spans: list, batch, starts: list | None = None):
     """TypeError when a batch array ((path, array) pairs) shares memory with a donated array
-    (`spans`: their sorted, disjoint byte spans)."""
-    starts = None
+    (`spans`: their sorted, disjoint byte spans; `starts`: the spans' starts, if known)."""
+    if not spans:
+        return
+    if starts is None:
+        starts = [lo for lo, _, _ in spans]
     for path, x in batch:
-        if x.size == 0 or not spans:
+        if not x.nbytes:
             continue
-        low, high = _byte_range(x)
-        if starts is None:
-            starts = [lo for lo, _, _ in spans]
+        if x.flags.c_contiguous:   # the common case, without a call of _byte_range
+            low = _address(x)
+            high = low + x.nbytes
+        else:
+            low, high = _byte_range(x)
         # the spans are disjoint and sorted: only the last one starting below `high` can overlap
         k = bisect.bisect_left(starts, high) - 1
         if k >= 0 and spans[k][1] > low:
