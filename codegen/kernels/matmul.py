@@ -3,26 +3,26 @@ for every entry of the broadcast batch axes (ir/prims/linalg.py).
 
 Two register-blocked micro-kernels, both with their accumulators in vector registers:
 
-- outer-product form (B not transposed, or B^T packed into scratch): an MR x NV tile of C (MR rows,
-  NV vectors of columns) accumulates op(A)[i, k] (broadcast) * B[k, j:j+VL] over k. op(A) is read in
-  place for either transpose (it is only ever broadcast).
-- dot form (trans_b without trans_a, the `x @ W^T` of a linear layer): an MR x NR tile of C keeps
-  MR*NR vector partial sums of A[i, k:k+VL] * B[j, k:k+VL], reduced horizontally once at the end;
-  both operands are read contiguously along K, so nothing is packed.
+- outer-product form: an MR x NV tile of C (MR rows, NV vectors of columns) accumulates
+  op(A)[i, k] (broadcast) * B[k, j:j+VL] over k. op(A) is read in place for either transpose (it
+  is only ever broadcast). From PACK_MIN_ROWS rows of C on, each (column tile, K block) panel of
+  op(B) is first copied (B) or transposed (B^T) into the calling thread's scratch region, where
+  its rows are contiguous (see _pack_panel); with fewer rows B is read in place.
+- dot form (trans_b without trans_a on fewer rows, or a matrix-vector product): an MR x NR tile
+  of C keeps MR*NR vector partial sums of A[i, k:k+VL] * B[j, k:k+VL], reduced horizontally once
+  at the end; both operands are read contiguously along K, so nothing is packed.
 
-trans_b together with trans_a, or with a short K, packs B^T into the calling thread's scratch
-region ([K, N] row-major) and uses the outer-product form.
+trans_b together with trans_a, or with a short K, uses the outer form on B^T panels whatever M.
 
 Edge tiles clamp their row (and dot-form column) indices to the last one: the extra lanes recompute
 and store the same value into the same element, which costs a little work on the border and no
 code variants. The last (partial) column tile of the outer-product form and the K tail of the dot
 form are masked; the outer form's whole column tiles run a second copy of its loops without masks.
 
-Compile time: the loops live in shape-generic functions (`shared_function`), one per form, dtype
-and register block, defined once per LLVM module and shared by every matmul of the module (the
+Compile time: the loops live in shape-generic functions (`shared_function`), one per form, packing,
+dtype and register block, defined once per LLVM module and shared by every matmul of the module (the
 transpose of A is a pair of run-time strides); the kernel of an instruction is a small wrapper that
-partitions the work between threads and passes its shape as constants (a LeNet-5 gradient has nine
-matmuls and two such functions).
+partitions the work between threads and passes its shape as constants.
 
 Threads split the rows of C (whole MR-row tiles), or its columns when there are fewer row tiles
 than column tiles; a thread walks its columns tile by tile and, within a column tile, its rows, so
@@ -31,8 +31,7 @@ the epilogue runs on each panel of rows once all its columns are written.
 
 Batches: the work items are (batch entry, MR-row tile) pairs, split evenly between threads; a
 thread walks its items entry by entry, calling the same tile function on the entry's matrices
-(an operand broadcast along a batch axis is read in place: its offset ignores that axis). A packed
-B^T is packed once per entry a thread visits.
+(an operand broadcast along a batch axis is read in place: its offset ignores that axis).
 """
 from __future__ import annotations
 
@@ -96,6 +95,7 @@ def transpose_sums(b: ir.IRBuilder, vecs):
 # matmul
 # ------------------------------------------------------------------------------------------------
 OUTER_KC = 128   # K block of the outer form: 128 x 64 bytes of B panel, 8 KB of the 32 KB L1
+PACK_MIN_ROWS = 24   # rows of C from which the outer form packs B's panels (see _pack_panel)
 FORCE = {}   # blocking overrides for tuning runs (benchmarks/kernels_dense.py --force)
 
 
@@ -110,7 +110,7 @@ class _Plan:
     k: int
     trans_a: bool
     form: str     # "outer" | "dot"
-    packed: bool  # outer form on B^T packed into scratch
+    pack: str     # outer form: "" (B read in place), "b" (panels of B), "bt" (panels of B^T)
     mr: int
     nr: int       # outer: vectors of columns per tile; dot: columns per tile
     vl: int
@@ -136,7 +136,10 @@ def _plan(ins) -> _Plan:
 
 def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
     _, vl, es = dtype_info(dt)
-    if tb and not ta and k >= 2 * vl:
+    # the outer form on packed panels of B^T beats the dot form once enough row tiles share each
+    # panel (see _pack_panel); matrix-vector shapes keep the choice below
+    panel_rows = m >= PACK_MIN_ROWS and n > 1
+    if tb and not ta and k >= 2 * vl and not panel_rows:
         # A fixed block, so that matmuls of different shapes share one function: 4 x 6 (24
         # accumulators, 10 loads per 24 FMAs). The rows of A stream from L2 (B's stay in L1);
         # six uses per vector of A keep that stream small enough that unaligned A (a numpy array
@@ -144,7 +147,7 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
         # With 16 registers (AVX2) 3 x 4: 12 accumulators, 3 rows of A and one of B. The NR
         # sums of a row are transposed into one vector, so NR is at most the vector's lanes.
         mr, nr = FORCE.get("dot", (4, 6) if vector_registers() >= 32 else (3, 4))
-        return _Plan(dt, (), (), (), m, n, k, ta, "dot", False, mr, min(nr, vl), vl, es)
+        return _Plan(dt, (), (), (), m, n, k, ta, "dot", "", mr, min(nr, vl), vl, es)
     # 24 accumulators (MR x NV vectors) with 32 registers, 12 with 16 (AVX2), leaving room for
     # the NV vectors of B and the broadcast of A
     acc = 24 if vector_registers() >= 32 else 12
@@ -152,16 +155,15 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
     nv = nv_max if n > (nv_max // 2) * vl else max(1, ceil_div(n, vl))
     mr = 6 if nv == nv_max else min(12, acc // nv)
     mr, nv = FORCE.get("outer", (mr, nv))
-    return _Plan(dt, (), (), (), m, n, k, ta, "outer", tb, mr, nv, vl, es)
-
-
-def _pack_elems(p: _Plan) -> int:
-    return ceil_div(p.k * p.n, 16) * 16  # keep each thread's region 64-byte aligned
+    pack = ("bt" if tb else "b") if panel_rows or tb else ""
+    return _Plan(dt, (), (), (), m, n, k, ta, "outer", pack, mr, nv, vl, es)
 
 
 def _matmul_scratch(ins, nthreads: int) -> int:
+    """One B panel (OUTER_KC x tile) a thread: a multiple of 64 bytes, so each region stays
+    aligned."""
     p = _plan(ins)
-    return nthreads * _pack_elems(p) * p.esize if p.packed else 0
+    return nthreads * ceil_div(OUTER_KC * p.tile_cols * p.esize, 64) * 64 if p.pack else 0
 
 
 @register(matmul_p, scratch_bytes=_matmul_scratch, epilogue=True, parallel=True,
@@ -185,30 +187,22 @@ def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
     b.ret_void()
 
 
-def _packed_b(module, kf: KernelFunction, p: _Plan, b_mat):
-    """B^T of `b_mat` packed into this thread's scratch region, [K, N]."""
-    b = kf.b
-    dst = kf.scratch   # the executing thread's own region (parallel.emit_call)
-    _pack_function(module, p.dtype).call(b, [dst, b_mat], _PackParams(n=p.n, k=p.k))
-    return dst
-
-
 def _lower_one(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams):
     """One matrix product: threads split its row tiles (or its column tiles, see above)."""
     b = kf.b
+    # the panel buffer is the executing thread's own scratch region (parallel.emit_call)
     a_mat, b_mat = kf.ins
-    if p.packed:
-        b_mat = _packed_b(module, kf, p, b_mat)
+    extra = [kf.scratch] if p.pack else []
     mb, nb = ceil_div(p.m, p.mr), ceil_div(p.n, p.tile_cols)
     if kf.epilogue is None and nb > mb:   # threads split the columns
         t0, t1 = thread_range(b, nb, kf.tid, kf.nthreads)
-        fn.call(b, [kf.out, a_mat, b_mat],
+        fn.call(b, [kf.out, a_mat, b_mat] + extra,
                 replace(shape, r0=0, r1=p.m, c0=b.mul(t0, i64(p.tile_cols)),
                         c1=smin(b, b.mul(t1, i64(p.tile_cols)), p.n)))
     else:                                 # threads split the rows
         t0, t1 = thread_range(b, mb, kf.tid, kf.nthreads)
         r0, r1 = b.mul(t0, i64(p.mr)), smin(b, b.mul(t1, i64(p.mr)), p.m)
-        _rows(kf, p, fn, shape, [kf.out, a_mat, b_mat], r0, r1, i64(0))
+        _rows(kf, p, fn, shape, [kf.out, a_mat, b_mat] + extra, r0, r1, i64(0))
 
 
 def _lower_batch(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams,
@@ -228,9 +222,9 @@ def _lower_batch(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape
         out_off = b.mul(lb.iv, i64(p.m * p.n), name="matmul.batch.out")
         a_mat = gep(b, kf.ins[0], _batch_offset(b, lb.iv, p.batch, p.a_batch, p.m * p.k), ety)
         b_mat = gep(b, kf.ins[1], _batch_offset(b, lb.iv, p.batch, p.b_batch, p.k * p.n), ety)
-        if p.packed:
-            b_mat = _packed_b(module, kf, p, b_mat)
-        _rows(kf, p, fn, shape, [gep(b, kf.out, out_off, ety), a_mat, b_mat], r0, r1, out_off)
+        extra = [kf.scratch] if p.pack else []
+        _rows(kf, p, fn, shape, [gep(b, kf.out, out_off, ety), a_mat, b_mat] + extra, r0, r1,
+              out_off)
 
 
 def _batch_offset(b: ir.IRBuilder, entry, batch: tuple, own: tuple, size: int):
@@ -282,13 +276,6 @@ class _TileParams(Params):
     sa_k: I64Arg
 
 
-@params
-class _PackParams(Params):
-    """B [n, k] to be packed as B^T [k, n]."""
-    n: I64Arg
-    k: I64Arg
-
-
 @dataclass(frozen=True)
 class _TileKey:
     """What the shared tile function of a matmul depends on at compile time."""
@@ -296,27 +283,14 @@ class _TileKey:
     dtype: str
     mr: int
     nr: int
+    pack: str = ""
 
 
 def _tiles_function(module: ir.Module, p: _Plan) -> SharedFunction:
     """The shared function computing C[r0:r1, c0:c1] (r0, c0 at tile boundaries) for C [m, n]."""
-    key = _TileKey(p.form, p.dtype, p.mr, p.nr)
+    key = _TileKey(p.form, p.dtype, p.mr, p.nr, p.pack)
     body = _emit_dot if p.form == "dot" else _emit_outer
-    return shared_function(module, "matmul", key, 3, _TileParams, body)
-
-
-def _pack_function(module: ir.Module, dtype: str) -> SharedFunction:
-    """dst[k, j] = src[j, k] for src [n, k]."""
-    def body(s, key):
-        ety = llvm_type(key.dtype)
-        b = s.b
-        dst, src = s.ptrs
-        with carry_loop(b, 0, s.n, [], "matmul.pack.j") as lj:
-            row = b.mul(lj.iv, s.k)
-            with carry_loop(b, 0, s.k, [], "matmul.pack.k") as lk:
-                v = load(b, src, b.add(row, lk.iv), ety)
-                store(b, v, dst, b.add(b.mul(lk.iv, s.n), lj.iv), ety)
-    return shared_function(module, "matmul.pack_bt", DtypeKey(dtype), 2, _PackParams, body)
+    return shared_function(module, "matmul", key, 4 if p.pack else 3, _TileParams, body)
 
 
 def _emit_outer(s: Shared, p: _TileKey):
@@ -336,13 +310,14 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
     """The outer-product tiles of columns [c0, c1) (tile boundaries), every row tile of
     [r0, r1); `masked`: the columns may end past N (else they all lie inside)."""
     b = s.b
-    out, a_mat, b_mat = s.ptrs
+    out, a_mat, b_mat = s.ptrs[:3]
     ety, vl, _ = dtype_info(p.dtype)
     mr, nv = p.mr, p.nr
+    tile = nv * vl
     vty = ir.VectorType(ety, vl)
     m1 = b.sub(s.m, i64(1))
     kind = "tail" if masked else "full"
-    with carry_loop(b, c0, c1, [], f"matmul.j.{kind}", step=nv * vl) as lj:
+    with carry_loop(b, c0, c1, [], f"matmul.j.{kind}", step=tile) as lj:
         j0 = lj.iv
         left = b.sub(s.n, j0)
         masks = [lane_mask(b, b.sub(left, i64(v * vl)), vl) for v in range(nv)] if masked \
@@ -367,6 +342,19 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
             k0 = lkb.iv
             k1 = smin(b, b.add(k0, i64(OUTER_KC)), s.k)
             first = b.icmp_signed("==", k0, i64(0), name="matmul.kb.first")
+            if p.pack:
+                panel = s.ptrs[3]
+                _pack_panel(s, p, panel, b_mat, j0, k0, k1, ld)
+
+                def b_row(kk):   # the panel is [k1 - k0, tile], its columns past N zero
+                    return gep(b, panel, b.mul(b.sub(kk, k0), i64(tile)), ety)
+
+                def ld_b(ptr, v):
+                    return vload(b, ptr, i64(v * vl), vty)
+            else:
+                def b_row(kk):
+                    return gep(b, b_mat, b.add(b.mul(kk, s.n), j0), ety)
+                ld_b = ld
             with carry_loop(b, s.r0, s.r1, [], f"matmul.i.{kind}", step=mr) as li:
                 rows = [smin(b, b.add(li.iv, i64(r)), m1, name=f"matmul.row{r}")
                         for r in range(mr)]
@@ -378,8 +366,8 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
                 init = [b.select(first, zero, ld(crows[r], v)) for r in range(mr)
                         for v in range(nv)]
                 with carry_loop(b, k0, k1, init, f"matmul.k.{kind}") as lp:
-                    brow = gep(b, b_mat, b.add(b.mul(lp.iv, s.n), j0), ety)
-                    bv = [ld(brow, v) for v in range(nv)]
+                    brow = b_row(lp.iv)
+                    bv = [ld_b(brow, v) for v in range(nv)]
                     aoff = b.mul(lp.iv, s.sa_k)
                     nxt = []
                     for r in range(mr):
@@ -389,6 +377,34 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
                 for r in range(mr):
                     for v in range(nv):
                         st(lp.out[r * nv + v], crows[r], v)
+
+
+def _pack_panel(s: Shared, p: _TileKey, panel, b_mat, j0, k0, k1, ld):
+    """panel[kk - k0, :] = op(B)[kk, j0:j0 + tile] for kk in [k0, k1): the B panel the row tiles
+    of one column tile and K block share, contiguous. Read in place, B's rows lie N elements
+    apart: with N a multiple of 256 bytes the panel's 128 lines fall into a few of the L1's 64
+    sets and evict each other, and the micro-kernel streams them from L2 (the [1024, 256] @
+    [256, 256] projections of an attention block ran at 75% of the peak). B^T (`trans_b`, B
+    [n, k]) is transposed here, so that x @ W^T runs the outer form too: the dot form's
+    horizontal sums and K tail cost a fifth of its time at K = 64-256. Columns past N: zero
+    (from B, masked loads) or copies of column N-1 (from B^T); their results are never stored."""
+    b = s.b
+    ety, vl, _ = dtype_info(p.dtype)
+    tile = p.nr * vl
+    if p.pack == "b":
+        with carry_loop(b, k0, k1, [], "matmul.pack.k") as lk:
+            src = gep(b, b_mat, b.add(b.mul(lk.iv, s.n), j0), ety)
+            dst = gep(b, panel, b.mul(b.sub(lk.iv, k0), i64(tile)), ety)
+            for v in range(p.nr):
+                vstore(b, ld(src, v), dst, i64(v * vl))
+        return
+    # B^T: the tile's rows of B (clamped to the last), read along K, written as columns
+    n1 = b.sub(s.n, i64(1))
+    srcs = [gep(b, b_mat, b.mul(smin(b, b.add(j0, i64(c)), n1), s.k), ety) for c in range(tile)]
+    with carry_loop(b, k0, k1, [], "matmul.pack.k") as lk:
+        dst = gep(b, panel, b.mul(b.sub(lk.iv, k0), i64(tile)), ety)
+        for c in range(tile):
+            store(b, load(b, srcs[c], lk.iv, ety), dst, i64(c), ety)
 
 
 def _emit_dot(s: Shared, p: _TileKey):
