@@ -131,6 +131,8 @@ MATMUL_SHAPES = [  # (M, N, K)
     (64, 256, 784), (64, 10, 256), (784, 256, 64), (10, 256, 64), (64, 84, 120), (1, 300, 33),
     (33, 1, 65),
     (13, 37, 300), (3, 9, 0),   # K in blocks: a partial last block, clamped rows, masked columns
+    (29, 45, 300),   # packed B panels: a partial last K block, a partial last column tile
+    (30, 7, 100),    # x @ W^T with K > 3 M: the dot form on clamped rows and columns, a K tail
 ]
 
 
@@ -155,6 +157,26 @@ def test_matmul_outer_form_runs_k_in_blocks():
     x, g = np.ones((300, 8), np.float32), np.ones((300, 24), np.float32)
     text = tracejit.jit(lambda x, g: x.T @ g).ir(x, g, stage="llvm")
     assert "matmul.kb.full" in text and "matmul.kb.tail" in text
+
+
+def test_matmul_plan_packs_panels_and_keeps_the_dot_form_for_long_k():
+    """The form and packing each shape class gets (lowering only: nothing is compiled)."""
+    from tracejit.codegen.kernels.matmul import _plan
+
+    def plan(shapes, **params):
+        p = _plan(make_instr("matmul", shapes, "f32", **params))
+        return p.form, p.pack
+
+    # attention's projections and heads: the outer form on panels (B^T transposed into them)
+    assert plan([(1024, 256), (256, 256)], trans_b=True) == ("outer", "bt")
+    assert plan([(8, 4, 128, 64), (8, 4, 128, 64)], trans_b=True) == ("outer", "bt")
+    assert plan([(8, 4, 128, 64), (8, 4, 64, 128)]) == ("outer", "b")
+    assert plan([(1024, 256), (1024, 256)], trans_a=True) == ("outer", "b")
+    # an MLP's first layer at batch 64 (K > 3 M), a few rows, a matrix-vector product: in place
+    assert plan([(64, 784), (256, 784)], trans_b=True) == ("dot", "")
+    assert plan([(8, 256), (256, 256)], trans_b=True) == ("dot", "")
+    assert plan([(8, 256), (256, 256)]) == ("outer", "")
+    assert plan([(300, 256), (1, 256)], trans_b=True) == ("dot", "")
 
 
 # ------------------------------------------------------------------------------------------------

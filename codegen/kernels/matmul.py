@@ -7,7 +7,7 @@ Two register-blocked micro-kernels, both with their accumulators in vector regis
   op(A)[i, k] (broadcast) * B[k, j:j+VL] over k. op(A) is read in place for either transpose (it
   is only ever broadcast). From PACK_MIN_ROWS rows of C on, each (column tile, K block) panel of
   op(B) is first copied (B) or transposed (B^T) into the calling thread's scratch region, where
-  its rows are contiguous (see _pack_panel); with fewer rows B is read in place.
+  its rows are contiguous (see _pack_function); with fewer rows B is read in place.
 - dot form (trans_b without trans_a on fewer rows, or a matrix-vector product): an MR x NR tile
   of C keeps MR*NR vector partial sums of A[i, k:k+VL] * B[j, k:k+VL], reduced horizontally once
   at the end; both operands are read contiguously along K, so nothing is packed.
@@ -19,10 +19,11 @@ and store the same value into the same element, which costs a little work on the
 code variants. The last (partial) column tile of the outer-product form and the K tail of the dot
 form are masked; the outer form's whole column tiles run a second copy of its loops without masks.
 
-Compile time: the loops live in shape-generic functions (`shared_function`), one per form, packing,
-dtype and register block, defined once per LLVM module and shared by every matmul of the module (the
-transpose of A is a pair of run-time strides); the kernel of an instruction is a small wrapper that
-partitions the work between threads and passes its shape as constants.
+Compile time: the loops live in shape-generic functions (`shared_function`), one per form, dtype
+and register block, defined once per LLVM module and shared by every matmul of the module (the
+transpose of A is a pair of run-time strides, the packing of B a run-time mode); the kernel of an
+instruction is a small wrapper that partitions the work between threads and passes its shape as
+constants.
 
 Threads split the rows of C (whole MR-row tiles), or its columns when there are fewer row tiles
 than column tiles; a thread walks its columns tile by tile and, within a column tile, its rows, so
@@ -46,9 +47,9 @@ from ..loops import FAST, carry_loop, fma, gep, i64, llvm_type, load, masked_loa
     splat, store, vload, vstore
 from ..target import vector_registers
 from . import MATMUL_WEIGHT, matmul_cost, register
-from .toolkit import DtypeKey, I64Arg, KernelFunction, Params, Shared, SharedFunction, ceil_div, \
-    dtype_info, kernel_function, lane_mask, params, shared_function, smax, smin, thread_range, \
-    zero_vector
+from .toolkit import I64Arg, KernelFunction, Params, Shared, SharedFunction, ceil_div, \
+    dtype_info, kernel_function, lane_mask, opaque, params, shared_function, smax, smin, \
+    thread_range, zero_vector
 
 
 def transpose_sums(b: ir.IRBuilder, vecs):
@@ -95,7 +96,9 @@ def transpose_sums(b: ir.IRBuilder, vecs):
 # matmul
 # ------------------------------------------------------------------------------------------------
 OUTER_KC = 128   # K block of the outer form: 128 x 64 bytes of B panel, 8 KB of the 32 KB L1
-PACK_MIN_ROWS = 24   # rows of C from which the outer form packs B's panels (see _pack_panel)
+PACK_MIN_ROWS = 24   # rows of C from which the outer form packs B's panels (see _pack_function)
+DOT_K_PER_ROW = 3    # x @ W^T: the dot form when K > 3 M (see _block_plan)
+PACK_MODES = {"": 0, "b": 1, "bt": 2}   # the outer form's run-time `pack` parameter
 FORCE = {}   # blocking overrides for tuning runs (benchmarks/kernels_dense.py --force)
 
 
@@ -136,17 +139,26 @@ def _plan(ins) -> _Plan:
 
 def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
     _, vl, es = dtype_info(dt)
-    # the outer form on packed panels of B^T beats the dot form once enough row tiles share each
-    # panel (see _pack_panel); matrix-vector shapes keep the choice below
+    # panels of op(B) (see _pack_function) pay once enough row tiles share them; matrix-vector
+    # shapes keep the choices below
     panel_rows = m >= PACK_MIN_ROWS and n > 1
-    if tb and not ta and k >= 2 * vl and not panel_rows:
+    # x @ W^T: the dot form pays a fixed cost a tile (its horizontal sums and masked K step:
+    # about 45 cycles against K of FMAs), the outer form the transposition of each element of
+    # B^T (~1 cycle) once per thread, against M/VL/threads cycles of FMAs on it. The dot form
+    # for a short M with a long K (an MLP's first layer at batch 64: K = 784), the outer form
+    # otherwise (attention's projections and heads: 20-40% faster there)
+    dot_first = not panel_rows or k > DOT_K_PER_ROW * m
+    if tb and not ta and k >= 2 * vl and dot_first:
         # A fixed block, so that matmuls of different shapes share one function: 4 x 6 (24
         # accumulators, 10 loads per 24 FMAs). The rows of A stream from L2 (B's stay in L1);
         # six uses per vector of A keep that stream small enough that unaligned A (a numpy array
         # 16 bytes off a cache line) costs 5%, against 20% with 4 x 4.
-        # With 16 registers (AVX2) 3 x 4: 12 accumulators, 3 rows of A and one of B. The NR
-        # sums of a row are transposed into one vector, so NR is at most the vector's lanes.
-        mr, nr = FORCE.get("dot", (4, 6) if vector_registers() >= 32 else (3, 4))
+        # With 16 registers (AVX2) 4 x 3: 12 accumulators, 4 rows of A and one of B (3 x 4
+        # loaded all four rows of B into registers and spilled an accumulator: 20% slower);
+        # matrix-vector shapes keep 3 x 4. The NR sums of a row are transposed into one vector,
+        # so NR is at most the vector's lanes.
+        mr, nr = (4, 6) if vector_registers() >= 32 else (3, 4) if m == 1 or n == 1 else (4, 3)
+        mr, nr = FORCE.get("dot", (mr, nr))
         return _Plan(dt, (), (), (), m, n, k, ta, "dot", "", mr, min(nr, vl), vl, es)
     # 24 accumulators (MR x NV vectors) with 32 registers, 12 with 16 (AVX2), leaving room for
     # the NV vectors of B and the broadcast of A
@@ -179,7 +191,7 @@ def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
     fn = _tiles_function(module, p)
     # strides of op(A) (the dot form reads A [m, k] only)
     shape = _TileParams(m=p.m, n=p.n, k=p.k, sa_i=1 if p.trans_a else p.k,
-                        sa_k=p.m if p.trans_a else 1)
+                        sa_k=p.m if p.trans_a else 1, pack=PACK_MODES[p.pack])
     if nbatch == 1:
         _lower_one(module, kf, p, fn, shape)
     else:
@@ -192,7 +204,7 @@ def _lower_one(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: 
     b = kf.b
     # the panel buffer is the executing thread's own scratch region (parallel.emit_call)
     a_mat, b_mat = kf.ins
-    extra = [kf.scratch] if p.pack else []
+    extra = [kf.scratch] if p.form == "outer" else []
     mb, nb = ceil_div(p.m, p.mr), ceil_div(p.n, p.tile_cols)
     if kf.epilogue is None and nb > mb:   # threads split the columns
         t0, t1 = thread_range(b, nb, kf.tid, kf.nthreads)
@@ -222,7 +234,7 @@ def _lower_batch(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape
         out_off = b.mul(lb.iv, i64(p.m * p.n), name="matmul.batch.out")
         a_mat = gep(b, kf.ins[0], _batch_offset(b, lb.iv, p.batch, p.a_batch, p.m * p.k), ety)
         b_mat = gep(b, kf.ins[1], _batch_offset(b, lb.iv, p.batch, p.b_batch, p.k * p.n), ety)
-        extra = [kf.scratch] if p.pack else []
+        extra = [kf.scratch] if p.form == "outer" else []
         _rows(kf, p, fn, shape, [gep(b, kf.out, out_off, ety), a_mat, b_mat] + extra, r0, r1,
               out_off)
 
@@ -264,7 +276,7 @@ def _rows(kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams, 
 @params
 class _TileParams(Params):
     """C [m, n] = op(A) [m, k] @ B; the tiles of rows [r0, r1) and columns [c0, c1) (at tile
-    boundaries); op(A)[i, k] = A[i*sa_i + k*sa_k]."""
+    boundaries); op(A)[i, k] = A[i*sa_i + k*sa_k]; `pack` (outer form): PACK_MODES of B."""
     m: I64Arg
     n: I64Arg
     k: I64Arg
@@ -274,6 +286,7 @@ class _TileParams(Params):
     c1: I64Arg = None
     sa_i: I64Arg
     sa_k: I64Arg
+    pack: I64Arg
 
 
 @dataclass(frozen=True)
@@ -283,14 +296,15 @@ class _TileKey:
     dtype: str
     mr: int
     nr: int
-    pack: str = ""
 
 
 def _tiles_function(module: ir.Module, p: _Plan) -> SharedFunction:
     """The shared function computing C[r0:r1, c0:c1] (r0, c0 at tile boundaries) for C [m, n]."""
-    key = _TileKey(p.form, p.dtype, p.mr, p.nr, p.pack)
-    body = _emit_dot if p.form == "dot" else _emit_outer
-    return shared_function(module, "matmul", key, 4 if p.pack else 3, _TileParams, body)
+    key = _TileKey(p.form, p.dtype, p.mr, p.nr)
+    if p.form == "dot":
+        return shared_function(module, "matmul", key, 3, _TileParams, _emit_dot)
+    # the outer form's fourth pointer: the thread's scratch, where B's panels are packed
+    return shared_function(module, "matmul", key, 4, _TileParams, _emit_outer)
 
 
 def _emit_outer(s: Shared, p: _TileKey):
@@ -302,6 +316,16 @@ def _emit_outer(s: Shared, p: _TileKey):
     # and, with 16 vector registers, spill the accumulators' neighbours to the stack: about half
     # the speed when the shapes are run-time values (LLVM cannot prove the masks full then)
     split = b.sub(s.n, b.urem(s.n, i64(tile)), name="matmul.j.full")
+    # The packing mode is hidden from LLVM (a constant argument that a branch tests made its
+    # function specialization clone this function for every call site: 3.7x the LLVM time of
+    # LeNet-5's matmuls), and the loops do not branch on it, so they exist once: B's row kk of
+    # the tile is read at b_src[(kk - packed*k0) * b_stride + (1 - packed)*j0], in place (rows
+    # N apart) or in the panel ([k1 - k0, tile]).
+    s.pack = opaque(b, s.pack)
+    packed = b.icmp_signed("!=", s.pack, i64(0), name="matmul.packed")
+    s.packed = b.zext(packed, ir.IntType(64))
+    s.b_src = b.select(packed, s.ptrs[3], s.ptrs[2], name="matmul.b.src")
+    s.b_stride = b.select(packed, i64(tile), s.n, name="matmul.b.stride")
     _outer_columns(s, p, s.c0, smin(b, s.c1, split), masked=False)
     _outer_columns(s, p, smax(b, s.c0, split), s.c1, masked=True)
 
@@ -342,19 +366,12 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
             k0 = lkb.iv
             k1 = smin(b, b.add(k0, i64(OUTER_KC)), s.k)
             first = b.icmp_signed("==", k0, i64(0), name="matmul.kb.first")
-            if p.pack:
-                panel = s.ptrs[3]
-                _pack_panel(s, p, panel, b_mat, j0, k0, k1, ld)
-
-                def b_row(kk):   # the panel is [k1 - k0, tile], its columns past N zero
-                    return gep(b, panel, b.mul(b.sub(kk, k0), i64(tile)), ety)
-
-                def ld_b(ptr, v):
-                    return vload(b, ptr, i64(v * vl), vty)
-            else:
-                def b_row(kk):
-                    return gep(b, b_mat, b.add(b.mul(kk, s.n), j0), ety)
-                ld_b = ld
+            # (returns at once when B is read in place)
+            _pack_function(b.module, p).call(
+                b, [s.ptrs[3], b_mat], _PackParams(n=s.n, k=s.k, j0=j0, k0=k0, k1=k1,
+                                                   mode=s.pack))
+            b_base = gep(b, s.b_src, b.mul(b.sub(i64(1), s.packed), j0), ety)
+            b_k0 = b.mul(s.packed, k0)
             with carry_loop(b, s.r0, s.r1, [], f"matmul.i.{kind}", step=mr) as li:
                 rows = [smin(b, b.add(li.iv, i64(r)), m1, name=f"matmul.row{r}")
                         for r in range(mr)]
@@ -366,8 +383,8 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
                 init = [b.select(first, zero, ld(crows[r], v)) for r in range(mr)
                         for v in range(nv)]
                 with carry_loop(b, k0, k1, init, f"matmul.k.{kind}") as lp:
-                    brow = b_row(lp.iv)
-                    bv = [ld_b(brow, v) for v in range(nv)]
+                    brow = gep(b, b_base, b.mul(b.sub(lp.iv, b_k0), s.b_stride), ety)
+                    bv = [ld(brow, v) for v in range(nv)]
                     aoff = b.mul(lp.iv, s.sa_k)
                     nxt = []
                     for r in range(mr):
@@ -379,32 +396,67 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
                         st(lp.out[r * nv + v], crows[r], v)
 
 
-def _pack_panel(s: Shared, p: _TileKey, panel, b_mat, j0, k0, k1, ld):
+@dataclass(frozen=True)
+class _PackKey:
+    dtype: str
+    nr: int   # vectors a panel row
+
+
+@params
+class _PackParams(Params):
+    """The panel of op(B) [k, n] for columns [j0, j0 + tile) and rows [k0, k1); `mode`:
+    PACK_MODES["b"] (B [k, n]), PACK_MODES["bt"] (B [n, k]) or PACK_MODES[""] (nothing)."""
+    n: I64Arg
+    k: I64Arg
+    j0: I64Arg
+    k0: I64Arg
+    k1: I64Arg
+    mode: I64Arg
+
+
+def _pack_function(module: ir.Module, p: _TileKey) -> SharedFunction:
     """panel[kk - k0, :] = op(B)[kk, j0:j0 + tile] for kk in [k0, k1): the B panel the row tiles
     of one column tile and K block share, contiguous. Read in place, B's rows lie N elements
     apart: with N a multiple of 256 bytes the panel's 128 lines fall into a few of the L1's 64
-    sets and evict each other, and the micro-kernel streams them from L2 (the [1024, 256] @
-    [256, 256] projections of an attention block ran at 75% of the peak). B^T (`trans_b`, B
-    [n, k]) is transposed here, so that x @ W^T runs the outer form too: the dot form's
-    horizontal sums and K tail cost a fifth of its time at K = 64-256. Columns past N: zero
-    (from B, masked loads) or copies of column N-1 (from B^T); their results are never stored."""
-    b = s.b
-    ety, vl, _ = dtype_info(p.dtype)
-    tile = p.nr * vl
-    if p.pack == "b":
-        with carry_loop(b, k0, k1, [], "matmul.pack.k") as lk:
-            src = gep(b, b_mat, b.add(b.mul(lk.iv, s.n), j0), ety)
-            dst = gep(b, panel, b.mul(b.sub(lk.iv, k0), i64(tile)), ety)
-            for v in range(p.nr):
-                vstore(b, ld(src, v), dst, i64(v * vl))
-        return
-    # B^T: the tile's rows of B (clamped to the last), read along K, written as columns
-    n1 = b.sub(s.n, i64(1))
-    srcs = [gep(b, b_mat, b.mul(smin(b, b.add(j0, i64(c)), n1), s.k), ety) for c in range(tile)]
-    with carry_loop(b, k0, k1, [], "matmul.pack.k") as lk:
-        dst = gep(b, panel, b.mul(b.sub(lk.iv, k0), i64(tile)), ety)
-        for c in range(tile):
-            store(b, load(b, srcs[c], lk.iv, ety), dst, i64(c), ety)
+    sets and evict each other (the attention block's [1024, 256] @ [256, 256] ran 4-8% slower
+    in place). B^T (`trans_b`, B [n, k]) is transposed here, so that x @ W^T runs the outer
+    form too: at K = 64-256 the dot form's horizontal sums and masked K step cost it a quarter
+    to a third of its time (attention's projections and heads). Columns past N: zero
+    (from B, masked loads) or copies of column N-1 (from B^T); their results are never stored.
+    One function a module (not inlined into the outer form's two copies of its loops): its
+    time is small against the FMAs on the panel, its compile time is not."""
+    def body(s, key):
+        b = s.b
+        panel, b_mat = s.ptrs
+        ety, vl, _ = dtype_info(key.dtype)
+        tile = key.nr * vl
+        vty = ir.VectorType(ety, vl)
+        with b.if_then(b.icmp_signed("==", s.mode, i64(PACK_MODES[""]))):
+            b.ret_void()
+        with b.if_else(b.icmp_signed("==", s.mode, i64(PACK_MODES["b"]))) as (copy, transpose):
+            with copy:
+                left = b.sub(s.n, s.j0)
+                masks = [lane_mask(b, b.sub(left, i64(v * vl)), vl) for v in range(key.nr)]
+                with carry_loop(b, s.k0, s.k1, [], "matmul.pack.k") as lk:
+                    src = gep(b, b_mat, b.add(b.mul(lk.iv, s.n), s.j0), ety)
+                    dst = gep(b, panel, b.mul(b.sub(lk.iv, s.k0), i64(tile)), ety)
+                    for v in range(key.nr):
+                        vstore(b, masked_load(b, src, i64(v * vl), vty, masks[v]), dst,
+                               i64(v * vl))
+            with transpose:
+                # B^T: the tile's rows of B (clamped to the last), read along K, written as
+                # columns, four rows at a time (all 16 unrolled cost 25% more LLVM time, one at
+                # a time 5-10% more run time of x @ W^T at K = 64-256)
+                n1 = b.sub(s.n, i64(1))
+                with carry_loop(b, 0, tile, [], "matmul.packt.c", step=4) as lc:
+                    srcs = [gep(b, b_mat, b.mul(smin(b, b.add(s.j0, b.add(lc.iv, i64(c))), n1),
+                                                s.k), ety) for c in range(4)]
+                    with carry_loop(b, s.k0, s.k1, [], "matmul.packt.k") as lk:
+                        dst = gep(b, panel, b.add(b.mul(b.sub(lk.iv, s.k0), i64(tile)), lc.iv),
+                                  ety)
+                        for c in range(4):
+                            store(b, load(b, srcs[c], lk.iv, ety), dst, i64(c), ety)
+    return shared_function(module, "matmul.pack", _PackKey(p.dtype, p.nr), 2, _PackParams, body)
 
 
 def _emit_dot(s: Shared, p: _TileKey):
