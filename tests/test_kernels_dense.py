@@ -131,6 +131,8 @@ MATMUL_SHAPES = [  # (M, N, K)
     (64, 256, 784), (64, 10, 256), (784, 256, 64), (10, 256, 64), (64, 84, 120), (1, 300, 33),
     (33, 1, 65),
     (13, 37, 300), (3, 9, 0),   # K in blocks: a partial last block, clamped rows, masked columns
+    (29, 45, 300),   # packed B panels: a partial last K block, a partial last column tile
+    (30, 7, 100),    # x @ W^T with K > 3 M: the dot form on clamped rows and columns, a K tail
 ]
 
 
@@ -194,6 +196,26 @@ def test_matvec_compiled_matches_interpreter():
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(g, x, rtol=1e-5, atol=1e-6)
     assert "matmul.mv.k" in f.ir(A, v, w, stage="llvm")
+
+
+def test_matmul_plan_packs_panels_and_keeps_the_dot_form_for_long_k():
+    """The form and packing each shape class gets (lowering only: nothing is compiled)."""
+    from tracejit.codegen.kernels.matmul import _plan
+
+    def plan(shapes, **params):
+        p = _plan(make_instr("matmul", shapes, "f32", **params))
+        return p.form, p.pack
+
+    # attention's projections and heads: the outer form on panels (B^T transposed into them)
+    assert plan([(1024, 256), (256, 256)], trans_b=True) == ("outer", "bt")
+    assert plan([(8, 4, 128, 64), (8, 4, 128, 64)], trans_b=True) == ("outer", "bt")
+    assert plan([(8, 4, 128, 64), (8, 4, 64, 128)]) == ("outer", "b")
+    assert plan([(1024, 256), (1024, 256)], trans_a=True) == ("outer", "b")
+    # an MLP's first layer at batch 64 (K > 3 M), a few rows, a matrix-vector product: in place
+    assert plan([(64, 784), (256, 784)], trans_b=True) == ("dot", "")
+    assert plan([(8, 256), (256, 256)], trans_b=True) == ("dot", "")
+    assert plan([(8, 256), (256, 256)]) == ("outer", "")
+    assert plan([(300, 256), (1, 256)], trans_b=True) == ("mv_dot", "")
 
 
 # ------------------------------------------------------------------------------------------------

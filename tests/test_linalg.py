@@ -23,6 +23,7 @@ BATCHED = [  # (batch of A, batch of B, M, N, K)
     ((), (4,), 7, 3, 5),              # an unbatched A shared by every entry
     ((2, 1), (3,), 4, 17, 3),         # both broadcast: [2, 1] x [3] -> [2, 3]; short K
     ((5,), (1,), 1, 9, 33),           # one row per entry: more entries than row tiles per thread
+    ((2, 1), (3,), 26, 19, 37),       # packed B panels per entry, broadcast, a partial column tile
 ]
 
 

@@ -3,15 +3,16 @@ for every entry of the broadcast batch axes (ir/prims/linalg.py).
 
 Two register-blocked micro-kernels, both with their accumulators in vector registers:
 
-- outer-product form (B not transposed, or B^T packed into scratch): an MR x NV tile of C (MR rows,
-  NV vectors of columns) accumulates op(A)[i, k] (broadcast) * B[k, j:j+VL] over k. op(A) is read in
-  place for either transpose (it is only ever broadcast).
-- dot form (trans_b without trans_a, the `x @ W^T` of a linear layer): an MR x NR tile of C keeps
-  MR*NR vector partial sums of A[i, k:k+VL] * B[j, k:k+VL], reduced horizontally once at the end;
-  both operands are read contiguously along K, so nothing is packed.
+- outer-product form: an MR x NV tile of C (MR rows, NV vectors of columns) accumulates
+  op(A)[i, k] (broadcast) * B[k, j:j+VL] over k. op(A) is read in place for either transpose (it
+  is only ever broadcast). From PACK_MIN_ROWS rows of C on, each (column tile, K block) panel of
+  op(B) is first copied (B) or transposed (B^T) into the calling thread's scratch region, where
+  its rows are contiguous (see _pack_function); with fewer rows B is read in place.
+- dot form (trans_b without trans_a on fewer rows, or a matrix-vector product): an MR x NR tile
+  of C keeps MR*NR vector partial sums of A[i, k:k+VL] * B[j, k:k+VL], reduced horizontally once
+  at the end; both operands are read contiguously along K, so nothing is packed.
 
-trans_b together with trans_a, or with a short K, packs B^T into the calling thread's scratch
-region ([K, N] row-major) and uses the outer-product form.
+trans_b together with trans_a, or with a short K, uses the outer form on B^T panels whatever M.
 
 Matrix-vector products (N == 1 or M == 1) have their own two kernels, as the forms above would
 fill one lane of NV vectors (outer) or recompute MR clamped rows (dot) for the one column or row
@@ -34,9 +35,9 @@ form are masked; the outer form's whole column tiles run a second copy of its lo
 
 Compile time: the loops live in shape-generic functions (`shared_function`), one per form, dtype
 and register block, defined once per LLVM module and shared by every matmul of the module (the
-transpose of A is a pair of run-time strides); the kernel of an instruction is a small wrapper that
-partitions the work between threads and passes its shape as constants (a LeNet-5 gradient has nine
-matmuls and two such functions).
+transpose of A is a pair of run-time strides, the packing of B a run-time mode); the kernel of an
+instruction is a small wrapper that partitions the work between threads and passes its shape as
+constants.
 
 Threads split the rows of C (whole MR-row tiles), or its columns when there are fewer row tiles
 than column tiles; a thread walks its columns tile by tile and, within a column tile, its rows, so
@@ -45,8 +46,7 @@ the epilogue runs on each panel of rows once all its columns are written.
 
 Batches: the work items are (batch entry, MR-row tile) pairs, split evenly between threads; a
 thread walks its items entry by entry, calling the same tile function on the entry's matrices
-(an operand broadcast along a batch axis is read in place: its offset ignores that axis). A packed
-B^T is packed once per entry a thread visits.
+(an operand broadcast along a batch axis is read in place: its offset ignores that axis).
 """
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ from ..loops import FAST, carry_loop, fma, gep, i64, llvm_type, load, masked_loa
     splat, store, vload, vstore
 from ..target import vector_registers
 from . import MATMUL_WEIGHT, matmul_cost, register
-from .toolkit import DtypeKey, I64Arg, KernelFunction, Params, Shared, SharedFunction, ceil_div, \
-    dtype_info, kernel_function, lane_mask, params, shared_function, smax, smin, thread_range, \
-    zero_vector
+from .toolkit import I64Arg, KernelFunction, Params, Shared, SharedFunction, ceil_div, \
+    dtype_info, kernel_function, lane_mask, opaque, params, shared_function, smax, smin, \
+    thread_range, zero_vector
 
 
 def transpose_sums(b: ir.IRBuilder, vecs):
@@ -110,6 +110,9 @@ def transpose_sums(b: ir.IRBuilder, vecs):
 # matmul
 # ------------------------------------------------------------------------------------------------
 OUTER_KC = 128   # K block of the outer form: 128 x 64 bytes of B panel, 8 KB of the 32 KB L1
+PACK_MIN_ROWS = 24   # rows of C from which the outer form packs B's panels (see _pack_function)
+DOT_K_PER_ROW = 3    # x @ W^T: the dot form when K > 3 M (see _block_plan)
+PACK_MODES = {"": 0, "b": 1, "bt": 2}   # the outer form's run-time `pack` parameter
 FORCE = {}   # blocking overrides for tuning runs (benchmarks/kernels_dense.py --force)
 
 
@@ -124,7 +127,7 @@ class _Plan:
     k: int
     trans_a: bool
     form: str     # "outer" | "dot" | "mv_dot" | "mv_axpy"
-    packed: bool  # outer form on B^T packed into scratch
+    pack: str     # outer form: "" (B read in place), "b" (panels of B), "bt" (panels of B^T)
     mr: int
     nr: int       # outer, mv_axpy: vectors of columns per tile; dot: columns per tile
     vl: int
@@ -164,24 +167,36 @@ def _matvec_plan(dt, m, n, k, ta, tb) -> _Plan:
         dot = None
     if dot is not None:
         rows, swap = dot
-        return _Plan(dt, (), (), (), rows, 1, k, False, "mv_dot", False, vl, 1, vl, es, swap)
+        return _Plan(dt, (), (), (), rows, 1, k, False, "mv_dot", "", vl, 1, vl, es, swap)
     cols, swap = (m, True) if n == 1 else (n, False)   # a @ B [k, n], or b^T @ A [k, m]
     nv = min(4, ceil_div(cols, vl))
     nv = 4 if nv > 2 else nv               # three variants at most: 1, 2 or 4 vectors
-    return _Plan(dt, (), (), (), 1, cols, k, False, "mv_axpy", False, 1, nv, vl, es, swap)
+    return _Plan(dt, (), (), (), 1, cols, k, False, "mv_axpy", "", 1, nv, vl, es, swap)
 
 
 def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
     _, vl, es = dtype_info(dt)
-    if tb and not ta and k >= 2 * vl:
+    # panels of op(B) (see _pack_function) pay once enough row tiles share them; matrix-vector
+    # shapes keep the choices below
+    panel_rows = m >= PACK_MIN_ROWS and n > 1
+    # x @ W^T: the dot form pays a fixed cost a tile (its horizontal sums and masked K step:
+    # about 45 cycles against K of FMAs), the outer form the transposition of each element of
+    # B^T (~1 cycle) once per thread, against M/VL/threads cycles of FMAs on it. The dot form
+    # for a short M with a long K (an MLP's first layer at batch 64: K = 784), the outer form
+    # otherwise (attention's projections and heads: 20-40% faster there)
+    dot_first = not panel_rows or k > DOT_K_PER_ROW * m
+    if tb and not ta and k >= 2 * vl and dot_first:
         # A fixed block, so that matmuls of different shapes share one function: 4 x 6 (24
         # accumulators, 10 loads per 24 FMAs). The rows of A stream from L2 (B's stay in L1);
         # six uses per vector of A keep that stream small enough that unaligned A (a numpy array
         # 16 bytes off a cache line) costs 5%, against 20% with 4 x 4.
-        # With 16 registers (AVX2) 3 x 4: 12 accumulators, 3 rows of A and one of B. The NR
-        # sums of a row are transposed into one vector, so NR is at most the vector's lanes.
-        mr, nr = FORCE.get("dot", (4, 6) if vector_registers() >= 32 else (3, 4))
-        return _Plan(dt, (), (), (), m, n, k, ta, "dot", False, mr, min(nr, vl), vl, es)
+        # With 16 registers (AVX2) 4 x 3: 12 accumulators, 4 rows of A and one of B (3 x 4
+        # loaded all four rows of B into registers and spilled an accumulator: 20% slower);
+        # matrix-vector shapes keep 3 x 4. The NR sums of a row are transposed into one vector,
+        # so NR is at most the vector's lanes.
+        mr, nr = (4, 6) if vector_registers() >= 32 else (3, 4) if m == 1 or n == 1 else (4, 3)
+        mr, nr = FORCE.get("dot", (mr, nr))
+        return _Plan(dt, (), (), (), m, n, k, ta, "dot", "", mr, min(nr, vl), vl, es)
     # 24 accumulators (MR x NV vectors) with 32 registers, 12 with 16 (AVX2), leaving room for
     # the NV vectors of B and the broadcast of A
     acc = 24 if vector_registers() >= 32 else 12
@@ -189,16 +204,15 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
     nv = nv_max if n > (nv_max // 2) * vl else max(1, ceil_div(n, vl))
     mr = 6 if nv == nv_max else min(12, acc // nv)
     mr, nv = FORCE.get("outer", (mr, nv))
-    return _Plan(dt, (), (), (), m, n, k, ta, "outer", tb, mr, nv, vl, es)
-
-
-def _pack_elems(p: _Plan) -> int:
-    return ceil_div(p.k * p.n, 16) * 16  # keep each thread's region 64-byte aligned
+    pack = ("bt" if tb else "b") if panel_rows or tb else ""
+    return _Plan(dt, (), (), (), m, n, k, ta, "outer", pack, mr, nv, vl, es)
 
 
 def _matmul_scratch(ins, nthreads: int) -> int:
+    """One B panel (OUTER_KC x tile) a thread: a multiple of 64 bytes, so each region stays
+    aligned."""
     p = _plan(ins)
-    return nthreads * _pack_elems(p) * p.esize if p.packed else 0
+    return nthreads * ceil_div(OUTER_KC * p.tile_cols * p.esize, 64) * 64 if p.pack else 0
 
 
 @register(matmul_p, scratch_bytes=_matmul_scratch, epilogue=True, parallel=True,
@@ -214,7 +228,7 @@ def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
     fn = _tiles_function(module, p)
     # strides of op(A) (the dot form reads A [m, k] only)
     shape = _TileParams(m=p.m, n=p.n, k=p.k, sa_i=1 if p.trans_a else p.k,
-                        sa_k=p.m if p.trans_a else 1)
+                        sa_k=p.m if p.trans_a else 1, pack=PACK_MODES[p.pack])
     if nbatch == 1:
         _lower_one(module, kf, p, fn, shape)
     else:
@@ -222,30 +236,22 @@ def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
     b.ret_void()
 
 
-def _packed_b(module, kf: KernelFunction, p: _Plan, b_mat):
-    """B^T of `b_mat` packed into this thread's scratch region, [K, N]."""
-    b = kf.b
-    dst = kf.scratch   # the executing thread's own region (parallel.emit_call)
-    _pack_function(module, p.dtype).call(b, [dst, b_mat], _PackParams(n=p.n, k=p.k))
-    return dst
-
-
 def _lower_one(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams):
     """One matrix product: threads split its row tiles (or its column tiles, see above)."""
     b = kf.b
+    # the panel buffer is the executing thread's own scratch region (parallel.emit_call)
     a_mat, b_mat = kf.ins[::-1] if p.swap else kf.ins
-    if p.packed:
-        b_mat = _packed_b(module, kf, p, b_mat)
+    extra = [kf.scratch] if p.form == "outer" else []
     mb, nb = ceil_div(p.m, p.mr), ceil_div(p.n, p.tile_cols)
     if kf.epilogue is None and nb > mb:   # threads split the columns
         t0, t1 = thread_range(b, nb, kf.tid, kf.nthreads)
-        fn.call(b, [kf.out, a_mat, b_mat],
+        fn.call(b, [kf.out, a_mat, b_mat] + extra,
                 replace(shape, r0=0, r1=p.m, c0=b.mul(t0, i64(p.tile_cols)),
                         c1=smin(b, b.mul(t1, i64(p.tile_cols)), p.n)))
     else:                                 # threads split the rows
         t0, t1 = thread_range(b, mb, kf.tid, kf.nthreads)
         r0, r1 = b.mul(t0, i64(p.mr)), smin(b, b.mul(t1, i64(p.mr)), p.m)
-        _rows(kf, p, fn, shape, [kf.out, a_mat, b_mat], r0, r1, i64(0))
+        _rows(kf, p, fn, shape, [kf.out, a_mat, b_mat] + extra, r0, r1, i64(0))
 
 
 def _lower_batch(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams,
@@ -266,9 +272,9 @@ def _lower_batch(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape
         a_in, b_in = kf.ins[::-1] if p.swap else kf.ins
         a_mat = gep(b, a_in, _batch_offset(b, lb.iv, p.batch, p.a_batch, p.m * p.k), ety)
         b_mat = gep(b, b_in, _batch_offset(b, lb.iv, p.batch, p.b_batch, p.k * p.n), ety)
-        if p.packed:
-            b_mat = _packed_b(module, kf, p, b_mat)
-        _rows(kf, p, fn, shape, [gep(b, kf.out, out_off, ety), a_mat, b_mat], r0, r1, out_off)
+        extra = [kf.scratch] if p.form == "outer" else []
+        _rows(kf, p, fn, shape, [gep(b, kf.out, out_off, ety), a_mat, b_mat] + extra, r0, r1,
+              out_off)
 
 
 def _batch_offset(b: ir.IRBuilder, entry, batch: tuple, own: tuple, size: int):
@@ -308,7 +314,7 @@ def _rows(kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams, 
 @params
 class _TileParams(Params):
     """C [m, n] = op(A) [m, k] @ B; the tiles of rows [r0, r1) and columns [c0, c1) (at tile
-    boundaries); op(A)[i, k] = A[i*sa_i + k*sa_k]."""
+    boundaries); op(A)[i, k] = A[i*sa_i + k*sa_k]; `pack` (outer form): PACK_MODES of B."""
     m: I64Arg
     n: I64Arg
     k: I64Arg
@@ -318,13 +324,7 @@ class _TileParams(Params):
     c1: I64Arg = None
     sa_i: I64Arg
     sa_k: I64Arg
-
-
-@params
-class _PackParams(Params):
-    """B [n, k] to be packed as B^T [k, n]."""
-    n: I64Arg
-    k: I64Arg
+    pack: I64Arg
 
 
 @dataclass(frozen=True)
@@ -339,23 +339,11 @@ class _TileKey:
 def _tiles_function(module: ir.Module, p: _Plan) -> SharedFunction:
     """The shared function computing C[r0:r1, c0:c1] (r0, c0 at tile boundaries) for C [m, n]."""
     key = _TileKey(p.form, p.dtype, p.mr, p.nr)
-    body = {"outer": _emit_outer, "dot": _emit_dot, "mv_dot": _emit_mv_dot,
-            "mv_axpy": _emit_mv_axpy}[p.form]
-    return shared_function(module, "matmul", key, 3, _TileParams, body)
-
-
-def _pack_function(module: ir.Module, dtype: str) -> SharedFunction:
-    """dst[k, j] = src[j, k] for src [n, k]."""
-    def body(s, key):
-        ety = llvm_type(key.dtype)
-        b = s.b
-        dst, src = s.ptrs
-        with carry_loop(b, 0, s.n, [], "matmul.pack.j") as lj:
-            row = b.mul(lj.iv, s.k)
-            with carry_loop(b, 0, s.k, [], "matmul.pack.k") as lk:
-                v = load(b, src, b.add(row, lk.iv), ety)
-                store(b, v, dst, b.add(b.mul(lk.iv, s.n), lj.iv), ety)
-    return shared_function(module, "matmul.pack_bt", DtypeKey(dtype), 2, _PackParams, body)
+    if p.form != "outer":
+        body = {"dot": _emit_dot, "mv_dot": _emit_mv_dot, "mv_axpy": _emit_mv_axpy}[p.form]
+        return shared_function(module, "matmul", key, 3, _TileParams, body)
+    # the outer form's fourth pointer: the thread's scratch, where B's panels are packed
+    return shared_function(module, "matmul", key, 4, _TileParams, _emit_outer)
 
 
 def _emit_outer(s: Shared, p: _TileKey):
@@ -367,6 +355,16 @@ def _emit_outer(s: Shared, p: _TileKey):
     # and, with 16 vector registers, spill the accumulators' neighbours to the stack: about half
     # the speed when the shapes are run-time values (LLVM cannot prove the masks full then)
     split = b.sub(s.n, b.urem(s.n, i64(tile)), name="matmul.j.full")
+    # The packing mode is hidden from LLVM (a constant argument that a branch tests made its
+    # function specialization clone this function for every call site: 3.7x the LLVM time of
+    # LeNet-5's matmuls), and the loops do not branch on it, so they exist once: B's row kk of
+    # the tile is read at b_src[(kk - packed*k0) * b_stride + (1 - packed)*j0], in place (rows
+    # N apart) or in the panel ([k1 - k0, tile]).
+    s.pack = opaque(b, s.pack)
+    packed = b.icmp_signed("!=", s.pack, i64(0), name="matmul.packed")
+    s.packed = b.zext(packed, ir.IntType(64))
+    s.b_src = b.select(packed, s.ptrs[3], s.ptrs[2], name="matmul.b.src")
+    s.b_stride = b.select(packed, i64(tile), s.n, name="matmul.b.stride")
     _outer_columns(s, p, s.c0, smin(b, s.c1, split), masked=False)
     _outer_columns(s, p, smax(b, s.c0, split), s.c1, masked=True)
 
@@ -375,13 +373,14 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
     """The outer-product tiles of columns [c0, c1) (tile boundaries), every row tile of
     [r0, r1); `masked`: the columns may end past N (else they all lie inside)."""
     b = s.b
-    out, a_mat, b_mat = s.ptrs
+    out, a_mat, b_mat = s.ptrs[:3]
     ety, vl, _ = dtype_info(p.dtype)
     mr, nv = p.mr, p.nr
+    tile = nv * vl
     vty = ir.VectorType(ety, vl)
     m1 = b.sub(s.m, i64(1))
     kind = "tail" if masked else "full"
-    with carry_loop(b, c0, c1, [], f"matmul.j.{kind}", step=nv * vl) as lj:
+    with carry_loop(b, c0, c1, [], f"matmul.j.{kind}", step=tile) as lj:
         j0 = lj.iv
         left = b.sub(s.n, j0)
         masks = [lane_mask(b, b.sub(left, i64(v * vl)), vl) for v in range(nv)] if masked \
@@ -406,6 +405,12 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
             k0 = lkb.iv
             k1 = smin(b, b.add(k0, i64(OUTER_KC)), s.k)
             first = b.icmp_signed("==", k0, i64(0), name="matmul.kb.first")
+            # (returns at once when B is read in place)
+            _pack_function(b.module, p).call(
+                b, [s.ptrs[3], b_mat], _PackParams(n=s.n, k=s.k, j0=j0, k0=k0, k1=k1,
+                                                   mode=s.pack))
+            b_base = gep(b, s.b_src, b.mul(b.sub(i64(1), s.packed), j0), ety)
+            b_k0 = b.mul(s.packed, k0)
             with carry_loop(b, s.r0, s.r1, [], f"matmul.i.{kind}", step=mr) as li:
                 rows = [smin(b, b.add(li.iv, i64(r)), m1, name=f"matmul.row{r}")
                         for r in range(mr)]
@@ -417,7 +422,7 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
                 init = [b.select(first, zero, ld(crows[r], v)) for r in range(mr)
                         for v in range(nv)]
                 with carry_loop(b, k0, k1, init, f"matmul.k.{kind}") as lp:
-                    brow = gep(b, b_mat, b.add(b.mul(lp.iv, s.n), j0), ety)
+                    brow = gep(b, b_base, b.mul(b.sub(lp.iv, b_k0), s.b_stride), ety)
                     bv = [ld(brow, v) for v in range(nv)]
                     aoff = b.mul(lp.iv, s.sa_k)
                     nxt = []
@@ -428,6 +433,69 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
                 for r in range(mr):
                     for v in range(nv):
                         st(lp.out[r * nv + v], crows[r], v)
+
+
+@dataclass(frozen=True)
+class _PackKey:
+    dtype: str
+    nr: int   # vectors a panel row
+
+
+@params
+class _PackParams(Params):
+    """The panel of op(B) [k, n] for columns [j0, j0 + tile) and rows [k0, k1); `mode`:
+    PACK_MODES["b"] (B [k, n]), PACK_MODES["bt"] (B [n, k]) or PACK_MODES[""] (nothing)."""
+    n: I64Arg
+    k: I64Arg
+    j0: I64Arg
+    k0: I64Arg
+    k1: I64Arg
+    mode: I64Arg
+
+
+def _pack_function(module: ir.Module, p: _TileKey) -> SharedFunction:
+    """panel[kk - k0, :] = op(B)[kk, j0:j0 + tile] for kk in [k0, k1): the B panel the row tiles
+    of one column tile and K block share, contiguous. Read in place, B's rows lie N elements
+    apart: with N a multiple of 256 bytes the panel's 128 lines fall into a few of the L1's 64
+    sets and evict each other (the attention block's [1024, 256] @ [256, 256] ran 4-8% slower
+    in place). B^T (`trans_b`, B [n, k]) is transposed here, so that x @ W^T runs the outer
+    form too: at K = 64-256 the dot form's horizontal sums and masked K step cost it a quarter
+    to a third of its time (attention's projections and heads). Columns past N: zero
+    (from B, masked loads) or copies of column N-1 (from B^T); their results are never stored.
+    One function a module (not inlined into the outer form's two copies of its loops): its
+    time is small against the FMAs on the panel, its compile time is not."""
+    def body(s, key):
+        b = s.b
+        panel, b_mat = s.ptrs
+        ety, vl, _ = dtype_info(key.dtype)
+        tile = key.nr * vl
+        vty = ir.VectorType(ety, vl)
+        with b.if_then(b.icmp_signed("==", s.mode, i64(PACK_MODES[""]))):
+            b.ret_void()
+        with b.if_else(b.icmp_signed("==", s.mode, i64(PACK_MODES["b"]))) as (copy, transpose):
+            with copy:
+                left = b.sub(s.n, s.j0)
+                masks = [lane_mask(b, b.sub(left, i64(v * vl)), vl) for v in range(key.nr)]
+                with carry_loop(b, s.k0, s.k1, [], "matmul.pack.k") as lk:
+                    src = gep(b, b_mat, b.add(b.mul(lk.iv, s.n), s.j0), ety)
+                    dst = gep(b, panel, b.mul(b.sub(lk.iv, s.k0), i64(tile)), ety)
+                    for v in range(key.nr):
+                        vstore(b, masked_load(b, src, i64(v * vl), vty, masks[v]), dst,
+                               i64(v * vl))
+            with transpose:
+                # B^T: the tile's rows of B (clamped to the last), read along K, written as
+                # columns, four rows at a time (all 16 unrolled cost 25% more LLVM time, one at
+                # a time 5-10% more run time of x @ W^T at K = 64-256)
+                n1 = b.sub(s.n, i64(1))
+                with carry_loop(b, 0, tile, [], "matmul.packt.c", step=4) as lc:
+                    srcs = [gep(b, b_mat, b.mul(smin(b, b.add(s.j0, b.add(lc.iv, i64(c))), n1),
+                                                s.k), ety) for c in range(4)]
+                    with carry_loop(b, s.k0, s.k1, [], "matmul.packt.k") as lk:
+                        dst = gep(b, panel, b.add(b.mul(b.sub(lk.iv, s.k0), i64(tile)), lc.iv),
+                                  ety)
+                        for c in range(4):
+                            store(b, load(b, srcs[c], lk.iv, ety), dst, i64(c), ety)
+    return shared_function(module, "matmul.pack", _PackKey(p.dtype, p.nr), 2, _PackParams, body)
 
 
 def _emit_dot(s: Shared, p: _TileKey):
