@@ -124,3 +124,21 @@ def test_partition_compiles_a_shared_helper_in_one_part_and_links():
     data = np.array([1.5, -2.0, 0.0], np.float32)
     target.cfunc(jit.addresses["entry"], [ctypes.c_void_p])(data.ctypes.data)
     np.testing.assert_array_equal(data, [3.0, -4.0, 0.5])
+
+
+def test_the_benchmark_byte_compiles_the_package_its_workers_import():
+    """benchmarks/run.py writes tracejit's .pyc files before timing a first call (as pip does on
+    install): the code generator's, which a first call imports, are among them."""
+    bench = os.path.join(ROOT, "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import importlib.util
+
+    import run
+    import tracejit.codegen.partition as module
+    cached = importlib.util.cache_from_source(module.__file__)
+    if os.path.exists(cached):
+        os.unlink(cached)
+    message = run.byte_compile_tracejit()
+    assert message.startswith("tracejit: byte-compiled "), message
+    assert os.path.exists(cached), (message, cached)
