@@ -15,9 +15,7 @@ target.compile_objects, which links the object files together):
 
 A function called from another part than its own is given external linkage there and declared
 in the caller's part; everything else keeps its linkage (internal functions stay open to LLVM's
-interprocedural passes within their part). A helper marked `alwaysinline` (codegen/mathfns.py)
-belongs to no part: each part that calls it gets a copy, since a declaration could not be
-inlined. Declarations and metadata are printed in every part.
+interprocedural passes within their part). Declarations and metadata are printed in every part.
 """
 from __future__ import annotations
 
@@ -81,8 +79,6 @@ class Partition:
         defined = [g for g in module.globals.values()
                    if isinstance(g, ir.Function) and not g.is_declaration]
         self.refs = {f.name: _references(f) for f in defined}
-        # helpers inlined where they are called (mathfns): a copy in every part that calls them
-        self.inline = {f.name for f in defined if "alwaysinline" in f.attributes}
         self.home: dict = {}      # name of a defined function or variable -> part
         self.load = [0] * n       # LLVM's work per part (see _cost)
         roots = {f.name for f in kernels}
@@ -91,47 +87,35 @@ class Partition:
         taken = set(self.home)
         for k in kernels:
             unit = self._reach(k, roots - {k.name}, taken)
-            taken.update(f.name for f in unit if f.name not in self.inline)
+            taken.update(f.name for f in unit)
             units.append(unit)
         for unit in sorted(units, key=lambda u: -sum(map(_cost, u))):
             part = self.load.index(min(self.load))
             for f in unit:
                 self._place(f, part)
+        # what one part uses from another: external there, declared here
+        self.imports = [set() for _ in range(n)]
+        for name, refs in self.refs.items():
+            part = self.home[name]
+            for g in refs:
+                if g.name in self.home and self.home[g.name] != part:
+                    self.imports[part].add(g.name)
+                    if g.linkage in ("internal", "private"):
+                        g.linkage = ""
         for g in module.globals.values():
             if isinstance(g, ir.GlobalVariable) and g.name not in self.home:
                 self.home[g.name] = 0
-        # each part's functions (with copies of the inline helpers they call); what they call
-        # from another part is external there and declared here
-        self.printed = [set() for _ in range(n)]
-        self.imports = [set() for _ in range(n)]
-        for name, part in self.home.items():
-            if name in self.refs:
-                self._print_in(name, part)
-        for part in range(n):
-            for name in self.printed[part]:
-                for g in self.refs[name]:
-                    if g.name in self.refs and g.name not in self.printed[part]:
-                        self.imports[part].add(g.name)
-                        if g.linkage in ("internal", "private"):
-                            g.linkage = ""
-
-    def _print_in(self, name: str, part: int):
-        self.printed[part].add(name)
-        for g in self.refs[name]:
-            if g.name in self.inline and g.name not in self.printed[part]:
-                self._print_in(g.name, part)
 
     def _reach(self, root: ir.Function, stop: set, taken: set) -> list:
         """`root` and the defined functions it reaches through calls (and function pointers),
-        not passing through `stop` and leaving out those in `taken` (inline helpers are never
-        taken: every part that calls one has a copy)."""
+        not passing through `stop` and leaving out those in `taken`."""
         order, todo, seen = [], [root], {root.name}
         while todo:
             f = todo.pop()
             order.append(f)
             for g in self.refs.get(f.name, ()):
                 if isinstance(g, ir.Function) and g.name in self.refs and g.name not in seen \
-                        and g.name not in stop and (g.name not in taken or g.name in self.inline):
+                        and g.name not in stop and g.name not in taken:
                     seen.add(g.name)
                     todo.append(g)
         return order
@@ -141,10 +125,8 @@ class Partition:
             self._place(f, part)
 
     def _place(self, f: ir.Function, part: int):
-        self.load[part] += _cost(f)
-        if f.name in self.inline:   # (copied where it is called)
-            return
         self.home[f.name] = part
+        self.load[part] += _cost(f)
         for g in self.refs[f.name]:   # a literal array lives with its first user
             if isinstance(g, ir.GlobalVariable):
                 if g.name not in self.home:
@@ -158,10 +140,10 @@ class Partition:
         lines = [f'; ModuleID = "{m.name}" part {k}', f'target triple = "{m.triple}"',
                  f'target datalayout = "{m.data_layout}"', ""]
         lines += [t.get_declaration() for t in m.get_identified_types().values()]
-        imports, printed = self.imports[k], self.printed[k]
+        imports = self.imports[k]
         for g in m.globals.values():
-            if g.name in printed or (isinstance(g, ir.Function) and g.is_declaration) or \
-                    (isinstance(g, ir.GlobalVariable) and self.home[g.name] == k):
+            home = self.home.get(g.name)
+            if home == k or (isinstance(g, ir.Function) and g.is_declaration):
                 lines.append(str(g))
             elif g.name in imports:
                 lines.append(_declaration(g))
