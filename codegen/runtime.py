@@ -26,7 +26,7 @@ import numpy as np
 from ..ir.core import Function, IRError, Namer, instr_text
 
 from . import cache as _cache
-from . import fused, parallel, partition, schedule, settings, target
+from . import fused, parallel, schedule, settings, target
 from .kernels import _load_all, kernels
 from .kernels.pool import lower_max_pool2d_with_argmax
 from .loops import I64, PTR, VOID, for_range, i64, llvm_type
@@ -116,21 +116,18 @@ class NativeFunction:
                 seconds["cache"] = time.perf_counter() - t0
                 return jit, True, seconds
         t1 = time.perf_counter()
-        with self._source_lock:
-            texts = self._build_modules()
-        printed = {}
-        # each part is printed by the process that compiles it
-        source = [functools.partial(_print_part, text, k, printed)
-                  for k, text in enumerate(texts)]
-        t2 = time.perf_counter()
+        # each module is lowered by the process that compiles it
         me = weakref.ref(self)
+        lowering = {}
+        source = [functools.partial(_lower_part, me, k, lowering) for k in range(self.n_modules)]
+        t2 = time.perf_counter()
         jit = JITModule(source, ["entry"], source=lambda: me().llvm_sources)
         t3 = time.perf_counter()
         if disk is not None:
             disk.store(key, jit.object_code)
-        # this process's lowering and printing (other parts are printed and compiled elsewhere)
-        low = (t2 - t1) + printed.get(0, 0.0)
-        seconds.update(lower=low, llvm=t3 - t1 - low, cache=(t1 - t0) + (time.perf_counter() - t3))
+        # this process's lowering (other modules are lowered and compiled in parallel)
+        low = lowering.get(0, 0.0)
+        seconds.update(lower=low, llvm=t3 - t2 - low, cache=(t1 - t0) + (time.perf_counter() - t3))
         return jit, False, seconds
 
     @property
@@ -139,7 +136,7 @@ class NativeFunction:
         the cache)."""
         with self._source_lock:
             if self._source is None:
-                self._source = [text() for text in self._build_modules()]
+                self._source = [str(m) for m in self._build_modules()]
         return self._source
 
     @property
@@ -148,27 +145,22 @@ class NativeFunction:
         return "\n\n".join(self.llvm_sources)
 
     # ------------------------------------------------------------------------------------- build
-    def _build_modules(self) -> list:
-        """The LLVM IR of this function: one module lowered here, printed as `n_modules` parts
-        (see codegen/partition.py) that separate processes can compile at once (see
-        target.compile_objects). Returns a function per part that prints it (the process that
-        compiles a part prints it)."""
-        module, entry, kernel_fns = self._lower()
-        if self.n_modules == 1:
-            return [lambda: str(module)]
-        parts = partition.Partition(module, entry, [k for k in kernel_fns if k is not None],
-                                    self.n_modules)
-        return [functools.partial(parts.text, k) for k in range(self.n_modules)]
-
-    def _lower(self):
-        """(module, entry, kernel functions): the whole function lowered into one LLVM module."""
+    def _build_modules(self, part: int | None = None) -> list:
+        """The LLVM modules of this function: the entry (and some kernels) in the first, the
+        other kernels spread over the rest so that separate processes can lower and compile them
+        at once (see target.compile_objects). `part`: build only that module."""
         plan = self.plan
         fn = plan.fn
-        module = ir.Module(name=fn.name)
+        parts = range(self.n_modules) if part is None else [part]
+        modules = {k: ir.Module(name=fn.name if k == 0 else f"{fn.name}.part{k}") for k in parts}
+        home = _balance(plan.groups, self.n_modules)
+        module = modules.get(0)
         namer = Namer()
         for v in list(fn.params) + [i.out for i in fn.instrs]:
             namer.define(v)
-        kernel_fns = _lower_kernels(plan, module, namer)
+        kernel_fns = _lower_kernels(plan, modules, home, module, namer)
+        if module is None:
+            return [modules[k] for k in parts]
         entry = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, PTR, I64]), "entry")
         ins_arg, outs_arg, arena_arg, nthreads_arg = entry.args
         ins_arg.name, outs_arg.name, arena_arg.name = "inputs", "outputs", "arena"
@@ -189,7 +181,7 @@ class NativeFunction:
                     self.max_threads, counters)
         _emit_donated_copies(module, b, plan, pointer)
         b.ret_void()
-        return module, entry, kernel_fns
+        return [modules[k] for k in parts]
 
     def _resolve_copies(self):
         """For outputs that are copies: where to copy from ("in", k) / ("out", k) / ("const", arr)."""
@@ -350,15 +342,22 @@ def _emit_donated_copies(module: ir.Module, b: ir.IRBuilder, plan, pointer):
             _memcpy(module, b, pointer(plan.fn.params[j]), pointer(o), o.type.nbytes)
 
 
-def _lower_kernels(plan, module, namer) -> list:
-    """Lower the kernels of `plan` into `module`; returns, per group, its function (None for a
-    loop, whose body is lowered where it is called)."""
+def _lower_kernels(plan, modules: dict, home: dict, module, namer) -> list:
+    """Lower the kernels of `plan` into their home modules (`home`: group index -> module
+    index); returns, per group, the function the calling module calls (a declaration when the
+    kernel lives in another module; None for a loop, whose body is lowered where it is called).
+    `module` is the calling module (None when building only other modules)."""
     kernel_fns = []
     for g in plan.groups:
         if g.kind == "control":
             kernel_fns.append(None)
             continue
         fname = g.name
+        kernel_module = modules.get(home[g.index])
+        if kernel_module is None:   # lowered by another process: declared for the entry
+            if module is not None:
+                kernel_fns.append(ir.Function(module, _kernel_type(g), fname))
+            continue
         try:
             if g.kind == "nn":
                 epi = fused.Epilogue(g.epilogue, g.root.out, f"{fname}.epilogue",
@@ -368,17 +367,21 @@ def _lower_kernels(plan, module, namer) -> list:
                 if kernels[g.root.prim].checks:
                     extra["status_code"] = g.status_code
                 if g.companion is not None:
-                    lower_max_pool2d_with_argmax(module, fname, g.root, **extra)
+                    lower_max_pool2d_with_argmax(kernel_module, fname, g.root, **extra)
                 else:
-                    kernels[g.root.prim].lower(module, fname, g.root, **extra)
-                kfn = module.globals[fname]
+                    kernels[g.root.prim].lower(kernel_module, fname, g.root, **extra)
+                kfn = kernel_module.globals[fname]
             else:
-                kfn = fused.lower_group(module, fname, g)
+                kfn = fused.lower_group(kernel_module, fname, g)
             # Kept out of line: inlined, a kernel is compiled once per call site (a parallel
             # kernel has two, its trampoline's and the serial one) and the entry grows into
             # one huge function; LeNet-5's gradient compiled ~30% faster, ran as fast.
             if "noinline" not in kfn.attributes:
                 kfn.attributes.add("noinline")
+            if kernel_module is not module:   # called across modules: a declaration there
+                kfn.linkage = ""
+                if module is not None:
+                    kfn = ir.Function(module, kfn.function_type, fname)
             kernel_fns.append(kfn)
         except Exception as e:
             raise _lowering_error(g, namer, e) from e
@@ -472,7 +475,8 @@ def _lower_body(module, plan, fname: str, max_threads: int) -> ir.Function:
     namer = Namer()
     for v in list(plan.fn.params) + [i.out for i in plan.fn.instrs]:
         namer.define(v)
-    kernel_fns = _lower_kernels(plan, module, namer)
+    kernel_fns = _lower_kernels(plan, {0: module}, {g.index: 0 for g in plan.groups}, module,
+                                namer)
 
     def item(table, k, name):
         return b.load(b.gep(table, [i64(k)], source_etype=PTR), typ=PTR, name=name)
@@ -595,11 +599,11 @@ _loop_lowerings = {"scan": _lower_scan, "while": _lower_while}
 
 
 
-def _print_part(text, part: int, seconds: dict) -> str:
+def _lower_part(native_ref, part: int, seconds: dict) -> str:
     t0 = time.perf_counter()
-    res = text()
+    text = str(native_ref()._build_modules(part)[0])
     seconds[part] = time.perf_counter() - t0
-    return res
+    return text
 
 
 def _kernel_type(g) -> ir.FunctionType:
@@ -642,14 +646,32 @@ def _status_offset(plan) -> int:
 
 
 def _compile_weight(g) -> int:
-    """Rough LLVM cost of a kernel, to decide whether to split a function's compile (see
-    target.modules_for): a loop nest's is its kernel's (codegen/kernels); a fused loop is
-    small: one unit and one more per four instructions."""
+    """Rough LLVM cost of a kernel, to balance modules: a loop nest's is its kernel's
+    (codegen/kernels); a fused loop is small: one unit and one more per four instructions."""
     if g.kind == "control":   # its bodies' kernels
         return 1 + sum(_compile_weight(h) for p in g.bodies.values() for h in p.groups)
     if g.kind != "nn":
         return 1 + len(g.members) // 4
     return kernels[g.root.prim].compile_weight
+
+
+def _balance(groups, n_modules: int) -> dict:
+    """Kernel index -> module index: greedy by weight, kernels of one primitive together (they
+    share functions within a module); the entry's module starts with a small handicap."""
+    load = [len(groups) // 2] + [0] * (n_modules - 1)   # the entry calls every kernel
+    home, by_prim = {}, {}
+    for g in sorted(groups, key=lambda g: -_compile_weight(g)):
+        prim = g.root.prim if g.kind == "nn" else None
+        k = by_prim.get(prim) if prim is not None else None
+        if k is None or load[k] > min(load) + 16:
+            k = load.index(min(load))
+        if g.kind == "control":   # its bodies are lowered where the loop runs: the entry's module
+            k = 0
+        if prim is not None:
+            by_prim.setdefault(prim, k)
+        home[g.index] = k
+        load[k] += _compile_weight(g)
+    return home
 
 
 def _literal_global(module: ir.Module, v, name: str):

@@ -125,7 +125,7 @@ def memory_cost(ins) -> float:
     return (sum(v.type.size for v in ins.inputs) + ins.out.type.size) / ELEMENTS_PER_NS
 
 
-# Compile weights (see runtime._compile_weight), calibrated on LeNet-5's gradient: a convolution's
+# Compile weights (see runtime._balance), calibrated on LeNet-5's gradient: a convolution's
 # kernel is about three times a pooling kernel's LLVM work, a matmul's about one and a half.
 CONV_WEIGHT, MATMUL_WEIGHT, POOL_WEIGHT = 12, 6, 4
 
