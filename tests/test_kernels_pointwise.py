@@ -3,7 +3,9 @@ over the channels of the subsampled image), compiled alone and called through ct
 IR interpreter's numpy references: unit and mixed strides, odd image sizes (a partial last output
 row and column, a row of the input with no output), channel counts off the register blocks, one
 and three threads (partial row tiles per chunk), both dtypes; and a jitted gradient through the
-kernels with their epilogues (bias, ReLU, residual sum) against the interpreter."""
+kernels with their epilogues (bias, ReLU, residual sum) against the interpreter. Also the strided
+input gradient's column-phase pairs (codegen/kernels/conv2d/phased.py, column stride 2: two
+phases interleaved by shuffles) at odd widths, where the second phase is one column shorter."""
 from __future__ import annotations
 
 import numpy as np
@@ -91,3 +93,30 @@ def test_strided_shortcut_gradient_matches_interpreter():
         ref = tj.jit_grad(loss, argnums=(0, 1, 2))(*args)
     for a, r in zip(native, ref):
         np.testing.assert_allclose(a, r, rtol=2e-4, atol=2e-4)
+
+
+# (x shape, weight shape, stride, padding) of strided input gradients with column stride 2
+PAIRED = [
+    ((2, 5, 9, 11), (6, 5, 3, 3), (2, 2), (1, 1)),     # ResNet's downsampling conv, odd sizes
+    ((1, 3, 8, 13), (4, 3, 5, 5), (2, 2), (2, 2)),     # 5x5: sub-kernels of 9, 6, 6, 4 taps
+    ((1, 2, 7, 19), (3, 2, 3, 2), (3, 2), (0, 1)),     # row stride 3: three row phases
+]
+
+
+def test_paired_strided_input_gradients_match_interpreter():
+    instrs = {}
+    with building(Builder("t")) as b:
+        for k, (xs, ws, s, p) in enumerate(PAIRED):
+            w = b.add_param(TensorType("f32", ws))
+            oh, ow = ((xs[2] + 2 * p[0] - ws[2]) // s[0] + 1, (xs[3] + 2 * p[1] - ws[3]) // s[1] + 1)
+            ct = b.add_param(TensorType("f32", (xs[0], ws[0], oh, ow)))
+            instrs[f"igrad{k}"] = lax.conv2d_input_grad(ct, w, xs[2:], stride=s, padding=p).instr
+    from tracejit.codegen.kernels.conv2d.core import _input_grad_core
+    assert all(_input_grad_core(ins).paired for ins in instrs.values())
+    ks = _compile(instrs)
+    rng = np.random.default_rng(2)
+    for name, ins in instrs.items():
+        args = [rng.standard_normal(v.type.shape).astype(np.float32) for v in ins.inputs]
+        for nthreads in (1, 2):
+            _check(_call(ks, name, ins, args, nthreads), impls[ins.prim](*args, **ins.params),
+                   "f32")

@@ -62,13 +62,20 @@ class Phased:
         return round_up(self.c * self.o * ph.core.kh * ph.core.kw, ALIGN)
 
     @property
+    def paired(self) -> bool:
+        """Column stride 2 (and two column phases): a row's two column phases are computed into
+        two buffers, then interleaved by vector shuffles (`_interleave_pair`)."""
+        return self.sw == 2 and self.w >= 2
+
+    @property
     def tmp_elems(self) -> int:
         vl = dtype_info(self.dtype)[1]
         return round_up(max(self.r * ph.core.oy * ph.core.ox for ph in self.phases) + vl, ALIGN)
 
     @property
     def thread_elems(self) -> int:
-        return sum(self._w_elems(ph) + ph.core.region_elems for ph in self.phases) + self.tmp_elems
+        return (sum(self._w_elems(ph) + ph.core.region_elems for ph in self.phases)
+                + self.tmp_elems * (2 if self.paired else 1))
 
     def lower(self, module, name, epilogue):
         kf = kernel_function(module, name, 2, epilogue)
@@ -91,6 +98,7 @@ class Phased:
                              (self.kh * self.kw, self.c * self.kh * self.kw, 0, 0))
             ptrs.append((wp, region))
         tmp = gep(b, kf.scratch, at, ety, name="igrad.phase.out")
+        tmp2 = gep(b, tmp, i64(self.tmp_elems), ety, name="igrad.phase.out2")
         nb = ceil_div(self.c, self.r)
         t0, t1 = thread_range(b, self.items, kf.tid, kf.nthreads)
         with carry_loop(b, t0, t1, [], "igrad.item") as lt:
@@ -99,14 +107,41 @@ class Phased:
             nchan = b.sub(smin(b, b.add(o0, i64(self.r)), self.c), o0)
             start = b.mul(b.add(b.mul(n, i64(self.c)), o0), i64(self.h * self.w))
             dst = gep(b, kf.out, start, ety)
-            for ph, (wp, region) in zip(self.phases, ptrs):
-                plane = ph.core.oy * ph.core.ox
+            for k, (ph, (wp, region)) in enumerate(zip(self.phases, ptrs)):
+                buf = tmp2 if self.paired and ph.px == 1 else tmp
                 shape = dataclasses.replace(core_shape(ph.core), t0=lt.iv,
                                             t1=b.add(lt.iv, i64(1)), on=0, orel=1)
-                core_function(b.module, ph.core).call(b, [tmp, kf.ins[0], wp, region], shape)
-                self._interleave(b, ph, tmp, dst, nchan, plane)
+                core_function(b.module, ph.core).call(b, [buf, kf.ins[0], wp, region], shape)
+                if not self.paired:
+                    self._interleave(b, ph, tmp, dst, nchan, ph.core.oy * ph.core.ox)
+                elif ph.px == 1:   # phases run px-minor: (py, 0) is in tmp
+                    self._interleave_pair(b, self.phases[k - 1], ph, tmp, tmp2, dst, nchan)
             kf.epilogue_rows(start, b.mul(nchan, i64(self.h * self.w)))
         b.ret_void()
+
+    def _interleave_pair(self, b, ph0: _Phase, ph1: _Phase, tmp0, tmp1, dst, nchan):
+        """dst[ch, py + sh*y', 2*x' + px] = tmp_px[ch, y', x'] for px = 0, 1: a vector of each
+        phase gives two vectors of the row (lanes alternating between them)."""
+        ety, vl, _ = dtype_info(self.dtype)
+        vty = ir.VectorType(ety, vl)
+        idx = ir.VectorType(ir.IntType(32), vl)
+        lo = ir.Constant(idx, [t // 2 + (t % 2) * vl for t in range(vl)])
+        hi = ir.Constant(idx, [vl // 2 + t // 2 + (t % 2) * vl for t in range(vl)])
+        hp, wp0, wp1 = ph0.core.oy, ph0.core.ox, ph1.core.ox
+        with carry_loop(b, 0, b.mul(nchan, i64(hp)), [], "igrad.pair.row") as lr:
+            ch, y = b.udiv(lr.iv, i64(hp)), b.urem(lr.iv, i64(hp))
+            src0 = gep(b, tmp0, b.add(b.mul(ch, i64(hp * wp0)), b.mul(y, i64(wp0))), ety)
+            src1 = gep(b, tmp1, b.add(b.mul(ch, i64(hp * wp1)), b.mul(y, i64(wp1))), ety)
+            row = b.add(b.mul(ch, i64(self.h)), b.add(b.mul(y, i64(self.sh)), i64(ph0.py)))
+            out = gep(b, dst, b.mul(row, i64(self.w)), ety)
+            with carry_loop(b, 0, wp0, [], "igrad.pair.col", step=vl) as lq:
+                v0 = masked_load(b, src0, lq.iv, vty, lane_mask(b, b.sub(i64(wp0), lq.iv), vl))
+                v1 = masked_load(b, src1, lq.iv, vty, lane_mask(b, b.sub(i64(wp1), lq.iv), vl))
+                x = b.mul(lq.iv, i64(2))
+                left = b.sub(i64(self.w), x)
+                masked_store(b, b.shuffle_vector(v0, v1, lo), out, x, lane_mask(b, left, vl))
+                masked_store(b, b.shuffle_vector(v0, v1, hi), out, b.add(x, i64(vl)),
+                             lane_mask(b, b.sub(left, i64(vl)), vl))
 
     def _interleave(self, b, ph: _Phase, tmp, dst, nchan, plane: int):
         """dst[ch, py + sh*y', px + sw*x'] = tmp[ch, y', x'] for the item's channels."""
