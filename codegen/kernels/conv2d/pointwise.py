@@ -24,6 +24,7 @@ gather a small part of the work).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import llvmlite.ir as ir
@@ -33,6 +34,7 @@ from ...loops import FAST, carry_loop, gep, i64, load, masked_load, masked_store
 from ..matmul import _block_plan, _tiles_function, _TileParams
 from ..toolkit import I64Arg, Params, ceil_div, dtype_info, kernel_function, lane_mask, params, \
     round_up, shared_function, smax, smin, thread_range
+from .channel import _transpose
 from .layout import ALIGN
 
 # Weight-gradient items (groups of whole row tiles of dW): each gathers every image (C*P
@@ -124,17 +126,54 @@ def _gather_body(s, k: _SubKey):
                 store(b, load(b, srow, b.mul(lq.iv, s.sw), ety), drow, lq.iv, ety)
 
 
-def _gather_t_body(s, k: _SubKey):
-    """dst[y*ox + x, c] = src[c, y*sh, x*sw] (Xs transposed: the weight gradient's B operand)."""
+@dataclass(frozen=True)
+class _GatherTKey:
+    dtype: str
+    sw: int   # column stride 1 or 2 (vector loads and a transpose), 0: any (scalar)
+
+
+def _gather_t_body(s, k: _GatherTKey):
+    """dst[y*ox + x, c] = src[c, y*sh, x*sw] (Xs transposed: the weight gradient's B operand).
+    With column stride 1 or 2, blocks of vl channels x vl pixels: a vector per channel along the
+    row, transposed by shuffles into a vector per pixel along the channels."""
     b = s.b
     dst, src = s.ptrs
-    ety = dtype_info(k.dtype)[0]
-    with carry_loop(b, 0, b.mul(s.nchan, s.oy), [], "pw.gather_t.row") as lr:
-        c, y = b.udiv(lr.iv, s.oy), b.urem(lr.iv, s.oy)
-        srow = gep(b, src, b.add(b.mul(c, b.mul(s.h, s.w)), b.mul(b.mul(y, s.sh), s.w)), ety)
-        drow = gep(b, dst, b.add(b.mul(b.mul(y, s.ox), s.nchan), c), ety)
-        with carry_loop(b, 0, s.ox, [], "pw.gather_t.col") as lq:
-            store(b, load(b, srow, b.mul(lq.iv, s.sw), ety), drow, b.mul(lq.iv, s.nchan), ety)
+    ety, vl, _ = dtype_info(k.dtype)
+    vty = ir.VectorType(ety, vl)
+
+    def src_row(c, y):
+        return gep(b, src, b.add(b.mul(c, b.mul(s.h, s.w)), b.mul(b.mul(y, s.sh), s.w)), ety)
+
+    if not k.sw:
+        with carry_loop(b, 0, b.mul(s.nchan, s.oy), [], "pw.gather_t.row") as lr:
+            c, y = b.udiv(lr.iv, s.oy), b.urem(lr.iv, s.oy)
+            drow = gep(b, dst, b.add(b.mul(b.mul(y, s.ox), s.nchan), c), ety)
+            with carry_loop(b, 0, s.ox, [], "pw.gather_t.col") as lq:
+                store(b, load(b, src_row(c, y), b.mul(lq.iv, s.sw), ety), drow,
+                      b.mul(lq.iv, s.nchan), ety)
+        return
+    c_last = b.sub(s.nchan, i64(1))
+    with carry_loop(b, 0, s.oy, [], "pw.gather_t.y") as ly:
+        with carry_loop(b, 0, s.nchan, [], "pw.gather_t.c", step=vl) as lc:
+            rows = [src_row(smin(b, b.add(lc.iv, i64(t)), c_last), ly.iv) for t in range(vl)]
+            with carry_loop(b, 0, s.ox, [], "pw.gather_t.x", step=vl) as lx:
+                left = b.sub(s.ox, lx.iv)
+                if k.sw == 1:
+                    mask = lane_mask(b, left, vl)
+                    vecs = [masked_load(b, r, lx.iv, vty, mask) for r in rows]
+                else:
+                    at = b.mul(lx.iv, i64(2))
+                    m_lo = lane_mask(b, b.sub(s.w, at), vl)
+                    m_hi = lane_mask(b, b.sub(b.sub(s.w, at), i64(vl)), vl)
+                    vecs = [_even_lanes(b, masked_load(b, r, at, vty, m_lo),
+                                        masked_load(b, r, b.add(at, i64(vl)), vty, m_hi), vl)
+                            for r in rows]
+                cols = _transpose(b, vecs)
+                base = b.add(b.mul(b.add(b.mul(ly.iv, s.ox), lx.iv), s.nchan), lc.iv)
+                for u in range(vl):   # (pixels past the row's end: no lanes)
+                    rem = b.select(b.icmp_signed(">", left, i64(u)), b.sub(s.nchan, lc.iv), i64(0))
+                    masked_store(b, cols[u], dst, b.add(base, b.mul(i64(u), s.nchan)),
+                                 lane_mask(b, rem, vl))
 
 
 def _spread_body(s, k: _SubKey):
@@ -181,6 +220,24 @@ def _geom(x_shape, out_hw, stride) -> _Geom:
     return _Geom(c, h, w, stride[0], stride[1], out_hw[0], out_hw[1])
 
 
+def _outer_plan(dtype, m: int, n: int, k: int):
+    """matmul's outer-form plan for C [m, n] = A [m, k] @ B [k, n], with the register block (MR
+    rows x NV vectors, MR*NV accumulators as matmul chooses) that computes the fewest padded
+    elements: a convolution's M is a channel count (16, 32, 64), which 4-row tiles divide and
+    matmul's 6-row tiles do not (36 rows for 32)."""
+    p = _block_plan(dtype, m, n, k, False, False)
+    acc = p.mr * p.nr
+    blocks = [(p.mr, p.nr)] + [(acc // nv, nv) for nv in range(1, 5)
+                               if acc % nv == 0 and acc // nv <= 12]
+
+    def padded(block):
+        mr, nv = block
+        return ceil_div(m, mr) * mr * ceil_div(n, nv * p.vl) * nv * p.vl
+
+    mr, nv = min(blocks, key=padded)   # the first of the best: matmul's own on a tie
+    return dataclasses.replace(p, mr=mr, nr=nv)
+
+
 def _sub_elems(g: _Geom, vl: int) -> int:
     """Scratch of one subsampled image (with a vector of slack for the tiles' masked tails)."""
     return round_up(g.c * g.p + vl, ALIGN) if g.strided else 0
@@ -203,7 +260,7 @@ def _product_plan(ins):
         o, c = w.shape[:2]
         g = _geom(ins.out.shape, ct.shape[2:], stride)
         m, k, sa = c, o, (1, c)
-    return g, m, k, sa, _block_plan(dtype, m, g.p, k, False, False)
+    return g, m, k, sa, _outer_plan(dtype, m, g.p, k)
 
 
 def product_scratch(ins, nthreads) -> int:
@@ -260,7 +317,7 @@ def _wgrad_plan(ins):
     ct, x = ins.inputs
     o, c = ins.out.shape[:2]
     g = _geom(x.shape, ct.shape[2:], tuple(ins.params["stride"]))
-    p = _block_plan(ins.out.dtype, o, c, g.p, False, False)
+    p = _outer_plan(ins.out.dtype, o, c, g.p)
     rows = p.mr * ceil_div(ceil_div(o, _WGRAD_ITEMS), p.mr)
     return g, o, c, rows, p
 
@@ -293,7 +350,8 @@ def lower_wgrad(module, name, ins):
     with carry_loop(b, 0, n_img, [], "pw.wgrad.image") as ln:
         ct_n = gep(b, kf.ins[0], b.mul(ln.iv, i64(o * g.p)), ety)
         x_n = gep(b, kf.ins[1], b.mul(ln.iv, i64(g.c * g.h * g.w)), ety)
-        _sub_function(module, p.dtype, g, _gather_t_body, "conv.pw.gather_t").call(
+        key = _GatherTKey(p.dtype, g.sw if g.sw in (1, 2) else 0)
+        shared_function(module, "conv.pw.gather_t", key, 2, _SubParams, _gather_t_body).call(
             b, [sub, x_n], g.params(g.c))
         first = b.icmp_unsigned("==", ln.iv, i64(0))
         fn.call(b, [b.select(first, kf.out, tmp), ct_n, sub], shape)
