@@ -7,20 +7,23 @@ Xs_n[c, p] = x[n, c, y*sh, x*sw] (p = y*OX + x):
 - conv2d:             out_n [O, P] = W [O, C] @ Xs_n [C, P]          (outer form, per image)
 - conv2d_input_grad:  dXs_n [C, P] = W^T [C, O] @ ct_n [O, P]        (outer form, per image)
                       dx_n is dXs_n at the pixels (y*sh, x*sw) and zero elsewhere
-- conv2d_weight_grad: dW [O, C] = sum_n ct_n [O, P] @ Xs_n^T          (dot form: both read along P)
+- conv2d_weight_grad: dW [O, C] = sum_n ct_n [O, P] @ Xs_n^T [P, C]    (outer form, per image)
 
 The direct core would spend its register block on one tap per input channel (loop overhead and a
 padded copy per image for a handful of FMAs: 3-10 GFLOP/s); the matmul tiles keep K = C (or P)
 in their inner loop. With unit strides Xs_n is x_n itself and dx_n is dXs_n; otherwise Xs_n is
-gathered into the thread's scratch (`_gather`), and dXs_n is computed there and spread into dx_n
-with the zeros between (`_spread`). The IR keeps the conv2d instructions: this is a choice of
-loop nest for one shape class, like the flat and channel modes of the direct core.
+gathered into the thread's scratch (`_gather_body`), and dXs_n is computed there and spread into
+dx_n with the zeros between (`_spread_body`); Xs_n^T is always gathered (`_gather_t_body`, in
+vl x vl blocks transposed by shuffles). The register block is matmul's accumulator count in the
+shape that pads the channel count least (`_outer_plan`). The IR keeps the conv2d instructions:
+this is a choice of loop nest for one shape class, like the flat and channel modes of the direct
+core.
 
 Threads: conv2d and the input gradient split the (image, row tile) pairs as matmul's batches do
 (a chunk gathers each image it visits once), with the epilogue on each image's rows of planes;
-the weight gradient splits the rows of dW into groups of whole row tiles, each summing over all
-images (a gathered Xs_n serves the group's rows: groups of at least _WGRAD_ROWS rows keep the
-gather a small part of the work).
+the weight gradient splits the rows of dW into _WGRAD_ITEMS groups of whole row tiles, each
+summing over all images (the first image's product is stored in dW, the others' added to it
+from a buffer).
 """
 from __future__ import annotations
 
@@ -37,9 +40,9 @@ from ..toolkit import I64Arg, Params, ceil_div, dtype_info, kernel_function, lan
 from .channel import _transpose
 from .layout import ALIGN
 
-# Weight-gradient items (groups of whole row tiles of dW): each gathers every image (C*P
-# elements, about as many instructions as C*P*VL/... multiply-adds of 12 rows), so as few as
-# keep two threads busy.
+# Weight-gradient items (groups of whole row tiles of dW): each item transposes every image
+# (C*P elements) for its rows' C*P multiply-adds per row, so as few items as keep two threads
+# busy (with a tile of rows per item the transposes cost as much as the products).
 _WGRAD_ITEMS = 2
 
 
