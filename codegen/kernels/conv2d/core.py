@@ -28,13 +28,8 @@ from .window import is_window, lower_conv2d, lower_conv2d_input_grad
 # of one vector, so PV = 1 but for images of one row (conv1d). With 32 registers (AVX-512) up to
 # 24 accumulators; with 16 (AVX2) at most 12, leaving the tap's loads and the broadcast weight
 # their registers (16 accumulators spilled on every tap: 26 GF/s against 33 with 6 x 2 on znver1).
-# With 16 registers (AVX2) (4, 2, 1) second: 8 accumulators, 4 weight and 2 row pointers, taken
-# when (6, 2, 1) wastes more than _SHARE_SLACK, as on 16 or 32 channels, where it computes 18 or
-# 36 (the border block repeats a channel): +10-12% on ResNet-8's 3x3 convolutions on znver1. (On
-# 64 channels of 32x32 (6, 2, 1) stays: 3% faster, it reads the image 11 times, not 16.)
 _BLOCKS = {32: ((4, 4, 1), (8, 2, 1), (2, 8, 1), (1, 16, 1), (4, 6, 1), (8, 1, 2), (6, 2, 1)),
-           16: ((6, 2, 1), (4, 2, 1), (4, 3, 1), (2, 6, 1), (1, 12, 1), (3, 4, 1), (6, 1, 2),
-                (4, 1, 3))}
+           16: ((6, 2, 1), (4, 3, 1), (2, 6, 1), (1, 12, 1), (3, 4, 1), (6, 1, 2), (4, 1, 3))}
 # Blocks of the flat mode (one long row: PR = 1).
 _FLAT_BLOCKS = {32: ((8, 1, 2), (8, 1, 3), (6, 1, 3), (4, 1, 4), (6, 1, 2)),
                 16: ((6, 1, 2), (4, 1, 3), (3, 1, 4), (2, 1, 6))}
@@ -44,10 +39,7 @@ _FLAT_BLOCKS = {32: ((8, 1, 2), (8, 1, 3), (6, 1, 3), (4, 1, 4), (6, 1, 2)),
 # split a cache line); the core does two FMAs and two loads per cycle, so a tap costs
 # max(acc, R + 2*PR*PV) half-cycles. An FMA's result is ready four or five cycles later, so two FMA
 # pipes need about ten independent accumulators: with fewer, the chains stall in proportion.
-# AVX2 targets (16 registers) measured here run one 256-bit FMA per cycle (znver1: two 128-bit
-# pipes), so eight accumulators keep it busy: (4, 2, 1) came within 6% of (6, 2, 1) per FMA on a
-# 64-channel 3x3 convolution.
-_FMAS_IN_FLIGHT = {32: 10.0, 16: 8.0}
+_FMAS_IN_FLIGHT = 10.0
 # Blocks whose cost is within this factor of the best count as equal: the first of them (in
 # order of preference) is taken, since sharing a function saves compile time.
 _SHARE_SLACK = 1.1
@@ -101,18 +93,13 @@ class Core:
         for r, pr, pv in blocks:
             acc = r * pr * pv
             # half-cycles per tap (see the cost model above)
-            cycles = max(acc, r + 2 * pr * pv) * max(1.0, _FMAS_IN_FLIGHT[self._regs] / acc)
+            cycles = max(acc, r + 2 * pr * pv) * max(1.0, _FMAS_IN_FLIGHT / acc)
             work = ceil_div(self.co, r) * ceil_div(oy, pr) * ceil_div(nvec, pv)
             costs.append(cycles * work)
         return next((blk, c) for blk, c in zip(blocks, costs) if c <= _SHARE_SLACK * min(costs))
 
-    @property
-    def _regs(self) -> int:
-        """The key of the block tables: 32 vector registers (AVX-512) or 16."""
-        return 32 if vector_registers() >= 32 else 16
-
     def blocked(self, epilogue) -> "Core":
-        regs = self._regs
+        regs = 32 if vector_registers() >= 32 else 16
         blk, cost = self._best(_BLOCKS[regs], self.oy, ceil_div(self.ox, self.vl))
         flat = False
         if self.sy == 1 and self.sx == 1 and self.oy > 1:
