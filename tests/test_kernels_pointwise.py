@@ -120,3 +120,18 @@ def test_paired_strided_input_gradients_match_interpreter():
         for nthreads in (1, 2):
             _check(_call(ks, name, ins, args, nthreads), impls[ins.prim](*args, **ins.params),
                    "f32")
+
+
+def test_strided_input_gradient_phases_share_their_padded_copy():
+    """The four phases of a 3x3 stride-2 convolution with padding 1 read the cotangent at the same
+    offset: one padded copy per thread, made once per image (not four), as large as the largest
+    phase needs."""
+    from tracejit.codegen.kernels.conv2d.core import _input_grad_core
+    with building(Builder("t")) as b:
+        ct = b.add_param(TensorType("f32", (2, 8, 5, 6)))
+        w = b.add_param(TensorType("f32", (8, 4, 3, 3)))
+        plan = _input_grad_core(lax.conv2d_input_grad(ct, w, (9, 11), (2, 2), (1, 1)).instr)
+    assert len(plan.phases) == 4
+    (prep,) = plan._regions()
+    assert (prep.rows, prep.q) == (max(p.core.oy + p.core.kh - 1 for p in plan.phases),
+                                   max(p.core.ox + p.core.kw - 1 for p in plan.phases))

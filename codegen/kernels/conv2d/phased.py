@@ -72,9 +72,16 @@ class Phased:
         vl = dtype_info(self.dtype)[1]
         return round_up(max(self.r * ph.core.oy * ph.core.ox for ph in self.phases) + vl, ALIGN)
 
+    def _regions(self) -> dict:
+        """Elements of each padded copy, by its Prep (phases of equal Prep share one)."""
+        out = {}
+        for ph in self.phases:
+            out[ph.core.prep] = max(out.get(ph.core.prep, 0), ph.core.region_elems)
+        return out
+
     @property
     def thread_elems(self) -> int:
-        return (sum(self._w_elems(ph) + ph.core.region_elems for ph in self.phases)
+        return (sum(self._w_elems(ph) for ph in self.phases) + sum(self._regions().values())
                 + self.tmp_elems * (2 if self.paired else 1))
 
     def lower(self, module, name, epilogue):
@@ -82,13 +89,16 @@ class Phased:
         b = kf.b
         ety, vl, _ = dtype_info(self.dtype)
         at = i64(0)   # kf.scratch is the executing thread's own region (parallel.emit_call)
-        ptrs = []   # per phase: its sub-kernel and its region (padded copy)
+        regions = {}   # per Prep: its region (padded copy; the core pads it once per image)
+        for prep, elems in self._regions().items():
+            regions[prep] = gep(b, kf.scratch, at, ety, name="igrad.region")
+            at = b.add(at, i64(elems))
+            store(b, i64(-1), regions[prep], i64(0), I64)   # no image in the padded copy yet
+        ptrs = []   # per phase: its sub-kernel and its region
         for ph in self.phases:
             wp = gep(b, kf.scratch, at, ety, name="igrad.subkernel")
             at = b.add(at, i64(self._w_elems(ph)))
-            region = gep(b, kf.scratch, at, ety, name="igrad.region")
-            at = b.add(at, i64(ph.core.region_elems))
-            store(b, i64(-1), region, i64(0), I64)   # no image in the padded copy yet
+            region = regions[ph.core.prep]
             th, tw = ph.core.kh, ph.core.kw
             zero_fill(b, wp, self.c * self.o * th * tw, ety, vl, "igrad.subkernel")
             for u, v, i, j in ph.taps:   # Wp[c, o, u, v] = w[o, c, i, j]
@@ -185,6 +195,17 @@ def phased_input_grad(dtype, n, o, c, h, w, oh, ow, kh, kw, sh, sw, ph_, pw_, ep
                          for u in range(th) for v in range(tw)
                          if i0 + sh * (th - 1 - u) < kh and j0 + sw * (tw - 1 - v) < kw)
             phases.append(_Phase(py, px, core, taps))
+    # Phases whose cotangent sits at the same offset in their padded copies share one copy, as
+    # large as the largest (the others read part of it): the core pads it once per image, not
+    # once per phase (ResNet's 3x3 stride-2 with padding 1: all four phases).
+    preps = {}
+    for ph in phases:
+        pr_ = ph.core.prep
+        key = (pr_.offr, pr_.offq)
+        old = preps.get(key, pr_)
+        preps[key] = dataclasses.replace(old, rows=max(old.rows, pr_.rows), q=max(old.q, pr_.q))
+    phases = [dataclasses.replace(ph, core=dataclasses.replace(
+        ph.core, prep=preps[ph.core.prep.offr, ph.core.prep.offq])) for ph in phases]
     # one register block for all phases (the items are an image and R channels), that of the
     # largest phase; whole planes (the phases interleave into them)
     first = phases[0].core.blocked(epilogue)
