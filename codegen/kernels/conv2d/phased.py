@@ -12,10 +12,13 @@ gets one zero tap: its pixels have gradient 0):
     Wp[c, o, u, v] = w[o, c, i0 + sh*(Th-1-u), j0 + sw*(Tw-1-v)],  P_p[o][r][q] = ct[o][r - offr][q - offq]
     offr = Th - 1 - (py + ph - i0) / sh   (and likewise offq)
 
-Each phase runs on the shared core (direct.py) with its own padded copy and sub-kernel in the
-thread's scratch. All phases share the core's item structure (an image and a block of R input
-channels), so a thread computes an item's phases one after the other into a buffer of R planes and
-interleaves them into the R planes of dx, which are then final (the epilogue runs on them).
+Each phase runs on the shared core (direct.py) with its sub-kernel in the thread's scratch and a
+padded copy of the cotangent image; phases that read the cotangent at the same offset share one
+copy (as large as the largest of them needs), which the core pads once per image. All phases
+share the core's item structure (an image and a block of R input channels), so a thread computes
+an item's phases one after the other into a buffer of R planes and interleaves them into the R
+planes of dx, which are then final (the epilogue runs on them). With column stride 2 the two
+column phases of a row phase go to two buffers and are interleaved by vector shuffles.
 """
 from __future__ import annotations
 
