@@ -4,7 +4,8 @@ Modules: layout.py (the padded copy, the weights copy: shared by all), core.py (
 conv2d / conv2d_input_grad and its kernel function), direct.py and channel.py (its two
 algorithms; the flat mode is the direct one over one long row), phased.py (the strided input
 gradient, phase by phase on the core), wgrad.py (conv2d_weight_grad), window.py (groups > 1 or
-dilation > 1: all three primitives).
+dilation > 1: all three primitives), pointwise.py (1x1 kernels without padding: all three
+primitives as matrix products on matmul.py's tile functions).
 
 All three read the image operand through a zero-padded copy that each thread prepares in its scratch
 region (`layout.Prep`). The copy makes every tap of every output pixel an in-bounds, unmasked read, so the

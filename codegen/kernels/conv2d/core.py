@@ -20,6 +20,7 @@ from .channel import lower_channel
 from .direct import lower_direct
 from .layout import ALIGN, FORCE, Prep, weights_copy
 from .phased import phased_input_grad
+from .pointwise import is_pointwise, lower_product, product_scratch
 from .window import is_window, lower_conv2d, lower_conv2d_input_grad
 
 # Register blocks (R, PR, PV) tried, in order of preference: few of them, so that kernels of
@@ -227,12 +228,16 @@ def _register_core(prim, make, cost, lower_window):
     def scratch_bytes(ins, nthreads):
         if is_window(ins):
             return 0
+        if is_pointwise(ins):
+            return product_scratch(ins, nthreads)
         core = make(ins)
         return nthreads * core.thread_elems * dtype_info(ins.out.dtype)[2]
 
     def lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
         if is_window(ins):
             lower_window(module, name, ins, epilogue)
+        elif is_pointwise(ins):   # 1x1, no padding: matrix products (pointwise.py)
+            lower_product(module, name, ins, epilogue)
         else:
             make(ins, epilogue).lower(module, name, epilogue)
 

@@ -116,8 +116,18 @@ def _lower_flat(core, kf, fn, ptrs, shape: CoreParams, t0, t1):
         kf.epilogue_rows(start, b.mul(nchan, i64(plane)))
 
 
+# Kernels of at most this many taps (the strided input gradient's sub-kernels: 1x1, 1x2, 2x1,
+# 2x2) unroll their kernel rows and take the input channels in groups of about this many taps:
+# with one or two taps per channel, the channel and kernel-row loops cost as much as the FMAs
+# (1x1: 11 GFLOP/s against 25 for 3x3 on znver1).
+_SMALL_TAPS = 4
+
+
 def core_function(module, core):
-    key = _CoreKey(core.dtype, core.r, core.pr, core.pv, core.kw, core.sx, core.prep.contiguous)
+    small = core.kh * core.kw <= _SMALL_TAPS
+    key = _CoreKey(core.dtype, core.r, core.pr, core.pv, core.kw, core.sx, core.prep.contiguous,
+                   core.kh if small else 0, max(1, _SMALL_TAPS // (core.kh * core.kw)) if small
+                   else 1)
     return shared_function(module, "conv", key, 4, CoreParams, _core_body)
 
 
@@ -131,6 +141,9 @@ class _CoreKey:
     kw: int
     sx: int
     contiguous: bool   # of the padded copy
+    kh: int = 0        # > 0: the kernel rows, unrolled (every row read: the padded copy holds
+                       # all of them, zeros where they see padding), channels in groups of cu
+    cu: int = 1
 
 
 def _core_body(s, k: _CoreKey):
@@ -170,14 +183,18 @@ def _core_body(s, k: _CoreKey):
                 i_hi = smin(b, b.sub(b.add(s.last, i64(1)), b.mul(y_lo, s.sy)), s.kh)
                 xrow = [opaque(b, b.add(b.mul(y, row_step), x0)) for y in ys]
                 zero = zero_vector(ety, vl)
-                with carry_loop(b, 0, s.ci, [zero] * (r_ * pr_ * pv_), "conv.c") as lc:
-                    pc = gep(b, pbuf, opaque(b, b.mul(lc.iv, s.cp)), ety)
-                    wc = opaque(b, b.mul(lc.iv, s.ws_c))
-                    with carry_loop(b, i_lo, i_hi, lc.vals, "conv.kh") as li:
-                        pi = gep(b, pc, opaque(b, b.mul(li.iv, s.rp)), ety)
-                        wi = b.add(wc, b.mul(li.iv, s.ws_i))
-                        li.next = _core_taps(b, k, li.vals, pi, wi, xrow, wrow, s.q)
-                    lc.next = li.out
+                accs = [zero] * (r_ * pr_ * pv_)
+                if k.kh:
+                    lc = _small_kernel(s, k, accs, pbuf, xrow, wrow)
+                else:
+                    with carry_loop(b, 0, s.ci, accs, "conv.c") as lc:
+                        pc = gep(b, pbuf, opaque(b, b.mul(lc.iv, s.cp)), ety)
+                        wc = opaque(b, b.mul(lc.iv, s.ws_c))
+                        with carry_loop(b, i_lo, i_hi, lc.vals, "conv.kh") as li:
+                            pi = gep(b, pc, opaque(b, b.mul(li.iv, s.rp)), ety)
+                            wi = b.add(wc, b.mul(li.iv, s.ws_i))
+                            li.next = _core_taps(b, k, li.vals, pi, wi, xrow, wrow, s.q)
+                        lc.next = li.out
                 masks = [lane_mask(b, b.sub(b.sub(s.ox, x0), i64(v * vl)), vl)
                          for v in range(pv_)]
                 for r in range(r_):
@@ -188,6 +205,34 @@ def _core_body(s, k: _CoreKey):
                             masked_store(b, lc.out[(r * pr_ + p) * pv_ + v], row, i64(v * vl),
                                          masks[v])
     store(b, item.out[0], region, i64(0), I64)
+
+
+def _small_kernel(s, k: _CoreKey, accs, pbuf, xrow, wrow):
+    """The channel loop of a kernel of k.kh (unrolled) x k.kw taps: groups of k.cu channels,
+    then the rest one by one. Returns the last loop (its `out`: the accumulators)."""
+    b = s.b
+    ety = dtype_info(k.dtype)[0]
+
+    def channel(acc, c):
+        pc = gep(b, pbuf, opaque(b, b.mul(c, s.cp)), ety)
+        wc = opaque(b, b.mul(c, s.ws_c))
+        for i in range(k.kh):
+            pi = gep(b, pc, b.mul(i64(i), s.rp), ety) if i else pc
+            wi = b.add(wc, b.mul(i64(i), s.ws_i)) if i else wc
+            acc = _core_taps(b, k, acc, pi, wi, xrow, wrow, s.q)
+        return acc
+
+    full = b.sub(s.ci, b.urem(s.ci, i64(k.cu)))
+    with carry_loop(b, 0, full, accs, "conv.cg", step=k.cu) as lg:
+        acc = lg.vals
+        for cc in range(k.cu):
+            acc = channel(acc, b.add(lg.iv, i64(cc)) if cc else lg.iv)
+        lg.next = acc
+    if k.cu == 1:
+        return lg
+    with carry_loop(b, full, s.ci, lg.out, "conv.c") as lc:
+        lc.next = channel(lc.vals, lc.iv)
+    return lc
 
 
 def _core_taps(b, k: _CoreKey, acc, pi, wi, xrow, wrow, q):

@@ -12,10 +12,13 @@ gets one zero tap: its pixels have gradient 0):
     Wp[c, o, u, v] = w[o, c, i0 + sh*(Th-1-u), j0 + sw*(Tw-1-v)],  P_p[o][r][q] = ct[o][r - offr][q - offq]
     offr = Th - 1 - (py + ph - i0) / sh   (and likewise offq)
 
-Each phase runs on the shared core (direct.py) with its own padded copy and sub-kernel in the
-thread's scratch. All phases share the core's item structure (an image and a block of R input
-channels), so a thread computes an item's phases one after the other into a buffer of R planes and
-interleaves them into the R planes of dx, which are then final (the epilogue runs on them).
+Each phase runs on the shared core (direct.py) with its sub-kernel in the thread's scratch and a
+padded copy of the cotangent image; phases that read the cotangent at the same offset share one
+copy (as large as the largest of them needs), which the core pads once per image. All phases
+share the core's item structure (an image and a block of R input channels), so a thread computes
+an item's phases one after the other into a buffer of R planes and interleaves them into the R
+planes of dx, which are then final (the epilogue runs on them). With column stride 2 the two
+column phases of a row phase go to two buffers and are interleaved by vector shuffles.
 """
 from __future__ import annotations
 
@@ -62,26 +65,43 @@ class Phased:
         return round_up(self.c * self.o * ph.core.kh * ph.core.kw, ALIGN)
 
     @property
+    def paired(self) -> bool:
+        """Column stride 2 (and two column phases): a row's two column phases are computed into
+        two buffers, then interleaved by vector shuffles (`_interleave_pair`)."""
+        return self.sw == 2 and self.w >= 2
+
+    @property
     def tmp_elems(self) -> int:
         vl = dtype_info(self.dtype)[1]
         return round_up(max(self.r * ph.core.oy * ph.core.ox for ph in self.phases) + vl, ALIGN)
 
+    def _regions(self) -> dict:
+        """Elements of each padded copy, by its Prep (phases of equal Prep share one)."""
+        out = {}
+        for ph in self.phases:
+            out[ph.core.prep] = max(out.get(ph.core.prep, 0), ph.core.region_elems)
+        return out
+
     @property
     def thread_elems(self) -> int:
-        return sum(self._w_elems(ph) + ph.core.region_elems for ph in self.phases) + self.tmp_elems
+        return (sum(self._w_elems(ph) for ph in self.phases) + sum(self._regions().values())
+                + self.tmp_elems * (2 if self.paired else 1))
 
     def lower(self, module, name, epilogue):
         kf = kernel_function(module, name, 2, epilogue)
         b = kf.b
         ety, vl, _ = dtype_info(self.dtype)
         at = i64(0)   # kf.scratch is the executing thread's own region (parallel.emit_call)
-        ptrs = []   # per phase: its sub-kernel and its region (padded copy)
+        regions = {}   # per Prep: its region (padded copy; the core pads it once per image)
+        for prep, elems in self._regions().items():
+            regions[prep] = gep(b, kf.scratch, at, ety, name="igrad.region")
+            at = b.add(at, i64(elems))
+            store(b, i64(-1), regions[prep], i64(0), I64)   # no image in the padded copy yet
+        ptrs = []   # per phase: its sub-kernel and its region
         for ph in self.phases:
             wp = gep(b, kf.scratch, at, ety, name="igrad.subkernel")
             at = b.add(at, i64(self._w_elems(ph)))
-            region = gep(b, kf.scratch, at, ety, name="igrad.region")
-            at = b.add(at, i64(ph.core.region_elems))
-            store(b, i64(-1), region, i64(0), I64)   # no image in the padded copy yet
+            region = regions[ph.core.prep]
             th, tw = ph.core.kh, ph.core.kw
             zero_fill(b, wp, self.c * self.o * th * tw, ety, vl, "igrad.subkernel")
             for u, v, i, j in ph.taps:   # Wp[c, o, u, v] = w[o, c, i, j]
@@ -91,6 +111,7 @@ class Phased:
                              (self.kh * self.kw, self.c * self.kh * self.kw, 0, 0))
             ptrs.append((wp, region))
         tmp = gep(b, kf.scratch, at, ety, name="igrad.phase.out")
+        tmp2 = gep(b, tmp, i64(self.tmp_elems), ety, name="igrad.phase.out2")
         nb = ceil_div(self.c, self.r)
         t0, t1 = thread_range(b, self.items, kf.tid, kf.nthreads)
         with carry_loop(b, t0, t1, [], "igrad.item") as lt:
@@ -99,14 +120,41 @@ class Phased:
             nchan = b.sub(smin(b, b.add(o0, i64(self.r)), self.c), o0)
             start = b.mul(b.add(b.mul(n, i64(self.c)), o0), i64(self.h * self.w))
             dst = gep(b, kf.out, start, ety)
-            for ph, (wp, region) in zip(self.phases, ptrs):
-                plane = ph.core.oy * ph.core.ox
+            for k, (ph, (wp, region)) in enumerate(zip(self.phases, ptrs)):
+                buf = tmp2 if self.paired and ph.px == 1 else tmp
                 shape = dataclasses.replace(core_shape(ph.core), t0=lt.iv,
                                             t1=b.add(lt.iv, i64(1)), on=0, orel=1)
-                core_function(b.module, ph.core).call(b, [tmp, kf.ins[0], wp, region], shape)
-                self._interleave(b, ph, tmp, dst, nchan, plane)
+                core_function(b.module, ph.core).call(b, [buf, kf.ins[0], wp, region], shape)
+                if not self.paired:
+                    self._interleave(b, ph, tmp, dst, nchan, ph.core.oy * ph.core.ox)
+                elif ph.px == 1:   # phases run px-minor: (py, 0) is in tmp
+                    self._interleave_pair(b, self.phases[k - 1], ph, tmp, tmp2, dst, nchan)
             kf.epilogue_rows(start, b.mul(nchan, i64(self.h * self.w)))
         b.ret_void()
+
+    def _interleave_pair(self, b, ph0: _Phase, ph1: _Phase, tmp0, tmp1, dst, nchan):
+        """dst[ch, py + sh*y', 2*x' + px] = tmp_px[ch, y', x'] for px = 0, 1: a vector of each
+        phase gives two vectors of the row (lanes alternating between them)."""
+        ety, vl, _ = dtype_info(self.dtype)
+        vty = ir.VectorType(ety, vl)
+        idx = ir.VectorType(ir.IntType(32), vl)
+        lo = ir.Constant(idx, [t // 2 + (t % 2) * vl for t in range(vl)])
+        hi = ir.Constant(idx, [vl // 2 + t // 2 + (t % 2) * vl for t in range(vl)])
+        hp, wp0, wp1 = ph0.core.oy, ph0.core.ox, ph1.core.ox
+        with carry_loop(b, 0, b.mul(nchan, i64(hp)), [], "igrad.pair.row") as lr:
+            ch, y = b.udiv(lr.iv, i64(hp)), b.urem(lr.iv, i64(hp))
+            src0 = gep(b, tmp0, b.add(b.mul(ch, i64(hp * wp0)), b.mul(y, i64(wp0))), ety)
+            src1 = gep(b, tmp1, b.add(b.mul(ch, i64(hp * wp1)), b.mul(y, i64(wp1))), ety)
+            row = b.add(b.mul(ch, i64(self.h)), b.add(b.mul(y, i64(self.sh)), i64(ph0.py)))
+            out = gep(b, dst, b.mul(row, i64(self.w)), ety)
+            with carry_loop(b, 0, wp0, [], "igrad.pair.col", step=vl) as lq:
+                v0 = masked_load(b, src0, lq.iv, vty, lane_mask(b, b.sub(i64(wp0), lq.iv), vl))
+                v1 = masked_load(b, src1, lq.iv, vty, lane_mask(b, b.sub(i64(wp1), lq.iv), vl))
+                x = b.mul(lq.iv, i64(2))
+                left = b.sub(i64(self.w), x)
+                masked_store(b, b.shuffle_vector(v0, v1, lo), out, x, lane_mask(b, left, vl))
+                masked_store(b, b.shuffle_vector(v0, v1, hi), out, b.add(x, i64(vl)),
+                             lane_mask(b, b.sub(left, i64(vl)), vl))
 
     def _interleave(self, b, ph: _Phase, tmp, dst, nchan, plane: int):
         """dst[ch, py + sh*y', px + sw*x'] = tmp[ch, y', x'] for the item's channels."""
@@ -150,6 +198,17 @@ def phased_input_grad(dtype, n, o, c, h, w, oh, ow, kh, kw, sh, sw, ph_, pw_, ep
                          for u in range(th) for v in range(tw)
                          if i0 + sh * (th - 1 - u) < kh and j0 + sw * (tw - 1 - v) < kw)
             phases.append(_Phase(py, px, core, taps))
+    # Phases whose cotangent sits at the same offset in their padded copies share one copy, as
+    # large as the largest (the others read part of it): the core pads it once per image, not
+    # once per phase (ResNet's 3x3 stride-2 with padding 1: all four phases).
+    preps = {}
+    for ph in phases:
+        pr_ = ph.core.prep
+        key = (pr_.offr, pr_.offq)
+        old = preps.get(key, pr_)
+        preps[key] = dataclasses.replace(old, rows=max(old.rows, pr_.rows), q=max(old.q, pr_.q))
+    phases = [dataclasses.replace(ph, core=dataclasses.replace(
+        ph.core, prep=preps[ph.core.prep.offr, ph.core.prep.offq])) for ph in phases]
     # one register block for all phases (the items are an image and R channels), that of the
     # largest phase; whole planes (the phases interleave into them)
     first = phases[0].core.blocked(epilogue)

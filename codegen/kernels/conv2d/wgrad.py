@@ -16,6 +16,7 @@ from ..toolkit import I64Arg, Params, ceil_div, dtype_info, hsum, kernel_functio
     memset0, opaque, params, round_up, shared_function, smax, smin, thread_range
 from ...target import vector_registers
 from .layout import ALIGN, FORCE, PadKey, Prep, PrepParams, pad
+from .pointwise import is_pointwise, lower_wgrad, wgrad_scratch
 from .window import is_window, lower_conv2d_weight_grad
 
 WGRAD_CHUNK_BYTES = 64 * 1024  # target size of a chunk of images of the weight gradient
@@ -147,6 +148,8 @@ def _wgrad_plan(ins) -> _WGrad:
 def _wgrad_scratch(ins, nthreads):
     if is_window(ins):
         return 0
+    if is_pointwise(ins):
+        return wgrad_scratch(ins, nthreads)
     return nthreads * _wgrad_plan(ins).region_elems * dtype_info(ins.out.dtype)[2]
 
 
@@ -187,6 +190,9 @@ class WGradParams(Params):
 def _conv2d_weight_grad_lower(module: ir.Module, name: str, ins) -> None:
     if is_window(ins):   # grouped or dilated
         lower_conv2d_weight_grad(module, name, ins)
+        return
+    if is_pointwise(ins):   # 1x1, no padding: matrix products (pointwise.py)
+        lower_wgrad(module, name, ins)
         return
     p = _wgrad_plan(ins)
     kf = kernel_function(module, name, 2)
