@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 
 from ....ir.prims.nn import conv2d_p
-from ...loops import FAST, carry_loop, gep, i64, load, masked_load, masked_store, store
+from ...loops import FAST, PTR, carry_loop, gep, i64, load, masked_load, masked_store, store
 from ..matmul import _block_plan, _tiles_function, _TileParams
 from ..toolkit import I64Arg, Params, ceil_div, dtype_info, kernel_function, lane_mask, params, \
     round_up, shared_function, smax, smin, thread_range
@@ -228,7 +228,9 @@ def _outer_plan(dtype, m: int, n: int, k: int):
     rows x NV vectors, MR*NV accumulators as matmul chooses) that computes the fewest padded
     elements: a convolution's M is a channel count (16, 32, 64), which 4-row tiles divide and
     matmul's 6-row tiles do not (36 rows for 32)."""
-    p = _block_plan(dtype, m, n, k, False, False)
+    # B (the image) is read in place: a convolution's product has few rows (the channels), too
+    # few to pay for packing its panels
+    p = dataclasses.replace(_block_plan(dtype, m, n, k, False, False), pack="")
     acc = p.mr * p.nr
     blocks = [(p.mr, p.nr)] + [(acc // nv, nv) for nv in range(1, 5)
                                if acc % nv == 0 and acc // nv <= 12]
@@ -239,6 +241,10 @@ def _outer_plan(dtype, m: int, n: int, k: int):
 
     mr, nv = min(blocks, key=padded)   # the first of the best: matmul's own on a tie
     return dataclasses.replace(p, mr=mr, nr=nv)
+
+
+# the outer form's panel buffer, unused with pack=0 (B read in place)
+_NO_PANEL = ir.Constant(PTR, None)
 
 
 def _sub_elems(g: _Geom, vl: int) -> int:
@@ -293,16 +299,17 @@ def lower_product(module, name, ins, epilogue=None):
         r0, r1 = b.mul(lo, i64(p.mr)), smin(b, b.mul(hi, i64(p.mr)), m)
         src = gep(b, kf.ins[0], b.mul(ln.iv, i64(src_image)), ety)
         out = gep(b, kf.out, b.mul(ln.iv, i64(out_image)), ety)
-        shape = _TileParams(m=m, n=g.p, k=k, sa_i=sa_i, sa_k=sa_k, r0=r0, r1=r1, c0=0, c1=g.p)
+        shape = _TileParams(m=m, n=g.p, k=k, sa_i=sa_i, sa_k=sa_k, r0=r0, r1=r1, c0=0, c1=g.p,
+                            pack=0)
         if forward:
             if g.strided:
                 _sub_function(module, p.dtype, g, _gather_body, "conv.pw.gather").call(
                     b, [sub, src], g.params(g.c))
                 src = sub
-            fn.call(b, [out, kf.ins[1], src], shape)
+            fn.call(b, [out, kf.ins[1], src, _NO_PANEL], shape)
             plane = g.p
         else:
-            fn.call(b, [sub if g.strided else out, kf.ins[1], src], shape)
+            fn.call(b, [sub if g.strided else out, kf.ins[1], src, _NO_PANEL], shape)
             if g.strided:   # rows [r0, r1) of dXs_n into dx_n's planes r0 ...
                 _sub_function(module, p.dtype, g, _spread_body, "conv.pw.spread").call(
                     b, [gep(b, out, b.mul(r0, i64(g.h * g.w)), ety),
@@ -349,7 +356,7 @@ def lower_wgrad(module, name, ins):
     t0, t1 = thread_range(b, ceil_div(o, rows), kf.tid, kf.nthreads)
     r0, r1 = b.mul(t0, i64(rows)), smin(b, b.mul(t1, i64(rows)), o)
     at, count = b.mul(r0, i64(c)), b.mul(smax(b, b.sub(r1, r0), 0), i64(c))
-    shape = _TileParams(m=o, n=c, k=g.p, sa_i=g.p, sa_k=1, r0=r0, r1=r1, c0=0, c1=c)
+    shape = _TileParams(m=o, n=c, k=g.p, sa_i=g.p, sa_k=1, r0=r0, r1=r1, c0=0, c1=c, pack=0)
     with carry_loop(b, 0, n_img, [], "pw.wgrad.image") as ln:
         ct_n = gep(b, kf.ins[0], b.mul(ln.iv, i64(o * g.p)), ety)
         x_n = gep(b, kf.ins[1], b.mul(ln.iv, i64(g.c * g.h * g.w)), ety)
@@ -357,7 +364,7 @@ def lower_wgrad(module, name, ins):
         shared_function(module, "conv.pw.gather_t", key, 2, _SubParams, _gather_t_body).call(
             b, [sub, x_n], g.params(g.c))
         first = b.icmp_unsigned("==", ln.iv, i64(0))
-        fn.call(b, [b.select(first, kf.out, tmp), ct_n, sub], shape)
+        fn.call(b, [b.select(first, kf.out, tmp), ct_n, sub, _NO_PANEL], shape)
         with carry_loop(b, b.select(first, count, i64(0)), count, [], "pw.wgrad.add",
                         step=vl) as la:
             mask = lane_mask(b, b.sub(count, la.iv), vl)
