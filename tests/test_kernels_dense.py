@@ -320,6 +320,30 @@ def test_conv_weight_gradient_flat_mode_with_an_inf_pixel():
     assert np.allclose(got[fin], ref[fin], rtol=1e-4, atol=1e-4)
 
 
+def test_conv_weight_gradient_in_many_chunks():
+    """The weight gradient split in more chunks than channels or channel blocks (the runtime's
+    4 chunks per thread; the channel blocks shrink with the chunk count): shares straddling
+    blocks, strided and padded copies, and the unpadded input read in place."""
+    check_all([_conv_specs("conv2d_weight_grad", case) for case in [
+        ((3, 5, 9, 9), (4, 5, 3, 3), (2, 2), (1, 1)),
+        ((2, 17, 6, 6), (9, 17, 3, 3), (1, 1), (1, 1)),
+        ((2, 3, 10, 12), (6, 3, 5, 5), (1, 1), (0, 0)),
+        ((3, 1, 13, 11), (2, 1, 5, 3), (1, 1), (0, 0))]], "f32", thread_counts=(5, 8))
+
+
+def test_conv_weight_gradient_reads_an_unpadded_input_in_place():
+    """No padding and unit strides (LeNet-5): the padded copy would equal the input, so the
+    weight gradient reads the input itself: no copy function in its module."""
+    ins = make_instr("conv2d_weight_grad", [(4, 16, 8, 8), (4, 6, 12, 12)], "f32",
+                     kernel=(5, 5), stride=(1, 1), padding=(0, 0))
+    ks = Kernels([ins])
+    assert "conv.pad" not in ks.jit.asm
+    rng = np.random.default_rng(4)
+    arrays = [rng.standard_normal(v.shape).astype(np.float32) for v in ins.inputs]
+    ref, tol = reference(ins, arrays)
+    assert (np.abs(ks.call(0, arrays, 3) - ref) <= tol).all()
+
+
 def test_more_threads_than_work():
     check("matmul", [(2, 3), (3, 1)], "f32", thread_counts=(5,))
     check("conv2d", [(1, 1, 3, 3), (1, 1, 2, 2)], "f64", thread_counts=(4,), stride=(1, 1),
@@ -415,6 +439,18 @@ def test_epilogues_in_compiled_gradient(dtype):
 # ------------------------------------------------------------------------------------------------
 _VFMA = re.compile(r"vfmadd\w*\s+[^\n]*%[yz]mm")
 _SPILL = re.compile(r"vmov\w+\s+%[yz]mm\d+, -?\d*\(%rsp\)")
+
+
+def test_asm_weight_gradient_block_without_masks():
+    """The weight gradient's full steps of a row need no lane mask (all the pixels are real, only
+    the flat mode has columns between rows): plain loads, no `and`, and the freed register
+    holds a 4 output channels x 3 taps block on AVX2 (12 FMAs per step; more on AVX-512)."""
+    ins = make_instr("conv2d_weight_grad", [(2, 16, 16, 16), (2, 16, 16, 16)], "f32",
+                     kernel=(3, 3), stride=(1, 1), padding=(1, 1))
+    asm = Kernels([ins]).jit.asm
+    assert not re.findall(r"vandp[sd]\s+[^\n]*%[yz]mm", asm)
+    assert len(_VFMA.findall(asm)) >= 12
+    assert not _SPILL.findall(asm)
 
 
 @pytest.mark.parametrize("prim, shapes, params", [

@@ -33,6 +33,9 @@ item's R output planes right after they are computed.
 
 conv2d_weight_grad is a reduction over the images and output pixels (wgrad.py): vector
 accumulators per (input channel, R output channels, kernel row), summed horizontally at the end.
+Without padding and strides (LeNet-5) it reads the input in place, no copy; its channel blocks
+shrink to C / chunks channels when the call is split in many chunks, so that the copies are not
+made once per chunk.
 
 Short rows (LeNet-5's 8, 12 and 24 columns would fill half or three quarters of the vectors) go
 in a flat mode when the strides are 1 and it saves vectors: out'[x'] with x' = y*rp + x is one long

@@ -22,10 +22,12 @@ from .window import is_window, lower_conv2d_weight_grad
 WGRAD_CHUNK_BYTES = 64 * 1024  # target size of a chunk of images of the weight gradient
 
 
-def _wgrad_registers() -> int:
-    """Vector registers the R*GR*KW accumulators and min(R, GR*KW) held operands may take: 29 of
-    the 32 of AVX-512, 14 of the 16 of AVX2; the rest for the lane mask and the streamed load."""
-    return 29 if vector_registers() >= 32 else 14
+def _wgrad_registers(flat: bool) -> int:
+    """Vector registers the R*GR*KW accumulators and min(R, GR*KW) held operands may take: of the
+    32 of AVX-512 or the 16 of AVX2, all but the streamed load and (flat mode only: the full steps
+    of rows need none) the lane mask. AVX2's 15 admit 4 output channels x 3 taps: 7 loads per 12
+    FMAs instead of 6 loads and 3 mask `and`s per 9."""
+    return (32 if vector_registers() >= 32 else 16) - 1 - int(flat)
 # The flat mode when it needs at most this fraction of the vectors of the row mode: it also
 # copies the cotangents (into rows of the padded pitch) and masks the columns between rows.
 _WFLAT_GAIN = 0.85
@@ -63,6 +65,17 @@ class _WGrad:
     ng: int   # images per chunk
     cb: int   # input channels per channel block
     flat: bool = False   # see `flat_len`
+
+    @property
+    def direct(self) -> bool:
+        """The padded copy would equal the image (no padding, unit strides: LeNet-5): the sums
+        read the input itself and the copies are skipped (they cost as much as the sums of a
+        thread's share when the work is split in many chunks). Not with row groups past KH
+        (they read rows past the image)."""
+        pr = self.prep
+        return (pr.offr == 0 and pr.offq == 0 and pr.sx == 1 and pr.dr == 1 and pr.dq == 1
+                and pr.rows == pr.src_h and pr.row_pitch == pr.src_w and not self.flat
+                and self.kh % self.gr == 0)
 
     @property
     def flat_len(self) -> int:
@@ -110,8 +123,8 @@ class _WGrad:
 
     @property
     def region_elems(self) -> int:
-        return self.partial_elems + round_up(self.cb * self.ng * self.prep.chan_pitch
-                                              + self.slack, ALIGN) + self.ct_elems
+        copies = 0 if self.direct else self.cb * self.ng * self.prep.chan_pitch
+        return self.partial_elems + round_up(copies + self.slack, ALIGN) + self.ct_elems
 
 
 def _wgrad_plan(ins) -> _WGrad:
@@ -127,16 +140,16 @@ def _wgrad_plan(ins) -> _WGrad:
     # row per item (GR = 1; a whole 3-wide kernel for a single output channel), as many output
     # channels R as the registers hold (R*GR*KW accumulators + min(R, GR*KW) operands), fewer
     # only for small O.
-    gr = kh if o == 1 and kw <= 3 else 1
-    r = next((r for r in (8, 4, 3, 2) if r * gr * kw + min(r, gr * kw) <= _wgrad_registers()),
-             1)
-    while r > 1 and r // 2 >= o:
-        r //= 2
-    r, gr = FORCE.get("wgrad", (r, gr))
     flat_len = (oy - 1) * prep.row_pitch + ox
     flat = sh == 1 and sw == 1 and oy > 1 and \
         ceil_div(flat_len, vl) <= _WFLAT_GAIN * oy * ceil_div(ox, vl)
     flat = FORCE.get("wflat", flat)
+    gr = kh if o == 1 and kw <= 3 else 1
+    r = next((r for r in (8, 4, 3, 2)
+              if r * gr * kw + min(r, gr * kw) <= _wgrad_registers(flat)), 1)
+    while r > 1 and r // 2 >= o:
+        r //= 2
+    r, gr = FORCE.get("wgrad", (r, gr))
     # a chunk's cotangents stay in L2 while all input channels go by
     ct_image = o * (flat_len if flat else oy * ox)
     ng = max(1, min(n, WGRAD_CHUNK_BYTES // ((prep.chan_pitch + ct_image) * es)))
@@ -198,13 +211,24 @@ def _conv2d_weight_grad_lower(module: ir.Module, name: str, ins) -> None:
     kf = kernel_function(module, name, 2)
     b = kf.b
     region = kf.scratch   # this thread's own (see kernels/__init__.py)
-    t0, t1 = thread_range(b, p.items, kf.tid, kf.nthreads)
-    key = _WGradKey(p.dtype, p.r, p.gr, p.kw, p.sx)
+    cb, per_cb, items = p.cb, p.per_cb, p.items
+    if not p.direct:
+        # Split in many chunks (a share each), a chunk copies every channel of each channel
+        # block it has items of, for all the images: with blocks of at most C / chunks channels
+        # (fewer items reuse a cotangent row from L1) each channel is copied about once or twice
+        # in all instead of up to chunks times (ResNet-8's strided 3x3: 1.75x the time of one
+        # chunk with 8 chunks).
+        cb = smax(b, smin(b, b.udiv(b.add(i64(p.c - 1), kf.nthreads), kf.nthreads), p.cb), 1,
+                  name="wgrad.cb")
+        per_cb = b.mul(cb, i64(p.per_cb // p.cb), name="wgrad.per_cb")
+        items = b.mul(b.udiv(b.add(cb, i64(p.c - 1)), cb), per_cb, name="wgrad.items")
+    t0, t1 = thread_range(b, items, kf.tid, kf.nthreads)
+    key = _WGradKey(p.dtype, p.r, p.gr, p.kw, p.sx, p.flat, p.direct)
     fn = shared_function(module, "conv_wgrad", key, 4, WGradParams, _wgrad_body)
     fn.call(b, [kf.out, kf.ins[0], kf.ins[1], region],
             WGradParams(t0=t0, t1=t1, n=p.n, c=p.c, o=p.o, oy=1 if p.flat else p.oy,
-                        ox=p.flat_len if p.flat else p.ox, sy=p.sy, kh=p.kh, ng=p.ng, cb=p.cb,
-                        groups=p.groups, per_cb=p.per_cb, slack=p.slack,
+                        ox=p.flat_len if p.flat else p.ox, sy=p.sy, kh=p.kh, ng=p.ng, cb=cb,
+                        groups=p.groups, per_cb=per_cb, slack=p.slack,
                         partial=p.partial_elems, ct_oy=p.oy, ct_ox=p.ox, ct_elems=p.ct_elems,
                         ct_main=p.ct_main, flat=int(p.flat),
                         tpitch=p.prep.row_pitch if p.flat else p.ox, prep=p.prep.params()))
@@ -219,6 +243,8 @@ class _WGradKey:
     gr: int
     kw: int
     sx: int
+    flat: bool   # the full steps mask the x operand (the columns between the rows)
+    direct: bool   # the sums read the input, no padded copies (see `_WGrad.direct`)
 
     @property
     def nacc(self) -> int:
@@ -234,13 +260,15 @@ def _wgrad_body(s, p: _WGradKey):
     ety, vl, es = dtype_info(p.dtype)
     partials = region
     pbuf = gep(b, region, s.partial, ety, name="wgrad.padded")
-    copies = b.mul(b.mul(s.cb, s.ng), s.cp)
+    copies = i64(0) if p.direct else b.mul(b.mul(s.cb, s.ng), s.cp)
     memset0(b, gep(b, pbuf, copies, ety), b.mul(s.slack, i64(es)))
     vty = ir.VectorType(ety, vl)
     # flat mode: the chunk's cotangents in rows of pitch rp (the columns between stay zero);
     # both modes: the table of the real pixels of a row (flat: their mask keeps 0 * Inf out of
     # the sums)
     flat = b.icmp_signed("!=", s.flat, i64(0))
+    plane = b.mul(s.src_h, s.src_w)
+    img_pitch = b.mul(s.c, plane) if p.direct else s.cp   # of the images the sums read
     ctbuf = gep(b, pbuf, b.add(copies, s.slack), ety, name="wgrad.ct")
     memset0(b, ctbuf, b.mul(s.ct_elems, i64(es)))
     table = gep(b, ctbuf, s.ct_main, ety, name="wgrad.table")
@@ -259,16 +287,18 @@ def _wgrad_body(s, p: _WGradKey):
         with carry_loop(b, 0, s.n, [], "wgrad.chunk", step=s.ng) as lch:
             n0 = lch.iv
             nimg = b.sub(smin(b, b.add(n0, s.ng), s.n), n0, name="wgrad.nimg")
-            pairs = b.mul(s.cb, s.ng)
-            with carry_loop(b, 0, pairs, [], "wgrad.pad") as lpn:
-                # (channel, image) pairs of the block; the channels past C copy the last one
-                c = smin(b, b.add(b.mul(cblock, s.cb), b.udiv(lpn.iv, s.ng)), b.sub(s.c, i64(1)))
-                nn = b.urem(lpn.iv, s.ng)
-                with if_then(b, b.icmp_signed("<", nn, nimg), name="wgrad.pad.img"):
-                    img = b.add(b.mul(b.add(n0, nn), s.c), c)
-                    src = gep(b, x, b.mul(img, b.mul(s.src_h, s.src_w)), ety)
-                    pad(b, PadKey(p.dtype, p.sx == 1), src,
-                        gep(b, pbuf, b.mul(lpn.iv, s.cp), ety), i64(1), s.prep)
+            if not p.direct:
+                pairs = b.mul(s.cb, s.ng)
+                with carry_loop(b, 0, pairs, [], "wgrad.pad") as lpn:
+                    # (channel, image) pairs of the block; the channels past C copy the last one
+                    c = smin(b, b.add(b.mul(cblock, s.cb), b.udiv(lpn.iv, s.ng)),
+                             b.sub(s.c, i64(1)))
+                    nn = b.urem(lpn.iv, s.ng)
+                    with if_then(b, b.icmp_signed("<", nn, nimg), name="wgrad.pad.img"):
+                        img = b.add(b.mul(b.add(n0, nn), s.c), c)
+                        src = gep(b, x, b.mul(img, b.mul(s.src_h, s.src_w)), ety)
+                        pad(b, PadKey(p.dtype, p.sx == 1), src,
+                            gep(b, pbuf, b.mul(lpn.iv, s.cp), ety), i64(1), s.prep)
             with if_then(b, flat, name="wgrad.ct.copy"):
                 ct_plane = b.mul(s.ct_oy, s.ct_ox)
                 ct_src = gep(b, ct, b.mul(n0, b.mul(s.o, ct_plane)), ety)
@@ -283,13 +313,18 @@ def _wgrad_body(s, p: _WGradKey):
             ct_chunk = b.select(flat, ctbuf, ct)
             n0_ct = b.select(flat, i64(0), n0)
             with carry_loop(b, it0, it1, [], "wgrad.item") as item:
-                _, o0, c_in, _, g = _wgrad_decode(b, s, p, item.iv)
-                p_c = gep(b, pbuf, b.add(b.mul(c_in, b.mul(s.ng, s.cp)),
-                                         b.mul(g, b.mul(i64(p.gr), s.rp))), ety)
+                _, o0, c_in, c, g = _wgrad_decode(b, s, p, item.iv)
+                row0 = b.mul(g, b.mul(i64(p.gr), s.rp))
+                if p.direct:
+                    img_c = b.add(b.mul(n0, s.c), smin(b, c, b.sub(s.c, i64(1))))
+                    p_c = gep(b, x, b.add(b.mul(img_c, plane), row0), ety)
+                else:
+                    p_c = gep(b, pbuf, b.add(b.mul(c_in, b.mul(s.ng, s.cp)), row0), ety)
                 chans = [smin(b, b.add(o0, i64(r)), b.sub(s.o, i64(1))) for r in range(p.r)]
                 mine = gep(b, partials, b.mul(b.sub(item.iv, it0), acc_elems), ety)
                 acc = [vload(b, mine, i64(k * vl), ir.VectorType(ety, vl)) for k in range(p.nacc)]
-                acc = _wgrad_tile(b, s, p, ct_chunk, p_c, n0_ct, nimg, chans, acc, table)
+                acc = _wgrad_tile(b, s, p, ct_chunk, p_c, img_pitch, n0_ct, nimg, chans, acc,
+                                  table)
                 for k, v in enumerate(acc):
                     vstore(b, v, mine, i64(k * vl))
         with carry_loop(b, it0, it1, [], "wgrad.out") as lo:
@@ -338,9 +373,9 @@ def _wgrad_item_out(b, s, p: _WGradKey, out, t, acc_ptr):
             store(b, hsum(b, vload(b, acc_ptr, b.mul(lk.iv, i64(vl)), vty)), out, at, ety)
 
 
-def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans, acc, table):
-    """The R x GR x KW vector accumulators `acc` of one item plus the images of the chunk
-    (`table`: the lane masks of the real pixels of a row)."""
+def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, img_pitch, n0, nimg, chans, acc, table):
+    """The R x GR x KW vector accumulators `acc` of one item plus the images of the chunk, read
+    at p_c + image * img_pitch (`table`: the lane masks of the real pixels of a row)."""
     ety, vl, _ = dtype_info(p.dtype)
     vty = ir.VectorType(ety, vl)
     plane = b.mul(s.oy, s.ox)
@@ -349,7 +384,7 @@ def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans, acc, table):
     row_step = b.mul(s.sy, s.rp)
     with carry_loop(b, 0, nimg, acc, "wgrad.n") as ln:
         ct_n = gep(b, ct, b.mul(b.add(n0, ln.iv), b.mul(s.o, plane)), ety)
-        p_n = gep(b, p_c, b.mul(ln.iv, s.cp), ety)
+        p_n = gep(b, p_c, b.mul(ln.iv, img_pitch), ety)
         with carry_loop(b, 0, s.oy, ln.vals, "wgrad.y") as ly:
             # opaque offsets keep the many addresses out of loop strength reduction (compile time)
             ct_y = [gep(b, ct_n, opaque(b, b.add(row, b.mul(ly.iv, s.ox))), ety) for row in ct_rows]
@@ -357,13 +392,14 @@ def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans, acc, table):
             phases = [b.mul(s.q, i64(ph)) for ph in range(p.sx)]
             def x_step(acc, x0, full):
                 """One vector of pixels at x0 added to `acc`. `full`: the vector lies inside the
-                row: plain loads, and the x operand and-ed with the lanes of the real pixels
-                (flat mode: no 0 * Inf from the pixels between the rows; the cotangents there
-                are zeros of the copy). Else masked loads: AVX2's masked load is several times
+                row: plain loads; in flat mode the x operand and-ed with the lanes of the real
+                pixels (no 0 * Inf from the pixels between the rows; the cotangents there are
+                zeros of the copy). Else masked loads: AVX2's masked load is several times
                 slower than a load and an `and`, so it is kept out of the main loop."""
-                lanes = vload(b, table, x0, ir.VectorType(_lane_int(ety), vl))
-                zero = ir.Constant(lanes.type, [0] * vl)
-                mask = None if full else b.icmp_signed("<", lanes, zero)   # the tail's masks
+                lanes = None if full and not p.flat else \
+                    vload(b, table, x0, ir.VectorType(_lane_int(ety), vl))
+                mask = None if full else \
+                    b.icmp_signed("<", lanes, ir.Constant(lanes.type, [0] * vl))   # the tail's
 
                 def x_at(t):
                     i, j = divmod(t, p.kw)
@@ -371,6 +407,8 @@ def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans, acc, table):
                                i64(j // p.sx))
                     if not full:
                         return masked_load(b, x_y, at, vty, mask)
+                    if not p.flat:   # a full vector of a row: all its pixels are real
+                        return vload(b, x_y, at, vty)
                     raw = b.bitcast(vload(b, x_y, at, vty), lanes.type)
                     return b.bitcast(b.and_(raw, lanes), vty)
 
@@ -417,3 +455,4 @@ def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, n0, nimg, chans, acc, table):
             ly.next = merged
         ln.next = ly.out
     return ln.out
+
