@@ -209,10 +209,11 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
 
 
 def _matmul_scratch(ins, nthreads: int) -> int:
-    """One B panel (OUTER_KC x tile) a thread: a multiple of 64 bytes, so each region stays
-    aligned."""
+    """One B panel (a K block of at most OUTER_KC rows x a column tile) a thread: a multiple of
+    64 bytes, so each region stays aligned."""
     p = _plan(ins)
-    return nthreads * ceil_div(OUTER_KC * p.tile_cols * p.esize, 64) * 64 if p.pack else 0
+    rows = min(OUTER_KC, p.k)
+    return nthreads * ceil_div(rows * p.tile_cols * p.esize, 64) * 64 if p.pack else 0
 
 
 @register(matmul_p, scratch_bytes=_matmul_scratch, epilogue=True, parallel=True,
