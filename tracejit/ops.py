@@ -2192,6 +2192,12 @@ def all(a, axis=None, keepdims=False):
 # ------------------------------------------------------------------------------------------------
 # more of numpy: signs and steps, interpolation, convolution, statistics, grids, comparisons
 # ------------------------------------------------------------------------------------------------
+def _common(*xs):
+    """Operands `xs` as traced values of their common float dtype (constants take the traced
+    operands' dtype, as in the arithmetic operators)."""
+    return [wrap(v) for v in promote(*xs)]
+
+
 @op("signbit")
 def signbit(x):
     """numpy's signbit: True where the sign bit is set, -0.0 included (1 / -0.0 is -inf); the
@@ -2203,6 +2209,7 @@ def signbit(x):
 def copysign(x1, x2):
     """numpy's copysign: |x1| with the sign bit of x2. Gradient: sign(x1) * (+-1) for x1, none
     for x2."""
+    x1, x2 = _common(x1, x2)
     return multiply(abs(x1), where(signbit(x2), -1.0, 1.0))
 
 
@@ -2278,6 +2285,7 @@ def average(a, axis=None, weights=None, returned=False, *, keepdims=False):
         shp = shape_of(avg)
         count = math.prod(shape_of(a)) // builtins.max(math.prod(shp), 1) if shape_of(a) else 1
         return avg, broadcast_to(full_like(avg, float(count)), shp)
+    a, weights = _common(a, weights)
     ash, wsh = tuple(shape_of(a)), tuple(shape_of(weights))
     if wsh != ash:
         if axis is None:
@@ -2327,6 +2335,7 @@ def interp(x, xp, fp, left=None, right=None, period=None):
         if len(shape_of(arr)) != 1:
             raise ValueError(f"interp: {name} must be 1-d, got shape {list(shape_of(arr))}")
     n = shape_of(xp)[0]
+    x, xp, fp = _common(x, xp, fp)
     if shape_of(fp)[0] != n or n == 0:
         raise ValueError(f"interp: fp and xp must have the same nonzero length, got "
                          f"{shape_of(fp)[0]} and {n}")
@@ -2356,6 +2365,7 @@ def _correlate_full(what, a, v):
             raise ValueError(f"{what}: {name} must be a non-empty 1-d array, got shape "
                              f"{list(shape_of(arr))}")
     nv = shape_of(v)[0]
+    a, v = _common(a, v)
     y = nn.conv1d(reshape(a, (1, 1, -1)), reshape(v, (1, 1, -1)), padding=nv - 1)
     return reshape(y, (-1,))
 
@@ -2402,11 +2412,13 @@ def cov(m, y=None, rowvar=True, bias=False, ddof=None, fweights=None, aweights=N
                                   "values")
     if len(shape_of(m)) > 2:
         raise ValueError(f"cov: m has more than 2 dimensions (shape {list(shape_of(m))})")
-    X = atleast_2d(_in_dtype(m, dtype))
+    m, y = (_in_dtype(m, dtype), None) if y is None else _common(_in_dtype(m, dtype),
+                                                                _in_dtype(y, dtype))
+    X = atleast_2d(m)
     if not rowvar and shape_of(X)[0] != 1:
         X = transpose(X)
     if y is not None:
-        Y = atleast_2d(_in_dtype(y, dtype))
+        Y = atleast_2d(y)
         if not rowvar and shape_of(Y)[0] != 1:
             Y = transpose(Y)
         X = concatenate([X, Y], 0)
