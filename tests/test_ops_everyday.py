@@ -301,7 +301,7 @@ def test_pytorch_spellings_of_norm_std_and_permute():
 def _tensor_methods(x, m):
     """The same calls on a tracer and on a torch tensor (x float64 [3, 4], m a bool mask)."""
     return dict(
-        amax=x.amax(1, keepdim=True), amin=x.amin(dim=(0, 1)), expand=x[:, :1].expand(2, -1, 5),
+        amax=x.amax(1, keepdim=True), amin=x.amin(dim=(0, 1)), amax_all=x.amax(), expand=x[:, :1].expand(2, -1, 5),
         flip=x.flip(0, 1), roll=x.roll((1, -1), (0, 1)), roll_flat=x.roll(5),
         chunk_last=x.chunk(3, 1)[-1], chunk_count=x.chunk(3, 1)[0] * 0 + len(x.chunk(3, 1)),
         split=x.split(3, dim=1)[1], split_sizes=x.split([1, 2], 0)[1],
@@ -334,6 +334,7 @@ def test_float_and_double_convert_and_repeat_is_numpys():
 
 @pytest.mark.parametrize("call, error, message", [
     (lambda x: x.chunk(0), ValueError, "chunks must be a positive int"),
+    (lambda x: x.flip(), TypeError, "flip: expects the dimensions"),
     (lambda x: x.split([1, 1], 1), ValueError, "do not add up to the length 3"),
     (lambda x: x.expand(-1, 3, 4), ValueError, "-1 is not allowed for the new leading"),
     (lambda x: np.max(x, where=x > 0), ValueError, "needs initial= to use a where= mask"),

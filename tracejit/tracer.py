@@ -236,8 +236,9 @@ class Tracer:
     def clamp_min(self, min): return _ops().clip(self, min, None)
     def clamp_max(self, max): return _ops().clip(self, None, max)
     def swapdims(self, dim0, dim1): return _ops().swapaxes(self, dim0, dim1)
-    def amax(self, dim=None, keepdim=False): return _ops().max(self, dim, keepdim)
-    def amin(self, dim=None, keepdim=False): return _ops().min(self, dim, keepdim)
+    # PyTorch's amax/amin: dim=() (its default) reduces over every dimension
+    def amax(self, dim=(), keepdim=False): return _ops().max(self, _all_if_empty(dim), keepdim)
+    def amin(self, dim=(), keepdim=False): return _ops().min(self, _all_if_empty(dim), keepdim)
     def square(self): return _ops().square(self)
     def neg(self): return _ops().negative(self)
     def detach(self): return _ops().stop_gradient(self)
@@ -269,6 +270,8 @@ class Tracer:
     def flip(self, *dims):
         """PyTorch's x.flip(dims) (an int, a tuple or several ints; numpy arrays have no flip
         method)."""
+        if not dims:
+            raise TypeError("flip: expects the dimensions to reverse (x.flip(0), x.flip((0, 1)))")
         dims = dims[0] if len(dims) == 1 else dims
         return _ops().flip(self, dims)
 
@@ -366,6 +369,10 @@ _UFUNC_METHODS = {("add", "reduce"): "sum", ("maximum", "reduce"): "max",
                   ("minimum", "reduce"): "min", ("multiply", "reduce"): "prod",
                   ("add", "accumulate"): "cumsum", ("add", "outer"): "outer",
                   ("multiply", "outer"): "outer"}
+
+
+def _all_if_empty(dim):
+    return None if isinstance(dim, (tuple, list)) and not dim else dim
 
 
 def _at() -> str:
