@@ -367,10 +367,10 @@ def test_signs_steps_and_floor_division_at_their_corners():
                 np.floor_divide(a, 0.1), a // 0.5)
     for g, w in zip(got, want):   # 1.0 // 0.1 is 9.0 in numpy (not floor(10.000000000000002))
         np.testing.assert_array_equal(g, w)
-    ints = tj.jit(lambda i: (i // 3, -7 // i, i // 0))(np.array([7, -7, 6, 0]))
+    i = np.array([7, -7, 6, 0, 3 * 16777217])   # (3 * (2**24 + 1) is not a float32)
+    ints = tj.jit(lambda i: (i // 3, -7 // i, i // 0, i // 16777217))(i)
     with np.errstate(all="ignore"):
-        want = (np.array([7, -7, 6, 0]) // 3, -7 // np.array([7, -7, 6, 0]),
-                np.array([7, -7, 6, 0]) // 0)
+        want = (i // 3, -7 // i, i // 0, i // 16777217)
     for g, w in zip(ints, want):
         assert g.dtype == np.int64
         np.testing.assert_array_equal(g, w)

@@ -2227,7 +2227,9 @@ def floor_divide(x1, x2):
     gives 0, as numpy). Zero gradient (piecewise constant)."""
     dt = int_operands_dtype(x1, x2)
     if dt is not None:   # exact in float64 for |x| < 2**53
-        q = floor_divide(astype(x1, np.float64), astype(x2, np.float64))
+        f64 = [astype(x, np.float64) if isinstance(x, Tracer) else np.asarray(x, np.float64)
+               for x in (x1, x2)]
+        q = floor_divide(*f64)
         return astype(where(equal(x2, 0), 0.0, q), DTYPES[dt])
     m = fmod(x1, x2)
     div = divide(subtract(x1, m), x2)
