@@ -367,7 +367,7 @@ def test_signs_steps_and_floor_division_at_their_corners():
                 np.floor_divide(a, 0.1), a // 0.5)
     for g, w in zip(got, want):   # 1.0 // 0.1 is 9.0 in numpy (not floor(10.000000000000002))
         np.testing.assert_array_equal(g, w)
-    i = np.array([7, -7, 6, 0, 3 * 16777217])   # (3 * (2**24 + 1) is not a float32)
+    i = np.array([7, -7, 6, 0, 2 ** 24])   # (2**24 + 1, the divisor below, is not a float32)
     ints = tj.jit(lambda i: (i // 3, -7 // i, i // 0, i // 16777217))(i)
     with np.errstate(all="ignore"):
         want = (i // 3, -7 // i, i // 0, i // 16777217)
