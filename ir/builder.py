@@ -11,6 +11,8 @@ import os
 import sys
 import threading
 
+import numpy as np
+
 from .core import Function, Instr, IRError, ShapeError, TensorType, Value, shape_rules
 
 _state = threading.local()
@@ -21,14 +23,17 @@ _state = threading.local()
 _PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OWN_DIRS = ((_PARENT + os.sep,) if os.path.basename(_PARENT) == "tracejit" else
              tuple(os.path.join(_PARENT, d) + os.sep for d in ("ir", "tracejit", "codegen")))
+# numpy's own frames are skipped too: a numpy function that reaches a traced value (np.r_[x, y]
+# calls np.array inside numpy's package) is reported at the user's line that called it
+_SKIPPED_DIRS = _OWN_DIRS + (os.path.dirname(os.path.abspath(np.__file__)) + os.sep,)
 
 
 def user_location(skip: int = 1) -> str | None:
-    """'file:line' of the innermost caller outside tracejit's own packages."""
+    """'file:line' of the innermost caller outside tracejit's own packages and numpy's."""
     f = sys._getframe(skip)
     while f is not None:
         fname = f.f_code.co_filename
-        if not fname.startswith(_OWN_DIRS) and not fname.startswith("<frozen"):
+        if not fname.startswith(_SKIPPED_DIRS) and not fname.startswith("<frozen"):
             return f"{os.path.basename(fname)}:{f.f_lineno}"
         f = f.f_back
     return None

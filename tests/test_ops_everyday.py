@@ -1,11 +1,14 @@
 """The everyday spellings the per-op table cannot express: integer-valued methods (x.size(),
 x.numel()), errors for spellings given twice or out of range, and numpy's meaning winning where
 numpy and PyTorch give one name two meanings."""
+import inspect
+
 import numpy as np
 import pytest
 
 import helpers
 import tracejit as tj
+from torch_golden import torch_reference
 
 
 def test_size_is_numpys_count_and_pytorchs_call():
@@ -262,7 +265,7 @@ def test_numpy_linalg_functions_take_the_last_two_axes():
 
 @pytest.mark.parametrize("call, message", [
     (lambda x: np.sum(x, out=np.zeros(())), r"np.sum: out=array\(0.\) is not supported"),
-    (lambda x: np.sum(x, initial=1.0), "np.sum: initial=1.0 is not supported"),
+    (lambda x: np.var(x, mean=1.0), "np.var: mean=1.0 is not supported"),
     (lambda x: np.reshape(x, 6, order="F"), "np.reshape: order='F' is not supported"),
     (lambda x: np.linalg.det(x), "np.linalg.det is not supported"),
     (lambda x: np.take(x, x > 0, mode="wrap"), "take: mode='wrap' needs constant indices"),
@@ -290,3 +293,122 @@ def test_pytorch_spellings_of_norm_std_and_permute():
         tj.jit(lambda x: x.norm(1, p=1))(x)
     with pytest.raises(TypeError, match="var: got both ddof= and unbiased="):
         tj.jit(lambda x: x.var(ddof=1, unbiased=True))(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch's tensor methods against PyTorch (stored), numpy's newer functions at their corners
+# ------------------------------------------------------------------------------------------------
+def _tensor_methods(x, m):
+    """The same calls on a tracer and on a torch tensor (x float64 [3, 4], m a bool mask)."""
+    return dict(
+        amax=x.amax(1, keepdim=True), amin=x.amin(dim=(0, 1)), amax_all=x.amax(), expand=x[:, :1].expand(2, -1, 5),
+        flip=x.flip(0, 1), roll=x.roll((1, -1), (0, 1)), roll_flat=x.roll(5),
+        chunk_last=x.chunk(3, 1)[-1], chunk_count=x.chunk(3, 1)[0] * 0 + len(x.chunk(3, 1)),
+        split=x.split(3, dim=1)[1], split_sizes=x.split([1, 2], 0)[1],
+        masked_fill=x.masked_fill(m, -1.5), softmax=x.softmax(0), log_softmax=x.log_softmax(1),
+        detach=x.detach() * x, square=x.square(), neg=x.neg(), clamp_min=x.clamp_min(0.1),
+        clamp_max=x.clamp_max(-0.1), swapdims=x.swapdims(0, 1), reshape=x.reshape(shape=(2, 6)),
+        contiguous=x.contiguous(), double=x.float().double())
+
+
+def test_tensor_methods_match_pytorch():
+    rng = np.random.default_rng(11)
+    x, m = rng.standard_normal((3, 4)), rng.standard_normal((3, 4)) > 0.3
+    want = torch_reference("ops_everyday-tensor-methods",
+                           lambda torch: {k: v.numpy() for k, v in _tensor_methods(
+                               torch.tensor(x), torch.tensor(m)).items()})
+    got = tj.jit(lambda x: _tensor_methods(x, m))(x)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].shape == want[k].shape, k
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-7 if k == "double" else 1e-14,
+                                   err_msg=k)
+
+
+def test_float_and_double_convert_and_repeat_is_numpys():
+    x = np.arange(6.0).reshape(2, 3)
+    f, d, r = tj.jit(lambda x: (x.float(), x.float().double(), x.repeat(2, axis=1)))(x)
+    assert f.dtype == np.float32 and d.dtype == np.float64
+    np.testing.assert_array_equal(r, x.repeat(2, axis=1))   # not PyTorch's tiling
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda x: x.chunk(0), ValueError, "chunks must be a positive int"),
+    (lambda x: x.flip(), TypeError, "flip: expects the dimensions"),
+    (lambda x: x.split([1, 1], 1), ValueError, "do not add up to the length 3"),
+    (lambda x: x.expand(-1, 3, 4), ValueError, "-1 is not allowed for the new leading"),
+    (lambda x: np.max(x, where=x > 0), ValueError, "needs initial= to use a where= mask"),
+    (lambda x: np.quantile(x, x[0, 0]), TypeError, "q must be a constant"),
+    (lambda x: np.quantile(x, 1.5), ValueError, r"in the range \[0, 1\]"),
+    (lambda x: np.median(x, axis=0, out=x), TypeError, "out= writes in place"),
+    (lambda x: np.percentile(x, 50, method="nearest"), NotImplementedError, "method='linear'"),
+    (lambda x: np.cov(x, fweights=[1, 2, 1]), NotImplementedError, "fweights="),
+    (lambda x: np.interp(x, [0.0, 1.0], [1.0, 2.0], period=2.0), NotImplementedError,
+     "period="),
+    (lambda x: np.interp(x, x, x[0]), ValueError, "xp must be 1-d"),
+    (lambda x: np.convolve(x[0], x[1], "middle"), ValueError, "mode must be 'full', 'same'"),
+    (lambda x: np.correlate(x, x[0]), ValueError, "a must be a non-empty 1-d array"),
+    (lambda x: np.meshgrid(x[0], indexing="yx"), ValueError, "indexing must be 'xy' or 'ij'"),
+    (lambda x: np.average(x, weights=x[0]), TypeError, "axis must be specified"),
+    (lambda x: np.average(x, axis=0, weights=x[0]), ValueError, "length of weights 3 differs"),
+])
+def test_numpy_functions_refuse_what_they_cannot_answer(call, error, message):
+    with pytest.raises(error, match=message):
+        tj.jit(call)(np.ones((2, 3)))
+
+
+def test_signs_steps_and_floor_division_at_their_corners():
+    a = np.array([0.0, -0.0, 1.0, -2.5, 1.0, 7.0, -7.0, np.inf])
+    b = np.array([-0.0, 3.0, 0.1, 0.0, -0.0, -2.0, 2.0, 1.0])
+    with np.errstate(all="ignore"):
+        got = tj.jit(lambda a, b: (np.signbit(a), np.copysign(a + 1.0, b), np.heaviside(a, b),
+                                   a // b, np.floor_divide(a, 0.1), a // 0.5))(a, b)
+        want = (np.signbit(a), np.copysign(a + 1.0, b), np.heaviside(a, b), a // b,
+                np.floor_divide(a, 0.1), a // 0.5)
+    for g, w in zip(got, want):   # 1.0 // 0.1 is 9.0 in numpy (not floor(10.000000000000002))
+        np.testing.assert_array_equal(g, w)
+    i = np.array([7, -7, 6, 0, 2 ** 24])   # (2**24 + 1, the divisor below, is not a float32)
+    ints = tj.jit(lambda i: (i // 3, -7 // i, i // 0, i // 16777217))(i)
+    with np.errstate(all="ignore"):
+        want = (i // 3, -7 // i, i // 0, i // 16777217)
+    for g, w in zip(ints, want):
+        assert g.dtype == np.int64
+        np.testing.assert_array_equal(g, w)
+
+
+def test_sinc_gradient_at_zero_and_isclose_of_infinities():
+    g = tj.jit_grad(lambda x: np.sinc(x).sum())(np.array([0.0, 0.5]))
+    assert g[0] == 0.0 and np.isclose(g[1], (np.pi * 0.5 * np.cos(np.pi / 2) - 1) / 0.5 ** 2
+                                      / np.pi)
+    a = np.array([np.inf, -np.inf, np.nan, 1.0, np.inf])
+    b = np.array([np.inf, np.inf, np.nan, 1.0 + 1e-9, 1e308])
+    got = tj.jit(lambda a, b: (np.isclose(a, b), np.isclose(a, b, equal_nan=True),
+                               tj.allclose(a[3:4], b[3:4])))(a, b)
+    np.testing.assert_array_equal(got[0], np.isclose(a, b))
+    np.testing.assert_array_equal(got[1], np.isclose(a, b, equal_nan=True))
+    assert got[2].shape == () and got[2].dtype == np.bool_ and got[2]
+
+
+def test_allclose_in_an_if_asks_for_concrete_values():
+    def f(x):
+        if np.allclose(x, 0.0):
+            return x
+        return x * 2
+    with pytest.raises(tj.TracerError, match=r"bool\(\)"):
+        tj.jit(f)(np.ones(3))
+
+
+def test_count_nonzero_and_eager_calls_on_numpy_arrays():
+    x = np.array([[0.0, 1.5, -2.0], [0.0, 0.0, 3.0]])
+    c = tj.jit(lambda x: (np.count_nonzero(x), np.count_nonzero(x, axis=0)))(x)
+    assert c[0].dtype == np.int64 and c[0] == 3
+    np.testing.assert_array_equal(c[1], [0, 1, 2])
+    np.testing.assert_allclose(tj.median(x, axis=1), np.median(x, axis=1), rtol=1e-15)
+    np.testing.assert_allclose(tj.convolve(x[0], x[1], "same"), np.convolve(x[0], x[1], "same"))
+    np.testing.assert_allclose(tj.cov(x), np.cov(x), rtol=1e-14)
+
+
+def test_np_r_of_traced_values_names_the_users_line():
+    line = inspect.currentframe().f_lineno + 2
+    with pytest.raises(tj.TracerError, match=rf"at test_ops_everyday\.py:{line}:.*concatenate"):
+        tj.jit(lambda x: np.r_[x, x])(np.ones(3))

@@ -185,11 +185,11 @@ def test_instance_attribute_arrays_of_a_method_are_guarded():
 # errors
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("call, hint", [
-    (lambda x: np.average(x), r"average.*tracejit\.mean"),
+    (lambda x: np.nanmean(x), r"np\.nanmean.*closest names.*tracejit\.mean"),
     (lambda x: np.copy(x).sum(), r"copy.*x itself"),
     (lambda x: np.empty_like(x).sum(), r"empty_like.*x \* 0"),
     (lambda x: np.add.reduce(x), r"np\.add\.reduce.*tracejit\.sum"),
-    (lambda x: np.sinc(x).sum(), r"np\.sinc.*closest names.*tracejit\.sinh"),
+    (lambda x: np.nanstd(x).sum(), r"np\.nanstd.*closest names.*tracejit\.std"),
 ])
 def test_an_unsupported_numpy_function_names_itself_the_line_and_a_fix(call, hint):
     f = tracejit.jit_grad(call)

@@ -44,6 +44,9 @@ from .ops import (  # noqa: F401,E402
     all, any, broadcast_to, cbrt, cumulative_prod, cumulative_sum, fix, float_power, isfinite,
     isinf, isnan, logical_xor, matrix_norm, matrix_transpose, multi_dot, positive, ptp, take,
     vecdot, vector_norm)
+from .ops import (  # noqa: F401,E402
+    allclose, average, convolve, copysign, corrcoef, correlate, count_nonzero, cov, floor_divide,
+    heaviside, interp, isclose, median, meshgrid, percentile, quantile, signbit, sinc)
 from .nn import erf  # noqa: F401  (tracejit.erf: a composite that lives beside gelu)
 from .tracer import Tracer  # noqa: F401
 from .transforms import hessian, jacfwd, jacrev, jit_jvp  # noqa: F401

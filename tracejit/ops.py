@@ -34,6 +34,7 @@ from .values import (as_bool_value, as_value, float_dtype, promote, result_dtype
 # ------------------------------------------------------------------------------------------------
 # op decorator: API-name scope inside a trace, eager evaluation outside
 # ------------------------------------------------------------------------------------------------
+_NO_VALUE = getattr(np, "_NoValue", None)   # numpy's "not passed" default
 # Errors an op raises about its operands (ShapeError is a ValueError); they get the user's line.
 _LOCATED = (TypeError, ValueError, IndexError, NotImplementedError)
 
@@ -571,6 +572,9 @@ def where(cond, a, b):
     return wrap(lax.select(p, va, vb))
 
 
+_select = where   # for reductions whose numpy parameter `where=` shadows the function
+
+
 @op("clip")
 def clip(a, a_min=None, a_max=None, *, min=None, max=None):
     """numpy's clip: `a` limited to [a_min, a_max] (either bound None: no limit); numpy 2's
@@ -644,19 +648,54 @@ def _keep(x: Value, y: Value, axes, keepdims):
     return lax.reshape(y, [1 if i in axes else n for i, n in enumerate(x.shape)])
 
 
+def _given(value) -> bool:
+    """Whether an optional numpy parameter was passed (numpy's own default is its _NoValue)."""
+    return value is not None and value is not _NO_VALUE
+
+
+def _masked(what, x, where, fill):
+    """numpy's `where=` of a reduction: the elements where the mask is false replaced by the
+    reduction's identity `fill` (no gradient reaches them); True or absent: `x` as it is."""
+    if not _given(where) or where is True:
+        return x
+    if shape_of(where) and broadcast_shapes(shape_of(where), shape_of(x)) != tuple(shape_of(x)):
+        raise ShapeError(f"{what}: the where= mask of shape {list(shape_of(where))} does not "
+                         f"broadcast to the operand's shape {list(shape_of(x))}")
+    return _select(where, x, fill)
+
+
+def _no_identity(what, where, initial):
+    if _given(where) and where is not True and not _given(initial):
+        raise ValueError(f"{what}: a reduction without identity needs initial= to use a where= "
+                         f"mask (an all-false row would be empty), as numpy's")
+
+
 @op("sum")
-def sum(x, axis=None, keepdims=False, *, dim=None, keepdim=None, dtype=None):
+def sum(x, axis=None, keepdims=False, *, dim=None, keepdim=None, dtype=None, initial=None,
+        where=None):
+    """numpy's sum; `initial=` is added to every sum, `where=` (a boolean mask broadcasting to
+    x) leaves out the elements where it is false."""
     axis, keepdims = _torch_axis("sum", axis, keepdims, dim, keepdim)
-    x = _in_dtype(x, dtype)
+    x = _masked("sum", _in_dtype(x, dtype), where, 0.0)
     v = as_value(x, result_dtype(x))
     axes = _axes(v, axis)
-    return wrap(_keep(v, lax.reduce_sum(v, axes), axes, keepdims))
+    out = wrap(_keep(v, lax.reduce_sum(v, axes), axes, keepdims))
+    return add(out, initial) if _given(initial) else out
 
 
 @op("mean")
-def mean(x, axis=None, keepdims=False, *, dim=None, keepdim=None, dtype=None):
+def mean(x, axis=None, keepdims=False, *, dim=None, keepdim=None, dtype=None, where=None):
+    """numpy's mean; with `where=` the mean of the elements where the mask is true (NaN where
+    there are none, as numpy)."""
     axis, keepdims = _torch_axis("mean", axis, keepdims, dim, keepdim)
     x = _in_dtype(x, dtype)
+    if _given(where) and where is not True:
+        if isinstance(where, Tracer):
+            count = sum(broadcast_to(_select(where, 1.0, 0.0), shape_of(x)), axis, keepdims)
+        else:   # a constant mask: a constant count
+            count = np.sum(np.broadcast_to(np.asarray(where, bool), shape_of(x)), axis,
+                           keepdims=keepdims).astype(DTYPES[result_dtype(x)])
+        return divide(sum(x, axis, keepdims, where=where), count)
     v = as_value(x, result_dtype(x))
     axes = _axes(v, axis)
     count = math.prod(v.shape[a] for a in axes)
@@ -664,17 +703,25 @@ def mean(x, axis=None, keepdims=False, *, dim=None, keepdim=None, dtype=None):
 
 
 @op("max")
-def max(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+def max(x, axis=None, keepdims=False, *, dim=None, keepdim=None, initial=None, where=None):
+    """numpy's max (amax); `initial=` takes part in every maximum, `where=` (which needs
+    `initial=`) leaves out the elements where the mask is false."""
     axis, keepdims = _torch_axis("max", axis, keepdims, dim, keepdim)
+    _no_identity("max", where, initial)
+    x = _masked("max", x, where, -np.inf)
     v = as_value(x, result_dtype(x))
     axes = _axes(v, axis)
-    return wrap(_keep(v, lax.reduce_max(v, axes), axes, keepdims))
+    out = wrap(_keep(v, lax.reduce_max(v, axes), axes, keepdims))
+    return maximum(out, initial) if _given(initial) else out
 
 
 @op("min")
-def min(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+def min(x, axis=None, keepdims=False, *, dim=None, keepdim=None, initial=None, where=None):
+    """numpy's min (amin), with `initial=` and `where=` as max."""
     axis, keepdims = _torch_axis("min", axis, keepdims, dim, keepdim)
-    return negative(max(negative(x), axis, keepdims))
+    _no_identity("min", where, initial)
+    return negative(max(negative(x), axis, keepdims,
+                        initial=negative(initial) if _given(initial) else None, where=where))
 
 
 @op("var")
@@ -913,11 +960,15 @@ def _ones_like_part(v: Value, axis: int, n: int) -> Value:
 
 
 @op("prod")
-def prod(a, axis=None, keepdims=False, *, dim=None, keepdim=None, dtype=None):
+def prod(a, axis=None, keepdims=False, *, dim=None, keepdim=None, dtype=None, initial=None,
+         where=None):
     """numpy's prod: a balanced tree of multiplies over the reduced axes (log2(n) levels of
-    elementwise products of even and odd slices)."""
+    elementwise products of even and odd slices); `initial=` multiplies every product, `where=`
+    leaves out the elements where the mask is false."""
     axis, keepdims = _torch_axis("prod", axis, keepdims, dim, keepdim)
-    a = _in_dtype(a, dtype)
+    a = _masked("prod", _in_dtype(a, dtype), where, 1.0)
+    if _given(initial):
+        return multiply(prod(a, axis, keepdims), initial)
     v = as_value(a, result_dtype(a))
     axes = _axes(v, axis)
     rest = [d for d in range(v.ndim) if d not in axes]
@@ -2139,6 +2190,330 @@ def all(a, axis=None, keepdims=False):
 
 
 # ------------------------------------------------------------------------------------------------
+# more of numpy: signs and steps, interpolation, convolution, statistics, grids, comparisons
+# ------------------------------------------------------------------------------------------------
+def _common(*xs):
+    """Operands `xs` as traced values of their common float dtype (constants take the traced
+    operands' dtype, as in the arithmetic operators)."""
+    return [wrap(v) for v in promote(*xs)]
+
+
+@op("signbit")
+def signbit(x):
+    """numpy's signbit: True where the sign bit is set, -0.0 included (1 / -0.0 is -inf); the
+    sign bit of a NaN is not seen (False)."""
+    return logical_or(less(x, 0), logical_and(equal(x, 0), less(divide(1.0, x), 0)))
+
+
+@op("copysign")
+def copysign(x1, x2):
+    """numpy's copysign: |x1| with the sign bit of x2. Gradient: sign(x1) * (+-1) for x1, none
+    for x2."""
+    x1, x2 = _common(x1, x2)
+    return multiply(abs(x1), where(signbit(x2), -1.0, 1.0))
+
+
+@op("heaviside")
+def heaviside(x1, x2):
+    """numpy's heaviside: 0 where x1 < 0, x2 where x1 == 0, 1 where x1 > 0 (NaN for NaN)."""
+    step = where(less(x1, 0), 0.0, where(greater(x1, 0), 1.0, x2))
+    return where(not_equal(x1, x1), x1, step)
+
+
+@op("floor_divide")
+def floor_divide(x1, x2):
+    """numpy's floor_divide (Python's //): floor(x1 / x2) computed as numpy does, from fmod, so
+    that x1 == x2 * (x1 // x2) + x1 % x2 holds exactly; integers stay integers (a zero divisor
+    gives 0, as numpy). Zero gradient (piecewise constant)."""
+    dt = int_operands_dtype(x1, x2)
+    if dt is not None:   # exact in float64 for |x| < 2**53
+        f64 = [astype(x, np.float64) if isinstance(x, Tracer) else np.asarray(x, np.float64)
+               for x in (x1, x2)]
+        q = floor_divide(*f64)
+        return astype(where(equal(x2, 0), 0.0, q), DTYPES[dt])
+    m = fmod(x1, x2)
+    div = divide(subtract(x1, m), x2)
+    div = where(logical_and(not_equal(m, 0), not_equal(less(x2, 0), less(m, 0))),
+                subtract(div, 1.0), div)
+    q = floor(div)
+    q = where(greater(subtract(div, q), 0.5), add(q, 1.0), q)
+    # a zero divisor: x1 / x2 (inf or NaN), as numpy
+    return stop_gradient(where(equal(x2, 0), divide(x1, x2), q))
+
+
+@op("sinc")
+def sinc(x):
+    """numpy's normalized sinc, sin(pi x) / (pi x), 1 at 0 (where its first derivative, 0, is
+    exact; higher derivatives at exactly 0 are not)."""
+    zero = equal(x, 0)
+    t = multiply(where(zero, 1.0, x), math.pi)
+    return where(zero, 1.0, divide(sin(t), t))
+
+
+@op("isclose")
+def isclose(a, b, rtol=1e-05, atol=1e-08, equal_nan=False):
+    """numpy's isclose: |a - b| <= atol + rtol * |b| for finite values, equality otherwise; with
+    equal_nan NaNs compare equal. A traced boolean array."""
+    finite = logical_and(isfinite(a), isfinite(b))
+    near = less_equal(abs(subtract(a, b)), add(atol, multiply(rtol, abs(b))))
+    out = logical_or(logical_and(finite, near), logical_and(logical_not(finite), equal(a, b)))
+    return logical_or(out, logical_and(isnan(a), isnan(b))) if equal_nan else out
+
+
+@op("allclose")
+def allclose(a, b, rtol=1e-05, atol=1e-08, equal_nan=False):
+    """numpy's allclose as a traced 0-d boolean (as jax.numpy's): numpy's returns a Python bool,
+    which a traced comparison cannot be; `if tracejit.allclose(...)` raises the concretization
+    error (compare outside the traced function, or use tracejit.where)."""
+    return all(isclose(a, b, rtol, atol, equal_nan))
+
+
+@op("count_nonzero")
+def count_nonzero(a, axis=None, *, keepdims=False):
+    """numpy's count_nonzero: the number of nonzero (true) elements along `axis`, as int64."""
+    return astype(sum(where(a, 1.0, 0.0).astype(np.float64), axis, keepdims), np.int64)
+
+
+@op("average")
+def average(a, axis=None, weights=None, returned=False, *, keepdims=False):
+    """numpy's average: the mean along `axis`, or with `weights` (of a's shape, or 1-d along a
+    single `axis`) sum(a * w) / sum(w); `returned=True` also gives the sum of the weights,
+    broadcast to the average's shape."""
+    keepdims = bool(keepdims) if _given(keepdims) else False
+    if weights is None:
+        avg = mean(a, axis, keepdims)
+        if not returned:
+            return avg
+        shp = shape_of(avg)
+        count = math.prod(shape_of(a)) // builtins.max(math.prod(shp), 1) if shape_of(a) else 1
+        return avg, broadcast_to(full_like(avg, float(count)), shp)
+    a, weights = _common(a, weights)
+    ash, wsh = tuple(shape_of(a)), tuple(shape_of(weights))
+    if wsh != ash:
+        if axis is None:
+            raise TypeError(f"average: axis must be specified when the shapes of a "
+                            f"{list(ash)} and weights {list(wsh)} differ")
+        if len(wsh) != 1 or not isinstance(axis, (numbers.Integral, np.integer)):
+            raise TypeError(f"average: 1-d weights (of shape {list(wsh)}) need one int axis, "
+                            f"got axis={axis!r}")
+        ax = int(axis) % len(ash)
+        if wsh[0] != ash[ax]:
+            raise ValueError(f"average: length of weights {wsh[0]} differs from that of axis "
+                             f"{axis} ({ash[ax]})")
+        weights = reshape(weights, tuple(n if i == ax else 1 for i, n in enumerate(ash)))
+    wsum = sum(broadcast_to(weights, ash), axis, keepdims)
+    avg = divide(sum(multiply(a, weights), axis, keepdims), wsum)
+    return (avg, broadcast_to(wsum, shape_of(avg))) if returned else avg
+
+
+@op("meshgrid")
+def meshgrid(*xi, copy=True, sparse=False, indexing="xy"):
+    """numpy's meshgrid: coordinate arrays from 1-d coordinate vectors; indexing "xy" (the first
+    two output axes swapped, as numpy's default) or "ij"; sparse: unit axes instead of
+    broadcasting."""
+    if indexing not in ("xy", "ij"):
+        raise ValueError(f"meshgrid: indexing must be 'xy' or 'ij', got {indexing!r}")
+    n = len(xi)
+    vecs = [ravel(x) for x in xi]
+    shape = [len(v) for v in vecs]
+    if indexing == "xy" and n > 1:
+        shape[0], shape[1] = shape[1], shape[0]
+    out = []
+    for i, v in enumerate(vecs):
+        ax = {0: 1, 1: 0}.get(i, i) if indexing == "xy" and n > 1 else i
+        grid = reshape(v, tuple(-1 if d == ax else 1 for d in range(n)))
+        out.append(grid if sparse else broadcast_to(grid, tuple(shape)))
+    return out
+
+
+@op("interp")
+def interp(x, xp, fp, left=None, right=None, period=None):
+    """numpy's interp: the piecewise-linear interpolant through (xp, fp) (xp increasing, 1-d)
+    at x, fp[0] (or `left`) below xp[0] and fp[-1] (or `right`) above xp[-1]. Differentiable
+    in x, fp and xp. Each x is compared with every knot (len(x) * len(xp) work, no search)."""
+    if period is not None:
+        raise NotImplementedError("interp: period= is not supported on traced values")
+    for name, arr in (("xp", xp), ("fp", fp)):
+        if len(shape_of(arr)) != 1:
+            raise ValueError(f"interp: {name} must be 1-d, got shape {list(shape_of(arr))}")
+    n = shape_of(xp)[0]
+    x, xp, fp = _common(x, xp, fp)
+    if shape_of(fp)[0] != n or n == 0:
+        raise ValueError(f"interp: fp and xp must have the same nonzero length, got "
+                         f"{shape_of(fp)[0]} and {n}")
+    xs = shape_of(x)
+    col = reshape(x, tuple(xs) + (1,))
+    lo_v = fp[0] if left is None else left
+    hi_v = fp[n - 1] if right is None else right
+    out = add(where(less(x, xp[0]), lo_v, 0.0), where(greater(x, xp[n - 1]), hi_v, 0.0))
+    out = add(out, where(equal(x, xp[n - 1]), fp[n - 1], 0.0))
+    if n > 1:
+        x0, x1, f0, f1 = xp[:-1], xp[1:], fp[:-1], fp[1:]
+        dx = subtract(x1, x0)
+        # (a zero-width segment is never chosen below; keep its slope finite for the gradient)
+        slope = divide(subtract(f1, f0), where(equal(dx, 0), 1.0, dx))
+        inside = logical_and(greater_equal(col, x0), less(col, x1))
+        seg = add(f0, multiply(slope, subtract(col, x0)))
+        out = add(out, sum(where(inside, seg, 0.0), -1))
+    return out
+
+
+def _correlate_full(what, a, v):
+    """Full cross-correlation c[k] = sum_n a[n + k - (len(v) - 1)] * v[n] of 1-d a and v, as one
+    conv1d over a padded on both sides."""
+    from . import nn
+    for name, arr in (("a", a), ("v", v)):
+        if len(shape_of(arr)) != 1 or not shape_of(arr)[0]:
+            raise ValueError(f"{what}: {name} must be a non-empty 1-d array, got shape "
+                             f"{list(shape_of(arr))}")
+    nv = shape_of(v)[0]
+    a, v = _common(a, v)
+    y = nn.conv1d(reshape(a, (1, 1, -1)), reshape(v, (1, 1, -1)), padding=nv - 1)
+    return reshape(y, (-1,))
+
+
+def _conv_mode(what, full, na, nv, mode, flipped):
+    """The part of a full correlation or convolution numpy's `mode` returns."""
+    m, k = builtins.max(na, nv), builtins.min(na, nv)
+    if mode == "full":
+        return full
+    if mode == "valid":
+        lo, length = k - 1, m - k + 1
+    elif mode == "same":
+        lo, length = (k - 1) // 2, m
+        if flipped:   # numpy correlates the swapped operands and reverses the result
+            lo = na + nv - 1 - m - lo
+    else:
+        raise ValueError(f"{what}: mode must be 'full', 'same' or 'valid', got {mode!r}")
+    return full[lo:lo + length]
+
+
+@op("correlate")
+def correlate(a, v, mode="valid"):
+    """numpy's correlate of 1-d arrays (modes full, same, valid), one conv1d."""
+    full = _correlate_full("correlate", a, v)
+    na, nv = shape_of(a)[0], shape_of(v)[0]
+    return _conv_mode("correlate", full, na, nv, mode, flipped=na < nv)
+
+
+@op("convolve")
+def convolve(a, v, mode="full"):
+    """numpy's convolve of 1-d arrays (modes full, same, valid): the correlation with v
+    reversed, one conv1d."""
+    full = _correlate_full("convolve", a, flip(v))
+    return _conv_mode("convolve", full, shape_of(a)[0], shape_of(v)[0], mode, flipped=False)
+
+
+@op("cov")
+def cov(m, y=None, rowvar=True, bias=False, ddof=None, fweights=None, aweights=None, *,
+        dtype=None):
+    """numpy's cov: the covariance of the variables in the rows (rowvar=True) or columns of m
+    (and of y), normalized by N - 1, N with bias=True, or N - ddof; squeezed as numpy's."""
+    if fweights is not None or aweights is not None:
+        raise NotImplementedError("cov: fweights= and aweights= are not supported on traced "
+                                  "values")
+    if len(shape_of(m)) > 2:
+        raise ValueError(f"cov: m has more than 2 dimensions (shape {list(shape_of(m))})")
+    m, y = (_in_dtype(m, dtype), None) if y is None else _common(_in_dtype(m, dtype),
+                                                                _in_dtype(y, dtype))
+    X = atleast_2d(m)
+    if not rowvar and shape_of(X)[0] != 1:
+        X = transpose(X)
+    if y is not None:
+        Y = atleast_2d(y)
+        if not rowvar and shape_of(Y)[0] != 1:
+            Y = transpose(Y)
+        X = concatenate([X, Y], 0)
+    ddof = (0 if bias else 1) if ddof is None else int(ddof)
+    n = shape_of(X)[1]
+    Xc = subtract(X, mean(X, 1, keepdims=True))
+    c = divide(matmul(Xc, transpose(Xc)), float(builtins.max(n - ddof, 0)))
+    return squeeze(c)
+
+
+@op("corrcoef")
+def corrcoef(x, y=None, rowvar=True, bias=_NO_VALUE, ddof=_NO_VALUE, *, dtype=None):
+    """numpy's corrcoef: the covariance normalized by the standard deviations, clipped to
+    [-1, 1] as numpy's (bias and ddof cancel, as in numpy)."""
+    c = cov(x, y, rowvar, dtype=dtype)
+    if not shape_of(c):   # one variable: c / c
+        return divide(c, c)
+    d = sqrt(diagonal(c))
+    c = divide(divide(c, reshape(d, (-1, 1))), reshape(d, (1, -1)))
+    return clip(c, -1.0, 1.0)
+
+
+def _quantile(what, a, q, axis, keepdims, method):
+    """numpy's quantile with method='linear' for constant q: along `axis` of the sorted values,
+    s[floor(p)] + (p - floor(p)) * (s[floor(p) + 1] - s[floor(p)]) with p = q * (n - 1); the
+    gradient flows through the sorted values to the elements chosen (as jax.numpy's)."""
+    if method != "linear":
+        raise NotImplementedError(f"{what}: only method='linear' is supported on traced values, "
+                                  f"got {method!r}")
+    if isinstance(q, Tracer):
+        raise TypeError(f"{what}: q must be a constant (numbers or a numpy array), not traced")
+    q = np.asarray(q, dtype=np.float64)
+    if q.ndim > 1 or (q.size and (q.min() < 0 or q.max() > 1)):
+        raise ValueError(f"{what}: quantiles must be a number or 1-d, in the range [0, 1], "
+                         f"got {q.tolist()!r}")
+    v = _layout_value(a)
+    axes = _axes(v, axis)
+    nd = v.ndim
+    # the reduced axes to the end, merged, then sorted
+    rest = [d for d in range(nd) if d not in axes]
+    t = transpose(a, rest + list(axes))
+    t = reshape(t, tuple(v.shape[d] for d in rest) + (-1,))
+    n = shape_of(t)[-1]
+    if n == 0:
+        raise ValueError(f"{what}: of an empty array")
+    s = sort(t, -1)
+    outs = []
+    for qi in q.reshape(-1):
+        p = qi * (n - 1)
+        lo = int(math.floor(p))
+        hi = builtins.min(lo + 1, n - 1)
+        g = p - lo
+        s_lo, s_hi = s[..., lo], s[..., hi]
+        # numpy's lerp: the side nearer the point, so q = 1 gives s[-1] exactly
+        outs.append(add(s_lo, multiply(subtract(s_hi, s_lo), g)) if g < 0.5 else
+                    subtract(s_hi, multiply(subtract(s_hi, s_lo), 1.0 - g)))
+    res = [reshape(o, [1 if d in axes else v.shape[d] for d in range(nd)]) if keepdims else o
+           for o in outs]
+    return res[0] if q.ndim == 0 else stack(res, 0)
+
+
+@op("quantile")
+def quantile(a, q, axis=None, out=None, overwrite_input=False, method="linear",
+             keepdims=False, *, weights=None, interpolation=None):
+    """numpy's quantile (method='linear'; q constant, in [0, 1]); a 1-d q gives its axis first."""
+    _no_out("quantile", out)
+    if weights is not None:
+        raise NotImplementedError("quantile: weights= is not supported on traced values")
+    return _quantile("quantile", a, q, axis, keepdims, interpolation or method)
+
+
+@op("percentile")
+def percentile(a, q, axis=None, out=None, overwrite_input=False, method="linear",
+               keepdims=False, *, weights=None, interpolation=None):
+    """numpy's percentile: quantile of q / 100."""
+    _no_out("percentile", out)
+    if weights is not None:
+        raise NotImplementedError("percentile: weights= is not supported on traced values")
+    if isinstance(q, Tracer):
+        raise TypeError("percentile: q must be a constant (numbers or a numpy array), not traced")
+    return _quantile("percentile", a, np.asarray(q, dtype=np.float64) / 100.0, axis, keepdims,
+                     interpolation or method)
+
+
+@op("median")
+def median(a, axis=None, out=None, overwrite_input=False, keepdims=False):
+    """numpy's median: the middle of the sorted values (the mean of the two middle ones for an
+    even count); its gradient goes to those elements."""
+    _no_out("median", out)
+    return _quantile("median", a, 0.5, axis, keepdims, "linear")
+
+
+# ------------------------------------------------------------------------------------------------
 # numpy protocol tables (np.tanh(tracer), np.sum(tracer), ...)
 # ------------------------------------------------------------------------------------------------
 UFUNCS = {
@@ -2187,6 +2562,13 @@ ARRAY_FUNCTIONS.update({
     "broadcast_to": broadcast_to, "take": take, "cumulative_sum": cumulative_sum,
     "cumulative_prod": cumulative_prod, "ptp": ptp, "fix": fix, "any": any, "all": all,
     "row_stack": vstack})
+UFUNCS.update({"signbit": signbit, "copysign": copysign, "heaviside": heaviside,
+               "floor_divide": floor_divide})
+ARRAY_FUNCTIONS.update({
+    "sinc": sinc, "isclose": isclose, "allclose": allclose, "count_nonzero": count_nonzero,
+    "average": average, "meshgrid": meshgrid, "interp": interp, "correlate": correlate,
+    "convolve": convolve, "cov": cov, "corrcoef": corrcoef, "quantile": quantile,
+    "percentile": percentile, "median": median})
 # numpy.linalg's functions: dispatched by module as well as name, because numpy.linalg.trace and
 # numpy.linalg.diagonal take the last two axes where numpy.trace and numpy.diagonal take the first
 LINALG_FUNCTIONS = {
@@ -2197,7 +2579,6 @@ LINALG_FUNCTIONS = {
 
 # numpy parameters that tracejit's ops do not take, accepted only at values that change nothing
 # for a traced value (a C-ordered array that is never written in place)
-_NO_VALUE = getattr(np, "_NoValue", None)
 _INERT = {"out": (None,), "order": (None, "C", "K", "A"), "subok": (True, False),
           "casting": ("same_kind", "unsafe", "safe", "equiv", "no"), "device": (None, "cpu"),
           "initial": (_NO_VALUE,), "where": (True, _NO_VALUE), "copy": (None, True, False),

@@ -119,6 +119,8 @@ class Tracer:
     def __rtruediv__(self, o): return _ops().divide(o, self)
     def __mod__(self, o): return _ops().remainder(self, o)
     def __rmod__(self, o): return _ops().remainder(o, self)
+    def __floordiv__(self, o): return _ops().floor_divide(self, o)
+    def __rfloordiv__(self, o): return _ops().floor_divide(o, self)
     def __pow__(self, o): return _ops().power(self, o)
     def __rpow__(self, o): return _ops().power(o, self)
     def __matmul__(self, o): return _ops().matmul(self, o)
@@ -169,7 +171,12 @@ class Tracer:
     def cumsum(self, axis=None, **torch_kw): return _ops().cumsum(self, axis, **torch_kw)
     def cumprod(self, axis=None, **torch_kw): return _ops().cumprod(self, axis, **torch_kw)
 
-    def reshape(self, *shape):
+    def reshape(self, *shape, **kw):
+        """numpy's x.reshape(shape) / x.reshape(*shape) and PyTorch's x.reshape(shape=...)."""
+        if kw:
+            if shape or set(kw) != {"shape"}:
+                raise TypeError(f"reshape: expects the shape or shape=, got {sorted(kw)}")
+            shape = (kw["shape"],)
         return _ops().reshape(self, shape[0] if len(shape) == 1 else shape)
 
     def transpose(self, *axes):
@@ -226,6 +233,83 @@ class Tracer:
         return _ops().transpose(self)
 
     def clamp(self, min=None, max=None): return _ops().clip(self, min, max)
+    def clamp_min(self, min): return _ops().clip(self, min, None)
+    def clamp_max(self, max): return _ops().clip(self, None, max)
+    def swapdims(self, dim0, dim1): return _ops().swapaxes(self, dim0, dim1)
+    # PyTorch's amax/amin: dim=() (its default) reduces over every dimension
+    def amax(self, dim=(), keepdim=False): return _ops().max(self, _all_if_empty(dim), keepdim)
+    def amin(self, dim=(), keepdim=False): return _ops().min(self, _all_if_empty(dim), keepdim)
+    def square(self): return _ops().square(self)
+    def neg(self): return _ops().negative(self)
+    def detach(self): return _ops().stop_gradient(self)
+    def float(self): return _ops().astype(self, "float32")
+    def double(self): return _ops().astype(self, "float64")
+    def contiguous(self): return self
+    def softmax(self, dim): return _nn().softmax(self, dim)
+    def log_softmax(self, dim): return _nn().log_softmax(self, dim)
+    def masked_fill(self, mask, value): return _ops().where(mask, value, self)
+
+    def expand(self, *sizes):
+        """PyTorch's expand: broadcast to `sizes` (new dimensions in front; -1 keeps one)."""
+        sizes = tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) \
+            else sizes
+        lead = len(sizes) - self.ndim
+        if lead < 0:
+            raise ValueError(f"expand: {len(sizes)} sizes for a value of shape "
+                             f"{list(self.shape)}")
+        shape = []
+        for i, n in enumerate(sizes):
+            if n == -1:
+                if i < lead:
+                    raise ValueError(f"expand: -1 is not allowed for the new leading "
+                                     f"dimension {i} (sizes {list(sizes)})")
+                n = self.shape[i - lead]
+            shape.append(n)
+        return _ops().broadcast_to(self, tuple(shape))
+
+    def flip(self, *dims):
+        """PyTorch's x.flip(dims) (an int, a tuple or several ints; numpy arrays have no flip
+        method)."""
+        if not dims:
+            raise TypeError("flip: expects the dimensions to reverse (x.flip(0), x.flip((0, 1)))")
+        dims = dims[0] if len(dims) == 1 else dims
+        return _ops().flip(self, dims)
+
+    def roll(self, shifts, dims=None): return _ops().roll(self, shifts, dims)
+
+    def chunk(self, chunks, dim=0):
+        """PyTorch's chunk: pieces of ceil(n / chunks) along `dim` (the last one smaller; fewer
+        than `chunks` pieces when they run out), as a tuple."""
+        if not isinstance(chunks, int) or chunks <= 0:
+            raise ValueError(f"chunk: chunks must be a positive int, got {chunks!r}")
+        n = self.shape[dim]
+        step = max(-(-n // chunks), 1)
+        return self.split(step, dim)
+
+    def split(self, split_size_or_sections, dim=0):
+        """PyTorch's split (numpy arrays have no split method): pieces of `split_size` along
+        `dim` (the last one smaller), or of the given sizes, which must add up to the length."""
+        n = self.shape[dim]
+        s = split_size_or_sections
+        if isinstance(s, int):
+            if s <= 0:
+                raise ValueError(f"split: split_size must be positive, got {s}")
+            sizes = [min(s, n - i) for i in range(0, n, s)] or [0]
+        else:
+            sizes = [int(k) for k in s]
+            if sum(sizes) != n:
+                raise ValueError(f"split: sizes {sizes} do not add up to the length {n} of "
+                                 f"dimension {dim}")
+        cuts, at = [], 0
+        for k in sizes[:-1]:
+            at += k
+            cuts.append(at)
+        return tuple(_ops().split(self, cuts, dim))
+
+    def repeat(self, repeats, axis=None):
+        """numpy's x.repeat (each element `repeats` times), not PyTorch's tiling (tracejit.tile)."""
+        return _ops().repeat(self, repeats, axis)
+
     def pow(self, y): return _ops().power(self, y)
     def exp(self): return _ops().exp(self)
     def log(self): return _ops().log(self)
@@ -285,6 +369,10 @@ _UFUNC_METHODS = {("add", "reduce"): "sum", ("maximum", "reduce"): "max",
                   ("minimum", "reduce"): "min", ("multiply", "reduce"): "prod",
                   ("add", "accumulate"): "cumsum", ("add", "outer"): "outer",
                   ("multiply", "outer"): "outer"}
+
+
+def _all_if_empty(dim):
+    return None if isinstance(dim, (tuple, list)) and not dim else dim
 
 
 def _at() -> str:
