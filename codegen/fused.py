@@ -778,10 +778,16 @@ class Epilogue:
             r0 = b.sdiv(start, i64(inner), name=f"{base}.row0")
             r1 = b.sdiv(b.add(start, count), i64(inner), name=f"{base}.row1")
             with for_range(b, r0, r1, 1, f"{base}.row") as r:
+                # the row's index along each outer axis; the outermost is what is left after
+                # the others, with no remainder (r < the rows of out): a remainder there hid
+                # from LLVM that an epilogue reading the kernel's result reads the element it
+                # writes, and its run-time alias check sent every row to the scalar loop
                 prefix, rest = [], r
-                for n in reversed(shape[:-1]):
+                for n in reversed(shape[1:-1]):
                     prefix.append(b.srem(rest, i64(n)))
                     rest = b.sdiv(rest, i64(n))
+                if len(shape) > 1:
+                    prefix.append(rest)
                 prefix.reverse()
                 row_off = b.mul(r, i64(inner))
                 with for_range(b, 0, inner, 1, f"{base}.col", scalar=inner < SHORT_LOOP) as j:
