@@ -5,9 +5,10 @@ Two register-blocked micro-kernels, both with their accumulators in vector regis
 
 - outer-product form: an MR x NV tile of C (MR rows, NV vectors of columns) accumulates
   op(A)[i, k] (broadcast) * B[k, j:j+VL] over k. op(A) is read in place for either transpose (it
-  is only ever broadcast). From PACK_MIN_ROWS rows of C on, each (column tile, K block) panel of
-  op(B) is first copied (B) or transposed (B^T) into the calling thread's scratch region, where
-  its rows are contiguous (see _pack_function); with fewer rows B is read in place.
+  is only ever broadcast). B is read in place (rows N apart); B^T, which has no in-place form,
+  is transposed one (column tile, K block) panel at a time into the calling thread's scratch
+  region, where its rows are contiguous (see _pack_function). Copying panels of B the same way
+  is a run-time mode of the same function, not chosen (slower here; FORCE["pack"] = "b").
 - dot form (trans_b without trans_a on fewer rows, or a matrix-vector product): an MR x NR tile
   of C keeps MR*NR vector partial sums of A[i, k:k+VL] * B[j, k:k+VL], reduced horizontally once
   at the end; both operands are read contiguously along K, so nothing is packed.
@@ -111,6 +112,7 @@ def transpose_sums(b: ir.IRBuilder, vecs):
 # ------------------------------------------------------------------------------------------------
 OUTER_KC = 128   # K block of the outer form: 128 x 64 bytes of B panel, 8 KB of the 32 KB L1
 PACK_MIN_ROWS = 24   # rows of C from which the outer form packs B's panels (see _pack_function)
+PACKED_PANEL_ROWS = 128   # rows of C an epilogue follows when B is packed (see _rows)
 DOT_K_PER_ROW = 3    # x @ W^T: the dot form when K > 3 M (see _block_plan)
 PACK_MODES = {"": 0, "b": 1, "bt": 2}   # the outer form's run-time `pack` parameter
 FORCE = {}   # blocking overrides for tuning runs (benchmarks/kernels_dense.py --force)
@@ -204,7 +206,11 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
     nv = nv_max if n > (nv_max // 2) * vl else max(1, ceil_div(n, vl))
     mr = 6 if nv == nv_max else min(12, acc // nv)
     mr, nv = FORCE.get("outer", (mr, nv))
-    pack = ("bt" if tb else "b") if panel_rows or tb else ""
+    # B^T is packed into panels (the outer form cannot read it in place); B itself is read in
+    # place: packing its panels measured slower here on 2 threads (x [64,784] @ W [784,256]
+    # 0.53 vs 0.38 ms, a^T @ a [1024,256] 2.86 vs 2.04 ms, batched P @ V 1.43 vs 1.25 ms: the
+    # thread pool's chunks each pack a whole panel). FORCE["pack"] = "b" still selects it.
+    pack = FORCE.get("pack", "bt" if tb else "")
     return _Plan(dt, (), (), (), m, n, k, ta, "outer", pack, mr, nv, vl, es)
 
 
@@ -303,8 +309,9 @@ def _rows(kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams, 
         fn.call(b, ptrs, replace(shape, r0=r0, r1=r1, c0=0, c1=p.n))
         return
     # about 32 rows a panel (whole row tiles): their C block (32 x N floats) is still in L1/L2
-    # when the epilogue runs over it
-    panel = p.mr * max(1, 32 // p.mr)
+    # when the epilogue runs over it. A call that packs B's panels packs all of B once per call,
+    # so packed products take 128 rows a panel
+    panel = p.mr * max(1, (PACKED_PANEL_ROWS if p.pack else 32) // p.mr)
     with carry_loop(b, r0, r1, [], "matmul.panel", step=panel) as lp:
         end = smin(b, b.add(lp.iv, i64(panel)), r1)
         fn.call(b, ptrs, replace(shape, r0=lp.iv, r1=end, c0=0, c1=p.n))
