@@ -497,3 +497,56 @@ def test_epilogue_reads_the_element_it_writes_without_an_alias_check():
     kernel = text[start:text.index("\n}\n", start)]
     assert re.search(r"<\d+ x float>", kernel)
     assert "diff.check" not in kernel and " srem " not in kernel, kernel
+
+
+class ApartEpilogue(AffineEpilogue):
+    """AffineEpilogue applied apart (as fused.Epilogue with apart=True): stores out * 3 + k[0]
+    into a buffer of its own (the first extra argument), leaving the kernel's result alone."""
+    n_args = 2
+    apart = True
+
+    def call(self, b, out, extra_args, start, count):
+        ety = self.ety
+        dst, kp = extra_args
+        k = b.load(b.gep(kp, [llir.Constant(llir.IntType(64), 0)], source_etype=ety), typ=ety)
+        with for_range(b, start, b.add(start, count), 1, "epi") as i:
+            x = b.load(b.gep(out, [i], source_etype=ety), typ=ety)
+            b.store(b.fadd(b.fmul(x, llir.Constant(ety, 3.0)), k),
+                    b.gep(dst, [i], source_etype=ety))
+
+
+def test_epilogue_apart_reuses_one_panel_of_the_product():
+    """An epilogue applied apart is the only reader of the product, so a matmul writes every
+    panel of its rows over its first one: the epilogue still sees each element once, and most
+    of the product's buffer is never touched (it stays in cache instead)."""
+    specs = [("matmul", [(200, 20), (20, 33)], {}), ("matmul", [(20, 400), (33, 20)],
+                                                     dict(trans_a=True, trans_b=True)),
+             ("matmul", [(2, 150, 20), (2, 20, 9)], {})]
+    instrs = [make_instr(prim, shapes, "f32", **params) for prim, shapes, params in specs]
+    epi = ApartEpilogue()
+    epi.ety = llir.FloatType()
+    mod = llir.Module()
+    names = [f"kernel{i}" for i in range(len(instrs))]
+    for name, ins in zip(names, instrs):
+        kernels[ins.prim].lower(mod, name, ins, epilogue=epi)
+    jit = JITModule(str(mod), names)
+    rng = np.random.default_rng(7)
+    shift = np.array([0.5], dtype=np.float32)
+    for name, ins in zip(names, instrs):
+        fn = cfunc(jit.addresses[name], [ctypes.c_void_p] * (len(ins.inputs) + 4)
+                   + [ctypes.c_int64] * 2)
+        arrays = [rng.standard_normal(v.shape).astype(np.float32) for v in ins.inputs]
+        ref, tol = reference(ins, arrays)
+        for nt in (1, 2, 3):
+            out = np.full(ins.out.shape, np.nan, dtype=np.float32)
+            dst = np.full(ins.out.shape, np.nan, dtype=np.float32)
+            raw = np.full(kernels[ins.prim].scratch_bytes(ins, nt) + 64, 0xFF, dtype=np.uint8)
+            args = ([out.ctypes.data] + [a.ctypes.data for a in arrays]
+                    + [dst.ctypes.data, shift.ctypes.data,
+                       raw.ctypes.data + (-raw.ctypes.data) % 64])
+            for tid in range(nt):
+                fn(*args, tid, nt)
+            assert (np.abs(dst - (3 * ref + 0.5)) <= 3 * tol + 1e-6).all(), (ins.params, nt)
+            rows = out.reshape(-1, out.shape[-1])
+            written = int(np.isfinite(rows).all(axis=1).sum())
+            assert written < len(rows), (ins.params, nt, written, len(rows))

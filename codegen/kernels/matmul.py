@@ -312,11 +312,24 @@ def _rows(kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams, 
     # when the epilogue runs over it. A call that packs B's panels packs all of B once per call,
     # so packed products take 128 rows a panel
     panel = p.mr * max(1, (PACKED_PANEL_ROWS if p.pack else 32) // p.mr)
+    ety = llvm_type(p.dtype)
     with carry_loop(b, r0, r1, [], "matmul.panel", step=panel) as lp:
         end = smin(b, b.add(lp.iv, i64(panel)), r1)
-        fn.call(b, ptrs, replace(shape, r0=lp.iv, r1=end, c0=0, c1=p.n))
-        kf.epilogue_rows(b.add(out_off, b.mul(lp.iv, i64(p.n))),
-                         b.mul(b.sub(end, lp.iv), i64(p.n)))
+        if getattr(kf.epilogue, "apart", False):
+            # Only the epilogue reads the product (schedule._fuse_epilogues_apart), so every
+            # panel is written over the thread's first one (rows r0.., its own): one panel of C
+            # stays in cache instead of all of C going out to memory and being read back
+            # (an Adam update over x^T @ dy [256, 784]: 0.97 -> 0.93 ms, 1 thread)
+            back = b.mul(b.sub(lp.iv, r0), i64(p.n))
+            fn.call(b, [gep(b, ptrs[0], b.neg(back), ety)] + ptrs[1:],
+                    replace(shape, r0=lp.iv, r1=end, c0=0, c1=p.n))
+            kf.epilogue.call(b, gep(b, kf.out, b.neg(back), ety), kf.epi,
+                             b.add(out_off, b.mul(lp.iv, i64(p.n))),
+                             b.mul(b.sub(end, lp.iv), i64(p.n)))
+        else:
+            fn.call(b, ptrs, replace(shape, r0=lp.iv, r1=end, c0=0, c1=p.n))
+            kf.epilogue_rows(b.add(out_off, b.mul(lp.iv, i64(p.n))),
+                             b.mul(b.sub(end, lp.iv), i64(p.n)))
 
 
 @params
