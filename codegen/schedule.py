@@ -490,7 +490,10 @@ def _fuse_epilogues_apart(fn: Function, groups: list, locations: dict, fuses_epi
     kernel computing the one buffer it reads elementwise that only it reads (the parameter's
     gradient), as an epilogue applied apart: the kernel writes its result to a buffer of its own
     as usual, and the epilogue reads each finished block while it is in cache and stores the
-    loop's outputs where they go. (An epilogue applied in place cannot: the kernel would write
+    loop's outputs where they go. The epilogue is then the result's only reader, so the kernel
+    may write its blocks over one another (a matmul reuses each thread's first panel of rows,
+    codegen/kernels/matmul.py `_rows`): the result buffer's contents after the kernel are
+    unspecified. (An epilogue applied in place cannot: the kernel would write
     its raw result over the parameter before the epilogue reads it.)
 
     The loop then runs at the kernel's place. Kernels after the loop nest that make other

@@ -18,7 +18,8 @@ the value is computed aside and copied in at the end of the native call. A param
 is one fused loop storing the new parameter and its state together (codegen/schedule.py
 `_merge_output_loops`), run where it can as the epilogue of the loop nest computing the
 parameter's gradient, on each block of the gradient while it is in cache
-(`_fuse_epilogues_apart`). Either way no array is
+(`_fuse_epilogues_apart`; a matmul writes every block of the gradient over its first one, so the
+gradient never goes out to memory and the update's traffic is the parameter and its state). Either way no array is
 allocated per step but the loss (and aux), and the results equal the functional update
 `optimizer.update(grads, state, params)`.
 
