@@ -2,6 +2,7 @@
 target.py): the result must equal the single-module build, survive the persistent cache, and fall
 back to compiling here when a child fails."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -104,3 +105,28 @@ def test_cached_split_code_links_in_a_new_function(monkeypatch, tmp_path):
     assert not n1.cache_hit and n2.cache_hit
     for a, b in zip(r1, r2):
         np.testing.assert_array_equal(a, b)
+
+
+def _mlp_loss(ws, x):
+    for w in ws:
+        x = nn.relu(x @ w)
+    return (x * x).sum()
+
+
+def test_kernels_sharing_generic_functions_are_lowered_into_one_module(monkeypatch):
+    """Every matmul kernel calls the same generic tile and packing functions: spread over two
+    modules, both processes would compile those again. Kept in one module, the split still
+    balances (both modules hold kernels)."""
+    monkeypatch.setattr(target, "SPLIT_WEIGHT", 0)
+    monkeypatch.setenv("TRACEJIT_COMPILE_PROCESSES", "2")
+    ws = [(RNG.standard_normal((16, 16)) / 4).astype(np.float32) for _ in range(6)]
+    x = RNG.standard_normal((8, 16)).astype(np.float32)
+    with _no_cache():
+        text = tracejit.jit_grad(_mlp_loss).ir(ws, x, stage="llvm")
+    modules = [m for m in text.split("; ModuleID") if m.strip()]
+    assert len(modules) == 2
+    generic = [{n for n in re.findall(r'define [^@]*@"?(tracejit\.matmul\.[\w.]+)', m)}
+               for m in modules]
+    assert generic[0] or generic[1]
+    assert not generic[0] & generic[1], generic
+    assert all(re.search(r'define [^@]*@"?k\d+\.', m) for m in modules)
