@@ -130,3 +130,22 @@ def test_kernels_sharing_generic_functions_are_lowered_into_one_module(monkeypat
     assert generic[0] or generic[1]
     assert not generic[0] & generic[1], generic
     assert all(re.search(r'define [^@]*@"?k\d+\.', m) for m in modules)
+
+
+def test_the_thread_pool_is_built_while_the_child_compiles(monkeypatch):
+    """The pool the entry links against costs an LLVM compile of its own: the parent does it
+    while it waits for the child, not after."""
+    from tracejit.codegen import parallel, threadpool
+    if not threadpool.available():
+        pytest.skip("no thread pool on this platform")   # (its code is then never linked)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_NS", 0)   # (so the entry calls the pool)
+    monkeypatch.setattr(threadpool, "_the_pool", None)
+    built = []
+    real_collect = target._collect
+
+    def collect(child):
+        built.append(threadpool._the_pool is not None)
+        return real_collect(child)
+    monkeypatch.setattr(target, "_collect", collect)
+    _native(2, monkeypatch)
+    assert built == [True]
