@@ -679,12 +679,19 @@ def _balance(groups, n_modules: int) -> dict:
         key = ("control",) if g.kind == "control" else \
             ("nn", g.root.prim.name) if g.kind == "nn" else ("loop", g.index)
         units.setdefault(key, []).append(g)
+    # a unit heavier than a module's fair share is split after all (compiling its shared
+    # functions twice costs less than compiling the unit in one process: a deep MLP)
+    share = sum(_compile_weight(g) for g in groups) / n_modules
     home = {}
     for key, members in sorted(units.items(),
                                key=lambda u: -sum(_compile_weight(g) for g in u[1])):
-        # a loop's bodies are lowered where the loop runs: the entry's module
-        k = 0 if key[0] == "control" else load.index(min(load))
+        whole = key[0] == "control" or sum(_compile_weight(g) for g in members) <= share
+        k = load.index(min(load))
         for g in members:
+            if key[0] == "control":   # its bodies are lowered where the loop runs: the entry's
+                k = 0
+            elif not whole:
+                k = load.index(min(load))
             home[g.index] = k
             load[k] += _compile_weight(g)
     return home
