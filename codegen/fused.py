@@ -473,6 +473,12 @@ def is_flat(group) -> bool:
     return schedule.linear_index(group, group.root.out.type.size, group.members)
 
 
+# A fused loop that visits at most this many elements in all is left scalar (no vectorizing, no
+# unrolling): it runs in well under a microsecond either way, while LLVM spends ~10 ms on each
+# loop it vectorizes (a bias gradient's [64, 10] column sum compiled in 38 ms, scalar in 15).
+TINY_WORK = 1024
+
+
 def _store_all(b, el, stores, idx, off):
     """Evaluate every output at `idx`, then store each at `off`: all loads of an element come
     before any store, so an output stored over a buffer the loop reads (in place) is read first."""
@@ -493,7 +499,7 @@ def _lower_map(b, root, leaf_ptrs, members, stores, tid, nthreads, base, flat=Fa
     if flat:
         total = math.prod(shape)
         lo, hi = thread_range(b, total, tid, nthreads)
-        with for_range(b, lo, hi, 1, f"{base}.i", scalar=total < 4 * SHORT_LOOP) as i:
+        with for_range(b, lo, hi, 1, f"{base}.i", scalar=total <= TINY_WORK) as i:
             _store_all(b, _Element(b, leaf_ptrs, members, flat=True), stores, [i], i)
         return
     lo, hi = thread_range(b, shape[0], tid, nthreads)
@@ -503,9 +509,10 @@ def _lower_map(b, root, leaf_ptrs, members, stores, tid, nthreads, base, flat=Fa
         el = _Element(b, leaf_ptrs, members)
         el.ranges = ranges
         _store_all(b, el, stores, idx, _Element(b, {}, set()).linear(idx, shape))
-    with for_range(b, lo, hi, 1, f"{base}.d0") as i0:
+    tiny = math.prod(shape) <= TINY_WORK
+    with for_range(b, lo, hi, 1, f"{base}.d0", scalar=tiny) as i0:
         idx = [i0]
-        _nest(b, shape, 1, idx, base, body, segments)
+        _nest(b, shape, 1, idx, base, body, segments, tiny)
 
 
 def _segments(instrs, shape, most: int = 8):
@@ -534,21 +541,22 @@ def _segments(instrs, shape, most: int = 8):
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _nest(b, shape, d, idx, base, body, segments):
+def _nest(b, shape, d, idx, base, body, segments, tiny=False):
     """Loops over dimensions d.. of `shape` around `body(ranges)`; the innermost runs one loop
-    per segment, `ranges` giving its index's static range."""
+    per segment, `ranges` giving its index's static range. `tiny`: all loops scalar."""
     if d == len(shape):
         body({})
         return
     if d < len(shape) - 1:
-        with for_range(b, 0, shape[d], 1, f"{base}.d{d}", scalar=shape[d] < SHORT_LOOP) as i:
+        with for_range(b, 0, shape[d], 1, f"{base}.d{d}",
+                       scalar=tiny or shape[d] < SHORT_LOOP) as i:
             idx.append(i)
-            _nest(b, shape, d + 1, idx, base, body, segments)
+            _nest(b, shape, d + 1, idx, base, body, segments, tiny)
             idx.pop()
         return
     for k, (s0, s1) in enumerate(segments):
         name = f"{base}.d{d}" + (f".s{k}" if len(segments) > 1 else "")
-        with for_range(b, s0, s1, 1, name, scalar=s1 - s0 < SHORT_LOOP) as i:
+        with for_range(b, s0, s1, 1, name, scalar=tiny or s1 - s0 < SHORT_LOOP) as i:
             idx.append(i)
             body({id(i): (s0, s1)})
             idx.pop()
@@ -578,6 +586,11 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
     blocked = red.sum and dtype in ("f32", "f64")   # sums in float64 blocks (see below)
     wide = F64 if blocked else ty      # type of a register reduction's total
     flush_at = schedule.reduce_flush(group)
+    tiny = math.prod(xs) <= TINY_WORK
+    # the loops over outputs only (setting, flushing, rounding them) are scalar when the outputs
+    # are few: they are a small part of the reduction's work, and each vectorized one costs
+    # compile time
+    few_outputs = math.prod(out_shape) <= TINY_WORK
 
     def combine(acc, v):
         v = _convert_float(b, v, acc.type)
@@ -600,7 +613,7 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
         lo, hi = i64(0), b.select(b.icmp_signed("==", tid, i64(0)), i64(xs[0]), i64(0))
 
     def over_outputs(name, first, stop, body):
-        with for_range(b, first, stop, 1, f"{base}.{name}") as j:
+        with for_range(b, first, stop, 1, f"{base}.{name}", scalar=few_outputs) as j:
             body(j)
 
     def over_own_outputs(name, body):
@@ -639,7 +652,7 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
     def accumulate_loop(start, stop, d, short):
         """acc_slot = the reduction of the elements of dimension d in [start, stop)."""
         b.store(ident, acc_slot)
-        with for_range(b, start, stop, 1, f"{base}.d{d}", scalar=short) as i:
+        with for_range(b, start, stop, 1, f"{base}.d{d}", scalar=short or tiny) as i:
             idx.append(i)
             b.store(combine(b.load(acc_slot), element()), acc_slot)
             idx.pop()
@@ -684,7 +697,8 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
 
     def loop(d, start, stop):
         short = d != sd and xs[d] < SHORT_LOOP
-        with for_range(b, start, stop, 1, f"{base}.d{d}", scalar=short and d == last) as i:
+        with for_range(b, start, stop, 1, f"{base}.d{d}",
+                       scalar=tiny or (short and d == last)) as i:
             idx.append(i)
             if d == last:
                 accumulate(out_off(idx), element())

@@ -182,6 +182,11 @@ def compile_objects(sources, speed_level: int = SPEED_LEVEL) -> list:
     children = [_compile_in_child(src, speed_level) for src in sources[1:]] \
         if len(sources) > 1 and compile_processes() > 1 else [None] * (len(sources) - 1)
     objects = [_compile_object(sources[0], speed_level)]
+    if any(child is not None for child in children):
+        # while the children finish: build the thread pool the entry links against (~25 ms of
+        # LLVM, else done after the last child, in series)
+        from .threadpool import symbols
+        symbols(objects[:1])
     for src, child in zip(sources[1:], children):
         obj = _collect(child) if child is not None else None
         objects.append(obj if obj is not None else _compile_object(src, speed_level))

@@ -104,3 +104,45 @@ def test_cached_split_code_links_in_a_new_function(monkeypatch, tmp_path):
     assert not n1.cache_hit and n2.cache_hit
     for a, b in zip(r1, r2):
         np.testing.assert_array_equal(a, b)
+
+
+
+def _groups(prims):
+    """Stand-ins for a plan's loop-nest kernels of these primitives (what `_balance` reads)."""
+    from types import SimpleNamespace
+    return [SimpleNamespace(index=k, kind="nn", root=SimpleNamespace(prim=p))
+            for k, p in enumerate(prims)]
+
+
+def test_kernels_sharing_generic_functions_are_lowered_into_one_module():
+    """Every matmul kernel calls the same generic tile and packing functions: spread over two
+    modules, both processes would compile those again (LeNet-5's gradient did). Only a
+    primitive heavier than a module's share is split (a deep MLP's matmuls)."""
+    from tracejit.codegen.runtime import _balance
+    from tracejit.ir.prims.linalg import matmul_p
+    from tracejit.ir.prims.nn import conv2d_p
+    mixed = _groups([matmul_p] * 9 + [conv2d_p] * 5)
+    home = _balance(mixed, 2)
+    assert len({home[g.index] for g in mixed if g.root.prim is matmul_p}) == 1, home
+    assert len(set(home.values())) == 2, home
+    mlp = _groups([matmul_p] * 20)
+    home = _balance(mlp, 2)
+    assert sorted(home.values()).count(0) in range(8, 13), home
+
+def test_the_thread_pool_is_built_while_the_child_compiles(monkeypatch):
+    """The pool the entry links against costs an LLVM compile of its own: the parent does it
+    while it waits for the child, not after."""
+    from tracejit.codegen import parallel, threadpool
+    if not threadpool.available():
+        pytest.skip("no thread pool on this platform")   # (its code is then never linked)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_NS", 0)   # (so the entry calls the pool)
+    monkeypatch.setattr(threadpool, "_the_pool", None)
+    built = []
+    real_collect = target._collect
+
+    def collect(child):
+        built.append(threadpool._the_pool is not None)
+        return real_collect(child)
+    monkeypatch.setattr(target, "_collect", collect)
+    _native(2, monkeypatch)
+    assert built == [True]
