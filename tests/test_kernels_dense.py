@@ -313,6 +313,29 @@ def test_conv_flat_mode_forced(flat):
         conv2d.FORCE.clear()
 
 
+STRIDED_COPY_CASES = [  # odd sizes, strides 2 and 3, padding 0 / 1 / 2
+    ((2, 3, 9, 11), (4, 3, 3, 3), (2, 2), (1, 1)),
+    ((1, 2, 10, 13), (3, 2, 3, 3), (3, 3), (2, 2)),
+    ((2, 1, 7, 20), (2, 1, 3, 3), (2, 2), (0, 0)),
+    ((1, 3, 5, 3), (2, 3, 2, 3), (3, 2), (2, 1)),      # an image smaller than a vector
+    ((1, 2, 11, 37), (3, 2, 3, 5), (2, 3), (1, 2)),    # rows of several vectors per phase
+]
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_conv_strided_copy_in_phase_rows_by_shuffles(dtype):
+    """Strided convolutions (forward and weight gradient) split the input's rows into their
+    phase rows a vector at a time (loads, shuffles, whole-vector stores whose spill past a phase
+    row the next block overwrites; masked loads only where a vector leaves the image), not
+    element by element: the copy function of each stride is in the module, and the results
+    match numpy on every border case."""
+    specs = [_conv_specs(prim, case) for case in STRIDED_COPY_CASES
+             for prim in ("conv2d", "conv2d_weight_grad")]
+    ks = check_all(specs, dtype, thread_counts=(1, 2))
+    for sx in (2, 3):
+        assert f"conv.pad.dtype{dtype}.contiguous0.phases{sx}" in ks.jit.asm
+
+
 def test_conv_weight_gradient_flat_mode_with_an_inf_pixel():
     """The flat weight gradient sums over the columns between the output rows too (with zero
     cotangents there): they must not turn an Inf input pixel into 0 * Inf = NaN."""

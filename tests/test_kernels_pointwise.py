@@ -44,6 +44,7 @@ CASES = [
     ((3, 3, 7, 20), 13, (1, 1)),    # unit strides: no gather, dx written in place
     ((1, 17, 10, 23), 4, (3, 2)),   # mixed strides (scalar gather on rows, shuffles on columns)
     ((2, 4, 5, 7), 9, (1, 3)),      # column stride 3: scalar gather and spread
+    ((2, 16, 6, 19), 6, (1, 1)),    # whole vl x vl blocks of the transposed copy, a partial one
 ]
 
 

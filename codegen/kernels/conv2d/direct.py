@@ -15,7 +15,7 @@ from ...loops import I64, carry_loop, fma, gep, i64, if_then, load, masked_load,
     splat, store, vload
 from ..toolkit import I64Arg, Params, ceil_div, dtype_info, lane_mask, opaque, params, \
     shared_function, smax, smin, zero_vector
-from .layout import ALIGN, PadKey, PrepParams, pad
+from .layout import ALIGN, PrepParams, pad, pad_key
 
 
 @params
@@ -164,7 +164,7 @@ def _core_body(s, k: _CoreKey):
         y_begin = b.mul(b.urem(rest, s.yc), s.rows_per_chunk, name="conv.y0")
         y_end = smin(b, b.add(y_begin, s.rows_per_chunk), s.oy)
         with if_then(b, b.icmp_signed("!=", n, item.vals[0]), name="conv.pad"):
-            pad(b, PadKey(k.dtype, k.contiguous), gep(b, src, b.mul(n, s.src_image), ety),
+            pad(b, pad_key(k.dtype, k.sx, k.contiguous), gep(b, src, b.mul(n, s.src_image), ety),
                 pbuf, s.ci, s.prep)
         item.next = [n]
         chans = [smin(b, b.add(o0, i64(r)), co1) for r in range(r_)]

@@ -15,7 +15,7 @@ from .. import CONV_WEIGHT, conv2d_weight_grad_cost, register
 from ..toolkit import I64Arg, Params, ceil_div, dtype_info, hsum, kernel_function, lane_mask, \
     memset0, opaque, params, round_up, shared_function, smax, smin, thread_range
 from ...target import vector_registers
-from .layout import ALIGN, FORCE, PadKey, Prep, PrepParams, pad
+from .layout import ALIGN, FORCE, Prep, PrepParams, pad, pad_key
 from .pointwise import is_pointwise, lower_wgrad, wgrad_scratch
 from .window import is_window, lower_conv2d_weight_grad
 
@@ -297,7 +297,7 @@ def _wgrad_body(s, p: _WGradKey):
                     with if_then(b, b.icmp_signed("<", nn, nimg), name="wgrad.pad.img"):
                         img = b.add(b.mul(b.add(n0, nn), s.c), c)
                         src = gep(b, x, b.mul(img, b.mul(s.src_h, s.src_w)), ety)
-                        pad(b, PadKey(p.dtype, p.sx == 1), src,
+                        pad(b, pad_key(p.dtype, p.sx, p.sx == 1), src,
                             gep(b, pbuf, b.mul(lpn.iv, s.cp), ety), i64(1), s.prep)
             with if_then(b, flat, name="wgrad.ct.copy"):
                 ct_plane = b.mul(s.ct_oy, s.ct_ox)
