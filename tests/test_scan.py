@@ -389,9 +389,10 @@ def test_generated_code_does_not_grow_with_the_trip_count(monkeypatch):
         return (h ** 2).sum()
     g = tracejit.jit_grad(loss)
     texts = []
-    # (both trip counts give the matmul hoisted out of the loop, [steps * B, D] @ W, enough rows
-    # to pack its panels: that choice is the kernel's, not the loop's)
-    for steps in (20, 1000):
+    # (kernels outside the loop over all steps at once, e.g. the bias gradient's sum over
+    # [steps, B, H], choose their code by size: tiny ones stay scalar. Both trip counts here are
+    # past those thresholds, so any difference would be the loop's)
+    for steps in (200, 1000):
         xs = rng.normal(size=(steps, B, D))
         with helpers.use_backend("interpreter"):
             want = g(p, xs)
