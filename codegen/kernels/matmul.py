@@ -111,7 +111,7 @@ def transpose_sums(b: ir.IRBuilder, vecs):
 # matmul
 # ------------------------------------------------------------------------------------------------
 OUTER_KC = 128   # K block of the outer form: 128 x 64 bytes of B panel, 8 KB of the 32 KB L1
-PACK_MIN_ROWS = 24   # rows of C from which the outer form packs B's panels (see _pack_function)
+PACK_MIN_ROWS = 24   # rows of C from which x @ W^T may take the outer form on B^T panels
 PACKED_PANEL_ROWS = 128   # rows of C an epilogue follows when B is packed (see _rows)
 DOT_K_PER_ROW = 3    # x @ W^T: the dot form when K > 3 M (see _block_plan)
 PACK_MODES = {"": 0, "b": 1, "bt": 2}   # the outer form's run-time `pack` parameter
@@ -178,8 +178,7 @@ def _matvec_plan(dt, m, n, k, ta, tb) -> _Plan:
 
 def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
     _, vl, es = dtype_info(dt)
-    # panels of op(B) (see _pack_function) pay once enough row tiles share them; matrix-vector
-    # shapes keep the choices below
+    # panels of B^T (see _pack_function) pay once enough row tiles share them
     panel_rows = m >= PACK_MIN_ROWS and n > 1
     # x @ W^T: the dot form pays a fixed cost a tile (its horizontal sums and masked K step:
     # about 45 cycles against K of FMAs), the outer form the transposition of each element of
