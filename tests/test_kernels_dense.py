@@ -401,20 +401,25 @@ class AffineEpilogue:
             b.store(b.fadd(b.fmul(b.load(p, typ=ety), llir.Constant(ety, 3.0)), k), p)
 
 
+def _lower_with_epilogue(specs, dtype, epi):
+    """(instructions, kernel names, JIT module): the kernels of `specs` lowered into one module
+    with the stand-in epilogue `epi` (its element type set for `dtype`)."""
+    instrs = [make_instr(prim, shapes, dtype, **params) for prim, shapes, params in specs]
+    epi.ety = llir.FloatType() if dtype == "f32" else llir.DoubleType()
+    mod = llir.Module()
+    names = [f"kernel{i}" for i in range(len(instrs))]
+    for name, ins in zip(names, instrs):
+        kernels[ins.prim].lower(mod, name, ins, epilogue=epi)
+    return instrs, names, JITModule(str(mod), names)
+
+
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
 def test_epilogue_applied_once_to_every_element(dtype):
     specs = [("matmul", [(m, k), (n, k)], dict(trans_b=True)) for m, n, k in MATMUL_SHAPES[:9]]
     specs += [("matmul", [(k, m), (k, n)], dict(trans_a=True)) for m, n, k in MATMUL_SHAPES[:9]]
     specs += [_conv_specs(prim, case) for case in CONV_CASES[:8]
               for prim in ("conv2d", "conv2d_input_grad")]
-    instrs = [make_instr(prim, shapes, dtype, **params) for prim, shapes, params in specs]
-    epi = AffineEpilogue()
-    epi.ety = llir.FloatType() if dtype == "f32" else llir.DoubleType()
-    mod = llir.Module()
-    names = [f"kernel{i}" for i in range(len(instrs))]
-    for name, ins in zip(names, instrs):
-        kernels[ins.prim].lower(mod, name, ins, epilogue=epi)
-    jit = JITModule(str(mod), names)
+    instrs, names, jit = _lower_with_epilogue(specs, dtype, AffineEpilogue())
     rng = np.random.default_rng(6)
     shift = np.array([0.5], dtype=NP[dtype])
     for name, ins in zip(names, instrs):
@@ -545,14 +550,7 @@ def test_epilogue_apart_reuses_one_panel_of_the_product():
     specs = [("matmul", [(200, 20), (20, 33)], {}), ("matmul", [(20, 400), (33, 20)],
                                                      dict(trans_a=True, trans_b=True)),
              ("matmul", [(2, 150, 20), (2, 20, 9)], {})]
-    instrs = [make_instr(prim, shapes, "f32", **params) for prim, shapes, params in specs]
-    epi = ApartEpilogue()
-    epi.ety = llir.FloatType()
-    mod = llir.Module()
-    names = [f"kernel{i}" for i in range(len(instrs))]
-    for name, ins in zip(names, instrs):
-        kernels[ins.prim].lower(mod, name, ins, epilogue=epi)
-    jit = JITModule(str(mod), names)
+    instrs, names, jit = _lower_with_epilogue(specs, "f32", ApartEpilogue())
     rng = np.random.default_rng(7)
     shift = np.array([0.5], dtype=np.float32)
     for name, ins in zip(names, instrs):
