@@ -3,7 +3,8 @@
 Modules: layout.py (the padded copy, the weights copy: shared by all), core.py (the plan of
 conv2d / conv2d_input_grad and its kernel function), direct.py and channel.py (its two
 algorithms; the flat mode is the direct one over one long row), phased.py (the strided input
-gradient, phase by phase on the core), wgrad.py (conv2d_weight_grad), window.py (groups > 1 or
+gradient, phase by phase on the core), transposed.py (the stride-1 input gradient as a
+transposed convolution, where the core's padding would waste many multiply-adds), wgrad.py (conv2d_weight_grad), window.py (groups > 1 or
 dilation > 1: all three primitives), pointwise.py (1x1 kernels without padding: all three
 primitives as matrix products on matmul.py's tile functions).
 
@@ -20,6 +21,11 @@ The copy also removes the strides from the inner loops:
   (also in scratch) lets it share the forward core. With strides, each output phase (pixels
   py + sh*y', px + sw*x') is its own stride-1 convolution with the sub-kernel of the taps that
   reach it (phased.py), so no multiply-add sees the zeros a dilated cotangent would have.
+
+The stride-1 input gradient takes the transposed form instead of the core when the cost model
+says so (small planes with large kernels, LeNet-5's second convolution: 4/9 of the core's
+multiply-adds there see a cotangent): vectors along the cotangent rows, PR output rows x KW taps
+of accumulators, the taps' column offsets applied by shuffles after the sums over (o, i).
 
 Grouped and dilated convolutions (depthwise above all) run on window loops instead (window.py).
 

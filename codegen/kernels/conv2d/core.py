@@ -20,6 +20,7 @@ from .channel import lower_channel
 from .direct import lower_direct
 from .layout import ALIGN, FORCE, Prep, weights_copy
 from .phased import phased_input_grad
+from .transposed import applies as transposed_applies, transposed_input_grad
 from .pointwise import is_pointwise, lower_product, product_scratch
 from .window import is_window, lower_conv2d, lower_conv2d_input_grad
 
@@ -46,9 +47,17 @@ _SHARE_SLACK = 1.1
 # The flat mode must save more than this fraction of the block cost: it adds a copy of the
 # valid columns and a per-thread buffer.
 _FLAT_GAIN = 0.9
+# The input gradient as a transposed convolution (transposed.py) when it costs less than this
+# fraction of the core: it adds a row buffer and the copy of its rows.
+_TRANSPOSED_GAIN = 0.9
 # Fewer items (image x channel block) than this split the rows into chunks too, so that the
 # threads of a small batch have work (not with an epilogue or the flat mode: whole planes).
 _MIN_ITEMS = 8
+
+
+def tap_cycles(acc: int, loads: int) -> float:
+    """Half-cycles of a step of `acc` independent FMAs with `loads` L1 accesses (see above)."""
+    return max(acc, loads) * max(1.0, _FMAS_IN_FLIGHT / acc)
 
 
 @dataclass(frozen=True)
@@ -93,10 +102,32 @@ class Core:
         for r, pr, pv in blocks:
             acc = r * pr * pv
             # half-cycles per tap (see the cost model above)
-            cycles = max(acc, r + 2 * pr * pv) * max(1.0, _FMAS_IN_FLIGHT / acc)
+            cycles = tap_cycles(acc, r + 2 * pr * pv)
             work = ceil_div(self.co, r) * ceil_div(oy, pr) * ceil_div(nvec, pv)
             costs.append(cycles * work)
         return next((blk, c) for blk, c in zip(blocks, costs) if c <= _SHARE_SLACK * min(costs))
+
+    def cost(self) -> float:
+        """Half-cycles of one image (of a blocked core): every block's taps over the kernel
+        rows it does not skip (see `direct._core_body`)."""
+        first, last = self.prep.data_rows()
+        span = self.pv * self.vl
+        rows = 0
+        if self.flat:
+            rp = self.prep.row_pitch
+            for x0 in range(0, self.flat_len, span):
+                y_lo, y_hi = x0 // rp, (x0 + span - 1) // rp
+                rows += max(0, min(self.kh, last + 1 - y_lo * self.sy)
+                            - max(0, first - y_hi * self.sy))
+        else:
+            nx = ceil_div(self.ox, span)
+            for y0 in range(0, self.oy, self.pr):
+                y1 = min(y0 + self.pr, self.oy) - 1
+                rows += nx * max(0, min(self.kh, last + 1 - y0 * self.sy)
+                                 - max(0, first - y1 * self.sy))
+        acc = self.r * self.pr * self.pv
+        return (tap_cycles(acc, self.r + 2 * self.pr * self.pv) * ceil_div(self.co, self.r)
+                * self.ci * self.kw * rows)
 
     def blocked(self, epilogue) -> "Core":
         regs = 32 if vector_registers() >= 32 else 16
@@ -217,8 +248,14 @@ def _input_grad_core(ins, epilogue=None):
         prep = Prep(oh, ow, h - 1 + kh, wd - 1 + kw, 1, sh, sw, kh - 1 - ph, kw - 1 - pw)
     # out channel (of the core) = c, in channel = o, tap (i, j) is w[o, c, kh-1-i, kw-1-j]
     core = Core(ins.out.dtype, n, o, c, h, wd, kh, kw, 1, 1, o * kh * kw, kh * kw, kw,
-                 (o, c, kh, kw), prep, o * oh * ow, vl)
-    return core.blocked(epilogue)
+                 (o, c, kh, kw), prep, o * oh * ow, vl).blocked(epilogue)
+    if transposed_applies(sh, sw, kh, kw, ph, pw, vl) and n * c >= _MIN_ITEMS:
+        # without the padding columns of the full convolution (transposed.py)
+        t = transposed_input_grad(ins.out.dtype, n, o, c, h, wd, oh, ow, kh, kw, ph, pw)
+        cheaper = t.cost() < _TRANSPOSED_GAIN * core.cost()
+        if FORCE.get("tgrad", cheaper):
+            return t
+    return core
 
 
 def _register_core(prim, make, cost, lower_window):
