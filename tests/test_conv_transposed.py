@@ -93,3 +93,29 @@ def test_lenet_second_convolution_takes_the_transposed_form():
     arrays = [rng.standard_normal(v.shape).astype(np.float32) for v in lenet.inputs]
     ref, tol = reference(lenet, arrays)
     assert (np.abs(ks.call_threads(0, arrays, 2) - ref) <= tol).all()
+
+
+def test_core_takes_four_by_two_blocks_where_six_channels_do_not_divide():
+    """With 16 vector registers, 16 or 32 output channels take 4 channels x 2 rows of
+    accumulators (6 x 2 would compute 18 of 16 channels), 64 channels on large images keep 6 x 2;
+    the 4 x 2 block is checked against numpy on channel and row remainders, both dtypes."""
+    if core.vector_registers() >= 32:
+        pytest.skip("the 16-register (AVX2) block list")
+
+    def block(x, w, p):
+        c = core._conv_core(make_instr("conv2d", [x, w], "f32", stride=(1, 1), padding=p))
+        return c.r, c.pr, c.pv
+
+    assert block((64, 6, 12, 12), (16, 6, 5, 5), (0, 0)) == (4, 2, 1)      # LeNet-5 conv2
+    assert block((32, 32, 16, 16), (32, 32, 3, 3), (1, 1)) == (4, 2, 1)    # ResNet-8
+    assert block((16, 64, 32, 32), (64, 64, 3, 3), (1, 1)) == (6, 2, 1)    # the conv block
+    cases = [((2, 3, 7, 9), (6, 3, 3, 3), (1, 1), (1, 1)), ((1, 2, 9, 5), (7, 2, 2, 3), (1, 1),
+                                                            (0, 1)),
+             ((2, 3, 11, 13), (5, 3, 3, 3), (2, 2), (1, 1))]
+    try:
+        conv2d.FORCE["core"] = (4, 2, 1)
+        for dtype in ("f32", "f64"):
+            check_all([_conv_specs(prim, case) for case in cases
+                       for prim in ("conv2d", "conv2d_input_grad")], dtype, thread_counts=(1, 2))
+    finally:
+        conv2d.FORCE.clear()

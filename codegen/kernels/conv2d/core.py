@@ -29,8 +29,14 @@ from .window import is_window, lower_conv2d, lower_conv2d_input_grad
 # of one vector, so PV = 1 but for images of one row (conv1d). With 32 registers (AVX-512) up to
 # 24 accumulators; with 16 (AVX2) at most 12, leaving the tap's loads and the broadcast weight
 # their registers (16 accumulators spilled on every tap: 26 GF/s against 33 with 6 x 2 on znver1).
+# 4 x 2 (8 accumulators: fewer loads per FMA than the 12 blocks but 4 x 3) for channel counts that
+# 6 does not divide (6 x 2 computes 18 of 16 channels). On znver1, one thread: LeNet-5's second
+# conv 36.0 GF/s against 32.9 with 6 x 2, ResNet-8's 3x3 convs with 16 and 32 channels 35.7-37.0
+# against 31.8-32.7 (4 x 3: 35.2-35.3, 3 x 4: 30.3); 64 channels on 32 x 32 images stay with 6 x 2
+# (33.4 against 32.9).
 _BLOCKS = {32: ((4, 4, 1), (8, 2, 1), (2, 8, 1), (1, 16, 1), (4, 6, 1), (8, 1, 2), (6, 2, 1)),
-           16: ((6, 2, 1), (4, 3, 1), (2, 6, 1), (1, 12, 1), (3, 4, 1), (6, 1, 2), (4, 1, 3))}
+           16: ((6, 2, 1), (4, 2, 1), (4, 3, 1), (2, 6, 1), (1, 12, 1), (3, 4, 1), (6, 1, 2),
+                (4, 1, 3))}
 # Blocks of the flat mode (one long row: PR = 1).
 _FLAT_BLOCKS = {32: ((8, 1, 2), (8, 1, 3), (6, 1, 3), (4, 1, 4), (6, 1, 2)),
                 16: ((6, 1, 2), (4, 1, 3), (3, 1, 4), (2, 1, 6))}
@@ -38,9 +44,11 @@ _FLAT_BLOCKS = {32: ((8, 1, 2), (8, 1, 3), (6, 1, 3), (4, 1, 4), (6, 1, 2)),
 # Cost model of a block (`Core._best`). Per tap a block of acc = R*PR*PV accumulators issues acc
 # FMAs and R + 2*PR*PV L1 accesses (R broadcasts, PR*PV unaligned vector loads, most of which
 # split a cache line); the core does two FMAs and two loads per cycle, so a tap costs
-# max(acc, R + 2*PR*PV) half-cycles. An FMA's result is ready four or five cycles later, so two FMA
-# pipes need about ten independent accumulators: with fewer, the chains stall in proportion.
-_FMAS_IN_FLIGHT = 10.0
+# max(acc, R + 2*PR*PV) half-cycles. An FMA's result is ready four cycles later, so two FMA
+# pipes need about eight independent accumulators: with fewer, the chains stall in proportion.
+# (znver1 splits a 256-bit FMA in two 128-bit halves, one vector FMA per cycle at a latency of
+# five: five suffice there.)
+_FMAS_IN_FLIGHT = 8.0
 # Blocks whose cost is within this factor of the best count as equal: the first of them (in
 # order of preference) is taken, since sharing a function saves compile time.
 _SHARE_SLACK = 1.1

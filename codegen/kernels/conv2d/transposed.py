@@ -216,20 +216,23 @@ def _tgrad_body(s, k: _TKey):
                     for y in ys]
             with carry_loop(b, 0, s.nv, [zero] * pr, "tgrad.v") as lv:
                 x0 = b.mul(lv.iv, i64(vl))
-                with carry_loop(b, 0, s.o, [zero] * (pr * kw), "tgrad.o") as lo:
-                    pc = gep(b, pbuf, opaque(b, b.mul(lo.iv, s.cp)), ety)
-                    wo = gep(b, w_c, opaque(b, b.mul(lo.iv, ws_o)), ety)
-                    with carry_loop(b, i_lo, i_hi, lo.vals, "tgrad.kh") as li:
-                        back = b.sub(x0, b.mul(li.iv, s.rp))
-                        rows = [vload(b, pc, b.add(bs, back), vty) for bs in base]
-                        wi = gep(b, wo, b.mul(li.iv, i64(kw)), ety)
-                        acc = list(li.vals)
+                # the kernel rows outside, the channels inside: the inner loop's trip count is
+                # the same for every tile (its exit predicted), the kernel rows' is not
+                with carry_loop(b, i_lo, i_hi, [zero] * (pr * kw), "tgrad.kh") as li:
+                    back = b.sub(x0, b.mul(li.iv, s.rp))
+                    pi = [gep(b, pbuf, b.add(bs, back), ety) for bs in base]
+                    wi = gep(b, w_c, b.mul(li.iv, i64(kw)), ety)
+                    with carry_loop(b, 0, s.o, li.vals, "tgrad.o") as lo:
+                        rows = [vload(b, row, b.mul(lo.iv, s.cp), vty) for row in pi]
+                        wo = gep(b, wi, b.mul(lo.iv, ws_o), ety)
+                        acc = list(lo.vals)
                         for j in range(kw):
-                            wv = splat(b, load(b, wi, i64(j), ety), vl)
+                            wv = splat(b, load(b, wo, i64(j), ety), vl)
                             for p in range(pr):
                                 acc[p * kw + j] = fma(b, wv, rows[p], acc[p * kw + j])
-                        li.next = acc
-                    lo.next = li.out
+                        lo.next = acc
+                    li.next = lo.out
+                lo = li
                 carry = []
                 for p in range(pr):
                     lo_v, hi_v = b.fadd(lv.vals[p], lo.out[p * kw]), zero
