@@ -6,6 +6,7 @@ images), with epilogues and on several threads; and chosen for LeNet-5's second 
 from __future__ import annotations
 
 import ctypes
+import re
 
 import numpy as np
 import pytest
@@ -127,8 +128,6 @@ def test_conv_epilogue_reads_the_element_it_writes_without_an_alias_check():
     four axes of NCHW the offset it reads at must be the row's own (one recomputed from the
     remainders of the index made LLVM add a run-time alias check that ran every row in the
     scalar loop: LeNet-5's first conv + bias + relu took 1.5x the conv alone)."""
-    import re
-
     import tracejit
     from tracejit import nn
     rng = np.random.default_rng(0)
@@ -144,3 +143,20 @@ def test_conv_epilogue_reads_the_element_it_writes_without_an_alias_check():
     kernel = text[start:text.index("\n}\n", start)]
     assert re.search(r"<\d+ x float>", kernel)
     assert "diff.check" not in kernel, kernel
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_weight_gradient_unrolls_rows_of_few_whole_vectors(dtype):
+    """Rows of at most four whole vectors (LeNet-5's 8 and 24 columns) are unrolled in the weight
+    gradient, in a function of their own (else a row loop and a tail test around a few FMAs):
+    read in place, from padded copies, strided, and in many chunks."""
+    vl = 8 if dtype == "f32" else 4
+    cases = [((2, 2, 12, 12), (3, 2, 5, 5), (1, 1), (0, 0)),      # ox 8, in place
+             ((2, 3, 8, 8), (5, 3, 3, 3), (1, 1), (1, 1)),        # ox 8, padded copy
+             ((1, 2, 28, 28), (4, 2, 5, 5), (1, 1), (0, 0)),      # ox 24
+             ((2, 2, 9, 33), (3, 2, 3, 3), (2, 2), (0, 0)),       # ox 16, strided
+             ((1, 1, 6, 4 * vl + 2), (2, 1, 3, 3), (1, 1), (0, 0))]   # one vector too many
+    ks = check_all([_conv_specs("conv2d_weight_grad", c) for c in cases], dtype,
+                   thread_counts=(1, 2, 7))
+    names = set(re.findall(r"tracejit\.conv_wgrad\.[\w.]*nxv(\d)", ks.jit.asm))
+    assert {"1", "2"} <= names if dtype == "f32" else {"2", "4"} <= names, names
