@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from ...loops import I64, carry_loop, fma, gep, i64, if_then, load, masked_load, masked_store, \
-    splat, store, vload, vstore
+from ...loops import I64, carry_loop, fma, gep, i64, if_then, load, masked_store, splat, store, \
+    vload, vstore
 from ...target import vector_registers
 from ..toolkit import I64Arg, Params, ceil_div, dtype_info, kernel_function, lane_mask, opaque, \
     params, round_up, shared_function, smax, smin, thread_range, zero_vector
@@ -82,8 +82,9 @@ class Transposed:
 
     @property
     def buf_pitch(self) -> int:
-        """Row pitch of the row buffer: nv vectors and the spill vector of the last."""
-        return round_up((self.nv + 1) * self.vl, ALIGN)
+        """Row pitch of the row buffer: nv vectors, the spill vector of the last, and the
+        over-read of the copy to the gradient's row (whole vectors from column pw)."""
+        return round_up((self.nv + 2) * self.vl, ALIGN)
 
     @property
     def buf_offset(self) -> int:
@@ -246,10 +247,18 @@ def _tgrad_body(s, k: _TKey):
             for p in range(pr):
                 row = gep(b, rbuf, b.mul(i64(p), s.buf_pitch), ety)
                 vstore(b, lv.out[p], row, end)
-                # columns pw .. pw + w - 1 of the full convolution are the gradient's row
+                # columns pw .. pw + w - 1 of the full convolution are the gradient's row:
+                # whole vectors (the lanes past the row land in the next row, written after this
+                # one) but where they would leave the plane (masked stores are slow on znver1)
                 src = gep(b, row, s.pw, ety)
-                dst = gep(b, out_c, b.mul(ys[p], s.w), ety)
+                at_row = b.mul(ys[p], s.w)
                 with carry_loop(b, 0, s.w, [], "tgrad.col", step=vl) as lq:
-                    mask = lane_mask(b, b.sub(s.w, lq.iv), vl)
-                    masked_store(b, masked_load(b, src, lq.iv, vty, mask), dst, lq.iv, mask)
+                    at = b.add(at_row, lq.iv)
+                    v = vload(b, src, lq.iv, vty)
+                    inside = b.icmp_signed("<=", b.add(at, i64(vl)), plane)
+                    with b.if_else(inside) as (whole, part):
+                        with whole:
+                            vstore(b, v, out_c, at)
+                        with part:
+                            masked_store(b, v, out_c, at, lane_mask(b, b.sub(s.w, lq.iv), vl))
     store(b, item.out[0], region, i64(0), I64)
