@@ -34,7 +34,10 @@ one image and a block of R output channels (and a chunk of rows when there are f
 PR output rows x PV vectors of output columns in R*PR*PV vector accumulators (vectors run along the
 output row, which is contiguous in NCHW). The input-channel loop and the kernel-row loop (which
 skips rows that only see padding) stay loops; the KW taps of a kernel row are unrolled. Each tap
-costs PR*PV vector loads, R broadcast weights and R*PR*PV FMAs. With an epilogue, it runs on each
+costs PR*PV vector loads, R broadcast weights and R*PR*PV FMAs. The weights are copied to
+scratch in blocks of R output channels (`layout.block_weights`: the R weights of a tap side by
+side), so that one pointer addresses a tap's R broadcasts: with R pointers live through the tap
+loops, a loop function shared by kernels of different shapes ran out of general registers. With an epilogue, it runs on each
 item's R output planes right after they are computed.
 
 conv2d_weight_grad is a reduction over the images and output pixels (wgrad.py): vector

@@ -18,7 +18,7 @@ from ...target import vector_registers
 from ..toolkit import ceil_div, dtype_info, kernel_function, round_up, thread_range
 from .channel import lower_channel
 from .direct import lower_direct
-from .layout import ALIGN, FORCE, Prep, weights_copy
+from .layout import ALIGN, FORCE, Prep, block_weights, blocked_weights_elems
 from .phased import phased_input_grad
 from .transposed import applies as transposed_applies, transposed_input_grad
 from .pointwise import is_pointwise, lower_product, product_scratch
@@ -167,7 +167,12 @@ class Core:
 
     @property
     def flip_elems(self) -> int:
-        return round_up(self.ci * self.co * self.kh * self.kw, ALIGN) if self.flip else 0
+        """The weights in blocks of R output channels (`layout.block_weights`; flipped and
+        transposed for the input gradient); none in channel mode."""
+        if self.chan:
+            return 0
+        return round_up(blocked_weights_elems(self.co, self.ci, self.r, self.kh * self.kw),
+                        ALIGN)
 
     @property
     def tmp_elems(self) -> int:
@@ -205,18 +210,19 @@ class Core:
         ety = dtype_info(self.dtype)[0]
         region = kf.scratch   # this thread's own (see kernels/__init__.py)
         store(b, i64(-1), region, i64(0), I64)   # no image in the padded copy yet
-        w = kf.ins[1]
-        if self.flip:
-            w = gep(b, region, i64(self.region_elems), ety, name="conv.flipped")
-            o, c, kh, kw = self.flip   # dst[c, o, i, j] = src[o, c, kh-1-i, kw-1-j]
-            taps = kh * kw
-            weights_copy(b, self.dtype, w, kf.ins[1], o, c, taps, (taps, o * taps, 1),
-                         (c * taps, taps, taps - 1, -1))
         t0, t1 = thread_range(b, self.items, kf.tid, kf.nthreads)
         if self.chan:
             lower_channel(self, kf, region, t0, t1)
-        else:
-            lower_direct(self, kf, [kf.out, kf.ins[0], w, region], t0, t1)
+            b.ret_void()
+            return
+        w = gep(b, region, i64(self.region_elems), ety, name="conv.blocked")
+        taps = self.kh * self.kw
+        if self.flip:   # W(k, m, i, j) = w[m, k, kh-1-i, kw-1-j]
+            strides = (taps, self.co * taps, taps - 1, -1)
+        else:           # (taps contiguous: ws_i == kw)
+            strides = (self.ws_o, self.ws_c, 0, 1)
+        block_weights(b, self.dtype, w, kf.ins[1], self.co, self.ci, self.r, taps, strides)
+        lower_direct(self, kf, [kf.out, kf.ins[0], w, region], t0, t1)
         b.ret_void()
 
 
