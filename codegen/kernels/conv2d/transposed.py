@@ -233,12 +233,12 @@ def _tgrad_body(s, k: _TKey):
                                 acc[p * kw + j] = fma(b, wv, rows[p], acc[p * kw + j])
                         lo.next = acc
                     li.next = lo.out
-                lo = li
+                sums = li.out   # A[p][j] of the vector of cotangent columns at x0
                 carry = []
                 for p in range(pr):
-                    lo_v, hi_v = b.fadd(lv.vals[p], lo.out[p * kw]), zero
+                    lo_v, hi_v = b.fadd(lv.vals[p], sums[p * kw]), zero
                     for j in range(1, kw):
-                        sl, sh_ = _shifted(b, lo.out[p * kw + j], j, vl)
+                        sl, sh_ = _shifted(b, sums[p * kw + j], j, vl)
                         lo_v, hi_v = b.fadd(lo_v, sl), b.fadd(hi_v, sh_)
                     vstore(b, lo_v, gep(b, rbuf, b.mul(i64(p), s.buf_pitch), ety), x0)
                     carry.append(hi_v)
