@@ -3,7 +3,8 @@
 Modules: layout.py (the padded copy, the weights copy: shared by all), core.py (the plan of
 conv2d / conv2d_input_grad and its kernel function), direct.py and channel.py (its two
 algorithms; the flat mode is the direct one over one long row), phased.py (the strided input
-gradient, phase by phase on the core), wgrad.py (conv2d_weight_grad), window.py (groups > 1 or
+gradient, phase by phase on the core), transposed.py (the stride-1 input gradient as a
+transposed convolution, where the core's padding would waste many multiply-adds), wgrad.py (conv2d_weight_grad), window.py (groups > 1 or
 dilation > 1: all three primitives), pointwise.py (1x1 kernels without padding: all three
 primitives as matrix products on matmul.py's tile functions).
 
@@ -21,6 +22,11 @@ The copy also removes the strides from the inner loops:
   py + sh*y', px + sw*x') is its own stride-1 convolution with the sub-kernel of the taps that
   reach it (phased.py), so no multiply-add sees the zeros a dilated cotangent would have.
 
+The stride-1 input gradient takes the transposed form instead of the core when the cost model
+says so (small planes with large kernels, LeNet-5's second convolution: 4/9 of the core's
+multiply-adds there see a cotangent): vectors along the cotangent rows, PR output rows x KW taps
+of accumulators, the taps' column offsets applied by shuffles after the sums over (o, i).
+
 Grouped and dilated convolutions (depthwise above all) run on window loops instead (window.py).
 
 conv2d and conv2d_input_grad share one register-blocked core (`core.Core`, direct.py): an item is
@@ -28,7 +34,10 @@ one image and a block of R output channels (and a chunk of rows when there are f
 PR output rows x PV vectors of output columns in R*PR*PV vector accumulators (vectors run along the
 output row, which is contiguous in NCHW). The input-channel loop and the kernel-row loop (which
 skips rows that only see padding) stay loops; the KW taps of a kernel row are unrolled. Each tap
-costs PR*PV vector loads, R broadcast weights and R*PR*PV FMAs. With an epilogue, it runs on each
+costs PR*PV vector loads, R broadcast weights and R*PR*PV FMAs. The weights are copied to
+scratch in blocks of R output channels (`layout.block_weights`: the R weights of a tap side by
+side), so that one pointer addresses a tap's R broadcasts: with R pointers live through the tap
+loops, a loop function shared by kernels of different shapes ran out of general registers. With an epilogue, it runs on each
 item's R output planes right after they are computed.
 
 conv2d_weight_grad is a reduction over the images and output pixels (wgrad.py): vector

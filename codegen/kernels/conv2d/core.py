@@ -18,8 +18,9 @@ from ...target import vector_registers
 from ..toolkit import ceil_div, dtype_info, kernel_function, round_up, thread_range
 from .channel import lower_channel
 from .direct import lower_direct
-from .layout import ALIGN, FORCE, Prep, weights_copy
+from .layout import ALIGN, FORCE, Prep, block_weights, blocked_weights_elems
 from .phased import phased_input_grad
+from .transposed import applies as transposed_applies, transposed_input_grad
 from .pointwise import is_pointwise, lower_product, product_scratch
 from .window import is_window, lower_conv2d, lower_conv2d_input_grad
 
@@ -28,8 +29,14 @@ from .window import is_window, lower_conv2d, lower_conv2d_input_grad
 # of one vector, so PV = 1 but for images of one row (conv1d). With 32 registers (AVX-512) up to
 # 24 accumulators; with 16 (AVX2) at most 12, leaving the tap's loads and the broadcast weight
 # their registers (16 accumulators spilled on every tap: 26 GF/s against 33 with 6 x 2 on znver1).
+# 4 x 2 (8 accumulators: fewer loads per FMA than the 12 blocks but 4 x 3) for channel counts that
+# 6 does not divide (6 x 2 computes 18 of 16 channels). On znver1, one thread: LeNet-5's second
+# conv 36.0 GF/s against 32.9 with 6 x 2, ResNet-8's 3x3 convs with 16 and 32 channels 35.7-37.0
+# against 31.8-32.7 (4 x 3: 35.2-35.3, 3 x 4: 30.3); 64 channels on 32 x 32 images stay with 6 x 2
+# (33.4 against 32.9).
 _BLOCKS = {32: ((4, 4, 1), (8, 2, 1), (2, 8, 1), (1, 16, 1), (4, 6, 1), (8, 1, 2), (6, 2, 1)),
-           16: ((6, 2, 1), (4, 3, 1), (2, 6, 1), (1, 12, 1), (3, 4, 1), (6, 1, 2), (4, 1, 3))}
+           16: ((6, 2, 1), (4, 2, 1), (4, 3, 1), (2, 6, 1), (1, 12, 1), (3, 4, 1), (6, 1, 2),
+                (4, 1, 3))}
 # Blocks of the flat mode (one long row: PR = 1).
 _FLAT_BLOCKS = {32: ((8, 1, 2), (8, 1, 3), (6, 1, 3), (4, 1, 4), (6, 1, 2)),
                 16: ((6, 1, 2), (4, 1, 3), (3, 1, 4), (2, 1, 6))}
@@ -37,18 +44,28 @@ _FLAT_BLOCKS = {32: ((8, 1, 2), (8, 1, 3), (6, 1, 3), (4, 1, 4), (6, 1, 2)),
 # Cost model of a block (`Core._best`). Per tap a block of acc = R*PR*PV accumulators issues acc
 # FMAs and R + 2*PR*PV L1 accesses (R broadcasts, PR*PV unaligned vector loads, most of which
 # split a cache line); the core does two FMAs and two loads per cycle, so a tap costs
-# max(acc, R + 2*PR*PV) half-cycles. An FMA's result is ready four or five cycles later, so two FMA
-# pipes need about ten independent accumulators: with fewer, the chains stall in proportion.
-_FMAS_IN_FLIGHT = 10.0
+# max(acc, R + 2*PR*PV) half-cycles. An FMA's result is ready four cycles later, so two FMA
+# pipes need about eight independent accumulators: with fewer, the chains stall in proportion.
+# (znver1 splits a 256-bit FMA in two 128-bit halves, one vector FMA per cycle at a latency of
+# five: five suffice there.)
+_FMAS_IN_FLIGHT = 8.0
 # Blocks whose cost is within this factor of the best count as equal: the first of them (in
 # order of preference) is taken, since sharing a function saves compile time.
 _SHARE_SLACK = 1.1
 # The flat mode must save more than this fraction of the block cost: it adds a copy of the
 # valid columns and a per-thread buffer.
 _FLAT_GAIN = 0.9
+# The input gradient as a transposed convolution (transposed.py) when it costs less than this
+# fraction of the core: it adds a row buffer and the copy of its rows.
+_TRANSPOSED_GAIN = 0.9
 # Fewer items (image x channel block) than this split the rows into chunks too, so that the
 # threads of a small batch have work (not with an epilogue or the flat mode: whole planes).
 _MIN_ITEMS = 8
+
+
+def tap_cycles(acc: int, loads: int) -> float:
+    """Half-cycles of a step of `acc` independent FMAs with `loads` L1 accesses (see above)."""
+    return max(acc, loads) * max(1.0, _FMAS_IN_FLIGHT / acc)
 
 
 @dataclass(frozen=True)
@@ -93,10 +110,32 @@ class Core:
         for r, pr, pv in blocks:
             acc = r * pr * pv
             # half-cycles per tap (see the cost model above)
-            cycles = max(acc, r + 2 * pr * pv) * max(1.0, _FMAS_IN_FLIGHT / acc)
+            cycles = tap_cycles(acc, r + 2 * pr * pv)
             work = ceil_div(self.co, r) * ceil_div(oy, pr) * ceil_div(nvec, pv)
             costs.append(cycles * work)
         return next((blk, c) for blk, c in zip(blocks, costs) if c <= _SHARE_SLACK * min(costs))
+
+    def cost(self) -> float:
+        """Half-cycles of one image (of a blocked core): every block's taps over the kernel
+        rows it does not skip (see `direct._core_body`)."""
+        first, last = self.prep.data_rows()
+        span = self.pv * self.vl
+        rows = 0
+        if self.flat:
+            rp = self.prep.row_pitch
+            for x0 in range(0, self.flat_len, span):
+                y_lo, y_hi = x0 // rp, (x0 + span - 1) // rp
+                rows += max(0, min(self.kh, last + 1 - y_lo * self.sy)
+                            - max(0, first - y_hi * self.sy))
+        else:
+            nx = ceil_div(self.ox, span)
+            for y0 in range(0, self.oy, self.pr):
+                y1 = min(y0 + self.pr, self.oy) - 1
+                rows += nx * max(0, min(self.kh, last + 1 - y0 * self.sy)
+                                 - max(0, first - y1 * self.sy))
+        acc = self.r * self.pr * self.pv
+        return (tap_cycles(acc, self.r + 2 * self.pr * self.pv) * ceil_div(self.co, self.r)
+                * self.ci * self.kw * rows)
 
     def blocked(self, epilogue) -> "Core":
         regs = 32 if vector_registers() >= 32 else 16
@@ -128,7 +167,12 @@ class Core:
 
     @property
     def flip_elems(self) -> int:
-        return round_up(self.ci * self.co * self.kh * self.kw, ALIGN) if self.flip else 0
+        """The weights in blocks of R output channels (`layout.block_weights`; flipped and
+        transposed for the input gradient); none in channel mode."""
+        if self.chan:
+            return 0
+        return round_up(blocked_weights_elems(self.co, self.ci, self.r, self.kh * self.kw),
+                        ALIGN)
 
     @property
     def tmp_elems(self) -> int:
@@ -166,18 +210,19 @@ class Core:
         ety = dtype_info(self.dtype)[0]
         region = kf.scratch   # this thread's own (see kernels/__init__.py)
         store(b, i64(-1), region, i64(0), I64)   # no image in the padded copy yet
-        w = kf.ins[1]
-        if self.flip:
-            w = gep(b, region, i64(self.region_elems), ety, name="conv.flipped")
-            o, c, kh, kw = self.flip   # dst[c, o, i, j] = src[o, c, kh-1-i, kw-1-j]
-            taps = kh * kw
-            weights_copy(b, self.dtype, w, kf.ins[1], o, c, taps, (taps, o * taps, 1),
-                         (c * taps, taps, taps - 1, -1))
         t0, t1 = thread_range(b, self.items, kf.tid, kf.nthreads)
         if self.chan:
             lower_channel(self, kf, region, t0, t1)
-        else:
-            lower_direct(self, kf, [kf.out, kf.ins[0], w, region], t0, t1)
+            b.ret_void()
+            return
+        w = gep(b, region, i64(self.region_elems), ety, name="conv.blocked")
+        taps = self.kh * self.kw
+        if self.flip:   # W(k, m, i, j) = w[m, k, kh-1-i, kw-1-j]
+            strides = (taps, self.co * taps, taps - 1, -1)
+        else:           # (taps contiguous: ws_i == kw)
+            strides = (self.ws_o, self.ws_c, 0, 1)
+        block_weights(b, self.dtype, w, kf.ins[1], self.co, self.ci, self.r, taps, strides)
+        lower_direct(self, kf, [kf.out, kf.ins[0], w, region], t0, t1)
         b.ret_void()
 
 
@@ -217,8 +262,14 @@ def _input_grad_core(ins, epilogue=None):
         prep = Prep(oh, ow, h - 1 + kh, wd - 1 + kw, 1, sh, sw, kh - 1 - ph, kw - 1 - pw)
     # out channel (of the core) = c, in channel = o, tap (i, j) is w[o, c, kh-1-i, kw-1-j]
     core = Core(ins.out.dtype, n, o, c, h, wd, kh, kw, 1, 1, o * kh * kw, kh * kw, kw,
-                 (o, c, kh, kw), prep, o * oh * ow, vl)
-    return core.blocked(epilogue)
+                 (o, c, kh, kw), prep, o * oh * ow, vl).blocked(epilogue)
+    if transposed_applies(sh, sw, kh, kw, ph, pw, vl) and n * c >= _MIN_ITEMS:
+        # without the padding columns of the full convolution (transposed.py)
+        t = transposed_input_grad(ins.out.dtype, n, o, c, h, wd, oh, ow, kh, kw, ph, pw)
+        cheaper = t.cost() < _TRANSPOSED_GAIN * core.cost()
+        if FORCE.get("tgrad", cheaper):
+            return t
+    return core
 
 
 def _register_core(prim, make, cost, lower_window):

@@ -21,8 +21,9 @@ from .layout import ALIGN, PrepParams, pad, pad_key
 @params
 class CoreParams(Params):
     """The run-time arguments of the core's shared function: items [t0, t1); ci input and co
-    output channels; oy x ox outputs; kh kernel rows; row stride sy; weight strides ws_o, ws_c,
-    ws_i; src_image elements per source image; yc row chunks of rows_per_chunk rows per item;
+    output channels; oy x ox outputs; kh kernel rows; row stride sy; ws_o, ws_c, ws_i the
+    strides of the weights in blocks of R channels (layout.block_weights: a block starts at
+    o0*ws_o, tap j of its channel r is at j*R + r of a kernel row); src_image elements per source image; yc row chunks of rows_per_chunk rows per item;
     ob_count channel blocks; first / last: the padded rows that hold data. Output element
     (n, o, y, x) is at n*on + (o - o0*orel)*oc + y*orow + x (o0: the item's first channel; flat
     mode: relative to the item's buffer); fpitch: the row pitch of the flat mode's out' (else
@@ -78,8 +79,10 @@ def core_shape(core) -> CoreParams:
     """The run-time arguments of `core` (a blocked Core) for its whole output, items unset."""
     first, last = core.prep.data_rows()
     plane = core.oy * core.ox
+    taps = core.kh * core.kw   # the weights in blocks of R channels (layout.block_weights)
     return CoreParams(ci=core.ci, co=core.co, oy=core.oy, ox=core.ox, kh=core.kh, sy=core.sy,
-                      ws_o=core.ws_o, ws_c=core.ws_c, ws_i=core.ws_i, src_image=core.src_image,
+                      ws_o=core.ci * taps, ws_c=taps * core.r, ws_i=core.kw * core.r,
+                      src_image=core.src_image,
                       yc=ceil_div(core.oy, core.rows_per_chunk),
                       rows_per_chunk=core.rows_per_chunk, ob_count=ceil_div(core.co, core.r),
                       first=first, last=last, on=core.co * plane, oc=plane, orow=core.ox, orel=0,
@@ -168,7 +171,7 @@ def _core_body(s, k: _CoreKey):
                 pbuf, s.ci, s.prep)
         item.next = [n]
         chans = [smin(b, b.add(o0, i64(r)), co1) for r in range(r_)]
-        wrow = [gep(b, w, b.mul(o, s.ws_o), ety) for o in chans]
+        wrow = gep(b, w, b.mul(o0, s.ws_o), ety, name="conv.wblock")
         out_n = gep(b, out, b.mul(n, s.on), ety)
         o_rel = b.mul(o0, s.orel)
         with carry_loop(b, y_begin, y_end, [], "conv.y", step=pr_) as ly:
@@ -245,13 +248,13 @@ def _core_taps(b, k: _CoreKey, acc, pi, wi, xrow, wrow, q):
     rows = [gep(b, pi, xrow[p], ety) for p in range(pr_)]
     bases = [[gep(b, row, b.mul(q, i64(ph)), ety) if ph else row for row in rows]
              for ph in range(k.sx)]
-    wbase = [gep(b, wr, wi, ety) for wr in wrow]
+    wbase = gep(b, wrow, wi, ety)
     for j in range(k.kw):
         base = bases[j % k.sx]
         xv = [[vload(b, base[p], i64(j // k.sx + v * vl), vty) for v in range(pv_)]
               for p in range(pr_)]
         for r in range(r_):
-            wv = splat(b, load(b, wbase[r], i64(j), ety), vl)
+            wv = splat(b, load(b, wbase, i64(j * r_ + r), ety), vl)
             for p in range(pr_):
                 for v in range(pv_):
                     i = (r * pr_ + p) * pv_ + v

@@ -31,7 +31,7 @@ from ...loops import I64, carry_loop, gep, i64, load, masked_load, masked_store,
 from ..toolkit import ceil_div, dtype_info, kernel_function, lane_mask, round_up, smin, \
     thread_range, zero_fill
 from .direct import core_function, core_shape
-from .layout import ALIGN, Prep, weights_copy
+from .layout import ALIGN, Prep, block_weights, blocked_weights_elems
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,8 @@ class Phased:
         return self.n * ceil_div(self.c, self.r)
 
     def _w_elems(self, ph: _Phase) -> int:
-        return round_up(self.c * self.o * ph.core.kh * ph.core.kw, ALIGN)
+        return round_up(blocked_weights_elems(self.c, self.o, self.r, ph.core.kh * ph.core.kw),
+                        ALIGN)
 
     @property
     def paired(self) -> bool:
@@ -103,12 +104,14 @@ class Phased:
             at = b.add(at, i64(self._w_elems(ph)))
             region = regions[ph.core.prep]
             th, tw = ph.core.kh, ph.core.kw
-            zero_fill(b, wp, self.c * self.o * th * tw, ety, vl, "igrad.subkernel")
-            for u, v, i, j in ph.taps:   # Wp[c, o, u, v] = w[o, c, i, j]
-                weights_copy(b, self.dtype, gep(b, wp, i64(u * tw + v), ety),
-                             gep(b, kf.ins[1], i64(i * self.kw + j), ety), self.c, self.o, 1,
-                             (self.o * th * tw, th * tw, 0),
-                             (self.kh * self.kw, self.c * self.kh * self.kw, 0, 0))
+            taps = th * tw
+            zero_fill(b, wp, blocked_weights_elems(self.c, self.o, self.r, taps), ety, vl,
+                      "igrad.subkernel")
+            for u, v, i, j in ph.taps:   # Wp[c, o, u, v] = w[o, c, i, j], in blocks of R c's
+                block_weights(b, self.dtype, gep(b, wp, i64((u * tw + v) * self.r), ety),
+                              kf.ins[1], self.c, self.o, self.r, taps,
+                              (self.kh * self.kw, self.c * self.kh * self.kw, i * self.kw + j, 0),
+                              ntaps=1)
             ptrs.append((wp, region))
         tmp = gep(b, kf.scratch, at, ety, name="igrad.phase.out")
         tmp2 = gep(b, tmp, i64(self.tmp_elems), ety, name="igrad.phase.out2")

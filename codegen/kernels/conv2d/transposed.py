@@ -1,0 +1,264 @@
+"""The stride-1 input gradient as a transposed convolution (`Transposed`): each row of the
+cotangent times each weight tap, added at the tap's column offset, so that no multiply-add sees
+the padding of the core's full convolution.
+
+The core (direct.py) computes dx as the convolution of the cotangent padded by KH-1 / KW-1 with
+the flipped weights: an output pixel near the border reads mostly padding, and a vector of output
+pixels cannot skip a tap that some of its lanes need. With LeNet-5's second convolution (8 x 8
+cotangents, 5 x 5 taps, 12 x 12 gradients) only 4/9 of those multiply-adds see a cotangent; the
+kernel-row skipping of the core recovers the rows, not the columns (21.7 GF/s of a 40 GF/s peak
+on one znver1 core, at the peak per multiply-add).
+
+Here the vectors run along the cotangent's rows instead, and the column offset of a tap is applied
+after the sums: for an item (image n, input channel c) and a tile of PR output rows Y and one vector
+of cotangent columns x0 .. x0+vl-1,
+
+    A[p][j] = sum_{o, i} w[o, c, i, j] * ct[n, o, Y_p + ph - i, x0 : x0 + vl]
+
+(PR*KW vector accumulators; each (o, i) step costs PR vector loads, KW broadcast weights and
+PR*KW FMAs), and full-convolution column x0 + l + j of row Y_p gets A[p][j][l]: the KW shifted
+accumulators are summed by shuffles into two vectors, columns x0 .. x0+vl-1 (stored) and the
+KW-1 columns after them (carried into the next vector's sum, so needs KW - 1 <= vl). Only the lanes past the
+cotangent's width (and the kernel rows of a tile's other rows) are wasted. The rows are read
+from a zero-padded copy of the image's cotangent (`layout.Prep`: KH-1 zero rows above and below,
+rows of whole vectors), so that kernel rows outside the cotangent read zeros; the kernel-row loop
+covers only the rows that see some cotangent row for one of the tile's rows. The summed rows go
+to a per-thread row buffer, whose columns pw .. pw+W-1 of the full convolution are the gradient's row
+(padding: ph <= KH-1, pw <= KW-1). An item is one whole gradient plane, then the epilogue.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import llvmlite.ir as ir
+
+from ...loops import I64, carry_loop, fma, gep, i64, if_then, load, masked_store, splat, store, \
+    vload, vstore
+from ...target import vector_registers
+from ..toolkit import I64Arg, Params, ceil_div, dtype_info, kernel_function, lane_mask, opaque, \
+    params, round_up, shared_function, smax, smin, thread_range, zero_vector
+from .layout import ALIGN, Prep, PrepParams, pad, pad_key
+
+
+def tile_rows(kw: int) -> int:
+    """Output rows per tile: PR*KW accumulators, PR cotangent vectors and a broadcast weight in
+    the vector registers."""
+    regs = 32 if vector_registers() >= 32 else 16
+    return max(1, (regs - 1) // (kw + 1))
+
+
+def applies(sh, sw, kh, kw, ph, pw, vl) -> bool:
+    """Stride 1, padding within the kernel (the copy's KH-1 zero rows cover every row read),
+    and the KW - 1 columns past a vector held in one more vector."""
+    return (sh, sw) == (1, 1) and ph <= kh - 1 and pw <= kw - 1 and kw - 1 <= vl
+
+
+@dataclass(frozen=True)
+class Transposed:
+    dtype: str
+    n: int
+    o: int     # cotangent channels
+    c: int     # gradient channels
+    h: int     # gradient rows and columns
+    w: int
+    oh: int    # cotangent rows and columns
+    ow: int
+    kh: int
+    kw: int
+    ph: int
+    pw: int
+    vl: int
+    pr: int
+
+    @property
+    def nv(self) -> int:
+        return ceil_div(self.ow, self.vl)
+
+    @property
+    def prep(self) -> Prep:
+        """The cotangent image with KH-1 zero rows above and below, rows of nv whole vectors."""
+        return Prep(self.oh, self.ow, self.oh + 2 * (self.kh - 1), self.nv * self.vl, 1, 1, 1,
+                    self.kh - 1, 0)
+
+    @property
+    def buf_pitch(self) -> int:
+        """Row pitch of the row buffer: nv vectors, the spill vector of the last, and the
+        over-read of the copy to the gradient's row (whole vectors from column pw)."""
+        return round_up((self.nv + 2) * self.vl, ALIGN)
+
+    @property
+    def buf_offset(self) -> int:
+        """The row buffer, after the state slot and the padded copy (and its last vector's
+        spill)."""
+        return ALIGN + round_up(self.o * self.prep.chan_pitch + self.vl, ALIGN)
+
+    @property
+    def thread_elems(self) -> int:
+        return self.buf_offset + self.pr * self.buf_pitch
+
+    @property
+    def items(self) -> int:
+        return self.n * self.c
+
+    def tap_rows(self) -> int:
+        """(Tile, kernel row) pairs the kernel-row loop runs over, in one item."""
+        total = 0
+        for y0 in range(0, self.h, self.pr):
+            y1 = min(y0 + self.pr, self.h) - 1
+            total += max(0, min(self.kh, y1 + self.ph + 1) - max(0, y0 + self.ph - self.oh + 1))
+        return total
+
+    def cost(self) -> float:
+        """Half-cycles of one image, in the units of `core.Core.cost`."""
+        from .core import tap_cycles
+        return (tap_cycles(self.pr * self.kw, self.kw + 2 * self.pr) * self.c * self.o
+                * self.nv * self.tap_rows())
+
+    def lower(self, module, name, epilogue):
+        kf = kernel_function(module, name, 2, epilogue)
+        b = kf.b
+        region = kf.scratch   # this thread's own
+        store(b, i64(-1), region, i64(0), I64)   # no image in the padded copy yet
+        key = _TKey(self.dtype, self.pr, self.kw)
+        fn = shared_function(module, "conv_tgrad", key, 4, TParams, _tgrad_body)
+        prep = self.prep
+        shape = dict(c=self.c, o=self.o, h=self.h, w=self.w, oh=self.oh, kh=self.kh, nv=self.nv,
+                     ph=self.ph, pw=self.pw, src_image=self.o * self.oh * self.ow,
+                     buf_pitch=self.buf_pitch, buf_offset=self.buf_offset, prep=prep.params())
+        ptrs = [kf.out, kf.ins[0], kf.ins[1], region]
+        t0, t1 = thread_range(b, self.items, kf.tid, kf.nthreads)
+        if epilogue is None:
+            fn.call(b, ptrs, TParams(t0=t0, t1=t1, **shape))
+        else:   # item by item (a whole plane), then the epilogue on it while it is in cache
+            plane = self.h * self.w
+            with carry_loop(b, t0, t1, [], "tgrad.epilogue") as lt:
+                fn.call(b, ptrs, TParams(t0=lt.iv, t1=b.add(lt.iv, i64(1)), **shape))
+                kf.epilogue_rows(b.mul(lt.iv, i64(plane)), i64(plane))
+        b.ret_void()
+
+
+def transposed_input_grad(dtype, n, o, c, h, w, oh, ow, kh, kw, ph, pw) -> Transposed:
+    vl = dtype_info(dtype)[1]
+    return Transposed(dtype, n, o, c, h, w, oh, ow, kh, kw, ph, pw, vl,
+                      min(tile_rows(kw), h))
+
+
+@dataclass(frozen=True)
+class _TKey:
+    """What the shared function depends on at compile time."""
+    dtype: str
+    pr: int
+    kw: int
+
+
+@params
+class TParams(Params):
+    """Items [t0, t1) (image n, gradient channel c: t = n*c_count + c); c gradient and o cotangent
+    channels; h x w gradient pixels, oh cotangent rows, kh kernel rows, nv vectors per cotangent
+    row; padding ph, pw; src_image elements per cotangent image; the row buffer at buf_offset in
+    the thread region, rows of buf_pitch; the padded copy's shapes."""
+    t0: I64Arg = None
+    t1: I64Arg = None
+    c: I64Arg
+    o: I64Arg
+    h: I64Arg
+    w: I64Arg
+    oh: I64Arg
+    kh: I64Arg
+    nv: I64Arg
+    ph: I64Arg
+    pw: I64Arg
+    src_image: I64Arg
+    buf_pitch: I64Arg
+    buf_offset: I64Arg
+    prep: PrepParams
+
+
+def _shifted(b, v, j: int, vl: int):
+    """(lo, hi): v moved j lanes up across two vectors, zeros elsewhere (lo[l] = v[l - j],
+    hi[l] = v[l + vl - j])."""
+    i32v = ir.VectorType(ir.IntType(32), vl)
+    zero = ir.Constant(v.type, [0.0] * vl)
+    lo = [l - j if l >= j else vl for l in range(vl)]
+    hi = [l + vl - j if l < j else vl for l in range(vl)]
+    return (b.shuffle_vector(v, zero, ir.Constant(i32v, lo)),
+            b.shuffle_vector(v, zero, ir.Constant(i32v, hi)))
+
+
+def _tgrad_body(s, k: _TKey):
+    b = s.b
+    out, ct, w, region = s.ptrs
+    ety, vl, _ = dtype_info(k.dtype)
+    vty = ir.VectorType(ety, vl)
+    pr, kw = k.pr, k.kw
+    pbuf = gep(b, region, i64(ALIGN), ety, name="tgrad.padded")
+    rbuf = gep(b, region, s.buf_offset, ety, name="tgrad.rows")
+    zero = zero_vector(ety, vl)
+    taps = b.mul(s.kh, i64(kw))
+    ws_o = b.mul(s.c, taps)
+    plane = b.mul(s.h, s.w)
+    h1 = b.sub(s.h, i64(1))
+    with carry_loop(b, s.t0, s.t1, [load(b, region, i64(0), I64)], "tgrad.item") as item:
+        n = b.udiv(item.iv, s.c, name="tgrad.n")
+        c = b.urem(item.iv, s.c, name="tgrad.c")
+        with if_then(b, b.icmp_signed("!=", n, item.vals[0]), name="tgrad.pad"):
+            pad(b, pad_key(k.dtype, 1, True), gep(b, ct, b.mul(n, s.src_image), ety), pbuf,
+                s.o, s.prep)
+        item.next = [n]
+        out_c = gep(b, out, b.mul(item.iv, plane), ety)
+        w_c = gep(b, w, b.mul(c, taps), ety)
+        with carry_loop(b, 0, s.h, [], "tgrad.y", step=pr) as ly:
+            ys = [smin(b, b.add(ly.iv, i64(p)), h1) for p in range(pr)]
+            # kernel rows i with a cotangent row Y + ph - i in [0, oh) for some row Y of the tile
+            i_lo = smax(b, b.sub(b.add(ys[0], s.ph), b.sub(s.oh, i64(1))), 0)
+            i_hi = smin(b, b.add(b.add(ys[-1], s.ph), i64(1)), s.kh)
+            # padded row of (Y, i): Y + ph - i + (KH - 1)
+            base = [opaque(b, b.mul(b.add(b.add(y, s.ph), b.sub(s.kh, i64(1))), s.rp))
+                    for y in ys]
+            with carry_loop(b, 0, s.nv, [zero] * pr, "tgrad.v") as lv:
+                x0 = b.mul(lv.iv, i64(vl))
+                # the kernel rows outside, the channels inside: the inner loop's trip count is
+                # the same for every tile (its exit predicted), the kernel rows' is not
+                with carry_loop(b, i_lo, i_hi, [zero] * (pr * kw), "tgrad.kh") as li:
+                    back = b.sub(x0, b.mul(li.iv, s.rp))
+                    pi = [gep(b, pbuf, b.add(bs, back), ety) for bs in base]
+                    wi = gep(b, w_c, b.mul(li.iv, i64(kw)), ety)
+                    with carry_loop(b, 0, s.o, li.vals, "tgrad.o") as lo:
+                        rows = [vload(b, row, b.mul(lo.iv, s.cp), vty) for row in pi]
+                        wo = gep(b, wi, b.mul(lo.iv, ws_o), ety)
+                        acc = list(lo.vals)
+                        for j in range(kw):
+                            wv = splat(b, load(b, wo, i64(j), ety), vl)
+                            for p in range(pr):
+                                acc[p * kw + j] = fma(b, wv, rows[p], acc[p * kw + j])
+                        lo.next = acc
+                    li.next = lo.out
+                sums = li.out   # A[p][j] of the vector of cotangent columns at x0
+                carry = []
+                for p in range(pr):
+                    lo_v, hi_v = b.fadd(lv.vals[p], sums[p * kw]), zero
+                    for j in range(1, kw):
+                        sl, sh_ = _shifted(b, sums[p * kw + j], j, vl)
+                        lo_v, hi_v = b.fadd(lo_v, sl), b.fadd(hi_v, sh_)
+                    vstore(b, lo_v, gep(b, rbuf, b.mul(i64(p), s.buf_pitch), ety), x0)
+                    carry.append(hi_v)
+                lv.next = carry
+            end = b.mul(s.nv, i64(vl))
+            for p in range(pr):
+                row = gep(b, rbuf, b.mul(i64(p), s.buf_pitch), ety)
+                vstore(b, lv.out[p], row, end)
+                # columns pw .. pw + w - 1 of the full convolution are the gradient's row:
+                # whole vectors (the lanes past the row land in the next row, written after this
+                # one) but where they would leave the plane (masked stores are slow on znver1)
+                src = gep(b, row, s.pw, ety)
+                at_row = b.mul(ys[p], s.w)
+                with carry_loop(b, 0, s.w, [], "tgrad.col", step=vl) as lq:
+                    at = b.add(at_row, lq.iv)
+                    v = vload(b, src, lq.iv, vty)
+                    inside = b.icmp_signed("<=", b.add(at, i64(vl)), plane)
+                    with b.if_else(inside) as (whole, part):
+                        with whole:
+                            vstore(b, v, out_c, at)
+                        with part:
+                            masked_store(b, v, out_c, at, lane_mask(b, b.sub(s.w, lq.iv), vl))
+    store(b, item.out[0], region, i64(0), I64)

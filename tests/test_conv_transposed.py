@@ -1,0 +1,162 @@
+"""The stride-1 input gradient as a transposed convolution (codegen/kernels/conv2d/transposed.py):
+cotangent rows times weight taps, shifted into place after the sums, so that no multiply-add sees
+the padding of the core's full convolution. Checked against numpy on every border case (odd widths,
+remainders of the row tiles and of the vectors, padding up to KH-1 / KW-1, one-row and one-column
+images), with epilogues and on several threads; and chosen for LeNet-5's second convolution."""
+from __future__ import annotations
+
+import ctypes
+import re
+
+import numpy as np
+import pytest
+
+from tracejit.codegen.kernels import conv2d, kernels
+from tracejit.codegen.kernels.conv2d import core, transposed
+from tracejit.codegen.target import cfunc
+from tracejit.ir.interpreter import impls
+
+from test_kernels_dense import (NP, AffineEpilogue, Kernels, _conv_specs, _lower_with_epilogue,
+                                check_all, make_instr, reference)
+
+pytestmark = pytest.mark.needs_llvm
+
+CASES = [  # x [N,C,H,W], w [O,C,KH,KW], padding (stride 1)
+    ((2, 6, 12, 12), (16, 6, 5, 5), (0, 0)),      # LeNet-5 conv2
+    ((2, 3, 7, 9), (4, 3, 3, 3), (1, 1)),
+    ((3, 2, 9, 7), (5, 2, 3, 4), (0, 0)),         # KH != KW
+    ((2, 3, 6, 20), (2, 3, 5, 5), (2, 2)),        # cotangent rows of 2.5 vectors (f32)
+    ((1, 2, 35, 11), (3, 2, 2, 2), (0, 0)),       # a last row tile of one row
+    ((1, 3, 10, 1), (2, 3, 3, 1), (1, 0)),        # one column, KW = 1
+    ((1, 2, 1, 50), (3, 2, 1, 5), (0, 2)),        # one row, KH = 1
+    ((2, 1, 5, 13), (3, 1, 4, 5), (3, 1)),        # padding KH - 1
+]
+
+
+def _forced_specs(dtype):
+    """The input gradients of CASES that the transposed form takes (KW - 1 <= vector length)."""
+    vl = 8 if dtype == "f32" else 4
+    out = []
+    for x, w, p in CASES:
+        if transposed.applies(1, 1, w[2], w[3], p[0], p[1], vl):
+            out.append(_conv_specs("conv2d_input_grad", (x, w, (1, 1), p)))
+    return out
+
+
+@pytest.fixture
+def forced():
+    conv2d.FORCE["tgrad"] = True
+    yield
+    conv2d.FORCE.clear()
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_transposed_input_grad_matches_numpy(dtype, forced):
+    specs = _forced_specs(dtype)
+    assert len(specs) >= 7
+    ks = check_all(specs, dtype, thread_counts=(1, 3))
+    assert "tracejit.conv_tgrad" in ks.jit.asm
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_transposed_input_grad_with_an_epilogue(dtype, forced):
+    """Each plane is final when the epilogue runs on it (an affine map that shows a plane done
+    twice or not at all)."""
+    instrs, names, jit = _lower_with_epilogue(_forced_specs(dtype)[:5], dtype, AffineEpilogue())
+    rng = np.random.default_rng(2)
+    shift = np.array([0.5], dtype=NP[dtype])
+    for name, ins in zip(names, instrs):
+        fn = cfunc(jit.addresses[name], [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2)
+        arrays = [rng.standard_normal(v.shape).astype(NP[dtype]) for v in ins.inputs]
+        ref, tol = reference(ins, arrays)
+        for nt in (1, 3):
+            out = np.full(ins.out.shape, np.nan, dtype=NP[dtype])
+            raw = np.full(kernels[ins.prim].scratch_bytes(ins, nt) + 64, 0xFF, dtype=np.uint8)
+            args = [out.ctypes.data] + [a.ctypes.data for a in arrays] + [
+                shift.ctypes.data, raw.ctypes.data + (-raw.ctypes.data) % 64]
+            for tid in range(nt):
+                fn(*args, tid, nt)
+            assert (np.abs(out - (3 * ref + 0.5)) <= 3 * tol + 1e-6).all(), (ins.params, nt)
+
+
+def test_lenet_second_convolution_takes_the_transposed_form():
+    """Its 8 x 8 cotangents padded to 16 x 16 would waste 5/9 of the core's multiply-adds; the
+    cost model picks the transposed form there, and keeps the core for 3 x 3 kernels with
+    padding 1 on larger images (little padding to save)."""
+    lenet = make_instr("conv2d_input_grad", [(64, 16, 8, 8), (16, 6, 5, 5)], "f32",
+                       in_hw=(12, 12), stride=(1, 1), padding=(0, 0))
+    assert isinstance(core._input_grad_core(lenet), transposed.Transposed)
+    block = make_instr("conv2d_input_grad", [(16, 64, 32, 32), (64, 64, 3, 3)], "f32",
+                       in_hw=(32, 32), stride=(1, 1), padding=(1, 1))
+    assert isinstance(core._input_grad_core(block), core.Core)
+    ks = Kernels([lenet])
+    assert "tracejit.conv_tgrad" in ks.jit.asm
+    rng = np.random.default_rng(5)
+    arrays = [rng.standard_normal(v.shape).astype(np.float32) for v in lenet.inputs]
+    ref, tol = reference(lenet, arrays)
+    assert (np.abs(ks.call_threads(0, arrays, 2) - ref) <= tol).all()
+
+
+def test_core_takes_four_by_two_blocks_where_six_channels_do_not_divide():
+    """With 16 vector registers, 16 or 32 output channels take 4 channels x 2 rows of
+    accumulators (6 x 2 would compute 18 of 16 channels), 64 channels on large images keep 6 x 2;
+    the 4 x 2 block is checked against numpy on channel and row remainders, both dtypes."""
+    if core.vector_registers() >= 32:
+        pytest.skip("the 16-register (AVX2) block list")
+
+    def block(x, w, p):
+        c = core._conv_core(make_instr("conv2d", [x, w], "f32", stride=(1, 1), padding=p))
+        return c.r, c.pr, c.pv
+
+    assert block((64, 6, 12, 12), (16, 6, 5, 5), (0, 0)) == (4, 2, 1)      # LeNet-5 conv2
+    assert block((32, 32, 16, 16), (32, 32, 3, 3), (1, 1)) == (4, 2, 1)    # ResNet-8
+    assert block((16, 64, 32, 32), (64, 64, 3, 3), (1, 1)) == (6, 2, 1)    # the conv block
+    cases = [((2, 3, 7, 9), (6, 3, 3, 3), (1, 1), (1, 1)), ((1, 2, 9, 5), (7, 2, 2, 3), (1, 1),
+                                                            (0, 1)),
+             ((2, 3, 11, 13), (5, 3, 3, 3), (2, 2), (1, 1))]
+    try:
+        conv2d.FORCE["core"] = (4, 2, 1)
+        for dtype in ("f32", "f64"):
+            check_all([_conv_specs(prim, case) for case in cases
+                       for prim in ("conv2d", "conv2d_input_grad")], dtype, thread_counts=(2,))
+    finally:
+        conv2d.FORCE.clear()
+
+
+def test_conv_epilogue_reads_the_element_it_writes_without_an_alias_check():
+    """A conv's bias + relu epilogue reads the conv's result where it stores its own: over the
+    four axes of NCHW the offset it reads at must be the row's own (one recomputed from the
+    remainders of the index made LLVM add a run-time alias check that ran every row in the
+    scalar loop: LeNet-5's first conv + bias + relu took 1.5x the conv alone)."""
+    import tracejit
+    from tracejit import nn
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(s).astype(np.float32)
+               for s in ((2, 1, 28, 28), (6, 1, 5, 5), (6,)))
+    f = tracejit.jit(lambda x, w, b: nn.relu(nn.conv2d(x, w, b)))
+    ins = make_instr("conv2d", [x.shape, w.shape], "f32", stride=(1, 1), padding=(0, 0))
+    ref = impls[ins.prim](x.astype(np.float64), w.astype(np.float64), **ins.params)
+    np.testing.assert_allclose(f(x, w, b), np.maximum(ref + b[None, :, None, None], 0),
+                               rtol=1e-5, atol=1e-5)
+    text = f.ir(x, w, b, stage="llvm-opt")
+    start = text.index("define void @k0.conv2d")
+    kernel = text[start:text.index("\n}\n", start)]
+    assert re.search(r"<\d+ x float>", kernel)
+    assert "diff.check" not in kernel, kernel
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_weight_gradient_unrolls_rows_of_few_whole_vectors(dtype):
+    """Rows of at most four whole vectors (LeNet-5's 8 and 24 columns) are unrolled in the weight
+    gradient, in a function of their own (else a row loop and a tail test around a few FMAs):
+    read in place, from padded copies, strided, and in many chunks."""
+    vl = 8 if dtype == "f32" else 4
+    cases = [((2, 2, 12, 12), (3, 2, 5, 5), (1, 1), (0, 0)),      # ox 8, in place
+             ((2, 3, 8, 8), (5, 3, 3, 3), (1, 1), (1, 1)),        # ox 8, padded copy
+             ((1, 2, 28, 28), (4, 2, 5, 5), (1, 1), (0, 0)),      # ox 24
+             ((2, 2, 9, 33), (3, 2, 3, 3), (2, 2), (0, 0)),       # ox 16, strided
+             ((1, 1, 6, 4 * vl + 2), (2, 1, 3, 3), (1, 1), (0, 0))]   # one vector too many
+    ks = check_all([_conv_specs("conv2d_weight_grad", c) for c in cases], dtype,
+                   thread_counts=(1, 2, 7))
+    names = set(re.findall(r"tracejit\.conv_wgrad\.[\w.]*nxv(\d)", ks.jit.asm))
+    assert {"1", "2"} <= names if dtype == "f32" else {"2", "4"} <= names, names
