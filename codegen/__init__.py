@@ -19,3 +19,100 @@ def describe(fn, donate=None) -> str:
     from .runtime import plan_for
     p = plan_for(fn, parallel.default_threads(), donate)
     return "\n".join([print_function(fn, annotate=schedule.annotate(p)), schedule.summary(p)])
+
+
+def record(cls=None, /, *, frozen: bool = False, kw_only: bool = False):
+    """`@dataclasses.dataclass` for codegen's plain records (`@record`, `@record(frozen=True)`,
+    `kw_only=True`), built without running `exec` for every method: importing the kernels
+    defines ~40 records, and dataclass's generated methods cost ~60 ms of the first compile
+    (half of importing codegen). The same contract: `__init__` (defaults, `field(
+    default_factory=...)`, keyword-only fields, `__post_init__`), field-wise `__eq__` against the
+    same class, `__hash__` of the fields when frozen (None, unhashable, when not), `__repr__`,
+    frozen instances refusing assignment (`dataclasses.FrozenInstanceError`), and
+    `dataclasses.fields` / `replace` / `is_dataclass` work on them. Methods the class body
+    defines are kept. Only `__init__` is generated as code (once per class), so construction
+    costs what a dataclass's does."""
+    if cls is None:
+        return lambda c: _make_record(c, frozen, kw_only)
+    return _make_record(cls, frozen, kw_only)
+
+
+def _make_record(cls, frozen: bool, kw_only: bool):
+    import dataclasses
+    import operator
+    fields = {}
+    for base in reversed(cls.__mro__[1:]):   # inherited fields first, as dataclass orders them
+        fields.update(getattr(base, "__dataclass_fields__", {}))
+    for name, annotation in cls.__dict__.get("__annotations__", {}).items():
+        given = cls.__dict__.get(name, dataclasses.MISSING)
+        f = given if isinstance(given, dataclasses.Field) else dataclasses.field(default=given)
+        if not (f.init and f.repr and f.compare) or f.hash is not None:
+            raise TypeError(f"record {cls.__name__}.{name}: field(init=, repr=, compare=, "
+                            "hash=) are not supported: use dataclasses.dataclass")
+        if f.default is dataclasses.MISSING and isinstance(given, dataclasses.Field):
+            delattr(cls, name)   # a factory's field has no class attribute (as in dataclass)
+        f.name, f.type, f._field_type = name, annotation, dataclasses._FIELD
+        if f.kw_only is dataclasses.MISSING:
+            f.kw_only = kw_only
+        fields[name] = f
+    names = tuple(fields)
+    cls.__dataclass_fields__ = fields
+
+    # __init__: positional fields first, then keyword-only ones (dataclass's order)
+    env = {"MISSING": dataclasses.MISSING, "setattr": object.__setattr__}
+    pos, kw, body = [], [], []
+    for f in fields.values():
+        arg = f.name
+        if f.default is not dataclasses.MISSING:
+            env[f"_d_{f.name}"] = f.default
+            arg += f"=_d_{f.name}"
+        elif f.default_factory is not dataclasses.MISSING:
+            env[f"_f_{f.name}"] = f.default_factory
+            arg += "=MISSING"
+        (kw if f.kw_only else pos).append(arg)
+        value = f"_f_{f.name}() if {f.name} is MISSING else {f.name}" \
+            if f.default_factory is not dataclasses.MISSING else f.name
+        body.append(f"setattr(self, {f.name!r}, {value})" if frozen
+                    else f"self.{f.name} = {value}")
+    if hasattr(cls, "__post_init__"):
+        body.append("self.__post_init__()")
+    signature = ", ".join(["self"] + pos + (["*"] + kw if kw else []))
+    exec(f"def __init__({signature}):\n    " + ("\n    ".join(body) or "pass"), env)
+    init = env["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+
+    values = operator.attrgetter(*names) if names else (lambda self: ())
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return values(self) == values(other)
+
+    def __repr__(self):
+        return f"{type(self).__qualname__}(" + ", ".join(
+            f"{n}={getattr(self, n)!r}" for n in names) + ")"
+
+    methods = {"__init__": init, "__eq__": __eq__, "__repr__": __repr__}
+    if frozen:
+        def __hash__(self):
+            return hash(values(self))
+
+        def __setattr__(self, name, value):
+            if type(self) is cls or name in fields:
+                raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+            super(cls, self).__setattr__(name, value)
+
+        def __delattr__(self, name):
+            if type(self) is cls or name in fields:
+                raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+            super(cls, self).__delattr__(name)
+        methods.update(__hash__=__hash__, __setattr__=__setattr__, __delattr__=__delattr__)
+    elif "__eq__" not in cls.__dict__:
+        methods["__hash__"] = None   # a mutable record compares by value: unhashable
+    for name, method in methods.items():
+        # (a body defining __eq__ alone gets __hash__ = None from Python: not a definition)
+        if name not in cls.__dict__ or (name == "__hash__" and cls.__dict__[name] is None):
+            if method is not None and name != "__init__":
+                method.__qualname__ = f"{cls.__qualname__}.{name}"
+            setattr(cls, name, method)
+    return cls
