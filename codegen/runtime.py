@@ -144,7 +144,7 @@ class NativeFunction:
         the cache)."""
         with self._source_lock:
             if self._source is None:
-                self._source = [str(m) for m in self._build_modules()]
+                self._source = [target.module_text(m) for m in self._build_modules()]
         return self._source
 
     @property
@@ -623,7 +623,7 @@ _loop_lowerings = {"scan": _lower_scan, "while": _lower_while}
 
 def _lower_part(native_ref, part: int, seconds: dict) -> str:
     t0 = time.perf_counter()
-    text = str(native_ref()._build_modules(part)[0])
+    text = target.module_text(native_ref()._build_modules(part)[0])
     seconds[part] = time.perf_counter() - t0
     return text
 
