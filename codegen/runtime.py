@@ -27,7 +27,7 @@ import numpy as np
 from ..ir.core import Function, IRError, Namer, instr_text
 
 from . import cache as _cache
-from . import fused, parallel, schedule, settings, target
+from . import fused, parallel, schedule, settings, target, threadpool
 from .kernels import _load_all, kernels
 from .kernels.pool import lower_max_pool2d_with_argmax
 from .loops import I64, PTR, VOID, for_range, i64, llvm_type
@@ -85,6 +85,11 @@ class NativeFunction:
         same = _same_kernels(self.plan)
         self.n_modules = target.modules_for(
             sum(_compile_weight(g) for g in self.plan.groups if g.index not in same))
+        # the first compile of a process also builds the thread pool, in the entry's process
+        # while the others compile (target.compile_objects): its modules are balanced for it
+        # (decided here, once: every build of the modules must place the kernels alike)
+        pool_pending = threadpool.available() and threadpool._the_pool is None
+        self._entry_extra = POOL_WEIGHT if pool_pending else 0
         self._source = None
         self._source_lock = threading.Lock()  # lowering twice would reuse a plan's epilogues
         # kernels that check their indices, by status code (see kernels/__init__.py, Checks)
@@ -161,7 +166,7 @@ class NativeFunction:
         fn = plan.fn
         parts = range(self.n_modules) if part is None else [part]
         modules = {k: ir.Module(name=fn.name if k == 0 else f"{fn.name}.part{k}") for k in parts}
-        home = _balance(plan.groups, self.n_modules, _same_kernels(plan))
+        home = _balance(plan.groups, self.n_modules, _same_kernels(plan), self._entry_extra)
         module = modules.get(0)
         namer = Namer()
         for v in list(fn.params) + [i.out for i in fn.instrs]:
@@ -667,6 +672,10 @@ def _status_offset(plan) -> int:
     return -(-plan.arena_bytes // 64) * 64
 
 
+# The thread pool's compile weight (~22 ms of LLVM: ~2.5 units of ~9 ms, LeNet-5's gradient)
+POOL_WEIGHT = 3
+
+
 def _compile_weight(g) -> int:
     """Rough LLVM cost of a kernel, to balance modules: a loop nest's is its kernel's
     (codegen/kernels); a fused loop is small: one unit and one more per four instructions."""
@@ -677,7 +686,7 @@ def _compile_weight(g) -> int:
     return kernels[g.root.prim].compile_weight
 
 
-def _balance(groups, n_modules: int, same=None) -> dict:
+def _balance(groups, n_modules: int, same=None, entry_extra: int = 0) -> dict:
     """Kernel index -> module index: greedy by weight over units, the heaviest first, each into
     the least loaded module. A unit is all the kernels of one primitive (they call the same
     generic functions, e.g. matmul's tile and packing kernels, which each module they are
@@ -685,9 +694,10 @@ def _balance(groups, n_modules: int, same=None) -> dict:
     fused loop. The entry's module starts with a small handicap for the entry, which calls every
     kernel (LeNet-5's gradient: with len(groups) // 2 its process compiled 0.6 s against the
     other's 0.8 s; with len(groups) // 8, 0.7 s each). `same` ({kernel index: index of the equal
-    kernel it calls}, see `_same_kernels`): those are not lowered, and live where that one does."""
+    kernel it calls}, see `_same_kernels`): those are not lowered, and live where that one does.
+    `entry_extra`: more weight for the entry's process (the thread pool it builds, POOL_WEIGHT)."""
     same = same or {}
-    load = [len(groups) // 8] + [0] * (n_modules - 1)
+    load = [len(groups) // 8 + entry_extra] + [0] * (n_modules - 1)
     units = {}
     for g in groups:
         if g.index in same:
@@ -697,7 +707,7 @@ def _balance(groups, n_modules: int, same=None) -> dict:
         units.setdefault(key, []).append(g)
     # a unit heavier than a module's fair share is split after all (compiling its shared
     # functions twice costs less than compiling the unit in one process: a deep MLP)
-    share = sum(_compile_weight(g) for g in groups) / n_modules
+    share = sum(_compile_weight(g) for g in groups if g.index not in same) / n_modules
     home = {}
     for key, members in sorted(units.items(),
                                key=lambda u: -sum(_compile_weight(g) for g in u[1])):
