@@ -94,3 +94,11 @@ def test_importing_the_code_generator_runs_no_dataclass_machinery():
     done = subprocess.run([sys.executable, "-c", program], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_bad_arguments_are_refused_as_dataclass_refuses_them():
+    for call in (lambda: _Key(), lambda: _Key("f32", 8, 1), lambda: _Key("f32", dtype="f64"),
+                 lambda: _Key("f32", depth=1), lambda: _Params(cols=2)):
+        with pytest.raises(TypeError, match=r"__init__\(\)"):
+            call()
+    assert _Key(width=4, dtype="f16") == _Key("f16", 4)
