@@ -11,11 +11,11 @@ reassociation; NaN and Inf keep numpy semantics).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import llvmlite.ir as ir
 
+from . import record
 from ..ir.core import INT_DTYPES, Instr, IRError, Registry, Value
 from ..ir.prims.elementwise import (abs_p, add_p, and_p, ceil_p, const_p, convert_p, div_p, eq_p,
                                   floor_p, fmod_p, ge_p, gt_p, integer_pow_p, le_p, lt_p, max_p,
@@ -132,7 +132,7 @@ class _Element:
 # ------------------------------------------------------------------------------------------------
 # the lowering of each primitive inside a fused loop, keyed by the primitive
 # ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class Elementwise:
     """`emit(b, ins, args) -> value`: the result at an index from its operands' values there
     (a rank-0 operand is read once, at the empty index)."""
@@ -142,7 +142,7 @@ class Elementwise:
         return emit_scalar_op(el.b, ins, [el.value(x, idx if x.shape else []) for x in ins.inputs])
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IndexMap:
     """`emit(el, ins, idx) -> value`: a layout op, which reads its inputs at remapped indices."""
     emit: Callable
@@ -151,7 +151,7 @@ class IndexMap:
         return self.emit(el, ins, idx)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Reduction:
     """The root of a reduction loop (see _lower_reduce): `combine(b, acc, v)` folds one element
     into a running value starting at `identity`; a `sum` is accumulated in float64 blocks."""

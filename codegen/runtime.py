@@ -27,7 +27,7 @@ import numpy as np
 from ..ir.core import Function, IRError, Namer, instr_text
 
 from . import cache as _cache
-from . import fused, parallel, schedule, settings, target
+from . import fused, parallel, schedule, settings, target, threadpool
 from .kernels import _load_all, kernels
 from .kernels.pool import lower_max_pool2d_with_argmax
 from .loops import I64, PTR, VOID, for_range, i64, llvm_type
@@ -82,7 +82,14 @@ class NativeFunction:
         self.plan = plan_for(fn, self.max_threads, self.donate)
         self.profiling = settings.profile()   # (the compile cache keys TRACEJIT_PROFILE)
         t1 = time.perf_counter()
-        self.n_modules = target.modules_for(sum(_compile_weight(g) for g in self.plan.groups))
+        same = _same_kernels(self.plan)
+        self.n_modules = target.modules_for(
+            sum(_compile_weight(g) for g in self.plan.groups if g.index not in same))
+        # the first compile of a process also builds the thread pool, in the entry's process
+        # while the others compile (target.compile_objects): its modules are balanced for it
+        # (decided here, once: every build of the modules must place the kernels alike)
+        pool_pending = threadpool.available() and threadpool._the_pool is None
+        self._entry_extra = POOL_WEIGHT if pool_pending else 0
         self._source = None
         self._source_lock = threading.Lock()  # lowering twice would reuse a plan's epilogues
         # kernels that check their indices, by status code (see kernels/__init__.py, Checks)
@@ -142,7 +149,7 @@ class NativeFunction:
         the cache)."""
         with self._source_lock:
             if self._source is None:
-                self._source = [str(m) for m in self._build_modules()]
+                self._source = [target.module_text(m) for m in self._build_modules()]
         return self._source
 
     @property
@@ -159,7 +166,7 @@ class NativeFunction:
         fn = plan.fn
         parts = range(self.n_modules) if part is None else [part]
         modules = {k: ir.Module(name=fn.name if k == 0 else f"{fn.name}.part{k}") for k in parts}
-        home = _balance(plan.groups, self.n_modules)
+        home = _balance(plan.groups, self.n_modules, _same_kernels(plan), self._entry_extra)
         module = modules.get(0)
         namer = Namer()
         for v in list(fn.params) + [i.out for i in fn.instrs]:
@@ -168,6 +175,13 @@ class NativeFunction:
         if module is None:
             return [modules[k] for k in parts]
         entry = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, PTR, I64]), "entry")
+        if not any(g.kind == "control" for g in plan.groups):
+            # Straight-line calls of the kernels, a few instructions each: LLVM's optimizer
+            # gains nothing measurable on them, and spent most of a deep MLP's compile there
+            # (depth 64: 0.45 of 0.71 s for the entry's module, 0.08 without). A native loop
+            # runs its steps in the entry: then it is optimized.
+            entry.attributes.add("noinline")
+            entry.attributes.add("optnone")
         ins_arg, outs_arg, arena_arg, nthreads_arg = entry.args
         ins_arg.name, outs_arg.name, arena_arg.name = "inputs", "outputs", "arena"
         nthreads_arg.name = "nthreads"
@@ -356,17 +370,26 @@ def _lower_kernels(plan, modules: dict, home: dict, module, namer) -> list:
     """Lower the kernels of `plan` into their home modules (`home`: group index -> module
     index); returns, per group, the function the calling module calls (a declaration when the
     kernel lives in another module; None for a loop, whose body is lowered where it is called).
-    `module` is the calling module (None when building only other modules)."""
+    `module` is the calling module (None when building only other modules). A kernel whose
+    lowering input equals an earlier one's (`_same_kernels`) is not lowered again: its call
+    goes to the earlier kernel's function."""
     kernel_fns = []
+    same = _same_kernels(plan)
+    by_index = {}
     for g in plan.groups:
         if g.kind == "control":
             kernel_fns.append(None)
+            continue
+        if g.index in same:
+            if module is not None:
+                kernel_fns.append(by_index[same[g.index]])
             continue
         fname = g.name
         kernel_module = modules.get(home[g.index])
         if kernel_module is None:   # lowered by another process: declared for the entry
             if module is not None:
                 kernel_fns.append(ir.Function(module, _kernel_type(g), fname))
+                by_index[g.index] = kernel_fns[-1]
             continue
         try:
             if g.kind == "nn":
@@ -393,6 +416,7 @@ def _lower_kernels(plan, modules: dict, home: dict, module, namer) -> list:
                 if module is not None:
                     kfn = ir.Function(module, kfn.function_type, fname)
             kernel_fns.append(kfn)
+            by_index[g.index] = kfn
         except Exception as e:
             raise _lowering_error(g, namer, e) from e
     return kernel_fns
@@ -611,7 +635,7 @@ _loop_lowerings = {"scan": _lower_scan, "while": _lower_while}
 
 def _lower_part(native_ref, part: int, seconds: dict) -> str:
     t0 = time.perf_counter()
-    text = str(native_ref()._build_modules(part)[0])
+    text = target.module_text(native_ref()._build_modules(part)[0])
     seconds[part] = time.perf_counter() - t0
     return text
 
@@ -655,6 +679,10 @@ def _status_offset(plan) -> int:
     return -(-plan.arena_bytes // 64) * 64
 
 
+# The thread pool's compile weight (~22 ms of LLVM: ~2.5 units of ~9 ms, LeNet-5's gradient)
+POOL_WEIGHT = 3
+
+
 def _compile_weight(g) -> int:
     """Rough LLVM cost of a kernel, to balance modules: a loop nest's is its kernel's
     (codegen/kernels); a fused loop is small: one unit and one more per four instructions."""
@@ -665,23 +693,28 @@ def _compile_weight(g) -> int:
     return kernels[g.root.prim].compile_weight
 
 
-def _balance(groups, n_modules: int) -> dict:
+def _balance(groups, n_modules: int, same=None, entry_extra: int = 0) -> dict:
     """Kernel index -> module index: greedy by weight over units, the heaviest first, each into
     the least loaded module. A unit is all the kernels of one primitive (they call the same
     generic functions, e.g. matmul's tile and packing kernels, which each module they are
     lowered into compiles again: LeNet-5's gradient compiled them twice, ~0.14 s of CPU), or one
     fused loop. The entry's module starts with a small handicap for the entry, which calls every
     kernel (LeNet-5's gradient: with len(groups) // 2 its process compiled 0.6 s against the
-    other's 0.8 s; with len(groups) // 8, 0.7 s each)."""
-    load = [len(groups) // 8] + [0] * (n_modules - 1)
+    other's 0.8 s; with len(groups) // 8, 0.7 s each). `same` ({kernel index: index of the equal
+    kernel it calls}, see `_same_kernels`): those are not lowered, and live where that one does.
+    `entry_extra`: more weight for the entry's process (the thread pool it builds, POOL_WEIGHT)."""
+    same = same or {}
+    load = [len(groups) // 8 + entry_extra] + [0] * (n_modules - 1)
     units = {}
     for g in groups:
+        if g.index in same:
+            continue
         key = ("control",) if g.kind == "control" else \
             ("nn", g.root.prim.name) if g.kind == "nn" else ("loop", g.index)
         units.setdefault(key, []).append(g)
     # a unit heavier than a module's fair share is split after all (compiling its shared
     # functions twice costs less than compiling the unit in one process: a deep MLP)
-    share = sum(_compile_weight(g) for g in groups) / n_modules
+    share = sum(_compile_weight(g) for g in groups if g.index not in same) / n_modules
     home = {}
     for key, members in sorted(units.items(),
                                key=lambda u: -sum(_compile_weight(g) for g in u[1])):
@@ -694,7 +727,72 @@ def _balance(groups, n_modules: int) -> dict:
                 k = load.index(min(load))
             home[g.index] = k
             load[k] += _compile_weight(g)
+    for g in groups:
+        if g.index in same:
+            home[g.index] = home[same[g.index]]
     return home
+
+
+def _same_kernels(plan) -> dict:
+    """{kernel index: index of an earlier kernel of `plan` that lowers to the same function}:
+    kernels whose lowering reads equal inputs (`_kernel_key`). The layers of a deep MLP and
+    their gradients are such kernels: lowered and compiled once, compile time stays flat as
+    the network deepens."""
+    first, same = {}, {}
+    for g in plan.groups:
+        key = _kernel_key(g)
+        if key is None:
+            continue
+        k = first.setdefault(key, g.index)
+        if k != g.index:
+            same[g.index] = k
+    return same
+
+
+def _kernel_key(g):
+    """Everything the lowering of kernel `g` reads, with values named by their place (pointer
+    argument k, or the n-th value defined inside), so that two kernels with equal keys lower
+    to the same function up to its name; None for a kernel never shared (a loop, whose bodies
+    are planned apart; a kernel that checks its indices, whose status code is its own)."""
+    if g.kind == "control" or _checks(g):
+        return None
+    names = {}
+    for k, v in enumerate(g.pointer_values):
+        names.setdefault(id(v), f"p{k}")
+
+    def name(v):
+        return names.setdefault(id(v), f"m{len(names)}")
+
+    def instr(ins):
+        return (ins.prim.name, tuple(name(x) for x in ins.inputs), name(ins.out),
+                str(ins.out.type), _param_key(ins.params))
+
+    def fused(h):   # what codegen/fused.py reads of a fused loop
+        return (tuple(instr(m) for m in h.members), name(h.root.out),
+                tuple(name(v) for v in h.leaves), tuple(name(v) for v in h.extra_outputs),
+                tuple(name(v) for v in h.in_place),
+                tuple((name(v), name(o)) for v, o in h.extra_in_place))
+
+    ptrs = tuple((names[id(v)], str(v.type)) for v in g.pointer_values)
+    if g.kind == "loop":
+        return ("loop", ptrs, fused(g), g.scratch_bytes)
+    return ("nn", ptrs, instr(g.root), g.scratch_bytes, g.epilogue_apart,
+            None if g.companion is None else instr(g.companion),
+            None if g.epilogue is None else fused(g.epilogue))
+
+
+def _param_key(value):
+    """A hashable, exact stand-in for an instruction parameter (arrays by their bytes); an
+    object of another kind stands for itself (by identity: never equal to another's)."""
+    if isinstance(value, dict):
+        return tuple((k, _param_key(v)) for k, v in sorted(value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__,) + tuple(_param_key(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return ("array", value.dtype.str, value.shape, value.tobytes())
+    if value is None or isinstance(value, (bool, int, float, str, np.generic)):
+        return (type(value).__name__, repr(value))
+    return ("object", id(value))
 
 
 def _literal_global(module: ir.Module, v, name: str):

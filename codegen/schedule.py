@@ -27,8 +27,9 @@ Algorithm (XLA-style loop fusion):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from . import record
 from ..ir.core import Function, Instr, IRError, Value, regions
 from ..ir.prims.control import result_p
 from ..ir.prims.elementwise import const_p, literal_p, stop_gradient_p
@@ -42,7 +43,7 @@ from . import settings
 ALIGN = 64
 
 
-@dataclass
+@record
 class Group:
     """One kernel: a loop-nest primitive (`kind="nn"`) or a fused loop (`kind="loop"`)."""
     index: int
@@ -142,7 +143,7 @@ class Group:
         return size * max(1, len(self.members))
 
 
-@dataclass
+@record
 class Location:
     """Where a materialized value lives: "in" (parameter k), "out" (output k), "arena" (byte
     offset), "global" (an LLVM constant), or "alias" of another value (a reshape)."""
@@ -151,7 +152,7 @@ class Location:
     of: Value | None = None
 
 
-@dataclass
+@record
 class Plan:
     fn: Function
     materialized: set
@@ -167,7 +168,7 @@ class Plan:
     donated: list = field(default_factory=list)
 
 
-@dataclass
+@record
 class LoopLayout:
     """Byte offsets in a loop kernel's scratch: the bodies' arena at 0 (`arena` bytes, shared:
     bodies run one at a time), the next step's carries (`next`, one per carry), buffers for the

@@ -38,13 +38,13 @@ raises after the call (codegen/runtime.py, `NativeFunction._check_status`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
+from .. import record
 from ...ir.core import Primitive, Registry
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Kernel:
     """A loop-nest kernel and what the scheduler and the runtime need to know about it."""
     lower: Callable                  # lower(module, name, ins[, epilogue=e]) (see above)

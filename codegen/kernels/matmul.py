@@ -52,10 +52,11 @@ thread walks its items entry by entry, calling the same tile function on the ent
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import llvmlite.ir as ir
 
+from .. import record
 from ...ir.prims.linalg import matmul_p
 
 from ..loops import FAST, carry_loop, fma, gep, i64, llvm_type, load, masked_load, masked_store, \
@@ -118,7 +119,7 @@ PACK_MODES = {"": 0, "b": 1, "bt": 2}   # the outer form's run-time `pack` param
 FORCE = {}   # blocking overrides for tuning runs (benchmarks/kernels_dense.py --force)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Plan:
     dtype: str
     batch: tuple  # the result's batch shape
@@ -353,7 +354,7 @@ class _TileParams(Params):
     pack: I64Arg
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _TileKey:
     """What the shared tile function of a matmul depends on at compile time."""
     form: str
@@ -461,7 +462,7 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
                         st(lp.out[r * nv + v], crows[r], v)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _PackKey:
     dtype: str
     nr: int   # vectors a panel row

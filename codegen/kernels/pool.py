@@ -42,10 +42,10 @@ Indices outside the plane given to max_pool2d_grad / max_pool2d_gather are ignor
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
+from .. import record
 from ...ir.prims.nn import (avg_pool2d_grad_p, avg_pool2d_p, max_pool2d_argmax_p, max_pool2d_gather_p,
                          max_pool2d_grad_p, max_pool2d_p)
 
@@ -58,7 +58,7 @@ from .toolkit import kernel_function, lane_mask, round_up, thread_range, wide_lo
 
 
 # --------------------------------------------------------------------------- geometry
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Geom:
     """The window geometry of one pooling instruction: planes of H x W inputs, OH x OW outputs."""
     planes: int
@@ -93,7 +93,7 @@ def _geom(in_shape, out_shape, params) -> _Geom:
     return _Geom(n * c, h, w, out_shape[2], out_shape[3], kh, kw, sh, sw, ph, pw, dh, dw)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Layout:
     """Which outputs one vector holds and which lanes of which wide load feed tap (i, j)."""
     V: int          # lanes of an output vector
@@ -165,7 +165,7 @@ def _in_range(b: ir.IRBuilder, v, lo: int, hi: int, name: str = ""):
 
 
 # --------------------------------------------------------------------------- window loop
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Edge:
     """The `mask` of a wide access at a row's edge whose columns are known when compiling:
     window column `base` (the access's first column, possibly < 0) of a row of W. Read as a

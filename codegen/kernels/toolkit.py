@@ -13,11 +13,11 @@ body sees and the argument list of the call, so the two cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Union
 
 import llvmlite.ir as ir
 
+from .. import record
 from ..loops import (F64, FAST, I1, I8, I32, I64, PTR, VOID, for_range, i32, i64, intrinsic,
                      llvm_type, masked_store, splat, type_suffix, vec, vload, vstore)
 from ..target import vector_width
@@ -29,7 +29,7 @@ I64Arg = Union[int, ir.Value, None]
 # ------------------------------------------------------------------------------------------------
 # the kernel function of the contract
 # ------------------------------------------------------------------------------------------------
-@dataclass
+@record
 class KernelFunction:
     """An emitted kernel function: builder, buffer arguments and the thread arguments."""
     b: ir.IRBuilder
@@ -139,7 +139,7 @@ Params._registry = {}
 def params(cls):
     """Class decorator: a keyword-only frozen dataclass record of shared-function parameters,
     usable as a nested field type (by name) of other records."""
-    cls = dataclass(frozen=True, kw_only=True)(cls)
+    cls = record(frozen=True, kw_only=True)(cls)
     clash = [f.name for f in dataclasses.fields(cls) if hasattr(Params, f.name)]
     if clash:
         raise TypeError(f"{cls.__name__}: field {clash[0]!r} would hide a method of Params")
@@ -164,7 +164,7 @@ class Shared:
             setattr(self, f.name, v)
 
 
-@dataclass
+@record
 class SharedFunction:
     """A shared function with its pointer count and parameter record type: `call` checks both."""
     fn: ir.Function
@@ -207,7 +207,7 @@ def shared_function(module: ir.Module, kind: str, static, n_ptrs: int, record: t
     return SharedFunction(fn, n_ptrs, record)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DtypeKey:
     """The compile-time key of shared functions that depend on the dtype only."""
     dtype: str

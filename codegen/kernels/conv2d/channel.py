@@ -6,10 +6,11 @@ accumulators into rows of the output planes. No lane is wasted.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import llvmlite.ir as ir
 
+from ... import record
 from ...loops import I64, carry_loop, fma, gep, i64, if_then, load, masked_store, splat, store, \
     vload
 from ..toolkit import I64Arg, Params, ceil_div, dtype_info, lane_mask, opaque, params, \
@@ -17,7 +18,7 @@ from ..toolkit import I64Arg, Params, ceil_div, dtype_info, lane_mask, opaque, p
 from .layout import ALIGN, PadKey, PrepParams, pad, weights_copy
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _ChanKey:
     """Compile-time constants of the channel mode: PR rows of OX pixels are the accumulators."""
     dtype: str

@@ -6,10 +6,10 @@ scratch layout, and the lowering of the kernel function around the algorithm's s
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
+from ... import record
 from ....ir.prims.nn import conv2d_input_grad_p, conv2d_p
 
 from ...loops import I64, gep, i64, store
@@ -68,7 +68,7 @@ def tap_cycles(acc: int, loads: int) -> float:
     return max(acc, loads) * max(1.0, _FMAS_IN_FLIGHT / acc)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Core:
     """out[n, o, y, x] = sum_{c, i, j} W(o, c, i, j) * P_n[c][y*sy + i][phase j%sx][x + j//sx]
     with W(o, c, i, j) = w[o*ws_o + c*ws_c + i*ws_i + j]; `flip` (the input gradient): W is a

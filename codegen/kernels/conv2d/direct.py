@@ -7,10 +7,11 @@ copied to out afterwards (`_lower_flat`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import llvmlite.ir as ir
 
+from ... import record
 from ...loops import I64, carry_loop, fma, gep, i64, if_then, load, masked_load, masked_store, \
     splat, store, vload
 from ..toolkit import I64Arg, Params, ceil_div, dtype_info, lane_mask, opaque, params, \
@@ -134,7 +135,7 @@ def core_function(module, core):
     return shared_function(module, "conv", key, 4, CoreParams, _core_body)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _CoreKey:
     """What the shared function of the convolution core depends on at compile time."""
     dtype: str

@@ -2,10 +2,10 @@
 weights copy (`weights_copy`), the scratch alignment and the blocking overrides."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
+from ... import record
 from ...loops import carry_loop, gep, i64, load, masked_load, masked_store, splat, store, vstore
 from ..toolkit import DtypeKey, I64Arg, Params, ceil_div, dtype_info, lane_mask, memset0, params, \
     shared_function, smin
@@ -44,7 +44,7 @@ class PadParams(Params):
     prep: PrepParams
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Prep:
     """Copy of one image src[C, SH, SW] into P[C][rows][sx][q] (zeros elsewhere), with source pixel
     (sr, sc) at padded row sr*dr + offr and padded column sc*dq + offq (column Q = q'*sx + phase is
@@ -98,7 +98,7 @@ class Prep:
 
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PadKey:
     """What the shared function of the padded copy depends on at compile time. phases > 1: the
     copy's sx (it must be), and no dilation (dq = 1): each source row is split into its phase rows

@@ -23,10 +23,10 @@ column phases of a row phase go to two buffers and are interleaved by vector shu
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
+from ... import record
 from ...loops import I64, carry_loop, gep, i64, load, masked_load, masked_store, store
 from ..toolkit import ceil_div, dtype_info, kernel_function, lane_mask, round_up, smin, \
     thread_range, zero_fill
@@ -34,7 +34,7 @@ from .direct import core_function, core_shape
 from .layout import ALIGN, Prep, block_weights, blocked_weights_elems
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Phase:
     py: int
     px: int
@@ -42,7 +42,7 @@ class _Phase:
     taps: tuple      # (u, v, i, j): sub-kernel tap (u, v) is weight tap (i, j)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Phased:
     dtype: str
     n: int

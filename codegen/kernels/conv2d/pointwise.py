@@ -28,10 +28,10 @@ from a buffer).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
+from ... import record
 from ....ir.prims.nn import conv2d_p
 from ...loops import FAST, PTR, carry_loop, gep, i64, if_then, load, masked_load, masked_store, \
     store, vload, vstore
@@ -57,7 +57,7 @@ def is_pointwise(ins) -> bool:
     return kernel == (1, 1) and tuple(p["padding"]) == (0, 0)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Geom:
     """The subsampling of one image: C channels of H x W pixels, strides sh, sw, OY x OX
     output pixels."""
@@ -94,7 +94,7 @@ class _SubParams(Params):
     ox: I64Arg
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _SubKey:
     dtype: str
     sw2: bool   # column stride 2 (vector shuffles), else any (scalar)
@@ -130,7 +130,7 @@ def _gather_body(s, k: _SubKey):
                 store(b, load(b, srow, b.mul(lq.iv, s.sw), ety), drow, lq.iv, ety)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _GatherTKey:
     dtype: str
     sw: int   # column stride 1 or 2 (vector loads and a transpose), 0: any (scalar)

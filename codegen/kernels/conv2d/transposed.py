@@ -28,10 +28,9 @@ to a per-thread row buffer, whose columns pw .. pw+W-1 of the full convolution a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import llvmlite.ir as ir
 
+from ... import record
 from ...loops import I64, carry_loop, fma, gep, i64, if_then, load, masked_store, splat, store, \
     vload, vstore
 from ...target import vector_registers
@@ -53,7 +52,7 @@ def applies(sh, sw, kh, kw, ph, pw, vl) -> bool:
     return (sh, sw) == (1, 1) and ph <= kh - 1 and pw <= kw - 1 and kw - 1 <= vl
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Transposed:
     dtype: str
     n: int
@@ -143,7 +142,7 @@ def transposed_input_grad(dtype, n, o, c, h, w, oh, ow, kh, kw, ph, pw) -> Trans
                       min(tile_rows(kw), h))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _TKey:
     """What the shared function depends on at compile time."""
     dtype: str

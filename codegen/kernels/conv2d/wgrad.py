@@ -3,10 +3,10 @@ per (input channel, R output channels, kernel row), summed horizontally at the e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
+from ... import record
 from ....ir.prims.nn import conv2d_weight_grad_p
 
 from ...loops import carry_loop, fma, gep, i64, if_then, load, masked_load, masked_store, store, \
@@ -38,7 +38,7 @@ _ROW_UNROLL = 4
 _MAX_CB = 8
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _WGrad:
     """dw[o, c, i, j] = sum_{n, y, x} ct[n, o, y, x] * P_n[c][y*sy + i][phase j%sx][x + j//sx].
 
@@ -246,7 +246,7 @@ def _conv2d_weight_grad_lower(module: ir.Module, name: str, ins) -> None:
     b.ret_void()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _WGradKey:
     """What the shared function of the weight gradient depends on at compile time."""
     dtype: str

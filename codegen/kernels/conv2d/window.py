@@ -25,10 +25,10 @@ input or weight next to them gives NaN there, as in the dense kernels' 0 * Inf n
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
+from ... import record
 from ...loops import fma, for_range, gep, i64, load, splat, store
 from ...target import vector_registers
 from ..pool import _Geom, _ivec, _plane_done, _plane_ptr, _Window
@@ -40,7 +40,7 @@ def is_window(ins) -> bool:
     return ins.params.get("groups", 1) != 1 or tuple(ins.params.get("dilation", (1, 1))) != (1, 1)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Weights:
     """Weight element of (group g, output channel o_loc of the group, source channel k of the
     group, tap i, j): g*sg + o_loc*so + k*sk + i*si + j*sj + s0."""
