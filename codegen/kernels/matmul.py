@@ -385,36 +385,52 @@ def _emit_outer(s: Shared, p: _TileKey):
     s.packed = b.zext(packed, ir.IntType(64))
     s.b_src = b.select(packed, s.ptrs[3], s.ptrs[2], name="matmul.b.src")
     s.b_stride = b.select(packed, i64(tile), s.n, name="matmul.b.stride")
-    _outer_columns(s, p, s.c0, smin(b, s.c1, split), masked=False)
-    _outer_columns(s, p, smax(b, s.c0, split), s.c1, masked=True)
+    _outer_columns(s, p, s.c0, smin(b, s.c1, split), p.nr, partial=False)
+    _outer_tail(s, p, smax(b, s.c0, split), s.c1)
 
 
-def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
+def _outer_tail(s: Shared, p: _TileKey, c0, c1):
+    """The partial last column tile [c0, c1) (empty, or one tile with 0 < N - c0 < tile): only
+    its vectors that hold a column are computed, all but the last with plain loads and stores.
+    Small products live here (N = 10 of a classifier or a Hessian's hidden layer: 10 of a
+    16-column tile): masking all NV vectors, as this tile did, cost them 2-2.5x their time on
+    znver1 (masked stores are microcoded there) and the FMAs of an empty vector."""
+    b = s.b
+    _, vl, _ = dtype_info(p.dtype)
+    with b.if_then(b.icmp_signed("<", c0, c1)):
+        used = b.udiv(b.add(b.sub(s.n, c0), i64(vl - 1)), i64(vl), name="matmul.tail.vectors")
+        for nvec in range(1, p.nr + 1):
+            with b.if_then(b.icmp_signed("==", used, i64(nvec))):
+                _outer_columns(s, p, c0, c1, nvec, partial=True)
+
+
+def _outer_columns(s: Shared, p: _TileKey, c0, c1, nvec: int, partial: bool):
     """The outer-product tiles of columns [c0, c1) (tile boundaries), every row tile of
-    [r0, r1); `masked`: the columns may end past N (else they all lie inside)."""
+    [r0, r1), computing the first `nvec` vectors of each tile; `partial`: the last of them may
+    end past N (its loads masked, its stores cut to the columns inside), else all lie inside."""
     b = s.b
     out, a_mat, b_mat = s.ptrs[:3]
     ety, vl, _ = dtype_info(p.dtype)
-    mr, nv = p.mr, p.nr
-    tile = nv * vl
+    mr, nv = p.mr, nvec
     vty = ir.VectorType(ety, vl)
     m1 = b.sub(s.m, i64(1))
-    kind = "tail" if masked else "full"
-    with carry_loop(b, c0, c1, [], f"matmul.j.{kind}", step=tile) as lj:
+    kind = "tail" if partial else "full"
+    with carry_loop(b, c0, c1, [], f"matmul.j.{kind}", step=p.nr * vl) as lj:
         j0 = lj.iv
-        left = b.sub(s.n, j0)
-        masks = [lane_mask(b, b.sub(left, i64(v * vl)), vl) for v in range(nv)] if masked \
-            else [None] * nv
+        # lanes of the last vector inside N (1..VL) and their mask
+        last = b.sub(b.sub(s.n, j0), i64((nv - 1) * vl), name="matmul.j.lanes") if partial \
+            else None
+        masks = [None] * (nv - 1) + [lane_mask(b, last, vl) if partial else None]
 
-        def ld(ptr, v):
-            return vload(b, ptr, i64(v * vl), vty) if masks[v] is None \
+        def ld(ptr, v, inside=False):
+            return vload(b, ptr, i64(v * vl), vty) if masks[v] is None or inside \
                 else masked_load(b, ptr, i64(v * vl), vty, masks[v])
 
         def st(value, ptr, v):
             if masks[v] is None:
                 vstore(b, value, ptr, i64(v * vl))
             else:
-                masked_store(b, value, ptr, i64(v * vl), masks[v])
+                _store_lanes(b, value, ptr, i64(v * vl), last)
 
         # K in blocks of OUTER_KC: the block's B panel (and, for trans_a, its lines of A) stay in
         # L1 while every row tile of [r0, r1) reads them; the first block starts from zero, the
@@ -437,22 +453,95 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
                 # op(A)[i, k] = A[i*sa_i + k*sa_k] for both transposes: one function serves both
                 arow = [gep(b, a_mat, b.mul(r, s.sa_i), ety) for r in rows]
                 crows = [gep(b, out, b.add(b.mul(r, s.n), j0), ety) for r in rows]
-                zero = zero_vector(ety, vl)
-                # (C's old contents are only read, never used, in the first block)
-                init = [b.select(first, zero, ld(crows[r], v)) for r in range(mr)
-                        for v in range(nv)]
-                with carry_loop(b, k0, k1, init, f"matmul.k.{kind}") as lp:
-                    brow = gep(b, b_base, b.mul(b.sub(lp.iv, b_k0), s.b_stride), ety)
-                    bv = [ld(brow, v) for v in range(nv)]
-                    aoff = b.mul(lp.iv, s.sa_k)
+                # C's old contents are read only after the first block (a branch, not a select
+                # of loads: with a short K these loads were a third of a tile's loads)
+                init = _phi_if(b, first, [zero_vector(ety, vl)] * (mr * nv),
+                               lambda: [ld(crows[r], v) for r in range(mr) for v in range(nv)])
+
+                def step(kk, acc, inside):
+                    brow = gep(b, b_base, b.mul(b.sub(kk, b_k0), s.b_stride), ety)
+                    bv = [ld(brow, v, inside) for v in range(nv)]
+                    aoff = b.mul(kk, s.sa_k)
                     nxt = []
                     for r in range(mr):
                         av = splat(b, load(b, arow[r], aoff, ety), vl)
-                        nxt.extend(fma(b, av, bv[v], lp.vals[r * nv + v]) for v in range(nv))
-                    lp.next = nxt
+                        nxt.extend(fma(b, av, bv[v], acc[r * nv + v]) for v in range(nv))
+                    return nxt
+
+                # The partial vector of B's row kk reads `over` elements past the row's end:
+                # still inside B for the rows kk < kin (their lanes past N read the next rows,
+                # and what they compute is never stored), so those take plain loads; only the
+                # last rows (one when N >= VL - 1), which may end B's buffer, take masked
+                # loads (a masked load every step cost the small products a third of their time)
+                kin = k1
+                if partial:
+                    over = b.sub(b.add(j0, i64(nv * vl)), s.n)
+                    past = b.udiv(b.add(over, b.sub(s.n, i64(1))), s.n)
+                    kin = smax(b, k0, smin(b, k1, b.sub(s.k, past)), name="matmul.k.inside")
+                with carry_loop(b, k0, kin, init, f"matmul.k.{kind}") as lp:
+                    lp.next = step(lp.iv, lp.vals, True)
+                acc = lp.out
+                if partial:
+                    with carry_loop(b, kin, k1, acc, "matmul.k.last") as lt:
+                        lt.next = step(lt.iv, lt.vals, False)
+                    acc = lt.out
                 for r in range(mr):
                     for v in range(nv):
-                        st(lp.out[r * nv + v], crows[r], v)
+                        st(acc[r * nv + v], crows[r], v)
+
+
+def _phi_if(b: ir.IRBuilder, pred, then_values, else_values):
+    """`then_values` (constants) where `pred` holds, else the values `else_values()` emits
+    in a branch of their own."""
+    pre = b.block
+    fn = pre.function
+    other = fn.append_basic_block("matmul.init.load")
+    done = fn.append_basic_block("matmul.init.done")
+    b.cbranch(pred, done, other)
+    b.position_at_end(other)
+    loaded = else_values()
+    other_end = b.block
+    b.branch(done)
+    b.position_at_end(done)
+    out = []
+    for const, value in zip(then_values, loaded):
+        phi = b.phi(value.type)
+        phi.add_incoming(const, pre)
+        phi.add_incoming(value, other_end)
+        out.append(phi)
+    return out
+
+
+def _store_lanes(b: ir.IRBuilder, value, ptr, idx, lanes):
+    """Store lanes [0, `lanes`) of `value` (lanes: an i64 in 1..VL) at element `idx` of `ptr`:
+    the whole vector, or the pieces of the binary digits of `lanes` (halves, quarters, ...:
+    plain narrow stores). A masked store of a ymm vector is microcoded on znver1 (~20 cycles
+    against ~1 a piece)."""
+    vty = value.type
+    vl = vty.count
+    i32v = ir.IntType(32)
+    with b.if_else(b.icmp_signed("==", lanes, i64(vl))) as (whole, pieces):
+        with whole:
+            vstore(b, value, ptr, idx)
+        with pieces:
+            off, v, piece = idx, value, vl // 2
+            while piece >= 1:
+                bit = b.icmp_signed("!=", b.and_(lanes, i64(piece)), i64(0))
+                low = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32v, piece),
+                                                          list(range(piece))))
+                with b.if_then(bit):
+                    if piece == 1:
+                        b.store(b.extract_element(low, ir.Constant(i32v, 0)),
+                                gep(b, ptr, off, vty.element))
+                    else:
+                        vstore(b, low, ptr, off)
+                if piece > 1:
+                    # the lanes after the stored piece move down to lane 0
+                    shifted = b.shuffle_vector(v, v, ir.Constant(
+                        ir.VectorType(i32v, vl), [min(t + piece, vl - 1) for t in range(vl)]))
+                    v = b.select(bit, shifted, v)
+                    off = b.add(off, b.mul(b.zext(bit, ir.IntType(64)), i64(piece)))
+                piece //= 2
 
 
 @dataclass(frozen=True)

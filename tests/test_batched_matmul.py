@@ -1,0 +1,83 @@
+"""Batched and small matmuls: every broadcast pattern of the batch axes (an operand without batch
+axes, size-1 axes on either side) with every transpose combination, on shapes whose columns end
+inside a vector (N = 10 of a Hessian's hidden layer, N < VL - 1, a full tile plus a tail) and a K
+past one block, against the interpreter's numpy reference (output NaN-filled, every thread
+count: see test_kernels_dense.check_all)."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import tracejit
+from test_kernels_dense import NP, Kernels, reference
+from tracejit.ir.builder import Builder, building
+from tracejit.ir.core import TensorType
+from tracejit.ir.builder import emit
+from tracejit.ir.prims.linalg import matmul_p
+
+pytestmark = pytest.mark.needs_llvm
+
+SHAPES = [(13, 10, 8), (5, 2, 3), (7, 19, 130), (6, 5, 1)]   # (M, N, K)
+BATCHES = [((4,), ()), ((), (4,)), ((2, 1), (3,)), ((3,), (3,))]   # (A's, B's batch axes)
+
+
+def _instrs(dtype):
+    """One matmul_p instruction per spec (emitted as is: lax.matmul would fold a batch of A
+    over an unbatched B into a 2-d product)."""
+    instrs = []
+    for a, b, params in _specs():
+        with building(Builder("t")) as bld:
+            pa, pb = (bld.add_param(TensorType(dtype, s)) for s in (a, b))
+            instrs.append(emit(matmul_p, pa, pb, **params).instr)
+    return instrs
+
+
+def _specs():
+    specs = []
+    for i, (ta, tb) in enumerate([(False, False), (True, False), (False, True), (True, True)]):
+        for j, (ba, bb) in enumerate(BATCHES):
+            m, n, k = SHAPES[(i + j) % len(SHAPES)]   # every shape meets every pattern
+            a = ba + ((k, m) if ta else (m, k))
+            b = bb + ((n, k) if tb else (k, n))
+            specs.append((a, b, dict(trans_a=ta, trans_b=tb)))
+    return specs
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_batched_matmul_broadcast_and_transposes(dtype):
+    instrs = _instrs(dtype)
+    ks = Kernels(instrs)
+    rng = np.random.default_rng(0)
+    for i, ins in enumerate(instrs):
+        arrays = [rng.standard_normal(v.shape).astype(NP[dtype]) for v in ins.inputs]
+        ref, tol = reference(ins, arrays)
+        for nt, order in [(1, [0]), (2, [0, 1]), (2, [1, 0]), (3, [2, 0, 1])]:
+            got = ks.call(i, arrays, nt, order)
+            bad = ~(np.abs(got - ref) <= tol)
+            assert not bad.any(), (f"{[v.shape for v in ins.inputs]} {ins.params} {dtype} "
+                                   f"threads {order}: {bad.sum()} of {bad.size} wrong")
+
+
+def _function_body(text: str, prefix: str) -> str:
+    start = re.search(r"define [^\n]*@\"?" + re.escape(prefix), text)
+    assert start, f"no function {prefix}* in the LLVM IR"
+    return text[start.start():text.index("\n}", start.start())]
+
+
+def test_partial_column_tile_has_no_masked_stores_or_loads_in_its_k_loop():
+    """x [32, 8] @ W [100, 8, 10] (a Hessian's tangent of a hidden layer): its 10 columns are
+    one partial tile of the outer form. The tile's stores are plain narrow stores (a masked
+    store is microcoded on AVX2 machines such as znver1) and its K loop loads B's rows without
+    masks; only the last row of B, which may end B's buffer, is loaded masked."""
+    x = np.ones((32, 8), np.float32)
+    w = np.ones((100, 8, 10), np.float32)
+    text = tracejit.jit(lambda x, w: x @ w).ir(x, w, stage="llvm")
+    outer = _function_body(text, "tracejit.matmul.formouter")
+    assert "llvm.masked.store" not in outer
+    blocks = re.split(r"\n(?=[\w.\"]+:)", outer)
+    k_tail = [blk for blk in blocks if blk.lstrip('"').startswith("matmul.k.tail.body")]
+    assert k_tail and not any("llvm.masked.load" in blk for blk in k_tail)
+    assert any("llvm.masked.load" in blk for blk in blocks
+               if blk.lstrip('"').startswith("matmul.k.last.body"))
