@@ -19,7 +19,8 @@ from tracejit.ir.prims.linalg import matmul_p
 
 pytestmark = pytest.mark.needs_llvm
 
-SHAPES = [(13, 10, 8), (5, 2, 3), (7, 19, 130), (6, 5, 1)]   # (M, N, K)
+# (M, N, K); N == 1 or M == 1: the matrix-vector kernels, with a K (or N) tail
+SHAPES = [(13, 10, 8), (5, 2, 3), (7, 19, 130), (6, 5, 1), (29, 1, 10), (1, 10, 7), (11, 1, 3)]
 BATCHES = [((4,), ()), ((), (4,)), ((2, 1), (3,)), ((3,), (3,))]   # (A's, B's batch axes)
 
 
@@ -38,10 +39,11 @@ def _specs():
     specs = []
     for i, (ta, tb) in enumerate([(False, False), (True, False), (False, True), (True, True)]):
         for j, (ba, bb) in enumerate(BATCHES):
-            m, n, k = SHAPES[(i + j) % len(SHAPES)]   # every shape meets every pattern
-            a = ba + ((k, m) if ta else (m, k))
-            b = bb + ((n, k) if tb else (k, n))
-            specs.append((a, b, dict(trans_a=ta, trans_b=tb)))
+            for shift in (0, 3):   # each shape meets each pattern and most transposes
+                m, n, k = SHAPES[(i + j + shift) % len(SHAPES)]
+                a = ba + ((k, m) if ta else (m, k))
+                b = bb + ((n, k) if tb else (k, n))
+                specs.append((a, b, dict(trans_a=ta, trans_b=tb)))
     return specs
 
 

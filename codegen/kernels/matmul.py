@@ -493,21 +493,29 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, nvec: int, partial: bool):
 def _phi_if(b: ir.IRBuilder, pred, then_values, else_values):
     """`then_values` (constants) where `pred` holds, else the values `else_values()` emits
     in a branch of their own."""
-    pre = b.block
-    fn = pre.function
-    other = fn.append_basic_block("matmul.init.load")
-    done = fn.append_basic_block("matmul.init.done")
-    b.cbranch(pred, done, other)
-    b.position_at_end(other)
-    loaded = else_values()
-    other_end = b.block
-    b.branch(done)
+    return _branch(b, pred, lambda: then_values, else_values)
+
+
+def _branch(b: ir.IRBuilder, pred, then_values, else_values):
+    """The values `then_values()` emits where `pred` holds, else those of `else_values()`,
+    each emitted in a branch of its own (phis of the two)."""
+    fn = b.block.function
+    sides = []
+    blocks = [fn.append_basic_block("matmul.if.then"), fn.append_basic_block("matmul.if.else")]
+    done = fn.append_basic_block("matmul.if.done")
+    b.cbranch(pred, *blocks)
+    for block, emit_values in zip(blocks, (then_values, else_values)):
+        b.position_at_end(block)
+        values = emit_values()
+        sides.append((values, b.block))
+        b.branch(done)
     b.position_at_end(done)
     out = []
-    for const, value in zip(then_values, loaded):
-        phi = b.phi(value.type)
-        phi.add_incoming(const, pre)
-        phi.add_incoming(value, other_end)
+    for (x, x_end), (y, y_end) in zip(zip(sides[0][0], [sides[0][1]] * len(sides[0][0])),
+                                      zip(sides[1][0], [sides[1][1]] * len(sides[1][0]))):
+        phi = b.phi(x.type)
+        phi.add_incoming(x, x_end)
+        phi.add_incoming(y, y_end)
         out.append(phi)
     return out
 
@@ -654,6 +662,15 @@ def _emit_mv_dot(s: Shared, p: _TileKey):
     m1 = b.sub(s.m, i64(1))
     kfull = b.sub(s.k, b.urem(s.k, i64(vl)), name="matmul.mv.kfull")
     split = b.sub(s.m, b.urem(s.m, i64(mr)), name="matmul.mv.i.full")
+    # The K tail (K % VL elements): v's tail is loaded once a call (zeros past K); a row's tail
+    # is read with a plain load, its lanes past K (the next row's) zeroed, while the vector ends
+    # inside Mat, and masked only on the last rows. A masked load of every row's tail cost a
+    # product of K = 10 (a Hessian's hidden layer) about as much as its whole K loop.
+    has_tail = b.icmp_signed("<", kfull, s.k, name="matmul.mv.has.kt")
+    tmask = lane_mask(b, b.sub(s.k, kfull), vl)
+    zero = zero_vector(ety, vl)
+    vt = _branch(b, has_tail, lambda: [masked_load(b, v, kfull, vty, tmask)], lambda: [zero])[0]
+    last_inside = b.sub(b.mul(s.m, s.k), b.add(kfull, i64(vl)), name="matmul.mv.kt.inside")
 
     def rows(r0, r1, masked):
         kind = "tail" if masked else "full"
@@ -661,23 +678,24 @@ def _emit_mv_dot(s: Shared, p: _TileKey):
             rs = [smin(b, b.add(li.iv, i64(r)), m1) for r in range(mr)] if masked \
                 else [b.add(li.iv, i64(r)) for r in range(mr)]
             arow = [gep(b, mat, b.mul(r, s.k), ety) for r in rs]
+            with carry_loop(b, 0, kfull, [zero] * mr, f"matmul.mv.k.{kind}", step=vl) as lk:
+                x = vload(b, v, lk.iv, vty)
+                lk.next = [fma(b, vload(b, pa, lk.iv, vty), x, a) for pa, a in zip(arow, lk.vals)]
 
-            def step(acc, k0, mask):
-                def ld(ptr):
-                    return vload(b, ptr, k0, vty) if mask is None \
-                        else masked_load(b, ptr, k0, vty, mask)
-                x = ld(v)
-                return [fma(b, ld(pa), x, a) for pa, a in zip(arow, acc)]
+            def tail(plain):
+                def ld(pa):
+                    return b.select(tmask, vload(b, pa, kfull, vty), zero) if plain \
+                        else masked_load(b, pa, kfull, vty, tmask)
+                return lambda: [fma(b, ld(pa), vt, a) for pa, a in zip(arow, lk.out)]
 
-            with carry_loop(b, 0, kfull, [zero_vector(ety, vl)] * mr, f"matmul.mv.k.{kind}",
-                            step=vl) as lk:
-                lk.next = step(lk.vals, lk.iv, None)
-            # the K tail: a loop of one step when K % VL != 0, none otherwise
-            with carry_loop(b, kfull, s.k, lk.out, f"matmul.mv.kt.{kind}", step=vl) as lt:
-                lt.next = step(lt.vals, lt.iv, lane_mask(b, b.sub(s.k, lt.iv), vl))
-            sums = transpose_sums(b, lt.out)
+            # (the tile's rows ascend: its last row's tail ends last)
+            inside = b.icmp_signed("<=", b.mul(rs[-1], s.k), last_inside)
+            accs = _branch(b, has_tail,
+                           lambda: _branch(b, inside, tail(True), tail(False)),
+                           lambda: lk.out)
+            sums = transpose_sums(b, accs)
             if masked:
-                masked_store(b, sums, out, li.iv, lane_mask(b, b.sub(s.m, li.iv), vl))
+                _store_lanes(b, sums, out, li.iv, smin(b, b.sub(s.m, li.iv), vl))
             else:
                 vstore(b, sums, out, li.iv)
 
