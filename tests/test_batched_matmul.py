@@ -27,12 +27,13 @@ BATCHES = [((4,), ()), ((), (4,)), ((2, 1), (3,)), ((3,), (3,))]   # (A's, B's b
 def _instrs(dtype):
     """One matmul_p instruction per spec (emitted as is: lax.matmul would fold a batch of A
     over an unbatched B into a 2-d product)."""
-    instrs = []
-    for a, b, params in _specs():
-        with building(Builder("t")) as bld:
-            pa, pb = (bld.add_param(TensorType(dtype, s)) for s in (a, b))
-            instrs.append(emit(matmul_p, pa, pb, **params).instr)
-    return instrs
+    return [_matmul_instr(dtype, a, b, **params) for a, b, params in _specs()]
+
+
+def _matmul_instr(dtype, a_shape, b_shape, **params):
+    with building(Builder("t")) as bld:
+        pa, pb = (bld.add_param(TensorType(dtype, s)) for s in (a_shape, b_shape))
+        return emit(matmul_p, pa, pb, **params).instr
 
 
 def _specs():
@@ -83,3 +84,14 @@ def test_partial_column_tile_has_no_masked_stores_or_loads_in_its_k_loop():
     assert k_tail and not any("llvm.masked.load" in blk for blk in k_tail)
     assert any("llvm.masked.load" in blk for blk in blocks
                if blk.lstrip('"').startswith("matmul.k.last.body"))
+
+
+def test_short_m_takes_a_row_block_without_clamped_rows():
+    """A short M (a Hessian's x^T @ g: M = 8, N = 10) is cut into row blocks that add no
+    clamped rows (MR = 6 computed 12 rows for 8); a long M keeps the widest block."""
+    from tracejit.codegen.kernels.matmul import _plan
+    plans = [_plan(_matmul_instr("f32", (100, 32, m), (100, 32, 10), trans_a=True))
+             for m in (8, 10, 32)]
+    assert all(p.form == "outer" and p.m % p.mr == 0 for p in plans), [p.mr for p in plans]
+    wide = _plan(_matmul_instr("f32", (256, 64), (64, 10)))
+    assert wide.mr == 6
