@@ -45,6 +45,12 @@ def _specs():
                 a = ba + ((k, m) if ta else (m, k))
                 b = bb + ((n, k) if tb else (k, n))
                 specs.append((a, b, dict(trans_a=ta, trans_b=tb)))
+    # batches of vectors times a shared matrix, over two batch axes (one 2-d product each)
+    for ta, tb in [(False, False), (True, True), (True, False), (False, True)]:
+        specs.append(((9, 5) if ta else (5, 9), (2, 3) + ((1, 9) if tb else (9, 1)),
+                      dict(trans_a=ta, trans_b=tb)))
+        specs.append(((2, 3) + ((9, 1) if ta else (1, 9)), (6, 9) if tb else (9, 6),
+                      dict(trans_a=ta, trans_b=tb)))
     return specs
 
 
@@ -95,3 +101,13 @@ def test_short_m_takes_a_row_block_without_clamped_rows():
     assert all(p.form == "outer" and p.m % p.mr == 0 for p in plans), [p.mr for p in plans]
     wide = _plan(_matmul_instr("f32", (256, 64), (64, 10)))
     assert wide.mr == 6
+
+
+def test_batch_of_vectors_times_a_shared_matrix_is_one_product():
+    """op(A) b_t over a batch of vectors b_t (a Hessian's [32, 10] @ [100, 10, 1]) and a_t op(B)
+    run as one 2-d product on the same buffers, not as 100 matrix-vector products."""
+    from tracejit.codegen.kernels.matmul import _plan
+    for a, b, params in [((32, 10), (100, 10, 1), {}), ((32, 10), (100, 32, 1), dict(trans_a=True)),
+                         ((100, 1, 10), (32, 10), dict(trans_b=True))]:
+        p = _plan(_matmul_instr("f32", a, b, **params))
+        assert p.batch == () and p.m == 100 and p.n in (10, 32), (a, b, p)

@@ -149,6 +149,12 @@ def _plan(ins) -> _Plan:
     k = a.shape[-2] if ta else a.shape[-1]
     dt = ins.out.dtype
     batch = tuple(ins.out.shape[:-2])
+    folded = _fold_batch(batch, a, bm, m, n, ta, tb)
+    if folded is not None:
+        m2, n2, tb2, pre = folded
+        plan = _matvec_plan(dt, m2, n2, k, False, tb2) if m2 == 1 or n2 == 1 else None
+        plan = plan or _block_plan(dt, m2, n2, k, False, tb2)
+        return replace(plan, swap=plan.swap != pre)
     a_batch = (1,) * (len(batch) + 2 - a.ndim) + tuple(a.shape[:-2])
     b_batch = (1,) * (len(batch) + 2 - bm.ndim) + tuple(bm.shape[:-2])
     plan = _matvec_plan(dt, m, n, k, ta, tb) if m == 1 or n == 1 else None
@@ -156,6 +162,28 @@ def _plan(ins) -> _Plan:
         a_batch, b_batch = b_batch, a_batch
     return replace(plan or _block_plan(dt, m, n, k, ta, tb), batch=batch, a_batch=a_batch,
                    b_batch=b_batch)
+
+
+def _fold_batch(batch, a, bm, m, n, ta, tb):
+    """A batch of products that is one 2-d product X @ op(Y) on the same buffers, as (rows,
+    columns, trans of Y, whether X is B), or None. The batched operand's matrices must be rows
+    of X (contiguous, one after the other) while the other operand is shared by the batch:
+    - a batch of vectors times a shared matrix: op(A) b_t = (b_t^T op(A)^T)^T, so C [.., M, 1]
+      (laid out as [T, M]) = B [T, K] @ op(A)^T; likewise a_t op(B) = A [T, K] @ op(B);
+    - A [.., M, K] (not transposed) times a shared B: A [T*M, K] @ op(B).
+    The output's layout is the 2-d product's, so epilogues see the same elements. (A Hessian's
+    100 products [32, 10] @ [10, 1] become one [100, 10] @ [10, 32]^T.)"""
+    t = math.prod(batch)
+    if t <= 1:
+        return None
+    full_a, full_b = tuple(a.shape[:-2]) == batch, tuple(bm.shape[:-2]) == batch
+    if n == 1 and a.ndim == 2 and full_b:
+        return t, m, not ta, True
+    if m == 1 and bm.ndim == 2 and full_a:
+        return t, n, tb, False
+    if not ta and bm.ndim == 2 and full_a:
+        return t * m, n, tb, False
+    return None
 
 
 def _matvec_plan(dt, m, n, k, ta, tb) -> _Plan:
