@@ -31,8 +31,11 @@ of a product with M' == 1 (mv_axpy) or N' == 1 (mv_dot).
 
 Edge tiles clamp their row (and dot-form column) indices to the last one: the extra lanes recompute
 and store the same value into the same element, which costs a little work on the border and no
-code variants. The last (partial) column tile of the outer-product form and the K tail of the dot
-form are masked; the outer form's whole column tiles run a second copy of its loops without masks.
+code variants (a short M picks the row block that clamps fewest rows). The K tail of the dot form
+is masked. The outer form's whole column tiles run without masks; its last (partial) column tile
+computes only the vectors that hold a column, loads the last one in place without a mask while it
+ends inside B (its lanes past N read the next row: computed, never stored) and stores it in
+plain pieces: masked stores are microcoded on AVX2 machines such as znver1.
 
 Compile time: the loops live in shape-generic functions (`shared_function`), one per form, dtype
 and register block, defined once per LLVM module and shared by every matmul of the module (the
@@ -45,9 +48,11 @@ than column tiles; a thread walks its columns tile by tile and, within a column 
 the B panel of the column tile is reused from L1. With an epilogue, threads split rows only and
 the epilogue runs on each panel of rows once all its columns are written.
 
-Batches: the work items are (batch entry, MR-row tile) pairs, split evenly between threads; a
-thread walks its items entry by entry, calling the same tile function on the entry's matrices
-(an operand broadcast along a batch axis is read in place: its offset ignores that axis).
+Batches: a batch whose shared operand makes it one 2-d product on the same buffers (a batch of
+vectors times a shared matrix, a batch of A's rows times a shared B) is planned as that product
+(_fold_batch). Otherwise the work items are (batch entry, MR-row tile) pairs, split evenly between
+threads; a thread walks its items entry by entry, calling the same tile function on the entry's
+matrices (an operand broadcast along a batch axis is read in place: its offset ignores that axis).
 """
 from __future__ import annotations
 
