@@ -76,20 +76,25 @@ def _function_body(text: str, prefix: str) -> str:
 
 
 def test_partial_column_tile_has_no_masked_stores_or_loads_in_its_k_loop():
-    """x [32, 8] @ W [100, 8, 10] (a Hessian's tangent of a hidden layer): its 10 columns are
-    one partial tile of the outer form. The tile's stores are plain narrow stores (a masked
-    store is microcoded on AVX2 machines such as znver1) and its K loop loads B's rows without
-    masks; only the last row of B, which may end B's buffer, is loaded masked."""
-    x = np.ones((32, 8), np.float32)
-    w = np.ones((100, 8, 10), np.float32)
-    text = tracejit.jit(lambda x, w: x @ w).ir(x, w, stage="llvm")
-    outer = _function_body(text, "tracejit.matmul.formouter")
-    assert "llvm.masked.store" not in outer
-    blocks = re.split(r"\n(?=[\w.\"]+:)", outer)
-    k_tail = [blk for blk in blocks if blk.lstrip('"').startswith("matmul.k.tail.body")]
-    assert k_tail and not any("llvm.masked.load" in blk for blk in k_tail)
-    assert any("llvm.masked.load" in blk for blk in blocks
-               if blk.lstrip('"').startswith("matmul.k.last.body"))
+    """x [32, 8] @ W [100, 8, 10] (a Hessian's tangent of a hidden layer) and w [1, 32] @ A [32,
+    10]: their 10 columns are one partial tile of the outer form and of the matrix-vector axpy
+    kernel. The tile's stores are plain narrow stores (a masked store is microcoded on AVX2
+    machines such as znver1) and its K loop loads rows without masks; only the last row of B,
+    which may end B's buffer, is loaded masked. The dot kernel's partial tile stores plainly too."""
+    x, w = np.ones((32, 8), np.float32), np.ones((100, 8, 10), np.float32)
+    v, a, m = np.ones((1, 32), np.float32), np.ones((32, 10), np.float32), np.ones((29, 8))
+    text = tracejit.jit(lambda x, w, v, a, m: (x @ w, v @ a, m @ m[0])).ir(
+        x, w, v, a, m.astype(np.float32), stage="llvm")
+    for form, tail, last in [("outer", "matmul.k.tail.body", "matmul.k.last.body"),
+                             ("mv_axpy", "matmul.mv.k.tail.body", "matmul.mv.k.last.body")]:
+        body = _function_body(text, f"tracejit.matmul.form{form}")
+        assert "llvm.masked.store" not in body, form
+        blocks = re.split(r"\n(?=[\w.\"]+:)", body)
+        k_tail = [blk for blk in blocks if blk.lstrip('"').startswith(tail)]
+        assert k_tail and not any("llvm.masked.load" in blk for blk in k_tail), form
+        assert any("llvm.masked.load" in blk for blk in blocks
+                   if blk.lstrip('"').startswith(last)), form
+    assert "llvm.masked.store" not in _function_body(text, "tracejit.matmul.formmv_dot")
 
 
 def test_short_m_takes_a_row_block_without_clamped_rows():

@@ -511,16 +511,10 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, nvec: int, partial: bool):
                         nxt.extend(fma(b, av, bv[v], acc[r * nv + v]) for v in range(nv))
                     return nxt
 
-                # The partial vector of B's row kk reads `over` elements past the row's end:
-                # still inside B for the rows kk < kin (their lanes past N read the next rows,
-                # and what they compute is never stored), so those take plain loads; only the
-                # last rows (one when N >= VL - 1), which may end B's buffer, take masked
-                # loads (a masked load every step cost the small products a third of their time)
-                kin = k1
-                if partial:
-                    over = b.sub(b.add(j0, i64(nv * vl)), s.n)
-                    past = b.udiv(b.add(over, b.sub(s.n, i64(1))), s.n)
-                    kin = smax(b, k0, smin(b, k1, b.sub(s.k, past)), name="matmul.k.inside")
+                # the partial vector of B's rows kk < kin ends inside B: plain loads there, masked
+                # ones on the last rows only (a masked load every step cost the small products a
+                # third of their time)
+                kin = _rows_inside(b, j0, nv * vl, s.n, s.k, k0, k1) if partial else k1
                 with carry_loop(b, k0, kin, init, f"matmul.k.{kind}") as lp:
                     lp.next = step(lp.iv, lp.vals, True)
                 acc = lp.out
@@ -749,34 +743,60 @@ def _emit_mv_dot(s: Shared, p: _TileKey):
 def _emit_mv_axpy(s: Shared, p: _TileKey):
     """C[r, c0:c1] = v_r @ Mat (v_r = row r of v [m, k], Mat [k, n] row-major; m is 1 as
     planned): NV vectors of columns accumulate v[k] * Mat[k, j:j+VL] over k; whole column tiles
-    unmasked, the partial last one masked (as the outer form)."""
+    with plain loads and stores, the partial last one as the outer form's (see _outer_tail)."""
     b = s.b
     out, v, mat = s.ptrs
     ety, vl, _ = dtype_info(p.dtype)
-    nv = p.nr
     vty = ir.VectorType(ety, vl)
-    split = b.sub(s.n, b.urem(s.n, i64(nv * vl)), name="matmul.mv.j.full")
+    split = b.sub(s.n, b.urem(s.n, i64(p.nr * vl)), name="matmul.mv.j.full")
 
-    def columns(c0, c1, masked):
-        kind = "tail" if masked else "full"
+    def columns(c0, c1, nv, partial):
+        kind = "tail" if partial else "full"
         with carry_loop(b, s.r0, s.r1, [], f"matmul.mv.r.{kind}") as lr:
             vrow = gep(b, v, b.mul(lr.iv, s.k), ety)
             crow = gep(b, out, b.mul(lr.iv, s.n), ety)
-            with carry_loop(b, c0, c1, [], f"matmul.mv.j.{kind}", step=nv * vl) as lj:
-                masks = [lane_mask(b, b.sub(b.sub(s.n, lj.iv), i64(u * vl)), vl)
-                         for u in range(nv)] if masked else [None] * nv
-                with carry_loop(b, 0, s.k, [zero_vector(ety, vl)] * nv,
-                                f"matmul.mv.k.{kind}") as lk:
-                    mrow = gep(b, mat, b.add(b.mul(lk.iv, s.n), lj.iv), ety)
-                    x = splat(b, load(b, vrow, lk.iv, ety), vl)
-                    lk.next = [fma(b, x, vload(b, mrow, i64(u * vl), vty) if mk is None
-                                   else masked_load(b, mrow, i64(u * vl), vty, mk), acc)
-                               for u, (mk, acc) in enumerate(zip(masks, lk.vals))]
-                for u, (mk, acc) in enumerate(zip(masks, lk.out)):
-                    if mk is None:
-                        vstore(b, acc, crow, b.add(lj.iv, i64(u * vl)))
-                    else:
-                        masked_store(b, acc, crow, b.add(lj.iv, i64(u * vl)), mk)
+            with carry_loop(b, c0, c1, [], f"matmul.mv.j.{kind}", step=p.nr * vl) as lj:
+                last = b.sub(b.sub(s.n, lj.iv), i64((nv - 1) * vl)) if partial else None
+                mask = lane_mask(b, last, vl) if partial else None
 
-    columns(s.c0, smin(b, s.c1, split), masked=False)
-    columns(smax(b, s.c0, split), s.c1, masked=True)
+                def step(kk, acc, inside):
+                    mrow = gep(b, mat, b.add(b.mul(kk, s.n), lj.iv), ety)
+                    x = splat(b, load(b, vrow, kk, ety), vl)
+                    return [fma(b, x, vload(b, mrow, i64(u * vl), vty)
+                                if inside or u < nv - 1
+                                else masked_load(b, mrow, i64(u * vl), vty, mask), a)
+                            for u, a in enumerate(acc)]
+
+                kin = _rows_inside(b, lj.iv, nv * vl, s.n, s.k, i64(0), s.k) if partial else s.k
+                with carry_loop(b, 0, kin, [zero_vector(ety, vl)] * nv,
+                                f"matmul.mv.k.{kind}") as lk:
+                    lk.next = step(lk.iv, lk.vals, True)
+                acc = lk.out
+                if partial:
+                    with carry_loop(b, kin, s.k, acc, "matmul.mv.k.last") as lt:
+                        lt.next = step(lt.iv, lt.vals, False)
+                    acc = lt.out
+                for u, a in enumerate(acc):
+                    if partial and u == nv - 1:
+                        _store_lanes(b, a, crow, b.add(lj.iv, i64(u * vl)), last)
+                    else:
+                        vstore(b, a, crow, b.add(lj.iv, i64(u * vl)))
+
+    columns(s.c0, smin(b, s.c1, split), p.nr, partial=False)
+    c0 = smax(b, s.c0, split)
+    with b.if_then(b.icmp_signed("<", c0, s.c1)):
+        used = b.udiv(b.add(b.sub(s.n, c0), i64(vl - 1)), i64(vl), name="matmul.mv.tail.vectors")
+        for nvec in range(1, p.nr + 1):
+            with b.if_then(b.icmp_signed("==", used, i64(nvec))):
+                columns(c0, s.c1, nvec, partial=True)
+
+
+def _rows_inside(b: ir.IRBuilder, j0, width, n, k, k0, k1):
+    """The end of the rows kk in [k0, k1) of a row-major [k, n] matrix whose `width` elements
+    from column j0 (past N: the next rows' elements) still lie inside the matrix: a plain load
+    may read them there (the lanes past N compute what is never stored), the rows from the end
+    on need masked loads (one row when N >= VL - 1)."""
+    over = b.sub(b.add(j0, i64(width)), n)
+    past = b.udiv(b.add(over, b.sub(n, i64(1))), n)
+    return smax(b, k0, smin(b, k1, b.sub(k, past)), name="matmul.k.inside")
+
