@@ -426,6 +426,7 @@ def _emit_outer(s: Shared, p: _TileKey):
     s.pack = opaque(b, s.pack)
     packed = b.icmp_signed("!=", s.pack, i64(0), name="matmul.packed")
     s.packed = b.zext(packed, ir.IntType(64))
+    s.is_packed = packed
     s.b_src = b.select(packed, s.ptrs[3], s.ptrs[2], name="matmul.b.src")
     s.b_stride = b.select(packed, i64(tile), s.n, name="matmul.b.stride")
     _outer_columns(s, p, s.c0, smin(b, s.c1, split), p.nr, partial=False)
@@ -513,8 +514,9 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, nvec: int, partial: bool):
 
                 # the partial vector of B's rows kk < kin ends inside B: plain loads there, masked
                 # ones on the last rows only (a masked load every step cost the small products a
-                # third of their time)
-                kin = _rows_inside(b, j0, nv * vl, s.n, s.k, k0, k1) if partial else k1
+                # third of their time); a packed panel's rows are whole tiles: all plain
+                kin = b.select(s.is_packed, k1, _rows_inside(b, j0, nv * vl, s.n, s.k, k0, k1)) \
+                    if partial else k1
                 with carry_loop(b, k0, kin, init, f"matmul.k.{kind}") as lp:
                     lp.next = step(lp.iv, lp.vals, True)
                 acc = lp.out
