@@ -31,8 +31,11 @@ of a product with M' == 1 (mv_axpy) or N' == 1 (mv_dot).
 
 Edge tiles clamp their row (and dot-form column) indices to the last one: the extra lanes recompute
 and store the same value into the same element, which costs a little work on the border and no
-code variants. The last (partial) column tile of the outer-product form and the K tail of the dot
-form are masked; the outer form's whole column tiles run a second copy of its loops without masks.
+code variants (a short M picks the row block that clamps fewest rows). The K tail of the dot form
+is masked. The outer form's whole column tiles run without masks; its last (partial) column tile
+computes only the vectors that hold a column, loads the last one in place without a mask while it
+ends inside B (its lanes past N read the next row: computed, never stored) and stores it in
+plain pieces: masked stores are microcoded on AVX2 machines such as znver1.
 
 Compile time: the loops live in shape-generic functions (`shared_function`), one per form, dtype
 and register block, defined once per LLVM module and shared by every matmul of the module (the
@@ -45,9 +48,11 @@ than column tiles; a thread walks its columns tile by tile and, within a column 
 the B panel of the column tile is reused from L1. With an epilogue, threads split rows only and
 the epilogue runs on each panel of rows once all its columns are written.
 
-Batches: the work items are (batch entry, MR-row tile) pairs, split evenly between threads; a
-thread walks its items entry by entry, calling the same tile function on the entry's matrices
-(an operand broadcast along a batch axis is read in place: its offset ignores that axis).
+Batches: a batch whose shared operand makes it one 2-d product on the same buffers (a batch of
+vectors times a shared matrix, a batch of A's rows times a shared B) is planned as that product
+(_fold_batch). Otherwise the work items are (batch entry, MR-row tile) pairs, split evenly between
+threads; a thread walks its items entry by entry, calling the same tile function on the entry's
+matrices (an operand broadcast along a batch axis is read in place: its offset ignores that axis).
 """
 from __future__ import annotations
 
@@ -116,6 +121,7 @@ PACK_MIN_ROWS = 24   # rows of C from which x @ W^T may take the outer form on B
 PACKED_PANEL_ROWS = 128   # rows of C an epilogue follows when B is packed (see _rows)
 DOT_K_PER_ROW = 3    # x @ W^T: the dot form when K > 3 M (see _block_plan)
 PACK_MODES = {"": 0, "b": 1, "bt": 2}   # the outer form's run-time `pack` parameter
+SMALL_M = 48   # the outer form picks its row block for rows of C fewer than this (_fewest_rows)
 FORCE = {}   # blocking overrides for tuning runs (benchmarks/kernels_dense.py --force)
 
 
@@ -149,6 +155,12 @@ def _plan(ins) -> _Plan:
     k = a.shape[-2] if ta else a.shape[-1]
     dt = ins.out.dtype
     batch = tuple(ins.out.shape[:-2])
+    folded = _fold_batch(batch, a, bm, m, n, ta, tb)
+    if folded is not None:
+        m2, n2, tb2, pre = folded
+        plan = _matvec_plan(dt, m2, n2, k, False, tb2) if m2 == 1 or n2 == 1 else None
+        plan = plan or _block_plan(dt, m2, n2, k, False, tb2)
+        return replace(plan, swap=plan.swap != pre)
     a_batch = (1,) * (len(batch) + 2 - a.ndim) + tuple(a.shape[:-2])
     b_batch = (1,) * (len(batch) + 2 - bm.ndim) + tuple(bm.shape[:-2])
     plan = _matvec_plan(dt, m, n, k, ta, tb) if m == 1 or n == 1 else None
@@ -156,6 +168,28 @@ def _plan(ins) -> _Plan:
         a_batch, b_batch = b_batch, a_batch
     return replace(plan or _block_plan(dt, m, n, k, ta, tb), batch=batch, a_batch=a_batch,
                    b_batch=b_batch)
+
+
+def _fold_batch(batch, a, bm, m, n, ta, tb):
+    """A batch of products that is one 2-d product X @ op(Y) on the same buffers, as (rows,
+    columns, trans of Y, whether X is B), or None. The batched operand's matrices must be rows
+    of X (contiguous, one after the other) while the other operand is shared by the batch:
+    - a batch of vectors times a shared matrix: op(A) b_t = (b_t^T op(A)^T)^T, so C [.., M, 1]
+      (laid out as [T, M]) = B [T, K] @ op(A)^T; likewise a_t op(B) = A [T, K] @ op(B);
+    - A [.., M, K] (not transposed) times a shared B: A [T*M, K] @ op(B).
+    The output's layout is the 2-d product's, so epilogues see the same elements. (A Hessian's
+    100 products [32, 10] @ [10, 1] become one [100, 10] @ [10, 32]^T.)"""
+    t = math.prod(batch)
+    if t <= 1:
+        return None
+    full_a, full_b = tuple(a.shape[:-2]) == batch, tuple(bm.shape[:-2]) == batch
+    if n == 1 and a.ndim == 2 and full_b:
+        return t, m, not ta, True
+    if m == 1 and bm.ndim == 2 and full_a:
+        return t, n, tb, False
+    if not ta and bm.ndim == 2 and full_a:
+        return t * m, n, tb, False
+    return None
 
 
 def _matvec_plan(dt, m, n, k, ta, tb) -> _Plan:
@@ -205,6 +239,8 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
     nv_max = acc // 6
     nv = nv_max if n > (nv_max // 2) * vl else max(1, ceil_div(n, vl))
     mr = 6 if nv == nv_max else min(12, acc // nv)
+    if m < SMALL_M:
+        mr = _fewest_rows(m, mr)
     mr, nv = FORCE.get("outer", (mr, nv))
     # B^T is packed into panels (the outer form cannot read it in place); B itself is read in
     # place: packing its panels measured slower here on 2 threads (x [64,784] @ W [784,256]
@@ -212,6 +248,13 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
     # thread pool's chunks each pack a whole panel). FORCE["pack"] = "b" still selects it.
     pack = FORCE.get("pack", "bt" if tb else "")
     return _Plan(dt, (), (), (), m, n, k, ta, "outer", pack, mr, nv, vl, es)
+
+
+def _fewest_rows(m: int, mr: int) -> int:
+    """The row block in [mr/2, mr] that computes the fewest clamped rows (the larger on a tie)
+    for a short M: x^T @ g [100, 32, 10] (M = 8) computed 12 rows an entry with MR = 6, and took
+    40% longer than with MR = 4. Half the accumulators still hide the FMA latency."""
+    return min(range(mr, (mr + 1) // 2 - 1, -1), key=lambda r: ceil_div(m, r) * r)
 
 
 def _matmul_scratch(ins, nthreads: int) -> int:
@@ -390,38 +433,55 @@ def _emit_outer(s: Shared, p: _TileKey):
     s.pack = opaque(b, s.pack)
     packed = b.icmp_signed("!=", s.pack, i64(0), name="matmul.packed")
     s.packed = b.zext(packed, ir.IntType(64))
+    s.is_packed = packed
     s.b_src = b.select(packed, s.ptrs[3], s.ptrs[2], name="matmul.b.src")
     s.b_stride = b.select(packed, i64(tile), s.n, name="matmul.b.stride")
-    _outer_columns(s, p, s.c0, smin(b, s.c1, split), masked=False)
-    _outer_columns(s, p, smax(b, s.c0, split), s.c1, masked=True)
+    _outer_columns(s, p, s.c0, smin(b, s.c1, split), p.nr, partial=False)
+    _outer_tail(s, p, smax(b, s.c0, split), s.c1)
 
 
-def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
+def _outer_tail(s: Shared, p: _TileKey, c0, c1):
+    """The partial last column tile [c0, c1) (empty, or one tile with 0 < N - c0 < tile): only
+    its vectors that hold a column are computed, all but the last with plain loads and stores.
+    Small products live here (N = 10 of a classifier or a Hessian's hidden layer: 10 of a
+    16-column tile): masking all NV vectors, as this tile did, cost them 2-2.5x their time on
+    znver1 (masked stores are microcoded there) and the FMAs of an empty vector."""
+    b = s.b
+    _, vl, _ = dtype_info(p.dtype)
+    with b.if_then(b.icmp_signed("<", c0, c1)):
+        used = b.udiv(b.add(b.sub(s.n, c0), i64(vl - 1)), i64(vl), name="matmul.tail.vectors")
+        for nvec in range(1, p.nr + 1):
+            with b.if_then(b.icmp_signed("==", used, i64(nvec))):
+                _outer_columns(s, p, c0, c1, nvec, partial=True)
+
+
+def _outer_columns(s: Shared, p: _TileKey, c0, c1, nvec: int, partial: bool):
     """The outer-product tiles of columns [c0, c1) (tile boundaries), every row tile of
-    [r0, r1); `masked`: the columns may end past N (else they all lie inside)."""
+    [r0, r1), computing the first `nvec` vectors of each tile; `partial`: the last of them may
+    end past N (its loads masked, its stores cut to the columns inside), else all lie inside."""
     b = s.b
     out, a_mat, b_mat = s.ptrs[:3]
     ety, vl, _ = dtype_info(p.dtype)
-    mr, nv = p.mr, p.nr
-    tile = nv * vl
+    mr, nv = p.mr, nvec
     vty = ir.VectorType(ety, vl)
     m1 = b.sub(s.m, i64(1))
-    kind = "tail" if masked else "full"
-    with carry_loop(b, c0, c1, [], f"matmul.j.{kind}", step=tile) as lj:
+    kind = "tail" if partial else "full"
+    with carry_loop(b, c0, c1, [], f"matmul.j.{kind}", step=p.nr * vl) as lj:
         j0 = lj.iv
-        left = b.sub(s.n, j0)
-        masks = [lane_mask(b, b.sub(left, i64(v * vl)), vl) for v in range(nv)] if masked \
-            else [None] * nv
+        # lanes of the last vector inside N (1..VL) and their mask
+        last = b.sub(b.sub(s.n, j0), i64((nv - 1) * vl), name="matmul.j.lanes") if partial \
+            else None
+        masks = [None] * (nv - 1) + [lane_mask(b, last, vl) if partial else None]
 
-        def ld(ptr, v):
-            return vload(b, ptr, i64(v * vl), vty) if masks[v] is None \
+        def ld(ptr, v, inside=False):
+            return vload(b, ptr, i64(v * vl), vty) if masks[v] is None or inside \
                 else masked_load(b, ptr, i64(v * vl), vty, masks[v])
 
         def st(value, ptr, v):
             if masks[v] is None:
                 vstore(b, value, ptr, i64(v * vl))
             else:
-                masked_store(b, value, ptr, i64(v * vl), masks[v])
+                _store_lanes(b, value, ptr, i64(v * vl), last)
 
         # K in blocks of OUTER_KC: the block's B panel (and, for trans_a, its lines of A) stay in
         # L1 while every row tile of [r0, r1) reads them; the first block starts from zero, the
@@ -444,22 +504,98 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, masked: bool):
                 # op(A)[i, k] = A[i*sa_i + k*sa_k] for both transposes: one function serves both
                 arow = [gep(b, a_mat, b.mul(r, s.sa_i), ety) for r in rows]
                 crows = [gep(b, out, b.add(b.mul(r, s.n), j0), ety) for r in rows]
-                zero = zero_vector(ety, vl)
-                # (C's old contents are only read, never used, in the first block)
-                init = [b.select(first, zero, ld(crows[r], v)) for r in range(mr)
-                        for v in range(nv)]
-                with carry_loop(b, k0, k1, init, f"matmul.k.{kind}") as lp:
-                    brow = gep(b, b_base, b.mul(b.sub(lp.iv, b_k0), s.b_stride), ety)
-                    bv = [ld(brow, v) for v in range(nv)]
-                    aoff = b.mul(lp.iv, s.sa_k)
+                # C's old contents are read only after the first block (a branch, not a select
+                # of loads: with a short K these loads were a third of a tile's loads)
+                init = _phi_if(b, first, [zero_vector(ety, vl)] * (mr * nv),
+                               lambda: [ld(crows[r], v) for r in range(mr) for v in range(nv)])
+
+                def step(kk, acc, inside):
+                    brow = gep(b, b_base, b.mul(b.sub(kk, b_k0), s.b_stride), ety)
+                    bv = [ld(brow, v, inside) for v in range(nv)]
+                    aoff = b.mul(kk, s.sa_k)
                     nxt = []
                     for r in range(mr):
                         av = splat(b, load(b, arow[r], aoff, ety), vl)
-                        nxt.extend(fma(b, av, bv[v], lp.vals[r * nv + v]) for v in range(nv))
-                    lp.next = nxt
+                        nxt.extend(fma(b, av, bv[v], acc[r * nv + v]) for v in range(nv))
+                    return nxt
+
+                # the partial vector of B's rows kk < kin ends inside B: plain loads there, masked
+                # ones on the last rows only (a masked load every step cost the small products a
+                # third of their time); a packed panel's rows are whole tiles: all plain
+                kin = b.select(s.is_packed, k1, _rows_inside(b, j0, nv * vl, s.n, s.k, k0, k1)) \
+                    if partial else k1
+                with carry_loop(b, k0, kin, init, f"matmul.k.{kind}") as lp:
+                    lp.next = step(lp.iv, lp.vals, True)
+                acc = lp.out
+                if partial:
+                    with carry_loop(b, kin, k1, acc, "matmul.k.last") as lt:
+                        lt.next = step(lt.iv, lt.vals, False)
+                    acc = lt.out
                 for r in range(mr):
                     for v in range(nv):
-                        st(lp.out[r * nv + v], crows[r], v)
+                        st(acc[r * nv + v], crows[r], v)
+
+
+def _phi_if(b: ir.IRBuilder, pred, then_values, else_values):
+    """`then_values` (constants) where `pred` holds, else the values `else_values()` emits
+    in a branch of their own."""
+    return _branch(b, pred, lambda: then_values, else_values)
+
+
+def _branch(b: ir.IRBuilder, pred, then_values, else_values):
+    """The values `then_values()` emits where `pred` holds, else those of `else_values()`,
+    each emitted in a branch of its own (phis of the two)."""
+    fn = b.block.function
+    sides = []
+    blocks = [fn.append_basic_block("matmul.if.then"), fn.append_basic_block("matmul.if.else")]
+    done = fn.append_basic_block("matmul.if.done")
+    b.cbranch(pred, *blocks)
+    for block, emit_values in zip(blocks, (then_values, else_values)):
+        b.position_at_end(block)
+        values = emit_values()
+        sides.append((values, b.block))
+        b.branch(done)
+    b.position_at_end(done)
+    out = []
+    for (x, x_end), (y, y_end) in zip(zip(sides[0][0], [sides[0][1]] * len(sides[0][0])),
+                                      zip(sides[1][0], [sides[1][1]] * len(sides[1][0]))):
+        phi = b.phi(x.type)
+        phi.add_incoming(x, x_end)
+        phi.add_incoming(y, y_end)
+        out.append(phi)
+    return out
+
+
+def _store_lanes(b: ir.IRBuilder, value, ptr, idx, lanes):
+    """Store lanes [0, `lanes`) of `value` (lanes: an i64 in 1..VL) at element `idx` of `ptr`:
+    the whole vector, or the pieces of the binary digits of `lanes` (halves, quarters, ...:
+    plain narrow stores). A masked store of a ymm vector is microcoded on znver1 (~20 cycles
+    against ~1 a piece)."""
+    vty = value.type
+    vl = vty.count
+    i32v = ir.IntType(32)
+    with b.if_else(b.icmp_signed("==", lanes, i64(vl))) as (whole, pieces):
+        with whole:
+            vstore(b, value, ptr, idx)
+        with pieces:
+            off, v, piece = idx, value, vl // 2
+            while piece >= 1:
+                bit = b.icmp_signed("!=", b.and_(lanes, i64(piece)), i64(0))
+                low = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32v, piece),
+                                                          list(range(piece))))
+                with b.if_then(bit):
+                    if piece == 1:
+                        b.store(b.extract_element(low, ir.Constant(i32v, 0)),
+                                gep(b, ptr, off, vty.element))
+                    else:
+                        vstore(b, low, ptr, off)
+                if piece > 1:
+                    # the lanes after the stored piece move down to lane 0
+                    shifted = b.shuffle_vector(v, v, ir.Constant(
+                        ir.VectorType(i32v, vl), [min(t + piece, vl - 1) for t in range(vl)]))
+                    v = b.select(bit, shifted, v)
+                    off = b.add(off, b.mul(b.zext(bit, ir.IntType(64)), i64(piece)))
+                piece //= 2
 
 
 @record(frozen=True)
@@ -572,6 +708,15 @@ def _emit_mv_dot(s: Shared, p: _TileKey):
     m1 = b.sub(s.m, i64(1))
     kfull = b.sub(s.k, b.urem(s.k, i64(vl)), name="matmul.mv.kfull")
     split = b.sub(s.m, b.urem(s.m, i64(mr)), name="matmul.mv.i.full")
+    # The K tail (K % VL elements): v's tail is loaded once a call (zeros past K); a row's tail
+    # is read with a plain load, its lanes past K (the next row's) zeroed, while the vector ends
+    # inside Mat, and masked only on the last rows. A masked load of every row's tail cost a
+    # product of K = 10 (a Hessian's hidden layer) about as much as its whole K loop.
+    has_tail = b.icmp_signed("<", kfull, s.k, name="matmul.mv.has.kt")
+    tmask = lane_mask(b, b.sub(s.k, kfull), vl)
+    zero = zero_vector(ety, vl)
+    vt = _branch(b, has_tail, lambda: [masked_load(b, v, kfull, vty, tmask)], lambda: [zero])[0]
+    last_inside = b.sub(b.mul(s.m, s.k), b.add(kfull, i64(vl)), name="matmul.mv.kt.inside")
 
     def rows(r0, r1, masked):
         kind = "tail" if masked else "full"
@@ -579,23 +724,24 @@ def _emit_mv_dot(s: Shared, p: _TileKey):
             rs = [smin(b, b.add(li.iv, i64(r)), m1) for r in range(mr)] if masked \
                 else [b.add(li.iv, i64(r)) for r in range(mr)]
             arow = [gep(b, mat, b.mul(r, s.k), ety) for r in rs]
+            with carry_loop(b, 0, kfull, [zero] * mr, f"matmul.mv.k.{kind}", step=vl) as lk:
+                x = vload(b, v, lk.iv, vty)
+                lk.next = [fma(b, vload(b, pa, lk.iv, vty), x, a) for pa, a in zip(arow, lk.vals)]
 
-            def step(acc, k0, mask):
-                def ld(ptr):
-                    return vload(b, ptr, k0, vty) if mask is None \
-                        else masked_load(b, ptr, k0, vty, mask)
-                x = ld(v)
-                return [fma(b, ld(pa), x, a) for pa, a in zip(arow, acc)]
+            def tail(plain):
+                def ld(pa):
+                    return b.select(tmask, vload(b, pa, kfull, vty), zero) if plain \
+                        else masked_load(b, pa, kfull, vty, tmask)
+                return lambda: [fma(b, ld(pa), vt, a) for pa, a in zip(arow, lk.out)]
 
-            with carry_loop(b, 0, kfull, [zero_vector(ety, vl)] * mr, f"matmul.mv.k.{kind}",
-                            step=vl) as lk:
-                lk.next = step(lk.vals, lk.iv, None)
-            # the K tail: a loop of one step when K % VL != 0, none otherwise
-            with carry_loop(b, kfull, s.k, lk.out, f"matmul.mv.kt.{kind}", step=vl) as lt:
-                lt.next = step(lt.vals, lt.iv, lane_mask(b, b.sub(s.k, lt.iv), vl))
-            sums = transpose_sums(b, lt.out)
+            # (the tile's rows ascend: its last row's tail ends last)
+            inside = b.icmp_signed("<=", b.mul(rs[-1], s.k), last_inside)
+            accs = _branch(b, has_tail,
+                           lambda: _branch(b, inside, tail(True), tail(False)),
+                           lambda: lk.out)
+            sums = transpose_sums(b, accs)
             if masked:
-                masked_store(b, sums, out, li.iv, lane_mask(b, b.sub(s.m, li.iv), vl))
+                _store_lanes(b, sums, out, li.iv, smin(b, b.sub(s.m, li.iv), vl))
             else:
                 vstore(b, sums, out, li.iv)
 
@@ -606,34 +752,60 @@ def _emit_mv_dot(s: Shared, p: _TileKey):
 def _emit_mv_axpy(s: Shared, p: _TileKey):
     """C[r, c0:c1] = v_r @ Mat (v_r = row r of v [m, k], Mat [k, n] row-major; m is 1 as
     planned): NV vectors of columns accumulate v[k] * Mat[k, j:j+VL] over k; whole column tiles
-    unmasked, the partial last one masked (as the outer form)."""
+    with plain loads and stores, the partial last one as the outer form's (see _outer_tail)."""
     b = s.b
     out, v, mat = s.ptrs
     ety, vl, _ = dtype_info(p.dtype)
-    nv = p.nr
     vty = ir.VectorType(ety, vl)
-    split = b.sub(s.n, b.urem(s.n, i64(nv * vl)), name="matmul.mv.j.full")
+    split = b.sub(s.n, b.urem(s.n, i64(p.nr * vl)), name="matmul.mv.j.full")
 
-    def columns(c0, c1, masked):
-        kind = "tail" if masked else "full"
+    def columns(c0, c1, nv, partial):
+        kind = "tail" if partial else "full"
         with carry_loop(b, s.r0, s.r1, [], f"matmul.mv.r.{kind}") as lr:
             vrow = gep(b, v, b.mul(lr.iv, s.k), ety)
             crow = gep(b, out, b.mul(lr.iv, s.n), ety)
-            with carry_loop(b, c0, c1, [], f"matmul.mv.j.{kind}", step=nv * vl) as lj:
-                masks = [lane_mask(b, b.sub(b.sub(s.n, lj.iv), i64(u * vl)), vl)
-                         for u in range(nv)] if masked else [None] * nv
-                with carry_loop(b, 0, s.k, [zero_vector(ety, vl)] * nv,
-                                f"matmul.mv.k.{kind}") as lk:
-                    mrow = gep(b, mat, b.add(b.mul(lk.iv, s.n), lj.iv), ety)
-                    x = splat(b, load(b, vrow, lk.iv, ety), vl)
-                    lk.next = [fma(b, x, vload(b, mrow, i64(u * vl), vty) if mk is None
-                                   else masked_load(b, mrow, i64(u * vl), vty, mk), acc)
-                               for u, (mk, acc) in enumerate(zip(masks, lk.vals))]
-                for u, (mk, acc) in enumerate(zip(masks, lk.out)):
-                    if mk is None:
-                        vstore(b, acc, crow, b.add(lj.iv, i64(u * vl)))
-                    else:
-                        masked_store(b, acc, crow, b.add(lj.iv, i64(u * vl)), mk)
+            with carry_loop(b, c0, c1, [], f"matmul.mv.j.{kind}", step=p.nr * vl) as lj:
+                last = b.sub(b.sub(s.n, lj.iv), i64((nv - 1) * vl)) if partial else None
+                mask = lane_mask(b, last, vl) if partial else None
 
-    columns(s.c0, smin(b, s.c1, split), masked=False)
-    columns(smax(b, s.c0, split), s.c1, masked=True)
+                def step(kk, acc, inside):
+                    mrow = gep(b, mat, b.add(b.mul(kk, s.n), lj.iv), ety)
+                    x = splat(b, load(b, vrow, kk, ety), vl)
+                    return [fma(b, x, vload(b, mrow, i64(u * vl), vty)
+                                if inside or u < nv - 1
+                                else masked_load(b, mrow, i64(u * vl), vty, mask), a)
+                            for u, a in enumerate(acc)]
+
+                kin = _rows_inside(b, lj.iv, nv * vl, s.n, s.k, i64(0), s.k) if partial else s.k
+                with carry_loop(b, 0, kin, [zero_vector(ety, vl)] * nv,
+                                f"matmul.mv.k.{kind}") as lk:
+                    lk.next = step(lk.iv, lk.vals, True)
+                acc = lk.out
+                if partial:
+                    with carry_loop(b, kin, s.k, acc, "matmul.mv.k.last") as lt:
+                        lt.next = step(lt.iv, lt.vals, False)
+                    acc = lt.out
+                for u, a in enumerate(acc):
+                    if partial and u == nv - 1:
+                        _store_lanes(b, a, crow, b.add(lj.iv, i64(u * vl)), last)
+                    else:
+                        vstore(b, a, crow, b.add(lj.iv, i64(u * vl)))
+
+    columns(s.c0, smin(b, s.c1, split), p.nr, partial=False)
+    c0 = smax(b, s.c0, split)
+    with b.if_then(b.icmp_signed("<", c0, s.c1)):
+        used = b.udiv(b.add(b.sub(s.n, c0), i64(vl - 1)), i64(vl), name="matmul.mv.tail.vectors")
+        for nvec in range(1, p.nr + 1):
+            with b.if_then(b.icmp_signed("==", used, i64(nvec))):
+                columns(c0, s.c1, nvec, partial=True)
+
+
+def _rows_inside(b: ir.IRBuilder, j0, width, n, k, k0, k1):
+    """The end of the rows kk in [k0, k1) of a row-major [k, n] matrix whose `width` elements
+    from column j0 (past N: the next rows' elements) still lie inside the matrix: a plain load
+    may read them there (the lanes past N compute what is never stored), the rows from the end
+    on need masked loads (one row when N >= VL - 1)."""
+    over = b.sub(b.add(j0, i64(width)), n)
+    past = b.udiv(b.add(over, b.sub(n, i64(1))), n)
+    return smax(b, k0, smin(b, k1, b.sub(k, past)), name="matmul.k.inside")
+
