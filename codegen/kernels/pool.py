@@ -417,13 +417,15 @@ def _lower_pool(module, name, ins, mode: str, epilogue=None):
         V, fill_vec = w.V, ir.Constant(w.wide_ty, [fill] * w.L)
         x_p = _plane_ptr(b, x, p, g.H * g.W, T, "x.plane")
         acc = best = bidx = None
-        if want_idx:
+        if want_idx and (g.rows_outside or g.cols_outside):
             best = ir.Constant(w.vty, [float("-inf")] * V)
             bidx = _first_real_tap(b, w, base, h0, loads)
         for rows, off, mask in loads:
             off32 = b.trunc(off, I32)
             for (i, j), v in w.taps_of(x_p, off, mask, fill_vec, rows):
-                if want_idx:
+                if want_idx and best is None:   # no padding: tap (0, 0) is real, the start
+                    best, bidx = v, b.add(splat(b, off32, V), w.taps(i, j))
+                elif want_idx:
                     # first NaN or first strict maximum; NaN stays once found
                     upd = b.and_(b.fcmp_unordered(">", v, best), b.fcmp_ordered("ord", best, best))
                     best = b.select(upd, v, best)
