@@ -1,6 +1,6 @@
 """The narrow tails of the pooling kernels (codegen/kernels/pool.py): a row's last few outputs (at
 most half a vector) as a half-width vector instead of a full one shifted back, in max_pool2d, its
-argmax, avg_pool2d and max_pool2d_grad, against the reference interpreter.
+argmax, avg_pool2d, max_pool2d_grad and avg_pool2d_grad, against the reference interpreter.
 
 Inputs are small integers (ties in every window: the argmax and the gradient go to the first
 maximum), with NaNs and infinities; the shapes put the narrow vector at the row's end exactly and
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.needs_llvm
 
 _load_all()
 
-PRIMS = ("max_pool2d", "max_pool2d_argmax", "avg_pool2d", "max_pool2d_grad")
+PRIMS = ("max_pool2d", "max_pool2d_argmax", "avg_pool2d", "max_pool2d_grad", "avg_pool2d_grad")
 
 # (x shape, kernel, stride, padding); which of them take a narrow tail depends on the vector width
 CONFIGS = [
@@ -63,6 +63,9 @@ def test_narrow_tails_match_interpreter(dtype):
             grad = instrs["max_pool2d_grad", k]
             _check(ks.call(f"max_pool2d_grad_{k}", _empty(grad), ct, idx),
                    impls[grad.prim](ct, idx, **grad.params), dtype)
+            avg = instrs["avg_pool2d_grad", k]
+            _check(ks.call(f"avg_pool2d_grad_{k}", _empty(avg), ct),
+                   impls[avg.prim](ct, **avg.params), dtype)
 
 
 def test_lenet_rows_take_a_half_vector_tail():
@@ -70,7 +73,7 @@ def test_lenet_rows_take_a_half_vector_tail():
     not two full ones: the kernels hold vectors of half the host's width."""
     V = vector_width(32)
     shape = (1, 2, 4, 3 * V)
-    for prim in ("max_pool2d", "max_pool2d_grad"):
+    for prim in ("max_pool2d", "max_pool2d_grad", "avg_pool2d_grad"):
         mod = llir.Module()
         ins = _trace(prim, shape, "f32", 2, 2, 0)
         kernels[ins.prim].lower(mod, "k", ins)

@@ -515,16 +515,17 @@ def _avg_pool2d_grad_lower(module, name, ins, epilogue=None):
                                                                                  g.OW * g.sw)
     overlap = g.kh > g.sh or g.kw > g.sw
     # disjoint windows store what they spread (zeros between windows): storing twice is harmless
-    w = _Window(b, g, ct_t.dtype, ins.prim.name, shift_tail=not overlap)
-    T, V, L = w.T, w.V, w.L
-    zero_v, zero_w = ir.Constant(w.vty, [0.0] * V), ir.Constant(w.wide_ty, [0.0] * L)
+    w = _Window(b, g, ct_t.dtype, ins.prim.name, shift_tail=not overlap, narrow_tail=True)
+    T = w.T
 
     def zero_plane(p):   # unless the windows tile the plane exactly
         if not tiles:
-            zero_fill(b, _plane_ptr(b, out, p, g.H * g.W, T, "out.plane"), g.H * g.W, T, V,
+            zero_fill(b, _plane_ptr(b, out, p, g.H * g.W, T, "out.plane"), g.H * g.W, T, w.V,
                       ins.prim.name)
 
-    def body(p, c0, base, r, h0, out_mask, loads):
+    def body(w, p, c0, base, r, h0, out_mask, loads):
+        V, L = w.V, w.L
+        zero_v, zero_w = ir.Constant(w.vty, [0.0] * V), ir.Constant(w.wide_ty, [0.0] * L)
         out_p = _plane_ptr(b, out, p, g.H * g.W, T, "out.plane")
         ct_p = _plane_ptr(b, ct, p, g.OH * g.OW, T, "ct.plane")
         ctv = wide_load(b, ct_p, w.out_offset(r, c0), w.vty, out_mask, zero_v)
