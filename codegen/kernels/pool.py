@@ -15,7 +15,8 @@ of V outputs at a time and read its inputs with wide loads whose lanes they shuf
   edges (known when compiling) load inside the row and shuffle the padding value in, or take
   masked loads whose mask drops the columns outside the row and the rows outside the plane,
   which then read as the padding value - so padding costs no scalar edge loops (`_Window`).
-  2x2/2 pooling of a row is two wide loads, four shuffles and three max.
+  2x2/2 pooling of a row is two wide loads, four shuffles and three max. A row's last few
+  outputs (at most half a vector) take a vector of half the width or less (`narrow_tail`).
 - "block" layout (output rows shorter than half a vector, no padding, e.g. LeNet's 8x8 -> 4x4):
   the vector is R whole output rows (lane rr*OW + c) and one masked load reads the R*sh input rows
   they cover (all tap rows at once); tap (i, j) is lanes (rr*sh + i)*W + c*sw + j of it.
