@@ -15,7 +15,8 @@ of V outputs at a time and read its inputs with wide loads whose lanes they shuf
   edges (known when compiling) load inside the row and shuffle the padding value in, or take
   masked loads whose mask drops the columns outside the row and the rows outside the plane,
   which then read as the padding value - so padding costs no scalar edge loops (`_Window`).
-  2x2/2 pooling of a row is two wide loads, four shuffles and three max.
+  2x2/2 pooling of a row is two wide loads, four shuffles and three max. A row's last few
+  outputs (at most half a vector) take a vector of half the width or less (`narrow_tail`).
 - "block" layout (output rows shorter than half a vector, no padding, e.g. LeNet's 8x8 -> 4x4):
   the vector is R whole output rows (lane rr*OW + c) and one masked load reads the R*sh input rows
   they cover (all tap rows at once); tap (i, j) is lanes (rr*sh + i)*W + c*sw + j of it.
@@ -189,10 +190,10 @@ class _Window:
     harmless) moves a row's last, partial chunk back to end at the row's end, a full vector."""
 
     def __init__(self, b: ir.IRBuilder, g: _Geom, dtype: str, prim: str, shift_tail: bool = False,
-                 reads_only: bool = False):
+                 reads_only: bool = False, narrow_tail: bool = False, lanes: int | None = None):
         self.b, self.g, self.prim = b, g, prim
         self.T = llvm_type(dtype)
-        V = vector_width(64 if dtype == "f64" else 32)
+        V = lanes or vector_width(64 if dtype == "f64" else 32)
         self.lay = _layout(g, V)
         self.V, self.L = V, self.lay.L
         self.vty, self.wide_ty = vec(self.T, V), vec(self.T, self.L)
@@ -202,13 +203,26 @@ class _Window:
         # column stride when the body only reads taps, else the wide access
         self.direct = self.lay.R == 1 and g.sw == 1
         self.reach = (V + (g.kw - 1) * g.dw) if reads_only and self.direct else self.L
+        # `narrow_tail` (with shift_tail): a row's last few outputs (at most half a vector) as a
+        # narrower vector ending at the row's end instead of a full one shifted back (LeNet's
+        # 12 outputs: 8 + 4 lanes, not 8 + 8). A half-width vector costs about half: znver1
+        # splits every 256-bit operation in two 128-bit ones, and 128-bit deinterleaves need no
+        # lane-crossing permutes. The body gets the window of each vector as its first argument.
+        self.narrow, self.with_window = None, narrow_tail
+        rem = g.OW % V
+        if narrow_tail and self.shift and self.lay.R == 1 and 0 < rem <= V // 2:
+            n = _Window(b, g, dtype, prim, shift_tail, reads_only, lanes=max(2, 1 << (rem - 1).bit_length()))
+            base = (g.OW - n.V) * g.sw - g.pw
+            if base >= 0 and base + n.reach <= g.W:   # plain loads (no padding at the row's end)
+                self.narrow = n
 
     def loop(self, plane_start, plane_stop, body, begin_plane=None, end_plane=None):
         """Calls body(p, c0, base, r, h0, out_mask, loads) per output vector of the planes, where
         `loads` lists (tap rows, element offset in the plane of the access's first window column,
         mask) of the wide accesses, c0/base the chunk's first output/input column and r/h0 its
         first output/input row; begin_plane(p) / end_plane(p) before / after the vectors of
-        plane p. A mask is None where every lane is real and inside the plane, an `_Edge` (only
+        plane p; with `narrow_tail` the body takes the vector's window first: body(w, p, ...),
+        w this window or a narrower one. A mask is None where every lane is real and inside the plane, an `_Edge` (only
         with `reads_only`) or an <L x i1>; out_mask None or an <V x i1>. The body is emitted for
         each kind (see the class docstring)."""
         b = self.b
@@ -219,24 +233,34 @@ class _Window:
             if end_plane is not None:
                 end_plane(p)
 
+    def _emit(self, body, w, *args):
+        """The body of one vector, told its window `w` when the tail may be narrower."""
+        if self.with_window:
+            body(w, *args)
+        else:
+            body(*args)
+
     def _chunks(self):
         """[(first output column, kind)] of a row's column chunks, kind "plain", "edge" or
         "masked" (see the class docstring)."""
         g, V = self.g, self.V
         starts = list(range(0, g.OW, V))
+        if self.narrow is not None:
+            return [(c0, self._kind(c0)) for c0 in starts[:-1]] + [(g.OW - self.narrow.V, "narrow")]
         if self.shift:
             starts[-1] = g.OW - V
+        return [(c0, self._kind(c0)) for c0 in starts]
 
-        def kind(c0):
-            base = c0 * g.sw - g.pw
-            if c0 + V > g.OW:
-                return "masked"
-            if base >= 0 and base + self.reach <= g.W:
-                return "plain"
-            if self.reads_only and g.W >= (V if self.direct else self.L):
-                return "edge"
+    def _kind(self, c0):
+        g, V = self.g, self.V
+        base = c0 * g.sw - g.pw
+        if c0 + V > g.OW:
             return "masked"
-        return [(c0, kind(c0)) for c0 in starts]
+        if base >= 0 and base + self.reach <= g.W:
+            return "plain"
+        if self.reads_only and g.W >= (V if self.direct else self.L):
+            return "edge"
+        return "masked"
 
     def _plane(self, body, p):
         b, g, lay, V = self.b, self.g, self.lay, self.V
@@ -257,10 +281,11 @@ class _Window:
                 if kind == "masked":
                     self._masked_row(body, p, c0, base, r, h0)
                     return
-                mask = None if kind == "plain" else _Edge(c0.constant * g.sw - g.pw)
+                mask = None if kind in ("plain", "narrow") else _Edge(c0.constant * g.sw - g.pw)
                 loads = [([i], b.add(b.mul(b.add(h0, i64(i * g.dh)), i64(g.W)), base), mask)
                          for i in range(g.kh)]
-                body(p, c0, base, r, h0, None, loads)
+                self._emit(body, self.narrow if kind == "narrow" else self, p, c0, base, r, h0,
+                           None, loads)
 
             def inside_row():
                 for c0, kind in chunks:
@@ -304,7 +329,7 @@ class _Window:
                               b.icmp_signed("<", cols, hi), name=f"row{i}.mask")
                 h = b.select(ok, h, i64(0))
             loads.append(([i], b.add(b.mul(h, i64(g.W)), base), mask))
-        body(p, c0, base, r, h0, out_mask, loads)
+        self._emit(body, self, p, c0, base, r, h0, out_mask, loads)
 
     def _block(self, body, p, r):
         b, g, lay = self.b, self.g, self.lay
@@ -321,7 +346,7 @@ class _Window:
             mask = lane_mask(b, n, self.L)
         h0 = b.mul(r, i64(g.sh), name="row.base")
         loads = [(list(range(g.kh)), b.mul(h0, i64(g.W)), mask)]
-        body(p, i64(0), i64(0), r, h0, out_mask, loads)
+        self._emit(body, self, p, i64(0), i64(0), r, h0, out_mask, loads)
 
     def taps_of(self, ptr, off, mask, fill, rows):
         """[((i, j), vector of tap (i, j) for the V output lanes)] of the wide access at `off`
@@ -384,22 +409,24 @@ def _lower_pool(module, name, ins, mode: str, epilogue=None):
     f = kernel_function(module, name, 2 if mode == "max+argmax" else 1, epilogue)
     b, out, x = f.b, f.out, f.ins[-1]
     idx_out = f.ins[0] if mode == "max+argmax" else (out if mode == "argmax" else None)
-    w = _Window(b, g, x_t.dtype, ins.prim.name, shift_tail=True, reads_only=True)
-    T, V = w.T, w.V
+    w = _Window(b, g, x_t.dtype, ins.prim.name, shift_tail=True, reads_only=True, narrow_tail=True)
+    T = w.T
     want_max, want_idx = mode in ("max", "max+argmax"), mode in ("argmax", "max+argmax")
     fill = 0.0 if mode == "avg" else float("-inf")
-    fill_vec = ir.Constant(w.wide_ty, [fill] * w.L)
 
-    def body(p, c0, base, r, h0, out_mask, loads):
+    def body(w, p, c0, base, r, h0, out_mask, loads):
+        V, fill_vec = w.V, ir.Constant(w.wide_ty, [fill] * w.L)
         x_p = _plane_ptr(b, x, p, g.H * g.W, T, "x.plane")
         acc = best = bidx = None
-        if want_idx:
+        if want_idx and (g.rows_outside or g.cols_outside):
             best = ir.Constant(w.vty, [float("-inf")] * V)
             bidx = _first_real_tap(b, w, base, h0, loads)
         for rows, off, mask in loads:
             off32 = b.trunc(off, I32)
             for (i, j), v in w.taps_of(x_p, off, mask, fill_vec, rows):
-                if want_idx:
+                if want_idx and best is None:   # no padding: tap (0, 0) is real, the start
+                    best, bidx = v, b.add(splat(b, off32, V), w.taps(i, j))
+                elif want_idx:
                     # first NaN or first strict maximum; NaN stays once found
                     upd = b.and_(b.fcmp_unordered(">", v, best), b.fcmp_ordered("ord", best, best))
                     best = b.select(upd, v, best)
@@ -489,16 +516,17 @@ def _avg_pool2d_grad_lower(module, name, ins, epilogue=None):
                                                                                  g.OW * g.sw)
     overlap = g.kh > g.sh or g.kw > g.sw
     # disjoint windows store what they spread (zeros between windows): storing twice is harmless
-    w = _Window(b, g, ct_t.dtype, ins.prim.name, shift_tail=not overlap)
-    T, V, L = w.T, w.V, w.L
-    zero_v, zero_w = ir.Constant(w.vty, [0.0] * V), ir.Constant(w.wide_ty, [0.0] * L)
+    w = _Window(b, g, ct_t.dtype, ins.prim.name, shift_tail=not overlap, narrow_tail=True)
+    T = w.T
 
     def zero_plane(p):   # unless the windows tile the plane exactly
         if not tiles:
-            zero_fill(b, _plane_ptr(b, out, p, g.H * g.W, T, "out.plane"), g.H * g.W, T, V,
+            zero_fill(b, _plane_ptr(b, out, p, g.H * g.W, T, "out.plane"), g.H * g.W, T, w.V,
                       ins.prim.name)
 
-    def body(p, c0, base, r, h0, out_mask, loads):
+    def body(w, p, c0, base, r, h0, out_mask, loads):
+        V, L = w.V, w.L
+        zero_v, zero_w = ir.Constant(w.vty, [0.0] * V), ir.Constant(w.wide_ty, [0.0] * L)
         out_p = _plane_ptr(b, out, p, g.H * g.W, T, "out.plane")
         ct_p = _plane_ptr(b, ct, p, g.OH * g.OW, T, "ct.plane")
         ctv = wide_load(b, ct_p, w.out_offset(r, c0), w.vty, out_mask, zero_v)
@@ -601,18 +629,17 @@ def _max_pool2d_grad_lower(module, name, ins, epilogue=None):
 
     # a vector's stores are its blocks' lanes (kw == sw: nothing else), set from its own ct and
     # idx, so storing them twice (shift_tail) is harmless
-    w = _Window(b, block, ct_t.dtype, ins.prim.name, shift_tail=True)
-    V, L = w.V, w.L
+    w = _Window(b, block, ct_t.dtype, ins.prim.name, shift_tail=True, narrow_tail=True)
     any_outside = b.alloca(I1, name="any_outside")
-    zero_v = ir.Constant(w.vty, [0.0] * V)
-    none_v = ir.Constant(vec(I32, V), [-1] * V)
 
     def begin_plane(p):
         b.store(ir.Constant(I1, 0), any_outside)
         if (H, W) != (OH * block.kh, OW * block.kw):   # rows/columns beyond the last block
-            zero_fill(b, ptrs(p)[0], H * W, T, V, "max_pool2d_grad")
+            zero_fill(b, ptrs(p)[0], H * W, T, w.V, "max_pool2d_grad")
 
-    def body(p, c0, base, r, h0, out_mask, loads):
+    def body(w, p, c0, base, r, h0, out_mask, loads):
+        V, L = w.V, w.L
+        zero_v, none_v = ir.Constant(w.vty, [0.0] * V), ir.Constant(vec(I32, V), [-1] * V)
         out_p, ct_p, idx_p = ptrs(p)
         ctv = wide_load(b, ct_p, w.out_offset(r, c0), w.vty, out_mask, zero_v)
         idxv = wide_load(b, idx_p, w.out_offset(r, c0), vec(I32, V), out_mask, none_v)
