@@ -509,17 +509,22 @@ def _lower_map(b, root, leaf_ptrs, members, stores, tid, nthreads, base, flat=Fa
         with for_range(b, lo, hi, 1, f"{base}.i", scalar=total <= TINY_WORK) as i:
             _store_all(b, _Element(b, leaf_ptrs, members, flat=True), stores, [i], i)
         return
-    lo, hi = thread_range(b, shape[0], tid, nthreads)
-    segments = _segments(instrs, shape) if len(shape) > 1 else [(0, shape[-1])]
+    # the trailing axes every read is contiguous or constant over run as one loop (a bias
+    # added over 8 x 8 planes: rows of 64, vectorized, not of 8, scalar)
+    k = collapsed_axes([v for v, _ in stores], instrs) if len(shape) > 1 else 1
+    loops = tuple(shape[:len(shape) - k]) + (math.prod(shape[len(shape) - k:]),)
+    lo, hi = thread_range(b, loops[0], tid, nthreads)
+    segments = _segments(instrs, shape) if k == 1 and len(shape) > 1 else [(0, loops[-1])]
 
     def body(ranges):
         el = _Element(b, leaf_ptrs, members)
         el.ranges = ranges
-        _store_all(b, el, stores, idx, _Element(b, {}, set()).linear(idx, shape))
+        full = collapsed_index(shape, k, idx)
+        _store_all(b, el, stores, full, _Element(b, {}, set()).linear(full, shape))
     tiny = math.prod(shape) <= TINY_WORK
     with for_range(b, lo, hi, 1, f"{base}.d0", scalar=tiny) as i0:
         idx = [i0]
-        _nest(b, shape, 1, idx, base, body, segments, tiny)
+        _nest(b, loops, 1, idx, base, body, segments, tiny)
 
 
 def _segments(instrs, shape, most: int = 8):
@@ -735,17 +740,29 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
 # ------------------------------------------------------------------------------------------------
 # epilogues: a fused loop applied in place by a loop-nest kernel to each block it finishes
 # ------------------------------------------------------------------------------------------------
-def collapsed_axes(out: Value, members) -> int:
-    """How many trailing axes of `out` (at least 1) a loop computing it from `members` can run as
-    one axis: the most such that every value the loop reads is either contiguous over them (has
-    them in full as its own trailing axes, row-major) or constant over them (broadcast along
-    all of them). The loop then indexes those axes with the collapsed index at the last of them
-    of more than one element and 0 at the others (see Epilogue._rows)."""
+def collapsed_axes(outs, members) -> int:
+    """How many trailing axes (at least 1) a loop computing the values `outs` (of one shape) from
+    `members` can run as one axis: the most such that every value the loop reads is either
+    contiguous over them (has them in full as its own trailing axes, row-major) or constant
+    over them (broadcast along all of them). The loop then indexes them with collapsed_index."""
     ids = {id(m) for m in members}
-    for k in range(len(out.shape), 1, -1):
-        if _reads_rows(out, out.shape[-k:], ids):
+    shape = outs[0].shape
+    for k in range(len(shape), 1, -1):
+        if all(_reads_rows(v, shape[-k:], ids) for v in outs):
             return k
     return 1
+
+
+def collapsed_index(shape, k: int, idx):
+    """The index into `shape` of `idx`, an index into `shape` with its last `k` axes collapsed
+    into one (collapsed_axes): the collapsed index at the last of them of more than one element
+    (its stride is 1, so a linear offset comes out right), 0 at the others."""
+    if k == 1:
+        return idx
+    trailing = shape[len(shape) - k:]
+    at = max([d for d, n in enumerate(trailing) if n != 1], default=k - 1)
+    zero = i64(0)
+    return idx[:-1] + [idx[-1] if d == at else zero for d in range(k)]
 
 
 def _reads_rows(v: Value, trailing, members) -> bool:
@@ -846,7 +863,7 @@ class Epilogue:
         (see collapsed_axes): rows of 8x8 conv planes are 64 elements long, and vectorize. The
         range is whole rows of out's last axis, not always of the collapsed rows (a matmul
         panel, a pooled block): the first and last collapsed row may be partial."""
-        k = collapsed_axes(self.group.root.out, self.group.members)
+        k = collapsed_axes([v for v, _ in stores], self.group.members)
         outer, trailing = list(shape[:-k]), shape[-k:]
         inner = math.prod(trailing)
         end = b.add(start, count)
@@ -855,7 +872,6 @@ class Epilogue:
         r1 = b.sdiv(end if whole else b.add(end, i64(inner - 1)), i64(inner), name=f"{base}.row1")
         # the collapsed index: j at the last trailing axis of more than one element (its stride
         # is 1), 0 at the others; every value read is contiguous or constant over them
-        at = max([d for d, n in enumerate(trailing) if n != 1], default=k - 1)
         zero = i64(0)
         with for_range(b, r0, r1, 1, f"{base}.row") as r:
             # the row's index along each outer axis; the outermost is what is left after
@@ -880,7 +896,7 @@ class Epilogue:
             with for_range(b, c0, c1, 1, f"{base}.col", scalar=inner < SHORT_LOOP) as j:
                 el = _Element(b, leaf_ptrs, members)
                 off = b.add(row_off, j)
-                idx = prefix + [j if d == at else zero for d in range(k)]
+                idx = collapsed_index(shape, k, prefix + [j])
                 # values of out's shape read at the row's offset, not at one recomputed from
                 # the index (remainders of 3 or more axes): else LLVM cannot see that the
                 # epilogue reads the element it writes, and its alias check runs every row of

@@ -26,9 +26,9 @@ def both_backends(f, *args):
     return out, ref
 
 
-def epilogue_of(text: str, kernel: str) -> str:
-    """The LLVM text of the kernel `kernel` (e.g. "k0.conv2d"), its epilogue inlined."""
-    start = text.index(f"define void @{kernel}")
+def function_text(text: str, kernel: str) -> str:
+    """The LLVM text of the function `kernel` (e.g. "k0.conv2d", its epilogue inlined)."""
+    start = re.search(rf"^define [^\n]*@{re.escape(kernel)}\(", text, re.M).start()
     return text[start:text.index("\n}\n", start)]
 
 
@@ -98,9 +98,35 @@ def test_collapsed_axes_of_conv_bias_relu():
     text = tracejit.jit(lambda x, w, b: nn.relu(nn.conv2d(x, w, b))).ir(x, w, bias, stage="llvm-opt")
     m = re.search(r"define void @(k\d+\.conv2d[\w.]*)\(", text)
     assert m, text[:2000]
-    kernel = epilogue_of(text, m.group(1))
+    kernel = function_text(text, m.group(1))
     # the epilogue's column loop (64 floats a row) is vectorized, without a run-time alias check;
     # before, rows of 8 ran scalar
     loop = kernel[kernel.index("epilogue.col.body"):kernel.rindex("epilogue.col.end")]
     assert re.search(r"store <8 x float>", loop), loop
     assert "diff.check" not in kernel, kernel
+
+
+# fused loops (no kernel) with the same reads: [N, C, H, W] with bias per channel, a map over
+# the plane and a broadcast [1, 1, 1, 1] value
+LOOP_SHAPES = [((2, 3, 5, 1), "float64"), ((3, 4, 7, 3), "float32"), ((8, 16, 8, 8), "float32")]
+
+
+@pytest.mark.parametrize("shape,dtype", LOOP_SHAPES)
+def test_fused_loop_over_short_planes_matches_interpreter(shape, dtype):
+    rng = np.random.default_rng(len(shape) + shape[-1])
+    n, c, h, w = shape
+    x = rng.standard_normal(shape).astype(dtype)
+    bias = rng.standard_normal((c, 1, 1)).astype(dtype)
+    plane = rng.standard_normal((h, w)).astype(dtype)
+    s = rng.standard_normal((1, 1, 1, 1)).astype(dtype)
+    jf = tracejit.jit(lambda x, bias, plane, s: tracejit.tanh(x + bias) * plane + s)
+    out, ref = both_backends(jf, x, bias, plane, s)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    for o in out:
+        np.testing.assert_allclose(o, ref, rtol=tol, atol=tol)
+    if shape == (8, 16, 8, 8):
+        # the 8 x 8 planes run as rows of 64, vectorized (before: rows of 8, scalar)
+        text = jf.ir(x, bias, plane, s, stage="llvm-opt")
+        m = re.search(r"define [^@\n]*@(k0\.[\w.]*)\(", text)
+        assert m, text[:2000]
+        assert re.search(r"store <8 x float>", function_text(text, m.group(1))), text[:4000]
