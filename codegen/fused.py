@@ -747,6 +747,8 @@ def collapsed_axes(outs, members) -> int:
     over them (broadcast along all of them). The loop then indexes them with collapsed_index."""
     ids = {id(m) for m in members}
     shape = outs[0].shape
+    if not math.prod(shape):
+        return 1   # no rows to divide into (nor a row length to divide by)
     for k in range(len(shape), 1, -1):
         if all(_reads_rows(v, shape[-k:], ids) for v in outs):
             return k
@@ -870,8 +872,6 @@ class Epilogue:
         whole = k == 1   # the range is whole rows: the column loop has constant bounds
         r0 = b.sdiv(start, i64(inner), name=f"{base}.row0")
         r1 = b.sdiv(end if whole else b.add(end, i64(inner - 1)), i64(inner), name=f"{base}.row1")
-        # the collapsed index: j at the last trailing axis of more than one element (its stride
-        # is 1), 0 at the others; every value read is contiguous or constant over them
         zero = i64(0)
         with for_range(b, r0, r1, 1, f"{base}.row") as r:
             # the row's index along each outer axis; the outermost is what is left after
