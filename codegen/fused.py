@@ -509,17 +509,22 @@ def _lower_map(b, root, leaf_ptrs, members, stores, tid, nthreads, base, flat=Fa
         with for_range(b, lo, hi, 1, f"{base}.i", scalar=total <= TINY_WORK) as i:
             _store_all(b, _Element(b, leaf_ptrs, members, flat=True), stores, [i], i)
         return
-    lo, hi = thread_range(b, shape[0], tid, nthreads)
-    segments = _segments(instrs, shape) if len(shape) > 1 else [(0, shape[-1])]
+    # the trailing axes every read is contiguous or constant over run as one loop (a bias
+    # added over 8 x 8 planes: rows of 64, vectorized, not of 8, scalar)
+    k = collapsed_axes([v for v, _ in stores], instrs) if len(shape) > 1 else 1
+    loops = tuple(shape[:len(shape) - k]) + (math.prod(shape[len(shape) - k:]),)
+    lo, hi = thread_range(b, loops[0], tid, nthreads)
+    segments = _segments(instrs, shape) if k == 1 and len(shape) > 1 else [(0, loops[-1])]
 
     def body(ranges):
         el = _Element(b, leaf_ptrs, members)
         el.ranges = ranges
-        _store_all(b, el, stores, idx, _Element(b, {}, set()).linear(idx, shape))
+        full = collapsed_index(shape, k, idx)
+        _store_all(b, el, stores, full, _Element(b, {}, set()).linear(full, shape))
     tiny = math.prod(shape) <= TINY_WORK
     with for_range(b, lo, hi, 1, f"{base}.d0", scalar=tiny) as i0:
         idx = [i0]
-        _nest(b, shape, 1, idx, base, body, segments, tiny)
+        _nest(b, loops, 1, idx, base, body, segments, tiny)
 
 
 def _segments(instrs, shape, most: int = 8):
@@ -735,6 +740,61 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
 # ------------------------------------------------------------------------------------------------
 # epilogues: a fused loop applied in place by a loop-nest kernel to each block it finishes
 # ------------------------------------------------------------------------------------------------
+def collapsed_axes(outs, members) -> int:
+    """How many trailing axes (at least 1) a loop computing the values `outs` (of one shape) from
+    `members` can run as one axis: the most such that every value the loop reads is either
+    contiguous over them (has them in full as its own trailing axes, row-major) or constant
+    over them (broadcast along all of them). The loop then indexes them with collapsed_index."""
+    ids = {id(m) for m in members}
+    shape = outs[0].shape
+    if not math.prod(shape):
+        return 1   # no rows to divide into (nor a row length to divide by)
+    for k in range(len(shape), 1, -1):
+        if all(_reads_rows(v, shape[-k:], ids) for v in outs):
+            return k
+    return 1
+
+
+def collapsed_index(shape, k: int, idx):
+    """The index into `shape` of `idx`, an index into `shape` with its last `k` axes collapsed
+    into one (collapsed_axes): the collapsed index at the last of them of more than one element
+    (its stride is 1, so a linear offset comes out right), 0 at the others."""
+    if k == 1:
+        return idx
+    trailing = shape[len(shape) - k:]
+    at = max([d for d, n in enumerate(trailing) if n != 1], default=k - 1)
+    zero = i64(0)
+    return idx[:-1] + [idx[-1] if d == at else zero for d in range(k)]
+
+
+def _reads_rows(v: Value, trailing, members) -> bool:
+    """Is `v`, read at an index collapsed over its trailing axes `trailing` (see
+    collapsed_axes), read correctly, through contiguous or constant reads of its operands?"""
+    m = len(trailing)
+    if tuple(v.shape[-m:]) != tuple(trailing):
+        return False
+    ins = v.instr
+    if ins is None or id(ins) not in members:
+        return True   # a buffer: row-major over its trailing axes
+    rule = lowerings.get(ins.prim)   # a dict: no error for a primitive it lacks
+    if isinstance(rule, Elementwise):
+        return all(not x.shape or (x.shape == v.shape and _reads_rows(x, trailing, members))
+                   for x in ins.inputs)
+    if ins.prim is broadcast_in_dim_p:
+        x, dims = ins.inputs[0], tuple(ins.params["dims"])
+        rank = len(v.shape)
+        along = [k for k, d in enumerate(dims) if d >= rank - m and x.shape[k] != 1]
+        if not along:
+            return True   # constant over the collapsed axes
+        return dims[len(dims) - m:] == tuple(range(rank - m, rank)) and \
+            _reads_rows(x, trailing, members)
+    if ins.prim is transpose_p:
+        perm, rank = tuple(ins.params["perm"]), len(v.shape)
+        return perm[rank - m:] == tuple(range(rank - m, rank)) and \
+            _reads_rows(ins.inputs[0], trailing, members)
+    return False
+
+
 class Epilogue:
     """The fused loop `group` (whose input `value` is a loop-nest kernel's result) as an epilogue
     of that kernel. The kernel function gets `n_args` extra pointer arguments (the other buffers
@@ -795,34 +855,54 @@ class Epilogue:
             with for_range(b, start, b.add(start, count), 1, f"{base}.i") as i:
                 _store_all(b, _Element(b, leaf_ptrs, members, flat=True), stores, [i], i)
         else:
-            inner = shape[-1]
-            r0 = b.sdiv(start, i64(inner), name=f"{base}.row0")
-            r1 = b.sdiv(b.add(start, count), i64(inner), name=f"{base}.row1")
-            with for_range(b, r0, r1, 1, f"{base}.row") as r:
-                # the row's index along each outer axis; the outermost is what is left after
-                # the others, with no remainder (r < the rows of out): a remainder there hid
-                # from LLVM that an epilogue reading the kernel's result reads the element it
-                # writes, and its run-time alias check sent every row to the scalar loop
-                prefix, rest = [], r
-                for n in reversed(shape[1:-1]):
-                    prefix.append(b.srem(rest, i64(n)))
-                    rest = b.sdiv(rest, i64(n))
-                if len(shape) > 1:
-                    prefix.append(rest)
-                prefix.reverse()
-                row_off = b.mul(r, i64(inner))
-                with for_range(b, 0, inner, 1, f"{base}.col", scalar=inner < SHORT_LOOP) as j:
-                    el = _Element(b, leaf_ptrs, members)
-                    off = b.add(row_off, j)
-                    # values of out's shape read at the row's offset, not at one recomputed from
-                    # the index (remainders of 3 or more axes): else LLVM cannot see that the
-                    # epilogue reads the element it writes, and its alias check runs every row of
-                    # a conv epilogue in the scalar loop (LeNet's conv1 + bias + relu: +50%)
-                    el.known_offset = (tuple(shape), prefix + [j], off)
-                    _store_all(b, el, stores, prefix + [j], off)
+            self._rows(b, start, count, shape, leaf_ptrs, members, stores, base)
         b.ret_void()
         self._fn = fn
         return fn
+
+    def _rows(self, b, start, count, shape, leaf_ptrs, members, stores, base):
+        """The loop over out[start, start + count) as rows of the trailing axes that collapse
+        (see collapsed_axes): rows of 8x8 conv planes are 64 elements long, and vectorize. The
+        range is whole rows of out's last axis, not always of the collapsed rows (a matmul
+        panel, a pooled block): the first and last collapsed row may be partial."""
+        k = collapsed_axes([v for v, _ in stores], self.group.members)
+        outer, trailing = list(shape[:-k]), shape[-k:]
+        inner = math.prod(trailing)
+        end = b.add(start, count)
+        whole = k == 1   # the range is whole rows: the column loop has constant bounds
+        r0 = b.sdiv(start, i64(inner), name=f"{base}.row0")
+        r1 = b.sdiv(end if whole else b.add(end, i64(inner - 1)), i64(inner), name=f"{base}.row1")
+        zero = i64(0)
+        with for_range(b, r0, r1, 1, f"{base}.row") as r:
+            # the row's index along each outer axis; the outermost is what is left after
+            # the others, with no remainder (r < the rows of out): a remainder there hid
+            # from LLVM that an epilogue reading the kernel's result reads the element it
+            # writes, and its run-time alias check sent every row to the scalar loop
+            prefix, rest = [], r
+            for n in reversed(outer[1:]):
+                prefix.append(b.srem(rest, i64(n)))
+                rest = b.sdiv(rest, i64(n))
+            if outer:
+                prefix.append(rest)
+            prefix.reverse()
+            row_off = b.mul(r, i64(inner))
+            if whole:
+                c0, c1 = i64(0), i64(inner)
+            else:
+                lo, hi = b.sub(start, row_off), b.sub(end, row_off)
+                c0 = b.select(b.icmp_signed(">", lo, zero), lo, zero, name=f"{base}.col0")
+                c1 = b.select(b.icmp_signed("<", hi, i64(inner)), hi, i64(inner),
+                              name=f"{base}.col1")
+            with for_range(b, c0, c1, 1, f"{base}.col", scalar=inner < SHORT_LOOP) as j:
+                el = _Element(b, leaf_ptrs, members)
+                off = b.add(row_off, j)
+                idx = collapsed_index(shape, k, prefix + [j])
+                # values of out's shape read at the row's offset, not at one recomputed from
+                # the index (remainders of 3 or more axes): else LLVM cannot see that the
+                # epilogue reads the element it writes, and its alias check runs every row of
+                # a conv epilogue in the scalar loop (LeNet's conv1 + bias + relu: +50%)
+                el.known_offset = (tuple(shape), idx, off)
+                _store_all(b, el, stores, idx, off)
 
     def call(self, b: ir.IRBuilder, out, extra_args, start, count):
         b.call(self.function(b.module), [out] + list(extra_args) + [start, count])
