@@ -122,6 +122,7 @@ PACKED_PANEL_ROWS = 128   # rows of C an epilogue follows when B is packed (see 
 DOT_K_PER_ROW = 3    # x @ W^T: the dot form when K > 3 M (see _block_plan)
 PACK_MODES = {"": 0, "b": 1, "bt": 2}   # the outer form's run-time `pack` parameter
 SMALL_M = 48   # the outer form picks its row block for rows of C fewer than this (_fewest_rows)
+SHORT_M_WASTE = 0.25   # ... when the full row block's clamped rows are at least this share
 FORCE = {}   # blocking overrides for tuning runs (benchmarks/kernels_dense.py --force)
 
 
@@ -251,9 +252,14 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
 
 
 def _fewest_rows(m: int, mr: int) -> int:
-    """The row block in [mr/2, mr] that computes the fewest clamped rows (the larger on a tie)
-    for a short M: x^T @ g [100, 32, 10] (M = 8) computed 12 rows an entry with MR = 6, and took
-    40% longer than with MR = 4. Half the accumulators still hide the FMA latency."""
+    """The row block for a short M: `mr` unless its clamped rows are at least SHORT_M_WASTE of
+    the rows it computes, else the block in [mr/2, mr] that computes the fewest (the larger on a
+    tie). x^T @ g [100, 32, 10] (M = 8) computed 12 rows an entry with MR = 6, and took 40%
+    longer than with MR = 4; half the accumulators still hide the FMA latency. A smaller waste
+    does not pay for a second tile function: each costs ~0.15-0.25 s of LLVM (LeNet-5's
+    [10, 84] weight gradient, a 5 us kernel, took MR = 5 and its whole tile function)."""
+    if (ceil_div(m, mr) * mr - m) < SHORT_M_WASTE * ceil_div(m, mr) * mr:
+        return mr
     return min(range(mr, (mr + 1) // 2 - 1, -1), key=lambda r: ceil_div(m, r) * r)
 
 
