@@ -67,7 +67,7 @@ from ...ir.prims.linalg import matmul_p
 from ..loops import FAST, carry_loop, fma, gep, i64, llvm_type, load, masked_load, masked_store, \
     splat, store, vload, vstore
 from ..target import vector_registers
-from . import MATMUL_WEIGHT, matmul_cost, register
+from . import MATMUL_TILE_WEIGHTS, MATMUL_WEIGHT, matmul_cost, register
 from .toolkit import I64Arg, KernelFunction, Params, Shared, SharedFunction, ceil_div, \
     dtype_info, kernel_function, lane_mask, opaque, params, shared_function, smax, smin, \
     thread_range, zero_vector
@@ -271,8 +271,18 @@ def _matmul_scratch(ins, nthreads: int) -> int:
     return nthreads * ceil_div(rows * p.tile_cols * p.esize, 64) * 64 if p.pack else 0
 
 
+def _shared_weights(ins) -> dict:
+    """The shared functions the kernel of `ins` calls (see _tiles_function), with their compile
+    weights (runtime._balance)."""
+    p = _plan(ins)
+    out = {("matmul", _TileKey(p.form, p.dtype, p.mr, p.nr)): MATMUL_TILE_WEIGHTS[p.form]}
+    if p.form == "outer":
+        out["matmul.pack", _PackKey(p.dtype, p.nr)] = MATMUL_TILE_WEIGHTS["pack"]
+    return out
+
+
 @register(matmul_p, scratch_bytes=_matmul_scratch, epilogue=True, parallel=True,
-          cost=matmul_cost, compile_weight=MATMUL_WEIGHT)
+          cost=matmul_cost, compile_weight=MATMUL_WEIGHT, shared_weights=_shared_weights)
 def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
     p = _plan(ins)
     kf = kernel_function(module, name, 2, epilogue)
