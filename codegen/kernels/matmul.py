@@ -31,11 +31,12 @@ of a product with M' == 1 (mv_axpy) or N' == 1 (mv_dot).
 
 Edge tiles clamp their row (and dot-form column) indices to the last one: the extra lanes recompute
 and store the same value into the same element, which costs a little work on the border and no
-code variants (a short M picks the row block that clamps fewest rows). The K tail of the dot form
-is masked. The outer form's whole column tiles run without masks; its last (partial) column tile
-computes only the vectors that hold a column, loads the last one in place without a mask while it
-ends inside B (its lanes past N read the next row: computed, never stored) and stores it in
-plain pieces: masked stores are microcoded on AVX2 machines such as znver1.
+code variants (a short M whose clamped rows would be a quarter of its rows picks the row block
+that clamps fewest). The K tail of the dot form is masked. The outer form's whole column tiles run
+without masks; its last (partial) column tile is one more copy of the loops (see _outer_tail): it
+reads B's rows in place without masks while they end inside B (lanes past N read the next row:
+computed, never stored), its last rows from a small panel copied masked, and stores through a
+stack tile in plain pieces: masked stores are microcoded on AVX2 machines such as znver1.
 
 Compile time: the loops live in shape-generic functions (`shared_function`), one per form, dtype
 and register block, defined once per LLVM module and shared by every matmul of the module (the
@@ -786,7 +787,8 @@ def _emit_mv_dot(s: Shared, p: _TileKey):
 def _emit_mv_axpy(s: Shared, p: _TileKey):
     """C[r, c0:c1] = v_r @ Mat (v_r = row r of v [m, k], Mat [k, n] row-major; m is 1 as
     planned): NV vectors of columns accumulate v[k] * Mat[k, j:j+VL] over k; whole column tiles
-    with plain loads and stores, the partial last one as the outer form's (see _outer_tail)."""
+    with plain loads and stores; the partial last one computes only its used vectors, loads
+    plainly while inside Mat and masked on its last rows, and stores in plain pieces."""
     b = s.b
     out, v, mat = s.ptrs
     ety, vl, _ = dtype_info(p.dtype)
