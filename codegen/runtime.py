@@ -84,7 +84,7 @@ class NativeFunction:
         t1 = time.perf_counter()
         same = _same_kernels(self.plan)
         self.n_modules = target.modules_for(
-            sum(_compile_weight(g) for g in self.plan.groups if g.index not in same))
+            _total_weight([g for g in self.plan.groups if g.index not in same]))
         # the first compile of a process also builds the thread pool, in the entry's process
         # while the others compile (target.compile_objects): its modules are balanced for it
         # (decided here, once: every build of the modules must place the kernels alike)
@@ -684,8 +684,9 @@ POOL_WEIGHT = 3
 
 
 def _compile_weight(g) -> int:
-    """Rough LLVM cost of a kernel, to balance modules: a loop nest's is its kernel's
-    (codegen/kernels); a fused loop is small: one unit and one more per four instructions."""
+    """Rough LLVM cost of a kernel's own code, to balance modules: a loop nest's is its kernel's
+    (codegen/kernels); a fused loop is small: one unit and one more per four instructions. The
+    shared functions it calls are weighed apart (`_shared_weights`): once per module."""
     if g.kind == "control":   # its bodies' kernels
         return 1 + sum(_compile_weight(h) for p in g.bodies.values() for h in p.groups)
     if g.kind != "nn":
@@ -693,18 +694,45 @@ def _compile_weight(g) -> int:
     return kernels[g.root.prim].compile_weight
 
 
+def _shared_weights(g) -> dict:
+    """{key: compile weight} of the shape-generic functions kernel `g` calls, which a module
+    defines (and LLVM compiles) once for all its kernels (Kernel.shared_weights)."""
+    if g.kind == "control":
+        out = {}
+        for p in g.bodies.values():
+            for h in p.groups:
+                out.update(_shared_weights(h))
+        return out
+    if g.kind != "nn" or kernels[g.root.prim].shared_weights is None:
+        return {}
+    return kernels[g.root.prim].shared_weights(g.root)
+
+
+def _total_weight(groups) -> int:
+    """The compile weight of `groups` in one module: their own code and each shared function
+    once."""
+    shared = {}
+    for g in groups:
+        shared.update(_shared_weights(g))
+    return sum(_compile_weight(g) for g in groups) + sum(shared.values())
+
+
 def _balance(groups, n_modules: int, same=None, entry_extra: int = 0) -> dict:
     """Kernel index -> module index: greedy by weight over units, the heaviest first, each into
     the least loaded module. A unit is all the kernels of one primitive (they call the same
     generic functions, e.g. matmul's tile and packing kernels, which each module they are
     lowered into compiles again: LeNet-5's gradient compiled them twice, ~0.14 s of CPU), or one
-    fused loop. The entry's module starts with a small handicap for the entry, which calls every
-    kernel (LeNet-5's gradient: with len(groups) // 2 its process compiled 0.6 s against the
-    other's 0.8 s; with len(groups) // 8, 0.7 s each). `same` ({kernel index: index of the equal
+    fused loop; it weighs its kernels' own code and each shared function once (`_total_weight`:
+    LeNet-5's nine matmuls are nine small wrappers around three shared functions, which a fixed
+    weight per kernel counted nine times, and its process finished 0.3 s after the entry's).
+    The entry's module starts with a small handicap for the entry, which calls every kernel
+    (LeNet-5's gradient: with len(groups) // 2 its process compiled 0.6 s against the other's
+    0.8 s; with len(groups) // 8, 0.7 s each). `same` ({kernel index: index of the equal
     kernel it calls}, see `_same_kernels`): those are not lowered, and live where that one does.
     `entry_extra`: more weight for the entry's process (the thread pool it builds, POOL_WEIGHT)."""
     same = same or {}
     load = [len(groups) // 8 + entry_extra] + [0] * (n_modules - 1)
+    defined = [set() for _ in range(n_modules)]   # the shared functions each module has
     units = {}
     for g in groups:
         if g.index in same:
@@ -714,19 +742,24 @@ def _balance(groups, n_modules: int, same=None, entry_extra: int = 0) -> dict:
         units.setdefault(key, []).append(g)
     # a unit heavier than a module's fair share is split after all (compiling its shared
     # functions twice costs less than compiling the unit in one process: a deep MLP)
-    share = sum(_compile_weight(g) for g in groups if g.index not in same) / n_modules
+    share = _total_weight([g for g in groups if g.index not in same]) / n_modules
+
+    def place(g, k):
+        shared = _shared_weights(g)
+        load[k] += _compile_weight(g) + sum(w for key, w in shared.items()
+                                            if key not in defined[k])
+        defined[k].update(shared)
+        home[g.index] = k
+
     home = {}
-    for key, members in sorted(units.items(),
-                               key=lambda u: -sum(_compile_weight(g) for g in u[1])):
-        whole = key[0] == "control" or sum(_compile_weight(g) for g in members) <= share
-        k = load.index(min(load))
+    for key, members in sorted(units.items(), key=lambda u: -_total_weight(u[1])):
+        whole = key[0] == "control" or _total_weight(members) <= share
+        k = 0 if key[0] == "control" else load.index(min(load))
         for g in members:
-            if key[0] == "control":   # its bodies are lowered where the loop runs: the entry's
-                k = 0
-            elif not whole:
-                k = load.index(min(load))
-            home[g.index] = k
-            load[k] += _compile_weight(g)
+            # (a split unit: each kernel where it adds least to the most loaded module)
+            place(g, k if whole else min(range(n_modules), key=lambda j: (
+                load[j] + _compile_weight(g) + sum(w for s, w in _shared_weights(g).items()
+                                                   if s not in defined[j]), j)))
     for g in groups:
         if g.index in same:
             home[g.index] = home[same[g.index]]

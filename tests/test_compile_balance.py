@@ -34,3 +34,21 @@ def test_kernels_equal_to_another_live_with_it_and_weigh_nothing():
     distinct = [g for g in groups if g.index not in same]
     load = _weights(distinct, home)
     assert abs(load[0] + len(groups) // 8 - load[1]) <= 1, load
+
+
+def test_kernels_sharing_a_function_weigh_it_once(monkeypatch):
+    """Nine small kernels around one shared tile function (LeNet-5's matmuls) beside 24 loops:
+    the modules' real loads (own code, each shared function once per module) end up even."""
+    matmul = SimpleNamespace(prim=SimpleNamespace(name="matmul"))
+    kernels = [SimpleNamespace(index=k, kind="nn", members=[], root=matmul) for k in range(9)]
+    groups = kernels + [SimpleNamespace(index=k, kind="loop", members=[]) for k in range(9, 33)]
+    monkeypatch.setattr(runtime, "_compile_weight", lambda g: 2 if g.kind == "nn" else 1)
+    monkeypatch.setattr(runtime, "_shared_weights",
+                        lambda g: {"tile": 20} if g.kind == "nn" else {}, raising=False)
+    home = runtime._balance(groups, 2)
+    load = [len(groups) // 8, 0]
+    for k in (0, 1):
+        mine = [g for g in groups if home[g.index] == k]
+        load[k] += sum(runtime._compile_weight(g) for g in mine) + \
+            (20 if any(g.kind == "nn" for g in mine) else 0)
+    assert abs(load[0] - load[1]) <= 2, load

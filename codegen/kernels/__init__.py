@@ -54,6 +54,9 @@ class Kernel:
     cost: Callable                   # cost(ins) -> estimated single-thread run time in ns
     compile_weight: int              # rough LLVM compile cost, to balance modules (runtime)
     checks: bool = False             # reports a bad index through the status words (runtime)
+    # shared_weights(ins) -> {key: weight}: the shape-generic functions the lowering defines once
+    # per LLVM module (matmul's tile functions), compiled once whatever the kernels calling them
+    shared_weights: Callable | None = None
 
 
 kernels = Registry("kernel lowering")
@@ -62,11 +65,12 @@ _FACTS = ("epilogue", "parallel", "cost", "compile_weight")
 
 
 def register(prim: Primitive, *, scratch_bytes: Callable | None = None, checks: bool = False,
-             **facts):
+             shared_weights: Callable | None = None, **facts):
     """Register the decorated `lower` as `prim`'s kernel. Every fact of `_FACTS` must be stated
     (`epilogue=`, `parallel=`, `cost=`, `compile_weight=`): the scheduler has no defaults to fall
     back on silently. `scratch_bytes` defaults to no scratch; `checks=True` for a kernel that
-    validates its indices and takes the status pointer (see the contract above)."""
+    validates its indices and takes the status pointer (see the contract above);
+    `shared_weights`: see Kernel (then `compile_weight` is the kernel's own code only)."""
     if not isinstance(prim, Primitive):
         raise TypeError(f"register: expected a primitive object, got {prim!r}")
     missing = [f for f in _FACTS if f not in facts]
@@ -78,7 +82,8 @@ def register(prim: Primitive, *, scratch_bytes: Callable | None = None, checks: 
                         + (f"unknown {', '.join(unknown)}" if unknown else ""))
 
     def deco(fn):
-        kernels[prim] = Kernel(fn, scratch_bytes or _no_scratch, **facts, checks=checks)
+        kernels[prim] = Kernel(fn, scratch_bytes or _no_scratch, **facts, checks=checks,
+                               shared_weights=shared_weights)
         return fn
     return deco
 
@@ -126,8 +131,11 @@ def memory_cost(ins) -> float:
 
 
 # Compile weights (see runtime._balance), calibrated on LeNet-5's gradient: a convolution's
-# kernel is about three times a pooling kernel's LLVM work, a matmul's about one and a half.
-CONV_WEIGHT, MATMUL_WEIGHT, POOL_WEIGHT = 12, 6, 4
+# kernel is about three times a pooling kernel's LLVM work. A matmul kernel is a small wrapper
+# (MATMUL_WEIGHT) around tile functions shared by the module's matmuls (matmul.py, shared_weights):
+# the outer form's about a convolution's, the others less.
+CONV_WEIGHT, MATMUL_WEIGHT, POOL_WEIGHT = 12, 2, 4
+MATMUL_TILE_WEIGHTS = {"outer": 20, "dot": 6, "mv_dot": 4, "mv_axpy": 4, "pack": 4}
 
 
 def _load_all():

@@ -31,11 +31,12 @@ of a product with M' == 1 (mv_axpy) or N' == 1 (mv_dot).
 
 Edge tiles clamp their row (and dot-form column) indices to the last one: the extra lanes recompute
 and store the same value into the same element, which costs a little work on the border and no
-code variants (a short M picks the row block that clamps fewest rows). The K tail of the dot form
-is masked. The outer form's whole column tiles run without masks; its last (partial) column tile
-computes only the vectors that hold a column, loads the last one in place without a mask while it
-ends inside B (its lanes past N read the next row: computed, never stored) and stores it in
-plain pieces: masked stores are microcoded on AVX2 machines such as znver1.
+code variants (a short M whose clamped rows would be a quarter of its rows picks the row block
+that clamps fewest). The K tail of the dot form is masked. The outer form's whole column tiles run
+without masks; its last (partial) column tile is one more copy of the loops (see _outer_tail): it
+reads B's rows in place without masks while they end inside B (lanes past N read the next row:
+computed, never stored), its last rows from a small panel copied masked, and stores through a
+stack tile in plain pieces: masked stores are microcoded on AVX2 machines such as znver1.
 
 Compile time: the loops live in shape-generic functions (`shared_function`), one per form, dtype
 and register block, defined once per LLVM module and shared by every matmul of the module (the
@@ -67,7 +68,7 @@ from ...ir.prims.linalg import matmul_p
 from ..loops import FAST, carry_loop, fma, gep, i64, llvm_type, load, masked_load, masked_store, \
     splat, store, vload, vstore
 from ..target import vector_registers
-from . import MATMUL_WEIGHT, matmul_cost, register
+from . import MATMUL_TILE_WEIGHTS, MATMUL_WEIGHT, matmul_cost, register
 from .toolkit import I64Arg, KernelFunction, Params, Shared, SharedFunction, ceil_div, \
     dtype_info, kernel_function, lane_mask, opaque, params, shared_function, smax, smin, \
     thread_range, zero_vector
@@ -122,6 +123,7 @@ PACKED_PANEL_ROWS = 128   # rows of C an epilogue follows when B is packed (see 
 DOT_K_PER_ROW = 3    # x @ W^T: the dot form when K > 3 M (see _block_plan)
 PACK_MODES = {"": 0, "b": 1, "bt": 2}   # the outer form's run-time `pack` parameter
 SMALL_M = 48   # the outer form picks its row block for rows of C fewer than this (_fewest_rows)
+SHORT_M_WASTE = 0.25   # ... when the full row block's clamped rows are at least this share
 FORCE = {}   # blocking overrides for tuning runs (benchmarks/kernels_dense.py --force)
 
 
@@ -251,9 +253,14 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
 
 
 def _fewest_rows(m: int, mr: int) -> int:
-    """The row block in [mr/2, mr] that computes the fewest clamped rows (the larger on a tie)
-    for a short M: x^T @ g [100, 32, 10] (M = 8) computed 12 rows an entry with MR = 6, and took
-    40% longer than with MR = 4. Half the accumulators still hide the FMA latency."""
+    """The row block for a short M: `mr` unless its clamped rows are at least SHORT_M_WASTE of
+    the rows it computes, else the block in [mr/2, mr] that computes the fewest (the larger on a
+    tie). x^T @ g [100, 32, 10] (M = 8) computed 12 rows an entry with MR = 6, and took 40%
+    longer than with MR = 4; half the accumulators still hide the FMA latency. A smaller waste
+    does not pay for a second tile function: each costs ~0.15-0.25 s of LLVM (LeNet-5's
+    [10, 84] weight gradient, a 5 us kernel, took MR = 5 and its whole tile function)."""
+    if (ceil_div(m, mr) * mr - m) < SHORT_M_WASTE * ceil_div(m, mr) * mr:
+        return mr
     return min(range(mr, (mr + 1) // 2 - 1, -1), key=lambda r: ceil_div(m, r) * r)
 
 
@@ -265,8 +272,18 @@ def _matmul_scratch(ins, nthreads: int) -> int:
     return nthreads * ceil_div(rows * p.tile_cols * p.esize, 64) * 64 if p.pack else 0
 
 
+def _shared_weights(ins) -> dict:
+    """The shared functions the kernel of `ins` calls (see _tiles_function), with their compile
+    weights (runtime._balance)."""
+    p = _plan(ins)
+    out = {("matmul", _TileKey(p.form, p.dtype, p.mr, p.nr)): MATMUL_TILE_WEIGHTS[p.form]}
+    if p.form == "outer":
+        out["matmul.pack", _PackKey(p.dtype, p.nr)] = MATMUL_TILE_WEIGHTS["pack"]
+    return out
+
+
 @register(matmul_p, scratch_bytes=_matmul_scratch, epilogue=True, parallel=True,
-          cost=matmul_cost, compile_weight=MATMUL_WEIGHT)
+          cost=matmul_cost, compile_weight=MATMUL_WEIGHT, shared_weights=_shared_weights)
 def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
     p = _plan(ins)
     kf = kernel_function(module, name, 2, epilogue)
@@ -436,52 +453,54 @@ def _emit_outer(s: Shared, p: _TileKey):
     s.is_packed = packed
     s.b_src = b.select(packed, s.ptrs[3], s.ptrs[2], name="matmul.b.src")
     s.b_stride = b.select(packed, i64(tile), s.n, name="matmul.b.stride")
-    _outer_columns(s, p, s.c0, smin(b, s.c1, split), p.nr, partial=False)
+    # the partial tile's C tile (see _outer_tail), in the entry block
+    # the partial tile's C tile and, unless B^T is packed anyway, its B panel (see
+    # _outer_tail), on the stack (convolutions call this function without a panel buffer)
+    vty = ir.VectorType(llvm_type(p.dtype), vl)
+    s.c_tile = b.alloca(vty, size=p.mr * p.nr, name="matmul.c.tile")   # (vectors)
+    s.tail_panel = b.select(packed, s.ptrs[3], b.bitcast(
+        b.alloca(vty, size=tile * p.nr, name="matmul.tail.panel"), s.ptrs[3].type))
+    _outer_columns(s, p, s.c0, smin(b, s.c1, split), partial=False)
     _outer_tail(s, p, smax(b, s.c0, split), s.c1)
 
 
 def _outer_tail(s: Shared, p: _TileKey, c0, c1):
-    """The partial last column tile [c0, c1) (empty, or one tile with 0 < N - c0 < tile): only
-    its vectors that hold a column are computed, all but the last with plain loads and stores.
-    Small products live here (N = 10 of a classifier or a Hessian's hidden layer: 10 of a
-    16-column tile): masking all NV vectors, as this tile did, cost them 2-2.5x their time on
-    znver1 (masked stores are microcoded there) and the FMAs of an empty vector."""
+    """The partial last column tile [c0, c1) (empty, or one tile with 0 < N - c0 < tile), in
+    one copy of the loops of compile time: small products live here (N = 10 of a classifier or
+    a Hessian's hidden layer: 10 of a 16-column tile). Its B rows are read from a panel (packed
+    as B's, or B^T's, panel: see _pack_function), whose lanes past N are zeros or copies, so its
+    K loop loads plainly; its C tile goes to a stack tile, from which one run-time loop over the
+    rows stores the columns inside N in plain pieces (`_store_lanes`): masked stores are
+    microcoded on znver1 (masking the tile cost the small products 2-2.5x their time). A copy
+    of the loops for each number of used vectors, and a K loop split at the last rows of B
+    read in place (masked there), doubled the tile function's code and LLVM time."""
     b = s.b
-    _, vl, _ = dtype_info(p.dtype)
     with b.if_then(b.icmp_signed("<", c0, c1)):
-        used = b.udiv(b.add(b.sub(s.n, c0), i64(vl - 1)), i64(vl), name="matmul.tail.vectors")
-        for nvec in range(1, p.nr + 1):
-            with b.if_then(b.icmp_signed("==", used, i64(nvec))):
-                _outer_columns(s, p, c0, c1, nvec, partial=True)
+        _outer_columns(s, p, c0, c1, partial=True)
 
 
-def _outer_columns(s: Shared, p: _TileKey, c0, c1, nvec: int, partial: bool):
+def _outer_columns(s: Shared, p: _TileKey, c0, c1, partial: bool):
     """The outer-product tiles of columns [c0, c1) (tile boundaries), every row tile of
-    [r0, r1), computing the first `nvec` vectors of each tile; `partial`: the last of them may
-    end past N (its loads masked, its stores cut to the columns inside), else all lie inside."""
+    [r0, r1); `partial`: the tile ends past N (see _outer_tail), else all columns lie inside."""
     b = s.b
     out, a_mat, b_mat = s.ptrs[:3]
     ety, vl, _ = dtype_info(p.dtype)
-    mr, nv = p.mr, nvec
+    mr, nv = p.mr, p.nr
+    tile = nv * vl
     vty = ir.VectorType(ety, vl)
     m1 = b.sub(s.m, i64(1))
     kind = "tail" if partial else "full"
-    with carry_loop(b, c0, c1, [], f"matmul.j.{kind}", step=p.nr * vl) as lj:
+    # the partial tile always reads a panel: B's (mode "b") unless B^T's is packed anyway
+    mode = b.select(s.is_packed, s.pack, i64(PACK_MODES["b"])) if partial else s.pack
+    with carry_loop(b, c0, c1, [], f"matmul.j.{kind}", step=tile) as lj:
         j0 = lj.iv
-        # lanes of the last vector inside N (1..VL) and their mask
-        last = b.sub(b.sub(s.n, j0), i64((nv - 1) * vl), name="matmul.j.lanes") if partial \
-            else None
-        masks = [None] * (nv - 1) + [lane_mask(b, last, vl) if partial else None]
+        # lanes of each vector inside N (0..VL) and their masks (C's old contents)
+        lanes = [smax(b, smin(b, b.sub(b.sub(s.n, j0), i64(v * vl)), vl), 0)
+                 for v in range(nv)] if partial else None
 
-        def ld(ptr, v, inside=False):
-            return vload(b, ptr, i64(v * vl), vty) if masks[v] is None or inside \
-                else masked_load(b, ptr, i64(v * vl), vty, masks[v])
-
-        def st(value, ptr, v):
-            if masks[v] is None:
-                vstore(b, value, ptr, i64(v * vl))
-            else:
-                _store_lanes(b, value, ptr, i64(v * vl), last)
+        def ld(ptr, v):
+            return masked_load(b, ptr, i64(v * vl), vty, lane_mask(b, lanes[v], vl)) \
+                if partial else vload(b, ptr, i64(v * vl), vty)
 
         # K in blocks of OUTER_KC: the block's B panel (and, for trans_a, its lines of A) stay in
         # L1 while every row tile of [r0, r1) reads them; the first block starts from zero, the
@@ -492,12 +511,24 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, nvec: int, partial: bool):
             k0 = lkb.iv
             k1 = smin(b, b.add(k0, i64(OUTER_KC)), s.k)
             first = b.icmp_signed("==", k0, i64(0), name="matmul.kb.first")
-            # (returns at once when B is read in place)
-            _pack_function(b.module, p).call(
-                b, [s.ptrs[3], b_mat], _PackParams(n=s.n, k=s.k, j0=j0, k0=k0, k1=k1,
-                                                   mode=s.pack))
-            b_base = gep(b, s.b_src, b.mul(b.sub(i64(1), s.packed), j0), ety)
-            b_k0 = b.mul(s.packed, k0)
+            if partial:
+                # rows [k0, split) of the tile are read in place, the others from the panel
+                # (whose row 0 is `split`): all rows when B^T is packed, else the last rows of
+                # B, past whose end the tile's last vector reaches (one row when N >= VL - 1),
+                # copied masked (zeros past N)
+                split = b.select(s.is_packed, k0, _rows_inside(b, j0, tile, s.n, s.k, k0, k1),
+                                 name="matmul.k.split")
+                _pack_function(b.module, p).call(
+                    b, [s.tail_panel, b_mat], _PackParams(n=s.n, k=s.k, j0=j0, k0=split, k1=k1,
+                                                          mode=mode))
+                b_in = gep(b, b_mat, j0, ety)
+            else:
+                # (returns at once when B is read in place)
+                _pack_function(b.module, p).call(
+                    b, [s.ptrs[3], b_mat], _PackParams(n=s.n, k=s.k, j0=j0, k0=k0, k1=k1,
+                                                       mode=mode))
+                b_base = gep(b, s.b_src, b.mul(b.sub(i64(1), s.packed), j0), ety)
+                b_k0, b_stride = b.mul(s.packed, k0), s.b_stride
             with carry_loop(b, s.r0, s.r1, [], f"matmul.i.{kind}", step=mr) as li:
                 rows = [smin(b, b.add(li.iv, i64(r)), m1, name=f"matmul.row{r}")
                         for r in range(mr)]
@@ -508,32 +539,36 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, nvec: int, partial: bool):
                 # of loads: with a short K these loads were a third of a tile's loads)
                 init = _phi_if(b, first, [zero_vector(ety, vl)] * (mr * nv),
                                lambda: [ld(crows[r], v) for r in range(mr) for v in range(nv)])
-
-                def step(kk, acc, inside):
-                    brow = gep(b, b_base, b.mul(b.sub(kk, b_k0), s.b_stride), ety)
-                    bv = [ld(brow, v, inside) for v in range(nv)]
-                    aoff = b.mul(kk, s.sa_k)
+                with carry_loop(b, k0, k1, init, f"matmul.k.{kind}") as lp:
+                    if partial:   # (a select of two addresses, not a second loop: compile time)
+                        brow = b.select(b.icmp_signed("<", lp.iv, split),
+                                        gep(b, b_in, b.mul(lp.iv, s.n), ety),
+                                        gep(b, s.tail_panel, b.mul(b.sub(lp.iv, split),
+                                                                   i64(tile)), ety))
+                    else:
+                        brow = gep(b, b_base, b.mul(b.sub(lp.iv, b_k0), b_stride), ety)
+                    bv = [vload(b, brow, i64(v * vl), vty) for v in range(nv)]
+                    aoff = b.mul(lp.iv, s.sa_k)
                     nxt = []
                     for r in range(mr):
                         av = splat(b, load(b, arow[r], aoff, ety), vl)
-                        nxt.extend(fma(b, av, bv[v], acc[r * nv + v]) for v in range(nv))
-                    return nxt
-
-                # the partial vector of B's rows kk < kin ends inside B: plain loads there, masked
-                # ones on the last rows only (a masked load every step cost the small products a
-                # third of their time); a packed panel's rows are whole tiles: all plain
-                kin = b.select(s.is_packed, k1, _rows_inside(b, j0, nv * vl, s.n, s.k, k0, k1)) \
-                    if partial else k1
-                with carry_loop(b, k0, kin, init, f"matmul.k.{kind}") as lp:
-                    lp.next = step(lp.iv, lp.vals, True)
-                acc = lp.out
+                        nxt.extend(fma(b, av, bv[v], lp.vals[r * nv + v]) for v in range(nv))
+                    lp.next = nxt
                 if partial:
-                    with carry_loop(b, kin, k1, acc, "matmul.k.last") as lt:
-                        lt.next = step(lt.iv, lt.vals, False)
-                    acc = lt.out
-                for r in range(mr):
-                    for v in range(nv):
-                        st(acc[r * nv + v], crows[r], v)
+                    for r in range(mr):
+                        for v in range(nv):
+                            b.store(lp.out[r * nv + v], gep(b, s.c_tile, i64(r * nv + v), vty))
+                    with carry_loop(b, 0, mr, [], "matmul.i.store") as lr:
+                        row = smin(b, b.add(li.iv, lr.iv), m1)
+                        crow = gep(b, out, b.add(b.mul(row, s.n), j0), ety)
+                        for v in range(nv):
+                            value = b.load(gep(b, s.c_tile, b.add(b.mul(lr.iv, i64(nv)),
+                                                                  i64(v)), vty), typ=vty)
+                            _store_lanes(b, value, crow, i64(v * vl), lanes[v])
+                else:
+                    for r in range(mr):
+                        for v in range(nv):
+                            vstore(b, lp.out[r * nv + v], crows[r], i64(v * vl))
 
 
 def _phi_if(b: ir.IRBuilder, pred, then_values, else_values):
@@ -752,7 +787,8 @@ def _emit_mv_dot(s: Shared, p: _TileKey):
 def _emit_mv_axpy(s: Shared, p: _TileKey):
     """C[r, c0:c1] = v_r @ Mat (v_r = row r of v [m, k], Mat [k, n] row-major; m is 1 as
     planned): NV vectors of columns accumulate v[k] * Mat[k, j:j+VL] over k; whole column tiles
-    with plain loads and stores, the partial last one as the outer form's (see _outer_tail)."""
+    with plain loads and stores; the partial last one computes only its used vectors, loads
+    plainly while inside Mat and masked on its last rows, and stores in plain pieces."""
     b = s.b
     out, v, mat = s.ptrs
     ety, vl, _ = dtype_info(p.dtype)
