@@ -122,7 +122,7 @@ def _conv_case(rng, prim=None):
     s = (1, 1) if rng.random() < 0.7 else (int(rng.integers(1, 3)), int(rng.integers(1, 3)))
     p = (int(rng.integers(0, kh)), int(rng.integers(0, kw)))
     h = int(rng.integers(max(1, kh - 2 * p[0]), 20))
-    w = int(rng.integers(max(1, kw - 2 * p[1]), 20))
+    w = int(rng.integers(max(1, kw - 2 * p[1]), 20 if rng.random() < 0.8 else 40))
     oh, ow = (h + 2 * p[0] - kh) // s[0] + 1, (w + 2 * p[1] - kw) // s[1] + 1
     x, wt, ct = (n, c, h, w), (o, c, kh, kw), (n, o, oh, ow)
     # blocking overrides (conv2d.FORCE), from a short list so that cases share modules
@@ -149,6 +149,8 @@ def _cases(seed: int, count: int):
         ("matmul", "f32", [(7, 1, 10), (9, 10)], dict(trans_b=True), None),   # fold a_t op(B)
         ("matmul", "f32", [(30, 100), (7, 100)], dict(trans_b=True), None),   # dot form
         ("matmul", "f64", [(5, 8, 3), (5, 8, 6)], dict(trans_a=True), None),   # short M
+        ("matmul", "f32", [(50, 300), (300, 13)], {}, None),   # K blocks, a partial tile
+        ("matmul", "f64", [(3, 1, 5), (5, 3)], dict(trans_b=True), None),   # fold, N < VL
         ("conv2d_input_grad", "f32", [(2, 3, 8, 8), (3, 4, 5, 5)],      # transposed form
          dict(in_hw=(12, 12), stride=(1, 1), padding=(0, 0)), FORCES[1]),
         ("conv2d_input_grad", "f64", [(1, 3, 7, 9), (3, 4, 3, 3)],      # the core (n*c < 8)
