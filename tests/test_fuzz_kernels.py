@@ -7,8 +7,8 @@ both ways); and functions with several kernels that differ in one thing only (ep
 epilogue op, dtype, operand order, transpose), which the runtime must not merge into one
 function (kernels with equal lowering inputs are lowered once and shared).
 
-CI runs the fixed seeds of SEEDS (each a program of its own); TRACEJIT_FUZZ_KERNEL_SEEDS=N runs
-seeds 0..N-1 instead, for a longer search.
+CI runs a few fixed seeds (each a program of its own, chosen to cover the paths above);
+TRACEJIT_FUZZ_KERNEL_SEEDS=N runs seeds 0..N-1 of each kind instead, for a longer search.
 """
 from __future__ import annotations
 
@@ -169,21 +169,26 @@ def check(kind, seed, force=None):
 
 
 N_HUNT = int(os.environ.get("TRACEJIT_FUZZ_KERNEL_SEEDS", "0"))
-SEEDS = list(range(N_HUNT)) if N_HUNT else [0, 1, 2, 3]
+# CI's seeds: an N = 1 product over a broadcast batch (f32, tanh), partial column tiles over
+# broadcast batches (f32), a batch of vectors times a shared matrix folded into one product
+# (f64, bias); a 5x5 convolution whose input gradient takes the transposed form (f64) and a 3x4
+# one whose takes the core (f32)
+MATMUL_SEEDS = list(range(N_HUNT)) if N_HUNT else [1, 9, 12]
+CONV_SEEDS = [(s, f) for s in range(N_HUNT) for f in (True, False)] if N_HUNT \
+    else [(4, True), (21, False)]
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", MATMUL_SEEDS)
 def test_matmul_programs(seed):
     check("matmul", seed)
 
 
-@pytest.mark.parametrize("seed", SEEDS[:2] if not N_HUNT else SEEDS)
-@pytest.mark.parametrize("force", [True, False])
+@pytest.mark.parametrize("seed,force", CONV_SEEDS)
 def test_conv_programs(seed, force):
     check("conv", seed, force)
 
 
-@pytest.mark.parametrize("seed", SEEDS[:1] if not N_HUNT else SEEDS)
+@pytest.mark.parametrize("seed", list(range(N_HUNT)) if N_HUNT else [0])
 def test_kernels_that_differ_are_not_merged(seed, monkeypatch):
     from tracejit.codegen import runtime
     merged = []
