@@ -143,7 +143,7 @@ def _cases(seed: int, count: int):
     covers every path (partial column tiles, short M, folded batches, matrix-vector tails,
     packed B^T, the transposed input gradient)."""
     fixed = [
-        ("matmul", "f32", [(32, 8), (100, 8, 10)], {}, None),              # fold, partial tile
+        ("matmul", "f32", [(32, 8), (100, 8, 10)], {}, None),   # a shared A, partial tile
         ("matmul", "f64", [(1, 13), (13, 10)], {}, None),                  # mv_axpy partial
         ("matmul", "f32", [(29, 10), (10, 1)], {}, None),      # mv_dot K tail
         ("matmul", "f32", [(32, 1), (10, 1)], dict(trans_b=True), None),   # packed B^T
