@@ -20,6 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
+import subprocess
+import sys
+import time
 import zlib
 
 import numpy as np
@@ -361,3 +366,25 @@ def check_program_second_order(prog, backend):
         for j, leaf in enumerate(tree_leaves(g)):
             expected = (plus[n][j] - minus[n][j]) / (2 * eps)
             assert_close(leaf, expected, HVP_TOL, f"{prog.name}: second derivative {n}.{j}")
+
+
+def run_case_worker(script: str, seed: int, count: int, tmp_path, what: str, **env):
+    """Run `python script SEED COUNT PROGRESS` in a subprocess, so that a native crash fails the
+    test naming the case it was in (the worker writes each case to PROGRESS before running it);
+    returns (the JSON summary on its last line of output, its seconds)."""
+    here = os.path.dirname(os.path.abspath(script))
+    root = os.path.dirname(here)
+    progress = tmp_path / "progress.txt"
+    path = os.pathsep.join([root, here, os.environ.get("PYTHONPATH", "")])
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.abspath(script), str(seed), str(count),
+                           str(progress)], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=path, **env), timeout=600)
+    seconds = time.perf_counter() - start
+    last = progress.read_text().splitlines()[-1:] if progress.exists() else []
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"the {what} worker died (exit code {proc.returncode}) in case {last}; rerun it with\n"
+            f"  PYTHONPATH={root}:{here} python {script} {seed} {count} /tmp/progress.txt\n"
+            f"stderr:\n{proc.stderr[-6000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), seconds

@@ -19,17 +19,15 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
+import helpers
+
 pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 N_CASES = int(os.environ.get("TRACEJIT_FUZZ_CASES", "1200"))
 SEED = int(os.environ.get("TRACEJIT_FUZZ_SEED", "5"))
 
@@ -39,20 +37,8 @@ SEED = int(os.environ.get("TRACEJIT_FUZZ_SEED", "5"))
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_hostile_arguments_never_crash(tmp_path):
-    progress = tmp_path / "progress.txt"
-    path = os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, PYTHONPATH=path, TRACEJIT_BACKEND="llvm")
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(SEED), str(N_CASES),
-                           str(progress)], capture_output=True, text=True, env=env, timeout=600)
-    seconds = time.perf_counter() - start
-    last = progress.read_text().splitlines()[-1:] if progress.exists() else []
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"the fuzz worker died (exit code {proc.returncode}) in case {last}; rerun it with\n"
-            f"  PYTHONPATH={ROOT}:{HERE} python {__file__} {SEED} {N_CASES} /tmp/progress.txt\n"
-            f"stderr:\n{proc.stderr[-6000:]}")
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary, seconds = helpers.run_case_worker(__file__, SEED, N_CASES, tmp_path, "fuzz",
+                                               TRACEJIT_BACKEND="llvm")
     print(f"\nfuzz: {summary['cases']} cases in {seconds:.1f} s (seed {SEED}): "
           f"{summary['ok']} results checked against the interpreter, {summary['errors']} clean "
           f"exceptions {summary['by_error']}, known issues {summary['known']}")

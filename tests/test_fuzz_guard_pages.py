@@ -22,35 +22,23 @@ import json
 import math
 import mmap
 import os
-import subprocess
 import sys
 import threading
 
 import numpy as np
 import pytest
 
+import helpers
+
 pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'` skips it)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 N_CASES = int(os.environ.get("TRACEJIT_GUARD_CASES", "30"))
 SEED = int(os.environ.get("TRACEJIT_GUARD_SEED", "3"))
 PER_MODULE = 40   # kernels compiled together in one LLVM module
 
 
 def test_kernels_never_touch_past_their_buffers(tmp_path):
-    progress = tmp_path / "progress.txt"
-    path = os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, PYTHONPATH=path)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(SEED), str(N_CASES),
-                           str(progress)], capture_output=True, text=True, env=env, timeout=600)
-    last = progress.read_text().splitlines()[-1:] if progress.exists() else []
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"the guard-page worker died (exit code {proc.returncode}) in case {last}; rerun with\n"
-            f"  PYTHONPATH={ROOT}:{HERE} python {__file__} {SEED} {N_CASES} /tmp/progress.txt\n"
-            f"stderr:\n{proc.stderr[-6000:]}")
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary, _ = helpers.run_case_worker(__file__, SEED, N_CASES, tmp_path, "guard-page")
     assert summary["cases"] == N_CASES
     assert not summary["failures"], "\n".join(summary["failures"][:10])
     # every risky path was drawn at least once (see _cases)
