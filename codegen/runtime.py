@@ -744,11 +744,13 @@ def _balance(groups, n_modules: int, same=None, entry_extra: int = 0) -> dict:
     # functions twice costs less than compiling the unit in one process: a deep MLP)
     share = _total_weight([g for g in groups if g.index not in same]) / n_modules
 
+    def added(g, k):   # the weight kernel g adds to module k: its code, shared functions new there
+        return _compile_weight(g) + sum(w for s, w in _shared_weights(g).items()
+                                        if s not in defined[k])
+
     def place(g, k):
-        shared = _shared_weights(g)
-        load[k] += _compile_weight(g) + sum(w for key, w in shared.items()
-                                            if key not in defined[k])
-        defined[k].update(shared)
+        load[k] += added(g, k)
+        defined[k].update(_shared_weights(g))
         home[g.index] = k
 
     home = {}
@@ -757,9 +759,8 @@ def _balance(groups, n_modules: int, same=None, entry_extra: int = 0) -> dict:
         k = 0 if key[0] == "control" else load.index(min(load))
         for g in members:
             # (a split unit: each kernel where it adds least to the most loaded module)
-            place(g, k if whole else min(range(n_modules), key=lambda j: (
-                load[j] + _compile_weight(g) + sum(w for s, w in _shared_weights(g).items()
-                                                   if s not in defined[j]), j)))
+            place(g, k if whole else min(range(n_modules),
+                                         key=lambda j: (load[j] + added(g, j), j)))
     for g in groups:
         if g.index in same:
             home[g.index] = home[same[g.index]]
