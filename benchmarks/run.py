@@ -371,8 +371,9 @@ def print_table(rows, label, ref):
         lines.append((r["workload"], sys_name, _fmt_time(r["workload"], r["median_s"]) + noisy,
                       f"{r['gflops']:.1f}" if "gflops" in r else "-", sp or "-",
                       f"{100 * r['peak_fraction']:.1f}%" if "peak_fraction" in r else "-", chk))
-    widths = [max(len(head[i]), *(len(str(line[i])) for line in lines if not
-                                  str(line[2]).startswith("error"))) if lines else len(head[i])
+    # (every line may be an error, e.g. when the tracejit worker failed to start)
+    widths = [max([len(head[i])] + [len(str(line[i])) for line in lines
+                                    if not str(line[2]).startswith("error")])
               for i in range(len(head))]
     fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
     out = [fmt.format(*head), "  ".join("-" * w for w in widths)]
