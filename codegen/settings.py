@@ -15,6 +15,8 @@ when (tracejit.config at import, code generation at first use).
 - TRACEJIT_NO_EPILOGUES: no fused epilogues (for debugging).
 - TRACEJIT_PROFILE: compiled code counts the cycles and calls of each kernel
   (NativeFunction.profile(); benchmarks/kernel_profile.py prints the table).
+- TRACEJIT_TARGET: the CPU code is compiled for: "host" (default), or "avx2" / "avx512" (the
+  x86-64-v3 / x86-64-v4 levels, which the host must have; see codegen/target.py).
 """
 from __future__ import annotations
 
@@ -89,3 +91,14 @@ def code_environment() -> list[str]:
     of the compile cache's key, so a variable added later is keyed without being listed here)."""
     return sorted(f"{k}={v}" for k, v in os.environ.items()
                   if k.startswith("TRACEJIT_") and k not in _NOT_KEYED)
+
+
+TARGETS = ("host", "avx2", "avx512")
+
+
+def target() -> str:
+    """TRACEJIT_TARGET (one of TARGETS; default "host")."""
+    value = os.environ.get("TRACEJIT_TARGET", "host").strip().lower() or "host"
+    if value not in TARGETS:
+        raise ValueError(f"TRACEJIT_TARGET must be one of {', '.join(TARGETS)}, got {value!r}")
+    return value

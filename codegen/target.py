@@ -35,36 +35,67 @@ def _init():
     return True
 
 
+# TRACEJIT_TARGET (settings.target) other than "host": a generic x86-64 level, the CPU features it
+# needs from the host (code for a level the host lacks would die of SIGILL: refused instead), and
+# whether it has AVX-512. Kernels choose register blocks and vector widths from the target
+# (vector_registers, vector_width), so the 16-register (AVX2) choices can be compiled, run and
+# tested on an AVX-512 machine as well.
+_LEVELS = {"avx2": ("x86-64-v3", ("avx2", "fma")),
+           "avx512": ("x86-64-v4", ("avx512f", "avx512bw", "avx512dq", "avx512vl"))}
+
+
 @functools.lru_cache(maxsize=None)
-def target_machine():
-    """The host's target machine: its CPU name and features, with 512-bit vectors preferred."""
+def _target(name: str):
+    """(cpu name, features, info dict) of the target `name` (settings.TARGETS)."""
     _init()
+    host = llvm.get_host_cpu_features()
+    if name == "host":
+        cpu, features, avx512 = llvm.get_host_cpu_name(), host.flatten(), bool(host.get("avx512f"))
+        avx2, fma = bool(host.get("avx2")), bool(host.get("fma"))
+    else:
+        cpu, needs = _LEVELS[name]
+        missing = [f for f in needs if not host.get(f)]
+        if missing:
+            raise RuntimeError(f"TRACEJIT_TARGET={name}: this CPU ({llvm.get_host_cpu_name()}) "
+                               f"lacks {', '.join(missing)}, so code compiled for {cpu} cannot "
+                               f"run here; unset TRACEJIT_TARGET to compile for the host")
+        features, avx512, avx2, fma = "", name == "avx512", True, True
+    if avx512:
+        features = ",".join(f for f in (features, "-prefer-256-bit") if f)
+    info = {"cpu": cpu, "avx512": avx512, "avx2": avx2, "fma": fma,
+            "triple": llvm.get_process_triple(), "target": name}
+    return cpu, features, info
+
+
+@functools.lru_cache(maxsize=None)
+def _target_machine(name: str):
+    cpu, features, _ = _target(name)
     with LLVM_LOCK:
-        features = llvm.get_host_cpu_features().flatten()
-        if "+avx512f" in features:
-            features += ",-prefer-256-bit"
         target = llvm.Target.from_default_triple()
-        return target.create_target_machine(cpu=llvm.get_host_cpu_name(), features=features,
-                                            opt=3, jit=True, codemodel="jitdefault")
+        return target.create_target_machine(cpu=cpu, features=features, opt=3, jit=True,
+                                            codemodel="jitdefault")
 
 
-@functools.lru_cache(maxsize=None)
+def target_machine():
+    """The target machine code is compiled for (TRACEJIT_TARGET; by default the host's CPU and
+    features), with 512-bit vectors preferred where it has AVX-512."""
+    return _target_machine(settings.target())
+
+
 def host_info() -> dict:
-    _init()
-    features = llvm.get_host_cpu_features()
-    return {"cpu": llvm.get_host_cpu_name(), "avx512": bool(features.get("avx512f")),
-            "avx2": bool(features.get("avx2")), "fma": bool(features.get("fma")),
-            "triple": llvm.get_process_triple()}
+    """The compile target's CPU name, its vector extensions (avx512, avx2, fma), the triple and
+    the TRACEJIT_TARGET it comes from (the host's own CPU unless that variable says otherwise)."""
+    return _target(settings.target())[2]
 
 
 def vector_registers() -> int:
-    """Vector registers of the host: 32 zmm with AVX-512, else 16 ymm (AVX2). Register blocks
+    """Vector registers of the target: 32 zmm with AVX-512, else 16 ymm (AVX2). Register blocks
     are sized from it: a block with more accumulators than registers spills on every step."""
     return 32 if host_info()["avx512"] else 16
 
 
 def vector_width(dtype_bits: int) -> int:
-    """Elements in one vector register for the host (512-bit with AVX-512, else 256-bit)."""
+    """Elements in one vector register for the target (512-bit with AVX-512, else 256-bit)."""
     bits = 512 if host_info()["avx512"] else 256
     return bits // dtype_bits
 

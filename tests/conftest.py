@@ -39,3 +39,11 @@ def interpreter_backend():
     """tracejit.config.backend = "interpreter" for the test (restored afterwards)."""
     with helpers.use_backend("interpreter"):
         yield
+
+
+@pytest.fixture
+def avx2_target(monkeypatch):
+    """Code compiled for the AVX2 level (TRACEJIT_TARGET=avx2: 16 vector registers, 256-bit
+    vectors) whatever the host, for tests of the choices made for 16 registers: every machine of
+    this project has had AVX2, and an AVX-512 host runs that code too (codegen/target.py)."""
+    monkeypatch.setenv("TRACEJIT_TARGET", "avx2")

@@ -79,10 +79,10 @@ def test_transposed_input_grad_with_an_epilogue(dtype, forced):
             assert (np.abs(out - (3 * ref + 0.5)) <= 3 * tol + 1e-6).all(), (ins.params, nt)
 
 
-def test_lenet_second_convolution_takes_the_transposed_form():
+def test_lenet_second_convolution_takes_the_transposed_form(avx2_target):
     """Its 8 x 8 cotangents padded to 16 x 16 would waste 5/9 of the core's multiply-adds; the
     cost model picks the transposed form there, and keeps the core for 3 x 3 kernels with
-    padding 1 on larger images (little padding to save)."""
+    padding 1 on larger images (little padding to save). (The AVX2 cost model, with its blocks.)"""
     lenet = make_instr("conv2d_input_grad", [(64, 16, 8, 8), (16, 6, 5, 5)], "f32",
                        in_hw=(12, 12), stride=(1, 1), padding=(0, 0))
     assert isinstance(core._input_grad_core(lenet), transposed.Transposed)
@@ -97,12 +97,10 @@ def test_lenet_second_convolution_takes_the_transposed_form():
     assert (np.abs(ks.call_threads(0, arrays, 2) - ref) <= tol).all()
 
 
-def test_core_takes_four_by_two_blocks_where_six_channels_do_not_divide():
+def test_core_takes_four_by_two_blocks_where_six_channels_do_not_divide(avx2_target):
     """With 16 vector registers, 16 or 32 output channels take 4 channels x 2 rows of
     accumulators (6 x 2 would compute 18 of 16 channels), 64 channels on large images keep 6 x 2;
     the 4 x 2 block is checked against numpy on channel and row remainders, both dtypes."""
-    if core.vector_registers() >= 32:
-        pytest.skip("the 16-register (AVX2) block list")
 
     def block(x, w, p):
         c = core._conv_core(make_instr("conv2d", [x, w], "f32", stride=(1, 1), padding=p))
@@ -146,7 +144,7 @@ def test_conv_epilogue_reads_the_element_it_writes_without_an_alias_check():
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
-def test_weight_gradient_unrolls_rows_of_few_whole_vectors(dtype):
+def test_weight_gradient_unrolls_rows_of_few_whole_vectors(dtype, avx2_target):
     """Rows of at most four whole vectors (LeNet-5's 8 and 24 columns) are unrolled in the weight
     gradient, in a function of their own (else a row loop and a tail test around a few FMAs):
     read in place, from padded copies, strided, and in many chunks."""

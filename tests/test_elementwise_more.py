@@ -46,12 +46,15 @@ def _samples(n=1 << 15, seed=3):
 
 # the most any sample is off, in ulps, as measured on 2**20 samples per function and dtype (the
 # test draws fewer): (float64, float32) on each backend. numpy's own errors against the same
-# reference: 1 for arctan, arcsin, arccos, arcsinh, arctan2, 2 for arccosh and arctanh.
+# reference: 1 for arctan, arcsin, arccos, arcsinh, arctan2, 2 for arccosh and arctanh. The
+# interpreter is numpy, whose float32 functions depend on the CPU it dispatches to: on an AVX-512
+# Xeon (numpy 2.4, X86_V4 / AVX512_SPR, 2026-12-02) arcsin and arccos are off by 3 ulps and
+# arctan2 by 2 (AMD znver1, AVX2: 2, 2 and 1); the bounds hold for both.
 ULPS = {
     "llvm": {"arctan": (1, 2), "arcsin": (2, 3), "arccos": (2, 3), "arcsinh": (3, 3),
              "arccosh": (3, 3), "arctanh": (3, 3), "arctan2": (1, 2)},
-    "interpreter": {"arctan": (1, 1), "arcsin": (2, 2), "arccos": (1, 2), "arcsinh": (3, 4),
-                    "arccosh": (3, 5), "arctanh": (3, 4), "arctan2": (1, 1)},
+    "interpreter": {"arctan": (1, 1), "arcsin": (2, 3), "arccos": (1, 3), "arcsinh": (3, 4),
+                    "arccosh": (3, 5), "arctanh": (3, 4), "arctan2": (1, 2)},
 }
 
 
