@@ -26,12 +26,17 @@ workers take the CPU the other process needs. Here:
   kernel of the same call usually comes sooner), then sleep on a futex; the caller makes the
   wake-up system call only when a worker sleeps.
 
-The job word: generation (32 bits) | free worker slots (8) | unclaimed chunks (24). A claim
-decrements the unclaimed count (and, for a worker's first claim, the free slots) with a CAS that
-fails when the generation moved on, so a worker that wakes up late can never claim a chunk of a
-later job with the state of an earlier one. Chunks are claimed from the top: chunk = the
-unclaimed count before the claim, minus one. The job's function, context and chunk count are
-read after a successful claim: the job cannot end before that chunk is done.
+The job word: generation (32 bits) | free worker slots (8) | chunks claimed from the bottom (12)
+| unclaimed chunks (12). A claim decrements the unclaimed count (and, for a worker's first claim,
+the free slots) with a CAS that fails when the generation moved on, so a worker that wakes up late
+can never claim a chunk of a later job with the state of an earlier one. The caller claims chunks
+from the bottom (chunk = the bottom count, which it increments), workers from the top (chunk =
+bottom count + unclaimed count - 1): on two threads of an idle machine the caller runs the first
+chunks of every kernel and the worker the last ones, the same rows or columns call after call, so
+what one kernel writes is in the cache of the core whose thread reads it next (an optimizer's
+update of a weight and the next step's forward product; with one counter for both, the halves
+changed cores at random). The job's function, context and chunk count are read after a successful
+claim: the job cannot end before that chunk is done.
 
 Concurrency and fork: the pool runs one job at a time. A caller that finds it busy (another Python
 thread of the process is inside a parallel kernel) runs its kernel alone on its own thread, as one
@@ -60,7 +65,7 @@ ENTRY = "tj_parallel"
 
 CHUNKS_PER_THREAD = 4      # chunks per thread: a slow thread holds back at most ~1/4 of its share
 MIN_CHUNK_NS = 8_000       # no chunk smaller than this (estimated single-thread time)
-MAX_CHUNKS = (1 << 24) - 1  # the job word's field
+MAX_CHUNKS = (1 << 12) - 1  # the job word's fields (CHUNKS_PER_THREAD * 256 threads fit)
 MAX_WORKERS = 255          # the job word's slot field (8 bits)
 SPIN_CYCLES = 100_000      # a worker's spin after a job: ~30-50 us at 2-3 GHz
 WAIT_SPIN_CYCLES = 60_000  # the caller's spin for claimed chunks before it sleeps
@@ -152,11 +157,13 @@ def _size(gv):
 
 
 def _claim(e: _Emitter) -> ir.Function:
-    """i64 claim(i32 gen, i1 take_slot): -1 when job `gen` has no chunk left for the caller (or
-    no free slot when one is asked for), else chunk | slot << 32 (slot 0 without take_slot)."""
-    f = ir.Function(e.m, ir.FunctionType(I64, [I32, ir.IntType(1)]), "pool.claim")
+    """i64 claim(i32 gen, i1 take_slot, i1 bottom): -1 when job `gen` has no chunk left for the
+    caller (or no free slot when one is asked for), else chunk | slot << 32 (slot 0 without
+    take_slot); the lowest unclaimed chunk with `bottom`, else the highest."""
+    f = ir.Function(e.m, ir.FunctionType(I64, [I32, ir.IntType(1), ir.IntType(1)]),
+                    "pool.claim")
     f.linkage = "internal"
-    gen, take = f.args
+    gen, take, bottom = f.args
     b = ir.IRBuilder(f.append_basic_block("entry"))
     loop, check, cas, won, none = (e.block(b, n) for n in ("loop", "check", "cas", "won", "none"))
     first = e.load(b, "word", "monotonic")
@@ -168,18 +175,21 @@ def _claim(e: _Emitter) -> ir.Function:
     b.cbranch(same, check, none)
     b.position_at_end(check)
     rem = b.and_(w, i64(MAX_CHUNKS), "remaining")
+    low = b.and_(b.lshr(w, i64(12)), i64(MAX_CHUNKS), "bottom.claimed")
     free = b.and_(b.lshr(w, i64(24)), i64(0xff), "free")
     no_slot = b.and_(take, b.icmp_unsigned("==", free, i64(0)))
     b.cbranch(b.or_(b.icmp_unsigned("==", rem, i64(0)), no_slot), none, cas)
     b.position_at_end(cas)
     new = b.sub(w, b.add(i64(1), b.select(take, i64(1 << 24), i64(0))))
+    new = b.add(new, b.select(bottom, i64(1 << 12), i64(0)))
     res = b.cmpxchg(e.g["word"], w, new, "acq_rel", "monotonic")
     seen = b.extract_value(res, 0)
     w.add_incoming(seen, cas)
     b.cbranch(b.extract_value(res, 1), won, loop)
     b.position_at_end(won)
     slot = b.select(take, free, i64(0))
-    b.ret(b.or_(b.sub(rem, i64(1)), b.shl(slot, i64(32))))
+    chunk = b.select(bottom, low, b.sub(b.add(low, rem), i64(1)))
+    b.ret(b.or_(chunk, b.shl(slot, i64(32))))
     b.position_at_end(none)
     b.ret(i64(-1))
     return f
@@ -196,7 +206,8 @@ def _run_claimed(e: _Emitter, b, claim, gen, slot_var=None):
         take = ir.Constant(ir.IntType(1), 0)
     else:
         take = b.icmp_unsigned("==", b.load(slot_var), i64(0))
-    r = b.call(claim, [gen, take])
+    # the caller from the bottom, workers from the top (see the module docstring)
+    r = b.call(claim, [gen, take, ir.Constant(ir.IntType(1), int(slot_var is None))])
     b.cbranch(b.icmp_signed("<", r, i64(0)), after, run)
     b.position_at_end(run)
     if slot_var is None:

@@ -184,7 +184,8 @@ def test_a_child_forked_while_the_pool_is_busy_takes_it_over(net):
 
 def test_the_pool_runs_each_chunk_once_on_distinct_slots():
     """Driven directly: every chunk once, min(max_chunks, 4 * nthreads) of them, slots below
-    nthreads and never shared by two chunks running at the same time."""
+    nthreads and never shared by two chunks running at the same time; the caller's chunks are a
+    prefix of the range (the same rows every call on an idle machine), the workers' the rest."""
     run = PARALLEL_FN(threadpool._build().address)
     lock = threading.Lock()
     for nthreads, max_chunks in ((2, 100), (3, 5), (8, 1000)):
@@ -205,6 +206,11 @@ def test_the_pool_runs_each_chunk_once_on_distinct_slots():
         assert sorted(c for c, _, _ in seen) == list(range(n))
         assert {k for _, k, _ in seen} == {n}
         assert all(0 <= s < nthreads for _, _, s in seen) and not any(overlap)
+        # the caller (slot 0) claims from the bottom, the workers from the top: the caller's
+        # chunks are the first ones, in order, whoever ran how many
+        mine = [c for c, _, s in seen if s == 0]
+        assert mine == list(range(len(mine))), seen
+        assert sorted(c for c, _, s in seen if s != 0) == list(range(len(mine), n)), seen
 
 
 def test_a_call_that_finds_the_pool_busy_runs_alone_without_waiting():
