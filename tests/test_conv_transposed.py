@@ -13,7 +13,7 @@ import pytest
 
 from tracejit.codegen.kernels import conv2d, kernels
 from tracejit.codegen.kernels.conv2d import core, transposed
-from tracejit.codegen.target import cfunc
+from tracejit.codegen.target import cfunc, vector_width
 from tracejit.ir.interpreter import impls
 
 from test_kernels_dense import (NP, AffineEpilogue, Kernels, _conv_specs, _lower_with_epilogue,
@@ -159,4 +159,27 @@ def test_weight_gradient_unrolls_rows_of_few_whole_vectors(dtype):
     ks = check_all([_conv_specs("conv2d_weight_grad", c) for c in cases], dtype,
                    thread_counts=(1, 2, 7))
     names = set(re.findall(r"tracejit\.conv_wgrad\.[\w.]*nxv(\d)", ks.jit.asm))
-    assert {"1", "2"} <= names if dtype == "f32" else {"2", "4"} <= names, names
+    # 8 and 16 columns: one and two vectors of 8 lanes (AVX2 f32, AVX-512 f64), two and four
+    # of 4 (AVX2 f64); 16 lanes (AVX-512 f32) unroll 16 columns and the flat 8-column rows
+    lanes = vector_width(64 if dtype == "f64" else 32)
+    assert ({"2", "4"} if lanes == 4 else {"1", "2"}) <= names, names
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_weight_gradient_puts_output_channels_in_the_lanes(dtype):
+    """With 32 vector registers, output channels a multiple of the vector go in the lanes (every
+    lane real on LeNet-5's 8 x 8 rows): in place, from padded copies, strided, with several
+    channels and kernel rows per item, on several chunks of images and thread counts; with 16
+    registers the pixel layout keeps them."""
+    vl = vector_width(64 if dtype == "f64" else 32)
+    cases = [((3, 6, 12, 12), (vl, 6, 5, 5), (1, 1), (0, 0)),          # LeNet-5 conv2 shape
+             ((2, 4, 9, 10), (4 * vl, 4, 3, 3), (1, 1), (1, 1)),       # padded copy, 4 vectors
+             ((3, 3, 11, 13), (2 * vl, 3, 3, 2), (2, 1), (0, 1)),      # strided, padded columns
+             ((2, 2, 12, 12), (vl, 2, 5, 3), (1, 2), (2, 0))]          # column stride 2
+    conv2d.FORCE["ng"] = 2   # several chunks of images
+    try:
+        ks = check_all([_conv_specs("conv2d_weight_grad", c) for c in cases], dtype,
+                       thread_counts=(1, 2, 7))
+    finally:
+        del conv2d.FORCE["ng"]
+    assert ("tracejit.conv_wgrad_lanes" in ks.jit.asm) == (core.vector_registers() >= 32)
