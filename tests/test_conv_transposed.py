@@ -183,3 +183,19 @@ def test_weight_gradient_puts_output_channels_in_the_lanes(dtype):
     finally:
         del conv2d.FORCE["ng"]
     assert ("tracejit.conv_wgrad_lanes" in ks.jit.asm) == (core.vector_registers() >= 32)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_weight_gradient_blocks_output_channels_without_clamped_ones(dtype):
+    """In the pixel layout, an item's R output channels divide O where the registers allow: LeNet-5
+    conv1's 6 channels are not computed as 4 + 4 (2 clamped copies for nothing); the blocks are
+    checked against numpy."""
+    from tracejit.codegen.kernels.conv2d.wgrad import _wgrad_plan
+    cases = [((3, 1, 28, 28), (6, 1, 5, 5), (1, 1), (0, 0)),      # LeNet-5 conv1
+             ((2, 2, 9, 10), (6, 2, 3, 3), (1, 1), (1, 1)),
+             ((2, 2, 9, 10), (3, 2, 3, 3), (2, 2), (0, 0))]
+    specs = [_conv_specs("conv2d_weight_grad", c) for c in cases]
+    for (prim, shapes, params), (_, w, _, _) in zip(specs, cases):
+        p = _wgrad_plan(make_instr(prim, shapes, dtype, **params))
+        assert p.r > 1 and w[0] % p.r == 0, (w, p.r)
+    check_all(specs, dtype, thread_counts=(1, 2, 7))
