@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tracejit.codegen.kernels import conv2d, kernels
-from tracejit.codegen.kernels.conv2d import core, transposed
+from tracejit.codegen.kernels.conv2d import core, transposed, wgrad
 from tracejit.codegen.target import cfunc, vector_width
 from tracejit.ir.interpreter import impls
 
@@ -174,15 +174,23 @@ def test_weight_gradient_puts_output_channels_in_the_lanes(dtype):
     vl = vector_width(64 if dtype == "f64" else 32)
     cases = [((3, 6, 12, 12), (vl, 6, 5, 5), (1, 1), (0, 0)),          # LeNet-5 conv2 shape
              ((2, 4, 9, 10), (4 * vl, 4, 3, 3), (1, 1), (1, 1)),       # padded copy, 4 vectors
-             ((3, 3, 11, 13), (2 * vl, 3, 3, 2), (2, 1), (0, 1)),      # strided, padded columns
-             ((2, 2, 12, 12), (vl, 2, 5, 3), (1, 2), (2, 0))]          # column stride 2
+             ((3, 4, 11, 13), (2 * vl, 4, 3, 3), (2, 1), (0, 1)),      # strided, padded columns
+             ((2, 4, 12, 14), (vl, 4, 5, 3), (1, 2), (2, 0))]          # column stride 2
+    specs = [_conv_specs("conv2d_weight_grad", c) for c in cases]
+    plans = [wgrad._lanes_plan(make_instr(prim, shapes, dtype, **params))
+             for prim, shapes, params in specs]
+    if core.vector_registers() >= 32:
+        assert None not in plans
+        # several pixels per step (unit and column stride 2), channels, output vectors
+        assert {p.px for p in plans} >= {1, 2, 4} and {p.sx for p in plans if p.px > 1} == {1, 2}
+        assert max(p.cc for p in plans) > 1 and max(p.ro for p in plans) > 1
+    else:
+        assert plans == [None] * len(plans)
     conv2d.FORCE["ng"] = 2   # several chunks of images
     try:
-        ks = check_all([_conv_specs("conv2d_weight_grad", c) for c in cases], dtype,
-                       thread_counts=(1, 2, 7))
+        check_all(specs, dtype, thread_counts=(1, 2, 7))
     finally:
         del conv2d.FORCE["ng"]
-    assert ("tracejit.conv_wgrad_lanes" in ks.jit.asm) == (core.vector_registers() >= 32)
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f64"])

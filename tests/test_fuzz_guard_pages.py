@@ -155,9 +155,9 @@ def _cases(seed: int, count: int):
          dict(kernel=(3, 3), stride=(1, 1), padding=(0, 0)), None),
         # output channels in the lanes (AVX-512): in place with a partial transpose block, and
         # from padded copies with strides
-        ("conv2d_weight_grad", "f32", [(2, 16, 4, 5), (2, 3, 6, 7)],
+        ("conv2d_weight_grad", "f32", [(2, 32, 4, 5), (2, 4, 6, 7)],
          dict(kernel=(3, 3), stride=(1, 1), padding=(0, 0)), None),
-        ("conv2d_weight_grad", "f64", [(1, 8, 4, 4), (1, 2, 7, 8)],
+        ("conv2d_weight_grad", "f64", [(1, 16, 4, 4), (1, 4, 7, 8)],
          dict(kernel=(3, 3), stride=(2, 2), padding=(1, 1)), None),
     ]
     rng = np.random.default_rng(seed)

@@ -511,8 +511,14 @@ def _wgrad_tile(b, s, p: _WGradKey, ct, p_c, img_pitch, n0, nimg, chans, acc, ta
 # Cotangents of a chunk of images, transposed to pixel-major order, at most this many bytes (they
 # stay in L2 while every item of the thread goes by).
 WGRAD_LANES_CHUNK_BYTES = 256 * 1024
-# Accumulators of an item at most: of the 32 registers, the RO cotangent vectors and a spare.
+# Accumulators of an item at most, and with the PX*RO cotangent vectors and the broadcast pixels
+# of a kernel row, the registers a step may take (of 32).
 _LANES_ACC = 28
+_LANES_REGISTERS = 31
+# Independent sums an item needs to hide the FMA latency (4 cycles x 2 ports, and some slack).
+_LANES_MIN_ACC = 10
+# Items at least (the threads share them, in more chunks than threads under the thread pool).
+_LANES_MIN_ITEMS = 4
 
 
 @record(frozen=True)
@@ -526,12 +532,14 @@ class _WLanes(_WShapes):
     chunk of images by vl x vl register transposes: one copy per ~C*KH*KW/vl FMAs per element.
 
     An item is (CC input channels, RO vectors of output channels, GR kernel rows): RO*CC*GR*KW
-    accumulators, kept in the thread's scratch between chunks. Items run channel group, output
+    accumulators, PX pixels per step (a broadcast pixel serves the taps of neighbouring pixels
+    that read it), kept in the thread's scratch between chunks. Items run channel group, output
     block, row group; a thread's share of items spans consecutive channel groups, whose padded
     copies (when there is padding) are made per chunk just before their items."""
     ro: int
     cc: int
     gr: int
+    px: int   # pixels per step (see `_lanes_tile`)
     ng: int
 
     @property
@@ -591,26 +599,32 @@ def _lanes_plan(ins):
         return None
     prep = Prep(h, wd, (oy - 1) * sh + kh, (ox - 1) * sw + kw, 1, 1, 1, ph, pw)
     best = None
-    for ro in (4, 2, 1):
-        if (o // vl) % ro:
+    for ro, cc, gr, px in ((ro, cc, gr, px) for ro in (4, 2, 1) for cc in range(8, 0, -1)
+                           for gr in range(kh, 0, -1) for px in (1, 2, 4)):
+        nacc = ro * cc * gr * kw
+        # broadcasts per kernel row; held in registers with several pixels (else FMA operands)
+        cols = len({q * sw + j for q in range(px) for j in range(kw)})
+        held = cols if px > 1 else 1
+        if (o // vl) % ro or c % cc or kh % gr or (px > 1 and ox % px) \
+                or nacc > _LANES_ACC or nacc + px * ro + held > _LANES_REGISTERS:
             continue
-        for cc in (8, 4, 2, 1):
-            if c % cc:
-                continue
-            for gr in range(kh, 0, -1):
-                nacc = ro * cc * gr * kw
-                if kh % gr or nacc > _LANES_ACC:
-                    continue
-                # most accumulators, then fewest loads per FMA
-                score = (nacc, -(ro + cc * gr * kw) / nacc)
-                if best is None or score > best[0]:
-                    best = (score, ro, cc, gr)
-    if best is None:   # a kernel row wider than the registers
+        # items for the threads, enough independent sums for the FMA latency, then fewest loads
+        # per FMA, then most accumulators
+        items = c // cc * (o // vl // ro) * (kh // gr)
+        score = (min(items, _LANES_MIN_ITEMS), min(nacc, _LANES_MIN_ACC),
+                 -(px * ro + cc * gr * cols) / (px * nacc), nacc)
+        if best is None or score > best[0]:
+            best = (score, ro, cc, gr, px)
+    if best is None or best[0][0] < _LANES_MIN_ITEMS or best[0][1] < _LANES_MIN_ACC:
+        # a kernel row wider than the registers, or too few items to share or sums per item
+        # (ResNet-8's first convolution, 3 input channels: one item of 27 sums ran on one thread,
+        # 25% of the 2-thread peak; the pixel layout has 18 items)
         return None
-    _, ro, cc, gr = FORCE.get("lanes", best)
+    _, ro, cc, gr, px = FORCE.get("lanes", best)
+    assert ox % px == 0, "a row is whole steps of PX pixels"
     ng = max(1, min(n, WGRAD_LANES_CHUNK_BYTES // (round_up(oy * ox, vl) * o * es)))
     ng = FORCE.get("ng", ng)
-    return _WLanes(ins.out.dtype, n, c, o, oy, ox, kh, kw, sh, sw, prep, vl, ro, cc, gr, ng)
+    return _WLanes(ins.out.dtype, n, c, o, oy, ox, kh, kw, sh, sw, prep, vl, ro, cc, gr, px, ng)
 
 
 @params
@@ -633,6 +647,7 @@ class _WLanesKey:
     ro: int
     cc: int
     gr: int
+    px: int
     kw: int
     sx: int
     direct: bool
@@ -646,7 +661,7 @@ def _lower_lanes(module, name, p: _WLanes) -> None:
     kf = kernel_function(module, name, 2)
     b = kf.b
     t0, t1 = thread_range(b, p.items, kf.tid, kf.nthreads)
-    key = _WLanesKey(p.dtype, p.ro, p.cc, p.gr, p.kw, p.sx, p.direct)
+    key = _WLanesKey(p.dtype, p.ro, p.cc, p.gr, p.px, p.kw, p.sx, p.direct)
     fn = shared_function(module, "conv_wgrad_lanes", key, 4, WLanesParams, _lanes_body)
     fn.call(b, [kf.out, kf.ins[0], kf.ins[1], kf.scratch],
             WLanesParams(t0=t0, t1=t1, n=p.n, c=p.c, o=p.o, oy=p.oy, ox=p.ox, sy=p.sy, kh=p.kh,
@@ -757,20 +772,32 @@ def _lanes_tile(b, s, p: _WLanesKey, ctT, p_item, img_pitch, chan_pitch, rp, nim
         with carry_loop(b, 0, s.oy, ln.vals, "wlanes.y") as ly:
             ct_y = gep(b, ct_n, b.mul(b.mul(ly.iv, s.ox), s.o), ety)
             x_y = gep(b, x_n, b.mul(ly.iv, row_step), ety)
-            # the taps' offsets, hidden from loop strength reduction (compile time; x86
+            # the rows' offsets, hidden from loop strength reduction (compile time; x86
             # addressing takes base + index + displacement anyway)
-            offs = [opaque(b, b.add(b.add(b.mul(i64(cc), chan_pitch), b.mul(i64(i), rp)), i64(j)))
-                    for cc in range(p.cc) for i in range(p.gr) for j in range(p.kw)]
-            with carry_loop(b, 0, s.ox, ly.vals, "wlanes.x") as lx:
-                ct_x = gep(b, ct_y, b.mul(lx.iv, s.o), ety)
-                x_x = gep(b, x_y, b.mul(lx.iv, i64(p.sx)), ety)
-                cv = [vload(b, ct_x, i64(r * vl), vty) for r in range(p.ro)]
-                new = list(lx.vals)
-                for t in range(ntap):
-                    xv = splat(b, load(b, x_x, offs[t], ety), vl)
-                    for r in range(p.ro):
-                        new[r * ntap + t] = fma(b, cv[r], xv, new[r * ntap + t])
-                lx.next = new
+            offs = [opaque(b, b.add(b.mul(i64(cc), chan_pitch), b.mul(i64(i), rp)))
+                    for cc in range(p.cc) for i in range(p.gr)]
+
+            def step(acc, x0, npx):
+                """npx pixels from column x0: a broadcast pixel serves every (pixel, tap) that
+                reads it (with PX pixels, PX + KW - 1 broadcasts per kernel row at unit stride
+                instead of PX * KW)."""
+                ct_x = gep(b, ct_y, b.mul(x0, s.o), ety)
+                x_x = gep(b, x_y, b.mul(x0, i64(p.sx)), ety)
+                cv = [[vload(b, ct_x, b.add(b.mul(i64(px), s.o), i64(r * vl)), vty)
+                       for r in range(p.ro)] for px in range(npx)]
+                acc = list(acc)
+                cols = sorted({px * p.sx + j for px in range(npx) for j in range(p.kw)})
+                for row, off in enumerate(offs):
+                    xv = {k: splat(b, load(b, x_x, b.add(off, i64(k)), ety), vl) for k in cols}
+                    for px in range(npx):
+                        for r in range(p.ro):
+                            for j in range(p.kw):
+                                a = r * ntap + row * p.kw + j
+                                acc[a] = fma(b, cv[px][r], xv[px * p.sx + j], acc[a])
+                return acc
+
+            with carry_loop(b, 0, s.ox, ly.vals, "wlanes.x", step=p.px) as lx:   # PX | ox
+                lx.next = step(lx.vals, lx.iv, p.px)
             ly.next = lx.out
         ln.next = ly.out
     return ln.out
