@@ -804,27 +804,21 @@ def _lanes_tile(b, s, p: _WLanesKey, ctT, p_item, img_pitch, chan_pitch, rp, nim
 
 
 def _lanes_out(b, s, p: _WLanesKey, out, t, acc_ptr):
-    """out[o0 + r*vl + lane, c0 + cc, g*GR + i, j] = lane of accumulator [r, cc, i, j] of item t;
-    the rows past KH of the last row group are left alone."""
+    """out[o0 + r*vl + lane, c0 + cc, g*GR + i, j] = lane of accumulator [r, cc, i, j] of item t
+    (GR divides KH: no row past it), one element at a time from the accumulators in scratch."""
     ety, vl, _ = dtype_info(p.dtype)
-    vty = ir.VectorType(ety, vl)
     cg = b.udiv(t, s.per_cg)
     rest = b.urem(t, s.per_cg)
     o0 = b.mul(b.udiv(rest, s.groups), i64(p.ro * vl))
     i0 = b.mul(b.urem(rest, s.groups), i64(p.gr))
     c0 = b.mul(cg, i64(p.cc))
     ntap = p.cc * p.gr * p.kw
-    w_o = b.mul(b.mul(s.c, s.kh), i64(p.kw))   # out's pitch of an output channel
-    for r in range(p.ro):
-        for cc in range(p.cc):
-            for i in range(p.gr):
-                with if_then(b, b.icmp_signed("<", b.add(i0, i64(i)), s.kh), name="wlanes.row"):
-                    for j in range(p.kw):
-                        k = r * ntap + (cc * p.gr + i) * p.kw + j
-                        v = vload(b, acc_ptr, i64(k * vl), vty)
-                        at = b.add(b.mul(b.add(b.mul(b.add(c0, i64(cc)), s.kh),
-                                               b.add(i0, i64(i))), i64(p.kw)), i64(j))
-                        at = b.add(at, b.mul(b.add(o0, i64(r * vl)), w_o))
-                        with carry_loop(b, 0, vl, [], "wlanes.lane") as ll:
-                            lane = b.extract_element(v, b.trunc(ll.iv, ir.IntType(32)))
-                            store(b, lane, out, b.add(at, b.mul(ll.iv, w_o)), ety)
+    with carry_loop(b, 0, p.nacc * vl, [], "wlanes.sum") as lk:
+        k, lane = b.udiv(lk.iv, i64(vl)), b.urem(lk.iv, i64(vl))
+        o = b.add(b.add(o0, b.mul(b.udiv(k, i64(ntap)), i64(vl))), lane)
+        tap = b.urem(k, i64(ntap))
+        c = b.add(c0, b.udiv(tap, i64(p.gr * p.kw)))
+        i = b.add(i0, b.urem(b.udiv(tap, i64(p.kw)), i64(p.gr)))
+        at = b.add(b.mul(b.add(b.mul(b.add(b.mul(o, s.c), c), s.kh), i), i64(p.kw)),
+                   b.urem(tap, i64(p.kw)))
+        store(b, load(b, acc_ptr, lk.iv, ety), out, at, ety)
