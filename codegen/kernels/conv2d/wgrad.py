@@ -12,8 +12,8 @@ from ....ir.prims.nn import conv2d_weight_grad_p
 from ...loops import carry_loop, fma, gep, i64, if_then, load, masked_load, masked_store, splat, \
     store, vload, vstore
 from .. import CONV_WEIGHT, conv2d_weight_grad_cost, register
-from ..toolkit import I64Arg, Params, ceil_div, dtype_info, hsum, kernel_function, lane_mask, \
-    memset0, opaque, params, round_up, shared_function, smax, smin, thread_range
+from ..toolkit import DtypeKey, I64Arg, Params, ceil_div, dtype_info, hsum, kernel_function, \
+    lane_mask, memset0, opaque, params, round_up, shared_function, smax, smin, thread_range
 from ...target import vector_registers
 from .layout import ALIGN, FORCE, Prep, PrepParams, pad, pad_key
 from .pointwise import is_pointwise, lower_wgrad, wgrad_scratch
@@ -670,10 +670,34 @@ def _lower_lanes(module, name, p: _WLanes) -> None:
     b.ret_void()
 
 
-def _transpose_ct(b, s, ety, vl, ct, ctT, n0, nimg):
-    """ctT[nn, p, o] = ct[n0 + nn, o, p] for the chunk's images: vl x vl blocks (vl channels x
-    vl pixels, the pixels past the plane masked off) transposed in registers by log2(vl) stages
-    of two-vector shuffles (each swaps the off-diagonal sub-blocks of size d)."""
+@params
+class TransposeParams(Params):
+    """nimg images from n0 of o channels of oy x ox pixels; pixels per transposed image."""
+    n0: I64Arg
+    nimg: I64Arg
+    o: I64Arg
+    oy: I64Arg
+    ox: I64Arg
+    pixels: I64Arg
+
+
+def _transpose_ct(b, s, dtype, ct, ctT, n0, nimg):
+    """ctT[nn, p, o] = ct[n0 + nn, o, p] for the chunk's images, by a function of its own (its
+    shuffle constants stay out of the caller's registers)."""
+    fn = shared_function(b.module, "conv_wgrad_ct_t", DtypeKey(dtype), 2, TransposeParams,
+                         _transpose_body)
+    fn.call(b, [ctT, ct], TransposeParams(n0=n0, nimg=nimg, o=s.o, oy=s.oy, ox=s.ox,
+                                          pixels=s.pixels))
+
+
+def _transpose_body(s, key: DtypeKey):
+    """vl x vl blocks (vl channels x vl pixels, the pixels past the plane masked off) transposed
+    in registers by log2(vl) stages of two-vector shuffles (each swaps the off-diagonal
+    sub-blocks of size d)."""
+    b = s.b
+    ctT, ct = s.ptrs
+    n0, nimg = s.n0, s.nimg
+    ety, vl, _ = dtype_info(key.dtype)
     vty = ir.VectorType(ety, vl)
     plane = b.mul(s.oy, s.ox)
     nblk = b.mul(b.mul(nimg, b.udiv(s.o, i64(vl))), b.udiv(s.pixels, i64(vl)))
@@ -729,7 +753,7 @@ def _lanes_body(s, p: _WLanesKey):
     with carry_loop(b, 0, s.n, [], "wlanes.chunk", step=s.ng) as lch:
         n0 = lch.iv
         nimg = b.sub(smin(b, b.add(n0, s.ng), s.n), n0, name="wlanes.nimg")
-        _transpose_ct(b, s, ety, vl, ct, ctT, n0, nimg)
+        _transpose_ct(b, s, p.dtype, ct, ctT, n0, nimg)
         with carry_loop(b, cg_first, cg_end, [], "wlanes.cgroup") as lcg:
             c0 = b.mul(lcg.iv, i64(p.cc))
             if p.direct:
@@ -737,8 +761,8 @@ def _lanes_body(s, p: _WLanesKey):
             else:
                 with carry_loop(b, 0, nimg, [], "wlanes.pad") as lp:
                     src = gep(b, x, b.mul(b.add(b.mul(b.add(n0, lp.iv), s.c), c0), plane), ety)
-                    pad(b, pad_key(p.dtype, 1, True), src, gep(b, pbuf, b.mul(lp.iv, img_pitch), ety),
-                        i64(p.cc), s.prep)
+                    dst = gep(b, pbuf, b.mul(lp.iv, img_pitch), ety)
+                    pad(b, pad_key(p.dtype, 1, True), src, dst, i64(p.cc), s.prep)
                 base = pbuf
             it0 = smax(b, s.t0, b.mul(lcg.iv, s.per_cg))
             it1 = smin(b, s.t1, b.mul(b.add(lcg.iv, i64(1)), s.per_cg))
