@@ -1,8 +1,11 @@
-"""conv2d_weight_grad: a reduction over the images and output pixels, with vector accumulators
-per (input channel, R output channels, kernel row), summed horizontally at the end (`_WGrad`).
+"""conv2d_weight_grad: a reduction over the images and output pixels. Two plans: with 32 vector
+registers and output channels a multiple of the vector, the output channels go in the lanes and
+the pixels are broadcast (`_WLanes`); else vector accumulators over the pixels per (input
+channel, R output channels, kernel row), summed horizontally at the end (`_WGrad`).
 """
 from __future__ import annotations
 
+import itertools
 
 import llvmlite.ir as ir
 
@@ -598,21 +601,23 @@ def _lanes_plan(ins):
     if o % vl:
         return None
     prep = Prep(h, wd, (oy - 1) * sh + kh, (ox - 1) * sw + kw, 1, 1, 1, ph, pw)
+    # broadcasts per kernel row with px pixels a step (held in registers when px > 1, else FMA
+    # operands)
+    cols = {px: len({q * sw + j for q in range(px) for j in range(kw)})
+            for px in (1, 2, 4) if ox % px == 0}
     best = None
-    for ro, cc, gr, px in ((ro, cc, gr, px) for ro in (4, 2, 1) for cc in range(8, 0, -1)
-                           for gr in range(kh, 0, -1) for px in (1, 2, 4)):
+    for ro, cc, gr, px in itertools.product([r for r in (4, 2, 1) if (o // vl) % r == 0],
+                                            [d for d in range(8, 0, -1) if c % d == 0],
+                                            [g for g in range(kh, 0, -1) if kh % g == 0], cols):
         nacc = ro * cc * gr * kw
-        # broadcasts per kernel row; held in registers with several pixels (else FMA operands)
-        cols = len({q * sw + j for q in range(px) for j in range(kw)})
-        held = cols if px > 1 else 1
-        if (o // vl) % ro or c % cc or kh % gr or (px > 1 and ox % px) \
-                or nacc > _LANES_ACC or nacc + px * ro + held > _LANES_REGISTERS:
+        held = cols[px] if px > 1 else 1
+        if nacc > _LANES_ACC or nacc + px * ro + held > _LANES_REGISTERS:
             continue
         # items for the threads, enough independent sums for the FMA latency, then fewest loads
         # per FMA, then most accumulators
         items = c // cc * (o // vl // ro) * (kh // gr)
         score = (min(items, _LANES_MIN_ITEMS), min(nacc, _LANES_MIN_ACC),
-                 -(px * ro + cc * gr * cols) / (px * nacc), nacc)
+                 -(px * ro + cc * gr * cols[px]) / (px * nacc), nacc)
         if best is None or score > best[0]:
             best = (score, ro, cc, gr, px)
     if best is None or best[0][0] < _LANES_MIN_ITEMS or best[0][1] < _LANES_MIN_ACC:
