@@ -517,7 +517,11 @@ WGRAD_LANES_CHUNK_BYTES = 256 * 1024
 # Accumulators of an item at most, and with the PX*RO cotangent vectors and the broadcast pixels
 # of a kernel row, the registers a step may take (of 32).
 _LANES_ACC = 28
-_LANES_REGISTERS = 31
+_LANES_REGISTERS = 32
+# The loop's own instructions per step, in loads: the conv block's weight gradient runs at 82% of
+# the peak with 2 output vectors x 4 channels x 2 pixels, 75% with 4 x 2 x 1 (as many loads
+# per FMA, twice the steps).
+_LANES_STEP_COST = 2
 # Independent sums an item needs to hide the FMA latency (4 cycles x 2 ports, and some slack).
 _LANES_MIN_ACC = 10
 # Items at least (the threads share them, in more chunks than threads under the thread pool).
@@ -614,10 +618,10 @@ def _lanes_plan(ins):
         if nacc > _LANES_ACC or nacc + px * ro + held > _LANES_REGISTERS:
             continue
         # items for the threads, enough independent sums for the FMA latency, then fewest loads
-        # per FMA, then most accumulators
+        # and loop instructions per FMA, then most accumulators
         items = c // cc * (o // vl // ro) * (kh // gr)
         score = (min(items, _LANES_MIN_ITEMS), min(nacc, _LANES_MIN_ACC),
-                 -(px * ro + cc * gr * cols[px]) / (px * nacc), nacc)
+                 -(px * ro + cc * gr * cols[px] + _LANES_STEP_COST) / (px * nacc), nacc)
         if best is None or score > best[0]:
             best = (score, ro, cc, gr, px)
     if best is None or best[0][0] < _LANES_MIN_ITEMS or best[0][1] < _LANES_MIN_ACC:
