@@ -526,6 +526,10 @@ _LANES_STEP_COST = 2
 _LANES_MIN_ACC = 10
 # Items at least (the threads share them, in more chunks than threads under the thread pool).
 _LANES_MIN_ITEMS = 4
+# The cost of transposing a cotangent element in multiply-adds per element of the sums, and the
+# fraction of the work the transposes of all shares may add (see `_WLanes.shares`).
+_LANES_TRANSPOSE_FMAS = 10
+_LANES_SHARE_BUDGET = 0.08
 
 
 @record(frozen=True)
@@ -574,6 +578,16 @@ class _WLanes(_WShapes):
     @property
     def nacc(self) -> int:
         return self.ro * self.cc * self.gr * self.kw
+
+    @property
+    def shares(self) -> int:
+        """Shares of the items at most, each transposing all the cotangents: a transpose costs
+        about _LANES_TRANSPOSE_FMAS / (C*KH*KW) of the whole weight gradient (measured 6% for
+        LeNet-5 conv2, 3% for the conv block), at most _LANES_SHARE_BUDGET of it all together,
+        but two shares whatever it costs (two threads). With a share per chunk of the thread
+        pool (8 on 2 threads) LeNet-5 conv2 took 1.4x its 2-thread time, the conv block 1.2x."""
+        return max(2, int(_LANES_SHARE_BUDGET * self.c * self.kh * self.kw
+                          / _LANES_TRANSPOSE_FMAS))
 
     @property
     def partial_elems(self) -> int:
@@ -669,13 +683,22 @@ class _WLanesKey:
 def _lower_lanes(module, name, p: _WLanes) -> None:
     kf = kernel_function(module, name, 2)
     b = kf.b
-    t0, t1 = thread_range(b, p.items, kf.tid, kf.nthreads)
-    key = _WLanesKey(p.dtype, p.ro, p.cc, p.gr, p.px, p.kw, p.sx, p.direct)
-    fn = shared_function(module, "conv_wgrad_lanes", key, 4, WLanesParams, _lanes_body)
-    fn.call(b, [kf.out, kf.ins[0], kf.ins[1], kf.scratch],
-            WLanesParams(t0=t0, t1=t1, n=p.n, c=p.c, o=p.o, oy=p.oy, ox=p.ox, sy=p.sy, kh=p.kh,
-                         ng=p.ng, groups=p.groups, per_cg=p.per_cg, pixels=p.pixels,
-                         partial=p.partial_elems, ct_elems=p.ct_elems, prep=p.prep.params()))
+    # Every share transposes all the cotangents, so the work goes in at most p.shares shares:
+    # under the thread pool (4 chunks a thread) chunk tid works on share tid / group when it is
+    # the group's first, the other chunks of the group return at once.
+    shares = smin(b, kf.nthreads, p.shares, name="wlanes.shares")
+    group = b.udiv(kf.nthreads, shares, name="wlanes.group")
+    share = b.udiv(kf.tid, group)
+    first = b.icmp_signed("==", b.urem(kf.tid, group), i64(0))
+    with if_then(b, b.and_(first, b.icmp_signed("<", share, shares)), name="wlanes.share"):
+        t0, t1 = thread_range(b, p.items, share, shares)
+        key = _WLanesKey(p.dtype, p.ro, p.cc, p.gr, p.px, p.kw, p.sx, p.direct)
+        fn = shared_function(module, "conv_wgrad_lanes", key, 4, WLanesParams, _lanes_body)
+        fn.call(b, [kf.out, kf.ins[0], kf.ins[1], kf.scratch],
+                WLanesParams(t0=t0, t1=t1, n=p.n, c=p.c, o=p.o, oy=p.oy, ox=p.ox, sy=p.sy,
+                             kh=p.kh, ng=p.ng, groups=p.groups, per_cg=p.per_cg,
+                             pixels=p.pixels, partial=p.partial_elems, ct_elems=p.ct_elems,
+                             prep=p.prep.params()))
     b.ret_void()
 
 
