@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from tracejit.codegen.kernels import conv2d, kernels
-from tracejit.codegen.kernels.conv2d import core, transposed
-from tracejit.codegen.target import cfunc
+from tracejit.codegen.kernels.conv2d import core, transposed, wgrad
+from tracejit.codegen.target import cfunc, vector_width
 from tracejit.ir.interpreter import impls
 
 from test_kernels_dense import (NP, AffineEpilogue, Kernels, _conv_specs, _lower_with_epilogue,
@@ -157,4 +157,51 @@ def test_weight_gradient_unrolls_rows_of_few_whole_vectors(dtype, avx2_target):
     ks = check_all([_conv_specs("conv2d_weight_grad", c) for c in cases], dtype,
                    thread_counts=(1, 2, 7))
     names = set(re.findall(r"tracejit\.conv_wgrad\.[\w.]*nxv(\d)", ks.jit.asm))
-    assert {"1", "2"} <= names if dtype == "f32" else {"2", "4"} <= names, names
+    # 8 and 16 columns: one and two vectors of 8 lanes (AVX2 f32, AVX-512 f64), two and four
+    # of 4 (AVX2 f64); 16 lanes (AVX-512 f32) unroll 16 columns and the flat 8-column rows
+    lanes = vector_width(64 if dtype == "f64" else 32)
+    assert ({"2", "4"} if lanes == 4 else {"1", "2"}) <= names, names
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_weight_gradient_puts_output_channels_in_the_lanes(dtype):
+    """With 32 vector registers, output channels a multiple of the vector go in the lanes (every
+    lane real on LeNet-5's 8 x 8 rows): in place, from padded copies, strided, with several
+    channels and kernel rows per item, on several chunks of images and thread counts; with 16
+    registers the pixel layout keeps them."""
+    vl = vector_width(64 if dtype == "f64" else 32)
+    cases = [((3, 6, 12, 12), (vl, 6, 5, 5), (1, 1), (0, 0)),          # LeNet-5 conv2 shape
+             ((2, 4, 9, 10), (4 * vl, 4, 3, 3), (1, 1), (1, 1)),       # padded copy, 4 vectors
+             ((3, 4, 11, 13), (2 * vl, 4, 3, 3), (2, 1), (0, 1)),      # strided, padded columns
+             ((2, 4, 12, 14), (vl, 4, 5, 3), (1, 2), (2, 0))]          # column stride 2
+    specs = [_conv_specs("conv2d_weight_grad", c) for c in cases]
+    plans = [wgrad._lanes_plan(make_instr(prim, shapes, dtype, **params))
+             for prim, shapes, params in specs]
+    if core.vector_registers() >= 32:
+        assert None not in plans
+        # several pixels per step (unit and column stride 2), channels, output vectors
+        assert {p.px for p in plans} >= {1, 2, 4} and {p.sx for p in plans if p.px > 1} == {1, 2}
+        assert max(p.cc for p in plans) > 1 and max(p.ro for p in plans) > 1
+    else:
+        assert plans == [None] * len(plans)
+    conv2d.FORCE["ng"] = 2   # several chunks of images
+    try:
+        check_all(specs, dtype, thread_counts=(1, 2, 7))
+    finally:
+        del conv2d.FORCE["ng"]
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_weight_gradient_blocks_output_channels_without_clamped_ones(dtype):
+    """In the pixel layout, an item's R output channels divide O where the registers allow: LeNet-5
+    conv1's 6 channels are not computed as 4 + 4 (2 clamped copies for nothing); the blocks are
+    checked against numpy."""
+    from tracejit.codegen.kernels.conv2d.wgrad import _wgrad_plan
+    cases = [((3, 1, 28, 28), (6, 1, 5, 5), (1, 1), (0, 0)),      # LeNet-5 conv1
+             ((2, 2, 9, 10), (6, 2, 3, 3), (1, 1), (1, 1)),
+             ((2, 2, 9, 10), (3, 2, 3, 3), (2, 2), (0, 0))]
+    specs = [_conv_specs("conv2d_weight_grad", c) for c in cases]
+    for (prim, shapes, params), (_, w, _, _) in zip(specs, cases):
+        p = _wgrad_plan(make_instr(prim, shapes, dtype, **params))
+        assert p.r > 1 and w[0] % p.r == 0, (w, p.r)
+    check_all(specs, dtype, thread_counts=(1, 2, 7))

@@ -42,8 +42,11 @@ def test_kernels_never_touch_past_their_buffers(tmp_path):
     assert summary["cases"] == N_CASES
     assert not summary["failures"], "\n".join(summary["failures"][:10])
     # every risky path was drawn at least once (see _cases)
+    from tracejit.codegen.target import vector_registers
+    lanes = {"wgrad_lanes"} if vector_registers() >= 32 else set()   # AVX-512 only
     assert set(summary["paths"]) >= {"outer", "dot", "mv_dot", "mv_axpy", "bt", "fold",
-                                     "tgrad", "core_igrad", "conv2d", "wgrad"}, summary["paths"]
+                                     "tgrad", "core_igrad", "conv2d", "wgrad"} | lanes, \
+        summary["paths"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,6 +153,12 @@ def _cases(seed: int, count: int):
         ("conv2d", "f32", [(2, 3, 9, 11), (4, 3, 3, 3)], dict(stride=(1, 1), padding=(1, 1)), None),
         ("conv2d_weight_grad", "f32", [(2, 4, 7, 9), (2, 3, 9, 11)],
          dict(kernel=(3, 3), stride=(1, 1), padding=(0, 0)), None),
+        # output channels in the lanes (AVX-512): in place with a partial transpose block, and
+        # from padded copies with strides
+        ("conv2d_weight_grad", "f32", [(2, 32, 4, 5), (2, 4, 6, 7)],
+         dict(kernel=(3, 3), stride=(1, 1), padding=(0, 0)), None),
+        ("conv2d_weight_grad", "f64", [(1, 16, 4, 4), (1, 4, 7, 8)],
+         dict(kernel=(3, 3), stride=(2, 2), padding=(1, 1)), None),
     ]
     rng = np.random.default_rng(seed)
     out = fixed[:count]
@@ -173,7 +182,10 @@ def _paths(case, ins):
         from tracejit.codegen.kernels.conv2d.transposed import Transposed
         from tracejit.codegen.kernels.conv2d.core import _input_grad_core
         return {"tgrad" if isinstance(_input_grad_core(ins), Transposed) else "core_igrad"}
-    return {"wgrad" if prim == "conv2d_weight_grad" else prim}
+    if prim == "conv2d_weight_grad":
+        from tracejit.codegen.kernels.conv2d.wgrad import _lanes_plan
+        return {"wgrad_lanes" if _lanes_plan(ins) is not None else "wgrad"}
+    return {prim}
 
 
 def _run(seed: int, count: int, progress_path: str) -> dict:
