@@ -34,7 +34,7 @@ from .window import is_window, lower_conv2d, lower_conv2d_input_grad
 # conv 36.0 GF/s against 32.9 with 6 x 2, ResNet-8's 3x3 convs with 16 and 32 channels 35.7-37.0
 # against 31.8-32.7 (4 x 3: 35.2-35.3, 3 x 4: 30.3); 64 channels on 32 x 32 images stay with 6 x 2
 # (33.4 against 32.9).
-_BLOCKS = {32: ((4, 4, 1), (8, 2, 1), (2, 8, 1), (1, 16, 1), (4, 6, 1), (8, 1, 2), (6, 2, 1)),
+_BLOCKS = {32: ((8, 2, 1), (4, 4, 1), (2, 8, 1), (1, 16, 1), (4, 6, 1), (8, 1, 2), (6, 2, 1)),
            16: ((6, 2, 1), (4, 2, 1), (4, 3, 1), (2, 6, 1), (1, 12, 1), (3, 4, 1), (6, 1, 2),
                 (4, 1, 3))}
 # Blocks of the flat mode (one long row: PR = 1).
