@@ -164,7 +164,7 @@ class Core:
         flat = FORCE.get("flat", flat)
         r, pr, pv = FORCE.get("core", blk)
         chan = FORCE.get("chan", self.co % self.vl == 0 and 2 * self.ox <= self.vl and
-                         self.sy == 1 and self.sx == 1 and not self.flip)
+                         not self.flip)
         if chan:
             return dataclasses.replace(self, r=self.vl, pr=max(1, self.vl // self.ox), pv=1,
                                        chan=True)
