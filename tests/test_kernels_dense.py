@@ -252,6 +252,9 @@ CONV_CASES = [  # x [N,C,H,W], w [O,C,KH,KW], stride, padding
     ((2, 5, 13, 11), (16, 5, 3, 3), (2, 2), (1, 1)),        # strided channel mode (f32)
     ((1, 3, 9, 15), (16, 3, 2, 4), (1, 3), (0, 1)),         # 3 phases, 4 taps a row (f32)
     ((2, 3, 7, 8), (8, 3, 3, 3), (2, 2), (0, 1)),           # strided channel mode (f64)
+    ((2, 16, 6, 7), (5, 16, 3, 3), (1, 1), (1, 1)),         # input gradient: channel mode
+    ((1, 16, 5, 6), (3, 16, 2, 3), (1, 1), (0, 0)),         # (rows of pitch W, f32)
+    ((2, 8, 5, 4), (3, 8, 3, 3), (1, 1), (1, 0)),           # (rows of pitch W, f64)
 ]
 
 

@@ -57,8 +57,10 @@ def lower_channel(core, kf, region, t0, t1):
     wt = gep(b, region, i64(core.region_elems + core.flip_elems + core.tmp_elems), ety,
              name="conv.wt")
     taps = core.kh * core.kw   # (taps contiguous: ws_i == kw without `flip`)
+    # W(k, m, i, j) = w[m, k, kh-1-i, kw-1-j] for the input gradient (as in Core.lower)
+    src = (taps, core.co * taps, taps - 1, -1) if core.flip else (core.ws_o, core.ws_c, 0, 1)
     weights_copy(b, core.dtype, wt, kf.ins[1], core.co, core.ci, taps,
-                 (1, taps * core.co, core.co), (core.ws_o, core.ws_c, 0, 1))
+                 (1, taps * core.co, core.co), src)
     key = _ChanKey(core.dtype, core.ox, core.pr, core.prep.contiguous, core.sx)
     fn = shared_function(b.module, "conv_chan", key, 4, ChanParams, _chan_body)
     plane = core.oy * core.ox

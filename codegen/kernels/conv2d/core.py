@@ -163,8 +163,7 @@ class Core:
             blk = fblk if flat else blk
         flat = FORCE.get("flat", flat)
         r, pr, pv = FORCE.get("core", blk)
-        chan = FORCE.get("chan", self.co % self.vl == 0 and 2 * self.ox <= self.vl and
-                         not self.flip)
+        chan = FORCE.get("chan", self.co % self.vl == 0 and 2 * self.ox <= self.vl)
         if chan:
             return dataclasses.replace(self, r=self.vl, pr=max(1, self.vl // self.ox), pv=1,
                                        chan=True)
