@@ -150,9 +150,13 @@ class Core:
         return (tap_cycles(acc, self.r + 2 * self.pr * self.pv) * ceil_div(self.co, self.r)
                 * self.ci * self.kw * rows)
 
-    def blocked(self, epilogue) -> "Core":
+    def blocked(self, epilogue, plain: bool = False) -> "Core":
+        """The register block and algorithm; `plain`: a row block of the direct core (no flat or
+        channel mode: the strided input gradient's phases, phased.py)."""
         regs = 32 if vector_registers() >= 32 else 16
         blk, cost = self._best(_BLOCKS[regs], self.oy, ceil_div(self.ox, self.vl))
+        if plain:
+            return dataclasses.replace(self, r=blk[0], pr=blk[1], pv=blk[2])
         flat = False
         if self.sy == 1 and self.sx == 1 and self.oy > 1:
             fblk, fcost = self._best(_FLAT_BLOCKS[regs], 1, ceil_div(self.flat_len, self.vl))
