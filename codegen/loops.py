@@ -192,6 +192,12 @@ def fma(b: ir.IRBuilder, a, x, c):
     return b.call(f, [a, x, c])
 
 
+def prefetch(b: ir.IRBuilder, ptr):
+    """Hint the cache line at `ptr` into L1 for reading (never faults: any address)."""
+    f = intrinsic(b.module, "llvm.prefetch.p0", VOID, [PTR, I32, I32, I32])
+    b.call(f, [ptr, i32(0), i32(3), i32(1)])
+
+
 def masked_load(b: ir.IRBuilder, ptr, idx, vty: ir.VectorType, mask, passthru=None):
     p = gep(b, ptr, idx, vty.element)
     mty = ir.VectorType(I1, vty.count)

@@ -79,16 +79,20 @@ def test_transposed_input_grad_with_an_epilogue(dtype, forced):
             assert (np.abs(out - (3 * ref + 0.5)) <= 3 * tol + 1e-6).all(), (ins.params, nt)
 
 
-def test_lenet_second_convolution_takes_the_transposed_form(avx2_target):
-    """Its 8 x 8 cotangents padded to 16 x 16 would waste 5/9 of the core's multiply-adds; the
-    cost model picks the transposed form there, and keeps the core for 3 x 3 kernels with
-    padding 1 on larger images (little padding to save). (The AVX2 cost model, with its blocks.)"""
+def test_lenet_second_convolution_takes_the_transposed_form(monkeypatch):
+    """Its 8 x 8 cotangents padded to 16 x 16 would waste 5/9 of the core's multiply-adds; with
+    16 vector registers the cost model picks the transposed form there (with 32, the core's flat
+    mode of 6 channels x 3 vectors is faster: 80-83 GF/s on one thread against 56 on a Xeon),
+    and keeps the core for 3 x 3 kernels with padding 1 on larger images (little padding to
+    save). The transposed kernel is checked against numpy either way."""
     lenet = make_instr("conv2d_input_grad", [(64, 16, 8, 8), (16, 6, 5, 5)], "f32",
                        in_hw=(12, 12), stride=(1, 1), padding=(0, 0))
-    assert isinstance(core._input_grad_core(lenet), transposed.Transposed)
     block = make_instr("conv2d_input_grad", [(16, 64, 32, 32), (64, 64, 3, 3)], "f32",
                        in_hw=(32, 32), stride=(1, 1), padding=(1, 1))
+    form = core.Core if core.vector_registers() >= 32 else transposed.Transposed
+    assert isinstance(core._input_grad_core(lenet), form)
     assert isinstance(core._input_grad_core(block), core.Core)
+    monkeypatch.setitem(conv2d.FORCE, "tgrad", True)
     ks = Kernels([lenet])
     assert "tracejit.conv_tgrad" in ks.jit.asm
     rng = np.random.default_rng(5)
@@ -119,6 +123,33 @@ def test_core_takes_four_by_two_blocks_where_six_channels_do_not_divide(avx2_tar
                        for prim in ("conv2d", "conv2d_input_grad")], dtype, thread_counts=(2,))
     finally:
         conv2d.FORCE.clear()
+
+
+def test_core_blocks_of_the_32_register_list(monkeypatch):
+    """With 32 vector registers: 8 channels x 2 rows for 64 channels (4 x 4 loads each input row
+    for 4 channels only), 6 x 2 rows x 2 vectors for 6 channels on rows of 17-32 columns (LeNet-5's
+    first conv, not in the flat mode: its copy costs more than the 12% of vectors it saves with 25
+    taps per output); with 16 (AVX2) blocks of its own list. Both blocks are checked against
+    numpy on channel and row remainders, both dtypes, wherever they run."""
+    def block(x, w, p):
+        c = core._conv_core(make_instr("conv2d", [x, w], "f32", stride=(1, 1), padding=p))
+        return c.r, c.pr, c.pv, c.flat
+
+    got = [block((16, 64, 32, 32), (64, 64, 3, 3), (1, 1)),
+           block((64, 1, 28, 28), (6, 1, 5, 5), (0, 0))]
+    if core.vector_registers() >= 32:
+        assert got == [(8, 2, 1, False), (6, 2, 2, False)]
+    else:
+        assert all(g[:3] in core._BLOCKS[16] + core._FLAT_BLOCKS[16] for g in got), got
+    shapes = [((2, 3, 7, 21), (13, 3, 3, 3), (1, 1), (1, 1)),
+              ((1, 2, 9, 30), (5, 2, 2, 3), (1, 1), (0, 1)),
+              ((2, 3, 11, 29), (7, 3, 3, 3), (2, 2), (1, 1))]
+    for blk in ((8, 2, 1), (6, 2, 2)):
+        monkeypatch.setitem(conv2d.FORCE, "core", blk)
+        monkeypatch.setitem(conv2d.FORCE, "flat", False)
+        for dtype in ("f32", "f64"):
+            check_all([_conv_specs(prim, case) for case in shapes
+                       for prim in ("conv2d", "conv2d_input_grad")], dtype, thread_counts=(2,))
 
 
 def test_conv_epilogue_reads_the_element_it_writes_without_an_alias_check():

@@ -249,6 +249,12 @@ CONV_CASES = [  # x [N,C,H,W], w [O,C,KH,KW], stride, padding
     ((1, 2, 35, 36), (3, 2, 2, 2), (1, 1), (0, 0)),
     ((3, 5, 9, 7), (16, 5, 3, 3), (1, 1), (1, 1)),         # O = 16, short rows: channel mode
     ((2, 3, 6, 4), (32, 3, 2, 2), (1, 1), (0, 0)),          # (f32)
+    ((2, 5, 13, 11), (16, 5, 3, 3), (2, 2), (1, 1)),        # strided channel mode (f32)
+    ((1, 3, 9, 15), (16, 3, 2, 4), (1, 3), (0, 1)),         # 3 phases, 4 taps a row (f32)
+    ((2, 3, 7, 8), (8, 3, 3, 3), (2, 2), (0, 1)),           # strided channel mode (f64)
+    ((2, 16, 6, 7), (5, 16, 3, 3), (1, 1), (1, 1)),         # input gradient: channel mode
+    ((1, 16, 5, 6), (3, 16, 2, 3), (1, 1), (0, 0)),         # (rows of pitch W, f32)
+    ((2, 8, 5, 4), (3, 8, 3, 3), (1, 1), (1, 0)),           # (rows of pitch W, f64)
 ]
 
 
@@ -284,12 +290,14 @@ def test_all_dense_kernels_in_one_module(dtype):
 
 
 def test_conv_block_shape_and_real_threads():
-    """The benchmark's conv block (smaller batch), each pass run on two real threads."""
+    """The benchmark's conv block (smaller batch), each pass run on two real threads. Its padded
+    image copy (296 KB) does not fit L1: the core prefetches the next channel's rows."""
     case = ((2, 64, 32, 32), (64, 64, 3, 3), (1, 1), (1, 1))
     specs = [_conv_specs(prim, case)
              for prim in ("conv2d", "conv2d_input_grad", "conv2d_weight_grad")]
     specs.append(("matmul", [(64, 784), (256, 784)], dict(trans_b=True)))
     ks = check_all(specs, "f32", thread_counts=(2,))
+    assert "prefetch1" in ks.jit.asm and "prefetcht0" in ks.jit.asm
     rng = np.random.default_rng(1)
     for i, ins in enumerate(ks.instrs):
         arrays = [rng.standard_normal(v.shape).astype(np.float32) for v in ins.inputs]

@@ -1,5 +1,7 @@
 """The channel mode of `Core` (core.py): rows at most half a vector long with O a multiple of the
-vector length (LeNet-5's second conv). Vectors run over vl output channels: PR whole output rows
+vector length (LeNet-5's second conv; ResNet-8's stride-2 convs to 8 x 8: the strides only move
+the broadcast pixels, 119 GF/s on one thread against 80 in the row core, which wastes half of
+each vector there). Vectors run over vl output channels: PR whole output rows
 of pixels in PR*OX accumulators, each tap one vector of weights (transposed to [c][i][j][o] in
 scratch) and one broadcast input pixel per accumulator; a vl x vl shuffle transpose turns the
 accumulators into rows of the output planes. No lane is wasted.
@@ -15,7 +17,7 @@ from ...loops import I64, carry_loop, fma, gep, i64, if_then, load, masked_store
     vload
 from ..toolkit import I64Arg, Params, ceil_div, dtype_info, lane_mask, opaque, params, \
     shared_function, smin, zero_vector
-from .layout import ALIGN, PadKey, PrepParams, pad, weights_copy
+from .layout import ALIGN, PrepParams, pad, pad_key, weights_copy
 
 
 @record(frozen=True)
@@ -25,6 +27,7 @@ class _ChanKey:
     ox: int
     pr: int
     contiguous: bool   # of the padded copy
+    sx: int = 1        # its phases (the horizontal stride)
 
 
 @params
@@ -37,6 +40,7 @@ class ChanParams(Params):
     ci: I64Arg
     co: I64Arg
     oy: I64Arg
+    sy: I64Arg
     kh: I64Arg
     kw: I64Arg
     src_image: I64Arg
@@ -53,12 +57,14 @@ def lower_channel(core, kf, region, t0, t1):
     wt = gep(b, region, i64(core.region_elems + core.flip_elems + core.tmp_elems), ety,
              name="conv.wt")
     taps = core.kh * core.kw   # (taps contiguous: ws_i == kw without `flip`)
+    # W(k, m, i, j) = w[m, k, kh-1-i, kw-1-j] for the input gradient (as in Core.lower)
+    src = (taps, core.co * taps, taps - 1, -1) if core.flip else (core.ws_o, core.ws_c, 0, 1)
     weights_copy(b, core.dtype, wt, kf.ins[1], core.co, core.ci, taps,
-                 (1, taps * core.co, core.co), (core.ws_o, core.ws_c, 0, 1))
-    key = _ChanKey(core.dtype, core.ox, core.pr, core.prep.contiguous)
+                 (1, taps * core.co, core.co), src)
+    key = _ChanKey(core.dtype, core.ox, core.pr, core.prep.contiguous, core.sx)
     fn = shared_function(b.module, "conv_chan", key, 4, ChanParams, _chan_body)
     plane = core.oy * core.ox
-    shape = ChanParams(ci=core.ci, co=core.co, oy=core.oy, kh=core.kh, kw=core.kw,
+    shape = ChanParams(ci=core.ci, co=core.co, oy=core.oy, sy=core.sy, kh=core.kh, kw=core.kw,
                        src_image=core.src_image, ob_count=ceil_div(core.co, core.r),
                        prep=core.prep.params())
     ptrs = [kf.out, kf.ins[0], wt, region]
@@ -111,13 +117,14 @@ def _chan_body(s, k: _ChanKey):
         n = b.udiv(item.iv, s.ob_count, name="conv.n")
         o0 = b.mul(b.urem(item.iv, s.ob_count), i64(vl), name="conv.o0")
         with if_then(b, b.icmp_signed("!=", n, item.vals[0]), name="conv.pad"):
-            pad(b, PadKey(k.dtype, k.contiguous), gep(b, src, b.mul(n, s.src_image), ety),
+            pad(b, pad_key(k.dtype, k.sx, k.contiguous), gep(b, src, b.mul(n, s.src_image), ety),
                 pbuf, s.ci, s.prep)
         item.next = [n]
         out_o = gep(b, out, b.mul(b.add(b.mul(n, s.co), o0), plane), ety)
         wt_o = gep(b, wt, o0, ety)
         with carry_loop(b, 0, s.oy, [], "conv.chan.y", step=k.pr) as ly:
-            rows = [opaque(b, b.mul(smin(b, b.add(ly.iv, i64(p)), oy1), s.rp))
+            row_step = b.mul(s.sy, s.rp)
+            rows = [opaque(b, b.mul(smin(b, b.add(ly.iv, i64(p)), oy1), row_step))
                     for p in range(k.pr)]
             with carry_loop(b, 0, s.ci, [zero_vector(ety, vl)] * npx, "conv.chan.c") as lc:
                 pc = gep(b, pbuf, opaque(b, b.mul(lc.iv, s.cp)), ety)
@@ -128,7 +135,10 @@ def _chan_body(s, k: _ChanKey):
                     with carry_loop(b, 0, s.kw, li.vals, "conv.chan.kw") as lj:
                         # (a run-time loop: unrolled, the KW taps would make the function KW times
                         # as big, for a few percent)
-                        prow = [gep(b, pi, b.add(r, lj.iv), ety) for r in rows]
+                        # tap j of pixel x: column x*sx + j, at [j % sx][x + j // sx]
+                        tap = lj.iv if k.sx == 1 else b.add(
+                            b.mul(b.urem(lj.iv, i64(k.sx)), s.q), b.udiv(lj.iv, i64(k.sx)))
+                        prow = [gep(b, pi, b.add(r, tap), ety) for r in rows]
                         wv = vload(b, wi, b.mul(lj.iv, s.co), vty)
                         acc = list(lj.vals)
                         for p in range(k.pr):

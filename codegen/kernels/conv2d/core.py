@@ -34,7 +34,14 @@ from .window import is_window, lower_conv2d, lower_conv2d_input_grad
 # conv 36.0 GF/s against 32.9 with 6 x 2, ResNet-8's 3x3 convs with 16 and 32 channels 35.7-37.0
 # against 31.8-32.7 (4 x 3: 35.2-35.3, 3 x 4: 30.3); 64 channels on 32 x 32 images stay with 6 x 2
 # (33.4 against 32.9).
-_BLOCKS = {32: ((4, 4, 1), (8, 2, 1), (2, 8, 1), (1, 16, 1), (4, 6, 1), (8, 1, 2), (6, 2, 1)),
+# AVX-512 (Xeon, one thread, CPU-time minima against a 227 GF/s FMA peak): 8 x 2 before 4 x 4 (the
+# same 16 accumulators and loads per tap, but each input row loaded serves 8 channels, not 4):
+# the conv block's 3x3x64 convs 154-158 GF/s against 138-139, ResNet-8's 16 and 32 channels
+# 145-159 against 133-145 (24 accumulators, 6 x 4 or 8 x 3: no better). 6 x 2 x 2 (24
+# accumulators) for 6 channels on rows of 17-32 columns: LeNet-5's first conv 120 against 111
+# with 6 x 1 x 2 (the cost model counts them equal: it comes first).
+_BLOCKS = {32: ((8, 2, 1), (4, 4, 1), (2, 8, 1), (1, 16, 1), (4, 6, 1), (8, 1, 2), (6, 2, 2),
+                (6, 2, 1)),
            16: ((6, 2, 1), (4, 2, 1), (4, 3, 1), (2, 6, 1), (1, 12, 1), (3, 4, 1), (6, 1, 2),
                 (4, 1, 3))}
 # Blocks of the flat mode (one long row: PR = 1).
@@ -55,6 +62,12 @@ _SHARE_SLACK = 1.1
 # The flat mode must save more than this fraction of the block cost: it adds a copy of the
 # valid columns and a per-thread buffer.
 _FLAT_GAIN = 0.9
+# Half-cycles per output vector of the flat mode's copy of the valid columns (a masked load and
+# store, the row's address): it counts where there are few taps per output, LeNet-5's first conv
+# (one input channel, 5 x 5: 25 taps; the flat mode saves 12% of the vectors, the copy costs more:
+# one thread 99 GF/s flat against 111 with 6 channels x 2 vectors of each row). Measured with
+# AVX-512 only; AVX2 machines keep the choice they were tuned with.
+_FLAT_COPY = 8
 # The input gradient as a transposed convolution (transposed.py) when it costs less than this
 # fraction of the core: it adds a row buffer and the copy of its rows.
 _TRANSPOSED_GAIN = 0.9
@@ -137,18 +150,24 @@ class Core:
         return (tap_cycles(acc, self.r + 2 * self.pr * self.pv) * ceil_div(self.co, self.r)
                 * self.ci * self.kw * rows)
 
-    def blocked(self, epilogue) -> "Core":
+    def blocked(self, epilogue, plain: bool = False) -> "Core":
+        """The register block and algorithm; `plain`: a row block of the direct core (no flat or
+        channel mode: the strided input gradient's phases, phased.py)."""
         regs = 32 if vector_registers() >= 32 else 16
         blk, cost = self._best(_BLOCKS[regs], self.oy, ceil_div(self.ox, self.vl))
+        if plain:
+            return dataclasses.replace(self, r=blk[0], pr=blk[1], pv=blk[2])
         flat = False
         if self.sy == 1 and self.sx == 1 and self.oy > 1:
             fblk, fcost = self._best(_FLAT_BLOCKS[regs], 1, ceil_div(self.flat_len, self.vl))
-            flat = fcost < _FLAT_GAIN * cost
+            work = self.ci * self.kh * self.kw   # taps per output vector
+            copy = (_FLAT_COPY * self.co * self.oy * ceil_div(self.ox, self.vl)
+                    if regs >= 32 else 0)
+            flat = fcost * work + copy < _FLAT_GAIN * cost * work
             blk = fblk if flat else blk
         flat = FORCE.get("flat", flat)
         r, pr, pv = FORCE.get("core", blk)
-        chan = FORCE.get("chan", self.co % self.vl == 0 and 2 * self.ox <= self.vl and
-                         self.sy == 1 and self.sx == 1 and not self.flip)
+        chan = FORCE.get("chan", self.co % self.vl == 0 and 2 * self.ox <= self.vl)
         if chan:
             return dataclasses.replace(self, r=self.vl, pr=max(1, self.vl // self.ox), pv=1,
                                        chan=True)

@@ -13,7 +13,8 @@ import llvmlite.ir as ir
 
 from ... import record
 from ...loops import I64, carry_loop, fma, gep, i64, if_then, load, masked_load, masked_store, \
-    splat, store, vload
+    prefetch, splat, store, vload
+from ...target import vector_registers
 from ..toolkit import I64Arg, Params, ceil_div, dtype_info, lane_mask, opaque, params, \
     shared_function, smax, smin, zero_vector
 from .layout import ALIGN, PrepParams, pad, pad_key
@@ -120,6 +121,12 @@ def _lower_flat(core, kf, fn, ptrs, shape: CoreParams, t0, t1):
         kf.epilogue_rows(start, b.mul(nchan, i64(plane)))
 
 
+# Padded copies of an image larger than this (bytes) do not stay in L1 between the tiles: the
+# kernel-row loop prefetches its rows of the next input channel. 3x3, 64 channels, 32 x 32 (296 KB
+# in L2): 5-7% faster on one thread (Xeon, AVX-512); copies that fit L1 (16-32 channels of 16 x
+# 16 or 32 x 32): no change. (Measured with AVX-512 only; AVX2 machines keep the plain loop.)
+_PREFETCH_BYTES = 48 << 10
+
 # Kernels of at most this many taps (the strided input gradient's sub-kernels: 1x1, 1x2, 2x1,
 # 2x2) unroll their kernel rows and take the input channels in groups of about this many taps:
 # with one or two taps per channel, the channel and kernel-row loops cost as much as the FMAs
@@ -129,9 +136,11 @@ _SMALL_TAPS = 4
 
 def core_function(module, core):
     small = core.kh * core.kw <= _SMALL_TAPS
+    copy_bytes = core.ci * core.prep.chan_pitch * dtype_info(core.dtype)[2]
+    prefetch = not small and copy_bytes > _PREFETCH_BYTES and vector_registers() >= 32
     key = _CoreKey(core.dtype, core.r, core.pr, core.pv, core.kw, core.sx, core.prep.contiguous,
                    core.kh if small else 0, max(1, _SMALL_TAPS // (core.kh * core.kw)) if small
-                   else 1)
+                   else 1, prefetch)
     return shared_function(module, "conv", key, 4, CoreParams, _core_body)
 
 
@@ -148,6 +157,7 @@ class _CoreKey:
     kh: int = 0        # > 0: the kernel rows, unrolled (every row read: the padded copy holds
                        # all of them, zeros where they see padding), channels in groups of cu
     cu: int = 1
+    prefetch: bool = False   # the kernel-row loop prefetches the next channel's rows
 
 
 def _core_body(s, k: _CoreKey):
@@ -197,6 +207,12 @@ def _core_body(s, k: _CoreKey):
                         with carry_loop(b, i_lo, i_hi, lc.vals, "conv.kh") as li:
                             pi = gep(b, pc, opaque(b, b.mul(li.iv, s.rp)), ety)
                             wi = b.add(wc, b.mul(li.iv, s.ws_i))
+                            if k.prefetch:   # this row of the next channel into L1
+                                nxt = gep(b, pi, s.cp, ety)
+                                for p in range(pr_):
+                                    for v in range(pv_ + 1):
+                                        prefetch(b, gep(b, nxt, b.add(xrow[p], i64(v * vl)),
+                                                        ety))
                             li.next = _core_taps(b, k, li.vals, pi, wi, xrow, wrow, s.q)
                         lc.next = li.out
                 masks = [lane_mask(b, b.sub(b.sub(s.ox, x0), i64(v * vl)), vl)
@@ -261,3 +277,4 @@ def _core_taps(b, k: _CoreKey, acc, pi, wi, xrow, wrow, q):
                     i = (r * pr_ + p) * pv_ + v
                     acc[i] = fma(b, wv, xv[p][v], acc[i])
     return acc
+
