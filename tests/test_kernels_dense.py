@@ -198,6 +198,46 @@ def test_matvec_compiled_matches_interpreter():
     assert "matmul.mv.k" in f.ir(A, v, w, stage="llvm")
 
 
+def _placed(a: np.ndarray, offset: int, keep: list) -> np.ndarray:
+    """A copy of `a` starting `offset` bytes past a 64-byte boundary (its buffer kept in `keep`)."""
+    raw = np.empty(a.nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    keep.append(raw)
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_matmul_operands_at_every_alignment(dtype):
+    """The kernels align their loads to cache lines at run time (the dot form's K loop starts on
+    a line of B's first row after a masked head step; see matmul._emit_dot): operands placed at
+    every element offset within a line, K shorter than, equal to and past the head, and rows
+    whose alignment differs (K not a multiple of the vector), match numpy on 1-2 threads."""
+    specs = [("matmul", [(m, k), (n, k)], dict(trans_b=True))
+             for m, n, k in [(5, 7, 40), (9, 13, 37), (4, 6, 100), (3, 5, 33), (6, 4, 16)]]
+    specs += [("matmul", [(k, m), (k, n)], dict(trans_a=True)) for m, n, k in [(30, 45, 20)]]
+    specs += [("matmul", [(m, k), (k, n)], {}) for m, n, k in [(30, 45, 20), (70, 33, 7)]]
+    ks = Kernels([make_instr(prim, shapes, dtype, **params) for prim, shapes, params in specs])
+    rng = np.random.default_rng(3)
+    es = np.dtype(NP[dtype]).itemsize
+    forms = set()
+    for i, ins in enumerate(ks.instrs):
+        from tracejit.codegen.kernels.matmul import _plan
+        forms.add(_plan(ins).form)
+        arrays = [rng.standard_normal(v.shape).astype(NP[dtype]) for v in ins.inputs]
+        ref, tol = reference(ins, arrays)
+        for off_a in range(0, 64, es * 3):
+            for off_b in (0, es, 64 - es):
+                keep = []
+                placed = [_placed(arrays[0], off_a, keep), _placed(arrays[1], off_b, keep)]
+                for nt in (1, 2):
+                    got = ks.call(i, placed, nt)
+                    assert (np.abs(got - ref) <= tol).all(), (ins.params, ins.out.shape, off_a,
+                                                              off_b, nt)
+    assert {"dot", "outer"} <= forms
+
+
 def test_matmul_copied_panels_of_b(monkeypatch):
     """The outer form's copied panels of B (a run-time mode the plan does not choose by
     default): partial K blocks and column tiles, batched, on 1-3 threads."""
