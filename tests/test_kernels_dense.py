@@ -259,12 +259,12 @@ def test_matmul_plan_packs_panels_and_keeps_the_dot_form_for_long_k():
     # attention's projections and heads: the outer form on panels (B^T transposed into them)
     assert plan([(1024, 256), (256, 256)], trans_b=True) == ("outer", "bt")
     assert plan([(8, 4, 128, 64), (8, 4, 128, 64)], trans_b=True) == ("outer", "bt")
-    assert plan([(8, 4, 128, 64), (8, 4, 64, 128)]) == ("outer", "")   # B read in place
-    assert plan([(1024, 256), (1024, 256)], trans_a=True) == ("outer", "")
+    assert plan([(8, 4, 128, 64), (8, 4, 64, 128)]) == ("outer", "auto")   # B in place if aligned
+    assert plan([(1024, 256), (1024, 256)], trans_a=True) == ("outer", "auto")
     # an MLP's first layer at batch 64 (K > 3 M), a few rows, a matrix-vector product: in place
     assert plan([(64, 784), (256, 784)], trans_b=True) == ("dot", "")
     assert plan([(8, 256), (256, 256)], trans_b=True) == ("dot", "")
-    assert plan([(8, 256), (256, 256)]) == ("outer", "")
+    assert plan([(8, 256), (256, 256)]) == ("outer", "auto")
     assert plan([(300, 256), (1, 256)], trans_b=True) == ("mv_dot", "")
 
 

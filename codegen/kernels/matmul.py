@@ -121,7 +121,8 @@ OUTER_KC = 128   # K block of the outer form: 128 x 64 bytes of B panel, 8 KB of
 PACK_MIN_ROWS = 24   # rows of C from which x @ W^T may take the outer form on B^T panels
 PACKED_PANEL_ROWS = 128   # rows of C an epilogue follows when B is packed (see _rows)
 DOT_K_PER_ROW = 3    # x @ W^T: the dot form when K > 3 M (see _block_plan)
-PACK_MODES = {"": 0, "b": 1, "bt": 2}   # the outer form's run-time `pack` parameter
+PACK_MODES = {"": 0, "b": 1, "bt": 2, "auto": 3}   # the outer form's run-time `pack` parameter
+AUTO_PACK_TILES = 3   # "auto": B's panels are copied for at least this many row tiles a call
 SMALL_M = 48   # the outer form picks its row block for rows of C fewer than this (_fewest_rows)
 SHORT_M_WASTE = 0.25   # ... when the full row block's clamped rows are at least this share
 FORCE = {}   # blocking overrides for tuning runs (benchmarks/kernels_dense.py --force)
@@ -245,10 +246,12 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
         mr = _fewest_rows(m, mr)
     mr, nv = FORCE.get("outer", (mr, nv))
     # B^T is packed into panels (the outer form cannot read it in place); B itself is read in
-    # place: packing its panels measured slower here on 2 threads (x [64,784] @ W [784,256]
-    # 0.53 vs 0.38 ms, a^T @ a [1024,256] 2.86 vs 2.04 ms, batched P @ V 1.43 vs 1.25 ms: the
-    # thread pool's chunks each pack a whole panel). FORCE["pack"] = "b" still selects it.
-    pack = FORCE.get("pack", "bt" if tb else "")
+    # place where its rows start on cache lines, else copied into panels ("auto", decided per
+    # call of the tile function: see _emit_outer). Packing aligned B measured slower (znver1, 2
+    # threads: x [64,784] @ W [784,256] 0.53 vs 0.38 ms; here dy^T @ x [256,784] at K = 64,
+    # 1 thread: 156 vs 161 GFLOP/s), misaligned B faster (162 vs 143).
+    # FORCE["pack"] = "b" or "" still selects one.
+    pack = FORCE.get("pack", "bt" if tb else "auto")
     return _Plan(dt, (), (), (), m, n, k, ta, "outer", pack, mr, nv, vl, es)
 
 
@@ -377,7 +380,7 @@ def _rows(kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams, 
     # stores), and every interleaving measured slower than this (x^T @ dy [256, 784] + Adam,
     # 1 thread: 0.97 ms here; a slice after each tile 1.00, after every 16 K steps 1.12, one
     # vector of explicit vector code every 8 K steps 1.30; prefetching p, m, v: no change)
-    panel = p.mr * max(1, (PACKED_PANEL_ROWS if p.pack else 32) // p.mr)
+    panel = p.mr * max(1, (PACKED_PANEL_ROWS if p.pack not in ("", "auto") else 32) // p.mr)
     ety = llvm_type(p.dtype)
     with carry_loop(b, r0, r1, [], "matmul.panel", step=panel) as lp:
         end = smin(b, b.add(lp.iv, i64(panel)), r1)
@@ -447,6 +450,15 @@ def _emit_outer(s: Shared, p: _TileKey):
     # LeNet-5's matmuls), and the loops do not branch on it, so they exist once: B's row kk of
     # the tile is read at b_src[(kk - packed*k0) * b_stride + (1 - packed)*j0], in place (rows
     # N apart) or in the panel ([k1 - k0, tile]).
+    # "auto" (matmul's B read in place): copy B's panels when its rows do not all start on a
+    # cache line (64-byte loads straddling two lines cost two: a numpy array usually sits 16 bytes
+    # off a line) and enough row tiles share each panel to pay for the copy
+    es = dtype_info(p.dtype)[2]
+    b_addr = b.ptrtoint(s.ptrs[2], ir.IntType(64))
+    misaligned = b.icmp_signed("!=", b.and_(b.or_(b_addr, b.mul(s.n, i64(es))), i64(63)), i64(0))
+    shared = b.icmp_signed(">=", b.sub(s.r1, s.r0), i64(AUTO_PACK_TILES * p.mr))
+    auto = b.select(b.and_(misaligned, shared), i64(PACK_MODES["b"]), i64(PACK_MODES[""]))
+    s.pack = b.select(b.icmp_signed("==", s.pack, i64(PACK_MODES["auto"])), auto, s.pack)
     s.pack = opaque(b, s.pack)
     packed = b.icmp_signed("!=", s.pack, i64(0), name="matmul.packed")
     s.packed = b.zext(packed, ir.IntType(64))
