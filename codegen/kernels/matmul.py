@@ -125,7 +125,8 @@ PACK_MODES = {"": 0, "b": 1, "bt": 2, "auto": 3}   # the outer form's run-time `
 AUTO_PACK_TILES = 3   # "auto": B's panels are copied for at least this many row tiles a call
 SMALL_M = 48   # the outer form picks its row block for rows of C fewer than this (_fewest_rows)
 SHORT_M_WASTE = 0.25   # ... when the full row block's clamped rows are at least this share
-FORCE = {}   # blocking overrides for tuning runs (benchmarks/kernels_dense.py --force)
+FORCE = {}   # tuning overrides (benchmarks/kernels_dense.py --force): "dot"/"outer" blocks, "pack",
+# "dot_align" ("a", "b" or None: whose rows the dot form aligns), "split" ("rows"/"cols")
 
 
 @record(frozen=True)
@@ -313,7 +314,7 @@ def _lower_one(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: 
     a_mat, b_mat = kf.ins[::-1] if p.swap else kf.ins
     extra = [kf.scratch] if p.form == "outer" else []
     mb, nb = ceil_div(p.m, p.mr), ceil_div(p.n, p.tile_cols)
-    if kf.epilogue is None and nb > mb:   # threads split the columns
+    if kf.epilogue is None and FORCE.get("split", "cols" if nb > mb else "rows") == "cols":
         t0, t1 = thread_range(b, nb, kf.tid, kf.nthreads)
         fn.call(b, [kf.out, a_mat, b_mat] + extra,
                 replace(shape, r0=0, r1=p.m, c0=b.mul(t0, i64(p.tile_cols)),
