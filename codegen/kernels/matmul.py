@@ -252,7 +252,8 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
     # threads: x [64,784] @ W [784,256] 0.53 vs 0.38 ms; here dy^T @ x [256,784] at K = 64,
     # 1 thread: 156 vs 161 GFLOP/s), misaligned B faster (162 vs 143).
     # FORCE["pack"] = "b" or "" still selects one.
-    pack = FORCE.get("pack", "bt" if tb else "auto")
+    # (AVX2 keeps B in place: untried on a 16-register machine since this was measured.)
+    pack = FORCE.get("pack", "bt" if tb else "auto" if vector_registers() >= 32 else "")
     return _Plan(dt, (), (), (), m, n, k, ta, "outer", pack, mr, nv, vl, es)
 
 
@@ -464,11 +465,12 @@ def _emit_outer(s: Shared, p: _TileKey):
     # the tile is read at b_src[(kk - packed*k0) * b_stride + (1 - packed)*j0], in place (rows
     # N apart) or in the panel ([k1 - k0, tile]).
     # "auto" (matmul's B read in place): copy B's panels when its rows do not all start on a
-    # cache line (64-byte loads straddling two lines cost two: a numpy array usually sits 16 bytes
+    # vector boundary (64-byte loads straddling two lines cost two: a numpy array usually sits 16 bytes
     # off a line) and enough row tiles share each panel to pay for the copy
-    es = dtype_info(p.dtype)[2]
+    _, vl, es = dtype_info(p.dtype)
     b_addr = b.ptrtoint(s.ptrs[2], ir.IntType(64))
-    misaligned = b.icmp_signed("!=", b.and_(b.or_(b_addr, b.mul(s.n, i64(es))), i64(63)), i64(0))
+    misaligned = b.icmp_signed("!=", b.and_(b.or_(b_addr, b.mul(s.n, i64(es))), i64(vl * es - 1)),
+                               i64(0))
     shared = b.icmp_signed(">=", b.sub(s.r1, s.r0), i64(AUTO_PACK_TILES * p.mr))
     auto = b.select(b.and_(misaligned, shared), i64(PACK_MODES["b"]), i64(PACK_MODES[""]))
     s.pack = b.select(b.icmp_signed("==", s.pack, i64(PACK_MODES["auto"])), auto, s.pack)
@@ -772,10 +774,11 @@ def _emit_dot(s: Shared, p: _TileKey):
 
 
 def _align_lead(b: ir.IRBuilder, ptr, k, vl: int, es: int):
-    """Elements from `ptr` to the next 64-byte boundary (at most K, and 0 when `ptr` is not
-    element-aligned, which a numpy array is): the head the dot form's K loop skips."""
+    """Elements from `ptr` to the next vector boundary (VL * element bytes: a 64-byte cache line
+    with AVX-512, half of one with AVX2, so an aligned vector never straddles two lines); at most
+    K, and 0 when `ptr` is not element-aligned. Less than VL: the dot form's one head step."""
     addr = b.ptrtoint(ptr, ir.IntType(64))
-    off = b.and_(b.sub(i64(0), addr), i64(63))
+    off = b.and_(b.sub(i64(0), addr), i64(vl * es - 1))
     lead = b.udiv(off, i64(es))
     exact = b.icmp_signed("==", b.urem(off, i64(es)), i64(0))
     return smin(b, b.select(exact, lead, i64(0)), k, name="matmul.lead")
