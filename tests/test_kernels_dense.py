@@ -238,6 +238,18 @@ def test_matmul_operands_at_every_alignment(dtype):
     assert {"dot", "outer"} <= forms
 
 
+def test_matmul_chunks_form_a_grid_of_column_and_row_groups():
+    """Without an epilogue the chunks split a product's column tiles and, when there are more
+    chunks than column tiles, its row tiles too (4 column tiles x 2 row groups for 8 chunks);
+    chunks past the grid (5 or 7 chunks over 2-3 column tiles) do nothing. Every element is
+    written once (the output starts as NaN), with B in place, B^T packed and the dot form."""
+    specs = [("matmul", [(100, 40), (40, 200)], {}),                       # 4 column tiles
+             ("matmul", [(90, 33), (150, 33)], dict(trans_b=True)),        # B^T panels
+             ("matmul", [(40, 70), (40, 48)], dict(trans_a=True)),         # 3 or 1 column tiles
+             ("matmul", [(7, 300), (50, 300)], dict(trans_b=True))]        # the dot form
+    check_all(specs, "f32", thread_counts=(4, 5, 7, 8))
+
+
 def test_matmul_copied_panels_of_b(monkeypatch):
     """The outer form's copied panels of B (a run-time mode the plan does not choose by
     default): partial K blocks and column tiles, batched, on 1-3 threads."""

@@ -44,10 +44,11 @@ transpose of A is a pair of run-time strides, the packing of B a run-time mode);
 instruction is a small wrapper that partitions the work between threads and passes its shape as
 constants.
 
-Threads split the rows of C (whole MR-row tiles), or its columns when there are fewer row tiles
-than column tiles or at least as many column tiles as chunks (run time); a thread walks its columns tile by tile and, within a column tile, its rows, so
-the B panel of the column tile is reused from L1. With an epilogue, threads split rows only and
-the epilogue runs on each panel of rows once all its columns are written.
+Without an epilogue the chunks of a call form a grid of column groups (up to one a column tile)
+by row groups of C (whole tiles each; see _lower_one); a thread walks its columns tile by tile
+and, within a column tile, its rows, so the B panel of the column tile is reused from L1. With an
+epilogue, threads split rows only and the epilogue runs on each panel of rows once all its columns
+are written.
 
 Batches: a batch whose shared operand makes it one 2-d product on the same buffers (a batch of
 vectors times a shared matrix, a batch of A's rows times a shared B) is planned as that product
@@ -309,7 +310,8 @@ def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
 
 
 def _lower_one(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams):
-    """One matrix product: threads split its row tiles (or its column tiles, see above)."""
+    """One matrix product: chunks split its row tiles (with an epilogue), else a grid of its
+    column and row tiles (see below)."""
     b = kf.b
     # the panel buffer is the executing thread's own scratch region (parallel.emit_call)
     a_mat, b_mat = kf.ins[::-1] if p.swap else kf.ins
@@ -321,21 +323,24 @@ def _lower_one(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: 
         r0, r1 = b.mul(t0, i64(p.mr)), smin(b, b.mul(t1, i64(p.mr)), p.m)
         _rows(kf, p, fn, shape, ptrs, r0, r1, i64(0))
         return
-    # Columns when there are fewer row tiles than column tiles, or at least one column tile a
-    # chunk (the pool's chunks outnumber its threads): a chunk of whole columns reads each B
-    # panel (packed once, when it is) for all the rows, where a chunk of a few row tiles re-reads
-    # (re-packs) all of B (dy^T @ x [256, 784] at K = 64 in 8 chunks, 1 thread: 140 -> 160
-    # GFLOP/s with x 16 bytes off a line). One call of the tile function, its range selected.
-    cols = b.icmp_unsigned(">=", i64(nb), kf.nthreads, name="matmul.split.cols")
-    if nb > mb or FORCE.get("split") == "cols":
-        cols = ir.Constant(ir.IntType(1), 1)
-    t0, t1 = thread_range(b, b.select(cols, i64(nb), i64(mb)), kf.tid, kf.nthreads)
-    step = b.select(cols, i64(p.tile_cols), i64(p.mr))
-    lo, hi = b.mul(t0, step), b.mul(t1, step)
-    fn.call(b, ptrs, replace(shape, r0=b.select(cols, i64(0), lo),
-                             r1=b.select(cols, i64(p.m), smin(b, hi, p.m)),
-                             c0=b.select(cols, lo, i64(0)),
-                             c1=b.select(cols, smin(b, hi, p.n), i64(p.n))))
+    # The chunks form a grid of column groups (up to one a column tile) by row groups: a chunk
+    # of whole columns reads each B panel (packed once, when it is) for all its rows, where a
+    # chunk of a few row tiles and all columns re-reads (re-packs) all of B. The pool makes 4
+    # chunks a thread: dy^T @ x [256, 784] at K = 64 in 8 chunks, 1 thread, x 16 bytes off a
+    # line: 140 -> 160 GFLOP/s; x @ W^T [1024, 256] @ [256, 256]^T (B^T packed, 4 column
+    # tiles: 4 x 2 chunks): 154 -> 174. Chunks past the grid get nothing.
+    nch = kf.nthreads
+    groups = nch if FORCE.get("split") == "cols" else smin(b, nch, nb)
+    rgroups = b.udiv(nch, groups, name="matmul.split.rows")
+    gc = b.urem(kf.tid, groups, name="matmul.split.col")
+    gr = b.udiv(kf.tid, groups, name="matmul.split.row")
+    c0, c1 = thread_range(b, nb, gc, groups)
+    r0, r1 = thread_range(b, mb, gr, rgroups)
+    with b.if_then(b.icmp_unsigned("<", gr, rgroups)):
+        fn.call(b, ptrs, replace(shape, r0=b.mul(r0, i64(p.mr)),
+                                 r1=smin(b, b.mul(r1, i64(p.mr)), p.m),
+                                 c0=b.mul(c0, i64(p.tile_cols)),
+                                 c1=smin(b, b.mul(c1, i64(p.tile_cols)), p.n)))
 
 
 def _lower_batch(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams,
