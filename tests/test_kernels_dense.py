@@ -243,11 +243,20 @@ def test_matmul_chunks_form_a_grid_of_column_and_row_groups():
     chunks than column tiles, its row tiles too (4 column tiles x 2 row groups for 8 chunks);
     chunks past the grid (5 or 7 chunks over 2-3 column tiles) do nothing. Every element is
     written once (the output starts as NaN), with B in place, B^T packed and the dot form."""
+    from tracejit.codegen.kernels import FLOPS_PER_NS
+    from tracejit.codegen.parallel import PARALLEL_MIN_NS
     specs = [("matmul", [(100, 40), (40, 200)], {}),                       # 4 column tiles
-             ("matmul", [(90, 33), (150, 33)], dict(trans_b=True)),        # B^T panels
-             ("matmul", [(40, 70), (40, 48)], dict(trans_a=True)),         # 3 or 1 column tiles
-             ("matmul", [(7, 300), (50, 300)], dict(trans_b=True))]        # the dot form
-    check_all(specs, "f32", thread_counts=(4, 5, 7, 8))
+             ("matmul", [(90, 64), (150, 64)], dict(trans_b=True)),        # B^T panels
+             ("matmul", [(100, 70), (100, 150)], dict(trans_a=True)),      # 3 or 1 column tiles
+             ("matmul", [(7, 1200), (100, 1200)], dict(trans_b=True))]     # the dot form
+    ks = check_all(specs, "f32", thread_counts=(4, 5, 7, 8))
+    # (each big enough to run on the pool, where the grid applies)
+    assert all(2 * ins.out.type.size * ins.inputs[0].shape[0 if ins.params.get("trans_a") else 1]
+               / FLOPS_PER_NS >= PARALLEL_MIN_NS for ins in ks.instrs)
+    for ins in ks.instrs:
+        mod = llir.Module()
+        kernels[ins.prim].lower(mod, "k", ins)
+        assert "matmul.split.rows" in str(mod)
 
 
 def test_matmul_copied_panels_of_b(monkeypatch):

@@ -68,8 +68,9 @@ from ...ir.prims.linalg import matmul_p
 
 from ..loops import FAST, carry_loop, fma, gep, i64, llvm_type, load, masked_load, masked_store, \
     splat, store, vload, vstore
+from ..parallel import PARALLEL_MIN_NS
 from ..target import vector_registers
-from . import MATMUL_TILE_WEIGHTS, MATMUL_WEIGHT, matmul_cost, register
+from . import FLOPS_PER_NS, MATMUL_TILE_WEIGHTS, MATMUL_WEIGHT, matmul_cost, register
 from .toolkit import I64Arg, KernelFunction, Params, Shared, SharedFunction, ceil_div, \
     dtype_info, kernel_function, lane_mask, opaque, params, shared_function, smax, smin, \
     thread_range, zero_vector
@@ -318,7 +319,11 @@ def _lower_one(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: 
     extra = [kf.scratch] if p.form == "outer" else []
     mb, nb = ceil_div(p.m, p.mr), ceil_div(p.n, p.tile_cols)
     ptrs = [kf.out, a_mat, b_mat] + extra
-    if kf.epilogue is not None or FORCE.get("split") == "rows":   # threads split the rows
+    # Rows also where a grid cannot differ (one column tile) or the kernel never runs on the pool
+    # (runtime: below PARALLEL_MIN_NS): the columns stay constants, which LLVM folds (a grid's
+    # run-time columns cost a lone outer-form kernel ~25 ms more LLVM time)
+    serial = 2 * p.m * p.n * p.k / FLOPS_PER_NS < PARALLEL_MIN_NS
+    if kf.epilogue is not None or nb == 1 or serial or FORCE.get("split") == "rows":
         t0, t1 = thread_range(b, mb, kf.tid, kf.nthreads)
         r0, r1 = b.mul(t0, i64(p.mr)), smin(b, b.mul(t1, i64(p.mr)), p.m)
         _rows(kf, p, fn, shape, ptrs, r0, r1, i64(0))
