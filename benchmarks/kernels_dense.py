@@ -133,6 +133,12 @@ class Bench:
         self.scratch = np.zeros(nbytes + 64, np.uint8)
         self.args = ([self.out.ctypes.data] + [a.ctypes.data for a in self.arrays]
                      + [self.scratch.ctypes.data + (-self.scratch.ctypes.data) % 64])
+        # a thread's own scratch region, as the pool passes it (a shared one made two threads
+        # pack their B panels into the same lines: wrong panels and false sharing)
+        self.region = kernels[ins.prim].scratch_bytes(ins, 1)
+
+    def thread_args(self, tid: int) -> list:
+        return self.args[:-1] + [self.args[-1] + tid * self.region]
 
     def run(self, threads: int, calls: int) -> float:
         """Seconds for `calls` calls, each on `threads` threads (a barrier between calls)."""
@@ -149,7 +155,7 @@ class Bench:
                 barrier.wait()
                 if tid == 0:
                     times.append(time.perf_counter())
-                self.fn(*self.args, tid, threads)
+                self.fn(*self.thread_args(tid), tid, threads)
             barrier.wait()
             if tid == 0:
                 times.append(time.perf_counter())
@@ -171,7 +177,7 @@ class Bench:
         def work(tid):
             t0 = time.thread_time()
             for _ in range(calls):
-                self.fn(*self.args, tid, threads)
+                self.fn(*self.thread_args(tid), tid, threads)
             spent[tid] = time.thread_time() - t0
 
         ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]

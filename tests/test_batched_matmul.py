@@ -110,12 +110,17 @@ def test_short_m_takes_its_own_row_block_only_when_clamped_rows_waste_a_quarter(
     smaller waste (M = 10: 12 rows, M = 32: 36) keeps the full block, whose tile function the
     module compiles anyway (another block's costs ~0.2 s of LLVM); a long M keeps it too."""
     from tracejit.codegen.kernels.matmul import _plan
+    from tracejit.codegen.target import vector_registers
     plans = [_plan(_matmul_instr("f32", (100, 32, m), (100, 32, 10), trans_a=True))
              for m in (8, 10, 32)]
     assert all(p.form == "outer" for p in plans)
-    assert [p.mr for p in plans] == [4, 6, 6], [p.mr for p in plans]
-    wide = _plan(_matmul_instr("f32", (256, 64), (64, 10)))
-    assert wide.mr == 6
+    # the machine's full block for N = 10 (one vector of columns on AVX-512, two on AVX2):
+    # 12 rows (24 accumulators) or 6 (12)
+    full = _plan(_matmul_instr("f32", (256, 64), (64, 10))).mr
+    assert full == (12 if vector_registers() >= 32 else 6), full
+    short = plans[0].mr
+    assert short < full and 8 % short == 0, [p.mr for p in plans]   # M = 8: no clamped rows
+    assert [p.mr for p in plans[1:]] == [full, full], [p.mr for p in plans]
 
 
 def test_batch_of_vectors_times_a_shared_matrix_is_one_product():

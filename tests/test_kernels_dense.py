@@ -198,6 +198,67 @@ def test_matvec_compiled_matches_interpreter():
     assert "matmul.mv.k" in f.ir(A, v, w, stage="llvm")
 
 
+def _placed(a: np.ndarray, offset: int, keep: list) -> np.ndarray:
+    """A copy of `a` starting `offset` bytes past a 64-byte boundary (its buffer kept in `keep`)."""
+    raw = np.empty(a.nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    keep.append(raw)
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_matmul_operands_at_every_alignment(dtype):
+    """The kernels align their loads to cache lines at run time (the dot form's K loop starts on
+    a line of B's first row after a masked head step; see matmul._emit_dot): operands placed at
+    every element offset within a line, K shorter than, equal to and past the head, and rows
+    whose alignment differs (K not a multiple of the vector), match numpy on 1-2 threads."""
+    specs = [("matmul", [(m, k), (n, k)], dict(trans_b=True))
+             for m, n, k in [(5, 7, 40), (9, 13, 37), (4, 6, 100), (3, 5, 33), (6, 4, 16)]]
+    specs += [("matmul", [(k, m), (k, n)], dict(trans_a=True)) for m, n, k in [(30, 45, 20)]]
+    specs += [("matmul", [(m, k), (k, n)], {}) for m, n, k in [(30, 45, 20), (70, 33, 7)]]
+    ks = Kernels([make_instr(prim, shapes, dtype, **params) for prim, shapes, params in specs])
+    rng = np.random.default_rng(3)
+    es = np.dtype(NP[dtype]).itemsize
+    forms = set()
+    for i, ins in enumerate(ks.instrs):
+        from tracejit.codegen.kernels.matmul import _plan
+        forms.add(_plan(ins).form)
+        arrays = [rng.standard_normal(v.shape).astype(NP[dtype]) for v in ins.inputs]
+        ref, tol = reference(ins, arrays)
+        for off_a in range(0, 64, es * 3):
+            for off_b in (0, es, 64 - es):
+                keep = []
+                placed = [_placed(arrays[0], off_a, keep), _placed(arrays[1], off_b, keep)]
+                for nt in (1, 2):
+                    got = ks.call(i, placed, nt)
+                    assert (np.abs(got - ref) <= tol).all(), (ins.params, ins.out.shape, off_a,
+                                                              off_b, nt)
+    assert {"dot", "outer"} <= forms
+
+
+def test_matmul_chunks_form_a_grid_of_column_and_row_groups():
+    """Without an epilogue the chunks split a product's column tiles and, when there are more
+    chunks than column tiles, its row tiles too (4 column tiles x 2 row groups for 8 chunks);
+    chunks past the grid (5 or 7 chunks over 2-3 column tiles) do nothing. Every element is
+    written once (the output starts as NaN), with B in place, B^T packed and the dot form."""
+    from tracejit.codegen.kernels import FLOPS_PER_NS
+    from tracejit.codegen.parallel import PARALLEL_MIN_NS
+    specs = [("matmul", [(100, 40), (40, 200)], {}),                       # 4 column tiles
+             ("matmul", [(90, 64), (150, 64)], dict(trans_b=True)),        # B^T panels
+             ("matmul", [(100, 70), (100, 150)], dict(trans_a=True)),      # 3 or 1 column tiles
+             ("matmul", [(7, 1200), (100, 1200)], dict(trans_b=True))]     # the dot form
+    ks = check_all(specs, "f32", thread_counts=(4, 5, 7, 8))
+    # (each big enough to run on the pool, where the grid applies)
+    assert all(2 * ins.out.type.size * ins.inputs[0].shape[0 if ins.params.get("trans_a") else 1]
+               / FLOPS_PER_NS >= PARALLEL_MIN_NS for ins in ks.instrs)
+    for ins in ks.instrs:
+        mod = llir.Module()
+        kernels[ins.prim].lower(mod, "k", ins)
+        assert "matmul.split.rows" in str(mod)
+
+
 def test_matmul_copied_panels_of_b(monkeypatch):
     """The outer form's copied panels of B (a run-time mode the plan does not choose by
     default): partial K blocks and column tiles, batched, on 1-3 threads."""
@@ -211,20 +272,24 @@ def test_matmul_copied_panels_of_b(monkeypatch):
 def test_matmul_plan_packs_panels_and_keeps_the_dot_form_for_long_k():
     """The form and packing each shape class gets (lowering only: nothing is compiled)."""
     from tracejit.codegen.kernels.matmul import _plan
+    from tracejit.codegen.target import vector_registers
 
     def plan(shapes, **params):
         p = _plan(make_instr("matmul", shapes, "f32", **params))
         return p.form, p.pack
 
+    # B read in place, or copied into panels where misaligned (decided at run time; AVX-512 only)
+    auto = "auto" if vector_registers() >= 32 else ""
+
     # attention's projections and heads: the outer form on panels (B^T transposed into them)
     assert plan([(1024, 256), (256, 256)], trans_b=True) == ("outer", "bt")
     assert plan([(8, 4, 128, 64), (8, 4, 128, 64)], trans_b=True) == ("outer", "bt")
-    assert plan([(8, 4, 128, 64), (8, 4, 64, 128)]) == ("outer", "")   # B read in place
-    assert plan([(1024, 256), (1024, 256)], trans_a=True) == ("outer", "")
+    assert plan([(8, 4, 128, 64), (8, 4, 64, 128)]) == ("outer", auto)
+    assert plan([(1024, 256), (1024, 256)], trans_a=True) == ("outer", auto)
     # an MLP's first layer at batch 64 (K > 3 M), a few rows, a matrix-vector product: in place
     assert plan([(64, 784), (256, 784)], trans_b=True) == ("dot", "")
     assert plan([(8, 256), (256, 256)], trans_b=True) == ("dot", "")
-    assert plan([(8, 256), (256, 256)]) == ("outer", "")
+    assert plan([(8, 256), (256, 256)]) == ("outer", auto)
     assert plan([(300, 256), (1, 256)], trans_b=True) == ("mv_dot", "")
 
 

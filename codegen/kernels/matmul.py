@@ -44,10 +44,11 @@ transpose of A is a pair of run-time strides, the packing of B a run-time mode);
 instruction is a small wrapper that partitions the work between threads and passes its shape as
 constants.
 
-Threads split the rows of C (whole MR-row tiles), or its columns when there are fewer row tiles
-than column tiles; a thread walks its columns tile by tile and, within a column tile, its rows, so
-the B panel of the column tile is reused from L1. With an epilogue, threads split rows only and
-the epilogue runs on each panel of rows once all its columns are written.
+Without an epilogue the chunks of a call form a grid of column groups (up to one a column tile)
+by row groups of C (whole tiles each; see _lower_one); a thread walks its columns tile by tile
+and, within a column tile, its rows, so the B panel of the column tile is reused from L1. With an
+epilogue, threads split rows only and the epilogue runs on each panel of rows once all its columns
+are written.
 
 Batches: a batch whose shared operand makes it one 2-d product on the same buffers (a batch of
 vectors times a shared matrix, a batch of A's rows times a shared B) is planned as that product
@@ -67,8 +68,9 @@ from ...ir.prims.linalg import matmul_p
 
 from ..loops import FAST, carry_loop, fma, gep, i64, llvm_type, load, masked_load, masked_store, \
     splat, store, vload, vstore
+from ..parallel import PARALLEL_MIN_NS
 from ..target import vector_registers
-from . import MATMUL_TILE_WEIGHTS, MATMUL_WEIGHT, matmul_cost, register
+from . import FLOPS_PER_NS, MATMUL_TILE_WEIGHTS, MATMUL_WEIGHT, matmul_cost, register
 from .toolkit import I64Arg, KernelFunction, Params, Shared, SharedFunction, ceil_div, \
     dtype_info, kernel_function, lane_mask, opaque, params, shared_function, smax, smin, \
     thread_range, zero_vector
@@ -121,10 +123,12 @@ OUTER_KC = 128   # K block of the outer form: 128 x 64 bytes of B panel, 8 KB of
 PACK_MIN_ROWS = 24   # rows of C from which x @ W^T may take the outer form on B^T panels
 PACKED_PANEL_ROWS = 128   # rows of C an epilogue follows when B is packed (see _rows)
 DOT_K_PER_ROW = 3    # x @ W^T: the dot form when K > 3 M (see _block_plan)
-PACK_MODES = {"": 0, "b": 1, "bt": 2}   # the outer form's run-time `pack` parameter
+PACK_MODES = {"": 0, "b": 1, "bt": 2, "auto": 3}   # the outer form's run-time `pack` parameter
+AUTO_PACK_TILES = 3   # "auto": B's panels are copied for at least this many row tiles a call
 SMALL_M = 48   # the outer form picks its row block for rows of C fewer than this (_fewest_rows)
 SHORT_M_WASTE = 0.25   # ... when the full row block's clamped rows are at least this share
-FORCE = {}   # blocking overrides for tuning runs (benchmarks/kernels_dense.py --force)
+FORCE = {}   # tuning overrides (benchmarks/kernels_dense.py --force): "dot"/"outer" blocks, "pack",
+# "dot_align" ("a", "b" or None: whose rows the dot form aligns), "split" ("rows"/"cols")
 
 
 @record(frozen=True)
@@ -245,10 +249,13 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
         mr = _fewest_rows(m, mr)
     mr, nv = FORCE.get("outer", (mr, nv))
     # B^T is packed into panels (the outer form cannot read it in place); B itself is read in
-    # place: packing its panels measured slower here on 2 threads (x [64,784] @ W [784,256]
-    # 0.53 vs 0.38 ms, a^T @ a [1024,256] 2.86 vs 2.04 ms, batched P @ V 1.43 vs 1.25 ms: the
-    # thread pool's chunks each pack a whole panel). FORCE["pack"] = "b" still selects it.
-    pack = FORCE.get("pack", "bt" if tb else "")
+    # place where its rows start on cache lines, else copied into panels ("auto", decided per
+    # call of the tile function: see _emit_outer). Packing aligned B measured slower (znver1, 2
+    # threads: x [64,784] @ W [784,256] 0.53 vs 0.38 ms; here dy^T @ x [256,784] at K = 64,
+    # 1 thread: 156 vs 161 GFLOP/s), misaligned B faster (162 vs 143).
+    # FORCE["pack"] = "b" or "" still selects one.
+    # (AVX2 keeps B in place: untried on a 16-register machine since this was measured.)
+    pack = FORCE.get("pack", "bt" if tb else "auto" if vector_registers() >= 32 else "")
     return _Plan(dt, (), (), (), m, n, k, ta, "outer", pack, mr, nv, vl, es)
 
 
@@ -304,21 +311,41 @@ def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
 
 
 def _lower_one(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams):
-    """One matrix product: threads split its row tiles (or its column tiles, see above)."""
+    """One matrix product: chunks split its row tiles (with an epilogue), else a grid of its
+    column and row tiles (see below)."""
     b = kf.b
     # the panel buffer is the executing thread's own scratch region (parallel.emit_call)
     a_mat, b_mat = kf.ins[::-1] if p.swap else kf.ins
     extra = [kf.scratch] if p.form == "outer" else []
     mb, nb = ceil_div(p.m, p.mr), ceil_div(p.n, p.tile_cols)
-    if kf.epilogue is None and nb > mb:   # threads split the columns
-        t0, t1 = thread_range(b, nb, kf.tid, kf.nthreads)
-        fn.call(b, [kf.out, a_mat, b_mat] + extra,
-                replace(shape, r0=0, r1=p.m, c0=b.mul(t0, i64(p.tile_cols)),
-                        c1=smin(b, b.mul(t1, i64(p.tile_cols)), p.n)))
-    else:                                 # threads split the rows
+    ptrs = [kf.out, a_mat, b_mat] + extra
+    # Rows also where a grid cannot differ (one column tile) or the kernel never runs on the pool
+    # (runtime: below PARALLEL_MIN_NS): the columns stay constants, which LLVM folds (a grid's
+    # run-time columns cost a lone outer-form kernel ~25 ms more LLVM time)
+    serial = 2 * p.m * p.n * p.k / FLOPS_PER_NS < PARALLEL_MIN_NS
+    if kf.epilogue is not None or nb == 1 or serial or FORCE.get("split") == "rows":
         t0, t1 = thread_range(b, mb, kf.tid, kf.nthreads)
         r0, r1 = b.mul(t0, i64(p.mr)), smin(b, b.mul(t1, i64(p.mr)), p.m)
-        _rows(kf, p, fn, shape, [kf.out, a_mat, b_mat] + extra, r0, r1, i64(0))
+        _rows(kf, p, fn, shape, ptrs, r0, r1, i64(0))
+        return
+    # The chunks form a grid of column groups (up to one a column tile) by row groups: a chunk
+    # of whole columns reads each B panel (packed once, when it is) for all its rows, where a
+    # chunk of a few row tiles and all columns re-reads (re-packs) all of B. The pool makes 4
+    # chunks a thread: dy^T @ x [256, 784] at K = 64 in 8 chunks, 1 thread, x 16 bytes off a
+    # line: 140 -> 160 GFLOP/s; x @ W^T [1024, 256] @ [256, 256]^T (B^T packed, 4 column
+    # tiles: 4 x 2 chunks): 154 -> 174. Chunks past the grid get nothing.
+    nch = kf.nthreads
+    groups = nch if FORCE.get("split") == "cols" else smin(b, nch, nb)
+    rgroups = b.udiv(nch, groups, name="matmul.split.rows")
+    gc = b.urem(kf.tid, groups, name="matmul.split.col")
+    gr = b.udiv(kf.tid, groups, name="matmul.split.row")
+    c0, c1 = thread_range(b, nb, gc, groups)
+    r0, r1 = thread_range(b, mb, gr, rgroups)
+    with b.if_then(b.icmp_unsigned("<", gr, rgroups)):
+        fn.call(b, ptrs, replace(shape, r0=b.mul(r0, i64(p.mr)),
+                                 r1=smin(b, b.mul(r1, i64(p.mr)), p.m),
+                                 c0=b.mul(c0, i64(p.tile_cols)),
+                                 c1=smin(b, b.mul(c1, i64(p.tile_cols)), p.n)))
 
 
 def _lower_batch(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams,
@@ -377,7 +404,7 @@ def _rows(kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams, 
     # stores), and every interleaving measured slower than this (x^T @ dy [256, 784] + Adam,
     # 1 thread: 0.97 ms here; a slice after each tile 1.00, after every 16 K steps 1.12, one
     # vector of explicit vector code every 8 K steps 1.30; prefetching p, m, v: no change)
-    panel = p.mr * max(1, (PACKED_PANEL_ROWS if p.pack else 32) // p.mr)
+    panel = p.mr * max(1, (PACKED_PANEL_ROWS if p.pack not in ("", "auto") else 32) // p.mr)
     ety = llvm_type(p.dtype)
     with carry_loop(b, r0, r1, [], "matmul.panel", step=panel) as lp:
         end = smin(b, b.add(lp.iv, i64(panel)), r1)
@@ -447,6 +474,16 @@ def _emit_outer(s: Shared, p: _TileKey):
     # LeNet-5's matmuls), and the loops do not branch on it, so they exist once: B's row kk of
     # the tile is read at b_src[(kk - packed*k0) * b_stride + (1 - packed)*j0], in place (rows
     # N apart) or in the panel ([k1 - k0, tile]).
+    # "auto" (matmul's B read in place): copy B's panels when its rows do not all start on a
+    # vector boundary (64-byte loads straddling two lines cost two: a numpy array usually sits 16 bytes
+    # off a line) and enough row tiles share each panel to pay for the copy
+    _, vl, es = dtype_info(p.dtype)
+    b_addr = b.ptrtoint(s.ptrs[2], ir.IntType(64))
+    misaligned = b.icmp_signed("!=", b.and_(b.or_(b_addr, b.mul(s.n, i64(es))), i64(vl * es - 1)),
+                               i64(0))
+    shared = b.icmp_signed(">=", b.sub(s.r1, s.r0), i64(AUTO_PACK_TILES * p.mr))
+    auto = b.select(b.and_(misaligned, shared), i64(PACK_MODES["b"]), i64(PACK_MODES[""]))
+    s.pack = b.select(b.icmp_signed("==", s.pack, i64(PACK_MODES["auto"])), auto, s.pack)
     s.pack = opaque(b, s.pack)
     packed = b.icmp_signed("!=", s.pack, i64(0), name="matmul.packed")
     s.packed = b.zext(packed, ir.IntType(64))
@@ -699,17 +736,23 @@ def _pack_function(module: ir.Module, p: _TileKey) -> SharedFunction:
 def _emit_dot(s: Shared, p: _TileKey):
     b = s.b
     out, a_mat, b_mat = s.ptrs
-    ety, vl, _ = dtype_info(p.dtype)
+    ety, vl, es = dtype_info(p.dtype)
     mr, nr = p.mr, p.nr
     vty = ir.VectorType(ety, vl)
     m1, n1 = b.sub(s.m, i64(1)), b.sub(s.n, i64(1))
-    kfull = b.sub(s.k, b.urem(s.k, i64(vl)), name="matmul.kfull")
+    align = FORCE.get("dot_align", "b")
     with carry_loop(b, s.c0, s.c1, [], "matmul.j", step=nr) as lj:
         cols = [smin(b, b.add(lj.iv, i64(c)), n1, name=f"matmul.col{c}") for c in range(nr)]
         brow = [gep(b, b_mat, b.mul(c, s.k), ety) for c in cols]
+        if align == "b":
+            lead = _align_lead(b, brow[0], s.k, vl, es)
         with carry_loop(b, s.r0, s.r1, [], "matmul.i", step=mr) as li:
             rows = [smin(b, b.add(li.iv, i64(r)), m1, name=f"matmul.row{r}") for r in range(mr)]
             arow = [gep(b, a_mat, b.mul(r, s.k), ety) for r in rows]
+            if align == "a":
+                lead = _align_lead(b, arow[0], s.k, vl, es)
+            elif align is None:
+                lead = i64(0)
             zero = zero_vector(ety, vl)
 
             def step(acc, k0, mask):
@@ -719,16 +762,42 @@ def _emit_dot(s: Shared, p: _TileKey):
                 av, bv = [ld(pa) for pa in arow], [ld(pb) for pb in brow]
                 return [fma(b, av[r], bv[c], acc[r * nr + c]) for r in range(mr) for c in range(nr)]
 
-            with carry_loop(b, 0, kfull, [zero] * (mr * nr), "matmul.k", step=vl) as lp:
+            # the K loop's loads start on a cache line of B's first row (a masked head step
+            # before it): a 64-byte load that straddles two lines costs two, and a numpy array
+            # usually starts 16 bytes off a line (x @ W^T [64, 784] @ [256, 784]^T, 1 thread:
+            # 113 GFLOP/s misaligned, 166 aligned or with this head step). With K a multiple of
+            # 16 and the operands equally misaligned, A's rows are aligned with B's.
+            kend = b.sub(s.k, b.urem(b.sub(s.k, lead), i64(vl)), name="matmul.kend")
+            with carry_loop(b, lead, kend, [zero] * (mr * nr), "matmul.k", step=vl) as lp:
                 lp.next = step(lp.vals, lp.iv, None)
-            # the K tail (a masked step; all-zero lanes when K is a multiple of VL)
-            accs = step(lp.out, kfull, lane_mask(b, b.sub(s.k, kfull), vl))
+            # the head [0, lead) and the tail [kend, K): one masked step in a loop of two (one
+            # copy of its code: a second copy cost 30% more LLVM time of the dot form), each
+            # skipped when empty
+            with carry_loop(b, 0, 2, lp.out, "matmul.k.ends") as le:
+                first = b.icmp_signed("==", le.iv, i64(0))
+                k0 = b.select(first, i64(0), kend)
+                count = b.select(first, lead, b.sub(s.k, kend))
+                le.next = _branch(b, b.icmp_signed(">", count, i64(0)),
+                                  lambda: step(le.vals, k0, lane_mask(b, count, vl)),
+                                  lambda: le.vals)
+            accs = le.out
             # the row's NR sums in the first lanes of one vector, stored with the columns past N
             # masked off
             cmask = lane_mask(b, smin(b, b.sub(s.n, lj.iv), nr), vl)
             for r in range(mr):
                 sums = transpose_sums(b, accs[r * nr:(r + 1) * nr])
                 masked_store(b, sums, out, b.add(b.mul(rows[r], s.n), lj.iv), cmask)
+
+
+def _align_lead(b: ir.IRBuilder, ptr, k, vl: int, es: int):
+    """Elements from `ptr` to the next vector boundary (VL * element bytes: a 64-byte cache line
+    with AVX-512, half of one with AVX2, so an aligned vector never straddles two lines); at most
+    K, and 0 when `ptr` is not element-aligned. Less than VL: the dot form's one head step."""
+    addr = b.ptrtoint(ptr, ir.IntType(64))
+    off = b.and_(b.sub(i64(0), addr), i64(vl * es - 1))
+    lead = b.udiv(off, i64(es))
+    exact = b.icmp_signed("==", b.urem(off, i64(es)), i64(0))
+    return smin(b, b.select(exact, lead, i64(0)), k, name="matmul.lead")
 
 
 def _emit_mv_dot(s: Shared, p: _TileKey):
