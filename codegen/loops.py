@@ -131,8 +131,10 @@ def if_then(b: ir.IRBuilder, pred, name: str = "if"):
     b.position_at_end(end)
 
 
-def gep(b: ir.IRBuilder, ptr, idx, ty: ir.Type, name: str = ""):
-    return b.gep(ptr, [idx], source_etype=ty, inbounds=True, name=name)
+def gep(b: ir.IRBuilder, ptr, idx, ty: ir.Type, name: str = "", inbounds: bool = True):
+    """Element `idx` of `ptr`; `inbounds=False` for an address that may lie outside the array
+    (a masked load's vector that starts before it)."""
+    return b.gep(ptr, [idx], source_etype=ty, inbounds=inbounds, name=name)
 
 
 def load(b: ir.IRBuilder, ptr, idx, ty: ir.Type, name: str = ""):
@@ -198,8 +200,9 @@ def prefetch(b: ir.IRBuilder, ptr):
     b.call(f, [ptr, i32(0), i32(3), i32(1)])
 
 
-def masked_load(b: ir.IRBuilder, ptr, idx, vty: ir.VectorType, mask, passthru=None):
-    p = gep(b, ptr, idx, vty.element)
+def masked_load(b: ir.IRBuilder, ptr, idx, vty: ir.VectorType, mask, passthru=None,
+                inbounds: bool = True):
+    p = gep(b, ptr, idx, vty.element, inbounds=inbounds)
     mty = ir.VectorType(I1, vty.count)
     f = intrinsic(b.module, f"llvm.masked.load.{type_suffix(vty)}.p0", vty, [PTR, I32, mty, vty])
     if passthru is None:

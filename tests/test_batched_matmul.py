@@ -104,8 +104,8 @@ def test_partial_column_tile_has_no_masked_stores_or_loads_in_its_k_loop():
     assert "llvm.masked.store" not in _function_body(text, "tracejit.matmul.formmv_dot")
 
 
-def test_short_m_takes_its_own_row_block_only_when_clamped_rows_waste_a_quarter(avx2_target):
-    """(The row blocks of 16 vector registers.) A short M whose full row block computes a quarter or more of clamped rows (a Hessian's
+def test_short_m_takes_its_own_row_block_only_when_clamped_rows_waste_a_quarter():
+    """A short M whose full row block computes a quarter or more of clamped rows (a Hessian's
     x^T @ g: M = 8, MR = 6 computed 12 rows for 8) is cut into row blocks that add none; a
     smaller waste (M = 10: 12 rows, M = 32: 36) keeps the full block, whose tile function the
     module compiles anyway (another block's costs ~0.2 s of LLVM); a long M keeps it too."""

@@ -72,8 +72,8 @@ from ..parallel import PARALLEL_MIN_NS
 from ..target import vector_registers
 from . import FLOPS_PER_NS, MATMUL_TILE_WEIGHTS, MATMUL_WEIGHT, matmul_cost, register
 from .toolkit import I64Arg, KernelFunction, Params, Shared, SharedFunction, ceil_div, \
-    dtype_info, kernel_function, lane_mask, opaque, params, shared_function, smax, smin, \
-    thread_range, zero_vector
+    dtype_info, kernel_function, lane_mask, opaque, params, rotate_lanes, shared_function, smax, \
+    smin, thread_range, zero_vector
 
 
 def transpose_sums(b: ir.IRBuilder, vecs):
@@ -757,8 +757,9 @@ def _emit_dot(s: Shared, p: _TileKey):
 
             def step(acc, k0, mask):
                 def ld(ptr):
+                    # (the head step's vector starts before the row: not an inbounds address)
                     return vload(b, ptr, k0, vty) if mask is None \
-                        else masked_load(b, ptr, k0, vty, mask)
+                        else masked_load(b, ptr, k0, vty, mask, inbounds=False)
                 av, bv = [ld(pa) for pa in arow], [ld(pb) for pb in brow]
                 return [fma(b, av[r], bv[c], acc[r * nr + c]) for r in range(mr) for c in range(nr)]
 
@@ -767,20 +768,36 @@ def _emit_dot(s: Shared, p: _TileKey):
             # usually starts 16 bytes off a line (x @ W^T [64, 784] @ [256, 784]^T, 1 thread:
             # 113 GFLOP/s misaligned, 166 aligned or with this head step). With K a multiple of
             # 16 and the operands equally misaligned, A's rows are aligned with B's.
+            # The result must not depend on where the operands lie (the same product of copies
+            # of the arrays gives the same bits): lane j always holds the k = lead + j (mod VL),
+            # the head step's vector too (it ends at `lead`, its lanes before the row masked
+            # off), each lane adds its k in increasing order (head, loop, tail), and the sums
+            # are rotated by `lead` before the horizontal sums, so every lane and every sum is
+            # the one of lead = 0.
             kend = b.sub(s.k, b.urem(b.sub(s.k, lead), i64(vl)), name="matmul.kend")
-            with carry_loop(b, lead, kend, [zero] * (mr * nr), "matmul.k", step=vl) as lp:
-                lp.next = step(lp.vals, lp.iv, None)
-            # the head [0, lead) and the tail [kend, K): one masked step in a loop of two (one
-            # copy of its code: a second copy cost 30% more LLVM time of the dot form), each
-            # skipped when empty
-            with carry_loop(b, 0, 2, lp.out, "matmul.k.ends") as le:
-                first = b.icmp_signed("==", le.iv, i64(0))
-                k0 = b.select(first, i64(0), kend)
-                count = b.select(first, lead, b.sub(s.k, kend))
-                le.next = _branch(b, b.icmp_signed(">", count, i64(0)),
-                                  lambda: step(le.vals, k0, lane_mask(b, count, vl)),
-                                  lambda: le.vals)
-            accs = le.out
+            head_mask = b.not_(lane_mask(b, b.sub(i64(vl), lead), vl))
+
+            def loop(vals):
+                with carry_loop(b, lead, kend, vals, "matmul.k", step=vl) as lp:
+                    lp.next = step(lp.vals, lp.iv, None)
+                return lp.out
+
+            def end_step(vals, head):
+                # the head [0, lead) (the vector [lead - VL, lead)) or the tail [kend, K), one
+                # masked step, skipped when empty
+                k0 = b.select(head, b.sub(lead, i64(vl)), kend)
+                count = b.select(head, lead, b.sub(s.k, kend))
+                mask = b.select(head, head_mask, lane_mask(b, count, vl))
+                return _branch(b, b.icmp_signed(">", count, i64(0)),
+                               lambda: step(vals, k0, mask), lambda: vals)
+
+            # head, loop, tail as three phases of one loop: one copy of the masked step's code
+            # (a second copy cost 30% more LLVM time of the dot form)
+            with carry_loop(b, 0, 3, [zero] * (mr * nr), "matmul.k.phase") as ph:
+                ph.next = _branch(b, b.icmp_signed("==", ph.iv, i64(1)),
+                                  lambda: loop(ph.vals),
+                                  lambda: end_step(ph.vals, b.icmp_signed("==", ph.iv, i64(0))))
+            accs = [rotate_lanes(b, acc, lead) for acc in ph.out] if align else ph.out
             # the row's NR sums in the first lanes of one vector, stored with the columns past N
             # masked off
             cmask = lane_mask(b, smin(b, b.sub(s.n, lj.iv), nr), vl)

@@ -18,7 +18,7 @@ from typing import Union
 import llvmlite.ir as ir
 
 from .. import record
-from ..loops import (F64, FAST, I1, I8, I32, I64, PTR, VOID, for_range, i32, i64, intrinsic,
+from ..loops import (F32, F64, FAST, I1, I8, I32, I64, PTR, VOID, for_range, i32, i64, intrinsic,
                      llvm_type, masked_store, splat, type_suffix, vec, vload, vstore)
 from ..target import vector_width
 
@@ -254,6 +254,23 @@ def lane_mask(b: ir.IRBuilder, remaining, vl: int):
     lanes = ir.Constant(ir.VectorType(ir.IntType(32), vl), list(range(vl)))
     rem = b.trunc(smax(b, smin(b, remaining, vl), 0), ir.IntType(32))
     return b.icmp_signed("<", lanes, splat(b, rem, vl))
+
+
+def rotate_lanes(b: ir.IRBuilder, v, shift):
+    """`v` with its lanes moved up by `shift` (an i64 in [0, lanes)): lane l of the result is
+    lane (l - shift) mod lanes of `v`. One variable permute of 32-bit pieces (vpermps; a double
+    is two pieces), on a 256- or 512-bit vector."""
+    n = v.type.count
+    per = 2 if v.type.element == F64 else 1
+    w = n * per
+    name = {8: "llvm.x86.avx2.permps", 16: "llvm.x86.avx512.permvar.sf.512"}[w]
+    fty, ity = ir.VectorType(F32, w), ir.VectorType(I32, w)
+    fn = intrinsic(b.module, name, fty, [fty, ity])
+    elem = ir.Constant(ity, [p // per for p in range(w)])
+    piece = ir.Constant(ity, [p % per for p in range(w)])
+    src = b.and_(b.sub(elem, splat(b, b.trunc(shift, I32), w)), splat(b, i32(n - 1), w))
+    idx = b.add(b.mul(src, splat(b, i32(per), w)), piece)
+    return b.bitcast(b.call(fn, [b.bitcast(v, fty), idx]), v.type)
 
 
 def zero_vector(ety, vl: int):
