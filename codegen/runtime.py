@@ -182,7 +182,7 @@ class NativeFunction:
         if module is None:
             return [modules[k] for k in parts]
         entry = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, PTR, I64]), "entry")
-        if not any(g.kind == "control" for g in plan.groups):
+        if _straight_line(plan.groups):
             # Straight-line calls of the kernels, a few instructions each: LLVM's optimizer
             # gains nothing measurable on them, and spent most of a deep MLP's compile there
             # (depth 64: 0.45 of 0.71 s for the entry's module, 0.08 without). A native loop
@@ -745,7 +745,8 @@ def _modules(groups, same=None, processes: int = 1):
     """({kernel index: module index}, [optimization pipeline of each module]): how the kernels
     are lowered into modules that `processes` processes take from a queue, in order
     (target.compile_objects); the loop-nest kernels' modules get the "kernels" pipeline
-    (target.PIPELINES), a module of their own for it even when one process compiles all.
+    (target.PIPELINES), a module of their own for it even when one process compiles all, and
+    the entry's module, the entry alone when several processes compile, the "entry" one.
     Module 0, which this process compiles first, holds the entry and the loops (control
     groups, which call their bodies' kernels from the entry). Then one module per process of
     loop-nest kernels, balanced by weight; then the fused loops, a few to a module, the
@@ -798,7 +799,8 @@ def _modules(groups, same=None, processes: int = 1):
             place(g, k if whole else min(range(processes),
                                          key=lambda j: (load[j] + added(g, j), j)))
     modules = sorted([m for m in big if m], key=lambda m: -_total_weight(m))
-    pipelines = ["full"] + ["kernels"] * len(modules)
+    entry = "entry" if _straight_line(groups) else "full"   # (the entry alone)
+    pipelines = [entry] + ["kernels"] * len(modules)
     fillers = []
     for g in sorted(loops, key=lambda g: -_compile_weight(g)):
         if not fillers or _total_weight(fillers[-1]) >= FILLER_WEIGHT:
@@ -811,6 +813,11 @@ def _modules(groups, same=None, processes: int = 1):
             home[g.index] = k
     home.update({k: home[j] for k, j in same.items()})
     return home, pipelines
+
+
+def _straight_line(groups) -> bool:
+    """Whether the entry calling `groups` is straight-line calls (no native loop runs in it)."""
+    return not any(g.kind == "control" for g in groups)
 
 
 def _sharing_unit(g):

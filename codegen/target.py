@@ -37,8 +37,10 @@ def _init():
 
 
 @functools.lru_cache(maxsize=None)
-def target_machine():
-    """The host's target machine: its CPU name and features, with 512-bit vectors preferred."""
+def target_machine(codegen_level: int = 3):
+    """The host's target machine: its CPU name and features, with 512-bit vectors preferred;
+    `codegen_level`: the code generator's optimization level (0: the fast instruction selector
+    and register allocator)."""
     _init()
     with LLVM_LOCK:
         features = llvm.get_host_cpu_features().flatten()
@@ -46,7 +48,7 @@ def target_machine():
             features += ",-prefer-256-bit"
         target = llvm.Target.from_default_triple()
         return target.create_target_machine(cpu=llvm.get_host_cpu_name(), features=features,
-                                            opt=3, jit=True, codemodel="jitdefault")
+                                            opt=codegen_level, jit=True, codemodel="jitdefault")
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,11 +78,20 @@ def vector_width(dtype_bits: int) -> int:
 # they run as fast; the loop vectorizer stays on for their epilogues (scalar fused loops,
 # codegen/fused.py). Everything else (fused loops, the entry) gets the full pipeline: its loops
 # are scalar code that the vectorizer and the unroller make fast.
+# "entry": a module of the entry alone, straight-line calls marked optnone (runtime): the fast
+# code generator (LeNet-5's gradient: 4 ms instead of 12, ResNet-8's ~25 ms less) makes code
+# that runs once per call, a few spilled registers slower.
 PIPELINES = {
     "full": {},
     "kernels": {"speed_level": 1, "slp_vectorization": False, "loop_unrolling": False,
                 "loop_interleaving": False},
+    "entry": {"codegen_level": 0},
 }
+
+
+def _codegen(pipeline: str):
+    """The target machine that generates code for a module of `pipeline`."""
+    return target_machine(PIPELINES[pipeline].get("codegen_level", 3))
 
 
 def optimize_module(mod_ref, speed_level: int = SPEED_LEVEL, pipeline: str = "full"):
@@ -163,7 +174,7 @@ def _compile_object(item, speed_level: int) -> bytes:
     llvm_ir, pipeline = _split_source(item)
     mod = optimized_module(llvm_ir() if callable(llvm_ir) else llvm_ir, speed_level, pipeline)
     with LLVM_LOCK:
-        return target_machine().emit_object(mod)
+        return _codegen(pipeline).emit_object(mod)
 
 
 _INDEX = struct.Struct("<I")   # a queue entry: the index of a module (atomic pipe writes and reads)
@@ -376,8 +387,8 @@ class JITModule:
         out = []
         for item in [src] if isinstance(src, str) else src:
             text, pipeline = _split_source(item)
-            out.append(optimized_module(text() if callable(text) else text, self._speed_level,
-                                        pipeline))
+            out.append((optimized_module(text() if callable(text) else text, self._speed_level,
+                                         pipeline), pipeline))
         return out
 
     @property
@@ -386,7 +397,7 @@ class JITModule:
         if self._optimized_ir is None:
             mods = self._recompile()
             with LLVM_LOCK:
-                self._optimized_ir = "\n\n".join(str(m) for m in mods)
+                self._optimized_ir = "\n\n".join(str(m) for m, _ in mods)
         return self._optimized_ir
 
     @property
@@ -395,7 +406,8 @@ class JITModule:
             if self._mod is None:
                 self._mod = self._recompile()
             with LLVM_LOCK:
-                self._asm = "\n".join(target_machine().emit_assembly(m) for m in self._mod)
+                self._asm = "\n".join(_codegen(pipeline).emit_assembly(m)
+                                       for m, pipeline in self._mod)
         return self._asm
 
 

@@ -36,7 +36,7 @@ def test_kernels_first_balanced_then_fused_loops_heaviest_first(monkeypatch):
     groups = kernels + loops
     home, pipelines = runtime._modules(groups, processes=2)
     n = len(pipelines)
-    assert pipelines[:3] == ["full", "kernels", "kernels"] and set(pipelines[3:]) == {"full"}
+    assert pipelines[:3] == ["entry", "kernels", "kernels"] and set(pipelines[3:]) == {"full"}
     assert all(home[g.index] in (1, 2) for g in kernels), home
     assert all(home[g.index] >= 3 for g in loops), home
     load = _loads(groups, home, n)
@@ -82,5 +82,15 @@ def test_kernels_sharing_a_function_stay_in_one_module(monkeypatch):
     groups = matmuls + _kernels(5, start=9)
     home, pipelines = runtime._modules(groups, processes=2)
     assert len({home[g.index] for g in matmuls}) == 1, home
-    assert pipelines == ["full", "kernels", "kernels"]
+    assert pipelines == ["entry", "kernels", "kernels"]
     assert runtime._total_weight(matmuls) == 9 * runtime._compile_weight(matmuls[0]) + 20
+
+
+def test_an_entry_running_a_loop_is_optimized_as_usual():
+    """The entry's module gets the fast code generator only when the entry is straight-line
+    calls: a native loop (a control group) runs in it."""
+    loop = SimpleNamespace(index=3, kind="control", bodies={})
+    home, pipelines = runtime._modules(_kernels(3) + [loop], processes=2)
+    assert pipelines[0] == "full" and home[3] == 0
+    home, pipelines = runtime._modules(_kernels(3), processes=2)
+    assert pipelines[0] == "entry"
