@@ -642,14 +642,14 @@ _loop_lowerings = {"scan": _lower_scan, "while": _lower_while}
 
 def _critical_path(t: dict) -> dict:
     """Where a split compile's wall time went (target.timeline): "own" (this process's modules,
-    lowered and compiled, until the queue was empty), "pool" (the thread pool built then),
-    "wait" (then waiting for the children), "child" (the busiest child's lowering and
-    compiling) and "child_late" (how long after this process's last module the last child
-    finished; negative: it finished first)."""
+    lowered and compiled, until the queue was empty, and the thread pool), "pool" (the thread
+    pool, built after the entry's module), "wait" (then waiting for the children), "child"
+    (the busiest child's lowering and compiling) and "child_late" (how long after this
+    process's last module the last child finished; negative: it finished first)."""
     if not t.get("children"):
         return {}
     spans = [s for child in t["children"] for s in child]
-    return {"own": t["own"] - t["start"], "pool": t["pool"] - t["own"], "wait": t["end"] - t["pool"],
+    return {"own": t["own"] - t["start"], "pool": t["pool"] - t["entry"], "wait": t["end"] - t["own"],
             "child": max(sum(done - started for started, done in child) for child in t["children"]),
             "child_late": max(done for _, done in spans) - t["own"] if spans else 0.0}
 

@@ -276,6 +276,14 @@ def compile_objects(sources, speed_level: int = SPEED_LEVEL, processes: int | No
                 children.append(child)
     try:
         objects[0] = _compile_object(sources[0], speed_level)
+        timeline["entry"] = time.perf_counter()
+        if children:
+            # while the children compile: build the thread pool the entry links against (~20
+            # ms of LLVM, else done after the last child, in series); before the queue's
+            # modules, so that they even out the work (after them the children would wait)
+            from .threadpool import symbols
+            symbols(objects[:1])
+        timeline["pool"] = time.perf_counter()
         if queue is not None:
             while (k := _take(queue)) is not None:
                 objects[k] = _compile_object(sources[k], speed_level)
@@ -283,12 +291,6 @@ def compile_objects(sources, speed_level: int = SPEED_LEVEL, processes: int | No
         if queue is not None:
             os.close(queue)
     timeline["own"] = time.perf_counter()
-    if children:
-        # while the children finish: build the thread pool the entry links against (~25 ms of
-        # LLVM, else done after the last child, in series)
-        from .threadpool import symbols
-        symbols(objects[:1])
-    timeline["pool"] = time.perf_counter()
     for child in children:
         for k, obj in _collect(child).items():
             objects[k] = obj
@@ -297,9 +299,10 @@ def compile_objects(sources, speed_level: int = SPEED_LEVEL, processes: int | No
             for src, obj in zip(sources, objects)]
 
 
-# When the last compile_objects of this process started and ended ("start", "end"), ran out of
-# modules to compile ("own"), had built the thread pool ("pool"), and when each child started
-# and finished compiling each of its modules ("children": a list of (started, done) per child):
+# When the last compile_objects of this process started and ended ("start", "end"), had compiled
+# the entry's module ("entry") and built the thread pool ("pool"), ran out of modules to compile
+# ("own"), and when each child started and finished compiling each of its modules ("children": a
+# list of (started, done) per child):
 # perf_counter seconds, comparable across processes on Linux (one monotonic clock).
 # NativeFunction.compile_seconds reports the spans.
 timeline: dict = {}

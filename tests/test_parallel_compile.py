@@ -159,18 +159,20 @@ def test_kernels_sharing_generic_functions_are_lowered_into_one_module(monkeypat
 
 def test_the_thread_pool_is_built_while_the_child_compiles(monkeypatch):
     """The pool the entry links against costs an LLVM compile of its own: the parent does it
-    while it waits for the child, not after."""
+    while the child compiles, right after the entry's module and before it takes modules from
+    the queue (which then even out the work), not after."""
     from tracejit.codegen import parallel, threadpool
     if not threadpool.available():
         pytest.skip("no thread pool on this platform")   # (its code is then never linked)
     monkeypatch.setattr(parallel, "PARALLEL_MIN_NS", 0)   # (so the entry calls the pool)
     monkeypatch.setattr(threadpool, "_the_pool", None)
-    built = []
-    real_collect = target._collect
+    built = []   # whether the pool was there, when this process took from the queue
+    parent, real_take = os.getpid(), target._take
 
-    def collect(child):
-        built.append(threadpool._the_pool is not None)
-        return real_collect(child)
-    monkeypatch.setattr(target, "_collect", collect)
+    def take(queue):
+        if os.getpid() == parent:
+            built.append(threadpool._the_pool is not None)
+        return real_take(queue)
+    monkeypatch.setattr(target, "_take", take)
     _native(2, monkeypatch)
-    assert built == [True]
+    assert built and all(built), built
