@@ -143,7 +143,7 @@ class NativeFunction:
         # this process's lowering (the children lower the modules they compile)
         low = sum(lowering.values())
         seconds.update(lower=low, llvm=t3 - t2 - low, cache=(t1 - t0) + (time.perf_counter() - t3))
-        seconds.update(_critical_path(target.timeline))
+        seconds.update(_critical_path(target.last_timeline()))
         return jit, False, seconds
 
     @property
@@ -641,7 +641,7 @@ _loop_lowerings = {"scan": _lower_scan, "while": _lower_while}
 
 
 def _critical_path(t: dict) -> dict:
-    """Where a split compile's wall time went (target.timeline): "own" (this process's modules,
+    """Where a split compile's wall time went (target.last_timeline()): "own" (this process's modules,
     lowered and compiled, until the queue was empty, and the thread pool), "pool" (the thread
     pool, built after the entry's module), "wait" (then waiting for the children), "child"
     (the busiest child's lowering and compiling) and "child_late" (how long after this
@@ -649,7 +649,8 @@ def _critical_path(t: dict) -> dict:
     if not t.get("children"):
         return {}
     spans = [s for child in t["children"] for s in child]
-    return {"own": t["own"] - t["start"], "pool": t["pool"] - t["entry"], "wait": t["end"] - t["own"],
+    return {"own": t["own"] - t["start"], "pool": t["pool"] - t["entry"],
+            "wait": t["end"] - t["own"],
             "child": max(sum(done - started for started, done in child) for child in t["children"]),
             "child_late": max(done for _, done in spans) - t["own"] if spans else 0.0}
 

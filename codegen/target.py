@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import struct
 import sys
 import functools
@@ -208,7 +209,7 @@ def _compile_in_child(sources, queue: int, speed_level: int):
             while (k := _take(queue)) is not None:
                 started = time.perf_counter()
                 obj = _compile_object(sources[k], speed_level)
-                # (CLOCK_MONOTONIC: the parent compares these with its own clock, `timeline`)
+                # (CLOCK_MONOTONIC: the parent compares these with its clock, last_timeline)
                 out.append(_RESULT.pack(k, len(obj), started, time.perf_counter()) + obj)
             view = memoryview(b"".join(out))
             while view:
@@ -220,9 +221,9 @@ def _compile_in_child(sources, queue: int, speed_level: int):
     return pid, r
 
 
-def _collect(child) -> dict:
+def _collect(child, timeline: dict | None = None) -> dict:
     """{module index: object file} of what the child compiled (empty if it failed); notes when
-    it started and finished each in `timeline`."""
+    it started and finished each in `timeline` (see last_timeline)."""
     pid, r = child
     chunks = []
     with os.fdopen(r, "rb") as f:
@@ -246,21 +247,22 @@ def _collect(child) -> dict:
         pos += n
     if pos != len(data):
         return {}
-    timeline.setdefault("children", []).append(spans)
+    if timeline is not None:
+        timeline.setdefault("children", []).append(spans)
     return out
 
 
 def compile_objects(sources, speed_level: int = SPEED_LEVEL, processes: int | None = None) -> list:
     """Object files of `sources` (LLVM IR texts, or functions returning them, called by the
-    process that compiles them; or pairs of one and a PIPELINES name): the first compiled here, the others taken from a queue, in
+    process that compiles them; or pairs of one and a PIPELINES name): the first compiled here
+    (then the thread pool is built, if it links against it), the others taken from a queue, in
     their order, by this process and forked ones, all at once (a module a child took but did
     not deliver is compiled here after all). `processes`: how many processes at most (default
     compile_processes())."""
     global llvm_compiles
     _init()
     llvm_compiles += 1
-    timeline.clear()
-    timeline["start"] = time.perf_counter()
+    timeline = _timeline.value = {"start": time.perf_counter()}
     objects = [None] * len(sources)
     queue, children = None, []
     processes = compile_processes() if processes is None else min(processes, compile_processes())
@@ -287,25 +289,34 @@ def compile_objects(sources, speed_level: int = SPEED_LEVEL, processes: int | No
         if queue is not None:
             while (k := _take(queue)) is not None:
                 objects[k] = _compile_object(sources[k], speed_level)
+    except BaseException:
+        for pid, r in children:   # (not left running, nor unreaped)
+            os.kill(pid, signal.SIGKILL)
+            _collect((pid, r))
+        raise
     finally:
         if queue is not None:
             os.close(queue)
     timeline["own"] = time.perf_counter()
     for child in children:
-        for k, obj in _collect(child).items():
+        for k, obj in _collect(child, timeline).items():
             objects[k] = obj
     timeline["end"] = time.perf_counter()
     return [obj if obj is not None else _compile_object(src, speed_level)
             for src, obj in zip(sources, objects)]
 
 
-# When the last compile_objects of this process started and ended ("start", "end"), had compiled
-# the entry's module ("entry") and built the thread pool ("pool"), ran out of modules to compile
-# ("own"), and when each child started and finished compiling each of its modules ("children": a
-# list of (started, done) per child):
-# perf_counter seconds, comparable across processes on Linux (one monotonic clock).
-# NativeFunction.compile_seconds reports the spans.
-timeline: dict = {}
+_timeline = threading.local()
+
+
+def last_timeline() -> dict:
+    """When the last compile_objects of this thread started and ended ("start", "end"), had
+    compiled the entry's module ("entry") and built the thread pool ("pool"), ran out of
+    modules to compile ("own"), and when each child started and finished compiling each of its
+    modules ("children": a list of (started, done) per child): perf_counter seconds,
+    comparable across processes on Linux (one monotonic clock). NativeFunction.compile_seconds
+    reports the spans."""
+    return getattr(_timeline, "value", {})
 
 
 # Several object files in one cache entry: magic, count, lengths, then the files.

@@ -55,8 +55,8 @@ def test_modules_compiled_by_two_processes_from_a_queue(monkeypatch):
     children = []   # (pid, modules whose object file arrived)
     real_collect = target._collect
 
-    def collect(child):
-        objs = real_collect(child)
+    def collect(child, *rest):
+        objs = real_collect(child, *rest)
         children.append((child[0], sorted(objs)))
         return objs
     monkeypatch.setattr(target, "_collect", collect)
@@ -176,3 +176,30 @@ def test_the_thread_pool_is_built_while_the_child_compiles(monkeypatch):
     monkeypatch.setattr(target, "_take", take)
     _native(2, monkeypatch)
     assert built and all(built), built
+
+
+def test_a_failing_compile_here_leaves_no_child_behind(monkeypatch):
+    """An error in this process's compile is raised, after the children are stopped and
+    reaped."""
+    parent = os.getpid()
+    real = target._compile_object
+    pids = []
+    real_fork = target._compile_in_child
+
+    def fork(*args):
+        child = real_fork(*args)
+        pids.append(child[0])
+        return child
+
+    def compile_object(item, level):
+        if os.getpid() == parent:
+            raise RuntimeError("LLVM failed here")
+        return real(item, level)
+    monkeypatch.setattr(target, "_compile_in_child", fork)
+    monkeypatch.setattr(target, "_compile_object", compile_object)
+    with pytest.raises(RuntimeError, match="LLVM failed here"):
+        _native(2, monkeypatch)
+    assert pids
+    for pid in pids:   # reaped: no such child any more
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
