@@ -27,7 +27,7 @@ import numpy as np
 from ..ir.core import Function, IRError, Namer, instr_text
 
 from . import cache as _cache
-from . import fused, parallel, schedule, settings, target, threadpool
+from . import fused, parallel, schedule, settings, target
 from .kernels import _load_all, kernels
 from .kernels.pool import lower_max_pool2d_with_argmax
 from .loops import I64, PTR, VOID, for_range, i64, llvm_type
@@ -72,7 +72,8 @@ class NativeFunction:
         `compile_seconds` splits the time spent: "plan", "lower" (IR -> LLVM IR of the module
         this process compiles), "llvm" (the rest until the object code is ready: optimization,
         code generation, waiting for the modules compiled by other processes), "cache" (key,
-        load or store).
+        load or store); a compile split over processes adds "own", "pool", "wait", "child" and
+        "child_late" (see `_critical_path`).
         `donate`: {output index: parameter index}: that output is stored into that parameter's
         array, which the call returns as the output (see `schedule._place_donated`)."""
         t0 = time.perf_counter()
@@ -82,14 +83,13 @@ class NativeFunction:
         self.plan = plan_for(fn, self.max_threads, self.donate)
         self.profiling = settings.profile()   # (the compile cache keys TRACEJIT_PROFILE)
         t1 = time.perf_counter()
-        same = _same_kernels(self.plan)
-        self.n_modules = target.modules_for(
-            _total_weight([g for g in self.plan.groups if g.index not in same]))
-        # the first compile of a process also builds the thread pool, in the entry's process
-        # while the others compile (target.compile_objects): its modules are balanced for it
-        # (decided here, once: every build of the modules must place the kernels alike)
-        pool_pending = threadpool.available() and threadpool._the_pool is None
-        self._entry_extra = POOL_WEIGHT if pool_pending else 0
+        # which module each kernel is lowered into (decided here, once: every build of the
+        # modules, in whichever process, must place the kernels alike)
+        self._same = _same_kernels(self.plan)
+        self._processes = target.processes_for(
+            _total_weight([g for g in self.plan.groups if g.index not in self._same]))
+        self._home, self._pipelines = _modules(self.plan.groups, self._same, self._processes)
+        self.n_modules = len(self._pipelines)
         self._source = None
         self._source_lock = threading.Lock()  # lowering twice would reuse a plan's epilogues
         # kernels that check their indices, by status code (see kernels/__init__.py, Checks)
@@ -122,7 +122,7 @@ class NativeFunction:
         if obj is not None:
             me = weakref.ref(self)  # no reference cycle through the JIT module
             try:
-                jit = JITModule.from_object(obj, ["entry"], source=lambda: me().llvm_sources)
+                jit = JITModule.from_object(obj, ["entry"], source=lambda: me()._compiled_sources())
             except Exception as e:  # the object file passed its checksum but does not link
                 disk.discard(key, f"{type(e).__name__}: {e}")
             else:
@@ -132,15 +132,18 @@ class NativeFunction:
         # each module is lowered by the process that compiles it
         me = weakref.ref(self)
         lowering = {}
-        source = [functools.partial(_lower_part, me, k, lowering) for k in range(self.n_modules)]
+        source = [(functools.partial(_lower_part, me, k, lowering), self._pipelines[k])
+                  for k in range(self.n_modules)]
         t2 = time.perf_counter()
-        jit = JITModule(source, ["entry"], source=lambda: me().llvm_sources)
+        jit = JITModule(source, ["entry"], source=lambda: me()._compiled_sources(),
+                        processes=self._processes)
         t3 = time.perf_counter()
         if disk is not None:
             disk.store(key, jit.object_code)
-        # this process's lowering (other modules are lowered and compiled in parallel)
-        low = lowering.get(0, 0.0)
+        # this process's lowering (the children lower the modules they compile)
+        low = sum(lowering.values())
         seconds.update(lower=low, llvm=t3 - t2 - low, cache=(t1 - t0) + (time.perf_counter() - t3))
+        seconds.update(_critical_path(target.last_timeline()))
         return jit, False, seconds
 
     @property
@@ -152,6 +155,10 @@ class NativeFunction:
                 self._source = [target.module_text(m) for m in self._build_modules()]
         return self._source
 
+    def _compiled_sources(self) -> list:
+        """(LLVM IR, optimization pipeline) of each module, as compiled (for the dumps)."""
+        return list(zip(self.llvm_sources, self._pipelines))
+
     @property
     def llvm_ir_unoptimized(self) -> str:
         """The LLVM IR as lowered, all modules (the entry's first)."""
@@ -159,23 +166,23 @@ class NativeFunction:
 
     # ------------------------------------------------------------------------------------- build
     def _build_modules(self, part: int | None = None) -> list:
-        """The LLVM modules of this function: the entry (and some kernels) in the first, the
-        other kernels spread over the rest so that separate processes can lower and compile them
-        at once (see target.compile_objects). `part`: build only that module."""
+        """The LLVM modules of this function: the entry in the first, the kernels spread over
+        the rest (`_modules`) so that separate processes can lower and compile them at once (see
+        target.compile_objects). `part`: build only that module."""
         plan = self.plan
         fn = plan.fn
         parts = range(self.n_modules) if part is None else [part]
         modules = {k: ir.Module(name=fn.name if k == 0 else f"{fn.name}.part{k}") for k in parts}
-        home = _balance(plan.groups, self.n_modules, _same_kernels(plan), self._entry_extra)
+        home = self._home
         module = modules.get(0)
         namer = Namer()
         for v in list(fn.params) + [i.out for i in fn.instrs]:
             namer.define(v)
-        kernel_fns = _lower_kernels(plan, modules, home, module, namer)
+        kernel_fns = _lower_kernels(plan, modules, home, module, namer, self._same)
         if module is None:
             return [modules[k] for k in parts]
         entry = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, PTR, I64]), "entry")
-        if not any(g.kind == "control" for g in plan.groups):
+        if _straight_line(plan.groups):
             # Straight-line calls of the kernels, a few instructions each: LLVM's optimizer
             # gains nothing measurable on them, and spent most of a deep MLP's compile there
             # (depth 64: 0.45 of 0.71 s for the entry's module, 0.08 without). A native loop
@@ -366,7 +373,7 @@ def _emit_donated_copies(module: ir.Module, b: ir.IRBuilder, plan, pointer):
             _memcpy(module, b, pointer(plan.fn.params[j]), pointer(o), o.type.nbytes)
 
 
-def _lower_kernels(plan, modules: dict, home: dict, module, namer) -> list:
+def _lower_kernels(plan, modules: dict, home: dict, module, namer, same=None) -> list:
     """Lower the kernels of `plan` into their home modules (`home`: group index -> module
     index); returns, per group, the function the calling module calls (a declaration when the
     kernel lives in another module; None for a loop, whose body is lowered where it is called).
@@ -374,7 +381,7 @@ def _lower_kernels(plan, modules: dict, home: dict, module, namer) -> list:
     lowering input equals an earlier one's (`_same_kernels`) is not lowered again: its call
     goes to the earlier kernel's function."""
     kernel_fns = []
-    same = _same_kernels(plan)
+    same = _same_kernels(plan) if same is None else same
     by_index = {}
     for g in plan.groups:
         if g.kind == "control":
@@ -633,6 +640,21 @@ _loop_lowerings = {"scan": _lower_scan, "while": _lower_while}
 
 
 
+def _critical_path(t: dict) -> dict:
+    """Where a split compile's wall time went (target.last_timeline()): "own" (this process's modules,
+    lowered and compiled, until the queue was empty, and the thread pool), "pool" (the thread
+    pool, built after the entry's module), "wait" (then waiting for the children), "child"
+    (the busiest child's lowering and compiling) and "child_late" (how long after this
+    process's last module the last child finished; negative: it finished first)."""
+    if not t.get("children"):
+        return {}
+    spans = [s for child in t["children"] for s in child]
+    return {"own": t["own"] - t["start"], "pool": t["pool"] - t["entry"],
+            "wait": t["end"] - t["own"],
+            "child": max(sum(done - started for started, done in child) for child in t["children"]),
+            "child_late": max(done for _, done in spans) - t["own"] if spans else 0.0}
+
+
 def _lower_part(native_ref, part: int, seconds: dict) -> str:
     t0 = time.perf_counter()
     text = target.module_text(native_ref()._build_modules(part)[0])
@@ -679,18 +701,16 @@ def _status_offset(plan) -> int:
     return -(-plan.arena_bytes // 64) * 64
 
 
-# The thread pool's compile weight (~22 ms of LLVM: ~2.5 units of ~9 ms, LeNet-5's gradient)
-POOL_WEIGHT = 3
-
-
 def _compile_weight(g) -> int:
-    """Rough LLVM cost of a kernel's own code, to balance modules: a loop nest's is its kernel's
-    (codegen/kernels); a fused loop is small: one unit and one more per four instructions. The
-    shared functions it calls are weighed apart (`_shared_weights`): once per module."""
+    """Rough LLVM cost of a kernel's own code, to spread kernels over modules: a loop nest's is
+    its kernel's (codegen/kernels); a fused loop's two units and one more per eight
+    instructions (LLVM takes 5 to 15 ms on one, AVX-512 Xeon, whatever its size: the
+    vectorizer's loop versions and the code generator's fixed costs per function). The shared
+    functions it calls are weighed apart (`_shared_weights`): once per module."""
     if g.kind == "control":   # its bodies' kernels
         return 1 + sum(_compile_weight(h) for p in g.bodies.values() for h in p.groups)
     if g.kind != "nn":
-        return 1 + len(g.members) // 4
+        return 2 + len(g.members) // 8
     return kernels[g.root.prim].compile_weight
 
 
@@ -717,32 +737,50 @@ def _total_weight(groups) -> int:
     return sum(_compile_weight(g) for g in groups) + sum(shared.values())
 
 
-def _balance(groups, n_modules: int, same=None, entry_extra: int = 0) -> dict:
-    """Kernel index -> module index: greedy by weight over units, the heaviest first, each into
-    the least loaded module. A unit is all the kernels of one primitive (they call the same
-    generic functions, e.g. matmul's tile and packing kernels, which each module they are
-    lowered into compiles again: LeNet-5's gradient compiled them twice, ~0.14 s of CPU), or one
-    fused loop; it weighs its kernels' own code and each shared function once (`_total_weight`:
-    LeNet-5's nine matmuls are nine small wrappers around three shared functions, which a fixed
-    weight per kernel counted nine times, and its process finished 0.3 s after the entry's).
-    The entry's module starts with a small handicap for the entry, which calls every kernel
-    (LeNet-5's gradient: with len(groups) // 2 its process compiled 0.6 s against the other's
-    0.8 s; with len(groups) // 8, 0.7 s each). `same` ({kernel index: index of the equal
-    kernel it calls}, see `_same_kernels`): those are not lowered, and live where that one does.
-    `entry_extra`: more weight for the entry's process (the thread pool it builds, POOL_WEIGHT)."""
+# The weight a module of fused loops is filled up to (LLVM spends about 1 ms on a module besides
+# its functions, the lowering about as much)
+FILLER_WEIGHT = 6
+
+
+def _modules(groups, same=None, processes: int = 1):
+    """({kernel index: module index}, [optimization pipeline of each module]): how the kernels
+    are lowered into modules that `processes` processes take from a queue, in order
+    (target.compile_objects); the loop-nest kernels' modules get the "kernels" pipeline
+    (target.PIPELINES), a module of their own for it even when one process compiles all, and
+    the entry's module, the entry alone when several processes compile, the "entry" one.
+    Module 0, which this process compiles first, holds the entry and the loops (control
+    groups, which call their bodies' kernels from the entry). Then one module per process of
+    loop-nest kernels, balanced by weight; then the fused loops, a few to a module, the
+    heaviest first: whichever process is done first takes more of them, which evens out what
+    the weights got wrong (LeNet-5's convolution kernels take 40 to 140 ms, and a new machine
+    shifts every estimate) at a small cost per module. Loop-nest kernels that share generic
+    functions (the same primitive's matmuls and their tile and packing functions, a
+    convolution and its input gradient the convolution's, all convolutions the padding) go
+    into one module when they can: each module defines them, and LLVM compiles them, again (a
+    unit heavier than a process's share is split after all: a deep MLP's matmuls, where
+    compiling their shared functions twice costs less than one process compiling them all).
+    `same` ({kernel index: index of the equal kernel it calls}, see `_same_kernels`): those
+    are not lowered, and live where that one does."""
     same = same or {}
-    load = [len(groups) // 8 + entry_extra] + [0] * (n_modules - 1)
-    defined = [set() for _ in range(n_modules)]   # the shared functions each module has
-    units = {}
+    home = {g.index: 0 for g in groups}
+    if processes <= 1:   # the loop-nest kernels apart all the same, for their pipeline
+        nn = [g.index for g in groups if g.kind == "nn" and g.index not in same]
+        if not nn:
+            return home, ["full"]
+        home.update({k: 1 for k in nn})
+        home.update({k: home[j] for k, j in same.items()})
+        return home, ["full", "kernels"]
+    units, loops = {}, []
     for g in groups:
-        if g.index in same:
+        if g.index in same or g.kind == "control":
             continue
-        key = ("control",) if g.kind == "control" else \
-            ("nn", g.root.prim.name) if g.kind == "nn" else ("loop", g.index)
-        units.setdefault(key, []).append(g)
-    # a unit heavier than a module's fair share is split after all (compiling its shared
-    # functions twice costs less than compiling the unit in one process: a deep MLP)
-    share = _total_weight([g for g in groups if g.index not in same]) / n_modules
+        if g.kind == "nn":
+            units.setdefault(_sharing_unit(g), []).append(g)
+        else:
+            loops.append(g)
+    big = [[] for _ in range(processes)]
+    defined = [set() for _ in range(processes)]   # the shared functions each one has
+    load = [0] * processes
 
     def added(g, k):   # the weight kernel g adds to module k: its code, shared functions new there
         return _compile_weight(g) + sum(w for s, w in _shared_weights(g).items()
@@ -751,20 +789,48 @@ def _balance(groups, n_modules: int, same=None, entry_extra: int = 0) -> dict:
     def place(g, k):
         load[k] += added(g, k)
         defined[k].update(_shared_weights(g))
-        home[g.index] = k
+        big[k].append(g)
 
-    home = {}
-    for key, members in sorted(units.items(), key=lambda u: -_total_weight(u[1])):
-        whole = key[0] == "control" or _total_weight(members) <= share
-        k = 0 if key[0] == "control" else load.index(min(load))
+    share = _total_weight([g for u in units.values() for g in u]) / processes
+    for members in sorted(units.values(), key=lambda u: -_total_weight(u)):
+        whole = _total_weight(members) <= share
+        k = load.index(min(load))
         for g in members:
             # (a split unit: each kernel where it adds least to the most loaded module)
-            place(g, k if whole else min(range(n_modules),
+            place(g, k if whole else min(range(processes),
                                          key=lambda j: (load[j] + added(g, j), j)))
-    for g in groups:
-        if g.index in same:
-            home[g.index] = home[same[g.index]]
-    return home
+    modules = sorted([m for m in big if m], key=lambda m: -_total_weight(m))
+    entry = "entry" if _straight_line(groups) else "full"   # (the entry alone)
+    pipelines = [entry] + ["kernels"] * len(modules)
+    fillers = []
+    for g in sorted(loops, key=lambda g: -_compile_weight(g)):
+        if not fillers or _total_weight(fillers[-1]) >= FILLER_WEIGHT:
+            fillers.append([])
+        fillers[-1].append(g)
+    modules += sorted(fillers, key=lambda m: -_total_weight(m))
+    pipelines += ["full"] * len(fillers)
+    for k, members in enumerate(modules, start=1):
+        for g in members:
+            home[g.index] = k
+    home.update({k: home[j] for k, j in same.items()})
+    return home, pipelines
+
+
+def _straight_line(groups) -> bool:
+    """Whether the entry calling `groups` is straight-line calls (no native loop runs in it)."""
+    return not any(g.kind == "control" for g in groups)
+
+
+def _sharing_unit(g):
+    """Loop-nest kernels of one unit may call the same generic functions: those lowered by one
+    file or package of codegen/kernels (the convolutions' generic kernels and padding, the
+    pooling kernels), and of those that declare their shared functions (matmul), the kernels
+    declaring the same ones."""
+    kernel = kernels[g.root.prim]
+    source = kernel.lower.__module__.rpartition(".kernels.")[2].partition(".")[0]
+    if kernel.shared_weights is None:
+        return (source,)
+    return (source, g.root.prim.name, tuple(sorted(map(repr, _shared_weights(g)))))
 
 
 def _same_kernels(plan) -> dict:

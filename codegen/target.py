@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import struct
 import sys
 import functools
 import itertools
 import threading
+import time
 
 import llvmlite.binding as llvm
 import llvmlite.ir as ir
@@ -68,18 +70,19 @@ def _target(name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _target_machine(name: str):
+def _target_machine(name: str, codegen_level: int):
     cpu, features, _ = _target(name)
     with LLVM_LOCK:
         target = llvm.Target.from_default_triple()
-        return target.create_target_machine(cpu=cpu, features=features, opt=3, jit=True,
-                                            codemodel="jitdefault")
+        return target.create_target_machine(cpu=cpu, features=features, opt=codegen_level,
+                                            jit=True, codemodel="jitdefault")
 
 
-def target_machine():
+def target_machine(codegen_level: int = 3):
     """The target machine code is compiled for (TRACEJIT_TARGET; by default the host's CPU and
-    features), with 512-bit vectors preferred where it has AVX-512."""
-    return _target_machine(settings.target())
+    features), with 512-bit vectors preferred where it has AVX-512; `codegen_level`: the code
+    generator's optimization level (0: the fast instruction selector and register allocator)."""
+    return _target_machine(settings.target(), codegen_level)
 
 
 def host_info() -> dict:
@@ -100,24 +103,54 @@ def vector_width(dtype_bits: int) -> int:
     return bits // dtype_bits
 
 
-def optimize_module(mod_ref, speed_level: int = SPEED_LEVEL):
+# The optimization pipelines, by module kind. "kernels": modules of loop-nest kernels only, whose
+# hot loops are explicit vector code (codegen/kernels): speed level 1 without unrolling, SLP or
+# interleaving compiles them ~20% faster (LeNet-5's gradient: ~80 ms of 420, AVX-512 Xeon) and
+# they run as fast; the loop vectorizer stays on for their epilogues (scalar fused loops,
+# codegen/fused.py). Everything else (fused loops, the entry) gets the full pipeline: its loops
+# are scalar code that the vectorizer and the unroller make fast.
+# "entry": a module of the entry alone, straight-line calls marked optnone (runtime): the fast
+# code generator (LeNet-5's gradient: 4 ms instead of 12, ResNet-8's ~25 ms less) makes code
+# that runs once per call, a few spilled registers slower.
+PIPELINES = {
+    "full": {},
+    "kernels": {"speed_level": 1, "slp_vectorization": False, "loop_unrolling": False,
+                "loop_interleaving": False},
+    "entry": {"codegen_level": 0},
+}
+
+
+def _codegen(pipeline: str):
+    """The target machine that generates code for a module of `pipeline`."""
+    return target_machine(PIPELINES[pipeline].get("codegen_level", 3))
+
+
+def optimize_module(mod_ref, speed_level: int = SPEED_LEVEL, pipeline: str = "full"):
     tm = target_machine()
-    pto = llvm.create_pipeline_tuning_options(speed_level=speed_level)
-    pto.slp_vectorization = True
+    options = PIPELINES[pipeline]
+    pto = llvm.create_pipeline_tuning_options(
+        speed_level=min(speed_level, options.get("speed_level", speed_level)))
+    pto.slp_vectorization = options.get("slp_vectorization", True)
     pto.loop_vectorization = True
+    for name in ("loop_unrolling", "loop_interleaving"):
+        if name in options:
+            setattr(pto, name, options[name])
     pb = llvm.create_pass_builder(tm, pto)
     pm = pb.getModulePassManager()
     pm.run(mod_ref, pb)
 
 
-# LLVM compilations done in this process (parse + optimize, not counting cache loads); tests check
-# it stays 0 on a warm persistent cache.
+# Functions compiled by LLVM from this process (compile_objects calls: its modules compiled here or
+# by its children), and modules this process parsed and optimized (the dumps' too); neither
+# counts cache loads: tests check they stay 0 on a warm persistent cache.
 llvm_compiles = 0
+llvm_modules = 0
 
 
-def optimized_module(llvm_ir: str, speed_level: int = SPEED_LEVEL):
-    """Parse, verify and optimize `llvm_ir` for the host; returns the module ref."""
-    global llvm_compiles
+def optimized_module(llvm_ir: str, speed_level: int = SPEED_LEVEL, pipeline: str = "full"):
+    """Parse, verify and optimize `llvm_ir` for the host (with PIPELINES[pipeline]); returns
+    the module ref."""
+    global llvm_modules
     _init()
     tm = target_machine()
     with LLVM_LOCK:
@@ -125,8 +158,8 @@ def optimized_module(llvm_ir: str, speed_level: int = SPEED_LEVEL):
         mod.triple = llvm.get_process_triple()
         mod.data_layout = str(tm.target_data)
         mod.verify()
-        optimize_module(mod, speed_level)
-        llvm_compiles += 1
+        optimize_module(mod, speed_level, pipeline)
+        llvm_modules += 1
         return mod
 
 
@@ -134,9 +167,13 @@ def optimized_module(llvm_ir: str, speed_level: int = SPEED_LEVEL):
 # compiling several modules at once
 # ------------------------------------------------------------------------------------------------
 # llvmlite serializes every LLVM call behind one lock, so a process compiles one module at a time.
-# A big function is therefore lowered into several modules, and forked children compile all but
-# the first while this process compiles the first; the object files are linked together.
-# TRACEJIT_COMPILE_PROCESSES=1 turns this off.
+# A big function is therefore lowered into several modules, which this process and forked
+# children compile at once; the object files are linked together. The modules are handed out
+# from a queue, each process taking the next one when it is done with the last (the caller
+# orders them heaviest first): how long a module takes LLVM is known only roughly beforehand
+# (LeNet-5's convolution kernels take 40 to 140 ms, and a new machine shifts every estimate),
+# and a fixed split left one process idle while the other still compiled (LeNet-5's gradient:
+# 80 ms). TRACEJIT_COMPILE_PROCESSES=1 turns this off.
 SPLIT_WEIGHT = 48   # compile weight (runtime._compile_weight) above which a function is split
 
 
@@ -152,21 +189,39 @@ def compile_processes() -> int:
         return 1
 
 
-def modules_for(weight: int) -> int:
-    """How many modules to lower a function of this compile weight into."""
+def processes_for(weight: int) -> int:
+    """How many processes compile a function of this compile weight."""
     return compile_processes() if weight >= SPLIT_WEIGHT else 1
 
 
-def _compile_object(llvm_ir, speed_level: int) -> bytes:
-    """Object file of `llvm_ir`: LLVM IR text, or a function returning it (lowered here)."""
-    mod = optimized_module(llvm_ir() if callable(llvm_ir) else llvm_ir, speed_level)
+def _split_source(item):
+    """(LLVM IR text or a function returning it, pipeline name) of a module to compile: `item`
+    is either, or such a pair."""
+    return item if isinstance(item, tuple) else (item, "full")
+
+
+def _compile_object(item, speed_level: int) -> bytes:
+    """Object file of a module (see `_split_source`), lowered here if given as a function."""
+    llvm_ir, pipeline = _split_source(item)
+    mod = optimized_module(llvm_ir() if callable(llvm_ir) else llvm_ir, speed_level, pipeline)
     with LLVM_LOCK:
-        return target_machine().emit_object(mod)
+        return _codegen(pipeline).emit_object(mod)
 
 
-def _compile_in_child(llvm_ir: str, speed_level: int):
-    """Fork a process that compiles `llvm_ir` and writes the object file to a pipe; returns
-    (pid, read end) or None if forking failed."""
+_INDEX = struct.Struct("<I")   # a queue entry: the index of a module (atomic pipe writes and reads)
+_RESULT = struct.Struct("<IQdd")   # a child's object: index, length, started, done
+
+
+def _take(queue: int):
+    """The next module index from the queue pipe, None when it is empty (a read of one entry
+    is atomic: two processes never take the same module)."""
+    data = os.read(queue, _INDEX.size)
+    return _INDEX.unpack(data)[0] if len(data) == _INDEX.size else None
+
+
+def _compile_in_child(sources, queue: int, speed_level: int):
+    """Fork a process that compiles the modules it takes from `queue` and then writes their
+    object files to a pipe; returns (pid, read end) or None if forking failed."""
     r, w = os.pipe()
     try:
         with LLVM_LOCK:   # no other thread of ours is inside LLVM while we fork
@@ -179,8 +234,14 @@ def _compile_in_child(llvm_ir: str, speed_level: int):
         code = 1
         try:
             os.close(r)
-            obj = _compile_object(llvm_ir, speed_level)
-            view = memoryview(struct.pack("<Q", len(obj)) + obj)
+            out = []
+            # (written at the end: a pipe holds 64 KiB, and the parent reads once it is done)
+            while (k := _take(queue)) is not None:
+                started = time.perf_counter()
+                obj = _compile_object(sources[k], speed_level)
+                # (CLOCK_MONOTONIC: the parent compares these with its clock, last_timeline)
+                out.append(_RESULT.pack(k, len(obj), started, time.perf_counter()) + obj)
+            view = memoryview(b"".join(out))
             while view:
                 view = view[os.write(w, view):]
             code = 0
@@ -190,7 +251,9 @@ def _compile_in_child(llvm_ir: str, speed_level: int):
     return pid, r
 
 
-def _collect(child) -> bytes | None:
+def _collect(child, timeline: dict | None = None) -> dict:
+    """{module index: object file} of what the child compiled (empty if it failed); notes when
+    it started and finished each in `timeline` (see last_timeline)."""
     pid, r = child
     chunks = []
     with os.fdopen(r, "rb") as f:
@@ -201,29 +264,89 @@ def _collect(child) -> bytes | None:
             chunks.append(chunk)
     _, status = os.waitpid(pid, 0)
     data = b"".join(chunks)
-    if status != 0 or len(data) < 8:
-        return None
-    (n,) = struct.unpack("<Q", data[:8])
-    return data[8:] if len(data) == 8 + n else None
+    if status != 0:
+        return {}
+    out, pos, spans = {}, 0, []
+    while pos + _RESULT.size <= len(data):
+        k, n, started, done = _RESULT.unpack_from(data, pos)
+        pos += _RESULT.size
+        if pos + n > len(data):
+            return {}
+        out[k] = data[pos:pos + n]
+        spans.append((started, done))
+        pos += n
+    if pos != len(data):
+        return {}
+    if timeline is not None:
+        timeline.setdefault("children", []).append(spans)
+    return out
 
 
-def compile_objects(sources, speed_level: int = SPEED_LEVEL) -> list:
+def compile_objects(sources, speed_level: int = SPEED_LEVEL, processes: int | None = None) -> list:
     """Object files of `sources` (LLVM IR texts, or functions returning them, called by the
-    process that compiles them): the first compiled here, the others in forked processes at the
-    same time (compiled here after all if a child fails)."""
+    process that compiles them; or pairs of one and a PIPELINES name): the first compiled here
+    (then the thread pool is built, if it links against it), the others taken from a queue, in
+    their order, by this process and forked ones, all at once (a module a child took but did
+    not deliver is compiled here after all). `processes`: how many processes at most (default
+    compile_processes())."""
+    global llvm_compiles
     _init()
-    children = [_compile_in_child(src, speed_level) for src in sources[1:]] \
-        if len(sources) > 1 and compile_processes() > 1 else [None] * (len(sources) - 1)
-    objects = [_compile_object(sources[0], speed_level)]
-    if any(child is not None for child in children):
-        # while the children finish: build the thread pool the entry links against (~25 ms of
-        # LLVM, else done after the last child, in series)
-        from .threadpool import symbols
-        symbols(objects[:1])
-    for src, child in zip(sources[1:], children):
-        obj = _collect(child) if child is not None else None
-        objects.append(obj if obj is not None else _compile_object(src, speed_level))
-    return objects
+    llvm_compiles += 1
+    timeline = _timeline.value = {"start": time.perf_counter()}
+    objects = [None] * len(sources)
+    queue, children = None, []
+    processes = compile_processes() if processes is None else min(processes, compile_processes())
+    if len(sources) > 1 and processes > 1:
+        r, w = os.pipe()
+        # (in one write: the pipe holds 16384 entries; a function has far fewer modules)
+        os.write(w, b"".join(_INDEX.pack(k) for k in range(1, len(sources))))
+        os.close(w)   # the queue is then empty at its end: a read returns nothing
+        queue = r
+        for _ in range(processes - 1):
+            child = _compile_in_child(sources, queue, speed_level)
+            if child is not None:
+                children.append(child)
+    try:
+        objects[0] = _compile_object(sources[0], speed_level)
+        timeline["entry"] = time.perf_counter()
+        if children:
+            # while the children compile: build the thread pool the entry links against (~20
+            # ms of LLVM, else done after the last child, in series); before the queue's
+            # modules, so that they even out the work (after them the children would wait)
+            from .threadpool import symbols
+            symbols(objects[:1])
+        timeline["pool"] = time.perf_counter()
+        if queue is not None:
+            while (k := _take(queue)) is not None:
+                objects[k] = _compile_object(sources[k], speed_level)
+    except BaseException:
+        for pid, r in children:   # (not left running, nor unreaped)
+            os.kill(pid, signal.SIGKILL)
+            _collect((pid, r))
+        raise
+    finally:
+        if queue is not None:
+            os.close(queue)
+    timeline["own"] = time.perf_counter()
+    for child in children:
+        for k, obj in _collect(child, timeline).items():
+            objects[k] = obj
+    timeline["end"] = time.perf_counter()
+    return [obj if obj is not None else _compile_object(src, speed_level)
+            for src, obj in zip(sources, objects)]
+
+
+_timeline = threading.local()
+
+
+def last_timeline() -> dict:
+    """When the last compile_objects of this thread started and ended ("start", "end"), had
+    compiled the entry's module ("entry") and built the thread pool ("pool"), ran out of
+    modules to compile ("own"), and when each child started and finished compiling each of its
+    modules ("children": a list of (started, done) per child): perf_counter seconds,
+    comparable across processes on Linux (one monotonic clock). NativeFunction.compile_seconds
+    reports the spans."""
+    return getattr(_timeline, "value", {})
 
 
 # Several object files in one cache entry: magic, count, lengths, then the files.
@@ -260,15 +383,17 @@ class JITModule:
     `source()` (the LLVM IR text) only when `optimized_ir` or `asm` is asked for. `object_code` is
     the linked object file."""
 
-    def __init__(self, llvm_ir, exports, speed_level: int = SPEED_LEVEL, source=None):
-        """`llvm_ir`: one module's text, or a list of texts or functions returning them (linked
-        together; see compile_objects). `source()` gives the texts again for the dumps (by
-        default `llvm_ir`)."""
+    def __init__(self, llvm_ir, exports, speed_level: int = SPEED_LEVEL, source=None,
+                 processes: int | None = None):
+        """`llvm_ir`: one module's text, or a list of texts or functions returning them, or of
+        pairs of one and a PIPELINES name (linked together; see compile_objects). `source()`
+        gives them again for the dumps (by default `llvm_ir`). `processes`: see
+        compile_objects."""
         sources = [llvm_ir] if isinstance(llvm_ir, str) else list(llvm_ir)
         self._source, self._speed_level = source or (lambda: sources), speed_level
         # emit_object runs the code generator's IR passes on the module: `optimized_ir`
         # recompiles from the source rather than printing a module afterwards
-        self.object_code = pack_objects(compile_objects(sources, speed_level))
+        self.object_code = pack_objects(compile_objects(sources, speed_level, processes))
         self._mod = None
         self._optimized_ir = self._asm = None
         self._link(exports)
@@ -303,8 +428,12 @@ class JITModule:
         if self._source is None:
             raise RuntimeError("this JIT module was linked from object code without its source")
         src = self._source()
-        return [optimized_module(t, self._speed_level)
-                for t in ([src] if isinstance(src, str) else src)]
+        out = []
+        for item in [src] if isinstance(src, str) else src:
+            text, pipeline = _split_source(item)
+            out.append((optimized_module(text() if callable(text) else text, self._speed_level,
+                                         pipeline), pipeline))
+        return out
 
     @property
     def optimized_ir(self) -> str:
@@ -312,7 +441,7 @@ class JITModule:
         if self._optimized_ir is None:
             mods = self._recompile()
             with LLVM_LOCK:
-                self._optimized_ir = "\n\n".join(str(m) for m in mods)
+                self._optimized_ir = "\n\n".join(str(m) for m, _ in mods)
         return self._optimized_ir
 
     @property
@@ -321,7 +450,8 @@ class JITModule:
             if self._mod is None:
                 self._mod = self._recompile()
             with LLVM_LOCK:
-                self._asm = "\n".join(target_machine().emit_assembly(m) for m in self._mod)
+                self._asm = "\n".join(_codegen(pipeline).emit_assembly(m)
+                                       for m, pipeline in self._mod)
         return self._asm
 
 

@@ -72,7 +72,10 @@ def test_identical_layers_share_one_kernel_and_compute_what_the_interpreter_does
 def _kernel_texts(native, monkeypatch):
     """Each kernel's functions (the kernel, its epilogue) as lowered on its own, named apart
     (a kernel called from another module is not `internal`: not a difference of its code)."""
-    monkeypatch.setattr(runtime, "_same_kernels", lambda plan: {})
+    home, pipelines = runtime._modules(native.plan.groups, {}, processes=1)
+    for name, value in (("_same", {}), ("_home", home), ("_pipelines", pipelines),
+                        ("n_modules", len(pipelines))):
+        monkeypatch.setattr(native, name, value)
     texts = {}
     for text in (str(m) for m in native._build_modules()):
         fn, body = None, []

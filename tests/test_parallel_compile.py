@@ -51,30 +51,53 @@ def _reference():
             tracejit.config.backend = old
 
 
-def test_two_modules_compiled_by_two_processes(monkeypatch):
-    children = []   # (pid, whether its object file arrived)
+def test_modules_compiled_by_two_processes_from_a_queue(monkeypatch):
+    children = []   # (pid, modules whose object file arrived)
     real_collect = target._collect
 
-    def collect(child):
-        obj = real_collect(child)
-        children.append((child[0], obj is not None and len(obj) > 0))
-        return obj
+    def collect(child, *rest):
+        objs = real_collect(child, *rest)
+        children.append((child[0], sorted(objs)))
+        return objs
     monkeypatch.setattr(target, "_collect", collect)
-    compiles_here = target.llvm_compiles
+    compiles_here = target.llvm_modules
     result, native = _native(2, monkeypatch)
-    assert len(native.llvm_sources) == 2
-    assert len(target.unpack_objects(native._jit.object_code)) == 2
-    # one module compiled by this process, the other by a forked child whose object was used
-    assert target.llvm_compiles - compiles_here == 1
-    assert len(children) == 1 and children[0][0] != os.getpid() and children[0][1], children
+    n = len(native.llvm_sources)
+    assert n >= 3   # the entry's, a kernels' module, fused loops
+    assert len(target.unpack_objects(native._jit.object_code)) == n
+    # the entry compiled here; each other module by one of the two processes, the child at
+    # least one (it starts on the first while this process compiles the entry)
+    assert len(children) == 1 and children[0][0] != os.getpid(), children
+    taken = children[0][1]
+    assert taken and 0 not in taken and set(taken) <= set(range(1, n)), children
+    assert target.llvm_modules - compiles_here == n - len(taken)
+    # the dumps compile each module again with its own pipeline
+    assert "@entry(" in native.llvm_ir and "entry:" in native.asm
     for got, want in zip(result, _reference()):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
 
 
-def test_a_failing_child_is_replaced_by_a_compile_here(monkeypatch):
-    monkeypatch.setattr(target, "_compile_in_child", lambda src, level: None)
+def test_a_failing_fork_is_replaced_by_compiles_here(monkeypatch):
+    monkeypatch.setattr(target, "_compile_in_child", lambda *args: None)
     result, native = _native(2, monkeypatch)
-    assert len(native.llvm_sources) == 2
+    assert len(native.llvm_sources) >= 3
+    for got, want in zip(result, _reference()):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+
+
+def test_modules_a_dying_child_took_are_compiled_here(monkeypatch):
+    """A child that fails after taking modules from the queue delivers none of them: this
+    process compiles them after all."""
+    parent = os.getpid()
+    real = target._compile_object
+
+    def compile_object(item, level):
+        if os.getpid() != parent:
+            raise RuntimeError("a child that fails")
+        return real(item, level)
+    monkeypatch.setattr(target, "_compile_object", compile_object)
+    result, native = _native(2, monkeypatch)
+    assert len(target.unpack_objects(native._jit.object_code)) == len(native.llvm_sources)
     for got, want in zip(result, _reference()):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
 
@@ -108,7 +131,7 @@ def test_cached_split_code_links_in_a_new_function(monkeypatch, tmp_path):
 
 
 def _groups(prims):
-    """Stand-ins for a plan's loop-nest kernels of these primitives (what `_balance` reads)."""
+    """Stand-ins for a plan's loop-nest kernels of these primitives (what `_modules` reads)."""
     from types import SimpleNamespace
     return [SimpleNamespace(index=k, kind="nn", root=SimpleNamespace(prim=p))
             for k, p in enumerate(prims)]
@@ -116,37 +139,67 @@ def _groups(prims):
 
 def test_kernels_sharing_generic_functions_are_lowered_into_one_module(monkeypatch):
     """Every matmul kernel calls the same generic tile and packing functions: spread over two
-    modules, both processes would compile those again (LeNet-5's gradient did). Only a
-    primitive heavier than a module's share is split (a deep MLP's matmuls)."""
+    modules, both would compile those again (LeNet-5's gradient did). Only a unit heavier
+    than a process's share is split (a deep MLP's matmuls)."""
     from tracejit.codegen import runtime
-    from tracejit.codegen.runtime import _balance
+    from tracejit.codegen.runtime import _modules
     from tracejit.ir.prims.linalg import matmul_p
     # the stand-ins have no operands to plan: every matmul calls one tile function
     monkeypatch.setattr(runtime, "_shared_weights",
                         lambda g: {"tile": 20} if g.root.prim is matmul_p else {})
     from tracejit.ir.prims.nn import conv2d_p
     mixed = _groups([matmul_p] * 9 + [conv2d_p] * 5)
-    home = _balance(mixed, 2)
+    home, _ = _modules(mixed, processes=2)
     assert len({home[g.index] for g in mixed if g.root.prim is matmul_p}) == 1, home
     assert len(set(home.values())) == 2, home
     mlp = _groups([matmul_p] * 20)
-    home = _balance(mlp, 2)
-    assert sorted(home.values()).count(0) in range(8, 13), home
+    home, _ = _modules(mlp, processes=2)
+    assert sorted(home.values()).count(1) in range(8, 13), home
+
 
 def test_the_thread_pool_is_built_while_the_child_compiles(monkeypatch):
     """The pool the entry links against costs an LLVM compile of its own: the parent does it
-    while it waits for the child, not after."""
+    while the child compiles, right after the entry's module and before it takes modules from
+    the queue (which then even out the work), not after."""
     from tracejit.codegen import parallel, threadpool
     if not threadpool.available():
         pytest.skip("no thread pool on this platform")   # (its code is then never linked)
     monkeypatch.setattr(parallel, "PARALLEL_MIN_NS", 0)   # (so the entry calls the pool)
     monkeypatch.setattr(threadpool, "_the_pool", None)
-    built = []
-    real_collect = target._collect
+    built = []   # whether the pool was there, when this process took from the queue
+    parent, real_take = os.getpid(), target._take
 
-    def collect(child):
-        built.append(threadpool._the_pool is not None)
-        return real_collect(child)
-    monkeypatch.setattr(target, "_collect", collect)
+    def take(queue):
+        if os.getpid() == parent:
+            built.append(threadpool._the_pool is not None)
+        return real_take(queue)
+    monkeypatch.setattr(target, "_take", take)
     _native(2, monkeypatch)
-    assert built == [True]
+    assert built and all(built), built
+
+
+def test_a_failing_compile_here_leaves_no_child_behind(monkeypatch):
+    """An error in this process's compile is raised, after the children are stopped and
+    reaped."""
+    parent = os.getpid()
+    real = target._compile_object
+    pids = []
+    real_fork = target._compile_in_child
+
+    def fork(*args):
+        child = real_fork(*args)
+        pids.append(child[0])
+        return child
+
+    def compile_object(item, level):
+        if os.getpid() == parent:
+            raise RuntimeError("LLVM failed here")
+        return real(item, level)
+    monkeypatch.setattr(target, "_compile_in_child", fork)
+    monkeypatch.setattr(target, "_compile_object", compile_object)
+    with pytest.raises(RuntimeError, match="LLVM failed here"):
+        _native(2, monkeypatch)
+    assert pids
+    for pid in pids:   # reaped: no such child any more
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)

@@ -130,12 +130,13 @@ def memory_cost(ins) -> float:
     return (sum(v.type.size for v in ins.inputs) + ins.out.type.size) / ELEMENTS_PER_NS
 
 
-# Compile weights (see runtime._balance), calibrated on LeNet-5's gradient: a convolution's
-# kernel is about three times a pooling kernel's LLVM work. A matmul kernel is a small wrapper
-# (MATMUL_WEIGHT) around tile functions shared by the module's matmuls (matmul.py, shared_weights):
-# the outer form's about a convolution's, the others less.
+# Compile weights (see runtime._modules), in units of ~5 ms of LLVM (AVX-512 Xeon, LeNet-5's
+# gradient, loop-nest kernels' pipeline): a convolution's kernel ~60 ms, a pooling kernel's ~17. A
+# matmul kernel is a small wrapper (MATMUL_WEIGHT) around tile functions shared by the module's
+# matmuls (matmul.py, shared_weights): the outer form's ~55 ms, its packing ~15, the others less.
+# (On AMD znver1 the outer tile function weighed 20: the AVX-512 one compiles faster.)
 CONV_WEIGHT, MATMUL_WEIGHT, POOL_WEIGHT = 12, 2, 4
-MATMUL_TILE_WEIGHTS = {"outer": 20, "dot": 6, "mv_dot": 4, "mv_axpy": 4, "pack": 4}
+MATMUL_TILE_WEIGHTS = {"outer": 11, "dot": 6, "mv_dot": 4, "mv_axpy": 4, "pack": 3}
 
 
 def _load_all():
