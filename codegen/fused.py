@@ -737,11 +737,12 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
     def loop(d, start, stop):
         short = d != sd and xs[d] < SHORT_LOOP
         short_last = short and d == last
-        # a loop around inner loops stays rolled: unrolled (a constant range of 6 channels
-        # around their planes' sums, when the kernel runs on one thread) it interleaved 6
-        # streams of the input, and LeNet-5's conv1 bias gradient ran 10% slower
+        # a short loop around inner loops stays rolled: fully unrolled (a constant range of 6
+        # channels around their planes' sums, when the kernel runs on one thread) it interleaved
+        # 6 streams of the input, and LeNet-5's conv1 bias gradient ran 10% slower
         with for_range(b, start, stop, 1, f"{base}.d{d}",
-                       scalar=tiny or d != last or short_last and not heavy,
+                       scalar=tiny or d != last and xs[d] < SHORT_LOOP
+                       or short_last and not heavy,
                        masked=short_last and heavy > 0) as i:
             idx.append(i)
             if d == last:
