@@ -135,8 +135,10 @@ class _Element:
 @record(frozen=True)
 class Elementwise:
     """`emit(b, ins, args) -> value`: the result at an index from its operands' values there
-    (a rank-0 operand is read once, at the empty index)."""
+    (a rank-0 operand is read once, at the empty index). `cost`: its instructions per element,
+    roughly (1 for arithmetic; a polynomial function such as exp more, see heavy_cost)."""
     emit: Callable
+    cost: int = 1
 
     def value(self, el: _Element, ins: Instr, idx):
         return emit_scalar_op(el.b, ins, [el.value(x, idx if x.shape else []) for x in ins.inputs])
@@ -167,11 +169,12 @@ class Reduction:
 lowerings = Registry("fused lowering")
 
 
-def register_elementwise(*prims):
-    """Register the decorated `emit(b, ins, args)` as the fused lowering of `prims`."""
+def register_elementwise(*prims, cost: int = 1):
+    """Register the decorated `emit(b, ins, args)` as the fused lowering of `prims` (`cost`: see
+    Elementwise)."""
     def deco(emit):
         for p in prims:
-            lowerings[p] = Elementwise(emit)
+            lowerings[p] = Elementwise(emit, cost)
         return emit
     return deco
 
@@ -483,7 +486,25 @@ def is_flat(group) -> bool:
 # A fused loop that visits at most this many elements in all is left scalar (no vectorizing, no
 # unrolling): it runs in well under a microsecond either way, while LLVM spends ~10 ms on each
 # loop it vectorizes (a bias gradient's [64, 10] column sum compiled in 38 ms, scalar in 15).
+# An element of a loop computing exp or log counts as heavy_cost elements.
 TINY_WORK = 1024
+
+
+def heavy_cost(members) -> int:
+    """The instructions per element of the costly members (Elementwise.cost above 1: exp, log,
+    tanh...), 0 without any: scalar, such a loop is no longer cheap (a softmax cross-entropy's
+    [64, 10] exp loop ran 6 us, 9 ns per element), and a short row of it is worth vectorizing
+    with masked iterations (loops.masked_loop_id) rather than running scalar."""
+    total = 0
+    for m in members:
+        rule = lowerings.get(m.prim)   # a dict: layout ops and reductions have no cost
+        if isinstance(rule, Elementwise) and rule.cost > 1:
+            total += rule.cost
+    return total
+
+
+def _is_tiny(elements: int, heavy: int) -> bool:
+    return elements * (1 + heavy) <= TINY_WORK
 
 
 def _store_all(b, el, stores, idx, off):
@@ -503,10 +524,11 @@ def _lower_map(b, root, leaf_ptrs, members, stores, tid, nthreads, base, flat=Fa
         with L.if_then(b, b.icmp_signed("==", tid, i64(0)), f"{base}.t0"):
             _store_all(b, _Element(b, leaf_ptrs, members), stores, [], i64(0))
         return
+    heavy = heavy_cost(instrs)
     if flat:
         total = math.prod(shape)
         lo, hi = thread_range(b, total, tid, nthreads)
-        with for_range(b, lo, hi, 1, f"{base}.i", scalar=total <= TINY_WORK) as i:
+        with for_range(b, lo, hi, 1, f"{base}.i", scalar=_is_tiny(total, heavy)) as i:
             _store_all(b, _Element(b, leaf_ptrs, members, flat=True), stores, [i], i)
         return
     # the trailing axes every read is contiguous or constant over run as one loop (a bias
@@ -521,10 +543,10 @@ def _lower_map(b, root, leaf_ptrs, members, stores, tid, nthreads, base, flat=Fa
         el.ranges = ranges
         full = collapsed_index(shape, k, idx)
         _store_all(b, el, stores, full, _Element(b, {}, set()).linear(full, shape))
-    tiny = math.prod(shape) <= TINY_WORK
+    tiny = _is_tiny(math.prod(shape), heavy)
     with for_range(b, lo, hi, 1, f"{base}.d0", scalar=tiny) as i0:
         idx = [i0]
-        _nest(b, loops, 1, idx, base, body, segments, tiny)
+        _nest(b, loops, 1, idx, base, body, segments, tiny, heavy > 0)
 
 
 def _segments(instrs, shape, most: int = 8):
@@ -553,9 +575,10 @@ def _segments(instrs, shape, most: int = 8):
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _nest(b, shape, d, idx, base, body, segments, tiny=False):
+def _nest(b, shape, d, idx, base, body, segments, tiny=False, heavy=False):
     """Loops over dimensions d.. of `shape` around `body(ranges)`; the innermost runs one loop
-    per segment, `ranges` giving its index's static range. `tiny`: all loops scalar."""
+    per segment, `ranges` giving its index's static range. `tiny`: all loops scalar; `heavy`
+    (see heavy_cost): a short innermost loop runs masked vector iterations, not scalar."""
     if d == len(shape):
         body({})
         return
@@ -563,12 +586,14 @@ def _nest(b, shape, d, idx, base, body, segments, tiny=False):
         with for_range(b, 0, shape[d], 1, f"{base}.d{d}",
                        scalar=tiny or shape[d] < SHORT_LOOP) as i:
             idx.append(i)
-            _nest(b, shape, d + 1, idx, base, body, segments, tiny)
+            _nest(b, shape, d + 1, idx, base, body, segments, tiny, heavy)
             idx.pop()
         return
     for k, (s0, s1) in enumerate(segments):
         name = f"{base}.d{d}" + (f".s{k}" if len(segments) > 1 else "")
-        with for_range(b, s0, s1, 1, name, scalar=tiny or s1 - s0 < SHORT_LOOP) as i:
+        short = s1 - s0 < SHORT_LOOP
+        with for_range(b, s0, s1, 1, name, scalar=tiny or short and not heavy,
+                       masked=short and heavy) as i:
             idx.append(i)
             body({id(i): (s0, s1)})
             idx.pop()
@@ -598,7 +623,8 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
     blocked = red.sum and dtype in ("f32", "f64")   # sums in float64 blocks (see below)
     wide = F64 if blocked else ty      # type of a register reduction's total
     flush_at = schedule.reduce_flush(group)
-    tiny = math.prod(xs) <= TINY_WORK
+    heavy = heavy_cost(group.members)
+    tiny = _is_tiny(math.prod(xs), heavy)
     # the loops over outputs only (setting, flushing, rounding them) are scalar when the outputs
     # are few: they are a small part of the reduction's work, and each vectorized one costs
     # compile time
@@ -664,7 +690,8 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
     def accumulate_loop(start, stop, d, short):
         """acc_slot = the reduction of the elements of dimension d in [start, stop)."""
         b.store(ident, acc_slot)
-        with for_range(b, start, stop, 1, f"{base}.d{d}", scalar=short or tiny) as i:
+        with for_range(b, start, stop, 1, f"{base}.d{d}", scalar=tiny or short and not heavy,
+                       masked=short and heavy > 0) as i:
             idx.append(i)
             b.store(combine(b.load(acc_slot), element()), acc_slot)
             idx.pop()
@@ -709,8 +736,14 @@ def _lower_reduce(b, group, leaf_ptrs, members, out_ptr, scratch, tid, nthreads,
 
     def loop(d, start, stop):
         short = d != sd and xs[d] < SHORT_LOOP
+        short_last = short and d == last
+        # a short loop around inner loops stays rolled: fully unrolled (a constant range of 6
+        # channels around their planes' sums, when the kernel runs on one thread) it interleaved
+        # 6 streams of the input, and LeNet-5's conv1 bias gradient ran 10% slower
         with for_range(b, start, stop, 1, f"{base}.d{d}",
-                       scalar=tiny or (short and d == last)) as i:
+                       scalar=tiny or d != last and xs[d] < SHORT_LOOP
+                       or short_last and not heavy,
+                       masked=short_last and heavy > 0) as i:
             idx.append(i)
             if d == last:
                 accumulate(out_off(idx), element())

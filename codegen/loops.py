@@ -64,6 +64,23 @@ def scalar_loop_id(module: ir.Module):
     return cached
 
 
+def masked_loop_id(module: ir.Module):
+    """A loop ID that makes LLVM's vectorizer run a short loop as masked vector iterations (tail
+    folding: a row of 10 is one 16-lane iteration with 6 lanes off) instead of a scalar loop."""
+    cached = getattr(module, "_tracejit_masked_loop", None)
+    if cached is None:
+        true = ir.Constant(ir.IntType(1), 1)
+        opts = [module.add_metadata([ir.MetaDataString(module, "llvm.loop.vectorize.enable"),
+                                     true]),
+                module.add_metadata([ir.MetaDataString(module,
+                                                       "llvm.loop.vectorize.predicate.enable"),
+                                     true])]
+        cached = module.add_metadata(opts)
+        cached.operands = (cached,) + tuple(cached.operands)
+        module._tracejit_masked_loop = cached
+    return cached
+
+
 class Carry:
     """State of a `carry_loop`: induction variable, loop-carried values; set `next` in the body,
     read `out` (the values after the last iteration) after the loop."""
@@ -73,11 +90,13 @@ class Carry:
 
 
 @contextlib.contextmanager
-def carry_loop(b: ir.IRBuilder, start, stop, inits, name: str, step=1, scalar: bool = True):
+def carry_loop(b: ir.IRBuilder, start, stop, inits, name: str, step=1, scalar: bool = True,
+               masked: bool = False):
     """`for iv in range(start, stop, step)` (i64; positive step) carrying `inits` (e.g. vector
     accumulators) through phis. Emits blocks `{name}.cond`, `{name}.body`, `{name}.end`; the
     builder is left at `.end`. With `scalar` (the default here) LLVM neither unrolls nor
-    vectorizes it: explicit vector bodies need neither, and unrolled copies cost compile time."""
+    vectorizes it: explicit vector bodies need neither, and unrolled copies cost compile time.
+    With `masked` (and not `scalar`) it is vectorized with masked iterations (masked_loop_id)."""
     start = i64(start) if isinstance(start, int) else start
     stop = i64(stop) if isinstance(stop, int) else stop
     step = i64(step) if isinstance(step, int) else step
@@ -106,15 +125,19 @@ def carry_loop(b: ir.IRBuilder, start, stop, inits, name: str, step=1, scalar: b
     branch = b.branch(cond)
     if scalar:
         branch.set_metadata("llvm.loop", scalar_loop_id(b.module))
+    elif masked:
+        branch.set_metadata("llvm.loop", masked_loop_id(b.module))
     b.position_at_end(end)
     state.out = phis
 
 
 @contextlib.contextmanager
-def for_range(b: ir.IRBuilder, start, stop, step=1, name: str = "loop", scalar: bool = False):
+def for_range(b: ir.IRBuilder, start, stop, step=1, name: str = "loop", scalar: bool = False,
+              masked: bool = False):
     """`for i in range(start, stop, step)`: a `carry_loop` without carried values, left to LLVM's
-    vectorizer unless `scalar` (see SHORT_LOOP). Yields the induction variable."""
-    with carry_loop(b, start, stop, [], name, step, scalar) as state:
+    vectorizer unless `scalar` (see SHORT_LOOP); `masked`: vectorized with masked iterations.
+    Yields the induction variable."""
+    with carry_loop(b, start, stop, [], name, step, scalar, masked) as state:
         yield state.iv
 
 

@@ -140,7 +140,22 @@ class Group:
                               f"(plan was not given `cost_ns`)")
             return self.kernel_ns
         size = max([ins.out.type.size] + [x.type.size for x in ins.inputs])
+        if ins.prim.kind == "reduce" and \
+                max([ins.out.type.nbytes] + [x.type.nbytes for x in ins.inputs]) <= REDUCE_CACHED:
+            return size * max(1, len(self.members)) * REDUCE_NS_PER_ELEMENT
         return size * max(1, len(self.members))
+
+
+# A reduction's loop streams an input that one core's L2 holds (REDUCE_CACHED bytes) through
+# vector adds at 20-25 elements per ns (the sum over N, H, W of LeNet-5's conv1 output gradient,
+# 221k floats: 8.5 us on one thread; conv2's, 65k: 2.7 us), not the one element per ns of the
+# fused-loop estimate, which sent both to the thread pool, where they ran slower than on one
+# thread (10.3 and 3.9 us: a fork/join, and half of each channel's planes in the other core's
+# cache). A larger input streams from L3 or memory, where two cores read about twice as fast
+# (ResNet-8's [32, 16, 32, 32] bias gradient, 2 MiB: 35 us on one thread, 15.5 on two): those keep
+# the fused-loop estimate and go parallel.
+REDUCE_NS_PER_ELEMENT = 0.05
+REDUCE_CACHED = 1 << 20
 
 
 @record
