@@ -6,6 +6,7 @@ SHA-256 of a key text that covers everything that changes the code:
 - the IR without its provenance comments, with every literal array's dtype, shape and bytes (the
   printer abbreviates large literals) and every instruction's parameters;
 - the thread count the module was planned for (`max_threads`: scratch sizes, parallel calls);
+- the kernels' blocking overrides (`FORCE` of kernels/matmul.py and kernels/conv2d/layout.py);
 - the host: CPU name and features, target triple, the thread pool's version (or that it is off);
 - the compiler: the caller's version string (tracejit's), a hash of every source file of
   `codegen/`, llvmlite's and LLVM's versions, and the TRACEJIT_* environment variables that change
@@ -146,11 +147,25 @@ def _host_and_compiler() -> str:
     ])
 
 
+def _overrides() -> str:
+    """The kernels' blocking overrides in force (the FORCE dicts of the tuning runs and tests:
+    benchmarks/kernels_dense.py --force, tests/test_fuzz_kernels.py). They change the code and
+    the scratch it needs, which the caller sizes from its own plan: code stored under another
+    override, linked on a hit, overran the arena (heap corruption on AVX2, where the conv input
+    gradient's transposed form needs more scratch than the core's)."""
+    from .kernels import matmul
+    from .kernels.conv2d import layout
+    return " ".join(f"{name}.{k}={v!r}" for name, force in (("matmul", matmul.FORCE),
+                                                             ("conv2d", layout.FORCE))
+                    for k, v in sorted(force.items()))
+
+
 def key_text(fn: Function, max_threads: int, version: str = "") -> str:
     """Everything the object code of `fn` depends on, as text (its SHA-256 names the entry)."""
     env = settings.code_environment()
     return "\n".join([f"version {version}", _host_and_compiler(), f"max_threads {max_threads}",
-                      f"environment {' '.join(env)}", "", ir_key_text(fn)])
+                      f"environment {' '.join(env)}", f"overrides {_overrides()}", "",
+                      ir_key_text(fn)])
 
 
 def key_of(fn: Function, max_threads: int, version: str = "") -> str:

@@ -235,3 +235,29 @@ def transformer_args(rng, n=2, t=3, d=4):
 
 PROGRAMS.append(Program("transformer_block", transformer_block, transformer_args,
                         argnums=(0, 1), fd_coords=4))
+
+
+# ------------------------------------------------------------------------------------------------
+# a residual block (ResNet's basic block without normalisation) between a stem and a classifier:
+# 3x3 convolutions of 16 channels (two vectors of float32 lanes with AVX2, one with AVX-512), the
+# skip connection, max and global average pooling
+# ------------------------------------------------------------------------------------------------
+RESNET_LABELS = np.array([2, 0])
+
+
+def resnet_block(ns, p, x):
+    h = ns.relu(ns.conv2d(x, p["stem"]["w"], p["stem"]["b"], padding=1))         # [N, 16, 8, 8]
+    r = ns.relu(ns.conv2d(h, p["c1"]["w"], p["c1"]["b"], padding=1))
+    h = ns.relu(h + ns.conv2d(r, p["c2"]["w"], p["c2"]["b"], padding=1))
+    h = ns.flatten(ns.adaptive_avg_pool2d(ns.max_pool2d(h, 2), 1))                # [N, 16]
+    return ns.cross_entropy(ns.linear(h, p["fc"]["w"], p["fc"]["b"]), RESNET_LABELS)
+
+
+def resnet_args(rng):
+    p = {"stem": _conv(rng, 16, 3, 3), "c1": _conv(rng, 16, 16, 3), "c2": _conv(rng, 16, 16, 3),
+         "fc": _dense(rng, 4, 16)}
+    return p, rng.normal(size=(len(RESNET_LABELS), 3, 8, 8))
+
+
+PROGRAMS.append(Program("resnet_block", resnet_block, resnet_args, argnums=(0, 1),
+                        second_order=False, fd_coords=4))

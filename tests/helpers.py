@@ -73,6 +73,35 @@ def assert_close(actual, expected, tol, what=""):
                                err_msg=what)
 
 
+NATIVE_TOL = {"f64": (1e-9, 1e-10), "f32": (1e-4, 1e-5)}   # native code against the interpreter
+
+
+def check_native_matches_interpreter(fn, args, what, argnums=None, threads=(1,), tol=NATIVE_TOL):
+    """`tracejit.jit(fn)` (argnums None) or `tracejit.jit_grad(fn, argnums)`, compiled afresh for
+    each thread count (a Jitted object keeps the code of its first compile, whatever the target
+    or thread count later), against the reference interpreter: every output leaf within `tol`
+    of its dtype."""
+    def make():
+        return tracejit.jit(fn) if argnums is None else tracejit.jit_grad(fn, argnums=argnums)
+
+    with use_backend("interpreter"):
+        want = tree_leaves(make()(*args))
+    assert want, f"{what}: no array outputs"
+    old = tracejit.get_num_threads()
+    try:
+        with use_backend("llvm"):
+            for nt in threads:
+                tracejit.set_num_threads(nt)
+                got = tree_leaves(make()(*args))
+                assert len(got) == len(want), f"{what}: {len(got)} outputs, not {len(want)}"
+                for i, (g, w) in enumerate(zip(got, want)):
+                    assert g.dtype == w.dtype, f"{what}: output {i} is {g.dtype}, not {w.dtype}"
+                    dt = "f32" if w.dtype == np.float32 else "f64"
+                    assert_close(g, w, tol[dt], f"{what} threads={nt} output {i}")
+    finally:
+        tracejit.set_num_threads(old)
+
+
 # ------------------------------------------------------------------------------------------------
 # pytrees of numpy arrays (the corpus passes dicts and lists of parameters)
 # ------------------------------------------------------------------------------------------------

@@ -409,6 +409,36 @@ def test_the_key_covers_threads_version_and_codegen_environment(monkeypatch):
         assert item in text
 
 
+def test_the_key_covers_the_kernels_blocking_overrides(monkeypatch):
+    from tracejit.codegen.kernels import matmul
+    from tracejit.codegen.kernels.conv2d import layout
+    fn = optimized(lambda x: (x * x).sum(), X)
+    key = diskcache.key_of(fn, 2)
+    monkeypatch.setitem(layout.FORCE, "tgrad", False)
+    forced = diskcache.key_of(fn, 2)
+    monkeypatch.setitem(matmul.FORCE, "pack", "b")
+    assert len({key, forced, diskcache.key_of(fn, 2)}) == 3
+
+
+def test_code_compiled_under_another_override_is_not_linked(cache_dir, avx2_target,
+                                                            monkeypatch):
+    """A convolution's gradient with the stride-1 input gradient forced to the transposed form,
+    then to the core: the core's plan sizes the scratch, so linking the first code (which needs
+    more scratch on AVX2) overran the arena and corrupted the heap (an abort in malloc)."""
+    from tracejit.codegen.kernels.conv2d import layout
+    from test_fuzz_kernels import conv_program
+    fn, args, what, _ = conv_program(247)   # f32, 3 output channels, a 1x3 kernel, tanh
+    with use_backend("interpreter"):
+        want = tracejit.jit_grad(fn, argnums=(0, 1))(*args)
+    for force in (True, False):
+        monkeypatch.setitem(layout.FORCE, "tgrad", force)
+        g = tracejit.jit_grad(fn, argnums=(0, 1))
+        got = g(*args)
+        assert g.compile_stats()["cache_hits"] == 0, f"tgrad={force}: linked the other's code"
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{what} {force}")
+
+
 def test_a_codegen_source_change_changes_the_key(monkeypatch):
     fn = optimized(lambda x: (x * x).sum(), X)
     key = diskcache.key_of(fn, 1)

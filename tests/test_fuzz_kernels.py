@@ -26,7 +26,6 @@ pytestmark = pytest.mark.needs_llvm  # the native backend (`-m 'not needs_llvm'`
 SIZES = [1, 1, 2, 3, 5, 7, 8, 9, 10, 13, 16, 17, 24, 33, 47, 49]
 BATCHES = [((), ()), ((), ()), ((3,), ()), ((), (3,)), ((2,), (2,)), ((2, 1), (3,)),
            ((1,), (4,)), ((2, 1), (1, 2))]
-TOL = {"f64": (1e-9, 1e-10), "f32": (1e-4, 1e-5)}
 EPILOGUES = ["none", "bias", "scale", "tanh", "relu", "bias_tanh", "square", "const"]
 
 
@@ -133,39 +132,19 @@ def twins_program(seed):
     return f, args, f"twins m={m} n={n} k={k}", "f64"
 
 
-def _run(fn, args, threads, grad):
-    outs = []
-    for nt in threads:
-        tj.set_num_threads(nt)
-        jf = tj.jit_grad(fn, argnums=(0, 1)) if grad else tj.jit(fn)
-        outs.append(jf(*args))
-    return outs
-
-
-def _flat(out):
-    return list(out) if isinstance(out, (tuple, list)) else [out]
-
-
 def check(kind, seed, force=None):
     from tracejit.codegen.kernels.conv2d.layout import FORCE
     fn, args, what, dt = {"matmul": matmul_program, "conv": conv_program,
                           "twins": twins_program}[kind](seed)
-    old_threads = tj.get_num_threads()
     if force is not None:
         FORCE["tgrad"] = force
     try:
-        for grad in ([False] if kind == "twins" else [False, True]):
-            with helpers.use_backend("interpreter"):
-                want = _flat(tj.jit_grad(fn, argnums=(0, 1))(*args) if grad else tj.jit(fn)(*args))
-            with helpers.use_backend("llvm"):
-                for nt, got in zip((1, 2, 3), _run(fn, args, (1, 2, 3), grad)):
-                    for i, (g, w) in enumerate(zip(_flat(got), want)):
-                        tol = TOL["f32" if np.asarray(w).dtype == np.float32 else "f64"]
-                        helpers.assert_close(g, w, tol, f"{kind} seed {seed} {what} grad={grad} "
-                                                        f"threads={nt} output {i}")
+        for argnums in ([None] if kind == "twins" else [None, (0, 1)]):
+            helpers.check_native_matches_interpreter(
+                fn, args, f"{kind} seed {seed} {what} grad={argnums is not None}", argnums,
+                threads=(1, 2, 3))
     finally:
         FORCE.pop("tgrad", None)
-        tj.set_num_threads(old_threads)
 
 
 N_HUNT = int(os.environ.get("TRACEJIT_FUZZ_KERNEL_SEEDS", "0"))
