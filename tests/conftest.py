@@ -45,5 +45,7 @@ def interpreter_backend():
 def avx2_target(monkeypatch):
     """Code compiled for the AVX2 level (TRACEJIT_TARGET=avx2: 16 vector registers, 256-bit
     vectors) whatever the host, for tests of the choices made for 16 registers: every machine of
-    this project has had AVX2, and an AVX-512 host runs that code too (codegen/target.py)."""
+    this project has had AVX2, and an AVX-512 host runs that code too (codegen/target.py).
+    The target is read when a function is compiled: a jitted function called before the fixture
+    keeps its host code (compile a fresh one, as helpers.check_native_matches_interpreter does)."""
     monkeypatch.setenv("TRACEJIT_TARGET", "avx2")
