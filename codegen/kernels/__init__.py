@@ -93,12 +93,34 @@ def _no_scratch(ins, nthreads):
 
 
 # ------------------------------------------------------------------------------------------------
-# cost models (single-thread nanoseconds), for deciding whether a kernel is worth running on
-# several threads: flop-bound loop nests at ~50 flop/ns (vector FMAs), memory-bound ones at
-# ~4 elements per ns
+# cost models (single-thread nanoseconds on the target), for deciding whether a kernel is worth
+# running on several threads (parallel.PARALLEL_MIN_NS) and into how many chunks
+# (threadpool.chunk_limit). They scale with the f32 lanes of the target's vectors (LANES: 16 with
+# AVX-512, 8 with AVX2), which is what the kernels' speed per cycle follows.
+# - flop-bound loop nests (matmul, convolutions): FLOPS_PER_LANE_NS = 6 flop per lane per ns.
+#   Measured single-thread on the AVX-512 Xeon (2 cores, ~3 GHz, 227 GFLOP/s FMA peak), LeNet-5's
+#   gradient at batch 1..256 and the conv block (TRACEJIT_PROFILE cycles, minima): convolutions
+#   83-177 flop/ns (forward 113-177, input gradient 83, weight gradients 91-155), matmuls
+#   70-115 with K >= 84: 96 flop/ns, where the former flat 50 overestimated them 2-3x and sent
+#   ~10 us kernels to the pool. On AMD znver1 (AVX2) the same rule gives 48, the ~50 it was tuned
+#   at there.
+# - memory-bound loop nests (pooling and its gradients): one element per lane per ns; measured
+#   13-17 elements/ns here (max_pool2d and max_pool2d_grad, LeNet-5, batch 16-64), not the former
+#   4, which sent a 5 us pooling kernel to the pool (7 us there).
+# - fused elementwise loops (schedule.Group.cost_ns): ELEMENT_OPS_PER_NS = one element-op per
+#   lane per ns; measured 15-35 here for vector loops ([N,16,4,4] relu-gradient selects: 0.64 /
+#   1.8 / 7.7 us at N = 16 / 64 / 256 where 1 ns per element-op estimated 16 / 66 / 262 us).
 # ------------------------------------------------------------------------------------------------
-FLOPS_PER_NS = 50
-ELEMENTS_PER_NS = 4
+def _lanes() -> int:
+    from ..target import vector_width
+    return vector_width(32)
+
+
+LANES = _lanes()
+FLOPS_PER_LANE_NS = 6
+FLOPS_PER_NS = FLOPS_PER_LANE_NS * LANES
+ELEMENTS_PER_NS = LANES
+ELEMENT_OPS_PER_NS = LANES
 
 
 def matmul_cost(ins) -> float:
