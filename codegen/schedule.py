@@ -132,7 +132,8 @@ class Group:
         """Rough single-thread run time on the target, for deciding whether a kernel is worth
         running on several threads: a loop nest's estimate is its kernel's (see codegen/kernels,
         given to `plan`); a fused loop costs its element-ops at kernels.ELEMENT_OPS_PER_NS (one
-        per f32 vector lane per ns), a reduction over an input that one core's cache holds its
+        per f32 vector lane per ns), or more when its buffers stream from beyond one core's L2
+        (kernels.streaming_ns); a reduction over an input that one core's cache holds costs its
         elements at REDUCE_NS_PER_ELEMENT."""
         ins = self.root
         if self.kind == "nn":
@@ -144,8 +145,9 @@ class Group:
         if ins.prim.kind == "reduce" and \
                 max([ins.out.type.nbytes] + [x.type.nbytes for x in ins.inputs]) <= REDUCE_CACHED:
             return size * max(1, len(self.members)) * REDUCE_NS_PER_ELEMENT
-        from .kernels import ELEMENT_OPS_PER_NS
-        return size * max(1, len(self.members)) / ELEMENT_OPS_PER_NS
+        from .kernels import ELEMENT_OPS_PER_NS, streaming_ns
+        return max(size * max(1, len(self.members)) / ELEMENT_OPS_PER_NS,
+                   streaming_ns(sum(v.type.nbytes for v in self.made + self.leaves)))
 
 
 # A reduction's loop streams an input that one core's L2 holds (REDUCE_CACHED bytes) through

@@ -110,6 +110,12 @@ def _no_scratch(ins, nthreads):
 # - fused elementwise loops (schedule.Group.cost_ns): ELEMENT_OPS_PER_NS = one element-op per
 #   lane per ns; measured 15-35 here for vector loops ([N,16,4,4] relu-gradient selects: 0.64 /
 #   1.8 / 7.7 us at N = 16 / 64 / 256 where 1 ns per element-op estimated 16 / 66 / 262 us).
+# - all of these read from cache; a memory-bound kernel or loop whose buffers exceed one core's L2
+#   (CACHED_BYTES, 2 MiB on that Xeon) streams them from L3 or memory at STREAM_BYTES_PER_NS on one thread, which bounds
+#   its time from below (`streaming_ns`). Measured 25-31 bytes/ns on the AVX-512 Xeon (the conv
+#   block at image size 32: avg_pool2d over 4 MiB 186 us, a 4 MiB sum 143 us, a 2 MiB
+#   elementwise product 67 us, each 2-4x the in-cache estimate); a machine constant, not derived
+#   from the target.
 # ------------------------------------------------------------------------------------------------
 def _lanes() -> int:
     from ..target import vector_width
@@ -121,6 +127,34 @@ FLOPS_PER_LANE_NS = 6
 FLOPS_PER_NS = FLOPS_PER_LANE_NS * LANES
 ELEMENTS_PER_NS = LANES
 ELEMENT_OPS_PER_NS = LANES
+
+
+def _l2_bytes(default: int = 1 << 20) -> int:
+    """One core's L2 (Linux sysfs; `default` where it cannot be read)."""
+    import glob
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(f"{d}/level") as f:
+                level = f.read().strip()
+            with open(f"{d}/type") as f:
+                kind = f.read().strip()
+            with open(f"{d}/size") as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        if level == "2" and kind in ("Unified", "Data") and size[:-1].isdigit():
+            return int(size[:-1]) << {"K": 10, "M": 20}.get(size[-1], 0)
+    return default
+
+
+CACHED_BYTES = _l2_bytes()
+STREAM_BYTES_PER_NS = 28
+
+
+def streaming_ns(nbytes: int) -> float:
+    """The least single-thread time to read and write `nbytes` of buffers: 0 when one core's L2
+    holds them (the compute estimate rules), else their time streamed from L3 or memory."""
+    return nbytes / STREAM_BYTES_PER_NS if nbytes > CACHED_BYTES else 0.0
 
 
 def matmul_cost(ins) -> float:
@@ -149,7 +183,9 @@ def conv2d_weight_grad_cost(ins) -> float:    # (ct of y, x) -> ct of w
 
 def memory_cost(ins) -> float:
     """A kernel that reads its inputs and writes its output about once (pooling)."""
-    return (sum(v.type.size for v in ins.inputs) + ins.out.type.size) / ELEMENTS_PER_NS
+    values = list(ins.inputs) + [ins.out]
+    return max(sum(v.type.size for v in values) / ELEMENTS_PER_NS,
+               streaming_ns(sum(v.type.nbytes for v in values)))
 
 
 # Compile weights (see runtime._modules), in units of ~5 ms of LLVM (AVX-512 Xeon, LeNet-5's
