@@ -45,25 +45,25 @@ def test_lenet_batch_64_splits_its_convolutions_but_not_its_small_loops():
             rng.standard_normal((64, 1, 28, 28), np.float32))
     g = tracejit.jit_value_and_grad(lenet_loss, argnums=(0, 1, 2))
     with use_backend("llvm"):
-        tracejit.set_num_threads(1)
-        try:
-            expected = g(*args)
-        finally:
-            tracejit.set_num_threads(None)
+        expected, got = (called_on(n, g, args) for n in (1, 2))
         [entry] = g._cache.values()
         groups = entry.native().plan.groups
-        split = {(gr.root.prim.name, tuple(gr.root.out.shape)) for gr in groups
-                 if gr.cost_ns >= parallel.PARALLEL_MIN_NS}
-        names = {n for n, _ in split}
-        assert {"conv2d", "conv2d_input_grad", "conv2d_weight_grad"} <= names, split
-        # pooling over LeNet's in-cache planes and the relu-gradient selects: serial
-        assert not names & {"max_pool2d", "max_pool2d_grad", "select"}, split
-        assert parallel.threads_available()
-        tracejit.set_num_threads(2)
-        try:
-            got = g(*args)
-        finally:
-            tracejit.set_num_threads(None)
+    split = {(gr.root.prim.name, tuple(gr.root.out.shape)) for gr in groups
+             if gr.cost_ns >= parallel.PARALLEL_MIN_NS}
+    names = {n for n, _ in split}
+    assert {"conv2d", "conv2d_input_grad", "conv2d_weight_grad"} <= names, split
+    # pooling over LeNet's in-cache planes and the relu-gradient selects: serial
+    assert not names & {"max_pool2d", "max_pool2d_grad", "select"}, split
+    assert parallel.threads_available()
     np.testing.assert_array_equal(got[0], expected[0])
     for a, b in zip(got[1], expected[1]):
         np.testing.assert_array_equal(a, b)
+
+
+def called_on(threads, fn, args):
+    """fn(*args) with at most `threads` threads per call."""
+    tracejit.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        tracejit.set_num_threads(None)
