@@ -18,9 +18,16 @@ import llvmlite.ir as ir
 from . import settings, threadpool
 from .loops import I64, PTR, VOID, i64
 
-# A kernel goes parallel when its estimated single-thread time (schedule.Group.cost_ns) reaches
-# this: a fork/join costs ~1.5 us on an idle machine and far more when the other core is busy, so
-# only kernels that run for tens of microseconds are worth splitting.
+# A kernel goes parallel when its estimated single-thread time (schedule.Group.cost_ns, in real
+# nanoseconds on the target: see the cost models in codegen/kernels) reaches this. Break-even
+# measured on the 2-core AVX-512 Xeon (every kernel of LeNet-5's gradient forced onto the pool in 2
+# chunks, 1 vs 2 threads, TRACEJIT_PROFILE cycles, minima): flop-bound kernels gain from ~7 us of
+# single-thread time (matmuls of 7-9 us: 1.25x; convolutions of 24-59 us: 1.2-1.7x) and lose
+# below ~6 us (0.7x); pooling loses at 5 us (0.65x) and, beside a busy process, still at 20 us;
+# fused loops and reductions under 2 us always lose (the dispatch alone is 0.2-0.4 us with the
+# workers spinning, microseconds when they sleep or the other core is busy). The threshold sits
+# well above the idle break-even so that a busy machine's slower fork/join does not make the
+# pool a loss.
 PARALLEL_MIN_NS = 30_000
 
 

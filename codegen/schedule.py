@@ -129,10 +129,12 @@ class Group:
 
     @property
     def cost_ns(self) -> float:
-        """Rough single-thread run time, for deciding whether a kernel is worth running on
-        several threads: loop nests at ~50 flop/ns (vector FMAs), fused loops at ~1 element
-        operation per ns. A loop nest's estimate is its kernel's (see codegen/kernels), given to
-        `plan`."""
+        """Rough single-thread run time on the target, for deciding whether a kernel is worth
+        running on several threads: a loop nest's estimate is its kernel's (see codegen/kernels,
+        given to `plan`); a fused loop costs its element-ops at kernels.ELEMENT_OPS_PER_NS (one
+        per f32 vector lane per ns), or more when its buffers stream from beyond one core's L2
+        (kernels.streaming_ns); a reduction over an input that one core's cache holds costs its
+        elements at REDUCE_NS_PER_ELEMENT."""
         ins = self.root
         if self.kind == "nn":
             if self.kernel_ns is None:
@@ -143,17 +145,19 @@ class Group:
         if ins.prim.kind == "reduce" and \
                 max([ins.out.type.nbytes] + [x.type.nbytes for x in ins.inputs]) <= REDUCE_CACHED:
             return size * max(1, len(self.members)) * REDUCE_NS_PER_ELEMENT
-        return size * max(1, len(self.members))
+        from .kernels import ELEMENT_OPS_PER_NS, streaming_ns
+        return max(size * max(1, len(self.members)) / ELEMENT_OPS_PER_NS,
+                   streaming_ns(sum(v.type.nbytes for v in self.made + self.leaves)))
 
 
 # A reduction's loop streams an input that one core's L2 holds (REDUCE_CACHED bytes) through
 # vector adds at 20-25 elements per ns (the sum over N, H, W of LeNet-5's conv1 output gradient,
 # 221k floats: 8.5 us on one thread; conv2's, 65k: 2.7 us), not the one element per ns of the
-# fused-loop estimate, which sent both to the thread pool, where they ran slower than on one
+# former fused-loop estimate, which sent both to the thread pool, where they ran slower than on one
 # thread (10.3 and 3.9 us: a fork/join, and half of each channel's planes in the other core's
 # cache). A larger input streams from L3 or memory, where two cores read about twice as fast
-# (ResNet-8's [32, 16, 32, 32] bias gradient, 2 MiB: 35 us on one thread, 15.5 on two): those keep
-# the fused-loop estimate and go parallel.
+# (ResNet-8's [32, 16, 32, 32] bias gradient, 2 MiB: 35 us on one thread, 15.5 on two): those take
+# the fused-loop estimate (33 us for that one, AVX-512) and go parallel.
 REDUCE_NS_PER_ELEMENT = 0.05
 REDUCE_CACHED = 1 << 20
 

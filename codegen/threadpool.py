@@ -64,7 +64,11 @@ VERSION = "tjpool-1 chunk,nchunks,slot"
 ENTRY = "tj_parallel"
 
 CHUNKS_PER_THREAD = 4      # chunks per thread: a slow thread holds back at most ~1/4 of its share
-MIN_CHUNK_NS = 8_000       # no chunk smaller than this (estimated single-thread time)
+# no chunk smaller than this (estimated single-thread time, real ns on the target since the cost
+# models were calibrated: the 8 us of the former estimates, 2-3x too high, were ~3-4 us of work; a
+# chunk's claim costs tens of ns, and a kernel just over parallel.PARALLEL_MIN_NS then still gets
+# the CHUNKS_PER_THREAD chunks per thread of 2 threads that keep a slow thread from holding it back)
+MIN_CHUNK_NS = 4_000
 MAX_CHUNKS = (1 << 12) - 1  # the job word's fields (CHUNKS_PER_THREAD * 256 threads fit)
 MAX_WORKERS = 255          # the job word's slot field (8 bits)
 SPIN_CYCLES = 100_000      # a worker's spin after a job: ~30-50 us at 2-3 GHz

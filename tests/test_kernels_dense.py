@@ -245,10 +245,10 @@ def test_matmul_chunks_form_a_grid_of_column_and_row_groups():
     written once (the output starts as NaN), with B in place, B^T packed and the dot form."""
     from tracejit.codegen.kernels import FLOPS_PER_NS
     from tracejit.codegen.parallel import PARALLEL_MIN_NS
-    specs = [("matmul", [(100, 40), (40, 200)], {}),                       # 4 column tiles
-             ("matmul", [(90, 64), (150, 64)], dict(trans_b=True)),        # B^T panels
-             ("matmul", [(100, 70), (100, 150)], dict(trans_a=True)),      # 3 or 1 column tiles
-             ("matmul", [(7, 1200), (100, 1200)], dict(trans_b=True))]     # the dot form
+    specs = [("matmul", [(200, 40), (40, 200)], {}),                       # 4 column tiles
+             ("matmul", [(180, 64), (150, 64)], dict(trans_b=True)),       # B^T panels
+             ("matmul", [(160, 70), (160, 150)], dict(trans_a=True)),      # 3 or 1 column tiles
+             ("matmul", [(7, 2400), (100, 2400)], dict(trans_b=True))]     # the dot form
     ks = check_all(specs, "f32", thread_counts=(4, 5, 7, 8))
     # (each big enough to run on the pool, where the grid applies)
     assert all(2 * ins.out.type.size * ins.inputs[0].shape[0 if ins.params.get("trans_a") else 1]

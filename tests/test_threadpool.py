@@ -43,8 +43,8 @@ def build_net():
     rng = np.random.default_rng(0)
     args = (rng.standard_normal((8, 3, 5, 5), np.float32) * 0.2,
             rng.standard_normal((16, 8, 3, 3), np.float32) * 0.2,
-            rng.standard_normal((128, 576), np.float32) * 0.05,
-            rng.standard_normal((32, 3, 24, 24), np.float32),
+            rng.standard_normal((128, 2304), np.float32) * 0.03,
+            rng.standard_normal((32, 3, 48, 48), np.float32),
             tracejit.random.key(3))
     return tracejit.jit_value_and_grad(net_loss, argnums=(0, 1, 2)), args
 

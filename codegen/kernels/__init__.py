@@ -93,12 +93,68 @@ def _no_scratch(ins, nthreads):
 
 
 # ------------------------------------------------------------------------------------------------
-# cost models (single-thread nanoseconds), for deciding whether a kernel is worth running on
-# several threads: flop-bound loop nests at ~50 flop/ns (vector FMAs), memory-bound ones at
-# ~4 elements per ns
+# cost models (single-thread nanoseconds on the target), for deciding whether a kernel is worth
+# running on several threads (parallel.PARALLEL_MIN_NS) and into how many chunks
+# (threadpool.chunk_limit). They scale with the f32 lanes of the target's vectors (LANES: 16 with
+# AVX-512, 8 with AVX2), which is what the kernels' speed per cycle follows.
+# - flop-bound loop nests (matmul, convolutions): FLOPS_PER_LANE_NS = 6 flop per lane per ns.
+#   Measured single-thread on the AVX-512 Xeon (2 cores, ~3 GHz, 227 GFLOP/s FMA peak), LeNet-5's
+#   gradient at batch 1..256 and the conv block (TRACEJIT_PROFILE cycles, minima): convolutions
+#   83-177 flop/ns (forward 113-177, input gradient 83, weight gradients 91-155), matmuls
+#   70-115 with K >= 84: 96 flop/ns, where the former flat 50 overestimated them 2-3x and sent
+#   ~10 us kernels to the pool. On AMD znver1 (AVX2) the same rule gives 48, the ~50 it was tuned
+#   at there.
+# - memory-bound loop nests (pooling and its gradients): one element per lane per ns; measured
+#   13-17 elements/ns here (max_pool2d and max_pool2d_grad, LeNet-5, batch 16-64), not the former
+#   4, which sent a 5 us pooling kernel to the pool (7 us there).
+# - fused elementwise loops (schedule.Group.cost_ns): ELEMENT_OPS_PER_NS = one element-op per
+#   lane per ns; measured 15-35 here for vector loops ([N,16,4,4] relu-gradient selects: 0.64 /
+#   1.8 / 7.7 us at N = 16 / 64 / 256 where 1 ns per element-op estimated 16 / 66 / 262 us).
+# - all of these read from cache; a memory-bound kernel or loop whose buffers exceed one core's L2
+#   (CACHED_BYTES, 2 MiB on that Xeon) streams them from L3 or memory at STREAM_BYTES_PER_NS on one thread, which bounds
+#   its time from below (`streaming_ns`). Measured 25-31 bytes/ns on the AVX-512 Xeon (the conv
+#   block at image size 32: avg_pool2d over 4 MiB 186 us, a 4 MiB sum 143 us, a 2 MiB
+#   elementwise product 67 us, each 2-4x the in-cache estimate); a machine constant, not derived
+#   from the target.
 # ------------------------------------------------------------------------------------------------
-FLOPS_PER_NS = 50
-ELEMENTS_PER_NS = 4
+def _lanes() -> int:
+    from ..target import vector_width
+    return vector_width(32)
+
+
+LANES = _lanes()
+FLOPS_PER_LANE_NS = 6
+FLOPS_PER_NS = FLOPS_PER_LANE_NS * LANES
+ELEMENTS_PER_NS = LANES
+ELEMENT_OPS_PER_NS = LANES
+
+
+def _l2_bytes(default: int = 1 << 20) -> int:
+    """One core's L2 (Linux sysfs; `default` where it cannot be read)."""
+    import glob
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(f"{d}/level") as f:
+                level = f.read().strip()
+            with open(f"{d}/type") as f:
+                kind = f.read().strip()
+            with open(f"{d}/size") as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        if level == "2" and kind in ("Unified", "Data") and size[:-1].isdigit():
+            return int(size[:-1]) << {"K": 10, "M": 20}.get(size[-1], 0)
+    return default
+
+
+CACHED_BYTES = _l2_bytes()
+STREAM_BYTES_PER_NS = 28
+
+
+def streaming_ns(nbytes: int) -> float:
+    """The least single-thread time to read and write `nbytes` of buffers: 0 when one core's L2
+    holds them (the compute estimate rules), else their time streamed from L3 or memory."""
+    return nbytes / STREAM_BYTES_PER_NS if nbytes > CACHED_BYTES else 0.0
 
 
 def matmul_cost(ins) -> float:
@@ -127,7 +183,9 @@ def conv2d_weight_grad_cost(ins) -> float:    # (ct of y, x) -> ct of w
 
 def memory_cost(ins) -> float:
     """A kernel that reads its inputs and writes its output about once (pooling)."""
-    return (sum(v.type.size for v in ins.inputs) + ins.out.type.size) / ELEMENTS_PER_NS
+    values = list(ins.inputs) + [ins.out]
+    return max(sum(v.type.size for v in values) / ELEMENTS_PER_NS,
+               streaming_ns(sum(v.type.nbytes for v in values)))
 
 
 # Compile weights (see runtime._modules), in units of ~5 ms of LLVM (AVX-512 Xeon, LeNet-5's

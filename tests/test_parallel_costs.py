@@ -1,0 +1,69 @@
+"""The cost models behind the thread-pool decision (codegen/kernels, schedule.Group.cost_ns,
+parallel.PARALLEL_MIN_NS): they scale with the target's vector lanes, buffers beyond one core's L2
+cost at least their streaming time, and LeNet-5's gradient at batch 64 runs its convolutions and
+big matmuls on the pool but its pooling and relu-gradient selects (a few microseconds each,
+slower on the pool) on the calling thread; the split kernels give the one-thread result bit for
+bit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tracejit
+from tracejit import nn
+from tracejit.codegen import kernels, parallel, target
+from helpers import use_backend
+
+pytestmark = pytest.mark.needs_llvm
+
+
+def test_rates_follow_the_vector_lanes_of_the_target():
+    lanes = target.vector_width(32)
+    assert kernels.LANES == lanes
+    assert kernels.FLOPS_PER_NS == kernels.FLOPS_PER_LANE_NS * lanes
+    assert kernels.ELEMENTS_PER_NS == kernels.ELEMENT_OPS_PER_NS == lanes
+
+
+def test_streaming_bounds_only_buffers_beyond_the_cache():
+    assert kernels.CACHED_BYTES >= 1 << 18
+    assert kernels.streaming_ns(kernels.CACHED_BYTES) == 0.0
+    big = 4 * kernels.CACHED_BYTES
+    assert kernels.streaming_ns(big) == pytest.approx(big / kernels.STREAM_BYTES_PER_NS)
+
+
+def lenet_loss(w1, w2, v, x):
+    y = nn.max_pool2d(nn.relu(nn.conv2d(x, w1)), 2)
+    y = nn.max_pool2d(nn.relu(nn.conv2d(y, w2)), 2)
+    return (nn.linear(y.reshape(x.shape[0], -1), v) ** 2).sum()
+
+
+def test_lenet_batch_64_splits_its_convolutions_but_not_its_small_loops():
+    rng = np.random.default_rng(0)
+    args = (rng.standard_normal((6, 1, 5, 5), np.float32) * 0.2,
+            rng.standard_normal((16, 6, 5, 5), np.float32) * 0.1,
+            rng.standard_normal((120, 256), np.float32) * 0.05,
+            rng.standard_normal((64, 1, 28, 28), np.float32))
+    g = tracejit.jit_value_and_grad(lenet_loss, argnums=(0, 1, 2))
+    with use_backend("llvm"):
+        expected, got = (called_on(n, g, args) for n in (1, 2))
+        [entry] = g._cache.values()
+        groups = entry.native().plan.groups
+    split = {(gr.root.prim.name, tuple(gr.root.out.shape)) for gr in groups
+             if gr.cost_ns >= parallel.PARALLEL_MIN_NS}
+    names = {n for n, _ in split}
+    assert {"conv2d", "conv2d_input_grad", "conv2d_weight_grad"} <= names, split
+    # pooling over LeNet's in-cache planes and the relu-gradient selects: serial
+    assert not names & {"max_pool2d", "max_pool2d_grad", "select"}, split
+    assert parallel.threads_available()
+    np.testing.assert_array_equal(got[0], expected[0])
+    for a, b in zip(got[1], expected[1]):
+        np.testing.assert_array_equal(a, b)
+
+
+def called_on(threads, fn, args):
+    """fn(*args) with at most `threads` threads per call."""
+    tracejit.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        tracejit.set_num_threads(None)
