@@ -291,6 +291,10 @@ def test_matmul_plan_packs_panels_and_keeps_the_dot_form_for_long_k():
     assert plan([(8, 256), (256, 256)], trans_b=True) == ("dot", "")
     assert plan([(8, 256), (256, 256)]) == ("outer", auto)
     assert plan([(300, 256), (1, 256)], trans_b=True) == ("mv_dot", "")
+    # a small x @ W^T with few columns (LeNet-5's classifier) shares the dot form's block
+    # rather than compiling the outer form's narrow block; a big one keeps the outer form
+    assert plan([(64, 84), (10, 84)], trans_b=True) == ("dot", "")
+    assert plan([(4096, 84), (10, 84)], trans_b=True) == ("outer", "bt")
 
 
 # ------------------------------------------------------------------------------------------------
