@@ -608,6 +608,21 @@ def test_epilogue_reads_the_element_it_writes_without_an_alias_check():
     assert "diff.check" not in kernel and " srem " not in kernel, kernel
 
 
+def test_matmul_kernel_without_epilogue_is_left_unoptimized():
+    """A matmul kernel without an epilogue is control code around calls of the tile function:
+    marked optnone (compile time); with an epilogue it is optimized (the epilogue, inlined into
+    it, is vectorized: see the test above). Both compute the product."""
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((40, 24)).astype(np.float32), rng.standard_normal((24, 30))
+    w = w.astype(np.float32)
+    for fn, ref, optnone in [(lambda x, w: x @ w, x @ w, True),
+                             (lambda x, w: tracejit.tanh(x @ w), np.tanh(x @ w), False)]:
+        f = tracejit.jit(fn)
+        np.testing.assert_allclose(f(x, w), ref, rtol=1e-5, atol=1e-5)
+        head = re.search(r'define void @"k0\.matmul"[^\n]*', f.ir(x, w, stage="llvm")).group(0)
+        assert ("optnone" in head) == optnone, head
+
+
 class ApartEpilogue(AffineEpilogue):
     """AffineEpilogue applied apart (as fused.Epilogue with apart=True): stores out * 3 + k[0]
     into a buffer of its own (the first extra argument), leaving the kernel's result alone."""

@@ -302,6 +302,15 @@ def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
     p = _plan(ins)
     kf = kernel_function(module, name, 2, epilogue)
     b = kf.b
+    if epilogue is None:
+        # The kernel is then control code around calls of the tile function: its share of the
+        # work and a loop of calls, a few dozen instructions a call of microseconds. LLVM's
+        # optimizer and code generator took 3-5 ms on each and made nothing measurably faster:
+        # left unoptimized, as the entry (runtime), it is compiled by the fast instruction
+        # selector. (An epilogue is inlined into the kernel (alwaysinline), to be optimized
+        # there: its loop must be vectorized.)
+        kf.b.function.attributes.add("noinline")
+        kf.b.function.attributes.add("optnone")
     nbatch = math.prod(p.batch)
     if p.m == 0 or p.n == 0 or nbatch == 0:
         b.ret_void()
