@@ -153,10 +153,14 @@ def test_matmul(trans, dtype):
 
 def test_matmul_outer_form_runs_k_in_blocks():
     """A weight gradient x^T @ g over a long K (an RNN's steps x batch) walks K in blocks, so
-    its B panel stays in L1 across the row tiles (lowering only: nothing is compiled)."""
-    x, g = np.ones((300, 8), np.float32), np.ones((300, 24), np.float32)
-    text = tracejit.jit(lambda x, g: x.T @ g).ir(x, g, stage="llvm")
-    assert "matmul.kb.full" in text and "matmul.kb.tail" in text
+    its B panel stays in L1 across the row tiles; the partial column tile (24 columns of a
+    tile of 32 or 64) adds each block to its stack tile, filled from C before every block but
+    the first."""
+    rng = np.random.default_rng(5)
+    x, g = rng.standard_normal((300, 8), np.float32), rng.standard_normal((300, 24), np.float32)
+    f = tracejit.jit(lambda x, g: x.T @ g)
+    assert "matmul.kb.body" in f.ir(x, g, stage="llvm")
+    np.testing.assert_allclose(f(x, g), x.astype(np.float64).T @ g, rtol=1e-4, atol=1e-4)
 
 
 # matrix-vector products: (a shape, b shape, trans_a, trans_b), batched with broadcast operands
@@ -291,6 +295,15 @@ def test_matmul_plan_packs_panels_and_keeps_the_dot_form_for_long_k():
     assert plan([(8, 256), (256, 256)], trans_b=True) == ("dot", "")
     assert plan([(8, 256), (256, 256)]) == ("outer", auto)
     assert plan([(300, 256), (1, 256)], trans_b=True) == ("mv_dot", "")
+    # a small x @ W^T with few columns (LeNet-5's classifier) takes the outer form's full block
+    # (shared with the other products) rather than a narrow block of its own; a big one not
+    def block(shapes, **params):
+        p = _plan(make_instr("matmul", shapes, "f32", **params))
+        return p.form, p.pack, p.mr, p.nr
+
+    full = 4 if vector_registers() >= 32 else 2
+    assert block([(64, 84), (10, 84)], trans_b=True) == ("outer", "bt", 6, full)
+    assert block([(4096, 84), (10, 84)], trans_b=True)[3] == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -598,6 +611,21 @@ def test_epilogue_reads_the_element_it_writes_without_an_alias_check():
     kernel = text[start:text.index("\n}\n", start)]
     assert re.search(r"<\d+ x float>", kernel)
     assert "diff.check" not in kernel and " srem " not in kernel, kernel
+
+
+def test_matmul_kernel_without_epilogue_is_left_unoptimized():
+    """A matmul kernel without an epilogue is control code around calls of the tile function:
+    marked optnone (compile time); with an epilogue it is optimized (the epilogue, inlined into
+    it, is vectorized: see the test above). Both compute the product."""
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((40, 24)).astype(np.float32), rng.standard_normal((24, 30))
+    w = w.astype(np.float32)
+    for fn, ref, optnone in [(lambda x, w: x @ w, x @ w, True),
+                             (lambda x, w: tracejit.tanh(x @ w), np.tanh(x @ w), False)]:
+        f = tracejit.jit(fn)
+        np.testing.assert_allclose(f(x, w), ref, rtol=1e-5, atol=1e-5)
+        head = re.search(r'define void @"k0\.matmul"[^\n]*', f.ir(x, w, stage="llvm")).group(0)
+        assert ("optnone" in head) == optnone, head
 
 
 class ApartEpilogue(AffineEpilogue):

@@ -33,10 +33,11 @@ Edge tiles clamp their row (and dot-form column) indices to the last one: the ex
 and store the same value into the same element, which costs a little work on the border and no
 code variants (a short M whose clamped rows would be a quarter of its rows picks the row block
 that clamps fewest). The K tail of the dot form is masked. The outer form's whole column tiles run
-without masks; its last (partial) column tile is one more copy of the loops (see _outer_tail): it
-reads B's rows in place without masks while they end inside B (lanes past N read the next row:
-computed, never stored), its last rows from a small panel copied masked, and stores through a
-stack tile in plain pieces: masked stores are microcoded on AVX2 machines such as znver1.
+without masks; its last (partial) column tile runs the same loops on other run-time values (see
+_outer_columns): it reads B's rows in place without masks while they end inside B (lanes past N
+read the next row: computed, never stored), its last rows from a small panel copied masked, and
+stores through a stack tile in plain pieces: masked stores are microcoded on AVX2 machines such
+as znver1.
 
 Compile time: the loops live in shape-generic functions (`shared_function`), one per form, dtype
 and register block, defined once per LLVM module and shared by every matmul of the module (the
@@ -122,9 +123,13 @@ def transpose_sums(b: ir.IRBuilder, vecs):
 OUTER_KC = 128   # K block of the outer form: 128 x 64 bytes of B panel, 8 KB of the 32 KB L1
 PACK_MIN_ROWS = 24   # rows of C from which x @ W^T may take the outer form on B^T panels
 PACKED_PANEL_ROWS = 128   # rows of C an epilogue follows when B is packed (see _rows)
-DOT_K_PER_ROW = 3    # x @ W^T: the dot form when K > 3 M (see _block_plan)
+# x @ W^T: the dot form when K > DOT_K_PER_ROW[vector registers] * M (see _block_plan). AVX-512
+# Xeon, 1 thread: [64, 256] @ [120, 256]^T outer 32.5 us, dot 36.7; [64, 512] @ [120, 512]^T
+# 62.5 and 61.4; [64, 784] @ [256, 784]^T 187 and 176 (AVX2 keeps the 3 it was tuned with)
+DOT_K_PER_ROW = {32: 6, 16: 3}
 PACK_MODES = {"": 0, "b": 1, "bt": 2, "auto": 3}   # the outer form's run-time `pack` parameter
 AUTO_PACK_TILES = 3   # "auto": B's panels are copied for at least this many row tiles a call
+SMALL_NARROW_FLOPS = 1 << 21   # x @ W^T with narrow N: the outer form's full block up to this
 SMALL_M = 48   # the outer form picks its row block for rows of C fewer than this (_fewest_rows)
 SHORT_M_WASTE = 0.25   # ... when the full row block's clamped rows are at least this share
 FORCE = {}   # tuning overrides (benchmarks/kernels_dense.py --force): "dot"/"outer" blocks, "pack",
@@ -226,7 +231,17 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
     # B^T (~1 cycle) once per thread, against M/VL/threads cycles of FMAs on it. The dot form
     # for a short M with a long K (an MLP's first layer at batch 64: K = 784), the outer form
     # otherwise (attention's projections and heads: 20-40% faster there)
-    dot_first = not panel_rows or k > DOT_K_PER_ROW * m
+    regs = 32 if vector_registers() >= 32 else 16
+    dot_first = not panel_rows or k > DOT_K_PER_ROW[regs] * m
+    # 24 accumulators (MR x NV vectors) with 32 registers, 12 with 16 (AVX2), leaving room for
+    # the NV vectors of B and the broadcast of A
+    acc = 24 if regs >= 32 else 12
+    nv_max = acc // 6
+    # A small x @ W^T with few columns (a classifier's [64, 84] @ [10, 84]^T) in the outer
+    # form takes its full block, which the module's other products use: a narrow block is a
+    # tile function and a panel function of its own (~65 ms of LLVM) for a kernel of a few
+    # microseconds (1 thread: 7.5 us with the full block, 4.4 with its own)
+    shared = tb and not ta and n <= (nv_max // 2) * vl and 2 * m * n * k <= SMALL_NARROW_FLOPS
     if tb and not ta and k >= 2 * vl and dot_first:
         # A fixed block, so that matmuls of different shapes share one function: 4 x 6 (24
         # accumulators, 10 loads per 24 FMAs). The rows of A stream from L2 (B's stay in L1);
@@ -239,11 +254,7 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
         mr, nr = (4, 6) if vector_registers() >= 32 else (3, 4) if m == 1 or n == 1 else (4, 3)
         mr, nr = FORCE.get("dot", (mr, nr))
         return _Plan(dt, (), (), (), m, n, k, ta, "dot", "", mr, min(nr, vl), vl, es)
-    # 24 accumulators (MR x NV vectors) with 32 registers, 12 with 16 (AVX2), leaving room for
-    # the NV vectors of B and the broadcast of A
-    acc = 24 if vector_registers() >= 32 else 12
-    nv_max = acc // 6
-    nv = nv_max if n > (nv_max // 2) * vl else max(1, ceil_div(n, vl))
+    nv = nv_max if n > (nv_max // 2) * vl or shared else max(1, ceil_div(n, vl))
     mr = 6 if nv == nv_max else min(12, acc // nv)
     if m < SMALL_M:
         mr = _fewest_rows(m, mr)
@@ -295,6 +306,15 @@ def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
     p = _plan(ins)
     kf = kernel_function(module, name, 2, epilogue)
     b = kf.b
+    if epilogue is None:
+        # The kernel is then control code around calls of the tile function: its share of the
+        # work and a loop of calls, a few dozen instructions a call of microseconds. LLVM's
+        # optimizer and code generator took 3-5 ms on each and made nothing measurably faster:
+        # left unoptimized, as the entry (runtime), it is compiled by the fast instruction
+        # selector. (An epilogue is inlined into the kernel (alwaysinline), to be optimized
+        # there: its loop must be vectorized.)
+        kf.b.function.attributes.add("noinline")
+        kf.b.function.attributes.add("optnone")
     nbatch = math.prod(p.batch)
     if p.m == 0 or p.n == 0 or nbatch == 0:
         b.ret_void()
@@ -464,16 +484,16 @@ def _emit_outer(s: Shared, p: _TileKey):
     b = s.b
     _, vl, _ = dtype_info(p.dtype)
     tile = p.nr * vl
-    # whole column tiles first, with plain loads and stores; then the partial last tile, if
-    # [c0, c1) has it, masked. Masks in the K loop cost a compare and a masked load per step
-    # and, with 16 vector registers, spill the accumulators' neighbours to the stack: about half
-    # the speed when the shapes are run-time values (LLVM cannot prove the masks full then)
+    # the columns from `split` on are the partial last tile (see _outer_columns). Masks in the
+    # K loop cost a compare and a masked load per step and, with 16 vector registers, spill the
+    # accumulators' neighbours to the stack: about half the speed when the shapes are run-time
+    # values (LLVM cannot prove the masks full then)
     split = b.sub(s.n, b.urem(s.n, i64(tile)), name="matmul.j.full")
     # The packing mode is hidden from LLVM (a constant argument that a branch tests made its
     # function specialization clone this function for every call site: 3.7x the LLVM time of
     # LeNet-5's matmuls), and the loops do not branch on it, so they exist once: B's row kk of
-    # the tile is read at b_src[(kk - packed*k0) * b_stride + (1 - packed)*j0], in place (rows
-    # N apart) or in the panel ([k1 - k0, tile]).
+    # the tile is read in place (rows N apart) or in the panel ([k1 - k0, tile]) by a select
+    # (see _outer_columns).
     # "auto" (matmul's B read in place): copy B's panels when its rows do not all start on a
     # vector boundary (64-byte loads straddling two lines cost two: a numpy array usually sits 16 bytes
     # off a line) and enough row tiles share each panel to pay for the copy
@@ -486,39 +506,35 @@ def _emit_outer(s: Shared, p: _TileKey):
     s.pack = b.select(b.icmp_signed("==", s.pack, i64(PACK_MODES["auto"])), auto, s.pack)
     s.pack = opaque(b, s.pack)
     packed = b.icmp_signed("!=", s.pack, i64(0), name="matmul.packed")
-    s.packed = b.zext(packed, ir.IntType(64))
     s.is_packed = packed
-    s.b_src = b.select(packed, s.ptrs[3], s.ptrs[2], name="matmul.b.src")
-    s.b_stride = b.select(packed, i64(tile), s.n, name="matmul.b.stride")
-    # the partial tile's C tile (see _outer_tail), in the entry block
     # the partial tile's C tile and, unless B^T is packed anyway, its B panel (see
-    # _outer_tail), on the stack (convolutions call this function without a panel buffer)
+    # _outer_columns), on the stack (convolutions call this function without a panel buffer)
     vty = ir.VectorType(llvm_type(p.dtype), vl)
     s.c_tile = b.alloca(vty, size=p.mr * p.nr, name="matmul.c.tile")   # (vectors)
     s.tail_panel = b.select(packed, s.ptrs[3], b.bitcast(
         b.alloca(vty, size=tile * p.nr, name="matmul.tail.panel"), s.ptrs[3].type))
-    _outer_columns(s, p, s.c0, smin(b, s.c1, split), partial=False)
-    _outer_tail(s, p, smax(b, s.c0, split), s.c1)
+    _outer_columns(s, p, split)
 
 
-def _outer_tail(s: Shared, p: _TileKey, c0, c1):
-    """The partial last column tile [c0, c1) (empty, or one tile with 0 < N - c0 < tile), in
-    one copy of the loops of compile time: small products live here (N = 10 of a classifier or
-    a Hessian's hidden layer: 10 of a 16-column tile). Its B rows are read from a panel (packed
-    as B's, or B^T's, panel: see _pack_function), whose lanes past N are zeros or copies, so its
-    K loop loads plainly; its C tile goes to a stack tile, from which one run-time loop over the
-    rows stores the columns inside N in plain pieces (`_store_lanes`): masked stores are
-    microcoded on znver1 (masking the tile cost the small products 2-2.5x their time). A copy
-    of the loops for each number of used vectors, and a K loop split at the last rows of B
-    read in place (masked there), doubled the tile function's code and LLVM time."""
-    b = s.b
-    with b.if_then(b.icmp_signed("<", c0, c1)):
-        _outer_columns(s, p, c0, c1, partial=True)
-
-
-def _outer_columns(s: Shared, p: _TileKey, c0, c1, partial: bool):
+def _outer_columns(s: Shared, p: _TileKey, split):
     """The outer-product tiles of columns [c0, c1) (tile boundaries), every row tile of
-    [r0, r1); `partial`: the tile ends past N (see _outer_tail), else all columns lie inside."""
+    [r0, r1), in one copy of the loops for whole tiles and the partial last one (columns from
+    `split` on: 0 < N - j0 < tile), which small products live in (N = 10 of a classifier or a
+    Hessian's hidden layer: 10 of a 16-column tile). The partial tile differs from a whole one
+    by run-time values only:
+    - its B rows: read in place while they end inside B (lanes past N read the next row:
+      computed, never stored), its last rows (all when B^T is packed) from a small panel
+      (`tail_panel`, packed as B's or B^T's panel: see _pack_function) whose lanes past N are
+      zeros or copies, so the K loop loads plainly. A whole tile reads all its rows in place or
+      all from the thread's panel: one K loop reads row kk at `kk < k_split ? in place :
+      panel`, k_split set per tile;
+    - its C tile: a stack tile (`c_tile`), filled from C (masked) before a K block that adds
+      to it, and stored into C by a run-time loop over its rows in plain pieces
+      (`_store_lanes`): masked stores are microcoded on znver1 (masking the tile cost the small
+      products 2-2.5x their time).
+    A second copy of the loops for the partial tile was 45% of this function's IR and LLVM time
+    (the 6 x 4 block: ~120k characters, ~30 ms of LLVM), for no run time: the select in the K
+    loop is two integer operations beside 24 FMAs."""
     b = s.b
     out, a_mat, b_mat = s.ptrs[:3]
     ety, vl, _ = dtype_info(p.dtype)
@@ -526,64 +542,66 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, partial: bool):
     tile = nv * vl
     vty = ir.VectorType(ety, vl)
     m1 = b.sub(s.m, i64(1))
-    kind = "tail" if partial else "full"
-    # the partial tile always reads a panel: B's (mode "b") unless B^T's is packed anyway
-    mode = b.select(s.is_packed, s.pack, i64(PACK_MODES["b"])) if partial else s.pack
-    with carry_loop(b, c0, c1, [], f"matmul.j.{kind}", step=tile) as lj:
+    with carry_loop(b, s.c0, s.c1, [], "matmul.j", step=tile) as lj:
         j0 = lj.iv
-        # lanes of each vector inside N (0..VL) and their masks (C's old contents)
-        lanes = [smax(b, smin(b, b.sub(b.sub(s.n, j0), i64(v * vl)), vl), 0)
-                 for v in range(nv)] if partial else None
-
-        def ld(ptr, v):
-            return masked_load(b, ptr, i64(v * vl), vty, lane_mask(b, lanes[v], vl)) \
-                if partial else vload(b, ptr, i64(v * vl), vty)
+        partial = b.icmp_signed(">=", j0, split, name="matmul.j.partial")
+        # lanes of each vector inside N (0..VL) (all of them in a whole tile)
+        lanes = [smax(b, smin(b, b.sub(b.sub(s.n, j0), i64(v * vl)), vl), 0) for v in range(nv)]
+        # the partial tile always reads a panel: B's (mode "b") unless B^T's is packed anyway
+        mode = b.select(b.and_(partial, b.not_(s.is_packed)), i64(PACK_MODES["b"]), s.pack)
+        panel = b.select(partial, s.tail_panel, s.ptrs[3], name="matmul.panel")
 
         # K in blocks of OUTER_KC: the block's B panel (and, for trans_a, its lines of A) stay in
         # L1 while every row tile of [r0, r1) reads them; the first block starts from zero, the
         # others add to the C tile the block before stored. One block when K <= OUTER_KC (at
         # least one, so that K = 0 stores zeros). Without blocks a weight gradient x^T @ g with K
         # = 3200 re-read its 400 KB of panels from L2/L3 for every row tile: 4x numpy's time.
-        with carry_loop(b, 0, smax(b, s.k, 1), [], f"matmul.kb.{kind}", step=OUTER_KC) as lkb:
+        with carry_loop(b, 0, smax(b, s.k, 1), [], "matmul.kb", step=OUTER_KC) as lkb:
             k0 = lkb.iv
             k1 = smin(b, b.add(k0, i64(OUTER_KC)), s.k)
             first = b.icmp_signed("==", k0, i64(0), name="matmul.kb.first")
-            if partial:
-                # rows [k0, split) of the tile are read in place, the others from the panel
-                # (whose row 0 is `split`): all rows when B^T is packed, else the last rows of
-                # B, past whose end the tile's last vector reaches (one row when N >= VL - 1),
-                # copied masked (zeros past N)
-                split = b.select(s.is_packed, k0, _rows_inside(b, j0, tile, s.n, s.k, k0, k1),
-                                 name="matmul.k.split")
-                _pack_function(b.module, p).call(
-                    b, [s.tail_panel, b_mat], _PackParams(n=s.n, k=s.k, j0=j0, k0=split, k1=k1,
-                                                          mode=mode))
-                b_in = gep(b, b_mat, j0, ety)
-            else:
-                # (returns at once when B is read in place)
-                _pack_function(b.module, p).call(
-                    b, [s.ptrs[3], b_mat], _PackParams(n=s.n, k=s.k, j0=j0, k0=k0, k1=k1,
-                                                       mode=mode))
-                b_base = gep(b, s.b_src, b.mul(b.sub(i64(1), s.packed), j0), ety)
-                b_k0, b_stride = b.mul(s.packed, k0), s.b_stride
-            with carry_loop(b, s.r0, s.r1, [], f"matmul.i.{kind}", step=mr) as li:
+            # rows [k0, k_split) of the tile are read in place, the others from the panel
+            # (whose row 0 is k_split): a whole tile's all in place, or all from the panel
+            # when packed; the partial tile's all from the panel when B^T is packed, else the
+            # last rows of B, past whose end the tile's last vector reaches (one row when
+            # N >= VL - 1), copied masked (zeros past N)
+            k_split = b.select(s.is_packed, k0, b.select(
+                partial, _rows_inside(b, j0, tile, s.n, s.k, k0, k1), k1), name="matmul.k.split")
+            # (returns at once when B is read in place)
+            _pack_function(b.module, p).call(
+                b, [panel, b_mat], _PackParams(n=s.n, k=s.k, j0=j0, k0=k_split, k1=k1,
+                                               mode=mode))
+            b_in = gep(b, b_mat, j0, ety)
+            with carry_loop(b, s.r0, s.r1, [], "matmul.i", step=mr) as li:
                 rows = [smin(b, b.add(li.iv, i64(r)), m1, name=f"matmul.row{r}")
                         for r in range(mr)]
                 # op(A)[i, k] = A[i*sa_i + k*sa_k] for both transposes: one function serves both
                 arow = [gep(b, a_mat, b.mul(r, s.sa_i), ety) for r in rows]
-                crows = [gep(b, out, b.add(b.mul(r, s.n), j0), ety) for r in rows]
+                crows = [b.select(partial, gep(b, s.c_tile, i64(r * nv), vty),
+                                  gep(b, out, b.add(b.mul(row, s.n), j0), ety))
+                         for r, row in enumerate(rows)]
+
+                def old_contents():
+                    with b.if_then(partial):   # C's columns inside N into the stack tile
+                        with carry_loop(b, 0, mr, [], "matmul.i.load") as lr:
+                            row = smin(b, b.add(li.iv, lr.iv), m1)
+                            crow = gep(b, out, b.add(b.mul(row, s.n), j0), ety)
+                            for v in range(nv):
+                                b.store(masked_load(b, crow, i64(v * vl), vty,
+                                                    lane_mask(b, lanes[v], vl)),
+                                        gep(b, s.c_tile, b.add(b.mul(lr.iv, i64(nv)), i64(v)),
+                                            vty))
+                    return [vload(b, crows[r], i64(v * vl), vty)
+                            for r in range(mr) for v in range(nv)]
+
                 # C's old contents are read only after the first block (a branch, not a select
                 # of loads: with a short K these loads were a third of a tile's loads)
-                init = _phi_if(b, first, [zero_vector(ety, vl)] * (mr * nv),
-                               lambda: [ld(crows[r], v) for r in range(mr) for v in range(nv)])
-                with carry_loop(b, k0, k1, init, f"matmul.k.{kind}") as lp:
-                    if partial:   # (a select of two addresses, not a second loop: compile time)
-                        brow = b.select(b.icmp_signed("<", lp.iv, split),
-                                        gep(b, b_in, b.mul(lp.iv, s.n), ety),
-                                        gep(b, s.tail_panel, b.mul(b.sub(lp.iv, split),
-                                                                   i64(tile)), ety))
-                    else:
-                        brow = gep(b, b_base, b.mul(b.sub(lp.iv, b_k0), b_stride), ety)
+                init = _phi_if(b, first, [zero_vector(ety, vl)] * (mr * nv), old_contents)
+                with carry_loop(b, k0, k1, init, "matmul.k") as lp:
+                    # (a select of two addresses, not a second loop: compile time)
+                    brow = b.select(b.icmp_signed("<", lp.iv, k_split),
+                                    gep(b, b_in, b.mul(lp.iv, s.n), ety),
+                                    gep(b, panel, b.mul(b.sub(lp.iv, k_split), i64(tile)), ety))
                     bv = [vload(b, brow, i64(v * vl), vty) for v in range(nv)]
                     aoff = b.mul(lp.iv, s.sa_k)
                     nxt = []
@@ -591,10 +609,10 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, partial: bool):
                         av = splat(b, load(b, arow[r], aoff, ety), vl)
                         nxt.extend(fma(b, av, bv[v], lp.vals[r * nv + v]) for v in range(nv))
                     lp.next = nxt
-                if partial:
-                    for r in range(mr):
-                        for v in range(nv):
-                            b.store(lp.out[r * nv + v], gep(b, s.c_tile, i64(r * nv + v), vty))
+                for r in range(mr):
+                    for v in range(nv):
+                        vstore(b, lp.out[r * nv + v], crows[r], i64(v * vl))
+                with b.if_then(partial):   # the stack tile's columns inside N into C
                     with carry_loop(b, 0, mr, [], "matmul.i.store") as lr:
                         row = smin(b, b.add(li.iv, lr.iv), m1)
                         crow = gep(b, out, b.add(b.mul(row, s.n), j0), ety)
@@ -602,10 +620,6 @@ def _outer_columns(s: Shared, p: _TileKey, c0, c1, partial: bool):
                             value = b.load(gep(b, s.c_tile, b.add(b.mul(lr.iv, i64(nv)),
                                                                   i64(v)), vty), typ=vty)
                             _store_lanes(b, value, crow, i64(v * vl), lanes[v])
-                else:
-                    for r in range(mr):
-                        for v in range(nv):
-                            vstore(b, lp.out[r * nv + v], crows[r], i64(v * vl))
 
 
 def _phi_if(b: ir.IRBuilder, pred, then_values, else_values):
