@@ -123,13 +123,10 @@ def transpose_sums(b: ir.IRBuilder, vecs):
 OUTER_KC = 128   # K block of the outer form: 128 x 64 bytes of B panel, 8 KB of the 32 KB L1
 PACK_MIN_ROWS = 24   # rows of C from which x @ W^T may take the outer form on B^T panels
 PACKED_PANEL_ROWS = 128   # rows of C an epilogue follows when B is packed (see _rows)
-# x @ W^T: the dot form when K > DOT_K_PER_ROW[vector registers] * M (see _block_plan). AVX-512
-# Xeon, 1 thread: [64, 256] @ [120, 256]^T outer 32.5 us, dot 36.7; [64, 512] @ [120, 512]^T
-# 62.5 and 61.4; [64, 784] @ [256, 784]^T 187 and 176 (AVX2 keeps the 3 it was tuned with)
-DOT_K_PER_ROW = {32: 6, 16: 3}
+DOT_K_PER_ROW = 3    # x @ W^T: the dot form when K > 3 M (see _block_plan)
 PACK_MODES = {"": 0, "b": 1, "bt": 2, "auto": 3}   # the outer form's run-time `pack` parameter
 AUTO_PACK_TILES = 3   # "auto": B's panels are copied for at least this many row tiles a call
-SMALL_NARROW_FLOPS = 1 << 21   # x @ W^T with narrow N: the outer form's full block up to this
+SMALL_DOT_FLOPS = 1 << 21   # x @ W^T with narrow N: the dot form up to this many flops (_block_plan)
 SMALL_M = 48   # the outer form picks its row block for rows of C fewer than this (_fewest_rows)
 SHORT_M_WASTE = 0.25   # ... when the full row block's clamped rows are at least this share
 FORCE = {}   # tuning overrides (benchmarks/kernels_dense.py --force): "dot"/"outer" blocks, "pack",
@@ -231,18 +228,17 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
     # B^T (~1 cycle) once per thread, against M/VL/threads cycles of FMAs on it. The dot form
     # for a short M with a long K (an MLP's first layer at batch 64: K = 784), the outer form
     # otherwise (attention's projections and heads: 20-40% faster there)
-    regs = 32 if vector_registers() >= 32 else 16
-    dot_first = not panel_rows or k > DOT_K_PER_ROW[regs] * m
+    dot_first = not panel_rows or k > DOT_K_PER_ROW * m
     # 24 accumulators (MR x NV vectors) with 32 registers, 12 with 16 (AVX2), leaving room for
     # the NV vectors of B and the broadcast of A
-    acc = 24 if regs >= 32 else 12
+    acc = 24 if vector_registers() >= 32 else 12
     nv_max = acc // 6
-    # A small x @ W^T with few columns (a classifier's [64, 84] @ [10, 84]^T) in the outer
-    # form takes its full block, which the module's other products use: a narrow block is a
-    # tile function and a panel function of its own (~65 ms of LLVM) for a kernel of a few
-    # microseconds (1 thread: 7.5 us with the full block, 4.4 with its own)
-    shared = tb and not ta and n <= (nv_max // 2) * vl and 2 * m * n * k <= SMALL_NARROW_FLOPS
-    if tb and not ta and k >= 2 * vl and dot_first:
+    narrow = n <= (nv_max // 2) * vl   # the outer form would take a row block of its own
+    # A small x @ W^T with few columns (a classifier's [64, 84] @ [10, 84]^T) takes the dot
+    # form's one block too: the outer form's narrow block is a tile function (and a panel
+    # function) of its own, ~65 ms of LLVM for a kernel of a few microseconds
+    small = narrow and 2 * m * n * k <= SMALL_DOT_FLOPS
+    if tb and not ta and k >= 2 * vl and (dot_first or small):
         # A fixed block, so that matmuls of different shapes share one function: 4 x 6 (24
         # accumulators, 10 loads per 24 FMAs). The rows of A stream from L2 (B's stay in L1);
         # six uses per vector of A keep that stream small enough that unaligned A (a numpy array
@@ -254,7 +250,7 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
         mr, nr = (4, 6) if vector_registers() >= 32 else (3, 4) if m == 1 or n == 1 else (4, 3)
         mr, nr = FORCE.get("dot", (mr, nr))
         return _Plan(dt, (), (), (), m, n, k, ta, "dot", "", mr, min(nr, vl), vl, es)
-    nv = nv_max if n > (nv_max // 2) * vl or shared else max(1, ceil_div(n, vl))
+    nv = nv_max if n > (nv_max // 2) * vl else max(1, ceil_div(n, vl))
     mr = 6 if nv == nv_max else min(12, acc // nv)
     if m < SMALL_M:
         mr = _fewest_rows(m, mr)
