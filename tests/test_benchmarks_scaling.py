@@ -56,6 +56,15 @@ def _fake(times):
     return {x: {"point": x, "median": t, "first": 10 * t} for x, t in times.items()}
 
 
+def test_scaling_plot_writes_a_png(tmp_path):
+    """The plot (matplotlib, from the test extra): one panel per series, a PNG file."""
+    results = {"lenet-batch": {"tracejit": _fake({1: 1e-4, 4: 2e-4, 16: 4e-4}),
+                               "torch": _fake({1: 3e-4, 4: 1.2e-3, 16: 4.8e-3})}}
+    path = tmp_path / "scaling.png"
+    assert scaling.plot(results, str(path)) is True
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
 def test_scaling_report_fits_exponents_and_ratios_per_point():
     # tracejit ~ batch^0.5, torch ~ batch^1 (and slower at batch 1), jax missing one point
     results = {"lenet-batch": {
