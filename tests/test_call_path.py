@@ -345,3 +345,19 @@ def test_a_leaf_unlike_the_checked_ones_misses_the_native_check(make):
             want = 2 * np.asarray(q[k], np.float64)
             assert g[k].shape == q[k].shape
             np.testing.assert_allclose(g[k], want, rtol=1e-6)
+
+
+def test_fast_path_without_the_native_check(monkeypatch, signatures):
+    # where the object layout probe fails there is no native check: calls find their runner by
+    # the leaves' facts, and still take the fast path
+    from tracejit.codegen import leafcheck
+    monkeypatch.setattr(leafcheck, "_state", [None])
+    f = tracejit.jit_grad(lambda p: sum((v * v).sum() for v in p.values()))
+    p = {k: np.full((2, 2), i + 1.0, np.float32) for i, k in enumerate("xy")}
+    for _ in range(3):
+        g = f(p)
+    assert signatures["n"] == 1 and not f._tree_last
+    q = dict(p, y=np.zeros((4, 2), np.float32)[::2])   # a strided leaf: copied, same result
+    np.testing.assert_array_equal(f(q)["y"], np.zeros((2, 2), np.float32))
+    for k in p:
+        np.testing.assert_array_equal(g[k], 2 * p[k])

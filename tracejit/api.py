@@ -363,9 +363,12 @@ class Jitted:
                     else:
                         run = self._tree_runners.get(
                             (structure, tuple(map(leaf_facts, leaves))))
-                        check = getattr(run, "check", None)
-                        if check is not None:
-                            self._tree_last[structure] = (check, run)
+                        if run is not None and run.check is not None:
+                            if run.check is True:   # made on the runner's first use
+                                from .codegen.leafcheck import leaf_checker
+                                run.check = leaf_checker(leaves)
+                            if run.check is not None:
+                                self._tree_last[structure] = (run.check, run)
                     if run is not None:
                         try:
                             return run(leaves)
@@ -407,9 +410,11 @@ class Jitted:
         Its key pins every leaf's shape and dtype (byte order included, so only native byte order
         gets one) and, for pytrees, the structure; the runner copies what the native code cannot
         read (see c_contiguous). Inputs are never written: copies are the runner's own. A pytree
-        runner that copies nothing also gets `run.check` (codegen/leafcheck.py): one native call
-        that tells whether a call's leaves have this call's types, dtypes, shapes and layout, which
-        `__call__` tries first for the structure's last runner instead of reading their facts."""
+        runner that copies nothing gets `run.check` on its first use (True until then; None for
+        the others; codegen/leafcheck.py): one native call telling whether a call's leaves have
+        the types, dtypes, shapes and layout of the leaves it was made from, which `__call__`
+        tries first for the structure's last runner instead of reading every leaf's facts (a
+        process that calls each signature once never pays for compiling the check)."""
         if len(sig.leaves) == len(args) and all(type(a) is np.ndarray and a.dtype.isnative
                                                 for a in args):
             key, runners, copy = tuple((a.shape, a.dtype) for a in args), self._fast, None
@@ -420,7 +425,7 @@ class Jitted:
                     or not all(x.dtype.isnative for x in found[1]):
                 return
             # the key pins which leaves need a copy (flags.carray): the runner copies those
-            key, runners, args_leaves = found[0], self._tree_runners, found[1]
+            key, runners = found[0], self._tree_runners
             copy = [i for i, x in enumerate(found[1]) if not x.flags.carray]
         else:
             return
@@ -445,9 +450,9 @@ class Jitted:
                 if ok is not None and not ok(None):
                     raise _StaleCapture
                 return assemble(native(leaves))
-            from .codegen.leafcheck import leaf_checker
-            run.check = leaf_checker(args_leaves)
         run.guards = guards
+        # a pytree runner that copies nothing gets a native check of its leaves on first use
+        run.check = True if copy == [] else None
         runners[key] = run
 
     def _arg_name(self, i):
