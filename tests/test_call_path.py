@@ -1,7 +1,8 @@
 """The call path of compiled functions taking pytrees (dicts, lists, tuples of arrays): a call whose
-structure, shapes, dtypes and layouts were seen before skips the full Signature (a runner keyed by
-signature.fast_key), with every guarantee of the full path kept: the same results, retracing on a
-new signature, copies of layouts the native code cannot read, inputs never written, lists of numbers
+structure, shapes, dtypes and layouts were seen before skips the full Signature (a runner found by
+the structure, signature.fast_leaves, and a native check of the leaves, codegen/leafcheck.py, or
+their facts), with every guarantee of the full path kept: the same results, retracing on a new
+signature, copies of layouts the native code cannot read, inputs never written, lists of numbers
 refused where arrays were traced, captured arrays guarded, and safe from many threads."""
 from __future__ import annotations
 
@@ -278,3 +279,85 @@ def test_eight_threads_calling_with_dicts():
         for g in rs:
             for k in want:
                 np.testing.assert_allclose(g[k], want[k], rtol=1e-10, atol=1e-12)
+
+
+def _unaligned(n):
+    """A float32 array of n elements whose data is not 4-byte aligned."""
+    raw = np.zeros(4 * n + 1, np.uint8)
+    x = raw[1:].view(np.float32)
+    assert not x.flags.aligned
+    return x
+
+
+def test_leaf_checker_accepts_only_the_leaves_it_was_made_for():
+    from tracejit.codegen.leafcheck import leaf_checker
+    leaves = [np.full((2, 3), i, np.float32) for i in range(4)] + [np.zeros((), np.float64)]
+    check = leaf_checker(leaves)
+    assert check is not None and check(tuple(leaves))
+    assert check(tuple(np.zeros_like(x) for x in leaves)), "new arrays of the same kind pass"
+    readonly = np.zeros((2, 3), np.float32)
+    readonly.flags.writeable = False
+
+    class Sub(np.ndarray):
+        pass
+    others = {
+        "fewer": tuple(leaves[:4]), "more": tuple(leaves) + (leaves[0],),
+        "shape": (np.zeros((3, 2), np.float32),), "ndim": (np.zeros(6, np.float32),),
+        "dtype": (np.zeros((2, 3), np.float64),), "byte order": (np.zeros((2, 3), ">f4"),),
+        "strided": (np.zeros((2, 6), np.float32)[:, ::2],),
+        "fortran": (np.asfortranarray(np.zeros((2, 3), np.float32) + 1),),
+        "unaligned": (_unaligned(6).reshape(2, 3),), "read-only": (readonly,),
+        "subclass": (np.zeros((2, 3), np.float32).view(Sub),),
+        "masked": (np.ma.zeros((2, 3), np.float32),), "scalar": (np.float32(1),),
+        "list": ([[0.0] * 3] * 2,), "int": (3,),
+    }
+    for why, first in others.items():
+        tup = first + tuple(leaves[len(first):]) if why not in ("fewer", "more") else first
+        assert not check(tup), why
+    assert leaf_checker([readonly]) is None   # the runner copies it: no native check
+
+
+@pytest.mark.parametrize("make", [
+    lambda x: x[:, ::2], lambda x: _unaligned(x.size).reshape(x.shape), lambda x: x.astype(">f4"),
+    lambda x: x.astype(np.float64), lambda x: x[:1], lambda x: np.asfortranarray(x),
+    lambda x: np.ma.masked_array(x), lambda x: x.reshape(-1),
+], ids=["strided", "unaligned", "byteswapped", "float64", "shape", "fortran", "masked", "ndim"])
+def test_a_leaf_unlike_the_checked_ones_misses_the_native_check(make):
+    # after a call with C-contiguous float32 leaves, a call with one leaf of another layout, dtype,
+    # byte order or shape must not reach the native code compiled for the first ones
+    f = tracejit.jit_grad(lambda p: sum((v * v).sum() for v in p.values()))
+    rng = np.random.default_rng(3)
+    p = {k: rng.normal(size=(2, 4)).astype(np.float32) for k in "abc"}
+    for _ in range(2):
+        g = f(p)
+    assert f._tree_last, "the second call should have taken the natively checked fast path"
+    for k in p:
+        np.testing.assert_allclose(g[k], 2 * p[k], rtol=1e-6)
+    q = dict(p)
+    q["b"] = make(p["b"].copy())
+    if type(q["b"]) is not np.ndarray:   # masked arrays are refused, by name
+        with pytest.raises(TypeError, match="mask"):
+            f(q)
+        return
+    for _ in range(2):
+        g = f(q)
+        for k in q:
+            want = 2 * np.asarray(q[k], np.float64)
+            assert g[k].shape == q[k].shape
+            np.testing.assert_allclose(g[k], want, rtol=1e-6)
+
+
+def test_fast_path_without_the_native_check(monkeypatch, signatures):
+    # where the object layout probe fails there is no native check: calls find their runner by
+    # the leaves' facts, and still take the fast path
+    from tracejit.codegen import leafcheck
+    monkeypatch.setattr(leafcheck, "_state", [None])
+    f = tracejit.jit_grad(lambda p: sum((v * v).sum() for v in p.values()))
+    p = {k: np.full((2, 2), i + 1.0, np.float32) for i, k in enumerate("xy")}
+    for _ in range(3):
+        g = f(p)
+    assert signatures["n"] == 1 and not f._tree_last
+    q = dict(p, y=np.zeros((4, 2), np.float32)[::2])   # a strided leaf: copied, same result
+    np.testing.assert_array_equal(f(q)["y"], np.zeros((2, 2), np.float32))
+    for k in p:
+        np.testing.assert_array_equal(g[k], 2 * p[k])

@@ -26,7 +26,8 @@ from . import captures, errors, pytree
 from .config import config
 from .errors import ZeroGradientWarning, warn
 from .signature import (Signature, arg_name, c_contiguous, check_numeric_sequences,
-                        check_tracers_alive, explain_retrace, fast_key)
+                        check_tracers_alive, explain_retrace,
+                        fast_key, fast_leaves, leaf_facts)
 from .tracer import Tracer
 from .values import to_value, wrap
 
@@ -123,7 +124,9 @@ class Jitted:
             self.arg_names = []
         self._cache: dict = {}
         self._fast: dict = {}   # (shape, dtype) per positional array -> runner (native backend)
-        self._tree_runners: dict = {}  # signature.fast_key of pytree arguments -> runner
+        # (signature.fast_leaves structure, leaf_facts of every leaf) of pytree arguments -> runner
+        self._tree_runners: dict = {}
+        self._tree_last: dict = {}  # structure -> (facts list, runner) of its last fast call
         self._lock = threading.Lock()
         self._warned_retracing = False
         self._stale = 0  # retraces because a captured array changed
@@ -292,6 +295,7 @@ class Jitted:
                         for k, run in list(runners.items()):
                             if getattr(run, "guards", None) is entry.guards:
                                 runners.pop(k, None)
+                    self._tree_last.clear()
                     entry = None
                 if entry is None:
                     if why is None and self._cache:
@@ -334,7 +338,7 @@ class Jitted:
         if not kwargs and config.backend != "interpreter":
             # fast paths, for calls whose signature was compiled before: positional plain arrays
             # keyed by their shapes and dtypes; positional pytrees of arrays keyed by their
-            # structure too (signature.fast_key). The runner of a function with captured arrays
+            # structure too (signature.fast_leaves). The runner of a function with captured arrays
             # checks them first (captures.Guards.ok) and raises _StaleCapture to send the call
             # down the slow path, which retraces. Any miss takes the slow path, which checks
             # everything and registers a runner for the next call.
@@ -347,12 +351,27 @@ class Jitted:
                     except _StaleCapture:
                         pass
             elif self._fast_trees:
-                found = fast_key(args)
+                found = fast_leaves(args)
                 if found is not None:
-                    run = self._tree_runners.get(found[0])
+                    # the runner last used for this structure when its native check passes
+                    # (codegen/leafcheck.py: the same leaf types, dtypes, shapes and layout);
+                    # else the one registered under the structure and every leaf's facts
+                    structure, leaves = found
+                    last = self._tree_last.get(structure)
+                    if last is not None and last[0](tuple(leaves)):
+                        run = last[1]
+                    else:
+                        run = self._tree_runners.get(
+                            (structure, tuple(map(leaf_facts, leaves))))
+                        if run is not None and run.check is not None:
+                            if run.check is True:   # made on the runner's first use
+                                from .codegen.leafcheck import leaf_checker
+                                run.check = leaf_checker(leaves)
+                            if run.check is not None:
+                                self._tree_last[structure] = (run.check, run)
                     if run is not None:
                         try:
-                            return run(found[1])
+                            return run(leaves)
                         except _StaleCapture:
                             pass
         if self.kind != "jit":
@@ -390,7 +409,12 @@ class Jitted:
         leaf a numpy array in native byte order): called after the slow path checked the call.
         Its key pins every leaf's shape and dtype (byte order included, so only native byte order
         gets one) and, for pytrees, the structure; the runner copies what the native code cannot
-        read (see c_contiguous). Inputs are never written: copies are the runner's own."""
+        read (see c_contiguous). Inputs are never written: copies are the runner's own. A pytree
+        runner that copies nothing gets `run.check` on its first use (True until then; None for
+        the others; codegen/leafcheck.py): one native call telling whether a call's leaves have
+        the types, dtypes, shapes and layout of the leaves it was made from, which `__call__`
+        tries first for the structure's last runner instead of reading every leaf's facts (a
+        process that calls each signature once never pays for compiling the check)."""
         if len(sig.leaves) == len(args) and all(type(a) is np.ndarray and a.dtype.isnative
                                                 for a in args):
             key, runners, copy = tuple((a.shape, a.dtype) for a in args), self._fast, None
@@ -427,6 +451,8 @@ class Jitted:
                     raise _StaleCapture
                 return assemble(native(leaves))
         run.guards = guards
+        # a pytree runner that copies nothing gets a native check of its leaves on first use
+        run.check = True if copy == [] else None
         runners[key] = run
 
     def _arg_name(self, i):

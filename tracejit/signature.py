@@ -8,6 +8,7 @@ already traced. `check_numeric_sequences` refuses lists of numbers where arrays 
 from __future__ import annotations
 
 import logging
+import operator
 
 import numpy as np
 
@@ -212,31 +213,60 @@ def c_contiguous(x):
 
 def fast_key(args):
     """(key, leaves) of a call's positional arguments when they are a pytree of only numpy arrays
-    in dicts, lists and tuples (exact types, no subclasses), else None: the cheap lookup key of
-    `Jitted.__call__`'s pytree fast path, built without a `Signature`.
+    in dicts, lists and tuples (exact types, no subclasses), else None: a cheap lookup key built
+    without a `Signature` (jit_train_step's runners).
 
-    The key is flat: a container adds its type and its dict keys (in order) or length, an array
-    adds (shape, dtype, flags.carray), in the leaf order of `pytree.flatten`, so equal keys mean
-    equal structure, shapes and dtypes (byte order included) and the same arrays needing a copy
-    for the native code. Anything else (tracers, static values, array-likes, masked arrays,
-    kwargs) returns None and takes the full Signature path, which checks and explains it."""
-    key, leaves = [], []
+    The key is the containers' structure (see fast_leaves) and every leaf's (shape, dtype,
+    flags.carray) in the leaf order of `pytree.flatten`, so equal keys mean equal structure,
+    shapes and dtypes (byte order included) and the same arrays needing a copy for the native
+    code. Anything else (tracers, static values, array-likes, masked arrays, kwargs) returns None
+    and takes the full Signature path, which checks and explains it."""
+    found = fast_leaves(args)
+    if found is None:
+        return None
+    return (found[0], tuple(map(leaf_facts, found[1]))), found[1]
+
+
+# What the pytree fast path pins of each leaf (see fast_leaves), read in C by map():
+# flags.carray is C-contiguous, aligned and writeable; the dtype compares its byte order too.
+leaf_facts = operator.attrgetter("shape", "dtype", "flags.carray")
+
+
+def fast_leaves(args):
+    """(structure, leaves) of a call's positional arguments when they are a pytree of only exact
+    numpy arrays in exact dicts, lists and tuples, else None: the per-call half of
+    `Jitted.__call__`'s pytree fast path. `structure` is a hashable key of the containers alone
+    (types, dict keys in order, lengths, and which children are arrays); the leaves come in
+    pytree.flatten's order. The caller pins the leaves with `list(map(leaf_facts, leaves))`, so
+    structure and facts together say what `fast_key` says, for one attribute read per fact and
+    one comparison instead of building and hashing a key of every leaf's facts."""
+    if len(args) == 1 and type(args[0]) is dict:   # the common call: f(params); as below
+        d = args[0]
+        leaves = list(d.values())
+        if list(map(type, leaves)).count(np.ndarray) == len(leaves):
+            return (1, None, dict, tuple(d), np.ndarray), leaves
+    key, leaves = [len(args)], []
     try:
-        if _fast_walk(args, key, leaves):
+        if _struct_walk(args, key, leaves):
             return tuple(key), leaves
     except RecursionError:  # a list containing itself: the Signature path says so
         pass
     return None
 
 
-def _fast_walk(items, key, leaves) -> bool:
-    # Written for speed: one list comprehension per container of arrays, recursion only for
-    # nested containers. Leaves are appended in the order pytree.flatten visits them.
+def _struct_walk(items, key, leaves) -> bool:
+    # A container of arrays only (the common case) costs a map(type) and a count, in C; mixed
+    # ones are encoded child by child (an array as its class), so the key decodes uniquely.
     ndarray = np.ndarray
-    for a in items:
-        t = type(a)
+    types = list(map(type, items))
+    if types.count(ndarray) == len(types):
+        key.append(ndarray)
+        leaves.extend(items)
+        return True
+    key.append(None)
+    for a, t in zip(items, types):
         if t is ndarray:
-            key.append((a.shape, a.dtype, a.flags.carray))
+            key.append(ndarray)
             leaves.append(a)
             continue
         if t is dict:
@@ -248,11 +278,7 @@ def _fast_walk(items, key, leaves) -> bool:
             key.append(len(a))
         else:
             return False
-        sub = [(x.shape, x.dtype, x.flags.carray) for x in a if type(x) is ndarray]
-        if len(sub) == len(a):
-            key.extend(sub)
-            leaves.extend(a)
-        elif not _fast_walk(a, key, leaves):
+        if not _struct_walk(a, key, leaves):
             return False
     return True
 
