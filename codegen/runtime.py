@@ -747,7 +747,8 @@ def _modules(groups, same=None, processes: int = 1):
     are lowered into modules that `processes` processes take from a queue, in order
     (target.compile_objects); the loop-nest kernels' modules get the "kernels" pipeline
     (target.PIPELINES), a module of their own for it even when one process compiles all, and
-    the entry's module, the entry alone when several processes compile, the "entry" one.
+    the entry's module, the entry alone when several processes compile, the "entry" one; the
+    fused loops' modules (module 0 too when it holds loops) the "fused" one.
     Module 0, which this process compiles first, holds the entry and the loops (control
     groups, which call their bodies' kernels from the entry). Then one module per process of
     loop-nest kernels, balanced by weight; then the fused loops, a few to a module, the
@@ -766,10 +767,10 @@ def _modules(groups, same=None, processes: int = 1):
     if processes <= 1:   # the loop-nest kernels apart all the same, for their pipeline
         nn = [g.index for g in groups if g.kind == "nn" and g.index not in same]
         if not nn:
-            return home, ["full"]
+            return home, ["fused"]
         home.update({k: 1 for k in nn})
         home.update({k: home[j] for k, j in same.items()})
-        return home, ["full", "kernels"]
+        return home, ["fused", "kernels"]
     units, loops = {}, []
     for g in groups:
         if g.index in same or g.kind == "control":
@@ -800,7 +801,7 @@ def _modules(groups, same=None, processes: int = 1):
             place(g, k if whole else min(range(processes),
                                          key=lambda j: (load[j] + added(g, j), j)))
     modules = sorted([m for m in big if m], key=lambda m: -_total_weight(m))
-    entry = "entry" if _straight_line(groups) else "full"   # (the entry alone)
+    entry = "entry" if _straight_line(groups) else "fused"   # (the entry alone)
     pipelines = [entry] + ["kernels"] * len(modules)
     fillers = []
     for g in sorted(loops, key=lambda g: -_compile_weight(g)):
@@ -808,7 +809,7 @@ def _modules(groups, same=None, processes: int = 1):
             fillers.append([])
         fillers[-1].append(g)
     modules += sorted(fillers, key=lambda m: -_total_weight(m))
-    pipelines += ["full"] * len(fillers)
+    pipelines += ["fused"] * len(fillers)
     for k, members in enumerate(modules, start=1):
         for g in members:
             home[g.index] = k

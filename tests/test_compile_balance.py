@@ -36,7 +36,7 @@ def test_kernels_first_balanced_then_fused_loops_heaviest_first(monkeypatch):
     groups = kernels + loops
     home, pipelines = runtime._modules(groups, processes=2)
     n = len(pipelines)
-    assert pipelines[:3] == ["entry", "kernels", "kernels"] and set(pipelines[3:]) == {"full"}
+    assert pipelines[:3] == ["entry", "kernels", "kernels"] and set(pipelines[3:]) == {"fused"}
     assert all(home[g.index] in (1, 2) for g in kernels), home
     assert all(home[g.index] >= 3 for g in loops), home
     load = _loads(groups, home, n)
@@ -64,10 +64,10 @@ def test_kernels_equal_to_another_live_with_it_and_weigh_nothing():
 def test_one_process_still_keeps_the_kernels_apart_for_their_pipeline():
     groups = _kernels(3) + _loops(5, start=3)
     home, pipelines = runtime._modules(groups, {2: 0}, processes=1)
-    assert pipelines == ["full", "kernels"]
+    assert pipelines == ["fused", "kernels"]
     assert [home[k] for k in range(8)] == [1, 1, 1, 0, 0, 0, 0, 0]
     home, pipelines = runtime._modules(_loops(5), processes=1)
-    assert pipelines == ["full"] and set(home.values()) == {0}
+    assert pipelines == ["fused"] and set(home.values()) == {0}
 
 
 def test_kernels_sharing_a_function_stay_in_one_module(monkeypatch):
@@ -91,6 +91,6 @@ def test_an_entry_running_a_loop_is_optimized_as_usual():
     calls: a native loop (a control group) runs in it."""
     loop = SimpleNamespace(index=3, kind="control", bodies={})
     home, pipelines = runtime._modules(_kernels(3) + [loop], processes=2)
-    assert pipelines[0] == "full" and home[3] == 0
+    assert pipelines[0] == "fused" and home[3] == 0
     home, pipelines = runtime._modules(_kernels(3), processes=2)
     assert pipelines[0] == "entry"
