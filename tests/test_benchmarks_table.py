@@ -5,10 +5,14 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _run_module():
+@pytest.fixture(scope="module")
+def run():
+    """benchmarks/run.py as a module (loaded once)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
         spec = importlib.util.spec_from_file_location("bench_run", BENCHMARKS / "run.py")
@@ -19,8 +23,7 @@ def _run_module():
         sys.path.remove(str(BENCHMARKS))
 
 
-def test_table_of_errors_only(capsys):
-    run = _run_module()
+def test_table_of_errors_only(run, capsys):
     rows = [{"workload": "mlp", "system": "tracejit", "error": "ModuleNotFoundError: llvmlite"},
             {"workload": "mlp", "system": "torch", "error": "not installed"}]
     run.print_table(rows, {}, None)
@@ -30,8 +33,7 @@ def test_table_of_errors_only(capsys):
     assert out.splitlines()[0].split()[:2] == ["workload", "system"]
 
 
-def test_table_mixes_errors_and_results(capsys):
-    run = _run_module()
+def test_table_mixes_errors_and_results(run, capsys):
     rows = [{"workload": "mlp", "system": "tracejit", "median_s": 2.5e-4, "gflops": 100.0},
             {"workload": "mlp", "system": "torch", "error": "boom"}]
     run.print_table(rows, {}, None)

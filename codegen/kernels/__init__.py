@@ -112,10 +112,10 @@ def _no_scratch(ins, nthreads):
 #   1.8 / 7.7 us at N = 16 / 64 / 256 where 1 ns per element-op estimated 16 / 66 / 262 us).
 # - all of these read from cache; a memory-bound kernel or loop whose buffers exceed one core's L2
 #   (CACHED_BYTES, 2 MiB on that Xeon) streams them from L3 or memory at STREAM_BYTES_PER_NS on
-#   one thread, which bounds its time from below (`streaming_ns`). Measured 25-31 bytes/ns on the AVX-512 Xeon (the conv
-#   block at image size 32: avg_pool2d over 4 MiB 186 us, a 4 MiB sum 143 us, a 2 MiB
-#   elementwise product 67 us, each 2-4x the in-cache estimate); a machine constant, not derived
-#   from the target.
+#   one thread, which bounds its time from below (`streaming_ns`). Measured 25-31 bytes/ns on
+#   the AVX-512 Xeon (the conv block at image size 32: avg_pool2d over 4 MiB 186 us, a 4 MiB sum
+#   143 us, a 2 MiB elementwise product 67 us, each 2-4x the in-cache estimate); a machine
+#   constant, not derived from the target.
 # ------------------------------------------------------------------------------------------------
 def _lanes() -> int:
     from ..target import vector_width

@@ -478,7 +478,7 @@ def _tiles_function(module: ir.Module, p: _Plan) -> SharedFunction:
 
 def _emit_outer(s: Shared, p: _TileKey):
     b = s.b
-    _, vl, _ = dtype_info(p.dtype)
+    _, vl, es = dtype_info(p.dtype)
     tile = p.nr * vl
     # the columns from `split` on are the partial last tile (see _outer_columns). Masks in the
     # K loop cost a compare and a masked load per step and, with 16 vector registers, spill the
@@ -491,9 +491,8 @@ def _emit_outer(s: Shared, p: _TileKey):
     # the tile is read in place (rows N apart) or in the panel ([k1 - k0, tile]) by a select
     # (see _outer_columns).
     # "auto" (matmul's B read in place): copy B's panels when its rows do not all start on a
-    # vector boundary (64-byte loads straddling two lines cost two: a numpy array usually sits 16 bytes
-    # off a line) and enough row tiles share each panel to pay for the copy
-    _, vl, es = dtype_info(p.dtype)
+    # vector boundary (64-byte loads straddling two lines cost two: a numpy array usually sits
+    # 16 bytes off a line) and enough row tiles share each panel to pay for the copy
     b_addr = b.ptrtoint(s.ptrs[2], ir.IntType(64))
     misaligned = b.icmp_signed("!=", b.and_(b.or_(b_addr, b.mul(s.n, i64(es))), i64(vl * es - 1)),
                                i64(0))
