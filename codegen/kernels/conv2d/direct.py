@@ -123,9 +123,11 @@ def _lower_flat(core, kf, fn, ptrs, shape: CoreParams, t0, t1):
 # Padded copies of an image larger than this (bytes) do not stay in L1 between the tiles: the
 # kernel-row loop prefetches its rows of the next input channel. 3x3, 64 channels, 32 x 32 (296 KB
 # in L2): 5-7% faster on one thread (Xeon, AVX-512), 22% on Zen 3 (AVX2, 6 x 2 block: 15.7 ->
-# 12.8 ms, 75 -> 92% of the FMA peak; the hardware prefetchers do not follow the channel pitch).
-# Copies of 74 KB (ResNet-8's 16 channels of 32 x 32) gain 0-2% on Zen 3; 41 KB (32 channels of
-# 16 x 16) and copies that fit L1: no gain, so they keep the plain loop.
+# 12.8 ms, 75 -> 90-92% of the FMA peak). Zen 3, one thread, CPU-time minima, interleaved: 64
+# channels of 16 x 16 (82 KB) +8%, 48 of 32 x 32 (222 KB) +7%; the tiles of fewer channels keep
+# their rows in L1 from one tile to the next: 16-48 channels of 16 x 16 or 32 x 32 (41-148 KB)
+# -1 to +2%, LeNet-5's second conv (3 KB) -0.5%. So the threshold stays: below it the prefetch
+# would cost a function variant (LLVM time) for nothing.
 _PREFETCH_BYTES = 48 << 10
 
 # Kernels of at most this many taps (the strided input gradient's sub-kernels: 1x1, 1x2, 2x1,
