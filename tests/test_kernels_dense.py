@@ -368,16 +368,15 @@ def test_all_dense_kernels_in_one_module(dtype):
 
 def test_conv_block_shape_and_real_threads():
     """The benchmark's conv block (smaller batch), each pass run on two real threads. Its padded
-    image copy (296 KB) does not fit L1: with AVX-512 the core prefetches the next channel's rows
-    (measured there; AVX2 targets keep the plain loop)."""
-    from tracejit.codegen.target import vector_registers
+    image copy (296 KB) does not fit L1: the core prefetches the next channel's rows (AVX-512
+    and AVX2 alike: measured on a Xeon and on Zen 3)."""
     case = ((2, 64, 32, 32), (64, 64, 3, 3), (1, 1), (1, 1))
     specs = [_conv_specs(prim, case)
              for prim in ("conv2d", "conv2d_input_grad", "conv2d_weight_grad")]
     specs.append(("matmul", [(64, 784), (256, 784)], dict(trans_b=True)))
     ks = check_all(specs, "f32", thread_counts=(2,))
     prefetches = "prefetch1" in ks.jit.asm and "prefetcht0" in ks.jit.asm
-    assert prefetches == (vector_registers() >= 32)
+    assert prefetches
     rng = np.random.default_rng(1)
     for i, ins in enumerate(ks.instrs):
         arrays = [rng.standard_normal(v.shape).astype(np.float32) for v in ins.inputs]
