@@ -282,8 +282,9 @@ def test_matmul_plan_packs_panels_and_keeps_the_dot_form_for_long_k():
         p = _plan(make_instr("matmul", shapes, "f32", **params))
         return p.form, p.pack
 
-    # B read in place, or copied into panels where misaligned (decided at run time; AVX-512 only)
-    auto = "auto" if vector_registers() >= 32 else ""
+    # B read in place, or copied into panels where misaligned (AVX-512), or wherever enough row
+    # tiles share them (16 registers); decided at run time
+    auto = "auto" if vector_registers() >= 32 else "shared"
 
     # attention's projections and heads: the outer form on panels (B^T transposed into them)
     assert plan([(1024, 256), (256, 256)], trans_b=True) == ("outer", "bt")
@@ -649,9 +650,11 @@ def test_epilogue_apart_reuses_one_panel_of_the_product():
     """An epilogue applied apart is the only reader of the product, so a matmul writes every
     panel of its rows over its first one: the epilogue still sees each element once, and most
     of the product's buffer is never touched (it stays in cache instead)."""
-    specs = [("matmul", [(200, 20), (20, 33)], {}), ("matmul", [(20, 400), (33, 20)],
+    # (520 and 400 rows: several panels a thread also where copied panels of B make them 128
+    # rows)
+    specs = [("matmul", [(520, 20), (20, 33)], {}), ("matmul", [(20, 400), (33, 20)],
                                                      dict(trans_a=True, trans_b=True)),
-             ("matmul", [(2, 150, 20), (2, 20, 9)], {})]
+             ("matmul", [(2, 400, 20), (2, 20, 9)], {})]
     instrs, names, jit = _lower_with_epilogue(specs, "f32", ApartEpilogue())
     rng = np.random.default_rng(7)
     shift = np.array([0.5], dtype=np.float32)

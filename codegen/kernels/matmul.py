@@ -121,10 +121,16 @@ def transpose_sums(b: ir.IRBuilder, vecs):
 # matmul
 # ------------------------------------------------------------------------------------------------
 OUTER_KC = 128   # K block of the outer form: 128 x 64 bytes of B panel, 8 KB of the 32 KB L1
+# With 16 registers (AVX2) the tile is 16 floats (64 bytes) wide: 256 rows, a 16 KB panel, halve
+# the row tiles' per-block cost (C tile loads and stores, loop set-up: ~10% of a block of 128
+# steps). Zen 3, 1 thread: x @ W [1024, 256] @ [256, 256] 1.58 -> 1.45 ms, [512, 512]^2
+# 3.32 -> 3.05; others within noise (x^T @ dy at K = 1024, x [64, 256] @ [256, 784])
+OUTER_KC_AVX2 = 256
 PACK_MIN_ROWS = 24   # rows of C from which x @ W^T may take the outer form on B^T panels
 PACKED_PANEL_ROWS = 128   # rows of C an epilogue follows when B is packed (see _rows)
 DOT_K_PER_ROW = 3    # x @ W^T: the dot form when K > 3 M (see _block_plan)
-PACK_MODES = {"": 0, "b": 1, "bt": 2, "auto": 3}   # the outer form's run-time `pack` parameter
+PACK_MODES = {"": 0, "b": 1, "bt": 2, "auto": 3, "shared": 4}   # the outer form's run-time
+# `pack` parameter
 AUTO_PACK_TILES = 3   # "auto": B's panels are copied for at least this many row tiles a call
 SMALL_DOT_FLOPS = 1 << 21   # x @ W^T with narrow N: the dot form up to this many flops (_block_plan)
 SMALL_M = 48   # the outer form picks its row block for rows of C fewer than this (_fewest_rows)
@@ -261,8 +267,15 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
     # threads: x [64,784] @ W [784,256] 0.53 vs 0.38 ms; here dy^T @ x [256,784] at K = 64,
     # 1 thread: 156 vs 161 GFLOP/s), misaligned B faster (162 vs 143).
     # FORCE["pack"] = "b" or "" still selects one.
-    # (AVX2 keeps B in place: untried on a 16-register machine since this was measured.)
-    pack = FORCE.get("pack", "bt" if tb else "auto" if vector_registers() >= 32 else "")
+    # With 16 registers (AVX2, Zen 3) B is copied whenever enough row tiles share its panels
+    # ("shared"), aligned or not: read in place, the rows of a K block lie N apart, and with N
+    # a multiple of 256 bytes they fall into a few of the L1's sets (N = 256 floats: 4 sets,
+    # 32 lines for the block's 128) and are read from L2 by every row tile, the lines of A too
+    # for x^T @ dy (A's rows are M apart). 1 thread, B aligned / 16 bytes off a line:
+    # x @ W [1024, 256] @ [256, 256] 1.82 / 2.01 -> 1.63 / 1.62 ms, x^T @ dy [1024, 256]^T @
+    # [1024, 256] 2.28 -> 1.75 ms (16 bytes off), [512, 512]^2 3.90 / 4.47 -> 3.30 / 3.36;
+    # shapes without conflicts took the same time either way (x [64, 256] @ [256, 784]).
+    pack = FORCE.get("pack", "bt" if tb else "auto" if vector_registers() >= 32 else "shared")
     return _Plan(dt, (), (), (), m, n, k, ta, "outer", pack, mr, nv, vl, es)
 
 
@@ -282,8 +295,13 @@ def _matmul_scratch(ins, nthreads: int) -> int:
     """One B panel (a K block of at most OUTER_KC rows x a column tile) a thread: a multiple of
     64 bytes, so each region stays aligned."""
     p = _plan(ins)
-    rows = min(OUTER_KC, p.k)
+    rows = min(_outer_kc(), p.k)
     return nthreads * ceil_div(rows * p.tile_cols * p.esize, 64) * 64 if p.pack else 0
+
+
+def _outer_kc() -> int:
+    """The outer form's K block on this target."""
+    return OUTER_KC if vector_registers() >= 32 else OUTER_KC_AVX2
 
 
 def _shared_weights(ins) -> dict:
@@ -497,8 +515,10 @@ def _emit_outer(s: Shared, p: _TileKey):
     misaligned = b.icmp_signed("!=", b.and_(b.or_(b_addr, b.mul(s.n, i64(es))), i64(vl * es - 1)),
                                i64(0))
     shared = b.icmp_signed(">=", b.sub(s.r1, s.r0), i64(AUTO_PACK_TILES * p.mr))
-    auto = b.select(b.and_(misaligned, shared), i64(PACK_MODES["b"]), i64(PACK_MODES[""]))
-    s.pack = b.select(b.icmp_signed("==", s.pack, i64(PACK_MODES["auto"])), auto, s.pack)
+    # "shared": copy whenever enough row tiles share the panels, aligned or not (AVX2)
+    wanted = b.or_(misaligned, b.icmp_signed("==", s.pack, i64(PACK_MODES["shared"])))
+    auto = b.select(b.and_(wanted, shared), i64(PACK_MODES["b"]), i64(PACK_MODES[""]))
+    s.pack = b.select(b.icmp_signed(">=", s.pack, i64(PACK_MODES["auto"])), auto, s.pack)
     s.pack = opaque(b, s.pack)
     packed = b.icmp_signed("!=", s.pack, i64(0), name="matmul.packed")
     s.is_packed = packed
@@ -551,9 +571,10 @@ def _outer_columns(s: Shared, p: _TileKey, split):
         # others add to the C tile the block before stored. One block when K <= OUTER_KC (at
         # least one, so that K = 0 stores zeros). Without blocks a weight gradient x^T @ g with K
         # = 3200 re-read its 400 KB of panels from L2/L3 for every row tile: 4x numpy's time.
-        with carry_loop(b, 0, smax(b, s.k, 1), [], "matmul.kb", step=OUTER_KC) as lkb:
+        kc = _outer_kc()
+        with carry_loop(b, 0, smax(b, s.k, 1), [], "matmul.kb", step=kc) as lkb:
             k0 = lkb.iv
-            k1 = smin(b, b.add(k0, i64(OUTER_KC)), s.k)
+            k1 = smin(b, b.add(k0, i64(kc)), s.k)
             first = b.icmp_signed("==", k0, i64(0), name="matmul.kb.first")
             # rows [k0, k_split) of the tile are read in place, the others from the panel
             # (whose row 0 is k_split): a whole tile's all in place, or all from the panel
