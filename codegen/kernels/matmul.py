@@ -128,6 +128,9 @@ OUTER_KC = 128   # K block of the outer form: 128 x 64 bytes of B panel, 8 KB of
 OUTER_KC_AVX2 = 256
 PACK_MIN_ROWS = 24   # rows of C from which x @ W^T may take the outer form on B^T panels
 PACKED_PANEL_ROWS = 128   # rows of C an epilogue follows when B is packed (see _rows)
+# An epilogue applied apart: C's panel on the executing thread's stack up to this (see _rows;
+# a thread of the pool or the caller's, megabytes of stack: a 30-row panel of [*, 784] is 94 KB)
+STACK_PANEL_BYTES = 128 << 10
 DOT_K_PER_ROW = 3    # x @ W^T: the dot form when K > 3 M (see _block_plan)
 PACK_MODES = {"": 0, "b": 1, "bt": 2, "auto": 3, "shared": 4}   # the outer form's run-time
 # `pack` parameter
@@ -438,25 +441,64 @@ def _rows(kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams, 
     # stores), and every interleaving measured slower than this (x^T @ dy [256, 784] + Adam,
     # 1 thread: 0.97 ms here; a slice after each tile 1.00, after every 16 K steps 1.12, one
     # vector of explicit vector code every 8 K steps 1.30; prefetching p, m, v: no change)
-    panel = p.mr * max(1, (PACKED_PANEL_ROWS if p.pack not in ("", "auto") else 32) // p.mr)
+    panel = _panel_rows(p)
     ety = llvm_type(p.dtype)
-    with carry_loop(b, r0, r1, [], "matmul.panel", step=panel) as lp:
-        end = smin(b, b.add(lp.iv, i64(panel)), r1)
-        if getattr(kf.epilogue, "apart", False):
-            # Only the epilogue reads the product (schedule._fuse_epilogues_apart), so every
-            # panel is written over the thread's first one (rows r0.., its own): one panel of C
-            # stays in cache instead of all of C going out to memory and being read back
-            # (an Adam update over x^T @ dy [256, 784]: 0.97 -> 0.93 ms, 1 thread)
+    apart = getattr(kf.epilogue, "apart", False)
+    # Only an epilogue applied apart reads the product (schedule._fuse_epilogues_apart), so
+    # every panel is written to one panel-sized buffer: it stays in cache instead of all of C
+    # going out to memory and being read back (an Adam update over x^T @ dy [256, 784]: 0.97
+    # -> 0.93 ms, 1 thread). The buffer is on the executing thread's stack, not the chunk's
+    # own first rows of C: the pool hands a thread several chunks (4 a thread), and the C
+    # region of each chunk came cold from L3 to be written, and went back (dy^T @ x [256, 784]
+    # + SGD momentum in 8 chunks run one after the other on 1 thread: 447-514 -> 414-418 us;
+    # + Adam 436-453 -> 433-441; Zen 3, loaded machine, minima of single calls)
+    on_stack = apart and _panel_on_stack(p)
+    if on_stack:
+        c_panel = _entry_alloca(b, ety, panel * p.n)
+    # the rows in equal panels of at most `panel` rows: a chunk of 6 row tiles (dy^T @ x
+    # [256, 784] in 8 chunks) takes 3 + 3, not 5 + 1, whose one row tile re-reads all of B
+    tiles = b.udiv(b.add(b.sub(r1, r0), i64(p.mr - 1)), i64(p.mr))
+    count = smax(b, b.udiv(b.add(tiles, i64(panel // p.mr - 1)), i64(panel // p.mr)), 1)
+    step = b.mul(b.udiv(b.add(tiles, b.sub(count, i64(1))), count), i64(p.mr),
+                 name="matmul.panel.rows")
+    with carry_loop(b, r0, r1, [], "matmul.panel", step=step) as lp:
+        end = smin(b, b.add(lp.iv, step), r1)
+        rows = b.mul(lp.iv, i64(p.n))
+        if on_stack:    # row lp.iv of the product (of the kernel's output) at c_panel[0]
+            c_out = gep(b, c_panel, b.neg(rows), ety, inbounds=False)
+            e_out = gep(b, c_panel, b.neg(b.add(out_off, rows)), ety, inbounds=False)
+        elif apart:     # over the first panel of the thread's rows (r0.., its own)
             back = b.mul(b.sub(lp.iv, r0), i64(p.n))
-            fn.call(b, [gep(b, ptrs[0], b.neg(back), ety)] + ptrs[1:],
-                    replace(shape, r0=lp.iv, r1=end, c0=0, c1=p.n))
-            kf.epilogue.call(b, gep(b, kf.out, b.neg(back), ety), kf.epi,
-                             b.add(out_off, b.mul(lp.iv, i64(p.n))),
+            c_out = gep(b, ptrs[0], b.neg(back), ety)
+            e_out = gep(b, kf.out, b.neg(back), ety)
+        if apart:
+            fn.call(b, [c_out] + ptrs[1:], replace(shape, r0=lp.iv, r1=end, c0=0, c1=p.n))
+            kf.epilogue.call(b, e_out, kf.epi, b.add(out_off, rows),
                              b.mul(b.sub(end, lp.iv), i64(p.n)))
         else:
             fn.call(b, ptrs, replace(shape, r0=lp.iv, r1=end, c0=0, c1=p.n))
-            kf.epilogue_rows(b.add(out_off, b.mul(lp.iv, i64(p.n))),
-                             b.mul(b.sub(end, lp.iv), i64(p.n)))
+            kf.epilogue_rows(b.add(out_off, rows), b.mul(b.sub(end, lp.iv), i64(p.n)))
+
+
+def _panel_rows(p: _Plan) -> int:
+    """Rows of C an epilogue follows (whole row tiles; see _rows)."""
+    return p.mr * max(1, (PACKED_PANEL_ROWS if p.pack not in ("", "auto") else 32) // p.mr)
+
+
+def _panel_on_stack(p: _Plan) -> bool:
+    """Whether a panel of the product (an epilogue applied apart) fits the stack buffer."""
+    return _panel_rows(p) * p.n * p.esize <= STACK_PANEL_BYTES
+
+
+def _entry_alloca(b: ir.IRBuilder, ety, count: int):
+    """A 64-byte aligned stack array of `count` elements, allocated once in the entry block
+    (not in the loop the builder may be in)."""
+    here = b.block
+    b.position_at_start(b.function.entry_basic_block)
+    buf = b.alloca(ety, size=count, name="matmul.c.panel")
+    buf.align = 64
+    b.position_at_end(here)
+    return buf
 
 
 @params
