@@ -429,3 +429,19 @@ def test_the_leaf_check_comes_from_the_compile_cache(monkeypatch, tmp_path, fres
     np.testing.assert_array_equal(g["a"], p["c"])
     np.testing.assert_array_equal(g["c"], p["a"])
     assert cache.stats["corrupt"] == 0
+
+
+def test_calls_with_plain_arrays_do_not_build_the_leaf_check(monkeypatch, tmp_path,
+                                                             fresh_leaf_check):
+    # the leaf check serves pytree calls only: a split compile for plain array arguments
+    # compiles the function's modules and nothing else
+    from tracejit.codegen import target
+    monkeypatch.setenv("TRACEJIT_COMPILE_PROCESSES", "2")
+    monkeypatch.setattr(target, "SPLIT_WEIGHT", 0)
+    monkeypatch.setattr(tracejit.config, "cache_dir", str(tmp_path / "cache"))
+    f = tracejit.jit_grad(lambda w, x: (w @ x).sum())
+    w, x = np.ones((3, 4), np.float32), np.full((4, 2), 0.5, np.float32)
+    for _ in range(2):
+        np.testing.assert_array_equal(f(w, x), np.ones((3, 4), np.float32))
+    assert not fresh_leaf_check._object and not fresh_leaf_check._state
+    assert not list(tmp_path.joinpath("cache").glob("*.check"))
