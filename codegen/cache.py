@@ -57,7 +57,9 @@ _HEADER = struct.Struct("<8sIQ32s32s")   # magic, format, payload length, sha256
 DEFAULT_MAX_MB = settings.DEFAULT_CACHE_MAX_MB
 _STALE_TEMP_SECONDS = 3600
 _pruned: set = set()  # directories pruned by this process
-_ENTRY_SUFFIXES = (".o", ".trace")   # every kind of entry counts toward the size bound
+# every kind of entry counts toward the size bound (".check": the native leaf check's object
+# code, codegen/leafcheck.py)
+_ENTRY_SUFFIXES = (".o", ".trace", ".check")
 
 # Counters of this process, for tests and benchmarks.
 stats = {"hits": 0, "misses": 0, "stores": 0, "corrupt": 0, "errors": 0}

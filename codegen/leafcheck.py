@@ -13,10 +13,17 @@ offset probed against numpy's own answers before the first checker is made. The 
 by identity: an equal dtype that is another object (metadata, a copy) fails the check, which only
 sends the call to the exact path behind it. It runs holding the GIL (PYFUNCTYPE), so no Python
 code changes an array between the check and the call that follows it.
+
+Its object code is made once per process at most, and usually never: a call with pytree arguments
+that compiles asks for it (`request`), and the compile builds it alongside its own modules, in
+whichever of its processes is free first (runtime.NativeFunction, target.compile_objects); it is
+kept in the persistent compile cache, from which a later process links it (~1 ms instead of
+~10-25 ms of LLVM on the second call).
 """
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import threading
 
 import numpy as np
@@ -93,8 +100,16 @@ bad:
 }}
 """
 
+# Its optimization pipeline (target.PIPELINES): fully optimized, as every call runs it.
+PIPELINE = "full"
+
 _lock = threading.Lock()
 _state: list = []   # [the native function or None], once made
+_object: list = []   # [object code] compiled along with a function, not linked yet
+_requested = False   # a pytree call is compiling: its next call will want the check
+# the compile cache's counters for the check's entries (apart from the functions' own: tests
+# count those)
+stats = {"hits": 0, "misses": 0, "stores": 0, "corrupt": 0, "errors": 0}
 
 
 def _read(address, ctype):
@@ -122,29 +137,93 @@ def _layout_ok() -> bool:
     return True
 
 
-def _native():
+def _store(disk):
+    """The check's own store in the compile cache `disk` (a cache.DiskCache, or None/False)
+    and its key there: (DiskCache, key), or (None, None)."""
+    if not disk:
+        return None, None
+    from . import cache
+    key = hashlib.sha256("\n".join(["tracejit leaf check", disk.version, PIPELINE,
+                                     cache._host_and_compiler(), _IR]).encode()).hexdigest()
+    return cache.DiskCache(disk.directory, disk.version, ".check", stats), key
+
+
+def request():
+    """A call with pytree arguments is about to compile: build the check along (side_source)."""
+    global _requested
+    _requested = True
+
+
+def side_source(disk):
+    """(LLVM IR, pipeline) of the check, for the compile under way to build it alongside its
+    own modules (then `provide` its object code), or None: not asked for (`request`), already
+    made or compiled, or in the compile cache `disk`."""
+    if not _requested or _state or _object:
+        return None
+    store, key = _store(disk)
+    if store is not None and store.path(key).is_file():
+        return None
+    return _IR, PIPELINE
+
+
+def provide(object_code: bytes, disk):
+    """The check's object code, compiled along with a function (`side_source`): linked when the
+    first checker is made, and stored in the compile cache `disk`."""
+    with _lock:
+        if not _object:
+            _object.append(object_code)
+    store, key = _store(disk)
+    if store is not None:
+        store.store(key, object_code)
+
+
+def _compile() -> bytes:
+    from .target import compile_objects
+    return compile_objects([(_IR, PIPELINE)], processes=1)[0]
+
+
+def _module(disk):
+    """The check's code, linked: from the object code compiled along with a function, else
+    from the compile cache `disk`, else compiled now (and stored)."""
+    from .target import JITModule
+    store, key = _store(disk)
+    obj = _object[0] if _object else store.load(key) if store is not None else None
+    if obj is not None:
+        try:
+            return JITModule.from_object(obj, ["tracejit_leaf_check"])
+        except Exception as e:  # object code that passed its checksum but does not link
+            if store is not None and not _object:
+                store.discard(key, f"{type(e).__name__}: {e}")
+    obj = _compile()
+    if store is not None:
+        store.store(key, obj)
+    return JITModule.from_object(obj, ["tracejit_leaf_check"])
+
+
+def _native(disk=None):
     if not _state:
         with _lock:
             if not _state:
                 fn = None
                 if _layout_ok():
-                    from .target import JITModule
-                    module = JITModule(_IR, ["tracejit_leaf_check"])
+                    module = _module(disk)
                     address = module.addresses["tracejit_leaf_check"]
                     fn = ctypes.PYFUNCTYPE(ctypes.c_int64, ctypes.py_object, ctypes.c_void_p,
                                            ctypes.c_int64)(address)
                     fn.module = module   # keeps the code alive
                 _state.append(fn)
+                _object.clear()
     return _state[0]
 
 
-def leaf_checker(leaves):
+def leaf_checker(leaves, cache=None):
     """check(tuple) -> bool: whether a tuple holds arrays like `leaves` (see the module doc),
     or None when `leaves` are not all C-contiguous, aligned, writeable exact ndarrays (then the
-    caller keeps its exact Python path) or the layout here is not the one probed."""
+    caller keeps its exact Python path) or the layout here is not the one probed. `cache`: the
+    compile cache (cache.DiskCache) the check's object code may come from, or None."""
     if not all(type(x) is np.ndarray and x.flags.carray for x in leaves):
         return None
-    native = _native()
+    native = _native(cache)
     if native is None:
         return None
     dtypes = [x.dtype for x in leaves]   # kept alive: their addresses are in the spec

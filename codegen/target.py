@@ -391,16 +391,19 @@ class JITModule:
     the linked object file."""
 
     def __init__(self, llvm_ir, exports, speed_level: int = SPEED_LEVEL, source=None,
-                 processes: int | None = None):
+                 processes: int | None = None, side=()):
         """`llvm_ir`: one module's text, or a list of texts or functions returning them, or of
         pairs of one and a PIPELINES name (linked together; see compile_objects). `source()`
         gives them again for the dumps (by default `llvm_ir`). `processes`: see
-        compile_objects."""
+        compile_objects. `side`: more modules (alike) compiled at the same time, last, but not
+        linked: their object files are `side_objects`."""
         sources = [llvm_ir] if isinstance(llvm_ir, str) else list(llvm_ir)
         self._source, self._speed_level = source or (lambda: sources), speed_level
         # emit_object runs the code generator's IR passes on the module: `optimized_ir`
         # recompiles from the source rather than printing a module afterwards
-        self.object_code = pack_objects(compile_objects(sources, speed_level, processes))
+        objects = compile_objects(sources + list(side), speed_level, processes)
+        self.side_objects = objects[len(sources):]
+        self.object_code = pack_objects(objects[:len(sources)])
         self._mod = None
         self._optimized_ir = self._asm = None
         self._link(exports)

@@ -361,3 +361,87 @@ def test_fast_path_without_the_native_check(monkeypatch, signatures):
     np.testing.assert_array_equal(f(q)["y"], np.zeros((2, 2), np.float32))
     for k in p:
         np.testing.assert_array_equal(g[k], 2 * p[k])
+
+
+@pytest.fixture
+def fresh_leaf_check(monkeypatch):
+    """This process without the native leaf check, its object code or a request for it."""
+    from tracejit.codegen import leafcheck
+    monkeypatch.setattr(leafcheck, "_state", [])
+    monkeypatch.setattr(leafcheck, "_object", [])
+    monkeypatch.setattr(leafcheck, "_requested", False)
+    return leafcheck
+
+
+def test_the_leaf_check_compiles_along_with_a_split_compile(monkeypatch, tmp_path,
+                                                            fresh_leaf_check):
+    # a pytree call whose compile is split over two processes builds the leaf check as one more
+    # module of the queue: the second call links it and runs no LLVM; the check still refuses a
+    # leaf of another dtype or shape (the full path then names the leaf)
+    from tracejit.codegen import target
+    monkeypatch.setenv("TRACEJIT_COMPILE_PROCESSES", "2")
+    monkeypatch.setattr(target, "SPLIT_WEIGHT", 0)
+    monkeypatch.setattr(tracejit.config, "cache_dir", str(tmp_path / "cache"))
+    f = tracejit.jit_grad(lambda p: ((p["w"] @ p["x"]).sum() + (p["b"] * p["b"]).sum()))
+    rng = np.random.default_rng(5)
+    p = {"w": rng.normal(size=(3, 4)).astype(np.float32),
+         "x": rng.normal(size=(4, 2)).astype(np.float32), "b": np.ones(3, np.float32)}
+    g = f(p)
+    assert fresh_leaf_check._object, "the compile should have built the leaf check alongside"
+    assert list(tmp_path.joinpath("cache").glob("*.check")), "and stored it in the cache"
+    compiles = target.llvm_compiles
+    g2 = f(p)
+    assert target.llvm_compiles == compiles, "the second call ran LLVM"
+    assert f._tree_last, "the second call should have taken the natively checked fast path"
+    with use_backend("interpreter"):
+        want = tracejit.jit_grad(lambda p: ((p["w"] @ p["x"]).sum()
+                                            + (p["b"] * p["b"]).sum()))(p)
+    for k in p:
+        np.testing.assert_allclose(g[k], want[k], rtol=1e-5)
+        np.testing.assert_array_equal(g2[k], g[k])
+    with pytest.raises(TypeError, match=r"\['b'\].*int8"):
+        f(dict(p, b=np.ones(3, np.int8)))
+    wrong = f(dict(p, b=np.ones(5, np.float32)))   # another signature: traced again, right
+    np.testing.assert_allclose(wrong["b"], 2 * np.ones(5, np.float32))
+
+
+def test_the_leaf_check_comes_from_the_compile_cache(monkeypatch, tmp_path, fresh_leaf_check):
+    # a process whose compile cache holds the leaf check links it on the second call: no LLVM
+    from tracejit.codegen import cache, target
+    monkeypatch.setattr(tracejit.config, "cache_dir", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRACEJIT_COMPILE_PROCESSES", "1")   # (nothing compiles alongside)
+    loss = lambda p: (p["a"] * p["c"]).sum()   # noqa: E731
+    p = {"a": np.arange(6, dtype=np.float32), "c": np.full(6, 2.0, np.float32)}
+    f0 = tracejit.jit_grad(loss)
+    for _ in range(2):
+        f0(p)   # the check is compiled on the second call, and stored
+    assert fresh_leaf_check._state[0] is not None and f0._tree_last
+    assert list(tmp_path.joinpath("cache").glob("*.check"))
+    # as in a new process: the check not made, its object code on disk
+    monkeypatch.setattr(fresh_leaf_check, "_state", [])
+    f = tracejit.jit_grad(loss)
+    f(p)
+    assert not fresh_leaf_check._state and not fresh_leaf_check._object
+    hits, compiles = fresh_leaf_check.stats["hits"], target.llvm_compiles
+    g = f(p)
+    assert fresh_leaf_check.stats["hits"] == hits + 1 and target.llvm_compiles == compiles
+    assert f._tree_last and fresh_leaf_check._state[0] is not None
+    np.testing.assert_array_equal(g["a"], p["c"])
+    np.testing.assert_array_equal(g["c"], p["a"])
+    assert cache.stats["corrupt"] == 0
+
+
+def test_calls_with_plain_arrays_do_not_build_the_leaf_check(monkeypatch, tmp_path,
+                                                             fresh_leaf_check):
+    # the leaf check serves pytree calls only: a split compile for plain array arguments
+    # compiles the function's modules and nothing else
+    from tracejit.codegen import target
+    monkeypatch.setenv("TRACEJIT_COMPILE_PROCESSES", "2")
+    monkeypatch.setattr(target, "SPLIT_WEIGHT", 0)
+    monkeypatch.setattr(tracejit.config, "cache_dir", str(tmp_path / "cache"))
+    f = tracejit.jit_grad(lambda w, x: (w @ x).sum())
+    w, x = np.ones((3, 4), np.float32), np.full((4, 2), 0.5, np.float32)
+    for _ in range(2):
+        np.testing.assert_array_equal(f(w, x), np.ones((3, 4), np.float32))
+    assert not fresh_leaf_check._object and not fresh_leaf_check._state
+    assert not list(tmp_path.joinpath("cache").glob("*.check"))

@@ -366,7 +366,7 @@ class Jitted:
                         if run is not None and run.check is not None:
                             if run.check is True:   # made on the runner's first use
                                 from .codegen.leafcheck import leaf_checker
-                                run.check = leaf_checker(leaves)
+                                run.check = leaf_checker(leaves, _disk_cache())
                             if run.check is not None:
                                 self._tree_last[structure] = (run.check, run)
                     if run is not None:
@@ -395,6 +395,13 @@ class Jitted:
                     raise why from e
             raise
         arrays = tuple(c_contiguous(x) for _, _, x in sig.leaves)
+        if entry._native is None and not kwargs and self._fast_trees and \
+                config.backend != "interpreter" and not (
+                    len(sig.leaves) == len(args) and all(type(a) is np.ndarray for a in args)):
+            # a pytree call: its runner will want the native leaf check, which the compile
+            # can build alongside (codegen/leafcheck.py)
+            from .codegen import leafcheck
+            leafcheck.request()
         assemble = entry.assemble
         if assemble is None:
             assemble = entry.assemble = self._assembler(sig, entry.out_treedef,
