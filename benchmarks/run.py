@@ -5,22 +5,28 @@
     python benchmarks/run.py --systems tracejit,torch --workloads mlp,lenet --json out.json
     python benchmarks/run.py --workloads mlp,mlp-sgd,mlp-adam,lenet,lenet-sgd,lenet-adam
     python benchmarks/run.py --systems tracejit,torch --workloads contention
+    python benchmarks/run.py --rounds 3      # for published numbers: 3 rounds, medians and spread
 
 Each system runs in a process of its own (benchmarks/worker.py), one after the other, so imports,
-thread pools and allocators do not interfere. Per workload: a warm-up (which includes compiling),
-then calls timed one by one (or in batches for calls under 0.2 ms) until about `--seconds`
-(default 2, `--quick` 0.2) have passed; the median is reported. Compile time is the first LeNet-5
+thread pools and allocators do not interfere; with `--rounds N` the timed workloads are measured N
+times, the systems in turn each round (a fresh worker per system and round). Per workload: a
+warm-up (which includes compiling), then calls timed one by one (or in batches for calls under
+0.2 ms) until about `--seconds` (default 2, `--quick` 0.2) have passed; the median is reported (with
+rounds, the median of the round medians and their spread). Compile time is the first LeNet-5
 gradient call in a fresh process (median of 3 processes; 1 with --quick); memory is measured in one
 more fresh process (see worker.mode_memory). Peers that are not installed are reported as such.
 
-Columns: median time per gradient call; GFLOP/s from the analytic flop count of workloads.flops
-(forward + backward matmul/convolution flops); peer/tracejit = a peer's median / tracejit's median
-(> 1: tracejit is faster; on tracejit's row, against the fastest peer); % peak = GFLOP/s over the
-all-thread FP32 FMA peak measured by benchmarks/peak.py at the start of the run; check = the
-gradients agree with PyTorch's (max |a - b| / max |b| per parameter, below CHECK_TOL). Training
-workloads (mlp-sgd, ...; a whole step: gradient and optimizer update) check each parameter's change
-in the first step instead (||a - b|| / ||b||, see check_grads), and a note gives each system's step
-time over its gradient's (when the gradient workload ran too) and the issue's targets.
+Columns: median time per gradient call; spread (with rounds) = (max - min) / median of the round
+medians; GFLOP/s from the analytic flop count of workloads.flops (forward + backward
+matmul/convolution flops); peer/tracejit = a peer's median / tracejit's median, with rounds the
+median of the rounds' ratios (> 1: tracejit is faster; on tracejit's row, against the fastest
+peer); % peak = GFLOP/s over the all-thread FP32 FMA peak measured by benchmarks/peak.py at the
+start of the run; check = the gradients agree with PyTorch's (max |a - b| / max |b| per parameter,
+below CHECK_TOL). Training workloads (mlp-sgd, ...; a whole step: gradient and optimizer update)
+check each parameter's change in the first step instead (||a - b|| / ||b||, see check_grads); they
+are timed in windows alternating with their model's gradient in the same worker
+(worker.time_paired), and a note gives each system's step time over its gradient's (the median of
+the window pairs' ratios) and the issue's targets.
 
 `contention` (only when asked for): the MLP gradient's MEAN time per call (the tail counts: a call
 held up by a descheduled thread shows in the mean, not the median) of one process alone, of each of
@@ -507,7 +513,7 @@ def step_notes(rows):
             targets.append(f"vs torch {sp:.2f}x >= {STEP_TARGETS[model]:g}x "
                            f"{'✓' if sp >= STEP_TARGETS[model] else '✗'}")
         if targets:
-            line += "; tracejit targets: " + ", ".join(targets)
+            line += "\n" + " " * 14 + "tracejit targets: " + ", ".join(targets)
         lines.append(line)
     if lines:
         where = f"up to {pairs} pairs" + (f" over {rounds} rounds" if rounds > 1 else "")
