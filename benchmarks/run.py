@@ -506,7 +506,7 @@ def step_notes(rows):
         targets = []
         if tj is not None and "step_over_grad" in tj:
             ratio = tj["step_over_grad"]
-            targets.append(f"step/grad {ratio:.2f} <= {STEP_OVER_GRAD_MAX:.2f} "
+            targets.append(f"step/grad {ratio:.3f} <= {STEP_OVER_GRAD_MAX:.2f} "
                            f"{'✓' if ratio <= STEP_OVER_GRAD_MAX else '✗'}")
         if tj is not None and "speedup" in by.get((w, "torch"), {}):
             sp = by[w, "torch"]["speedup"]
@@ -516,10 +516,10 @@ def step_notes(rows):
             line += "\n" + " " * 14 + "tracejit targets: " + ", ".join(targets)
         lines.append(line)
     if lines:
-        where = f"up to {pairs} pairs" + (f" over {rounds} rounds" if rounds > 1 else "")
-        print("\nTraining steps (step / grad: the median over window pairs of the step's median "
-              "in a window over the\ngradient's in the window next to it, in one process; "
-              f"{where}; [quartiles of the pairs]):")
+        where = f"up to {pairs}" + (f", over {rounds} rounds" if rounds > 1 else "")
+        print(f"\nTraining steps: step / grad = the median over window pairs ({where}) of the "
+              "step's median\nin a window over the gradient's median in the window next to it, "
+              "in one process; [quartiles of the\npairs' ratios]:")
         print("\n".join(lines))
 
 

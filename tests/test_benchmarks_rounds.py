@@ -130,9 +130,9 @@ def test_table_spread_column_and_step_notes(run, tmp_path, capsys):
     assert "60.0%" in lines[2] and "1.000 ms" in lines[2]
     assert "median: of the 3 rounds' medians" in out
     assert "tracejit 1.05 [1.02-1.08], torch 1.40 [1.30-1.50]" in out
-    assert "step/grad 1.05 <= 1.10 ✓" in out
+    assert "step/grad 1.050 <= 1.10 ✓" in out
     assert "vs torch 7.00x >= 3x ✓" in out
-    assert "up to 30 pairs over 3 rounds" in out
+    assert "window pairs (up to 30, over 3 rounds)" in out
 
 
 def test_table_without_rounds_has_no_spread_column(run, capsys):
