@@ -75,10 +75,12 @@ def time_calls(step, seconds: float, warmup_seconds: float, min_samples: int, ma
 
 
 # Paired step/gradient windows (training workloads): about PAIR_WINDOW seconds each, at least
-# MIN_PAIRS pairs; a window takes at least MIN_WINDOW_SAMPLES samples (slow calls).
+# MIN_PAIRS pairs; a window takes at least MIN_WINDOW_SAMPLES samples (one: a call slower than a
+# window, e.g. PyTorch's 2-thread LeNet-5 step beside another busy process, 0.23 s seen, then
+# costs a call per window, not three; time_calls's 11 samples would have cost as much).
 PAIR_WINDOW = 0.1
 MIN_PAIRS = 3
-MIN_WINDOW_SAMPLES = 3
+MIN_WINDOW_SAMPLES = 1
 
 
 def _warm(step, warmup_seconds: float, slow: float):
