@@ -5,22 +5,28 @@
     python benchmarks/run.py --systems tracejit,torch --workloads mlp,lenet --json out.json
     python benchmarks/run.py --workloads mlp,mlp-sgd,mlp-adam,lenet,lenet-sgd,lenet-adam
     python benchmarks/run.py --systems tracejit,torch --workloads contention
+    python benchmarks/run.py --rounds 3      # for published numbers: 3 rounds, medians and spread
 
 Each system runs in a process of its own (benchmarks/worker.py), one after the other, so imports,
-thread pools and allocators do not interfere. Per workload: a warm-up (which includes compiling),
-then calls timed one by one (or in batches for calls under 0.2 ms) until about `--seconds`
-(default 2, `--quick` 0.2) have passed; the median is reported. Compile time is the first LeNet-5
+thread pools and allocators do not interfere; with `--rounds N` the timed workloads are measured N
+times, the systems in turn each round (a fresh worker per system and round). Per workload: a
+warm-up (which includes compiling), then calls timed one by one (or in batches for calls under
+0.2 ms) until about `--seconds` (default 2, `--quick` 0.2) have passed; the median is reported (with
+rounds, the median of the round medians and their spread). Compile time is the first LeNet-5
 gradient call in a fresh process (median of 3 processes; 1 with --quick); memory is measured in one
 more fresh process (see worker.mode_memory). Peers that are not installed are reported as such.
 
-Columns: median time per gradient call; GFLOP/s from the analytic flop count of workloads.flops
-(forward + backward matmul/convolution flops); peer/tracejit = a peer's median / tracejit's median
-(> 1: tracejit is faster; on tracejit's row, against the fastest peer); % peak = GFLOP/s over the
-all-thread FP32 FMA peak measured by benchmarks/peak.py at the start of the run; check = the
-gradients agree with PyTorch's (max |a - b| / max |b| per parameter, below CHECK_TOL). Training
-workloads (mlp-sgd, ...; a whole step: gradient and optimizer update) check each parameter's change
-in the first step instead (||a - b|| / ||b||, see check_grads), and a note gives each system's step
-time over its gradient's (when the gradient workload ran too) and the issue's targets.
+Columns: median time per gradient call; spread (with rounds) = (max - min) / median of the round
+medians; GFLOP/s from the analytic flop count of workloads.flops (forward + backward
+matmul/convolution flops); peer/tracejit = a peer's median / tracejit's median, with rounds the
+median of the rounds' ratios (> 1: tracejit is faster; on tracejit's row, against the fastest
+peer); % peak = GFLOP/s over the all-thread FP32 FMA peak measured by benchmarks/peak.py at the
+start of the run; check = the gradients agree with PyTorch's (max |a - b| / max |b| per parameter,
+below CHECK_TOL). Training workloads (mlp-sgd, ...; a whole step: gradient and optimizer update)
+check each parameter's change in the first step instead (||a - b|| / ||b||, see check_grads); they
+are timed in windows alternating with their model's gradient in the same worker
+(worker.time_paired), and a note gives each system's step time over its gradient's (the median of
+the window pairs' ratios) and the issue's targets.
 
 `contention` (only when asked for): the MLP gradient's MEAN time per call (the tail counts: a call
 held up by a descheduled thread shows in the mean, not the median) of one process alone, of each of
@@ -42,6 +48,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -246,6 +253,63 @@ def check_grads(tmp, system, workload, ref="torch"):
     return worst < CHECK_TOL, worst, where
 
 
+# ------------------------------------------------------------------------------------ aggregation
+def spread(values):
+    """How far rounds disagree: (max - min) / median of their medians (0 for one round)."""
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def _worst(values):
+    vals = [v for v in values if v is not None]
+    return max(vals) if vals else None
+
+
+def merge_paired(paired):
+    """One system's paired step/gradient measurements of a training workload, one per round
+    (worker.time_paired's "paired"): the median and quartiles of all window pairs' step/grad ratios
+    (pooled over the rounds), each round's median ratio and their spread."""
+    ratios = sorted(x for p in paired for x in p["ratios"])
+    per_round = [statistics.median(p["ratios"]) for p in paired]
+    n = len(ratios)
+    return {"ratio": statistics.median(ratios), "p25": ratios[n // 4], "p75": ratios[(3 * n) // 4],
+            "min": ratios[0], "max": ratios[-1], "pairs": n, "round_ratios": per_round,
+            "spread": spread(per_round), "window_s": paired[0]["window_s"],
+            "grad_median": statistics.median(p["grad_median"] for p in paired)}
+
+
+def merge_rounds(recs):
+    """One record of a workload and system from its per-round records (worker results): the median
+    of the round medians, each round's median (round_medians, for per-round ratios) and their
+    spread; the worst noise (others_cores, steal_cores) of any round; the paired step/grad
+    windows merged. A round that failed makes the workload an error: a median over the rounds
+    that happened to work would hide it."""
+    for k, r in enumerate(recs):
+        if "error" in r:
+            where = f" (round {k + 1} of {len(recs)})" if len(recs) > 1 else ""
+            return {"error": r["error"] + where}
+    meds = [r["median"] for r in recs]
+    out = {"median": statistics.median(meds), "round_medians": meds, "spread": spread(meds),
+           "min": min(r["min"] for r in recs), "samples": sum(r["samples"] for r in recs),
+           "batch": recs[0]["batch"],
+           "others_cores": _worst(r.get("others_cores") for r in recs),
+           "steal_cores": _worst(r.get("steal_cores") for r in recs)}
+    if all("paired" in r for r in recs):
+        out["paired"] = merge_paired([r["paired"] for r in recs])
+    return out
+
+
+def round_ratio(num, den):
+    """(ratio, per-round ratios or None): `num`'s time over `den`'s, as the median over rounds of
+    the ratio within each round (the two systems measured minutes apart at most, alternating), so
+    a slow period of the machine moves one round's ratio instead of one system's median; records
+    without rounds (compile) give the ratio of their medians."""
+    a, b = num.get("round_medians"), den.get("round_medians")
+    if a and b and len(a) == len(b):
+        per_round = [x / y for x, y in zip(a, b)]
+        return statistics.median(per_round), per_round
+    return num["median"] / den["median"], None
+
+
 # ---------------------------------------------------------------------------------------- report
 def machine_info(threads):
     info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -296,10 +360,10 @@ def build_rows(results, peak_all, tmp, systems, workloads):
     for w in workloads:
         if w == "memory":
             continue
-        times = {s: results[s][w]["median"] for s in systems
-                 if isinstance(results.get(s), dict) and "median" in results[s].get(w, {})}
-        peer_times = {s: t for s, t in times.items() if s in PEERS}
-        tj = times.get("tracejit")
+        recs = {s: results[s][w] for s in systems
+                if isinstance(results.get(s), dict) and "median" in results[s].get(w, {})}
+        peer_times = {s: r["median"] for s, r in recs.items() if s in PEERS}
+        tj = recs.get("tracejit")
         fastest_peer = min(peer_times, key=peer_times.get) if peer_times else None
         fl = flops(w) if w in WORKLOADS else 0
         for s in systems:
@@ -321,11 +385,16 @@ def build_rows(results, peak_all, tmp, systems, workloads):
                 if peak_all:
                     row["peak_fraction"] = row["gflops"] / peak_all
             if tj:
+                ratio = None
                 if s == "tracejit" and fastest_peer:
-                    row["speedup"] = peer_times[fastest_peer] / tj
+                    ratio = round_ratio(recs[fastest_peer], tj)
                     row["speedup_vs"] = fastest_peer
                 elif s != "tracejit":
-                    row["speedup"] = t / tj
+                    ratio = round_ratio(rec, tj)
+                if ratio is not None:
+                    row["speedup"] = ratio[0]
+                    if ratio[1] is not None:
+                        row["speedup_rounds"] = ratio[1]
             if w in WORKLOADS and ref and s != ref:
                 c = check_grads(tmp, s, w, ref)
                 if c is not None:
@@ -334,25 +403,32 @@ def build_rows(results, peak_all, tmp, systems, workloads):
             elif w in WORKLOADS and s == ref:
                 row["check_reference"] = True
             for k in ("samples", "batch", "second_call", "import", "compile_lower",
-                      "compile_llvm", "runs", "others_cores"):
+                      "compile_llvm", "runs", "others_cores", "steal_cores", "round_medians",
+                      "spread"):
                 if k in rec:
                     row[k] = rec[k]
+            if "paired" in rec:  # a training step over its model's gradient, paired windows
+                row["step_over_grad"] = rec["paired"]["ratio"]
+                row["paired"] = rec["paired"]
             rows.append(row)
-    times = {(r["workload"], r["system"]): r["median_s"] for r in rows if "median_s" in r}
-    for r in rows:  # a training step over its model's gradient, same system, same run
-        grad = (split(r["workload"])[0], r["system"])
-        if r["workload"] in TRAINING and "median_s" in r and grad in times:
-            r["step_over_grad"] = r["median_s"] / times[grad]
     return rows
 
 
+def _noisy(rec):
+    """Other processes or the hypervisor took more than NOISY_CORES during the measurement."""
+    return max(rec.get("others_cores") or 0, rec.get("steal_cores") or 0) > NOISY_CORES
+
+
 def print_table(rows, label, ref):
-    head = ("workload", "system", "median", "GFLOP/s", "peer/tracejit", "% peak", "check")
+    # the spread column when some workload ran in several rounds
+    rounds = max((len(r.get("round_medians", ())) for r in rows), default=0)
+    head = ("workload", "system", "median", "spread", "GFLOP/s", "peer/tracejit", "% peak",
+            "check")
     lines = []
     for r in rows:
         sys_name = label.get(r["system"], r["system"])
         if "error" in r:
-            lines.append((r["workload"], sys_name, "error: " + r["error"], "", "", "", ""))
+            lines.append((r["workload"], sys_name, "error: " + r["error"]) + ("",) * 5)
             continue
         sp = ""
         if "speedup" in r:
@@ -367,10 +443,14 @@ def print_table(rows, label, ref):
                 chk += f" ({c['where']})"
         elif r.get("check_reference"):
             chk = "(ref)"
-        noisy = "*" if (r.get("others_cores") or 0) > NOISY_CORES else ""
+        noisy = "*" if _noisy(r) else ""
         lines.append((r["workload"], sys_name, _fmt_time(r["workload"], r["median_s"]) + noisy,
+                      f"{100 * r['spread']:.1f}%" if len(r.get("round_medians", ())) > 1 else "-",
                       f"{r['gflops']:.1f}" if "gflops" in r else "-", sp or "-",
                       f"{100 * r['peak_fraction']:.1f}%" if "peak_fraction" in r else "-", chk))
+    cols = [i for i in range(len(head)) if i != 3 or rounds > 1]
+    head = [head[i] for i in cols]
+    lines = [[line[i] for i in cols] for line in lines]
     # (every line may be an error, e.g. when the tracejit worker failed to start)
     widths = [max([len(head[i])] + [len(str(line[i])) for line in lines
                                     if not str(line[2]).startswith("error")])
@@ -386,9 +466,13 @@ def print_table(rows, label, ref):
         else:
             out.append(fmt.format(wl, *line[1:]).rstrip())
     print("\n".join(out))
-    if any((r.get("others_cores") or 0) > NOISY_CORES for r in rows):
-        print(f"* other processes used more than {NOISY_CORES} cores while this was measured: "
-              f"noisy (slower than on an idle machine)")
+    if any(_noisy(r) for r in rows):
+        print(f"* other processes or the hypervisor (steal) took more than {NOISY_CORES} cores "
+              f"while this was measured: noisy (slower than on an idle machine)")
+    if rounds > 1:
+        print(f"median: of the {rounds} rounds' medians (systems measured in turn each round); "
+              "spread: (max - min) / median\nof the round medians; peer/tracejit: the median of "
+              "the rounds' ratios.")
     print("GFLOP/s: matmul/conv flops of forward + backward (first layer 2x its forward flops, "
           "later layers 3x;\nbenchmarks/workloads.py); peer/tracejit: peer median / tracejit "
           "median (> 1: tracejit faster;\non tracejit's row vs the fastest peer); % peak: of the "
@@ -400,34 +484,42 @@ def print_table(rows, label, ref):
 
 
 def step_notes(rows):
-    """Lines on the training workloads: each system's step time over its gradient's in this run, and
-    tracejit's targets (speed-up over PyTorch, step over gradient)."""
+    """Lines on the training workloads: each system's step time over its gradient's, measured in
+    alternating windows of the same process (worker.time_paired), and tracejit's targets (step over
+    gradient; speed-up over PyTorch, the median of the rounds' ratios)."""
     by = {(r["workload"], r["system"]): r for r in rows if "median_s" in r}
     lines = []
+    pairs = rounds = 0
     for w in TRAINING:
         model = split(w)[0]
-        parts = [f"{s} {by[w, s]['step_over_grad']:.2f}" for s in SYSTEMS
-                 if "step_over_grad" in by.get((w, s), {})]
+        parts = []
+        for s in SYSTEMS:
+            p = by.get((w, s), {}).get("paired")
+            if p:
+                parts.append(f"{s} {p['ratio']:.2f} [{p['p25']:.2f}-{p['p75']:.2f}]")
+                pairs = max(pairs, p["pairs"])
+                rounds = max(rounds, len(p["round_ratios"]))
         tj = by.get((w, "tracejit"))
         if not parts and tj is None:
             continue
-        line = f"  {w:<11} step / grad: " + (", ".join(parts) if parts else
-                                               f"- (time {model} in the same run)")
+        line = f"  {w:<11} step / grad: " + (", ".join(parts) if parts else "-")
         targets = []
         if tj is not None and "step_over_grad" in tj:
             ratio = tj["step_over_grad"]
-            targets.append(f"step/grad {ratio:.2f} <= {STEP_OVER_GRAD_MAX:.2f} "
+            targets.append(f"step/grad {ratio:.3f} <= {STEP_OVER_GRAD_MAX:.2f} "
                            f"{'✓' if ratio <= STEP_OVER_GRAD_MAX else '✗'}")
-        if tj is not None and (w, "torch") in by:
-            sp = by[w, "torch"]["median_s"] / tj["median_s"]
+        if tj is not None and "speedup" in by.get((w, "torch"), {}):
+            sp = by[w, "torch"]["speedup"]
             targets.append(f"vs torch {sp:.2f}x >= {STEP_TARGETS[model]:g}x "
                            f"{'✓' if sp >= STEP_TARGETS[model] else '✗'}")
         if targets:
-            line += "; tracejit targets: " + ", ".join(targets)
+            line += "\n" + " " * 14 + "tracejit targets: " + ", ".join(targets)
         lines.append(line)
     if lines:
-        print("\nTraining steps (median step time / median gradient time of the same system in "
-              "this run):")
+        where = f"up to {pairs}" + (f", over {rounds} rounds" if rounds > 1 else "")
+        print(f"\nTraining steps: step / grad = the median over window pairs ({where}) of the "
+              "step's median\nin a window over the gradient's median in the window next to it, "
+              "in one process; [quartiles of the\npairs' ratios]:")
         print("\n".join(lines))
 
 
@@ -578,6 +670,10 @@ def parse_args(argv=None):
                     help="short timings (0.2 s per workload, 1 compile-time process)")
     ap.add_argument("--seconds", type=float, default=None,
                     help="timed seconds per workload and system (default 2, 0.2 with --quick)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure the timed workloads this many times, the systems in turn each "
+                         "round; report the median of the rounds and their spread (use 3 for "
+                         "published numbers)")
     ap.add_argument("--compile-runs", type=int, default=None,
                     help="fresh processes for the compile time (default 3, 1 with --quick)")
     ap.add_argument("--backend", default=None,
@@ -602,6 +698,8 @@ def parse_args(argv=None):
     for w in args.workloads:
         if w not in ALL + EXTRA_WORKLOADS:
             ap.error(f"unknown workload {w!r} (one of {', '.join(ALL + EXTRA_WORKLOADS)})")
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if args.threads is None:
         try:
             args.threads = len(os.sched_getaffinity(0))
@@ -616,6 +714,41 @@ def parse_args(argv=None):
     if args.backend is None:
         args.backend = os.environ.get("TRACEJIT_BACKEND") or "llvm"
     return args
+
+
+def time_rounds(args, runner, results, metas, label):
+    """The timed workloads, `args.rounds` times with the systems in turn (round 1: tracejit, torch,
+    jax; round 2: the same again ...), a fresh worker per system and round; each workload's rounds
+    merged into results[system][workload] (merge_rounds). A slow period of the machine then
+    lands in one round of some systems instead of in all of one system's workloads."""
+    # (torch.compile: resnet8 only; see systems.ONLY_WORKLOADS)
+    timed = {s: [w for w in args.workloads if w in WORKLOADS and
+                 w in ONLY_WORKLOADS.get(s, args.workloads)]
+             for s in args.systems if results[s] != "not installed"}
+    rounds = {s: [] for s in timed}
+    cache = None
+    for k in range(args.rounds):
+        for s, todo in timed.items():
+            if not todo or results[s] == "not installed":
+                continue
+            t0 = time.time()
+            env = None
+            if s == "tracejit":  # the compiled code of round 1, from its cache in later rounds
+                cache = cache or runner.fresh_cache_dir()
+                env = {"TRACEJIT_CACHE_DIR": cache}
+            log(f"{label.get(s, s)}: timing {', '.join(todo)}"
+                + (f" (round {k + 1} of {args.rounds})" if args.rounds > 1 else "") + " ...")
+            r, metas[s] = runner.run(s, "time", todo, env)
+            if "not installed" in r:
+                print(f"{s}: not installed ({r['not installed']})")
+                results[s] = "not installed"
+                continue
+            rounds[s].append(r)
+            log(f"{label.get(s, s)}: timed in {time.time() - t0:.0f} s")
+    for s, todo in timed.items():
+        if results[s] != "not installed" and rounds[s]:
+            results[s].update({w: merge_rounds([r.get(w, {"error": "no result"}) for r in rounds[s]])
+                               for w in todo})
 
 
 def measure_peak(args, previous=None):
@@ -701,20 +834,15 @@ def main(argv=None):
             if s != "tracejit" and not _importable(IMPORT_NAMES[s]):
                 print(f"{s}: not installed (see benchmarks/README.md)")
                 results[s] = "not installed"
+            else:
+                results[s] = {}
+        time_rounds(args, runner, results, metas, label)
+        for s in args.systems:
+            if results[s] == "not installed":
                 continue
-            res = {}
+            res = results[s]
             t0 = time.time()
-            # (torch.compile: resnet8 only; see systems.ONLY_WORKLOADS)
             wanted = [w for w in args.workloads if w in ONLY_WORKLOADS.get(s, args.workloads)]
-            timed = [w for w in wanted if w in WORKLOADS]
-            if timed:
-                log(f"{label.get(s, s)}: timing {', '.join(timed)} ...")
-                r, metas[s] = runner.run(s, "time", timed)
-                if "not installed" in r:
-                    print(f"{s}: not installed ({r['not installed']})")
-                    results[s] = "not installed"
-                    continue
-                res.update(r)
             if "compile" in wanted:
                 if s == "tracejit":
                     log(byte_compile_tracejit())
@@ -750,8 +878,8 @@ def main(argv=None):
                 r, _meta = runner.run(s, "memory", ["memory"],
                                       {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})
                 res["memory"] = r.get("memory", {"error": "no result"})
-            results[s] = res
-            log(f"{label.get(s, s)}: done in {time.time() - t0:.0f} s")
+            if time.time() - t0 > 1:
+                log(f"{label.get(s, s)}: done in {time.time() - t0:.0f} s")
 
         if peak:  # again at the end: the better of the two
             peak = measure_peak(args, peak)
@@ -777,6 +905,18 @@ def main(argv=None):
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def worst_steal(results):
+    """{system: the most cores stolen by the hypervisor during any of its timed measurements}
+    (systems without a steal reading left out)."""
+    out = {}
+    for s, res in results.items():
+        if isinstance(res, dict):
+            worst = _worst(r.get("steal_cores") for r in res.values() if isinstance(r, dict))
+            if worst is not None:
+                out[s] = worst
+    return out
 
 
 def _print_notes(results, metas, args, info):
@@ -812,6 +952,12 @@ def _print_notes(results, metas, args, info):
         notes.append("cores used by other processes while each system was measured (worst "
                      "workload): " + ", ".join(f"{s} {c:.2f}" for s, c in busy.items())
                      + f" of {info['nproc']}")
+    steal = worst_steal(results)
+    info["steal_cores"] = steal
+    if any(steal.values()):
+        notes.append("steal time (CPU the hypervisor gave to other guests) while each system was "
+                     "measured (worst workload): " + ", ".join(f"{s} {c:.2f}" for s, c in
+                                                                steal.items()) + " cores")
     if notes:
         print()
         for n in notes:

@@ -7,7 +7,9 @@
 Results are appended as JSON lines to --log (default DIR/<system>.<mode>.jsonl) as they are made (a "start" line
 before each workload, then its result), so run.py can tell which workload a crash happened in.
 Gradients of the first call of each timed workload are saved to DIR/<system>.<workload>.npz for the
-correctness check.
+correctness check. A training workload (mlp-sgd, ...) is timed in windows alternating with its
+model's gradient (time_paired); every timed record also carries the cores other processes used
+(others_cores) and the hypervisor stole (steal_cores) meanwhile.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ if HERE not in sys.path:
 import numpy as np  # noqa: E402
 
 from machine import NOISY_CORES, cpu_snapshot, others_cores, wait_idle  # noqa: E402
+from workloads import TRAINING, split  # noqa: E402
 
 
 class Out:
@@ -54,16 +57,7 @@ def time_calls(step, seconds: float, warmup_seconds: float, min_samples: int, ma
     calls shorter than `min_sample_seconds` are timed in batches (a sample is the mean of a batch)
     so the timer's resolution and overhead do not matter."""
     clock = time.perf_counter
-    warm = []
-    t_stop = clock() + warmup_seconds
-    while len(warm) < 3 or clock() < t_stop:
-        t0 = clock()
-        step()
-        warm.append(clock() - t0)
-        if len(warm) >= 3 and warm[-1] > seconds:  # slow: do not spend long in warm-up
-            break
-    # the fastest warm-up call estimates the cost (slower ones were disturbed or still warming up)
-    est = max(min(warm[1:] or warm), 1e-8)
+    est, warm_calls = _warm(step, warmup_seconds, seconds)
     batch = max(1, math.ceil(min_sample_seconds / est))
     if seconds / (batch * est) > max_samples:
         batch = math.ceil(seconds / (max_samples * est))
@@ -75,11 +69,119 @@ def time_calls(step, seconds: float, warmup_seconds: float, min_samples: int, ma
         for _ in range(batch):
             step()
         samples.append((clock() - t0) / batch)
-    n = len(samples)
-    samples.sort()
+    rec = _stats(samples)
+    rec.update(batch=batch, warmup_calls=warm_calls)
+    return rec
+
+
+# Paired step/gradient windows (training workloads): about PAIR_WINDOW seconds each, at least
+# MIN_PAIRS pairs; a window takes at least MIN_WINDOW_SAMPLES samples (one: a call slower than a
+# window, e.g. PyTorch's 2-thread LeNet-5 step beside another busy process, 0.23 s seen, then
+# costs a call per window, not three; time_calls's 11 samples would have cost as much).
+PAIR_WINDOW = 0.1
+MIN_PAIRS = 3
+MIN_WINDOW_SAMPLES = 1
+
+
+def _warm(step, warmup_seconds: float, slow: float):
+    """Warm-up calls (at least 3 and `warmup_seconds`, fewer seconds if a call takes over `slow`);
+    the estimated seconds per call: the fastest warm-up call after the first (slower ones were
+    disturbed or still warming up)."""
+    clock = time.perf_counter
+    warm = []
+    t_stop = clock() + warmup_seconds
+    while len(warm) < 3 or clock() < t_stop:
+        t0 = clock()
+        step()
+        warm.append(clock() - t0)
+        if len(warm) >= 3 and warm[-1] > slow:  # slow: do not spend long in warm-up
+            break
+    return max(min(warm[1:] or warm), 1e-8), len(warm)
+
+
+def _window(step, batch: int, seconds: float, min_samples: int):
+    """Seconds per call of `step`, one sample per batch of calls, for about `seconds`."""
+    clock = time.perf_counter
+    samples = []
+    deadline = clock() + seconds
+    while len(samples) < min_samples or clock() < deadline:
+        t0 = clock()
+        for _ in range(batch):
+            step()
+        samples.append((clock() - t0) / batch)
+    return samples
+
+
+def _stats(samples):
+    samples = sorted(samples)
     return {"median": statistics.median(samples), "min": samples[0],
             "p25": samples[len(samples) // 4], "p75": samples[(3 * len(samples)) // 4],
-            "samples": n, "batch": batch, "warmup_calls": len(warm)}
+            "samples": len(samples)}
+
+
+def time_paired(step, grad, seconds: float, warmup_seconds: float,
+                min_sample_seconds: float = 2e-4):
+    """A training step and its model's gradient timed in alternating windows of about PAIR_WINDOW
+    seconds (`seconds` in all, half each; which one goes first alternates from pair to pair), so a
+    slow period of the machine that spans a pair slows both: the ratio of a pair's window medians
+    (step / grad) is what the step costs over the gradient, and the median over pairs is robust to
+    the pairs a slow period cut through. The step's statistics are over all its windows' samples
+    (batched like time_calls for calls under `min_sample_seconds`)."""
+    est_s, warm_s = _warm(step, warmup_seconds, seconds)
+    est_g, warm_g = _warm(grad, warmup_seconds, seconds)
+    batch_s = max(1, math.ceil(min_sample_seconds / est_s))
+    batch_g = max(1, math.ceil(min_sample_seconds / est_g))
+    pairs = max(MIN_PAIRS, round(seconds / (2 * PAIR_WINDOW)))
+    window = seconds / (2 * pairs)
+    step_samples, grad_medians, ratios = [], [], []
+    gc.collect()
+    for k in range(pairs):
+        if k % 2 == 0:
+            g = _window(grad, batch_g, window, MIN_WINDOW_SAMPLES)
+            s = _window(step, batch_s, window, MIN_WINDOW_SAMPLES)
+        else:
+            s = _window(step, batch_s, window, MIN_WINDOW_SAMPLES)
+            g = _window(grad, batch_g, window, MIN_WINDOW_SAMPLES)
+        step_samples += s
+        grad_medians.append(statistics.median(g))
+        ratios.append(statistics.median(s) / grad_medians[-1])
+    rec = _stats(step_samples)
+    rec.update(batch=batch_s, warmup_calls=warm_s,
+               paired={"ratios": ratios, "window_s": window, "grad_median":
+                       statistics.median(grad_medians), "grad_batch": batch_g,
+                       "grad_warmup_calls": warm_g})
+    return rec
+
+
+# ------------------------------------------------------------------------------------------- noise
+def parse_steal(stat_text: str):
+    """Steal time in clock ticks from the text of /proc/stat: the 8th number of the `cpu` line
+    (user nice system idle iowait irq softirq steal ...), summed over the CPUs; None if absent
+    (kernels before 2.6.11, or no such line)."""
+    for line in stat_text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            return int(fields[8]) if len(fields) > 8 else None
+    return None
+
+
+def steal_seconds():
+    """The machine's steal time so far in seconds (all CPUs), None if unknown: time the hypervisor
+    ran something else while this VM's virtual CPUs wanted to run."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = parse_steal(f.read())
+    except (OSError, ValueError):
+        return None
+    return None if ticks is None else ticks / os.sysconf("SC_CLK_TCK")
+
+
+def steal_cores(before, after, seconds: float):
+    """Average cores stolen between two steal_seconds() readings `seconds` apart (None if
+    unknown)."""
+    if before is None or after is None or seconds <= 0:
+        return None
+    return max(0.0, after - before) / seconds
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -117,13 +219,21 @@ def mode_time(args, out: Out):
             g = bench.grads(first)
             np.savez(os.path.join(args.out, f"{args.system}.{w}.npz"), **g)
             del first, g
+            grad = None
+            if w in TRAINING:  # timed in windows alternating with its model's gradient
+                grad = systems.build(args.system, split(w)[0])
             res = None
             for _attempt in range(3 if args.wait_idle else 1):
                 if args.wait_idle:
                     wait_idle(args.wait_idle)
-                snap = cpu_snapshot()
-                r = time_calls(bench.step, args.seconds, args.warmup, args.min_samples)
-                r["others_cores"] = others_cores(snap, cpu_snapshot())
+                snap, steal0 = cpu_snapshot(), steal_seconds()
+                if grad is None:
+                    r = time_calls(bench.step, args.seconds, args.warmup, args.min_samples)
+                else:
+                    r = time_paired(bench.step, grad.step, args.seconds, args.warmup)
+                after = cpu_snapshot()
+                r["others_cores"] = others_cores(snap, after)
+                r["steal_cores"] = steal_cores(steal0, steal_seconds(), after[0] - snap[0])
                 if res is None or (r["others_cores"] or 0) < (res["others_cores"] or 0):
                     res = r
                 if (res["others_cores"] or 0) <= NOISY_CORES:
@@ -133,7 +243,7 @@ def mode_time(args, out: Out):
             out.write(kind="result", workload=w, error=_error_text(e))
             continue
         out.write(kind="result", workload=w, **res)
-        del bench
+        del bench, grad
         gc.collect()
 
 
