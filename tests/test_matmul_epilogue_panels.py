@@ -67,9 +67,8 @@ def on_stack(n_in, dtype=np.float32):
 
 
 # (n_out, n_in, batch): rows and columns off the register block (6 x 16 with 16 registers, 6 x 64
-# with 32) and off the panels (32 rows, 128 where B is copied into panels); the last gradient's
-# panel is too large for the stack
-SHAPES = [(37, 45, 9), (130, 120, 64), (70, 2300, 24)]
+# with 32) and off the 32-row panels; the last gradient's panel is too large for the stack
+SHAPES = [(37, 45, 9), (130, 301, 40), (70, 2300, 24)]
 
 
 # Adam's step is about lr * sign(g) where |g| is tiny: float32 rounding of g moves it by up to lr

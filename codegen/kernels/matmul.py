@@ -441,6 +441,13 @@ def _rows(kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams, 
     # stores), and every interleaving measured slower than this (x^T @ dy [256, 784] + Adam,
     # 1 thread: 0.97 ms here; a slice after each tile 1.00, after every 16 K steps 1.12, one
     # vector of explicit vector code every 8 K steps 1.30; prefetching p, m, v: no change)
+    if p.pack == "shared":
+        # B copied into panels pays where many row tiles share them; an epilogue's panels are a
+        # few row tiles a call, each of which would copy all of B again: read it in place, as
+        # before "shared" (Zen 3, MLP step, dy^T @ x [256, 784] + SGD momentum / Adam, 2
+        # threads, alternating processes: step/grad 1.25-1.29 copied, 1.14-1.16 in place)
+        p = replace(p, pack="")
+        shape = replace(shape, pack=PACK_MODES[""])
     panel = _panel_rows(p)
     ety = llvm_type(p.dtype)
     apart = getattr(kf.epilogue, "apart", False)
@@ -482,7 +489,7 @@ def _rows(kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams, 
 
 def _panel_rows(p: _Plan) -> int:
     """Rows of C an epilogue follows (whole row tiles; see _rows)."""
-    return p.mr * max(1, (PACKED_PANEL_ROWS if p.pack not in ("", "auto") else 32) // p.mr)
+    return p.mr * max(1, (PACKED_PANEL_ROWS if p.pack not in ("", "auto", "shared") else 32) // p.mr)
 
 
 def _panel_on_stack(p: _Plan) -> bool:
