@@ -907,16 +907,21 @@ def main(argv=None):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def worst_steal(results):
-    """{system: the most cores stolen by the hypervisor during any of its timed measurements}
-    (systems without a steal reading left out)."""
+def worst_per_system(results, key):
+    """{system: the worst (largest) `key` (others_cores, steal_cores) of its timed measurements}
+    (systems without that reading left out)."""
     out = {}
     for s, res in results.items():
         if isinstance(res, dict):
-            worst = _worst(r.get("steal_cores") for r in res.values() if isinstance(r, dict))
+            worst = _worst(r.get(key) for r in res.values() if isinstance(r, dict))
             if worst is not None:
                 out[s] = worst
     return out
+
+
+def worst_steal(results):
+    """{system: the most cores stolen by the hypervisor during any of its timed measurements}."""
+    return worst_per_system(results, "steal_cores")
 
 
 def _print_notes(results, metas, args, info):
@@ -940,13 +945,7 @@ def _print_notes(results, metas, args, info):
             vers.append(f"{s}: " + ", ".join(f"{k} {x}" for k, x in v.items()))
     if vers:
         notes.append("versions: " + "; ".join(vers))
-    busy = {}
-    for s, res in results.items():
-        if isinstance(res, dict):
-            vals = [r["others_cores"] for r in res.values()
-                    if isinstance(r, dict) and r.get("others_cores") is not None]
-            if vals:
-                busy[s] = max(vals)
+    busy = worst_per_system(results, "others_cores")
     info["other_processes_cores"] = busy
     if busy:
         notes.append("cores used by other processes while each system was measured (worst "

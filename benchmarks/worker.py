@@ -30,7 +30,8 @@ if HERE not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from machine import NOISY_CORES, cpu_snapshot, others_cores, wait_idle  # noqa: E402
+from machine import NOISY_CORES, cpu_snapshot, others_cores, parse_steal, steal_cores, \
+    wait_idle  # noqa: E402,F401  (parse_steal: for the tests)
 from workloads import TRAINING, split  # noqa: E402
 
 
@@ -153,37 +154,6 @@ def time_paired(step, grad, seconds: float, warmup_seconds: float,
     return rec
 
 
-# ------------------------------------------------------------------------------------------- noise
-def parse_steal(stat_text: str):
-    """Steal time in clock ticks from the text of /proc/stat: the 8th number of the `cpu` line
-    (user nice system idle iowait irq softirq steal ...), summed over the CPUs; None if absent
-    (kernels before 2.6.11, or no such line)."""
-    for line in stat_text.splitlines():
-        fields = line.split()
-        if fields and fields[0] == "cpu":
-            return int(fields[8]) if len(fields) > 8 else None
-    return None
-
-
-def steal_seconds():
-    """The machine's steal time so far in seconds (all CPUs), None if unknown: time the hypervisor
-    ran something else while this VM's virtual CPUs wanted to run."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = parse_steal(f.read())
-    except (OSError, ValueError):
-        return None
-    return None if ticks is None else ticks / os.sysconf("SC_CLK_TCK")
-
-
-def steal_cores(before, after, seconds: float):
-    """Average cores stolen between two steal_seconds() readings `seconds` apart (None if
-    unknown)."""
-    if before is None or after is None or seconds <= 0:
-        return None
-    return max(0.0, after - before) / seconds
-
-
 # ------------------------------------------------------------------------------------------ memory
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -226,14 +196,14 @@ def mode_time(args, out: Out):
             for _attempt in range(3 if args.wait_idle else 1):
                 if args.wait_idle:
                     wait_idle(args.wait_idle)
-                snap, steal0 = cpu_snapshot(), steal_seconds()
+                snap = cpu_snapshot()
                 if grad is None:
                     r = time_calls(bench.step, args.seconds, args.warmup, args.min_samples)
                 else:
                     r = time_paired(bench.step, grad.step, args.seconds, args.warmup)
                 after = cpu_snapshot()
                 r["others_cores"] = others_cores(snap, after)
-                r["steal_cores"] = steal_cores(steal0, steal_seconds(), after[0] - snap[0])
+                r["steal_cores"] = steal_cores(snap[3], after[3], after[0] - snap[0])
                 if res is None or (r["others_cores"] or 0) < (res["others_cores"] or 0):
                     res = r
                 if (res["others_cores"] or 0) <= NOISY_CORES:

@@ -132,8 +132,8 @@ PACKED_PANEL_ROWS = 128   # rows of C an epilogue follows when B is packed (see 
 # a thread of the pool or the caller's, megabytes of stack: a 30-row panel of [*, 784] is 94 KB)
 STACK_PANEL_BYTES = 128 << 10
 DOT_K_PER_ROW = 3    # x @ W^T: the dot form when K > 3 M (see _block_plan)
-PACK_MODES = {"": 0, "b": 1, "bt": 2, "auto": 3, "shared": 4}   # the outer form's run-time
-# `pack` parameter
+# the outer form's run-time `pack` parameter
+PACK_MODES = {"": 0, "b": 1, "bt": 2, "auto": 3, "shared": 4}
 AUTO_PACK_TILES = 3   # "auto": B's panels are copied for at least this many row tiles a call
 SMALL_DOT_FLOPS = 1 << 21   # x @ W^T with narrow N: the dot form up to this many flops (_block_plan)
 SMALL_M = 48   # the outer form picks its row block for rows of C fewer than this (_fewest_rows)
