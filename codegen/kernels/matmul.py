@@ -334,9 +334,9 @@ def _epilogue_apart(ins) -> bool:
     W [256, 784] SGD 0.90, Adam 0.94; [512, 512] 0.93; [128, 2048] 0.87; [300, 400] 0.93;
     [256, 384] 0.96 (Adam 0.95); [160, 784] 0.95; [128, 512] 0.95; products of 200 KB and less
     within 5% either way ([64, 784] 1.05, [120, 400] 1.00, [84, 120] 1.02, LeNet-5's whole step
-    equal). The MLP's step (W1 [256, 784]) on 2 threads, loaded machine (load ~2.3), minima of
-    windows alternating in one process: SGD 456 -> 428 us (gradient alone 383), Adam 449 ->
-    448."""
+    equal). The MLP's step (W1 [256, 784]) on 2 threads, benchmarks/run.py's paired step / grad,
+    alternating processes with the fused update, other processes busy on 1.3-1.7 of the 2
+    cores: SGD 1.13-1.15 -> 1.09, Adam 1.19-1.22 -> 1.10-1.16."""
     if "apart" in FORCE:
         return FORCE["apart"]
     _, _, es = dtype_info(ins.out.dtype)
