@@ -58,7 +58,7 @@ def plan_for(fn: Function, max_threads: int, donate=None):
     `donate` ({output index: parameter index}) stored into parameters (the dump of the
     "optimized" stage shows this same plan)."""
     return schedule.plan(fn, lambda ins: kernels[ins.prim].scratch_bytes(ins, max_threads),
-                         lambda ins: kernels[ins.prim].epilogue,
+                         lambda ins, apart=False: kernels[ins.prim].takes_epilogue(ins, apart),
                          lambda ins: kernels[ins.prim].cost(ins), donate)
 
 

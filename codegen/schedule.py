@@ -290,7 +290,8 @@ def plan(fn: Function, scratch_bytes=None, fuses_epilogue=None, cost_ns=None,
     """Group `fn`'s instructions into kernels and place every buffer.
 
     `scratch_bytes(instr) -> int` gives the scratch a loop-nest kernel needs;
-    `fuses_epilogue(instr) -> bool` says whether its kernel can absorb an elementwise epilogue;
+    `fuses_epilogue(instr, apart=False) -> bool` says whether its kernel can absorb an
+    elementwise epilogue (`apart`: one applied apart, see `_fuse_epilogues_apart`);
     `cost_ns(instr) -> float` estimates its single-thread run time (Group.cost_ns);
     TRACEJIT_NO_EPILOGUES turns epilogue fusion off (here, so the dumps describe the code).
     `donated`: {output index: parameter index} of outputs to be stored into a parameter's buffer
@@ -550,7 +551,7 @@ def _fuse_epilogues_apart(fn: Function, groups: list, locations: dict, fuses_epi
                 k = made_by.get(id(v))
                 if k is None or k.kind != "nn" or k.epilogue is not None \
                         or k.companion is not None or v is not k.root.out or id(v) in locations \
-                        or not fuses_epilogue(k.root) or readers.get(id(v)) != [u] \
+                        or not fuses_epilogue(k.root, apart=True) or readers.get(id(v)) != [u] \
                         or v.type.shape != u.root.out.type.shape or not _elementwise_path(u, v):
                     continue
                 moved = _producers_between(u, v, k, made_by)

@@ -4,7 +4,9 @@ at a time into one panel-sized buffer (on the thread's stack up to STACK_PANEL_B
 the thread's first rows of the product), and the update runs over each panel. Checked against the
 reference interpreter on shapes that are not multiples of the register block, for SGD with
 momentum and Adam, on 1 and 2 threads (equal bit for bit: the threads split the rows, never an
-element's sum)."""
+element's sum). The update is an epilogue only over products of at most matmul.APART_L2_SHARE of
+the L2 (larger ones run it as a loop of its own: `_epilogue_apart`); the panel tests force it
+(matmul.FORCE["apart"]), so that they cover the panels whatever the L2."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,6 +19,12 @@ from tracejit.codegen.kernels import matmul
 
 OPTIMIZERS = {"sgd_momentum": lambda: optim.sgd(0.05, momentum=0.9),
               "adam": lambda: optim.adam(1e-2)}
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """Every optimizer update over a matmul is its epilogue applied apart, whatever its size."""
+    monkeypatch.setitem(matmul.FORCE, "apart", True)
 
 
 def loss(p, x, t):
@@ -79,7 +87,8 @@ TOL = {(np.float64, "sgd_momentum"): (1e-10, 1e-12), (np.float64, "adam"): (1e-1
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("which", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_update_epilogue_matches_the_interpreter_on_one_and_two_threads(which, shape, dtype):
+def test_update_epilogue_matches_the_interpreter_on_one_and_two_threads(which, shape, dtype,
+                                                                        fused):
     init, batches = problem(*shape, which, dtype)
     rtol, atol = TOL[dtype, which]
     want_p, want_s, _ = run_steps(OPTIMIZERS[which](), init, batches, "interpreter")
@@ -102,7 +111,7 @@ def test_the_shapes_cover_both_panel_buffers():
         assert fits == [True, True, False], dtype
 
 
-def test_the_two_thread_run_splits_the_gradient_between_threads():
+def test_the_two_thread_run_splits_the_gradient_between_threads(fused):
     """The 2-thread case above runs W's gradient on the pool (else it would not test chunks whose
     panels share one thread's buffer)."""
     from tracejit.codegen import parallel
@@ -110,3 +119,32 @@ def test_the_two_thread_run_splits_the_gradient_between_threads():
     params, state, step = run_steps(optim.sgd(0.05, momentum=0.9), init, batches, "llvm", 2)
     _, group = apart_gradient(step, params, state, batches[0])
     assert group.cost_ns >= parallel.PARALLEL_MIN_NS
+
+
+def test_an_update_over_a_product_past_the_l2_share_runs_as_a_loop_of_its_own():
+    """W's update is the epilogue of its gradient while the product takes at most APART_L2_SHARE
+    of the L2 (kernels.CACHED_BYTES), else a loop of its own after the matmul, which keeps its
+    whole-product split (matmul `_lower_one`); the parameters and the state match the
+    interpreter's either way."""
+    from tracejit.codegen.kernels import CACHED_BYTES
+    limit = matmul.APART_L2_SHARE * CACHED_BYTES
+    n_out = 40
+    small = int(limit // (4 * n_out))          # f32 [40, small]: at the limit
+    for n_in, apart in ((small, True), (small + 1, False)):
+        assert (n_out * n_in * 4 <= limit) == apart
+        init, batches = problem(n_out, n_in, 8, "l2-share")
+        want_p, want_s, _ = run_steps(optim.sgd(0.05, momentum=0.9), init, batches,
+                                      "interpreter")
+        params, state, step = run_steps(optim.sgd(0.05, momentum=0.9), init, batches, "llvm")
+        for g, w in zip(tracejit.tree.leaves((params, state)),
+                        tracejit.tree.leaves((want_p, want_s))):
+            np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
+        native = step._jitted._lookup(step._signature(params, state, batches[0])[0]).native()
+        grads = [g for g in native.plan.groups if g.kind == "nn"
+                 and g.root.out.type.shape == (n_out, n_in)]
+        assert len(grads) == 1
+        assert grads[0].epilogue_apart == apart
+        # the update stores the parameter and its momentum: as the epilogue, or as a loop
+        updates = [g for g in native.plan.groups if g.kind == "loop"
+                   and g.root.out.type.shape == (n_out, n_in) and g.extra_outputs]
+        assert len(updates) == (0 if apart else 1)

@@ -109,7 +109,8 @@ def kernel_clusters(fn: Function) -> list:
         return kernels.get(ins.prim)
 
     p = schedule.plan(fn, lambda ins: kernel(ins).scratch_bytes(ins, 1) if kernel(ins) else 0,
-                      lambda ins: kernel(ins) is not None and kernel(ins).epilogue)
+                      lambda ins, apart=False: kernel(ins) is not None
+                      and kernel(ins).takes_epilogue(ins, apart))
     out = []
     for g in p.groups:
         members = [g.root] + list(g.members)

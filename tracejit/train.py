@@ -19,7 +19,9 @@ is one fused loop storing the new parameter and its state together (codegen/sche
 `_merge_output_loops`), run where it can as the epilogue of the loop nest computing the
 parameter's gradient, on each block of the gradient while it is in cache
 (`_fuse_epilogues_apart`; a matmul writes every block of the gradient over its first one, so the
-gradient never goes out to memory and the update's traffic is the parameter and its state). Either way no array is
+gradient never goes out to memory and the update's traffic is the parameter and its state),
+where the kernel says that pays (`Kernel.epilogue_apart`: a matmul's gradient up to half the
+L2; over a larger one the update is a loop of its own after it). Either way no array is
 allocated per step but the loss (and aux), and the results equal the functional update
 `optimizer.update(grads, state, params)`.
 

@@ -57,6 +57,16 @@ class Kernel:
     # shared_weights(ins) -> {key: weight}: the shape-generic functions the lowering defines once
     # per LLVM module (matmul's tile functions), compiled once whatever the kernels calling them
     shared_weights: Callable | None = None
+    # epilogue_apart(ins) -> bool: whether an epilogue applied apart (an optimizer's update of the
+    # parameter whose gradient the kernel makes: schedule._fuse_epilogues_apart) pays on `ins`
+    # rather than the update running as a loop of its own; None: wherever `epilogue`
+    epilogue_apart: Callable | None = None
+
+    def takes_epilogue(self, ins, apart: bool = False) -> bool:
+        """Whether the kernel of `ins` absorbs an epilogue (`apart`: one applied apart)."""
+        if not self.epilogue:
+            return False
+        return not apart or self.epilogue_apart is None or self.epilogue_apart(ins)
 
 
 kernels = Registry("kernel lowering")
@@ -65,12 +75,14 @@ _FACTS = ("epilogue", "parallel", "cost", "compile_weight")
 
 
 def register(prim: Primitive, *, scratch_bytes: Callable | None = None, checks: bool = False,
-             shared_weights: Callable | None = None, **facts):
+             shared_weights: Callable | None = None, epilogue_apart: Callable | None = None,
+             **facts):
     """Register the decorated `lower` as `prim`'s kernel. Every fact of `_FACTS` must be stated
     (`epilogue=`, `parallel=`, `cost=`, `compile_weight=`): the scheduler has no defaults to fall
     back on silently. `scratch_bytes` defaults to no scratch; `checks=True` for a kernel that
     validates its indices and takes the status pointer (see the contract above);
-    `shared_weights`: see Kernel (then `compile_weight` is the kernel's own code only)."""
+    `shared_weights`, `epilogue_apart`: see Kernel (then `compile_weight` is the kernel's own
+    code only)."""
     if not isinstance(prim, Primitive):
         raise TypeError(f"register: expected a primitive object, got {prim!r}")
     missing = [f for f in _FACTS if f not in facts]
@@ -83,7 +95,7 @@ def register(prim: Primitive, *, scratch_bytes: Callable | None = None, checks: 
 
     def deco(fn):
         kernels[prim] = Kernel(fn, scratch_bytes or _no_scratch, **facts, checks=checks,
-                               shared_weights=shared_weights)
+                               shared_weights=shared_weights, epilogue_apart=epilogue_apart)
         return fn
     return deco
 

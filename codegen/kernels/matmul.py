@@ -71,7 +71,8 @@ from ..loops import FAST, carry_loop, fma, gep, i64, llvm_type, load, masked_loa
     splat, store, vload, vstore
 from ..parallel import PARALLEL_MIN_NS
 from ..target import vector_registers
-from . import FLOPS_PER_NS, MATMUL_TILE_WEIGHTS, MATMUL_WEIGHT, matmul_cost, register
+from . import CACHED_BYTES, FLOPS_PER_NS, MATMUL_TILE_WEIGHTS, MATMUL_WEIGHT, matmul_cost, \
+    register
 from .toolkit import I64Arg, KernelFunction, Params, Shared, SharedFunction, ceil_div, \
     dtype_info, kernel_function, lane_mask, opaque, params, rotate_lanes, shared_function, smax, \
     smin, thread_range, zero_vector
@@ -131,6 +132,9 @@ PACKED_PANEL_ROWS = 128   # rows of C an epilogue follows when B is packed (see 
 # An epilogue applied apart: C's panel on the executing thread's stack up to this (see _rows;
 # a thread of the pool or the caller's, megabytes of stack: a 30-row panel of [*, 784] is 94 KB)
 STACK_PANEL_BYTES = 128 << 10
+# An epilogue applied apart (an optimizer's update) on products of at most this share of the L2;
+# a larger product's update runs as a loop of its own (see _epilogue_apart)
+APART_L2_SHARE = 0.5
 DOT_K_PER_ROW = 3    # x @ W^T: the dot form when K > 3 M (see _block_plan)
 # the outer form's run-time `pack` parameter
 PACK_MODES = {"": 0, "b": 1, "bt": 2, "auto": 3, "shared": 4}
@@ -139,7 +143,8 @@ SMALL_DOT_FLOPS = 1 << 21   # x @ W^T with narrow N: the dot form up to this man
 SMALL_M = 48   # the outer form picks its row block for rows of C fewer than this (_fewest_rows)
 SHORT_M_WASTE = 0.25   # ... when the full row block's clamped rows are at least this share
 FORCE = {}   # tuning overrides (benchmarks/kernels_dense.py --force): "dot"/"outer" blocks, "pack",
-# "dot_align" ("a", "b" or None: whose rows the dot form aligns), "split" ("rows"/"cols")
+# "dot_align" ("a", "b" or None: whose rows the dot form aligns), "split" ("rows"/"cols"),
+# "apart" (True/False: whether an optimizer's update over any product is its epilogue)
 
 
 @record(frozen=True)
@@ -317,8 +322,30 @@ def _shared_weights(ins) -> dict:
     return out
 
 
+def _epilogue_apart(ins) -> bool:
+    """Whether an optimizer's update of the parameter whose gradient `ins` makes runs as its
+    epilogue applied apart (see _rows), not as a loop of its own after it: only while the product
+    takes at most APART_L2_SHARE of the L2. The epilogue's panels are a few row tiles each
+    (~32 rows), so each B panel of the outer form serves a few row tiles instead of all of a
+    chunk's, and B is read again for every panel; the loop of its own reads the product back
+    from L2 or L3 at streaming speed (Zen 3: SGD with momentum over [256, 784], 200k elements,
+    ~40 us on 1 thread). Whole training steps x -> tanh(x @ W^T) -> @ v -> MSE at batch 64,
+    1 thread, minima of windows, fused and separate alternating in one process, separate / fused:
+    W [256, 784] SGD 0.90, Adam 0.94; [512, 512] 0.93; [128, 2048] 0.87; [300, 400] 0.93;
+    [256, 384] 0.96 (Adam 0.95); [160, 784] 0.95; [128, 512] 0.95; products of 200 KB and less
+    within 5% either way ([64, 784] 1.05, [120, 400] 1.00, [84, 120] 1.02, LeNet-5's whole step
+    equal). The MLP's step (W1 [256, 784]) on 2 threads, benchmarks/run.py's paired step / grad,
+    alternating processes with the fused update, other processes busy on 1.3-1.7 of the 2
+    cores: SGD 1.13-1.15 -> 1.09, Adam 1.19-1.22 -> 1.10-1.16."""
+    if "apart" in FORCE:
+        return FORCE["apart"]
+    _, _, es = dtype_info(ins.out.dtype)
+    return math.prod(ins.out.shape) * es <= APART_L2_SHARE * CACHED_BYTES
+
+
 @register(matmul_p, scratch_bytes=_matmul_scratch, epilogue=True, parallel=True,
-          cost=matmul_cost, compile_weight=MATMUL_WEIGHT, shared_weights=_shared_weights)
+          cost=matmul_cost, compile_weight=MATMUL_WEIGHT, shared_weights=_shared_weights,
+          epilogue_apart=_epilogue_apart)
 def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
     p = _plan(ins)
     kf = kernel_function(module, name, 2, epilogue)
