@@ -91,10 +91,14 @@ def test_one_vector_rows_store_in_place(dtype, forced):
     _check_affine_epilogue(instrs, names, jit, dtype)
 
 
+@pytest.mark.parametrize("group", [None, 2])
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
-def test_transposed_input_grad_with_an_epilogue(dtype, forced):
+def test_transposed_input_grad_with_an_epilogue(dtype, group, forced):
     """Each plane is final when the epilogue runs on it (an affine map that shows a plane done
-    twice or not at all)."""
+    twice or not at all): the planes of a thread in one group (transposed.EPILOGUE_BYTES holds
+    them all here), or in groups of 2 and a last partial one."""
+    if group is not None:
+        conv2d.FORCE["tgrad_epi"] = group
     instrs, names, jit = _lower_with_epilogue(_forced_specs(dtype)[:5], dtype, AffineEpilogue())
     _check_affine_epilogue(instrs, names, jit, dtype)
 

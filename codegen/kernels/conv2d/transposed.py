@@ -39,7 +39,12 @@ from ...loops import I64, carry_loop, fma, gep, i64, if_then, load, masked_store
 from ...target import vector_registers
 from ..toolkit import I64Arg, Params, ceil_div, dtype_info, kernel_function, lane_mask, opaque, \
     params, round_up, shared_function, smax, smin, thread_range, zero_vector
-from .layout import ALIGN, Prep, PrepParams, pad, pad_key
+from .layout import ALIGN, FORCE, Prep, PrepParams, pad, pad_key
+
+
+# An epilogue runs on groups of gradient planes of about this many bytes (half an L1), where
+# the planes are still in cache. Plane by plane it cost a call and its set-up per plane.
+EPILOGUE_BYTES = 16 << 10
 
 
 def tile_rows(kw: int) -> int:
@@ -137,12 +142,20 @@ class Transposed:
         t0, t1 = thread_range(b, self.items, kf.tid, kf.nthreads)
         if epilogue is None:
             fn.call(b, ptrs, TParams(t0=t0, t1=t1, **shape))
-        else:   # item by item (a whole plane), then the epilogue on it while it is in cache
+        else:   # a group of whole planes, then the epilogue on them while they are in cache
             plane = self.h * self.w
-            with carry_loop(b, t0, t1, [], "tgrad.epilogue") as lt:
-                fn.call(b, ptrs, TParams(t0=lt.iv, t1=b.add(lt.iv, i64(1)), **shape))
-                kf.epilogue_rows(b.mul(lt.iv, i64(plane)), i64(plane))
+            group = self.epilogue_planes
+            with carry_loop(b, t0, t1, [], "tgrad.epilogue", step=group) as lt:
+                end = smin(b, b.add(lt.iv, i64(group)), t1)
+                fn.call(b, ptrs, TParams(t0=lt.iv, t1=end, **shape))
+                kf.epilogue_rows(b.mul(lt.iv, i64(plane)), b.mul(b.sub(end, lt.iv), i64(plane)))
         b.ret_void()
+
+    @property
+    def epilogue_planes(self) -> int:
+        """Planes computed between two calls of the epilogue: EPILOGUE_BYTES of them."""
+        esize = dtype_info(self.dtype)[2]
+        return FORCE.get("tgrad_epi", max(1, EPILOGUE_BYTES // (self.h * self.w * esize)))
 
 
 def transposed_input_grad(dtype, n, o, c, h, w, oh, ow, kh, kw, ph, pw) -> Transposed:
