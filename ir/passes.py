@@ -341,6 +341,22 @@ def _transpose_transpose(ins, uses):
         return _replacement(ins, transpose_p, (src,), dict(perm=perm))
 
 
+@rewrites.register(reduce_sum_p)
+def _sum_of_max_pool_scatter(ins, uses):
+    # A sum over the spatial axes of max_pool2d_grad(ct, idx) is the same sum of ct: the scatter
+    # adds each cotangent element at one position of its plane (the first maximum of its window,
+    # never in the padding: the shape rule keeps every window on a real element), so both sums
+    # add the same terms, in another order. The cotangent is the pooled size (a quarter for 2x2
+    # windows) and the kernel that makes it has just written it: LeNet-5's conv1 bias gradient.
+    gi = _defined_by(ins.inputs[0], max_pool2d_grad_p)
+    if gi is None or not {2, 3} <= set(ins.params["axes"]):
+        return None
+    ct, idx = gi.inputs
+    if _defined_by(idx, max_pool2d_argmax_p) is None:
+        return None
+    return _replacement(ins, reduce_sum_p, (ct,), ins.params)
+
+
 def simplify(fn: Function) -> bool:
     """Constant folding and algebraic simplification; returns whether anything changed."""
     changed = False

@@ -1255,6 +1255,28 @@ pool_options("nn.max_pool2d", "max_pool2d-dilation2-ceil", nn.max_pool2d, 2, "ma
              kernel_size=3, stride=2, padding=1, dilation=2, ceil_mode=True)
 pool_options("nn.max_pool2d", "max_pool2d-ceil-no-padding", nn.max_pool2d, 2, "max",
              (2, 1, 5, 7), kernel_size=2, ceil_mode=True)
+
+
+def pool_bias(op, id, tj_fn, shape, **kw):
+    """max-pool of x plus a bias per channel: the bias gradient sums the scatter of the pooled
+    cotangent over the spatial axes, which the IR passes turn into the sum of the pooled
+    cotangent (passes._sum_of_max_pool_scatter). The bias keeps the values of each window
+    distinct (one constant per channel)."""
+    def fn(x, b):
+        return tj_fn(x + tj.reshape(b, (1, -1, 1, 1)), **kw)
+
+    def ref(x, b):
+        return ref_pool_options(x + b.reshape(1, -1, 1, 1), nsp=2, mode="max", **kw)
+    add(op, id, fn, ref, distinct(shape), Arg((shape[1],)))
+
+
+pool_bias("nn.max_pool2d", "max_pool2d-k2-channel-bias", nn.max_pool2d, (2, 3, 4, 6),
+          kernel_size=2)
+pool_bias("nn.max_pool2d", "max_pool2d-overlapping-k3-s1-channel-bias", nn.max_pool2d,
+          (2, 2, 5, 5), kernel_size=3, stride=1)
+pool_bias("nn.max_pool2d", "max_pool2d-dilation2-ceil-pad1-channel-bias", nn.max_pool2d,
+          (1, 2, 8, 9), kernel_size=3, stride=2, padding=1, dilation=2, ceil_mode=True)
+
 pool_options("nn.max_pool1d", "max_pool1d-dilation3-s1-p1", nn.max_pool1d, 1, "max", (2, 2, 11),
              kernel_size=2, stride=1, padding=1, dilation=3)
 pool_options("nn.avg_pool2d", "avg_pool2d-ceil-exclude-pad", nn.avg_pool2d, 2, "avg",

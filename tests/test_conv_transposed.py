@@ -58,11 +58,53 @@ def test_transposed_input_grad_matches_numpy(dtype, forced):
     assert "tracejit.conv_tgrad" in ks.jit.asm
 
 
+# x [N,C,H,W], w [O,C,KH,KW], padding (stride 1): cotangent rows of at most one vector (4, 8 or
+# 16 lanes), gradient rows longer than a vector, shorter, of one column; at least _MIN_ITEMS
+# planes (fewer take the core whatever FORCE says)
+IN_PLACE = [((2, 6, 12, 12), (16, 6, 5, 5), (0, 0)),    # LeNet-5 conv2 (f32: 8 -> 12 columns)
+            ((2, 6, 8, 7), (5, 6, 3, 4), (1, 0)),       # 4 -> 7 columns
+            ((4, 2, 6, 3), (3, 2, 3, 2), (0, 0)),       # 2 -> 3 columns
+            ((3, 3, 10, 1), (2, 3, 3, 1), (1, 0)),      # one column
+            ((2, 4, 6, 20), (3, 4, 3, 5), (0, 0))]      # 16 -> 20 columns (AVX-512 f32)
+
+
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
-def test_transposed_input_grad_with_an_epilogue(dtype, forced):
+def test_one_vector_rows_store_in_place(dtype, forced):
+    """Cotangent rows of one vector without column padding store each gradient row from the
+    registers (its summed vector, then the carry where the row is longer than a vector): no row
+    buffer. Checked against numpy on 1 and 3 threads, with an epilogue too."""
+    vl = vector_width(64 if dtype == "f64" else 32)
+    direct = []
+    for x, w, p in IN_PLACE:
+        oh, ow = x[2] - w[2] + 1 + 2 * p[0], x[3] - w[3] + 1 + 2 * p[1]
+        t = transposed.transposed_input_grad(dtype, x[0], w[0], x[1], x[2], x[3], oh, ow,
+                                             w[2], w[3], p[0], p[1])
+        assert t.direct == (ow <= vl)
+        if t.direct:
+            direct.append((x, w, p))
+    widths = {x[3] for x, _, _ in direct}
+    assert min(widths) == 1 and max(widths) > vl, direct
+    specs = [_conv_specs("conv2d_input_grad", (x, w, (1, 1), p)) for x, w, p in direct]
+    ks = check_all(specs, dtype, thread_counts=(1, 3))
+    assert "tracejit.conv_tgrad" in ks.jit.asm and "direct1" in ks.jit.asm
+    instrs, names, jit = _lower_with_epilogue(specs, dtype, AffineEpilogue())
+    _check_affine_epilogue(instrs, names, jit, dtype)
+
+
+@pytest.mark.parametrize("group", [None, 2])
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_transposed_input_grad_with_an_epilogue(dtype, group, forced):
     """Each plane is final when the epilogue runs on it (an affine map that shows a plane done
-    twice or not at all)."""
+    twice or not at all): the planes of a thread in one group (transposed.EPILOGUE_BYTES holds
+    them all here), or in groups of 2 and a last partial one."""
+    if group is not None:
+        conv2d.FORCE["tgrad_epi"] = group
     instrs, names, jit = _lower_with_epilogue(_forced_specs(dtype)[:5], dtype, AffineEpilogue())
+    _check_affine_epilogue(instrs, names, jit, dtype)
+
+
+def _check_affine_epilogue(instrs, names, jit, dtype):
+    """Each kernel's result on 1 and 3 threads is 3 * (the input gradient) + 0.5."""
     rng = np.random.default_rng(2)
     shift = np.array([0.5], dtype=NP[dtype])
     for name, ins in zip(names, instrs):

@@ -173,7 +173,9 @@ def test_maximum_relu_mask_reads_the_output(name):
 @pytest.mark.parametrize("inputs", ["kink", "nan"])
 @pytest.mark.parametrize("name", list(ALL_SPELLINGS))
 def test_optimized_relu_spellings_compute_what_they_did(name, inputs):
-    """The rewrites keep the values, at relu's kink and at NaN included."""
+    """The rewrites keep the values, at relu's kink and at NaN included (the bias gradient's sum
+    of the pooled cotangent adds the same terms as the sum of its scatter, in another order:
+    equal to rounding, NaN where it was NaN)."""
     args = [a.copy() for a in ARGS]
     args[1][:] = 0.0
     if inputs == "kink":
@@ -183,8 +185,12 @@ def test_optimized_relu_spellings_compute_what_they_did(name, inputs):
     fwd, grad = _trace(_model(ALL_SPELLINGS[name]), args)
     expected = interpret(grad, args)
     actual = interpret(optimize(grad), args)
-    for e, a in zip(expected, actual):
-        np.testing.assert_array_equal(a, e)
+    bias = list(SHAPES).index("b") + 1   # outputs: the loss, then the gradients
+    for k, (e, a) in enumerate(zip(expected, actual)):
+        if k == bias:
+            np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6 * np.nanmax(np.abs(e), initial=0))
+        else:
+            np.testing.assert_array_equal(a, e)
 
 
 def test_mask_used_before_the_relu_keeps_reading_the_pre_activation():
@@ -207,3 +213,56 @@ def test_constants_of_opposite_zero_signs_stay_distinct(backend):
         f = tj.jit(lambda x: tj.where(x > 0, -0.0, 0.0) * 1.0)
         out = f(np.array([1.0, -1.0]))
     assert np.array_equal(np.signbit(out), [True, False])
+
+
+# ------------------------------------------------------------------------------------------------
+# the sum of a max-pool scatter
+# ------------------------------------------------------------------------------------------------
+def test_bias_gradient_sums_the_pooled_cotangent():
+    """conv -> bias -> relu -> max-pool: the bias gradient (a sum over N, H, W) reads the pooled
+    cotangent, not the full-size scatter, which only the weight gradient reads."""
+    fn = _optimized(nn.relu, "grad")
+    (scatter,) = [ins for ins in fn.instrs if ins.prim.name == "max_pool2d_grad"]
+    (db,) = [ins for ins in fn.instrs if ins.prim.name == "reduce_sum"
+             and ins.params["axes"] == (0, 2, 3)]
+    assert db.inputs[0] is scatter.inputs[0], print_function(fn)
+    assert {ins.prim.name for ins in _users(fn, scatter.out)} == {"conv2d_weight_grad"}
+
+
+# (kernel, stride, padding, dilation, ceil) of the pooling: adjacent, overlapping, padded and
+# dilated windows, a last window cut by ceil mode
+POOLS = [((2, 2), (2, 2), (0, 0), (1, 1), False), ((3, 3), (1, 1), (0, 0), (1, 1), False),
+         ((3, 2), (2, 1), (1, 1), (1, 1), False), ((3, 3), (2, 2), (1, 1), (2, 2), True)]
+
+
+@pytest.mark.parametrize("pool", POOLS, ids=lambda p: "k{}{}-s{}{}-p{}{}-d{}{}-{}".format(
+    *p[0], *p[1], *p[2], *p[3], "ceil" if p[4] else "floor"))
+@pytest.mark.parametrize("axes", [(2, 3), (0, 2, 3), (0, 1, 2, 3), (0, 3), (1,)])
+def test_sum_of_max_pool_scatter(pool, axes):
+    """reduce_sum(max_pool2d_grad(ct, idx)) over both spatial axes becomes the sum of ct (each
+    element lands once in its plane), on the interpreter and compiled; a sum that keeps a spatial
+    axis keeps the scatter."""
+    from tracejit.codegen import compile_function
+    from tracejit.ir import lax
+    kernel, stride, padding, dilation, ceil = pool
+    x = RNG.standard_normal((2, 3, 9, 8)).astype(np.float32)
+    b = Builder("f")
+    with building(b):
+        px = b.add_param(TensorType("f32", x.shape), "x")
+        idx = lax.max_pool2d_argmax(px, kernel, stride, padding, dilation, ceil)
+        pct = b.add_param(TensorType("f32", idx.shape), "ct")
+        fn = verify(b.finish([lax.reduce_sum(lax.max_pool2d_grad(pct, idx, x.shape[2:]), axes)]))
+    ct = RNG.standard_normal(idx.shape).astype(np.float32)
+    opt = verify(optimize(fn))
+    (total,) = [ins for ins in opt.instrs if ins.prim.name == "reduce_sum"]
+    spatial = {2, 3} <= set(axes)
+    assert (total.inputs[0].instr is None) == spatial, print_function(opt)
+    assert any(ins.prim.name == "max_pool2d_grad" for ins in opt.instrs) != spatial
+    (expected,) = interpret(fn, [x, ct])
+    (reordered,) = interpret(opt, [x, ct])
+    (compiled,) = compile_function(opt)([x, ct])
+    np.testing.assert_allclose(reordered, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(compiled, expected, rtol=1e-5, atol=1e-5)
+    if spatial:   # the sum of the cotangent itself, in float64
+        np.testing.assert_allclose(expected, ct.astype(np.float64).sum(axis=axes), rtol=1e-5,
+                                   atol=1e-5)

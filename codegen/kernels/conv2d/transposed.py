@@ -24,7 +24,10 @@ from a zero-padded copy of the image's cotangent (`layout.Prep`: KH-1 zero rows 
 rows of whole vectors), so that kernel rows outside the cotangent read zeros; the kernel-row loop
 covers only the rows that see some cotangent row for one of the tile's rows. The summed rows go
 to a per-thread row buffer, whose columns pw .. pw+W-1 of the full convolution are the gradient's row
-(padding: ph <= KH-1, pw <= KW-1). An item is one whole gradient plane, then the epilogue.
+(padding: ph <= KH-1, pw <= KW-1). Cotangent rows of one vector without column padding (`direct`:
+LeNet-5's 8 columns) skip the buffer: the row is the summed vector and its carry, stored from the
+registers (Zen 3, one thread, LeNet-5's [64, 6, 12, 12]: 255 -> 242 us). An item is one whole
+gradient plane, then the epilogue.
 """
 from __future__ import annotations
 
@@ -36,7 +39,12 @@ from ...loops import I64, carry_loop, fma, gep, i64, if_then, load, masked_store
 from ...target import vector_registers
 from ..toolkit import I64Arg, Params, ceil_div, dtype_info, kernel_function, lane_mask, opaque, \
     params, round_up, shared_function, smax, smin, thread_range, zero_vector
-from .layout import ALIGN, Prep, PrepParams, pad, pad_key
+from .layout import ALIGN, FORCE, Prep, PrepParams, pad, pad_key
+
+
+# An epilogue runs on groups of gradient planes of about this many bytes (half an L1), where
+# the planes are still in cache. Plane by plane it cost a call and its set-up per plane.
+EPILOGUE_BYTES = 16 << 10
 
 
 def tile_rows(kw: int) -> int:
@@ -99,6 +107,12 @@ class Transposed:
     def items(self) -> int:
         return self.n * self.c
 
+    @property
+    def direct(self) -> bool:
+        """Cotangent rows of one vector without column padding (LeNet-5's second convolution):
+        a gradient row is the summed vector and its carry, stored in place (no row buffer)."""
+        return self.nv == 1 and self.pw == 0
+
     def tap_rows(self) -> int:
         """(Tile, kernel row) pairs the kernel-row loop runs over, in one item."""
         total = 0
@@ -118,7 +132,7 @@ class Transposed:
         b = kf.b
         region = kf.scratch   # this thread's own
         store(b, i64(-1), region, i64(0), I64)   # no image in the padded copy yet
-        key = _TKey(self.dtype, self.pr, self.kw)
+        key = _TKey(self.dtype, self.pr, self.kw, self.direct)
         fn = shared_function(module, "conv_tgrad", key, 4, TParams, _tgrad_body)
         prep = self.prep
         shape = dict(c=self.c, o=self.o, h=self.h, w=self.w, oh=self.oh, kh=self.kh, nv=self.nv,
@@ -128,12 +142,20 @@ class Transposed:
         t0, t1 = thread_range(b, self.items, kf.tid, kf.nthreads)
         if epilogue is None:
             fn.call(b, ptrs, TParams(t0=t0, t1=t1, **shape))
-        else:   # item by item (a whole plane), then the epilogue on it while it is in cache
+        else:   # a group of whole planes, then the epilogue on them while they are in cache
             plane = self.h * self.w
-            with carry_loop(b, t0, t1, [], "tgrad.epilogue") as lt:
-                fn.call(b, ptrs, TParams(t0=lt.iv, t1=b.add(lt.iv, i64(1)), **shape))
-                kf.epilogue_rows(b.mul(lt.iv, i64(plane)), i64(plane))
+            group = self.epilogue_planes
+            with carry_loop(b, t0, t1, [], "tgrad.epilogue", step=group) as lt:
+                end = smin(b, b.add(lt.iv, i64(group)), t1)
+                fn.call(b, ptrs, TParams(t0=lt.iv, t1=end, **shape))
+                kf.epilogue_rows(b.mul(lt.iv, i64(plane)), b.mul(b.sub(end, lt.iv), i64(plane)))
         b.ret_void()
+
+    @property
+    def epilogue_planes(self) -> int:
+        """Planes computed between two calls of the epilogue: EPILOGUE_BYTES of them."""
+        esize = dtype_info(self.dtype)[2]
+        return FORCE.get("tgrad_epi", max(1, EPILOGUE_BYTES // (self.h * self.w * esize)))
 
 
 def transposed_input_grad(dtype, n, o, c, h, w, oh, ow, kh, kw, ph, pw) -> Transposed:
@@ -148,6 +170,7 @@ class _TKey:
     dtype: str
     pr: int
     kw: int
+    direct: bool   # Transposed.direct
 
 
 @params
@@ -239,25 +262,42 @@ def _tgrad_body(s, k: _TKey):
                     for j in range(1, kw):
                         sl, sh_ = _shifted(b, sums[p * kw + j], j, vl)
                         lo_v, hi_v = b.fadd(lo_v, sl), b.fadd(hi_v, sh_)
-                    vstore(b, lo_v, gep(b, rbuf, b.mul(i64(p), s.buf_pitch), ety), x0)
+                    if k.direct:   # the one vector: columns 0 .. vl-1, then vl .. w-1
+                        _store_row_part(b, lo_v, out_c, b.mul(ys[p], s.w), s.w, plane, vl)
+                        with if_then(b, b.icmp_signed(">", s.w, i64(vl)), name="tgrad.hi"):
+                            _store_row_part(b, hi_v, out_c, b.add(b.mul(ys[p], s.w), i64(vl)),
+                                            b.sub(s.w, i64(vl)), plane, vl)
+                    else:
+                        vstore(b, lo_v, gep(b, rbuf, b.mul(i64(p), s.buf_pitch), ety), x0)
                     carry.append(hi_v)
                 lv.next = carry
-            end = b.mul(s.nv, i64(vl))
-            for p in range(pr):
-                row = gep(b, rbuf, b.mul(i64(p), s.buf_pitch), ety)
-                vstore(b, lv.out[p], row, end)
-                # columns pw .. pw + w - 1 of the full convolution are the gradient's row:
-                # whole vectors (the lanes past the row land in the next row, written after this
-                # one) but where they would leave the plane (masked stores are slow on znver1)
-                src = gep(b, row, s.pw, ety)
-                at_row = b.mul(ys[p], s.w)
-                with carry_loop(b, 0, s.w, [], "tgrad.col", step=vl) as lq:
-                    at = b.add(at_row, lq.iv)
-                    v = vload(b, src, lq.iv, vty)
-                    inside = b.icmp_signed("<=", b.add(at, i64(vl)), plane)
-                    with b.if_else(inside) as (whole, part):
-                        with whole:
-                            vstore(b, v, out_c, at)
-                        with part:
-                            masked_store(b, v, out_c, at, lane_mask(b, b.sub(s.w, lq.iv), vl))
+            if not k.direct:
+                _copy_rows(b, s, rbuf, out_c, ys, lv.out, plane, ety, vl)
     store(b, item.out[0], region, i64(0), I64)
+
+
+def _copy_rows(b, s, rbuf, out_c, ys, carry, plane, ety, vl):
+    """The tile's rows from the row buffer (the carry after their last vector stored first) to
+    the gradient: columns pw .. pw + w - 1 of the full convolution are the gradient's row."""
+    end = b.mul(s.nv, i64(vl))
+    for p, y in enumerate(ys):
+        row = gep(b, rbuf, b.mul(i64(p), s.buf_pitch), ety)
+        vstore(b, carry[p], row, end)
+        src = gep(b, row, s.pw, ety)
+        at_row = b.mul(y, s.w)
+        with carry_loop(b, 0, s.w, [], "tgrad.col", step=vl) as lq:
+            v = vload(b, src, lq.iv, ir.VectorType(ety, vl))
+            _store_row_part(b, v, out_c, b.add(at_row, lq.iv), b.sub(s.w, lq.iv), plane, vl)
+
+
+def _store_row_part(b, v, out_c, at, left, plane, vl):
+    """v at element `at` of the gradient plane out_c, where `left` columns of its row remain:
+    a whole vector (the lanes past the row land in the next row, which is written after this
+    one) but where it would leave the plane, there the row's lanes only (masked stores are slow
+    on znver1)."""
+    inside = b.icmp_signed("<=", b.add(at, i64(vl)), plane)
+    with b.if_else(inside) as (whole, part):
+        with whole:
+            vstore(b, v, out_c, at)
+        with part:
+            masked_store(b, v, out_c, at, lane_mask(b, left, vl))
