@@ -85,7 +85,7 @@ class NativeFunction:
         t1 = time.perf_counter()
         # which module each kernel is lowered into (decided here, once: every build of the
         # modules, in whichever process, must place the kernels alike)
-        self._same = _same_kernels(self.plan)
+        self._same = _same_kernels(self.plan, self.max_threads)
         self._processes = target.processes_for(
             _total_weight([g for g in self.plan.groups if g.index not in self._same]))
         self._home, self._pipelines = _modules(self.plan.groups, self._same, self._processes)
@@ -187,7 +187,8 @@ class NativeFunction:
         namer = Namer()
         for v in list(fn.params) + [i.out for i in fn.instrs]:
             namer.define(v)
-        kernel_fns = _lower_kernels(plan, modules, home, module, namer, self._same)
+        kernel_fns = _lower_kernels(plan, modules, home, module, namer, self.max_threads,
+                                    self._same)
         if module is None:
             return [modules[k] for k in parts]
         entry = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, PTR, I64]), "entry")
@@ -383,15 +384,18 @@ def _emit_donated_copies(module: ir.Module, b: ir.IRBuilder, plan, pointer):
             _memcpy(module, b, pointer(plan.fn.params[j]), pointer(o), o.type.nbytes)
 
 
-def _lower_kernels(plan, modules: dict, home: dict, module, namer, same=None) -> list:
+def _lower_kernels(plan, modules: dict, home: dict, module, namer, max_threads: int,
+                   same=None) -> list:
     """Lower the kernels of `plan` into their home modules (`home`: group index -> module
     index); returns, per group, the function the calling module calls (a declaration when the
     kernel lives in another module; None for a loop, whose body is lowered where it is called).
     `module` is the calling module (None when building only other modules). A kernel whose
     lowering input equals an earlier one's (`_same_kernels`) is not lowered again: its call
-    goes to the earlier kernel's function."""
+    goes to the earlier kernel's function. A kernel always called on one thread (`_serial`) is
+    lowered as the body of its function, which calls it with that thread's (tid, nthreads)
+    (`_serial_kernel`)."""
     kernel_fns = []
-    same = _same_kernels(plan) if same is None else same
+    same = _same_kernels(plan, max_threads) if same is None else same
     by_index = {}
     for g in plan.groups:
         if g.kind == "control":
@@ -402,6 +406,8 @@ def _lower_kernels(plan, modules: dict, home: dict, module, namer, same=None) ->
                 kernel_fns.append(by_index[same[g.index]])
             continue
         fname = g.name
+        serial = _serial(g, max_threads)
+        body = f"{fname}.serial" if serial else fname
         kernel_module = modules.get(home[g.index])
         if kernel_module is None:   # lowered by another process: declared for the entry
             if module is not None:
@@ -417,12 +423,14 @@ def _lower_kernels(plan, modules: dict, home: dict, module, namer, same=None) ->
                 if kernels[g.root.prim].checks:
                     extra["status_code"] = g.status_code
                 if g.companion is not None:
-                    lower_max_pool2d_with_argmax(kernel_module, fname, g.root, **extra)
+                    lower_max_pool2d_with_argmax(kernel_module, body, g.root, **extra)
                 else:
-                    kernels[g.root.prim].lower(kernel_module, fname, g.root, **extra)
-                kfn = kernel_module.globals[fname]
+                    kernels[g.root.prim].lower(kernel_module, body, g.root, **extra)
+                kfn = kernel_module.globals[body]
             else:
-                kfn = fused.lower_group(kernel_module, fname, g)
+                kfn = fused.lower_group(kernel_module, body, g)
+            if serial:
+                kfn = _serial_kernel(kernel_module, kfn, fname)
             # Kept out of line: inlined, a kernel is compiled once per call site (a parallel
             # kernel has two, its trampoline's and the serial one) and the entry grows into
             # one huge function; LeNet-5's gradient compiled ~30% faster, ran as fast.
@@ -504,10 +512,44 @@ def _emit_call(module, b, g, kfn, pointer, nthreads, arena, status, max_threads)
             args.append(status)
         scratch = b.gep(arena, [i64(g.scratch)], source_etype=ir.IntType(8)) \
             if g.scratch_bytes else ir.Constant(PTR, None)
-        splits = g.kind == "loop" or kernels[g.root.prim].parallel
         parallel.emit_call(module, b, kfn, args + [scratch], nthreads,
-                           max_threads > 1 and splits and g.cost_ns >= parallel.PARALLEL_MIN_NS,
-                           g.cost_ns, _scratch_stride(g, max_threads))
+                           not _serial(g, max_threads), g.cost_ns, _scratch_stride(g, max_threads))
+
+
+def _serial(g, max_threads: int) -> bool:
+    """Whether kernel `g` (not a control group) is always called on the calling thread alone,
+    as call (tid 0, nthreads 1): it does not split its work, is too short for the thread pool
+    (parallel.PARALLEL_MIN_NS), or there is no pool or one thread."""
+    splits = g.kind == "loop" or kernels[g.root.prim].parallel
+    return not (max_threads > 1 and splits and g.cost_ns >= parallel.PARALLEL_MIN_NS
+                and parallel.threads_available())
+
+
+def _serial_kernel(module: ir.Module, body: ir.Function, name: str) -> ir.Function:
+    """The kernel function `name`, of `body`'s type, calling `body` with (tid, nthreads) =
+    (0, 1), the only values a serial kernel is called with (`_serial`); `body` becomes internal
+    and always inlined, so that LLVM folds its share of the work (toolkit.thread_range) to all
+    of it and its loop bounds to constants, which it cannot know of a function called from
+    another module. LeNet-5's gradient: its fused loops' modules took 97 ms of LLVM instead of
+    131, its serial pooling and matmul kernels less too (Zen 3, CPU time, split compile). A
+    body left unoptimized (optnone: a matmul without epilogue, control code around calls)
+    cannot be inlined: it is called."""
+    fn = ir.Function(module, body.function_type, name)
+    for a, b_arg in zip(fn.args, body.args):
+        a.name = b_arg.name
+        for attr in b_arg.attributes:
+            a.add_attribute(attr)
+    for attr in body.attributes:
+        if attr not in ("alwaysinline", "noinline"):
+            fn.attributes.add(attr)
+    body.linkage = "internal"
+    if "optnone" not in body.attributes:
+        body.attributes.discard("noinline")
+        body.attributes.add("alwaysinline")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    b.call(body, list(fn.args[:-2]) + [i64(0), i64(1)])
+    b.ret_void()
+    return fn
 
 
 # ------------------------------------------------------------------------------------ loops
@@ -527,7 +569,7 @@ def _lower_body(module, plan, fname: str, max_threads: int) -> ir.Function:
     for v in list(plan.fn.params) + [i.out for i in plan.fn.instrs]:
         namer.define(v)
     kernel_fns = _lower_kernels(plan, {0: module}, {g.index: 0 for g in plan.groups}, module,
-                                namer)
+                                namer, max_threads)
 
     def item(table, k, name):
         return b.load(b.gep(table, [i64(k)], source_etype=PTR), typ=PTR, name=name)
@@ -768,8 +810,9 @@ def _modules(groups, same=None, processes: int = 1):
     functions (the same primitive's matmuls and their tile and packing functions, a
     convolution and its input gradient the convolution's, all convolutions the padding) go
     into one module when they can: each module defines them, and LLVM compiles them, again (a
-    unit heavier than a process's share is split after all: a deep MLP's matmuls, where
-    compiling their shared functions twice costs less than one process compiling them all).
+    unit heavier than a process's share of all the work, the fused loops' included, is split
+    after all: a deep MLP's matmuls, where compiling their shared functions twice costs less
+    than one process compiling them all).
     `same` ({kernel index: index of the equal kernel it calls}, see `_same_kernels`): those
     are not lowered, and live where that one does."""
     same = same or {}
@@ -802,7 +845,10 @@ def _modules(groups, same=None, processes: int = 1):
         defined[k].update(_shared_weights(g))
         big[k].append(g)
 
-    share = _total_weight([g for u in units.values() for g in u]) / processes
+    # a process's share of all the work: the fused loops' modules, taken from the queue by
+    # whichever process is free, even out modules of loop-nest kernels that differ by less
+    share = (_total_weight([g for u in units.values() for g in u])
+             + sum(_compile_weight(g) for g in loops)) / processes
     for members in sorted(units.values(), key=lambda u: -_total_weight(u)):
         whole = _total_weight(members) <= share
         k = load.index(min(load))
@@ -844,14 +890,14 @@ def _sharing_unit(g):
     return (source, g.root.prim.name, tuple(sorted(map(repr, _shared_weights(g)))))
 
 
-def _same_kernels(plan) -> dict:
+def _same_kernels(plan, max_threads: int) -> dict:
     """{kernel index: index of an earlier kernel of `plan` that lowers to the same function}:
     kernels whose lowering reads equal inputs (`_kernel_key`). The layers of a deep MLP and
     their gradients are such kernels: lowered and compiled once, compile time stays flat as
     the network deepens."""
     first, same = {}, {}
     for g in plan.groups:
-        key = _kernel_key(g)
+        key = _kernel_key(g, max_threads)
         if key is None:
             continue
         k = first.setdefault(key, g.index)
@@ -860,7 +906,7 @@ def _same_kernels(plan) -> dict:
     return same
 
 
-def _kernel_key(g):
+def _kernel_key(g, max_threads: int):
     """Everything the lowering of kernel `g` reads, with values named by their place (pointer
     argument k, or the n-th value defined inside), so that two kernels with equal keys lower
     to the same function up to its name; None for a kernel never shared (a loop, whose bodies
@@ -885,9 +931,10 @@ def _kernel_key(g):
                 tuple((name(v), name(o)) for v, o in h.extra_in_place))
 
     ptrs = tuple((names[id(v)], str(v.type)) for v in g.pointer_values)
+    serial = _serial(g, max_threads)
     if g.kind == "loop":
-        return ("loop", ptrs, fused(g), g.scratch_bytes)
-    return ("nn", ptrs, instr(g.root), g.scratch_bytes, g.epilogue_apart,
+        return ("loop", serial, ptrs, fused(g), g.scratch_bytes)
+    return ("nn", serial, ptrs, instr(g.root), g.scratch_bytes, g.epilogue_apart,
             None if g.companion is None else instr(g.companion),
             None if g.epilogue is None else fused(g.epilogue))
 

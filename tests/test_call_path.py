@@ -428,6 +428,8 @@ def test_the_leaf_check_comes_from_the_compile_cache(monkeypatch, tmp_path, fres
     loss = lambda p: (p["a"] * p["c"]).sum()   # noqa: E731
     p = {"a": np.arange(6, dtype=np.float32), "c": np.full(6, 2.0, np.float32)}
     f0 = tracejit.jit_grad(loss)
+    # (the counters are the process's: tests/test_cache.py corrupts entries on purpose)
+    corrupt = cache.stats["corrupt"]
     for _ in range(2):
         f0(p)   # the check is compiled on the second call, and stored
     assert fresh_leaf_check._state[0] is not None and f0._tree_last
@@ -443,7 +445,7 @@ def test_the_leaf_check_comes_from_the_compile_cache(monkeypatch, tmp_path, fres
     assert f._tree_last and fresh_leaf_check._state[0] is not None
     np.testing.assert_array_equal(g["a"], p["c"])
     np.testing.assert_array_equal(g["c"], p["a"])
-    assert cache.stats["corrupt"] == 0
+    assert cache.stats["corrupt"] == corrupt
 
 
 def test_calls_with_plain_arrays_do_not_build_the_leaf_check(monkeypatch, tmp_path,

@@ -94,3 +94,19 @@ def test_an_entry_running_a_loop_is_optimized_as_usual():
     assert pipelines[0] == "fused" and home[3] == 0
     home, pipelines = runtime._modules(_kernels(3), processes=2)
     assert pipelines[0] == "entry"
+
+
+def test_a_unit_the_fused_loops_even_out_stays_whole(monkeypatch):
+    """LeNet-5's convolutions (5 kernels sharing the padding and weight-copy functions) weigh a
+    little more than half of the loop-nest kernels: split, both modules compiled the shared
+    functions. The fused loops, which either process takes from the queue, count in a
+    process's share: the unit stays in one module."""
+    monkeypatch.setattr(runtime, "_sharing_unit", lambda g: g.index < 5)
+    convs, others = _kernels(5), _kernels(4, start=5)   # units of weight 60 and 48
+    home, _ = runtime._modules(convs + others, processes=2)
+    assert len({home[g.index] for g in convs}) == 2, home   # (60 > (60 + 48) / 2: split)
+    loops = _loops(6, start=9)   # 6 x 2: the share is (60 + 48 + 12) / 2 = 60
+    home, pipelines = runtime._modules(convs + others + loops, processes=2)
+    assert len({home[g.index] for g in convs}) == 1, home
+    assert pipelines[:3] == ["entry", "kernels", "kernels"]
+    assert {home[g.index] for g in others} == {3 - home[0]}, home

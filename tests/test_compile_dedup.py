@@ -96,7 +96,7 @@ def test_kernels_with_equal_keys_lower_to_the_same_code(monkeypatch):
     merges gives the same LLVM functions as the one it calls, up to their names."""
     f, _ = _run("llvm")
     native = next(iter(f._cache.values())).native()
-    same = runtime._same_kernels(native.plan)
+    same = runtime._same_kernels(native.plan, native.max_threads)
     assert same
     texts = _kernel_texts(native, monkeypatch)
     by_index = {g.index: g for g in native.plan.groups}
@@ -105,5 +105,5 @@ def test_kernels_with_equal_keys_lower_to_the_same_code(monkeypatch):
         b = [t.replace(f"k{rep}.", "K.") for t in texts[f"k{rep}"]]
         assert a == b, (by_index[dup].name, by_index[rep].name)
     # and kernels the key keeps apart differ: the first layer's matmul reads x, not h
-    firsts = {runtime._kernel_key(g) for g in native.plan.groups if g.kind != "control"}
+    firsts = {runtime._kernel_key(g, native.max_threads) for g in native.plan.groups if g.kind != "control"}
     assert len(firsts) == len(native.plan.groups) - len(same)

@@ -172,8 +172,8 @@ def test_kernels_that_differ_are_not_merged(seed, monkeypatch):
     from tracejit.codegen import runtime
     merged = []
 
-    def spy(plan):
-        same = same_kernels(plan)
+    def spy(plan, max_threads):
+        same = same_kernels(plan, max_threads)
         merged.append({plan.groups[i].name: plan.groups[j].name for i, j in same.items()})
         return same
 

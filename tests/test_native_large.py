@@ -164,7 +164,7 @@ def check_takes_the_large_parallel_path(native, prims, name):
         assert wanted, f"{name}: no fused loop above the parallel threshold"
     if parallel.threads_available():
         # a kernel equal to an earlier one calls that one's function (runtime._same_kernels)
-        same, by_index = runtime._same_kernels(plan), {h.index: h for h in plan.groups}
+        same, by_index = runtime._same_kernels(plan, native.max_threads), {h.index: h for h in plan.groups}
         for g in wanted:
             lowered = by_index[same.get(g.index, g.index)]
             assert f"{lowered.name}.parallel" in native.llvm_ir_unoptimized, f"{name}: {g.name}"
