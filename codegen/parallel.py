@@ -27,8 +27,12 @@ from .loops import I64, PTR, VOID, i64
 # fused loops and reductions under 2 us always lose (the dispatch alone is 0.2-0.4 us with the
 # workers spinning, microseconds when they sleep or the other core is busy). The threshold sits
 # well above the idle break-even so that a busy machine's slower fork/join does not make the
-# pool a loss.
-PARALLEL_MIN_NS = 30_000
+# pool a loss. 20 us, not 30 (Zen 3, 2 threads, LeNet-5's gradient, TRACEJIT_PROFILE minima over
+# alternating windows): its backward fc products of 15-19 us on one thread take 10-12 us, fc2's
+# forward 20 -> 14 us in two chunks (threadpool.chunk_limit: more chunks made it slower, 21 us),
+# and the pool's workers still spin when the next parallel kernel comes (fc1's input gradient
+# 33 -> 26 us): 770 -> 749 us a call.
+PARALLEL_MIN_NS = 20_000
 
 
 def threads_available() -> bool:

@@ -69,6 +69,10 @@ CHUNKS_PER_THREAD = 4      # chunks per thread: a slow thread holds back at most
 # chunk's claim costs tens of ns, and a kernel just over parallel.PARALLEL_MIN_NS then still gets
 # the CHUNKS_PER_THREAD chunks per thread of 2 threads that keep a slow thread from holding it back)
 MIN_CHUNK_NS = 4_000
+# A kernel estimated under this (just over parallel.PARALLEL_MIN_NS) splits into 2 chunks at most:
+# LeNet-5's fc2 forward (x @ W^T with its epilogue, rows split, 27 us estimated) took 21 us on 2
+# threads in its 6 chunks against 20 on one, 14 us in 2 (Zen 3, TRACEJIT_PROFILE minima)
+FEW_CHUNKS_NS = 30_000
 MAX_CHUNKS = (1 << 12) - 1  # the job word's fields (CHUNKS_PER_THREAD * 256 threads fit)
 MAX_WORKERS = 255          # the job word's slot field (8 bits)
 SPIN_CYCLES = 100_000      # a worker's spin after a job: ~30-50 us at 2-3 GHz
@@ -87,6 +91,8 @@ def supported() -> bool:
 
 def chunk_limit(cost_ns: float) -> int:
     """The most chunks a kernel of this estimated single-thread time is split into."""
+    if cost_ns < FEW_CHUNKS_NS:
+        return min(2, max(1, int(cost_ns // MIN_CHUNK_NS)))
     return max(1, min(MAX_CHUNKS, int(cost_ns // MIN_CHUNK_NS)))
 
 

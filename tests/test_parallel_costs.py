@@ -74,3 +74,40 @@ def called_on(threads, fn, args):
         return fn(*args)
     finally:
         tracejit.set_num_threads(None)
+
+
+def test_a_kernel_just_over_the_threshold_splits_into_two_chunks_only():
+    """Kernels estimated at PARALLEL_MIN_NS up to threadpool.FEW_CHUNKS_NS (LeNet-5's fc
+    products, 15-27 us) go on the pool in 2 chunks (more made fc2's forward slower than one
+    thread); a product of that size gives the one-thread result bit for bit."""
+    from tracejit.codegen import threadpool
+    assert parallel.PARALLEL_MIN_NS < threadpool.FEW_CHUNKS_NS
+    assert threadpool.chunk_limit(parallel.PARALLEL_MIN_NS) == 2
+    assert threadpool.chunk_limit(threadpool.FEW_CHUNKS_NS - 1) == 2
+    assert threadpool.chunk_limit(threadpool.FEW_CHUNKS_NS) == \
+        threadpool.FEW_CHUNKS_NS // threadpool.MIN_CHUNK_NS
+    # x @ W^T with a relu epilogue, ~25 us estimated on this target (the vector lanes set the rate)
+    m, n = 64, 84
+    k = -(-25_000 * kernels.FLOPS_PER_NS // (2 * m * n))
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((n, k), np.float32) * 0.1
+    x = rng.standard_normal((m, k), np.float32)
+
+    def loss(w, x):
+        return (nn.relu(nn.linear(x, w)) ** 2).sum()
+
+    g = tracejit.jit_value_and_grad(loss)
+    with use_backend("llvm"):
+        expected, got = (called_on(t, g, (w, x)) for t in (1, 2))
+        [entry] = g._cache.values()
+        groups = entry.native().plan.groups
+    fwd = [gr for gr in groups if gr.root.prim.name == "matmul" and
+           tuple(gr.root.out.shape) == (m, n)]
+    assert fwd and all(parallel.PARALLEL_MIN_NS <= gr.cost_ns < threadpool.FEW_CHUNKS_NS
+                       for gr in fwd), [gr.cost_ns for gr in fwd]
+    assert parallel.threads_available()
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    ref = np.maximum(x @ w.T, 0)
+    np.testing.assert_allclose(expected[0], (ref.astype(np.float64) ** 2).sum(), rtol=1e-4)
+    np.testing.assert_allclose(expected[1], 2 * (ref * (ref > 0)).T @ x, rtol=1e-3, atol=1e-3)
