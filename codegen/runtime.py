@@ -109,8 +109,8 @@ class NativeFunction:
         # a call's outputs when parameters are donated: the donated parameters taken in one
         # C call (a fresh output's position takes parameter 0 first), then the fresh ones
         self._take_donated = operator.itemgetter(*[j or 0 for j in self._donor], 0)
-        self._fresh = [(k, t.shape, t.np_dtype) for k, (t, j) in
-                       enumerate(zip(self._out_types, self._donor)) if j is None]
+        self._fresh = [(k, *spec) for k, (spec, j) in
+                       enumerate(zip(self._out_specs, self._donor)) if j is None]
         self._early, self._late = _split_copies(self._copies, self.donate)
 
     def _load_or_compile(self, cache):

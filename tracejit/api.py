@@ -27,7 +27,7 @@ from .config import config
 from .errors import ZeroGradientWarning, warn
 from .signature import (Signature, arg_name, c_contiguous, check_numeric_sequences,
                         check_tracers_alive, explain_retrace,
-                        fast_key, fast_leaves, leaf_facts)
+                        dict_structure, fast_key, fast_leaves, leaf_facts)
 from .tracer import Tracer
 from .values import to_value, wrap
 
@@ -347,7 +347,7 @@ class Jitted:
                 # its native check (codegen/leafcheck.py) also tells that every value is an
                 # exact ndarray, which fast_leaves below would check in Python first
                 d = args[0]
-                last = self._tree_last.get((1, None, dict, tuple(d), np.ndarray))
+                last = self._tree_last.get(dict_structure(d))
                 if last is not None:
                     leaves = tuple(d.values())
                     if last[0](leaves):

@@ -232,6 +232,11 @@ def fast_key(args):
 leaf_facts = operator.attrgetter("shape", "dtype", "flags.carray")
 
 
+def dict_structure(d):
+    """fast_leaves' structure of the call f(d) with `d` an exact dict of exact ndarrays only."""
+    return (1, None, dict, tuple(d), np.ndarray)
+
+
 def fast_leaves(args):
     """(structure, leaves) of a call's positional arguments when they are a pytree of only exact
     numpy arrays in exact dicts, lists and tuples, else None: the per-call half of
@@ -244,7 +249,7 @@ def fast_leaves(args):
         d = args[0]
         leaves = list(d.values())
         if list(map(type, leaves)).count(np.ndarray) == len(leaves):
-            return (1, None, dict, tuple(d), np.ndarray), leaves
+            return dict_structure(d), leaves
     key, leaves = [len(args)], []
     try:
         if _struct_walk(args, key, leaves):
