@@ -2,7 +2,8 @@
 
     python benchmarks/kernel_profile.py lenet [--threads 2] [--seconds 2] [--top 25]
 
-Compiles the workload (benchmarks/workloads.py; a training workload such as `mlp-adam` too) with
+Compiles the workload (benchmarks/workloads.py; a training workload such as `mlp-adam`, or a
+point of a scaling series such as `mlp-depth:32` (benchmarks/scaling.py) too) with
 TRACEJIT_PROFILE=1, which makes the entry read the time-stamp counter around every kernel call,
 runs it for `--seconds`, and prints each kernel's time per call (the counter's rate calibrated
 against a sleep), its share, and what it computes. The counters cost a few nanoseconds per kernel, so the
@@ -58,7 +59,7 @@ def main(argv=None):
     os.environ["TRACEJIT_CACHE"] = "0"
     import systems
     systems.import_system("tracejit", args.threads)
-    bench = systems.build("tracejit", args.workload)
+    bench = _build(systems, args.workload)
     bench.step()
     jitted = getattr(bench.fn, "_jitted", bench.fn)   # a training step holds its jitted function
     natives = [e._native for e in jitted._cache.values() if getattr(e, "_native", None)]
@@ -81,22 +82,27 @@ def main(argv=None):
         print(f"{ms:8.3f} {cycles / max(total_cycles, 1):6.1%}  k{g.index} {describe(g)}")
 
 
+def _build(systems, workload: str):
+    """tracejit's bench of a workload (`lenet`, `mlp-adam`) or of a scaling point (`mlp-depth:32`,
+    `lenet-batch:1`: benchmarks/scaling.py's series)."""
+    if ":" in workload:
+        from workloads import make_scaled
+        series, point = workload.split(":")
+        return systems.build_model("tracejit", *make_scaled(series, int(point)))
+    return systems.build("tracejit", workload)
+
+
 def calibrate(args):
     """See the module's doc: estimate, 1- and 2-thread ns per call of every kernel."""
     os.environ["TRACEJIT_PROFILE"] = "1"
     os.environ["TRACEJIT_CACHE"] = "0"
     import systems
-    from workloads import make_scaled
     from tracejit.codegen import parallel, threadpool
     systems.import_system("tracejit", 2)
     import tracejit
     parallel.PARALLEL_MIN_NS = 0
     threadpool.chunk_limit = lambda cost_ns: args.chunks
-    if ":" in args.workload:
-        series, point = args.workload.split(":")
-        bench = systems.build_model("tracejit", *make_scaled(series, int(point)))
-    else:
-        bench = systems.build("tracejit", args.workload)
+    bench = _build(systems, args.workload)
     bench.step()
     jitted = getattr(bench.fn, "_jitted", bench.fn)
     natives = [e._native for e in jitted._cache.values() if getattr(e, "_native", None)]
