@@ -61,6 +61,8 @@ class _Element:
         # (shape, index, offset): the linear offset of `index` in a value of `shape`, known
         # without recomputing it from the index (an epilogue's row offset, see Epilogue.function)
         self.known_offset = None
+        # ids of the LLVM pointers the element's outputs are stored to (see _store_all)
+        self.written = set()
 
     def shifted(self, j, i, by: int):
         """Record index `j` = `i` + `by` as having `i`'s static range shifted; returns j."""
@@ -93,7 +95,15 @@ class _Element:
         if v.dtype == "bool":
             raw = L.load(b, ptr, off, I8)
             return b.icmp_unsigned("!=", raw, ir.Constant(I8, 0))
-        return L.load(b, ptr, off, scalar_type(v.dtype))
+        val = L.load(b, ptr, off, scalar_type(v.dtype))
+        if id(ptr) in self.written:
+            # a read of the element this loop then stores (an epilogue on its kernel's result,
+            # an in-place loop): frozen, so that x86's instruction selection does not turn
+            # store(select(c, k, load p), p) into a masked store of k (vmaskmovps: one per 12
+            # cycles on Zen 3; the ReLU-gradient epilogue of LeNet-5's conv2 input gradient,
+            # 6912 vectors, cost 26 us of 274 on one thread)
+            val = L.freeze(b, val)
+        return val
 
     # --------------------------------------------------------------------------- values
     def value(self, v: Value, idx):
@@ -510,6 +520,7 @@ def _is_tiny(elements: int, heavy: int) -> bool:
 def _store_all(b, el, stores, idx, off):
     """Evaluate every output at `idx`, then store each at `off`: all loads of an element come
     before any store, so an output stored over a buffer the loop reads (in place) is read first."""
+    el.written = {id(ptr) for _, ptr in stores}
     vals = [el.value(v, idx) for v, _ in stores]
     for (v, ptr), val in zip(stores, vals):
         _store_value(b, val, ptr, off, v.dtype)

@@ -168,6 +168,14 @@ def store(b: ir.IRBuilder, value, ptr, idx, ty: ir.Type):
     b.store(value, gep(b, ptr, idx, ty))
 
 
+def freeze(b: ir.IRBuilder, value, name: str = ""):
+    """LLVM's `freeze` of `value` (llvmlite's builder has none): the same value to every
+    computation, and an operand instruction selection does not look through."""
+    instr = ir.instructions.Instruction(b.block, value.type, "freeze", [value], name=name)
+    b._insert(instr)
+    return instr
+
+
 def vload(b: ir.IRBuilder, ptr, idx, vty: ir.VectorType, name: str = ""):
     """Unaligned vector load of `vty` at element `idx` of `ptr` (elements of vty.element)."""
     p = gep(b, ptr, idx, vty.element)

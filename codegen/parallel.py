@@ -57,12 +57,13 @@ def default_threads() -> int:
 
 
 def emit_call(module: ir.Module, b: ir.IRBuilder, kfn: ir.Function, args, nthreads, parallel: bool,
-              cost_ns: float = 0.0, scratch_stride: int = 0):
+              cost_ns: float = 0.0, scratch_stride: int = 0, most_chunks: int | None = None):
     """Call kernel `kfn(*args, tid, nthreads)`: split into chunks on the thread pool when
     `parallel` and the run-time `nthreads` (i64) is above 1, else directly with (0, 1).
     `cost_ns` (the estimated single-thread time) bounds the chunk count
-    (threadpool.chunk_limit); `scratch_stride` > 0: the last argument is scratch holding one
-    region of that many bytes per thread, and each executing thread gets its own."""
+    (threadpool.chunk_limit), and `most_chunks` (the kernel's own limit, kernels.Kernel) when
+    given; `scratch_stride` > 0: the last argument is scratch holding one region of that many
+    bytes per thread, and each executing thread gets its own."""
     if not parallel or not threads_available():
         b.call(kfn, list(args) + [i64(0), i64(1)])
         return
@@ -94,7 +95,10 @@ def emit_call(module: ir.Module, b: ir.IRBuilder, kfn: ir.Function, args, nthrea
     entry = module.globals.get(threadpool.ENTRY)
     if entry is None:
         entry = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, I64, I64]), threadpool.ENTRY)
-    b.call(entry, [tramp, ctx, nthreads, i64(threadpool.chunk_limit(cost_ns))])
+    chunks = threadpool.chunk_limit(cost_ns)
+    if most_chunks is not None:
+        chunks = max(1, min(chunks, most_chunks))
+    b.call(entry, [tramp, ctx, nthreads, i64(chunks)])
     b.branch(done)
     b.position_at_end(seq)
     b.call(kfn, list(args) + [i64(0), i64(1)])

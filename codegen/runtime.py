@@ -566,8 +566,10 @@ def _emit_call(module, b, g, kfn, pointer, nthreads, arena, status, max_threads)
             args.append(status)
         scratch = b.gep(arena, [i64(g.scratch)], source_etype=ir.IntType(8)) \
             if g.scratch_bytes else ir.Constant(PTR, None)
+        limit = kernels[g.root.prim].most_chunks if g.kind != "loop" else None
         parallel.emit_call(module, b, kfn, args + [scratch], nthreads,
-                           not _serial(g, max_threads), g.cost_ns, _scratch_stride(g, max_threads))
+                           not _serial(g, max_threads), g.cost_ns, _scratch_stride(g, max_threads),
+                           limit(g.root) if limit is not None else None)
 
 
 def _serial(g, max_threads: int) -> bool:

@@ -6,6 +6,8 @@ each, slower on the pool) on the calling thread; the split kernels give the one-
 bit."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,30 @@ def test_a_kernel_just_over_the_threshold_splits_into_two_chunks_only():
     ref = np.maximum(x @ w.T, 0)
     np.testing.assert_allclose(expected[0], (ref.astype(np.float64) ** 2).sum(), rtol=1e-4)
     np.testing.assert_allclose(expected[1], 2 * (ref * (ref > 0)).T @ x, rtol=1e-3, atol=1e-3)
+
+
+def test_weight_gradient_with_few_items_splits_into_few_chunks():
+    """LeNet-5's conv1 weight gradient reads its input in place: every chunk passes over all of
+    the images for its items (10 of them), so it goes on the pool in 4 chunks (its kernel's
+    `most_chunks`), not in the 8 or more its estimate gives. Bit for bit the one-thread
+    result."""
+    from tracejit.codegen import threadpool
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64, 1, 28, 28)).astype(np.float32)
+    w = rng.standard_normal((6, 1, 5, 5)).astype(np.float32) * 0.2
+    t = rng.standard_normal((64, 6, 24, 24)).astype(np.float32)
+
+    def loss(w, x, t):
+        return (nn.conv2d(x, w) * t).sum()
+
+    g = tracejit.jit_grad(loss)
+    with use_backend("llvm"):
+        expected, got = (called_on(n, g, (w, x, t)) for n in (1, 2))
+        [entry] = g._cache.values()
+        native = entry.native()
+    [wg] = [gr for gr in native.plan.groups if gr.root.prim.name == "conv2d_weight_grad"]
+    assert threadpool.chunk_limit(wg.cost_ns) > 4, wg.cost_ns
+    calls = re.findall(r'call void @"?tj_parallel"?\(.*@"?(k\d+)\.conv2d_weight_grad\.chunk"?'
+                       r'.*, i64 (\d+)\)', native.llvm_ir_unoptimized)
+    assert calls == [(f"k{wg.index}", "4")], calls
+    np.testing.assert_array_equal(got, expected)

@@ -61,6 +61,10 @@ class Kernel:
     # parameter whose gradient the kernel makes: schedule._fuse_epilogues_apart) pays on `ins`
     # rather than the update running as a loop of its own; None: wherever `epilogue`
     epilogue_apart: Callable | None = None
+    # most_chunks(ins) -> int | None: the most chunks the thread pool splits `ins` into, below
+    # threadpool.chunk_limit's (a kernel each of whose chunks passes over all of its input: the
+    # weight gradient with few items); None: chunk_limit's alone
+    most_chunks: Callable | None = None
 
     def takes_epilogue(self, ins, apart: bool = False) -> bool:
         """Whether the kernel of `ins` absorbs an epilogue (`apart`: one applied apart)."""
@@ -76,13 +80,13 @@ _FACTS = ("epilogue", "parallel", "cost", "compile_weight")
 
 def register(prim: Primitive, *, scratch_bytes: Callable | None = None, checks: bool = False,
              shared_weights: Callable | None = None, epilogue_apart: Callable | None = None,
-             **facts):
+             most_chunks: Callable | None = None, **facts):
     """Register the decorated `lower` as `prim`'s kernel. Every fact of `_FACTS` must be stated
     (`epilogue=`, `parallel=`, `cost=`, `compile_weight=`): the scheduler has no defaults to fall
     back on silently. `scratch_bytes` defaults to no scratch; `checks=True` for a kernel that
     validates its indices and takes the status pointer (see the contract above);
-    `shared_weights`, `epilogue_apart`: see Kernel (then `compile_weight` is the kernel's own
-    code only)."""
+    `shared_weights`, `epilogue_apart`, `most_chunks`: see Kernel (then `compile_weight` is
+    the kernel's own code only)."""
     if not isinstance(prim, Primitive):
         raise TypeError(f"register: expected a primitive object, got {prim!r}")
     missing = [f for f in _FACTS if f not in facts]
@@ -95,7 +99,8 @@ def register(prim: Primitive, *, scratch_bytes: Callable | None = None, checks: 
 
     def deco(fn):
         kernels[prim] = Kernel(fn, scratch_bytes or _no_scratch, **facts, checks=checks,
-                               shared_weights=shared_weights, epilogue_apart=epilogue_apart)
+                               shared_weights=shared_weights, epilogue_apart=epilogue_apart,
+                               most_chunks=most_chunks)
         return fn
     return deco
 

@@ -40,9 +40,13 @@ from .window import is_window, lower_conv2d, lower_conv2d_input_grad
 # 145-159 against 133-145 (24 accumulators, 6 x 4 or 8 x 3: no better). 6 x 2 x 2 (24
 # accumulators) for 6 channels on rows of 17-32 columns: LeNet-5's first conv 120 against 111
 # with 6 x 1 x 2 (the cost model counts them equal: it comes first).
+# AVX2 (Zen 3, one thread): 3 x 1 x 3 first, for 6 channels on rows of three vectors (LeNet-5's
+# first conv, 24 columns; 1-2 input channels): the model ties it with 6 x 2 x 1, measured 85
+# GF/s against 76 (9 accumulators, 3 vectors of one row per tap); no other shape of the
+# workloads comes within the slack of it.
 _BLOCKS = {32: ((8, 2, 1), (4, 4, 1), (2, 8, 1), (1, 16, 1), (4, 6, 1), (8, 1, 2), (6, 2, 2),
                 (6, 2, 1)),
-           16: ((6, 2, 1), (4, 2, 1), (4, 3, 1), (2, 6, 1), (1, 12, 1), (3, 4, 1), (6, 1, 2),
+           16: ((3, 1, 3), (6, 2, 1), (4, 2, 1), (4, 3, 1), (2, 6, 1), (1, 12, 1), (3, 4, 1), (6, 1, 2),
                 (4, 1, 3))}
 # Blocks of the flat mode (one long row: PR = 1).
 _FLAT_BLOCKS = {32: ((8, 1, 2), (8, 1, 3), (6, 1, 3), (4, 1, 4), (6, 1, 2)),
