@@ -36,8 +36,7 @@ from .target import JITModule, cfunc
 
 _load_all()
 
-# Object layout the entry relies on (CPython tuples, numpy arrays); checked once here.
-# Outputs of at least this many bytes are recycled (NativeFunction._recycled): a large fresh
+# Outputs of at least this many bytes are recycled (NativeFunction._fill_fresh): a large fresh
 # array is memory the C library returns to the system when it is freed (an mmap of its own, or
 # the trimmed top of the heap once more than twice the mmap threshold is free), so a call
 # allocating it afresh faults in and zeroes its pages again. The gradients of a 32-layer MLP
@@ -45,6 +44,8 @@ _load_all()
 # told to keep its memory: MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_); PyTorch's and XLA's
 # allocators keep theirs.
 RECYCLE_BYTES = 64 << 10
+
+# Object layout the entry relies on (CPython tuples, numpy arrays); checked once here.
 TUPLE_ITEMS_OFFSET = 24
 NDARRAY_DATA_OFFSET = 16
 
@@ -121,10 +122,11 @@ class NativeFunction:
         self._fresh = [(k, *spec) for k, (spec, j) in
                        enumerate(zip(self._out_specs, self._donor)) if j is None]
         self._early, self._late = _split_copies(self._copies, self.donate)
-        # the fresh outputs a call may take back from this thread's last call (RECYCLE_BYTES)
-        self._big = [k for k, shape, dtype in self._fresh
-                     if np.dtype(dtype).itemsize * _prod(shape) >= RECYCLE_BYTES]
-        self._big_set = frozenset(self._big)
+        # the fresh outputs a call may take back from this thread's last call (RECYCLE_BYTES),
+        # and the others, allocated afresh by every call
+        self._big = [k for k, _, _ in self._fresh
+                     if self._out_types[k].nbytes >= RECYCLE_BYTES]
+        self._small = [f for f in self._fresh if f[0] not in self._big]
 
     def _load_or_compile(self, cache):
         """(JITModule, cache hit?, seconds): linked from the persistent cache's object code if it
@@ -307,23 +309,15 @@ class NativeFunction:
         if self.donate:
             outs = list(self._take_donated(arrays))
             outs.pop()
-            for k, shape, dtype in self._fresh:
-                outs[k] = np.empty(shape, dtype)
-            if self._big:
-                self._recycled(outs)
-            outs = tuple(outs)
+            outs = self._fill_fresh(outs)
             late = _run_copies(self._early, arrays, outs) + self._late if self._early \
                 else self._late
+        elif self._big:
+            outs = self._fill_fresh([None] * len(self._out_specs))
+            late = self._copies
         else:
             empty = np.empty
-            if self._big:
-                big = self._big_set
-                outs = [None if k in big else empty(shape, dtype)
-                        for k, (shape, dtype) in enumerate(self._out_specs)]
-                self._recycled(outs)
-                outs = tuple(outs)
-            else:
-                outs = tuple([empty(shape, dtype) for shape, dtype in self._out_specs])
+            outs = tuple([empty(shape, dtype) for shape, dtype in self._out_specs])
             late = self._copies
         limit = parallel.thread_limit
         arena = self._arena_state()
@@ -335,20 +329,24 @@ class NativeFunction:
         _run_copies(late, arrays, outs)
         return outs
 
-    def _recycled(self, outs: list):
-        """Fill the large fresh outputs (self._big) of `outs`: each with the array this thread's
-        last call returned at that position when nothing but this function holds it any more (the
-        caller has dropped it, and every view of it, and every buffer exported from it), else a
-        new array, which is kept for the next call. The outputs are written whole, so a recycled
-        array's old values never show."""
-        kept = getattr(self._local, "kept", None)
-        if kept is None:
-            kept = self._local.kept = [None] * len(self._out_specs)
-        specs = self._out_specs
-        for k in self._big:
-            if kept[k] is None or sys.getrefcount(kept[k]) != _ONLY_KEPT:
-                kept[k] = np.empty(*specs[k])
-            outs[k] = kept[k]
+    def _fill_fresh(self, outs: list) -> tuple:
+        """`outs` with its fresh outputs filled in, as a tuple: the small ones new arrays; each
+        large one (self._big) the array this thread's last call returned at that position when
+        nothing but this function holds it any more (the caller has dropped it, and every view
+        of it, and every buffer exported from it), else a new array, which is kept for the next
+        call. The outputs are written whole, so a recycled array's old values never show."""
+        for k, shape, dtype in self._small:
+            outs[k] = np.empty(shape, dtype)
+        if self._big:
+            kept = getattr(self._local, "kept", None)
+            if kept is None:
+                kept = self._local.kept = [None] * len(self._out_specs)
+            specs = self._out_specs
+            for k in self._big:
+                if kept[k] is None or sys.getrefcount(kept[k]) != _ONLY_KEPT:
+                    kept[k] = np.empty(*specs[k])
+                outs[k] = kept[k]
+        return tuple(outs)
 
     @property
     def llvm_ir(self) -> str:
@@ -359,15 +357,8 @@ class NativeFunction:
         return self._jit.asm
 
 
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _only_kept() -> int:
-    """The reference count `NativeFunction._recycled` sees for an array held by its list only,
+    """The reference count `NativeFunction._fill_fresh` sees for an array held by its list only,
     measured the same way (sys.getrefcount of a list item), whatever this interpreter counts."""
     kept = [np.empty(1)]
     return sys.getrefcount(kept[0])

@@ -36,8 +36,10 @@ def _wgrad_registers(flat: bool) -> int:
 _WFLAT_GAIN = 0.85
 # Rows of at most this many whole vectors are unrolled (`_WGrad.row_vectors`).
 _ROW_UNROLL = 4
-# Items per chunk of the thread pool at least, reading the input in place (_wgrad_most_chunks).
+# Reading the input in place (_wgrad_most_chunks): items per chunk of the thread pool at least,
+# in this many chunks at least.
 _CHUNK_ITEMS = 4
+_MIN_CHUNKS = 4
 # Input channels per channel block at most (the blocks are balanced): the block's padded copies
 # of a chunk of images, and a row of cotangents reused by all of them from L1.
 _MAX_CB = 8
@@ -249,7 +251,7 @@ def _wgrad_most_chunks(ins) -> int | None:
     if is_window(ins) or is_pointwise(ins) or _lanes_plan(ins) is not None:
         return None
     p = _wgrad_plan(ins)
-    return max(4, p.items // _CHUNK_ITEMS) if p.direct else None
+    return max(_MIN_CHUNKS, p.items // _CHUNK_ITEMS) if p.direct else None
 
 
 @register(conv2d_weight_grad_p, scratch_bytes=_wgrad_scratch, epilogue=False, parallel=True,
