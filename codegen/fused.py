@@ -862,13 +862,17 @@ class Epilogue:
         self.outputs = [group.root.out] + group.extra_outputs if apart else []
         self.leaves = [v for v in group.leaves if v is not value]
         self.n_args = len(self.outputs) + len(self.leaves)
-        self._fn = None
+        self._fns = {}
 
-    def function(self, module: ir.Module) -> ir.Function:
-        if self._fn is not None:
-            return self._fn
-        fn = ir.Function(module, ir.FunctionType(VOID, [PTR] * (1 + self.n_args) + [I64, I64]),
-                         self.name)
+    def function(self, module: ir.Module, window: bool = False) -> ir.Function:
+        """The epilogue over out[start, start + count); with `window`, only the columns
+        [col0, col1) of out's last axis in those rows (two more i64 arguments: call_window)."""
+        if window in self._fns:
+            return self._fns[window]
+        extra = [I64, I64] if window else []
+        fn = ir.Function(module, ir.FunctionType(VOID, [PTR] * (1 + self.n_args) + [I64, I64]
+                                                 + extra),
+                         self.name + (".window" if window else ""))
         fn.linkage = "internal"
         fn.attributes.add("alwaysinline")
         out = fn.args[0]
@@ -877,8 +881,12 @@ class Epilogue:
         for k, a in enumerate(fn.args[1:1 + self.n_args]):
             a.name = f"epi{k}"
             a.add_attribute("noalias")
-        start, count = fn.args[-2], fn.args[-1]
+        start, count = fn.args[1 + self.n_args], fn.args[2 + self.n_args]
         start.name, count.name = "start", "count"
+        cols = None
+        if window:
+            cols = fn.args[-2:]
+            cols[0].name, cols[1].name = "col0", "col1"
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         root = self.group.root
         shape = root.out.shape
@@ -894,22 +902,34 @@ class Epilogue:
                 leaf_ptrs[id(v)] = by_output[id(o)]
         else:
             stores = [(root.out, out)]
-        base = f"{self.name}"
-        if is_flat(self.group):
+        base = fn.name
+        if window and is_flat(self.group):
+            # rows of out's last axis, the window's columns of each: flat indices
+            inner = shape[-1]
+            r0 = b.sdiv(start, i64(inner))
+            r1 = b.sdiv(b.add(start, count), i64(inner))
+            with for_range(b, r0, r1, 1, f"{base}.row") as r:
+                row_off = b.mul(r, i64(inner))
+                with for_range(b, b.add(row_off, cols[0]), b.add(row_off, cols[1]), 1,
+                               f"{base}.i") as i:
+                    _store_all(b, _Element(b, leaf_ptrs, members, flat=True), stores, [i], i)
+        elif is_flat(self.group):
             with for_range(b, start, b.add(start, count), 1, f"{base}.i") as i:
                 _store_all(b, _Element(b, leaf_ptrs, members, flat=True), stores, [i], i)
         else:
-            self._rows(b, start, count, shape, leaf_ptrs, members, stores, base)
+            self._rows(b, start, count, shape, leaf_ptrs, members, stores, base, cols)
         b.ret_void()
-        self._fn = fn
+        self._fns[window] = fn
         return fn
 
-    def _rows(self, b, start, count, shape, leaf_ptrs, members, stores, base):
+    def _rows(self, b, start, count, shape, leaf_ptrs, members, stores, base, cols=None):
         """The loop over out[start, start + count) as rows of the trailing axes that collapse
         (see collapsed_axes): rows of 8x8 conv planes are 64 elements long, and vectorize. The
         range is whole rows of out's last axis, not always of the collapsed rows (a matmul
-        panel, a pooled block): the first and last collapsed row may be partial."""
-        k = collapsed_axes([v for v, _ in stores], self.group.members)
+        panel, a pooled block): the first and last collapsed row may be partial. With `cols`
+        (col0, col1), the rows are out's last axis uncollapsed, and only those columns of each
+        run (a block of a matmul's column grid)."""
+        k = 1 if cols else collapsed_axes([v for v, _ in stores], self.group.members)
         outer, trailing = list(shape[:-k]), shape[-k:]
         inner = math.prod(trailing)
         end = b.add(start, count)
@@ -930,7 +950,9 @@ class Epilogue:
                 prefix.append(rest)
             prefix.reverse()
             row_off = b.mul(r, i64(inner))
-            if whole:
+            if cols:
+                c0, c1 = cols
+            elif whole:
                 c0, c1 = i64(0), i64(inner)
             else:
                 lo, hi = b.sub(start, row_off), b.sub(end, row_off)
@@ -950,6 +972,12 @@ class Epilogue:
 
     def call(self, b: ir.IRBuilder, out, extra_args, start, count):
         b.call(self.function(b.module), [out] + list(extra_args) + [start, count])
+
+    def call_window(self, b: ir.IRBuilder, out, extra_args, start, count, col0, col1):
+        """`call` over the columns [col0, col1) of out's last axis only (i64 values), in the
+        rows of out[start, start + count) (whole rows of that axis)."""
+        b.call(self.function(b.module, window=True),
+               [out] + list(extra_args) + [start, count, col0, col1])
 
 
 # The transcendental functions register their lowerings beside their code (mathfns imports this

@@ -488,6 +488,13 @@ class AffineEpilogue:
             p = b.gep(out, [i], source_etype=ety)
             b.store(b.fadd(b.fmul(b.load(p, typ=ety), llir.Constant(ety, 3.0)), k), p)
 
+    def call_window(self, b, out, extra_args, start, count, col0, col1):
+        """`call` over the columns [col0, col1) of each row of out[start, start + count)."""
+        n = llir.Constant(llir.IntType(64), self.n)
+        with for_range(b, b.sdiv(start, n), b.sdiv(b.add(start, count), n), 1, "epi.row") as r:
+            row = b.mul(r, n)
+            self.call(b, out, extra_args, b.add(row, col0), b.sub(col1, col0))
+
 
 def _lower_with_epilogue(specs, dtype, epi):
     """(instructions, kernel names, JIT module): the kernels of `specs` lowered into one module
@@ -497,6 +504,7 @@ def _lower_with_epilogue(specs, dtype, epi):
     mod = llir.Module()
     names = [f"kernel{i}" for i in range(len(instrs))]
     for name, ins in zip(names, instrs):
+        epi.n = ins.out.shape[-1]   # the row length of call_window's rows
         kernels[ins.prim].lower(mod, name, ins, epilogue=epi)
     return instrs, names, JITModule(str(mod), names)
 

@@ -368,13 +368,14 @@ def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
     shape = _TileParams(m=p.m, n=p.n, k=p.k, sa_i=1 if p.trans_a else p.k,
                         sa_k=p.m if p.trans_a else 1, pack=PACK_MODES[p.pack])
     if nbatch == 1:
-        _lower_one(module, kf, p, fn, shape)
+        _lower_one(module, kf, p, fn, shape, ins.out.shape)
     else:
         _lower_batch(module, kf, p, fn, shape, nbatch)
     b.ret_void()
 
 
-def _lower_one(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams):
+def _lower_one(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams,
+               out_shape: tuple):
     """One matrix product: chunks split its row tiles (with an epilogue), else a grid of its
     column and row tiles (see below)."""
     b = kf.b
@@ -387,7 +388,7 @@ def _lower_one(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: 
     # (runtime: below PARALLEL_MIN_NS): the columns stay constants, which LLVM folds (a grid's
     # run-time columns cost a lone outer-form kernel ~25 ms more LLVM time)
     serial = 2 * p.m * p.n * p.k / FLOPS_PER_NS < PARALLEL_MIN_NS
-    if kf.epilogue is not None or nb == 1 or serial or FORCE.get("split") == "rows":
+    if not _grid_epilogue(kf, p, out_shape) or nb == 1 or serial or FORCE.get("split") == "rows":
         t0, t1 = thread_range(b, mb, kf.tid, kf.nthreads)
         r0, r1 = b.mul(t0, i64(p.mr)), smin(b, b.mul(t1, i64(p.mr)), p.m)
         _rows(kf, p, fn, shape, ptrs, r0, r1, i64(0))
@@ -406,10 +407,40 @@ def _lower_one(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: 
     c0, c1 = thread_range(b, nb, gc, groups)
     r0, r1 = thread_range(b, mb, gr, rgroups)
     with b.if_then(b.icmp_unsigned("<", gr, rgroups)):
-        fn.call(b, ptrs, replace(shape, r0=b.mul(r0, i64(p.mr)),
-                                 r1=smin(b, b.mul(r1, i64(p.mr)), p.m),
-                                 c0=b.mul(c0, i64(p.tile_cols)),
-                                 c1=smin(b, b.mul(c1, i64(p.tile_cols)), p.n)))
+        r0, r1 = b.mul(r0, i64(p.mr)), smin(b, b.mul(r1, i64(p.mr)), p.m)
+        c0, c1 = b.mul(c0, i64(p.tile_cols)), smin(b, b.mul(c1, i64(p.tile_cols)), p.n)
+        if kf.epilogue is None:
+            fn.call(b, ptrs, replace(shape, r0=r0, r1=r1, c0=c0, c1=c1))
+        else:   # the epilogue over each panel of the chunk's block while in cache (see _rows)
+            # whole row tiles, at least _rows' panel, at most GRID_PANEL_BYTES of the block
+            fit = b.udiv(i64(GRID_PANEL_BYTES // p.esize), smax(b, b.sub(c1, c0), 1))
+            step = smax(b, b.mul(b.udiv(fit, i64(p.mr)), i64(p.mr)), _panel_rows(p))
+            with carry_loop(b, r0, r1, [], "matmul.block", step=step) as lp:
+                end = smin(b, b.add(lp.iv, step), r1)
+                fn.call(b, ptrs, replace(shape, r0=lp.iv, r1=end, c0=c0, c1=c1))
+                kf.epilogue.call_window(b, kf.out, kf.epi, b.mul(lp.iv, i64(p.n)),
+                                        b.mul(b.sub(end, lp.iv), i64(p.n)), c0, c1)
+
+
+# A chunk of the grid runs its epilogue after each panel of this many bytes of its block (whole
+# row tiles, at least _panel_rows): x @ W^T + b with tanh at batch 64 is one panel a chunk.
+GRID_PANEL_BYTES = 64 * 1024
+
+
+def _grid_epilogue(kf: KernelFunction, p: _Plan, out_shape: tuple) -> bool:
+    """Whether the kernel may take the grid of column and row groups (_lower_one): without an
+    epilogue, or with one that does not read the product apart, over an output whose last axis
+    is the product's columns (a block's columns are a window of each row: call_window). A chunk
+    of whole rows reads all of B: x @ W^T + b with tanh (the MLP's first layer, [64, 784] @
+    [784, 256]) read all of W on both cores, and the optimizer's update of W that follows wrote
+    lines the other core held (SGD with momentum over W [256, 784], 2 threads, Zen 3, TRACEJIT_
+    PROFILE: 50 -> 29 us)."""
+    e = kf.epilogue
+    if e is None:
+        return True
+    if getattr(e, "apart", False) or FORCE.get("epilogue_grid") is False:
+        return False
+    return not p.swap and out_shape[-1] == p.n and math.prod(out_shape) == p.m * p.n
 
 
 def _lower_batch(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams,
