@@ -14,6 +14,7 @@ import pytest
 import tracejit
 from helpers import rng_for, use_backend
 from tracejit import nn
+from tracejit.codegen.kernels import matmul
 
 
 def with_bias(x, w, b):
@@ -24,8 +25,9 @@ def flat(x, w, b):
     return (nn.relu(x @ w.T) * 0.5 + tracejit.tanh(x @ w.T)).sum() + (b * b).sum()
 
 
-PROGRAMS = {"bias": (with_bias, (64, 300, 200)), "flat": (flat, (64, 300, 200)),
-            "ragged": (with_bias, (37, 301, 203))}   # partial row and column tiles
+# (M, K, N): B [N, K] of at least matmul.GRID_EPILOGUE_B_BYTES (in float32)
+PROGRAMS = {"bias": (with_bias, (64, 784, 256)), "flat": (flat, (64, 784, 256)),
+            "ragged": (with_bias, (37, 801, 203))}   # partial row and column tiles
 
 
 def _arrays(name, dtype):
@@ -33,6 +35,7 @@ def _arrays(name, dtype):
     m, k, n = PROGRAMS[name][1]
     x = rng.normal(size=(m, k)).astype(dtype)
     w = (rng.normal(size=(n, k)) / np.sqrt(k)).astype(dtype)
+    assert n * k * 4 >= matmul.GRID_EPILOGUE_B_BYTES
     b = rng.normal(size=(n,)).astype(dtype)
     return x, w, b
 

@@ -422,6 +422,11 @@ def _lower_one(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: 
                                         b.mul(b.sub(end, lp.iv), i64(p.n)), c0, c1)
 
 
+# A product with an epilogue takes the grid only when B is at least this large: a smaller B stays
+# in each core's L2 whichever rows a chunk computes, and the grid's run-time columns and the
+# epilogue's window function cost LLVM time (LeNet-5's fc1, B 123 KB, in the grid: its first call
+# ~7 ms slower to compile, no faster to run)
+GRID_EPILOGUE_B_BYTES = 256 * 1024
 # A chunk of the grid runs its epilogue after each panel of this many bytes of its block (whole
 # row tiles, at least _panel_rows): x @ W^T + b with tanh at batch 64 is one panel a chunk.
 GRID_PANEL_BYTES = 64 * 1024
@@ -438,7 +443,7 @@ def _grid_epilogue(kf: KernelFunction, p: _Plan, out_shape: tuple) -> bool:
     e = kf.epilogue
     if e is None:
         return True
-    if getattr(e, "apart", False) or FORCE.get("epilogue_grid") is False:
+    if getattr(e, "apart", False) or p.k * p.n * p.esize < GRID_EPILOGUE_B_BYTES:
         return False
     return not p.swap and out_shape[-1] == p.n and math.prod(out_shape) == p.m * p.n
 
