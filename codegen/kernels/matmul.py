@@ -146,7 +146,8 @@ SMALL_DOT_FLOPS = 1 << 21   # x @ W^T with narrow N: the dot form up to this man
 SMALL_M = 48   # the outer form picks its row block for rows of C fewer than this (_fewest_rows)
 SHORT_M_WASTE = 0.25   # ... when the full row block's clamped rows are at least this share
 FORCE = {}   # tuning overrides (benchmarks/kernels_dense.py --force): "dot"/"outer" blocks, "pack",
-# "dot_align" ("a", "b" or None: whose rows the dot form aligns), "split" ("rows"/"cols"),
+# "dot_align" ("a", "b" or None: whose rows the dot form aligns), "dot_store" ("pieces"/"masked":
+# how the dot form stores a whole tile's rows), "split" ("rows"/"cols"),
 # "apart" (True/False: whether an optimizer's update over any product is its epilogue)
 
 
@@ -909,6 +910,9 @@ def _emit_dot(s: Shared, p: _TileKey):
                     # (the head step's vector starts before the row: not an inbounds address)
                     return vload(b, ptr, k0, vty) if mask is None \
                         else masked_load(b, ptr, k0, vty, mask, inbounds=False)
+                # the rows of the smaller side held, then one row of the other side at a time,
+                # its FMAs right after it: 12 accumulators + MR + 1 registers for 2 x 6 (LLVM
+                # keeps this order; loading all rows first spilled accumulators in 2 x 6)
                 out = list(acc)
                 if mr <= nr:
                     av = [ld(pa) for pa in arow]
