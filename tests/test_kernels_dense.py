@@ -684,3 +684,48 @@ def test_epilogue_apart_reuses_one_panel_of_the_product():
             rows = out.reshape(-1, out.shape[-1])
             written = int(np.isfinite(rows).all(axis=1).sum())
             assert written < len(rows), (ins.params, nt, written, len(rows))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_transpose_sums_do_not_see_a_common_rotation_of_the_lanes(dtype):
+    """The dot form leaves its accumulators' lanes rotated by where B's row starts (matmul.py
+    _emit_dot) and relies on transpose_sums giving the same bits for every rotation; sums whose
+    order depended on the lanes' positions would differ on these terms of mixed magnitude."""
+    from tracejit.codegen.kernels.toolkit import dtype_info
+    _, vl, _ = dtype_info(dtype)
+    for count in sorted({3, vl // 2 + 1, vl}):    # the sums of up to a vector's lanes
+        _check_transpose_sums_rotated(dtype, count)
+
+
+def _check_transpose_sums_rotated(dtype, count):
+    from tracejit.codegen.kernels.matmul import transpose_sums
+    from tracejit.codegen.kernels.toolkit import dtype_info, rotate_lanes
+    from tracejit.codegen.loops import vload, vstore
+    ety, vl, _ = dtype_info(dtype)
+    vty = llir.VectorType(ety, vl)
+    mod = llir.Module()
+    fn = llir.Function(mod, llir.FunctionType(llir.VoidType(), [llir.PointerType()] * 2
+                                              + [llir.IntType(64)]), "sums")
+    b = llir.IRBuilder(fn.append_basic_block("entry"))
+    src, dst, shift = fn.args
+    vecs = [rotate_lanes(b, vload(b, src, llir.Constant(llir.IntType(64), i * vl), vty), shift)
+            for i in range(count)]
+    vstore(b, transpose_sums(b, vecs), dst, llir.Constant(llir.IntType(64), 0))
+    b.ret_void()
+    jit = JITModule(str(mod), ["sums"])
+    call = cfunc(jit.addresses["sums"], [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64])
+    rng = np.random.default_rng(count)
+    terms = (rng.standard_normal((count, vl)) * 10.0 ** rng.integers(-6, 7, (count, vl)))
+    terms = terms.astype(NP[dtype])
+    got = []
+    for r in range(vl):
+        out = np.full(vl, np.nan, NP[dtype])
+        call(terms.ctypes.data, out.ctypes.data, r)
+        got.append(out[:count].tobytes())
+    assert len(set(got)) == 1
+    np.testing.assert_allclose(np.frombuffer(got[0], NP[dtype]),
+                               terms.sum(axis=1, dtype=np.float64), rtol=RTOL[dtype],
+                               atol=RTOL[dtype] * np.abs(terms).sum(axis=1).max())
+    # the terms are such that another order of the additions gives other bits
+    assert any(np.add.reduce(row) != np.add.reduce(np.roll(row, 1)) or
+               np.add.reduce(row[::-1]) != np.add.reduce(row) for row in terms)

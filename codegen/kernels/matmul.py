@@ -67,21 +67,24 @@ import llvmlite.ir as ir
 from .. import record
 from ...ir.prims.linalg import matmul_p
 
-from ..loops import FAST, carry_loop, fma, gep, i64, llvm_type, load, masked_load, masked_store, \
+from ..loops import carry_loop, fma, gep, i64, llvm_type, load, masked_load, masked_store, \
     splat, store, vload, vstore
 from ..parallel import PARALLEL_MIN_NS
 from ..target import vector_registers
 from . import CACHED_BYTES, FLOPS_PER_NS, MATMUL_TILE_WEIGHTS, MATMUL_WEIGHT, matmul_cost, \
     register
 from .toolkit import I64Arg, KernelFunction, Params, Shared, SharedFunction, ceil_div, \
-    dtype_info, kernel_function, lane_mask, opaque, params, rotate_lanes, shared_function, smax, \
+    dtype_info, kernel_function, lane_mask, opaque, params, shared_function, smax, \
     smin, thread_range, zero_vector
 
 
 def transpose_sums(b: ir.IRBuilder, vecs):
     """A vector whose lane i is the sum of the lanes of vecs[i] (len(vecs) <= lanes). Pairs of
     vectors are folded into one (half of each, added) level by level, then the segments left in
-    the one vector are folded in place: about 3 instructions per sum against 13 for `hsum`."""
+    the one vector are folded in place: about 3 instructions per sum against 13 for `hsum`.
+    Each sum adds lanes t and t + h of a segment of 2h lanes (h = lanes/2 down to 1), without
+    reassociation (no fast-math flags): the sums of vectors whose lanes are rotated alike are
+    the same bits (see _emit_dot)."""
     w = vecs[0].type.count
     zero = ir.Constant(vecs[0].type, [0.0] * w)
     n = 1
@@ -101,14 +104,14 @@ def transpose_sums(b: ir.IRBuilder, vecs):
                     lo.extend(base + t for t in range(half))
                     hi.extend(base + half + t for t in range(half))
             nxt.append(b.fadd(b.shuffle_vector(x, y, ir.Constant(idx_ty, lo)),
-                              b.shuffle_vector(x, y, ir.Constant(idx_ty, hi)), flags=FAST))
+                              b.shuffle_vector(x, y, ir.Constant(idx_ty, hi))))
             nxt_order.append([a for pair in zip(ox, oy) for a in pair])
         level, order, seg = nxt, nxt_order, half
     v, order = level[0], order[0]
     while seg > 1:   # fold each segment onto its first lane
         half = seg // 2
         shift = [min(t + half, w - 1) for t in range(w)]
-        v = b.fadd(v, b.shuffle_vector(v, v, ir.Constant(idx_ty, shift)), flags=FAST)
+        v = b.fadd(v, b.shuffle_vector(v, v, ir.Constant(idx_ty, shift)))
         seg = half
     # lane k*seg_len of the folded vector holds the sum of accumulator order[k]
     seg_len = w // len(order)
@@ -143,7 +146,8 @@ SMALL_DOT_FLOPS = 1 << 21   # x @ W^T with narrow N: the dot form up to this man
 SMALL_M = 48   # the outer form picks its row block for rows of C fewer than this (_fewest_rows)
 SHORT_M_WASTE = 0.25   # ... when the full row block's clamped rows are at least this share
 FORCE = {}   # tuning overrides (benchmarks/kernels_dense.py --force): "dot"/"outer" blocks, "pack",
-# "dot_align" ("a", "b" or None: whose rows the dot form aligns), "split" ("rows"/"cols"),
+# "dot_align" ("a", "b" or None: whose rows the dot form aligns), "dot_store" ("pieces"/"masked":
+# how the dot form stores a whole tile's rows), "split" ("rows"/"cols"),
 # "apart" (True/False: whether an optimizer's update over any product is its epilogue)
 
 
@@ -257,11 +261,15 @@ def _block_plan(dt, m, n, k, ta, tb) -> _Plan:
         # accumulators, 10 loads per 24 FMAs). The rows of A stream from L2 (B's stay in L1);
         # six uses per vector of A keep that stream small enough that unaligned A (a numpy array
         # 16 bytes off a cache line) costs 5%, against 20% with 4 x 4.
-        # With 16 registers (AVX2) 4 x 3: 12 accumulators, 4 rows of A and one of B (3 x 4
-        # loaded all four rows of B into registers and spilled an accumulator: 20% slower);
-        # matrix-vector shapes keep 3 x 4. The NR sums of a row are transposed into one vector,
-        # so NR is at most the vector's lanes.
-        mr, nr = (4, 6) if vector_registers() >= 32 else (3, 4) if m == 1 or n == 1 else (4, 3)
+        # With 16 registers (AVX2) 2 x 6: 12 accumulators, 2 rows of A held and the 6 rows of
+        # B loaded one at a time (see _emit_dot's step): 8 loads per 12 FMAs, a third of them
+        # from the stream of A's rows through L2, against 7 (4 of A) with 4 x 3. Zen 3, 1
+        # thread, kernels alone, minima of alternating runs: x @ W^T [64, 784] @ [256, 784]^T
+        # 317 -> 297 us, [64, 256] @ [120, 256]^T 66 -> 54 us. (Loading all rows of B first,
+        # as before, spilled accumulators in 2 x 6 and 3 x 4: half the speed.) Matrix-vector
+        # shapes keep 3 x 4. The NR sums of a row are transposed into one vector, so NR is at
+        # most the vector's lanes.
+        mr, nr = (4, 6) if vector_registers() >= 32 else (3, 4) if m == 1 or n == 1 else (2, 6)
         mr, nr = FORCE.get("dot", (mr, nr))
         return _Plan(dt, (), (), (), m, n, k, ta, "dot", "", mr, min(nr, vl), vl, es)
     nv = nv_max if n > (nv_max // 2) * vl else max(1, ceil_div(n, vl))
@@ -902,8 +910,23 @@ def _emit_dot(s: Shared, p: _TileKey):
                     # (the head step's vector starts before the row: not an inbounds address)
                     return vload(b, ptr, k0, vty) if mask is None \
                         else masked_load(b, ptr, k0, vty, mask, inbounds=False)
-                av, bv = [ld(pa) for pa in arow], [ld(pb) for pb in brow]
-                return [fma(b, av[r], bv[c], acc[r * nr + c]) for r in range(mr) for c in range(nr)]
+                # the rows of the smaller side held, then one row of the other side at a time,
+                # its FMAs right after it: 12 accumulators + MR + 1 registers for 2 x 6 (LLVM
+                # keeps this order; loading all rows first spilled accumulators in 2 x 6)
+                out = list(acc)
+                if mr <= nr:
+                    av = [ld(pa) for pa in arow]
+                    for c in range(nr):
+                        bv = ld(brow[c])
+                        for r in range(mr):
+                            out[r * nr + c] = fma(b, av[r], bv, acc[r * nr + c])
+                else:
+                    bv = [ld(pb) for pb in brow]
+                    for r in range(mr):
+                        av = ld(arow[r])
+                        for c in range(nr):
+                            out[r * nr + c] = fma(b, av, bv[c], acc[r * nr + c])
+                return out
 
             # the K loop's loads start on a cache line of B's first row (a masked head step
             # before it): a 64-byte load that straddles two lines costs two, and a numpy array
@@ -913,9 +936,13 @@ def _emit_dot(s: Shared, p: _TileKey):
             # The result must not depend on where the operands lie (the same product of copies
             # of the arrays gives the same bits): lane j always holds the k = lead + j (mod VL),
             # the head step's vector too (it ends at `lead`, its lanes before the row masked
-            # off), each lane adds its k in increasing order (head, loop, tail), and the sums
-            # are rotated by `lead` before the horizontal sums, so every lane and every sum is
-            # the one of lead = 0.
+            # off), and each lane adds its k in increasing order (head, loop, tail). The lanes
+            # are those of lead = 0 rotated by `lead`, and the horizontal sums do not see the
+            # rotation: transpose_sums adds lanes t and t + h of a segment of 2h lanes, h = VL/2
+            # down to 1, exactly (no reassociation), so a rotation only swaps the two operands
+            # of some additions (exact) and moves the partial sums within their segments, and
+            # every sum is the one of lead = 0. (Rotating the accumulators back, as before, cost
+            # 12 permutes a tile: [64, 256] @ [120, 256]^T, Zen 3, 1 thread, 55 -> 48 us.)
             kend = b.sub(s.k, b.urem(b.sub(s.k, lead), i64(vl)), name="matmul.kend")
             head_mask = b.not_(lane_mask(b, b.sub(i64(vl), lead), vl))
 
@@ -939,13 +966,45 @@ def _emit_dot(s: Shared, p: _TileKey):
                 ph.next = _branch(b, b.icmp_signed("==", ph.iv, i64(1)),
                                   lambda: loop(ph.vals),
                                   lambda: end_step(ph.vals, b.icmp_signed("==", ph.iv, i64(0))))
-            accs = [rotate_lanes(b, acc, lead) for acc in ph.out] if align else ph.out
+            accs = ph.out
             # the row's NR sums in the first lanes of one vector, stored with the columns past N
             # masked off
-            cmask = lane_mask(b, smin(b, b.sub(s.n, lj.iv), nr), vl)
-            for r in range(mr):
-                sums = transpose_sums(b, accs[r * nr:(r + 1) * nr])
-                masked_store(b, sums, out, b.add(b.mul(rows[r], s.n), lj.iv), cmask)
+            lanes = smin(b, b.sub(s.n, lj.iv), nr)
+            cmask = lane_mask(b, lanes, vl)
+            sums = [transpose_sums(b, accs[r * nr:(r + 1) * nr]) for r in range(mr)]
+            idx = [b.add(b.mul(rows[r], s.n), lj.iv) for r in range(mr)]
+            # With AVX2 a whole tile's row is stored in plain pieces (4 + 2 lanes for NR = 6):
+            # a masked store is microcoded there (x @ W^T [64, 256] @ [120, 256]^T, Zen 3, 1
+            # thread: 58 -> 51 us); only the last, partial column tile stores masked
+            if FORCE.get("dot_store", "masked" if vector_registers() >= 32 else "pieces") \
+                    == "pieces":
+                with b.if_else(b.icmp_signed("==", lanes, i64(nr))) as (whole, part):
+                    with whole:
+                        for r in range(mr):
+                            _store_first(b, sums[r], out, idx[r], nr)
+                    with part:
+                        for r in range(mr):
+                            masked_store(b, sums[r], out, idx[r], cmask)
+            else:
+                for r in range(mr):
+                    masked_store(b, sums[r], out, idx[r], cmask)
+
+
+def _store_first(b: ir.IRBuilder, value, ptr, idx, lanes: int):
+    """ptr[idx:idx + lanes] = the first `lanes` lanes of `value` (a constant count), in plain
+    stores of power-of-two pieces."""
+    i32v = ir.IntType(32)
+    first = 0
+    while first < lanes:
+        piece = 1 << ((lanes - first).bit_length() - 1)
+        part = b.shuffle_vector(value, value, ir.Constant(ir.VectorType(i32v, piece),
+                                                          list(range(first, first + piece))))
+        if piece == 1:
+            store(b, b.extract_element(part, ir.Constant(i32v, 0)), ptr,
+                  b.add(idx, i64(first)), value.type.element)
+        else:
+            vstore(b, part, ptr, b.add(idx, i64(first)))
+        first += piece
 
 
 def _align_lead(b: ir.IRBuilder, ptr, k, vl: int, es: int):
