@@ -384,8 +384,8 @@ def _matmul_lower(module: ir.Module, name: str, ins, epilogue=None) -> None:
 
 def _lower_one(module, kf: KernelFunction, p: _Plan, fn: SharedFunction, shape: _TileParams,
                out_shape: tuple):
-    """One matrix product: chunks split its row tiles (with an epilogue), else a grid of its
-    column and row tiles (see below)."""
+    """One matrix product: chunks split its row tiles (with an epilogue applied apart or over a
+    small B: _grid_epilogue), else a grid of its column and row tiles (see below)."""
     b = kf.b
     # the panel buffer is the executing thread's own scratch region (parallel.emit_call)
     a_mat, b_mat = kf.ins[::-1] if p.swap else kf.ins
