@@ -167,7 +167,6 @@ def test_core_takes_four_by_two_blocks_where_six_channels_do_not_divide(avx2_tar
         conv2d.FORCE.clear()
 
 
-
 def test_core_takes_three_by_three_vectors_for_rows_of_three_vectors(avx2_target):
     """With 16 vector registers, 6 channels on rows of three vectors (LeNet-5's first conv, 24
     columns) take 3 channels x 1 row x 3 vectors: the cost model ties it with 6 x 2 x 1, and
@@ -191,6 +190,7 @@ def test_core_takes_three_by_three_vectors_for_rows_of_three_vectors(avx2_target
                        for prim in ("conv2d", "conv2d_input_grad")], dtype, thread_counts=(2,))
     finally:
         conv2d.FORCE.clear()
+
 
 def test_core_blocks_of_the_32_register_list(monkeypatch):
     """With 32 vector registers: 8 channels x 2 rows for 64 channels (4 x 4 loads each input row
