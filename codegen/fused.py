@@ -903,19 +903,18 @@ class Epilogue:
         else:
             stores = [(root.out, out)]
         base = fn.name
-        if window and is_flat(self.group):
-            # rows of out's last axis, the window's columns of each: flat indices
-            inner = shape[-1]
-            r0 = b.sdiv(start, i64(inner))
-            r1 = b.sdiv(b.add(start, count), i64(inner))
-            with for_range(b, r0, r1, 1, f"{base}.row") as r:
-                row_off = b.mul(r, i64(inner))
-                with for_range(b, b.add(row_off, cols[0]), b.add(row_off, cols[1]), 1,
-                               f"{base}.i") as i:
+        if is_flat(self.group):
+            def flat(lo, hi):   # out[lo, hi) by flat index
+                with for_range(b, lo, hi, 1, f"{base}.i") as i:
                     _store_all(b, _Element(b, leaf_ptrs, members, flat=True), stores, [i], i)
-        elif is_flat(self.group):
-            with for_range(b, start, b.add(start, count), 1, f"{base}.i") as i:
-                _store_all(b, _Element(b, leaf_ptrs, members, flat=True), stores, [i], i)
+            if window:   # the window's columns of each row of out's last axis
+                inner = i64(shape[-1])
+                with for_range(b, b.sdiv(start, inner), b.sdiv(b.add(start, count), inner), 1,
+                               f"{base}.row") as r:
+                    row_off = b.mul(r, inner)
+                    flat(b.add(row_off, cols[0]), b.add(row_off, cols[1]))
+            else:
+                flat(start, b.add(start, count))
         else:
             self._rows(b, start, count, shape, leaf_ptrs, members, stores, base, cols)
         b.ret_void()
