@@ -303,3 +303,55 @@ def test_weight_gradient_blocks_output_channels_without_clamped_ones(dtype):
         p = _wgrad_plan(make_instr(prim, shapes, dtype, **params))
         assert p.r > 1 and w[0] % p.r == 0, (w, p.r)
     check_all(specs, dtype, thread_counts=(1, 2, 7))
+
+
+# x [N,C,H,W], w [O,C,KH,KW], padding (stride 1): tiles over several images (ni of them divide
+# the tile's PR rows: PR = 2 for KW = 5, 3 for KW = 3 or 4 with 16 registers), batches that
+# ni does not divide (the last group holds copies of the last image), rows of one vector stored
+# in place and rows of several through the row buffer; N * C >= 8 (fewer take the core)
+IMAGE_TILES = [((3, 6, 12, 12), (16, 6, 5, 5), (0, 0)),    # LeNet-5 conv2, 3 images
+               ((3, 3, 7, 9), (4, 3, 3, 3), (1, 1)),
+               ((4, 2, 9, 7), (5, 2, 3, 4), (0, 0)),
+               ((5, 3, 6, 20), (2, 3, 5, 5), (2, 2)),       # cotangent rows of 2.5 vectors (f32)
+               ((4, 2, 6, 3), (3, 2, 3, 2), (0, 0))]
+
+
+@pytest.mark.parametrize("ni", [2, 3])
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_tiles_over_several_images(dtype, ni, forced, avx2_target):
+    """Each tile's accumulator rows are rows of ni images (one kernel-row range for all), their
+    padded copies side by side: against numpy on 1 and 3 threads (shares that start and end
+    inside a group of images), and with an epilogue that shows a plane done twice or not at all,
+    in runs of planes of one group and in runs of one plane."""
+    conv2d.FORCE["tgrad_ni"] = ni
+    specs, tiled = [], 0
+    for x, w, p in IMAGE_TILES:
+        oh, ow = x[2] - w[2] + 1 + 2 * p[0], x[3] - w[3] + 1 + 2 * p[1]
+        t = transposed.transposed_input_grad(dtype, x[0], w[0], x[1], x[2], x[3], oh, ow,
+                                             w[2], w[3], p[0], p[1])
+        tiled += t.ni == ni
+        specs.append(_conv_specs("conv2d_input_grad", (x, w, (1, 1), p)))
+    assert tiled >= 2
+    ks = check_all(specs, dtype, thread_counts=(1, 3))
+    assert f"ni{ni}" in ks.jit.asm
+    for group in (None, 1):
+        if group is not None:
+            conv2d.FORCE["tgrad_epi"] = group
+        instrs, names, jit = _lower_with_epilogue(specs, dtype, AffineEpilogue())
+        _check_affine_epilogue(instrs, names, jit, dtype)
+
+
+def test_lenet_second_convolution_tiles_two_images(avx2_target):
+    """With 16 registers LeNet-5's input gradient of conv2 takes tiles of one row of two images:
+    every row of a tile runs over the same kernel rows (40 (row, kernel row) pairs per image,
+    against 44 in tiles of two rows of one image: Zen 3, one thread, 262 -> 238 us); a batch of
+    one image keeps tiles of one image, and so does a batch too small to share between threads."""
+    def plan(n):
+        return core._input_grad_core(make_instr(
+            "conv2d_input_grad", [(n, 16, 8, 8), (16, 6, 5, 5)], "f32", in_hw=(12, 12),
+            stride=(1, 1), padding=(0, 0)))
+
+    t = plan(64)
+    assert isinstance(t, transposed.Transposed) and (t.ni, t.pr, t.ry) == (2, 2, 1)
+    assert t.tap_rows() == 40 and t.items == 32 * 6
+    assert plan(2).ni == 1

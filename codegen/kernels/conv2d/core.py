@@ -288,7 +288,8 @@ def _input_grad_core(ins, epilogue=None):
                  (o, c, kh, kw), prep, o * oh * ow, vl).blocked(epilogue)
     if transposed_applies(sh, sw, kh, kw, ph, pw, vl) and n * c >= _MIN_ITEMS:
         # without the padding columns of the full convolution (transposed.py)
-        t = transposed_input_grad(ins.out.dtype, n, o, c, h, wd, oh, ow, kh, kw, ph, pw)
+        t = transposed_input_grad(ins.out.dtype, n, o, c, h, wd, oh, ow, kh, kw, ph, pw,
+                                  _MIN_ITEMS)
         cheaper = t.cost() < _TRANSPOSED_GAIN * core.cost()
         if FORCE.get("tgrad", cheaper):
             return t
