@@ -70,11 +70,18 @@ def test_narrow_tails_match_interpreter(dtype):
 
 def test_lenet_rows_take_a_half_vector_tail():
     """Rows of 1.5 vectors of outputs (LeNet's 12 on AVX2) run a full vector and a half one,
-    not two full ones: the kernels hold vectors of half the host's width."""
+    not two full ones: pairs of rows run their two half tails as one full vector of two pieces
+    (the `.oh2` loop), an odd last row a vector of half the host's width."""
     V = vector_width(32)
-    shape = (1, 2, 4, 3 * V)
-    for prim in ("max_pool2d", "max_pool2d_grad", "avg_pool2d_grad"):
-        mod = llir.Module()
-        ins = _trace(prim, shape, "f32", 2, 2, 0)
-        kernels[ins.prim].lower(mod, "k", ins)
-        assert f"<{V // 2} x float>" in str(mod), prim
+    for rows, odd in ((2, False), (3, True)):
+        shape = (1, 2, 2 * rows, 3 * V)
+        for prim in ("max_pool2d", "max_pool2d_argmax", "max_pool2d_grad", "avg_pool2d_grad"):
+            mod = llir.Module()
+            ins = _trace(prim, shape, "f32", 2, 2, 0)
+            kernels[ins.prim].lower(mod, "k", ins)
+            text = str(mod)
+            assert f"{prim}.oh2" in text, prim
+            # an instruction on a half-width vector of outputs: only in a row of its own
+            op = {"max_pool2d_grad": "in.block", "avg_pool2d_grad": "fdiv"}.get(prim, "fcmp")
+            half = [line for line in text.splitlines() if f"<{V // 2} x" in line and op in line]
+            assert bool(half) == odd, (prim, rows)
