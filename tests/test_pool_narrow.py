@@ -33,6 +33,8 @@ CONFIGS = [
     ((1, 2, 6, 22), 2, 2, 0),        # 11 = 8 + 4 shifted back by one
     ((2, 1, 4, 10), 2, 2, 0),        # 5 = 4 + 2 shifted back by one (f64)
     ((1, 2, 5, 25), 2, 2, 1),        # padding: the narrow tail ends inside the row (f64)
+    ((2, 3, 6, 23), 2, 2, (0, 1)),   # padded columns only: rows in pairs whose first chunk reads
+    #                                  the padding, an odd last row (f32)
     ((1, 2, 7, 28), 3, 2, 0),        # overlapping windows (f64)
     ((1, 2, 4, 36), 2, 3, 0),        # stride > kernel: 12 outputs, blocks of 4x3 in the gradient
     ((1, 1, 3, 13), 2, 1, 0),        # stride 1: a load per tap (f32)
