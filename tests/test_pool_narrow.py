@@ -87,3 +87,22 @@ def test_lenet_rows_take_a_half_vector_tail():
             op = {"max_pool2d_grad": "in.block", "avg_pool2d_grad": "fdiv"}.get(prim, "fcmp")
             half = [line for line in text.splitlines() if f"<{V // 2} x" in line and op in line]
             assert bool(half) == odd, (prim, rows)
+
+
+@pytest.mark.parametrize("bits,V", [(32, 8), (32, 16), (64, 4), (64, 8)])
+def test_stride_2_taps_are_in_lane_shuffles(bits, V):
+    """The forward kernels' output order for 2x2 stride-2 windows (pool._in_lane_order): every
+    tap of a vector takes each 128-bit lane of it from the same 128-bit lane of one of the wide
+    access's two registers (what AVX's vshufps / vunpcklpd do without a lane-crossing permute);
+    the order is a permutation of the outputs."""
+    from tracejit.codegen.kernels import pool
+    g = pool._Geom(1, 4, 4 * V, 2, 2 * V, 2, 2, 2, 2, 0, 0)
+    plain = pool._layout(g, V)
+    assert (plain.R, plain.L) == (1, 2 * V)
+    order = pool._in_lane_order(g, plain, bits)
+    assert sorted(order) == list(range(V))
+    lay = pool._Layout(plain.V, plain.L, plain.R, plain.pieces, order)
+    e = 128 // bits
+    for j in range(2):
+        for k, q in enumerate(lay.lanes(g, 0, j)):
+            assert q % V // e == k // e, (j, k, q)

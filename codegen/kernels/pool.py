@@ -18,7 +18,9 @@ of V outputs at a time and read its inputs with wide loads whose lanes they shuf
   2x2/2 pooling of a row is two wide loads, four shuffles and three max. A row's last few
   outputs (at most half a vector) take a vector of half the width or less (`narrow_tail`); where
   no padding rows are, the rows go two at a time and their two tails make one full vector of two
-  pieces (`pair`: LeNet's rows of 12 outputs are 1.5 vectors of 8 lanes, not 2 vectors).
+  pieces (`pair`: LeNet's rows of 12 outputs are 1.5 vectors of 8 lanes, not 2 vectors). The
+  forward kernels of stride-2 windows keep their outputs in the order that makes each tap an
+  in-lane shuffle of the wide access's two registers, reordered once when stored (`order`).
 - "block" layout (output rows shorter than half a vector, no padding, e.g. LeNet's 8x8 -> 4x4):
   the vector is R whole output rows (lane rr*OW + c) and one masked load reads the R*sh input rows
   they cover (all tap rows at once); tap (i, j) is lanes (rr*sh + i)*W + c*sw + j of it.
@@ -110,13 +112,15 @@ class _Layout:
     R: int          # output rows per vector: 1 = "row" layout, > 1 = "block" layout
     pieces: int = 1  # "row" layout: the vector is this many equal pieces, piece k of output row
     #                  r + k (the wide access: as many pieces of L / pieces lanes, sh rows apart)
+    order: tuple = ()  # "row" layout: lane k holds output lane order[k] (see `_in_lane_order`)
 
     def lanes(self, g: _Geom, i: int, j: int):
         """Lane of the wide load holding tap (i, j) of each output lane. "row": the load is of tap
         row i; "block": one load serves all tap rows. Lanes past R*OW repeat a valid lane."""
         if self.R == 1:
             vp, lp = self.V // self.pieces, self.L // self.pieces
-            return [l // vp * lp + l % vp * g.sw + j * g.dw for l in range(self.V)]
+            q = [l // vp * lp + l % vp * g.sw + j * g.dw for l in range(self.V)]
+            return [q[l] for l in self.order] if self.order else q
         q = [(rr * g.sh + i * g.dh) * g.W + c * g.sw + j * g.dw for rr in range(self.R)
              for c in range(g.OW)]
         return q + [q[-1]] * (self.V - len(q))
@@ -133,6 +137,19 @@ class _Layout:
                 for l, q in enumerate(self.lanes(g, i, j)[:self.used(g)]):
                     cov[q].append(l)
         return cov
+
+
+def _in_lane_order(g: _Geom, lay: _Layout, bits: int) -> tuple:
+    """For a "row" layout of stride-2 windows read as two registers: the order of the outputs in
+    the vector that makes every tap an in-lane shuffle of the two (AVX's vshufps takes the even
+    or odd elements of each 128-bit lane of both), so that the lanes need reordering once per
+    stored vector instead of once per tap (vpermpd). () where it does not apply."""
+    e, V = 128 // bits, lay.V
+    if lay.R != 1 or g.sw != 2 or g.kw > 2 or g.dw != 1 or lay.L != 2 * V or V <= e or \
+            g.rows_outside or g.cols_outside:
+        return ()
+    return tuple(t * e // 2 + u if u < e // 2 else V // 2 + t * e // 2 + u - e // 2
+                 for t in range(V // e) for u in range(e))
 
 
 def _layout(g: _Geom, V: int) -> _Layout:
@@ -202,13 +219,17 @@ class _Window:
 
     def __init__(self, b: ir.IRBuilder, g: _Geom, dtype: str, prim: str, shift_tail: bool = False,
                  reads_only: bool = False, narrow_tail: bool = False, lanes: int | None = None,
-                 pieces: tuple[int, int] | None = None):
+                 pieces: tuple[int, int] | None = None, in_lane: bool = False):
         self.b, self.g, self.prim = b, g, prim
         self.T = llvm_type(dtype)
-        V = lanes or vector_width(64 if dtype == "f64" else 32)
+        bits = 64 if dtype == "f64" else 32
+        V = lanes or vector_width(bits)
         # pieces (k, lanes of each): the "row" layout in k pieces of output rows (see `pair`)
         self.lay = _layout(g, V) if pieces is None else _Layout(V, pieces[0] * pieces[1], 1,
                                                                 pieces[0])
+        if in_lane and FORCE.get("in_lane", True):   # bodies reading taps, storing outputs
+            self.lay = _Layout(self.lay.V, self.lay.L, self.lay.R, self.lay.pieces,
+                               _in_lane_order(g, self.lay, bits))
         self.V, self.L = V, self.lay.L
         self.vty, self.wide_ty = vec(self.T, V), vec(self.T, self.L)
         self.shift = shift_tail and g.OW > V and g.OW % V != 0
@@ -229,13 +250,15 @@ class _Window:
         self.pair = None
         rem = g.OW % V
         if narrow_tail and self.shift and self.lay.R == 1 and 0 < rem <= V // 2:
-            n = _Window(b, g, dtype, prim, shift_tail, reads_only, lanes=max(2, 1 << (rem - 1).bit_length()))
+            n = _Window(b, g, dtype, prim, shift_tail, reads_only,
+                        lanes=max(2, 1 << (rem - 1).bit_length()), in_lane=in_lane)
             base = (g.OW - n.V) * g.sw - g.pw
             if base >= 0 and base + n.reach <= g.W:   # plain loads (no padding at the row's end)
                 self.narrow = n
                 if 2 * n.V == V and g.OH >= 2 and not g.rows_outside and base + n.L <= g.W \
                         and FORCE.get("pair", True):
-                    self.pair = _Window(b, g, dtype, prim, lanes=V, pieces=(2, n.L))
+                    self.pair = _Window(b, g, dtype, prim, lanes=V, pieces=(2, n.L),
+                                        in_lane=in_lane)
 
     def loop(self, plane_start, plane_stop, body, begin_plane=None, end_plane=None):
         """Calls body(p, c0, base, r, h0, out_mask, loads) per output vector of the planes, where
@@ -500,6 +523,7 @@ class _Window:
 
     def out_load(self, ptr, r, c0, ty, out_mask, fill):
         """The vector of outputs (r, c0 ..) of an array shaped like out (ty: V lanes)."""
+        assert not self.lay.order
         k = self.lay.pieces
         if k == 1:
             return wide_load(self.b, ptr, self.out_offset(r, c0), ty, out_mask, fill)
@@ -519,7 +543,16 @@ class _Window:
     def out_offset(self, r, c0):
         return self.b.add(self.b.mul(r, i64(self.g.OW)), c0)
 
+    def _memory_order(self, v):
+        """v (in the vector's lane order) in the outputs' order (see _Layout.order)."""
+        order = self.lay.order
+        if not order:
+            return v
+        inv = [order.index(m) for m in range(len(order))]
+        return self.b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), _ivec(inv))
+
     def store(self, value, ptr, r, c0, out_mask):
+        value = self._memory_order(value)
         k = self.lay.pieces
         if k == 1:
             wide_store(self.b, value, ptr, self.out_offset(r, c0), out_mask)
@@ -542,7 +575,8 @@ def _lower_pool(module, name, ins, mode: str, epilogue=None):
     f = kernel_function(module, name, 2 if mode == "max+argmax" else 1, epilogue)
     b, out, x = f.b, f.out, f.ins[-1]
     idx_out = f.ins[0] if mode == "max+argmax" else (out if mode == "argmax" else None)
-    w = _Window(b, g, x_t.dtype, ins.prim.name, shift_tail=True, reads_only=True, narrow_tail=True)
+    w = _Window(b, g, x_t.dtype, ins.prim.name, shift_tail=True, reads_only=True, narrow_tail=True,
+                in_lane=True)
     T = w.T
     want_max, want_idx = mode in ("max", "max+argmax"), mode in ("argmax", "max+argmax")
     fill = 0.0 if mode == "avg" else float("-inf")
