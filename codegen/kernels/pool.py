@@ -796,16 +796,16 @@ def _scatter_add(b, g_hw: int, ohw_shape, out_p, ct_p, idx_p, T, block: _Geom | 
 
 # On two threads (the 2-core Zen 3 VM) LeNet-5's conv1 pool gradient (f32[64,6,24,24], 885 KB
 # written) is no faster than on one (26-31 us, TRACEJIT_PROFILE minima), and not for its
-# instructions: a second pass over the same output in the same call took 12 us on two threads
-# (each core's half then in its L2), on one thread as long as the first (885 KB exceed one L2),
-# and each quarter of the planes cost ~6.5 us on one thread or two. The first pass pays for where the lines were: the arena
-# (schedule._place_arena, first fit) lays the output over conv1's output and pool1's 96 planes
-# apart from their own, so a quarter of each core's planes were written by the other core in the
-# forward pass. With k26's 221 KB output placed above the rest (an experiment, not done), so that
-# the gradient lies exactly over conv1's output, it took 21.5-22.8 us instead of 24.5-25.4 (2
-# threads, alternating windows, load 1-3); in a region of its own (touched only by it and conv1's
-# weight gradient, which reads every image on both cores) 38.5 instead of 31.5, and 36 instead
-# of 28 on one thread (cold lines).
+# instructions: a second pass over the same output in the same call took 12 us on two threads (each
+# core's half then in its L2), on one thread as long as the first (885 KB exceed one L2), and each
+# quarter of the planes cost ~6.5 us on one thread or two. The first pass pays for where the lines
+# were: the arena (schedule._place_arena, first fit) lays the output over conv1's output and
+# pool1's, 96 planes apart from their own, so a quarter of each core's planes were written by the
+# other core in the forward pass. With k26's 221 KB output placed above the rest (an experiment, not
+# done), so that the gradient lies exactly over conv1's output, it took 21.5-22.8 us instead of
+# 24.5-25.4 (2 threads, alternating windows, load 1-3); in a region of its own (touched only by it
+# and conv1's weight gradient, which reads every image on both cores) 38.5 instead of 31.5, and 36
+# instead of 28 on one thread (cold lines).
 @register(max_pool2d_grad_p, epilogue=True, parallel=True, cost=memory_cost,
           compile_weight=POOL_WEIGHT)
 def _max_pool2d_grad_lower(module, name, ins, epilogue=None):
