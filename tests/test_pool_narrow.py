@@ -33,6 +33,8 @@ CONFIGS = [
     ((1, 2, 6, 22), 2, 2, 0),        # 11 = 8 + 4 shifted back by one
     ((2, 1, 4, 10), 2, 2, 0),        # 5 = 4 + 2 shifted back by one (f64)
     ((1, 2, 5, 25), 2, 2, 1),        # padding: the narrow tail ends inside the row (f64)
+    ((2, 3, 6, 23), 2, 2, (0, 1)),   # padded columns only: rows in pairs whose first chunk reads
+    #                                  the padding, an odd last row (f32)
     ((1, 2, 7, 28), 3, 2, 0),        # overlapping windows (f64)
     ((1, 2, 4, 36), 2, 3, 0),        # stride > kernel: 12 outputs, blocks of 4x3 in the gradient
     ((1, 1, 3, 13), 2, 1, 0),        # stride 1: a load per tap (f32)
@@ -70,11 +72,37 @@ def test_narrow_tails_match_interpreter(dtype):
 
 def test_lenet_rows_take_a_half_vector_tail():
     """Rows of 1.5 vectors of outputs (LeNet's 12 on AVX2) run a full vector and a half one,
-    not two full ones: the kernels hold vectors of half the host's width."""
+    not two full ones: pairs of rows run their two half tails as one full vector of two pieces
+    (the `.oh2` loop), an odd last row a vector of half the host's width."""
     V = vector_width(32)
-    shape = (1, 2, 4, 3 * V)
-    for prim in ("max_pool2d", "max_pool2d_grad", "avg_pool2d_grad"):
-        mod = llir.Module()
-        ins = _trace(prim, shape, "f32", 2, 2, 0)
-        kernels[ins.prim].lower(mod, "k", ins)
-        assert f"<{V // 2} x float>" in str(mod), prim
+    for rows, odd in ((2, False), (3, True)):
+        shape = (1, 2, 2 * rows, 3 * V)
+        for prim in ("max_pool2d", "max_pool2d_argmax", "max_pool2d_grad", "avg_pool2d_grad"):
+            mod = llir.Module()
+            ins = _trace(prim, shape, "f32", 2, 2, 0)
+            kernels[ins.prim].lower(mod, "k", ins)
+            text = str(mod)
+            assert f"{prim}.oh2" in text, prim
+            # an instruction on a half-width vector of outputs: only in a row of its own
+            op = {"max_pool2d_grad": "in.block", "avg_pool2d_grad": "fdiv"}.get(prim, "fcmp")
+            half = [line for line in text.splitlines() if f"<{V // 2} x" in line and op in line]
+            assert bool(half) == odd, (prim, rows)
+
+
+@pytest.mark.parametrize("bits,V", [(32, 8), (32, 16), (64, 4), (64, 8)])
+def test_stride_2_taps_are_in_lane_shuffles(bits, V):
+    """The forward kernels' output order for 2x2 stride-2 windows (pool._in_lane_order): every
+    tap of a vector takes each 128-bit lane of it from the same 128-bit lane of one of the wide
+    access's two registers (what AVX's vshufps / vunpcklpd do without a lane-crossing permute);
+    the order is a permutation of the outputs."""
+    from tracejit.codegen.kernels import pool
+    g = pool._Geom(1, 4, 4 * V, 2, 2 * V, 2, 2, 2, 2, 0, 0)
+    plain = pool._layout(g, V)
+    assert (plain.R, plain.L) == (1, 2 * V)
+    order = pool._in_lane_order(g, plain, bits)
+    assert sorted(order) == list(range(V))
+    lay = pool._Layout(plain.V, plain.L, plain.R, plain.pieces, order)
+    e = 128 // bits
+    for j in range(2):
+        for k, q in enumerate(lay.lanes(g, 0, j)):
+            assert q % V // e == k // e, (j, k, q)

@@ -16,13 +16,20 @@ of V outputs at a time and read its inputs with wide loads whose lanes they shuf
   masked loads whose mask drops the columns outside the row and the rows outside the plane,
   which then read as the padding value - so padding costs no scalar edge loops (`_Window`).
   2x2/2 pooling of a row is two wide loads, four shuffles and three max. A row's last few
-  outputs (at most half a vector) take a vector of half the width or less (`narrow_tail`).
+  outputs (at most half a vector) take a vector of half the width or less (`narrow_tail`); where
+  no padding rows are, the rows go two at a time and their two tails make one full vector of two
+  pieces (`pair`: LeNet's rows of 12 outputs are 1.5 vectors of 8 lanes, not 2 vectors). The
+  forward kernels of stride-2 windows keep their outputs in the order that makes each tap an
+  in-lane shuffle of the wide access's two registers, reordered once when stored (`order`).
 - "block" layout (output rows shorter than half a vector, no padding, e.g. LeNet's 8x8 -> 4x4):
   the vector is R whole output rows (lane rr*OW + c) and one masked load reads the R*sh input rows
   they cover (all tap rows at once); tap (i, j) is lanes (rr*sh + i)*W + c*sw + j of it.
 
 avg_pool2d_grad runs the same loops backwards: shuffles spread ct lanes over their taps' lanes of
 the wide vector, which is stored (disjoint windows) or added to the plane (overlapping windows).
+
+The argmax's and the gradients' indices are compared and built relative to the vector's first
+wide access (constant vectors per tap, one add or subtract of its offset per vector).
 
 max_pool2d_grad / max_pool2d_gather know only the indices, not the window. They try the disjoint
 blocks of H//OH x W//OW inputs per output - the windows of stride == kernel pooling - as windows:
@@ -51,11 +58,14 @@ from ...ir.prims.nn import (avg_pool2d_grad_p, avg_pool2d_p, max_pool2d_argmax_p
                          max_pool2d_grad_p, max_pool2d_p)
 
 from ..loops import I1, I32, I64, for_range, gep, i32, i64, if_then, intrinsic, llvm_type, load, \
-    splat, store, vec, vload
+    splat, store, vec, vload, vstore
 from ..target import vector_width
 from . import POOL_WEIGHT, memory_cost, register
 from .toolkit import kernel_function, lane_mask, round_up, thread_range, wide_load, wide_store, \
     zero_fill
+
+# overrides for tuning runs: {"pair": False} takes the narrow tails of rows one by one
+FORCE = {}
 
 
 # --------------------------------------------------------------------------- geometry
@@ -100,12 +110,17 @@ class _Layout:
     V: int          # lanes of an output vector
     L: int          # lanes of a wide load
     R: int          # output rows per vector: 1 = "row" layout, > 1 = "block" layout
+    pieces: int = 1  # "row" layout: the vector is this many equal pieces, piece k of output row
+    #                  r + k (the wide access: as many pieces of L / pieces lanes, sh rows apart)
+    order: tuple = ()  # "row" layout: lane k holds output lane order[k] (see `_in_lane_order`)
 
     def lanes(self, g: _Geom, i: int, j: int):
         """Lane of the wide load holding tap (i, j) of each output lane. "row": the load is of tap
         row i; "block": one load serves all tap rows. Lanes past R*OW repeat a valid lane."""
         if self.R == 1:
-            return [l * g.sw + j * g.dw for l in range(self.V)]
+            vp, lp = self.V // self.pieces, self.L // self.pieces
+            q = [l // vp * lp + l % vp * g.sw + j * g.dw for l in range(self.V)]
+            return [q[l] for l in self.order] if self.order else q
         q = [(rr * g.sh + i * g.dh) * g.W + c * g.sw + j * g.dw for rr in range(self.R)
              for c in range(g.OW)]
         return q + [q[-1]] * (self.V - len(q))
@@ -122,6 +137,19 @@ class _Layout:
                 for l, q in enumerate(self.lanes(g, i, j)[:self.used(g)]):
                     cov[q].append(l)
         return cov
+
+
+def _in_lane_order(g: _Geom, lay: _Layout, bits: int) -> tuple:
+    """For a "row" layout of stride-2 windows read as two registers: the order of the outputs in
+    the vector that makes every tap an in-lane shuffle of the two (AVX's vshufps takes the even
+    or odd elements of each 128-bit lane of both), so that the lanes need reordering once per
+    stored vector instead of once per tap (vpermpd). () where it does not apply."""
+    e, V = 128 // bits, lay.V
+    if lay.R != 1 or g.sw != 2 or g.kw > 2 or g.dw != 1 or lay.L != 2 * V or V <= e or \
+            g.rows_outside or g.cols_outside:
+        return ()
+    return tuple(t * e // 2 + u if u < e // 2 else V // 2 + t * e // 2 + u - e // 2
+                 for t in range(V // e) for u in range(e))
 
 
 def _layout(g: _Geom, V: int) -> _Layout:
@@ -190,18 +218,25 @@ class _Window:
     harmless) moves a row's last, partial chunk back to end at the row's end, a full vector."""
 
     def __init__(self, b: ir.IRBuilder, g: _Geom, dtype: str, prim: str, shift_tail: bool = False,
-                 reads_only: bool = False, narrow_tail: bool = False, lanes: int | None = None):
+                 reads_only: bool = False, narrow_tail: bool = False, lanes: int | None = None,
+                 pieces: tuple[int, int] | None = None, in_lane: bool = False):
         self.b, self.g, self.prim = b, g, prim
         self.T = llvm_type(dtype)
-        V = lanes or vector_width(64 if dtype == "f64" else 32)
-        self.lay = _layout(g, V)
+        bits = 64 if dtype == "f64" else 32
+        V = lanes or vector_width(bits)
+        # pieces (k, lanes of each): the "row" layout in k pieces of output rows (see `pair`)
+        self.lay = _layout(g, V) if pieces is None else _Layout(V, pieces[0] * pieces[1], 1,
+                                                                pieces[0])
+        if in_lane and FORCE.get("in_lane", True):   # bodies reading taps, storing outputs
+            self.lay = _Layout(self.lay.V, self.lay.L, self.lay.R, self.lay.pieces,
+                               _in_lane_order(g, self.lay, bits))
         self.V, self.L = V, self.lay.L
         self.vty, self.wide_ty = vec(self.T, V), vec(self.T, self.L)
         self.shift = shift_tail and g.OW > V and g.OW % V != 0
         self.reads_only = reads_only
         # columns from `base` a plain access of the body reaches: a tap load each with unit
         # column stride when the body only reads taps, else the wide access
-        self.direct = self.lay.R == 1 and g.sw == 1
+        self.direct = self.lay.R == 1 and g.sw == 1 and self.lay.pieces == 1
         self.reach = (V + (g.kw - 1) * g.dw) if reads_only and self.direct else self.L
         # `narrow_tail` (with shift_tail): a row's last few outputs (at most half a vector) as a
         # narrower vector ending at the row's end instead of a full one shifted back (LeNet's
@@ -209,12 +244,21 @@ class _Window:
         # splits every 256-bit operation in two 128-bit ones, and 128-bit deinterleaves need no
         # lane-crossing permutes. The body gets the window of each vector as its first argument.
         self.narrow, self.with_window = None, narrow_tail
+        # `pair` (with narrow_tail): the narrow tails of two rows as one vector of two pieces
+        # (LeNet's 12 outputs a row: 8 + 8 lanes for two rows instead of 8 + 4 + 8 + 4), when
+        # the planes have no padding rows
+        self.pair = None
         rem = g.OW % V
         if narrow_tail and self.shift and self.lay.R == 1 and 0 < rem <= V // 2:
-            n = _Window(b, g, dtype, prim, shift_tail, reads_only, lanes=max(2, 1 << (rem - 1).bit_length()))
+            n = _Window(b, g, dtype, prim, shift_tail, reads_only,
+                        lanes=max(2, 1 << (rem - 1).bit_length()), in_lane=in_lane)
             base = (g.OW - n.V) * g.sw - g.pw
             if base >= 0 and base + n.reach <= g.W:   # plain loads (no padding at the row's end)
                 self.narrow = n
+                if 2 * n.V == V and g.OH >= 2 and not g.rows_outside and base + n.L <= g.W \
+                        and FORCE.get("pair", True):
+                    self.pair = _Window(b, g, dtype, prim, lanes=V, pieces=(2, n.L),
+                                        in_lane=in_lane)
 
     def loop(self, plane_start, plane_stop, body, begin_plane=None, end_plane=None):
         """Calls body(p, c0, base, r, h0, out_mask, loads) per output vector of the planes, where
@@ -272,6 +316,9 @@ class _Window:
         run = [c0 for c0, k in chunks if k == "plain" and c0 % V == 0]
         lo, hi = (run[0], run[-1] + V) if run else (0, 0)
         assert run == list(range(lo, hi, V))
+        if self.pair is not None:
+            self._pairs(body, p, chunks, run, lo, hi)
+            return
         # rows outside, columns inside: the plane is read in memory order
         with for_range(b, 0, g.OH, name=f"{self.prim}.oh", scalar=True) as r:
             h0 = b.sub(b.mul(r, i64(g.sh)), i64(g.ph), name="row.base")
@@ -310,6 +357,49 @@ class _Window:
                             c0 = b.select(b.icmp_signed(">", c0, i64(g.OW - V)), i64(g.OW - V), c0,
                                           name="c0")
                         self._masked_row(body, p, c0, b.sub(b.mul(c0, i64(g.sw)), i64(g.pw)), r, h0)
+
+    def _row_loads(self, h0, base, mask):
+        b, g = self.b, self.g
+        return [([i], b.add(b.mul(b.add(h0, i64(i * g.dh)), i64(g.W)), base), mask)
+                for i in range(g.kh)]
+
+    def _pairs(self, body, p, chunks, run, lo, hi):
+        """The rows of a plane two at a time (no padding rows, plain narrow tails): each row's
+        chunks but the narrow tail, then both tails as one vector of the `pair` window."""
+        b, g, V = self.b, self.g, self.V
+        c_tail = chunks[-1][0]
+        assert chunks[-1][1] == "narrow"
+
+        def row(r, with_tail: bool):
+            h0 = b.sub(b.mul(r, i64(g.sh)), i64(g.ph), name="row.base")
+            for c0, kind in chunks:
+                if kind == "narrow" and not with_tail:
+                    continue
+                if c0 == lo and hi > lo:
+                    with for_range(b, lo, hi, V, name=f"{self.prim}.ow", scalar=True) as c:
+                        base = b.sub(b.mul(c, i64(g.sw)), i64(g.pw), name="col.base")
+                        self._emit(body, self, p, c, base, r, h0, None,
+                                   self._row_loads(h0, base, None))
+                elif c0 not in run:
+                    w = self.narrow if kind == "narrow" else self
+                    c = i64(c0)
+                    base = i64(c0 * g.sw - g.pw)
+                    mask = None if kind in ("plain", "narrow") else _Edge(c0 * g.sw - g.pw)
+                    if kind == "masked":
+                        self._masked_row(body, p, c, base, r, h0)
+                    else:
+                        self._emit(body, w, p, c, base, r, h0, None,
+                                   self._row_loads(h0, base, mask))
+            return h0
+
+        with for_range(b, 0, g.OH - g.OH % 2, 2, name=f"{self.prim}.oh2", scalar=True) as r:
+            h0 = row(r, False)
+            row(b.add(r, i64(1)), False)
+            base = i64(c_tail * g.sw - g.pw)
+            self._emit(body, self.pair, p, i64(c_tail), base, r, h0, None,
+                       self._row_loads(h0, base, None))
+        if g.OH % 2:
+            row(i64(g.OH - 1), True)
 
     def _masked_row(self, body, p, c0, base, r, h0):
         """A vector of the row layout at a border or tail: masks drop the lanes outside the plane
@@ -370,7 +460,7 @@ class _Window:
         if isinstance(mask, _Edge):
             wide = self._edge_load(ptr, off, mask.base, L, fill)
         else:
-            wide = wide_load(b, ptr, off, self.wide_ty, mask, fill)
+            wide = self.load(ptr, off, mask, fill)
         undef = ir.Constant(self.wide_ty, ir.Undefined)
         return [((i, j), b.shuffle_vector(wide, undef, self.taps(i, j), name=f"tap{i}{j}"))
                 for i in rows for j in range(g.kw)]
@@ -387,13 +477,89 @@ class _Window:
         return b.shuffle_vector(v, fill, _ivec(idx), name="edge")
 
     def taps(self, i, j):
+        """The lanes of the wide access holding tap (i, j) (a shuffle mask)."""
         return _ivec(self.lay.lanes(self.g, i, j))
+
+    def pos(self, q: int) -> int:
+        """Element offset of lane q of a wide access from the access's offset (pieces are sh
+        rows apart)."""
+        lp = self.L // self.lay.pieces
+        return q // lp * self.g.sh * self.g.W + q % lp
+
+    def positions(self, i, j):
+        """The element offsets of tap (i, j) of each output lane from its access's offset."""
+        return _ivec([self.pos(q) for q in self.lay.lanes(self.g, i, j)])
+
+    def _join(self, parts):
+        """One vector of the pieces (two of equal length)."""
+        a, c = parts
+        return self.b.shuffle_vector(a, c, _ivec(range(2 * a.type.count)))
+
+    def _split(self, v, k: int):
+        """Piece k of v (see `_join`)."""
+        n = v.type.count // self.lay.pieces
+        return self.b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined),
+                                     _ivec(range(k * n, (k + 1) * n)))
+
+    def load(self, ptr, off, mask, fill):
+        """The wide access at `off` (an entry of `loads`): wide_ty, `fill` where masked."""
+        k = self.lay.pieces
+        if k == 1:
+            return wide_load(self.b, ptr, off, self.wide_ty, mask, fill)
+        assert mask is None
+        step = self.g.sh * self.g.W
+        return self._join([vload(self.b, ptr, self.b.add(off, i64(q * step)),
+                                 vec(self.T, self.L // k)) for q in range(k)])
+
+    def wide_store(self, value, ptr, off, mask):
+        """Store a wide_ty vector as the wide access at `off` (the inverse of `load`)."""
+        k = self.lay.pieces
+        if k == 1:
+            wide_store(self.b, value, ptr, off, mask)
+            return
+        step = self.g.sh * self.g.W
+        for q in range(k):
+            vstore(self.b, self._split(value, q), ptr, self.b.add(off, i64(q * step)))
+
+    def out_load(self, ptr, r, c0, ty, out_mask, fill):
+        """The vector of outputs (r, c0 ..) of an array shaped like out (ty: V lanes)."""
+        assert not self.lay.order
+        k = self.lay.pieces
+        if k == 1:
+            return wide_load(self.b, ptr, self.out_offset(r, c0), ty, out_mask, fill)
+        assert out_mask is None
+        at = self.out_offset(r, c0)
+        return self._join([vload(self.b, ptr, self.b.add(at, i64(q * self.g.OW)),
+                                 vec(ty.element, ty.count // k)) for q in range(k)])
+
+    def delta(self, rows) -> int | None:
+        """Element offset of the wide access serving tap rows `rows` from the first access of
+        the vector (`loads[0]`), when known at compile time: always unless rows of the padding
+        move the accesses (rows_outside)."""
+        if self.g.rows_outside:
+            return None
+        return rows[0] * self.g.dh * self.g.W if self.lay.R == 1 else 0
 
     def out_offset(self, r, c0):
         return self.b.add(self.b.mul(r, i64(self.g.OW)), c0)
 
+    def _memory_order(self, v):
+        """v (in the vector's lane order) in the outputs' order (see _Layout.order)."""
+        order = self.lay.order
+        if not order:
+            return v
+        inv = [order.index(m) for m in range(len(order))]
+        return self.b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), _ivec(inv))
+
     def store(self, value, ptr, r, c0, out_mask):
-        wide_store(self.b, value, ptr, self.out_offset(r, c0), out_mask)
+        value = self._memory_order(value)
+        k = self.lay.pieces
+        if k == 1:
+            wide_store(self.b, value, ptr, self.out_offset(r, c0), out_mask)
+            return
+        for q in range(k):
+            vstore(self.b, self._split(value, q), ptr,
+                   self.b.add(self.out_offset(r, c0), i64(q * self.g.OW)))
 
 
 def _plane_ptr(b, ptr, p, size: int, ty, name: str):
@@ -409,7 +575,8 @@ def _lower_pool(module, name, ins, mode: str, epilogue=None):
     f = kernel_function(module, name, 2 if mode == "max+argmax" else 1, epilogue)
     b, out, x = f.b, f.out, f.ins[-1]
     idx_out = f.ins[0] if mode == "max+argmax" else (out if mode == "argmax" else None)
-    w = _Window(b, g, x_t.dtype, ins.prim.name, shift_tail=True, reads_only=True, narrow_tail=True)
+    w = _Window(b, g, x_t.dtype, ins.prim.name, shift_tail=True, reads_only=True, narrow_tail=True,
+                in_lane=True)
     T = w.T
     want_max, want_idx = mode in ("max", "max+argmax"), mode in ("argmax", "max+argmax")
     fill = 0.0 if mode == "avg" else float("-inf")
@@ -418,20 +585,30 @@ def _lower_pool(module, name, ins, mode: str, epilogue=None):
         V, fill_vec = w.V, ir.Constant(w.wide_ty, [fill] * w.L)
         x_p = _plane_ptr(b, x, p, g.H * g.W, T, "x.plane")
         acc = best = bidx = None
+        # the argmax relative to the first access's offset while the accesses lie at constant
+        # distances from it: each tap's index is a constant vector, the offset added once
+        rel = want_idx and w.delta(loads[0][0]) is not None
+        base32 = b.trunc(loads[0][1], I32) if rel else None
+
+        def tap_index(rows, off, i, j):
+            if rel:
+                return _ivec([w.delta(rows) + w.pos(q) for q in w.lay.lanes(g, i, j)])
+            return b.add(splat(b, b.trunc(off, I32), V), w.positions(i, j))
+
         if want_idx and (g.rows_outside or g.cols_outside):
             best = ir.Constant(w.vty, [float("-inf")] * V)
             bidx = _first_real_tap(b, w, base, h0, loads)
+            if rel:
+                bidx = b.sub(bidx, splat(b, base32, V))
         for rows, off, mask in loads:
-            off32 = b.trunc(off, I32)
             for (i, j), v in w.taps_of(x_p, off, mask, fill_vec, rows):
                 if want_idx and best is None:   # no padding: tap (0, 0) is real, the start
-                    best, bidx = v, b.add(splat(b, off32, V), w.taps(i, j))
+                    best, bidx = v, tap_index(rows, off, i, j)
                 elif want_idx:
                     # first NaN or first strict maximum; NaN stays once found
                     upd = b.and_(b.fcmp_unordered(">", v, best), b.fcmp_ordered("ord", best, best))
                     best = b.select(upd, v, best)
-                    tap_idx = b.add(splat(b, off32, V), w.taps(i, j))
-                    bidx = b.select(upd, tap_idx, bidx)
+                    bidx = b.select(upd, tap_index(rows, off, i, j), bidx)
                 elif acc is None:
                     acc = v
                 elif mode == "avg":
@@ -442,6 +619,8 @@ def _lower_pool(module, name, ins, mode: str, epilogue=None):
         if mode == "avg":
             acc = b.fdiv(acc, ir.Constant(w.vty, [float(g.kh * g.kw)] * V))
         if want_idx:
+            if rel:
+                bidx = b.add(splat(b, base32, V), bidx, name="argmax")
             w.store(bidx, _plane_ptr(b, idx_out, p, g.OH * g.OW, I32, "idx.plane"), r, c0, out_mask)
         if want_max or mode == "avg":
             w.store(best if acc is None else acc, _plane_ptr(b, out, p, g.OH * g.OW, T, "out.plane"),
@@ -457,7 +636,7 @@ def _first_real_tap(b, w: _Window, base, h0, loads):
     (-inf) never wins, not even against real -inf."""
     g, V = w.g, w.V
     if w.lay.R > 1:   # no padding: tap (0, 0)
-        return b.add(splat(b, b.trunc(loads[0][1], I32), V), w.taps(0, 0))
+        return b.add(splat(b, b.trunc(loads[0][1], I32), V), w.positions(0, 0))
     # the first tap row/column at or after 0: h0 + ceil(-h0 / dh) * dh when h0 < 0
     up = b.mul(b.sdiv(b.sub(i64(g.dh - 1), h0), i64(g.dh)), i64(g.dh))
     h = b.select(b.icmp_signed("<", h0, i64(0)), b.add(h0, up), h0)
@@ -529,7 +708,7 @@ def _avg_pool2d_grad_lower(module, name, ins, epilogue=None):
         zero_v, zero_w = ir.Constant(w.vty, [0.0] * V), ir.Constant(w.wide_ty, [0.0] * L)
         out_p = _plane_ptr(b, out, p, g.H * g.W, T, "out.plane")
         ct_p = _plane_ptr(b, ct, p, g.OH * g.OW, T, "ct.plane")
-        ctv = wide_load(b, ct_p, w.out_offset(r, c0), w.vty, out_mask, zero_v)
+        ctv = w.out_load(ct_p, r, c0, w.vty, out_mask, zero_v)
         ctv = b.fdiv(ctv, ir.Constant(w.vty, [float(g.kh * g.kw)] * V), name="ct.scaled")
         for rows, off, mask in loads:
             cover = w.lay.cover(g, rows)
@@ -538,8 +717,8 @@ def _avg_pool2d_grad_lower(module, name, ins, epilogue=None):
             for d in range(1, depth):
                 add = b.fadd(add, _spread(b, w, ctv, cover, d, zero_v))
             if overlap:   # add to what other windows wrote
-                add = b.fadd(wide_load(b, out_p, off, w.wide_ty, mask, zero_w), add)
-            wide_store(b, add, out_p, off, mask)
+                add = b.fadd(w.load(out_p, off, mask, zero_w), add)
+            w.wide_store(add, out_p, off, mask)
 
     planes = thread_range(b, g.planes, f.tid, f.nthreads)
     w.loop(*planes, body, zero_plane, lambda p: _plane_done(f, p, g.H * g.W))
@@ -562,10 +741,24 @@ def _blocks(ins) -> _Geom | None:
     return None
 
 
-def _outside_block(b, w: _Window, idxv, loads, out_mask):
-    """Lanes (of out_mask) whose index is not in the output's block."""
+def _block_offset(b, w: _Window, idxv, loads):
+    """Each output's index relative to its block's first element (tap (0, 0))."""
+    return b.sub(idxv, b.add(splat(b, b.trunc(loads[0][1], I32), w.V), w.positions(0, 0)),
+                 name="in.block")
+
+
+def _block_lanes(w: _Window, rows, cover):
+    """For max_pool2d_grad's wide access serving tap rows `rows`: per lane, its offset from the
+    first element of the block of the output lane covering it (-1 where none does), so that an
+    output whose `_block_offset` equals it points at that lane."""
+    first = w.lay.lanes(w.g, 0, 0)
+    return _ivec([w.delta(rows) + w.pos(q) - w.pos(first[c[0]]) if c else -1
+                  for q, c in enumerate(cover)])
+
+
+def _outside_block(b, w: _Window, d, out_mask):
+    """Lanes (of out_mask) whose index is not in the output's block (d: `_block_offset`)."""
     g = w.g
-    d = b.sub(idxv, b.add(splat(b, b.trunc(loads[0][1], I32), w.V), w.taps(0, 0)))
     inside = None
     for dh in range(g.kh):
         dd = b.sub(d, _ivec([dh * g.W] * w.V)) if dh else d
@@ -601,6 +794,18 @@ def _scatter_add(b, g_hw: int, ohw_shape, out_p, ct_p, idx_p, T, block: _Geom | 
                 b.store(b.fadd(b.load(dst, typ=T), load(b, ct_p, o, T)), dst)
 
 
+# On two threads (the 2-core Zen 3 VM) LeNet-5's conv1 pool gradient (f32[64,6,24,24], 885 KB
+# written) is no faster than on one (26-31 us, TRACEJIT_PROFILE minima), and not for its
+# instructions: a second pass over the same output in the same call took 12 us on two threads (each
+# core's half then in its L2), on one thread as long as the first (885 KB exceed one L2), and each
+# quarter of the planes cost ~6.5 us on one thread or two. The first pass pays for where the lines
+# were: the arena (schedule._place_arena, first fit) lays the output over conv1's output and
+# pool1's, 96 planes apart from their own, so a quarter of each core's planes were written by the
+# other core in the forward pass. With k26's 221 KB output placed above the rest (an experiment, not
+# done), so that the gradient lies exactly over conv1's output, it took 21.5-22.8 us instead of
+# 24.5-25.4 (2 threads, alternating windows, load 1-3); in a region of its own (touched only by it
+# and conv1's weight gradient, which reads every image on both cores) 38.5 instead of 31.5, and 36
+# instead of 28 on one thread (cold lines).
 @register(max_pool2d_grad_p, epilogue=True, parallel=True, cost=memory_cost,
           compile_weight=POOL_WEIGHT)
 def _max_pool2d_grad_lower(module, name, ins, epilogue=None):
@@ -641,16 +846,18 @@ def _max_pool2d_grad_lower(module, name, ins, epilogue=None):
         V, L = w.V, w.L
         zero_v, none_v = ir.Constant(w.vty, [0.0] * V), ir.Constant(vec(I32, V), [-1] * V)
         out_p, ct_p, idx_p = ptrs(p)
-        ctv = wide_load(b, ct_p, w.out_offset(r, c0), w.vty, out_mask, zero_v)
-        idxv = wide_load(b, idx_p, w.out_offset(r, c0), vec(I32, V), out_mask, none_v)
-        outside = _any(b, _outside_block(b, w, idxv, loads, out_mask))
+        ctv = w.out_load(ct_p, r, c0, w.vty, out_mask, zero_v)
+        idxv = w.out_load(idx_p, r, c0, vec(I32, V), out_mask, none_v)
+        d = _block_offset(b, w, idxv, loads)
+        outside = _any(b, _outside_block(b, w, d, out_mask))
         b.store(b.or_(b.load(any_outside), outside), any_outside)
         for rows, off, mask in loads:
             cover = w.lay.cover(block, rows)
-            at = b.add(splat(b, b.trunc(off, I32), L), _ivec(range(L)), name="at")
-            hit = b.icmp_signed("==", _spread(b, w, idxv, cover, 0, none_v), at)
+            # lane q is hit when its output's index points at it (both relative to the block)
+            hit = b.icmp_signed("==", _spread(b, w, d, cover, 0, none_v),
+                                _block_lanes(w, rows, cover))
             val = b.select(hit, _spread(b, w, ctv, cover, 0, zero_v), ir.Constant(w.wide_ty, [0.0] * L))
-            wide_store(b, val, out_p, off, mask)
+            w.wide_store(val, out_p, off, mask)
 
     def end_plane(p):
         with if_then(b, b.load(any_outside), name="max_pool2d_grad.outside"):
@@ -703,12 +910,15 @@ def _max_pool2d_gather_lower(module, name, ins, epilogue=None):
         idxv = wide_load(b, idx_p, w.out_offset(r, c0), vec(I32, V), out_mask,
                           ir.Constant(vec(I32, V), [-1] * V))
         val = ir.Constant(w.vty, [0.0] * V)
+        d = _block_offset(b, w, idxv, loads)
+        first = w.lay.lanes(block, 0, 0)
         for rows, off, mask in loads:
             for (i, j), tap in w.taps_of(g_p, off, mask, zero_w, rows):
-                at = b.add(splat(b, b.trunc(off, I32), V), w.taps(i, j))
-                val = b.select(b.icmp_signed("==", idxv, at), tap, val)
+                at = _ivec([w.delta(rows) + w.pos(q) - w.pos(f)
+                            for q, f in zip(w.lay.lanes(block, i, j), first)])
+                val = b.select(b.icmp_signed("==", d, at), tap, val)
         b.store(val, slot)
-        with if_then(b, _any(b, _outside_block(b, w, idxv, loads, out_mask)),
+        with if_then(b, _any(b, _outside_block(b, w, d, out_mask)),
                      name="max_pool2d_gather.outside"):
             v = ir.Constant(w.vty, ir.Undefined)
             for l in range(V):
