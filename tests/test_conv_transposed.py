@@ -261,17 +261,23 @@ def test_weight_gradient_unrolls_rows_of_few_whole_vectors(dtype, avx2_target):
     assert ({"2", "4"} if lanes == 4 else {"1", "2"}) <= names, names
 
 
+@pytest.mark.parametrize("avx2", [False, True])
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
-def test_weight_gradient_puts_output_channels_in_the_lanes(dtype):
+def test_weight_gradient_puts_output_channels_in_the_lanes(dtype, avx2, request):
     """With 32 vector registers, output channels a multiple of the vector go in the lanes (every
     lane real on LeNet-5's 8 x 8 rows): in place, from padded copies, strided, with several
     channels and kernel rows per item, on several chunks of images and thread counts; with 16
-    registers the pixel layout keeps them."""
+    registers only an input read in place (no padding) with enough accumulators (2 or 4 output
+    vectors), one channel per item; the others keep the pixel layout."""
+    if avx2:   # the 16-register choices on any host
+        request.getfixturevalue("avx2_target")
     vl = vector_width(64 if dtype == "f64" else 32)
     cases = [((3, 6, 12, 12), (vl, 6, 5, 5), (1, 1), (0, 0)),          # LeNet-5 conv2 shape
              ((2, 4, 9, 10), (4 * vl, 4, 3, 3), (1, 1), (1, 1)),       # padded copy, 4 vectors
              ((3, 4, 11, 13), (2 * vl, 4, 3, 3), (2, 1), (0, 1)),      # strided, padded columns
-             ((2, 4, 12, 14), (vl, 4, 5, 3), (1, 2), (2, 0))]          # column stride 2
+             ((2, 4, 12, 14), (vl, 4, 5, 3), (1, 2), (2, 0)),          # column stride 2
+             ((3, 6, 12, 12), (2 * vl, 6, 5, 5), (1, 1), (0, 0)),      # LeNet-5 conv2
+             ((2, 3, 11, 13), (4 * vl, 3, 3, 3), (2, 1), (0, 0))]      # strided, in place
     specs = [_conv_specs("conv2d_weight_grad", c) for c in cases]
     plans = [wgrad._lanes_plan(make_instr(prim, shapes, dtype, **params))
              for prim, shapes, params in specs]
@@ -281,7 +287,8 @@ def test_weight_gradient_puts_output_channels_in_the_lanes(dtype):
         assert {p.px for p in plans} >= {1, 2, 4} and {p.sx for p in plans if p.px > 1} == {1, 2}
         assert max(p.cc for p in plans) > 1 and max(p.ro for p in plans) > 1
     else:
-        assert plans == [None] * len(plans)
+        assert plans[:4] == [None] * 4
+        assert [(p.ro, p.cc, p.gr, p.px) for p in plans[4:]] == [(2, 1, 1, 1), (4, 1, 1, 1)]
     conv2d.FORCE["ng"] = 2   # several chunks of images
     try:
         check_all(specs, dtype, thread_counts=(1, 2, 7))

@@ -43,7 +43,8 @@ def test_kernels_never_touch_past_their_buffers(tmp_path):
     assert not summary["failures"], "\n".join(summary["failures"][:10])
     # every risky path was drawn at least once (see _cases)
     from tracejit.codegen.target import vector_registers
-    lanes = {"wgrad_lanes"} if vector_registers() >= 32 else set()   # AVX-512 only
+    # (with 16 registers only unpadded inputs take the lanes plan: not always drawn)
+    lanes = {"wgrad_lanes"} if vector_registers() >= 32 else set()
     assert set(summary["paths"]) >= {"outer", "dot", "mv_dot", "mv_axpy", "bt", "fold",
                                      "tgrad", "core_igrad", "conv2d", "wgrad"} | lanes, \
         summary["paths"]

@@ -1,7 +1,8 @@
-"""conv2d_weight_grad: a reduction over the images and output pixels. Two plans: with 32 vector
-registers and output channels a multiple of the vector, the output channels go in the lanes and
-the pixels are broadcast (`_WLanes`); else vector accumulators over the pixels per (input
-channel, R output channels, kernel row), summed horizontally at the end (`_WGrad`).
+"""conv2d_weight_grad: a reduction over the images and output pixels. Two plans: with output
+channels a multiple of the vector (and, with 16 vector registers, an input read in place), the
+output channels go in the lanes and the pixels are broadcast (`_WLanes`); else vector
+accumulators over the pixels per (input channel, R output channels, kernel row), summed
+horizontally at the end (`_WGrad`).
 """
 from __future__ import annotations
 
@@ -265,7 +266,7 @@ def _conv2d_weight_grad_lower(module: ir.Module, name: str, ins) -> None:
         lower_wgrad(module, name, ins)
         return
     lanes = _lanes_plan(ins)
-    if lanes is not None:   # AVX-512, O a multiple of the vector
+    if lanes is not None:   # O a multiple of the vector (AVX2: no padding)
         _lower_lanes(module, name, lanes)
         return
     p = _wgrad_plan(ins)
@@ -536,6 +537,11 @@ WGRAD_LANES_CHUNK_BYTES = 256 * 1024
 # of a kernel row, the registers a step may take (of 32).
 _LANES_ACC = 28
 _LANES_REGISTERS = 32
+# With 16 registers (AVX2): at most 12 accumulators, one input channel per item, and the
+# accumulators and cotangent vectors may take all 16 (a cotangent vector can be an FMA's memory
+# operand). Zen 3, 1 thread, the kernel alone: channel pairs (2 x 2 x 3 and 1 x 2 x 5
+# accumulators) ran at 42 and 75 GFLOP/s, one channel (4 x 3 and 2 x 5) at 92 and 86.
+_LANES_ACC_16 = 12
 # The loop's own instructions per step, in loads: the conv block's weight gradient runs at 82% of
 # the peak with 2 output vectors x 4 channels x 2 pixels, 75% with 4 x 2 x 1 (as many loads
 # per FMA, twice the steps).
@@ -628,13 +634,19 @@ class _WLanes(_WShapes):
 
 
 def _lanes_plan(ins):
-    """The lanes plan of the weight gradient, or None where it does not apply: AVX-512 only
-    (the AVX2 blocking of the pixel layout was tuned on znver1 and is kept there), output
-    channels a multiple of the vector, no dilation or groups (window.py takes those)."""
-    if vector_registers() < 32 or FORCE.get("wlanes", True) is False:
+    """The lanes plan of the weight gradient, or None where it does not apply: output channels a
+    multiple of the vector, no dilation or groups (window.py takes those); with 16 registers
+    (AVX2) only for an input read in place (no padding). Zen 3, 1 thread, the kernel alone: the
+    pixel layout's R x KW accumulators read the pixels by unaligned vector loads, many across
+    cache lines (LeNet-5's rows of 12 floats), the lanes plan broadcasts them: LeNet-5 conv2
+    (batch 64) 257 -> 230 us, at batch 256 1128 -> 909, ResNet-8's 32-channel 3x3 unpadded
+    56 -> 92 GFLOP/s; with padding the copies per channel and chunk cost more than that (the
+    conv block equal, ResNet-8's 16-channel 3x3 78 -> 61-69 GFLOP/s)."""
+    wide = vector_registers() >= 32
+    if FORCE.get("wlanes", True) is False:
         return None
     n, c, o, oy, ox, h, wd, kh, kw, sh, sw, ph, pw, vl, es = _instr_shapes(ins)
-    if o % vl:
+    if o % vl or (not wide and (ph or pw)):
         return None
     prep = Prep(h, wd, (oy - 1) * sh + kh, (ox - 1) * sw + kw, 1, 1, 1, ph, pw)
     # broadcasts per kernel row with px pixels a step (held in registers when px > 1, else FMA
@@ -643,11 +655,14 @@ def _lanes_plan(ins):
             for px in (1, 2, 4) if ox % px == 0}
     best = None
     for ro, cc, gr, px in itertools.product([r for r in (4, 2, 1) if (o // vl) % r == 0],
-                                            [d for d in range(8, 0, -1) if c % d == 0],
+                                            [d for d in range(8 if wide else 1, 0, -1)
+                                             if c % d == 0],
                                             [g for g in range(kh, 0, -1) if kh % g == 0], cols):
         nacc = ro * cc * gr * kw
         held = cols[px] if px > 1 else 1
-        if nacc > _LANES_ACC or nacc + px * ro + held > _LANES_REGISTERS:
+        if wide and (nacc > _LANES_ACC or nacc + px * ro + held > _LANES_REGISTERS):
+            continue
+        if not wide and (nacc > _LANES_ACC_16 or nacc + px * ro + held - 1 > 16):
             continue
         # items for the threads, enough independent sums for the FMA latency, then fewest loads
         # and loop instructions per FMA, then most accumulators
@@ -663,7 +678,9 @@ def _lanes_plan(ins):
         return None
     _, ro, cc, gr, px = FORCE.get("lanes", best)
     assert ox % px == 0, "a row is whole steps of PX pixels"
-    ng = max(1, min(n, WGRAD_LANES_CHUNK_BYTES // (round_up(oy * ox, vl) * o * es)))
+    # (16 registers: the pixel plan's 64 KiB chunks, LeNet-5 conv2 227 -> 218 us on Zen 3)
+    chunk = WGRAD_LANES_CHUNK_BYTES if wide else WGRAD_CHUNK_BYTES
+    ng = max(1, min(n, chunk // (round_up(oy * ox, vl) * o * es)))
     ng = FORCE.get("ng", ng)
     return _WLanes(ins.out.dtype, n, c, o, oy, ox, kh, kw, sh, sw, prep, vl, ro, cc, gr, px, ng)
 
