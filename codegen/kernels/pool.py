@@ -321,42 +321,51 @@ class _Window:
             return
         # rows outside, columns inside: the plane is read in memory order
         with for_range(b, 0, g.OH, name=f"{self.prim}.oh", scalar=True) as r:
-            h0 = b.sub(b.mul(r, i64(g.sh)), i64(g.ph), name="row.base")
-
-            def chunk(c0, kind):
-                base = b.sub(b.mul(c0, i64(g.sw)), i64(g.pw), name="col.base")
-                if kind == "masked":
-                    self._masked_row(body, p, c0, base, r, h0)
-                    return
-                mask = None if kind in ("plain", "narrow") else _Edge(c0.constant * g.sw - g.pw)
-                loads = [([i], b.add(b.mul(b.add(h0, i64(i * g.dh)), i64(g.W)), base), mask)
-                         for i in range(g.kh)]
-                self._emit(body, self.narrow if kind == "narrow" else self, p, c0, base, r, h0,
-                           None, loads)
-
-            def inside_row():
-                for c0, kind in chunks:
-                    if c0 == lo and hi > lo:
-                        with for_range(b, lo, hi, V, name=f"{self.prim}.ow", scalar=True) as c:
-                            chunk(c, "plain")
-                    elif c0 not in run:
-                        chunk(i64(c0), kind)
-
+            h0 = self._row_base(r)
             if not g.rows_outside:
-                inside_row()
+                self._row(body, p, chunks, run, lo, hi, r, h0)
                 return
             last = b.add(h0, i64((g.kh - 1) * g.dh))
             rows_in = b.and_(b.icmp_signed(">=", h0, i64(0)), b.icmp_signed("<", last, i64(g.H)),
                              name="rows.in")
             with b.if_else(rows_in) as (inside, outside):
                 with inside:
-                    inside_row()
+                    self._row(body, p, chunks, run, lo, hi, r, h0)
                 with outside:   # a row of the padding: every chunk masked
                     with for_range(b, 0, g.OW, V, name=f"{self.prim}.ow.pad", scalar=True) as c0:
                         if self.shift:
                             c0 = b.select(b.icmp_signed(">", c0, i64(g.OW - V)), i64(g.OW - V), c0,
                                           name="c0")
                         self._masked_row(body, p, c0, b.sub(b.mul(c0, i64(g.sw)), i64(g.pw)), r, h0)
+
+    def _row_base(self, r):
+        """The input row of output row r's first tap row."""
+        return self.b.sub(self.b.mul(r, i64(self.g.sh)), i64(self.g.ph), name="row.base")
+
+    def _row(self, body, p, chunks, run, lo, hi, r, h0, tail: bool = True):
+        """The chunks of output row r (tap rows inside the plane, from input row h0): the run
+        of plain whole vectors [lo, hi) as a loop, the others one by one; without `tail`, all
+        but the narrow tail (`_pairs`)."""
+        b, V = self.b, self.V
+        for c0, kind in chunks:
+            if kind == "narrow" and not tail:
+                continue
+            if c0 == lo and hi > lo:
+                with for_range(b, lo, hi, V, name=f"{self.prim}.ow", scalar=True) as c:
+                    self._chunk(body, p, c, "plain", r, h0)
+            elif c0 not in run:
+                self._chunk(body, p, i64(c0), kind, r, h0)
+
+    def _chunk(self, body, p, c0, kind, r, h0):
+        """The vector of outputs from column c0 of row r, of `kind` (see `_kind`)."""
+        b, g = self.b, self.g
+        base = b.sub(b.mul(c0, i64(g.sw)), i64(g.pw), name="col.base")
+        if kind == "masked":
+            self._masked_row(body, p, c0, base, r, h0)
+            return
+        mask = None if kind in ("plain", "narrow") else _Edge(c0.constant * g.sw - g.pw)
+        self._emit(body, self.narrow if kind == "narrow" else self, p, c0, base, r, h0, None,
+                   self._row_loads(h0, base, mask))
 
     def _row_loads(self, h0, base, mask):
         b, g = self.b, self.g
@@ -366,40 +375,20 @@ class _Window:
     def _pairs(self, body, p, chunks, run, lo, hi):
         """The rows of a plane two at a time (no padding rows, plain narrow tails): each row's
         chunks but the narrow tail, then both tails as one vector of the `pair` window."""
-        b, g, V = self.b, self.g, self.V
+        b, g = self.b, self.g
         c_tail = chunks[-1][0]
         assert chunks[-1][1] == "narrow"
-
-        def row(r, with_tail: bool):
-            h0 = b.sub(b.mul(r, i64(g.sh)), i64(g.ph), name="row.base")
-            for c0, kind in chunks:
-                if kind == "narrow" and not with_tail:
-                    continue
-                if c0 == lo and hi > lo:
-                    with for_range(b, lo, hi, V, name=f"{self.prim}.ow", scalar=True) as c:
-                        base = b.sub(b.mul(c, i64(g.sw)), i64(g.pw), name="col.base")
-                        self._emit(body, self, p, c, base, r, h0, None,
-                                   self._row_loads(h0, base, None))
-                elif c0 not in run:
-                    w = self.narrow if kind == "narrow" else self
-                    c = i64(c0)
-                    base = i64(c0 * g.sw - g.pw)
-                    mask = None if kind in ("plain", "narrow") else _Edge(c0 * g.sw - g.pw)
-                    if kind == "masked":
-                        self._masked_row(body, p, c, base, r, h0)
-                    else:
-                        self._emit(body, w, p, c, base, r, h0, None,
-                                   self._row_loads(h0, base, mask))
-            return h0
-
         with for_range(b, 0, g.OH - g.OH % 2, 2, name=f"{self.prim}.oh2", scalar=True) as r:
-            h0 = row(r, False)
-            row(b.add(r, i64(1)), False)
+            h0 = self._row_base(r)
+            self._row(body, p, chunks, run, lo, hi, r, h0, tail=False)
+            r1 = b.add(r, i64(1))
+            self._row(body, p, chunks, run, lo, hi, r1, self._row_base(r1), tail=False)
             base = i64(c_tail * g.sw - g.pw)
             self._emit(body, self.pair, p, i64(c_tail), base, r, h0, None,
                        self._row_loads(h0, base, None))
         if g.OH % 2:
-            row(i64(g.OH - 1), True)
+            r = i64(g.OH - 1)
+            self._row(body, p, chunks, run, lo, hi, r, self._row_base(r))
 
     def _masked_row(self, body, p, c0, base, r, h0):
         """A vector of the row layout at a border or tail: masks drop the lanes outside the plane

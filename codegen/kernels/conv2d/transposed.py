@@ -253,9 +253,10 @@ class _TKey:
 @params
 class TParams(Params):
     """Items [t0, t1) (group g of ni images, gradient channel c: t = g*c_count + c); n images,
-    c gradient and o cotangent channels; h x w gradient pixels, oh cotangent rows, kh kernel rows, nv vectors per cotangent
-    row; padding ph, pw; src_image elements per cotangent image; the row buffer at buf_offset in
-    the thread region, rows of buf_pitch; the padded copy's shapes."""
+    c gradient and o cotangent channels; h x w gradient pixels, oh cotangent rows, kh kernel
+    rows, nv vectors per cotangent row; padding ph, pw; src_image elements per cotangent image;
+    the row buffer at buf_offset in the thread region, rows of buf_pitch; the padded copy's
+    shapes."""
     t0: I64Arg = None
     t1: I64Arg = None
     n: I64Arg
